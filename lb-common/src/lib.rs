@@ -1,0 +1,263 @@
+//! The ABI shared by the kernel programs (`lb-ebpf`) and userspace (`lb-userspace`).
+//!
+//! Only `#[repr(C)]`, `Copy` plain-data types and constants live here. Rules:
+//! - no `bool`, `Option` or data-carrying enum in a map key or value;
+//! - padding is explicit and always zero (hash keys compare every byte);
+//! - fields in network byte order end in `_be`: their in-memory bytes are the wire bytes
+//!   (`addr_be` is `u32::from_ne_bytes(ip.octets())`, `port_be` is `port.to_be()`);
+//! - each type's size is asserted at compile time;
+//! - a layout change bumps the version suffix of the map's name, so an upgraded agent never
+//!   misreads a map pinned by an older one.
+#![no_std]
+
+/// Names of the maps as pinned under `--bpffs` (at most 15 bytes: the kernel's object name limit).
+pub mod map_name {
+    pub const SERVICES: &str = "lb_svc_v1";
+    pub const BACKENDS: &str = "lb_backend_v1";
+    pub const REV_NAT: &str = "lb_revnat_v1";
+    pub const SOCK_REV_NAT: &str = "lb_sk_revnat_v1";
+    pub const SOCK_FLOW: &str = "lb_sk_flow_v1";
+    pub const STATS: &str = "lb_stats_v1";
+    /// Every map the agent pins, for `uninstall` and for `lbctl`.
+    pub const ALL: [&str; 6] = [SERVICES, BACKENDS, REV_NAT, SOCK_REV_NAT, SOCK_FLOW, STATS];
+}
+
+/// Names of the programs in the object file (the function names of the entry points).
+pub mod program_name {
+    pub const CONNECT4: &str = "lb_connect4";
+    pub const SENDMSG4: &str = "lb_sendmsg4";
+    pub const RECVMSG4: &str = "lb_recvmsg4";
+    pub const GETPEERNAME4: &str = "lb_getpeername4";
+    pub const XDP: &str = "lb_xdp";
+}
+
+/// Capacities of the maps. Memory per entry is key + value + the kernel's per-entry overhead.
+pub mod limits {
+    /// Service entries: one master (slot 0) plus one per backend slot, for each frontend and scope.
+    pub const SERVICES: u32 = 262_144;
+    /// Backends: one per distinct (address, port, protocol) endpoint.
+    pub const BACKENDS: u32 = 131_072;
+    /// Rev-NAT entries: one per frontend.
+    pub const REV_NAT: u32 = 65_536;
+    /// Socket rev-NAT (LRU): one per translated socket and backend, for recvmsg/getpeername.
+    pub const SOCK_REV_NAT: u32 = 262_144;
+    /// Per-socket UDP flow choice (LRU), so an unconnected UDP socket keeps its backend.
+    pub const SOCK_FLOW: u32 = 262_144;
+    /// Largest number of backends one Service frontend can have (slots are `u16`).
+    pub const BACKENDS_PER_SERVICE: u32 = 65_535;
+}
+
+/// Traffic scope of a service entry: which endpoint set (kube-proxy's "cluster" or "local"
+/// categorisation, after traffic policy) serves traffic that originates inside or outside the node.
+pub mod scope {
+    /// Traffic from pods and processes on the node (socket-level path).
+    pub const INTERNAL: u8 = 0;
+    /// Traffic arriving on the node's devices (XDP path).
+    pub const EXTERNAL: u8 = 1;
+}
+
+/// IP protocol numbers as they appear in the IPv4 header and in `bpf_sock_addr.protocol`.
+pub mod proto {
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+}
+
+/// Flags of a service master entry (slot 0).
+pub mod service_flags {
+    pub const CLUSTER_IP: u16 = 1 << 0;
+    pub const NODE_PORT: u16 = 1 << 1;
+    pub const LOAD_BALANCER: u16 = 1 << 2;
+    pub const EXTERNAL_IP: u16 = 1 << 3;
+    pub const SESSION_AFFINITY: u16 = 1 << 4;
+}
+
+/// Flags of a backend.
+pub mod backend_flags {
+    /// The endpoint runs on this node.
+    pub const LOCAL: u8 = 1 << 0;
+    /// The endpoint is terminating (serving-terminating fallback).
+    pub const TERMINATING: u8 = 1 << 1;
+}
+
+/// Key of the services map. Slot 0 holds the master entry of a frontend, slots `1..=count` point
+/// at backends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub scope: u8,
+    pub slot: u16,
+    pub _pad: u16,
+}
+
+/// Value of the services map. In the master entry (slot 0): `count`, `flags`, `rev_nat_id` and
+/// `affinity_timeout_s` are set and `backend_id` is 0. In a backend slot: only `backend_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceValue {
+    pub backend_id: u32,
+    pub count: u16,
+    pub flags: u16,
+    pub rev_nat_id: u32,
+    pub affinity_timeout_s: u32,
+}
+
+/// Value of the backends map (key: backend id, `u32`, 0 reserved).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Backend {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub flags: u8,
+    pub zone: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of the rev-NAT map (key: rev-NAT id, `u32`, 0 reserved): the frontend a reply must
+/// appear to come from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RevNat {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+}
+
+/// Key of the per-socket maps: the socket cookie and an address (the backend for the socket
+/// rev-NAT map, the frontend for the socket flow map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub cookie: u64,
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of the socket rev-NAT map: the frontend the socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevNat {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+    pub rev_nat_id: u32,
+    pub _pad2: u32,
+}
+
+/// Value of the socket flow map: the backend an unconnected UDP socket was given for a frontend,
+/// with the slot it was found in, so that a change of the slot's backend is noticed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockFlow {
+    pub backend_id: u32,
+    pub slot: u16,
+    pub _pad: u16,
+}
+
+/// A per-CPU counter (stats map value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Indices into the stats map: one named counter per reason. For the socket-level programs
+/// `packets` counts calls and `bytes` stays 0.
+pub mod counter {
+    /// Frames seen by the XDP program.
+    pub const XDP_RX: u32 = 0;
+    /// Frames shorter than an Ethernet header (passed).
+    pub const XDP_TRUNCATED_ETH: u32 = 1;
+    /// Frames whose EtherType is not IPv4 (passed).
+    pub const XDP_NON_IPV4: u32 = 2;
+    /// IPv4 header cut short: shorter than 20 bytes or than its IHL says (passed).
+    pub const XDP_TRUNCATED_IPV4: u32 = 3;
+    /// IPv4 header with a version other than 4 or an IHL below 5 (passed).
+    pub const XDP_BAD_IPV4: u32 = 4;
+    /// IPv4 header carrying options (parsed past them; informational).
+    pub const XDP_IPV4_OPTIONS: u32 = 5;
+    /// IPv4 fragments (more-fragments set or a non-zero offset; passed).
+    pub const XDP_FRAGMENT: u32 = 6;
+    /// TCP or UDP header cut short (passed).
+    pub const XDP_TRUNCATED_L4: u32 = 7;
+    /// IPv4 packets that are neither TCP nor UDP (passed).
+    pub const XDP_NOT_TCP_UDP: u32 = 8;
+    /// TCP/UDP packets whose destination is no frontend (passed).
+    pub const XDP_NO_FRONTEND: u32 = 9;
+    /// TCP/UDP packets to a frontend; north-south translation is not enabled yet (passed).
+    pub const XDP_FRONTEND_PASS: u32 = 10;
+    /// Verdicts of the XDP program.
+    pub const XDP_VERDICT_PASS: u32 = 11;
+    pub const XDP_VERDICT_DROP: u32 = 12;
+    /// connect4: connections translated to a backend.
+    pub const SOCK_CONNECT_XLATE: u32 = 13;
+    /// sendmsg4: datagrams translated to a backend.
+    pub const SOCK_SENDMSG_XLATE: u32 = 14;
+    /// connect4/sendmsg4 refused because the frontend has no backend.
+    pub const SOCK_NO_BACKEND: u32 = 15;
+    /// connect4/sendmsg4: a slot pointed at a missing backend (inconsistent maps; refused).
+    pub const SOCK_BACKEND_MISSING: u32 = 16;
+    /// recvmsg4: source addresses translated back to the frontend.
+    pub const SOCK_RECVMSG_REVNAT: u32 = 17;
+    /// getpeername4: peer addresses translated back to the frontend.
+    pub const SOCK_GETPEERNAME_REVNAT: u32 = 18;
+    /// sendmsg4: an unconnected UDP socket reused its earlier backend.
+    pub const SOCK_FLOW_REUSE: u32 = 19;
+    /// Number of counters (stats map size).
+    pub const COUNT: u32 = 20;
+
+    /// Stable names, indexed by counter, for `lbctl stats` and metrics.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "xdp_rx",
+        "xdp_truncated_eth",
+        "xdp_non_ipv4",
+        "xdp_truncated_ipv4",
+        "xdp_bad_ipv4",
+        "xdp_ipv4_options",
+        "xdp_fragment",
+        "xdp_truncated_l4",
+        "xdp_not_tcp_udp",
+        "xdp_no_frontend",
+        "xdp_frontend_pass",
+        "xdp_verdict_pass",
+        "xdp_verdict_drop",
+        "sock_connect_xlate",
+        "sock_sendmsg_xlate",
+        "sock_no_backend",
+        "sock_backend_missing",
+        "sock_recvmsg_revnat",
+        "sock_getpeername_revnat",
+        "sock_flow_reuse",
+    ];
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<ServiceKey>() == 12);
+    assert!(core::mem::size_of::<ServiceValue>() == 16);
+    assert!(core::mem::size_of::<Backend>() == 12);
+    assert!(core::mem::size_of::<RevNat>() == 8);
+    assert!(core::mem::size_of::<SockKey>() == 16);
+    assert!(core::mem::size_of::<SockRevNat>() == 16);
+    assert!(core::mem::size_of::<SockFlow>() == 8);
+    assert!(core::mem::size_of::<Counter>() == 16);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: every type is `repr(C)`, `Copy`, has explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for RevNat {}
+    unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for SockRevNat {}
+    unsafe impl aya::Pod for SockFlow {}
+    unsafe impl aya::Pod for Counter {}
+}

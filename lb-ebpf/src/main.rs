@@ -1,0 +1,62 @@
+//! Kernel programs of the load balancer. Entry points are thin: each calls a `try_*` function
+//! and maps its error to an explicit action (see shared/DESIGN.md, style rule 4).
+#![no_std]
+#![no_main]
+
+mod maps;
+mod parse;
+mod sock;
+mod xdp;
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{cgroup_sock_addr, xdp},
+    programs::{SockAddrContext, XdpContext},
+};
+
+/// Socket-level verdicts: 1 lets the call proceed, 0 refuses it (the caller sees EPERM).
+const SOCK_ALLOW: i32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
+    sock::connect4(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg4(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
+    // recvmsg4 may only return 1.
+    sock::recvmsg4(&ctx);
+    SOCK_ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
+    // getpeername4 may only return 1.
+    sock::getpeername4(&ctx);
+    SOCK_ALLOW
+}
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let verdict = xdp::process(&ctx);
+    match verdict {
+        xdp_action::XDP_DROP => maps::count(lb_common::counter::XDP_VERDICT_DROP, 0),
+        _ => maps::count(lb_common::counter::XDP_VERDICT_PASS, 0),
+    }
+    verdict
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,52 @@
+//! Every map of the kernel side, in one place. Names and layouts come from `lb-common`.
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    limits, Backend, Counter, RevNat, ServiceKey, ServiceValue, SockFlow, SockKey, SockRevNat,
+};
+
+#[map(name = "lb_svc_v1")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(limits::SERVICES, 0);
+
+#[map(name = "lb_backend_v1")]
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(limits::BACKENDS, 0);
+
+#[map(name = "lb_revnat_v1")]
+pub static REV_NAT: HashMap<u32, RevNat> = HashMap::pinned(limits::REV_NAT, 0);
+
+#[map(name = "lb_sk_revnat_v1")]
+pub static SOCK_REV_NAT: LruHashMap<SockKey, SockRevNat> =
+    LruHashMap::pinned(limits::SOCK_REV_NAT, 0);
+
+#[map(name = "lb_sk_flow_v1")]
+pub static SOCK_FLOW: LruHashMap<SockKey, SockFlow> = LruHashMap::pinned(limits::SOCK_FLOW, 0);
+
+#[map(name = "lb_stats_v1")]
+pub static STATS: PerCpuArray<Counter> = PerCpuArray::pinned(lb_common::counter::COUNT, 0);
+
+/// Adds one event of `bytes` bytes to counter `idx`.
+#[inline(always)]
+pub fn count(idx: u32, bytes: u64) {
+    if let Some(c) = STATS.get_ptr_mut(idx) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
+    }
+}
+
+/// Looks up a service entry (master when `key.slot == 0`).
+#[inline(always)]
+pub fn service(key: &ServiceKey) -> Option<ServiceValue> {
+    // SAFETY: the value is copied out before any other map operation.
+    unsafe { SERVICES.get(key).copied() }
+}
+
+#[inline(always)]
+pub fn backend(id: u32) -> Option<Backend> {
+    // SAFETY: as above.
+    unsafe { BACKENDS.get(&id).copied() }
+}
