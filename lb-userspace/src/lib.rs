@@ -1,2 +1,28 @@
+//! Userspace of the load balancer: the node agent (`lb-agent`) and the map inspector (`lbctl`).
+//!
+//! Data flow: [`source`] → [`model`] → [`plan`] → [`sync`] → [`dataplane`] → BPF maps.
+pub mod agent;
+pub mod dataplane;
+pub mod inspect;
+pub mod model;
+pub mod plan;
+pub mod source;
+pub mod sync;
+
 /// The compiled kernel programs, built by build.rs with aya-build.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+
+/// Prints `PROG: error: MESSAGE` and returns the exit code: 2 for errors the user can fix
+/// (wrong flags, missing interface, cgroup, privileges, unparsable manifests), 1 otherwise.
+pub fn report_error(prog: &str, e: &anyhow::Error) -> i32 {
+    if let Some(u) = e.downcast_ref::<agent::UsageError>() {
+        eprintln!("{prog}: error: {u}");
+        return 2;
+    }
+    if let Some(s) = e.downcast_ref::<source::SourceError>() {
+        eprintln!("{prog}: error: {s}");
+        return 2;
+    }
+    eprintln!("{prog}: error: {e:#}");
+    1
+}

@@ -1,1 +1,99 @@
-fn main() {}
+//! `lb-agent`: the node daemon (`run`), the plan printer (`render`) and the cleaner (`uninstall`).
+use std::{
+    path::PathBuf,
+    sync::{atomic::AtomicBool, Arc},
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand};
+use lb_userspace::{agent, model, plan, report_error, source};
+
+#[derive(Parser)]
+#[command(name = "lb-agent", version, about = "eBPF/XDP Kubernetes Service dataplane: node agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load and attach the programs, pin maps and links, and keep the maps in sync.
+    Run {
+        /// This node's name (as in its Node object and endpoints' nodeName).
+        #[arg(long)]
+        node: String,
+        /// Manifests file or directory (multi-document YAML: Node, Service, EndpointSlice).
+        #[arg(long)]
+        manifests: PathBuf,
+        /// cgroup v2 directory the socket-level programs attach to.
+        #[arg(long)]
+        cgroup: PathBuf,
+        /// Directory on a bpf filesystem for this agent's pinned maps and links.
+        #[arg(long)]
+        bpffs: PathBuf,
+        /// Network device to attach XDP to (repeatable).
+        #[arg(long = "device")]
+        devices: Vec<String>,
+        /// How often the manifests are checked for changes, in milliseconds.
+        #[arg(long, default_value_t = 200)]
+        poll_interval_ms: u64,
+    },
+    /// Print the plan (endpoint sets per Service port) for a node as JSON.
+    Render {
+        #[arg(long)]
+        manifests: PathBuf,
+        #[arg(long)]
+        node: String,
+    },
+    /// Detach every program and remove every map and link pinned under --bpffs.
+    Uninstall {
+        #[arg(long)]
+        bpffs: PathBuf,
+    },
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { node, manifests, cgroup, bpffs, devices, poll_interval_ms } => {
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                signal_hook::flag::register(sig, stop.clone()).expect("signal handler");
+            }
+            let cfg = agent::RunConfig {
+                node,
+                manifests,
+                cgroup,
+                bpffs,
+                devices,
+                poll_interval: Duration::from_millis(poll_interval_ms.max(10)),
+            };
+            agent::run(&cfg, stop)
+        }
+        Command::Render { manifests, node } => render(&manifests, &node),
+        Command::Uninstall { bpffs } => agent::uninstall(&bpffs).map(|removed| {
+            for p in removed {
+                println!("removed {}", p.display());
+            }
+        }),
+    };
+    if let Err(e) = result {
+        std::process::exit(report_error("lb-agent", &e));
+    }
+}
+
+fn render(manifests: &std::path::Path, node: &str) -> anyhow::Result<()> {
+    if !manifests.exists() {
+        return Err(agent::UsageError(format!(
+            "--manifests {}: no such file or directory",
+            manifests.display()
+        ))
+        .into());
+    }
+    let objects = source::read_manifests(manifests)?;
+    let m = model::build(&objects, node);
+    let p = plan::plan(&m, node);
+    println!("{}", serde_json::to_string_pretty(&p)?);
+    Ok(())
+}

@@ -1,0 +1,289 @@
+//! The node agent: checks its environment, loads the kernel programs, pins maps and links under
+//! `--bpffs`, and keeps the maps in sync with the manifests.
+//!
+//! Pinned layout under `--bpffs DIR`:
+//! - `DIR/<map name>`: every map (names in `lb_common::map_name`), reused by a restarted agent;
+//! - `DIR/links/<hook>`: the cgroup links (`connect4`, `sendmsg4`, `recvmsg4`, `getpeername4`)
+//!   and `DIR/links/xdp_<device>`; programs stay attached while the agent is down.
+use std::{
+    ffi::CString,
+    fs,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::programs::{
+    links::{FdLink, PinnedLink},
+    CgroupAttachMode, CgroupSockAddr, Xdp, XdpMode,
+};
+use lb_common::program_name;
+
+use crate::{
+    dataplane::AyaDataplane,
+    model, plan,
+    source::{ManifestsSource, Source},
+    sync::Syncer,
+};
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+/// An error the user can fix: printed as one line, exit code 2.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for UsageError {}
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(UsageError(msg.into()))
+}
+
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub node: String,
+    pub manifests: PathBuf,
+    pub cgroup: PathBuf,
+    pub bpffs: PathBuf,
+    pub devices: Vec<String>,
+    pub poll_interval: Duration,
+}
+
+fn statfs_magic(path: &Path) -> std::io::Result<i64> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statfs writes into a zeroed struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64)
+}
+
+fn effective_caps() -> u64 {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0)
+}
+
+/// Checks what `run` needs before touching anything; each failure is one line naming the fix.
+pub fn preflight(cfg: &RunConfig) -> Result<()> {
+    let caps = effective_caps();
+    let has = |c: u32| caps & (1u64 << c) != 0;
+    if !(has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_NET_ADMIN))) {
+        return Err(usage(
+            "missing privileges: run as root or grant CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (or CAP_PERFMON)",
+        ));
+    }
+    if !cfg.manifests.exists() {
+        return Err(usage(format!(
+            "--manifests {}: no such file or directory",
+            cfg.manifests.display()
+        )));
+    }
+    match statfs_magic(&cfg.cgroup) {
+        Ok(CGROUP2_SUPER_MAGIC) => {}
+        Ok(_) => {
+            return Err(usage(format!(
+                "--cgroup {}: not a cgroup v2 directory (find the cgroup2 mount in /proc/mounts)",
+                cfg.cgroup.display()
+            )))
+        }
+        Err(e) => {
+            return Err(usage(format!("--cgroup {}: {e} (create it, or point at the cgroup v2 mount)", cfg.cgroup.display())))
+        }
+    }
+    let parent = if cfg.bpffs.exists() {
+        cfg.bpffs.clone()
+    } else {
+        cfg.bpffs.parent().map(Path::to_path_buf).unwrap_or_default()
+    };
+    match statfs_magic(&parent) {
+        Ok(BPF_FS_MAGIC) => {}
+        _ => {
+            return Err(usage(format!(
+                "--bpffs {}: not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)",
+                cfg.bpffs.display()
+            )))
+        }
+    }
+    for dev in &cfg.devices {
+        let c = CString::new(dev.as_str()).map_err(|_| usage(format!("--device {dev:?}: invalid name")))?;
+        // SAFETY: plain libc call on a valid C string.
+        if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
+            return Err(usage(format!(
+                "--device {dev}: no such interface in this network namespace (see `ip link`)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Loads the object, reusing maps pinned under `bpffs` (pinning them on first start).
+pub fn load(bpffs: &Path) -> Result<aya::Ebpf> {
+    fs::create_dir_all(bpffs.join("links"))
+        .with_context(|| format!("cannot create {}", bpffs.join("links").display()))?;
+    let ebpf = aya::EbpfLoader::new()
+        .default_map_pin_directory(bpffs)
+        .load(crate::EBPF_OBJECT)
+        .context("loading the eBPF object (a map pinned by another version? run `lb-agent uninstall --bpffs DIR`)")?;
+    Ok(ebpf)
+}
+
+const CGROUP_HOOKS: [(&str, &str); 4] = [
+    (program_name::CONNECT4, "connect4"),
+    (program_name::SENDMSG4, "sendmsg4"),
+    (program_name::RECVMSG4, "recvmsg4"),
+    (program_name::GETPEERNAME4, "getpeername4"),
+];
+
+/// Attaches the socket-level programs to `cgroup` and pins their links. A link pinned by an
+/// earlier agent is replaced only after the new one is attached, so there is no gap.
+pub fn attach_cgroup(ebpf: &mut aya::Ebpf, cgroup: &Path, bpffs: &Path) -> Result<()> {
+    let cg = fs::File::open(cgroup).with_context(|| format!("open {}", cgroup.display()))?;
+    for (prog, hook) in CGROUP_HOOKS {
+        let p: &mut CgroupSockAddr = ebpf
+            .program_mut(prog)
+            .ok_or_else(|| anyhow!("program {prog} missing from the object"))?
+            .try_into()?;
+        p.load().with_context(|| format!("loading {prog} (verifier)"))?;
+        let id = p.attach(&cg, CgroupAttachMode::Single).with_context(|| format!("attaching {prog} to {}", cgroup.display()))?;
+        let link: FdLink = p.take_link(id)?.try_into()?;
+        let pin = bpffs.join("links").join(hook);
+        let tmp = bpffs.join("links").join(format!(".{hook}.new"));
+        let _ = fs::remove_file(&tmp);
+        link.pin(&tmp).with_context(|| format!("pinning {}", tmp.display()))?;
+        // Atomically replaces (and so detaches) a link pinned by an earlier agent.
+        fs::rename(&tmp, &pin).with_context(|| format!("renaming {} to {}", tmp.display(), pin.display()))?;
+    }
+    Ok(())
+}
+
+/// Attaches the XDP program to `device`, atomically replacing the program of a link pinned by an
+/// earlier agent when there is one.
+pub fn attach_xdp(ebpf: &mut aya::Ebpf, device: &str, bpffs: &Path) -> Result<()> {
+    let p: &mut Xdp = ebpf
+        .program_mut(program_name::XDP)
+        .ok_or_else(|| anyhow!("program {} missing from the object", program_name::XDP))?
+        .try_into()?;
+    if p.fd().is_err() {
+        p.load().context("loading the XDP program (verifier)")?;
+    }
+    let pin = bpffs.join("links").join(format!("xdp_{device}"));
+    if pin.exists() {
+        match PinnedLink::from_pin(&pin) {
+            Ok(pinned) => {
+                let fd: FdLink = pinned.into();
+                let xdp_link = fd.try_into().context("pinned XDP link is of another type")?;
+                let id = p.attach_to_link(xdp_link).context("replacing the program of the pinned XDP link")?;
+                // The pin keeps the link; dropping our handle must not detach it.
+                let _ = p.take_link(id)?;
+                return Ok(());
+            }
+            Err(e) => {
+                log::warn!("stale XDP link pin {}: {e}; attaching afresh", pin.display());
+                let _ = fs::remove_file(&pin);
+            }
+        }
+    }
+    let id = p
+        .attach(device, XdpMode::default())
+        .with_context(|| format!("attaching XDP to {device} (another XDP program attached? `ip link show {device}`)"))?;
+    let link: FdLink = p.take_link(id)?.try_into().map_err(|_| anyhow!("XDP on {device} is not a bpf_link (kernel too old)"))?;
+    link.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?;
+    Ok(())
+}
+
+/// `lb-agent run`.
+pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
+    preflight(cfg)?;
+    let mut ebpf = load(&cfg.bpffs)?;
+    attach_cgroup(&mut ebpf, &cfg.cgroup, &cfg.bpffs)?;
+    for dev in &cfg.devices {
+        attach_xdp(&mut ebpf, dev, &cfg.bpffs)?;
+    }
+    let dp = AyaDataplane::from_ebpf(&mut ebpf)?;
+    let mut syncer = Syncer::adopt(dp)?;
+    let mut source = ManifestsSource::new(&cfg.manifests);
+    log::info!(
+        "attached to cgroup {} and devices {:?}; maps pinned under {}",
+        cfg.cgroup.display(),
+        cfg.devices,
+        cfg.bpffs.display()
+    );
+    let mut generation = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        match source.poll() {
+            Ok(Some(objects)) => {
+                generation += 1;
+                let started = Instant::now();
+                let m = model::build(&objects, &cfg.node);
+                for r in &m.rejected {
+                    log::warn!("rejected {} {}/{}: {}", r.kind, r.namespace, r.name, r.reason);
+                }
+                let p = plan::plan(&m, &cfg.node);
+                let desired = plan::desired(&p);
+                match syncer.sync(&desired) {
+                    Ok(st) => log::info!(
+                        "sync generation {generation}: {} frontends, {} map writes in {:?}",
+                        desired.len(),
+                        st.writes,
+                        started.elapsed()
+                    ),
+                    Err(e) => {
+                        log::error!("sync generation {generation} failed: {e:#}; re-reading the maps");
+                        syncer = Syncer::adopt(AyaDataplane::from_pins(&cfg.bpffs)?)?;
+                        source = ManifestsSource::new(&cfg.manifests); // forces a re-plan
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => log::error!("reading manifests: {e}; keeping the last good state"),
+        }
+        std::thread::sleep(cfg.poll_interval);
+    }
+    log::info!("stopping; programs stay attached through their pinned links (lb-agent uninstall removes them)");
+    Ok(())
+}
+
+/// `lb-agent uninstall`: removes every link (detaching the programs) and map pinned under `bpffs`.
+pub fn uninstall(bpffs: &Path) -> Result<Vec<PathBuf>> {
+    if !bpffs.exists() {
+        bail!(UsageError(format!("--bpffs {}: nothing pinned there", bpffs.display())));
+    }
+    let mut removed = Vec::new();
+    let links = bpffs.join("links");
+    if links.is_dir() {
+        for e in fs::read_dir(&links)? {
+            let p = e?.path();
+            fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            removed.push(p);
+        }
+        fs::remove_dir(&links)?;
+    }
+    for name in lb_common::map_name::ALL {
+        let p = bpffs.join(name);
+        if p.exists() {
+            fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            removed.push(p);
+        }
+    }
+    // Remove the directory itself when nothing else lives there.
+    let _ = fs::remove_dir(bpffs);
+    Ok(removed)
+}

@@ -1,0 +1,149 @@
+//! The only code that touches the service maps: a trait with the aya implementation (pinned maps)
+//! and an in-memory fake for tests. Every write goes through here and is counted.
+use std::{collections::BTreeMap, path::Path};
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap, Map, MapData};
+use lb_common::{map_name, Backend, RevNat, ServiceKey, ServiceValue};
+
+/// Everything the sync reads back to adopt what is already programmed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<u32, Backend>,
+    pub rev_nat: BTreeMap<u32, RevNat>,
+}
+
+pub trait Dataplane {
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()>;
+    fn del_service(&mut self, key: &ServiceKey) -> Result<()>;
+    fn put_backend(&mut self, id: u32, value: &Backend) -> Result<()>;
+    fn del_backend(&mut self, id: u32) -> Result<()>;
+    fn put_rev_nat(&mut self, id: u32, value: &RevNat) -> Result<()>;
+    fn del_rev_nat(&mut self, id: u32) -> Result<()>;
+    /// Reads back every entry (used once, at start, to adopt pinned state).
+    fn snapshot(&self) -> Result<Snapshot>;
+}
+
+/// In-memory dataplane: the same operations on B-trees, with an operation log for tests.
+#[derive(Debug, Default)]
+pub struct FakeDataplane {
+    pub state: Snapshot,
+    /// Every operation in order, e.g. `put_service 10.0.0.1:80/6/0#0`.
+    pub log: Vec<String>,
+}
+
+fn svc_key_str(k: &ServiceKey) -> String {
+    let ip = std::net::Ipv4Addr::from(k.addr_be.to_ne_bytes());
+    format!("{ip}:{}/{}/{}#{}", u16::from_be(k.port_be), k.proto, k.scope, k.slot)
+}
+
+impl Dataplane for FakeDataplane {
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
+        self.log.push(format!("put_service {}", svc_key_str(key)));
+        self.state.services.insert(*key, *value);
+        Ok(())
+    }
+    fn del_service(&mut self, key: &ServiceKey) -> Result<()> {
+        self.log.push(format!("del_service {}", svc_key_str(key)));
+        self.state.services.remove(key);
+        Ok(())
+    }
+    fn put_backend(&mut self, id: u32, value: &Backend) -> Result<()> {
+        self.log.push(format!("put_backend {id}"));
+        self.state.backends.insert(id, *value);
+        Ok(())
+    }
+    fn del_backend(&mut self, id: u32) -> Result<()> {
+        self.log.push(format!("del_backend {id}"));
+        self.state.backends.remove(&id);
+        Ok(())
+    }
+    fn put_rev_nat(&mut self, id: u32, value: &RevNat) -> Result<()> {
+        self.log.push(format!("put_rev_nat {id}"));
+        self.state.rev_nat.insert(id, *value);
+        Ok(())
+    }
+    fn del_rev_nat(&mut self, id: u32) -> Result<()> {
+        self.log.push(format!("del_rev_nat {id}"));
+        self.state.rev_nat.remove(&id);
+        Ok(())
+    }
+    fn snapshot(&self) -> Result<Snapshot> {
+        Ok(self.state.clone())
+    }
+}
+
+/// The pinned service maps, through aya.
+pub struct AyaDataplane {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend>,
+    rev_nat: HashMap<MapData, u32, RevNat>,
+}
+
+impl AyaDataplane {
+    /// Takes the maps out of a loaded object.
+    pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name).with_context(|| format!("map {name} missing from the object"))
+        };
+        Ok(Self {
+            services: HashMap::try_from(take(map_name::SERVICES)?)?,
+            backends: HashMap::try_from(take(map_name::BACKENDS)?)?,
+            rev_nat: HashMap::try_from(take(map_name::REV_NAT)?)?,
+        })
+    }
+
+    /// Opens the maps pinned under `dir` (as `lbctl` does).
+    pub fn from_pins(dir: &Path) -> Result<Self> {
+        let open = |name: &str| -> Result<Map> {
+            let p = dir.join(name);
+            let data = MapData::from_pin(&p).with_context(|| {
+                format!("cannot open pinned map {} (is the agent's --bpffs right, and of this version?)", p.display())
+            })?;
+            Ok(Map::HashMap(data))
+        };
+        Ok(Self {
+            services: HashMap::try_from(open(map_name::SERVICES)?)?,
+            backends: HashMap::try_from(open(map_name::BACKENDS)?)?,
+            rev_nat: HashMap::try_from(open(map_name::REV_NAT)?)?,
+        })
+    }
+}
+
+impl Dataplane for AyaDataplane {
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
+        Ok(self.services.insert(key, value, 0)?)
+    }
+    fn del_service(&mut self, key: &ServiceKey) -> Result<()> {
+        Ok(self.services.remove(key)?)
+    }
+    fn put_backend(&mut self, id: u32, value: &Backend) -> Result<()> {
+        Ok(self.backends.insert(id, value, 0)?)
+    }
+    fn del_backend(&mut self, id: u32) -> Result<()> {
+        Ok(self.backends.remove(&id)?)
+    }
+    fn put_rev_nat(&mut self, id: u32, value: &RevNat) -> Result<()> {
+        Ok(self.rev_nat.insert(id, value, 0)?)
+    }
+    fn del_rev_nat(&mut self, id: u32) -> Result<()> {
+        Ok(self.rev_nat.remove(&id)?)
+    }
+    fn snapshot(&self) -> Result<Snapshot> {
+        let mut s = Snapshot::default();
+        for kv in self.services.iter() {
+            let (k, v) = kv?;
+            s.services.insert(k, v);
+        }
+        for kv in self.backends.iter() {
+            let (k, v) = kv?;
+            s.backends.insert(k, v);
+        }
+        for kv in self.rev_nat.iter() {
+            let (k, v) = kv?;
+            s.rev_nat.insert(k, v);
+        }
+        Ok(s)
+    }
+}

@@ -1,0 +1,305 @@
+//! The plan: a pure function from the model and this node to the desired state. For each Service
+//! port it decides, exactly as kube-proxy's endpoint categorisation does, which endpoints serve
+//! traffic that originates inside the node (internal scope) and outside it (external scope).
+//! `lb-agent render` prints [`Plan`]; [`desired`] turns it into map contents.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use serde::Serialize;
+
+use crate::model::{Endpoint, Model, NodeInfo, Protocol, Rejected, ServiceModel, TrafficPolicy};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, PartialOrd, Ord)]
+pub enum FrontendKind {
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+    ExternalIP,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Frontend {
+    pub kind: FrontendKind,
+    #[serde(serialize_with = "ser_addr")]
+    pub address: SocketAddrV4,
+}
+
+/// The plan of one Service port (the `render` JSON element).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServicePortPlan {
+    pub namespace: String,
+    pub name: String,
+    pub port_name: String,
+    pub protocol: Protocol,
+    pub frontends: Vec<Frontend>,
+    pub internal_traffic_policy: TrafficPolicy,
+    pub external_traffic_policy: Option<TrafficPolicy>,
+    #[serde(serialize_with = "ser_endpoints")]
+    pub cluster_endpoints: Option<Vec<PlannedEndpoint>>,
+    #[serde(serialize_with = "ser_endpoints")]
+    pub local_endpoints: Option<Vec<PlannedEndpoint>>,
+    pub session_affinity_timeout_seconds: Option<u32>,
+    pub health_check_node_port: Option<u16>,
+}
+
+/// An endpoint chosen by the plan, with the facts the datapath keeps about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PlannedEndpoint {
+    pub addr: SocketAddrV4,
+    pub local: bool,
+    pub terminating: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    pub node: NodeInfo,
+    pub services: Vec<ServicePortPlan>,
+    pub rejected: Vec<Rejected>,
+}
+
+fn ser_addr<S: serde::Serializer>(a: &SocketAddrV4, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(a)
+}
+
+fn ser_endpoints<S: serde::Serializer>(
+    eps: &Option<Vec<PlannedEndpoint>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match eps {
+        None => s.serialize_none(),
+        Some(v) => s.collect_seq(v.iter().map(|e| e.addr.to_string())),
+    }
+}
+
+impl ServicePortPlan {
+    /// The endpoints that serve traffic from inside the node.
+    pub fn internal_endpoints(&self) -> &[PlannedEndpoint] {
+        let eps = match self.internal_traffic_policy {
+            TrafficPolicy::Cluster => &self.cluster_endpoints,
+            TrafficPolicy::Local => &self.local_endpoints,
+        };
+        eps.as_deref().unwrap_or(&[])
+    }
+
+    /// The endpoints that serve traffic arriving from outside the node.
+    pub fn external_endpoints(&self) -> &[PlannedEndpoint] {
+        let eps = match self.external_traffic_policy {
+            Some(TrafficPolicy::Local) => &self.local_endpoints,
+            _ => &self.cluster_endpoints,
+        };
+        eps.as_deref().unwrap_or(&[])
+    }
+}
+
+/// Which endpoints topology hints restrict cluster traffic to (kube-proxy's topology mode).
+#[derive(Debug, PartialEq, Eq)]
+enum TopologyMode {
+    None,
+    Node,
+    Zone,
+}
+
+fn topology_mode(endpoints: &[Endpoint], node: &str, zone: Option<&str>) -> TopologyMode {
+    let mut all_node_hints = true;
+    let mut for_node = false;
+    let mut all_zone_hints = true;
+    let mut for_zone = false;
+    for ep in endpoints.iter().filter(|e| e.ready) {
+        if ep.node_hints.is_empty() {
+            all_node_hints = false;
+        } else if ep.node_hints.contains(node) {
+            for_node = true;
+        }
+        if ep.zone_hints.is_empty() {
+            all_zone_hints = false;
+        } else if zone.is_some_and(|z| ep.zone_hints.contains(z)) {
+            for_zone = true;
+        }
+    }
+    if all_node_hints && for_node {
+        TopologyMode::Node
+    } else if all_zone_hints && for_zone {
+        TopologyMode::Zone
+    } else {
+        TopologyMode::None
+    }
+}
+
+/// kube-proxy's CategorizeEndpoints: (cluster endpoints, local endpoints), each `None` when the
+/// Service port never uses that category.
+pub fn categorize(
+    endpoints: &[Endpoint],
+    itp: TrafficPolicy,
+    etp: Option<TrafficPolicy>,
+    node: &str,
+    zone: Option<&str>,
+) -> (Option<Vec<PlannedEndpoint>>, Option<Vec<PlannedEndpoint>>) {
+    let is_local = |e: &Endpoint| e.node_name.as_deref() == Some(node);
+    let planned = |e: &Endpoint| PlannedEndpoint {
+        addr: SocketAddrV4::new(e.addr, e.port),
+        local: is_local(e),
+        terminating: e.terminating,
+    };
+    let uses_cluster = itp == TrafficPolicy::Cluster || etp == Some(TrafficPolicy::Cluster);
+    let uses_local = itp == TrafficPolicy::Local || etp == Some(TrafficPolicy::Local);
+
+    let cluster = uses_cluster.then(|| {
+        let mode = topology_mode(endpoints, node, zone);
+        let fits = |e: &Endpoint| match mode {
+            TopologyMode::None => true,
+            TopologyMode::Node => e.node_hints.contains(node),
+            TopologyMode::Zone => zone.is_some_and(|z| e.zone_hints.contains(z)),
+        };
+        let ready: Vec<_> = endpoints.iter().filter(|e| e.ready && fits(e)).map(planned).collect();
+        if !ready.is_empty() {
+            return ready;
+        }
+        endpoints.iter().filter(|e| e.serving && e.terminating).map(planned).collect()
+    });
+    let local = uses_local.then(|| {
+        let ready: Vec<_> =
+            endpoints.iter().filter(|e| is_local(e) && e.ready).map(planned).collect();
+        if !ready.is_empty() {
+            return ready;
+        }
+        endpoints
+            .iter()
+            .filter(|e| is_local(e) && e.serving && e.terminating)
+            .map(planned)
+            .collect()
+    });
+    (cluster, local)
+}
+
+fn port_plans(svc: &ServiceModel, node: &NodeInfo) -> Vec<ServicePortPlan> {
+    let mut out = Vec::new();
+    for port in &svc.ports {
+        let mut frontends = Vec::new();
+        let mut add = |kind, ips: &[Ipv4Addr], p: u16| {
+            for ip in ips {
+                frontends.push(Frontend { kind, address: SocketAddrV4::new(*ip, p) });
+            }
+        };
+        add(FrontendKind::ClusterIP, &svc.cluster_ips, port.port);
+        if let Some(np) = port.node_port {
+            add(FrontendKind::NodePort, &node.addresses, np);
+        }
+        add(FrontendKind::LoadBalancer, &svc.load_balancer_ips, port.port);
+        add(FrontendKind::ExternalIP, &svc.external_ips, port.port);
+        let empty = Vec::new();
+        let eps = svc.endpoints.get(&(port.name.clone(), port.protocol)).unwrap_or(&empty);
+        let (cluster, local) = categorize(
+            eps,
+            svc.internal_traffic_policy,
+            svc.external_traffic_policy,
+            &node.name,
+            node.zone.as_deref(),
+        );
+        out.push(ServicePortPlan {
+            namespace: svc.namespace.clone(),
+            name: svc.name.clone(),
+            port_name: port.name.clone(),
+            protocol: port.protocol,
+            frontends,
+            internal_traffic_policy: svc.internal_traffic_policy,
+            external_traffic_policy: svc.external_traffic_policy,
+            cluster_endpoints: cluster,
+            local_endpoints: local,
+            session_affinity_timeout_seconds: svc.session_affinity_timeout_seconds,
+            health_check_node_port: svc.health_check_node_port,
+        });
+    }
+    out
+}
+
+/// The plan for `node_name`. Without a Node object of that name the node has no zone and no
+/// addresses (so no NodePort frontends), as a proxy on an unregistered node would see it.
+pub fn plan(model: &Model, node_name: &str) -> Plan {
+    let node = model.node.clone().unwrap_or_else(|| NodeInfo {
+        name: node_name.into(),
+        zone: None,
+        addresses: Vec::new(),
+    });
+    let services = model.services.iter().flat_map(|s| port_plans(s, &node)).collect();
+    Plan { node, services, rejected: model.rejected.clone() }
+}
+
+/// A frontend as the maps key it: address, port, protocol, scope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FrontendKey {
+    pub addr: SocketAddrV4,
+    pub proto: u8,
+    pub scope: u8,
+}
+
+/// A backend as the maps key it (one id per distinct address, port, protocol).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendKey {
+    pub addr: SocketAddrV4,
+    pub proto: u8,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredFrontend {
+    pub flags: u16,
+    pub affinity_timeout_s: u32,
+    /// Backends in plan order, each with its backend flags.
+    pub backends: Vec<(BackendKey, u8)>,
+}
+
+/// The desired contents of the maps, keyed by frontend.
+pub type Desired = BTreeMap<FrontendKey, DesiredFrontend>;
+
+fn kind_flag(kind: FrontendKind) -> u16 {
+    use lb_common::service_flags as f;
+    match kind {
+        FrontendKind::ClusterIP => f::CLUSTER_IP,
+        FrontendKind::NodePort => f::NODE_PORT,
+        FrontendKind::LoadBalancer => f::LOAD_BALANCER,
+        FrontendKind::ExternalIP => f::EXTERNAL_IP,
+    }
+}
+
+/// Turns a plan into map contents. The socket-level path (internal scope) serves ClusterIPs;
+/// the external scope is what the XDP program on the devices looks up.
+pub fn desired(plan: &Plan) -> Desired {
+    let mut out = Desired::new();
+    for sp in &plan.services {
+        let proto = sp.protocol.number();
+        let mut flags = 0;
+        if sp.session_affinity_timeout_seconds.is_some() {
+            flags |= lb_common::service_flags::SESSION_AFFINITY;
+        }
+        let backends = |eps: &[PlannedEndpoint]| {
+            eps.iter()
+                .map(|e| {
+                    let mut bf = 0;
+                    if e.local {
+                        bf |= lb_common::backend_flags::LOCAL;
+                    }
+                    if e.terminating {
+                        bf |= lb_common::backend_flags::TERMINATING;
+                    }
+                    (BackendKey { addr: e.addr, proto }, bf)
+                })
+                .collect::<Vec<_>>()
+        };
+        for fe in &sp.frontends {
+            if fe.kind != FrontendKind::ClusterIP {
+                continue; // north-south frontends are programmed by the XDP path's issue
+            }
+            let key = FrontendKey { addr: fe.address, proto, scope: lb_common::scope::INTERNAL };
+            out.insert(
+                key,
+                DesiredFrontend {
+                    flags: flags | kind_flag(fe.kind),
+                    affinity_timeout_s: sp.session_affinity_timeout_seconds.unwrap_or(0),
+                    backends: backends(sp.internal_endpoints()),
+                },
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,279 @@
+//! Sources of Kubernetes objects. Only this module knows where objects come from; the rest of the
+//! agent sees [`Objects`], a consistent snapshot of Nodes, Services and EndpointSlices.
+//!
+//! The manifests source reads multi-document YAML (a file, or every `*.yaml`/`*.yml`/`*.json` in
+//! a directory, in name order) and applies the defaults the API server would have applied to an
+//! object written for `kubectl apply`, so a file behaves as the same object in a cluster would.
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use serde::Deserialize;
+
+/// A consistent snapshot of the objects the agent reads.
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    pub nodes: Vec<Node>,
+    pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+}
+
+/// A source of snapshots.
+pub trait Source {
+    /// The current snapshot when it changed since the last call (always on the first call).
+    fn poll(&mut self) -> Result<Option<Objects>, SourceError>;
+}
+
+/// Why a source could not produce a snapshot. The agent keeps its last good state.
+#[derive(Debug)]
+pub enum SourceError {
+    Io { path: PathBuf, error: std::io::Error },
+    /// YAML that cannot be parsed: the file and the position.
+    Parse { path: PathBuf, document: usize, message: String },
+}
+
+impl fmt::Display for SourceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceError::Io { path, error } => write!(f, "{}: {error}", path.display()),
+            SourceError::Parse { path, document, message } => {
+                write!(f, "{}: document {document}: {message}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for SourceError {}
+
+/// Reads manifests from a file or a directory, re-reading them when their content changes.
+pub struct ManifestsSource {
+    path: PathBuf,
+    last: Option<Vec<(PathBuf, Vec<u8>)>>,
+}
+
+impl ManifestsSource {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into(), last: None }
+    }
+
+    fn files(&self) -> Result<Vec<PathBuf>, SourceError> {
+        let io = |error| SourceError::Io { path: self.path.clone(), error };
+        let meta = std::fs::metadata(&self.path).map_err(io)?;
+        if !meta.is_dir() {
+            return Ok(vec![self.path.clone()]);
+        }
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(&self.path).map_err(io)? {
+            let p = entry.map_err(io)?.path();
+            let manifest = matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            );
+            if manifest && p.is_file() {
+                files.push(p);
+            }
+        }
+        files.sort();
+        Ok(files)
+    }
+}
+
+impl Source for ManifestsSource {
+    fn poll(&mut self) -> Result<Option<Objects>, SourceError> {
+        let mut contents = Vec::new();
+        for f in self.files()? {
+            let bytes =
+                std::fs::read(&f).map_err(|error| SourceError::Io { path: f.clone(), error })?;
+            contents.push((f, bytes));
+        }
+        if self.last.as_ref() == Some(&contents) {
+            return Ok(None);
+        }
+        let mut objects = Objects::default();
+        for (path, bytes) in &contents {
+            let text = String::from_utf8_lossy(bytes);
+            parse_into(path, &text, &mut objects)?;
+        }
+        self.last = Some(contents);
+        Ok(Some(objects))
+    }
+}
+
+/// Reads every manifest below `path` once.
+pub fn read_manifests(path: &Path) -> Result<Objects, SourceError> {
+    let mut s = ManifestsSource::new(path);
+    Ok(s.poll()?.unwrap_or_default())
+}
+
+/// Parses multi-document YAML holding Nodes, Services, EndpointSlices (and `List`s of them).
+/// Other kinds are skipped, as a cluster's proxy would never see them.
+pub fn parse_into(path: &Path, text: &str, out: &mut Objects) -> Result<(), SourceError> {
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let perr = |message: String| SourceError::Parse {
+            path: path.to_path_buf(),
+            document: i + 1,
+            message,
+        };
+        let value = serde_yaml_ng::Value::deserialize(doc).map_err(|e| perr(e.to_string()))?;
+        add_value(value, out).map_err(perr)?;
+    }
+    Ok(())
+}
+
+fn add_value(value: serde_yaml_ng::Value, out: &mut Objects) -> Result<(), String> {
+    if value.is_null() {
+        return Ok(());
+    }
+    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
+    let api_version = value.get("apiVersion").and_then(|k| k.as_str()).unwrap_or("").to_string();
+    let typed = |e: serde_yaml_ng::Error| format!("{kind} ({api_version}): {e}");
+    match (kind.as_str(), api_version.as_str()) {
+        ("List", _) => {
+            if let Some(items) = value.get("items").and_then(|i| i.as_sequence()) {
+                for item in items.clone() {
+                    add_value(item, out)?;
+                }
+            }
+        }
+        ("Node", "v1") => out.nodes.push(serde_yaml_ng::from_value(value).map_err(typed)?),
+        ("Service", "v1") => {
+            let mut svc: Service = serde_yaml_ng::from_value(value).map_err(typed)?;
+            default_service(&mut svc);
+            out.services.push(svc);
+        }
+        ("EndpointSlice", "discovery.k8s.io/v1") => {
+            let mut slice: EndpointSlice = serde_yaml_ng::from_value(value).map_err(typed)?;
+            default_endpoint_slice(&mut slice);
+            out.endpoint_slices.push(slice);
+        }
+        ("", _) => return Err("object without `kind`".into()),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// What the API server defaults on a Service created with `kubectl apply`.
+pub fn default_service(svc: &mut Service) {
+    let meta = &mut svc.metadata;
+    if meta.namespace.is_none() {
+        meta.namespace = Some("default".into());
+    }
+    let Some(spec) = svc.spec.as_mut() else { return };
+    let type_ = spec.type_.get_or_insert_with(|| "ClusterIP".into()).clone();
+    if spec.cluster_ips.is_none() {
+        if let Some(ip) = &spec.cluster_ip {
+            spec.cluster_ips = Some(vec![ip.clone()]);
+        }
+    }
+    if spec.session_affinity.is_none() {
+        spec.session_affinity = Some("None".into());
+    }
+    if spec.session_affinity.as_deref() == Some("ClientIP") {
+        let cfg = spec.session_affinity_config.get_or_insert_with(Default::default);
+        let cip = cfg.client_ip.get_or_insert_with(Default::default);
+        cip.timeout_seconds.get_or_insert(10800);
+    }
+    if type_ != "ExternalName" {
+        spec.internal_traffic_policy.get_or_insert_with(|| "Cluster".into());
+    }
+    if (type_ == "NodePort" || type_ == "LoadBalancer") && spec.external_traffic_policy.is_none()
+    {
+        spec.external_traffic_policy = Some("Cluster".into());
+    }
+    for port in spec.ports.iter_mut().flatten() {
+        port.protocol.get_or_insert_with(|| "TCP".into());
+        if port.target_port.is_none() {
+            port.target_port =
+                Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(port.port));
+        }
+    }
+}
+
+/// What the API server defaults on an EndpointSlice: port name `""`, protocol TCP.
+pub fn default_endpoint_slice(slice: &mut EndpointSlice) {
+    if slice.metadata.namespace.is_none() {
+        slice.metadata.namespace = Some("default".into());
+    }
+    for port in slice.ports.iter_mut().flatten() {
+        port.name.get_or_insert_with(String::new);
+        port.protocol.get_or_insert_with(|| "TCP".into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_like_the_api_server() {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: LoadBalancer
+  sessionAffinity: ClientIP
+  clusterIP: 10.96.0.10
+  ports: [{port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: []
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: ignored}
+"#;
+        let mut o = Objects::default();
+        parse_into(Path::new("x.yaml"), yaml, &mut o).unwrap();
+        assert_eq!(o.services.len(), 1);
+        let spec = o.services[0].spec.as_ref().unwrap();
+        assert_eq!(o.services[0].metadata.namespace.as_deref(), Some("default"));
+        assert_eq!(spec.cluster_ips.as_deref(), Some(&["10.96.0.10".to_string()][..]));
+        let port = &spec.ports.as_ref().unwrap()[0];
+        assert_eq!(port.protocol.as_deref(), Some("TCP"));
+        assert!(matches!(
+            port.target_port,
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(80))
+        ));
+        assert_eq!(spec.external_traffic_policy.as_deref(), Some("Cluster"));
+        assert_eq!(spec.internal_traffic_policy.as_deref(), Some("Cluster"));
+        let timeout = spec.session_affinity_config.as_ref().unwrap().client_ip.as_ref().unwrap();
+        assert_eq!(timeout.timeout_seconds, Some(10800));
+        let sp = &o.endpoint_slices[0].ports.as_ref().unwrap()[0];
+        assert_eq!(sp.name.as_deref(), Some(""));
+        assert_eq!(sp.protocol.as_deref(), Some("TCP"));
+    }
+
+    #[test]
+    fn parse_error_names_file_and_position() {
+        let mut o = Objects::default();
+        let err = parse_into(Path::new("bad.yaml"), "kind: Service\n  : [\n", &mut o).unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("bad.yaml: document 1:"), "{text}");
+        assert!(text.contains("line"), "{text}");
+    }
+
+    #[test]
+    fn directory_source_rereads_only_on_change() {
+        let dir = std::env::temp_dir().join(format!("lb-src-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("a.yaml");
+        std::fs::write(&f, "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\n").unwrap();
+        let mut s = ManifestsSource::new(&dir);
+        assert_eq!(s.poll().unwrap().unwrap().nodes.len(), 1);
+        assert!(s.poll().unwrap().is_none());
+        std::fs::write(dir.join("b.yml"), "apiVersion: v1\nkind: Node\nmetadata: {name: n2}\n")
+            .unwrap();
+        assert_eq!(s.poll().unwrap().unwrap().nodes.len(), 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
