@@ -165,7 +165,8 @@ pub fn attach_cgroup(ebpf: &mut aya::Ebpf, cgroup: &Path, bpffs: &Path) -> Resul
         let id = p.attach(&cg, CgroupAttachMode::Single).with_context(|| format!("attaching {prog} to {}", cgroup.display()))?;
         let link: FdLink = p.take_link(id)?.try_into()?;
         let pin = bpffs.join("links").join(hook);
-        let tmp = bpffs.join("links").join(format!(".{hook}.new"));
+        // bpffs refuses names containing a dot.
+        let tmp = bpffs.join("links").join(format!("{hook}_new"));
         let _ = fs::remove_file(&tmp);
         link.pin(&tmp).with_context(|| format!("pinning {}", tmp.display()))?;
         // Atomically replaces (and so detaches) a link pinned by an earlier agent.

@@ -3,6 +3,7 @@
 //! Data flow: [`source`] → [`model`] → [`plan`] → [`sync`] → [`dataplane`] → BPF maps.
 pub mod agent;
 pub mod dataplane;
+pub mod harness;
 pub mod inspect;
 pub mod model;
 pub mod plan;

@@ -1,0 +1,96 @@
+//! Packet-fixture harness: loads the real object into a private pin directory, programs its maps
+//! through the real sync code, and runs the XDP program on frames with BPF_PROG_TEST_RUN.
+//! Used by the kernel tests and the benchmarks.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{anyhow, Context, Result};
+use aya::{
+    maps::{MapData, PerCpuArray},
+    programs::{TestRun, TestRunOptions, Xdp},
+};
+use lb_common::{map_name, program_name, Counter};
+
+use crate::{dataplane::AyaDataplane, inspect, plan::Desired, sync::Syncer};
+
+/// The first mount point of a filesystem type in /proc/mounts (`bpf`, `cgroup2`, ...).
+pub fn mount_point(fstype: &str) -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, dir, ty) = (f.next()?, f.next()?, f.next()?);
+        (ty == fstype).then(|| PathBuf::from(dir))
+    })
+}
+
+pub struct XdpHarness {
+    ebpf: aya::Ebpf,
+    dir: PathBuf,
+    pub syncer: Syncer<AyaDataplane>,
+}
+
+/// The result of one run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunResult {
+    pub verdict: u32,
+    pub output: Vec<u8>,
+    pub duration_ns: u64,
+}
+
+impl XdpHarness {
+    pub fn new() -> Result<Self> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let bpffs = mount_point("bpf").ok_or_else(|| anyhow!("no bpf filesystem mounted (mount -t bpf bpf /sys/fs/bpf)"))?;
+        let dir = bpffs.join(format!("lbfix{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        let mut ebpf = aya::EbpfLoader::new().default_map_pin_directory(&dir).load(crate::EBPF_OBJECT)?;
+        let xdp: &mut Xdp = ebpf.program_mut(program_name::XDP).ok_or_else(|| anyhow!("no XDP program"))?.try_into()?;
+        xdp.load().context("loading the XDP program (verifier)")?;
+        let syncer = Syncer::adopt(AyaDataplane::from_ebpf(&mut ebpf)?)?;
+        Ok(Self { ebpf, dir, syncer })
+    }
+
+    /// Programs the maps through the real sync code.
+    pub fn program(&mut self, desired: &Desired) -> Result<u64> {
+        Ok(self.syncer.sync(desired)?.writes)
+    }
+
+    /// Runs the XDP program once on `frame`.
+    pub fn run(&self, frame: &[u8]) -> Result<RunResult> {
+        self.run_repeat(frame, 1)
+    }
+
+    /// Runs the program `repeat` times on `frame` (the kernel reports the mean duration).
+    pub fn run_repeat(&self, frame: &[u8], repeat: u32) -> Result<RunResult> {
+        let xdp: &Xdp = self.ebpf.program(program_name::XDP).ok_or_else(|| anyhow!("no XDP program"))?.try_into()?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = xdp
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat, ..Default::default() })
+            .context("BPF_PROG_TEST_RUN")?;
+        out.truncate(r.data_size_out as usize);
+        Ok(RunResult { verdict: r.return_value, output: out, duration_ns: r.duration.as_nanos() as u64 })
+    }
+
+    /// Every counter, summed over CPUs, by name.
+    pub fn counters(&self) -> Result<BTreeMap<&'static str, Counter>> {
+        let map = self.ebpf.map(map_name::STATS).ok_or_else(|| anyhow!("no stats map"))?;
+        let arr: PerCpuArray<&MapData, Counter> = PerCpuArray::try_from(map)?;
+        Ok(inspect::read_counters(&arr)?
+            .into_iter()
+            .map(|c| (c.name, Counter { packets: c.packets, bytes: c.bytes }))
+            .collect())
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for XdpHarness {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
