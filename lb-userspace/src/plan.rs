@@ -303,3 +303,96 @@ pub fn desired(plan: &Plan) -> Desired {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Endpoint, TrafficPolicy::*};
+
+    fn ep(last: u8, node: &str) -> Endpoint {
+        Endpoint {
+            addr: Ipv4Addr::new(10, 244, 0, last),
+            port: 8080,
+            ready: true,
+            serving: true,
+            terminating: false,
+            node_name: Some(node.into()),
+            zone: None,
+            zone_hints: Default::default(),
+            node_hints: Default::default(),
+        }
+    }
+    fn terminating(mut e: Endpoint, serving: bool) -> Endpoint {
+        e.ready = false;
+        e.serving = serving;
+        e.terminating = true;
+        e
+    }
+    fn zones(mut e: Endpoint, z: &[&str]) -> Endpoint {
+        e.zone_hints = z.iter().map(|s| s.to_string()).collect();
+        e
+    }
+    fn nodes(mut e: Endpoint, n: &[&str]) -> Endpoint {
+        e.node_hints = n.iter().map(|s| s.to_string()).collect();
+        e
+    }
+    fn lasts(v: &Option<Vec<PlannedEndpoint>>) -> Option<Vec<u8>> {
+        v.as_ref().map(|v| v.iter().map(|e| e.addr.ip().octets()[3]).collect())
+    }
+    fn cat(eps: &[Endpoint], itp: TrafficPolicy, etp: Option<TrafficPolicy>) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+        let (c, l) = categorize(eps, itp, etp, "n1", Some("za"));
+        (lasts(&c), lasts(&l))
+    }
+
+    #[test]
+    fn categorisation_table() {
+        let a = ep(1, "n1");
+        let b = ep(2, "n2");
+        let cases: Vec<(&str, Vec<Endpoint>, TrafficPolicy, Option<TrafficPolicy>, Option<Vec<u8>>, Option<Vec<u8>>)> = vec![
+            ("cluster only", vec![a.clone(), b.clone()], Cluster, None, Some(vec![1, 2]), None),
+            ("itp local", vec![a.clone(), b.clone()], Local, None, None, Some(vec![1])),
+            ("etp local uses both", vec![a.clone(), b.clone()], Cluster, Some(Local), Some(vec![1, 2]), Some(vec![1])),
+            ("etp cluster", vec![a.clone(), b.clone()], Cluster, Some(Cluster), Some(vec![1, 2]), None),
+            ("no local endpoint", vec![b.clone()], Local, Some(Local), None, Some(vec![])),
+            ("unready ignored", vec![Endpoint { ready: false, ..a.clone() }, b.clone()], Cluster, None, Some(vec![2]), None),
+            ("serving-terminating fallback",
+                vec![terminating(a.clone(), true), terminating(b.clone(), false)], Cluster, None, Some(vec![1]), None),
+            ("fallback only without ready",
+                vec![terminating(a.clone(), true), b.clone()], Cluster, None, Some(vec![2]), None),
+            ("local serving-terminating fallback",
+                vec![terminating(a.clone(), true), b.clone()], Local, None, None, Some(vec![1])),
+            ("local prefers ready",
+                vec![terminating(a.clone(), true), ep(3, "n1")], Local, None, None, Some(vec![3])),
+            ("nothing at all", vec![], Cluster, Some(Local), Some(vec![]), Some(vec![])),
+        ];
+        for (name, eps, itp, etp, want_c, want_l) in cases {
+            assert_eq!(cat(&eps, itp, etp), (want_c, want_l), "{name}");
+        }
+    }
+
+    #[test]
+    fn topology_hints_table() {
+        let za1 = zones(ep(1, "n1"), &["za"]);
+        let zb2 = zones(ep(2, "n2"), &["zb"]);
+        let zb3 = zones(ep(3, "n3"), &["zb"]);
+        let cases: Vec<(&str, Vec<Endpoint>, Vec<u8>)> = vec![
+            ("zone hints used", vec![za1.clone(), zb2.clone()], vec![1]),
+            ("one endpoint without hint: ignored", vec![za1.clone(), ep(2, "n2")], vec![1, 2]),
+            ("no endpoint for my zone: ignored", vec![zb2.clone(), zb3.clone()], vec![2, 3]),
+            ("unready endpoints' hints do not count",
+                vec![za1.clone(), zb2.clone(), Endpoint { ready: false, ..ep(4, "n4") }], vec![1]),
+            ("node hints win", vec![nodes(za1.clone(), &["n2"]), nodes(zb2.clone(), &["n1"])], vec![2]),
+            ("node hints not for me: zone hints", vec![nodes(za1.clone(), &["n9"]), nodes(zb2.clone(), &["n9"])], vec![1]),
+            ("partial node hints: zone hints", vec![nodes(za1.clone(), &["n1"]), zb2.clone()], vec![1]),
+        ];
+        for (name, eps, want) in cases {
+            assert_eq!(cat(&eps, Cluster, None).0, Some(want), "{name}");
+        }
+        // Local endpoints are never filtered by topology.
+        let eps = vec![zones(ep(1, "n1"), &["zb"]), zb2.clone(), zones(ep(5, "n5"), &["za"])];
+        assert_eq!(cat(&eps, Local, None).1, Some(vec![1]));
+        // A node without a zone ignores zone hints.
+        let (c, _) = categorize(&[za1, zb2], Cluster, None, "n1", None);
+        assert_eq!(lasts(&c), Some(vec![1, 2]));
+    }
+}
