@@ -85,9 +85,10 @@ fn effective_caps() -> u64 {
 pub fn preflight(cfg: &RunConfig) -> Result<()> {
     let caps = effective_caps();
     let has = |c: u32| caps & (1u64 << c) != 0;
-    if !(has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_NET_ADMIN))) {
+    // Loading needs CAP_BPF (or CAP_SYS_ADMIN); attaching to cgroups and devices CAP_NET_ADMIN.
+    if !((has(CAP_BPF) || has(CAP_SYS_ADMIN)) && has(CAP_NET_ADMIN)) {
         return Err(usage(
-            "missing privileges: run as root or grant CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (or CAP_PERFMON)",
+            "missing privileges: run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN",
         ));
     }
     if !cfg.manifests.exists() {

@@ -1,0 +1,107 @@
+//! The command-line contract of `lb-agent` and `lbctl`: exit codes and one-line errors.
+use std::process::Command;
+
+fn agent(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_lb-agent")).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn examples() -> String {
+    format!("{}/../deploy/examples/lab.yaml", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn cgroup2() -> Option<String> {
+    lb_userspace::harness::mount_point("cgroup2").map(|p| p.display().to_string())
+}
+
+#[test]
+fn wrong_flag_exits_2() {
+    let (code, _, err) = agent(&["run", "--bogus"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--bogus"), "{err}");
+}
+
+#[test]
+fn missing_manifests_is_one_line() {
+    let (code, _, err) = agent(&["run", "--node", "n", "--manifests", "/nonexistent", "--cgroup", "/", "--bpffs", "/sys/fs/bpf/x"]);
+    assert_eq!(code, 2);
+    assert_eq!(err.trim(), "lb-agent: error: --manifests /nonexistent: no such file or directory");
+}
+
+#[test]
+fn cgroup_that_is_not_cgroup2_is_named() {
+    let (code, _, err) = agent(&["run", "--node", "n", "--manifests", &examples(), "--cgroup", "/tmp", "--bpffs", "/sys/fs/bpf/x"]);
+    assert_eq!(code, 2);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--cgroup /tmp: not a cgroup v2 directory"), "{err}");
+}
+
+#[test]
+fn missing_interface_is_named() {
+    let Some(cg) = cgroup2() else { panic!("no cgroup2 mount on this machine") };
+    let (code, _, err) = agent(&["run", "--node", "n", "--manifests", &examples(), "--cgroup", &cg, "--bpffs", "/sys/fs/bpf/lbcli-x", "--device", "nosuch0"]);
+    assert_eq!(code, 2);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--device nosuch0: no such interface"), "{err}");
+}
+
+#[test]
+fn bpffs_outside_bpf_filesystem_is_named() {
+    let Some(cg) = cgroup2() else { panic!("no cgroup2 mount on this machine") };
+    let (code, _, err) = agent(&["run", "--node", "n", "--manifests", &examples(), "--cgroup", &cg, "--bpffs", "/tmp/lbcli-x"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)"), "{err}");
+}
+
+#[test]
+fn render_prints_the_plan() {
+    let (code, out, err) = agent(&["render", "--manifests", &examples(), "--node", "node1"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["node"]["name"], "node1");
+    assert_eq!(v["node"]["zone"], "zone-a");
+    let echo_tcp = v["services"].as_array().unwrap().iter()
+        .find(|s| s["name"] == "echo" && s["protocol"] == "TCP").unwrap();
+    assert_eq!(echo_tcp["frontends"][0]["address"], "10.96.0.10:80");
+    assert_eq!(echo_tcp["cluster_endpoints"].as_array().unwrap().len(), 4);
+    assert!(echo_tcp["local_endpoints"].is_null());
+    let unready = v["services"].as_array().unwrap().iter().find(|s| s["name"] == "unready").unwrap();
+    assert_eq!(unready["cluster_endpoints"], serde_json::json!([]));
+}
+
+#[test]
+fn render_unparsable_yaml_names_file_and_position() {
+    let dir = std::env::temp_dir().join(format!("lbcli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("broken.yaml");
+    std::fs::write(&f, "apiVersion: v1\nkind: Service\nmetadata: {name: x\n").unwrap();
+    let (code, _, err) = agent(&["render", "--manifests", f.to_str().unwrap(), "--node", "n"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(code, 2);
+    assert!(err.contains("broken.yaml: document 1:") && err.contains("line"), "{err}");
+}
+
+#[test]
+fn lbctl_missing_pin_directory_is_named() {
+    let out = Command::new(env!("CARGO_BIN_EXE_lbctl")).args(["--bpffs", "/sys/fs/bpf/nope-nope", "services"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--bpffs /sys/fs/bpf/nope-nope: no such directory"), "{err}");
+}
+
+#[test]
+fn missing_privileges_is_one_line() {
+    // Drop to `nobody`, which has no capabilities.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_lb-agent")])
+        .args(["run", "--node", "n", "--manifests", &examples(), "--cgroup", "/", "--bpffs", "/sys/fs/bpf/x"])
+        .output()
+        .expect("setpriv (util-linux) runs");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim(), "lb-agent: error: missing privileges: run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN");
+}
