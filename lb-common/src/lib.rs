@@ -18,8 +18,11 @@ pub mod map_name {
     pub const SOCK_REV_NAT: &str = "lb_sk_revnat_v1";
     pub const SOCK_FLOW: &str = "lb_sk_flow_v1";
     pub const STATS: &str = "lb_stats_v1";
+    pub const CONNTRACK: &str = "lb_ct_v1";
+    pub const CONFIG: &str = "lb_config_v1";
     /// Every map the agent pins, for `uninstall` and for `lbctl`.
-    pub const ALL: [&str; 6] = [SERVICES, BACKENDS, REV_NAT, SOCK_REV_NAT, SOCK_FLOW, STATS];
+    pub const ALL: [&str; 8] =
+        [SERVICES, BACKENDS, REV_NAT, SOCK_REV_NAT, SOCK_FLOW, STATS, CONNTRACK, CONFIG];
 }
 
 /// Names of the programs in the object file (the function names of the entry points).
@@ -29,6 +32,7 @@ pub mod program_name {
     pub const RECVMSG4: &str = "lb_recvmsg4";
     pub const GETPEERNAME4: &str = "lb_getpeername4";
     pub const XDP: &str = "lb_xdp";
+    pub const TC_EGRESS: &str = "lb_tc_egress";
 }
 
 /// Capacities of the maps. Memory per entry is key + value + the kernel's per-entry overhead.
@@ -43,6 +47,10 @@ pub mod limits {
     pub const SOCK_REV_NAT: u32 = 262_144;
     /// Per-socket UDP flow choice (LRU), so an unconnected UDP socket keeps its backend.
     pub const SOCK_FLOW: u32 = 262_144;
+    /// Conntrack (LRU): two entries per north-south flow (original and reply direction).
+    pub const CONNTRACK: u32 = 262_144;
+    /// SNAT port candidates tried before a new flow is dropped as a collision.
+    pub const SNAT_TRIES: u32 = 8;
     /// Largest number of backends one Service frontend can have (slots are `u16`).
     pub const BACKENDS_PER_SERVICE: u32 = 65_535;
 }
@@ -159,6 +167,60 @@ pub struct SockFlow {
     pub _pad: u16,
 }
 
+/// Key of the conntrack map: a packet's addresses as seen on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of the conntrack map: the addresses to write into a packet that matches the key. The
+/// original direction (client -> frontend) becomes (client or SNAT address -> backend); the reply
+/// direction (backend -> client or SNAT address) becomes (frontend -> client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtEntry {
+    pub nat_saddr_be: u32,
+    pub nat_daddr_be: u32,
+    pub nat_sport_be: u16,
+    pub nat_dport_be: u16,
+    pub rev_nat_id: u32,
+    pub backend_id: u32,
+    /// Seconds since boot when the entry was last used.
+    pub last_seen_s: u32,
+    pub flags: u16,
+    pub _pad: u16,
+}
+
+/// Flags of a conntrack entry.
+pub mod ct_flags {
+    /// Reply direction (backend -> client).
+    pub const REPLY: u16 = 1 << 0;
+    /// The flow's source was translated to the node (externalTrafficPolicy Cluster, remote backend).
+    pub const SNAT: u16 = 1 << 1;
+    /// The backend runs on this node.
+    pub const LOCAL_BACKEND: u16 = 1 << 2;
+}
+
+/// The single entry (index 0) of the config array, written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Config {
+    /// The node address that translated flows leave from (first InternalIP).
+    pub node_addr_be: u32,
+    /// SNAT port range, host order, inclusive.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    /// Non-zero once the agent has written the config.
+    pub ready: u32,
+    pub _pad: u32,
+}
+
 /// A per-CPU counter (stats map value).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -209,8 +271,38 @@ pub mod counter {
     pub const SOCK_GETPEERNAME_REVNAT: u32 = 18;
     /// sendmsg4: an unconnected UDP socket reused its earlier backend.
     pub const SOCK_FLOW_REUSE: u32 = 19;
+    /// XDP: a new north-south flow was translated to a backend.
+    pub const XDP_NEW_FLOW: u32 = 20;
+    /// XDP: a packet of a known flow (original direction) was translated.
+    pub const XDP_ESTABLISHED: u32 = 21;
+    /// XDP: a reply was translated back to the frontend.
+    pub const XDP_REPLY: u32 = 22;
+    /// XDP: dropped, the frontend has no usable endpoint on this node (externalTrafficPolicy Local).
+    pub const XDP_DROP_NO_BACKEND: u32 = 23;
+    /// XDP: an SNAT port candidate was taken; another was tried.
+    pub const XDP_SNAT_COLLISION: u32 = 24;
+    /// XDP: dropped, no SNAT port was free after every try.
+    pub const XDP_DROP_SNAT_EXHAUSTED: u32 = 25;
+    /// XDP: translated packets sent back out of the receiving device (XDP_TX).
+    pub const XDP_TX: u32 = 26;
+    /// XDP: translated packets redirected to another device.
+    pub const XDP_REDIRECT: u32 = 27;
+    /// XDP: translated packets handed to the stack (local backend, or route unknown).
+    pub const XDP_TRANSLATED_PASS: u32 = 28;
+    /// XDP: ICMP errors about a translated flow, translated back.
+    pub const XDP_ICMP_ERROR_XLATE: u32 = 29;
+    /// XDP: the agent has not written the config yet (passed).
+    pub const XDP_NO_CONFIG: u32 = 30;
+    /// tc egress: replies of local backends translated back to the frontend.
+    pub const TC_REPLY: u32 = 31;
+    /// tc egress: packets seen.
+    pub const TC_SEEN: u32 = 32;
+    /// XDP: dropped, a slot pointed at a missing backend.
+    pub const XDP_DROP_BACKEND_MISSING: u32 = 33;
+    /// XDP: dropped, the conntrack map refused an insert.
+    pub const XDP_DROP_CT_FULL: u32 = 34;
     /// Number of counters (stats map size).
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 35;
 
     /// Stable names, indexed by counter, for `lbctl stats` and metrics.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -234,6 +326,21 @@ pub mod counter {
         "sock_recvmsg_revnat",
         "sock_getpeername_revnat",
         "sock_flow_reuse",
+        "xdp_new_flow",
+        "xdp_established",
+        "xdp_reply",
+        "xdp_drop_no_backend",
+        "xdp_snat_collision",
+        "xdp_drop_snat_exhausted",
+        "xdp_tx",
+        "xdp_redirect",
+        "xdp_translated_pass",
+        "xdp_icmp_error_xlate",
+        "xdp_no_config",
+        "tc_reply",
+        "tc_seen",
+        "xdp_drop_backend_missing",
+        "xdp_drop_ct_full",
     ];
 }
 
@@ -246,6 +353,9 @@ const _: () = {
     assert!(core::mem::size_of::<SockRevNat>() == 16);
     assert!(core::mem::size_of::<SockFlow>() == 8);
     assert!(core::mem::size_of::<Counter>() == 16);
+    assert!(core::mem::size_of::<CtKey>() == 16);
+    assert!(core::mem::size_of::<CtEntry>() == 28);
+    assert!(core::mem::size_of::<Config>() == 16);
 };
 
 #[cfg(feature = "user")]
@@ -260,4 +370,7 @@ mod pod {
     unsafe impl aya::Pod for SockRevNat {}
     unsafe impl aya::Pod for SockFlow {}
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for Config {}
 }

@@ -3,15 +3,17 @@
 #![no_std]
 #![no_main]
 
+mod csum;
 mod maps;
 mod parse;
 mod sock;
+mod tc;
 mod xdp;
 
 use aya_ebpf::{
     bindings::xdp_action,
-    macros::{cgroup_sock_addr, xdp},
-    programs::{SockAddrContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 
 /// Socket-level verdicts: 1 lets the call proceed, 0 refuses it (the caller sees EPERM).
@@ -46,9 +48,15 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let verdict = xdp::process(&ctx);
     match verdict {
         xdp_action::XDP_DROP => maps::count(lb_common::counter::XDP_VERDICT_DROP, 0),
-        _ => maps::count(lb_common::counter::XDP_VERDICT_PASS, 0),
+        xdp_action::XDP_PASS => maps::count(lb_common::counter::XDP_VERDICT_PASS, 0),
+        _ => {} // XDP_TX and redirects are counted where they are decided
     }
     verdict
+}
+
+#[classifier]
+pub fn lb_tc_egress(ctx: TcContext) -> i32 {
+    tc::egress(&ctx)
 }
 
 #[cfg(not(test))]

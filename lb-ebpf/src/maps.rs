@@ -1,10 +1,11 @@
 //! Every map of the kernel side, in one place. Names and layouts come from `lb-common`.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    limits, Backend, Counter, RevNat, ServiceKey, ServiceValue, SockFlow, SockKey, SockRevNat,
+    limits, Backend, Config, Counter, CtEntry, CtKey, RevNat, ServiceKey, ServiceValue, SockFlow,
+    SockKey, SockRevNat,
 };
 
 #[map(name = "lb_svc_v1")]
@@ -22,6 +23,12 @@ pub static SOCK_REV_NAT: LruHashMap<SockKey, SockRevNat> =
 
 #[map(name = "lb_sk_flow_v1")]
 pub static SOCK_FLOW: LruHashMap<SockKey, SockFlow> = LruHashMap::pinned(limits::SOCK_FLOW, 0);
+
+#[map(name = "lb_ct_v1")]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(limits::CONNTRACK, 0);
+
+#[map(name = "lb_config_v1")]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
 #[map(name = "lb_stats_v1")]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::pinned(lb_common::counter::COUNT, 0);
@@ -49,4 +56,15 @@ pub fn service(key: &ServiceKey) -> Option<ServiceValue> {
 pub fn backend(id: u32) -> Option<Backend> {
     // SAFETY: as above.
     unsafe { BACKENDS.get(&id).copied() }
+}
+
+#[inline(always)]
+pub fn config() -> Option<Config> {
+    CONFIG.get(0).copied().filter(|c| c.ready != 0)
+}
+
+#[inline(always)]
+pub fn conntrack(key: &CtKey) -> Option<CtEntry> {
+    // SAFETY: as above.
+    unsafe { CONNTRACK.get(key).copied() }
 }

@@ -1,74 +1,345 @@
-//! North-south path on the node's devices. For now: parse Ethernet/IPv4/TCP/UDP, look the
-//! destination up among the external frontends and pass every frame, counting why.
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{counter, proto, scope, ServiceKey};
+//! North-south path on the node's devices: NodePorts, LoadBalancer ingress IPs and external IPs.
+//!
+//! parse → conntrack → frontend lookup → backend choice → SNAT port (remote backends) →
+//! conntrack entries for both directions → DNAT/SNAT with checksums → forward (FIB + XDP_TX or
+//! redirect; XDP_PASS for local backends or unknown routes) → counters.
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST},
+    helpers::{bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_boot_ns, bpf_redirect},
+    programs::XdpContext,
+    EbpfContext,
+};
+use lb_common::{counter, ct_flags, limits, proto, scope, CtEntry, CtKey, ServiceKey};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
-use crate::{maps, parse::ptr_at};
+use crate::{
+    csum,
+    maps::{self, CONNTRACK},
+    parse::ptr_at,
+};
 
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 /// More-fragments flag and fragment offset bits of the IPv4 `frags` field (host order).
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
+const AF_INET: u8 = 2;
+/// Offsets of the checksum field inside the TCP and UDP headers.
+const TCP_CHECK_OFF: usize = 16;
+const UDP_CHECK_OFF: usize = 6;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+
+/// A parsed TCP/UDP over IPv4 packet.
+struct Packet {
+    l4_off: usize,
+    proto: u8,
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+    /// A TCP SYN without ACK: the start of a new connection.
+    syn_only: bool,
+}
 
 pub fn process(ctx: &XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     maps::count(counter::XDP_RX, len);
-    let reason = classify(ctx);
-    maps::count(reason, len);
-    xdp_action::XDP_PASS
+    match parse(ctx) {
+        Ok(p) => handle(ctx, &p, len),
+        Err(reason) => {
+            maps::count(reason, len);
+            xdp_action::XDP_PASS
+        }
+    }
 }
 
-/// Parses the frame and returns the counter that says why it is passed.
+/// Parses the frame; the error is the counter that says why it is passed untouched.
 #[inline(always)]
-fn classify(ctx: &XdpContext) -> u32 {
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return counter::XDP_TRUNCATED_ETH };
+fn parse(ctx: &XdpContext) -> Result<Packet, u32> {
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(counter::XDP_TRUNCATED_ETH)?;
     // SAFETY: bounds checked by ptr_at.
     if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
-        return counter::XDP_NON_IPV4;
+        return Err(counter::XDP_NON_IPV4);
     }
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else { return counter::XDP_TRUNCATED_IPV4 };
+    let ip = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN).ok_or(counter::XDP_TRUNCATED_IPV4)?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &*ip };
     let ihl = (ip.vihl & 0x0f) as usize;
     if ip.vihl >> 4 != 4 || ihl < 5 {
-        return counter::XDP_BAD_IPV4;
+        return Err(counter::XDP_BAD_IPV4);
     }
     let hdr_len = ihl * 4;
     if hdr_len > Ipv4Hdr::LEN {
         if ptr_at::<u8>(ctx, EthHdr::LEN + hdr_len - 1).is_none() {
-            return counter::XDP_TRUNCATED_IPV4;
+            return Err(counter::XDP_TRUNCATED_IPV4);
         }
         maps::count(counter::XDP_IPV4_OPTIONS, 0);
     }
     let frags = u16::from_be_bytes(ip.frags);
     if frags & (IP_MF | IP_OFFSET) != 0 {
-        return counter::XDP_FRAGMENT;
+        return Err(counter::XDP_FRAGMENT);
     }
-    let l4 = EthHdr::LEN + hdr_len;
-    let dport_be = match ip.proto {
-        proto::TCP => match ptr_at::<TcpHdr>(ctx, l4) {
+    let l4_off = EthHdr::LEN + hdr_len;
+    let (sport, dport, syn_only) = match ip.proto {
+        proto::TCP => {
+            let tcp = ptr_at::<TcpHdr>(ctx, l4_off).ok_or(counter::XDP_TRUNCATED_L4)?;
+            // SAFETY: bounds checked by ptr_at; byte 13 of the TCP header holds the flags.
+            let (s, d, flags) = unsafe {
+                ((*tcp).source, (*tcp).dest, *((tcp as *const u8).add(13)))
+            };
+            let syn_only = flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+            (u16::from_ne_bytes(s), u16::from_ne_bytes(d), syn_only)
+        }
+        proto::UDP => {
+            let udp = ptr_at::<UdpHdr>(ctx, l4_off).ok_or(counter::XDP_TRUNCATED_L4)?;
             // SAFETY: bounds checked by ptr_at.
-            Some(tcp) => u16::from_ne_bytes(unsafe { (*tcp).dest }),
-            None => return counter::XDP_TRUNCATED_L4,
-        },
-        proto::UDP => match ptr_at::<UdpHdr>(ctx, l4) {
-            // SAFETY: bounds checked by ptr_at.
-            Some(udp) => u16::from_ne_bytes(unsafe { (*udp).dst }),
-            None => return counter::XDP_TRUNCATED_L4,
-        },
-        _ => return counter::XDP_NOT_TCP_UDP,
+            let (s, d) = unsafe { ((*udp).src, (*udp).dst) };
+            (u16::from_ne_bytes(s), u16::from_ne_bytes(d), false)
+        }
+        _ => return Err(counter::XDP_NOT_TCP_UDP),
     };
-    let key = ServiceKey {
-        addr_be: u32::from_ne_bytes(ip.dst_addr),
-        port_be: dport_be,
+    Ok(Packet {
+        l4_off,
         proto: ip.proto,
+        saddr: u32::from_ne_bytes(ip.src_addr),
+        daddr: u32::from_ne_bytes(ip.dst_addr),
+        sport,
+        dport,
+        syn_only,
+    })
+}
+
+#[inline(always)]
+fn now_s() -> u32 {
+    // SAFETY: helper without preconditions.
+    (unsafe { bpf_ktime_get_boot_ns() } / 1_000_000_000) as u32
+}
+
+fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
+    let key = CtKey {
+        saddr_be: p.saddr,
+        daddr_be: p.daddr,
+        sport_be: p.sport,
+        dport_be: p.dport,
+        proto: p.proto,
+        _pad: [0; 3],
+    };
+    if let Some(e) = maps::conntrack(&key) {
+        let reply = e.flags & ct_flags::REPLY != 0;
+        // A fresh SYN on an old tuple starts a new connection: choose again.
+        if reply || !p.syn_only {
+            if let Some(v) = CONNTRACK.get_ptr_mut(&key) {
+                // SAFETY: the LRU value stays valid for the program's run.
+                unsafe { (*v).last_seen_s = now_s() };
+            }
+            if rewrite(ctx, p, &e).is_err() {
+                return xdp_action::XDP_PASS;
+            }
+            maps::count(if reply { counter::XDP_REPLY } else { counter::XDP_ESTABLISHED }, len);
+            return forward(ctx, !reply && e.flags & ct_flags::LOCAL_BACKEND != 0);
+        }
+    }
+    let skey = ServiceKey {
+        addr_be: p.daddr,
+        port_be: p.dport,
+        proto: p.proto,
         scope: scope::EXTERNAL,
         slot: 0,
         _pad: 0,
     };
-    match maps::service(&key) {
-        Some(_) => counter::XDP_FRONTEND_PASS,
-        None => counter::XDP_NO_FRONTEND,
+    let Some(master) = maps::service(&skey) else {
+        maps::count(counter::XDP_NO_FRONTEND, len);
+        return xdp_action::XDP_PASS;
+    };
+    if master.count == 0 {
+        maps::count(counter::XDP_DROP_NO_BACKEND, len);
+        return xdp_action::XDP_DROP;
+    }
+    let Some(cfg) = maps::config() else {
+        maps::count(counter::XDP_NO_CONFIG, len);
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: helper without preconditions.
+    let r = unsafe { bpf_get_prandom_u32() };
+    let mut bkey = skey;
+    bkey.slot = (r % master.count as u32) as u16 + 1;
+    let Some(backend_id) = maps::service(&bkey).map(|v| v.backend_id) else {
+        maps::count(counter::XDP_DROP_BACKEND_MISSING, len);
+        return xdp_action::XDP_DROP;
+    };
+    let Some(be) = maps::backend(backend_id) else {
+        maps::count(counter::XDP_DROP_BACKEND_MISSING, len);
+        return xdp_action::XDP_DROP;
+    };
+    let local = be.flags & lb_common::backend_flags::LOCAL != 0;
+    // Remote backends see the node as the source (externalTrafficPolicy Cluster); local ones
+    // see the client, and answer it through this node, where tc egress translates back.
+    let mut flags = 0;
+    if local {
+        flags |= ct_flags::LOCAL_BACKEND;
+    } else {
+        flags |= ct_flags::SNAT;
+    }
+    let now = now_s();
+    let mut rkey = CtKey {
+        saddr_be: be.addr_be,
+        daddr_be: if local { p.saddr } else { cfg.node_addr_be },
+        sport_be: be.port_be,
+        dport_be: p.sport,
+        proto: p.proto,
+        _pad: [0; 3],
+    };
+    let rentry = CtEntry {
+        nat_saddr_be: p.daddr,
+        nat_daddr_be: p.saddr,
+        nat_sport_be: p.dport,
+        nat_dport_be: p.sport,
+        rev_nat_id: master.rev_nat_id,
+        backend_id,
+        last_seen_s: now,
+        flags: flags | ct_flags::REPLY,
+        _pad: 0,
+    };
+    if local {
+        if CONNTRACK.insert(&rkey, &rentry, 0).is_err() {
+            maps::count(counter::XDP_DROP_CT_FULL, len);
+            return xdp_action::XDP_DROP;
+        }
+    } else {
+        let min = cfg.snat_port_min as u32;
+        let range = (cfg.snat_port_max as u32).wrapping_sub(min).wrapping_add(1);
+        if cfg.snat_port_max < cfg.snat_port_min || range == 0 {
+            maps::count(counter::XDP_DROP_SNAT_EXHAUSTED, len);
+            return xdp_action::XDP_DROP;
+        }
+        let start = r >> 8;
+        let mut found = false;
+        for i in 0..limits::SNAT_TRIES {
+            let port = (min + (start.wrapping_add(i.wrapping_mul(4099)) % range)) as u16;
+            rkey.dport_be = port.to_be();
+            if CONNTRACK.insert(&rkey, &rentry, BPF_NOEXIST as u64).is_ok() {
+                found = true;
+                break;
+            }
+            maps::count(counter::XDP_SNAT_COLLISION, 0);
+        }
+        if !found {
+            maps::count(counter::XDP_DROP_SNAT_EXHAUSTED, len);
+            return xdp_action::XDP_DROP;
+        }
+    }
+    let fentry = CtEntry {
+        nat_saddr_be: rkey.daddr_be,
+        nat_daddr_be: be.addr_be,
+        nat_sport_be: rkey.dport_be,
+        nat_dport_be: be.port_be,
+        rev_nat_id: master.rev_nat_id,
+        backend_id,
+        last_seen_s: now,
+        flags,
+        _pad: 0,
+    };
+    if CONNTRACK.insert(&key, &fentry, 0).is_err() {
+        let _ = CONNTRACK.remove(&rkey);
+        maps::count(counter::XDP_DROP_CT_FULL, len);
+        return xdp_action::XDP_DROP;
+    }
+    if rewrite(ctx, p, &fentry).is_err() {
+        return xdp_action::XDP_PASS;
+    }
+    maps::count(counter::XDP_NEW_FLOW, len);
+    forward(ctx, local)
+}
+
+/// Writes the entry's addresses and ports into the packet, updating the IPv4 and L4 checksums.
+#[inline(always)]
+fn rewrite(ctx: &XdpContext, p: &Packet, e: &CtEntry) -> Result<(), ()> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN).ok_or(())?;
+    let check_off = p.l4_off + if p.proto == proto::TCP { TCP_CHECK_OFF } else { UDP_CHECK_OFF };
+    let l4check = ptr_at::<[u8; 2]>(ctx, check_off).ok_or(())?;
+    let ports = ptr_at::<[u8; 4]>(ctx, p.l4_off).ok_or(())?;
+    // SAFETY: every pointer was bounds checked above.
+    unsafe {
+        let mut ipc = u16::from_ne_bytes((*ip).check);
+        ipc = csum::replace4(ipc, p.saddr, e.nat_saddr_be);
+        ipc = csum::replace4(ipc, p.daddr, e.nat_daddr_be);
+        (*ip).check = ipc.to_ne_bytes();
+        (*ip).src_addr = e.nat_saddr_be.to_ne_bytes();
+        (*ip).dst_addr = e.nat_daddr_be.to_ne_bytes();
+
+        let old = u16::from_ne_bytes(*l4check);
+        // A UDP checksum of 0 means "none": leave it so.
+        if !(p.proto == proto::UDP && old == 0) {
+            let mut c = csum::replace4(old, p.saddr, e.nat_saddr_be);
+            c = csum::replace4(c, p.daddr, e.nat_daddr_be);
+            c = csum::replace2(c, p.sport, e.nat_sport_be);
+            c = csum::replace2(c, p.dport, e.nat_dport_be);
+            if p.proto == proto::UDP && c == 0 {
+                c = 0xffff;
+            }
+            *l4check = c.to_ne_bytes();
+        }
+        let sp = e.nat_sport_be.to_ne_bytes();
+        let dp = e.nat_dport_be.to_ne_bytes();
+        *ports = [sp[0], sp[1], dp[0], dp[1]];
+    }
+    Ok(())
+}
+
+/// Sends a translated packet on: to the stack for local backends, else by FIB lookup out of a
+/// device (XDP_TX when it is the receiving one), else to the stack.
+#[inline(always)]
+fn forward(ctx: &XdpContext, to_local_backend: bool) -> u32 {
+    if to_local_backend {
+        maps::count(counter::XDP_TRANSLATED_PASS, 0);
+        return xdp_action::XDP_PASS;
+    }
+    let (Some(eth), Some(ip)) = (ptr_at::<EthHdr>(ctx, 0), ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN))
+    else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: zeroed plain-data struct.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    // SAFETY: bounds checked pointers.
+    let ttl = unsafe {
+        fib.family = AF_INET;
+        fib.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).tot_len);
+        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).src_addr);
+        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).dst_addr);
+        fib.l4_protocol = (*ip).proto;
+        (*ip).ttl
+    };
+    if ttl <= 1 {
+        maps::count(counter::XDP_TRANSLATED_PASS, 0);
+        return xdp_action::XDP_PASS; // let the stack answer with Time Exceeded
+    }
+    // SAFETY: XDP context, 64-byte ingress_ifindex read.
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    fib.ifindex = ingress;
+    // SAFETY: valid context and params.
+    let rc = unsafe {
+        bpf_fib_lookup(ctx.as_ptr(), &mut fib, core::mem::size_of::<FibParams>() as i32, 0)
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        maps::count(counter::XDP_TRANSLATED_PASS, 0);
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: bounds checked pointers; TTL and protocol share one 16-bit checksum word.
+    unsafe {
+        let word = ip as *mut u8;
+        let old = u16::from_ne_bytes([*word.add(8), *word.add(9)]);
+        (*ip).ttl = ttl - 1;
+        let new = u16::from_ne_bytes([*word.add(8), *word.add(9)]);
+        (*ip).check = csum::replace2(u16::from_ne_bytes((*ip).check), old, new).to_ne_bytes();
+        (*eth).dst_addr = fib.dmac;
+        (*eth).src_addr = fib.smac;
+    }
+    if fib.ifindex == ingress {
+        maps::count(counter::XDP_TX, 0);
+        xdp_action::XDP_TX
+    } else {
+        maps::count(counter::XDP_REDIRECT, 0);
+        // SAFETY: helper without preconditions.
+        unsafe { bpf_redirect(fib.ifindex, 0) as u32 }
     }
 }

@@ -19,7 +19,7 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use aya::programs::{
     links::{FdLink, PinnedLink},
-    CgroupAttachMode, CgroupSockAddr, Xdp, XdpMode,
+    CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
 };
 use lb_common::program_name;
 
@@ -59,6 +59,8 @@ pub struct RunConfig {
     pub bpffs: PathBuf,
     pub devices: Vec<String>,
     pub poll_interval: Duration,
+    /// SNAT port range (inclusive) for externalTrafficPolicy Cluster flows to remote backends.
+    pub snat_ports: (u16, u16),
 }
 
 fn statfs_magic(path: &Path) -> std::io::Result<i64> {
@@ -167,13 +169,41 @@ pub fn attach_cgroup(ebpf: &mut aya::Ebpf, cgroup: &Path, bpffs: &Path) -> Resul
         let link: FdLink = p.take_link(id)?.try_into()?;
         let pin = bpffs.join("links").join(hook);
         // bpffs refuses names containing a dot.
-        let tmp = bpffs.join("links").join(format!("{hook}_new"));
-        let _ = fs::remove_file(&tmp);
-        link.pin(&tmp).with_context(|| format!("pinning {}", tmp.display()))?;
-        // Atomically replaces (and so detaches) a link pinned by an earlier agent.
-        fs::rename(&tmp, &pin).with_context(|| format!("renaming {} to {}", tmp.display(), pin.display()))?;
+        pin_replacing(link, &pin)?;
     }
     Ok(())
+}
+
+/// Pins `link` at `pin`, replacing (and so detaching) a link pinned there by an earlier agent
+/// only once the new one is in place.
+fn pin_replacing(link: FdLink, pin: &Path) -> Result<()> {
+    // bpffs refuses names containing a dot.
+    let name = pin.file_name().and_then(|n| n.to_str()).unwrap_or("link");
+    let tmp = pin.with_file_name(format!("{name}_new"));
+    let _ = fs::remove_file(&tmp);
+    link.pin(&tmp).with_context(|| format!("pinning {}", tmp.display()))?;
+    fs::rename(&tmp, pin).with_context(|| format!("renaming {} to {}", tmp.display(), pin.display()))?;
+    Ok(())
+}
+
+/// Attaches the tc egress program (reverse translation of local backends' replies) to `device`
+/// through a TCX link.
+pub fn attach_tc_egress(ebpf: &mut aya::Ebpf, device: &str, bpffs: &Path) -> Result<()> {
+    let p: &mut SchedClassifier = ebpf
+        .program_mut(program_name::TC_EGRESS)
+        .ok_or_else(|| anyhow!("program {} missing from the object", program_name::TC_EGRESS))?
+        .try_into()?;
+    if p.fd().is_err() {
+        p.load().context("loading the tc egress program (verifier)")?;
+    }
+    let id = p
+        .attach(device, TcAttachType::Egress)
+        .with_context(|| format!("attaching tc egress to {device}"))?;
+    let link: FdLink = p
+        .take_link(id)?
+        .try_into()
+        .map_err(|_| anyhow!("tc on {device} is not a TCX link (kernel older than 6.6)"))?;
+    pin_replacing(link, &bpffs.join("links").join(format!("tc_egress_{device}")))
 }
 
 /// Attaches the XDP program to `device`, atomically replacing the program of a link pinned by an
@@ -218,6 +248,7 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     attach_cgroup(&mut ebpf, &cfg.cgroup, &cfg.bpffs)?;
     for dev in &cfg.devices {
         attach_xdp(&mut ebpf, dev, &cfg.bpffs)?;
+        attach_tc_egress(&mut ebpf, dev, &cfg.bpffs)?;
     }
     let dp = AyaDataplane::from_ebpf(&mut ebpf)?;
     let mut syncer = Syncer::adopt(dp)?;
@@ -240,7 +271,8 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 }
                 let p = plan::plan(&m, &cfg.node);
                 let desired = plan::desired(&p);
-                match syncer.sync(&desired) {
+                let dp_config = datapath_config(&p.node, cfg.snat_ports);
+                match syncer.set_config(&dp_config).and_then(|_| syncer.sync(&desired)) {
                     Ok(st) => log::info!(
                         "sync generation {generation}: {} frontends, {} map writes in {:?}",
                         desired.len(),
@@ -261,6 +293,19 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     }
     log::info!("stopping; programs stay attached through their pinned links (lb-agent uninstall removes them)");
     Ok(())
+}
+
+/// The datapath config for this node: its first address as the SNAT source. Without a Node
+/// object (so without an address) the XDP path stays off (`xdp_no_config`).
+pub fn datapath_config(node: &model::NodeInfo, snat_ports: (u16, u16)) -> lb_common::Config {
+    let addr = node.addresses.first().map(|a| u32::from_ne_bytes(a.octets()));
+    lb_common::Config {
+        node_addr_be: addr.unwrap_or(0),
+        snat_port_min: snat_ports.0,
+        snat_port_max: snat_ports.1,
+        ready: addr.is_some() as u32,
+        _pad: 0,
+    }
 }
 
 /// `lb-agent uninstall`: removes every link (detaching the programs) and map pinned under `bpffs`.

@@ -3,8 +3,8 @@
 use std::{collections::BTreeMap, path::Path};
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, Map, MapData};
-use lb_common::{map_name, Backend, RevNat, ServiceKey, ServiceValue};
+use aya::maps::{Array, HashMap, Map, MapData};
+use lb_common::{map_name, Backend, Config, RevNat, ServiceKey, ServiceValue};
 
 /// Everything the sync reads back to adopt what is already programmed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -12,6 +12,7 @@ pub struct Snapshot {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
     pub rev_nat: BTreeMap<u32, RevNat>,
+    pub config: Config,
 }
 
 pub trait Dataplane {
@@ -21,6 +22,7 @@ pub trait Dataplane {
     fn del_backend(&mut self, id: u32) -> Result<()>;
     fn put_rev_nat(&mut self, id: u32, value: &RevNat) -> Result<()>;
     fn del_rev_nat(&mut self, id: u32) -> Result<()>;
+    fn put_config(&mut self, value: &Config) -> Result<()>;
     /// Reads back every entry (used once, at start, to adopt pinned state).
     fn snapshot(&self) -> Result<Snapshot>;
 }
@@ -69,6 +71,11 @@ impl Dataplane for FakeDataplane {
         self.state.rev_nat.remove(&id);
         Ok(())
     }
+    fn put_config(&mut self, value: &Config) -> Result<()> {
+        self.log.push("put_config".into());
+        self.state.config = *value;
+        Ok(())
+    }
     fn snapshot(&self) -> Result<Snapshot> {
         Ok(self.state.clone())
     }
@@ -79,6 +86,7 @@ pub struct AyaDataplane {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
     rev_nat: HashMap<MapData, u32, RevNat>,
+    config: Array<MapData, Config>,
 }
 
 impl AyaDataplane {
@@ -91,22 +99,24 @@ impl AyaDataplane {
             services: HashMap::try_from(take(map_name::SERVICES)?)?,
             backends: HashMap::try_from(take(map_name::BACKENDS)?)?,
             rev_nat: HashMap::try_from(take(map_name::REV_NAT)?)?,
+            config: Array::try_from(take(map_name::CONFIG)?)?,
         })
     }
 
     /// Opens the maps pinned under `dir` (as `lbctl` does).
     pub fn from_pins(dir: &Path) -> Result<Self> {
-        let open = |name: &str| -> Result<Map> {
+        let open_data = |name: &str| -> Result<MapData> {
             let p = dir.join(name);
-            let data = MapData::from_pin(&p).with_context(|| {
+            MapData::from_pin(&p).with_context(|| {
                 format!("cannot open pinned map {} (is the agent's --bpffs right, and of this version?)", p.display())
-            })?;
-            Ok(Map::HashMap(data))
+            })
         };
+        let open = |name: &str| -> Result<Map> { Ok(Map::HashMap(open_data(name)?)) };
         Ok(Self {
             services: HashMap::try_from(open(map_name::SERVICES)?)?,
             backends: HashMap::try_from(open(map_name::BACKENDS)?)?,
             rev_nat: HashMap::try_from(open(map_name::REV_NAT)?)?,
+            config: Array::try_from(Map::Array(open_data(map_name::CONFIG)?))?,
         })
     }
 }
@@ -130,8 +140,11 @@ impl Dataplane for AyaDataplane {
     fn del_rev_nat(&mut self, id: u32) -> Result<()> {
         Ok(self.rev_nat.remove(&id)?)
     }
+    fn put_config(&mut self, value: &Config) -> Result<()> {
+        Ok(self.config.set(0, value, 0)?)
+    }
     fn snapshot(&self) -> Result<Snapshot> {
-        let mut s = Snapshot::default();
+        let mut s = Snapshot { config: self.config.get(&0, 0)?, ..Default::default() };
         for kv in self.services.iter() {
             let (k, v) = kv?;
             s.services.insert(k, v);

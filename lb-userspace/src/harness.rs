@@ -9,10 +9,10 @@ use std::{
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
-    maps::{MapData, PerCpuArray},
+    maps::{HashMap, MapData, PerCpuArray},
     programs::{TestRun, TestRunOptions, Xdp},
 };
-use lb_common::{map_name, program_name, Counter};
+use lb_common::{map_name, program_name, Config, Counter, CtEntry, CtKey};
 
 use crate::{dataplane::AyaDataplane, inspect, plan::Desired, sync::Syncer};
 
@@ -56,6 +56,27 @@ impl XdpHarness {
     /// Programs the maps through the real sync code.
     pub fn program(&mut self, desired: &Desired) -> Result<u64> {
         Ok(self.syncer.sync(desired)?.writes)
+    }
+
+    /// Writes the datapath config through the real sync code.
+    pub fn set_config(&mut self, config: &Config) -> Result<()> {
+        self.syncer.set_config(config)?;
+        Ok(())
+    }
+
+    /// Every conntrack entry.
+    pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
+        let map = self.ebpf.map(map_name::CONNTRACK).ok_or_else(|| anyhow!("no conntrack map"))?;
+        let ct: HashMap<&MapData, CtKey, CtEntry> = HashMap::try_from(map)?;
+        Ok(ct.iter().collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Inserts a conntrack entry (to stage collisions).
+    pub fn conntrack_insert(&mut self, key: &CtKey, entry: &CtEntry) -> Result<()> {
+        let map = self.ebpf.map_mut(map_name::CONNTRACK).ok_or_else(|| anyhow!("no conntrack map"))?;
+        let mut ct: HashMap<&mut MapData, CtKey, CtEntry> = HashMap::try_from(map)?;
+        ct.insert(key, entry, 0)?;
+        Ok(())
     }
 
     /// Runs the XDP program once on `frame`.

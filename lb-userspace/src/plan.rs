@@ -262,8 +262,12 @@ fn kind_flag(kind: FrontendKind) -> u16 {
     }
 }
 
-/// Turns a plan into map contents. The socket-level path (internal scope) serves ClusterIPs;
-/// the external scope is what the XDP program on the devices looks up.
+/// Turns a plan into map contents.
+/// - Internal scope (socket-level path, traffic from this node's pods and processes): ClusterIPs
+///   use the internal endpoint set (internalTrafficPolicy); NodePorts, LoadBalancer IPs and
+///   external IPs reached from inside use the cluster endpoints, as kube-proxy short-circuits them.
+/// - External scope (XDP on the devices): NodePorts, LoadBalancer IPs and external IPs use the
+///   external endpoint set (externalTrafficPolicy).
 pub fn desired(plan: &Plan) -> Desired {
     let mut out = Desired::new();
     for sp in &plan.services {
@@ -286,19 +290,24 @@ pub fn desired(plan: &Plan) -> Desired {
                 })
                 .collect::<Vec<_>>()
         };
+        let from_inside = sp
+            .cluster_endpoints
+            .as_deref()
+            .or(sp.local_endpoints.as_deref())
+            .unwrap_or(&[]);
         for fe in &sp.frontends {
-            if fe.kind != FrontendKind::ClusterIP {
-                continue; // north-south frontends are programmed by the XDP path's issue
+            let entry = |eps: &[PlannedEndpoint]| DesiredFrontend {
+                flags: flags | kind_flag(fe.kind),
+                affinity_timeout_s: sp.session_affinity_timeout_seconds.unwrap_or(0),
+                backends: backends(eps),
+            };
+            let key = |scope| FrontendKey { addr: fe.address, proto, scope };
+            if fe.kind == FrontendKind::ClusterIP {
+                out.insert(key(lb_common::scope::INTERNAL), entry(sp.internal_endpoints()));
+            } else {
+                out.insert(key(lb_common::scope::INTERNAL), entry(from_inside));
+                out.insert(key(lb_common::scope::EXTERNAL), entry(sp.external_endpoints()));
             }
-            let key = FrontendKey { addr: fe.address, proto, scope: lb_common::scope::INTERNAL };
-            out.insert(
-                key,
-                DesiredFrontend {
-                    flags: flags | kind_flag(fe.kind),
-                    affinity_timeout_s: sp.session_affinity_timeout_seconds.unwrap_or(0),
-                    backends: backends(sp.internal_endpoints()),
-                },
-            );
         }
     }
     out

@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::Result;
-use lb_common::{Backend, RevNat, ServiceKey, ServiceValue};
+use lb_common::{Backend, Config, RevNat, ServiceKey, ServiceValue};
 
 use crate::{
     dataplane::{Dataplane, Snapshot},
@@ -74,6 +74,7 @@ pub struct Syncer<D: Dataplane> {
     stray_services: Vec<ServiceKey>,
     stray_backends: Vec<u32>,
     stray_rev_nat: Vec<u32>,
+    config: Config,
     /// Total map writes since start.
     pub total_writes: u64,
 }
@@ -112,6 +113,7 @@ impl<D: Dataplane> Syncer<D> {
             stray_services: Vec::new(),
             stray_backends: Vec::new(),
             stray_rev_nat: Vec::new(),
+            config: snap.config,
             total_writes: 0,
         };
         s.load(snap);
@@ -176,6 +178,16 @@ impl<D: Dataplane> Syncer<D> {
             let addr = rev_by_id[&p.rev_nat_id];
             self.rev_nat.get_mut(&addr).expect("loaded above").1 += 1;
         }
+    }
+
+    /// Writes the datapath config (node address, SNAT ports) when it changed.
+    pub fn set_config(&mut self, config: &Config) -> Result<u64> {
+        if self.config == *config {
+            return Ok(0);
+        }
+        self.write(|dp| dp.put_config(config))?;
+        self.config = *config;
+        Ok(1)
     }
 
     pub fn dataplane(&self) -> &D {

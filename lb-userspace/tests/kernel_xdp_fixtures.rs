@@ -187,9 +187,10 @@ fn kernel_xdp_scopes_are_separate() {
     // A ClusterIP frontend is internal (socket-level): XDP does not see it as a frontend.
     h.program(&d(lb_common::scope::INTERNAL)).unwrap();
     check(&h, "internal frontend", &tcp_frame([10, 96, 0, 10], 80), &["xdp_no_frontend"]);
-    // An external frontend is found by XDP; translation is not enabled yet, so it passes.
+    // An external frontend is found by XDP; before the agent wrote the datapath config (node
+    // address, SNAT ports) it is passed untranslated.
     h.program(&d(lb_common::scope::EXTERNAL)).unwrap();
-    check(&h, "external frontend", &tcp_frame([10, 96, 0, 10], 80), &["xdp_frontend_pass"]);
+    check(&h, "external frontend, no config", &tcp_frame([10, 96, 0, 10], 80), &["xdp_no_config"]);
     // A different protocol on the same address and port is another frontend.
     check(&h, "udp same port", &udp_frame([10, 96, 0, 10], 80, b"x"), &["xdp_no_frontend"]);
 }

@@ -37,6 +37,9 @@ enum Command {
         /// How often the manifests are checked for changes, in milliseconds.
         #[arg(long, default_value_t = 200)]
         poll_interval_ms: u64,
+        /// Source ports (MIN-MAX) for flows translated to the node's address.
+        #[arg(long, default_value = "61000-65535", value_parser = parse_range)]
+        snat_ports: (u16, u16),
     },
     /// Print the plan (endpoint sets per Service port) for a node as JSON.
     Render {
@@ -56,7 +59,7 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { node, manifests, cgroup, bpffs, devices, poll_interval_ms } => {
+        Command::Run { node, manifests, cgroup, bpffs, devices, poll_interval_ms, snat_ports } => {
             let stop = Arc::new(AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
                 signal_hook::flag::register(sig, stop.clone()).expect("signal handler");
@@ -68,6 +71,7 @@ fn main() {
                 bpffs,
                 devices,
                 poll_interval: Duration::from_millis(poll_interval_ms.max(10)),
+                snat_ports,
             };
             agent::run(&cfg, stop)
         }
@@ -81,6 +85,16 @@ fn main() {
     if let Err(e) = result {
         std::process::exit(report_error("lb-agent", &e));
     }
+}
+
+fn parse_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').ok_or("expected MIN-MAX, e.g. 61000-65535")?;
+    let a: u16 = a.trim().parse().map_err(|_| format!("{a:?} is not a port"))?;
+    let b: u16 = b.trim().parse().map_err(|_| format!("{b:?} is not a port"))?;
+    if a == 0 || a > b {
+        return Err(format!("{s}: need 1 <= MIN <= MAX <= 65535"));
+    }
+    Ok((a, b))
 }
 
 fn render(manifests: &std::path::Path, node: &str) -> anyhow::Result<()> {
