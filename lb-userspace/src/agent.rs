@@ -253,6 +253,7 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let dp = AyaDataplane::from_ebpf(&mut ebpf)?;
     let mut syncer = Syncer::adopt(dp)?;
     let mut source = ManifestsSource::new(&cfg.manifests);
+    let mut health = crate::health::HealthServers::new();
     log::info!(
         "attached to cgroup {} and devices {:?}; maps pinned under {}",
         cfg.cgroup.display(),
@@ -272,7 +273,12 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 let p = plan::plan(&m, &cfg.node);
                 let desired = plan::desired(&p);
                 let dp_config = datapath_config(&p.node, cfg.snat_ports);
-                match syncer.set_config(&dp_config).and_then(|_| syncer.sync(&desired)) {
+                let synced = syncer.set_config(&dp_config).and_then(|_| syncer.sync(&desired));
+                health.proxy_healthy.store(synced.is_ok(), Ordering::Relaxed);
+                for (port, err) in health.update(&crate::health::desired(&m, &cfg.node), &p.node.addresses) {
+                    log::error!("healthCheckNodePort {port}: cannot listen: {err}");
+                }
+                match synced {
                     Ok(st) => log::info!(
                         "sync generation {generation}: {} frontends, {} map writes in {:?}",
                         desired.len(),

@@ -1,0 +1,285 @@
+//! The `healthCheckNodePort` servers: one per LoadBalancer Service with
+//! `externalTrafficPolicy: Local`, on this node's addresses, answering any path as kube-proxy
+//! does: 200 when the node has at least one ready local endpoint of the Service (and the proxy is
+//! healthy), else 503, with kube-proxy's JSON body and headers. Ports open and close as Services
+//! come and go.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, RwLock,
+    },
+    thread,
+    time::Duration,
+};
+
+use crate::model::{Model, TrafficPolicy};
+
+/// What one health port reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthEntry {
+    pub namespace: String,
+    pub name: String,
+    /// Distinct IPs of this node's ready endpoints, over all ports of the Service.
+    pub local_endpoints: usize,
+}
+
+/// The health ports a model asks for on `node`.
+pub fn desired(model: &Model, node: &str) -> BTreeMap<u16, HealthEntry> {
+    let mut out = BTreeMap::new();
+    for s in &model.services {
+        let Some(port) = s.health_check_node_port else { continue };
+        if s.external_traffic_policy != Some(TrafficPolicy::Local) {
+            continue;
+        }
+        let ips: BTreeSet<Ipv4Addr> = s
+            .endpoints
+            .values()
+            .flatten()
+            .filter(|e| e.ready && e.node_name.as_deref() == Some(node))
+            .map(|e| e.addr)
+            .collect();
+        out.insert(
+            port,
+            HealthEntry { namespace: s.namespace.clone(), name: s.name.clone(), local_endpoints: ips.len() },
+        );
+    }
+    out
+}
+
+/// The HTTP response for `entry` (status line, headers, body).
+pub fn response(entry: &HealthEntry, proxy_healthy: bool) -> String {
+    let n = entry.local_endpoints;
+    let status = if n > 0 && proxy_healthy { "200 OK" } else { "503 Service Unavailable" };
+    let body = serde_json::json!({
+        "service": {"namespace": entry.namespace, "name": entry.name},
+        "localEndpoints": n,
+        "serviceProxyHealthy": proxy_healthy,
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nX-Load-Balancing-Endpoint-Weight: {n}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+struct Listener {
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+/// The running health servers.
+pub struct HealthServers {
+    entries: Arc<RwLock<BTreeMap<u16, HealthEntry>>>,
+    listeners: BTreeMap<u16, Listener>,
+    /// Whether the proxy itself is healthy (its last sync succeeded).
+    pub proxy_healthy: Arc<AtomicBool>,
+}
+
+impl Default for HealthServers {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HealthServers {
+    pub fn new() -> Self {
+        Self {
+            entries: Default::default(),
+            listeners: BTreeMap::new(),
+            proxy_healthy: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// Opens the ports of `want` that are not open yet on `addresses` (all addresses when empty),
+    /// closes the ports no longer wanted, and updates what every port reports. Returns the ports
+    /// that could not be opened, with the reason, so one taken port does not stop the others.
+    pub fn update(
+        &mut self,
+        want: &BTreeMap<u16, HealthEntry>,
+        addresses: &[Ipv4Addr],
+    ) -> Vec<(u16, String)> {
+        *self.entries.write().expect("health entries lock") = want.clone();
+        let gone: Vec<u16> = self.listeners.keys().filter(|p| !want.contains_key(p)).copied().collect();
+        for port in gone {
+            if let Some(l) = self.listeners.remove(&port) {
+                l.stop.store(true, Ordering::Relaxed);
+                for t in l.threads {
+                    let _ = t.join();
+                }
+            }
+        }
+        let mut failed = Vec::new();
+        for port in want.keys() {
+            if self.listeners.contains_key(port) {
+                continue;
+            }
+            match self.open(*port, addresses) {
+                Ok(l) => {
+                    self.listeners.insert(*port, l);
+                }
+                Err(e) => failed.push((*port, e)),
+            }
+        }
+        failed
+    }
+
+    fn open(&self, port: u16, addresses: &[Ipv4Addr]) -> Result<Listener, String> {
+        let addrs: Vec<IpAddr> = if addresses.is_empty() {
+            vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)]
+        } else {
+            addresses.iter().map(|a| IpAddr::V4(*a)).collect()
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut sockets = Vec::new();
+        for a in addrs {
+            let l = TcpListener::bind(SocketAddr::new(a, port)).map_err(|e| format!("{a}:{port}: {e}"))?;
+            l.set_nonblocking(true).map_err(|e| e.to_string())?;
+            sockets.push(l);
+        }
+        let threads = sockets
+            .into_iter()
+            .map(|l| {
+                let stop = stop.clone();
+                let entries = self.entries.clone();
+                let healthy = self.proxy_healthy.clone();
+                thread::spawn(move || serve(l, port, stop, entries, healthy))
+            })
+            .collect();
+        Ok(Listener { stop, threads })
+    }
+
+    /// The ports currently open.
+    pub fn ports(&self) -> Vec<u16> {
+        self.listeners.keys().copied().collect()
+    }
+}
+
+impl Drop for HealthServers {
+    fn drop(&mut self) {
+        let _ = self.update(&BTreeMap::new(), &[]);
+    }
+}
+
+fn serve(
+    listener: TcpListener,
+    port: u16,
+    stop: Arc<AtomicBool>,
+    entries: Arc<RwLock<BTreeMap<u16, HealthEntry>>>,
+    healthy: Arc<AtomicBool>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                let entry = entries.read().expect("health entries lock").get(&port).cloned();
+                if let Some(entry) = entry {
+                    let _ = answer(conn, &entry, healthy.load(Ordering::Relaxed));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Reads the request head (any method, any path) and writes the answer.
+fn answer(mut conn: TcpStream, entry: &HealthEntry, healthy: bool) -> std::io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = [0u8; 4096];
+    let mut seen = Vec::new();
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") && seen.len() < 16 * 1024 {
+        let n = conn.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    conn.write_all(response(entry, healthy).as_bytes())?;
+    conn.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(port: u16, path: &str) -> std::io::Result<String> {
+        let mut c = TcpStream::connect(("127.0.0.1", port))?;
+        write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        let mut s = String::new();
+        c.read_to_string(&mut s)?;
+        Ok(s)
+    }
+
+    fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    #[test]
+    fn answers_like_kube_proxy_and_follows_changes() {
+        let port = free_port();
+        let lo = [Ipv4Addr::LOCALHOST];
+        let mut hs = HealthServers::new();
+        let entry = |n| HealthEntry { namespace: "prod".into(), name: "web".into(), local_endpoints: n };
+        assert!(hs.update(&[(port, entry(2))].into(), &lo).is_empty());
+        let r = get(port, "/any/path").unwrap();
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(r.contains("\r\nContent-Type: application/json\r\n"));
+        assert!(r.contains("\r\nX-Content-Type-Options: nosniff\r\n"));
+        assert!(r.contains("\r\nX-Load-Balancing-Endpoint-Weight: 2\r\n"));
+        let body: serde_json::Value = serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"service": {"namespace": "prod", "name": "web"}, "localEndpoints": 2, "serviceProxyHealthy": true})
+        );
+        // No local endpoint: 503.
+        hs.update(&[(port, entry(0))].into(), &lo);
+        let r = get(port, "/").unwrap();
+        assert!(r.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{r}");
+        assert!(r.contains("X-Load-Balancing-Endpoint-Weight: 0\r\n"));
+        // Proxy unhealthy: 503 even with endpoints.
+        hs.update(&[(port, entry(1))].into(), &lo);
+        hs.proxy_healthy.store(false, Ordering::Relaxed);
+        let r = get(port, "/healthz").unwrap();
+        assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+        assert!(r.contains("\"serviceProxyHealthy\":false"));
+        // Service gone: the port closes.
+        hs.update(&BTreeMap::new(), &lo);
+        assert_eq!(get(port, "/").unwrap_err().kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+
+    #[test]
+    fn a_taken_port_is_reported_and_others_still_open() {
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy = taken.local_addr().unwrap().port();
+        let free = free_port();
+        let e = HealthEntry { namespace: "a".into(), name: "b".into(), local_endpoints: 1 };
+        let mut hs = HealthServers::new();
+        let failed = hs.update(&[(busy, e.clone()), (free, e)].into(), &[Ipv4Addr::LOCALHOST]);
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].0, busy);
+        assert!(get(free, "/").unwrap().starts_with("HTTP/1.1 200"));
+    }
+
+    #[test]
+    fn counts_distinct_ready_local_ips_over_all_ports() {
+        let objects = crate::source::read_manifests(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/golden/seed.yaml"
+        )))
+        .unwrap();
+        let m = crate::model::build(&objects, "node-b");
+        let d = desired(&m, "node-b");
+        // web-preserve-source-ip: 10.244.2.5 and .6 serve both http and https: 2, not 4.
+        assert_eq!(d[&32000].local_endpoints, 2);
+        assert_eq!(d[&32001].local_endpoints, 1);
+        let m = crate::model::build(&objects, "node-a");
+        let d = desired(&m, "node-a");
+        assert_eq!(d[&32000].local_endpoints, 1);
+        assert_eq!(d[&32001].local_endpoints, 0, "game-server has no pod on node-a");
+    }
+}
