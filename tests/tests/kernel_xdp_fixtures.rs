@@ -17,7 +17,7 @@ const CLIENT: [u8; 4] = [192, 168, 100, 100];
 const NODE: [u8; 4] = [192, 168, 100, 1];
 
 fn harness() -> Option<XdpHarness> {
-    shim_require()?;
+    lb_tests::require_privileges()?;
     Some(XdpHarness::new().expect("loading the XDP program into the kernel"))
 }
 
@@ -194,4 +194,3 @@ fn kernel_xdp_scopes_are_separate() {
     // A different protocol on the same address and port is another frontend.
     check(&h, "udp same port", &udp_frame([10, 96, 0, 10], 80, b"x"), &["xdp_no_frontend"]);
 }
-fn shim_require() -> Option<()> { Some(()) }

@@ -57,6 +57,7 @@ struct Fixture {
 
 impl Fixture {
     fn new(snat: (u16, u16)) -> Option<Self> {
+        lb_tests::require_privileges()?;
         let mut h = XdpHarness::new().expect("loading the XDP program into the kernel");
         h.set_config(&Config {
             node_addr_be: u32::from_ne_bytes(NODE),
