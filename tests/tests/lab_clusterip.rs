@@ -1,0 +1,140 @@
+//! End-to-end ClusterIP load balancing in the reference lab: real agents, real sockets, real
+//! kernels. Socket-level translation for pods on a node (cgroup connect4/sendmsg4/recvmsg4/
+//! getpeername4), from deploy/examples/lab.yaml.
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+use lb_tests::lab::{bin_path, AgentProcess, Exchange, Lab};
+
+const ECHO: &str = "10.96.0.10:80";
+
+fn examples() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/lab.yaml")).unwrap()
+}
+
+struct Setup {
+    lab: Lab,
+    manifests: PathBuf,
+    agents: Vec<AgentProcess>,
+}
+
+fn setup() -> Option<Setup> {
+    lb_tests::require_privileges()?;
+    let lab = Lab::new().expect("lab");
+    let manifests = lab.tmpdir().join("manifests.yaml");
+    std::fs::write(&manifests, examples()).unwrap();
+    let agent = bin_path("lb-agent").unwrap();
+    let mut agents = Vec::new();
+    for node in ["node1", "node2"] {
+        let mut a = lab.spawn_agent(node, &agent, &manifests, &[]).unwrap();
+        a.wait_for_log("sync generation 1:", Duration::from_secs(20)).unwrap();
+        agents.push(a);
+    }
+    Some(Setup { lab, manifests, agents })
+}
+
+fn by_backend(ex: &[Exchange]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for e in ex {
+        *m.entry(e.backend.clone().unwrap_or_default()).or_default() += 1;
+    }
+    m
+}
+
+fn lbctl_stats(bpffs: &std::path::Path) -> BTreeMap<String, u64> {
+    let out = std::process::Command::new(bin_path("lbctl").unwrap())
+        .arg("--bpffs")
+        .arg(bpffs)
+        .args(["stats", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    v.iter().map(|c| (c["name"].as_str().unwrap().to_string(), c["packets"].as_u64().unwrap())).collect()
+}
+
+#[test]
+fn lab_clusterip_spreads_tcp_and_udp_over_four_backends() {
+    let Some(s) = setup() else { return };
+    for proto in ["tcp", "udp"] {
+        let ex = s.lab.run_client("a1", &[proto, ECHO, "--count", "300"]).unwrap();
+        assert_eq!(ex.len(), 300);
+        let failed: Vec<_> = ex.iter().filter(|e| !e.ok).collect();
+        assert!(failed.is_empty(), "{proto}: {} failed, first: {:?}", failed.len(), failed.first());
+        for e in &ex {
+            // getpeername (TCP) and the UDP reply's source show the ClusterIP, not the backend.
+            assert_eq!(e.peer.as_deref(), Some(ECHO), "{proto}: {e:?}");
+            // Socket-level translation keeps the pod's own address.
+            assert!(e.seen_peer.as_deref().unwrap().starts_with("10.244.1.10:"), "{e:?}");
+        }
+        let spread = by_backend(&ex);
+        assert_eq!(spread.keys().cloned().collect::<Vec<_>>(), ["a1", "a2", "b1", "b2"], "{proto}: {spread:?}");
+        for (b, n) in &spread {
+            assert!(*n >= 45, "{proto}: backend {b} served {n} of 300 (< 15%): {spread:?}");
+        }
+        eprintln!("{proto} spread over 300: {spread:?}");
+    }
+    // The counters show the socket-level path did it.
+    let st = lbctl_stats(&s.lab.node("node1").bpffs);
+    assert!(st["sock_connect_xlate"] >= 300, "{st:?}");
+    assert!(st["sock_getpeername_revnat"] >= 300, "{st:?}");
+    assert!(st["sock_sendmsg_xlate"] >= 300, "{st:?}");
+    assert!(st["sock_recvmsg_revnat"] >= 300, "{st:?}");
+    // node2's agent serves its own pods.
+    let ex = s.lab.run_client("b2", &["tcp", ECHO, "--count", "20"]).unwrap();
+    assert!(ex.iter().all(|e| e.ok && e.peer.as_deref() == Some(ECHO)), "{ex:?}");
+}
+
+#[test]
+fn lab_clusterip_without_endpoints_fails_fast_and_selectorless_service_works() {
+    let Some(s) = setup() else { return };
+    for proto in ["tcp", "udp"] {
+        let ex = s.lab.run_client("a1", &[proto, "10.96.0.30:80", "--count", "5", "--timeout-ms", "3000"]).unwrap();
+        for e in &ex {
+            assert!(!e.ok, "{proto}: a Service without ready endpoints must fail: {e:?}");
+            assert!(e.error.as_deref().unwrap().starts_with("PermissionDenied"), "{e:?}");
+            assert!(e.elapsed_ms < 500, "{proto}: failed after {} ms, not fast", e.elapsed_ms);
+        }
+    }
+    // A Service without a selector, served from a hand-written EndpointSlice.
+    let ex = s.lab.run_client("a1", &["tcp", "10.96.0.20:5432", "--count", "40"]).unwrap();
+    assert!(ex.iter().all(|e| e.ok && e.peer.as_deref() == Some("10.96.0.20:5432")), "{ex:?}");
+    let spread = by_backend(&ex);
+    assert_eq!(spread.keys().cloned().collect::<Vec<_>>(), ["a2", "b2"], "{spread:?}");
+}
+
+#[test]
+fn lab_clusterip_backend_removal_keeps_established_connection() {
+    let Some(mut s) = setup() else { return };
+    let mut held = s.lab.hold("a1", ECHO).unwrap();
+    let first = held.first.clone().unwrap();
+    assert!(first.ok, "{first:?}");
+    let pinned = first.backend.clone().unwrap();
+    let addr = s.lab.pod(&pinned).addr.to_string();
+
+    // Remove the held connection's backend from the Service (both ports of the slice).
+    let without: String = examples()
+        .lines()
+        .filter(|l| !(l.contains(&format!("addresses: [{addr}]")) && !l.contains("legacy")))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_ne!(without, examples());
+    std::fs::write(&s.manifests, without).unwrap();
+    for a in &mut s.agents {
+        a.wait_for_log("sync generation 2:", Duration::from_secs(20)).unwrap();
+    }
+
+    // New connections and datagrams never reach the removed backend.
+    for proto in ["tcp", "udp"] {
+        let ex = s.lab.run_client("a1", &[proto, ECHO, "--count", "100"]).unwrap();
+        assert!(ex.iter().all(|e| e.ok), "{proto}: {ex:?}");
+        let spread = by_backend(&ex);
+        assert!(!spread.contains_key(&pinned), "{proto}: removed backend {pinned} still chosen: {spread:?}");
+        assert_eq!(spread.len(), 3, "{spread:?}");
+    }
+    // The established connection keeps exchanging data with its backend.
+    for _ in 0..3 {
+        let e = held.exchange().unwrap();
+        assert!(e.ok, "{e:?}");
+        assert_eq!(e.backend.as_deref(), Some(pinned.as_str()));
+    }
+}
