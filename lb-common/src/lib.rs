@@ -32,6 +32,8 @@ pub mod program_name {
     pub const RECVMSG4: &str = "lb_recvmsg4";
     pub const GETPEERNAME4: &str = "lb_getpeername4";
     pub const XDP: &str = "lb_xdp";
+    /// Returns XDP_PASS only (benchmark floor; lets a veth peer accept XDP_TX frames).
+    pub const XDP_PASS: &str = "lb_xdp_pass";
     pub const TC_EGRESS: &str = "lb_tc_egress";
 }
 

@@ -54,6 +54,14 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     verdict
 }
 
+/// Returns XDP_PASS and nothing else: the cost floor the benchmarks compare against, and the
+/// program a veth needs on the receiving end before it accepts XDP_TX/XDP_REDIRECT frames
+/// (used on the lab's fabric ports).
+#[xdp]
+pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 #[classifier]
 pub fn lb_tc_egress(ctx: TcContext) -> i32 {
     tc::egress(&ctx)

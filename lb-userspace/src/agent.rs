@@ -241,12 +241,22 @@ pub fn attach_xdp(ebpf: &mut aya::Ebpf, device: &str, bpffs: &Path) -> Result<()
     Ok(())
 }
 
+/// Lets the stack forward what XDP translated but could not send itself (next hop's neighbour
+/// not resolved yet): such a packet carries this node's address as its source, which the stack
+/// drops as martian unless `accept_local` is set. Once the neighbour is resolved, XDP sends
+/// directly.
+fn prepare_device(dev: &str) -> Result<()> {
+    let p = format!("/proc/sys/net/ipv4/conf/{dev}/accept_local");
+    fs::write(&p, "1").with_context(|| format!("setting {p} (needs CAP_NET_ADMIN in the node's network namespace)"))
+}
+
 /// `lb-agent run`.
 pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     preflight(cfg)?;
     let mut ebpf = load(&cfg.bpffs)?;
     attach_cgroup(&mut ebpf, &cfg.cgroup, &cfg.bpffs)?;
     for dev in &cfg.devices {
+        prepare_device(dev)?;
         attach_xdp(&mut ebpf, dev, &cfg.bpffs)?;
         attach_tc_egress(&mut ebpf, dev, &cfg.bpffs)?;
     }
