@@ -1,119 +1,221 @@
-//! Client of the lab: runs exchanges against an echo server (usually through a Service address)
-//! and prints one JSON object per exchange:
+//! Client of the lab: exchanges with `lab-echo` servers (directly or through a Service address)
+//! and prints one JSON object per exchange (see `lb_tests::Exchange`):
 //! `{"ok":true,"backend":"a1","seen_peer":"10.244.1.10:40000","peer":"10.96.0.10:80","error":null,"elapsed_ms":1}`
-//! where `peer` is what `getpeername()` (TCP) or `recvfrom()` (UDP) reported.
+//! `backend` and `seen_peer` come from the reply; `peer` is `getpeername()` of the TCP socket or
+//! the source `recvfrom()` reported for UDP. Exits 0 even when exchanges fail.
 //!
+//! ```text
 //! lab-client tcp IP:PORT [--count N] [--timeout-ms T]   each exchange on a new connection
-//! lab-client udp IP:PORT [--count N] [--timeout-ms T]   each on a new unconnected socket
-//! lab-client hold IP:PORT [--timeout-ms T]              one connection; one more exchange per stdin line
+//! lab-client udp IP:PORT [--count N] [--timeout-ms T]   each from a new unconnected socket
+//! lab-client hold IP:PORT [--timeout-ms T]              one connection: one exchange at start,
+//!                                                       one more per stdin line, until EOF
+//! ```
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{self, BufRead, BufReader, Write},
     net::{SocketAddr, TcpStream, UdpSocket},
+    process::exit,
     time::{Duration, Instant},
 };
 
-fn exchange_line(reply: &str) -> (Option<String>, Option<String>) {
-    let mut it = reply.split_whitespace();
-    (it.next().map(str::to_string), it.next().map(str::to_string))
+use lb_tests::Exchange;
+
+/// An error with the step it happened in (`connect`, `send`, `read`, ...).
+struct Failure {
+    step: &'static str,
+    err: io::Error,
+    /// Known for TCP once connected.
+    peer: Option<SocketAddr>,
 }
 
-fn print(ok: Result<(String, SocketAddr), std::io::Error>, started: Instant) {
-    let ms = started.elapsed().as_millis() as u64;
-    let v = match ok {
+type Outcome = Result<(String, SocketAddr), Failure>;
+
+fn step<T>(step: &'static str, peer: Option<SocketAddr>, r: io::Result<T>) -> Result<T, Failure> {
+    r.map_err(|err| Failure { step, err, peer })
+}
+
+fn report(outcome: Outcome, started: Instant, timeout: Duration) {
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let ex = match outcome {
         Ok((reply, peer)) => {
-            let (backend, seen) = exchange_line(&reply);
-            serde_json::json!({"ok": true, "backend": backend, "seen_peer": seen, "peer": peer.to_string(), "error": null, "elapsed_ms": ms})
+            let mut it = reply.split_whitespace();
+            let backend = it.next().map(str::to_string);
+            // Only a well-formed `NAME IP:PORT` counts as an answer.
+            let seen_peer = it
+                .next()
+                .filter(|s| s.parse::<SocketAddr>().is_ok())
+                .map(str::to_string);
+            let ok = backend.is_some() && seen_peer.is_some();
+            Exchange {
+                ok,
+                backend,
+                seen_peer,
+                peer: Some(peer.to_string()),
+                error: (!ok).then(|| format!("reply: unexpected `{reply}`")),
+                elapsed_ms,
+            }
         }
-        Err(e) => serde_json::json!({"ok": false, "backend": null, "seen_peer": null, "peer": null,
-            "error": format!("{:?}: {e}", e.kind()), "elapsed_ms": ms}),
+        Err(Failure { step, err, peer }) => {
+            // A socket timeout surfaces as EAGAIN (WouldBlock) on Linux.
+            // The kind comes first so callers can match on it: `PermissionDenied: ... (connect)`.
+            let error = if matches!(
+                err.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) {
+                format!(
+                    "TimedOut: no answer within {} ms: {err} ({step})",
+                    timeout.as_millis()
+                )
+            } else {
+                format!("{:?}: {err} ({step})", err.kind())
+            };
+            Exchange {
+                ok: false,
+                backend: None,
+                seen_peer: None,
+                peer: peer.map(|p| p.to_string()),
+                error: Some(error),
+                elapsed_ms,
+            }
+        }
     };
-    println!("{v}");
-    let _ = std::io::stdout().flush();
+    let line = serde_json::to_string(&ex)
+        .unwrap_or_else(|e| format!(r#"{{"ok":false,"error":"json: {e}"}}"#));
+    let mut out = io::stdout().lock();
+    // Nothing sensible to do if stdout is gone.
+    let _ = writeln!(out, "{line}").and_then(|_| out.flush());
 }
 
-fn tcp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<(String, SocketAddr)> {
-    let s = TcpStream::connect_timeout(&target, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    let peer = s.peer_addr()?;
-    let mut reader = BufReader::new(s.try_clone()?);
-    let mut w = s;
-    writeln!(w, "hello")?;
+/// One request line and one reply line on a connected stream.
+fn request(stream: &mut TcpStream, reader: &mut BufReader<TcpStream>, peer: SocketAddr) -> Outcome {
+    step("send", Some(peer), stream.write_all(b"hello\n"))?;
     let mut line = String::new();
-    reader.read_line(&mut line)?;
-    if line.is_empty() {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed without reply"));
+    let n = step("read", Some(peer), reader.read_line(&mut line))?;
+    if n == 0 {
+        return step(
+            "read",
+            Some(peer),
+            Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed without a reply",
+            )),
+        );
     }
     Ok((line.trim().to_string(), peer))
 }
 
-fn udp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<(String, SocketAddr)> {
-    let s = UdpSocket::bind("0.0.0.0:0")?;
-    s.set_read_timeout(Some(timeout))?;
-    s.send_to(b"hello\n", target)?;
+fn connect(
+    target: SocketAddr,
+    timeout: Duration,
+) -> Result<(TcpStream, BufReader<TcpStream>, SocketAddr), Failure> {
+    let s = step(
+        "connect",
+        None,
+        TcpStream::connect_timeout(&target, timeout),
+    )?;
+    let peer = step("getpeername", None, s.peer_addr())?;
+    step("setsockopt", Some(peer), s.set_read_timeout(Some(timeout)))?;
+    step("setsockopt", Some(peer), s.set_write_timeout(Some(timeout)))?;
+    let reader = BufReader::new(step("dup", Some(peer), s.try_clone())?);
+    Ok((s, reader, peer))
+}
+
+fn tcp_once(target: SocketAddr, timeout: Duration) -> Outcome {
+    let (mut s, mut reader, peer) = connect(target, timeout)?;
+    request(&mut s, &mut reader, peer)
+}
+
+fn udp_once(target: SocketAddr, timeout: Duration) -> Outcome {
+    let s = step("bind", None, UdpSocket::bind("0.0.0.0:0"))?;
+    step("setsockopt", None, s.set_read_timeout(Some(timeout)))?;
+    step("send", None, s.send_to(b"hello\n", target))?;
     let mut buf = [0u8; 2048];
-    let (n, from) = s.recv_from(&mut buf)?;
+    let (n, from) = step("read", None, s.recv_from(&mut buf))?;
     Ok((String::from_utf8_lossy(&buf[..n]).trim().to_string(), from))
+}
+
+fn hold(target: SocketAddr, timeout: Duration) {
+    let started = Instant::now();
+    let mut conn = match connect(target, timeout) {
+        Ok(c) => Some(c),
+        Err(f) => {
+            report(Err(f), started, timeout);
+            None
+        }
+    };
+    if let Some((s, reader, peer)) = conn.as_mut() {
+        report(request(s, reader, *peer), started, timeout);
+    }
+    for line in io::stdin().lock().lines() {
+        if line.is_err() {
+            break;
+        }
+        let started = Instant::now();
+        let outcome = match conn.as_mut() {
+            Some((s, reader, peer)) => request(s, reader, *peer),
+            None => step(
+                "send",
+                None,
+                Err(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    "never connected",
+                )),
+            ),
+        };
+        report(outcome, started, timeout);
+    }
+}
+
+fn usage(why: &str) -> ! {
+    eprintln!(
+        "lab-client: {why}\nusage: lab-client tcp|udp IP:PORT [--count N] [--timeout-ms T]\n       \
+         lab-client hold IP:PORT [--timeout-ms T]"
+    );
+    exit(2)
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(mode), Some(target)) = (args.first(), args.get(1)) else {
-        eprintln!("usage: lab-client tcp|udp|hold IP:PORT [--count N] [--timeout-ms T]");
-        std::process::exit(2);
+        usage("missing mode or target");
     };
-    let target: SocketAddr = target.parse().expect("IP:PORT");
+    let target: SocketAddr = target
+        .parse()
+        .unwrap_or_else(|_| usage(&format!("bad target {target} (IP:PORT)")));
     let mut count = 1u32;
     let mut timeout = Duration::from_millis(2000);
-    let mut i = 2;
-    while i < args.len() {
-        match args[i].as_str() {
-            "--count" => count = args[i + 1].parse().expect("count"),
-            "--timeout-ms" => timeout = Duration::from_millis(args[i + 1].parse().expect("ms")),
-            other => panic!("lab-client: unknown argument {other}"),
+    let mut rest = args[2..].iter();
+    while let Some(flag) = rest.next() {
+        let value = rest
+            .next()
+            .unwrap_or_else(|| usage(&format!("{flag} needs a value")));
+        match flag.as_str() {
+            "--count" => {
+                count = value
+                    .parse()
+                    .unwrap_or_else(|_| usage(&format!("bad count {value}")))
+            }
+            "--timeout-ms" => {
+                let ms: u64 = value
+                    .parse()
+                    .unwrap_or_else(|_| usage(&format!("bad timeout {value}")));
+                timeout = Duration::from_millis(ms.max(1));
+            }
+            other => usage(&format!("unknown argument {other}")),
         }
-        i += 2;
     }
     match mode.as_str() {
         "tcp" | "udp" => {
             for _ in 0..count {
-                let t = Instant::now();
-                let r = if mode == "tcp" { tcp_once(target, timeout) } else { udp_once(target, timeout) };
-                print(r, t);
+                let started = Instant::now();
+                let outcome = if mode == "tcp" {
+                    tcp_once(target, timeout)
+                } else {
+                    udp_once(target, timeout)
+                };
+                report(outcome, started, timeout);
             }
         }
-        "hold" => {
-            let t = Instant::now();
-            let conn = TcpStream::connect_timeout(&target, timeout).and_then(|s| {
-                s.set_read_timeout(Some(timeout))?;
-                Ok(s)
-            });
-            let s = match conn {
-                Ok(s) => s,
-                Err(e) => return print(Err(e), t),
-            };
-            let peer = s.peer_addr().expect("peer");
-            let mut reader = BufReader::new(s.try_clone().expect("clone"));
-            let mut w = s;
-            let mut once = |started: Instant| {
-                let r = (|| {
-                    writeln!(w, "hello")?;
-                    let mut line = String::new();
-                    reader.read_line(&mut line)?;
-                    if line.is_empty() {
-                        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
-                    }
-                    Ok((line.trim().to_string(), peer))
-                })();
-                print(r, started);
-            };
-            once(t);
-            for line in std::io::stdin().lock().lines() {
-                if line.is_err() {
-                    break;
-                }
-                once(Instant::now());
-            }
-        }
-        other => panic!("lab-client: unknown mode {other}"),
+        "hold" => hold(target, timeout),
+        other => usage(&format!("unknown mode {other}")),
     }
 }

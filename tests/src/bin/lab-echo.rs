@@ -1,53 +1,107 @@
-//! Echo server of the lab's pods: for every TCP line and every UDP datagram it answers
-//! `NAME PEER_IP:PEER_PORT`, so a client learns which backend served it and which source address
-//! the backend saw. Prints `ready` once every socket is bound.
+//! Echo server of the lab's pods.
+//!
+//! `lab-echo --name NAME --port P [--port P ...]` binds 0.0.0.0:P for TCP and UDP for each port.
+//! For every TCP line and every UDP datagram it answers `NAME PEER_IP:PEER_PORT\n`, the peer as
+//! `accept()` / `recvfrom()` saw it, so a client learns which backend served it and which source
+//! address reached the backend. Prints `ready` on stdout once every socket is bound.
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{TcpListener, UdpSocket},
+    net::{TcpListener, TcpStream, UdpSocket},
+    process::exit,
     thread,
 };
 
+fn usage(why: &str) -> ! {
+    eprintln!("lab-echo: {why}\nusage: lab-echo --name NAME --port P [--port P ...]");
+    exit(2)
+}
+
 fn main() {
-    let mut name = String::new();
+    let mut name = None;
     let mut ports = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
+        let value = args
+            .next()
+            .unwrap_or_else(|| usage(&format!("{a} needs a value")));
         match a.as_str() {
-            "--name" => name = args.next().expect("--name NAME"),
-            "--port" => ports.push(args.next().expect("--port P").parse::<u16>().expect("port")),
-            other => panic!("lab-echo: unknown argument {other}"),
+            "--name" => name = Some(value),
+            "--port" => ports.push(
+                value
+                    .parse::<u16>()
+                    .unwrap_or_else(|_| usage(&format!("bad port {value}"))),
+            ),
+            other => usage(&format!("unknown argument {other}")),
         }
     }
-    let mut handles = Vec::new();
-    for port in ports {
-        let tcp = TcpListener::bind(("0.0.0.0", port)).expect("bind tcp");
-        let udp = UdpSocket::bind(("0.0.0.0", port)).expect("bind udp");
-        let n = name.clone();
-        handles.push(thread::spawn(move || {
-            for conn in tcp.incoming().flatten() {
-                let n = n.clone();
-                thread::spawn(move || {
-                    let peer = conn.peer_addr().map(|p| p.to_string()).unwrap_or_default();
-                    let mut w = conn.try_clone().expect("clone");
-                    for line in BufReader::new(conn).lines() {
-                        if line.is_err() || writeln!(w, "{n} {peer}").is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        }));
-        let n = name.clone();
-        handles.push(thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while let Ok((_, from)) = udp.recv_from(&mut buf) {
-                let _ = udp.send_to(format!("{n} {from}\n").as_bytes(), from);
-            }
-        }));
+    let name = name.unwrap_or_else(|| usage("--name is required"));
+    if ports.is_empty() {
+        usage("at least one --port is required");
     }
-    println!("ready");
-    std::io::stdout().flush().expect("stdout");
-    for h in handles {
-        let _ = h.join();
+
+    // Bind everything first so that `ready` means every socket accepts traffic.
+    let mut sockets = Vec::new();
+    for port in ports {
+        let tcp = TcpListener::bind(("0.0.0.0", port))
+            .unwrap_or_else(|e| fail(&format!("cannot bind TCP 0.0.0.0:{port}: {e}")));
+        let udp = UdpSocket::bind(("0.0.0.0", port))
+            .unwrap_or_else(|e| fail(&format!("cannot bind UDP 0.0.0.0:{port}: {e}")));
+        sockets.push((tcp, udp));
+    }
+    let mut threads = Vec::new();
+    for (tcp, udp) in sockets {
+        let n = name.clone();
+        threads.push(thread::spawn(move || serve_tcp(&n, tcp)));
+        let n = name.clone();
+        threads.push(thread::spawn(move || serve_udp(&n, udp)));
+    }
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "ready").and_then(|_| out.flush()).is_err() {
+        fail("cannot write to stdout");
+    }
+    drop(out);
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("lab-echo: {msg}");
+    exit(1)
+}
+
+fn serve_tcp(name: &str, listener: TcpListener) {
+    loop {
+        match listener.accept() {
+            Ok((conn, peer)) => {
+                let reply = format!("{name} {peer}\n");
+                thread::spawn(move || answer_lines(conn, &reply));
+            }
+            Err(e) => eprintln!("lab-echo {name}: accept: {e}"),
+        }
+    }
+}
+
+/// One reply per line received, until the peer closes.
+fn answer_lines(conn: TcpStream, reply: &str) {
+    let Ok(mut w) = conn.try_clone() else { return };
+    for line in BufReader::new(conn).lines() {
+        if line.is_err() || w.write_all(reply.as_bytes()).is_err() {
+            break;
+        }
+    }
+}
+
+fn serve_udp(name: &str, sock: UdpSocket) {
+    let mut buf = [0u8; 65536];
+    loop {
+        match sock.recv_from(&mut buf) {
+            Ok((_, from)) => {
+                if let Err(e) = sock.send_to(format!("{name} {from}\n").as_bytes(), from) {
+                    eprintln!("lab-echo {name}: send_to {from}: {e}");
+                }
+            }
+            Err(e) => eprintln!("lab-echo {name}: recv_from: {e}"),
+        }
     }
 }

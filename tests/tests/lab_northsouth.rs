@@ -1,0 +1,201 @@
+//! End-to-end north-south traffic in the reference lab: the external client reaches NodePorts,
+//! LoadBalancer IPs and external IPs through the XDP program on the nodes' eth0 (and tc egress
+//! for replies of local backends), with both externalTrafficPolicy modes, and asks the
+//! healthCheckNodePort servers as a cloud load balancer would.
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::TcpStream,
+    path::PathBuf,
+    time::Duration,
+};
+
+use lb_tests::lab::{bin_path, AgentProcess, Exchange, Lab};
+
+const LB_LOCAL: &str = "203.0.113.10:80";
+const LB_CLUSTER: &str = "203.0.113.11:80";
+const EXT_IP: &str = "198.51.100.50:80";
+
+fn examples() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/lab.yaml")).unwrap()
+}
+
+struct Setup {
+    lab: Lab,
+    manifests: PathBuf,
+    agents: Vec<AgentProcess>,
+}
+
+fn setup() -> Option<Setup> {
+    lb_tests::require_privileges()?;
+    let lab = Lab::new().expect("lab");
+    let manifests = lab.tmpdir().join("manifests.yaml");
+    std::fs::write(&manifests, examples()).unwrap();
+    let agent = bin_path("lb-agent").unwrap();
+    let mut agents = Vec::new();
+    for node in ["node1", "node2"] {
+        let mut a = lab.spawn_agent(node, &agent, &manifests, &[]).unwrap();
+        a.wait_for_log("sync generation 1:", Duration::from_secs(20)).unwrap();
+        agents.push(a);
+    }
+    Some(Setup { lab, manifests, agents })
+}
+
+fn stats(lab: &Lab, node: &str) -> BTreeMap<String, u64> {
+    let out = std::process::Command::new(bin_path("lbctl").unwrap())
+        .arg("--bpffs")
+        .arg(&lab.node(node).bpffs)
+        .args(["stats", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    v.iter().map(|c| (c["name"].as_str().unwrap().to_string(), c["packets"].as_u64().unwrap())).collect()
+}
+
+fn all_ok(ex: &[Exchange], what: &str) {
+    let bad: Vec<_> = ex.iter().filter(|e| !e.ok).collect();
+    assert!(bad.is_empty(), "{what}: {} of {} failed, first {:?}", bad.len(), ex.len(), bad.first());
+}
+
+fn seen_ip(e: &Exchange) -> String {
+    e.seen_peer.as_deref().unwrap().rsplit_once(':').unwrap().0.to_string()
+}
+
+/// GET / on `addr` from inside network namespace `ns` (a thread that entered it), as the cloud
+/// load balancer's health checker would.
+fn http_get(ns: &str, addr: &str) -> (u16, BTreeMap<String, String>, serde_json::Value) {
+    let ns = ns.to_string();
+    let addr = addr.to_string();
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on this thread only.
+        assert_eq!(unsafe { libc_setns(f.as_raw_fd()) }, 0);
+        let mut c = TcpStream::connect(&addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        write!(c, "GET /healthz HTTP/1.1\r\nHost: lb\r\n\r\n").unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        let (head, body) = s.split_once("\r\n\r\n").unwrap();
+        let mut lines = head.lines();
+        let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+        let headers = lines
+            .filter_map(|l| l.split_once(": "))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        (status, headers, serde_json::from_str(body).unwrap())
+    })
+    .join()
+    .unwrap()
+}
+
+unsafe fn libc_setns(fd: i32) -> i32 {
+    extern "C" {
+        fn setns(fd: i32, nstype: i32) -> i32;
+    }
+    const CLONE_NEWNET: i32 = 0x4000_0000;
+    unsafe { setns(fd, CLONE_NEWNET) }
+}
+
+#[test]
+fn lab_local_policy_keeps_the_client_address() {
+    let Some(s) = setup() else { return };
+    s.lab.client_route("203.0.113.10/32", "node1").unwrap();
+    for (proto, target) in [("tcp", LB_LOCAL), ("udp", LB_LOCAL), ("tcp", "192.168.100.1:30080"), ("udp", "192.168.100.1:30080")] {
+        let ex = s.lab.run_client("client", &[proto, target, "--count", "30"]).unwrap();
+        all_ok(&ex, &format!("{proto} {target}"));
+        for e in &ex {
+            assert_eq!(e.backend.as_deref(), Some("a1"), "{e:?}");
+            // The backend saw the client's own address...
+            assert_eq!(seen_ip(e), "192.168.100.100", "{e:?}");
+            // ...and its reply came back from the frontend (tc egress translated it).
+            assert_eq!(e.peer.as_deref(), Some(target), "{e:?}");
+        }
+    }
+    let st = stats(&s.lab, "node1");
+    assert!(st["xdp_new_flow"] >= 120, "{st:?}");
+    assert!(st["tc_reply"] >= 120, "{st:?}");
+}
+
+#[test]
+fn lab_cluster_policy_translates_the_source_to_the_node() {
+    let Some(s) = setup() else { return };
+    s.lab.client_route("203.0.113.11/32", "node1").unwrap();
+    for (proto, target) in [("tcp", LB_CLUSTER), ("udp", LB_CLUSTER), ("tcp", "192.168.100.1:30090")] {
+        let ex = s.lab.run_client("client", &[proto, target, "--count", "30"]).unwrap();
+        all_ok(&ex, &format!("{proto} {target}"));
+        for e in &ex {
+            // The only backend runs on node2; it sees node1's address, not the client's.
+            assert_eq!(e.backend.as_deref(), Some("b1"), "{e:?}");
+            assert_eq!(seen_ip(e), "192.168.100.1", "{e:?}");
+            assert_eq!(e.peer.as_deref(), Some(target), "{e:?}");
+        }
+    }
+    let st = stats(&s.lab, "node1");
+    assert!(st["xdp_new_flow"] >= 90 && st["xdp_reply"] >= 90, "{st:?}");
+    assert!(st["xdp_tx"] >= 90, "translated packets left through XDP_TX: {st:?}");
+}
+
+#[test]
+fn lab_local_policy_without_local_endpoint_drops_and_health_says_so() {
+    let Some(s) = setup() else { return };
+    // The cloud load balancer sends to node2, which runs no web-local pod.
+    s.lab.client_route("203.0.113.10/32", "node2").unwrap();
+    let ex = s.lab.run_client("client", &["tcp", LB_LOCAL, "--count", "3", "--timeout-ms", "500"]).unwrap();
+    assert!(ex.iter().all(|e| !e.ok), "no connection may succeed: {ex:?}");
+    let st = stats(&s.lab, "node2");
+    assert!(st["xdp_drop_no_backend"] >= 3, "{st:?}");
+    // Health checks: node1 has one ready local endpoint, node2 none.
+    let (code, headers, body) = http_get(&s.lab.client_netns, "192.168.100.1:32080");
+    assert_eq!(code, 200);
+    assert_eq!(headers["Content-Type"], "application/json");
+    assert_eq!(headers["X-Content-Type-Options"], "nosniff");
+    assert_eq!(headers["X-Load-Balancing-Endpoint-Weight"], "1");
+    assert_eq!(
+        body,
+        serde_json::json!({"service": {"namespace": "default", "name": "web-local"}, "localEndpoints": 1, "serviceProxyHealthy": true})
+    );
+    let (code, headers, body) = http_get(&s.lab.client_netns, "192.168.100.2:32080");
+    assert_eq!(code, 503);
+    assert_eq!(headers["X-Load-Balancing-Endpoint-Weight"], "0");
+    assert_eq!(body["localEndpoints"], 0);
+}
+
+#[test]
+fn lab_pods_reach_load_balancer_ips_through_cluster_endpoints() {
+    let Some(s) = setup() else { return };
+    // From a pod on node2, the Local Service's LB IP is served by the cluster set (a1 on node1).
+    let ex = s.lab.run_client("b2", &["tcp", LB_LOCAL, "--count", "10"]).unwrap();
+    all_ok(&ex, "pod to LB IP");
+    assert!(ex.iter().all(|e| e.backend.as_deref() == Some("a1") && e.peer.as_deref() == Some(LB_LOCAL)), "{ex:?}");
+    let ex = s.lab.run_client("a1", &["tcp", EXT_IP, "--count", "10"]).unwrap();
+    all_ok(&ex, "pod to external IP");
+}
+
+#[test]
+fn lab_long_lived_north_south_connection_survives_backend_leaving() {
+    let Some(mut s) = setup() else { return };
+    s.lab.client_route("198.51.100.50/32", "node1").unwrap();
+    let mut held = s.lab.hold("client", EXT_IP).unwrap();
+    let first = held.first.clone().unwrap();
+    assert!(first.ok, "{first:?}");
+    let pinned = first.backend.clone().unwrap();
+    let addr = s.lab.pod(&pinned).addr.to_string();
+    // Remove the backend from the ext Service's slice only.
+    let text = examples();
+    let (head, tail) = text.split_at(text.find("name: ext-1").unwrap());
+    let tail = tail.replace(&format!("- {{addresses: [{addr}]"), "# removed: ");
+    std::fs::write(&s.manifests, format!("{head}{tail}")).unwrap();
+    for a in &mut s.agents {
+        a.wait_for_log("sync generation 2:", Duration::from_secs(20)).unwrap();
+    }
+    let ex = s.lab.run_client("client", &["tcp", EXT_IP, "--count", "30"]).unwrap();
+    all_ok(&ex, "new connections");
+    assert!(ex.iter().all(|e| e.backend.as_deref() != Some(pinned.as_str())), "{ex:?}");
+    for _ in 0..3 {
+        let e = held.exchange().unwrap();
+        assert!(e.ok, "{e:?}");
+        assert_eq!(e.backend.as_deref(), Some(pinned.as_str()));
+    }
+}
