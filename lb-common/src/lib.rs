@@ -70,6 +70,7 @@ pub mod scope {
 pub mod proto {
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
+    pub const ICMP: u8 = 1;
 }
 
 /// Flags of a service master entry (slot 0).
@@ -291,7 +292,8 @@ pub mod counter {
     pub const XDP_REDIRECT: u32 = 27;
     /// XDP: translated packets handed to the stack (local backend, or route unknown).
     pub const XDP_TRANSLATED_PASS: u32 = 28;
-    /// XDP: ICMP errors about a translated flow, translated back.
+    /// XDP: ICMP errors (unreachable, fragmentation needed, time exceeded) about a translated
+    /// flow, translated for the other side of the translation.
     pub const XDP_ICMP_ERROR_XLATE: u32 = 29;
     /// XDP: the agent has not written the config yet (passed).
     pub const XDP_NO_CONFIG: u32 = 30;

@@ -41,11 +41,24 @@ struct Packet {
     syn_only: bool,
 }
 
+/// Not a counter: `parse` found ICMP, which `icmp_error` looks at before counting.
+const ICMP_SEEN: u32 = u32::MAX;
+
 pub fn process(ctx: &XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     maps::count(counter::XDP_RX, len);
     match parse(ctx) {
         Ok(p) => handle(ctx, &p, len),
+        Err(ICMP_SEEN) => match icmp_error(ctx) {
+            Some(verdict) => {
+                maps::count(counter::XDP_ICMP_ERROR_XLATE, len);
+                verdict
+            }
+            None => {
+                maps::count(counter::XDP_NOT_TCP_UDP, len);
+                xdp_action::XDP_PASS
+            }
+        },
         Err(reason) => {
             maps::count(reason, len);
             xdp_action::XDP_PASS
@@ -96,6 +109,7 @@ fn parse(ctx: &XdpContext) -> Result<Packet, u32> {
             let (s, d) = unsafe { ((*udp).src, (*udp).dst) };
             (u16::from_ne_bytes(s), u16::from_ne_bytes(d), false)
         }
+        proto::ICMP => return Err(ICMP_SEEN),
         _ => return Err(counter::XDP_NOT_TCP_UDP),
     };
     Ok(Packet {
@@ -342,4 +356,92 @@ fn forward(ctx: &XdpContext, to_local_backend: bool) -> u32 {
         // SAFETY: helper without preconditions.
         unsafe { bpf_redirect(fib.ifindex, 0) as u32 }
     }
+}
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_HDR_LEN: usize = 8;
+
+/// Translates an ICMP error (destination unreachable, including fragmentation needed, or time
+/// exceeded) that quotes a packet of a translated flow, so path MTU discovery and fast failures
+/// work through the load balancer. The quoted packet S->D belongs to a flow whose opposite
+/// direction D->S has a conntrack entry rewriting it to (nat_s -> nat_d); so the quoted packet is
+/// rewritten to nat_d -> nat_s and the error is sent to nat_d. Returns `None` (not ours) to pass
+/// the packet untouched.
+#[inline(always)]
+fn icmp_error(ctx: &XdpContext) -> Option<u32> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN)?;
+    // SAFETY: bounds checked.
+    let ihl = unsafe { ((*ip).vihl & 0x0f) as usize } * 4;
+    let icmp_off = EthHdr::LEN + ihl;
+    let icmp = ptr_at::<[u8; ICMP_HDR_LEN]>(ctx, icmp_off)?;
+    // SAFETY: bounds checked.
+    let icmp_type = unsafe { (*icmp)[0] };
+    if icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_TIME_EXCEEDED {
+        return None;
+    }
+    let inner_off = icmp_off + ICMP_HDR_LEN;
+    let inner = ptr_at::<Ipv4Hdr>(ctx, inner_off)?;
+    // SAFETY: bounds checked.
+    let (ivihl, iproto, isrc, idst) = unsafe {
+        ((*inner).vihl, (*inner).proto, u32::from_ne_bytes((*inner).src_addr), u32::from_ne_bytes((*inner).dst_addr))
+    };
+    // Quoted headers with options are rare enough to leave to the stack.
+    if ivihl != 0x45 || (iproto != proto::TCP && iproto != proto::UDP) {
+        return None;
+    }
+    let l4_off = inner_off + Ipv4Hdr::LEN;
+    let ports = ptr_at::<[u8; 8]>(ctx, l4_off)?;
+    // SAFETY: bounds checked.
+    let q = unsafe { *ports };
+    let (isport, idport) = (u16::from_ne_bytes([q[0], q[1]]), u16::from_ne_bytes([q[2], q[3]]));
+    let key = CtKey { saddr_be: idst, daddr_be: isrc, sport_be: idport, dport_be: isport, proto: iproto, _pad: [0; 3] };
+    let e = maps::conntrack(&key)?;
+    let (nsrc, nsport, ndst, ndport) = (e.nat_daddr_be, e.nat_dport_be, e.nat_saddr_be, e.nat_sport_be);
+    // SAFETY: every pointer below was bounds checked above.
+    unsafe {
+        // Outer header: the error now goes to the quoted packet's new source.
+        let odst = u32::from_ne_bytes((*ip).dst_addr);
+        (*ip).check = csum::replace4(u16::from_ne_bytes((*ip).check), odst, nsrc).to_ne_bytes();
+        (*ip).dst_addr = nsrc.to_ne_bytes();
+        // Quoted IPv4 header.
+        let old_icheck = u16::from_ne_bytes((*inner).check);
+        let mut icheck = csum::replace4(old_icheck, isrc, nsrc);
+        icheck = csum::replace4(icheck, idst, ndst);
+        (*inner).check = icheck.to_ne_bytes();
+        (*inner).src_addr = nsrc.to_ne_bytes();
+        (*inner).dst_addr = ndst.to_ne_bytes();
+        // Quoted ports, and the quoted UDP checksum when there is one (a TCP checksum lies
+        // beyond the 8 quoted bytes).
+        let mut nq = q;
+        nq[0..2].copy_from_slice(&nsport.to_ne_bytes());
+        nq[2..4].copy_from_slice(&ndport.to_ne_bytes());
+        let old_ucheck = u16::from_ne_bytes([q[6], q[7]]);
+        let mut ucheck = old_ucheck;
+        if iproto == proto::UDP && old_ucheck != 0 {
+            ucheck = csum::replace4(ucheck, isrc, nsrc);
+            ucheck = csum::replace4(ucheck, idst, ndst);
+            ucheck = csum::replace2(ucheck, isport, nsport);
+            ucheck = csum::replace2(ucheck, idport, ndport);
+            if ucheck == 0 {
+                ucheck = 0xffff;
+            }
+            nq[6..8].copy_from_slice(&ucheck.to_ne_bytes());
+        }
+        *ports = nq;
+        // The ICMP checksum covers everything quoted.
+        let mut c = u16::from_ne_bytes([(*icmp)[2], (*icmp)[3]]);
+        c = csum::replace4(c, isrc, nsrc);
+        c = csum::replace4(c, idst, ndst);
+        c = csum::replace2(c, old_icheck, icheck);
+        c = csum::replace2(c, isport, nsport);
+        c = csum::replace2(c, idport, ndport);
+        c = csum::replace2(c, old_ucheck, ucheck);
+        let cb = c.to_ne_bytes();
+        (*icmp)[2] = cb[0];
+        (*icmp)[3] = cb[1];
+    }
+    // Towards a local backend the stack delivers it; otherwise route it.
+    let to_local = e.flags & ct_flags::REPLY == 0 && e.flags & ct_flags::LOCAL_BACKEND != 0;
+    Some(forward(ctx, to_local))
 }

@@ -232,3 +232,65 @@ fn kernel_xdp_nat_fresh_syn_on_old_tuple_chooses_again() {
     assert_eq!(moved["xdp_new_flow"], 1);
     assert!(!moved.contains_key("xdp_established"));
 }
+
+/// An ICMP error quoting `quoted` (IPv4 + first 8 bytes), sent from `from` to `to`.
+fn icmp_error(from: [u8; 4], to: [u8; 4], kind: etherparse::Icmpv4Type, quoted: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(from, to, 64).icmpv4(kind);
+    let mut v = Vec::new();
+    b.write(&mut v, quoted).unwrap();
+    v
+}
+
+/// The IPv4 header and first 8 bytes of L4 of a frame built by `frame`.
+fn quote(f: &[u8]) -> Vec<u8> {
+    f[14..14 + 28].to_vec()
+}
+
+fn frag_needed() -> etherparse::Icmpv4Type {
+    etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+        next_hop_mtu: 1400,
+    })
+}
+
+#[test]
+fn kernel_xdp_nat_icmp_errors_are_translated_both_ways() {
+    let Some(f) = Fixture::new((61000, 65535)) else { return };
+    // A Cluster flow through SNAT.
+    let (_, out, _) = f.run(&frame(Kind::Udp, (CLIENT, 5353), (NODE, 30053)));
+    let port = u16::from_be_bytes([out[34], out[35]]);
+    // A router towards the backend says "fragmentation needed" about the translated packet, to
+    // the node: it must reach the client, quoting the packet the client sent.
+    let router = [10, 0, 0, 254];
+    let err = icmp_error(router, NODE, frag_needed(), &quote(&frame(Kind::Udp, (NODE, port), (REMOTE_POD, 9090))));
+    let (verdict, got, moved) = f.run(&err);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(moved["xdp_icmp_error_xlate"], 1);
+    let want = icmp_error(router, CLIENT, frag_needed(), &quote(&frame(Kind::Udp, (CLIENT, 5353), (NODE, 30053))));
+    assert_eq!(got, want, "outer destination, quoted header, quoted UDP checksum and ICMP checksum");
+
+    // A router on the client's side says "unreachable" about a reply the frontend sent: it must
+    // reach the backend, quoting the packet the backend sent.
+    let unreach = etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Host);
+    let err = icmp_error(router, NODE, unreach.clone(), &quote(&frame(Kind::Udp, (NODE, 30053), (CLIENT, 5353))));
+    let (_, got, moved) = f.run(&err);
+    assert_eq!(moved["xdp_icmp_error_xlate"], 1);
+    let want = icmp_error(router, REMOTE_POD, unreach, &quote(&frame(Kind::Udp, (REMOTE_POD, 9090), (NODE, port))));
+    assert_eq!(got, want);
+
+    // TCP, Local policy: time exceeded about a packet to the local backend goes to the client.
+    f.run(&frame(Kind::Syn, (CLIENT, 40000), (NODE, 30080)));
+    let ttl = etherparse::Icmpv4Type::TimeExceeded(etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit);
+    let err = icmp_error(router, CLIENT, ttl.clone(), &quote(&frame(Kind::Syn, (CLIENT, 40000), (LOCAL_POD, 8080))));
+    let (_, got, _) = f.run(&err);
+    // The quoted packet names the client as its source already; the destination goes back to
+    // the frontend, and the error still goes to the client.
+    let want = icmp_error(router, CLIENT, ttl, &quote(&frame(Kind::Syn, (CLIENT, 40000), (NODE, 30080))));
+    assert_eq!(got, want);
+
+    // Errors about flows we never translated, and ICMP that is not an error, pass untouched.
+    let stranger = icmp_error(router, NODE, frag_needed(), &quote(&frame(Kind::Udp, (NODE, 1111), (REMOTE_POD, 2222))));
+    let (verdict, got, moved) = f.run(&stranger);
+    assert_eq!((verdict, got.as_slice()), (XDP_PASS, stranger.as_slice()));
+    assert_eq!(moved["xdp_not_tcp_udp"], 1);
+    assert!(!moved.contains_key("xdp_icmp_error_xlate"));
+}
