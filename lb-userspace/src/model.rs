@@ -394,3 +394,106 @@ fn merge_endpoints(slices: &[&EndpointSlice]) -> BTreeMap<(String, Protocol), Ve
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(yaml: &str) -> Model {
+        let mut o = Objects::default();
+        crate::source::parse_into(std::path::Path::new("t.yaml"), yaml, &mut o).unwrap();
+        build(&o, "n1")
+    }
+
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: ns}\nspec:\n  clusterIP: 10.96.0.1\n  ports: [{name: web, port: 80}, {name: dns, port: 53, protocol: UDP}]\n";
+
+    fn slice(name: &str, labels: &str, ports: &str, endpoints: &str) -> String {
+        format!("---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: ns, labels: {{{labels}}}}}\naddressType: IPv4\nports: {ports}\nendpoints: {endpoints}\n")
+    }
+
+    fn eps(m: &Model, port: &str, proto: Protocol) -> Vec<(String, bool, bool, bool)> {
+        m.services[0]
+            .endpoints
+            .get(&(port.to_string(), proto))
+            .map(|v| v.iter().map(|e| (e.addr.to_string(), e.ready, e.serving, e.terminating)).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn endpoint_slice_ingestion_table() {
+        let label = "kubernetes.io/service-name: s";
+        // Ports are matched by name and protocol.
+        let m = model(&format!("{SVC}{}", slice("a", label, "[{name: web, port: 8080}, {name: web, port: 9999, protocol: UDP}, {name: dns, port: 5353, protocol: UDP}]", "[{addresses: [10.0.0.1, 10.0.0.99]}]")));
+        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+        let web = &m.services[0].endpoints[&("web".into(), Protocol::TCP)];
+        assert_eq!((web[0].addr.to_string(), web[0].port), ("10.0.0.1".into(), 8080), "first address, TCP port");
+        assert_eq!(m.services[0].endpoints[&("dns".into(), Protocol::UDP)][0].port, 5353);
+        // Missing conditions: ready and serving, not terminating.
+        assert_eq!(eps(&m, "web", Protocol::TCP), vec![("10.0.0.1".into(), true, true, false)]);
+        // Without the service-name label: rejected with the reason; the Service keeps working.
+        let m = model(&format!("{SVC}{}", slice("nolabel", "app: x", "[{name: web, port: 8080}]", "[{addresses: [10.0.0.1]}]")));
+        assert_eq!(m.rejected.len(), 1);
+        assert_eq!((m.rejected[0].kind.as_str(), m.rejected[0].namespace.as_str(), m.rejected[0].name.as_str()), ("EndpointSlice", "ns", "nolabel"));
+        assert!(m.rejected[0].reason.contains("kubernetes.io/service-name"));
+        assert_eq!(m.services.len(), 1);
+        // Another proxy's slices and headless slices are ignored (not rejected).
+        for extra in ["service.kubernetes.io/service-proxy-name: other", "service.kubernetes.io/headless: \"\""] {
+            let m = model(&format!("{SVC}{}", slice("x", &format!("{label}, {extra}"), "[{name: web, port: 8080}]", "[{addresses: [10.0.0.1]}]")));
+            assert!(m.rejected.is_empty() && eps(&m, "web", Protocol::TCP).is_empty(), "{extra}");
+        }
+        // The same endpoint in two slices keeps the non-terminating copy, whatever the order.
+        for (first, second) in [("t", "r"), ("r", "t")] {
+            let cond = |k| if k == "t" { "{ready: false, serving: true, terminating: true}" } else { "{ready: true}" };
+            let yaml = format!(
+                "{SVC}{}{}",
+                slice("one", label, "[{name: web, port: 8080}]", &format!("[{{addresses: [10.0.0.1], conditions: {}}}]", cond(first))),
+                slice("two", label, "[{name: web, port: 8080}]", &format!("[{{addresses: [10.0.0.1], conditions: {}}}]", cond(second)))
+            );
+            assert_eq!(eps(&model(&yaml), "web", Protocol::TCP), vec![("10.0.0.1".into(), true, true, false)]);
+        }
+    }
+
+    #[test]
+    fn validation_table() {
+        let svc = |spec: &str| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: bad, namespace: ns}}\nspec: {spec}\n---\n{SVC}");
+        let cases = [
+            ("{clusterIP: 10.96.0.2, ports: [{port: 0}]}", "port 0 out of range"),
+            ("{clusterIP: 10.96.0.2, ports: [{port: 70000}]}", "port 70000 out of range"),
+            ("{clusterIP: 10.96.0.999, ports: [{port: 80}]}", "unparsable IPv4 address \"10.96.0.999\""),
+            ("{clusterIP: 10.96.0.2, externalIPs: [nope], ports: [{port: 80}]}", "unparsable IPv4 address \"nope\""),
+            ("{clusterIP: 10.96.0.2, ports: [{port: 80, protocol: SCTP}]}", "unsupported protocol \"SCTP\""),
+            ("{type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 99999}]}", "nodePort 99999 out of range"),
+            ("{clusterIP: 10.96.0.2, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}, ports: [{port: 80}]}", "timeoutSeconds 0 outside 1..86400"),
+            ("{clusterIP: 10.96.0.2, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}, ports: [{port: 80}]}", "timeoutSeconds 86401 outside 1..86400"),
+            ("{clusterIP: 10.96.0.2, healthCheckNodePort: 32000, ports: [{port: 80}]}", "healthCheckNodePort is only valid"),
+            ("{type: LoadBalancer, externalTrafficPolicy: Cluster, clusterIP: 10.96.0.2, healthCheckNodePort: 32000, ports: [{port: 80}]}", "healthCheckNodePort is only valid"),
+            ("{clusterIP: 10.96.0.2, internalTrafficPolicy: Sometimes, ports: [{port: 80}]}", "internalTrafficPolicy \"Sometimes\""),
+            ("{clusterIP: 10.96.0.2, ports: [{name: a, port: 80}, {name: a, port: 81}]}", "duplicate port name"),
+        ];
+        for (spec, reason) in cases {
+            let m = model(&svc(spec));
+            assert_eq!(m.rejected.len(), 1, "{spec}");
+            let r = &m.rejected[0];
+            assert_eq!((r.kind.as_str(), r.namespace.as_str(), r.name.as_str()), ("Service", "ns", "bad"));
+            assert!(r.reason.contains(reason), "{spec}: {}", r.reason);
+            // Everything else keeps working.
+            assert_eq!(m.services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["s"], "{spec}");
+        }
+        // Defaults and limits that are valid.
+        let m = model(&svc("{clusterIP: 10.96.0.2, sessionAffinity: ClientIP, ports: [{port: 80}]}"));
+        assert!(m.rejected.is_empty());
+        assert_eq!(m.services.iter().find(|s| s.name == "bad").unwrap().session_affinity_timeout_seconds, Some(10800));
+        // Bad EndpointSlice contents are rejected with the slice's name.
+        let m = model(&format!("{SVC}{}", slice("badaddr", "kubernetes.io/service-name: s", "[{name: web, port: 8080}]", "[{addresses: [300.1.1.1]}]")));
+        assert_eq!(m.rejected[0].name, "badaddr");
+        assert!(m.rejected[0].reason.contains("300.1.1.1"));
+    }
+
+    #[test]
+    fn frontends_skip_proxy_mode_ingress_and_headless_services() {
+        let m = model("apiVersion: v1\nkind: Service\nmetadata: {name: h, namespace: ns}\nspec: {clusterIP: None, ports: [{port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: lb, namespace: ns}\nspec: {type: LoadBalancer, clusterIP: 10.96.0.3, ports: [{port: 80, nodePort: 30001}]}\nstatus: {loadBalancer: {ingress: [{ip: 1.2.3.4}, {ip: 5.6.7.8, ipMode: Proxy}, {hostname: lb.example}]}}\n");
+        assert_eq!(m.services.len(), 1, "headless Services are not proxied");
+        assert_eq!(m.services[0].load_balancer_ips, vec![Ipv4Addr::new(1, 2, 3, 4)]);
+        assert_eq!(m.services[0].external_traffic_policy, Some(TrafficPolicy::Cluster));
+    }
+}
