@@ -12,7 +12,7 @@
 
 /// Names of the maps as pinned under `--bpffs` (at most 15 bytes: the kernel's object name limit).
 pub mod map_name {
-    pub const SERVICES: &str = "lb_svc_v1";
+    pub const SERVICES: &str = "lb_svc_v2";
     pub const BACKENDS: &str = "lb_backend_v1";
     pub const REV_NAT: &str = "lb_revnat_v1";
     pub const SOCK_REV_NAT: &str = "lb_sk_revnat_v1";
@@ -20,9 +20,13 @@ pub mod map_name {
     pub const STATS: &str = "lb_stats_v1";
     pub const CONNTRACK: &str = "lb_ct_v1";
     pub const CONFIG: &str = "lb_config_v1";
+    pub const AFFINITY: &str = "lb_affinity_v1";
+    pub const MEMBERS: &str = "lb_member_v1";
     /// Every map the agent pins, for `uninstall` and for `lbctl`.
-    pub const ALL: [&str; 8] =
-        [SERVICES, BACKENDS, REV_NAT, SOCK_REV_NAT, SOCK_FLOW, STATS, CONNTRACK, CONFIG];
+    pub const ALL: [&str; 10] = [
+        SERVICES, BACKENDS, REV_NAT, SOCK_REV_NAT, SOCK_FLOW, STATS, CONNTRACK, CONFIG, AFFINITY,
+        MEMBERS,
+    ];
 }
 
 /// Names of the programs in the object file (the function names of the entry points).
@@ -51,6 +55,11 @@ pub mod limits {
     pub const SOCK_FLOW: u32 = 262_144;
     /// Conntrack (LRU): two entries per north-south flow (original and reply direction).
     pub const CONNTRACK: u32 = 262_144;
+    /// Session affinity records (LRU): one per (Service port, client). Under pressure the least
+    /// recently used records are evicted (counted as `affinity_evictions` by lbctl).
+    pub const AFFINITY: u32 = 262_144;
+    /// Membership entries: one per backend slot, like the services map.
+    pub const MEMBERS: u32 = 262_144;
     /// SNAT port candidates tried before a new flow is dropped as a collision.
     pub const SNAT_TRIES: u32 = 8;
     /// Largest number of backends one Service frontend can have (slots are `u16`).
@@ -103,8 +112,9 @@ pub struct ServiceKey {
     pub _pad: u16,
 }
 
-/// Value of the services map. In the master entry (slot 0): `count`, `flags`, `rev_nat_id` and
-/// `affinity_timeout_s` are set and `backend_id` is 0. In a backend slot: only `backend_id`.
+/// Value of the services map. In the master entry (slot 0): `count`, `flags`, `rev_nat_id`,
+/// `affinity_timeout_s` and `svc_port_id` are set and `backend_id` is 0. In a backend slot: only
+/// `backend_id`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ServiceValue {
@@ -113,6 +123,49 @@ pub struct ServiceValue {
     pub flags: u16,
     pub rev_nat_id: u32,
     pub affinity_timeout_s: u32,
+    /// The Service port this frontend belongs to: every frontend of a Service port (ClusterIP,
+    /// NodePorts, LoadBalancer IPs, external IPs, both scopes) shares it, and with it the
+    /// session affinity records.
+    pub svc_port_id: u32,
+    pub _pad: u32,
+}
+
+/// Key of the affinity map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub svc_port_id: u32,
+    /// `affinity_client::ADDR` or `affinity_client::NETNS`.
+    pub client_kind: u32,
+    /// The client's IPv4 address (network order, zero-extended) or its network namespace cookie.
+    pub client: u64,
+}
+
+pub mod affinity_client {
+    /// Keyed on the client's address (north-south).
+    pub const ADDR: u32 = 1;
+    /// Keyed on the client's network namespace (socket level, where the address is not known
+    /// at connect time): one pod, one client.
+    pub const NETNS: u32 = 2;
+}
+
+/// Value of the affinity map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    /// Seconds since boot of the last new connection that used the record.
+    pub last_used_s: u32,
+}
+
+/// Key of the membership map: a frontend (its master key, slot 0) and one of its backends.
+/// The value (`u32`) is the backend's slot. It answers "is this backend still usable for this
+/// frontend" in O(1), for session affinity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MemberKey {
+    pub frontend: ServiceKey,
+    pub backend_id: u32,
 }
 
 /// Value of the backends map (key: backend id, `u32`, 0 reserved).
@@ -305,8 +358,17 @@ pub mod counter {
     pub const XDP_DROP_BACKEND_MISSING: u32 = 33;
     /// XDP: dropped, the conntrack map refused an insert.
     pub const XDP_DROP_CT_FULL: u32 = 34;
+    /// Session affinity: a live record was used.
+    pub const AFFINITY_HIT: u32 = 35;
+    /// Session affinity: a record had expired; a fresh choice was made.
+    pub const AFFINITY_EXPIRED: u32 = 36;
+    /// Session affinity: the recorded backend left the usable set; a fresh choice was made.
+    pub const AFFINITY_STALE: u32 = 37;
+    /// Session affinity: records created for clients without one (with the map's entry count,
+    /// this gives the LRU evictions).
+    pub const AFFINITY_NEW: u32 = 38;
     /// Number of counters (stats map size).
-    pub const COUNT: u32 = 35;
+    pub const COUNT: u32 = 39;
 
     /// Stable names, indexed by counter, for `lbctl stats` and metrics.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -345,12 +407,19 @@ pub mod counter {
         "tc_seen",
         "xdp_drop_backend_missing",
         "xdp_drop_ct_full",
+        "affinity_hit",
+        "affinity_expired",
+        "affinity_stale",
+        "affinity_new",
     ];
 }
 
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 12);
-    assert!(core::mem::size_of::<ServiceValue>() == 16);
+    assert!(core::mem::size_of::<ServiceValue>() == 24);
+    assert!(core::mem::size_of::<AffinityKey>() == 16);
+    assert!(core::mem::size_of::<AffinityValue>() == 8);
+    assert!(core::mem::size_of::<MemberKey>() == 16);
     assert!(core::mem::size_of::<Backend>() == 12);
     assert!(core::mem::size_of::<RevNat>() == 8);
     assert!(core::mem::size_of::<SockKey>() == 16);
@@ -377,4 +446,7 @@ mod pod {
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for MemberKey {}
 }

@@ -4,11 +4,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    limits, Backend, Config, Counter, CtEntry, CtKey, RevNat, ServiceKey, ServiceValue, SockFlow,
-    SockKey, SockRevNat,
+    limits, AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, MemberKey, RevNat,
+    ServiceKey, ServiceValue, SockFlow, SockKey, SockRevNat,
 };
 
-#[map(name = "lb_svc_v1")]
+#[map(name = "lb_svc_v2")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(limits::SERVICES, 0);
 
 #[map(name = "lb_backend_v1")]
@@ -26,6 +26,13 @@ pub static SOCK_FLOW: LruHashMap<SockKey, SockFlow> = LruHashMap::pinned(limits:
 
 #[map(name = "lb_ct_v1")]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(limits::CONNTRACK, 0);
+
+#[map(name = "lb_affinity_v1")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(limits::AFFINITY, 0);
+
+#[map(name = "lb_member_v1")]
+pub static MEMBERS: HashMap<MemberKey, u32> = HashMap::pinned(limits::MEMBERS, 0);
 
 #[map(name = "lb_config_v1")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);

@@ -2,13 +2,17 @@
 //! (TCP, connected UDP) or sends a datagram (unconnected UDP), and translate the backend back to
 //! the frontend where the application reads a peer address (recvmsg, getpeername).
 use aya_ebpf::{
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie},
     programs::SockAddrContext,
     EbpfContext,
 };
-use lb_common::{counter, proto, scope, Backend, ServiceKey, SockFlow, SockKey, SockRevNat};
+use lb_common::{
+    affinity_client, counter, proto, scope, Backend, ServiceKey, ServiceValue, SockFlow, SockKey,
+    SockRevNat,
+};
 
 use crate::{
+    affinity,
     maps::{self, SOCK_FLOW, SOCK_REV_NAT},
     SOCK_ALLOW,
 };
@@ -26,6 +30,7 @@ struct Frontend {
     key: ServiceKey,
     count: u16,
     rev_nat_id: u32,
+    master: ServiceValue,
 }
 
 /// The frontend a socket address names, if it is one of ours.
@@ -49,7 +54,7 @@ fn frontend(ctx: &SockAddrContext) -> Option<Frontend> {
         _pad: 0,
     };
     let master = maps::service(&key)?;
-    Some(Frontend { key, count: master.count, rev_nat_id: master.rev_nat_id })
+    Some(Frontend { key, count: master.count, rev_nat_id: master.rev_nat_id, master })
 }
 
 /// The backend in `slot` (1-based) of a frontend, with its id.
@@ -61,12 +66,33 @@ fn slot_backend(fe: &Frontend, slot: u16) -> Option<(u32, Backend)> {
     Some((id, maps::backend(id)?))
 }
 
-/// A fresh uniform choice among the frontend's backends.
+/// The backend for a new connection: the client's affinity record when live and usable, else a
+/// fresh uniform choice (recorded when the Service asks for affinity). The slot is 0 when the
+/// backend came from the affinity record.
 #[inline(always)]
-fn choose(fe: &Frontend) -> Result<(u16, u32, Backend), Refusal> {
+fn choose(ctx: &SockAddrContext, fe: &Frontend) -> Result<(u16, u32, Backend), Refusal> {
     if fe.count == 0 {
         return Err(Refusal::NoBackend);
     }
+    if !affinity::enabled(&fe.master) {
+        return choose_fresh(fe);
+    }
+    // The client's address is not known at connect time: key on its network namespace.
+    // SAFETY: bpf_get_netns_cookie accepts a bpf_sock_addr context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let key = affinity::key(&fe.master, affinity_client::NETNS, netns);
+    let now = affinity::now_s();
+    if let Some((id, be)) = affinity::lookup(&fe.key, &fe.master, &key, now) {
+        affinity::record(&key, id, now);
+        return Ok((0, id, be));
+    }
+    let chosen = choose_fresh(fe)?;
+    affinity::record(&key, chosen.1, now);
+    Ok(chosen)
+}
+
+#[inline(always)]
+fn choose_fresh(fe: &Frontend) -> Result<(u16, u32, Backend), Refusal> {
     // SAFETY: helper without preconditions.
     let r = unsafe { bpf_get_prandom_u32() };
     let slot = (r % fe.count as u32) as u16 + 1;
@@ -111,7 +137,7 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
 
 pub fn connect4(ctx: &SockAddrContext) -> i32 {
     let Some(fe) = frontend(ctx) else { return SOCK_ALLOW };
-    match choose(&fe) {
+    match choose(ctx, &fe) {
         Ok((_, _, be)) => {
             translate(ctx, &fe, &be, cookie(ctx));
             maps::count(counter::SOCK_CONNECT_XLATE, 0);
@@ -146,8 +172,17 @@ pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
             }
         }
     }
-    match choose(&fe) {
+    match choose(ctx, &fe) {
         Ok((slot, id, be)) => {
+            // Remember the slot for the socket's next datagrams; an affinity choice carries no
+            // slot, so look its backend's slot up.
+            let slot = if slot != 0 {
+                slot
+            } else {
+                let m = lb_common::MemberKey { frontend: fe.key, backend_id: id };
+                // SAFETY: value copied out at once.
+                unsafe { crate::maps::MEMBERS.get(&m).copied() }.unwrap_or(0) as u16
+            };
             let flow = SockFlow { backend_id: id, slot, _pad: 0 };
             let _ = SOCK_FLOW.insert(&flow_key, &flow, 0);
             translate(ctx, &fe, &be, cookie);

@@ -5,14 +5,15 @@
 //! redirect; XDP_PASS for local backends or unknown routes) → counters.
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST},
-    helpers::{bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_boot_ns, bpf_redirect},
+    helpers::{bpf_fib_lookup, bpf_get_prandom_u32, bpf_redirect},
     programs::XdpContext,
     EbpfContext,
 };
-use lb_common::{counter, ct_flags, limits, proto, scope, CtEntry, CtKey, ServiceKey};
+use lb_common::{affinity_client, counter, ct_flags, limits, proto, scope, CtEntry, CtKey, ServiceKey};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
+    affinity::{self, now_s},
     csum,
     maps::{self, CONNTRACK},
     parse::ptr_at,
@@ -123,11 +124,6 @@ fn parse(ctx: &XdpContext) -> Result<Packet, u32> {
     })
 }
 
-#[inline(always)]
-fn now_s() -> u32 {
-    // SAFETY: helper without preconditions.
-    (unsafe { bpf_ktime_get_boot_ns() } / 1_000_000_000) as u32
-}
 
 fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
     let key = CtKey {
@@ -175,16 +171,32 @@ fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
     };
     // SAFETY: helper without preconditions.
     let r = unsafe { bpf_get_prandom_u32() };
-    let mut bkey = skey;
-    bkey.slot = (r % master.count as u32) as u16 + 1;
-    let Some(backend_id) = maps::service(&bkey).map(|v| v.backend_id) else {
-        maps::count(counter::XDP_DROP_BACKEND_MISSING, len);
-        return xdp_action::XDP_DROP;
+    let now = now_s();
+    let aff = affinity::enabled(&master)
+        .then(|| affinity::key(&master, affinity_client::ADDR, p.saddr as u64));
+    let pinned = match &aff {
+        Some(k) => affinity::lookup(&skey, &master, k, now),
+        None => None,
     };
-    let Some(be) = maps::backend(backend_id) else {
-        maps::count(counter::XDP_DROP_BACKEND_MISSING, len);
-        return xdp_action::XDP_DROP;
+    let (backend_id, be) = match pinned {
+        Some(x) => x,
+        None => {
+            let mut bkey = skey;
+            bkey.slot = (r % master.count as u32) as u16 + 1;
+            let Some(backend_id) = maps::service(&bkey).map(|v| v.backend_id) else {
+                maps::count(counter::XDP_DROP_BACKEND_MISSING, len);
+                return xdp_action::XDP_DROP;
+            };
+            let Some(be) = maps::backend(backend_id) else {
+                maps::count(counter::XDP_DROP_BACKEND_MISSING, len);
+                return xdp_action::XDP_DROP;
+            };
+            (backend_id, be)
+        }
     };
+    if let Some(k) = &aff {
+        affinity::record(k, backend_id, now);
+    }
     let local = be.flags & lb_common::backend_flags::LOCAL != 0;
     // Remote backends see the node as the source (externalTrafficPolicy Cluster); local ones
     // see the client, and answer it through this node, where tc egress translates back.
@@ -194,7 +206,6 @@ fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
     } else {
         flags |= ct_flags::SNAT;
     }
-    let now = now_s();
     let mut rkey = CtKey {
         saddr_be: be.addr_be,
         daddr_be: if local { p.saddr } else { cfg.node_addr_be },

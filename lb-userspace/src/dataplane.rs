@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, path::Path};
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData};
-use lb_common::{map_name, Backend, Config, RevNat, ServiceKey, ServiceValue};
+use lb_common::{map_name, Backend, Config, MemberKey, RevNat, ServiceKey, ServiceValue};
 
 /// Everything the sync reads back to adopt what is already programmed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -12,6 +12,7 @@ pub struct Snapshot {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
     pub rev_nat: BTreeMap<u32, RevNat>,
+    pub members: BTreeMap<MemberKey, u32>,
     pub config: Config,
 }
 
@@ -23,6 +24,8 @@ pub trait Dataplane {
     fn put_rev_nat(&mut self, id: u32, value: &RevNat) -> Result<()>;
     fn del_rev_nat(&mut self, id: u32) -> Result<()>;
     fn put_config(&mut self, value: &Config) -> Result<()>;
+    fn put_member(&mut self, key: &MemberKey, slot: u32) -> Result<()>;
+    fn del_member(&mut self, key: &MemberKey) -> Result<()>;
     /// Reads back every entry (used once, at start, to adopt pinned state).
     fn snapshot(&self) -> Result<Snapshot>;
 }
@@ -71,6 +74,16 @@ impl Dataplane for FakeDataplane {
         self.state.rev_nat.remove(&id);
         Ok(())
     }
+    fn put_member(&mut self, key: &MemberKey, slot: u32) -> Result<()> {
+        self.log.push(format!("put_member {} {}", svc_key_str(&key.frontend), key.backend_id));
+        self.state.members.insert(*key, slot);
+        Ok(())
+    }
+    fn del_member(&mut self, key: &MemberKey) -> Result<()> {
+        self.log.push(format!("del_member {} {}", svc_key_str(&key.frontend), key.backend_id));
+        self.state.members.remove(key);
+        Ok(())
+    }
     fn put_config(&mut self, value: &Config) -> Result<()> {
         self.log.push("put_config".into());
         self.state.config = *value;
@@ -86,6 +99,7 @@ pub struct AyaDataplane {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
     rev_nat: HashMap<MapData, u32, RevNat>,
+    members: HashMap<MapData, MemberKey, u32>,
     config: Array<MapData, Config>,
 }
 
@@ -99,6 +113,7 @@ impl AyaDataplane {
             services: HashMap::try_from(take(map_name::SERVICES)?)?,
             backends: HashMap::try_from(take(map_name::BACKENDS)?)?,
             rev_nat: HashMap::try_from(take(map_name::REV_NAT)?)?,
+            members: HashMap::try_from(take(map_name::MEMBERS)?)?,
             config: Array::try_from(take(map_name::CONFIG)?)?,
         })
     }
@@ -116,6 +131,7 @@ impl AyaDataplane {
             services: HashMap::try_from(open(map_name::SERVICES)?)?,
             backends: HashMap::try_from(open(map_name::BACKENDS)?)?,
             rev_nat: HashMap::try_from(open(map_name::REV_NAT)?)?,
+            members: HashMap::try_from(open(map_name::MEMBERS)?)?,
             config: Array::try_from(Map::Array(open_data(map_name::CONFIG)?))?,
         })
     }
@@ -143,6 +159,12 @@ impl Dataplane for AyaDataplane {
     fn put_config(&mut self, value: &Config) -> Result<()> {
         Ok(self.config.set(0, value, 0)?)
     }
+    fn put_member(&mut self, key: &MemberKey, slot: u32) -> Result<()> {
+        Ok(self.members.insert(key, slot, 0)?)
+    }
+    fn del_member(&mut self, key: &MemberKey) -> Result<()> {
+        Ok(self.members.remove(key)?)
+    }
     fn snapshot(&self) -> Result<Snapshot> {
         let mut s = Snapshot { config: self.config.get(&0, 0)?, ..Default::default() };
         for kv in self.services.iter() {
@@ -156,6 +178,10 @@ impl Dataplane for AyaDataplane {
         for kv in self.rev_nat.iter() {
             let (k, v) = kv?;
             s.rev_nat.insert(k, v);
+        }
+        for kv in self.members.iter() {
+            let (k, v) = kv?;
+            s.members.insert(k, v);
         }
         Ok(s)
     }

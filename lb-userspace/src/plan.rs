@@ -243,6 +243,9 @@ pub struct BackendKey {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredFrontend {
+    /// The Service port the frontend belongs to (`namespace/name:port/PROTO`); its frontends
+    /// share one id, and with it their session affinity records.
+    pub service_port: String,
     pub flags: u16,
     pub affinity_timeout_s: u32,
     /// Backends in plan order, each with its backend flags.
@@ -297,6 +300,7 @@ pub fn desired(plan: &Plan) -> Desired {
             .unwrap_or(&[]);
         for fe in &sp.frontends {
             let entry = |eps: &[PlannedEndpoint]| DesiredFrontend {
+                service_port: format!("{}/{}:{}/{:?}", sp.namespace, sp.name, sp.port_name, sp.protocol),
                 flags: flags | kind_flag(fe.kind),
                 affinity_timeout_s: sp.session_affinity_timeout_seconds.unwrap_or(0),
                 backends: backends(eps),

@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::Result;
-use lb_common::{Backend, Config, RevNat, ServiceKey, ServiceValue};
+use lb_common::{Backend, Config, MemberKey, RevNat, ServiceKey, ServiceValue};
 
 use crate::{
     dataplane::{Dataplane, Snapshot},
@@ -24,6 +24,7 @@ use crate::{
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct ProgrammedFrontend {
     rev_nat_id: u32,
+    svc_port_id: u32,
     flags: u16,
     affinity_timeout_s: u32,
     /// Backend id of slot `i + 1`; 0 marks a slot known to be missing.
@@ -75,6 +76,11 @@ pub struct Syncer<D: Dataplane> {
     stray_backends: Vec<u32>,
     stray_rev_nat: Vec<u32>,
     config: Config,
+    /// Service port (see `DesiredFrontend::service_port`) -> id shared by its frontends.
+    svc_port_ids: HashMap<String, u32>,
+    svc_port_alloc: IdAllocator,
+    /// Programmed membership entries: (frontend, backend id) -> slot.
+    members: BTreeMap<MemberKey, u32>,
     /// Total map writes since start.
     pub total_writes: u64,
 }
@@ -114,6 +120,11 @@ impl<D: Dataplane> Syncer<D> {
             stray_backends: Vec::new(),
             stray_rev_nat: Vec::new(),
             config: snap.config,
+            svc_port_ids: HashMap::new(),
+            svc_port_alloc: IdAllocator::with_used(
+                snap.services.iter().filter(|(k, _)| k.slot == 0).map(|(_, v)| v.svc_port_id),
+            ),
+            members: snap.members.clone(),
             total_writes: 0,
         };
         s.load(snap);
@@ -156,6 +167,7 @@ impl<D: Dataplane> Syncer<D> {
                 fe,
                 ProgrammedFrontend {
                     rev_nat_id: v.rev_nat_id,
+                    svc_port_id: v.svc_port_id,
                     flags: v.flags,
                     affinity_timeout_s: v.affinity_timeout_s,
                     slots,
@@ -222,9 +234,30 @@ impl<D: Dataplane> Syncer<D> {
                 }
             }
         }
+        // Service port ids: kept from what is programmed where possible (adoption), else new.
+        let mut claimed: BTreeSet<u32> = self.svc_port_ids.values().copied().collect();
+        for (fe, d) in desired {
+            if self.svc_port_ids.contains_key(&d.service_port) {
+                continue;
+            }
+            let programmed = self.frontends.get(fe).map(|p| p.svc_port_id).filter(|id| *id != 0);
+            let id = match programmed {
+                Some(id) if !claimed.contains(&id) => id,
+                _ => self.svc_port_alloc.alloc(),
+            };
+            claimed.insert(id);
+            self.svc_port_ids.insert(d.service_port.clone(), id);
+        }
         // 2 + 3. frontends that are new or changed.
         for (fe, d) in desired {
             self.sync_frontend(fe, d)?;
+        }
+        let live: BTreeSet<&String> = desired.values().map(|d| &d.service_port).collect();
+        let dead: Vec<String> = self.svc_port_ids.keys().filter(|k| !live.contains(k)).cloned().collect();
+        for k in dead {
+            if let Some(id) = self.svc_port_ids.remove(&k) {
+                self.svc_port_alloc.release(id);
+            }
         }
         // 4. removals: frontends no longer desired, strays, then unreferenced entries.
         let gone: Vec<FrontendKey> =
@@ -236,7 +269,25 @@ impl<D: Dataplane> Syncer<D> {
                 self.write(|dp| dp.del_service(&service_key(&fe, i as u16 + 1)))?;
                 self.unref_backend(*id);
             }
+            self.sync_members(&fe, &[], false)?;
             self.unref_rev_nat(fe.addr)?;
+        }
+        let stray_members: Vec<MemberKey> = self
+            .members
+            .keys()
+            .filter(|m| {
+                let fe = FrontendKey {
+                    addr: sock_addr(m.frontend.addr_be, m.frontend.port_be),
+                    proto: m.frontend.proto,
+                    scope: m.frontend.scope,
+                };
+                !self.frontends.contains_key(&fe)
+            })
+            .copied()
+            .collect();
+        for m in stray_members {
+            self.write(|dp| dp.del_member(&m))?;
+            self.members.remove(&m);
         }
         for k in std::mem::take(&mut self.stray_services) {
             self.write(|dp| dp.del_service(&k))?;
@@ -300,14 +351,19 @@ impl<D: Dataplane> Syncer<D> {
                 self.write(|dp| dp.put_service(&service_key(fe, i as u16 + 1), &v))?;
             }
         }
+        let svc_port_id = self.svc_port_ids[&d.service_port];
+        // Membership of the new slots before the master makes them visible.
+        self.sync_members(fe, &slots, true)?;
         let master = ProgrammedFrontend {
             rev_nat_id,
+            svc_port_id,
             flags: d.flags,
             affinity_timeout_s: d.affinity_timeout_s,
             slots: slots.clone(),
         };
         let master_changed = old.as_ref().is_none_or(|p| {
             p.slots.len() != slots.len()
+                || p.svc_port_id != svc_port_id
                 || p.flags != d.flags
                 || p.affinity_timeout_s != d.affinity_timeout_s
         });
@@ -318,12 +374,16 @@ impl<D: Dataplane> Syncer<D> {
                 flags: d.flags,
                 rev_nat_id,
                 affinity_timeout_s: d.affinity_timeout_s,
+                svc_port_id,
+                _pad: 0,
             };
             self.write(|dp| dp.put_service(&service_key(fe, 0), &v))?;
         }
         for i in slots.len()..old_slots.len() {
             self.write(|dp| dp.del_service(&service_key(fe, i as u16 + 1)))?;
         }
+        // Backends that left the frontend stop being members only after the master shrank.
+        self.sync_members(fe, &slots, false)?;
         for id in old_slots.iter().filter(|id| **id != 0) {
             self.unref_backend(*id);
         }
@@ -331,6 +391,35 @@ impl<D: Dataplane> Syncer<D> {
             *self.backend_refs.entry(*id).or_default() += 1;
         }
         self.frontends.insert(*fe, master);
+        Ok(())
+    }
+
+    /// Brings the membership entries of `fe` in line with `slots`: with `adding`, writes the
+    /// entries that are new or moved; without, deletes the ones no longer wanted.
+    fn sync_members(&mut self, fe: &FrontendKey, slots: &[u32], adding: bool) -> Result<()> {
+        let master = service_key(fe, 0);
+        let want: BTreeMap<MemberKey, u32> = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| **id != 0)
+            .map(|(i, id)| (MemberKey { frontend: master, backend_id: *id }, i as u32 + 1))
+            .collect();
+        let lo = MemberKey { frontend: master, backend_id: 0 };
+        let hi = MemberKey { frontend: master, backend_id: u32::MAX };
+        let have: BTreeMap<MemberKey, u32> = self.members.range(lo..=hi).map(|(k, v)| (*k, *v)).collect();
+        if adding {
+            for (k, slot) in &want {
+                if have.get(k) != Some(slot) {
+                    self.write(|dp| dp.put_member(k, *slot))?;
+                    self.members.insert(*k, *slot);
+                }
+            }
+        } else {
+            for k in have.keys().filter(|k| !want.contains_key(k)) {
+                self.write(|dp| dp.del_member(k))?;
+                self.members.remove(k);
+            }
+        }
         Ok(())
     }
 
@@ -403,7 +492,7 @@ mod tests {
         (0..n)
             .map(|s| {
                 let backends = (0..per).map(|b| (be(s * per + b), 0)).collect();
-                (fe(s), DesiredFrontend { flags: 1, affinity_timeout_s: 0, backends })
+                (fe(s), DesiredFrontend { service_port: format!("ns/s{s}:p/TCP"), flags: 1, affinity_timeout_s: 0, backends })
             })
             .collect()
     }
@@ -441,8 +530,8 @@ mod tests {
         let mut s = Syncer::adopt(FakeDataplane::default()).unwrap();
         let d = desired(3, 4);
         let first = s.sync(&d).unwrap();
-        // 12 backends + 3 rev-NAT + 12 slots + 3 masters.
-        assert_eq!(first.writes, 30);
+        // 12 backends + 3 rev-NAT + 12 slots + 12 memberships + 3 masters.
+        assert_eq!(first.writes, 42);
         assert_eq!(s.sync(&d).unwrap().writes, 0);
         let r = resolved(&s.dataplane().state);
         assert_eq!(r.len(), 3);
@@ -468,7 +557,8 @@ mod tests {
         // And a change after adoption is still minimal.
         let mut d2 = d.clone();
         d2.get_mut(&fe(1)).unwrap().backends.pop();
-        assert_eq!(again.sync(&d2).unwrap().writes, 3); // master + tail slot + backend
+        // master + tail slot + membership + backend
+        assert_eq!(again.sync(&d2).unwrap().writes, 4);
     }
 
     #[test]
@@ -525,6 +615,8 @@ mod tests {
                 "del_rev_nat" => {
                     replay.state.rev_nat.remove(&arg.parse::<u32>().unwrap());
                 }
+                // Membership does not change what a frontend resolves to.
+                "put_member" | "del_member" => {}
                 "put_service" | "del_service" => {
                     let k = *all_keys.iter().find(|k| svc_key_str(k) == arg).unwrap();
                     if verb == "put_service" {
@@ -545,7 +637,44 @@ mod tests {
                 }
             }
         }
-        assert_eq!(replay.state, end);
+        assert_eq!(
+            (&replay.state.services, &replay.state.backends, &replay.state.rev_nat),
+            (&end.services, &end.backends, &end.rev_nat)
+        );
+    }
+
+    #[test]
+    fn membership_follows_slots_and_service_ports_share_an_id() {
+        let mut s = Syncer::adopt(FakeDataplane::default()).unwrap();
+        let mut d = desired(2, 3);
+        // Two frontends of one Service port (say its ClusterIP and a NodePort).
+        d.get_mut(&fe(1)).unwrap().service_port = "ns/s0:p/TCP".into();
+        s.sync(&d).unwrap();
+        let st = &s.dataplane().state;
+        let masters: Vec<u32> = st.services.iter().filter(|(k, _)| k.slot == 0).map(|(_, v)| v.svc_port_id).collect();
+        assert_eq!(masters.len(), 2);
+        assert_eq!(masters[0], masters[1]);
+        assert_ne!(masters[0], 0);
+        // Every slot has its membership entry and nothing else does.
+        let expect: BTreeMap<MemberKey, u32> = st
+            .services
+            .iter()
+            .filter(|(k, _)| k.slot != 0)
+            .map(|(k, v)| (MemberKey { frontend: ServiceKey { slot: 0, ..*k }, backend_id: v.backend_id }, k.slot as u32))
+            .collect();
+        assert_eq!(st.members, expect);
+        // Removing a backend removes its membership; adoption keeps the ids.
+        d.get_mut(&fe(0)).unwrap().backends.remove(0);
+        s.sync(&d).unwrap();
+        assert_eq!(s.dataplane().state.members.len(), 5);
+        let mut again = Syncer::adopt(FakeDataplane { state: s.dataplane().state.clone(), log: vec![] }).unwrap();
+        assert_eq!(again.sync(&d).unwrap().writes, 0);
+        // Stray memberships found at adoption are removed.
+        let mut state = s.dataplane().state.clone();
+        state.members.insert(MemberKey { frontend: service_key(&fe(7), 0), backend_id: 3 }, 1);
+        let mut again = Syncer::adopt(FakeDataplane { state, log: vec![] }).unwrap();
+        assert_eq!(again.sync(&d).unwrap().writes, 1);
+        assert_eq!(again.dataplane().state.members.len(), 5);
     }
 
     fn svc_key_str(k: &ServiceKey) -> String {
@@ -561,13 +690,13 @@ mod tests {
         // Replace one endpoint of one Service.
         d.get_mut(&fe(4242)).unwrap().backends[0] = (be(999_999), 0);
         let st = s.sync(&d).unwrap();
-        // new backend + its slot + old backend deleted.
-        assert_eq!(st.writes, 3);
-        // Remove one endpoint.
+        // new backend + its slot + its membership + old membership + old backend.
+        assert_eq!(st.writes, 5);
+        // Remove one endpoint: master + tail slot + membership + backend.
         d.get_mut(&fe(17)).unwrap().backends.pop();
-        assert_eq!(s.sync(&d).unwrap().writes, 3);
-        // Add one endpoint.
+        assert_eq!(s.sync(&d).unwrap().writes, 4);
+        // Add one endpoint: backend + slot + membership + master.
         d.get_mut(&fe(9000)).unwrap().backends.push((be(888_888), 0));
-        assert_eq!(s.sync(&d).unwrap().writes, 3);
+        assert_eq!(s.sync(&d).unwrap().writes, 4);
     }
 }

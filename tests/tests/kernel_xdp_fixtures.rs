@@ -182,7 +182,7 @@ fn kernel_xdp_scopes_are_separate() {
     let be = BackendKey { addr: SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 10), 8080), proto: 6 };
     let fe = |scope| FrontendKey { addr: SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80), proto: 6, scope };
     let d = |scope| -> Desired {
-        [(fe(scope), DesiredFrontend { flags: 1, affinity_timeout_s: 0, backends: vec![(be, 0)] })].into()
+        [(fe(scope), DesiredFrontend { service_port: "default/echo:/TCP".into(), flags: 1, affinity_timeout_s: 0, backends: vec![(be, 0)] })].into()
     };
     // A ClusterIP frontend is internal (socket-level): XDP does not see it as a frontend.
     h.program(&d(lb_common::scope::INTERNAL)).unwrap();

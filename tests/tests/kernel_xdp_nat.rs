@@ -69,7 +69,12 @@ impl Fixture {
         .unwrap();
         let fe = |ip, port, proto| FrontendKey { addr: sa(ip, port), proto, scope: lb_common::scope::EXTERNAL };
         let be = |ip, port, proto, flags| (BackendKey { addr: sa(ip, port), proto }, flags);
-        let entry = |backends| DesiredFrontend { flags: lb_common::service_flags::NODE_PORT, affinity_timeout_s: 0, backends };
+        let entry = |backends: Vec<(BackendKey, u8)>| DesiredFrontend {
+            service_port: format!("default/{:?}", backends.first().map(|b| b.0)),
+            flags: lb_common::service_flags::NODE_PORT,
+            affinity_timeout_s: 0,
+            backends,
+        };
         let d: Desired = [
             // externalTrafficPolicy Local: the one local endpoint.
             (fe(NODE, 30080, TCP), entry(vec![be(LOCAL_POD, 8080, TCP, backend_flags::LOCAL)])),
