@@ -12,7 +12,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray},
     programs::{TestRun, TestRunOptions, Xdp},
 };
-use lb_common::{map_name, program_name, Config, Counter, CtEntry, CtKey};
+use lb_common::{map_name, program_name, AffinityKey, AffinityValue, Config, Counter, CtEntry, CtKey};
 
 use crate::{dataplane::AyaDataplane, inspect, plan::Desired, sync::Syncer};
 
@@ -76,6 +76,21 @@ impl XdpHarness {
         let map = self.ebpf.map_mut(map_name::CONNTRACK).ok_or_else(|| anyhow!("no conntrack map"))?;
         let mut ct: HashMap<&mut MapData, CtKey, CtEntry> = HashMap::try_from(map)?;
         ct.insert(key, entry, 0)?;
+        Ok(())
+    }
+
+    /// Every session affinity record.
+    pub fn affinity_entries(&self) -> Result<Vec<(AffinityKey, AffinityValue)>> {
+        let map = self.ebpf.map(map_name::AFFINITY).ok_or_else(|| anyhow!("no affinity map"))?;
+        let m: HashMap<&MapData, AffinityKey, AffinityValue> = HashMap::try_from(map)?;
+        Ok(m.iter().collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Overwrites an affinity record (to age it without waiting).
+    pub fn affinity_set(&mut self, key: &AffinityKey, value: &AffinityValue) -> Result<()> {
+        let map = self.ebpf.map_mut(map_name::AFFINITY).ok_or_else(|| anyhow!("no affinity map"))?;
+        let mut m: HashMap<&mut MapData, AffinityKey, AffinityValue> = HashMap::try_from(map)?;
+        m.insert(key, value, 0)?;
         Ok(())
     }
 
