@@ -42,11 +42,21 @@ pub struct RunResult {
 
 impl XdpHarness {
     pub fn new() -> Result<Self> {
+        Self::with_map_sizes(&[])
+    }
+
+    /// Like `new`, with some maps given another capacity (to test behaviour under pressure).
+    pub fn with_map_sizes(sizes: &[(&str, u32)]) -> Result<Self> {
         static N: AtomicU32 = AtomicU32::new(0);
         let bpffs = mount_point("bpf").ok_or_else(|| anyhow!("no bpf filesystem mounted (mount -t bpf bpf /sys/fs/bpf)"))?;
         let dir = bpffs.join(format!("lbfix{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
         std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
-        let mut ebpf = aya::EbpfLoader::new().default_map_pin_directory(&dir).load(crate::EBPF_OBJECT)?;
+        let mut loader = aya::EbpfLoader::new();
+        loader.default_map_pin_directory(&dir);
+        for (name, size) in sizes {
+            loader.map_max_entries(name, *size);
+        }
+        let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
         let xdp: &mut Xdp = ebpf.program_mut(program_name::XDP).ok_or_else(|| anyhow!("no XDP program"))?.try_into()?;
         xdp.load().context("loading the XDP program (verifier)")?;
         let syncer = Syncer::adopt(AyaDataplane::from_ebpf(&mut ebpf)?)?;

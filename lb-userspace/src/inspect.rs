@@ -98,13 +98,28 @@ pub fn backends(s: &Snapshot) -> Vec<BackendView> {
         .collect()
 }
 
-/// Sums the per-CPU counters pinned under `bpffs`.
+/// Sums the per-CPU counters pinned under `bpffs`, and adds `affinity_evictions`: affinity
+/// records are only ever removed by the LRU, so the records created minus those alive is the
+/// number evicted under pressure.
 pub fn stats(bpffs: &Path) -> Result<Vec<CounterView>> {
     check_dir(bpffs)?;
     let p = bpffs.join(map_name::STATS);
     let data = MapData::from_pin(&p).with_context(|| format!("cannot open pinned map {}", p.display()))?;
     let arr: PerCpuArray<MapData, Counter> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
-    read_counters(&arr)
+    let mut out = read_counters(&arr)?;
+    let p = bpffs.join(map_name::AFFINITY);
+    let data = MapData::from_pin(&p).with_context(|| format!("cannot open pinned map {}", p.display()))?;
+    let aff: aya::maps::HashMap<MapData, lb_common::AffinityKey, lb_common::AffinityValue> =
+        aya::maps::HashMap::try_from(Map::LruHashMap(data))?;
+    let alive = aff.keys().count() as u64;
+    out.push(affinity_evictions(&out, alive));
+    Ok(out)
+}
+
+/// The derived `affinity_evictions` counter.
+pub fn affinity_evictions(counters: &[CounterView], alive: u64) -> CounterView {
+    let created = counters.iter().find(|c| c.name == "affinity_new").map_or(0, |c| c.packets);
+    CounterView { name: "affinity_evictions", packets: created.saturating_sub(alive), bytes: 0 }
 }
 
 /// Sums a per-CPU counter array (also used on a freshly loaded object in tests).

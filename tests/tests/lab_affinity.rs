@@ -1,0 +1,118 @@
+//! Session affinity end to end (`sessionAffinity: ClientIP`, `timeoutSeconds: 2`, three
+//! backends): on the socket-level path (ClusterIP from pods) and the XDP path (NodePort from the
+//! external client).
+use std::{collections::BTreeSet, path::PathBuf, time::Duration};
+
+use lb_tests::lab::{bin_path, AgentProcess, Exchange, Lab};
+
+const CLUSTER_IP: &str = "10.96.0.60:80";
+const NODE_PORT: &str = "192.168.100.1:30100";
+
+fn examples() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/lab.yaml")).unwrap()
+}
+
+struct Setup {
+    lab: Lab,
+    manifests: PathBuf,
+    agents: Vec<AgentProcess>,
+}
+
+fn setup() -> Option<Setup> {
+    lb_tests::require_privileges()?;
+    let lab = Lab::new().expect("lab");
+    let manifests = lab.tmpdir().join("manifests.yaml");
+    std::fs::write(&manifests, examples()).unwrap();
+    let agent = bin_path("lb-agent").unwrap();
+    let mut agents = Vec::new();
+    for node in ["node1", "node2"] {
+        let mut a = lab.spawn_agent(node, &agent, &manifests, &[]).unwrap();
+        a.wait_for_log("sync generation 1:", Duration::from_secs(20)).unwrap();
+        agents.push(a);
+    }
+    Some(Setup { lab, manifests, agents })
+}
+
+fn backends(ex: &[Exchange], what: &str) -> BTreeSet<String> {
+    let bad: Vec<_> = ex.iter().filter(|e| !e.ok).collect();
+    assert!(bad.is_empty(), "{what}: {} failed, first {:?}", bad.len(), bad.first());
+    ex.iter().map(|e| e.backend.clone().unwrap()).collect()
+}
+
+/// `count` exchanges from `at`, which must all reach one backend; returns it.
+fn one_backend(lab: &Lab, at: &str, proto: &str, target: &str, count: u32) -> String {
+    let ex = lab.run_client(at, &[proto, target, "--count", &count.to_string()]).unwrap();
+    let b = backends(&ex, &format!("{proto} {target} from {at}"));
+    assert_eq!(b.len(), 1, "{proto} {target} from {at}: {b:?}");
+    b.into_iter().next().unwrap()
+}
+
+#[test]
+fn lab_affinity_keeps_a_client_on_one_backend_on_both_paths() {
+    let Some(s) = setup() else { return };
+    for proto in ["tcp", "udp"] {
+        one_backend(&s.lab, "a1", proto, CLUSTER_IP, 50);
+        one_backend(&s.lab, "client", proto, NODE_PORT, 50);
+    }
+}
+
+#[test]
+fn lab_affinity_two_clients_can_land_on_different_backends() {
+    let Some(s) = setup() else { return };
+    // Pods a1 and a2 are two clients (two network namespaces). Each choice is independent, so
+    // they differ with probability 2/3; after the 2 s timeout both choose again.
+    for round in 0..8 {
+        let x = one_backend(&s.lab, "a1", "tcp", CLUSTER_IP, 20);
+        let y = one_backend(&s.lab, "a2", "tcp", CLUSTER_IP, 20);
+        if x != y {
+            eprintln!("round {round}: a1 -> {x}, a2 -> {y}");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(3100));
+    }
+    panic!("two clients always shared a backend over 8 independent rounds");
+}
+
+#[test]
+fn lab_affinity_expires_after_the_idle_timeout() {
+    let Some(s) = setup() else { return };
+    let mut first = [one_backend(&s.lab, "a1", "tcp", CLUSTER_IP, 5), one_backend(&s.lab, "client", "tcp", NODE_PORT, 5)];
+    let mut moved = [false, false];
+    for _ in 0..8 {
+        // Idle longer than timeoutSeconds (2): the next connection is balanced afresh.
+        std::thread::sleep(Duration::from_millis(3100));
+        let now = [one_backend(&s.lab, "a1", "tcp", CLUSTER_IP, 5), one_backend(&s.lab, "client", "tcp", NODE_PORT, 5)];
+        for i in 0..2 {
+            moved[i] |= now[i] != first[i];
+        }
+        if moved == [true, true] {
+            return;
+        }
+        first = now;
+    }
+    panic!("after idle timeouts the choice never moved (socket path moved: {}, XDP path moved: {})", moved[0], moved[1]);
+}
+
+#[test]
+fn lab_affinity_moves_off_a_removed_backend_without_failures() {
+    let Some(mut s) = setup() else { return };
+    let pinned_sock = one_backend(&s.lab, "a1", "tcp", CLUSTER_IP, 10);
+    let pinned_xdp = one_backend(&s.lab, "client", "tcp", NODE_PORT, 10);
+    // Remove both pinned backends from the Service (the sticky slice only).
+    let text = examples();
+    let (head, tail) = text.split_at(text.find("name: sticky-1").unwrap());
+    let mut tail = tail.to_string();
+    for b in BTreeSet::from([pinned_sock.clone(), pinned_xdp.clone()]) {
+        let addr = s.lab.pod(&b).addr.to_string();
+        tail = tail.replace(&format!("- {{addresses: [{addr}]"), "# removed: ");
+    }
+    std::fs::write(&s.manifests, format!("{head}{tail}")).unwrap();
+    for a in &mut s.agents {
+        a.wait_for_log("sync generation 2:", Duration::from_secs(20)).unwrap();
+    }
+    // Well within the 2 s timeout: the records are still live but their backends are gone.
+    let now_sock = one_backend(&s.lab, "a1", "tcp", CLUSTER_IP, 20);
+    let now_xdp = one_backend(&s.lab, "client", "tcp", NODE_PORT, 20);
+    assert_ne!(now_sock, pinned_sock);
+    assert_ne!(now_xdp, pinned_xdp);
+}
