@@ -5,6 +5,7 @@
 //! and prints one JSON line per exchange).
 pub mod lab;
 pub mod netns;
+pub mod scenario;
 pub mod xdp;
 
 pub use lab::{bin_path, AgentProcess, Exchange, HeldConnection, Lab, Node, Pod};

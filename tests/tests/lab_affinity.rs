@@ -1,37 +1,14 @@
 //! Session affinity end to end (`sessionAffinity: ClientIP`, `timeoutSeconds: 2`, three
 //! backends): on the socket-level path (ClusterIP from pods) and the XDP path (NodePort from the
 //! external client).
-use std::{collections::BTreeSet, path::PathBuf, time::Duration};
+use std::{collections::BTreeSet, time::Duration};
 
-use lb_tests::lab::{bin_path, AgentProcess, Exchange, Lab};
+use lb_tests::lab::{Exchange, Lab};
 
 const CLUSTER_IP: &str = "10.96.0.60:80";
 const NODE_PORT: &str = "192.168.100.1:30100";
 
-fn examples() -> String {
-    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/lab.yaml")).unwrap()
-}
-
-struct Setup {
-    lab: Lab,
-    manifests: PathBuf,
-    agents: Vec<AgentProcess>,
-}
-
-fn setup() -> Option<Setup> {
-    lb_tests::require_privileges()?;
-    let lab = Lab::new().expect("lab");
-    let manifests = lab.tmpdir().join("manifests.yaml");
-    std::fs::write(&manifests, examples()).unwrap();
-    let agent = bin_path("lb-agent").unwrap();
-    let mut agents = Vec::new();
-    for node in ["node1", "node2"] {
-        let mut a = lab.spawn_agent(node, &agent, &manifests, &[]).unwrap();
-        a.wait_for_log("sync generation 1:", Duration::from_secs(20)).unwrap();
-        agents.push(a);
-    }
-    Some(Setup { lab, manifests, agents })
-}
+use lb_tests::scenario::{example_manifests as examples, start_example as setup};
 
 fn backends(ex: &[Exchange], what: &str) -> BTreeSet<String> {
     let bad: Vec<_> = ex.iter().filter(|e| !e.ok).collect();
@@ -106,10 +83,7 @@ fn lab_affinity_moves_off_a_removed_backend_without_failures() {
         let addr = s.lab.pod(&b).addr.to_string();
         tail = tail.replace(&format!("- {{addresses: [{addr}]"), "# removed: ");
     }
-    std::fs::write(&s.manifests, format!("{head}{tail}")).unwrap();
-    for a in &mut s.agents {
-        a.wait_for_log("sync generation 2:", Duration::from_secs(20)).unwrap();
-    }
+    s.apply(&format!("{head}{tail}"), 2);
     // Well within the 2 s timeout: the records are still live but their backends are gone.
     let now_sock = one_backend(&s.lab, "a1", "tcp", CLUSTER_IP, 20);
     let now_xdp = one_backend(&s.lab, "client", "tcp", NODE_PORT, 20);

@@ -1,36 +1,13 @@
 //! End-to-end ClusterIP load balancing in the reference lab: real agents, real sockets, real
 //! kernels. Socket-level translation for pods on a node (cgroup connect4/sendmsg4/recvmsg4/
 //! getpeername4), from deploy/examples/lab.yaml.
-use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+use std::collections::BTreeMap;
 
-use lb_tests::lab::{bin_path, AgentProcess, Exchange, Lab};
+use lb_tests::lab::Exchange;
 
 const ECHO: &str = "10.96.0.10:80";
 
-fn examples() -> String {
-    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/lab.yaml")).unwrap()
-}
-
-struct Setup {
-    lab: Lab,
-    manifests: PathBuf,
-    agents: Vec<AgentProcess>,
-}
-
-fn setup() -> Option<Setup> {
-    lb_tests::require_privileges()?;
-    let lab = Lab::new().expect("lab");
-    let manifests = lab.tmpdir().join("manifests.yaml");
-    std::fs::write(&manifests, examples()).unwrap();
-    let agent = bin_path("lb-agent").unwrap();
-    let mut agents = Vec::new();
-    for node in ["node1", "node2"] {
-        let mut a = lab.spawn_agent(node, &agent, &manifests, &[]).unwrap();
-        a.wait_for_log("sync generation 1:", Duration::from_secs(20)).unwrap();
-        agents.push(a);
-    }
-    Some(Setup { lab, manifests, agents })
-}
+use lb_tests::scenario::{example_manifests as examples, start_example as setup};
 
 fn by_backend(ex: &[Exchange]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
@@ -40,17 +17,6 @@ fn by_backend(ex: &[Exchange]) -> BTreeMap<String, usize> {
     m
 }
 
-fn lbctl_stats(bpffs: &std::path::Path) -> BTreeMap<String, u64> {
-    let out = std::process::Command::new(bin_path("lbctl").unwrap())
-        .arg("--bpffs")
-        .arg(bpffs)
-        .args(["stats", "-o", "json"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    v.iter().map(|c| (c["name"].as_str().unwrap().to_string(), c["packets"].as_u64().unwrap())).collect()
-}
 
 #[test]
 fn lab_clusterip_spreads_tcp_and_udp_over_four_backends() {
@@ -74,7 +40,7 @@ fn lab_clusterip_spreads_tcp_and_udp_over_four_backends() {
         eprintln!("{proto} spread over 300: {spread:?}");
     }
     // The counters show the socket-level path did it.
-    let st = lbctl_stats(&s.lab.node("node1").bpffs);
+    let st = s.stats("node1");
     assert!(st["sock_connect_xlate"] >= 300, "{st:?}");
     assert!(st["sock_getpeername_revnat"] >= 300, "{st:?}");
     assert!(st["sock_sendmsg_xlate"] >= 300, "{st:?}");
@@ -118,10 +84,7 @@ fn lab_clusterip_backend_removal_keeps_established_connection() {
         .collect::<Vec<_>>()
         .join("\n");
     assert_ne!(without, examples());
-    std::fs::write(&s.manifests, without).unwrap();
-    for a in &mut s.agents {
-        a.wait_for_log("sync generation 2:", Duration::from_secs(20)).unwrap();
-    }
+    s.apply(&without, 2);
 
     // New connections and datagrams never reach the removed backend.
     for proto in ["tcp", "udp"] {

@@ -6,52 +6,17 @@ use std::{
     collections::BTreeMap,
     io::{Read, Write},
     net::TcpStream,
-    path::PathBuf,
     time::Duration,
 };
 
-use lb_tests::lab::{bin_path, AgentProcess, Exchange, Lab};
+use lb_tests::lab::Exchange;
 
 const LB_LOCAL: &str = "203.0.113.10:80";
 const LB_CLUSTER: &str = "203.0.113.11:80";
 const EXT_IP: &str = "198.51.100.50:80";
 
-fn examples() -> String {
-    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/lab.yaml")).unwrap()
-}
+use lb_tests::scenario::{example_manifests as examples, start_example as setup};
 
-struct Setup {
-    lab: Lab,
-    manifests: PathBuf,
-    agents: Vec<AgentProcess>,
-}
-
-fn setup() -> Option<Setup> {
-    lb_tests::require_privileges()?;
-    let lab = Lab::new().expect("lab");
-    let manifests = lab.tmpdir().join("manifests.yaml");
-    std::fs::write(&manifests, examples()).unwrap();
-    let agent = bin_path("lb-agent").unwrap();
-    let mut agents = Vec::new();
-    for node in ["node1", "node2"] {
-        let mut a = lab.spawn_agent(node, &agent, &manifests, &[]).unwrap();
-        a.wait_for_log("sync generation 1:", Duration::from_secs(20)).unwrap();
-        agents.push(a);
-    }
-    Some(Setup { lab, manifests, agents })
-}
-
-fn stats(lab: &Lab, node: &str) -> BTreeMap<String, u64> {
-    let out = std::process::Command::new(bin_path("lbctl").unwrap())
-        .arg("--bpffs")
-        .arg(&lab.node(node).bpffs)
-        .args(["stats", "-o", "json"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    v.iter().map(|c| (c["name"].as_str().unwrap().to_string(), c["packets"].as_u64().unwrap())).collect()
-}
 
 fn all_ok(ex: &[Exchange], what: &str) {
     let bad: Vec<_> = ex.iter().filter(|e| !e.ok).collect();
@@ -113,7 +78,7 @@ fn lab_local_policy_keeps_the_client_address() {
             assert_eq!(e.peer.as_deref(), Some(target), "{e:?}");
         }
     }
-    let st = stats(&s.lab, "node1");
+    let st = s.stats("node1");
     assert!(st["xdp_new_flow"] >= 120, "{st:?}");
     assert!(st["tc_reply"] >= 120, "{st:?}");
 }
@@ -132,7 +97,7 @@ fn lab_cluster_policy_translates_the_source_to_the_node() {
             assert_eq!(e.peer.as_deref(), Some(target), "{e:?}");
         }
     }
-    let st = stats(&s.lab, "node1");
+    let st = s.stats("node1");
     assert!(st["xdp_new_flow"] >= 90 && st["xdp_reply"] >= 90, "{st:?}");
     assert!(st["xdp_tx"] >= 90, "translated packets left through XDP_TX: {st:?}");
 }
@@ -144,7 +109,7 @@ fn lab_local_policy_without_local_endpoint_drops_and_health_says_so() {
     s.lab.client_route("203.0.113.10/32", "node2").unwrap();
     let ex = s.lab.run_client("client", &["tcp", LB_LOCAL, "--count", "3", "--timeout-ms", "500"]).unwrap();
     assert!(ex.iter().all(|e| !e.ok), "no connection may succeed: {ex:?}");
-    let st = stats(&s.lab, "node2");
+    let st = s.stats("node2");
     assert!(st["xdp_drop_no_backend"] >= 3, "{st:?}");
     // Health checks: node1 has one ready local endpoint, node2 none.
     let (code, headers, body) = http_get(&s.lab.client_netns, "192.168.100.1:32080");
@@ -186,10 +151,7 @@ fn lab_long_lived_north_south_connection_survives_backend_leaving() {
     let text = examples();
     let (head, tail) = text.split_at(text.find("name: ext-1").unwrap());
     let tail = tail.replace(&format!("- {{addresses: [{addr}]"), "# removed: ");
-    std::fs::write(&s.manifests, format!("{head}{tail}")).unwrap();
-    for a in &mut s.agents {
-        a.wait_for_log("sync generation 2:", Duration::from_secs(20)).unwrap();
-    }
+    s.apply(&format!("{head}{tail}"), 2);
     let ex = s.lab.run_client("client", &["tcp", EXT_IP, "--count", "30"]).unwrap();
     all_ok(&ex, "new connections");
     assert!(ex.iter().all(|e| e.backend.as_deref() != Some(pinned.as_str())), "{ex:?}");

@@ -1,0 +1,57 @@
+//! The common start of the end-to-end tests: a lab with one agent per node running the example
+//! manifests (deploy/examples/lab.yaml) from a file the test may rewrite.
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+use crate::lab::{bin_path, AgentProcess, Lab};
+
+/// The example manifests as shipped.
+pub fn example_manifests() -> String {
+    include_str!("../../deploy/examples/lab.yaml").to_string()
+}
+
+pub struct Running {
+    pub lab: Lab,
+    /// The manifests file the agents watch.
+    pub manifests: PathBuf,
+    pub agents: Vec<AgentProcess>,
+}
+
+impl Running {
+    /// Replaces the manifests and waits until every agent applied them as `generation`.
+    pub fn apply(&mut self, text: &str, generation: u32) {
+        std::fs::write(&self.manifests, text).unwrap();
+        for a in &mut self.agents {
+            a.wait_for_log(&format!("sync generation {generation}:"), Duration::from_secs(20)).unwrap();
+        }
+    }
+
+    /// `lbctl stats` of a node's agent: counter name -> packets.
+    pub fn stats(&self, node: &str) -> BTreeMap<String, u64> {
+        let out = std::process::Command::new(bin_path("lbctl").unwrap())
+            .arg("--bpffs")
+            .arg(&self.lab.node(node).bpffs)
+            .args(["stats", "-o", "json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        v.iter().map(|c| (c["name"].as_str().unwrap().to_string(), c["packets"].as_u64().unwrap())).collect()
+    }
+}
+
+/// A lab with agents on both nodes running the example manifests; `None` where kernel tests
+/// cannot run (see `require_privileges`).
+pub fn start_example() -> Option<Running> {
+    crate::require_privileges()?;
+    let lab = Lab::new().expect("lab");
+    let manifests = lab.tmpdir().join("manifests.yaml");
+    std::fs::write(&manifests, example_manifests()).unwrap();
+    let agent = bin_path("lb-agent").unwrap();
+    let mut agents = Vec::new();
+    for node in ["node1", "node2"] {
+        let mut a = lab.spawn_agent(node, &agent, &manifests, &[]).unwrap();
+        a.wait_for_log("sync generation 1:", Duration::from_secs(20)).unwrap();
+        agents.push(a);
+    }
+    Some(Running { lab, manifests, agents })
+}
