@@ -26,7 +26,8 @@ use lb_common::program_name;
 use crate::{
     dataplane::AyaDataplane,
     model, plan,
-    source::{ManifestsSource, Source},
+    source::{ManifestsSource, Objects, Source},
+    watch::{KubeConfigChoice, KubeSource},
     sync::Syncer,
 };
 
@@ -54,7 +55,10 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
 #[derive(Clone, Debug)]
 pub struct RunConfig {
     pub node: String,
-    pub manifests: PathBuf,
+    /// Where objects come from: a manifests file or directory, else the Kubernetes API.
+    pub manifests: Option<PathBuf>,
+    /// Kubeconfig for the API (default: the in-cluster service account).
+    pub kubeconfig: Option<PathBuf>,
     pub cgroup: PathBuf,
     pub bpffs: PathBuf,
     pub devices: Vec<String>,
@@ -93,11 +97,11 @@ pub fn preflight(cfg: &RunConfig) -> Result<()> {
             "missing privileges: run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN",
         ));
     }
-    if !cfg.manifests.exists() {
-        return Err(usage(format!(
-            "--manifests {}: no such file or directory",
-            cfg.manifests.display()
-        )));
+    if let Some(m) = cfg.manifests.as_ref().filter(|m| !m.exists()) {
+        return Err(usage(format!("--manifests {}: no such file or directory", m.display())));
+    }
+    if let Some(k) = cfg.kubeconfig.as_ref().filter(|k| !k.exists()) {
+        return Err(usage(format!("--kubeconfig {}: no such file", k.display())));
     }
     match statfs_magic(&cfg.cgroup) {
         Ok(CGROUP2_SUPER_MAGIC) => {}
@@ -253,6 +257,14 @@ fn prepare_device(dev: &str) -> Result<()> {
 /// `lb-agent run`.
 pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     preflight(cfg)?;
+    let mut source: Box<dyn Source> = match (&cfg.manifests, &cfg.kubeconfig) {
+        (Some(m), _) => Box::new(ManifestsSource::new(m)),
+        (None, Some(k)) => Box::new(KubeSource::new(KubeConfigChoice::Kubeconfig(k.clone()), &cfg.node).map_err(|e| usage(format!("{e:#}")))?),
+        (None, None) => Box::new(KubeSource::new(KubeConfigChoice::InCluster, &cfg.node).map_err(|e| usage(format!("{e:#}")))?),
+    };
+    // The last snapshot, re-planned after a failed sync.
+    let mut last: Option<Objects> = None;
+    let mut retry = false;
     let mut ebpf = load(&cfg.bpffs)?;
     attach_cgroup(&mut ebpf, &cfg.cgroup, &cfg.bpffs)?;
     for dev in &cfg.devices {
@@ -262,7 +274,6 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     }
     let dp = AyaDataplane::from_ebpf(&mut ebpf)?;
     let mut syncer = Syncer::adopt(dp)?;
-    let mut source = ManifestsSource::new(&cfg.manifests);
     let mut health = crate::health::HealthServers::new();
     log::info!(
         "attached to cgroup {} and devices {:?}; maps pinned under {}",
@@ -272,8 +283,15 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     );
     let mut generation = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        match source.poll() {
+        let polled = match source.poll() {
+            Ok(Some(o)) => Ok(Some(o)),
+            Ok(None) if retry => Ok(last.clone()),
+            other => other,
+        };
+        retry = false;
+        match polled {
             Ok(Some(objects)) => {
+                last = Some(objects.clone());
                 generation += 1;
                 let started = Instant::now();
                 let m = model::build(&objects, &cfg.node);
@@ -298,12 +316,12 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                     Err(e) => {
                         log::error!("sync generation {generation} failed: {e:#}; re-reading the maps");
                         syncer = Syncer::adopt(AyaDataplane::from_pins(&cfg.bpffs)?)?;
-                        source = ManifestsSource::new(&cfg.manifests); // forces a re-plan
+                        retry = true;
                     }
                 }
             }
             Ok(None) => {}
-            Err(e) => log::error!("reading manifests: {e}; keeping the last good state"),
+            Err(e) => log::error!("reading objects: {e}; keeping the last good state"),
         }
         std::thread::sleep(cfg.poll_interval);
     }

@@ -10,6 +10,7 @@ pub mod model;
 pub mod plan;
 pub mod source;
 pub mod sync;
+pub mod watch;
 
 /// The compiled kernel programs, built by build.rs with aya-build.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));

@@ -105,3 +105,22 @@ fn missing_privileges_is_one_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim(), "lb-agent: error: missing privileges: run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN");
 }
+
+#[test]
+fn without_manifests_outside_a_cluster_names_the_fix() {
+    let Some(cg) = cgroup2() else { panic!("no cgroup2 mount on this machine") };
+    // No --manifests: the agent watches the API; with no service account here, it says so.
+    let out = Command::new(env!("CARGO_BIN_EXE_lb-agent"))
+        .args(["run", "--node", "n", "--cgroup", &cg, "--bpffs", "/sys/fs/bpf/lbcli-kube"])
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("in-cluster config (is this running in a pod? else pass --kubeconfig)"), "{err}");
+    assert!(!std::path::Path::new("/sys/fs/bpf/lbcli-kube").exists(), "nothing attached or pinned");
+    let (code, _, err) = agent(&["run", "--node", "n", "--kubeconfig", "/nonexistent", "--cgroup", &cg, "--bpffs", "/sys/fs/bpf/x"]);
+    assert_eq!(code, 2);
+    assert_eq!(err.trim(), "lb-agent: error: --kubeconfig /nonexistent: no such file");
+}

@@ -22,9 +22,13 @@ enum Command {
         /// This node's name (as in its Node object and endpoints' nodeName).
         #[arg(long)]
         node: String,
-        /// Manifests file or directory (multi-document YAML: Node, Service, EndpointSlice).
+        /// Manifests file or directory (multi-document YAML: Node, Service, EndpointSlice),
+        /// re-read on change. Without it, the agent watches the Kubernetes API.
+        #[arg(long, conflicts_with = "kubeconfig")]
+        manifests: Option<PathBuf>,
+        /// Kubeconfig for the Kubernetes API (default: the in-cluster service account).
         #[arg(long)]
-        manifests: PathBuf,
+        kubeconfig: Option<PathBuf>,
         /// cgroup v2 directory the socket-level programs attach to.
         #[arg(long)]
         cgroup: PathBuf,
@@ -59,7 +63,7 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { node, manifests, cgroup, bpffs, devices, poll_interval_ms, snat_ports } => {
+        Command::Run { node, manifests, kubeconfig, cgroup, bpffs, devices, poll_interval_ms, snat_ports } => {
             let stop = Arc::new(AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
                 signal_hook::flag::register(sig, stop.clone()).expect("signal handler");
@@ -67,6 +71,7 @@ fn main() {
             let cfg = agent::RunConfig {
                 node,
                 manifests,
+                kubeconfig,
                 cgroup,
                 bpffs,
                 devices,
