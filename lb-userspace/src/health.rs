@@ -5,14 +5,12 @@
 //! come and go.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, RwLock,
     },
     thread,
-    time::Duration,
 };
 
 use crate::model::{Model, TrafficPolicy};
@@ -49,8 +47,8 @@ pub fn desired(model: &Model, node: &str) -> BTreeMap<u16, HealthEntry> {
     out
 }
 
-/// The HTTP response for `entry` (status line, headers, body).
-pub fn response(entry: &HealthEntry, proxy_healthy: bool) -> String {
+/// The HTTP response for `entry`.
+pub fn response(entry: &HealthEntry, proxy_healthy: bool) -> crate::http::Response {
     let n = entry.local_endpoints;
     let status = if n > 0 && proxy_healthy { "200 OK" } else { "503 Service Unavailable" };
     let body = serde_json::json!({
@@ -59,10 +57,15 @@ pub fn response(entry: &HealthEntry, proxy_healthy: bool) -> String {
         "serviceProxyHealthy": proxy_healthy,
     })
     .to_string();
-    format!(
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nX-Load-Balancing-Endpoint-Weight: {n}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
+    crate::http::Response {
+        status,
+        headers: vec![
+            ("Content-Type", "application/json".into()),
+            ("X-Content-Type-Options", "nosniff".into()),
+            ("X-Load-Balancing-Endpoint-Weight", n.to_string()),
+        ],
+        body,
+    }
 }
 
 struct Listener {
@@ -170,41 +173,20 @@ fn serve(
     entries: Arc<RwLock<BTreeMap<u16, HealthEntry>>>,
     healthy: Arc<AtomicBool>,
 ) {
-    while !stop.load(Ordering::Relaxed) {
-        match listener.accept() {
-            Ok((conn, _)) => {
-                let entry = entries.read().expect("health entries lock").get(&port).cloned();
-                if let Some(entry) = entry {
-                    let _ = answer(conn, &entry, healthy.load(Ordering::Relaxed));
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                thread::sleep(Duration::from_millis(20));
-            }
-            Err(_) => thread::sleep(Duration::from_millis(20)),
-        }
-    }
-}
-
-/// Reads the request head (any method, any path) and writes the answer.
-fn answer(mut conn: TcpStream, entry: &HealthEntry, healthy: bool) -> std::io::Result<()> {
-    conn.set_nonblocking(false)?;
-    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let mut buf = [0u8; 4096];
-    let mut seen = Vec::new();
-    while !seen.windows(4).any(|w| w == b"\r\n\r\n") && seen.len() < 16 * 1024 {
-        let n = conn.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        seen.extend_from_slice(&buf[..n]);
-    }
-    conn.write_all(response(entry, healthy).as_bytes())?;
-    conn.flush()
+    crate::http::serve(listener, stop, |_path| {
+        // Any path answers, as kube-proxy's health check server does.
+        let entry = entries.read().expect("health entries lock").get(&port).cloned()?;
+        Some(response(&entry, healthy.load(Ordering::Relaxed)))
+    })
 }
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        io::{Read, Write},
+        net::TcpStream,
+    };
+
     use super::*;
 
     fn get(port: u16, path: &str) -> std::io::Result<String> {

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod dataplane;
 pub mod harness;
 pub mod health;
+pub mod http;
 pub mod inspect;
 pub mod model;
 pub mod plan;
