@@ -65,6 +65,10 @@ pub struct RunConfig {
     pub poll_interval: Duration,
     /// SNAT port range (inclusive) for externalTrafficPolicy Cluster flows to remote backends.
     pub snat_ports: (u16, u16),
+    /// Where to serve Prometheus metrics (`/metrics`).
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Where to serve node health (`/healthz`, `/livez`).
+    pub health_addr: Option<std::net::SocketAddr>,
 }
 
 fn statfs_magic(path: &Path) -> std::io::Result<i64> {
@@ -262,6 +266,13 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
         (None, Some(k)) => Box::new(KubeSource::new(KubeConfigChoice::Kubeconfig(k.clone()), &cfg.node).map_err(|e| usage(format!("{e:#}")))?),
         (None, None) => Box::new(KubeSource::new(KubeConfigChoice::InCluster, &cfg.node).map_err(|e| usage(format!("{e:#}")))?),
     };
+    let ops = Arc::new(crate::ops::Ops::new(cfg.bpffs.clone()));
+    for (flag, addr) in [("--metrics-addr", cfg.metrics_addr), ("--health-addr", cfg.health_addr)] {
+        let Some(addr) = addr else { continue };
+        let l = std::net::TcpListener::bind(addr).map_err(|e| usage(format!("{flag} {addr}: {e}")))?;
+        let (ops, stop) = (ops.clone(), stop.clone());
+        std::thread::spawn(move || crate::http::serve(l, stop, |path| ops.route(path)));
+    }
     // The last snapshot, re-planned after a failed sync.
     let mut last: Option<Objects> = None;
     let mut retry = false;
@@ -283,6 +294,8 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     );
     let mut generation = 0u64;
     while !stop.load(Ordering::Relaxed) {
+        ops.heartbeat();
+        ops.watch_restarts(source.watch_restarts());
         let polled = match source.poll() {
             Ok(Some(o)) => Ok(Some(o)),
             Ok(None) if retry => Ok(last.clone()),
@@ -303,8 +316,14 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 let dp_config = datapath_config(&p.node, cfg.snat_ports);
                 let synced = syncer.set_config(&dp_config).and_then(|_| syncer.sync(&desired));
                 health.proxy_healthy.store(synced.is_ok(), Ordering::Relaxed);
-                for (port, err) in health.update(&crate::health::desired(&m, &cfg.node), &p.node.addresses) {
+                let health_ports = crate::health::desired(&m, &cfg.node);
+                ops.local_endpoints(&health_ports);
+                for (port, err) in health.update(&health_ports, &p.node.addresses) {
                     log::error!("healthCheckNodePort {port}: cannot listen: {err}");
+                }
+                match &synced {
+                    Ok(st) => ops.synced(started.elapsed(), st.writes),
+                    Err(_) => ops.sync_failed(),
                 }
                 match synced {
                     Ok(st) => log::info!(

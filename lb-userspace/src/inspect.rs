@@ -158,3 +158,35 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     }
     out
 }
+
+/// Entries and capacity of one pinned map.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct MapOccupancy {
+    pub map: &'static str,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+fn count_entries<K: aya::Pod, V: aya::Pod>(bpffs: &Path, name: &str, lru: bool) -> Result<u64> {
+    let p = bpffs.join(name);
+    let data = MapData::from_pin(&p).with_context(|| format!("cannot open pinned map {}", p.display()))?;
+    let map = if lru { Map::LruHashMap(data) } else { Map::HashMap(data) };
+    let m: aya::maps::HashMap<MapData, K, V> = aya::maps::HashMap::try_from(map)?;
+    Ok(m.keys().count() as u64)
+}
+
+/// Occupancy of every hash map pinned under `bpffs`.
+pub fn map_occupancy(bpffs: &Path) -> Result<Vec<MapOccupancy>> {
+    use lb_common::*;
+    check_dir(bpffs)?;
+    Ok(vec![
+        MapOccupancy { map: "services", entries: count_entries::<ServiceKey, ServiceValue>(bpffs, map_name::SERVICES, false)?, capacity: limits::SERVICES as u64 },
+        MapOccupancy { map: "backends", entries: count_entries::<u32, Backend>(bpffs, map_name::BACKENDS, false)?, capacity: limits::BACKENDS as u64 },
+        MapOccupancy { map: "rev_nat", entries: count_entries::<u32, RevNat>(bpffs, map_name::REV_NAT, false)?, capacity: limits::REV_NAT as u64 },
+        MapOccupancy { map: "members", entries: count_entries::<MemberKey, u32>(bpffs, map_name::MEMBERS, false)?, capacity: limits::MEMBERS as u64 },
+        MapOccupancy { map: "conntrack", entries: count_entries::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK, true)?, capacity: limits::CONNTRACK as u64 },
+        MapOccupancy { map: "affinity", entries: count_entries::<AffinityKey, AffinityValue>(bpffs, map_name::AFFINITY, true)?, capacity: limits::AFFINITY as u64 },
+        MapOccupancy { map: "sock_rev_nat", entries: count_entries::<SockKey, SockRevNat>(bpffs, map_name::SOCK_REV_NAT, true)?, capacity: limits::SOCK_REV_NAT as u64 },
+        MapOccupancy { map: "sock_flow", entries: count_entries::<SockKey, SockFlow>(bpffs, map_name::SOCK_FLOW, true)?, capacity: limits::SOCK_FLOW as u64 },
+    ])
+}

@@ -8,6 +8,7 @@ pub mod health;
 pub mod http;
 pub mod inspect;
 pub mod model;
+pub mod ops;
 pub mod plan;
 pub mod source;
 pub mod sync;

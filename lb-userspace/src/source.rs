@@ -27,6 +27,10 @@ pub struct Objects {
 pub trait Source {
     /// The current snapshot when it changed since the last call (always on the first call).
     fn poll(&mut self) -> Result<Option<Objects>, SourceError>;
+    /// Watch errors so far, for sources that watch (each one re-lists).
+    fn watch_restarts(&self) -> u64 {
+        0
+    }
 }
 
 /// Why a source could not produce a snapshot. The agent keeps its last good state.

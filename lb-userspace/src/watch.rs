@@ -162,13 +162,14 @@ impl KubeSource {
         Ok(Self { shared, restarts, _runtime: handle })
     }
 
-    /// Watch errors so far (each one leads to a re-list after backoff).
-    pub fn watch_restarts(&self) -> u64 {
-        self.restarts.load(Ordering::Relaxed)
-    }
 }
 
 impl Source for KubeSource {
+    /// Watch errors so far (each one leads to a re-list after backoff).
+    fn watch_restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+
     fn poll(&mut self) -> Result<Option<Objects>, SourceError> {
         let mut s = self.shared.lock().expect("kube source lock");
         if !s.synced.iter().all(|d| *d) || !s.changed {

@@ -42,6 +42,11 @@ impl Running {
 /// A lab with agents on both nodes running the example manifests; `None` where kernel tests
 /// cannot run (see `require_privileges`).
 pub fn start_example() -> Option<Running> {
+    start_example_with(&[])
+}
+
+/// Like `start_example`, with extra `lb-agent run` arguments for both agents.
+pub fn start_example_with(extra: &[&str]) -> Option<Running> {
     crate::require_privileges()?;
     let lab = Lab::new().expect("lab");
     let manifests = lab.tmpdir().join("manifests.yaml");
@@ -49,9 +54,34 @@ pub fn start_example() -> Option<Running> {
     let agent = bin_path("lb-agent").unwrap();
     let mut agents = Vec::new();
     for node in ["node1", "node2"] {
-        let mut a = lab.spawn_agent(node, &agent, &manifests, &[]).unwrap();
+        let mut a = lab.spawn_agent(node, &agent, &manifests, extra).unwrap();
         a.wait_for_log("sync generation 1:", Duration::from_secs(20)).unwrap();
         agents.push(a);
     }
     Some(Running { lab, manifests, agents })
+}
+
+/// `GET path` on `addr` from inside network namespace `ns` (a thread that entered it), as a
+/// health checker or Prometheus would: (status, headers, body).
+pub fn http_get(ns: &str, addr: &str, path: &str) -> (u16, BTreeMap<String, String>, String) {
+    use std::io::{Read, Write};
+    let (ns, addr, path) = (ns.to_string(), addr.to_string(), path.to_string());
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on this thread only.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(c, "GET {path} HTTP/1.1\r\nHost: lb\r\n\r\n").unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        let (head, body) = s.split_once("\r\n\r\n").unwrap();
+        let mut lines = head.lines();
+        let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+        let headers = lines.filter_map(|l| l.split_once(": ")).map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        (status, headers, body.to_string())
+    })
+    .join()
+    .unwrap()
 }

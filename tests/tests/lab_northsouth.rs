@@ -27,40 +27,9 @@ fn seen_ip(e: &Exchange) -> String {
     e.seen_peer.as_deref().unwrap().rsplit_once(':').unwrap().0.to_string()
 }
 
-/// GET / on `addr` from inside network namespace `ns` (a thread that entered it), as the cloud
-/// load balancer's health checker would.
 fn http_get(ns: &str, addr: &str) -> (u16, BTreeMap<String, String>, serde_json::Value) {
-    let ns = ns.to_string();
-    let addr = addr.to_string();
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-        use std::os::fd::AsRawFd;
-        // SAFETY: setns on this thread only.
-        assert_eq!(unsafe { libc_setns(f.as_raw_fd()) }, 0);
-        let mut c = TcpStream::connect(&addr).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        write!(c, "GET /healthz HTTP/1.1\r\nHost: lb\r\n\r\n").unwrap();
-        let mut s = String::new();
-        c.read_to_string(&mut s).unwrap();
-        let (head, body) = s.split_once("\r\n\r\n").unwrap();
-        let mut lines = head.lines();
-        let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
-        let headers = lines
-            .filter_map(|l| l.split_once(": "))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        (status, headers, serde_json::from_str(body).unwrap())
-    })
-    .join()
-    .unwrap()
-}
-
-unsafe fn libc_setns(fd: i32) -> i32 {
-    extern "C" {
-        fn setns(fd: i32, nstype: i32) -> i32;
-    }
-    const CLONE_NEWNET: i32 = 0x4000_0000;
-    unsafe { setns(fd, CLONE_NEWNET) }
+    let (code, headers, body) = lb_tests::scenario::http_get(ns, addr, "/healthz");
+    (code, headers, serde_json::from_str(&body).unwrap())
 }
 
 #[test]

@@ -11,8 +11,17 @@ use lb_userspace::{agent, model, plan, report_error, source};
 #[derive(Parser)]
 #[command(name = "lb-agent", version, about = "eBPF/XDP Kubernetes Service dataplane: node agent")]
 struct Cli {
+    /// Log format: human-readable text or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -44,6 +53,12 @@ enum Command {
         /// Source ports (MIN-MAX) for flows translated to the node's address.
         #[arg(long, default_value = "61000-65535", value_parser = parse_range)]
         snat_ports: (u16, u16),
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9464).
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
+        /// Serve node health at http://ADDR/healthz and /livez (e.g. 0.0.0.0:10256).
+        #[arg(long)]
+        health_addr: Option<std::net::SocketAddr>,
     },
     /// Print the plan (endpoint sets per Service port) for a node as JSON.
     Render {
@@ -60,10 +75,17 @@ enum Command {
 }
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
+    // tracing, with `log` records bridged in; RUST_LOG filters (default info).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => fmt.init(),
+        LogFormat::Json => fmt.json().init(),
+    }
     let result = match cli.command {
-        Command::Run { node, manifests, kubeconfig, cgroup, bpffs, devices, poll_interval_ms, snat_ports } => {
+        Command::Run { node, manifests, kubeconfig, cgroup, bpffs, devices, poll_interval_ms, snat_ports, metrics_addr, health_addr } => {
             let stop = Arc::new(AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
                 signal_hook::flag::register(sig, stop.clone()).expect("signal handler");
@@ -77,6 +99,8 @@ fn main() {
                 devices,
                 poll_interval: Duration::from_millis(poll_interval_ms.max(10)),
                 snat_ports,
+                metrics_addr,
+                health_addr,
             };
             agent::run(&cfg, stop)
         }

@@ -1,0 +1,241 @@
+//! Operations endpoints of the agent: Prometheus metrics (`--metrics-addr`, text format, through
+//! the prometheus-client crate) and node health (`--health-addr`: `/healthz` and `/livez`, as
+//! kube-proxy's port 10256 behaves: healthy once the dataplane is programmed and the agent's loop
+//! and last sync are recent).
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Mutex,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
+
+use crate::http::Response;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CounterLabel {
+    counter: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabel {
+    map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    namespace: String,
+    name: String,
+}
+
+/// How long the agent's loop may be silent before /healthz and /livez fail.
+pub const STALE_AFTER: Duration = Duration::from_secs(30);
+
+pub struct Ops {
+    registry: Registry,
+    bpffs: PathBuf,
+    datapath: Family<CounterLabel, Counter>,
+    datapath_seen: Mutex<BTreeMap<String, u64>>,
+    map_entries: Family<MapLabel, Gauge>,
+    map_capacity: Family<MapLabel, Gauge>,
+    sync_duration: Histogram,
+    map_writes: Counter,
+    sync_errors: Counter,
+    watch_restarts: Counter,
+    last_sync: Gauge,
+    local_endpoints: Family<ServiceLabel, Gauge>,
+    local_seen: Mutex<Vec<ServiceLabel>>,
+    programmed: AtomicBool,
+    last_sync_ok: AtomicBool,
+    heartbeat: AtomicU64,
+}
+
+fn now_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Ops {
+    pub fn new(bpffs: PathBuf) -> Self {
+        let mut registry = Registry::with_prefix("lb");
+        let datapath = Family::<CounterLabel, Counter>::default();
+        registry.register("datapath_events", "Datapath events by reason (per-CPU counters summed)", datapath.clone());
+        let map_entries = Family::<MapLabel, Gauge>::default();
+        registry.register("map_entries", "Entries in each BPF map", map_entries.clone());
+        let map_capacity = Family::<MapLabel, Gauge>::default();
+        registry.register("map_capacity", "Capacity of each BPF map", map_capacity.clone());
+        let sync_duration = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
+        registry.register("sync_duration_seconds", "Time to apply one change to the maps", sync_duration.clone());
+        let map_writes = Counter::default();
+        registry.register("map_writes", "Map writes by the sync", map_writes.clone());
+        let sync_errors = Counter::default();
+        registry.register("sync_errors", "Syncs that failed", sync_errors.clone());
+        let watch_restarts = Counter::default();
+        registry.register("watch_restarts", "Kubernetes watch errors (each re-lists)", watch_restarts.clone());
+        let last_sync = Gauge::default();
+        registry.register("last_sync_timestamp_seconds", "Unix time of the last successful sync", last_sync.clone());
+        let local_endpoints = Family::<ServiceLabel, Gauge>::default();
+        registry.register(
+            "service_local_endpoints",
+            "Ready local endpoints of LoadBalancer Services with externalTrafficPolicy Local",
+            local_endpoints.clone(),
+        );
+        Self {
+            registry,
+            bpffs,
+            datapath,
+            datapath_seen: Mutex::default(),
+            map_entries,
+            map_capacity,
+            sync_duration,
+            map_writes,
+            sync_errors,
+            watch_restarts,
+            last_sync,
+            local_endpoints,
+            local_seen: Mutex::default(),
+            programmed: AtomicBool::new(false),
+            last_sync_ok: AtomicBool::new(false),
+            heartbeat: AtomicU64::new(now_s()),
+        }
+    }
+
+    /// The agent's loop is alive.
+    pub fn heartbeat(&self) {
+        self.heartbeat.store(now_s(), Ordering::Relaxed);
+    }
+
+    pub fn synced(&self, took: Duration, writes: u64) {
+        self.sync_duration.observe(took.as_secs_f64());
+        self.map_writes.inc_by(writes);
+        self.last_sync.set(now_s() as i64);
+        self.programmed.store(true, Ordering::Relaxed);
+        self.last_sync_ok.store(true, Ordering::Relaxed);
+    }
+
+    pub fn sync_failed(&self) {
+        self.sync_errors.inc();
+        self.last_sync_ok.store(false, Ordering::Relaxed);
+    }
+
+    /// Sets the watch-restart counter to the source's running total.
+    pub fn watch_restarts(&self, total: u64) {
+        let now = self.watch_restarts.get();
+        if total > now {
+            self.watch_restarts.inc_by(total - now);
+        }
+    }
+
+    pub fn local_endpoints(&self, entries: &BTreeMap<u16, crate::health::HealthEntry>) {
+        let mut seen = self.local_seen.lock().expect("ops lock");
+        for l in seen.drain(..) {
+            self.local_endpoints.remove(&l);
+        }
+        for e in entries.values() {
+            let l = ServiceLabel { namespace: e.namespace.clone(), name: e.name.clone() };
+            self.local_endpoints.get_or_create(&l).set(e.local_endpoints as i64);
+            seen.push(l);
+        }
+    }
+
+    /// Reads the pinned maps into the datapath and occupancy metrics.
+    fn refresh(&self) {
+        if let Ok(counters) = crate::inspect::stats(&self.bpffs) {
+            let mut seen = self.datapath_seen.lock().expect("ops lock");
+            for c in counters {
+                let before = seen.insert(c.name.to_string(), c.packets).unwrap_or(0);
+                let label = CounterLabel { counter: c.name.to_string() };
+                // Counters only grow; a map re-created under us restarts from zero.
+                self.datapath.get_or_create(&label).inc_by(c.packets.saturating_sub(before));
+            }
+        }
+        if let Ok(maps) = crate::inspect::map_occupancy(&self.bpffs) {
+            for m in maps {
+                let l = MapLabel { map: m.map.to_string() };
+                self.map_entries.get_or_create(&l).set(m.entries as i64);
+                self.map_capacity.get_or_create(&l).set(m.capacity as i64);
+            }
+        }
+    }
+
+    /// `GET /metrics`.
+    pub fn metrics(&self) -> Response {
+        self.refresh();
+        let mut body = String::new();
+        let status = match prometheus_client::encoding::text::encode(&mut body, &self.registry) {
+            Ok(()) => "200 OK",
+            Err(_) => "500 Internal Server Error",
+        };
+        Response {
+            status,
+            headers: vec![("Content-Type", "application/openmetrics-text; version=1.0.0; charset=utf-8".into())],
+            body,
+        }
+    }
+
+    /// `GET /healthz` and `/livez`.
+    pub fn health(&self) -> Response {
+        let now = now_s();
+        let beat = self.heartbeat.load(Ordering::Relaxed);
+        let healthy = self.programmed.load(Ordering::Relaxed)
+            && self.last_sync_ok.load(Ordering::Relaxed)
+            && now.saturating_sub(beat) < STALE_AFTER.as_secs();
+        let body = serde_json::json!({
+            "lastUpdated": self.last_sync.get(),
+            "currentTime": now,
+            "healthy": healthy,
+        })
+        .to_string();
+        Response {
+            status: if healthy { "200 OK" } else { "503 Service Unavailable" },
+            headers: vec![("Content-Type", "application/json".into()), ("X-Content-Type-Options", "nosniff".into())],
+            body,
+        }
+    }
+
+    /// Routes a path of either endpoint.
+    pub fn route(&self, path: &str) -> Option<Response> {
+        match path {
+            "/metrics" => Some(self.metrics()),
+            "/healthz" | "/livez" => Some(self.health()),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_is_503_until_programmed_and_after_a_failed_sync() {
+        let ops = Ops::new(PathBuf::from("/nonexistent"));
+        assert_eq!(ops.route("/healthz").unwrap().status, "503 Service Unavailable");
+        ops.synced(Duration::from_millis(1), 10);
+        assert_eq!(ops.route("/healthz").unwrap().status, "200 OK");
+        assert_eq!(ops.route("/livez").unwrap().status, "200 OK");
+        ops.sync_failed();
+        assert_eq!(ops.route("/healthz").unwrap().status, "503 Service Unavailable");
+        ops.synced(Duration::from_millis(1), 0);
+        // A loop that stopped beating is unhealthy.
+        ops.heartbeat.store(now_s() - STALE_AFTER.as_secs() - 1, Ordering::Relaxed);
+        assert_eq!(ops.route("/livez").unwrap().status, "503 Service Unavailable");
+        assert!(ops.route("/other").is_none());
+        // Metrics encode even without maps to read.
+        let m = ops.route("/metrics").unwrap();
+        assert!(m.body.contains("lb_map_writes_total 10"), "{}", m.body);
+        assert!(m.body.contains("lb_sync_errors_total 1"), "{}", m.body);
+    }
+}
