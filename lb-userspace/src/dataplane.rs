@@ -120,12 +120,7 @@ impl AyaDataplane {
 
     /// Opens the maps pinned under `dir` (as `lbctl` does).
     pub fn from_pins(dir: &Path) -> Result<Self> {
-        let open_data = |name: &str| -> Result<MapData> {
-            let p = dir.join(name);
-            MapData::from_pin(&p).with_context(|| {
-                format!("cannot open pinned map {} (is the agent's --bpffs right, and of this version?)", p.display())
-            })
-        };
+        let open_data = |name: &str| crate::inspect::open_pinned(dir, name);
         let open = |name: &str| -> Result<Map> { Ok(Map::HashMap(open_data(name)?)) };
         Ok(Self {
             services: HashMap::try_from(open(map_name::SERVICES)?)?,

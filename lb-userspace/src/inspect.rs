@@ -3,7 +3,7 @@ use std::{net::SocketAddrV4, path::Path};
 
 use anyhow::{Context, Result};
 use aya::maps::{Map, MapData, PerCpuArray};
-use lb_common::{counter, map_name, Counter};
+use lb_common::{counter, map_name, service_flags, Counter};
 use serde::Serialize;
 
 use crate::dataplane::{AyaDataplane, Dataplane, Snapshot};
@@ -103,12 +103,10 @@ pub fn backends(s: &Snapshot) -> Vec<BackendView> {
 /// number evicted under pressure.
 pub fn stats(bpffs: &Path) -> Result<Vec<CounterView>> {
     check_dir(bpffs)?;
-    let p = bpffs.join(map_name::STATS);
-    let data = MapData::from_pin(&p).with_context(|| format!("cannot open pinned map {}", p.display()))?;
+    let data = open_pinned(bpffs, map_name::STATS)?;
     let arr: PerCpuArray<MapData, Counter> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
     let mut out = read_counters(&arr)?;
-    let p = bpffs.join(map_name::AFFINITY);
-    let data = MapData::from_pin(&p).with_context(|| format!("cannot open pinned map {}", p.display()))?;
+    let data = open_pinned(bpffs, map_name::AFFINITY)?;
     let aff: aya::maps::HashMap<MapData, lb_common::AffinityKey, lb_common::AffinityValue> =
         aya::maps::HashMap::try_from(Map::LruHashMap(data))?;
     let alive = aff.keys().count() as u64;
@@ -167,9 +165,32 @@ pub struct MapOccupancy {
     pub capacity: u64,
 }
 
-fn count_entries<K: aya::Pod, V: aya::Pod>(bpffs: &Path, name: &str, lru: bool) -> Result<u64> {
+/// Opens a pinned map; when it is missing but a map of the same name with another layout
+/// version is there, says so.
+pub fn open_pinned(bpffs: &Path, name: &str) -> Result<MapData> {
+    check_dir(bpffs)?;
     let p = bpffs.join(name);
-    let data = MapData::from_pin(&p).with_context(|| format!("cannot open pinned map {}", p.display()))?;
+    if !p.exists() {
+        let stem = name.rsplit_once("_v").map_or(name, |(s, _)| s);
+        let other = std::fs::read_dir(bpffs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|f| f.rsplit_once("_v").is_some_and(|(s, _)| s == stem));
+        return Err(match other {
+            Some(o) => anyhow::Error::new(crate::agent::UsageError(format!(
+                "{}: map {name} not found, but {o} is: pinned by an agent of another layout version (use the lbctl of that version, or restart the agent of this one)",
+                bpffs.display()
+            ))),
+            None => anyhow::Error::new(crate::agent::UsageError(format!("{}: map {name} not found (is the agent's --bpffs right?)", bpffs.display()))),
+        });
+    }
+    MapData::from_pin(&p).with_context(|| format!("cannot open pinned map {}", p.display()))
+}
+
+fn count_entries<K: aya::Pod, V: aya::Pod>(bpffs: &Path, name: &str, lru: bool) -> Result<u64> {
+    let data = open_pinned(bpffs, name)?;
     let map = if lru { Map::LruHashMap(data) } else { Map::HashMap(data) };
     let m: aya::maps::HashMap<MapData, K, V> = aya::maps::HashMap::try_from(map)?;
     Ok(m.keys().count() as u64)
@@ -189,4 +210,167 @@ pub fn map_occupancy(bpffs: &Path) -> Result<Vec<MapOccupancy>> {
         MapOccupancy { map: "sock_rev_nat", entries: count_entries::<SockKey, SockRevNat>(bpffs, map_name::SOCK_REV_NAT, true)?, capacity: limits::SOCK_REV_NAT as u64 },
         MapOccupancy { map: "sock_flow", entries: count_entries::<SockKey, SockFlow>(bpffs, map_name::SOCK_FLOW, true)?, capacity: limits::SOCK_FLOW as u64 },
     ])
+}
+
+/// Seconds since boot (the clock the datapath stamps records with).
+pub fn boot_seconds() -> u32 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into a timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u32
+}
+
+fn typed<K: aya::Pod, V: aya::Pod>(bpffs: &Path, name: &str, lru: bool) -> Result<Vec<(K, V)>> {
+    let data = open_pinned(bpffs, name)?;
+    let map = if lru { Map::LruHashMap(data) } else { Map::HashMap(data) };
+    let m: aya::maps::HashMap<MapData, K, V> = aya::maps::HashMap::try_from(map)?;
+    Ok(m.iter().collect::<Result<Vec<_>, _>>()?)
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConntrackView {
+    pub flow: String,
+    pub protocol: &'static str,
+    pub translated: String,
+    pub direction: &'static str,
+    pub snat: bool,
+    pub local_backend: bool,
+    pub backend_id: u32,
+    pub idle_seconds: u32,
+}
+
+pub fn conntrack(bpffs: &Path) -> Result<Vec<ConntrackView>> {
+    use lb_common::{ct_flags, CtEntry, CtKey};
+    let now = boot_seconds();
+    let mut v: Vec<ConntrackView> = typed::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK, true)?
+        .into_iter()
+        .map(|(k, e)| ConntrackView {
+            flow: format!("{} -> {}", addr(k.saddr_be, k.sport_be), addr(k.daddr_be, k.dport_be)),
+            protocol: proto_name(k.proto),
+            translated: format!("{} -> {}", addr(e.nat_saddr_be, e.nat_sport_be), addr(e.nat_daddr_be, e.nat_dport_be)),
+            direction: if e.flags & ct_flags::REPLY != 0 { "reply" } else { "original" },
+            snat: e.flags & ct_flags::SNAT != 0,
+            local_backend: e.flags & ct_flags::LOCAL_BACKEND != 0,
+            backend_id: e.backend_id,
+            idle_seconds: now.saturating_sub(e.last_seen_s),
+        })
+        .collect();
+    v.sort_by(|a, b| a.flow.cmp(&b.flow));
+    Ok(v)
+}
+
+#[derive(Debug, Serialize)]
+pub struct AffinityView {
+    pub svc_port_id: u32,
+    pub client: String,
+    pub backend: String,
+    pub backend_id: u32,
+    pub idle_seconds: u32,
+    pub timeout_seconds: Option<u32>,
+    pub live: bool,
+}
+
+pub fn affinity(bpffs: &Path) -> Result<Vec<AffinityView>> {
+    use lb_common::{affinity_client, AffinityKey, AffinityValue};
+    let s = snapshot(bpffs)?;
+    let now = boot_seconds();
+    let mut v: Vec<AffinityView> = typed::<AffinityKey, AffinityValue>(bpffs, map_name::AFFINITY, true)?
+        .into_iter()
+        .map(|(k, r)| {
+            let timeout = s.services.iter().find(|(sk, sv)| sk.slot == 0 && sv.svc_port_id == k.svc_port_id).map(|(_, sv)| sv.affinity_timeout_s);
+            let idle = now.saturating_sub(r.last_used_s);
+            AffinityView {
+                svc_port_id: k.svc_port_id,
+                client: if k.client_kind == affinity_client::ADDR {
+                    std::net::Ipv4Addr::from((k.client as u32).to_ne_bytes()).to_string()
+                } else {
+                    format!("netns:{}", k.client)
+                },
+                backend: s.backends.get(&r.backend_id).map_or("<gone>".into(), |b| addr(b.addr_be, b.port_be).to_string()),
+                backend_id: r.backend_id,
+                idle_seconds: idle,
+                timeout_seconds: timeout,
+                live: timeout.is_some_and(|t| idle <= t),
+            }
+        })
+        .collect();
+    v.sort_by(|a, b| (a.svc_port_id, &a.client).cmp(&(b.svc_port_id, &b.client)));
+    Ok(v)
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConfigView {
+    pub node_address: String,
+    pub snat_ports: String,
+    pub ready: bool,
+}
+
+pub fn config(bpffs: &Path) -> Result<ConfigView> {
+    let c = snapshot(bpffs)?.config;
+    Ok(ConfigView {
+        node_address: std::net::Ipv4Addr::from(c.node_addr_be.to_ne_bytes()).to_string(),
+        snat_ports: format!("{}-{}", c.snat_port_min, c.snat_port_max),
+        ready: c.ready != 0,
+    })
+}
+
+/// What `lbctl lookup` explains.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Lookup {
+    pub frontend: String,
+    pub scope: &'static str,
+    /// `conntrack`, `affinity`, `fresh choice`, `no backend` or `not a frontend`.
+    pub reason: &'static str,
+    /// The backend the flow has or will get (empty for a fresh choice: see `candidates`).
+    pub backend: Option<String>,
+    pub candidates: Vec<String>,
+}
+
+/// Which backend a flow from `client` to `frontend` has or would get, and why.
+pub fn lookup(bpffs: &Path, frontend: SocketAddrV4, proto: u8, client: std::net::Ipv4Addr, client_port: Option<u16>) -> Result<Lookup> {
+    use lb_common::{affinity_client, scope, AffinityKey, AffinityValue, CtEntry, CtKey, MemberKey, ServiceKey};
+    let s = snapshot(bpffs)?;
+    let (fe_be, fp_be) = (u32::from_ne_bytes(frontend.ip().octets()), frontend.port().to_be());
+    let master_of = |sc| {
+        let k = ServiceKey { addr_be: fe_be, port_be: fp_be, proto, scope: sc, slot: 0, _pad: 0 };
+        s.services.get(&k).map(|v| (k, *v))
+    };
+    // North-south when the frontend is external, else the socket-level entry.
+    let (scope_name, found) = match master_of(scope::EXTERNAL) {
+        Some(m) => ("external", Some(m)),
+        None => ("internal", master_of(scope::INTERNAL)),
+    };
+    let mut out = Lookup { frontend: frontend.to_string(), scope: scope_name, reason: "not a frontend", backend: None, candidates: vec![] };
+    let Some((mk, master)) = found else { return Ok(out) };
+    let be = |id: u32| s.backends.get(&id).map(|b| addr(b.addr_be, b.port_be).to_string());
+    out.candidates = (1..=master.count)
+        .filter_map(|slot| s.services.get(&ServiceKey { slot, ..mk }).and_then(|v| be(v.backend_id)))
+        .collect();
+    let (c_be, now) = (u32::from_ne_bytes(client.octets()), boot_seconds());
+    if let (Some(port), "external") = (client_port, scope_name) {
+        let key = CtKey { saddr_be: c_be, daddr_be: fe_be, sport_be: port.to_be(), dport_be: fp_be, proto, _pad: [0; 3] };
+        if let Some((_, e)) = typed::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK, true)?.into_iter().find(|(k, _)| *k == key) {
+            out.reason = "conntrack";
+            out.backend = Some(addr(e.nat_daddr_be, e.nat_dport_be).to_string());
+            return Ok(out);
+        }
+    }
+    if master.count == 0 {
+        out.reason = "no backend";
+        return Ok(out);
+    }
+    if master.flags & service_flags::SESSION_AFFINITY != 0 && scope_name == "external" {
+        let key = AffinityKey { svc_port_id: master.svc_port_id, client_kind: affinity_client::ADDR, client: c_be as u64 };
+        let rec = typed::<AffinityKey, AffinityValue>(bpffs, map_name::AFFINITY, true)?.into_iter().find(|(k, _)| *k == key);
+        if let Some((_, r)) = rec {
+            let live = now.saturating_sub(r.last_used_s) <= master.affinity_timeout_s;
+            if live && s.members.contains_key(&MemberKey { frontend: mk, backend_id: r.backend_id }) {
+                out.reason = "affinity";
+                out.backend = be(r.backend_id);
+                return Ok(out);
+            }
+        }
+    }
+    out.reason = "fresh choice";
+    Ok(out)
 }

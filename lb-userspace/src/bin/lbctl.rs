@@ -35,6 +35,61 @@ enum Command {
     Backends,
     /// Datapath counters, summed over CPUs.
     Stats,
+    /// North-south connection tracking entries (both directions).
+    Conntrack {
+        /// Only flows whose original or translated addresses mention this IP[:PORT].
+        #[arg(long)]
+        filter: Option<String>,
+    },
+    /// Session affinity records.
+    Affinity,
+    /// The datapath config (node address, SNAT ports).
+    Config,
+    /// Which backend a flow has or would get, and why (conntrack, affinity, fresh choice).
+    Lookup {
+        /// The frontend: IP:PORT/PROTO, e.g. 203.0.113.10:80/TCP.
+        #[arg(long)]
+        frontend: String,
+        /// The client: IP or IP:PORT (with a port, an existing connection is looked up too).
+        #[arg(long)]
+        client: String,
+    },
+}
+
+/// Prints a list of serializable rows as JSON or as an aligned table (columns in key order).
+fn print_rows<T: serde::Serialize>(rows: &[T], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(rows)?);
+        return Ok(());
+    }
+    let values: Vec<serde_json::Map<String, serde_json::Value>> = rows
+        .iter()
+        .map(|r| match serde_json::to_value(r) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => Default::default(),
+        })
+        .collect();
+    let headers: Vec<String> = values.first().map(|m| m.keys().cloned().collect()).unwrap_or_default();
+    let cell = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let table: Vec<Vec<String>> = values.iter().map(|m| headers.iter().map(|h| cell(&m[h])).collect()).collect();
+    let upper: Vec<String> = headers.iter().map(|h| h.to_uppercase()).collect();
+    print!("{}", inspect::table(&upper.iter().map(String::as_str).collect::<Vec<_>>(), &table));
+    Ok(())
+}
+
+fn parse_frontend(s: &str) -> anyhow::Result<(std::net::SocketAddrV4, u8)> {
+    let (addr, proto) = s.split_once('/').unwrap_or((s, "TCP"));
+    let proto = match proto.to_ascii_uppercase().as_str() {
+        "TCP" => lb_common::proto::TCP,
+        "UDP" => lb_common::proto::UDP,
+        p => anyhow::bail!(lb_userspace::agent::UsageError(format!("--frontend {s}: protocol {p} is neither TCP nor UDP"))),
+    };
+    let addr = addr.parse().map_err(|_| lb_userspace::agent::UsageError(format!("--frontend {s}: expected IP:PORT/PROTO")))?;
+    Ok((addr, proto))
 }
 
 fn main() {
@@ -80,6 +135,34 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     .map(|b| vec![b.id.to_string(), b.address.clone(), b.protocol.into(), format!("{:#x}", b.flags)])
                     .collect();
                 print!("{}", inspect::table(&["ID", "ADDRESS", "PROTO", "FLAGS"], &rows));
+            }
+        }
+        Command::Conntrack { filter } => {
+            let mut v = inspect::conntrack(&cli.bpffs)?;
+            if let Some(f) = filter {
+                v.retain(|c| c.flow.contains(f.as_str()) || c.translated.contains(f.as_str()));
+            }
+            print_rows(&v, json)?;
+        }
+        Command::Affinity => print_rows(&inspect::affinity(&cli.bpffs)?, json)?,
+        Command::Config => print_rows(&[inspect::config(&cli.bpffs)?], json)?,
+        Command::Lookup { frontend, client } => {
+            let (fe, proto) = parse_frontend(frontend)?;
+            let (ip, port) = match client.parse::<std::net::SocketAddrV4>() {
+                Ok(a) => (*a.ip(), Some(a.port())),
+                Err(_) => (
+                    client.parse().map_err(|_| lb_userspace::agent::UsageError(format!("--client {client}: expected IP or IP:PORT")))?,
+                    None,
+                ),
+            };
+            let l = inspect::lookup(&cli.bpffs, fe, proto, ip, port)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&l)?);
+            } else {
+                println!("frontend:   {} ({} scope)", l.frontend, l.scope);
+                println!("reason:     {}", l.reason);
+                println!("backend:    {}", l.backend.as_deref().unwrap_or("-"));
+                println!("candidates: {}", l.candidates.join(", "));
             }
         }
         Command::Stats => {
