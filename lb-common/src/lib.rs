@@ -18,14 +18,15 @@ pub mod map_name {
     pub const SOCK_REV_NAT: &str = "lb_sk_revnat_v1";
     pub const SOCK_FLOW: &str = "lb_sk_flow_v1";
     pub const STATS: &str = "lb_stats_v1";
-    pub const CONNTRACK: &str = "lb_ct_v1";
+    pub const CONNTRACK: &str = "lb_ct_v2";
     pub const CONFIG: &str = "lb_config_v1";
     pub const AFFINITY: &str = "lb_affinity_v1";
     pub const MEMBERS: &str = "lb_member_v1";
+    pub const SERVICE_STATS: &str = "lb_svc_stats_v1";
     /// Every map the agent pins, for `uninstall` and for `lbctl`.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         SERVICES, BACKENDS, REV_NAT, SOCK_REV_NAT, SOCK_FLOW, STATS, CONNTRACK, CONFIG, AFFINITY,
-        MEMBERS,
+        MEMBERS, SERVICE_STATS,
     ];
 }
 
@@ -58,6 +59,8 @@ pub mod limits {
     /// Session affinity records (LRU): one per (Service port, client). Under pressure the least
     /// recently used records are evicted (counted as `affinity_evictions` by lbctl).
     pub const AFFINITY: u32 = 262_144;
+    /// Per-Service-port counters: one entry per Service port.
+    pub const SERVICE_STATS: u32 = 65_536;
     /// Membership entries: one per backend slot, like the services map.
     pub const MEMBERS: u32 = 262_144;
     /// SNAT port candidates tried before a new flow is dropped as a collision.
@@ -245,7 +248,8 @@ pub struct CtEntry {
     pub nat_daddr_be: u32,
     pub nat_sport_be: u16,
     pub nat_dport_be: u16,
-    pub rev_nat_id: u32,
+    /// The Service port of the flow (for per-Service counters).
+    pub svc_port_id: u32,
     pub backend_id: u32,
     /// Seconds since boot when the entry was last used.
     pub last_seen_s: u32,
@@ -275,6 +279,21 @@ pub struct Config {
     /// Non-zero once the agent has written the config.
     pub ready: u32,
     pub _pad: u32,
+}
+
+/// Per-CPU traffic counters of one Service port (value of the service stats map, keyed by
+/// Service-port id). The socket-level path sees connections, not packets: it counts
+/// `new_connections` and drops only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_connections: u64,
+    /// Refused or dropped because the frontend had no usable endpoint.
+    pub drops_no_backend: u64,
+    /// Dropped for another reason (SNAT ports exhausted, conntrack full, inconsistent maps).
+    pub drops_other: u64,
 }
 
 /// A per-CPU counter (stats map value).
@@ -420,6 +439,7 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityKey>() == 16);
     assert!(core::mem::size_of::<AffinityValue>() == 8);
     assert!(core::mem::size_of::<MemberKey>() == 16);
+    assert!(core::mem::size_of::<ServiceCounters>() == 40);
     assert!(core::mem::size_of::<Backend>() == 12);
     assert!(core::mem::size_of::<RevNat>() == 8);
     assert!(core::mem::size_of::<SockKey>() == 16);
@@ -449,4 +469,5 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for MemberKey {}
+    unsafe impl aya::Pod for ServiceCounters {}
 }

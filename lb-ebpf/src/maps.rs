@@ -1,11 +1,11 @@
 //! Every map of the kernel side, in one place. Names and layouts come from `lb-common`.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
     limits, AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, MemberKey, RevNat,
-    ServiceKey, ServiceValue, SockFlow, SockKey, SockRevNat,
+    ServiceCounters, ServiceKey, ServiceValue, SockFlow, SockKey, SockRevNat,
 };
 
 #[map(name = "lb_svc_v2")]
@@ -24,7 +24,7 @@ pub static SOCK_REV_NAT: LruHashMap<SockKey, SockRevNat> =
 #[map(name = "lb_sk_flow_v1")]
 pub static SOCK_FLOW: LruHashMap<SockKey, SockFlow> = LruHashMap::pinned(limits::SOCK_FLOW, 0);
 
-#[map(name = "lb_ct_v1")]
+#[map(name = "lb_ct_v2")]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(limits::CONNTRACK, 0);
 
 #[map(name = "lb_affinity_v1")]
@@ -33,6 +33,10 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 
 #[map(name = "lb_member_v1")]
 pub static MEMBERS: HashMap<MemberKey, u32> = HashMap::pinned(limits::MEMBERS, 0);
+
+#[map(name = "lb_svc_stats_v1")]
+pub static SERVICE_STATS: PerCpuHashMap<u32, ServiceCounters> =
+    PerCpuHashMap::pinned(limits::SERVICE_STATS, 0);
 
 #[map(name = "lb_config_v1")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
@@ -74,4 +78,44 @@ pub fn config() -> Option<Config> {
 pub fn conntrack(key: &CtKey) -> Option<CtEntry> {
     // SAFETY: as above.
     unsafe { CONNTRACK.get(key).copied() }
+}
+
+/// What a per-Service counter update adds.
+pub enum ServiceEvent {
+    Packet(u64),
+    NewConnection(u64),
+    DropNoBackend(u64),
+    DropOther(u64),
+}
+
+/// Adds an event to the Service port's per-CPU counters.
+#[inline(always)]
+pub fn count_service(svc_port_id: u32, ev: ServiceEvent) {
+    if svc_port_id == 0 {
+        return;
+    }
+    let mut p = SERVICE_STATS.get_ptr_mut(&svc_port_id);
+    if p.is_none() {
+        let _ = SERVICE_STATS.insert(&svc_port_id, &ServiceCounters::default(), 0);
+        p = SERVICE_STATS.get_ptr_mut(&svc_port_id);
+    }
+    let Some(c) = p else { return };
+    // SAFETY: per-CPU value, no concurrent writer on this CPU.
+    unsafe {
+        match ev {
+            ServiceEvent::Packet(b) => {
+                (*c).packets += 1;
+                (*c).bytes += b;
+            }
+            ServiceEvent::NewConnection(b) => {
+                (*c).new_connections += 1;
+                if b > 0 {
+                    (*c).packets += 1;
+                    (*c).bytes += b;
+                }
+            }
+            ServiceEvent::DropNoBackend(_) => (*c).drops_no_backend += 1,
+            ServiceEvent::DropOther(_) => (*c).drops_other += 1,
+        }
+    }
 }

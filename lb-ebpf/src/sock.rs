@@ -13,7 +13,7 @@ use lb_common::{
 
 use crate::{
     affinity,
-    maps::{self, SOCK_FLOW, SOCK_REV_NAT},
+    maps::{self, ServiceEvent, SOCK_FLOW, SOCK_REV_NAT},
     SOCK_ALLOW,
 };
 
@@ -121,10 +121,16 @@ fn translate(ctx: &SockAddrContext, fe: &Frontend, be: &Backend, cookie: u64) {
 }
 
 #[inline(always)]
-fn refuse(r: Refusal) -> i32 {
+fn refuse(fe: &Frontend, r: Refusal) -> i32 {
     match r {
-        Refusal::NoBackend => maps::count(counter::SOCK_NO_BACKEND, 0),
-        Refusal::BackendMissing => maps::count(counter::SOCK_BACKEND_MISSING, 0),
+        Refusal::NoBackend => {
+            maps::count(counter::SOCK_NO_BACKEND, 0);
+            maps::count_service(fe.master.svc_port_id, ServiceEvent::DropNoBackend(0));
+        }
+        Refusal::BackendMissing => {
+            maps::count(counter::SOCK_BACKEND_MISSING, 0);
+            maps::count_service(fe.master.svc_port_id, ServiceEvent::DropOther(0));
+        }
     }
     SOCK_REFUSE
 }
@@ -141,9 +147,10 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
         Ok((_, _, be)) => {
             translate(ctx, &fe, &be, cookie(ctx));
             maps::count(counter::SOCK_CONNECT_XLATE, 0);
+            maps::count_service(fe.master.svc_port_id, ServiceEvent::NewConnection(0));
             SOCK_ALLOW
         }
-        Err(r) => refuse(r),
+        Err(r) => refuse(&fe, r),
     }
 }
 
@@ -187,9 +194,10 @@ pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
             let _ = SOCK_FLOW.insert(&flow_key, &flow, 0);
             translate(ctx, &fe, &be, cookie);
             maps::count(counter::SOCK_SENDMSG_XLATE, 0);
+            maps::count_service(fe.master.svc_port_id, ServiceEvent::NewConnection(0));
             SOCK_ALLOW
         }
-        Err(r) => refuse(r),
+        Err(r) => refuse(&fe, r),
     }
 }
 

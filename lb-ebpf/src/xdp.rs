@@ -15,7 +15,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use crate::{
     affinity::{self, now_s},
     csum,
-    maps::{self, CONNTRACK},
+    maps::{self, ServiceEvent, CONNTRACK},
     parse::ptr_at,
 };
 
@@ -146,6 +146,7 @@ fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
                 return xdp_action::XDP_PASS;
             }
             maps::count(if reply { counter::XDP_REPLY } else { counter::XDP_ESTABLISHED }, len);
+            maps::count_service(e.svc_port_id, ServiceEvent::Packet(len));
             return forward(ctx, !reply && e.flags & ct_flags::LOCAL_BACKEND != 0);
         }
     }
@@ -163,6 +164,7 @@ fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
     };
     if master.count == 0 {
         maps::count(counter::XDP_DROP_NO_BACKEND, len);
+        maps::count_service(master.svc_port_id, ServiceEvent::DropNoBackend(len));
         return xdp_action::XDP_DROP;
     }
     let Some(cfg) = maps::config() else {
@@ -185,10 +187,12 @@ fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
             bkey.slot = (r % master.count as u32) as u16 + 1;
             let Some(backend_id) = maps::service(&bkey).map(|v| v.backend_id) else {
                 maps::count(counter::XDP_DROP_BACKEND_MISSING, len);
+                maps::count_service(master.svc_port_id, ServiceEvent::DropOther(len));
                 return xdp_action::XDP_DROP;
             };
             let Some(be) = maps::backend(backend_id) else {
                 maps::count(counter::XDP_DROP_BACKEND_MISSING, len);
+                maps::count_service(master.svc_port_id, ServiceEvent::DropOther(len));
                 return xdp_action::XDP_DROP;
             };
             (backend_id, be)
@@ -219,7 +223,7 @@ fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
         nat_daddr_be: p.saddr,
         nat_sport_be: p.dport,
         nat_dport_be: p.sport,
-        rev_nat_id: master.rev_nat_id,
+        svc_port_id: master.svc_port_id,
         backend_id,
         last_seen_s: now,
         flags: flags | ct_flags::REPLY,
@@ -228,6 +232,7 @@ fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
     if local {
         if CONNTRACK.insert(&rkey, &rentry, 0).is_err() {
             maps::count(counter::XDP_DROP_CT_FULL, len);
+            maps::count_service(master.svc_port_id, ServiceEvent::DropOther(len));
             return xdp_action::XDP_DROP;
         }
     } else {
@@ -235,6 +240,7 @@ fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
         let range = (cfg.snat_port_max as u32).wrapping_sub(min).wrapping_add(1);
         if cfg.snat_port_max < cfg.snat_port_min || range == 0 {
             maps::count(counter::XDP_DROP_SNAT_EXHAUSTED, len);
+            maps::count_service(master.svc_port_id, ServiceEvent::DropOther(len));
             return xdp_action::XDP_DROP;
         }
         let start = r >> 8;
@@ -250,6 +256,7 @@ fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
         }
         if !found {
             maps::count(counter::XDP_DROP_SNAT_EXHAUSTED, len);
+            maps::count_service(master.svc_port_id, ServiceEvent::DropOther(len));
             return xdp_action::XDP_DROP;
         }
     }
@@ -258,7 +265,7 @@ fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
         nat_daddr_be: be.addr_be,
         nat_sport_be: rkey.dport_be,
         nat_dport_be: be.port_be,
-        rev_nat_id: master.rev_nat_id,
+        svc_port_id: master.svc_port_id,
         backend_id,
         last_seen_s: now,
         flags,
@@ -267,12 +274,14 @@ fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
     if CONNTRACK.insert(&key, &fentry, 0).is_err() {
         let _ = CONNTRACK.remove(&rkey);
         maps::count(counter::XDP_DROP_CT_FULL, len);
+        maps::count_service(master.svc_port_id, ServiceEvent::DropOther(len));
         return xdp_action::XDP_DROP;
     }
     if rewrite(ctx, p, &fentry).is_err() {
         return xdp_action::XDP_PASS;
     }
     maps::count(counter::XDP_NEW_FLOW, len);
+    maps::count_service(master.svc_port_id, ServiceEvent::NewConnection(len));
     forward(ctx, local)
 }
 

@@ -321,6 +321,7 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 for (port, err) in health.update(&health_ports, &p.node.addresses) {
                     log::error!("healthCheckNodePort {port}: cannot listen: {err}");
                 }
+                ops.service_ports(syncer.service_ports());
                 match &synced {
                     Ok(st) => ops.synced(started.elapsed(), st.writes),
                     Err(_) => ops.sync_failed(),

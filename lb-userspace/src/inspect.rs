@@ -374,3 +374,25 @@ pub fn lookup(bpffs: &Path, frontend: SocketAddrV4, proto: u8, client: std::net:
     out.reason = "fresh choice";
     Ok(out)
 }
+
+/// Per-Service-port counters summed over CPUs, by Service-port id.
+pub fn service_stats(bpffs: &Path) -> Result<Vec<(u32, lb_common::ServiceCounters)>> {
+    let data = open_pinned(bpffs, map_name::SERVICE_STATS)?;
+    let m: aya::maps::PerCpuHashMap<MapData, u32, lb_common::ServiceCounters> =
+        aya::maps::PerCpuHashMap::try_from(Map::PerCpuHashMap(data))?;
+    let mut out = Vec::new();
+    for kv in m.iter() {
+        let (id, per_cpu) = kv?;
+        let mut sum = lb_common::ServiceCounters::default();
+        for c in per_cpu.iter() {
+            sum.packets += c.packets;
+            sum.bytes += c.bytes;
+            sum.new_connections += c.new_connections;
+            sum.drops_no_backend += c.drops_no_backend;
+            sum.drops_other += c.drops_other;
+        }
+        out.push((id, sum));
+    }
+    out.sort_by_key(|(id, _)| *id);
+    Ok(out)
+}

@@ -36,6 +36,31 @@ struct MapLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServicePortLabel {
+    namespace: String,
+    name: String,
+    port: String,
+    protocol: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceDropLabel {
+    namespace: String,
+    name: String,
+    port: String,
+    protocol: String,
+    reason: String,
+}
+
+/// Splits `namespace/name:port/PROTO` (the plan's Service-port identity) into labels.
+fn service_port_label(s: &str) -> Option<ServicePortLabel> {
+    let (namespace, rest) = s.split_once('/')?;
+    let (name_port, protocol) = rest.rsplit_once('/')?;
+    let (name, port) = name_port.split_once(':')?;
+    Some(ServicePortLabel { namespace: namespace.into(), name: name.into(), port: port.into(), protocol: protocol.into() })
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceLabel {
     namespace: String,
     name: String,
@@ -58,6 +83,14 @@ pub struct Ops {
     last_sync: Gauge,
     local_endpoints: Family<ServiceLabel, Gauge>,
     local_seen: Mutex<Vec<ServiceLabel>>,
+    service_packets: Family<ServicePortLabel, Counter>,
+    service_bytes: Family<ServicePortLabel, Counter>,
+    service_new: Family<ServicePortLabel, Counter>,
+    service_drops: Family<ServiceDropLabel, Counter>,
+    /// Service-port id -> identity, from the last sync.
+    service_ports: Mutex<BTreeMap<u32, String>>,
+    /// Last seen per (id, field) counter values, to turn absolute counts into increments.
+    service_seen: Mutex<BTreeMap<(u32, u8), u64>>,
     programmed: AtomicBool,
     last_sync_ok: AtomicBool,
     heartbeat: AtomicU64,
@@ -92,7 +125,21 @@ impl Ops {
             "Ready local endpoints of LoadBalancer Services with externalTrafficPolicy Local",
             local_endpoints.clone(),
         );
+        let service_packets = Family::<ServicePortLabel, Counter>::default();
+        registry.register("service_packets", "Packets of a Service port through the XDP path", service_packets.clone());
+        let service_bytes = Family::<ServicePortLabel, Counter>::default();
+        registry.register("service_bytes", "Bytes of a Service port through the XDP path", service_bytes.clone());
+        let service_new = Family::<ServicePortLabel, Counter>::default();
+        registry.register("service_new_connections", "New connections (flows, sockets) to a Service port", service_new.clone());
+        let service_drops = Family::<ServiceDropLabel, Counter>::default();
+        registry.register("service_drops", "Connections or packets of a Service port refused or dropped, by reason", service_drops.clone());
         Self {
+            service_packets,
+            service_bytes,
+            service_new,
+            service_drops,
+            service_ports: Mutex::default(),
+            service_seen: Mutex::default(),
             registry,
             bpffs,
             datapath,
@@ -150,8 +197,36 @@ impl Ops {
         }
     }
 
+    /// The Service-port ids the sync assigned (for the per-Service metrics' labels).
+    pub fn service_ports(&self, ports: &std::collections::HashMap<String, u32>) {
+        *self.service_ports.lock().expect("ops lock") = ports.iter().map(|(k, v)| (*v, k.clone())).collect();
+    }
+
     /// Reads the pinned maps into the datapath and occupancy metrics.
     fn refresh(&self) {
+        if let Ok(stats) = crate::inspect::service_stats(&self.bpffs) {
+            let names = self.service_ports.lock().expect("ops lock");
+            let mut seen = self.service_seen.lock().expect("ops lock");
+            for (id, c) in stats {
+                let Some(l) = names.get(&id).and_then(|n| service_port_label(n)) else { continue };
+                let drop_label = |reason: &str| ServiceDropLabel {
+                    namespace: l.namespace.clone(),
+                    name: l.name.clone(),
+                    port: l.port.clone(),
+                    protocol: l.protocol.clone(),
+                    reason: reason.into(),
+                };
+                let mut bump = |field: u8, now: u64, counter: &Counter| {
+                    let before = seen.insert((id, field), now).unwrap_or(0);
+                    counter.inc_by(now.saturating_sub(before));
+                };
+                bump(0, c.packets, &self.service_packets.get_or_create(&l));
+                bump(1, c.bytes, &self.service_bytes.get_or_create(&l));
+                bump(2, c.new_connections, &self.service_new.get_or_create(&l));
+                bump(3, c.drops_no_backend, &self.service_drops.get_or_create(&drop_label("no_backend")));
+                bump(4, c.drops_other, &self.service_drops.get_or_create(&drop_label("other")));
+            }
+        }
         if let Ok(counters) = crate::inspect::stats(&self.bpffs) {
             let mut seen = self.datapath_seen.lock().expect("ops lock");
             for c in counters {

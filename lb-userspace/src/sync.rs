@@ -202,6 +202,11 @@ impl<D: Dataplane> Syncer<D> {
         Ok(1)
     }
 
+    /// Service port (`namespace/name:port/PROTO`) -> its id in the maps.
+    pub fn service_ports(&self) -> &HashMap<String, u32> {
+        &self.svc_port_ids
+    }
+
     pub fn dataplane(&self) -> &D {
         &self.dp
     }

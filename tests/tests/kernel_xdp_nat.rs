@@ -199,7 +199,7 @@ fn kernel_xdp_nat_snat_port_collision_then_exhaustion() {
         nat_daddr_be: u32::from_ne_bytes([192, 168, 100, 200]),
         nat_sport_be: 30081u16.to_be(),
         nat_dport_be: 1234u16.to_be(),
-        rev_nat_id: 1,
+        svc_port_id: 1,
         backend_id: 1,
         last_seen_s: 0,
         flags: ct_flags::REPLY | ct_flags::SNAT,

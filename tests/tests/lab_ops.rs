@@ -21,6 +21,8 @@ fn lab_metrics_move_with_real_traffic_and_health_follows_the_dataplane() {
     assert!(ex.iter().all(|e| e.ok), "{ex:?}");
     let ex = s.lab.run_client("a1", &["tcp", "10.96.0.10:80", "--count", "25"]).unwrap();
     assert!(ex.iter().all(|e| e.ok), "{ex:?}");
+    let ex = s.lab.run_client("a1", &["tcp", "10.96.0.30:80", "--count", "4", "--timeout-ms", "500"]).unwrap();
+    assert!(ex.iter().all(|e| !e.ok), "{ex:?}");
 
     let (code, headers, body) = http_get(&s.lab.client_netns, "192.168.100.1:9464", "/metrics");
     assert_eq!(code, 200, "{body}");
@@ -38,6 +40,16 @@ fn lab_metrics_move_with_real_traffic_and_health_follows_the_dataplane() {
     assert_eq!(get("lb_sync_errors_total"), 0.0);
     assert_eq!(get(r#"lb_service_local_endpoints{namespace="default",name="web-local"}"#), 1.0);
     assert!(get("lb_last_sync_timestamp_seconds") > 1.0e9);
+    // Per Service port: XDP flows with their packets and bytes, socket-level connections, drops.
+    let web = r#"namespace="default",name="web-local",port="tcp",protocol="TCP""#;
+    assert!(get(&format!("lb_service_new_connections_total{{{web}}}")) >= 25.0, "{body}");
+    // Each exchange: SYN, ACK, data, FIN, ACK at least, all through XDP.
+    assert!(get(&format!("lb_service_packets_total{{{web}}}")) >= 100.0, "{body}");
+    assert!(get(&format!("lb_service_bytes_total{{{web}}}")) >= 100.0 * 54.0, "{body}");
+    let echo = r#"namespace="default",name="echo",port="tcp",protocol="TCP""#;
+    assert!(get(&format!("lb_service_new_connections_total{{{echo}}}")) >= 25.0, "{body}");
+    let unready = r#"namespace="default",name="unready",port="tcp",protocol="TCP""#;
+    assert_eq!(get(&format!(r#"lb_service_drops_total{{{unready},reason="no_backend"}}"#)), 4.0, "{body}");
     // A second scrape after more traffic shows the counters moved.
     s.lab.run_client("client", &["tcp", "203.0.113.10:80", "--count", "5"]).unwrap();
     let (_, _, body2) = http_get(&s.lab.client_netns, "192.168.100.1:9464", "/metrics");
