@@ -7,7 +7,6 @@ pub mod harness;
 pub mod health;
 pub mod http;
 pub mod inspect;
-pub mod kube_source;
 pub mod model;
 pub mod ops;
 pub mod plan;
