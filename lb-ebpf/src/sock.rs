@@ -1,6 +1,7 @@
 //! Socket-level load balancing: translate a frontend to a backend once, when a socket connects
 //! (TCP, connected UDP) or sends a datagram (unconnected UDP), and translate the backend back to
 //! the frontend where the application reads a peer address (recvmsg, getpeername).
+use aya_log_ebpf::debug;
 use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie},
     programs::SockAddrContext,
@@ -121,13 +122,14 @@ fn translate(ctx: &SockAddrContext, fe: &Frontend, be: &Backend, cookie: u64) {
 }
 
 #[inline(always)]
-fn refuse(fe: &Frontend, r: Refusal) -> i32 {
+fn refuse(ctx: &SockAddrContext, fe: &Frontend, r: Refusal) -> i32 {
     match r {
         Refusal::NoBackend => {
             maps::count(counter::SOCK_NO_BACKEND, 0);
             maps::count_service(fe.master.svc_port_id, ServiceEvent::DropNoBackend(0));
         }
         Refusal::BackendMissing => {
+            debug!(ctx, "slot of {:i}:{} points at a missing backend", u32::from_be(fe.key.addr_be), u16::from_be(fe.key.port_be));
             maps::count(counter::SOCK_BACKEND_MISSING, 0);
             maps::count_service(fe.master.svc_port_id, ServiceEvent::DropOther(0));
         }
@@ -150,7 +152,7 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
             maps::count_service(fe.master.svc_port_id, ServiceEvent::NewConnection(0));
             SOCK_ALLOW
         }
-        Err(r) => refuse(&fe, r),
+        Err(r) => refuse(ctx, &fe, r),
     }
 }
 
@@ -197,7 +199,7 @@ pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
             maps::count_service(fe.master.svc_port_id, ServiceEvent::NewConnection(0));
             SOCK_ALLOW
         }
-        Err(r) => refuse(&fe, r),
+        Err(r) => refuse(ctx, &fe, r),
     }
 }
 

@@ -3,6 +3,7 @@
 //! parse → conntrack → frontend lookup → backend choice → SNAT port (remote backends) →
 //! conntrack entries for both directions → DNAT/SNAT with checksums → forward (FIB + XDP_TX or
 //! redirect; XDP_PASS for local backends or unknown routes) → counters.
+use aya_log_ebpf::debug;
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST},
     helpers::{bpf_fib_lookup, bpf_get_prandom_u32, bpf_redirect},
@@ -191,6 +192,7 @@ fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
                 return xdp_action::XDP_DROP;
             };
             let Some(be) = maps::backend(backend_id) else {
+                debug!(ctx, "slot points at missing backend {}", backend_id);
                 maps::count(counter::XDP_DROP_BACKEND_MISSING, len);
                 maps::count_service(master.svc_port_id, ServiceEvent::DropOther(len));
                 return xdp_action::XDP_DROP;
@@ -255,6 +257,7 @@ fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
             maps::count(counter::XDP_SNAT_COLLISION, 0);
         }
         if !found {
+            debug!(ctx, "SNAT ports exhausted towards {:i}:{}", u32::from_be(be.addr_be), u16::from_be(be.port_be));
             maps::count(counter::XDP_DROP_SNAT_EXHAUSTED, len);
             maps::count_service(master.svc_port_id, ServiceEvent::DropOther(len));
             return xdp_action::XDP_DROP;
@@ -272,6 +275,7 @@ fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
         _pad: 0,
     };
     if CONNTRACK.insert(&key, &fentry, 0).is_err() {
+        debug!(ctx, "conntrack insert failed (map full?)");
         let _ = CONNTRACK.remove(&rkey);
         maps::count(counter::XDP_DROP_CT_FULL, len);
         maps::count_service(master.svc_port_id, ServiceEvent::DropOther(len));

@@ -277,6 +277,14 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let mut last: Option<Objects> = None;
     let mut retry = false;
     let mut ebpf = load(&cfg.bpffs)?;
+    // Rare kernel events (aya-log), forwarded to this log at their (debug) level.
+    let mut kernel_log = match aya_log::EbpfLogger::init(&mut ebpf) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            log::warn!("kernel log unavailable: {e}");
+            None
+        }
+    };
     attach_cgroup(&mut ebpf, &cfg.cgroup, &cfg.bpffs)?;
     for dev in &cfg.devices {
         prepare_device(dev)?;
@@ -295,6 +303,9 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let mut generation = 0u64;
     while !stop.load(Ordering::Relaxed) {
         ops.heartbeat();
+        if let Some(l) = kernel_log.as_mut() {
+            l.flush();
+        }
         ops.watch_restarts(source.watch_restarts());
         let polled = match source.poll() {
             Ok(Some(o)) => Ok(Some(o)),

@@ -26,8 +26,24 @@ pub fn mount_point(fstype: &str) -> Option<PathBuf> {
     })
 }
 
+/// Collects the kernel's aya-log records (level, text).
+#[derive(Clone, Default)]
+pub struct LogCapture(pub std::sync::Arc<std::sync::Mutex<Vec<(log::Level, String)>>>);
+
+impl log::Log for LogCapture {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record) {
+        self.0.lock().expect("log capture").push((r.level(), r.args().to_string()));
+    }
+    fn flush(&self) {}
+}
+
 pub struct XdpHarness {
     ebpf: aya::Ebpf,
+    logger: aya_log::EbpfLogger<LogCapture>,
+    logs: LogCapture,
     dir: PathBuf,
     pub syncer: Syncer<AyaDataplane>,
 }
@@ -57,10 +73,12 @@ impl XdpHarness {
             loader.map_max_entries(name, *size);
         }
         let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
+        let logs = LogCapture::default();
+        let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, logs.clone()).context("aya-log ring buffer")?;
         let xdp: &mut Xdp = ebpf.program_mut(program_name::XDP).ok_or_else(|| anyhow!("no XDP program"))?.try_into()?;
         xdp.load().context("loading the XDP program (verifier)")?;
         let syncer = Syncer::adopt(AyaDataplane::from_ebpf(&mut ebpf)?)?;
-        Ok(Self { ebpf, dir, syncer })
+        Ok(Self { ebpf, logger, logs, dir, syncer })
     }
 
     /// Programs the maps through the real sync code.
@@ -128,6 +146,12 @@ impl XdpHarness {
             .into_iter()
             .map(|c| (c.name, Counter { packets: c.packets, bytes: c.bytes }))
             .collect())
+    }
+
+    /// The kernel's log records since the last call.
+    pub fn take_logs(&mut self) -> Vec<(log::Level, String)> {
+        self.logger.flush();
+        std::mem::take(&mut *self.logs.0.lock().expect("log capture"))
     }
 
     pub fn pin_dir(&self) -> &Path {

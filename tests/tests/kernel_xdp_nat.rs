@@ -217,6 +217,12 @@ fn kernel_xdp_nat_snat_port_collision_then_exhaustion() {
     assert_eq!(moved["xdp_snat_collision"], lb_common::limits::SNAT_TRIES as u64);
     assert_eq!(moved["xdp_drop_snat_exhausted"], 1);
     assert_eq!(moved["xdp_verdict_drop"], 1);
+    // The rare event reaches userspace through aya-log, at debug level.
+    let logs = f.h.take_logs();
+    assert!(
+        logs.iter().any(|(l, m)| *l == log::Level::Debug && m.contains("SNAT ports exhausted towards 10.244.2.10:8080")),
+        "{logs:?}"
+    );
 }
 
 #[test]
