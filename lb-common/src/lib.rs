@@ -23,10 +23,11 @@ pub mod map_name {
     pub const AFFINITY: &str = "lb_affinity_v1";
     pub const MEMBERS: &str = "lb_member_v1";
     pub const SERVICE_STATS: &str = "lb_svc_stats_v1";
+    pub const SERVICE_NAMES: &str = "lb_svc_names_v1";
     /// Every map the agent pins, for `uninstall` and for `lbctl`.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         SERVICES, BACKENDS, REV_NAT, SOCK_REV_NAT, SOCK_FLOW, STATS, CONNTRACK, CONFIG, AFFINITY,
-        MEMBERS, SERVICE_STATS,
+        MEMBERS, SERVICE_STATS, SERVICE_NAMES,
     ];
 }
 
@@ -296,6 +297,14 @@ pub struct ServiceCounters {
     pub drops_other: u64,
 }
 
+/// Value of the Service names map (key: Service-port id): `namespace/name:port/PROTO`, NUL
+/// padded. Only userspace reads it (lbctl, metrics, adoption after a restart).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceName {
+    pub bytes: [u8; 256],
+}
+
 /// A per-CPU counter (stats map value).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -440,6 +449,7 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityValue>() == 8);
     assert!(core::mem::size_of::<MemberKey>() == 16);
     assert!(core::mem::size_of::<ServiceCounters>() == 40);
+    assert!(core::mem::size_of::<ServiceName>() == 256);
     assert!(core::mem::size_of::<Backend>() == 12);
     assert!(core::mem::size_of::<RevNat>() == 8);
     assert!(core::mem::size_of::<SockKey>() == 16);
@@ -470,4 +480,5 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for MemberKey {}
     unsafe impl aya::Pod for ServiceCounters {}
+    unsafe impl aya::Pod for ServiceName {}
 }

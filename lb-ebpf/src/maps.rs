@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     limits, AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, MemberKey, RevNat,
-    ServiceCounters, ServiceKey, ServiceValue, SockFlow, SockKey, SockRevNat,
+    ServiceCounters, ServiceKey, ServiceName, ServiceValue, SockFlow, SockKey, SockRevNat,
 };
 
 #[map(name = "lb_svc_v2")]
@@ -37,6 +37,11 @@ pub static MEMBERS: HashMap<MemberKey, u32> = HashMap::pinned(limits::MEMBERS, 0
 #[map(name = "lb_svc_stats_v1")]
 pub static SERVICE_STATS: PerCpuHashMap<u32, ServiceCounters> =
     PerCpuHashMap::pinned(limits::SERVICE_STATS, 0);
+
+/// Written and read by userspace only; declared here so that it is created and pinned with the
+/// rest.
+#[map(name = "lb_svc_names_v1")]
+pub static SERVICE_NAMES: HashMap<u32, ServiceName> = HashMap::pinned(limits::SERVICE_STATS, 0);
 
 #[map(name = "lb_config_v1")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, path::Path};
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData};
-use lb_common::{map_name, Backend, Config, MemberKey, RevNat, ServiceKey, ServiceValue};
+use lb_common::{map_name, Backend, Config, MemberKey, RevNat, ServiceKey, ServiceName, ServiceValue};
 
 /// Everything the sync reads back to adopt what is already programmed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -13,7 +13,22 @@ pub struct Snapshot {
     pub backends: BTreeMap<u32, Backend>,
     pub rev_nat: BTreeMap<u32, RevNat>,
     pub members: BTreeMap<MemberKey, u32>,
+    /// Service-port id -> `namespace/name:port/PROTO`.
+    pub service_names: BTreeMap<u32, String>,
     pub config: Config,
+}
+
+/// Encodes a Service-port name for the names map (truncated to its 256 bytes).
+pub fn encode_name(name: &str) -> ServiceName {
+    let mut bytes = [0u8; 256];
+    let n = name.len().min(bytes.len());
+    bytes[..n].copy_from_slice(&name.as_bytes()[..n]);
+    ServiceName { bytes }
+}
+
+pub fn decode_name(v: &ServiceName) -> String {
+    let end = v.bytes.iter().position(|b| *b == 0).unwrap_or(v.bytes.len());
+    String::from_utf8_lossy(&v.bytes[..end]).into_owned()
 }
 
 pub trait Dataplane {
@@ -26,6 +41,8 @@ pub trait Dataplane {
     fn put_config(&mut self, value: &Config) -> Result<()>;
     fn put_member(&mut self, key: &MemberKey, slot: u32) -> Result<()>;
     fn del_member(&mut self, key: &MemberKey) -> Result<()>;
+    fn put_service_name(&mut self, id: u32, name: &str) -> Result<()>;
+    fn del_service_name(&mut self, id: u32) -> Result<()>;
     /// Reads back every entry (used once, at start, to adopt pinned state).
     fn snapshot(&self) -> Result<Snapshot>;
 }
@@ -84,6 +101,16 @@ impl Dataplane for FakeDataplane {
         self.state.members.remove(key);
         Ok(())
     }
+    fn put_service_name(&mut self, id: u32, name: &str) -> Result<()> {
+        self.log.push(format!("put_service_name {id}"));
+        self.state.service_names.insert(id, name.to_string());
+        Ok(())
+    }
+    fn del_service_name(&mut self, id: u32) -> Result<()> {
+        self.log.push(format!("del_service_name {id}"));
+        self.state.service_names.remove(&id);
+        Ok(())
+    }
     fn put_config(&mut self, value: &Config) -> Result<()> {
         self.log.push("put_config".into());
         self.state.config = *value;
@@ -100,6 +127,7 @@ pub struct AyaDataplane {
     backends: HashMap<MapData, u32, Backend>,
     rev_nat: HashMap<MapData, u32, RevNat>,
     members: HashMap<MapData, MemberKey, u32>,
+    names: HashMap<MapData, u32, ServiceName>,
     config: Array<MapData, Config>,
 }
 
@@ -114,6 +142,7 @@ impl AyaDataplane {
             backends: HashMap::try_from(take(map_name::BACKENDS)?)?,
             rev_nat: HashMap::try_from(take(map_name::REV_NAT)?)?,
             members: HashMap::try_from(take(map_name::MEMBERS)?)?,
+            names: HashMap::try_from(take(map_name::SERVICE_NAMES)?)?,
             config: Array::try_from(take(map_name::CONFIG)?)?,
         })
     }
@@ -127,6 +156,7 @@ impl AyaDataplane {
             backends: HashMap::try_from(open(map_name::BACKENDS)?)?,
             rev_nat: HashMap::try_from(open(map_name::REV_NAT)?)?,
             members: HashMap::try_from(open(map_name::MEMBERS)?)?,
+            names: HashMap::try_from(open(map_name::SERVICE_NAMES)?)?,
             config: Array::try_from(Map::Array(open_data(map_name::CONFIG)?))?,
         })
     }
@@ -160,6 +190,12 @@ impl Dataplane for AyaDataplane {
     fn del_member(&mut self, key: &MemberKey) -> Result<()> {
         Ok(self.members.remove(key)?)
     }
+    fn put_service_name(&mut self, id: u32, name: &str) -> Result<()> {
+        Ok(self.names.insert(id, encode_name(name), 0)?)
+    }
+    fn del_service_name(&mut self, id: u32) -> Result<()> {
+        Ok(self.names.remove(&id)?)
+    }
     fn snapshot(&self) -> Result<Snapshot> {
         let mut s = Snapshot { config: self.config.get(&0, 0)?, ..Default::default() };
         for kv in self.services.iter() {
@@ -177,6 +213,10 @@ impl Dataplane for AyaDataplane {
         for kv in self.members.iter() {
             let (k, v) = kv?;
             s.members.insert(k, v);
+        }
+        for kv in self.names.iter() {
+            let (k, v) = kv?;
+            s.service_names.insert(k, decode_name(&v));
         }
         Ok(s)
     }

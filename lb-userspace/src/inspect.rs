@@ -10,6 +10,8 @@ use crate::dataplane::{AyaDataplane, Dataplane, Snapshot};
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct FrontendView {
+    /// `namespace/name:port/PROTO` of the Service port.
+    pub service: Option<String>,
     pub frontend: String,
     pub protocol: &'static str,
     pub scope: &'static str,
@@ -74,6 +76,7 @@ pub fn frontends(s: &Snapshot) -> Vec<FrontendView> {
             })
             .collect();
         out.push(FrontendView {
+            service: s.service_names.get(&v.svc_port_id).cloned(),
             frontend: addr(k.addr_be, k.port_be).to_string(),
             protocol: proto_name(k.proto),
             scope: if k.scope == lb_common::scope::INTERNAL { "internal" } else { "external" },

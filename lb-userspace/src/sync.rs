@@ -122,11 +122,19 @@ impl<D: Dataplane> Syncer<D> {
             config: snap.config,
             svc_port_ids: HashMap::new(),
             svc_port_alloc: IdAllocator::with_used(
-                snap.services.iter().filter(|(k, _)| k.slot == 0).map(|(_, v)| v.svc_port_id),
+                snap.services
+                    .iter()
+                    .filter(|(k, _)| k.slot == 0)
+                    .map(|(_, v)| v.svc_port_id)
+                    .chain(snap.service_names.keys().copied()),
             ),
             members: snap.members.clone(),
             total_writes: 0,
         };
+        // Service-port identities as the names map recorded them.
+        for (id, name) in &snap.service_names {
+            s.svc_port_ids.insert(name.clone(), *id);
+        }
         s.load(snap);
         Ok(s)
     }
@@ -239,18 +247,13 @@ impl<D: Dataplane> Syncer<D> {
                 }
             }
         }
-        // Service port ids: kept from what is programmed where possible (adoption), else new.
-        let mut claimed: BTreeSet<u32> = self.svc_port_ids.values().copied().collect();
-        for (fe, d) in desired {
+        // Service port ids: kept from the names map (adoption), else new, named before use.
+        for d in desired.values() {
             if self.svc_port_ids.contains_key(&d.service_port) {
                 continue;
             }
-            let programmed = self.frontends.get(fe).map(|p| p.svc_port_id).filter(|id| *id != 0);
-            let id = match programmed {
-                Some(id) if !claimed.contains(&id) => id,
-                _ => self.svc_port_alloc.alloc(),
-            };
-            claimed.insert(id);
+            let id = self.svc_port_alloc.alloc();
+            self.write(|dp| dp.put_service_name(id, &d.service_port))?;
             self.svc_port_ids.insert(d.service_port.clone(), id);
         }
         // 2 + 3. frontends that are new or changed.
@@ -261,6 +264,7 @@ impl<D: Dataplane> Syncer<D> {
         let dead: Vec<String> = self.svc_port_ids.keys().filter(|k| !live.contains(k)).cloned().collect();
         for k in dead {
             if let Some(id) = self.svc_port_ids.remove(&k) {
+                self.write(|dp| dp.del_service_name(id))?;
                 self.svc_port_alloc.release(id);
             }
         }
@@ -535,8 +539,8 @@ mod tests {
         let mut s = Syncer::adopt(FakeDataplane::default()).unwrap();
         let d = desired(3, 4);
         let first = s.sync(&d).unwrap();
-        // 12 backends + 3 rev-NAT + 12 slots + 12 memberships + 3 masters.
-        assert_eq!(first.writes, 42);
+        // 3 names + 12 backends + 3 rev-NAT + 12 slots + 12 memberships + 3 masters.
+        assert_eq!(first.writes, 45);
         assert_eq!(s.sync(&d).unwrap().writes, 0);
         let r = resolved(&s.dataplane().state);
         assert_eq!(r.len(), 3);
@@ -620,8 +624,8 @@ mod tests {
                 "del_rev_nat" => {
                     replay.state.rev_nat.remove(&arg.parse::<u32>().unwrap());
                 }
-                // Membership does not change what a frontend resolves to.
-                "put_member" | "del_member" => {}
+                // Membership and names do not change what a frontend resolves to.
+                "put_member" | "del_member" | "put_service_name" | "del_service_name" => {}
                 "put_service" | "del_service" => {
                     let k = *all_keys.iter().find(|k| svc_key_str(k) == arg).unwrap();
                     if verb == "put_service" {

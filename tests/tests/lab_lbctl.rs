@@ -37,6 +37,16 @@ fn lab_lbctl_reads_the_live_maps_with_the_agent_down() {
     assert_eq!(ext.len(), 1, "{services}");
     assert_eq!(ext[0]["backends"], serde_json::json!(["10.244.1.10:8080"]));
 
+    // Filter by Service: every frontend of web-local (ClusterIP, NodePorts, LB IP; both scopes).
+    let web = json(&bpffs, &["services", "--service", "default/web-local"]);
+    let web = web.as_array().unwrap();
+    assert!(web.iter().all(|f| f["service"].as_str().unwrap().starts_with("default/web-local:")), "{web:?}");
+    let fronts: std::collections::BTreeSet<&str> = web.iter().map(|f| f["frontend"].as_str().unwrap()).collect();
+    assert_eq!(fronts, ["10.96.0.40:80", "192.168.100.1:30080", "203.0.113.10:80"].into_iter().collect(), "{web:?}");
+    let tcp_only = json(&bpffs, &["services", "--service", "default/web-local:tcp"]);
+    assert!(tcp_only.as_array().unwrap().iter().all(|f| f["protocol"] == "TCP"));
+    assert_eq!(tcp_only.as_array().unwrap().len(), web.len() / 2);
+
     let ct = json(&bpffs, &["conntrack", "--filter", &client]);
     let dirs: Vec<&str> = ct.as_array().unwrap().iter().map(|e| e["direction"].as_str().unwrap()).collect();
     assert!(dirs.contains(&"original") && dirs.contains(&"reply"), "{ct}");

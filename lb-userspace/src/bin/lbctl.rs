@@ -30,6 +30,9 @@ enum Command {
         /// Only this frontend (IP:PORT).
         #[arg(long)]
         frontend: Option<String>,
+        /// Only this Service (NAMESPACE/NAME) or Service port (NAMESPACE/NAME:PORT).
+        #[arg(long)]
+        service: Option<String>,
     },
     /// Backends by id.
     Backends,
@@ -102,10 +105,19 @@ fn main() {
 fn run(cli: &Cli) -> anyhow::Result<()> {
     let json = matches!(cli.output, Format::Json);
     match &cli.command {
-        Command::Services { frontend } => {
+        Command::Services { frontend, service } => {
             let mut v = inspect::frontends(&inspect::snapshot(&cli.bpffs)?);
             if let Some(f) = frontend {
                 v.retain(|x| &x.frontend == f);
+            }
+            if let Some(want) = service {
+                // NAMESPACE/NAME matches every port; NAMESPACE/NAME:PORT one port name.
+                v.retain(|x| {
+                    x.service.as_deref().is_some_and(|s| {
+                        let (svc, _proto) = s.rsplit_once('/').unwrap_or((s, ""));
+                        svc == want || svc.split_once(':').is_some_and(|(n, _)| n == want)
+                    })
+                });
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -114,6 +126,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     .iter()
                     .map(|f| {
                         vec![
+                            f.service.clone().unwrap_or_else(|| "-".into()),
                             f.frontend.clone(),
                             f.protocol.into(),
                             f.scope.into(),
@@ -122,7 +135,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                         ]
                     })
                     .collect();
-                print!("{}", inspect::table(&["FRONTEND", "PROTO", "SCOPE", "COUNT", "BACKENDS"], &rows));
+                print!("{}", inspect::table(&["SERVICE", "FRONTEND", "PROTO", "SCOPE", "COUNT", "BACKENDS"], &rows));
             }
         }
         Command::Backends => {
