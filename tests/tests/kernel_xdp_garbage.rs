@@ -1,0 +1,256 @@
+//! Garbage in: random and mutated frames through the XDP program (BPF_PROG_TEST_RUN, the real
+//! kernel), with invariants checked on every one:
+//! - a frame is only rewritten when it is addressed to a frontend or belongs to a tracked flow
+//!   (or is an ICMP error quoting one);
+//! - checksums that were valid on input are valid on output;
+//! - the verdict is PASS, DROP or TX, and the counters add up at the end.
+//!
+//! `LB_GARBAGE_FRAMES` (default 1,000,000) and `LB_GARBAGE_SEED` run it longer or replay a run.
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
+use lb_common::{backend_flags, service_flags, Config};
+use lb_userspace::{
+    harness::XdpHarness,
+    plan::{BackendKey, Desired, DesiredFrontend, FrontendKey},
+};
+
+const NODE: [u8; 4] = [192, 168, 100, 1];
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn pick<T: Copy>(&mut self, v: &[T]) -> T {
+        v[self.below(v.len() as u64) as usize]
+    }
+}
+
+/// Frontends programmed for the run: (address, port, protocol).
+fn frontends() -> Vec<(SocketAddrV4, u8)> {
+    vec![
+        (SocketAddrV4::new(Ipv4Addr::from(NODE), 30080), 6),
+        (SocketAddrV4::new(Ipv4Addr::from(NODE), 30081), 17),
+        (SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 7), 80), 6),
+        (SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 8), 53), 17),
+    ]
+}
+
+fn desired() -> Desired {
+    let be = |last: u8, port: u16, proto: u8, flags: u8| {
+        (BackendKey { addr: SocketAddrV4::new(Ipv4Addr::new(10, 244, 1 + last % 2, last), port), proto }, flags)
+    };
+    frontends()
+        .into_iter()
+        .enumerate()
+        .map(|(i, (addr, proto))| {
+            let backends = vec![be(10, 8080, proto, backend_flags::LOCAL), be(11, 8080, proto, 0), be(12, 9090, proto, 0)];
+            let flags = service_flags::NODE_PORT | if i == 0 { service_flags::SESSION_AFFINITY } else { 0 };
+            (
+                FrontendKey { addr, proto, scope: lb_common::scope::EXTERNAL },
+                DesiredFrontend { service_port: format!("ns/s{i}:p/{proto}"), flags, affinity_timeout_s: 30, backends },
+            )
+        })
+        .collect()
+}
+
+/// A well-formed frame, sometimes to a frontend, sometimes not.
+fn valid_frame(r: &mut Rng) -> Vec<u8> {
+    let fes = frontends();
+    let (dst, port, proto) = if r.below(3) > 0 {
+        let (a, p) = r.pick(&fes);
+        (a.ip().octets(), a.port(), p)
+    } else {
+        ([10, r.below(4) as u8, 0, r.below(250) as u8], r.below(65535) as u16 + 1, if r.below(2) == 0 { 6 } else { 17 })
+    };
+    let src = [192, 168, 100, 100 + r.below(4) as u8];
+    let sport = 1024 + r.below(200) as u16;
+    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src, dst, 64);
+    let payload: Vec<u8> = (0..r.below(40)).map(|_| r.next() as u8).collect();
+    let mut v = Vec::new();
+    match (proto, r.below(3)) {
+        (6, 0) => b.tcp(sport, port, r.next() as u32, 1000).syn().write(&mut v, &payload).unwrap(),
+        (6, _) => b.tcp(sport, port, r.next() as u32, 1000).ack(1).write(&mut v, &payload).unwrap(),
+        _ => b.udp(sport, port).write(&mut v, &payload).unwrap(),
+    }
+    v
+}
+
+/// A frame of a tracked flow (either direction), or an ICMP error quoting one.
+fn tracked_frame(r: &mut Rng, k: &lb_common::CtKey) -> Vec<u8> {
+    let (src, dst) = (k.saddr_be.to_ne_bytes(), k.daddr_be.to_ne_bytes());
+    let (sp, dp) = (u16::from_be(k.sport_be), u16::from_be(k.dport_be));
+    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+    let mut v = Vec::new();
+    if r.below(4) == 0 {
+        // An ICMP error from a router, quoting a packet of the flow's other direction.
+        let mut q = Vec::new();
+        let qb = PacketBuilder::ipv4(dst, src, 64);
+        if k.proto == 6 {
+            qb.tcp(dp, sp, 1, 1000).ack(1).write(&mut q, &[]).unwrap();
+        } else {
+            qb.udp(dp, sp).write(&mut q, b"x").unwrap();
+        }
+        q.truncate(28);
+        let kind = etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 });
+        b.ipv4([10, 9, 9, 9], dst, 64).icmpv4(kind).write(&mut v, &q).unwrap();
+        return v;
+    }
+    let b = b.ipv4(src, dst, 64);
+    let payload: Vec<u8> = (0..r.below(30)).map(|_| r.next() as u8).collect();
+    if k.proto == 6 {
+        b.tcp(sp, dp, r.next() as u32, 1000).ack(1).write(&mut v, &payload).unwrap();
+    } else {
+        b.udp(sp, dp).write(&mut v, &payload).unwrap();
+    }
+    v
+}
+
+fn frame(r: &mut Rng, known: &[lb_common::CtKey]) -> Vec<u8> {
+    if !known.is_empty() && r.below(4) == 0 {
+        let k = known[r.below(known.len() as u64) as usize];
+        let mut v = tracked_frame(r, &k);
+        if r.below(3) == 0 {
+            let i = 14 + r.below(v.len() as u64 - 14) as usize;
+            v[i] ^= 1 << r.below(8);
+        }
+        return v;
+    }
+    match r.below(10) {
+        // Random bytes (at least an Ethernet header, which the kernel's test run requires).
+        0 => (0..14 + r.below(120)).map(|_| r.next() as u8).collect(),
+        // Random bytes behind an IPv4 EtherType.
+        1 => {
+            let mut v = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 8, 0];
+            v.extend((0..r.below(100)).map(|_| r.next() as u8));
+            v
+        }
+        // Valid frames, untouched.
+        2..=4 => valid_frame(r),
+        // Valid frames with a few bytes flipped past the Ethernet header, or cut short.
+        _ => {
+            let mut v = valid_frame(r);
+            for _ in 0..1 + r.below(3) {
+                let i = 14 + r.below(v.len() as u64 - 14) as usize;
+                v[i] ^= 1 << r.below(8);
+            }
+            if r.below(4) == 0 {
+                let keep = 14 + r.below(v.len() as u64 - 13) as usize;
+                v.truncate(keep);
+            }
+            v
+        }
+    }
+}
+
+/// (destination, port, protocol, ICMP) of an IPv4 TCP/UDP frame, when it parses as one.
+fn dest(f: &[u8]) -> Option<(SocketAddrV4, u8)> {
+    let p = SlicedPacket::from_ethernet(f).ok()?;
+    let ip = match p.net? {
+        etherparse::NetSlice::Ipv4(ip) => ip,
+        _ => return None,
+    };
+    let dst = ip.header().destination_addr();
+    match p.transport? {
+        TransportSlice::Tcp(t) => Some((SocketAddrV4::new(dst, t.destination_port()), 6)),
+        TransportSlice::Udp(u) => Some((SocketAddrV4::new(dst, u.destination_port()), 17)),
+        _ => None,
+    }
+}
+
+/// Whether the IPv4 header checksum and the TCP/UDP checksum (over a complete segment) hold.
+/// `None` when the frame is not a complete IPv4 TCP/UDP packet.
+fn checksums_ok(f: &[u8]) -> Option<bool> {
+    let p = SlicedPacket::from_ethernet(f).ok()?;
+    let etherparse::NetSlice::Ipv4(ip) = p.net? else { return None };
+    let h = ip.header().to_header();
+    if h.header_checksum != h.calc_header_checksum() {
+        return Some(false);
+    }
+    let payload = ip.payload().payload;
+    Some(match p.transport? {
+        TransportSlice::Tcp(t) => t.to_header().calc_checksum_ipv4(&h, t.payload()).ok()? == t.checksum(),
+        TransportSlice::Udp(u) => u.checksum() == 0 || u.to_header().calc_checksum_ipv4(&h, u.payload()).ok()? == u.checksum(),
+        _ => return None,
+    } && payload.len() >= 8)
+}
+
+#[test]
+fn kernel_xdp_garbage_in_never_mistranslated() {
+    let Some(()) = lb_tests::require_privileges() else { return };
+    let mut h = XdpHarness::new().unwrap();
+    h.set_config(&Config { node_addr_be: u32::from_ne_bytes(NODE), snat_port_min: 61000, snat_port_max: 65535, ready: 1, _pad: 0 }).unwrap();
+    h.program(&desired()).unwrap();
+    let frames: u64 = std::env::var("LB_GARBAGE_FRAMES").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let seed: u64 = std::env::var("LB_GARBAGE_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x5eed_1b);
+    eprintln!("{frames} frames, seed {seed} (LB_GARBAGE_SEED to replay)");
+    let fes: BTreeSet<(SocketAddrV4, u8)> = frontends().into_iter().collect();
+    let mut r = Rng(seed | 1);
+    let (mut rewritten, mut dropped) = (0u64, 0u64);
+    let mut tracked: Option<BTreeSet<(u32, u32, u16, u16, u8)>> = None;
+    let mut known: Vec<lb_common::CtKey> = Vec::new();
+    for n in 0..frames {
+        if n % 5000 == 1000 {
+            known = h.conntrack_entries().unwrap().into_iter().map(|(k, _)| k).take(2000).collect();
+        }
+        let input = frame(&mut r, &known);
+        let res = h.run(&input).unwrap();
+        assert!(matches!(res.verdict, 1..=3), "frame {n}: verdict {}", res.verdict);
+        if res.verdict == 1 {
+            dropped += 1;
+        }
+        if res.output == input {
+            continue;
+        }
+        rewritten += 1;
+        // Rewritten: addressed to a frontend, or part of a tracked flow, or an ICMP error.
+        if let Some(d) = dest(&input) {
+            if !fes.contains(&d) {
+                let p = SlicedPacket::from_ethernet(&input).unwrap();
+                let etherparse::NetSlice::Ipv4(ip) = p.net.unwrap() else { unreachable!() };
+                let (s, dd) = (ip.header().source_addr(), ip.header().destination_addr());
+                let (sp, dp) = match p.transport.unwrap() {
+                    TransportSlice::Tcp(t) => (t.source_port(), t.destination_port()),
+                    TransportSlice::Udp(u) => (u.source_port(), u.destination_port()),
+                    _ => unreachable!(),
+                };
+                // Consult conntrack as it was (re-read lazily, it only grows here).
+                let key = (u32::from_ne_bytes(s.octets()), u32::from_ne_bytes(dd.octets()), sp.to_be(), dp.to_be(), d.1);
+                if !tracked.as_ref().is_some_and(|t| t.contains(&key)) {
+                    tracked = Some(
+                        h.conntrack_entries().unwrap().iter().map(|(k, _)| (k.saddr_be, k.daddr_be, k.sport_be, k.dport_be, k.proto)).collect(),
+                    );
+                }
+                assert!(tracked.as_ref().unwrap().contains(&key), "frame {n}: rewrote a packet of no frontend and no flow: {input:02x?}");
+            }
+        }
+        if checksums_ok(&input) == Some(true) {
+            assert_eq!(checksums_ok(&res.output), Some(true), "frame {n}: valid checksums broken: {input:02x?} -> {:02x?}", res.output);
+        }
+    }
+    let c = h.counters().unwrap();
+    assert_eq!(c["xdp_rx"].packets, frames, "every frame counted once");
+    assert_eq!(
+        c["xdp_verdict_pass"].packets + c["xdp_verdict_drop"].packets + c["xdp_tx"].packets + c["xdp_redirect"].packets,
+        frames,
+        "verdict counters add up"
+    );
+    assert_eq!(c["xdp_verdict_drop"].packets, dropped);
+    assert!(rewritten > frames / 20, "the run exercised translation ({rewritten} rewritten)");
+    for path in ["xdp_new_flow", "xdp_established", "xdp_reply", "xdp_icmp_error_xlate"] {
+        assert!(c[path].packets > 0, "the run exercised {path}");
+    }
+    eprintln!("{rewritten} rewritten, {dropped} dropped, counters: {c:?}");
+}
