@@ -27,7 +27,7 @@ use crate::{
     dataplane::AyaDataplane,
     model, plan,
     source::{ManifestsSource, Objects, Source},
-    watch::{KubeConfigChoice, KubeSource},
+    kube_source::{KubeConfigChoice, KubeSource},
     sync::Syncer,
 };
 
@@ -255,7 +255,16 @@ pub fn attach_xdp(ebpf: &mut aya::Ebpf, device: &str, bpffs: &Path) -> Result<()
 /// directly.
 fn prepare_device(dev: &str) -> Result<()> {
     let p = format!("/proc/sys/net/ipv4/conf/{dev}/accept_local");
-    fs::write(&p, "1").with_context(|| format!("setting {p} (needs CAP_NET_ADMIN in the node's network namespace)"))
+    if fs::read_to_string(&p).map(|v| v.trim() == "1").unwrap_or(false) {
+        return Ok(());
+    }
+    if let Err(e) = fs::write(&p, "1") {
+        // Not fatal: only the stack fallback (unresolved next hop) is affected; XDP_TX works.
+        log::warn!(
+            "cannot set {p} ({e}): translated packets handed to the stack before the next hop's neighbour is resolved will be dropped as martians; set it on the host"
+        );
+    }
+    Ok(())
 }
 
 /// `lb-agent run`.

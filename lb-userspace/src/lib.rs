@@ -12,7 +12,7 @@ pub mod ops;
 pub mod plan;
 pub mod source;
 pub mod sync;
-pub mod watch;
+pub mod kube_source;
 
 /// The compiled kernel programs, built by build.rs with aya-build.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));

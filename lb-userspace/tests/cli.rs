@@ -118,7 +118,7 @@ fn without_manifests_outside_a_cluster_names_the_fix() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("in-cluster config (is this running in a pod? else pass --kubeconfig)"), "{err}");
+    assert!(err.contains("in-cluster Kubernetes config (is this running in a pod? else pass --kubeconfig)"), "{err}");
     assert!(!std::path::Path::new("/sys/fs/bpf/lbcli-kube").exists(), "nothing attached or pinned");
     let (code, _, err) = agent(&["run", "--node", "n", "--kubeconfig", "/nonexistent", "--cgroup", &cg, "--bpffs", "/sys/fs/bpf/x"]);
     assert_eq!(code, 2);

@@ -1,0 +1,1110 @@
+//! [`KubeSource`] against a local fake API server on 127.0.0.1 that speaks the list/watch
+//! protocol kube's watcher uses:
+//!
+//! - `GET <collection>?limit=500[&continue=..][&fieldSelector=..]`: a JSON list whose
+//!   `metadata.resourceVersion` the watch then starts from (items without `kind`/`apiVersion`, as
+//!   the real API server sends them), paginated with `continue` tokens;
+//! - `GET <collection>?watch=true&resourceVersion=N&allowWatchBookmarks=true&timeoutSeconds=S`:
+//!   a chunked stream of one JSON event per line (`ADDED`, `MODIFIED`, `DELETED`, `BOOKMARK`),
+//!   replaying every change after N from a global history, as etcd's revisions are global;
+//! - an expired resourceVersion (history "compacted" by [`Cluster::expire`]): an `ERROR` event
+//!   with code 410 `Expired` on the stream, as the real API server does, or (in
+//!   [`Cluster::gone_as_http`] mode) a plain `410 Gone` answer to the watch request;
+//! - `403 Forbidden` for collections the test forbids (RBAC not granted yet).
+//!
+//! The fake keeps its objects in a [`Cluster`] ("etcd") that outlives the server, so a test can
+//! stop the server and start it again on the same port. Every wait polls with a deadline.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use lb_userspace::{
+    kube_source::{KubeConfigChoice, KubeSource},
+    source::{Objects, Source},
+};
+use serde_json::{json, Value};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+        TcpSocket, TcpStream,
+    },
+};
+
+// ------------------------------------------------------------------------------------------------
+// The fake API server
+// ------------------------------------------------------------------------------------------------
+
+/// The three collections the agent watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl Kind {
+    const ALL: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
+
+    fn path(self) -> &'static str {
+        match self {
+            Kind::Service => "/api/v1/services",
+            Kind::EndpointSlice => "/apis/discovery.k8s.io/v1/endpointslices",
+            Kind::Node => "/api/v1/nodes",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::Service | Kind::Node => "v1",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
+        }
+    }
+
+    fn from_name(name: &str) -> Kind {
+        Kind::ALL.into_iter().find(|k| k.name() == name).unwrap_or_else(|| panic!("kind {name}"))
+    }
+
+    fn from_path(path: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.path() == path)
+    }
+}
+
+/// (namespace, name); the namespace is empty for Nodes.
+type Key = (String, String);
+
+fn key_of(obj: &Value) -> Key {
+    let meta = &obj["metadata"];
+    let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    (s(&meta["namespace"]), s(&meta["name"]))
+}
+
+/// One entry of the change history.
+struct Change {
+    rv: u64,
+    kind: Kind,
+    /// `ADDED`, `MODIFIED`, `DELETED` or `BOOKMARK`.
+    kind_of_event: &'static str,
+    object: Value,
+}
+
+/// One request the fake answered: the collection, list or watch, and the decoded query.
+#[derive(Clone, Debug)]
+struct Request {
+    kind: Kind,
+    watch: bool,
+    query: BTreeMap<String, String>,
+}
+
+#[derive(Default)]
+struct Db {
+    /// The latest resourceVersion, global across collections.
+    rv: u64,
+    objects: BTreeMap<Kind, BTreeMap<Key, Value>>,
+    history: Vec<Change>,
+    /// Watches from a resourceVersion older than this are expired.
+    oldest_rv: u64,
+    /// Bumped by [`Cluster::expire`]: watches started before it end.
+    epoch: u64,
+    /// Answer an expired watch with `410 Gone` instead of `200` and an `ERROR` event.
+    gone_as_http: bool,
+    forbidden: BTreeSet<Kind>,
+    requests: Vec<Request>,
+    /// Watch requests answered "expired", in either form.
+    expired_answers: u64,
+    bookmarks_sent: u64,
+    active_watches: usize,
+}
+
+struct Shared {
+    db: Mutex<Db>,
+    /// Ticks on every change, to wake the watch streams.
+    changed: tokio::sync::watch::Sender<()>,
+}
+
+/// The fake's storage ("etcd"): objects, history, and knobs for failures. Outlives servers.
+#[derive(Clone)]
+struct Cluster(Arc<Shared>);
+
+impl Cluster {
+    fn new() -> Self {
+        let (changed, _) = tokio::sync::watch::channel(());
+        Cluster(Arc::new(Shared { db: Mutex::new(Db::default()), changed }))
+    }
+
+    fn db(&self) -> MutexGuard<'_, Db> {
+        self.0.db.lock().unwrap()
+    }
+
+    fn notify(&self) {
+        self.0.changed.send_replace(());
+    }
+
+    /// Creates or replaces an object (its `kind` says where), recording an ADDED or MODIFIED
+    /// event unless `silently` (an event the watchers will never see, like one lost to
+    /// compaction).
+    fn put(&self, mut obj: Value, silently: bool) {
+        let kind = Kind::from_name(obj["kind"].as_str().unwrap_or_default());
+        let mut db = self.db();
+        db.rv += 1;
+        let rv = db.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let previous = db.objects.entry(kind).or_default().insert(key_of(&obj), obj.clone());
+        if !silently {
+            let kind_of_event = if previous.is_some() { "MODIFIED" } else { "ADDED" };
+            db.history.push(Change { rv, kind, kind_of_event, object: obj });
+        }
+        drop(db);
+        self.notify();
+    }
+
+    fn apply(&self, obj: Value) {
+        self.put(obj, false);
+    }
+
+    fn apply_silently(&self, obj: Value) {
+        self.put(obj, true);
+    }
+
+    fn remove(&self, kind: Kind, namespace: &str, name: &str, silently: bool) {
+        let mut db = self.db();
+        let key = (namespace.to_string(), name.to_string());
+        let Some(mut obj) = db.objects.entry(kind).or_default().remove(&key) else {
+            panic!("no {kind:?} {namespace}/{name} to delete");
+        };
+        db.rv += 1;
+        let rv = db.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        if !silently {
+            db.history.push(Change { rv, kind, kind_of_event: "DELETED", object: obj });
+        }
+        drop(db);
+        self.notify();
+    }
+
+    fn delete(&self, kind: Kind, namespace: &str, name: &str) {
+        self.remove(kind, namespace, name, false);
+    }
+
+    fn delete_silently(&self, kind: Kind, namespace: &str, name: &str) {
+        self.remove(kind, namespace, name, true);
+    }
+
+    /// A BOOKMARK for every collection at the latest resourceVersion.
+    fn bookmark(&self) {
+        let mut db = self.db();
+        let rv = db.rv;
+        for kind in Kind::ALL {
+            let object = json!({
+                "kind": kind.name(),
+                "apiVersion": kind.api_version(),
+                "metadata": {"resourceVersion": rv.to_string()},
+            });
+            db.history.push(Change { rv, kind, kind_of_event: "BOOKMARK", object });
+        }
+        drop(db);
+        self.notify();
+    }
+
+    /// Compacts the history: running watches end with 410 and watches from any older
+    /// resourceVersion are refused, so the watchers must re-list.
+    fn expire(&self) {
+        let mut db = self.db();
+        db.oldest_rv = db.rv;
+        db.epoch += 1;
+        drop(db);
+        self.notify();
+    }
+
+    /// Answer expired watches with HTTP `410 Gone` rather than an `ERROR` event.
+    fn gone_as_http(&self, on: bool) {
+        self.db().gone_as_http = on;
+    }
+
+    fn forbid(&self, kind: Kind, on: bool) {
+        let mut db = self.db();
+        if on {
+            db.forbidden.insert(kind);
+        } else {
+            db.forbidden.remove(&kind);
+        }
+    }
+
+    fn requests(&self, kind: Kind, watch: bool) -> Vec<Request> {
+        self.db().requests.iter().filter(|r| r.kind == kind && r.watch == watch).cloned().collect()
+    }
+
+    fn lists(&self, kind: Kind) -> usize {
+        self.requests(kind, false).len()
+    }
+
+    /// "namespace/name" of every object of `kind` the server has now.
+    fn names(&self, kind: Kind) -> Vec<String> {
+        let db = self.db();
+        db.objects.get(&kind).map(|m| m.keys().map(qualified).collect()).unwrap_or_default()
+    }
+}
+
+fn qualified((namespace, name): &Key) -> String {
+    if namespace.is_empty() {
+        name.clone()
+    } else {
+        format!("{namespace}/{name}")
+    }
+}
+
+/// A running fake API server on 127.0.0.1, serving a [`Cluster`].
+struct FakeApi {
+    port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeApi {
+    /// Serves `cluster` on `port` (0: any free port) from a thread of its own.
+    fn start(cluster: &Cluster, port: u16) -> Self {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let cluster = cluster.clone();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                // SO_REUSEADDR, so a restarted server gets the same port back at once.
+                let socket = TcpSocket::new_v4().unwrap();
+                socket.set_reuseaddr(true).unwrap();
+                socket.bind(([127, 0, 0, 1], port).into()).unwrap();
+                let listener = socket.listen(64).unwrap();
+                ready_tx.send(listener.local_addr().unwrap().port()).unwrap();
+                let accept = async {
+                    while let Ok((conn, _)) = listener.accept().await {
+                        tokio::spawn(serve_connection(conn, cluster.clone()));
+                    }
+                };
+                tokio::select! {
+                    () = accept => {}
+                    _ = stopped => {}
+                }
+            });
+            // Dropping the runtime drops every connection task, closing its socket.
+        });
+        let port = ready_rx.recv_timeout(Duration::from_secs(5)).expect("fake API server bound");
+        FakeApi { port, stop: Some(stop), thread: Some(thread) }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops listening and closes every connection, as a crashed API server would.
+    fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Decodes `application/x-www-form-urlencoded` text.
+fn url_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).unwrap());
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).unwrap()
+}
+
+fn parse_query(query: &str) -> BTreeMap<String, String> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (url_decode(k), url_decode(v))
+        })
+        .collect()
+}
+
+/// A field selector: `metadata.name=X` and/or `metadata.namespace=Y`, comma-separated.
+fn parse_field_selector(selector: Option<&String>) -> Result<Vec<(String, String)>, String> {
+    let Some(selector) = selector.filter(|s| !s.is_empty()) else { return Ok(Vec::new()) };
+    selector
+        .split(',')
+        .map(|term| {
+            let (field, value) = term
+                .split_once("==")
+                .or_else(|| term.split_once('='))
+                .ok_or_else(|| format!("invalid field selector term {term:?}"))?;
+            match field {
+                "metadata.name" | "metadata.namespace" => Ok((field.to_string(), value.to_string())),
+                _ => Err(format!("field label not supported: {field}")),
+            }
+        })
+        .collect()
+}
+
+fn selects(selector: &[(String, String)], obj: &Value) -> bool {
+    selector.iter().all(|(field, value)| {
+        let meta = &obj["metadata"];
+        let actual = match field.as_str() {
+            "metadata.name" => &meta["name"],
+            _ => &meta["namespace"],
+        };
+        actual.as_str().unwrap_or_default() == value
+    })
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    })
+}
+
+/// Reads one request head; returns its target (`/path?query`), or `None` when the client is gone.
+async fn read_request(reader: &mut BufReader<OwnedReadHalf>) -> Option<String> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).await.ok()? == 0 {
+        return None;
+    }
+    let target = line.split_whitespace().nth(1)?.to_string();
+    let mut body_len = 0;
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).await.ok()? == 0 {
+            return None;
+        }
+        let header = line.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                body_len = value.trim().parse().ok()?;
+            }
+        }
+    }
+    let mut body = vec![0; body_len];
+    reader.read_exact(&mut body).await.ok()?;
+    Some(target)
+}
+
+async fn respond(writer: &mut OwnedWriteHalf, code: u16, body: &Value) -> std::io::Result<()> {
+    let reason = match code {
+        200 => "OK",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        410 => "Gone",
+        _ => "Error",
+    };
+    let body = body.to_string();
+    let head = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    writer.write_all(head.as_bytes()).await?;
+    writer.write_all(body.as_bytes()).await?;
+    writer.flush().await
+}
+
+/// Writes one watch event as one chunk, newline-terminated.
+async fn write_event(writer: &mut OwnedWriteHalf, event: &Value) -> std::io::Result<()> {
+    let line = format!("{event}\n");
+    writer.write_all(format!("{:X}\r\n{line}\r\n", line.len()).as_bytes()).await?;
+    writer.flush().await
+}
+
+async fn end_chunks(writer: &mut OwnedWriteHalf) -> std::io::Result<()> {
+    writer.write_all(b"0\r\n\r\n").await?;
+    writer.flush().await
+}
+
+/// Serves requests on one connection (keep-alive) until the client leaves or a watch ends.
+async fn serve_connection(conn: TcpStream, cluster: Cluster) {
+    let (read, mut writer) = conn.into_split();
+    let mut reader = BufReader::new(read);
+    while let Some(target) = read_request(&mut reader).await {
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        let query = parse_query(query);
+        let Some(kind) = Kind::from_path(path) else {
+            let body = status(404, "NotFound", &format!("the server could not find {path}"));
+            if respond(&mut writer, 404, &body).await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let watch = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+        cluster.db().requests.push(Request { kind, watch, query: query.clone() });
+        if watch {
+            // A watch response is the rest of this connection.
+            let _ = serve_watch(&mut reader, &mut writer, &cluster, kind, &query).await;
+            return;
+        }
+        let (code, body) = list(&cluster, kind, &query);
+        if respond(&mut writer, code, &body).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Answers a list request.
+fn list(cluster: &Cluster, kind: Kind, query: &BTreeMap<String, String>) -> (u16, Value) {
+    let db = cluster.db();
+    if db.forbidden.contains(&kind) {
+        return (403, status(403, "Forbidden", &format!("cannot list {}", kind.path())));
+    }
+    let selector = match parse_field_selector(query.get("fieldSelector")) {
+        Ok(s) => s,
+        Err(e) => return (400, status(400, "BadRequest", &e)),
+    };
+    let mut items: Vec<Value> = db
+        .objects
+        .get(&kind)
+        .map(|m| m.values().filter(|o| selects(&selector, o)).cloned().collect())
+        .unwrap_or_default();
+    // Items of a list carry no kind or apiVersion; the list does.
+    for item in &mut items {
+        if let Some(map) = item.as_object_mut() {
+            map.remove("kind");
+            map.remove("apiVersion");
+        }
+    }
+    let offset: usize = query.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
+    let limit: usize =
+        query.get("limit").and_then(|l| l.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+    let end = offset.saturating_add(limit).min(items.len());
+    let page: Vec<Value> = items.get(offset..end).map(<[Value]>::to_vec).unwrap_or_default();
+    let mut metadata = json!({"resourceVersion": db.rv.to_string()});
+    if end < items.len() {
+        metadata["continue"] = json!(end.to_string());
+    }
+    let body = json!({
+        "kind": format!("{}List", kind.name()),
+        "apiVersion": kind.api_version(),
+        "metadata": metadata,
+        "items": page,
+    });
+    (200, body)
+}
+
+/// Decrements the active watch count when a watch response ends, however it ends.
+struct ActiveWatch(Cluster);
+
+impl Drop for ActiveWatch {
+    fn drop(&mut self) {
+        self.0.db().active_watches -= 1;
+    }
+}
+
+/// Streams a watch: every change after the requested resourceVersion, then new ones as they
+/// happen, until `timeoutSeconds`, an expiry, or the client leaving.
+async fn serve_watch(
+    reader: &mut BufReader<OwnedReadHalf>,
+    writer: &mut OwnedWriteHalf,
+    cluster: &Cluster,
+    kind: Kind,
+    query: &BTreeMap<String, String>,
+) -> std::io::Result<()> {
+    let selector = match parse_field_selector(query.get("fieldSelector")) {
+        Ok(s) => s,
+        Err(e) => return respond(writer, 400, &status(400, "BadRequest", &e)).await,
+    };
+    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+    let timeout = query.get("timeoutSeconds").and_then(|t| t.parse().ok()).unwrap_or(1800);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+    let expired = status(410, "Expired", "too old resource version");
+    let expired_event = json!({"type": "ERROR", "object": expired});
+
+    // Subscribe before reading the history, so no change slips between the two.
+    let mut changed = cluster.0.changed.subscribe();
+    // Decide under the lock, answer after it (a std mutex guard must not live across awaits).
+    enum Start {
+        Forbidden,
+        Expired { as_http: bool },
+        Stream { cursor: usize, epoch: u64 },
+    }
+    let start = {
+        let mut db = cluster.db();
+        let from: u64 = match query.get("resourceVersion").map(|v| v.parse()) {
+            Some(Ok(rv)) => rv,
+            // Real servers treat a missing or "0" resourceVersion as "any"; kube always sends one.
+            _ => db.rv,
+        };
+        if db.forbidden.contains(&kind) {
+            Start::Forbidden
+        } else if from < db.oldest_rv {
+            db.expired_answers += 1;
+            Start::Expired { as_http: db.gone_as_http }
+        } else {
+            db.active_watches += 1;
+            Start::Stream { cursor: db.history.partition_point(|c| c.rv <= from), epoch: db.epoch }
+        }
+    };
+    let (mut cursor, epoch) = match start {
+        Start::Forbidden => return respond(writer, 403, &status(403, "Forbidden", "cannot watch")).await,
+        Start::Expired { as_http: true } => return respond(writer, 410, &expired).await,
+        Start::Expired { as_http: false } => {
+            writer.write_all(WATCH_HEAD.as_bytes()).await?;
+            write_event(writer, &expired_event).await?;
+            return end_chunks(writer).await;
+        }
+        Start::Stream { cursor, epoch } => (cursor, epoch),
+    };
+    let _active = ActiveWatch(cluster.clone());
+    writer.write_all(WATCH_HEAD.as_bytes()).await?;
+    writer.flush().await?;
+
+    loop {
+        let (events, expired_now, gone_as_http) = {
+            let mut db = cluster.db();
+            let mut events = Vec::new();
+            for change in &db.history[cursor..] {
+                if change.kind != kind {
+                    continue;
+                }
+                let bookmark = change.kind_of_event == "BOOKMARK";
+                if (bookmark && !bookmarks) || (!bookmark && !selects(&selector, &change.object)) {
+                    continue;
+                }
+                events.push((bookmark, json!({"type": change.kind_of_event, "object": change.object})));
+            }
+            cursor = db.history.len();
+            db.bookmarks_sent += events.iter().filter(|(b, _)| *b).count() as u64;
+            (events, db.epoch != epoch, db.gone_as_http)
+        };
+        for (_, event) in &events {
+            write_event(writer, event).await?;
+        }
+        if expired_now {
+            // Compacted under a running watch: the real server ends it with 410 Expired.
+            if !gone_as_http {
+                cluster.db().expired_answers += 1;
+                write_event(writer, &expired_event).await?;
+            }
+            return end_chunks(writer).await;
+        }
+        let mut probe = [0u8; 1];
+        tokio::select! {
+            _ = changed.changed() => {}
+            () = tokio::time::sleep_until(deadline) => return end_chunks(writer).await,
+            // A client says nothing more during a watch: any read result means it left.
+            _ = reader.read(&mut probe) => return Ok(()),
+        }
+    }
+}
+
+const WATCH_HEAD: &str = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                          Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+
+// ------------------------------------------------------------------------------------------------
+// Objects and helpers
+// ------------------------------------------------------------------------------------------------
+
+fn service(namespace: &str, name: &str, cluster_ip: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"namespace": namespace, "name": name},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": cluster_ip,
+            "clusterIPs": [cluster_ip],
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}],
+        },
+    })
+}
+
+fn endpoint_slice(namespace: &str, name: &str, service: &str, addresses: &[&str]) -> Value {
+    let endpoints: Vec<Value> = addresses
+        .iter()
+        .map(|a| json!({"addresses": [a], "conditions": {"ready": true, "serving": true, "terminating": false}}))
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "namespace": namespace,
+            "name": name,
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+    })
+}
+
+fn node(name: &str, zone: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.1"}]},
+    })
+}
+
+/// Two Services in two namespaces with their slices, and three Nodes; the source is node-b's.
+fn seeded() -> Cluster {
+    let cluster = Cluster::new();
+    let mut web = service("default", "web", "10.96.0.10");
+    // Server-side apply bookkeeping, which the source drops.
+    web["metadata"]["managedFields"] = json!([{"manager": "kubectl", "operation": "Apply", "apiVersion": "v1", "fieldsType": "FieldsV1", "fieldsV1": {}}]);
+    cluster.apply(web);
+    cluster.apply(service("kube-system", "dns", "10.96.0.53"));
+    cluster.apply(endpoint_slice("default", "web-abc", "web", &["10.0.1.1", "10.0.2.1"]));
+    cluster.apply(endpoint_slice("kube-system", "dns-xyz", "dns", &["10.0.1.53"]));
+    for (name, zone) in [("node-a", "zone-a"), ("node-b", "zone-b"), ("node-c", "zone-a")] {
+        cluster.apply(node(name, zone));
+    }
+    cluster
+}
+
+const NODE: &str = "node-b";
+/// Generous: kube's backoff after an error starts at 0.8 s (with jitter) and doubles.
+const DEADLINE: Duration = Duration::from_secs(40);
+const TICK: Duration = Duration::from_millis(20);
+
+fn source(api: &FakeApi) -> KubeSource {
+    KubeSource::new(KubeConfigChoice::Url(api.url()), NODE).expect("KubeSource::new")
+}
+
+/// Polls until a snapshot satisfies `want`, failing after [`DEADLINE`].
+fn wait_for(src: &mut KubeSource, what: &str, want: impl Fn(&Objects) -> bool) -> Objects {
+    let deadline = Instant::now() + DEADLINE;
+    let mut last = None;
+    loop {
+        match src.poll() {
+            Ok(Some(objects)) if want(&objects) => return objects,
+            Ok(Some(objects)) => last = Some(summary(&objects)),
+            Ok(None) => {}
+            Err(e) => panic!("poll failed while waiting for {what}: {e}"),
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}; last snapshot: {last:?}");
+        std::thread::sleep(TICK);
+    }
+}
+
+/// Polls until the next snapshot, failing after [`DEADLINE`].
+fn next_snapshot(src: &mut KubeSource, what: &str) -> Objects {
+    wait_for(src, what, |_| true)
+}
+
+/// Waits until `cond` holds, failing after [`DEADLINE`].
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(TICK);
+    }
+}
+
+/// Asserts that `poll` reports no change (and no error) for `period`.
+fn assert_quiet(src: &mut KubeSource, period: Duration, why: &str) {
+    let end = Instant::now() + period;
+    while Instant::now() < end {
+        match src.poll() {
+            Ok(None) => {}
+            Ok(Some(objects)) => panic!("{why}: unexpected snapshot {:?}", summary(&objects)),
+            Err(e) => panic!("{why}: poll failed: {e}"),
+        }
+        std::thread::sleep(TICK);
+    }
+}
+
+fn name_of<K: kube::ResourceExt>(o: &K) -> String {
+    match o.namespace() {
+        Some(ns) => format!("{ns}/{}", o.name_any()),
+        None => o.name_any(),
+    }
+}
+
+fn names<K: kube::ResourceExt>(objects: &[K]) -> Vec<String> {
+    objects.iter().map(name_of).collect()
+}
+
+/// (Services, EndpointSlices, Nodes) by "namespace/name".
+fn summary(o: &Objects) -> (Vec<String>, Vec<String>, Vec<String>) {
+    (names(&o.services), names(&o.endpoint_slices), names(&o.nodes))
+}
+
+fn cluster_ip(o: &Objects, namespace: &str, name: &str) -> Option<String> {
+    o.services
+        .iter()
+        .find(|s| {
+            s.metadata.namespace.as_deref() == Some(namespace) && s.metadata.name.as_deref() == Some(name)
+        })
+        .and_then(|s| s.spec.as_ref()?.cluster_ip.clone())
+}
+
+fn endpoint_addresses(o: &Objects, namespace: &str, name: &str) -> Vec<String> {
+    o.endpoint_slices
+        .iter()
+        .filter(|s| {
+            s.metadata.namespace.as_deref() == Some(namespace) && s.metadata.name.as_deref() == Some(name)
+        })
+        .flat_map(|s| s.endpoints.iter().flatten().flat_map(|e| e.addresses.clone()))
+        .collect()
+}
+
+fn zone_of_node(o: &Objects) -> Option<String> {
+    let node = o.nodes.first()?;
+    node.metadata.labels.as_ref()?.get("topology.kubernetes.io/zone").cloned()
+}
+
+/// The snapshot holds exactly what the server has now (this node only).
+fn matches_server(o: &Objects, cluster: &Cluster) -> bool {
+    names(&o.services) == cluster.names(Kind::Service)
+        && names(&o.endpoint_slices) == cluster.names(Kind::EndpointSlice)
+        && names(&o.nodes) == cluster.names(Kind::Node).into_iter().filter(|n| n == NODE).collect::<Vec<_>>()
+}
+
+// ------------------------------------------------------------------------------------------------
+// Tests
+// ------------------------------------------------------------------------------------------------
+
+/// The first snapshot holds every Service and EndpointSlice and only this Node, ordered by
+/// namespace/name; requests are what kube's watcher sends; nothing more comes without changes.
+#[test]
+fn initial_list_has_services_endpoint_slices_and_only_this_node() {
+    let cluster = seeded();
+    let api = FakeApi::start(&cluster, 0);
+    let mut src = source(&api);
+
+    let first = next_snapshot(&mut src, "the first snapshot");
+    assert_eq!(
+        summary(&first),
+        (
+            vec!["default/web".to_string(), "kube-system/dns".to_string()],
+            vec!["default/web-abc".to_string(), "kube-system/dns-xyz".to_string()],
+            vec!["node-b".to_string()],
+        )
+    );
+    assert_eq!(cluster_ip(&first, "default", "web").as_deref(), Some("10.96.0.10"));
+    assert_eq!(endpoint_addresses(&first, "default", "web-abc"), ["10.0.1.1", "10.0.2.1"]);
+    assert_eq!(zone_of_node(&first).as_deref(), Some("zone-b"));
+    // Services are defaulted like manifests (targetPort given here; protocol kept).
+    let port = &first.services[0].spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
+    assert_eq!(port.protocol.as_deref(), Some("TCP"));
+    // managedFields are dropped to save memory.
+    assert!(first.services.iter().all(|s| s.metadata.managed_fields.as_ref().is_none_or(Vec::is_empty)));
+    assert_eq!(src.watch_restarts(), 0);
+
+    // What went over the wire: paginated most-recent lists, then watches from the list's
+    // resourceVersion with bookmarks; the Node only by field selector.
+    for kind in Kind::ALL {
+        let lists = cluster.requests(kind, false);
+        assert_eq!(lists.len(), 1, "{kind:?} lists: {lists:?}");
+        assert_eq!(lists[0].query.get("limit").map(String::as_str), Some("500"));
+        assert!(!lists[0].query.contains_key("resourceVersion"), "{:?}", lists[0]);
+    }
+    wait_until("three watches", || Kind::ALL.iter().all(|k| !cluster.requests(*k, true).is_empty()));
+    for kind in Kind::ALL {
+        let watch = &cluster.requests(kind, true)[0];
+        assert_eq!(watch.query.get("allowWatchBookmarks").map(String::as_str), Some("true"), "{watch:?}");
+        assert!(watch.query.contains_key("timeoutSeconds"), "{watch:?}");
+        assert_eq!(watch.query.get("resourceVersion").map(String::as_str), Some("7"), "{watch:?}");
+    }
+    let node_selector = Some("metadata.name=node-b");
+    assert_eq!(
+        cluster.requests(Kind::Node, false)[0].query.get("fieldSelector").map(String::as_str),
+        node_selector
+    );
+    assert_eq!(
+        cluster.requests(Kind::Node, true)[0].query.get("fieldSelector").map(String::as_str),
+        node_selector
+    );
+    assert!(!cluster.requests(Kind::Service, false)[0].query.contains_key("fieldSelector"));
+
+    assert_quiet(&mut src, Duration::from_millis(300), "no change after the first snapshot");
+}
+
+/// `poll` says nothing while one watcher has not completed its first list (here RBAC does not
+/// allow EndpointSlices yet), although the other two have; then the full snapshot comes.
+#[test]
+fn no_snapshot_until_every_watcher_has_listed() {
+    let cluster = seeded();
+    cluster.forbid(Kind::EndpointSlice, true);
+    let api = FakeApi::start(&cluster, 0);
+    let mut src = source(&api);
+
+    wait_until("Services and the Node listed, EndpointSlices refused", || {
+        cluster.lists(Kind::Service) >= 1
+            && cluster.lists(Kind::Node) >= 1
+            && cluster.lists(Kind::EndpointSlice) >= 1
+    });
+    // The other watchers are watching by now: their lists were answered.
+    wait_until("Service and Node watches", || {
+        !cluster.requests(Kind::Service, true).is_empty() && !cluster.requests(Kind::Node, true).is_empty()
+    });
+    assert_quiet(&mut src, Duration::from_millis(400), "EndpointSlices not listed yet");
+    assert!(src.watch_restarts() >= 1, "the refused list counts as a watch error");
+
+    cluster.forbid(Kind::EndpointSlice, false);
+    let first = next_snapshot(&mut src, "the snapshot once EndpointSlices list");
+    assert!(matches_server(&first, &cluster), "{:?}", summary(&first));
+}
+
+/// More objects than one page: the watcher follows `continue` tokens and the snapshot has all.
+#[test]
+fn initial_list_follows_continue_tokens() {
+    let cluster = seeded();
+    for i in 0..1100 {
+        cluster.apply(service("bulk", &format!("svc-{i:04}"), &format!("10.97.{}.{}", i / 250, i % 250)));
+    }
+    let api = FakeApi::start(&cluster, 0);
+    let mut src = source(&api);
+
+    let first = next_snapshot(&mut src, "the first snapshot");
+    assert_eq!(first.services.len(), 1102);
+    assert!(matches_server(&first, &cluster));
+    let continues: Vec<Option<String>> =
+        cluster.requests(Kind::Service, false).iter().map(|r| r.query.get("continue").cloned()).collect();
+    assert_eq!(continues, [None, Some("500".to_string()), Some("1000".to_string())]);
+}
+
+/// ADDED, MODIFIED and DELETED events each change the next snapshot; a BOOKMARK, or a change to
+/// another Node, does not produce one.
+#[test]
+fn watch_events_change_the_next_snapshot_and_bookmarks_do_not() {
+    let cluster = seeded();
+    let api = FakeApi::start(&cluster, 0);
+    let mut src = source(&api);
+    next_snapshot(&mut src, "the first snapshot");
+    wait_until("three watches", || cluster.db().active_watches == 3);
+
+    cluster.apply(service("default", "api", "10.96.0.20"));
+    let s = next_snapshot(&mut src, "ADDED Service");
+    assert_eq!(names(&s.services), ["default/api", "default/web", "kube-system/dns"]);
+
+    cluster.apply(service("default", "web", "10.96.0.11"));
+    let s = next_snapshot(&mut src, "MODIFIED Service");
+    assert_eq!(cluster_ip(&s, "default", "web").as_deref(), Some("10.96.0.11"));
+
+    cluster.delete(Kind::Service, "kube-system", "dns");
+    let s = next_snapshot(&mut src, "DELETED Service");
+    assert_eq!(names(&s.services), ["default/api", "default/web"]);
+
+    cluster.apply(endpoint_slice("default", "web-abc", "web", &["10.0.1.1"]));
+    let s = next_snapshot(&mut src, "MODIFIED EndpointSlice");
+    assert_eq!(endpoint_addresses(&s, "default", "web-abc"), ["10.0.1.1"]);
+
+    cluster.apply(endpoint_slice("default", "api-1", "api", &["10.0.3.1"]));
+    let s = next_snapshot(&mut src, "ADDED EndpointSlice");
+    assert_eq!(names(&s.endpoint_slices), ["default/api-1", "default/web-abc", "kube-system/dns-xyz"]);
+
+    cluster.delete(Kind::EndpointSlice, "kube-system", "dns-xyz");
+    let s = next_snapshot(&mut src, "DELETED EndpointSlice");
+    assert_eq!(names(&s.endpoint_slices), ["default/api-1", "default/web-abc"]);
+
+    cluster.apply(node("node-b", "zone-c"));
+    let s = next_snapshot(&mut src, "MODIFIED Node");
+    assert_eq!(zone_of_node(&s).as_deref(), Some("zone-c"));
+    assert!(matches_server(&s, &cluster), "{:?}", summary(&s));
+
+    // Another node's change never reaches this node's watch.
+    cluster.apply(node("node-a", "zone-c"));
+    // A bookmark reaches all three watches (the fake counts what it sent) and changes nothing.
+    let sent = cluster.db().bookmarks_sent;
+    cluster.bookmark();
+    wait_until("bookmarks delivered", || cluster.db().bookmarks_sent == sent + 3);
+    assert_quiet(&mut src, Duration::from_millis(400), "bookmark / other node");
+
+    // The stream is still alive after the bookmark.
+    cluster.apply(service("default", "web", "10.96.0.12"));
+    let s = next_snapshot(&mut src, "MODIFIED Service after a bookmark");
+    assert_eq!(cluster_ip(&s, "default", "web").as_deref(), Some("10.96.0.12"));
+    assert_eq!(src.watch_restarts(), 0);
+}
+
+/// Changes whose events were lost, then the history is compacted: the running watches end with
+/// an `ERROR` event code 410, the watchers re-list, and the snapshot converges to what the
+/// server has; the error counts as a restart.
+#[test]
+fn expired_watch_relists_and_converges() {
+    expired_watch_case(false);
+}
+
+/// The same with the watch request itself answered `410 Gone`, which kube's watcher alone would
+/// retry with the same resourceVersion for ever; the source re-lists.
+#[test]
+fn gone_watch_request_relists_and_converges() {
+    expired_watch_case(true);
+}
+
+fn expired_watch_case(gone_as_http: bool) {
+    let cluster = seeded();
+    cluster.gone_as_http(gone_as_http);
+    let api = FakeApi::start(&cluster, 0);
+    let mut src = source(&api);
+    next_snapshot(&mut src, "the first snapshot");
+    wait_until("three watches", || cluster.db().active_watches == 3);
+    let lists: Vec<usize> = Kind::ALL.iter().map(|k| cluster.lists(*k)).collect();
+    let restarts = src.watch_restarts();
+
+    cluster.apply_silently(service("default", "web", "10.96.0.99"));
+    cluster.apply_silently(service("default", "api", "10.96.0.20"));
+    cluster.delete_silently(Kind::Service, "kube-system", "dns");
+    cluster.apply_silently(endpoint_slice("default", "web-abc", "web", &["10.0.9.9"]));
+    cluster.apply_silently(node("node-b", "zone-z"));
+    assert_quiet(&mut src, Duration::from_millis(200), "lost events are not seen");
+
+    cluster.expire();
+    // Each watcher re-lists on its own (backoff has jitter): wait for all three.
+    let s = wait_for(&mut src, "convergence after 410", |o| {
+        matches_server(o, &cluster)
+            && cluster_ip(o, "default", "web").as_deref() == Some("10.96.0.99")
+            && endpoint_addresses(o, "default", "web-abc") == ["10.0.9.9"]
+            && zone_of_node(o).as_deref() == Some("zone-z")
+    });
+    assert_eq!(names(&s.services), ["default/api", "default/web"]);
+    assert_eq!(endpoint_addresses(&s, "default", "web-abc"), ["10.0.9.9"]);
+    assert_eq!(zone_of_node(&s).as_deref(), Some("zone-z"));
+    wait_until("every watcher re-listed", || {
+        Kind::ALL.iter().zip(&lists).all(|(k, before)| cluster.lists(*k) > *before)
+    });
+    assert!(cluster.db().expired_answers >= 3, "the fake answered 410");
+    assert!(src.watch_restarts() >= restarts + 3, "restarts {} before {restarts}", src.watch_restarts());
+
+    // Watching again from the fresh list.
+    cluster.apply(service("default", "late", "10.96.0.30"));
+    let s = next_snapshot(&mut src, "an event after the re-list");
+    assert_eq!(names(&s.services), ["default/api", "default/late", "default/web"]);
+}
+
+/// A re-list that finds the very objects the source has gives no snapshot.
+#[test]
+fn relist_of_unchanged_objects_gives_no_snapshot() {
+    let cluster = seeded();
+    let api = FakeApi::start(&cluster, 0);
+    let mut src = source(&api);
+    next_snapshot(&mut src, "the first snapshot");
+    wait_until("three watches", || cluster.db().active_watches == 3);
+    let lists: Vec<usize> = Kind::ALL.iter().map(|k| cluster.lists(*k)).collect();
+
+    cluster.expire();
+    wait_until("every watcher re-listed and watches again", || {
+        Kind::ALL.iter().zip(&lists).all(|(k, before)| cluster.lists(*k) > *before)
+            && cluster.db().active_watches == 3
+    });
+    assert_quiet(&mut src, Duration::from_millis(300), "re-list of unchanged objects");
+    assert!(src.watch_restarts() >= 3);
+}
+
+/// The API server goes away: `poll` keeps answering "no change" (no error, so the agent keeps
+/// its state) while the watchers retry; it comes back on the same port with changes made
+/// meanwhile, and the snapshot converges.
+#[test]
+fn api_outage_keeps_last_state_and_recovers_on_restart() {
+    let cluster = seeded();
+    let api = FakeApi::start(&cluster, 0);
+    let port = api.port;
+    let mut src = source(&api);
+    let first = next_snapshot(&mut src, "the first snapshot");
+    wait_until("three watches", || cluster.db().active_watches == 3);
+    let restarts = src.watch_restarts();
+
+    api.stop();
+    // Every failed reconnect counts; poll stays quiet throughout.
+    let deadline = Instant::now() + DEADLINE;
+    while src.watch_restarts() < restarts + 3 {
+        assert!(Instant::now() < deadline, "watch errors during the outage");
+        assert!(matches!(src.poll(), Ok(None)));
+        std::thread::sleep(TICK);
+    }
+    assert_quiet(&mut src, Duration::from_millis(1500), "API server down");
+
+    // Changes while the server is down, then it comes back on the same port.
+    cluster.apply(service("default", "api", "10.96.0.20"));
+    cluster.delete(Kind::EndpointSlice, "kube-system", "dns-xyz");
+    cluster.apply(node("node-b", "zone-c"));
+    let api = FakeApi::start(&cluster, port);
+    assert_eq!(api.port, port);
+    let s = wait_for(&mut src, "convergence after the restart", |o| {
+        matches_server(o, &cluster) && zone_of_node(o).as_deref() == Some("zone-c")
+    });
+    assert_ne!(summary(&s), summary(&first));
+    assert_eq!(names(&s.services), ["default/api", "default/web", "kube-system/dns"]);
+    assert_eq!(names(&s.endpoint_slices), ["default/web-abc"]);
+    assert!(src.watch_restarts() > restarts);
+
+    // And it keeps watching.
+    cluster.delete(Kind::Service, "default", "api");
+    let s = next_snapshot(&mut src, "an event after the restart");
+    assert_eq!(names(&s.services), ["default/web", "kube-system/dns"]);
+    drop(api);
+}
+
+/// Dropping the source stops its watchers promptly: the server sees every watch go away.
+#[test]
+fn drop_stops_the_watchers() {
+    let cluster = seeded();
+    let api = FakeApi::start(&cluster, 0);
+    let mut src = source(&api);
+    next_snapshot(&mut src, "the first snapshot");
+    wait_until("three watches", || cluster.db().active_watches == 3);
+
+    let started = Instant::now();
+    drop(src);
+    assert!(started.elapsed() < Duration::from_secs(3), "drop took {:?}", started.elapsed());
+    wait_until("watches closed", || cluster.db().active_watches == 0);
+    drop(api);
+}
+
+/// Configuration errors are errors at start, with the path or URL in the message; an
+/// unreachable server is not.
+#[test]
+fn configuration_errors_fail_at_start() {
+    let missing = KubeSource::new(KubeConfigChoice::Kubeconfig("/nonexistent/kubeconfig".into()), NODE);
+    let e = format!("{:#}", missing.err().expect("missing kubeconfig is an error"));
+    assert!(e.contains("/nonexistent/kubeconfig"), "{e}");
+
+    let bad_url = KubeSource::new(KubeConfigChoice::Url("http://[not a url".into()), NODE);
+    let e = format!("{:#}", bad_url.err().expect("malformed URL is an error"));
+    assert!(e.contains("not a url"), "{e}");
+
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
+        let e = KubeSource::new(KubeConfigChoice::InCluster, NODE).err().expect("not in a pod");
+        assert!(format!("{e:#}").contains("in-cluster"), "{e:#}");
+    }
+
+    // Nothing listens on port 9 of the loopback: not an error, just no snapshot yet.
+    let mut unreachable = KubeSource::new(KubeConfigChoice::Url("http://127.0.0.1:9".into()), NODE).unwrap();
+    assert_quiet(&mut unreachable, Duration::from_millis(200), "unreachable API server");
+}
