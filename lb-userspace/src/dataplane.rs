@@ -55,7 +55,8 @@ pub struct FakeDataplane {
     pub log: Vec<String>,
 }
 
-fn svc_key_str(k: &ServiceKey) -> String {
+/// How the fake dataplane's log names a service entry.
+pub(crate) fn svc_key_str(k: &ServiceKey) -> String {
     let ip = std::net::Ipv4Addr::from(k.addr_be.to_ne_bytes());
     format!("{ip}:{}/{}/{}#{}", u16::from_be(k.port_be), k.proto, k.scope, k.slot)
 }

@@ -485,7 +485,7 @@ fn next_slots(old: &[u32], new_ids: &[u32]) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::FakeDataplane;
+    use crate::dataplane::{svc_key_str, FakeDataplane};
 
     fn fe(i: u32) -> FrontendKey {
         FrontendKey {
@@ -684,11 +684,6 @@ mod tests {
         let mut again = Syncer::adopt(FakeDataplane { state, log: vec![] }).unwrap();
         assert_eq!(again.sync(&d).unwrap().writes, 1);
         assert_eq!(again.dataplane().state.members.len(), 5);
-    }
-
-    fn svc_key_str(k: &ServiceKey) -> String {
-        let ip = Ipv4Addr::from(k.addr_be.to_ne_bytes());
-        format!("{ip}:{}/{}/{}#{}", u16::from_be(k.port_be), k.proto, k.scope, k.slot)
     }
 
     #[test]

@@ -146,35 +146,9 @@ fn write_file(path: &CString, data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// The first mount point of filesystem type `fstype` (`bpf`, `cgroup2`, ...) in /proc/mounts.
-pub fn mount_point(fstype: &str) -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let (_, dir, ty) = (f.next()?, f.next()?, f.next()?);
-        (ty == fstype).then(|| PathBuf::from(unescape_mount_path(dir)))
-    })
-}
-
-/// /proc/mounts writes space, tab, newline and backslash in paths as `\ooo` octal escapes.
-fn unescape_mount_path(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+/// The first mount point of a filesystem type in /proc/mounts (one implementation, shared with
+/// the harness and the agent's tests).
+pub use lb_userspace::harness::mount_point;
 
 /// The bpf filesystem's mount point; mounts one at /sys/fs/bpf when there is none.
 pub fn ensure_bpffs() -> Result<PathBuf> {
@@ -361,12 +335,6 @@ pub fn write_path(path: &Path, data: &str) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn mount_paths_are_unescaped() {
-        assert_eq!(unescape_mount_path(r"/mnt/a\040b"), "/mnt/a b");
-        assert_eq!(unescape_mount_path("/sys/fs/bpf"), "/sys/fs/bpf");
-        assert_eq!(unescape_mount_path(r"/x\\"), r"/x\\");
-    }
 
     #[test]
     fn stop_escalates_to_sigkill_and_reaches_the_group() {

@@ -21,7 +21,7 @@ fn json(bpffs: &std::path::Path, args: &[&str]) -> Value {
 fn lab_lbctl_reads_the_live_maps_with_the_agent_down() {
     let Some(mut s) = start_example() else { return };
     s.lab.client_route("203.0.113.10/32", "node1").unwrap();
-    let mut held = s.lab.hold("client", "203.0.113.10:80").unwrap();
+    let held = s.lab.hold("client", "203.0.113.10:80").unwrap();
     let first = held.first.clone().unwrap();
     assert!(first.ok, "{first:?}");
     let client = first.seen_peer.clone().unwrap(); // Local policy: the backend saw the client itself

@@ -2,12 +2,7 @@
 //! LoadBalancer IPs and external IPs through the XDP program on the nodes' eth0 (and tc egress
 //! for replies of local backends), with both externalTrafficPolicy modes, and asks the
 //! healthCheckNodePort servers as a cloud load balancer would.
-use std::{
-    collections::BTreeMap,
-    io::{Read, Write},
-    net::TcpStream,
-    time::Duration,
-};
+use std::collections::BTreeMap;
 
 use lb_tests::lab::Exchange;
 
