@@ -1,0 +1,6 @@
+//! `cargo xtask bench`: the measurements behind README's performance section. Each part returns
+//! plain data; `lb-bench` (src/bin/lb-bench.rs) runs them and writes bench/results.json,
+//! bench/results.md and bench/chart.svg.
+pub mod gen;
+pub mod kubeproxy;
+pub mod labbench;
