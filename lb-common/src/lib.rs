@@ -12,23 +12,34 @@
 
 /// Names of the maps as pinned under `--bpffs` (at most 15 bytes: the kernel's object name limit).
 pub mod map_name {
-    pub const SERVICES: &str = "lb_svc_v2";
+    pub const SERVICES: &str = "lb_svc_v3";
     pub const BACKENDS: &str = "lb_backend_v1";
     pub const REV_NAT: &str = "lb_revnat_v1";
     pub const SOCK_REV_NAT: &str = "lb_sk_revnat_v1";
     pub const SOCK_FLOW: &str = "lb_sk_flow_v1";
-    pub const STATS: &str = "lb_stats_v1";
+    pub const STATS: &str = "lb_stats_v2";
     pub const CONNTRACK: &str = "lb_ct_v2";
+    /// Conntrack of flows not confirmed yet (TCP before the client's first ACK, UDP before the
+    /// first reply): a flood of new flows churns this map, never the established flows'.
+    pub const CONNTRACK_NEW: &str = "lb_ct_new_v1";
+    pub const MAGLEV: &str = "lb_maglev_v1";
     pub const CONFIG: &str = "lb_config_v1";
     pub const AFFINITY: &str = "lb_affinity_v1";
     pub const MEMBERS: &str = "lb_member_v1";
     pub const SERVICE_STATS: &str = "lb_svc_stats_v1";
     pub const SERVICE_NAMES: &str = "lb_svc_names_v1";
     /// Every map the agent pins, for `uninstall` and for `lbctl`.
-    pub const ALL: [&str; 12] = [
-        SERVICES, BACKENDS, REV_NAT, SOCK_REV_NAT, SOCK_FLOW, STATS, CONNTRACK, CONFIG, AFFINITY,
-        MEMBERS, SERVICE_STATS, SERVICE_NAMES,
+    pub const ALL: [&str; 14] = [
+        SERVICES, BACKENDS, REV_NAT, SOCK_REV_NAT, SOCK_FLOW, STATS, CONNTRACK, CONNTRACK_NEW,
+        CONFIG, AFFINITY, MEMBERS, SERVICE_STATS, SERVICE_NAMES, MAGLEV,
     ];
+
+    /// Splits a pinned name into its base and layout version: `lb_ct_v2` -> (`lb_ct`, 2).
+    pub fn split_version(name: &str) -> Option<(&str, u32)> {
+        let (base, v) = name.rsplit_once("_v")?;
+        let v = v.parse().ok()?;
+        Some((base, v))
+    }
 }
 
 /// Names of the programs in the object file (the function names of the entry points).
@@ -55,8 +66,14 @@ pub mod limits {
     pub const SOCK_REV_NAT: u32 = 262_144;
     /// Per-socket UDP flow choice (LRU), so an unconnected UDP socket keeps its backend.
     pub const SOCK_FLOW: u32 = 262_144;
-    /// Conntrack (LRU): two entries per north-south flow (original and reply direction).
+    /// Conntrack (LRU): two entries per confirmed north-south flow (original and reply direction).
     pub const CONNTRACK: u32 = 262_144;
+    /// Conntrack of unconfirmed flows (LRU): two entries per flow between its first packet and its
+    /// confirmation (TCP: the client's first ACK; UDP: the first reply).
+    pub const CONNTRACK_NEW: u32 = 65_536;
+    /// Maglev table chunks (allocated on use): `ceil(M / MAGLEV_CHUNK)` per distinct backend set
+    /// of an external frontend.
+    pub const MAGLEV_CHUNKS: u32 = 262_144;
     /// Session affinity records (LRU): one per (Service port, client). Under pressure the least
     /// recently used records are evicted (counted as `affinity_evictions` by lbctl).
     pub const AFFINITY: u32 = 262_144;
@@ -117,8 +134,8 @@ pub struct ServiceKey {
 }
 
 /// Value of the services map. In the master entry (slot 0): `count`, `flags`, `rev_nat_id`,
-/// `affinity_timeout_s` and `svc_port_id` are set and `backend_id` is 0. In a backend slot: only
-/// `backend_id`.
+/// `affinity_timeout_s`, `svc_port_id` and (external frontends with two or more backends) the
+/// Maglev table are set and `backend_id` is 0. In a backend slot: only `backend_id`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ServiceValue {
@@ -131,7 +148,51 @@ pub struct ServiceValue {
     /// NodePorts, LoadBalancer IPs, external IPs, both scopes) shares it, and with it the
     /// session affinity records.
     pub svc_port_id: u32,
+    /// The Maglev lookup table new flows choose their backend from (0: none, choose a slot at
+    /// random, as the socket-level path does).
+    pub maglev_id: u32,
+    /// The table's size M (a prime): entry `flow_hash % M`.
+    pub maglev_m: u32,
     pub _pad: u32,
+}
+
+/// Entries per Maglev chunk (one map value).
+pub const MAGLEV_CHUNK: u32 = 256;
+
+/// Key of the Maglev map: entry `i` of table `table_id` lives in chunk `i / MAGLEV_CHUNK` at
+/// position `i % MAGLEV_CHUNK`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MaglevKey {
+    pub table_id: u32,
+    pub chunk: u32,
+}
+
+/// Value of the Maglev map: backend ids.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MaglevChunk {
+    pub backend_ids: [u32; MAGLEV_CHUNK as usize],
+}
+
+/// The 32-bit mix step of the flow hash (the finaliser of a well-known integer hash).
+#[inline(always)]
+pub const fn mix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7feb_352d);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x846c_a68b);
+    h ^= h >> 16;
+    h
+}
+
+/// The hash new flows are placed with: every node computes the same value for the same packet
+/// (no per-node seed), so nodes behind one external load balancer choose alike. Arguments are
+/// as on the wire (`_be` fields).
+#[inline(always)]
+pub const fn flow_hash(saddr_be: u32, daddr_be: u32, sport_be: u16, dport_be: u16, proto: u8) -> u32 {
+    let ports = ((sport_be as u32) << 16) | dport_be as u32;
+    mix32(saddr_be ^ mix32(daddr_be ^ mix32(ports ^ mix32(proto as u32 ^ 0x9e37_79b9))))
 }
 
 /// Key of the affinity map.
@@ -384,7 +445,8 @@ pub mod counter {
     pub const TC_SEEN: u32 = 32;
     /// XDP: dropped, a slot pointed at a missing backend.
     pub const XDP_DROP_BACKEND_MISSING: u32 = 33;
-    /// XDP: dropped, the conntrack map refused an insert.
+    /// XDP: dropped, the conntrack map refused an insert and no stateless translation was
+    /// possible.
     pub const XDP_DROP_CT_FULL: u32 = 34;
     /// Session affinity: a live record was used.
     pub const AFFINITY_HIT: u32 = 35;
@@ -395,8 +457,16 @@ pub mod counter {
     /// Session affinity: records created for clients without one (with the map's entry count,
     /// this gives the LRU evictions).
     pub const AFFINITY_NEW: u32 = 38;
+    /// XDP: an unconfirmed flow was confirmed (TCP: the client's first ACK; UDP: a reply) and
+    /// moved from the new-flow conntrack to the established one.
+    pub const CT_CONFIRMED: u32 = 39;
+    /// XDP: a new flow's backend came from the Maglev table (else: a random slot).
+    pub const XDP_MAGLEV: u32 = 40;
+    /// XDP: the conntrack refused an insert; the packet was translated statelessly (the same
+    /// choice the flow's next packet makes) instead of being dropped.
+    pub const XDP_STATELESS: u32 = 41;
     /// Number of counters (stats map size).
-    pub const COUNT: u32 = 39;
+    pub const COUNT: u32 = 42;
 
     /// Stable names, indexed by counter, for `lbctl stats` and metrics.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -439,12 +509,17 @@ pub mod counter {
         "affinity_expired",
         "affinity_stale",
         "affinity_new",
+        "ct_confirmed",
+        "xdp_maglev",
+        "xdp_stateless",
     ];
 }
 
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 12);
-    assert!(core::mem::size_of::<ServiceValue>() == 24);
+    assert!(core::mem::size_of::<ServiceValue>() == 32);
+    assert!(core::mem::size_of::<MaglevKey>() == 8);
+    assert!(core::mem::size_of::<MaglevChunk>() == 1024);
     assert!(core::mem::size_of::<AffinityKey>() == 16);
     assert!(core::mem::size_of::<AffinityValue>() == 8);
     assert!(core::mem::size_of::<MemberKey>() == 16);
@@ -481,4 +556,6 @@ mod pod {
     unsafe impl aya::Pod for MemberKey {}
     unsafe impl aya::Pod for ServiceCounters {}
     unsafe impl aya::Pod for ServiceName {}
+    unsafe impl aya::Pod for MaglevKey {}
+    unsafe impl aya::Pod for MaglevChunk {}
 }

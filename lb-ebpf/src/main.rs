@@ -5,6 +5,7 @@
 
 mod affinity;
 mod csum;
+mod ct;
 mod maps;
 mod parse;
 mod sock;

@@ -4,11 +4,15 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
-    limits, AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, MemberKey, RevNat,
-    ServiceCounters, ServiceKey, ServiceName, ServiceValue, SockFlow, SockKey, SockRevNat,
+    limits, AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, MaglevChunk,
+    MaglevKey, MemberKey, RevNat, ServiceCounters, ServiceKey, ServiceName, ServiceValue, SockFlow,
+    SockKey, SockRevNat, MAGLEV_CHUNK,
 };
 
-#[map(name = "lb_svc_v2")]
+/// `BPF_F_NO_PREALLOC`: entries are allocated when written (Maglev chunks are 1 KiB each).
+const NO_PREALLOC: u32 = 1;
+
+#[map(name = "lb_svc_v3")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(limits::SERVICES, 0);
 
 #[map(name = "lb_backend_v1")]
@@ -26,6 +30,12 @@ pub static SOCK_FLOW: LruHashMap<SockKey, SockFlow> = LruHashMap::pinned(limits:
 
 #[map(name = "lb_ct_v2")]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(limits::CONNTRACK, 0);
+
+#[map(name = "lb_ct_new_v1")]
+pub static CONNTRACK_NEW: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(limits::CONNTRACK_NEW, 0);
+
+#[map(name = "lb_maglev_v1")]
+pub static MAGLEV: HashMap<MaglevKey, MaglevChunk> = HashMap::pinned(limits::MAGLEV_CHUNKS, NO_PREALLOC);
 
 #[map(name = "lb_affinity_v1")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
@@ -46,7 +56,7 @@ pub static SERVICE_NAMES: HashMap<u32, ServiceName> = HashMap::pinned(limits::SE
 #[map(name = "lb_config_v1")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
-#[map(name = "lb_stats_v1")]
+#[map(name = "lb_stats_v2")]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::pinned(lb_common::counter::COUNT, 0);
 
 /// Adds one event of `bytes` bytes to counter `idx`.
@@ -85,12 +95,26 @@ pub fn conntrack(key: &CtKey) -> Option<CtEntry> {
     unsafe { CONNTRACK.get(key).copied() }
 }
 
+/// Entry `hash % M` of a master's Maglev table: the backend id a new flow with this hash gets.
+#[inline(always)]
+pub fn maglev(master: &ServiceValue, hash: u32) -> Option<u32> {
+    if master.maglev_id == 0 || master.maglev_m == 0 {
+        return None;
+    }
+    let idx = hash % master.maglev_m;
+    let key = MaglevKey { table_id: master.maglev_id, chunk: idx / MAGLEV_CHUNK };
+    // SAFETY: as above.
+    let chunk = unsafe { MAGLEV.get(&key) }?;
+    let id = chunk.backend_ids[(idx % MAGLEV_CHUNK) as usize & (MAGLEV_CHUNK as usize - 1)];
+    (id != 0).then_some(id)
+}
+
 /// What a per-Service counter update adds.
 pub enum ServiceEvent {
     Packet(u64),
     NewConnection(u64),
-    DropNoBackend(u64),
-    DropOther(u64),
+    DropNoBackend,
+    DropOther,
 }
 
 /// Adds an event to the Service port's per-CPU counters.
@@ -119,8 +143,8 @@ pub fn count_service(svc_port_id: u32, ev: ServiceEvent) {
                     (*c).bytes += b;
                 }
             }
-            ServiceEvent::DropNoBackend(_) => (*c).drops_no_backend += 1,
-            ServiceEvent::DropOther(_) => (*c).drops_other += 1,
+            ServiceEvent::DropNoBackend => (*c).drops_no_backend += 1,
+            ServiceEvent::DropOther => (*c).drops_other += 1,
         }
     }
 }

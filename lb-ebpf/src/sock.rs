@@ -126,12 +126,12 @@ fn refuse(ctx: &SockAddrContext, fe: &Frontend, r: Refusal) -> i32 {
     match r {
         Refusal::NoBackend => {
             maps::count(counter::SOCK_NO_BACKEND, 0);
-            maps::count_service(fe.master.svc_port_id, ServiceEvent::DropNoBackend(0));
+            maps::count_service(fe.master.svc_port_id, ServiceEvent::DropNoBackend);
         }
         Refusal::BackendMissing => {
             debug!(ctx, "slot of {:i}:{} points at a missing backend", u32::from_be(fe.key.addr_be), u16::from_be(fe.key.port_be));
             maps::count(counter::SOCK_BACKEND_MISSING, 0);
-            maps::count_service(fe.master.svc_port_id, ServiceEvent::DropOther(0));
+            maps::count_service(fe.master.svc_port_id, ServiceEvent::DropOther);
         }
     }
     SOCK_REFUSE

@@ -5,18 +5,21 @@
 //! redirect; XDP_PASS for local backends or unknown routes) → counters.
 use aya_log_ebpf::debug;
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST},
+    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS},
     helpers::{bpf_fib_lookup, bpf_get_prandom_u32, bpf_redirect},
     programs::XdpContext,
     EbpfContext,
 };
-use lb_common::{affinity_client, counter, ct_flags, limits, proto, scope, CtEntry, CtKey, ServiceKey};
+use lb_common::{
+    affinity_client, counter, ct_flags, flow_hash, limits, mix32, proto, scope, CtEntry,
+    CtKey, ServiceKey,
+};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
     affinity::{self, now_s},
-    csum,
-    maps::{self, ServiceEvent, CONNTRACK},
+    csum, ct,
+    maps::{self, ServiceEvent, CONNTRACK_NEW},
     parse::ptr_at,
 };
 
@@ -135,13 +138,17 @@ fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
         proto: p.proto,
         _pad: [0; 3],
     };
-    if let Some(e) = maps::conntrack(&key) {
+    if let Some((e, unconfirmed)) = ct::lookup(&key) {
         let reply = e.flags & ct_flags::REPLY != 0;
         // A fresh SYN on an old tuple starts a new connection: choose again.
         if reply || !p.syn_only {
-            if let Some(v) = CONNTRACK.get_ptr_mut(&key) {
-                // SAFETY: the LRU value stays valid for the program's run.
-                unsafe { (*v).last_seen_s = now_s() };
+            let now = now_s();
+            // Confirmation: TCP by the client's first packet after its SYN, UDP by a reply.
+            let confirms = if p.proto == proto::TCP { !reply } else { reply };
+            if unconfirmed && confirms {
+                ct::confirm(&key, &e, now);
+            } else {
+                ct::touch(&key, unconfirmed, now);
             }
             if rewrite(ctx, p, &e).is_err() {
                 return xdp_action::XDP_PASS;
@@ -165,18 +172,21 @@ fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
     };
     if master.count == 0 {
         maps::count(counter::XDP_DROP_NO_BACKEND, len);
-        maps::count_service(master.svc_port_id, ServiceEvent::DropNoBackend(len));
+        maps::count_service(master.svc_port_id, ServiceEvent::DropNoBackend);
         return xdp_action::XDP_DROP;
     }
     let Some(cfg) = maps::config() else {
         maps::count(counter::XDP_NO_CONFIG, len);
         return xdp_action::XDP_PASS;
     };
-    // SAFETY: helper without preconditions.
-    let r = unsafe { bpf_get_prandom_u32() };
     let now = now_s();
     let aff = affinity::enabled(&master)
         .then(|| affinity::key(&master, affinity_client::ADDR, p.saddr as u64));
+    // Deterministic: the same packet gets the same backend (and SNAT port candidates) on every
+    // node, and again after its conntrack entries were evicted. (With session affinity too: a
+    // client's next choice after its record expired depends on its next flow, as kube-proxy's
+    // fresh random choice would.)
+    let hash = flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto);
     let pinned = match &aff {
         Some(k) => affinity::lookup(&skey, &master, k, now),
         None => None,
@@ -184,17 +194,29 @@ fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
     let (backend_id, be) = match pinned {
         Some(x) => x,
         None => {
-            let mut bkey = skey;
-            bkey.slot = (r % master.count as u32) as u16 + 1;
-            let Some(backend_id) = maps::service(&bkey).map(|v| v.backend_id) else {
-                maps::count(counter::XDP_DROP_BACKEND_MISSING, len);
-                maps::count_service(master.svc_port_id, ServiceEvent::DropOther(len));
-                return xdp_action::XDP_DROP;
+            let backend_id = match maps::maglev(&master, hash) {
+                Some(id) => {
+                    maps::count(counter::XDP_MAGLEV, 0);
+                    id
+                }
+                None => {
+                    // No table (a single backend, or maps written by an older agent).
+                    // SAFETY: helper without preconditions.
+                    let r = unsafe { bpf_get_prandom_u32() };
+                    let mut bkey = skey;
+                    bkey.slot = (r % master.count as u32) as u16 + 1;
+                    let Some(id) = maps::service(&bkey).map(|v| v.backend_id) else {
+                        maps::count(counter::XDP_DROP_BACKEND_MISSING, len);
+                        maps::count_service(master.svc_port_id, ServiceEvent::DropOther);
+                        return xdp_action::XDP_DROP;
+                    };
+                    id
+                }
             };
             let Some(be) = maps::backend(backend_id) else {
                 debug!(ctx, "slot points at missing backend {}", backend_id);
                 maps::count(counter::XDP_DROP_BACKEND_MISSING, len);
-                maps::count_service(master.svc_port_id, ServiceEvent::DropOther(len));
+                maps::count_service(master.svc_port_id, ServiceEvent::DropOther);
                 return xdp_action::XDP_DROP;
             };
             (backend_id, be)
@@ -231,27 +253,36 @@ fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
         flags: flags | ct_flags::REPLY,
         _pad: 0,
     };
+    // Whether the conntrack refused an insert (not a collision): translate statelessly.
+    let mut stateless = false;
     if local {
-        if CONNTRACK.insert(&rkey, &rentry, 0).is_err() {
-            maps::count(counter::XDP_DROP_CT_FULL, len);
-            maps::count_service(master.svc_port_id, ServiceEvent::DropOther(len));
-            return xdp_action::XDP_DROP;
-        }
+        stateless = CONNTRACK_NEW.insert(&rkey, &rentry, 0).is_err();
     } else {
         let min = cfg.snat_port_min as u32;
         let range = (cfg.snat_port_max as u32).wrapping_sub(min).wrapping_add(1);
         if cfg.snat_port_max < cfg.snat_port_min || range == 0 {
             maps::count(counter::XDP_DROP_SNAT_EXHAUSTED, len);
-            maps::count_service(master.svc_port_id, ServiceEvent::DropOther(len));
+            maps::count_service(master.svc_port_id, ServiceEvent::DropOther);
             return xdp_action::XDP_DROP;
         }
-        let start = r >> 8;
+        let start = mix32(hash ^ 0x5bd1_e995);
         let mut found = false;
         for i in 0..limits::SNAT_TRIES {
             let port = (min + (start.wrapping_add(i.wrapping_mul(4099)) % range)) as u16;
             rkey.dport_be = port.to_be();
-            if CONNTRACK.insert(&rkey, &rentry, BPF_NOEXIST as u64).is_ok() {
+            // A candidate is free when neither map holds it, or when the entry holding it is
+            // this very flow's (its other entry was evicted).
+            let taken = match ct::lookup(&rkey) {
+                Some((e, _)) => !ct::same_flow(&e, p.saddr, p.sport, p.daddr, p.dport),
+                None => false,
+            };
+            if !taken {
                 found = true;
+                if let Err(err) = CONNTRACK_NEW.insert(&rkey, &rentry, 0) {
+                    // Not a collision (we checked): the map refused.
+                    let _ = err;
+                    stateless = true;
+                }
                 break;
             }
             maps::count(counter::XDP_SNAT_COLLISION, 0);
@@ -259,7 +290,7 @@ fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
         if !found {
             debug!(ctx, "SNAT ports exhausted towards {:i}:{}", u32::from_be(be.addr_be), u16::from_be(be.port_be));
             maps::count(counter::XDP_DROP_SNAT_EXHAUSTED, len);
-            maps::count_service(master.svc_port_id, ServiceEvent::DropOther(len));
+            maps::count_service(master.svc_port_id, ServiceEvent::DropOther);
             return xdp_action::XDP_DROP;
         }
     }
@@ -274,12 +305,14 @@ fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
         flags,
         _pad: 0,
     };
-    if CONNTRACK.insert(&key, &fentry, 0).is_err() {
-        debug!(ctx, "conntrack insert failed (map full?)");
-        let _ = CONNTRACK.remove(&rkey);
-        maps::count(counter::XDP_DROP_CT_FULL, len);
-        maps::count_service(master.svc_port_id, ServiceEvent::DropOther(len));
-        return xdp_action::XDP_DROP;
+    if !stateless && CONNTRACK_NEW.insert(&key, &fentry, 0).is_err() {
+        stateless = true;
+    }
+    if stateless {
+        // The packet still goes where the flow's next packet would go (the choice above is a
+        // function of the packet); replies need the entries, which the next packet retries.
+        debug!(ctx, "conntrack insert refused: translating statelessly");
+        maps::count(counter::XDP_STATELESS, len);
     }
     if rewrite(ctx, p, &fentry).is_err() {
         return xdp_action::XDP_PASS;
@@ -420,7 +453,7 @@ fn icmp_error(ctx: &XdpContext) -> Option<u32> {
     let q = unsafe { *ports };
     let (isport, idport) = (u16::from_ne_bytes([q[0], q[1]]), u16::from_ne_bytes([q[2], q[3]]));
     let key = CtKey { saddr_be: idst, daddr_be: isrc, sport_be: idport, dport_be: isport, proto: iproto, _pad: [0; 3] };
-    let e = maps::conntrack(&key)?;
+    let (e, _) = ct::lookup(&key)?;
     let (nsrc, nsport, ndst, ndport) = (e.nat_daddr_be, e.nat_dport_be, e.nat_saddr_be, e.nat_sport_be);
     // SAFETY: every pointer below was bounds checked above.
     unsafe {

@@ -172,7 +172,9 @@ pub fn attach_cgroup(ebpf: &mut aya::Ebpf, cgroup: &Path, bpffs: &Path) -> Resul
             .program_mut(prog)
             .ok_or_else(|| anyhow!("program {prog} missing from the object"))?
             .try_into()?;
-        p.load().with_context(|| format!("loading {prog} (verifier)"))?;
+        if p.fd().is_err() {
+            p.load().with_context(|| format!("loading {prog} (verifier)"))?;
+        }
         let id = p.attach(&cg, CgroupAttachMode::Single).with_context(|| format!("attaching {prog} to {}", cgroup.display()))?;
         let link: FdLink = p.take_link(id)?.try_into()?;
         let pin = bpffs.join("links").join(hook);
@@ -267,6 +269,45 @@ fn prepare_device(dev: &str) -> Result<()> {
     Ok(())
 }
 
+/// Loads every program into the kernel (the verifier runs here).
+fn load_programs(ebpf: &mut aya::Ebpf) -> Result<()> {
+    for (prog, _) in CGROUP_HOOKS {
+        let p: &mut CgroupSockAddr = ebpf.program_mut(prog).ok_or_else(|| anyhow!("program {prog} missing from the object"))?.try_into()?;
+        p.load().with_context(|| format!("loading {prog} (verifier)"))?;
+    }
+    let p: &mut Xdp = ebpf.program_mut(program_name::XDP).ok_or_else(|| anyhow!("program {} missing", program_name::XDP))?.try_into()?;
+    p.load().context("loading the XDP program (verifier)")?;
+    let p: &mut SchedClassifier =
+        ebpf.program_mut(program_name::TC_EGRESS).ok_or_else(|| anyhow!("program {} missing", program_name::TC_EGRESS))?.try_into()?;
+    p.load().context("loading the tc egress program (verifier)")?;
+    Ok(())
+}
+
+/// Attaches the programs once their maps hold the first sync, converting the state of maps of
+/// an older layout before and after the swap (see [`crate::migrate`]), then drops those maps.
+fn attach_all(ebpf: &mut aya::Ebpf, cfg: &RunConfig, syncer: &Syncer<AyaDataplane>, old: &[crate::migrate::OtherVersion]) -> Result<()> {
+    let rev_nat = syncer.svc_port_by_rev_nat();
+    let before = crate::migrate::copy_state(&cfg.bpffs, old, &rev_nat)?;
+    attach_cgroup(ebpf, &cfg.cgroup, &cfg.bpffs)?;
+    for dev in &cfg.devices {
+        prepare_device(dev)?;
+        attach_xdp(ebpf, dev, &cfg.bpffs)?;
+        attach_tc_egress(ebpf, dev, &cfg.bpffs)?;
+    }
+    let after = crate::migrate::copy_state(&cfg.bpffs, old, &rev_nat)?;
+    for (b, a) in before.iter().zip(&after) {
+        log::info!("migrated {} entries of {} into {} ({} more after the program swap)", b.copied, b.from, b.to, a.copied);
+    }
+    crate::migrate::remove(old)?;
+    log::info!(
+        "attached to cgroup {} and devices {:?}; maps pinned under {}",
+        cfg.cgroup.display(),
+        cfg.devices,
+        cfg.bpffs.display()
+    );
+    Ok(())
+}
+
 /// `lb-agent run`.
 pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     preflight(cfg)?;
@@ -294,21 +335,17 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
             None
         }
     };
-    attach_cgroup(&mut ebpf, &cfg.cgroup, &cfg.bpffs)?;
-    for dev in &cfg.devices {
-        prepare_device(dev)?;
-        attach_xdp(&mut ebpf, dev, &cfg.bpffs)?;
-        attach_tc_egress(&mut ebpf, dev, &cfg.bpffs)?;
-    }
+    // Verify every program now (fail fast), attach only after the first sync.
+    load_programs(&mut ebpf)?;
     let dp = AyaDataplane::from_ebpf(&mut ebpf)?;
     let mut syncer = Syncer::adopt(dp)?;
     let mut health = crate::health::HealthServers::new();
-    log::info!(
-        "attached to cgroup {} and devices {:?}; maps pinned under {}",
-        cfg.cgroup.display(),
-        cfg.devices,
-        cfg.bpffs.display()
-    );
+    // Maps of another layout version (an upgrade): replaced once the new ones are filled.
+    let old_versions = crate::migrate::other_versions(&cfg.bpffs);
+    for o in &old_versions {
+        log::info!("{} was pinned by an agent of another layout version: {} replaces it", o.name, o.current);
+    }
+    let mut attached = false;
     let mut generation = 0u64;
     while !stop.load(Ordering::Relaxed) {
         ops.heartbeat();
@@ -345,6 +382,10 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 match &synced {
                     Ok(st) => ops.synced(started.elapsed(), st.writes),
                     Err(_) => ops.sync_failed(),
+                }
+                if synced.is_ok() && !attached {
+                    attach_all(&mut ebpf, cfg, &syncer, &old_versions)?;
+                    attached = true;
                 }
                 match synced {
                     Ok(st) => log::info!(
@@ -397,8 +438,8 @@ pub fn uninstall(bpffs: &Path) -> Result<Vec<PathBuf>> {
         }
         fs::remove_dir(&links)?;
     }
-    for name in lb_common::map_name::ALL {
-        let p = bpffs.join(name);
+    let others = crate::migrate::other_versions(bpffs).into_iter().map(|o| o.path);
+    for p in lb_common::map_name::ALL.iter().map(|n| bpffs.join(n)).chain(others) {
         if p.exists() {
             fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
             removed.push(p);

@@ -4,7 +4,10 @@ use std::{collections::BTreeMap, path::Path};
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData};
-use lb_common::{map_name, Backend, Config, MemberKey, RevNat, ServiceKey, ServiceName, ServiceValue};
+use lb_common::{
+    map_name, Backend, Config, MaglevChunk, MaglevKey, MemberKey, RevNat, ServiceKey, ServiceName,
+    ServiceValue,
+};
 
 /// Everything the sync reads back to adopt what is already programmed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -15,6 +18,8 @@ pub struct Snapshot {
     pub members: BTreeMap<MemberKey, u32>,
     /// Service-port id -> `namespace/name:port/PROTO`.
     pub service_names: BTreeMap<u32, String>,
+    /// Maglev table chunks.
+    pub maglev: BTreeMap<MaglevKey, MaglevChunk>,
     pub config: Config,
 }
 
@@ -43,6 +48,8 @@ pub trait Dataplane {
     fn del_member(&mut self, key: &MemberKey) -> Result<()>;
     fn put_service_name(&mut self, id: u32, name: &str) -> Result<()>;
     fn del_service_name(&mut self, id: u32) -> Result<()>;
+    fn put_maglev(&mut self, key: &MaglevKey, value: &MaglevChunk) -> Result<()>;
+    fn del_maglev(&mut self, key: &MaglevKey) -> Result<()>;
     /// Reads back every entry (used once, at start, to adopt pinned state).
     fn snapshot(&self) -> Result<Snapshot>;
 }
@@ -112,6 +119,16 @@ impl Dataplane for FakeDataplane {
         self.state.service_names.remove(&id);
         Ok(())
     }
+    fn put_maglev(&mut self, key: &MaglevKey, value: &MaglevChunk) -> Result<()> {
+        self.log.push(format!("put_maglev {} {}", key.table_id, key.chunk));
+        self.state.maglev.insert(*key, *value);
+        Ok(())
+    }
+    fn del_maglev(&mut self, key: &MaglevKey) -> Result<()> {
+        self.log.push(format!("del_maglev {} {}", key.table_id, key.chunk));
+        self.state.maglev.remove(key);
+        Ok(())
+    }
     fn put_config(&mut self, value: &Config) -> Result<()> {
         self.log.push("put_config".into());
         self.state.config = *value;
@@ -129,6 +146,7 @@ pub struct AyaDataplane {
     rev_nat: HashMap<MapData, u32, RevNat>,
     members: HashMap<MapData, MemberKey, u32>,
     names: HashMap<MapData, u32, ServiceName>,
+    maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
     config: Array<MapData, Config>,
 }
 
@@ -144,6 +162,7 @@ impl AyaDataplane {
             rev_nat: HashMap::try_from(take(map_name::REV_NAT)?)?,
             members: HashMap::try_from(take(map_name::MEMBERS)?)?,
             names: HashMap::try_from(take(map_name::SERVICE_NAMES)?)?,
+            maglev: HashMap::try_from(take(map_name::MAGLEV)?)?,
             config: Array::try_from(take(map_name::CONFIG)?)?,
         })
     }
@@ -158,6 +177,7 @@ impl AyaDataplane {
             rev_nat: HashMap::try_from(open(map_name::REV_NAT)?)?,
             members: HashMap::try_from(open(map_name::MEMBERS)?)?,
             names: HashMap::try_from(open(map_name::SERVICE_NAMES)?)?,
+            maglev: HashMap::try_from(open(map_name::MAGLEV)?)?,
             config: Array::try_from(Map::Array(open_data(map_name::CONFIG)?))?,
         })
     }
@@ -197,6 +217,12 @@ impl Dataplane for AyaDataplane {
     fn del_service_name(&mut self, id: u32) -> Result<()> {
         Ok(self.names.remove(&id)?)
     }
+    fn put_maglev(&mut self, key: &MaglevKey, value: &MaglevChunk) -> Result<()> {
+        Ok(self.maglev.insert(key, value, 0)?)
+    }
+    fn del_maglev(&mut self, key: &MaglevKey) -> Result<()> {
+        Ok(self.maglev.remove(key)?)
+    }
     fn snapshot(&self) -> Result<Snapshot> {
         let mut s = Snapshot { config: self.config.get(&0, 0)?, ..Default::default() };
         for kv in self.services.iter() {
@@ -218,6 +244,10 @@ impl Dataplane for AyaDataplane {
         for kv in self.names.iter() {
             let (k, v) = kv?;
             s.service_names.insert(k, decode_name(&v));
+        }
+        for kv in self.maglev.iter() {
+            let (k, v) = kv?;
+            s.maglev.insert(k, v);
         }
         Ok(s)
     }

@@ -124,11 +124,31 @@ impl XdpHarness {
         Ok(())
     }
 
-    /// Every conntrack entry.
+    /// Every conntrack entry, confirmed and unconfirmed.
     pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
-        let map = self.ebpf.map(map_name::CONNTRACK).ok_or_else(|| anyhow!("no conntrack map"))?;
-        let ct: HashMap<&MapData, CtKey, CtEntry> = HashMap::try_from(map)?;
-        Ok(ct.iter().collect::<Result<Vec<_>, _>>()?)
+        let (mut all, new) = self.conntrack_tiers()?;
+        all.extend(new);
+        Ok(all)
+    }
+
+    /// The conntrack entries as (established, unconfirmed).
+    pub fn conntrack_tiers(&self) -> Result<(Vec<(CtKey, CtEntry)>, Vec<(CtKey, CtEntry)>)> {
+        let read = |name: &str| -> Result<Vec<(CtKey, CtEntry)>> {
+            let map = self.ebpf.map(name).ok_or_else(|| anyhow!("no map {name}"))?;
+            let ct: HashMap<&MapData, CtKey, CtEntry> = HashMap::try_from(map)?;
+            Ok(ct.iter().collect::<Result<Vec<_>, _>>()?)
+        };
+        Ok((read(map_name::CONNTRACK)?, read(map_name::CONNTRACK_NEW)?))
+    }
+
+    /// Removes a conntrack entry from both tiers (to stage an eviction).
+    pub fn conntrack_remove(&mut self, key: &CtKey) -> Result<()> {
+        for name in [map_name::CONNTRACK, map_name::CONNTRACK_NEW] {
+            let map = self.ebpf.map_mut(name).ok_or_else(|| anyhow!("no map {name}"))?;
+            let mut ct: HashMap<&mut MapData, CtKey, CtEntry> = HashMap::try_from(map)?;
+            let _ = ct.remove(key);
+        }
+        Ok(())
     }
 
     /// Inserts a conntrack entry (to stage collisions).

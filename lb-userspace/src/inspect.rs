@@ -209,6 +209,8 @@ pub fn map_occupancy(bpffs: &Path) -> Result<Vec<MapOccupancy>> {
         MapOccupancy { map: "rev_nat", entries: count_entries::<u32, RevNat>(bpffs, map_name::REV_NAT, false)?, capacity: limits::REV_NAT as u64 },
         MapOccupancy { map: "members", entries: count_entries::<MemberKey, u32>(bpffs, map_name::MEMBERS, false)?, capacity: limits::MEMBERS as u64 },
         MapOccupancy { map: "conntrack", entries: count_entries::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK, true)?, capacity: limits::CONNTRACK as u64 },
+        MapOccupancy { map: "conntrack_new", entries: count_entries::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK_NEW, true)?, capacity: limits::CONNTRACK_NEW as u64 },
+        MapOccupancy { map: "maglev", entries: count_entries::<MaglevKey, MaglevChunk>(bpffs, map_name::MAGLEV, false)?, capacity: limits::MAGLEV_CHUNKS as u64 },
         MapOccupancy { map: "affinity", entries: count_entries::<AffinityKey, AffinityValue>(bpffs, map_name::AFFINITY, true)?, capacity: limits::AFFINITY as u64 },
         MapOccupancy { map: "sock_rev_nat", entries: count_entries::<SockKey, SockRevNat>(bpffs, map_name::SOCK_REV_NAT, true)?, capacity: limits::SOCK_REV_NAT as u64 },
         MapOccupancy { map: "sock_flow", entries: count_entries::<SockKey, SockFlow>(bpffs, map_name::SOCK_FLOW, true)?, capacity: limits::SOCK_FLOW as u64 },
@@ -240,14 +242,25 @@ pub struct ConntrackView {
     pub local_backend: bool,
     pub backend_id: u32,
     pub idle_seconds: u32,
+    /// "established" (confirmed) or "new" (TCP before the client's first ACK, UDP before a reply).
+    pub state: &'static str,
+}
+
+/// Both conntrack tiers, each entry with its state name.
+fn conntrack_all(bpffs: &Path) -> Result<Vec<(lb_common::CtKey, lb_common::CtEntry, &'static str)>> {
+    use lb_common::{CtEntry, CtKey};
+    let mut v: Vec<_> = typed::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK, true)?.into_iter().map(|(k, e)| (k, e, "established")).collect();
+    v.extend(typed::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK_NEW, true)?.into_iter().map(|(k, e)| (k, e, "new")));
+    Ok(v)
 }
 
 pub fn conntrack(bpffs: &Path) -> Result<Vec<ConntrackView>> {
-    use lb_common::{ct_flags, CtEntry, CtKey};
+    use lb_common::ct_flags;
     let now = boot_seconds();
-    let mut v: Vec<ConntrackView> = typed::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK, true)?
+    let mut v: Vec<ConntrackView> = conntrack_all(bpffs)?
         .into_iter()
-        .map(|(k, e)| ConntrackView {
+        .map(|(k, e, state)| ConntrackView {
+            state,
             flow: format!("{} -> {}", addr(k.saddr_be, k.sport_be), addr(k.daddr_be, k.dport_be)),
             protocol: proto_name(k.proto),
             translated: format!("{} -> {}", addr(e.nat_saddr_be, e.nat_sport_be), addr(e.nat_daddr_be, e.nat_dport_be)),
@@ -331,7 +344,7 @@ pub struct Lookup {
 
 /// Which backend a flow from `client` to `frontend` has or would get, and why.
 pub fn lookup(bpffs: &Path, frontend: SocketAddrV4, proto: u8, client: std::net::Ipv4Addr, client_port: Option<u16>) -> Result<Lookup> {
-    use lb_common::{affinity_client, scope, AffinityKey, AffinityValue, CtEntry, CtKey, MemberKey, ServiceKey};
+    use lb_common::{affinity_client, scope, AffinityKey, AffinityValue, CtKey, MemberKey, ServiceKey};
     let s = snapshot(bpffs)?;
     let (fe_be, fp_be) = (u32::from_ne_bytes(frontend.ip().octets()), frontend.port().to_be());
     let master_of = |sc| {
@@ -352,7 +365,7 @@ pub fn lookup(bpffs: &Path, frontend: SocketAddrV4, proto: u8, client: std::net:
     let (c_be, now) = (u32::from_ne_bytes(client.octets()), boot_seconds());
     if let (Some(port), "external") = (client_port, scope_name) {
         let key = CtKey { saddr_be: c_be, daddr_be: fe_be, sport_be: port.to_be(), dport_be: fp_be, proto, _pad: [0; 3] };
-        if let Some((_, e)) = typed::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK, true)?.into_iter().find(|(k, _)| *k == key) {
+        if let Some((_, e, _)) = conntrack_all(bpffs)?.into_iter().find(|(k, _, _)| *k == key) {
             out.reason = "conntrack";
             out.backend = Some(addr(e.nat_daddr_be, e.nat_dport_be).to_string());
             return Ok(out);

@@ -7,6 +7,8 @@ pub mod harness;
 pub mod health;
 pub mod http;
 pub mod inspect;
+pub mod maglev;
+pub mod migrate;
 pub mod model;
 pub mod ops;
 pub mod plan;

@@ -8,13 +8,18 @@
 //!    entries and backends.
 //! One endpoint change touches O(1) entries: a removed backend's slot is refilled by a new one or
 //! by the last slot, so the other slots keep their backends.
+//!
+//! External frontends with two or more backends also get a Maglev table (see [`crate::maglev`]),
+//! shared by every frontend with the same backend set. A changed set gets a new table, written
+//! in full before the master switches to it (one atomic write), and the old table is deleted
+//! after: a new flow sees either the old or the new table, never a mix.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     net::{Ipv4Addr, SocketAddrV4},
 };
 
 use anyhow::Result;
-use lb_common::{Backend, Config, MemberKey, RevNat, ServiceKey, ServiceValue};
+use lb_common::{scope, Backend, Config, MaglevKey, MemberKey, RevNat, ServiceKey, ServiceValue, MAGLEV_CHUNK};
 
 use crate::{
     dataplane::{Dataplane, Snapshot},
@@ -29,6 +34,20 @@ struct ProgrammedFrontend {
     affinity_timeout_s: u32,
     /// Backend id of slot `i + 1`; 0 marks a slot known to be missing.
     slots: Vec<u32>,
+    /// (Maglev table id, M); (0, 0) without a table.
+    maglev: (u32, u32),
+}
+
+/// A programmed Maglev table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Table {
+    id: u32,
+    m: u32,
+    refs: u32,
+}
+
+fn chunk_count(m: u32) -> u32 {
+    m.div_ceil(MAGLEV_CHUNK)
 }
 
 /// Ids handed out from 1 upwards, reusing freed ones (0 is reserved).
@@ -81,6 +100,12 @@ pub struct Syncer<D: Dataplane> {
     svc_port_alloc: IdAllocator,
     /// Programmed membership entries: (frontend, backend id) -> slot.
     members: BTreeMap<MemberKey, u32>,
+    /// Maglev tables by backend set (sorted, deduplicated).
+    tables: HashMap<Vec<BackendKey>, Table>,
+    table_sets: HashMap<u32, Vec<BackendKey>>,
+    table_ids: IdAllocator,
+    /// Chunks found at adoption that no table explains.
+    stray_maglev: Vec<MaglevKey>,
     /// Total map writes since start.
     pub total_writes: u64,
 }
@@ -129,6 +154,10 @@ impl<D: Dataplane> Syncer<D> {
                     .chain(snap.service_names.keys().copied()),
             ),
             members: snap.members.clone(),
+            tables: HashMap::new(),
+            table_sets: HashMap::new(),
+            table_ids: IdAllocator::with_used(snap.maglev.keys().map(|k| k.table_id)),
+            stray_maglev: Vec::new(),
             total_writes: 0,
         };
         // Service-port identities as the names map recorded them.
@@ -179,9 +208,11 @@ impl<D: Dataplane> Syncer<D> {
                     flags: v.flags,
                     affinity_timeout_s: v.affinity_timeout_s,
                     slots,
+                    maglev: (v.maglev_id, v.maglev_m),
                 },
             );
         }
+        self.adopt_tables(&snap);
         for (k, _) in snap.services.iter().filter(|(k, _)| k.slot != 0) {
             let fe = FrontendKey { addr: sock_addr(k.addr_be, k.port_be), proto: k.proto, scope: k.scope };
             let in_use = self.frontends.get(&fe).is_some_and(|p| (k.slot as usize) <= p.slots.len());
@@ -200,6 +231,91 @@ impl<D: Dataplane> Syncer<D> {
         }
     }
 
+    /// Keeps the Maglev tables that are exactly what this agent would write for their frontends;
+    /// frontends with any other table get a fresh one on the next sync, and chunks nobody uses
+    /// are removed then.
+    fn adopt_tables(&mut self, snap: &Snapshot) {
+        let by_id: HashMap<u32, BackendKey> = self.backends.iter().map(|(k, (id, _))| (*id, *k)).collect();
+        let fes: Vec<FrontendKey> = self.frontends.keys().copied().collect();
+        for fe in fes {
+            let p = &self.frontends[&fe];
+            let (id, m) = p.maglev;
+            if id == 0 {
+                continue;
+            }
+            let keys: Option<Vec<BackendKey>> = p.slots.iter().map(|s| by_id.get(s).copied()).collect();
+            let ok = keys.and_then(|mut set| {
+                set.sort();
+                set.dedup();
+                if let Some(t) = self.tables.get_mut(&set) {
+                    return (t.id == id && t.m == m).then(|| t.refs += 1);
+                }
+                if self.table_sets.contains_key(&id) {
+                    return None;
+                }
+                let (want_m, want) = self.compute_table(&set);
+                let chunks = crate::maglev::chunks(&want);
+                let same = want_m == m
+                    && chunks.iter().enumerate().all(|(c, v)| snap.maglev.get(&MaglevKey { table_id: id, chunk: c as u32 }) == Some(v));
+                same.then(|| {
+                    self.tables.insert(set.clone(), Table { id, m, refs: 1 });
+                    self.table_sets.insert(id, set);
+                })
+            });
+            if ok.is_none() {
+                self.frontends.get_mut(&fe).expect("listed above").maglev = (0, 0);
+            }
+        }
+        for (k, _) in &snap.maglev {
+            let known = self.tables.values().any(|t| t.id == k.table_id && k.chunk < chunk_count(t.m));
+            if !known {
+                self.stray_maglev.push(*k);
+            }
+        }
+    }
+
+    /// The Maglev table of a backend set (with this agent's backend ids).
+    fn compute_table(&self, set: &[BackendKey]) -> (u32, Vec<u32>) {
+        let entries: Vec<_> = set.iter().map(|k| (k.addr, k.proto, self.backends[k].0)).collect();
+        crate::maglev::table(&entries)
+    }
+
+    /// The table for `set`, written now when no frontend uses it yet.
+    fn ref_table(&mut self, set: &[BackendKey]) -> Result<(u32, u32)> {
+        if let Some(t) = self.tables.get_mut(set) {
+            t.refs += 1;
+            return Ok((t.id, t.m));
+        }
+        let (m, table) = self.compute_table(set);
+        let id = self.table_ids.alloc();
+        for (c, chunk) in crate::maglev::chunks(&table).iter().enumerate() {
+            let key = MaglevKey { table_id: id, chunk: c as u32 };
+            self.write(|dp| dp.put_maglev(&key, chunk))?;
+        }
+        self.tables.insert(set.to_vec(), Table { id, m, refs: 1 });
+        self.table_sets.insert(id, set.to_vec());
+        Ok((id, m))
+    }
+
+    /// Drops a reference; the last one deletes the table's chunks.
+    fn unref_table(&mut self, id: u32) -> Result<()> {
+        let Some(set) = self.table_sets.get(&id).cloned() else { return Ok(()) };
+        let t = self.tables.get_mut(&set).expect("tables and table_sets agree");
+        t.refs -= 1;
+        if t.refs > 0 {
+            return Ok(());
+        }
+        let m = t.m;
+        self.tables.remove(&set);
+        self.table_sets.remove(&id);
+        for c in 0..chunk_count(m) {
+            let key = MaglevKey { table_id: id, chunk: c };
+            self.write(|dp| dp.del_maglev(&key))?;
+        }
+        self.table_ids.release(id);
+        Ok(())
+    }
+
     /// Writes the datapath config (node address, SNAT ports) when it changed.
     pub fn set_config(&mut self, config: &Config) -> Result<u64> {
         if self.config == *config {
@@ -208,6 +324,12 @@ impl<D: Dataplane> Syncer<D> {
         self.write(|dp| dp.put_config(config))?;
         self.config = *config;
         Ok(1)
+    }
+
+    /// (rev-NAT id, protocol) -> Service-port id of every programmed frontend (for conntrack
+    /// migration; a rev-NAT id names an address and port, shared by TCP and UDP).
+    pub fn svc_port_by_rev_nat(&self) -> HashMap<(u32, u8), u32> {
+        self.frontends.iter().map(|(k, p)| ((p.rev_nat_id, k.proto), p.svc_port_id)).collect()
     }
 
     /// Service port (`namespace/name:port/PROTO`) -> its id in the maps.
@@ -280,6 +402,7 @@ impl<D: Dataplane> Syncer<D> {
             }
             self.sync_members(&fe, &[], false)?;
             self.unref_rev_nat(fe.addr)?;
+            self.unref_table(p.maglev.0)?;
         }
         let stray_members: Vec<MemberKey> = self
             .members
@@ -297,6 +420,9 @@ impl<D: Dataplane> Syncer<D> {
         for m in stray_members {
             self.write(|dp| dp.del_member(&m))?;
             self.members.remove(&m);
+        }
+        for k in std::mem::take(&mut self.stray_maglev) {
+            self.write(|dp| dp.del_maglev(&k))?;
         }
         for k in std::mem::take(&mut self.stray_services) {
             self.write(|dp| dp.del_service(&k))?;
@@ -363,18 +489,34 @@ impl<D: Dataplane> Syncer<D> {
         let svc_port_id = self.svc_port_ids[&d.service_port];
         // Membership of the new slots before the master makes them visible.
         self.sync_members(fe, &slots, true)?;
+        // The Maglev table, complete before the master points at it.
+        let old_table = old.as_ref().map_or((0, 0), |p| p.maglev);
+        let maglev = if fe.scope == scope::EXTERNAL && slots.len() >= 2 {
+            let mut set: Vec<BackendKey> = d.backends.iter().map(|(k, _)| *k).collect();
+            set.sort();
+            set.dedup();
+            if old_table.0 != 0 && self.table_sets.get(&old_table.0) == Some(&set) {
+                old_table
+            } else {
+                self.ref_table(&set)?
+            }
+        } else {
+            (0, 0)
+        };
         let master = ProgrammedFrontend {
             rev_nat_id,
             svc_port_id,
             flags: d.flags,
             affinity_timeout_s: d.affinity_timeout_s,
             slots: slots.clone(),
+            maglev,
         };
         let master_changed = old.as_ref().is_none_or(|p| {
             p.slots.len() != slots.len()
                 || p.svc_port_id != svc_port_id
                 || p.flags != d.flags
                 || p.affinity_timeout_s != d.affinity_timeout_s
+                || p.maglev != maglev
         });
         if master_changed {
             let v = ServiceValue {
@@ -384,9 +526,14 @@ impl<D: Dataplane> Syncer<D> {
                 rev_nat_id,
                 affinity_timeout_s: d.affinity_timeout_s,
                 svc_port_id,
+                maglev_id: maglev.0,
+                maglev_m: maglev.1,
                 _pad: 0,
             };
             self.write(|dp| dp.put_service(&service_key(fe, 0), &v))?;
+        }
+        if old_table.0 != 0 && old_table != maglev {
+            self.unref_table(old_table.0)?;
         }
         for i in slots.len()..old_slots.len() {
             self.write(|dp| dp.del_service(&service_key(fe, i as u16 + 1)))?;
@@ -702,5 +849,117 @@ mod tests {
         // Add one endpoint: backend + slot + membership + master.
         d.get_mut(&fe(9000)).unwrap().backends.push((be(888_888), 0));
         assert_eq!(s.sync(&d).unwrap().writes, 4);
+    }
+
+    fn external(d: &Desired) -> Desired {
+        d.iter().map(|(k, v)| (FrontendKey { scope: scope::EXTERNAL, ..*k }, v.clone())).collect()
+    }
+
+    /// For every visible external master: its Maglev table is complete and names only backends
+    /// that exist and belong to the frontend.
+    fn check_tables(st: &Snapshot) {
+        check_tables_with(st, true)
+    }
+
+    /// `strict: false` (states inside a change): a table may still name a backend that is leaving
+    /// the frontend, as long as it exists; new flows are then sent where they were a moment ago.
+    fn check_tables_with(st: &Snapshot, strict: bool) {
+        for (k, v) in st.services.iter().filter(|(k, _)| k.slot == 0 && k.scope == scope::EXTERNAL) {
+            if v.count < 2 {
+                assert_eq!(v.maglev_id, 0);
+                continue;
+            }
+            assert_ne!(v.maglev_id, 0, "{k:?} has no table");
+            let slots: BTreeSet<u32> = (1..=v.count).map(|slot| st.services[&ServiceKey { slot, ..*k }].backend_id).collect();
+            for c in 0..chunk_count(v.maglev_m) {
+                let chunk = st.maglev.get(&MaglevKey { table_id: v.maglev_id, chunk: c }).expect("chunk present");
+                let n = (v.maglev_m - c * MAGLEV_CHUNK).min(MAGLEV_CHUNK) as usize;
+                for id in &chunk.backend_ids[..n] {
+                    assert!(st.backends.contains_key(id), "table names missing backend {id}");
+                    assert!(!strict || slots.contains(id), "table names backend {id} outside the frontend");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn maglev_tables_are_shared_replaced_whole_and_adopted() {
+        let mut s = Syncer::adopt(FakeDataplane::default()).unwrap();
+        let mut d = external(&desired(3, 10));
+        // A second frontend of the first Service port with the same backends shares the table.
+        let mut twin = d[&FrontendKey { scope: scope::EXTERNAL, ..fe(0) }].clone();
+        twin.service_port = "ns/s0:p/TCP".into();
+        d.insert(FrontendKey { scope: scope::EXTERNAL, ..fe(50) }, twin);
+        s.sync(&d).unwrap();
+        let st = s.dataplane().state.clone();
+        check_tables(&st);
+        let tables: BTreeSet<u32> = st.maglev.keys().map(|k| k.table_id).collect();
+        assert_eq!(tables.len(), 3, "four frontends, three backend sets");
+        // M = 1021 for 10 backends: 4 chunks per table.
+        assert_eq!(st.maglev.len(), 12);
+        // Adoption keeps everything.
+        let mut again = Syncer::adopt(FakeDataplane { state: st.clone(), log: vec![] }).unwrap();
+        assert_eq!(again.sync(&d).unwrap().writes, 0);
+        // One endpoint replaced in the Service with one frontend: its slots as before (5 writes),
+        // a new table (4 chunks) before the master switch (1), the old table's 4 chunks after.
+        let k2 = FrontendKey { scope: scope::EXTERNAL, ..fe(2) };
+        d.get_mut(&k2).unwrap().backends[3] = (be(777_777), 0);
+        again.dp.log.clear();
+        let w = again.sync(&d).unwrap().writes;
+        assert_eq!(w, 5 + 4 + 1 + 4, "{:?}", again.dataplane().log);
+        let log = &again.dataplane().log;
+        let last_put = log.iter().rposition(|l| l.starts_with("put_maglev")).unwrap();
+        let master = log.iter().position(|l| l.starts_with("put_service") && l.ends_with("#0")).unwrap();
+        let first_del = log.iter().position(|l| l.starts_with("del_maglev")).unwrap();
+        assert!(last_put < master && master < first_del, "{log:?}");
+        check_tables(&again.dataplane().state);
+        assert_eq!(again.dataplane().state.maglev.len(), 12);
+        // Tampered chunks are not adopted: the frontend gets a fresh table and the stray goes.
+        let mut state = again.dataplane().state.clone();
+        let victim = *state.maglev.keys().next().unwrap();
+        state.maglev.get_mut(&victim).unwrap().backend_ids[0] = 999;
+        let mut third = Syncer::adopt(FakeDataplane { state, log: vec![] }).unwrap();
+        assert!(third.sync(&d).unwrap().writes > 0);
+        check_tables(&third.dataplane().state);
+        assert_eq!(third.dataplane().state.maglev.len(), 12);
+        // Everything removed: no chunk left.
+        third.sync(&Desired::new()).unwrap();
+        assert!(third.dataplane().state.maglev.is_empty());
+    }
+
+    #[test]
+    fn maglev_every_intermediate_state_is_valid() {
+        let mut s = Syncer::adopt(FakeDataplane::default()).unwrap();
+        let mut d = external(&desired(4, 6));
+        s.sync(&d).unwrap();
+        let keys: Vec<FrontendKey> = d.keys().copied().collect();
+        d.get_mut(&keys[0]).unwrap().backends.remove(2);
+        d.get_mut(&keys[1]).unwrap().backends.push((be(5000), 0));
+        d.get_mut(&keys[2]).unwrap().backends.truncate(1);
+        d.remove(&keys[3]);
+        // Replay the change one operation at a time on a copy that applies the same operations.
+        struct Stepper {
+            inner: FakeDataplane,
+        }
+        impl Dataplane for Stepper {
+            fn put_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> Result<()> { self.inner.put_service(k, v)?; check_tables_with(&self.inner.state, false); Ok(()) }
+            fn del_service(&mut self, k: &ServiceKey) -> Result<()> { self.inner.del_service(k)?; check_tables_with(&self.inner.state, false); Ok(()) }
+            fn put_backend(&mut self, id: u32, v: &Backend) -> Result<()> { self.inner.put_backend(id, v) }
+            fn del_backend(&mut self, id: u32) -> Result<()> { self.inner.del_backend(id)?; check_tables_with(&self.inner.state, false); Ok(()) }
+            fn put_rev_nat(&mut self, id: u32, v: &RevNat) -> Result<()> { self.inner.put_rev_nat(id, v) }
+            fn del_rev_nat(&mut self, id: u32) -> Result<()> { self.inner.del_rev_nat(id) }
+            fn put_config(&mut self, v: &Config) -> Result<()> { self.inner.put_config(v) }
+            fn put_member(&mut self, k: &MemberKey, slot: u32) -> Result<()> { self.inner.put_member(k, slot) }
+            fn del_member(&mut self, k: &MemberKey) -> Result<()> { self.inner.del_member(k) }
+            fn put_service_name(&mut self, id: u32, n: &str) -> Result<()> { self.inner.put_service_name(id, n) }
+            fn del_service_name(&mut self, id: u32) -> Result<()> { self.inner.del_service_name(id) }
+            fn put_maglev(&mut self, k: &MaglevKey, v: &lb_common::MaglevChunk) -> Result<()> { self.inner.put_maglev(k, v)?; check_tables_with(&self.inner.state, false); Ok(()) }
+            fn del_maglev(&mut self, k: &MaglevKey) -> Result<()> { self.inner.del_maglev(k)?; check_tables_with(&self.inner.state, false); Ok(()) }
+            fn snapshot(&self) -> Result<Snapshot> { self.inner.snapshot() }
+        }
+        let state = s.dataplane().state.clone();
+        let mut stepped = Syncer::adopt(Stepper { inner: FakeDataplane { state, log: vec![] } }).unwrap();
+        stepped.sync(&d).unwrap();
+        check_tables(&stepped.dataplane().inner.state);
     }
 }

@@ -5,6 +5,7 @@
 //! and prints one JSON line per exchange).
 pub mod bench;
 pub mod lab;
+pub mod legacy;
 pub mod netns;
 pub mod scenario;
 pub mod xdp;

@@ -138,12 +138,19 @@ fn kernel_xdp_nat_new_flow_to_local_backend_keeps_client_address() {
     assert_eq!(rev.flags, ct_flags::REPLY | ct_flags::LOCAL_BACKEND);
     assert_eq!((rev.nat_saddr_be, u16::from_be(rev.nat_sport_be)), (u32::from_ne_bytes(NODE), 30080));
     assert!(f.ct(&key((CLIENT, 40000), (NODE, 30080), TCP)).is_some(), "original entry");
+    // Unconfirmed until the client's next packet: both entries in the new-flow tier.
+    let (est, new) = f.h.conntrack_tiers().unwrap();
+    assert_eq!((est.len(), new.len()), (0, 2));
 
-    // The next segment of the flow follows the entry.
+    // The next segment of the flow follows the entry and confirms the flow.
     let (verdict, out, moved) = f.run(&frame(Kind::Ack, (CLIENT, 40000), (NODE, 30080)));
     assert_eq!(verdict, XDP_PASS);
     assert_eq!(out, frame(Kind::Ack, (CLIENT, 40000), (LOCAL_POD, 8080)));
-    assert_eq!(moved, counts(&["xdp_rx", "xdp_established", "xdp_translated_pass", "xdp_verdict_pass"]));
+    assert_eq!(moved, counts(&["xdp_rx", "xdp_established", "ct_confirmed", "xdp_translated_pass", "xdp_verdict_pass"]));
+    let (est, new) = f.h.conntrack_tiers().unwrap();
+    assert_eq!((est.len(), new.len()), (2, 0), "both directions moved to the established tier");
+    let moved_rev = f.ct(&key((LOCAL_POD, 8080), (CLIENT, 40000), TCP)).expect("reply entry");
+    assert_eq!(CtEntry { last_seen_s: rev.last_seen_s, ..moved_rev }, rev, "the reply entry moved unchanged");
 
     // A LoadBalancer IP frontend behaves the same.
     let (_, out, _) = f.run(&frame(Kind::Syn, (CLIENT, 40001), (LB_IP, 80)));

@@ -85,5 +85,6 @@ fn lab_lbctl_reads_the_live_maps_with_the_agent_down() {
     let (code, _, err) = lbctl(&other, &["services"]);
     std::fs::remove_dir_all(&other).unwrap();
     assert_eq!(code, 2);
-    assert!(err.contains("map lb_svc_v2 not found, but lb_svc_v1 is: pinned by an agent of another layout version"), "{err}");
+    let want = format!("map {} not found, but lb_svc_v1 is: pinned by an agent of another layout version", lb_common::map_name::SERVICES);
+    assert!(err.contains(&want), "{err}");
 }

@@ -1,0 +1,85 @@
+//! Two-tier conntrack. A new flow's entries go to `CONNTRACK_NEW`; once the flow is confirmed
+//! (TCP: the client's first packet after the SYN; UDP: the first reply) both entries move to
+//! `CONNTRACK`. Both maps are LRU: a flood of new flows (SYN flood, spoofed UDP) can only evict
+//! other unconfirmed flows, never the established ones.
+use lb_common::{counter, ct_flags, CtEntry, CtKey};
+
+use crate::maps::{self, CONNTRACK, CONNTRACK_NEW};
+
+/// The entry for `key` and whether it is still unconfirmed.
+#[inline(always)]
+pub fn lookup(key: &CtKey) -> Option<(CtEntry, bool)> {
+    if let Some(e) = maps::conntrack(key) {
+        return Some((e, false));
+    }
+    // SAFETY: the value is copied out at once.
+    unsafe { CONNTRACK_NEW.get(key).copied() }.map(|e| (e, true))
+}
+
+/// Refreshes the last-seen time of an entry.
+#[inline(always)]
+pub fn touch(key: &CtKey, unconfirmed: bool, now: u32) {
+    let v = if unconfirmed { CONNTRACK_NEW.get_ptr_mut(key) } else { CONNTRACK.get_ptr_mut(key) };
+    if let Some(v) = v {
+        // SAFETY: the LRU value stays valid for the program's run.
+        unsafe { (*v).last_seen_s = now };
+    }
+}
+
+/// The entry of the opposite direction: a packet matching `key` is rewritten to `e`'s
+/// addresses, so the other direction arrives as (nat_d -> nat_s) and is rewritten to (d -> s).
+#[inline(always)]
+pub fn partner(key: &CtKey, e: &CtEntry) -> (CtKey, CtEntry) {
+    let k = CtKey {
+        saddr_be: e.nat_daddr_be,
+        daddr_be: e.nat_saddr_be,
+        sport_be: e.nat_dport_be,
+        dport_be: e.nat_sport_be,
+        proto: key.proto,
+        _pad: [0; 3],
+    };
+    let v = CtEntry {
+        nat_saddr_be: key.daddr_be,
+        nat_daddr_be: key.saddr_be,
+        nat_sport_be: key.dport_be,
+        nat_dport_be: key.sport_be,
+        svc_port_id: e.svc_port_id,
+        backend_id: e.backend_id,
+        last_seen_s: e.last_seen_s,
+        flags: e.flags ^ ct_flags::REPLY,
+        _pad: 0,
+    };
+    (k, v)
+}
+
+/// Moves a confirmed flow (both directions) from the new-flow map to the established one. When
+/// the established map refuses, the flow stays where it is and works on.
+#[inline(always)]
+pub fn confirm(key: &CtKey, e: &CtEntry, now: u32) {
+    let (pk, computed) = partner(key, e);
+    // SAFETY: copied out at once.
+    let mut pv = unsafe { CONNTRACK_NEW.get(&pk).copied() }.unwrap_or(computed);
+    pv.last_seen_s = now;
+    let mut v = *e;
+    v.last_seen_s = now;
+    if CONNTRACK.insert(&pk, &pv, 0).is_err() {
+        return;
+    }
+    if CONNTRACK.insert(key, &v, 0).is_err() {
+        let _ = CONNTRACK.remove(&pk);
+        return;
+    }
+    let _ = CONNTRACK_NEW.remove(&pk);
+    let _ = CONNTRACK_NEW.remove(key);
+    maps::count(counter::CT_CONFIRMED, 0);
+}
+
+/// Whether the entry found for a SNAT candidate belongs to the same client flow (a flow whose
+/// other entry was evicted): then the candidate is the flow's own and may be reused.
+#[inline(always)]
+pub fn same_flow(existing: &CtEntry, client_addr: u32, client_port: u16, frontend_addr: u32, frontend_port: u16) -> bool {
+    existing.nat_daddr_be == client_addr
+        && existing.nat_dport_be == client_port
+        && existing.nat_saddr_be == frontend_addr
+        && existing.nat_sport_be == frontend_port
+}

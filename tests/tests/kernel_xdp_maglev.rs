@@ -1,0 +1,221 @@
+//! Consistent backend choice and flood resilience on the real kernel (BPF_PROG_TEST_RUN):
+//! - Maglev: two "nodes" (two loaded programs whose maps were programmed in a different order, so
+//!   their backend ids differ) send the same flows to the same backends; removing a backend moves
+//!   almost only its own flows;
+//! - a flood of new flows churns only the new-flow conntrack: confirmed flows keep their entries;
+//! - a flow whose entries were evicted is rebuilt identically (same backend, same SNAT port).
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use etherparse::{PacketBuilder, SlicedPacket, InternetSlice, TransportSlice};
+use lb_common::{Config, CtKey};
+use lb_userspace::{
+    harness::XdpHarness,
+    plan::{BackendKey, Desired, DesiredFrontend, FrontendKey},
+};
+
+const XDP_PASS: u32 = 2;
+const NODE: [u8; 4] = [192, 168, 100, 1];
+const LB_IP: [u8; 4] = [203, 0, 113, 9];
+const TCP: u8 = 6;
+
+fn sa(ip: [u8; 4], port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(ip), port)
+}
+
+fn backend(i: u8) -> BackendKey {
+    BackendKey { addr: sa([10, 244, 2, 10 + i], 8080), proto: TCP }
+}
+
+fn frontend() -> FrontendKey {
+    FrontendKey { addr: sa(LB_IP, 80), proto: TCP, scope: lb_common::scope::EXTERNAL }
+}
+
+/// The client of flow `i`: distinct addresses and ports.
+fn client(i: u32) -> ([u8; 4], u16) {
+    let a = 0x0a00_0000u32 + (i.wrapping_mul(2_654_435_761) >> 8);
+    (a.to_be_bytes(), 1024 + (i % 60000) as u16)
+}
+
+fn tcp(syn: bool, src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Vec<u8> {
+    let ip = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src.0, dst.0, 64);
+    let mut v = Vec::new();
+    if syn {
+        ip.tcp(src.1, dst.1, 1000, 64000).syn().write(&mut v, &[]).unwrap();
+    } else {
+        ip.tcp(src.1, dst.1, 1001, 64000).ack(5000).write(&mut v, b"x").unwrap();
+    }
+    v
+}
+
+/// (source, destination) of an output frame.
+fn addrs(frame: &[u8]) -> (SocketAddrV4, SocketAddrV4) {
+    let p = SlicedPacket::from_ethernet(frame).unwrap();
+    let Some(InternetSlice::Ipv4(ip)) = p.net else { panic!("not IPv4") };
+    let Some(TransportSlice::Tcp(t)) = p.transport else { panic!("not TCP") };
+    (
+        SocketAddrV4::new(ip.header().source_addr(), t.source_port()),
+        SocketAddrV4::new(ip.header().destination_addr(), t.destination_port()),
+    )
+}
+
+fn harness(sizes: &[(&str, u32)]) -> XdpHarness {
+    let mut h = XdpHarness::with_map_sizes(sizes).expect("loading the XDP program into the kernel");
+    h.set_config(&Config { node_addr_be: u32::from_ne_bytes(NODE), snat_port_min: 32768, snat_port_max: 60999, ready: 1, _pad: 0 })
+        .unwrap();
+    h
+}
+
+fn service(backends: &[BackendKey]) -> DesiredFrontend {
+    DesiredFrontend {
+        service_port: "default/web:http/TCP".into(),
+        flags: lb_common::service_flags::LOAD_BALANCER,
+        affinity_timeout_s: 0,
+        backends: backends.iter().map(|b| (*b, 0)).collect(),
+    }
+}
+
+fn counter(h: &XdpHarness, name: &str) -> u64 {
+    h.counters().unwrap()[name].packets
+}
+
+#[test]
+fn kernel_maglev_nodes_choose_alike_and_a_removal_moves_few_flows() {
+    let Some(()) = lb_tests::require_privileges() else { return };
+    let all: Vec<BackendKey> = (0..10).map(backend).collect();
+    // Node A programs the Service directly; node B first programs another Service with other
+    // backends, and lists ours in reverse, so its backend ids are different.
+    let mut a = harness(&[]);
+    a.program(&Desired::from([(frontend(), service(&all))])).unwrap();
+    let mut b = harness(&[]);
+    let other = FrontendKey { addr: sa(LB_IP, 81), ..frontend() };
+    let decoys: Vec<BackendKey> = (0..7).map(|i| BackendKey { addr: sa([10, 244, 9, i], 80), proto: TCP }).collect();
+    b.program(&Desired::from([(other, service(&decoys))])).unwrap();
+    let mut reversed = all.clone();
+    reversed.reverse();
+    b.program(&Desired::from([(other, service(&decoys)), (frontend(), service(&reversed))])).unwrap();
+
+    const FLOWS: u32 = 3000;
+    let choose = |h: &XdpHarness, i: u32| -> SocketAddrV4 {
+        let r = h.run(&tcp(true, client(i), (LB_IP, 80))).unwrap();
+        assert_eq!(r.verdict, XDP_PASS, "no route inside a test run: translated frames go to the stack");
+        addrs(&r.output).1
+    };
+    let on_a: Vec<SocketAddrV4> = (0..FLOWS).map(|i| choose(&a, i)).collect();
+    let on_b: Vec<SocketAddrV4> = (0..FLOWS).map(|i| choose(&b, i)).collect();
+    assert_eq!(counter(&a, "xdp_maglev"), FLOWS as u64, "every new flow used the table");
+    let differ = on_a.iter().zip(&on_b).filter(|(x, y)| x != y).count();
+    assert_eq!(differ, 0, "two nodes chose differently for {differ} of {FLOWS} flows");
+
+    // Spread: each backend gets its share (300 expected) within a wide margin.
+    let mut per: BTreeMap<SocketAddrV4, u32> = BTreeMap::new();
+    for d in &on_a {
+        *per.entry(*d).or_default() += 1;
+    }
+    assert_eq!(per.len(), 10);
+    assert!(per.values().all(|n| (200..=400).contains(n)), "{per:?}");
+
+    // Remove one backend: its flows move, the others stay (fresh SYNs on the same tuples choose
+    // again through the table).
+    let gone = backend(4).addr;
+    let rest: Vec<BackendKey> = all.iter().copied().filter(|k| k.addr != gone).collect();
+    a.program(&Desired::from([(frontend(), service(&rest))])).unwrap();
+    let after: Vec<SocketAddrV4> = (0..FLOWS).map(|i| choose(&a, i)).collect();
+    assert!(after.iter().all(|d| *d != gone), "a flow went to the removed backend");
+    let stayed_candidates = on_a.iter().filter(|d| **d != gone).count();
+    let moved = on_a.iter().zip(&after).filter(|(x, y)| **x != gone && x != y).count();
+    println!("removal: {moved} of {stayed_candidates} flows of the remaining backends moved");
+    assert!((moved as f64) < 0.04 * stayed_candidates as f64, "{moved} of {stayed_candidates} moved");
+    // Adding it back restores every choice.
+    a.program(&Desired::from([(frontend(), service(&all))])).unwrap();
+    let back: Vec<SocketAddrV4> = (0..FLOWS).map(|i| choose(&a, i)).collect();
+    assert_eq!(back, on_a);
+}
+
+#[test]
+fn kernel_ct_flood_of_new_flows_leaves_established_flows_alone() {
+    let Some(()) = lb_tests::require_privileges() else { return };
+    let all: Vec<BackendKey> = (0..4).map(backend).collect();
+    let mut h = harness(&[(lb_common::map_name::CONNTRACK_NEW, 1024), (lb_common::map_name::CONNTRACK, 8192)]);
+    h.program(&Desired::from([(frontend(), service(&all))])).unwrap();
+
+    // 200 confirmed flows (SYN, then the client's ACK).
+    let mut translated = HashMap::new();
+    for i in 0..200 {
+        let syn = h.run(&tcp(true, client(i), (LB_IP, 80))).unwrap();
+        let ack = h.run(&tcp(false, client(i), (LB_IP, 80))).unwrap();
+        assert_eq!(addrs(&syn.output), addrs(&ack.output));
+        translated.insert(i, addrs(&ack.output));
+    }
+    assert_eq!(counter(&h, "ct_confirmed"), 200);
+    let (est, new) = h.conntrack_tiers().unwrap();
+    assert_eq!((est.len(), new.len()), (400, 0));
+
+    // A flow that only sent its SYN before the flood.
+    let victim = 1_000_000;
+    let victim_syn = addrs(&h.run(&tcp(true, client(victim), (LB_IP, 80))).unwrap().output);
+
+    // The flood: 100,000 SYNs from distinct clients, far more than the new-flow map holds.
+    let base_new = counter(&h, "xdp_new_flow");
+    for i in 0..100_000u32 {
+        h.run(&tcp(true, client(2_000_000 + i), (LB_IP, 80))).unwrap();
+    }
+    assert_eq!(counter(&h, "xdp_new_flow") - base_new, 100_000, "every flood packet was still served");
+    let (est, new) = h.conntrack_tiers().unwrap();
+    assert_eq!(est.len(), 400, "the flood evicted established entries");
+    assert!(new.len() <= 1024);
+
+    // Every established flow still follows its entry, in both directions.
+    let before = (counter(&h, "xdp_established"), counter(&h, "xdp_new_flow"), counter(&h, "xdp_reply"));
+    for i in 0..200 {
+        let r = h.run(&tcp(false, client(i), (LB_IP, 80))).unwrap();
+        assert_eq!(addrs(&r.output), translated[&i], "flow {i} changed translation");
+        let (snat, be) = translated[&i];
+        let reply = h.run(&tcp(false, (be.ip().octets(), be.port()), (snat.ip().octets(), snat.port()))).unwrap();
+        let (src, dst) = addrs(&reply.output);
+        assert_eq!((src, dst), (sa(LB_IP, 80), sa(client(i).0, client(i).1)), "reply of flow {i}");
+    }
+    let after = (counter(&h, "xdp_established"), counter(&h, "xdp_new_flow"), counter(&h, "xdp_reply"));
+    assert_eq!((after.0 - before.0, after.1 - before.1, after.2 - before.2), (200, 0, 200));
+
+    // The victim's entries were flooded out of the new-flow map; its ACK rebuilds the very same
+    // translation (same backend, same SNAT port), so the flow survives.
+    let victim_key = CtKey {
+        saddr_be: u32::from_ne_bytes(client(victim).0),
+        daddr_be: u32::from_ne_bytes(LB_IP),
+        sport_be: client(victim).1.to_be(),
+        dport_be: 80u16.to_be(),
+        proto: TCP,
+        _pad: [0; 3],
+    };
+    assert!(!h.conntrack_entries().unwrap().iter().any(|(k, _)| *k == victim_key), "the flood should have evicted the victim");
+    let victim_ack = addrs(&h.run(&tcp(false, client(victim), (LB_IP, 80))).unwrap().output);
+    assert_eq!(victim_ack, victim_syn);
+}
+
+#[test]
+fn kernel_ct_evicted_half_of_a_flow_is_rebuilt_identically() {
+    let Some(()) = lb_tests::require_privileges() else { return };
+    let all: Vec<BackendKey> = (0..3).map(backend).collect();
+    let mut h = harness(&[]);
+    h.program(&Desired::from([(frontend(), service(&all))])).unwrap();
+    let c = client(7);
+    h.run(&tcp(true, c, (LB_IP, 80))).unwrap();
+    let first = addrs(&h.run(&tcp(false, c, (LB_IP, 80))).unwrap().output);
+    // Evict the original-direction entry only: the reply entry still holds the SNAT port.
+    let key = CtKey {
+        saddr_be: u32::from_ne_bytes(c.0),
+        daddr_be: u32::from_ne_bytes(LB_IP),
+        sport_be: c.1.to_be(),
+        dport_be: 80u16.to_be(),
+        proto: TCP,
+        _pad: [0; 3],
+    };
+    h.conntrack_remove(&key).unwrap();
+    let collisions = counter(&h, "xdp_snat_collision");
+    let again = addrs(&h.run(&tcp(false, c, (LB_IP, 80))).unwrap().output);
+    assert_eq!(again, first, "the rebuilt flow must keep its backend and SNAT port");
+    assert_eq!(counter(&h, "xdp_snat_collision"), collisions, "its own reply entry is not a collision");
+}
