@@ -52,6 +52,29 @@ pub mod program_name {
     /// Returns XDP_PASS only (benchmark floor; lets a veth peer accept XDP_TX frames).
     pub const XDP_PASS: &str = "lb_xdp_pass";
     pub const TC_EGRESS: &str = "lb_tc_egress";
+    /// Benchmark only (never attached by the agent): restores the frame of `lb_bench` before
+    /// every BPF_PROG_TEST_RUN iteration, then runs the XDP path.
+    pub const BENCH_XDP: &str = "lb_bench_xdp";
+    /// Benchmark only: the same restore, then XDP_PASS (the restore's own cost).
+    pub const BENCH_RESTORE: &str = "lb_bench_restore";
+}
+
+/// Name of the benchmark map (one [`BenchFrame`]); not pinned.
+pub const BENCH_MAP: &str = "lb_bench";
+
+/// Length of a benchmark frame (frames are padded to it).
+pub const BENCH_FRAME_LEN: usize = 64;
+
+/// What the benchmark programs write into the packet before each iteration.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BenchFrame {
+    pub bytes: [u8; BENCH_FRAME_LEN],
+    /// Non-zero: each iteration gets a new IPv4 source address (`base + seq`), checksums fixed,
+    /// so that every iteration is a new flow.
+    pub vary_source: u32,
+    /// Iterations so far (the next source offset).
+    pub seq: u32,
 }
 
 /// Capacities of the maps. Memory per entry is key + value + the kernel's per-entry overhead.
@@ -219,7 +242,7 @@ pub mod affinity_client {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AffinityValue {
     pub backend_id: u32,
-    /// Seconds since boot of the last new connection that used the record.
+    /// Seconds (CLOCK_MONOTONIC_COARSE) of the last new connection that used the record.
     pub last_used_s: u32,
 }
 
@@ -313,7 +336,7 @@ pub struct CtEntry {
     /// The Service port of the flow (for per-Service counters).
     pub svc_port_id: u32,
     pub backend_id: u32,
-    /// Seconds since boot when the entry was last used.
+    /// Seconds (CLOCK_MONOTONIC_COARSE) when the entry was last used.
     pub last_seen_s: u32,
     pub flags: u16,
     pub _pad: u16,
@@ -534,6 +557,7 @@ const _: () = {
     assert!(core::mem::size_of::<CtKey>() == 16);
     assert!(core::mem::size_of::<CtEntry>() == 28);
     assert!(core::mem::size_of::<Config>() == 16);
+    assert!(core::mem::size_of::<BenchFrame>() == 72);
 };
 
 #[cfg(feature = "user")]
@@ -558,4 +582,5 @@ mod pod {
     unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for MaglevKey {}
     unsafe impl aya::Pod for MaglevChunk {}
+    unsafe impl aya::Pod for BenchFrame {}
 }

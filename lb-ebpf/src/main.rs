@@ -4,6 +4,7 @@
 #![no_main]
 
 mod affinity;
+mod bench;
 mod csum;
 mod ct;
 mod maps;
@@ -62,6 +63,18 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// Benchmark only: restore the frame, then the XDP path (see bench.rs).
+#[xdp]
+pub fn lb_bench_xdp(ctx: XdpContext) -> u32 {
+    bench::bench_xdp(&ctx)
+}
+
+/// Benchmark only: restore the frame, then XDP_PASS.
+#[xdp]
+pub fn lb_bench_restore(ctx: XdpContext) -> u32 {
+    bench::bench_restore(&ctx)
 }
 
 #[classifier]

@@ -9,10 +9,10 @@ use std::{
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{TestRun, TestRunOptions, Xdp},
 };
-use lb_common::{map_name, program_name, AffinityKey, AffinityValue, Config, Counter, CtEntry, CtKey};
+use lb_common::{map_name, program_name, AffinityKey, AffinityValue, BenchFrame, Config, Counter, CtEntry, CtKey};
 
 use crate::{dataplane::AyaDataplane, inspect, plan::Desired, sync::Syncer};
 
@@ -186,6 +186,48 @@ impl XdpHarness {
         let r = xdp
             .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat, ..Default::default() })
             .context("BPF_PROG_TEST_RUN")?;
+        out.truncate(r.data_size_out as usize);
+        Ok(RunResult { verdict: r.return_value, output: out, duration_ns: r.duration.as_nanos() as u64 })
+    }
+
+    /// Loads another XDP program of the object (`lb_xdp_pass`, the benchmark programs).
+    pub fn load_program(&mut self, name: &str) -> Result<()> {
+        let p: &mut Xdp = self.ebpf.program_mut(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?;
+        if p.fd().is_err() {
+            p.load().with_context(|| format!("loading {name} (verifier)"))?;
+        }
+        Ok(())
+    }
+
+    /// Sets the frame the benchmark programs restore before each iteration.
+    pub fn set_bench_frame(&mut self, frame: &BenchFrame) -> Result<()> {
+        let map = self.ebpf.map_mut(lb_common::BENCH_MAP).ok_or_else(|| anyhow!("no bench map"))?;
+        let mut a: Array<&mut MapData, BenchFrame> = Array::try_from(map)?;
+        a.set(0, frame, 0)?;
+        Ok(())
+    }
+
+    /// Runs program `name` (loaded) `repeat` times on `frame`: the kernel's mean ns per run.
+    pub fn run_program(&self, name: &str, frame: &[u8], repeat: u32) -> Result<RunResult> {
+        self.run_with(name, frame, repeat, None)
+    }
+
+    /// Like `run_program`, with an `xdp_md` context (e.g. naming the ingress device).
+    pub fn run_program_ctx(&self, name: &str, frame: &[u8], repeat: u32, ctx: &[u8]) -> Result<RunResult> {
+        self.run_with(name, frame, repeat, Some(ctx))
+    }
+
+    /// One run of program `name` with an `xdp_md` context.
+    pub fn run_ctx(&self, name: &str, frame: &[u8], ctx: &[u8]) -> Result<RunResult> {
+        self.run_with(name, frame, 1, Some(ctx))
+    }
+
+    fn run_with(&self, name: &str, frame: &[u8], repeat: u32, ctx: Option<&[u8]>) -> Result<RunResult> {
+        let xdp: &Xdp = self.ebpf.program(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = xdp
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: ctx, repeat, ..Default::default() })
+            .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
         out.truncate(r.data_size_out as usize);
         Ok(RunResult { verdict: r.return_value, output: out, duration_ns: r.duration.as_nanos() as u64 })
     }

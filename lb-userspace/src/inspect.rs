@@ -217,11 +217,11 @@ pub fn map_occupancy(bpffs: &Path) -> Result<Vec<MapOccupancy>> {
     ])
 }
 
-/// Seconds since boot (the clock the datapath stamps records with).
+/// Seconds of CLOCK_MONOTONIC_COARSE, the clock the datapath stamps records with.
 pub fn boot_seconds() -> u32 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes into a timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u32
 }
 
@@ -335,7 +335,7 @@ pub fn config(bpffs: &Path) -> Result<ConfigView> {
 pub struct Lookup {
     pub frontend: String,
     pub scope: &'static str,
-    /// `conntrack`, `affinity`, `fresh choice`, `no backend` or `not a frontend`.
+    /// `conntrack`, `affinity`, `maglev`, `fresh choice`, `no backend` or `not a frontend`.
     pub reason: &'static str,
     /// The backend the flow has or will get (empty for a fresh choice: see `candidates`).
     pub backend: Option<String>,
@@ -385,6 +385,17 @@ pub fn lookup(bpffs: &Path, frontend: SocketAddrV4, proto: u8, client: std::net:
                 out.backend = be(r.backend_id);
                 return Ok(out);
             }
+        }
+    }
+    // North-south with a Maglev table and a known client port: the exact choice.
+    if let (Some(port), "external", true) = (client_port, scope_name, master.maglev_id != 0 && master.maglev_m != 0) {
+        let hash = lb_common::flow_hash(c_be, fe_be, port.to_be(), fp_be, proto);
+        let idx = hash % master.maglev_m;
+        let key = lb_common::MaglevKey { table_id: master.maglev_id, chunk: idx / lb_common::MAGLEV_CHUNK };
+        if let Some(id) = s.maglev.get(&key).map(|c| c.backend_ids[(idx % lb_common::MAGLEV_CHUNK) as usize]) {
+            out.reason = "maglev";
+            out.backend = be(id);
+            return Ok(out);
         }
     }
     out.reason = "fresh choice";

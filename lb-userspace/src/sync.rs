@@ -9,7 +9,8 @@
 //! One endpoint change touches O(1) entries: a removed backend's slot is refilled by a new one or
 //! by the last slot, so the other slots keep their backends.
 //!
-//! External frontends with two or more backends also get a Maglev table (see [`crate::maglev`]),
+//! North-south frontends (NodePort, LoadBalancer, external IP) with two or more backends also get
+//! a Maglev table (see [`crate::maglev`]),
 //! shared by every frontend with the same backend set. A changed set gets a new table, written
 //! in full before the master switches to it (one atomic write), and the old table is deleted
 //! after: a new flow sees either the old or the new table, never a mix.
@@ -106,6 +107,15 @@ pub struct Syncer<D: Dataplane> {
     table_ids: IdAllocator,
     /// Chunks found at adoption that no table explains.
     stray_maglev: Vec<MaglevKey>,
+    /// What was last applied per frontend: later syncs touch only frontends whose desired
+    /// state differs, so one endpoint change costs O(changed) work, not O(cluster).
+    applied: HashMap<FrontendKey, DesiredFrontend>,
+    /// Frontends per Service-port name (a name dies with its last frontend).
+    name_refs: HashMap<String, u32>,
+    /// Backends whose last reference went away in this sync.
+    maybe_unused: Vec<u32>,
+    /// The next sync compares everything (the first one after adoption).
+    full_pass: bool,
     /// Total map writes since start.
     pub total_writes: u64,
 }
@@ -158,6 +168,10 @@ impl<D: Dataplane> Syncer<D> {
             table_sets: HashMap::new(),
             table_ids: IdAllocator::with_used(snap.maglev.keys().map(|k| k.table_id)),
             stray_maglev: Vec::new(),
+            applied: HashMap::new(),
+            name_refs: HashMap::new(),
+            maybe_unused: Vec::new(),
+            full_pass: true,
             total_writes: 0,
         };
         // Service-port identities as the names map recorded them.
@@ -344,9 +358,22 @@ impl<D: Dataplane> Syncer<D> {
     /// Applies `desired`, returning how many map writes it took.
     pub fn sync(&mut self, desired: &Desired) -> Result<SyncStats> {
         let before = self.total_writes;
+        let full = self.full_pass;
+        // Frontends to (re)apply: all of them on a full pass, else those whose desired state
+        // changed since it was applied.
+        let changed: Vec<(&FrontendKey, &DesiredFrontend)> = if full {
+            desired.iter().collect()
+        } else {
+            desired.iter().filter(|(k, d)| self.applied.get(*k) != Some(*d)).collect()
+        };
+        let gone: Vec<FrontendKey> = if full || desired.len() != self.applied.len() || !changed.is_empty() {
+            self.frontends.keys().filter(|k| !desired.contains_key(k)).copied().collect()
+        } else {
+            Vec::new()
+        };
         // 1. backends (new or changed), before any slot can point at them.
         let mut wanted: HashMap<BackendKey, u8> = HashMap::new();
-        for d in desired.values() {
+        for (_, d) in &changed {
             for (k, flags) in &d.backends {
                 wanted.insert(*k, *flags);
             }
@@ -370,7 +397,7 @@ impl<D: Dataplane> Syncer<D> {
             }
         }
         // Service port ids: kept from the names map (adoption), else new, named before use.
-        for d in desired.values() {
+        for (_, d) in &changed {
             if self.svc_port_ids.contains_key(&d.service_port) {
                 continue;
             }
@@ -379,20 +406,36 @@ impl<D: Dataplane> Syncer<D> {
             self.svc_port_ids.insert(d.service_port.clone(), id);
         }
         // 2 + 3. frontends that are new or changed.
-        for (fe, d) in desired {
+        for (fe, d) in &changed {
             self.sync_frontend(fe, d)?;
         }
-        let live: BTreeSet<&String> = desired.values().map(|d| &d.service_port).collect();
-        let dead: Vec<String> = self.svc_port_ids.keys().filter(|k| !live.contains(k)).cloned().collect();
-        for k in dead {
+        // Service-port names: references follow the applied frontends.
+        let mut dead_names: Vec<String> = Vec::new();
+        for (fe, d) in &changed {
+            let old = self.applied.insert(**fe, (*d).clone());
+            if old.as_ref().map(|o| &o.service_port) != Some(&d.service_port) {
+                *self.name_refs.entry(d.service_port.clone()).or_default() += 1;
+                if let Some(o) = old {
+                    dead_names.extend(self.unref_name(&o.service_port));
+                }
+            }
+        }
+        for fe in &gone {
+            if let Some(o) = self.applied.remove(fe) {
+                dead_names.extend(self.unref_name(&o.service_port));
+            }
+        }
+        if full {
+            // Names found at adoption that nothing uses.
+            dead_names.extend(self.svc_port_ids.keys().filter(|k| !self.name_refs.contains_key(*k)).cloned());
+        }
+        for k in dead_names {
             if let Some(id) = self.svc_port_ids.remove(&k) {
                 self.write(|dp| dp.del_service_name(id))?;
                 self.svc_port_alloc.release(id);
             }
         }
         // 4. removals: frontends no longer desired, strays, then unreferenced entries.
-        let gone: Vec<FrontendKey> =
-            self.frontends.keys().filter(|k| !desired.contains_key(k)).copied().collect();
         for fe in gone {
             let p = self.frontends.remove(&fe).expect("listed above");
             self.write(|dp| dp.del_service(&service_key(&fe, 0)))?;
@@ -404,22 +447,24 @@ impl<D: Dataplane> Syncer<D> {
             self.unref_rev_nat(fe.addr)?;
             self.unref_table(p.maglev.0)?;
         }
-        let stray_members: Vec<MemberKey> = self
-            .members
-            .keys()
-            .filter(|m| {
-                let fe = FrontendKey {
-                    addr: sock_addr(m.frontend.addr_be, m.frontend.port_be),
-                    proto: m.frontend.proto,
-                    scope: m.frontend.scope,
-                };
-                !self.frontends.contains_key(&fe)
-            })
-            .copied()
-            .collect();
-        for m in stray_members {
-            self.write(|dp| dp.del_member(&m))?;
-            self.members.remove(&m);
+        if full {
+            let stray_members: Vec<MemberKey> = self
+                .members
+                .keys()
+                .filter(|m| {
+                    let fe = FrontendKey {
+                        addr: sock_addr(m.frontend.addr_be, m.frontend.port_be),
+                        proto: m.frontend.proto,
+                        scope: m.frontend.scope,
+                    };
+                    !self.frontends.contains_key(&fe)
+                })
+                .copied()
+                .collect();
+            for m in stray_members {
+                self.write(|dp| dp.del_member(&m))?;
+                self.members.remove(&m);
+            }
         }
         for k in std::mem::take(&mut self.stray_maglev) {
             self.write(|dp| dp.del_maglev(&k))?;
@@ -430,12 +475,27 @@ impl<D: Dataplane> Syncer<D> {
         for id in std::mem::take(&mut self.stray_rev_nat) {
             self.write(|dp| dp.del_rev_nat(id))?;
         }
-        let unused: Vec<(BackendKey, u32)> = self
-            .backends
-            .iter()
-            .filter(|(_, (id, _))| self.backend_refs.get(id).copied().unwrap_or(0) == 0)
-            .map(|(k, (id, _))| (*k, *id))
+        let candidates: Vec<u32> = if full {
+            self.backends.values().map(|(id, _)| *id).collect()
+        } else {
+            std::mem::take(&mut self.maybe_unused)
+        };
+        let by_id: HashMap<u32, BackendKey> = if candidates.is_empty() {
+            HashMap::new()
+        } else if full {
+            self.backends.iter().map(|(k, (id, _))| (*id, *k)).collect()
+        } else {
+            // Few candidates: find their keys without indexing every backend.
+            let want: BTreeSet<u32> = candidates.iter().copied().collect();
+            self.backends.iter().filter(|(_, (id, _))| want.contains(id)).map(|(k, (id, _))| (*id, *k)).collect()
+        };
+        let mut unused: Vec<(BackendKey, u32)> = candidates
+            .into_iter()
+            .filter(|id| self.backend_refs.get(id).copied().unwrap_or(0) == 0)
+            .filter_map(|id| by_id.get(&id).map(|k| (*k, id)))
             .collect();
+        unused.sort();
+        unused.dedup();
         for (k, id) in unused {
             self.write(|dp| dp.del_backend(id))?;
             self.backends.remove(&k);
@@ -445,7 +505,20 @@ impl<D: Dataplane> Syncer<D> {
         for id in std::mem::take(&mut self.stray_backends) {
             self.write(|dp| dp.del_backend(id))?;
         }
+        self.maybe_unused.clear();
+        self.full_pass = false;
         Ok(SyncStats { writes: self.total_writes - before })
+    }
+
+    /// Drops one reference to a Service-port name; returns it when that was the last.
+    fn unref_name(&mut self, name: &str) -> Option<String> {
+        let r = self.name_refs.get_mut(name)?;
+        *r -= 1;
+        if *r == 0 {
+            self.name_refs.remove(name);
+            return Some(name.to_string());
+        }
+        None
     }
 
     fn write(&mut self, op: impl FnOnce(&mut D) -> Result<()>) -> Result<()> {
@@ -456,6 +529,9 @@ impl<D: Dataplane> Syncer<D> {
     fn unref_backend(&mut self, id: u32) {
         if let Some(r) = self.backend_refs.get_mut(&id) {
             *r = r.saturating_sub(1);
+            if *r == 0 {
+                self.maybe_unused.push(id);
+            }
         }
     }
 
@@ -491,7 +567,7 @@ impl<D: Dataplane> Syncer<D> {
         self.sync_members(fe, &slots, true)?;
         // The Maglev table, complete before the master points at it.
         let old_table = old.as_ref().map_or((0, 0), |p| p.maglev);
-        let maglev = if fe.scope == scope::EXTERNAL && slots.len() >= 2 {
+        let maglev = if wants_table(fe, d, slots.len()) {
             let mut set: Vec<BackendKey> = d.backends.iter().map(|(k, _)| *k).collect();
             set.sort();
             set.dedup();
@@ -591,6 +667,15 @@ impl<D: Dataplane> Syncer<D> {
         self.rev_nat.insert(addr, (id, 1));
         Ok(id)
     }
+}
+
+/// Whether a frontend gets a Maglev table: north-south frontends an external load balancer or
+/// router may spread over nodes (NodePorts, LoadBalancer IPs, external IPs) with two or more
+/// backends. ClusterIPs reached from outside the node keep the uniform random choice, which
+/// saves a table per ClusterIP.
+fn wants_table(fe: &FrontendKey, d: &DesiredFrontend, backends: usize) -> bool {
+    use lb_common::service_flags::{EXTERNAL_IP, LOAD_BALANCER, NODE_PORT};
+    fe.scope == scope::EXTERNAL && backends >= 2 && d.flags & (NODE_PORT | LOAD_BALANCER | EXTERNAL_IP) != 0
 }
 
 /// The new slot array: backends that stay keep their slot; a freed slot takes a new backend, or
@@ -851,8 +936,14 @@ mod tests {
         assert_eq!(s.sync(&d).unwrap().writes, 4);
     }
 
+    /// The same Services as LoadBalancer frontends on the XDP path.
     fn external(d: &Desired) -> Desired {
-        d.iter().map(|(k, v)| (FrontendKey { scope: scope::EXTERNAL, ..*k }, v.clone())).collect()
+        d.iter()
+            .map(|(k, v)| {
+                let v = DesiredFrontend { flags: lb_common::service_flags::LOAD_BALANCER, ..v.clone() };
+                (FrontendKey { scope: scope::EXTERNAL, ..*k }, v)
+            })
+            .collect()
     }
 
     /// For every visible external master: its Maglev table is complete and names only backends
@@ -865,7 +956,7 @@ mod tests {
     /// the frontend, as long as it exists; new flows are then sent where they were a moment ago.
     fn check_tables_with(st: &Snapshot, strict: bool) {
         for (k, v) in st.services.iter().filter(|(k, _)| k.slot == 0 && k.scope == scope::EXTERNAL) {
-            if v.count < 2 {
+            if v.count < 2 || v.flags & lb_common::service_flags::CLUSTER_IP != 0 {
                 assert_eq!(v.maglev_id, 0);
                 continue;
             }
@@ -922,6 +1013,12 @@ mod tests {
         assert!(third.sync(&d).unwrap().writes > 0);
         check_tables(&third.dataplane().state);
         assert_eq!(third.dataplane().state.maglev.len(), 12);
+        // A ClusterIP reached from outside gets no table.
+        let mut cip = external(&desired(1, 5));
+        cip.values_mut().for_each(|v| v.flags = lb_common::service_flags::CLUSTER_IP);
+        let mut fresh = Syncer::adopt(FakeDataplane::default()).unwrap();
+        fresh.sync(&cip).unwrap();
+        assert!(fresh.dataplane().state.maglev.is_empty());
         // Everything removed: no chunk left.
         third.sync(&Desired::new()).unwrap();
         assert!(third.dataplane().state.maglev.is_empty());
@@ -961,5 +1058,75 @@ mod tests {
         let mut stepped = Syncer::adopt(Stepper { inner: FakeDataplane { state, log: vec![] } }).unwrap();
         stepped.sync(&d).unwrap();
         check_tables(&stepped.dataplane().inner.state);
+    }
+
+    /// Incremental syncs (only changed frontends are looked at) end in the same state as one
+    /// full sync of the final desired state, over a long random sequence of changes.
+    #[test]
+    fn incremental_syncs_match_a_full_sync() {
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u32| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % n as u64) as u32
+        };
+        let mut d = external(&desired(30, 4));
+        let mut s = Syncer::adopt(FakeDataplane::default()).unwrap();
+        s.sync(&d).unwrap();
+        for step in 0..400 {
+            let keys: Vec<FrontendKey> = d.keys().copied().collect();
+            match next(6) {
+                0 if !keys.is_empty() => {
+                    d.remove(&keys[next(keys.len() as u32) as usize]);
+                }
+                1 => {
+                    let f = FrontendKey { scope: scope::EXTERNAL, ..fe(1000 + next(50)) };
+                    let backends = (0..next(5)).map(|_| (be(next(200)), 0)).collect();
+                    d.insert(f, DesiredFrontend { service_port: format!("ns/x{}:p/TCP", next(8)), flags: lb_common::service_flags::LOAD_BALANCER, affinity_timeout_s: 0, backends });
+                }
+                2 if !keys.is_empty() => {
+                    let v = d.get_mut(&keys[next(keys.len() as u32) as usize]).unwrap();
+                    v.backends.push((be(next(200)), next(2) as u8));
+                    v.backends.dedup_by_key(|b| b.0);
+                }
+                3 if !keys.is_empty() => {
+                    let v = d.get_mut(&keys[next(keys.len() as u32) as usize]).unwrap();
+                    if !v.backends.is_empty() {
+                        v.backends.remove(next(v.backends.len() as u32) as usize);
+                    }
+                }
+                4 if !keys.is_empty() => {
+                    d.get_mut(&keys[next(keys.len() as u32) as usize]).unwrap().service_port = format!("ns/y{}:p/TCP", next(5));
+                }
+                _ => {}
+            }
+            // Backend flags follow the endpoint, whatever frontend lists it.
+            let mut flags: BTreeMap<BackendKey, u8> = BTreeMap::new();
+            for v in d.values() {
+                for (k, f) in &v.backends {
+                    flags.entry(*k).or_insert(*f);
+                }
+            }
+            for v in d.values_mut() {
+                for b in v.backends.iter_mut() {
+                    b.1 = flags[&b.0];
+                }
+                let mut seen = BTreeSet::new();
+                v.backends.retain(|b| seen.insert(b.0));
+            }
+            s.sync(&d).unwrap();
+            let mut fresh = Syncer::adopt(FakeDataplane::default()).unwrap();
+            fresh.sync(&d).unwrap();
+            let (a, b) = (&s.dataplane().state, &fresh.dataplane().state);
+            assert_eq!(resolved(a), resolved(b), "step {step}");
+            let names = |st: &Snapshot| st.service_names.values().cloned().collect::<BTreeSet<_>>();
+            assert_eq!(names(a), names(b), "step {step}");
+            assert_eq!(a.backends.len(), b.backends.len(), "step {step}: leftover backends");
+            assert_eq!(a.members.len(), b.members.len(), "step {step}");
+            assert_eq!(a.rev_nat.len(), b.rev_nat.len(), "step {step}");
+            assert_eq!(a.maglev.len(), b.maglev.len(), "step {step}");
+            check_tables(a);
+        }
     }
 }

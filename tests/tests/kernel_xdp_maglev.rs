@@ -109,6 +109,14 @@ fn kernel_maglev_nodes_choose_alike_and_a_removal_moves_few_flows() {
     let differ = on_a.iter().zip(&on_b).filter(|(x, y)| x != y).count();
     assert_eq!(differ, 0, "two nodes chose differently for {differ} of {FLOWS} flows");
 
+    // lbctl's lookup predicts the table's choice for flows not seen yet.
+    for i in 100_000..100_050u32 {
+        let (addr, port) = client(i);
+        let l = lb_userspace::inspect::lookup(a.pin_dir(), sa(LB_IP, 80), TCP, Ipv4Addr::from(addr), Some(port)).unwrap();
+        assert_eq!(l.reason, "maglev");
+        assert_eq!(l.backend, Some(choose(&a, i).to_string()));
+    }
+
     // Spread: each backend gets its share (300 expected) within a wide margin.
     let mut per: BTreeMap<SocketAddrV4, u32> = BTreeMap::new();
     for d in &on_a {

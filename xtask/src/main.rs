@@ -1,5 +1,6 @@
 //! `cargo xtask <setup|test|demo|bench>` — it only runs things.
 
+mod bench;
 mod setup;
 mod test;
 mod util;
@@ -16,7 +17,10 @@ commands:
                         many ran on the kernel (kernel_*/lab_*); with CI=true, zero kernel tests
                         is a failure
   demo [-- ARGS]        build everything and run lb-demo (the reference lab with real traffic)
-  bench                 not implemented yet (issue 7)
+  bench [-- ARGS]       build release binaries and run lb-bench: TestRun per-packet costs, lab
+                        requests/s and packets/s against kube-proxy's iptables/nftables rules,
+                        control plane against iptables-restore, memory; writes bench/results.json,
+                        bench/results.md, bench/chart.svg (ARGS: --quick, --out DIR, --skip-lab)
 
 test and demo run setup first when something is missing.";
 
@@ -74,10 +78,7 @@ fn dispatch(args: &[String]) -> Result<i32> {
         }
         "test" => test::test(rest(args)),
         "demo" => demo(rest(args)),
-        "bench" => {
-            eprintln!("not implemented yet: see issue 7");
-            Ok(2)
-        }
+        "bench" => bench::bench(rest(args)),
         other => {
             eprintln!("xtask: unknown command `{other}`\n\n{USAGE}");
             Ok(2)
@@ -135,9 +136,9 @@ mod tests {
     }
 
     #[test]
-    fn bench_is_a_placeholder() {
-        assert_eq!(dispatch(&s(&["bench"])).unwrap(), 2);
+    fn unknown_commands_and_help() {
         assert_eq!(dispatch(&s(&["nope"])).unwrap(), 2);
         assert_eq!(dispatch(&s(&["--help"])).unwrap(), 0);
+        assert!(USAGE.contains("bench [-- ARGS]"));
     }
 }

@@ -4,3 +4,6 @@
 pub mod gen;
 pub mod kubeproxy;
 pub mod labbench;
+pub mod testrun;
+pub mod control;
+pub mod report;

@@ -1,0 +1,350 @@
+//! Control plane and memory: programming N Services of E endpoints into real BPF maps (loaded
+//! into a private pin directory), applying one endpoint change, the kernel's memory for each
+//! map, and the agent's resident memory when it runs with those Services.
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use lb_userspace::{harness::XdpHarness, model, plan, source::Objects};
+use serde::Serialize;
+
+use super::gen;
+
+const NODE: &str = "bench-node";
+
+/// The benchmark cluster: a Node, `n - 1` ClusterIP fillers and one NodePort Service, each with
+/// `e` endpoints on another node.
+pub fn cluster_manifests(n: usize, e: usize) -> String {
+    let mut services = gen::filler(n.saturating_sub(1), e, "other-node");
+    let mut web = gen::filler(1, e, "other-node").remove(0);
+    web.name = "web".into();
+    web.cluster_ip = "10.96.0.80".parse().expect("address");
+    web.node_port = Some(30080);
+    web.endpoints = (0..e).map(|i| (format!("10.251.0.{}", i + 1).parse().expect("address"), "other-node".to_string())).collect();
+    services.push(web);
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\nstatus:\n  addresses: [{{type: InternalIP, address: 192.168.100.1}}]\n{}",
+        gen::to_manifests(&services)
+    )
+}
+
+fn objects(text: &str) -> Result<Objects> {
+    let mut o = Objects::default();
+    lb_userspace::source::parse_into(Path::new("bench.yaml"), text, &mut o)?;
+    Ok(o)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Change {
+    pub what: &'static str,
+    /// Model + plan + sync, as the agent runs it per generation (median).
+    pub cycle_ms: f64,
+    /// The sync alone: diff and map writes (median).
+    pub sync_ms: f64,
+    /// Map writes (the same every repetition).
+    pub writes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MapMemory {
+    pub map: String,
+    pub entries: u64,
+    pub capacity: u64,
+    /// The kernel's own figure (`memlock` in /proc/self/fdinfo).
+    pub kernel_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ControlBench {
+    pub services: usize,
+    pub endpoints_per_service: usize,
+    /// Parse the manifests (the manifests source only; the Kubernetes source gets objects).
+    pub parse_ms: f64,
+    /// Model + plan + sync from empty maps.
+    pub program_from_scratch_ms: f64,
+    pub program_from_scratch_writes: u64,
+    pub changes: Vec<Change>,
+    /// Target: one endpoint change in under 5 ms with a number of writes that does not grow with
+    /// the cluster.
+    pub endpoint_change_target_ms: f64,
+    pub maps: Vec<MapMemory>,
+    /// Kernel memory of every map together.
+    pub maps_total_bytes: u64,
+    /// Marginal bytes one more ClusterIP Service and one more backend take, from the entries
+    /// they add and each map's bytes per entry.
+    pub bytes_per_service: f64,
+    pub bytes_per_backend: f64,
+    /// A NodePort/LoadBalancer Service's Maglev table, extra (bytes per table of M entries).
+    pub bytes_per_maglev_table: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// One generation as the agent runs it; returns (cycle, sync, writes).
+fn cycle(h: &mut XdpHarness, o: &Objects) -> Result<(Duration, Duration, u64)> {
+    let t = Instant::now();
+    let m = model::build(o, NODE);
+    if !m.rejected.is_empty() {
+        bail!("benchmark objects rejected: {:?}", m.rejected.first());
+    }
+    let p = plan::plan(&m, NODE);
+    let d = plan::desired(&p);
+    let s = Instant::now();
+    let writes = h.program(&d)?;
+    Ok((t.elapsed(), s.elapsed(), writes))
+}
+
+/// Replaces endpoint `which` of the slice of Service `name` with `addr`.
+fn replace_endpoint(o: &mut Objects, name: &str, which: usize, addr: &str) {
+    let s = o
+        .endpoint_slices
+        .iter_mut()
+        .find(|s| s.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")).map(String::as_str) == Some(name))
+        .expect("slice of the Service");
+    s.endpoints.as_mut().expect("endpoints")[which].addresses = vec![addr.to_string()];
+}
+
+pub fn control_bench(n: usize, e: usize, repeats: usize) -> Result<ControlBench> {
+    let text = cluster_manifests(n, e);
+    let t = Instant::now();
+    let mut o = objects(&text)?;
+    let parse_ms = ms(t.elapsed());
+    let mut h = XdpHarness::with_map_sizes(&[])?;
+    let empty = map_memory(h.pin_dir())?;
+    h.set_config(&lb_common::Config { node_addr_be: u32::from_ne_bytes([192, 168, 100, 1]), snat_port_min: 32768, snat_port_max: 60999, ready: 1, _pad: 0 })?;
+    let (full, _, full_writes) = cycle(&mut h, &o)?;
+
+    let mut changes = Vec::new();
+    for (what, svc) in [
+        ("one endpoint of a ClusterIP Service replaced", format!("fill-{}", n / 2)),
+        ("one endpoint of a NodePort Service replaced (its Maglev table is rewritten)", "web".to_string()),
+    ] {
+        let (mut cycles, mut syncs, mut writes) = (Vec::new(), Vec::new(), 0);
+        for r in 0..repeats {
+            replace_endpoint(&mut o, &svc, 3, &format!("10.252.{}.{}", r / 200, r % 200 + 1));
+            let (c, s, w) = cycle(&mut h, &o)?;
+            cycles.push(ms(c));
+            syncs.push(ms(s));
+            writes = w;
+        }
+        changes.push(Change { what, cycle_ms: median(cycles), sync_ms: median(syncs), writes });
+    }
+    // Add and remove one endpoint too.
+    {
+        let (mut cycles, mut syncs, mut writes) = (Vec::new(), Vec::new(), 0);
+        let svc = format!("fill-{}", n / 3);
+        for r in 0..repeats {
+            let s = o
+                .endpoint_slices
+                .iter_mut()
+                .find(|s| s.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")) == Some(&svc))
+                .expect("slice");
+            if r % 2 == 0 {
+                let eps = s.endpoints.as_mut().expect("endpoints");
+                let mut extra = eps[0].clone();
+                extra.addresses = vec!["10.253.0.1".into()];
+                eps.push(extra);
+            } else {
+                s.endpoints.as_mut().expect("endpoints").pop();
+            }
+            let (c, sy, w) = cycle(&mut h, &o)?;
+            cycles.push(ms(c));
+            syncs.push(ms(sy));
+            writes = writes.max(w);
+        }
+        changes.push(Change { what: "one endpoint of a ClusterIP Service added or removed (most writes of either)", cycle_ms: median(cycles), sync_ms: median(syncs), writes });
+    }
+
+    let maps = map_memory(h.pin_dir())?;
+    let total: u64 = maps.iter().map(|m| m.kernel_bytes).sum();
+    let per_entry = |name: &str| -> f64 {
+        maps.iter().find(|m| m.map == name).map_or(0.0, |m| m.kernel_bytes as f64 / m.capacity.max(1) as f64)
+    };
+    use lb_common::map_name as mn;
+    // A ClusterIP Service port: one frontend (a master entry), one rev-NAT entry, one name; each
+    // backend: a slot, a membership entry and its backend entry.
+    let bytes_per_service = per_entry(mn::SERVICES) + per_entry(mn::REV_NAT) + per_entry(mn::SERVICE_NAMES);
+    let bytes_per_backend = per_entry(mn::SERVICES) + per_entry(mn::MEMBERS) + per_entry(mn::BACKENDS);
+    // The Maglev map allocates chunks on use: its growth over the empty map, per chunk, times
+    // the chunks of a table for E backends.
+    let maglev = maps.iter().find(|m| m.map == mn::MAGLEV).expect("maglev map");
+    let maglev_empty = empty.iter().find(|m| m.map == mn::MAGLEV).expect("maglev map");
+    let per_chunk = if maglev.entries > 0 {
+        maglev.kernel_bytes.saturating_sub(maglev_empty.kernel_bytes) as f64 / maglev.entries as f64
+    } else {
+        0.0
+    };
+    let chunks = lb_userspace::maglev::table_size(e).div_ceil(lb_common::MAGLEV_CHUNK);
+    let bytes_per_maglev_table = per_chunk * chunks as f64;
+    Ok(ControlBench {
+        services: n,
+        endpoints_per_service: e,
+        parse_ms,
+        program_from_scratch_ms: ms(full),
+        program_from_scratch_writes: full_writes,
+        changes,
+        endpoint_change_target_ms: 5.0,
+        maps,
+        maps_total_bytes: total,
+        bytes_per_service,
+        bytes_per_backend,
+        bytes_per_maglev_table,
+    })
+}
+
+/// Entries, capacity and kernel bytes of every map pinned in `dir`.
+pub fn map_memory(dir: &Path) -> Result<Vec<MapMemory>> {
+    let mut out = Vec::new();
+    let mut names: Vec<String> = std::fs::read_dir(dir)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    for name in names {
+        let path = dir.join(&name);
+        if path.is_dir() {
+            continue;
+        }
+        let data = aya::maps::MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
+        use std::os::fd::{AsFd, AsRawFd};
+        let fd = data.fd().as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+        let field = |k: &str| -> u64 {
+            info.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+        };
+        let (capacity, kernel_bytes) = (field("max_entries:"), field("memlock:"));
+        let entries = count_keys(&data)?;
+        out.push(MapMemory { map: name, entries, capacity, kernel_bytes });
+    }
+    Ok(out)
+}
+
+/// Number of keys (walks the keys with BPF_MAP_GET_NEXT_KEY, whatever the key size).
+fn count_keys(data: &aya::maps::MapData) -> Result<u64> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let info = data.info()?;
+    if matches!(info.map_type(), Ok(aya::maps::MapType::Array | aya::maps::MapType::PerCpuArray)) {
+        return Ok(info.max_entries() as u64);
+    }
+    let ks = info.key_size() as usize;
+    let fd = data.fd().as_fd().as_raw_fd();
+    let (mut key, mut next) = (vec![0u8; ks], vec![0u8; ks]);
+    let mut n = 0u64;
+    let mut first = true;
+    loop {
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&(fd as u32).to_ne_bytes());
+        let kp = if first { 0u64 } else { key.as_ptr() as u64 };
+        attr[8..16].copy_from_slice(&kp.to_ne_bytes());
+        attr[16..24].copy_from_slice(&(next.as_mut_ptr() as u64).to_ne_bytes());
+        // SAFETY: BPF_MAP_GET_NEXT_KEY (4) with valid key/next buffers of the map's key size.
+        let r = unsafe { libc::syscall(libc::SYS_bpf, 4, attr.as_mut_ptr(), attr.len() as u32) };
+        if r != 0 {
+            break;
+        }
+        n += 1;
+        first = false;
+        std::mem::swap(&mut key, &mut next);
+    }
+    Ok(n)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentMemory {
+    pub services: usize,
+    pub endpoints_per_service: usize,
+    pub rss_kib: u64,
+    pub peak_rss_kib: u64,
+    /// From start to the first sync's log line.
+    pub first_sync_s: f64,
+    /// The agent's own report of that sync (frontends, writes, time).
+    pub first_sync_line: String,
+}
+
+/// Runs `lb-agent` (at `agent_bin`) in a private network namespace with a veth device, a cgroup
+/// and a pin directory of its own, on `n` Services of `e` endpoints; reads its memory after the
+/// first sync, then stops and uninstalls it.
+pub fn agent_memory(agent_bin: &Path, n: usize, e: usize) -> Result<AgentMemory> {
+    let tag = format!("lbbenchagent{}", std::process::id());
+    let tmp = std::env::temp_dir().join(&tag);
+    std::fs::create_dir_all(&tmp)?;
+    let manifests = tmp.join("cluster.yaml");
+    std::fs::write(&manifests, cluster_manifests(n, e))?;
+    let cg_root = lb_userspace::harness::mount_point("cgroup2").context("no cgroup2 mount")?;
+    let cgroup = cg_root.join(&tag);
+    std::fs::create_dir_all(&cgroup)?;
+    let bpffs = lb_userspace::harness::mount_point("bpf").context("no bpf filesystem")?.join(&tag);
+    let _ = crate::netns::run("ip", &["netns", "del", &tag]);
+    crate::netns::run("ip", &["netns", "add", &tag])?;
+    let cleanup = |child: Option<&mut std::process::Child>| {
+        if let Some(c) = child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::process::Command::new(agent_bin).args(["uninstall", "--bpffs"]).arg(&bpffs).output();
+        let _ = crate::netns::run("ip", &["netns", "del", &tag]);
+        let _ = std::fs::remove_dir(&cgroup);
+        let _ = std::fs::remove_dir_all(&tmp);
+    };
+    let result = (|| -> Result<AgentMemory> {
+        crate::netns::ip(&tag, &["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"])?;
+        crate::netns::ip(&tag, &["link", "set", "eth0", "up"])?;
+        crate::netns::ip(&tag, &["link", "set", "eth1", "up"])?;
+        crate::netns::ip(&tag, &["addr", "add", "192.168.100.1/24", "dev", "eth0"])?;
+        let start = Instant::now();
+        let mut cmd = crate::netns::command_in(&tag, None, agent_bin);
+        cmd.args(["run", "--node", NODE, "--manifests"])
+            .arg(&manifests)
+            .arg("--cgroup")
+            .arg(&cgroup)
+            .arg("--bpffs")
+            .arg(&bpffs)
+            .args(["--device", "eth0", "--poll-interval-ms", "200"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().context("starting lb-agent")?;
+        let stderr = child.stderr.take().expect("piped");
+        let mut line_found = None;
+        for line in BufReader::new(stderr).lines() {
+            let line = line?;
+            if line.contains("sync generation 1:") {
+                line_found = Some(line);
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(300) {
+                break;
+            }
+        }
+        let first_sync_s = start.elapsed().as_secs_f64();
+        let Some(first_sync_line) = line_found else {
+            cleanup(Some(&mut child));
+            bail!("lb-agent did not report its first sync");
+        };
+        std::thread::sleep(Duration::from_millis(500));
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
+        let kib = |k: &str| -> u64 {
+            status.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+        };
+        let (rss_kib, peak_rss_kib) = (kib("VmRSS:"), kib("VmHWM:"));
+        cleanup(Some(&mut child));
+        let first_sync_line = first_sync_line.split("sync generation 1:").nth(1).unwrap_or("").trim().to_string();
+        Ok(AgentMemory { services: n, endpoints_per_service: e, rss_kib, peak_rss_kib, first_sync_s, first_sync_line })
+    })();
+    if result.is_err() {
+        cleanup(None);
+    }
+    result
+}
+
+/// Map memory rows keyed by name (for the report).
+pub fn by_name(maps: &[MapMemory]) -> BTreeMap<&str, &MapMemory> {
+    maps.iter().map(|m| (m.map.as_str(), m)).collect()
+}

@@ -1,0 +1,309 @@
+//! The benchmark report: bench/results.json (everything measured), bench/results.md (tables,
+//! targets met or missed) and bench/chart.svg.
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use super::{
+    control::{AgentMemory, ControlBench},
+    kubeproxy::RestoreBench,
+    labbench::LabPoint,
+    testrun::TestRunBench,
+};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub kernel: String,
+    pub cpu: String,
+    pub cpus: usize,
+    pub memory_gib: f64,
+    pub date: String,
+}
+
+impl Machine {
+    pub fn read() -> Self {
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()).unwrap_or_default();
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let kib: f64 = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0.0);
+        let date = std::process::Command::new("date").arg("-u").arg("+%Y-%m-%dT%H:%M:%SZ").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+        Self { kernel, cpu, cpus, memory_gib: (kib / 1048576.0 * 10.0).round() / 10.0, date }
+    }
+}
+
+/// Every part; a part that could not run carries its error instead.
+#[derive(Debug, Clone, Serialize)]
+pub struct Results {
+    pub machine: Machine,
+    pub quick: bool,
+    pub testrun: Result<TestRunBench, String>,
+    pub lab: Result<Vec<LabPoint>, String>,
+    pub control: Result<ControlBench, String>,
+    pub kube_proxy_restore: Result<RestoreBench, String>,
+    pub agent_memory: Result<AgentMemory, String>,
+}
+
+fn f1(x: f64) -> String {
+    format!("{x:.1}")
+}
+
+fn thousands(x: f64) -> String {
+    let s = format!("{:.0}", x);
+    let (sign, digits) = s.strip_prefix('-').map_or(("", s.as_str()), |d| ("-", d));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    format!("{sign}{out}")
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok { "met" } else { "**not met**" }
+}
+
+/// The lab point for a mode and Service count.
+fn point<'a>(lab: &'a [LabPoint], mode: &str, services: usize) -> Option<&'a LabPoint> {
+    lab.iter().find(|p| p.mode == mode && p.services == services)
+}
+
+pub fn markdown(r: &Results) -> String {
+    let mut md = String::new();
+    let m = &r.machine;
+    let _ = writeln!(md, "# Benchmark results\n");
+    let _ = writeln!(
+        md,
+        "Machine: {} ({} CPUs), {} GiB, kernel {}; {}{}.\n",
+        m.cpu,
+        m.cpus,
+        m.memory_gib,
+        m.kernel,
+        m.date,
+        if r.quick { "; **quick run** (fewer repeats and Services: a smoke run, not the figures to quote)" } else { "" }
+    );
+    let _ = writeln!(md, "## Targets\n");
+    let _ = writeln!(md, "| Target | Measured | |\n|---|---|---|");
+    if let Ok(t) = &r.testrun {
+        let est = t.paths.iter().find(|p| p.path == "established");
+        if let Some(e) = est {
+            let _ = writeln!(md, "| established flow ≤ 2.5 × floor | {} ns = {:.1} × {} ns | {} |", f1(e.ns_per_packet), e.ratio_to_floor, f1(t.floor_ns), met(t.established_ratio_met));
+        }
+    }
+    if let Ok(lab) = &r.lab {
+        let max = lab.iter().map(|p| p.services).max().unwrap_or(0);
+        if let (Some(x), Some(i)) = (point(lab, "xdp", max), point(lab, "iptables", max)) {
+            let ratio = if i.rps > 0.0 { x.rps / i.rps } else { f64::INFINITY };
+            let _ = writeln!(md, "| ≥ 2 × iptables requests/s at {} Services | {} vs {} = {:.2} × | {} |", thousands(max as f64), thousands(x.rps), thousands(i.rps), ratio, met(ratio >= 2.0));
+        }
+    }
+    if let Ok(c) = &r.control {
+        for ch in &c.changes {
+            let _ = writeln!(
+                md,
+                "| endpoint change < 5 ms, constant writes ({}) | map update {} ms, {} writes; whole agent cycle {} ms | {} |",
+                ch.what,
+                ch.sync_ms,
+                ch.writes,
+                ch.cycle_ms,
+                if ch.sync_ms < 5.0 && ch.cycle_ms < 5.0 { "met" } else if ch.sync_ms < 5.0 { "map update met, **whole cycle not met**" } else { "**not met**" }
+            );
+        }
+    }
+    let _ = writeln!(md);
+
+    let _ = writeln!(md, "## Per packet (BPF_PROG_TEST_RUN)\n");
+    match &r.testrun {
+        Ok(t) => {
+            let _ = writeln!(
+                md,
+                "{} repeats per run, median of {} runs; the frame-restore wrapper's own cost ({} ns, {} ns with a fresh source address) is subtracted.\n",
+                thousands(t.repeats as f64),
+                t.runs,
+                f1(t.restore_ns),
+                f1(t.restore_new_source_ns)
+            );
+            let _ = writeln!(md, "| Path | ns/packet | × floor | verdict | what |\n|---|---:|---:|---|---|");
+            for p in &t.paths {
+                let _ = writeln!(md, "| {} | {} | {:.1} | {} | {} |", p.path, f1(p.ns_per_packet), p.ratio_to_floor, p.verdict, p.what);
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(md, "Not measured: {e}");
+        }
+    }
+    let _ = writeln!(md, "\n## Through the lab: NodePort, XDP against kube-proxy's rules\n");
+    match &r.lab {
+        Ok(lab) => {
+            let _ = writeln!(md, "| Services | mode | requests/s (new TCP connection each) | UDP packets/s | errors |\n|---:|---|---:|---:|---:|");
+            for p in lab {
+                let _ = writeln!(md, "| {} | {} | {} | {} | {} |", thousands(p.services as f64), p.mode, thousands(p.rps), thousands(p.pps), p.errors);
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(md, "Not measured: {e}");
+        }
+    }
+    let _ = writeln!(md, "\n## Control plane\n");
+    match &r.control {
+        Ok(c) => {
+            let _ = writeln!(
+                md,
+                "{} Services × {} endpoints into real maps: parse {} ms, program from scratch {} ms ({} map writes).\n",
+                thousands(c.services as f64),
+                c.endpoints_per_service,
+                c.parse_ms,
+                c.program_from_scratch_ms,
+                thousands(c.program_from_scratch_writes as f64)
+            );
+            let _ = writeln!(md, "| Change | map update ms | writes | whole cycle ms (model + plan + update) |\n|---|---:|---:|---:|");
+            for ch in &c.changes {
+                let _ = writeln!(md, "| {} | {} | {} | {} |", ch.what, ch.sync_ms, ch.writes, ch.cycle_ms);
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(md, "Not measured: {e}");
+        }
+    }
+    match &r.kube_proxy_restore {
+        Ok(k) => {
+            let _ = writeln!(md, "\nkube-proxy's rules for the same Services ({}; {}):\n", k.iptables_version, k.nft_version);
+            let _ = writeln!(md, "| | full ms | lines | one change ms | lines |\n|---|---:|---:|---:|---:|");
+            let _ = writeln!(md, "| iptables-restore | {} | {} | {} | {} |", f1(k.iptables_full_ms), thousands(k.iptables_full_lines as f64), f1(k.iptables_partial_ms), thousands(k.iptables_partial_lines as f64));
+            let _ = writeln!(md, "| nft -f | {} | {} | {} | {} |", f1(k.nft_full_ms), thousands(k.nft_full_lines as f64), f1(k.nft_partial_ms), thousands(k.nft_partial_lines as f64));
+            let _ = writeln!(md, "\nThe change: {}", k.change);
+        }
+        Err(e) => {
+            let _ = writeln!(md, "\nkube-proxy rules not measured: {e}");
+        }
+    }
+    let _ = writeln!(md, "\n## Memory\n");
+    if let Ok(c) = &r.control {
+        let _ = writeln!(
+            md,
+            "Per ClusterIP Service port: {} bytes; per backend: {} bytes; a NodePort/LoadBalancer Service's Maglev table adds {} bytes (M = {} for {} backends). All maps together: {} MiB, most of it preallocated whatever the cluster's size.\n",
+            thousands(c.bytes_per_service),
+            thousands(c.bytes_per_backend),
+            thousands(c.bytes_per_maglev_table),
+            thousands(lb_userspace::maglev::table_size(c.endpoints_per_service) as f64),
+            c.endpoints_per_service,
+            f1(c.maps_total_bytes as f64 / 1048576.0)
+        );
+        let _ = writeln!(md, "| map | entries | capacity | kernel bytes |\n|---|---:|---:|---:|");
+        for mm in &c.maps {
+            let _ = writeln!(md, "| {} | {} | {} | {} |", mm.map, thousands(mm.entries as f64), thousands(mm.capacity as f64), thousands(mm.kernel_bytes as f64));
+        }
+    }
+    match &r.agent_memory {
+        Ok(a) => {
+            let _ = writeln!(
+                md,
+                "\nlb-agent with {} Services × {} endpoints: resident {} MiB (peak {} MiB); first sync after {:.1} s ({}).",
+                thousands(a.services as f64),
+                a.endpoints_per_service,
+                f1(a.rss_kib as f64 / 1024.0),
+                f1(a.peak_rss_kib as f64 / 1024.0),
+                a.first_sync_s,
+                a.first_sync_line
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(md, "\nAgent memory not measured: {e}");
+        }
+    }
+    md
+}
+
+/// A horizontal bar chart per section, as SVG.
+pub fn svg(r: &Results) -> String {
+    let mut rows: Vec<(String, Vec<(String, f64, &'static str)>)> = Vec::new();
+    if let Ok(t) = &r.testrun {
+        rows.push((
+            "ns per packet (BPF_PROG_TEST_RUN)".into(),
+            t.paths.iter().map(|p| (format!("{} ({:.1}×)", p.path, p.ratio_to_floor), p.ns_per_packet, if p.path == "floor" { "#888" } else { "#2a7" })).collect(),
+        ));
+    }
+    if let Ok(lab) = &r.lab {
+        let mut counts: Vec<usize> = lab.iter().map(|p| p.services).collect();
+        counts.sort();
+        counts.dedup();
+        for n in counts {
+            let bars = ["xdp", "iptables", "nftables"]
+                .iter()
+                .filter_map(|m| point(lab, m, n).map(|p| (m.to_string(), p.rps, if *m == "xdp" { "#2a7" } else if *m == "iptables" { "#c54" } else { "#d93" })))
+                .collect();
+            rows.push((format!("NodePort requests/s, {} Services", thousands(n as f64)), bars));
+        }
+    }
+    if let (Ok(c), Ok(k)) = (&r.control, &r.kube_proxy_restore) {
+        let ours = c.changes.first().map_or(0.0, |ch| ch.sync_ms);
+        let cycle = c.changes.first().map_or(0.0, |ch| ch.cycle_ms);
+        rows.push((
+            format!("one endpoint change, ms ({} Services)", thousands(c.services as f64)),
+            vec![
+                ("map update (ours)".into(), ours, "#2a7"),
+                ("agent cycle (ours)".into(), cycle, "#6b9"),
+                ("iptables-restore".into(), k.iptables_partial_ms, "#c54"),
+                ("nft -f".into(), k.nft_partial_ms, "#d93"),
+            ],
+        ));
+    }
+    let (w, label_w, bar_w, row_h) = (900.0, 260.0, 520.0, 22.0);
+    let height: f64 = rows.iter().map(|(_, b)| 34.0 + b.len() as f64 * row_h).sum::<f64>() + 20.0;
+    let mut s = String::new();
+    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" font-family="sans-serif" font-size="13">"#);
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let mut y = 10.0;
+    for (title, bars) in &rows {
+        let _ = writeln!(s, r#"<text x="10" y="{}" font-weight="bold">{}</text>"#, y + 16.0, esc(title));
+        y += 28.0;
+        let max = bars.iter().map(|b| b.1).fold(0.0f64, f64::max).max(1e-9);
+        for (label, v, color) in bars {
+            let len = (v / max * bar_w).max(1.0);
+            let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#, label_w - 8.0, y + 14.0, esc(label));
+            let _ = writeln!(s, r#"<rect x="{label_w}" y="{y}" width="{len:.1}" height="{}" fill="{color}"/>"#, row_h - 6.0);
+            let _ = writeln!(s, r#"<text x="{:.1}" y="{}">{}</text>"#, label_w + len + 6.0, y + 14.0, if *v >= 100.0 { thousands(*v) } else { format!("{v:.1}") });
+            y += row_h;
+        }
+        y += 6.0;
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn esc(t: &str) -> String {
+    t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_grouped() {
+        assert_eq!(thousands(1234567.4), "1,234,567");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(thousands(-1000.0), "-1,000");
+    }
+
+    #[test]
+    fn a_report_without_measurements_says_so() {
+        let r = Results {
+            machine: Machine::read(),
+            quick: true,
+            testrun: Err("no BPF".into()),
+            lab: Err("no lab".into()),
+            control: Err("no maps".into()),
+            kube_proxy_restore: Err("no iptables".into()),
+            agent_memory: Err("no agent".into()),
+        };
+        let md = markdown(&r);
+        assert!(md.contains("Not measured: no BPF") && md.contains("Not measured: no lab"));
+        assert!(svg(&r).starts_with("<svg"));
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["testrun"]["Err"], "no BPF");
+    }
+}

@@ -1,0 +1,253 @@
+//! Nanoseconds per packet through BPF_PROG_TEST_RUN, for each XDP path and the floor (an XDP
+//! program that only returns XDP_PASS).
+//!
+//! Method: each path runs `repeats` times per call; the kernel reports the mean per iteration.
+//! Paths that rewrite the packet run inside `lb_bench_xdp`, which restores the original frame
+//! (and gives new flows a fresh source address) before each iteration; `lb_bench_restore` does
+//! the same restore and returns, so `restore - floor` is the restore's own cost, subtracted from
+//! every path. Every figure is the median over `runs` calls.
+//!
+//! The runs happen in a private network namespace whose device `bench0` is the packets' ingress
+//! device (a veth), with a route and a permanent neighbour towards the backends: the FIB lookup succeeds
+//! and translated packets leave with XDP_TX, as on a node.
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::AsRawFd,
+};
+
+use anyhow::{bail, Context, Result};
+use etherparse::PacketBuilder;
+use lb_common::{program_name, BenchFrame, Config, BENCH_FRAME_LEN};
+use lb_userspace::{
+    harness::XdpHarness,
+    plan::{BackendKey, Desired, DesiredFrontend, FrontendKey},
+};
+use serde::Serialize;
+
+const NODE: [u8; 4] = [192, 168, 100, 1];
+const CLIENT: [u8; 4] = [198, 18, 0, 1];
+const LB_IP: [u8; 4] = [203, 0, 113, 9];
+const TCP: u8 = 6;
+const XDP_NAMES: [&str; 5] = ["aborted", "drop", "pass", "tx", "redirect"];
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PathTiming {
+    pub path: &'static str,
+    /// What the path does.
+    pub what: &'static str,
+    /// Median ns per packet, restore cost subtracted (comparable with the floor).
+    pub ns_per_packet: f64,
+    /// `ns_per_packet / floor`.
+    pub ratio_to_floor: f64,
+    /// Every run's corrected figure.
+    pub runs_ns: Vec<f64>,
+    /// The verdict of the path ("pass", "tx", ...).
+    pub verdict: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TestRunBench {
+    pub repeats: u32,
+    pub runs: usize,
+    pub floor_ns: f64,
+    /// Median cost of restoring the frame (constant frame / new source per iteration).
+    pub restore_ns: f64,
+    pub restore_new_source_ns: f64,
+    pub paths: Vec<PathTiming>,
+    /// Target: an established flow costs at most 2.5 times the floor.
+    pub established_ratio_target: f64,
+    pub established_ratio_met: bool,
+}
+
+fn pad(mut v: Vec<u8>) -> Vec<u8> {
+    assert!(v.len() <= BENCH_FRAME_LEN);
+    v.resize(BENCH_FRAME_LEN, 0);
+    v
+}
+
+fn tcp(syn: bool, src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Vec<u8> {
+    let ip = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src.0, dst.0, 64);
+    let mut v = Vec::new();
+    if syn {
+        ip.tcp(src.1, dst.1, 1000, 64000).syn().write(&mut v, &[]).expect("frame");
+    } else {
+        ip.tcp(src.1, dst.1, 1001, 64000).ack(5000).write(&mut v, b"x").expect("frame");
+    }
+    pad(v)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+/// A network namespace for the run, removed on drop.
+struct BenchNetns(String);
+
+impl BenchNetns {
+    fn new() -> Result<Self> {
+        let name = format!("lbbench{}", std::process::id());
+        let _ = crate::netns::run("ip", &["netns", "del", &name]);
+        crate::netns::run("ip", &["netns", "add", &name])?;
+        let ns = Self(name);
+        // bpf_fib_lookup answers "forwarding disabled" without it.
+        crate::netns::run("ip", &["netns", "exec", &ns.0, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        for args in [
+            // A veth pair (no dummy driver on every kernel); bench1 only keeps bench0 up.
+            vec!["link", "add", "bench0", "type", "veth", "peer", "name", "bench1"],
+            vec!["link", "set", "bench1", "up"],
+            vec!["link", "set", "bench0", "up"],
+            vec!["addr", "add", "192.168.100.1/24", "dev", "bench0"],
+            vec!["route", "add", "10.244.0.0/16", "via", "192.168.100.2", "dev", "bench0"],
+            vec!["route", "add", "198.18.0.0/15", "via", "192.168.100.2", "dev", "bench0"],
+            vec!["neigh", "add", "192.168.100.2", "lladdr", "02:00:00:00:00:02", "dev", "bench0", "nud", "permanent"],
+        ] {
+            crate::netns::ip(&ns.0, &args)?;
+        }
+        Ok(ns)
+    }
+}
+
+impl Drop for BenchNetns {
+    fn drop(&mut self) {
+        let _ = crate::netns::run("ip", &["netns", "del", &self.0]);
+    }
+}
+
+/// Runs the whole measurement on a thread that entered the bench namespace.
+pub fn testrun_bench(repeats: u32, runs: usize) -> Result<TestRunBench> {
+    let ns = BenchNetns::new()?;
+    let path = format!("/run/netns/{}", ns.0);
+    std::thread::spawn(move || -> Result<TestRunBench> {
+        let f = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
+        // SAFETY: setns on this thread only; the thread ends with the measurement.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns {path}: {}", std::io::Error::last_os_error());
+        }
+        measure(repeats, runs)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("benchmark thread panicked"))?
+}
+
+fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
+    let ifindex = {
+        let c = std::ffi::CString::new("bench0").expect("name");
+        // SAFETY: plain libc call on a valid C string.
+        unsafe { libc::if_nametoindex(c.as_ptr()) }
+    };
+    if ifindex == 0 {
+        bail!("bench0 missing in the bench namespace");
+    }
+    let mut h = XdpHarness::with_map_sizes(&[])?;
+    for p in [program_name::XDP_PASS, program_name::BENCH_XDP, program_name::BENCH_RESTORE] {
+        h.load_program(p)?;
+    }
+    h.set_config(&Config { node_addr_be: u32::from_ne_bytes(NODE), snat_port_min: 32768, snat_port_max: 60999, ready: 1, _pad: 0 })?;
+    // A LoadBalancer Service (externalTrafficPolicy Cluster) with ten backends on other nodes.
+    let backends: Vec<(BackendKey, u8)> =
+        (0..10).map(|i| (BackendKey { addr: SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 10 + i), 8080), proto: TCP }, 0)).collect();
+    let fe = FrontendKey { addr: SocketAddrV4::new(Ipv4Addr::from(LB_IP), 80), proto: TCP, scope: lb_common::scope::EXTERNAL };
+    let d = DesiredFrontend {
+        service_port: "bench/web:http/TCP".into(),
+        flags: lb_common::service_flags::LOAD_BALANCER,
+        affinity_timeout_s: 0,
+        backends,
+    };
+    h.program(&Desired::from([(fe, d)]))?;
+
+    let ctx = xdp_md(ifindex);
+    // An established flow and its reply, created through the real program.
+    let client = (CLIENT, 40000);
+    let syn = h.run_ctx(program_name::XDP, &tcp(true, client, (LB_IP, 80)), &ctx)?;
+    let ack = tcp(false, client, (LB_IP, 80));
+    h.run_ctx(program_name::XDP, &ack, &ctx)?;
+    let out = &syn.output;
+    let (snat, backend) = (
+        ([out[26], out[27], out[28], out[29]], u16::from_be_bytes([out[34], out[35]])),
+        ([out[30], out[31], out[32], out[33]], u16::from_be_bytes([out[36], out[37]])),
+    );
+    let reply = tcp(false, backend, snat);
+    let unknown = tcp(false, client, ([198, 51, 100, 77], 80));
+    let new_flow = tcp(true, (CLIENT, 40001), (LB_IP, 80));
+
+    let frame = |bytes: &[u8], vary: bool| {
+        let mut b = [0u8; BENCH_FRAME_LEN];
+        b.copy_from_slice(bytes);
+        BenchFrame { bytes: b, vary_source: vary as u32, seq: 0 }
+    };
+    let time = |h: &mut XdpHarness, prog: &str, bytes: &[u8], vary: bool| -> Result<(f64, u32)> {
+        h.set_bench_frame(&frame(bytes, vary))?;
+        let r = h.run_program_ctx(prog, bytes, repeats, &ctx)?;
+        Ok((r.duration_ns as f64, r.verdict))
+    };
+    let mut floor_runs = Vec::new();
+    let mut restore_runs = Vec::new();
+    let mut restore_vary_runs = Vec::new();
+    let cases: [(&str, &str, &[u8], bool); 4] = [
+        ("unknown_frontend", "TCP to an address that is no frontend: parsed, looked up, passed", &unknown, false),
+        ("new_flow", "SYN of a new flow: Maglev choice, SNAT port, two conntrack inserts, DNAT/SNAT, FIB, XDP_TX", &new_flow, true),
+        ("established", "segment of a confirmed flow: conntrack hit, DNAT/SNAT, FIB, XDP_TX", &ack, false),
+        ("reply", "reply of a confirmed flow translated back to the frontend, FIB, XDP_TX", &reply, false),
+    ];
+    let mut raw: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    let mut verdicts = [0u32; 4];
+    for _ in 0..runs {
+        floor_runs.push(h.run_program_ctx(program_name::XDP_PASS, &ack, repeats, &ctx)?.duration_ns as f64);
+        restore_runs.push(time(&mut h, program_name::BENCH_RESTORE, &ack, false)?.0);
+        restore_vary_runs.push(time(&mut h, program_name::BENCH_RESTORE, &new_flow, true)?.0);
+        for (i, (_, _, bytes, vary)) in cases.iter().enumerate() {
+            let (ns, verdict) = time(&mut h, program_name::BENCH_XDP, bytes, *vary)?;
+            raw[i].push(ns);
+            verdicts[i] = verdict;
+        }
+    }
+    let floor = median(&mut floor_runs.clone());
+    let paths: Vec<PathTiming> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, (name, what, _, vary))| {
+            let rest = if *vary { &restore_vary_runs } else { &restore_runs };
+            let mut corrected: Vec<f64> = raw[i].iter().zip(rest).zip(&floor_runs).map(|((r, re), f)| r - (re - f)).collect();
+            let ns = median(&mut corrected.clone());
+            corrected.iter_mut().for_each(|x| *x = (*x * 10.0).round() / 10.0);
+            PathTiming {
+                path: name,
+                what,
+                ns_per_packet: ns,
+                ratio_to_floor: ns / floor,
+                runs_ns: corrected,
+                verdict: XDP_NAMES.get(verdicts[i] as usize).copied().unwrap_or("?"),
+            }
+        })
+        .collect();
+    let est = paths.iter().find(|p| p.path == "established").expect("measured").ratio_to_floor;
+    let mut all = vec![PathTiming {
+        path: "floor",
+        what: "an XDP program that only returns XDP_PASS",
+        ns_per_packet: floor,
+        ratio_to_floor: 1.0,
+        runs_ns: floor_runs.clone(),
+        verdict: "pass",
+    }];
+    all.extend(paths);
+    Ok(TestRunBench {
+        repeats,
+        runs,
+        floor_ns: floor,
+        restore_ns: median(&mut restore_runs.clone()) - floor,
+        restore_new_source_ns: median(&mut restore_vary_runs.clone()) - floor,
+        paths: all,
+        established_ratio_target: 2.5,
+        established_ratio_met: est <= 2.5,
+    })
+}
+
+/// An `xdp_md` context naming `ifindex` as the ingress device.
+fn xdp_md(ifindex: u32) -> [u8; 24] {
+    let mut c = [0u8; 24];
+    c[4..8].copy_from_slice(&(BENCH_FRAME_LEN as u32).to_ne_bytes()); // data_end
+    c[12..16].copy_from_slice(&ifindex.to_ne_bytes()); // ingress_ifindex
+    c
+}
