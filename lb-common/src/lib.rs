@@ -106,6 +106,11 @@ pub mod limits {
     pub const MEMBERS: u32 = 262_144;
     /// SNAT port candidates tried before a new flow is dropped as a collision.
     pub const SNAT_TRIES: u32 = 8;
+    /// Seconds a closed TCP flow must be idle before its SNAT port is reused: after a reset, and
+    /// after FINs (TIME-WAIT: 60 s on Linux). Without reuse, ports stay held by dead flows until the LRU evicts them, and a
+    /// high connection rate exhausts the range.
+    pub const SNAT_REUSE_IDLE_S: u32 = 2;
+    pub const SNAT_REUSE_TIME_WAIT_S: u32 = 61;
     /// Largest number of backends one Service frontend can have (slots are `u16`).
     pub const BACKENDS_PER_SERVICE: u32 = 65_535;
 }
@@ -350,6 +355,12 @@ pub mod ct_flags {
     pub const SNAT: u16 = 1 << 1;
     /// The backend runs on this node.
     pub const LOCAL_BACKEND: u16 = 1 << 2;
+    /// Reply-direction entries of TCP flows: a FIN or RST was seen. Its SNAT port may go to a
+    /// new flow once the flow has been idle for a TIME-WAIT period (either end may hold the old
+    /// four-tuple in TIME-WAIT after a FIN), or briefly after a reset (`CLOSED_FAST`).
+    pub const CLOSING: u16 = 1 << 3;
+    /// With CLOSING: the flow was reset; no end keeps TIME-WAIT state.
+    pub const CLOSED_FAST: u16 = 1 << 4;
 }
 
 /// The single entry (index 0) of the config array, written by the agent.

@@ -22,7 +22,53 @@ pub fn touch(key: &CtKey, unconfirmed: bool, now: u32) {
     let v = if unconfirmed { CONNTRACK_NEW.get_ptr_mut(key) } else { CONNTRACK.get_ptr_mut(key) };
     if let Some(v) = v {
         // SAFETY: the LRU value stays valid for the program's run.
-        unsafe { (*v).last_seen_s = now };
+        unsafe {
+            if (*v).last_seen_s != now {
+                (*v).last_seen_s = now;
+            }
+        }
+    }
+}
+
+/// Records a TCP FIN or RST of a tracked flow on its reply-direction entry (see
+/// `ct_flags::CLOSING`). Runs only for FIN and RST packets.
+#[inline(always)]
+pub fn closing(key: &CtKey, e: &CtEntry, rst: bool) {
+    let reply = e.flags & ct_flags::REPLY != 0;
+    let (rk, _) = if reply { (*key, *e) } else { partner(key, e) };
+    let Some(r) = CONNTRACK.get_ptr_mut(&rk).or_else(|| CONNTRACK_NEW.get_ptr_mut(&rk)) else { return };
+    // SAFETY: the LRU value stays valid for the program's run.
+    unsafe {
+        let f = (*r).flags;
+        let add = if rst { ct_flags::CLOSING | ct_flags::CLOSED_FAST } else { ct_flags::CLOSING };
+        if f & add != add {
+            (*r).flags = f | add;
+        }
+    }
+}
+
+/// Whether a reply-direction entry holding a SNAT port belongs to a TCP flow that closed and has
+/// been idle long enough for the port to go to a new flow.
+#[inline(always)]
+pub fn reusable(e: &CtEntry, now: u32) -> bool {
+    if e.flags & ct_flags::CLOSING == 0 {
+        return false;
+    }
+    let wait = if e.flags & ct_flags::CLOSED_FAST != 0 {
+        lb_common::limits::SNAT_REUSE_IDLE_S
+    } else {
+        lb_common::limits::SNAT_REUSE_TIME_WAIT_S
+    };
+    now.wrapping_sub(e.last_seen_s) >= wait
+}
+
+/// Removes a flow's entries (both directions, both tiers).
+#[inline(always)]
+pub fn forget(key: &CtKey, e: &CtEntry) {
+    let (pk, _) = partner(key, e);
+    for k in [key, &pk] {
+        let _ = CONNTRACK.remove(k);
+        let _ = CONNTRACK_NEW.remove(k);
     }
 }
 

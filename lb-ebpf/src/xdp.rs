@@ -31,7 +31,11 @@ const AF_INET: u8 = 2;
 /// Offsets of the checksum field inside the TCP and UDP headers.
 const TCP_CHECK_OFF: usize = 16;
 const UDP_CHECK_OFF: usize = 6;
+const TCP_FLAG_FIN: u8 = 0x01;
 const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_RST: u8 = 0x04;
+const CLOSING_FIN: u8 = 1;
+const CLOSING_RST: u8 = 2;
 const TCP_FLAG_ACK: u8 = 0x10;
 
 /// A parsed TCP/UDP over IPv4 packet.
@@ -44,6 +48,8 @@ struct Packet {
     dport: u16,
     /// A TCP SYN without ACK: the start of a new connection.
     syn_only: bool,
+    /// 0, or CLOSING_FIN / CLOSING_RST: the sender is closing.
+    closing: u8,
 }
 
 /// Not a counter: `parse` found ICMP, which `icmp_error` looks at before counting.
@@ -98,7 +104,7 @@ fn parse(ctx: &XdpContext) -> Result<Packet, u32> {
         return Err(counter::XDP_FRAGMENT);
     }
     let l4_off = EthHdr::LEN + hdr_len;
-    let (sport, dport, syn_only) = match ip.proto {
+    let (sport, dport, syn_only, closing) = match ip.proto {
         proto::TCP => {
             let tcp = ptr_at::<TcpHdr>(ctx, l4_off).ok_or(counter::XDP_TRUNCATED_L4)?;
             // SAFETY: bounds checked by ptr_at; byte 13 of the TCP header holds the flags.
@@ -106,13 +112,20 @@ fn parse(ctx: &XdpContext) -> Result<Packet, u32> {
                 ((*tcp).source, (*tcp).dest, *((tcp as *const u8).add(13)))
             };
             let syn_only = flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
-            (u16::from_ne_bytes(s), u16::from_ne_bytes(d), syn_only)
+            let closing = if flags & TCP_FLAG_RST != 0 {
+                CLOSING_RST
+            } else if flags & TCP_FLAG_FIN != 0 {
+                CLOSING_FIN
+            } else {
+                0
+            };
+            (u16::from_ne_bytes(s), u16::from_ne_bytes(d), syn_only, closing)
         }
         proto::UDP => {
             let udp = ptr_at::<UdpHdr>(ctx, l4_off).ok_or(counter::XDP_TRUNCATED_L4)?;
             // SAFETY: bounds checked by ptr_at.
             let (s, d) = unsafe { ((*udp).src, (*udp).dst) };
-            (u16::from_ne_bytes(s), u16::from_ne_bytes(d), false)
+            (u16::from_ne_bytes(s), u16::from_ne_bytes(d), false, 0)
         }
         proto::ICMP => return Err(ICMP_SEEN),
         _ => return Err(counter::XDP_NOT_TCP_UDP),
@@ -125,6 +138,7 @@ fn parse(ctx: &XdpContext) -> Result<Packet, u32> {
         sport,
         dport,
         syn_only,
+        closing,
     })
 }
 
@@ -150,6 +164,9 @@ fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
             } else {
                 ct::touch(&key, unconfirmed, now);
             }
+            if p.closing != 0 {
+                ct::closing(&key, &e, p.closing == CLOSING_RST);
+            }
             if rewrite(ctx, p, &e).is_err() {
                 return xdp_action::XDP_PASS;
             }
@@ -157,6 +174,9 @@ fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
             maps::count_service(e.svc_port_id, ServiceEvent::Packet(len));
             return forward(ctx, !reply && e.flags & ct_flags::LOCAL_BACKEND != 0);
         }
+        // The client reuses the four-tuple of an earlier flow: that flow is over; drop its
+        // entries (in whichever tier) so that the new one starts unconfirmed and alone.
+        ct::forget(&key, &e);
     }
     let skey = ServiceKey {
         addr_be: p.daddr,
@@ -270,10 +290,16 @@ fn handle(ctx: &XdpContext, p: &Packet, len: u64) -> u32 {
         for i in 0..limits::SNAT_TRIES {
             let port = (min + (start.wrapping_add(i.wrapping_mul(4099)) % range)) as u16;
             rkey.dport_be = port.to_be();
-            // A candidate is free when neither map holds it, or when the entry holding it is
-            // this very flow's (its other entry was evicted).
+            // A candidate is free when neither map holds it, when the entry holding it is this
+            // very flow's (its other entry was evicted), or when it belongs to a TCP flow the
+            // backend closed and that has been idle since (its entries are dropped first).
             let taken = match ct::lookup(&rkey) {
-                Some((e, _)) => !ct::same_flow(&e, p.saddr, p.sport, p.daddr, p.dport),
+                Some((e, _)) if ct::same_flow(&e, p.saddr, p.sport, p.daddr, p.dport) => false,
+                Some((e, _)) if ct::reusable(&e, now) => {
+                    ct::forget(&rkey, &e);
+                    false
+                }
+                Some(_) => true,
                 None => false,
             };
             if !taken {

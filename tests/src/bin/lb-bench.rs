@@ -1,4 +1,5 @@
-//! `lb-bench [--quick] [--out DIR] [--skip-lab]`: runs every benchmark of issue 7 and writes
+//! `lb-bench [--quick] [--out DIR] [--skip-lab] [--only PART] [--lab-services N,N] [--lab-modes M,M]`: runs every
+//! benchmark of issue 7 (or one PART: testrun, control, restore, agent, lab) and writes
 //! DIR/results.json, DIR/results.md and DIR/chart.svg (DIR defaults to `bench`). `cargo xtask
 //! bench` builds the release binaries and runs it. A part that fails is reported as such; the
 //! others still run. Needs root (BPF, network namespaces).
@@ -10,14 +11,33 @@ fn main() {
     let mut quick = false;
     let mut skip_lab = false;
     let mut out = PathBuf::from("bench");
+    let mut only: Option<String> = None;
+    let mut lab_override: Option<Vec<usize>> = None;
+    let mut lab_modes: Option<Vec<String>> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => quick = true,
             "--skip-lab" => skip_lab = true,
             "--out" => out = PathBuf::from(args.next().unwrap_or_else(|| usage("--out needs a directory"))),
+            "--only" => {
+                let p = args.next().unwrap_or_else(|| usage("--only needs a part"));
+                if !["testrun", "control", "restore", "agent", "lab"].contains(&p.as_str()) {
+                    usage(&format!("--only {p}: one of testrun, control, restore, agent, lab"));
+                }
+                only = Some(p);
+            }
+            "--lab-modes" => {
+                let v = args.next().unwrap_or_else(|| usage("--lab-modes needs xdp,iptables,nftables"));
+                lab_modes = Some(v.split(',').map(str::to_string).collect());
+            }
+            "--lab-services" => {
+                let v = args.next().unwrap_or_else(|| usage("--lab-services needs N,N,..."));
+                let parsed: Result<Vec<usize>, _> = v.split(',').map(str::parse).collect();
+                lab_override = Some(parsed.unwrap_or_else(|_| usage(&format!("--lab-services {v}: not a list of numbers"))));
+            }
             "-h" | "--help" => {
-                println!("usage: lb-bench [--quick] [--out DIR] [--skip-lab]");
+                println!("usage: lb-bench [--quick] [--out DIR] [--skip-lab] [--only testrun|control|restore|agent|lab] [--lab-services N,N] [--lab-modes xdp,iptables,nftables]");
                 return;
             }
             other => usage(&format!("unknown argument {other:?}")),
@@ -29,22 +49,60 @@ fn main() {
     }
     let (repeats, runs, services, lab_services, lab_secs) =
         if quick { (100_000, 3, 1_000, vec![1, 100], 2) } else { (1_000_000, 5, 10_000, vec![1, 1_000, 10_000], 10) };
+    let lab_services = lab_override.unwrap_or(lab_services);
+    let wants = |part: &str| only.as_deref().is_none_or(|o| o == part);
+    fn skipped<T>() -> Result<T, String> {
+        Err("not run (--only)".to_string())
+    }
     let err = |e: anyhow::Error| format!("{e:#}");
     let step = |name: &str| eprintln!("lb-bench: {name}...");
 
-    step("BPF_PROG_TEST_RUN per-packet costs");
-    let testrun = testrun::testrun_bench(repeats, runs).map_err(err);
-    step("control plane and map memory");
-    let control = control::control_bench(services, 10, if quick { 5 } else { 21 }).map_err(err);
-    step("kube-proxy rules: iptables-restore and nft");
-    let kube_proxy_restore = kubeproxy::restore_bench(services, 10).map_err(err);
-    step("agent memory");
-    let agent_memory = lb_tests::lab::bin_path("lb-agent").map_err(err).and_then(|bin| control::agent_memory(&bin, services, 10).map_err(err));
+    let testrun = if wants("testrun") {
+        step("BPF_PROG_TEST_RUN per-packet costs");
+        testrun::testrun_bench(repeats, runs).map_err(err)
+    } else {
+        skipped()
+    };
+    let control = if wants("control") {
+        step("control plane and map memory");
+        control::control_bench(services, 10, if quick { 5 } else { 21 }).map_err(err)
+    } else {
+        skipped()
+    };
+    let kube_proxy_restore = if wants("restore") {
+        step("kube-proxy rules: iptables-restore and nft");
+        kubeproxy::restore_bench(services, 10).map_err(err)
+    } else {
+        skipped()
+    };
+    let agent_memory = if wants("agent") {
+        step("agent memory");
+        lb_tests::lab::bin_path("lb-agent").map_err(err).and_then(|bin| control::agent_memory(&bin, services, 10).map_err(err))
+    } else {
+        skipped()
+    };
     let lab = if skip_lab {
         Err("skipped (--skip-lab)".to_string())
+    } else if !wants("lab") {
+        skipped()
     } else {
         step("lab: NodePort through XDP, iptables and nftables");
-        labbench::lab_bench(&lab_services, Duration::from_secs(lab_secs)).map_err(err)
+        match &lab_modes {
+            None => labbench::lab_bench(&lab_services, Duration::from_secs(lab_secs)).map_err(err),
+            Some(modes) => {
+                let mut points = Vec::new();
+                let mut failure = None;
+                for n in &lab_services {
+                    for m in modes {
+                        match labbench::lab_point(m, *n, Duration::from_secs(lab_secs)) {
+                            Ok(p) => points.push(p),
+                            Err(e) => failure = Some(err(e)),
+                        }
+                    }
+                }
+                failure.map_or(Ok(points), Err)
+            }
+        }
     };
     let results = report::Results { machine: report::Machine::read(), quick, testrun, lab, control, kube_proxy_restore, agent_memory };
     if let Err(e) = write(&out, &results) {
@@ -54,7 +112,13 @@ fn main() {
     let md = report::markdown(&results);
     println!("{md}");
     eprintln!("lb-bench: wrote {0}/results.json, {0}/results.md, {0}/chart.svg", out.display());
-    let failed = [results.testrun.is_err(), results.control.is_err(), results.kube_proxy_restore.is_err(), results.agent_memory.is_err(), results.lab.is_err() && !skip_lab];
+    let failed = [
+        results.testrun.is_err() && wants("testrun"),
+        results.control.is_err() && wants("control"),
+        results.kube_proxy_restore.is_err() && wants("restore"),
+        results.agent_memory.is_err() && wants("agent"),
+        results.lab.is_err() && !skip_lab && wants("lab"),
+    ];
     if failed.iter().any(|f| *f) {
         eprintln!("lb-bench: some parts could not run (see the report)");
         std::process::exit(1);
@@ -70,6 +134,6 @@ fn write(out: &std::path::Path, r: &report::Results) -> std::io::Result<()> {
 }
 
 fn usage(msg: &str) -> ! {
-    eprintln!("lb-bench: error: {msg}\nusage: lb-bench [--quick] [--out DIR] [--skip-lab]");
+    eprintln!("lb-bench: error: {msg}\nusage: lb-bench [--quick] [--out DIR] [--skip-lab] [--only PART] [--lab-services N,N] [--lab-modes M,M]");
     std::process::exit(2);
 }
