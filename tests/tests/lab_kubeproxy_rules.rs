@@ -7,8 +7,7 @@ use std::{collections::BTreeSet, sync::Mutex, time::Duration};
 
 use lb_tests::{
     bench::{
-        gen,
-        kubeproxy,
+        gen, kubeproxy,
         labbench::{self, NODE_PORT_TCP, NODE_PORT_UDP},
     },
     lab::{Exchange, Lab},
@@ -39,14 +38,34 @@ fn check_nodeports(lab: &Lab, what: &str) {
     let node1 = lab.node("node1").addr;
     for (proto, port) in [("tcp", NODE_PORT_TCP), ("udp", NODE_PORT_UDP)] {
         let target = format!("{node1}:{port}");
-        let ex = lab.run_client("client", &[proto, &target, "--count", "40"]).unwrap();
+        let ex = lab
+            .run_client("client", &[proto, &target, "--count", "40"])
+            .unwrap();
         let bad: Vec<&Exchange> = ex.iter().filter(|e| !e.ok).collect();
-        assert!(bad.is_empty(), "{what} {proto} {target}: {} of {} failed, first {:?}", bad.len(), ex.len(), bad.first());
+        assert!(
+            bad.is_empty(),
+            "{what} {proto} {target}: {} of {} failed, first {:?}",
+            bad.len(),
+            ex.len(),
+            bad.first()
+        );
         let backends: BTreeSet<&str> = ex.iter().filter_map(|e| e.backend.as_deref()).collect();
-        assert_eq!(backends, BTreeSet::from(["b1", "b2"]), "{what} {proto}: {ex:?}");
+        assert_eq!(
+            backends,
+            BTreeSet::from(["b1", "b2"]),
+            "{what} {proto}: {ex:?}"
+        );
         for e in &ex {
-            assert_eq!(e.seen_ip(), Some(node1.into()), "{what} {proto}: the backend must see node1: {e:?}");
-            assert_eq!(e.peer.as_deref(), Some(target.as_str()), "{what} {proto}: {e:?}");
+            assert_eq!(
+                e.seen_ip(),
+                Some(node1.into()),
+                "{what} {proto}: the backend must see node1: {e:?}"
+            );
+            assert_eq!(
+                e.peer.as_deref(),
+                Some(target.as_str()),
+                "{what} {proto}: {e:?}"
+            );
         }
     }
 }
@@ -65,8 +84,15 @@ fn lab_kubeproxy_iptables_rules_serve_the_nodeport() {
     kubeproxy::iptables_restore_in(&node1, &rules).unwrap();
     check_nodeports(&lab, "iptables");
     // The rules live in node1's namespace, the one place that translated.
-    let nat = lb_tests::netns::exec_in(&node1, "iptables", &["-t", "nat", "-S", "KUBE-NODEPORTS"]).unwrap();
-    assert_eq!(nat.lines().filter(|l| l.starts_with("-A KUBE-NODEPORTS")).count(), 2, "{nat}");
+    let nat = lb_tests::netns::exec_in(&node1, "iptables", &["-t", "nat", "-S", "KUBE-NODEPORTS"])
+        .unwrap();
+    assert_eq!(
+        nat.lines()
+            .filter(|l| l.starts_with("-A KUBE-NODEPORTS"))
+            .count(),
+        2,
+        "{nat}"
+    );
     kubeproxy::iptables_flush_in(&node1).unwrap();
 }
 
@@ -78,8 +104,17 @@ fn lab_kubeproxy_nftables_rules_serve_the_nodeport() {
     let rules = kubeproxy::nft_full_transaction(&services(&lab));
     kubeproxy::nft_apply_in(&node1, &rules).unwrap();
     check_nodeports(&lab, "nftables");
-    let map = lb_tests::netns::exec_in(&node1, "nft", &["list", "map", "ip", "kube-proxy", "service-nodeports"]).unwrap();
-    assert!(map.contains(&format!("tcp . {NODE_PORT_TCP}")) && map.contains(&format!("udp . {NODE_PORT_UDP}")), "{map}");
+    let map = lb_tests::netns::exec_in(
+        &node1,
+        "nft",
+        &["list", "map", "ip", "kube-proxy", "service-nodeports"],
+    )
+    .unwrap();
+    assert!(
+        map.contains(&format!("tcp . {NODE_PORT_TCP}"))
+            && map.contains(&format!("udp . {NODE_PORT_UDP}")),
+        "{map}"
+    );
     kubeproxy::nft_flush_in(&node1).unwrap();
 }
 
@@ -88,10 +123,18 @@ fn lab_kubeproxy_rule_errors_name_the_line() {
     let Some(_serial) = ready() else { return };
     let lab = Lab::new().expect("lab");
     let node1 = lab.node("node1").netns.clone();
-    let e = kubeproxy::iptables_restore_in(&node1, "*nat\n:KUBE-X - [0:0]\n-A KUBE-X -j NO-SUCH-CHAIN\nCOMMIT\n").unwrap_err();
+    let e = kubeproxy::iptables_restore_in(
+        &node1,
+        "*nat\n:KUBE-X - [0:0]\n-A KUBE-X -j NO-SUCH-CHAIN\nCOMMIT\n",
+    )
+    .unwrap_err();
     let e = format!("{e:#}");
     assert!(e.contains("-A KUBE-X -j NO-SUCH-CHAIN"), "{e}");
-    let e = kubeproxy::nft_apply_in(&node1, "add table ip t\nadd chain ip t c\nadd rule ip t c bogus\n").unwrap_err();
+    let e = kubeproxy::nft_apply_in(
+        &node1,
+        "add table ip t\nadd chain ip t c\nadd rule ip t c bogus\n",
+    )
+    .unwrap_err();
     let e = format!("{e:#}");
     assert!(e.contains("add rule ip t c bogus"), "{e}");
 }
@@ -104,10 +147,16 @@ fn lab_kubeproxy_bench_smoke() {
     for p in &points {
         assert!(p.rps > 0.0 && p.pps > 0.0, "{p:#?}");
     }
-    let seen: BTreeSet<(String, usize)> = points.iter().map(|p| (p.mode.clone(), p.services)).collect();
+    let seen: BTreeSet<(String, usize)> = points
+        .iter()
+        .map(|p| (p.mode.clone(), p.services))
+        .collect();
     for mode in labbench::MODES {
         for n in [1, 100] {
-            assert!(seen.contains(&(mode.to_string(), n)), "{mode} {n} missing: {points:#?}");
+            assert!(
+                seen.contains(&(mode.to_string(), n)),
+                "{mode} {n} missing: {points:#?}"
+            );
         }
     }
 }

@@ -82,7 +82,10 @@ fn hash_base32(input: &str, n: usize) -> String {
 /// iptables chain of a Service port: `PREFIX` + 16 characters of its hash, as kube-proxy's
 /// `portProtoHash`.
 fn ipt_chain(prefix: &str, s: &BenchService) -> String {
-    format!("{prefix}{}", hash_base32(&format!("{}{}", service_port_name(s), proto(s)), 16))
+    format!(
+        "{prefix}{}",
+        hash_base32(&format!("{}{}", service_port_name(s), proto(s)), 16)
+    )
 }
 
 fn ipt_svc_chain(s: &BenchService) -> String {
@@ -94,7 +97,12 @@ fn ipt_ext_chain(s: &BenchService) -> String {
 }
 
 fn ipt_sep_chain(s: &BenchService, ep: Ipv4Addr) -> String {
-    let input = format!("{}{}{}", service_port_name(s), proto(s), endpoint_string(s, ep));
+    let input = format!(
+        "{}{}{}",
+        service_port_name(s),
+        proto(s),
+        endpoint_string(s, ep)
+    );
     format!("KUBE-SEP-{}", hash_base32(&input, 16))
 }
 
@@ -104,7 +112,12 @@ fn nft_hashed(name: String) -> String {
 }
 
 fn nft_base(s: &BenchService) -> String {
-    nft_hashed(format!("{}/{}/{}/{PORT_NAME}", s.namespace, s.name, proto(s)))
+    nft_hashed(format!(
+        "{}/{}/{}/{PORT_NAME}",
+        s.namespace,
+        s.name,
+        proto(s)
+    ))
 }
 
 fn nft_svc_chain(s: &BenchService) -> String {
@@ -186,7 +199,9 @@ fn changed_services(before: &[BenchService], after: &[BenchService]) -> BTreeSet
     let index = |list: &[BenchService]| -> BTreeMap<(String, String), Vec<BenchService>> {
         let mut m: BTreeMap<_, Vec<_>> = BTreeMap::new();
         for s in list {
-            m.entry((s.namespace.clone(), s.name.clone())).or_default().push(s.clone());
+            m.entry((s.namespace.clone(), s.name.clone()))
+                .or_default()
+                .push(s.clone());
         }
         m
     };
@@ -224,22 +239,64 @@ fn iptables_restore(
     // filter: always complete.
     let mut out = String::with_capacity(services.len() * 1200 + 4096);
     out.push_str("*filter\n");
-    for c in ["KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-FORWARD", "KUBE-NODEPORTS", "KUBE-PROXY-FIREWALL", "KUBE-FIREWALL"] {
+    for c in [
+        "KUBE-SERVICES",
+        "KUBE-EXTERNAL-SERVICES",
+        "KUBE-FORWARD",
+        "KUBE-NODEPORTS",
+        "KUBE-PROXY-FIREWALL",
+        "KUBE-FIREWALL",
+    ] {
         let _ = writeln!(out, ":{c} - [0:0]");
     }
     if full {
         // The jumps kube-proxy (and kubelet, for KUBE-FIREWALL) ensure before the restore.
         let new = "-m conntrack --ctstate NEW";
         for (chain, extra, text, target) in [
-            ("INPUT", new, "kubernetes load balancer firewall", "KUBE-PROXY-FIREWALL"),
-            ("INPUT", "", "kubernetes health check service ports", "KUBE-NODEPORTS"),
-            ("INPUT", new, "kubernetes externally-visible service portals", "KUBE-EXTERNAL-SERVICES"),
+            (
+                "INPUT",
+                new,
+                "kubernetes load balancer firewall",
+                "KUBE-PROXY-FIREWALL",
+            ),
+            (
+                "INPUT",
+                "",
+                "kubernetes health check service ports",
+                "KUBE-NODEPORTS",
+            ),
+            (
+                "INPUT",
+                new,
+                "kubernetes externally-visible service portals",
+                "KUBE-EXTERNAL-SERVICES",
+            ),
             ("INPUT", "", "", "KUBE-FIREWALL"),
-            ("FORWARD", new, "kubernetes load balancer firewall", "KUBE-PROXY-FIREWALL"),
+            (
+                "FORWARD",
+                new,
+                "kubernetes load balancer firewall",
+                "KUBE-PROXY-FIREWALL",
+            ),
             ("FORWARD", "", "kubernetes forwarding rules", "KUBE-FORWARD"),
-            ("FORWARD", new, "kubernetes service portals", "KUBE-SERVICES"),
-            ("FORWARD", new, "kubernetes externally-visible service portals", "KUBE-EXTERNAL-SERVICES"),
-            ("OUTPUT", new, "kubernetes load balancer firewall", "KUBE-PROXY-FIREWALL"),
+            (
+                "FORWARD",
+                new,
+                "kubernetes service portals",
+                "KUBE-SERVICES",
+            ),
+            (
+                "FORWARD",
+                new,
+                "kubernetes externally-visible service portals",
+                "KUBE-EXTERNAL-SERVICES",
+            ),
+            (
+                "OUTPUT",
+                new,
+                "kubernetes load balancer firewall",
+                "KUBE-PROXY-FIREWALL",
+            ),
             ("OUTPUT", new, "kubernetes service portals", "KUBE-SERVICES"),
             ("OUTPUT", "", "", "KUBE-FIREWALL"),
         ] {
@@ -259,8 +316,15 @@ fn iptables_restore(
         "-A KUBE-FIREWALL {} -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
         comment("block incoming localnet connections")
     );
-    let _ = writeln!(out, "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP");
-    let _ = writeln!(out, "-A KUBE-FORWARD {} -m mark --mark {mark} -j ACCEPT", comment("kubernetes forwarding rules"));
+    let _ = writeln!(
+        out,
+        "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP"
+    );
+    let _ = writeln!(
+        out,
+        "-A KUBE-FORWARD {} -m mark --mark {mark} -j ACCEPT",
+        comment("kubernetes forwarding rules")
+    );
     let _ = writeln!(
         out,
         "-A KUBE-FORWARD {} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
@@ -271,30 +335,49 @@ fn iptables_restore(
     // nat: chain lines first, then rules, as kube-proxy's two buffers.
     let mut chains = String::with_capacity(services.len() * 400 + 1024);
     let mut rules = String::with_capacity(services.len() * 1000 + 1024);
-    for c in ["KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"] {
+    for c in [
+        "KUBE-SERVICES",
+        "KUBE-NODEPORTS",
+        "KUBE-POSTROUTING",
+        "KUBE-MARK-MASQ",
+    ] {
         let _ = writeln!(chains, ":{c} - [0:0]");
     }
     if full {
         let portals = comment("kubernetes service portals");
         let _ = writeln!(rules, "-A PREROUTING {portals} -j KUBE-SERVICES");
         let _ = writeln!(rules, "-A OUTPUT {portals} -j KUBE-SERVICES");
-        let _ = writeln!(rules, "-A POSTROUTING {} -j KUBE-POSTROUTING", comment("kubernetes postrouting rules"));
+        let _ = writeln!(
+            rules,
+            "-A POSTROUTING {} -j KUBE-POSTROUTING",
+            comment("kubernetes postrouting rules")
+        );
     }
-    let _ = writeln!(rules, "-A KUBE-POSTROUTING -m mark ! --mark {mark} -j RETURN");
-    let _ = writeln!(rules, "-A KUBE-POSTROUTING -j MARK --xor-mark {MASQUERADE_MARK}");
+    let _ = writeln!(
+        rules,
+        "-A KUBE-POSTROUTING -m mark ! --mark {mark} -j RETURN"
+    );
+    let _ = writeln!(
+        rules,
+        "-A KUBE-POSTROUTING -j MARK --xor-mark {MASQUERADE_MARK}"
+    );
     let _ = writeln!(
         rules,
         "-A KUBE-POSTROUTING {} -j MASQUERADE --random-fully",
         comment("kubernetes service traffic requiring SNAT")
     );
-    let _ = writeln!(rules, "-A KUBE-MARK-MASQ -j MARK --or-mark {MASQUERADE_MARK}");
+    let _ = writeln!(
+        rules,
+        "-A KUBE-MARK-MASQ -j MARK --or-mark {MASQUERADE_MARK}"
+    );
 
     for s in services {
         let spn = service_port_name(s);
         let p = proto(s);
         let svc = ipt_svc_chain(s);
         let has_endpoints = !s.endpoints.is_empty();
-        let write_chains = changed.is_none_or(|c| c.contains(&(s.namespace.clone(), s.name.clone())));
+        let write_chains =
+            changed.is_none_or(|c| c.contains(&(s.namespace.clone(), s.name.clone())));
         if !has_endpoints {
             // kube-proxy REJECTs in the filter table; the generators here only produce Services
             // with endpoints, and the filter table was written above.
@@ -308,7 +391,12 @@ fn iptables_restore(
             s.port
         );
         if let Some(np) = s.node_port {
-            let _ = writeln!(rules, "-A KUBE-NODEPORTS {} -m {p} -p {p} --dport {np} -j {}", comment(&spn), ipt_ext_chain(s));
+            let _ = writeln!(
+                rules,
+                "-A KUBE-NODEPORTS {} -m {p} -p {p} --dport {np} -j {}",
+                comment(&spn),
+                ipt_ext_chain(s)
+            );
         }
         if !write_chains {
             continue;
@@ -328,7 +416,9 @@ fn iptables_restore(
             let _ = writeln!(
                 rules,
                 "-A {ext} {} -j KUBE-MARK-MASQ",
-                comment(&format!("masquerade traffic for {spn} external destinations"))
+                comment(&format!(
+                    "masquerade traffic for {spn} external destinations"
+                ))
             );
             let _ = writeln!(rules, "-A {ext} -j {svc}");
         }
@@ -336,17 +426,29 @@ fn iptables_restore(
         for (i, (ep, _)) in s.endpoints.iter().enumerate() {
             let mut line = format!("-A {svc}");
             if !large {
-                let _ = write!(line, " {}", comment(&format!("{spn} -> {}", endpoint_string(s, *ep))));
+                let _ = write!(
+                    line,
+                    " {}",
+                    comment(&format!("{spn} -> {}", endpoint_string(s, *ep)))
+                );
             }
             if i + 1 < n {
-                let _ = write!(line, " -m statistic --mode random --probability {}", probability(n - i));
+                let _ = write!(
+                    line,
+                    " -m statistic --mode random --probability {}",
+                    probability(n - i)
+                );
             }
             let _ = writeln!(rules, "{line} -j {}", ipt_sep_chain(s, *ep));
         }
         for (ep, _) in &s.endpoints {
             let sep = ipt_sep_chain(s, *ep);
             let _ = writeln!(chains, ":{sep} - [0:0]");
-            let c = if large { String::new() } else { format!(" {}", comment(&spn)) };
+            let c = if large {
+                String::new()
+            } else {
+                format!(" {}", comment(&spn))
+            };
             let _ = writeln!(rules, "-A {sep}{c} -s {ep}/32 -j KUBE-MARK-MASQ");
             let _ = writeln!(
                 rules,
@@ -399,7 +501,10 @@ pub fn nft_partial_transaction(before: &[BenchService], after: &[BenchService]) 
     let mut out = String::new();
     nft_services(&mut out, after, Some((&changed, before)));
     let used: BTreeSet<String> = nft_service_chains(after).into_iter().collect();
-    let mut stale: Vec<String> = nft_service_chains(before).into_iter().filter(|c| !used.contains(c)).collect();
+    let mut stale: Vec<String> = nft_service_chains(before)
+        .into_iter()
+        .filter(|c| !used.contains(c))
+        .collect();
     stale.sort();
     stale.dedup();
     for c in stale {
@@ -422,7 +527,10 @@ fn nft_service_chains(services: &[BenchService]) -> Vec<String> {
 
 fn nft_setup(out: &mut String) {
     let t = NFT_TABLE;
-    let _ = writeln!(out, "add table {t} {{ comment \"rules for kube-proxy\" ; }}");
+    let _ = writeln!(
+        out,
+        "add table {t} {{ comment \"rules for kube-proxy\" ; }}"
+    );
     // dstnat = -100, srcnat = 100.
     let base = [
         ("filter-prerouting", "filter", "prerouting", -110),
@@ -441,7 +549,10 @@ fn nft_setup(out: &mut String) {
         let _ = writeln!(out, "delete chain {t} {name}");
     }
     for (name, ty, hook, prio) in base {
-        let _ = writeln!(out, "add chain {t} {name} {{ type {ty} hook {hook} priority {prio} ; }}");
+        let _ = writeln!(
+            out,
+            "add chain {t} {name} {{ type {ty} hook {hook} priority {prio} ; }}"
+        );
         let _ = writeln!(out, "flush chain {t} {name}");
     }
     let mut created = BTreeSet::new();
@@ -462,12 +573,21 @@ fn nft_setup(out: &mut String) {
         ("services", "nat-prerouting", ""),
         ("masquerading", "nat-postrouting", ""),
         ("cluster-ips-check", "filter-forward", "ct state new "),
-        ("cluster-ips-check", "filter-output-post-dnat", "ct state new "),
+        (
+            "cluster-ips-check",
+            "filter-output-post-dnat",
+            "ct state new ",
+        ),
     ] {
         ensure(out, dst);
         let _ = writeln!(out, "add rule {t} {src} {extra}jump {dst}");
     }
-    for c in ["services", "cluster-ips-check", "masquerading", "mark-for-masquerade"] {
+    for c in [
+        "services",
+        "cluster-ips-check",
+        "masquerading",
+        "mark-for-masquerade",
+    ] {
         ensure(out, c);
     }
     let m = MASQUERADE_MARK;
@@ -475,7 +595,10 @@ fn nft_setup(out: &mut String) {
     let _ = writeln!(out, "add rule {t} masquerading mark and {m} == 0 return");
     let _ = writeln!(out, "add rule {t} masquerading mark set mark xor {m}");
     let _ = writeln!(out, "add rule {t} masquerading masquerade fully-random");
-    let _ = writeln!(out, "add set {t} cluster-ips {{ type ipv4_addr ; comment \"Active ClusterIPs\" ; }}");
+    let _ = writeln!(
+        out,
+        "add set {t} cluster-ips {{ type ipv4_addr ; comment \"Active ClusterIPs\" ; }}"
+    );
     let _ = writeln!(
         out,
         "add rule {t} cluster-ips-check ip daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\""
@@ -508,7 +631,10 @@ fn nft_setup(out: &mut String) {
         "add map {t} firewall-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"destinations that are subject to LoadBalancerSourceRanges\" ; }}"
     );
     ensure(out, "firewall-check");
-    let _ = writeln!(out, "add rule {t} firewall-check ip daddr . meta l4proto . th dport vmap @firewall-ips");
+    let _ = writeln!(
+        out,
+        "add rule {t} firewall-check ip daddr . meta l4proto . th dport vmap @firewall-ips"
+    );
     let _ = writeln!(
         out,
         "add map {t} service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }}"
@@ -517,13 +643,22 @@ fn nft_setup(out: &mut String) {
         out,
         "add map {t} service-nodeports {{ type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }}"
     );
-    let _ = writeln!(out, "add rule {t} services ip daddr . meta l4proto . th dport vmap @service-ips");
+    let _ = writeln!(
+        out,
+        "add rule {t} services ip daddr . meta l4proto . th dport vmap @service-ips"
+    );
     let _ = writeln!(
         out,
         "add rule {t} services fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports"
     );
     let _ = writeln!(out, "flush set {t} cluster-ips");
-    for m in ["service-ips", "firewall-ips", "no-endpoint-services", "no-endpoint-nodeports", "service-nodeports"] {
+    for m in [
+        "service-ips",
+        "firewall-ips",
+        "no-endpoint-services",
+        "no-endpoint-nodeports",
+        "service-nodeports",
+    ] {
         let _ = writeln!(out, "flush map {t} {m}");
     }
 }
@@ -551,7 +686,8 @@ fn nft_services(
     let mut rules = String::new();
     let mut elements = String::new();
     for s in services.iter().filter(|s| !s.endpoints.is_empty()) {
-        let skip = partial.is_some_and(|(c, _)| !c.contains(&(s.namespace.clone(), s.name.clone())));
+        let skip =
+            partial.is_some_and(|(c, _)| !c.contains(&(s.namespace.clone(), s.name.clone())));
         let p = proto(s);
         let svc = nft_svc_chain(s);
         if !skip {
@@ -592,11 +728,23 @@ fn nft_services(
             .enumerate()
             .map(|(i, (ep, _))| format!("{i} : goto {}", nft_ep_chain(s, *ep)))
             .collect();
-        let _ = writeln!(rules, "add rule {t} {svc} numgen random mod {} vmap {{ {} }}", s.endpoints.len(), vmap.join(" , "));
+        let _ = writeln!(
+            rules,
+            "add rule {t} {svc} numgen random mod {} vmap {{ {} }}",
+            s.endpoints.len(),
+            vmap.join(" , ")
+        );
         for (ep, _) in &s.endpoints {
             let chain = nft_ep_chain(s, *ep);
-            let _ = writeln!(rules, "add rule {t} {chain} ip saddr {ep} jump mark-for-masquerade");
-            let _ = writeln!(rules, "add rule {t} {chain} meta l4proto {p} dnat to {}", endpoint_string(s, *ep));
+            let _ = writeln!(
+                rules,
+                "add rule {t} {chain} ip saddr {ep} jump mark-for-masquerade"
+            );
+            let _ = writeln!(
+                rules,
+                "add rule {t} {chain} meta l4proto {p} dnat to {}",
+                endpoint_string(s, *ep)
+            );
         }
     }
     // kube-proxy adds everything to one transaction as it goes; chains must exist before rules
@@ -612,10 +760,18 @@ fn nft_elements(s: &BenchService) -> Vec<String> {
     let p = proto(s);
     let mut v = vec![
         format!("add element {t} cluster-ips {{ {} }}", s.cluster_ip),
-        format!("add element {t} service-ips {{ {} . {p} . {} : goto {} }}", s.cluster_ip, s.port, nft_svc_chain(s)),
+        format!(
+            "add element {t} service-ips {{ {} . {p} . {} : goto {} }}",
+            s.cluster_ip,
+            s.port,
+            nft_svc_chain(s)
+        ),
     ];
     if let Some(np) = s.node_port {
-        v.push(format!("add element {t} service-nodeports {{ {p} . {np} : goto {} }}", nft_ext_chain(s)));
+        v.push(format!(
+            "add element {t} service-nodeports {{ {p} . {np} : goto {} }}",
+            nft_ext_chain(s)
+        ));
     }
     v
 }
@@ -681,16 +837,29 @@ fn run_with_input(ns: &str, program: &str, args: &[&str], input: &str) -> Result
 enum Run {
     Done(Applied),
     /// Stopped (SIGKILL) at the limit, having read `read_bytes` (of its input and anything else).
-    TimedOut { read_bytes: u64 },
+    TimedOut {
+        read_bytes: u64,
+    },
 }
 
 /// Runs `program args` in `ns` with `input` on stdin, killed after `limit` when given.
-fn run_limited(ns: &str, program: &str, args: &[&str], input: &str, limit: Option<Duration>) -> Result<Run> {
+fn run_limited(
+    ns: &str,
+    program: &str,
+    args: &[&str],
+    input: &str,
+    limit: Option<Duration>,
+) -> Result<Run> {
     let mut cmd = netns::command_in(ns, None, program);
-    cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let desc = format!("{} in netns {ns}", netns::describe(&cmd));
     let started = Instant::now();
-    let mut child = cmd.spawn().with_context(|| format!("cannot run `{desc}` (run `cargo xtask setup`)"))?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot run `{desc}` (run `cargo xtask setup`)"))?;
     let mut stdin = child.stdin.take().context("stdin")?;
     let data = input.as_bytes().to_vec();
     let writer = std::thread::spawn(move || stdin.write_all(&data));
@@ -703,17 +872,33 @@ fn run_limited(ns: &str, program: &str, args: &[&str], input: &str, limit: Optio
             buf
         })
     };
-    let stdout = drain(child.stdout.take().map(|r| Box::new(r) as Box<dyn std::io::Read + Send>));
-    let stderr = drain(child.stderr.take().map(|r| Box::new(r) as Box<dyn std::io::Read + Send>));
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|r| Box::new(r) as Box<dyn std::io::Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|r| Box::new(r) as Box<dyn std::io::Read + Send>),
+    );
     let deadline = limit.map(|l| started + l);
     let status = loop {
-        if let Some(status) = child.try_wait().with_context(|| format!("waiting for `{desc}`"))? {
+        if let Some(status) = child
+            .try_wait()
+            .with_context(|| format!("waiting for `{desc}`"))?
+        {
             break status;
         }
         if deadline.is_some_and(|d| Instant::now() > d) {
             let read_bytes = std::fs::read_to_string(format!("/proc/{}/io", child.id()))
                 .ok()
-                .and_then(|io| io.lines().find_map(|l| l.strip_prefix("rchar: ")?.trim().parse().ok()))
+                .and_then(|io| {
+                    io.lines()
+                        .find_map(|l| l.strip_prefix("rchar: ")?.trim().parse().ok())
+                })
                 .unwrap_or(0);
             let _ = child.kill();
             let _ = child.wait();
@@ -723,7 +908,9 @@ fn run_limited(ns: &str, program: &str, args: &[&str], input: &str, limit: Optio
         std::thread::sleep(Duration::from_millis(5));
     };
     let elapsed = started.elapsed();
-    let write_result = writer.join().map_err(|_| anyhow::anyhow!("stdin writer panicked"))?;
+    let write_result = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("stdin writer panicked"))?;
     let _ = stdout.join();
     let stderr = stderr.join().unwrap_or_default();
     if !status.success() {
@@ -738,7 +925,11 @@ fn run_limited(ns: &str, program: &str, args: &[&str], input: &str, limit: Optio
         );
     }
     write_result.with_context(|| format!("writing the input of `{desc}`"))?;
-    Ok(Run::Done(Applied { ms: ms(elapsed), lines: input.lines().count(), bytes: input.len() }))
+    Ok(Run::Done(Applied {
+        ms: ms(elapsed),
+        lines: input.lines().count(),
+        bytes: input.len(),
+    }))
 }
 
 /// The input line an error message points at: `line N` / `line: N` (iptables-restore) or
@@ -747,7 +938,11 @@ fn run_limited(ns: &str, program: &str, args: &[&str], input: &str, limit: Optio
 /// exist`, ``Couldn't load target `X'``) is the offending line.
 fn offending_line<'a>(stderr: &str, input: &'a str) -> Option<(usize, &'a str)> {
     let number = |s: &str| -> Option<usize> {
-        let digits: String = s.trim_start().chars().take_while(|c| c.is_ascii_digit()).collect();
+        let digits: String = s
+            .trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect();
         digits.parse().ok()
     };
     let mut found = None;
@@ -854,16 +1049,27 @@ pub const IPTABLES_NOFLUSH_LIMIT: Duration = Duration::from_secs(180);
 /// The Services of [`restore_bench`]: `services` fillers ([`gen::filler`], ClusterIP, TCP) with
 /// `endpoints` endpoints each, and the same after one endpoint change: the middle Service's
 /// first endpoint is replaced by a new address (a pod replaced by another).
-pub fn restore_bench_services(services: usize, endpoints: usize) -> (Vec<BenchService>, Vec<BenchService>, String) {
+pub fn restore_bench_services(
+    services: usize,
+    endpoints: usize,
+) -> (Vec<BenchService>, Vec<BenchService>, String) {
     let before = gen::filler(services, endpoints, "node2");
     let mut after = before.clone();
     let mut change = String::from("nothing (no Service with endpoints)");
     if let Some(s) = after.get_mut(services / 2) {
         if let Some(first) = s.endpoints.first_mut() {
             let old = first.0;
-            let new = Ipv4Addr::new(10, 251, (services / 2 / 256) as u8, (services / 2 % 256) as u8);
+            let new = Ipv4Addr::new(
+                10,
+                251,
+                (services / 2 / 256) as u8,
+                (services / 2 % 256) as u8,
+            );
             first.0 = new;
-            change = format!("{}/{}: endpoint {old} replaced by {new}", s.namespace, s.name);
+            change = format!(
+                "{}/{}: endpoint {old} replaced by {new}",
+                s.namespace, s.name
+            );
         }
     }
     (before, after, change)
@@ -889,7 +1095,11 @@ pub fn restore_bench(services: usize, endpoints: usize) -> Result<RestoreBench> 
 ///   changed Service's chains re-created and flushed and refilled, the stale endpoint chain
 ///   flushed; unchanged map elements not written), plus the `nft list chains` kube-proxy runs on
 ///   each sync, timed on its own.
-pub fn restore_bench_with_limit(services: usize, endpoints: usize, noflush_limit: Duration) -> Result<RestoreBench> {
+pub fn restore_bench_with_limit(
+    services: usize,
+    endpoints: usize,
+    noflush_limit: Duration,
+) -> Result<RestoreBench> {
     let (before, after, change) = restore_bench_services(services, endpoints);
     let iptables_version = tool_version("iptables", &["-V"])?;
     let iptables_backend = iptables_version
@@ -909,17 +1119,25 @@ pub fn restore_bench_with_limit(services: usize, endpoints: usize, noflush_limit
     };
     let ipt_noflush = {
         let ns = PrivateNetns::new("iptnf")?;
-        run_limited(&ns.name, "iptables-restore", &["--noflush"], &full_input, Some(noflush_limit))
-            .context("iptables full restore --noflush")?
+        run_limited(
+            &ns.name,
+            "iptables-restore",
+            &["--noflush"],
+            &full_input,
+            Some(noflush_limit),
+        )
+        .context("iptables full restore --noflush")?
     };
     let (nft_full, nft_partial, list_ms) = {
         let ns = PrivateNetns::new("nft")?;
-        let full = nft_apply_in(&ns.name, &nft_full_transaction(&before)).context("nft full transaction")?;
+        let full = nft_apply_in(&ns.name, &nft_full_transaction(&before))
+            .context("nft full transaction")?;
         let started = Instant::now();
-        netns::exec_in(&ns.name, "nft", &["--json", "list", "chains", "ip"]).context("nft list chains")?;
+        netns::exec_in(&ns.name, "nft", &["--json", "list", "chains", "ip"])
+            .context("nft list chains")?;
         let list_ms = ms(started.elapsed());
-        let partial =
-            nft_apply_in(&ns.name, &nft_partial_transaction(&before, &after)).context("nft partial transaction")?;
+        let partial = nft_apply_in(&ns.name, &nft_partial_transaction(&before, &after))
+            .context("nft partial transaction")?;
         (full, partial, list_ms)
     };
     let (iptables_full_noflush_ms, iptables_full_noflush_read_bytes_at_limit) = match ipt_noflush {
@@ -960,9 +1178,18 @@ pub fn tool_version(program: &str, args: &[&str]) -> Result<String> {
         .output()
         .with_context(|| format!("cannot run `{program}`: install it with `cargo xtask setup`"))?;
     if !out.status.success() {
-        bail!("`{program} {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`{program} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
-    Ok(String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().trim().to_string())
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string())
 }
 
 /// A network namespace of our own (`lbkp<pid>x<n>-<what>`), deleted on drop.
@@ -974,7 +1201,11 @@ static NETNS_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 impl PrivateNetns {
     fn new(what: &str) -> Result<Self> {
-        let name = format!("lbkp{}x{}-{what}", std::process::id(), NETNS_COUNTER.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "lbkp{}x{}-{what}",
+            std::process::id(),
+            NETNS_COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
         netns::run("ip", &["netns", "add", &name])?;
         let ns = PrivateNetns { name };
         netns::ip(&ns.name, &["link", "set", "lo", "up"])?;
@@ -995,17 +1226,21 @@ impl Drop for PrivateNetns {
 
 fn sha256(data: &[u8]) -> [u8; 32] {
     const K: [u32; 64] = [
-        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
-        0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
-        0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
-        0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
-        0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
-        0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
-        0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+        0xc67178f2,
     ];
-    let mut h: [u32; 8] =
-        [0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19];
+    let mut h: [u32; 8] = [
+        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
+        0x5be0cd19,
+    ];
     let mut msg = data.to_vec();
     msg.push(0x80);
     while msg.len() % 64 != 56 {
@@ -1020,13 +1255,20 @@ fn sha256(data: &[u8]) -> [u8; 32] {
         for i in 16..64 {
             let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
             let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
-            w[i] = w[i - 16].wrapping_add(s0).wrapping_add(w[i - 7]).wrapping_add(s1);
+            w[i] = w[i - 16]
+                .wrapping_add(s0)
+                .wrapping_add(w[i - 7])
+                .wrapping_add(s1);
         }
         let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut hh] = h;
         for i in 0..64 {
             let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
             let ch = (e & f) ^ (!e & g);
-            let t1 = hh.wrapping_add(s1).wrapping_add(ch).wrapping_add(K[i]).wrapping_add(w[i]);
+            let t1 = hh
+                .wrapping_add(s1)
+                .wrapping_add(ch)
+                .wrapping_add(K[i])
+                .wrapping_add(w[i]);
             let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
             let maj = (a & b) ^ (a & c) ^ (b & c);
             let t2 = s0.wrapping_add(maj);
@@ -1080,12 +1322,20 @@ mod tests {
 
     #[test]
     fn sha256_and_base32_match_the_standards() {
-        assert_eq!(hex(&sha256(b"abc")), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         assert_eq!(
-            hex(&sha256(b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq")),
+            hex(&sha256(b"abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            hex(&sha256(
+                b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"
+            )),
             "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"
         );
-        assert_eq!(hex(&sha256(b"")), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(
+            hex(&sha256(b"")),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
         assert_eq!(base32(b"foobar"), "MZXW6YTBOI======");
         assert_eq!(base32(b"fooba"), "MZXW6YTB");
     }
@@ -1105,11 +1355,20 @@ mod tests {
         };
         let h = hash_base32("ns1/svc1:p80tcp", 16);
         assert_eq!(h, "XPGD46QRK7WJZT7O");
-        assert_eq!(hash_base32("ns1/svc1:p80tcp10.180.0.1:80", 16), "SXIVWICOYRO3J4NJ");
+        assert_eq!(
+            hash_base32("ns1/svc1:p80tcp10.180.0.1:80", 16),
+            "SXIVWICOYRO3J4NJ"
+        );
         // ...and its nftables tests: service-ULMVA6XW-ns1/svc1/tcp/p80,
         // endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80.
-        assert_eq!(nft_hashed("ns1/svc1/tcp/p80".into()), "ULMVA6XW-ns1/svc1/tcp/p80");
-        assert_eq!(nft_hashed("ns1/svc1/tcp/p80__10.180.0.1/80".into()), "5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80");
+        assert_eq!(
+            nft_hashed("ns1/svc1/tcp/p80".into()),
+            "ULMVA6XW-ns1/svc1/tcp/p80"
+        );
+        assert_eq!(
+            nft_hashed("ns1/svc1/tcp/p80__10.180.0.1/80".into()),
+            "5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80"
+        );
         assert!(ipt_svc_chain(&s).starts_with("KUBE-SVC-"));
         assert_eq!(ipt_svc_chain(&s).len(), "KUBE-SVC-".len() + 16);
     }
@@ -1126,7 +1385,10 @@ mod tests {
         assert!(text.contains(&format!("-A KUBE-NODEPORTS -m comment --comment bench/fill-0:p -m tcp -p tcp --dport 30080 -j {}", ipt_ext_chain(&svcs[0]))));
         assert!(text.contains("-j DNAT --to-destination 10.250.0.1:8080"));
         let last_nat = text.lines().rev().nth(1).unwrap();
-        assert!(last_nat.contains("--dst-type LOCAL -j KUBE-NODEPORTS"), "{last_nat}");
+        assert!(
+            last_nat.contains("--dst-type LOCAL -j KUBE-NODEPORTS"),
+            "{last_nat}"
+        );
         assert_eq!(text.matches("COMMIT").count(), 2);
     }
 
@@ -1136,29 +1398,61 @@ mod tests {
         assert!(change.contains("bench/fill-150"), "{change}");
         let ipt = iptables_partial_restore(&before, &after);
         // Every Service keeps its KUBE-SERVICES rule...
-        assert_eq!(ipt.lines().filter(|l| l.starts_with("-A KUBE-SERVICES") && l.contains("cluster IP")).count(), 300);
+        assert_eq!(
+            ipt.lines()
+                .filter(|l| l.starts_with("-A KUBE-SERVICES") && l.contains("cluster IP"))
+                .count(),
+            300
+        );
         // ...but only fill-150 gets its chains rewritten.
-        assert_eq!(ipt.lines().filter(|l| l.starts_with(":KUBE-SVC-")).count(), 1);
-        assert_eq!(ipt.lines().filter(|l| l.starts_with(":KUBE-SEP-")).count(), 4, "3 used + 1 stale (small cluster: deleted)\n{ipt}");
+        assert_eq!(
+            ipt.lines().filter(|l| l.starts_with(":KUBE-SVC-")).count(),
+            1
+        );
+        assert_eq!(
+            ipt.lines().filter(|l| l.starts_with(":KUBE-SEP-")).count(),
+            4,
+            "3 used + 1 stale (small cluster: deleted)\n{ipt}"
+        );
         assert!(ipt.contains("-X KUBE-SEP-"));
         assert!(!ipt.contains("-A PREROUTING"));
         let nft = nft_partial_transaction(&before, &after);
-        assert_eq!(nft.lines().filter(|l| l.starts_with("add chain")).count(), 4, "{nft}");
-        assert_eq!(nft.lines().filter(|l| l.starts_with("flush chain")).count(), 5, "{nft}");
+        assert_eq!(
+            nft.lines().filter(|l| l.starts_with("add chain")).count(),
+            4,
+            "{nft}"
+        );
+        assert_eq!(
+            nft.lines().filter(|l| l.starts_with("flush chain")).count(),
+            5,
+            "{nft}"
+        );
         assert!(!nft.contains("add element"), "{nft}");
     }
 
     #[test]
     fn offending_lines_are_found() {
         let input = "a\nb\nc\n";
-        assert_eq!(offending_line("iptables-restore v1.8.9 (nf_tables): line 2 failed", input), Some((2, "b")));
-        assert_eq!(offending_line("/dev/stdin:3:1-3: Error: syntax error", input), Some((3, "c")));
+        assert_eq!(
+            offending_line("iptables-restore v1.8.9 (nf_tables): line 2 failed", input),
+            Some((2, "b"))
+        );
+        assert_eq!(
+            offending_line("/dev/stdin:3:1-3: Error: syntax error", input),
+            Some((3, "c"))
+        );
         assert_eq!(offending_line("nothing", input), None);
         let rules = "*nat\n:KUBE-X - [0:0]\n-A KUBE-X -j NOPE\nCOMMIT\n";
         let nf = "iptables-restore v1.8.9 (nf_tables): Chain 'NOPE' does not exist\nError occurred at line: 4\n";
         assert_eq!(offending_line(nf, rules), Some((3, "-A KUBE-X -j NOPE")));
         let legacy = "iptables-restore v1.8.9 (legacy): Couldn't load target `NOPE':No such file or directory\n\nError occurred at line: 3";
-        assert_eq!(offending_line(legacy, rules), Some((3, "-A KUBE-X -j NOPE")));
-        assert_eq!(offending_line("Error occurred at line: 2", rules), Some((2, ":KUBE-X - [0:0]")));
+        assert_eq!(
+            offending_line(legacy, rules),
+            Some((3, "-A KUBE-X -j NOPE"))
+        );
+        assert_eq!(
+            offending_line("Error occurred at line: 2", rules),
+            Some((2, ":KUBE-X - [0:0]"))
+        );
     }
 }

@@ -5,7 +5,8 @@
 //! Each (Service count, mode) point gets a fresh [`Lab`], so nothing of one mode (agent, pinned
 //! maps, rules, conntrack entries) is present while another is measured:
 //! - `xdp`: `lb-agent run` on node1 only, with `--device eth0` (as [`Lab::spawn_agent`] starts
-//!   it), on manifests holding the lab's Node objects, the measured Service and the fillers.
+//!   it) and [`XDP_AGENT_ARGS`], on manifests holding the lab's Node objects, the measured
+//!   Service and the fillers.
 //!   Translated packets (DNAT + SNAT to node1) leave through XDP_TX back out of eth0; replies are
 //!   translated back by XDP as well. Afterwards the agent is stopped and `lb-agent uninstall`
 //!   removes its programs and maps.
@@ -160,21 +161,27 @@ impl LoadReport {
 /// The measured NodePort Service, as two single-port Services (TCP and UDP) whose endpoints are
 /// the pods of node2 (b1, b2), port [`TARGET_PORT`].
 pub fn measured_services(lab: &Lab) -> Vec<BenchService> {
-    let endpoints: Vec<(Ipv4Addr, String)> =
-        lab.pods_of("node2").iter().map(|p| (p.addr, p.node.clone())).collect();
-    [("echo-tcp", "TCP", NODE_PORT_TCP, 100), ("echo-udp", "UDP", NODE_PORT_UDP, 101)]
-        .into_iter()
-        .map(|(name, protocol, node_port, host)| BenchService {
-            namespace: "bench".into(),
-            name: name.into(),
-            cluster_ip: Ipv4Addr::new(10, 96, 0, host),
-            port: 80,
-            protocol,
-            node_port: Some(node_port),
-            target_port: TARGET_PORT,
-            endpoints: endpoints.clone(),
-        })
-        .collect()
+    let endpoints: Vec<(Ipv4Addr, String)> = lab
+        .pods_of("node2")
+        .iter()
+        .map(|p| (p.addr, p.node.clone()))
+        .collect();
+    [
+        ("echo-tcp", "TCP", NODE_PORT_TCP, 100),
+        ("echo-udp", "UDP", NODE_PORT_UDP, 101),
+    ]
+    .into_iter()
+    .map(|(name, protocol, node_port, host)| BenchService {
+        namespace: "bench".into(),
+        name: name.into(),
+        cluster_ip: Ipv4Addr::new(10, 96, 0, host),
+        port: 80,
+        protocol,
+        node_port: Some(node_port),
+        target_port: TARGET_PORT,
+        endpoints: endpoints.clone(),
+    })
+    .collect()
 }
 
 /// The Services of a point with `services` Services: the measured Service and
@@ -188,7 +195,10 @@ pub fn bench_services(lab: &Lab, services: usize) -> Vec<BenchService> {
 /// Manifests for the agent: the Node objects of deploy/examples/lab.yaml and the Services.
 pub fn agent_manifests(services: &[BenchService]) -> String {
     let example = include_str!("../../../deploy/examples/lab.yaml");
-    let nodes: Vec<&str> = example.split("\n---\n").filter(|d| d.contains("kind: Node\n")).collect();
+    let nodes: Vec<&str> = example
+        .split("\n---\n")
+        .filter(|d| d.contains("kind: Node\n"))
+        .collect();
     format!("{}\n{}", nodes.join("\n---\n"), gen::to_manifests(services))
 }
 
@@ -203,7 +213,8 @@ pub fn lab_bench(services: &[usize], duration: Duration) -> Result<Vec<LabPoint>
     let mut points = Vec::new();
     for &n in services {
         for mode in MODES {
-            let p = lab_point(mode, n, duration).with_context(|| format!("lab bench: {mode} with {n} Services"))?;
+            let p = lab_point(mode, n, duration)
+                .with_context(|| format!("lab bench: {mode} with {n} Services"))?;
             points.push(p);
         }
     }
@@ -216,7 +227,11 @@ pub fn lab_point(mode: &str, services: usize, duration: Duration) -> Result<LabP
         bail!("unknown mode {mode} (one of {MODES:?})");
     }
     let lab = Lab::new()?;
-    netns::exec_in(&lab.client_netns, "sysctl", &["-q", "-w", "net.ipv4.tcp_tw_reuse=1"])?;
+    netns::exec_in(
+        &lab.client_netns,
+        "sysctl",
+        &["-q", "-w", "net.ipv4.tcp_tw_reuse=1"],
+    )?;
     let svcs = bench_services(&lab, services);
     let node1 = lab.node("node1").clone();
 
@@ -227,17 +242,28 @@ pub fn lab_point(mode: &str, services: usize, duration: Duration) -> Result<LabP
         "xdp" => {
             let manifests = lab.tmpdir().join("bench-manifests.yaml");
             fs::write(&manifests, agent_manifests(&svcs))?;
-            let mut a = lab.spawn_agent("node1", &bin_path("lb-agent")?, &manifests, XDP_AGENT_ARGS)?;
+            let mut a =
+                lab.spawn_agent("node1", &bin_path("lb-agent")?, &manifests, XDP_AGENT_ARGS)?;
             wait_first_sync(&mut a)?;
             agent = Some(a);
         }
         "iptables" => {
             // kube-proxy sets this for NodePorts on localhost (its default).
-            netns::exec_in(&node1.netns, "sysctl", &["-q", "-w", "net.ipv4.conf.all.route_localnet=1"])?;
-            rule_lines = kubeproxy::iptables_replace_in(&node1.netns, &kubeproxy::iptables_full_restore(&svcs))?.lines;
+            netns::exec_in(
+                &node1.netns,
+                "sysctl",
+                &["-q", "-w", "net.ipv4.conf.all.route_localnet=1"],
+            )?;
+            rule_lines = kubeproxy::iptables_replace_in(
+                &node1.netns,
+                &kubeproxy::iptables_full_restore(&svcs),
+            )?
+            .lines;
         }
         _ => {
-            rule_lines = kubeproxy::nft_apply_in(&node1.netns, &kubeproxy::nft_full_transaction(&svcs))?.lines;
+            rule_lines =
+                kubeproxy::nft_apply_in(&node1.netns, &kubeproxy::nft_full_transaction(&svcs))?
+                    .lines;
         }
     }
     let program_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -256,7 +282,8 @@ pub fn lab_point(mode: &str, services: usize, duration: Duration) -> Result<LabP
 
     let mut xdp_counters = BTreeMap::new();
     if let Some(mut a) = agent {
-        xdp_counters = lbctl_stats(&lab, "node1").unwrap_or_else(|e| BTreeMap::from([(format!("lbctl failed: {e:#}"), 0)]));
+        xdp_counters = lbctl_stats(&lab, "node1")
+            .unwrap_or_else(|e| BTreeMap::from([(format!("lbctl failed: {e:#}"), 0)]));
         a.stop()?;
         uninstall_agent(&lab, "node1")?;
     } else if mode == "iptables" {
@@ -335,7 +362,9 @@ fn uninstall_agent(lab: &Lab, node: &str) -> Result<()> {
 /// node1's non-zero datapath counters, by name.
 fn lbctl_stats(lab: &Lab, node: &str) -> Result<BTreeMap<String, u64>> {
     let mut cmd = std::process::Command::new(bin_path("lbctl")?);
-    cmd.arg("--bpffs").arg(&lab.node(node).bpffs).args(["stats", "-o", "json"]);
+    cmd.arg("--bpffs")
+        .arg(&lab.node(node).bpffs)
+        .args(["stats", "-o", "json"]);
     let out = netns::run_command(&mut cmd)?;
     let v: Vec<serde_json::Value> = serde_json::from_str(&out).context("lbctl stats output")?;
     Ok(v.iter()
@@ -353,7 +382,12 @@ fn run_load(lab: &Lab, proto: &str, target: &str, duration: Duration) -> Result<
         duration.as_millis().to_string(),
     ];
     if proto == "tcp" {
-        args.extend(["--workers".into(), TCP_WORKERS.to_string(), "--timeout-ms".into(), TCP_TIMEOUT.as_millis().to_string()]);
+        args.extend([
+            "--workers".into(),
+            TCP_WORKERS.to_string(),
+            "--timeout-ms".into(),
+            TCP_TIMEOUT.as_millis().to_string(),
+        ]);
     } else {
         args.extend([
             "--workers".into(),
@@ -366,9 +400,16 @@ fn run_load(lab: &Lab, proto: &str, target: &str, duration: Duration) -> Result<
     }
     let mut cmd = lab.client_command(bin_path("lab-load")?, &args);
     let desc = netns::describe(&cmd);
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {desc}"))?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {desc}"))?;
     if !out.status.success() {
-        bail!("{desc} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{desc} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let text = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(text.trim()).with_context(|| format!("bad output of {desc}: {text}"))

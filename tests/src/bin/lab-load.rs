@@ -43,11 +43,15 @@ fn usage(why: &str) -> ! {
 
 fn parse_args() -> Args {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (Some(proto), Some(target)) = (args.first(), args.get(1)) else { usage("missing mode or target") };
+    let (Some(proto), Some(target)) = (args.first(), args.get(1)) else {
+        usage("missing mode or target")
+    };
     if proto != "tcp" && proto != "udp" {
         usage(&format!("unknown mode {proto}"));
     }
-    let target = target.parse().unwrap_or_else(|_| usage(&format!("bad target {target} (IP:PORT)")));
+    let target = target
+        .parse()
+        .unwrap_or_else(|_| usage(&format!("bad target {target} (IP:PORT)")));
     let mut a = Args {
         proto: proto.clone(),
         target,
@@ -58,8 +62,12 @@ fn parse_args() -> Args {
     };
     let mut rest = args[2..].iter();
     while let Some(flag) = rest.next() {
-        let value = rest.next().unwrap_or_else(|| usage(&format!("{flag} needs a value")));
-        let n: u64 = value.parse().unwrap_or_else(|_| usage(&format!("bad number {value}")));
+        let value = rest
+            .next()
+            .unwrap_or_else(|| usage(&format!("{flag} needs a value")));
+        let n: u64 = value
+            .parse()
+            .unwrap_or_else(|_| usage(&format!("bad number {value}")));
         match flag.as_str() {
             "--duration-ms" => a.duration = Duration::from_millis(n),
             "--workers" => a.workers = (n as usize).max(1),
@@ -76,11 +84,21 @@ fn main() {
     let barrier = Arc::new(Barrier::new(a.workers + 1));
     let mut handles = Vec::new();
     for _ in 0..a.workers {
-        let (proto, target, duration, flows, timeout, barrier) =
-            (a.proto.clone(), a.target, a.duration, a.flows, a.timeout, barrier.clone());
+        let (proto, target, duration, flows, timeout, barrier) = (
+            a.proto.clone(),
+            a.target,
+            a.duration,
+            a.flows,
+            a.timeout,
+            barrier.clone(),
+        );
         handles.push(thread::spawn(move || -> io::Result<LoadReport> {
             // UDP sockets are made before the clock starts.
-            let socks = if proto == "udp" { Some(udp_sockets(target, flows)) } else { None };
+            let socks = if proto == "udp" {
+                Some(udp_sockets(target, flows))
+            } else {
+                None
+            };
             barrier.wait();
             let deadline = Instant::now() + duration;
             match socks {
@@ -94,7 +112,11 @@ fn main() {
     let mut report = LoadReport {
         proto: a.proto.clone(),
         workers: a.workers,
-        flows: if a.proto == "udp" { a.workers * a.flows } else { 0 },
+        flows: if a.proto == "udp" {
+            a.workers * a.flows
+        } else {
+            0
+        },
         ..Default::default()
     };
     for h in handles {
@@ -152,7 +174,8 @@ fn tcp_worker(target: SocketAddr, deadline: Instant, timeout: Duration) -> LoadR
 fn tcp_request(target: SocketAddr, timeout: Duration, buf: &mut [u8]) -> Result<String, String> {
     let step = |what: &str, e: io::Error| format!("{:?}: {e} ({what})", e.kind());
     let mut s = TcpStream::connect_timeout(&target, timeout).map_err(|e| step("connect", e))?;
-    s.set_read_timeout(Some(timeout)).map_err(|e| step("setsockopt", e))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| step("setsockopt", e))?;
     s.set_nodelay(true).map_err(|e| step("setsockopt", e))?;
     s.write_all(b"x\n").map_err(|e| step("send", e))?;
     let mut got = 0;
@@ -166,7 +189,12 @@ fn tcp_request(target: SocketAddr, timeout: Duration, buf: &mut [u8]) -> Result<
             break;
         }
     }
-    backend_of(&buf[..got]).ok_or_else(|| format!("bad reply `{}`", String::from_utf8_lossy(&buf[..got]).trim()))
+    backend_of(&buf[..got]).ok_or_else(|| {
+        format!(
+            "bad reply `{}`",
+            String::from_utf8_lossy(&buf[..got]).trim()
+        )
+    })
 }
 
 fn udp_sockets(target: SocketAddr, flows: usize) -> io::Result<Vec<UdpSocket>> {
@@ -180,10 +208,20 @@ fn udp_sockets(target: SocketAddr, flows: usize) -> io::Result<Vec<UdpSocket>> {
         .collect()
 }
 
-fn udp_worker(socks: Vec<UdpSocket>, deadline: Instant, timeout: Duration) -> io::Result<LoadReport> {
+fn udp_worker(
+    socks: Vec<UdpSocket>,
+    deadline: Instant,
+    timeout: Duration,
+) -> io::Result<LoadReport> {
     let mut r = LoadReport::default();
-    let mut pfds: Vec<libc::pollfd> =
-        socks.iter().map(|s| libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+    let mut pfds: Vec<libc::pollfd> = socks
+        .iter()
+        .map(|s| libc::pollfd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
     let mut sent_at = vec![Instant::now(); socks.len()];
     let send = |r: &mut LoadReport, s: &UdpSocket| {
         r.sent += 1;
@@ -229,7 +267,10 @@ fn udp_worker(socks: Vec<UdpSocket>, deadline: Instant, timeout: Duration) -> io
                                 }
                                 None => {
                                     r.errors += 1;
-                                    r.note_error(format!("bad reply `{}`", String::from_utf8_lossy(&buf[..len]).trim()));
+                                    r.note_error(format!(
+                                        "bad reply `{}`",
+                                        String::from_utf8_lossy(&buf[..len]).trim()
+                                    ));
                                 }
                             }
                         }
@@ -247,7 +288,10 @@ fn udp_worker(socks: Vec<UdpSocket>, deadline: Instant, timeout: Duration) -> io
             }
             if !answered && now.duration_since(sent_at[i]) >= timeout {
                 r.errors += 1;
-                r.note_error(format!("TimedOut: no reply within {} ms", timeout.as_millis()));
+                r.note_error(format!(
+                    "TimedOut: no reply within {} ms",
+                    timeout.as_millis()
+                ));
                 answered = true;
             }
             if answered && now < deadline {
