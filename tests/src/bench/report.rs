@@ -174,6 +174,16 @@ pub fn markdown(r: &Results) -> String {
             let _ = writeln!(md, "| | full ms | lines | one change ms | lines |\n|---|---:|---:|---:|---:|");
             let _ = writeln!(md, "| iptables-restore | {} | {} | {} | {} |", f1(k.iptables_full_ms), thousands(k.iptables_full_lines as f64), f1(k.iptables_partial_ms), thousands(k.iptables_partial_lines as f64));
             let _ = writeln!(md, "| nft -f | {} | {} | {} | {} |", f1(k.nft_full_ms), thousands(k.nft_full_lines as f64), f1(k.nft_partial_ms), thousands(k.nft_partial_lines as f64));
+            if let Some(ms) = k.iptables_full_noflush_ms {
+                let _ = writeln!(md, "\nkube-proxy's own full load (`iptables-restore --noflush`): {} ms.", f1(ms));
+            } else {
+                let _ = writeln!(
+                    md,
+                    "\nkube-proxy's own full load (`iptables-restore --noflush`) did not finish within {} s ({} bytes of the ruleset read); the table shows the plain `iptables-restore`.",
+                    f1(k.iptables_full_noflush_limit_ms / 1000.0),
+                    thousands(k.iptables_full_noflush_read_bytes_at_limit.unwrap_or(0) as f64)
+                );
+            }
             let _ = writeln!(md, "\nThe change: {}", k.change);
         }
         Err(e) => {
