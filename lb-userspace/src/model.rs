@@ -160,6 +160,9 @@ pub fn node_info(node: &Node) -> NodeInfo {
     NodeInfo { name, zone, addresses }
 }
 
+/// Why an object without `metadata.name` is rejected (the API server never stores one).
+pub const MISSING_NAME: &str = "missing metadata.name";
+
 /// Builds the model for node `node_name`.
 pub fn build(objects: &Objects, node_name: &str) -> Model {
     let mut model = Model::default();
@@ -175,6 +178,10 @@ pub fn build(objects: &Objects, node_name: &str) -> Model {
         let name = slice.metadata.name.clone().unwrap_or_default();
         let labels = slice.metadata.labels.clone().unwrap_or_default();
         if labels.contains_key(LABEL_SERVICE_PROXY_NAME) || labels.contains_key(LABEL_HEADLESS) {
+            continue;
+        }
+        if name.is_empty() {
+            model.rejected.push(reject("EndpointSlice", &ns, &name, MISSING_NAME));
             continue;
         }
         let Some(svc) = labels.get(LABEL_SERVICE_NAME) else {
@@ -201,6 +208,10 @@ pub fn build(objects: &Objects, node_name: &str) -> Model {
         let name = svc.metadata.name.clone().unwrap_or_default();
         let labels = svc.metadata.labels.clone().unwrap_or_default();
         if labels.contains_key(LABEL_SERVICE_PROXY_NAME) {
+            continue;
+        }
+        if name.is_empty() {
+            model.rejected.push(reject("Service", &ns, &name, MISSING_NAME));
             continue;
         }
         match service_model(svc, &ns, &name) {
@@ -487,6 +498,24 @@ mod tests {
         let m = model(&format!("{SVC}{}", slice("badaddr", "kubernetes.io/service-name: s", "[{name: web, port: 8080}]", "[{addresses: [300.1.1.1]}]")));
         assert_eq!(m.rejected[0].name, "badaddr");
         assert!(m.rejected[0].reason.contains("300.1.1.1"));
+    }
+
+    #[test]
+    fn objects_without_a_name_are_rejected() {
+        // Found by the fuzz target `manifests` (fuzz/): a nameless Service was programmed as
+        // `ns/:port/TCP`, and a nameless slice was rejected under the name "".
+        let m = model(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{namespace: ns}}\nspec: {{clusterIP: 10.96.0.2, ports: [{{port: 80}}]}}\n---\n{SVC}{}",
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {namespace: ns, labels: {kubernetes.io/service-name: s}}\naddressType: IPv4\nports: [{name: web, port: 8080}]\nendpoints: [{addresses: [10.0.0.1]}]\n"
+        ));
+        let rejected: Vec<_> =
+            m.rejected.iter().map(|r| (r.kind.as_str(), r.namespace.as_str(), r.name.as_str(), r.reason.as_str())).collect();
+        assert_eq!(
+            rejected,
+            [("EndpointSlice", "ns", "", MISSING_NAME), ("Service", "ns", "", MISSING_NAME)]
+        );
+        assert_eq!(m.services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["s"]);
+        assert!(eps(&m, "web", Protocol::TCP).is_empty(), "the nameless slice is not used");
     }
 
     #[test]

@@ -164,7 +164,7 @@ fn add_value(value: serde_yaml_ng::Value, out: &mut Objects) -> Result<(), Strin
 /// What the API server defaults on a Service created with `kubectl apply`.
 pub fn default_service(svc: &mut Service) {
     let meta = &mut svc.metadata;
-    if meta.namespace.is_none() {
+    if meta.namespace.as_deref().is_none_or(str::is_empty) {
         meta.namespace = Some("default".into());
     }
     let Some(spec) = svc.spec.as_mut() else { return };
@@ -200,7 +200,7 @@ pub fn default_service(svc: &mut Service) {
 
 /// What the API server defaults on an EndpointSlice: port name `""`, protocol TCP.
 pub fn default_endpoint_slice(slice: &mut EndpointSlice) {
-    if slice.metadata.namespace.is_none() {
+    if slice.metadata.namespace.as_deref().is_none_or(str::is_empty) {
         slice.metadata.namespace = Some("default".into());
     }
     for port in slice.ports.iter_mut().flatten() {
@@ -255,6 +255,17 @@ metadata: {name: ignored}
         let sp = &o.endpoint_slices[0].ports.as_ref().unwrap()[0];
         assert_eq!(sp.name.as_deref(), Some(""));
         assert_eq!(sp.protocol.as_deref(), Some("TCP"));
+    }
+
+    #[test]
+    fn empty_namespace_is_the_default_namespace() {
+        // Found by the fuzz targets' invariants (fuzz/): `namespace: ""` stayed empty, so the
+        // object was named `/name` in rejections, render and the Service port id.
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: \"\"}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s-1, namespace: ''}\naddressType: IPv4\nendpoints: []\n";
+        let mut o = Objects::default();
+        parse_into(Path::new("x.yaml"), yaml, &mut o).unwrap();
+        assert_eq!(o.services[0].metadata.namespace.as_deref(), Some("default"));
+        assert_eq!(o.endpoint_slices[0].metadata.namespace.as_deref(), Some("default"));
     }
 
     #[test]

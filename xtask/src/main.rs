@@ -1,6 +1,7 @@
 //! `cargo xtask <setup|test|demo|bench>` — it only runs things.
 
 mod bench;
+mod fuzz;
 mod setup;
 mod test;
 mod util;
@@ -21,6 +22,9 @@ commands:
                         requests/s and packets/s against kube-proxy's iptables/nftables rules,
                         control plane against iptables-restore, memory; writes bench/results.json,
                         bench/results.md, bench/chart.svg (ARGS: --quick, --out DIR, --skip-lab)
+  fuzz [TARGET] [--seconds N] [INPUT]
+                        run the cargo-fuzz targets (manifests, objects) N s each (300), or
+                        replay a saved INPUT; findings land in fuzz/artifacts/TARGET/
 
 test and demo run setup first when something is missing.";
 
@@ -78,6 +82,7 @@ fn dispatch(args: &[String]) -> Result<i32> {
         }
         "test" => test::test(rest(args)),
         "demo" => demo(rest(args)),
+        "fuzz" => fuzz::fuzz(rest(args)),
         "bench" => bench::bench(rest(args)),
         other => {
             eprintln!("xtask: unknown command `{other}`\n\n{USAGE}");

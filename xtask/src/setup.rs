@@ -46,6 +46,9 @@ pub fn setup_needed() -> Option<String> {
     if let Some(tool) = LAB_TOOLS.iter().find(|t| which(t).is_none()) {
         return Some(format!("`{tool}` is not on PATH"));
     }
+    if !cargo_fuzz_installed() {
+        return Some("cargo-fuzz is not installed".into());
+    }
     None
 }
 
@@ -55,6 +58,7 @@ pub fn setup() -> Result<()> {
     }
     apt_packages()?;
     rust_src()?;
+    cargo_fuzz()?;
     bpf_linker()?;
     llvm_versions_match()?;
     bpffs()?;
@@ -145,6 +149,35 @@ fn rust_src() -> Result<()> {
     }
     println!("installed: rust-src for the nightly toolchain");
     Ok(())
+}
+
+// ---- cargo-fuzz ----
+
+/// `cargo fuzz --version` works (the fuzz targets of fuzz/ run with `cargo +nightly fuzz`).
+pub fn cargo_fuzz_installed() -> bool {
+    query("cargo", &["fuzz", "--version"]).is_some()
+}
+
+/// Installs cargo-fuzz with `cargo install --locked` unless `cargo fuzz --version` works.
+pub fn cargo_fuzz() -> Result<()> {
+    if let Some(v) = query("cargo", &["fuzz", "--version"]) {
+        println!("ok: {}", v.trim());
+        return Ok(());
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(Command::new(cargo).args(["install", "cargo-fuzz", "--locked"]))
+        .context("installing cargo-fuzz")?;
+    match query("cargo", &["fuzz", "--version"]) {
+        Some(v) => {
+            println!("installed: {}", v.trim());
+            Ok(())
+        }
+        None => bail!(
+            "cargo-fuzz was installed into {} but `cargo fuzz --version` fails; put {} first on PATH",
+            cargo_home_bin().display(),
+            cargo_home_bin().display()
+        ),
+    }
 }
 
 // ---- bpf-linker ----

@@ -1,5 +1,6 @@
 //! `cargo xtask test`: build the binaries the integration tests drive, run every test one at a
-//! time, and count what ran (and how much of it ran on the kernel).
+//! time, and count what ran (and how much of it ran on the kernel); then run every fuzz target of
+//! `fuzz/` for `LB_FUZZ_SECONDS` (20) seconds.
 
 use crate::util::{self, display};
 use anyhow::{bail, Context, Result};
@@ -127,7 +128,57 @@ pub fn test(harness_args: &[String]) -> Result<i32> {
     if ci() && summary.kernel == 0 {
         bail!("CI=true but no kernel tests (kernel_*/lab_*) passed: BPF tests must run in CI");
     }
-    Ok(0)
+    fuzz_briefly(harness_args)
+}
+
+/// Seconds per fuzz target in `cargo xtask test` unless `LB_FUZZ_SECONDS` says otherwise.
+const FUZZ_SECONDS: u64 = 20;
+
+/// True when the harness arguments hold a test-name filter (an argument that is not an option
+/// or an option's value): the caller wants some tests, not the whole suite.
+fn has_name_filter(harness_args: &[String]) -> bool {
+    const WITH_VALUE: &[&str] = &[
+        "--skip",
+        "--test-threads",
+        "--format",
+        "--color",
+        "-Z",
+        "--logfile",
+        "--report-time",
+    ];
+    let mut it = harness_args.iter();
+    while let Some(a) = it.next() {
+        if WITH_VALUE.contains(&a.as_str()) {
+            it.next();
+        } else if !a.starts_with('-') {
+            return true;
+        }
+    }
+    false
+}
+
+/// Every fuzz target for a short while, after the cargo tests passed: prints
+/// `xtask test: fuzz: manifests 20 s (12345 runs), objects 20 s (23456 runs)`; a finding fails.
+fn fuzz_briefly(harness_args: &[String]) -> Result<i32> {
+    let seconds = crate::fuzz::test_seconds(
+        std::env::var("LB_FUZZ_SECONDS").ok().as_deref(),
+        FUZZ_SECONDS,
+    )?;
+    if seconds == 0 {
+        println!("xtask test: fuzz: skipped (LB_FUZZ_SECONDS=0)");
+        return Ok(0);
+    }
+    if has_name_filter(harness_args) {
+        println!("xtask test: fuzz: skipped (a test name filter was given)");
+        return Ok(0);
+    }
+    let outcomes = crate::fuzz::run_all(crate::fuzz::TARGETS, seconds, &[])?;
+    println!("xtask test: {}", crate::fuzz::summary(&outcomes));
+    if outcomes.iter().all(crate::fuzz::Outcome::passed) {
+        return Ok(0);
+    }
+    eprintln!("xtask test: a fuzz target failed; replay with `cargo xtask fuzz TARGET INPUT`");
+    Ok(1)
 }
 
 #[cfg(test)]
@@ -186,6 +237,21 @@ test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; fini
         assert!(!is_kernel_test("kernel::tests::parse"));
         assert!(!is_kernel_test("my_lab_test"));
         assert!(!is_kernel_test("src/lib.rs - lab_ (line 3)"));
+    }
+
+    #[test]
+    fn name_filters() {
+        let v = |a: &[&str]| a.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert!(!has_name_filter(&[]));
+        assert!(!has_name_filter(&v(&["--nocapture", "--include-ignored"])));
+        assert!(!has_name_filter(&v(&[
+            "--skip",
+            "lab_",
+            "--test-threads",
+            "1"
+        ])));
+        assert!(has_name_filter(&v(&["lab_smoke"])));
+        assert!(has_name_filter(&v(&["--nocapture", "kernel_", "--exact"])));
     }
 
     #[test]
