@@ -43,7 +43,10 @@ fn lab_local_policy_keeps_the_client_address() {
         }
     }
     let st = s.stats("node1");
-    assert!(st["xdp_new_flow"] >= 120, "{st:?}");
+    // Every TCP connection is a new flow; a UDP socket that happens to get the source port of an
+    // earlier one continues that flow's entries (the same four-tuple), so UDP counts at most 60.
+    assert!(st["xdp_new_flow"] >= 60 && st["xdp_new_flow"] + st["xdp_established"] >= 120, "{st:?}");
+    assert!(st["xdp_translated_pass"] >= 120, "{st:?}");
     assert!(st["tc_reply"] >= 120, "{st:?}");
 }
 
@@ -62,7 +65,8 @@ fn lab_cluster_policy_translates_the_source_to_the_node() {
         }
     }
     let st = s.stats("node1");
-    assert!(st["xdp_new_flow"] >= 90 && st["xdp_reply"] >= 90, "{st:?}");
+    // 60 TCP connections are new flows; a UDP socket may reuse an earlier one's source port.
+    assert!(st["xdp_new_flow"] >= 60 && st["xdp_new_flow"] + st["xdp_established"] >= 90 && st["xdp_reply"] >= 90, "{st:?}");
     assert!(st["xdp_tx"] >= 90, "translated packets left through XDP_TX: {st:?}");
 }
 
