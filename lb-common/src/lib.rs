@@ -105,7 +105,7 @@ pub mod limits {
     /// Membership entries: one per backend slot, like the services map.
     pub const MEMBERS: u32 = 262_144;
     /// SNAT port candidates tried before a new flow is dropped as a collision.
-    pub const SNAT_TRIES: u32 = 8;
+    pub const SNAT_TRIES: u32 = 16;
     /// Seconds a closed TCP flow must be idle before its SNAT port is reused: after a reset, and
     /// after FINs (TIME-WAIT: 60 s on Linux). Without reuse, ports stay held by dead flows until the LRU evicts them, and a
     /// high connection rate exhausts the range.

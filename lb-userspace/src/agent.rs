@@ -287,14 +287,15 @@ fn load_programs(ebpf: &mut aya::Ebpf) -> Result<()> {
 /// an older layout before and after the swap (see [`crate::migrate`]), then drops those maps.
 fn attach_all(ebpf: &mut aya::Ebpf, cfg: &RunConfig, syncer: &Syncer<AyaDataplane>, old: &[crate::migrate::OtherVersion]) -> Result<()> {
     let rev_nat = syncer.svc_port_by_rev_nat();
-    let before = crate::migrate::copy_state(&cfg.bpffs, old, &rev_nat)?;
+    let mut seen = std::collections::HashMap::new();
+    let before = crate::migrate::copy_state(&cfg.bpffs, old, &rev_nat, &mut seen)?;
     attach_cgroup(ebpf, &cfg.cgroup, &cfg.bpffs)?;
     for dev in &cfg.devices {
         prepare_device(dev)?;
         attach_xdp(ebpf, dev, &cfg.bpffs)?;
         attach_tc_egress(ebpf, dev, &cfg.bpffs)?;
     }
-    let after = crate::migrate::copy_state(&cfg.bpffs, old, &rev_nat)?;
+    let after = crate::migrate::copy_state(&cfg.bpffs, old, &rev_nat, &mut seen)?;
     for (b, a) in before.iter().zip(&after) {
         log::info!("migrated {} entries of {} into {} ({} more after the program swap)", b.copied, b.from, b.to, a.copied);
     }

@@ -84,7 +84,17 @@ const BPF_NOEXIST: u64 = 1;
 /// Converts the state of every old map this module knows into its current map under `bpffs`.
 /// `svc_port_of_rev_nat` maps a (rev-NAT id, protocol) to its Service-port id, from the synced
 /// state (rev-NAT ids are kept across versions: the rev-NAT map's layout did not change).
-pub fn copy_state(bpffs: &Path, old: &[OtherVersion], svc_port_of_rev_nat: &HashMap<(u32, u8), u32>) -> Result<Vec<Copied>> {
+///
+/// `seen` carries what an earlier pass copied: a later pass (after the program swap) copies only
+/// entries the old programs wrote or changed since, so it never brings back an entry the new
+/// programs removed meanwhile (a flow that ended, a SNAT port given to a new flow). Entries the
+/// new programs hold in either conntrack tier are kept as they are.
+pub fn copy_state(
+    bpffs: &Path,
+    old: &[OtherVersion],
+    svc_port_of_rev_nat: &HashMap<(u32, u8), u32>,
+    seen: &mut HashMap<CtKey, CtEntryV1>,
+) -> Result<Vec<Copied>> {
     let mut out = Vec::new();
     for o in old {
         if o.name == "lb_ct_v1" && o.current == map_name::CONNTRACK {
@@ -93,9 +103,19 @@ pub fn copy_state(bpffs: &Path, old: &[OtherVersion], svc_port_of_rev_nat: &Hash
                 .with_context(|| format!("{} does not have the v1 conntrack layout", o.path.display()))?;
             let mut to: BpfHashMap<MapData, CtKey, CtEntry> =
                 BpfHashMap::try_from(Map::LruHashMap(crate::inspect::open_pinned(bpffs, map_name::CONNTRACK)?))?;
+            let new_tier: BpfHashMap<MapData, CtKey, CtEntry> =
+                BpfHashMap::try_from(Map::LruHashMap(crate::inspect::open_pinned(bpffs, map_name::CONNTRACK_NEW)?))?;
             let (mut copied, mut kept) = (0, 0);
-            for kv in from.iter() {
-                let (k, v) = kv?;
+            let entries: Vec<(CtKey, CtEntryV1)> = from.iter().collect::<Result<_, _>>()?;
+            for (k, v) in entries {
+                if seen.get(&k) == Some(&v) {
+                    continue; // copied by an earlier pass, unchanged since
+                }
+                seen.insert(k, v);
+                if new_tier.get(&k, 0).is_ok() {
+                    kept += 1;
+                    continue;
+                }
                 let e = convert_ct_v1(&v, k.proto, svc_port_of_rev_nat);
                 match to.insert(k, e, BPF_NOEXIST) {
                     Ok(()) => copied += 1,
