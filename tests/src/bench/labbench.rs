@@ -28,7 +28,6 @@ use std::{
     collections::BTreeMap,
     fs,
     net::Ipv4Addr,
-    process::Stdio,
     thread,
     time::{Duration, Instant},
 };
@@ -401,17 +400,6 @@ fn run_load(lab: &Lab, proto: &str, target: &str, duration: Duration) -> Result<
     }
     let mut cmd = lab.client_command(bin_path("lab-load")?, &args);
     let desc = netns::describe(&cmd);
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {desc}"))?;
-    if !out.status.success() {
-        bail!(
-            "{desc} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = netns::run_command(&mut cmd)?;
     serde_json::from_str(text.trim()).with_context(|| format!("bad output of {desc}: {text}"))
 }
