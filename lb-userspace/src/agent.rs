@@ -25,6 +25,7 @@ use lb_common::program_name;
 
 use crate::{
     dataplane::AyaDataplane,
+    error::{usage, UsageError},
     model, plan,
     source::{ManifestsSource, Objects, Source},
     kube_source::{KubeConfigChoice, KubeSource},
@@ -36,21 +37,6 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_BPF: u32 = 39;
-
-/// An error the user can fix: printed as one line, exit code 2.
-#[derive(Debug)]
-pub struct UsageError(pub String);
-
-impl std::fmt::Display for UsageError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-impl std::error::Error for UsageError {}
-
-fn usage(msg: impl Into<String>) -> anyhow::Error {
-    anyhow::Error::new(UsageError(msg.into()))
-}
 
 #[derive(Clone, Debug)]
 pub struct RunConfig {

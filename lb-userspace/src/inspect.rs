@@ -50,7 +50,7 @@ fn addr(addr_be: u32, port_be: u16) -> SocketAddrV4 {
 
 fn check_dir(bpffs: &Path) -> Result<()> {
     if !bpffs.is_dir() {
-        anyhow::bail!(crate::agent::UsageError(format!(
+        anyhow::bail!(crate::error::UsageError(format!(
             "--bpffs {}: no such directory (is the agent's --bpffs right?)",
             bpffs.display()
         )));
@@ -182,11 +182,11 @@ pub fn open_pinned(bpffs: &Path, name: &str) -> Result<MapData> {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .find(|f| f.rsplit_once("_v").is_some_and(|(s, _)| s == stem));
         return Err(match other {
-            Some(o) => anyhow::Error::new(crate::agent::UsageError(format!(
+            Some(o) => anyhow::Error::new(crate::error::UsageError(format!(
                 "{}: map {name} not found, but {o} is: pinned by an agent of another layout version (use the lbctl of that version, or restart the agent of this one)",
                 bpffs.display()
             ))),
-            None => anyhow::Error::new(crate::agent::UsageError(format!("{}: map {name} not found (is the agent's --bpffs right?)", bpffs.display()))),
+            None => anyhow::Error::new(crate::error::UsageError(format!("{}: map {name} not found (is the agent's --bpffs right?)", bpffs.display()))),
         });
     }
     MapData::from_pin(&p).with_context(|| format!("cannot open pinned map {}", p.display()))

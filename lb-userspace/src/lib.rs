@@ -3,6 +3,7 @@
 //! Data flow: [`source`] → [`model`] → [`plan`] → [`sync`] → [`dataplane`] → BPF maps.
 pub mod agent;
 pub mod dataplane;
+pub mod error;
 pub mod harness;
 pub mod health;
 pub mod http;
@@ -22,7 +23,7 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 /// Prints `PROG: error: MESSAGE` and returns the exit code: 2 for errors the user can fix
 /// (wrong flags, missing interface, cgroup, privileges, unparsable manifests), 1 otherwise.
 pub fn report_error(prog: &str, e: &anyhow::Error) -> i32 {
-    if let Some(u) = e.downcast_ref::<agent::UsageError>() {
+    if let Some(u) = e.downcast_ref::<error::UsageError>() {
         eprintln!("{prog}: error: {u}");
         return 2;
     }

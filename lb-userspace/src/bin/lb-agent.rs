@@ -6,7 +6,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use lb_userspace::{agent, model, plan, report_error, source};
+use lb_userspace::{agent, error, model, plan, report_error, source};
 
 #[derive(Parser)]
 #[command(name = "lb-agent", version, about = "eBPF/XDP Kubernetes Service dataplane: node agent")]
@@ -128,7 +128,7 @@ fn parse_range(s: &str) -> Result<(u16, u16), String> {
 
 fn render(manifests: &std::path::Path, node: &str) -> anyhow::Result<()> {
     if !manifests.exists() {
-        return Err(agent::UsageError(format!(
+        return Err(error::UsageError(format!(
             "--manifests {}: no such file or directory",
             manifests.display()
         ))

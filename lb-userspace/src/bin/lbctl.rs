@@ -89,9 +89,9 @@ fn parse_frontend(s: &str) -> anyhow::Result<(std::net::SocketAddrV4, u8)> {
     let proto = match proto.to_ascii_uppercase().as_str() {
         "TCP" => lb_common::proto::TCP,
         "UDP" => lb_common::proto::UDP,
-        p => anyhow::bail!(lb_userspace::agent::UsageError(format!("--frontend {s}: protocol {p} is neither TCP nor UDP"))),
+        p => anyhow::bail!(lb_userspace::error::UsageError(format!("--frontend {s}: protocol {p} is neither TCP nor UDP"))),
     };
-    let addr = addr.parse().map_err(|_| lb_userspace::agent::UsageError(format!("--frontend {s}: expected IP:PORT/PROTO")))?;
+    let addr = addr.parse().map_err(|_| lb_userspace::error::UsageError(format!("--frontend {s}: expected IP:PORT/PROTO")))?;
     Ok((addr, proto))
 }
 
@@ -164,7 +164,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             let (ip, port) = match client.parse::<std::net::SocketAddrV4>() {
                 Ok(a) => (*a.ip(), Some(a.port())),
                 Err(_) => (
-                    client.parse().map_err(|_| lb_userspace::agent::UsageError(format!("--client {client}: expected IP or IP:PORT")))?,
+                    client.parse().map_err(|_| lb_userspace::error::UsageError(format!("--client {client}: expected IP or IP:PORT")))?,
                     None,
                 ),
             };
