@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use lb_fuzz::{check_parse_error, check_pipeline, PATH};
-use lb_userspace::source::{parse_into, Objects};
+use lb_userspace::control::source::{parse_into, Objects};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

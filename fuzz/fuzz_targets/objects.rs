@@ -14,7 +14,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use lb_fuzz::{check_pipeline, check_same_plans};
-use lb_userspace::source::{default_endpoint_slice, default_service, parse_into, Objects};
+use lb_userspace::control::source::{default_endpoint_slice, default_service, parse_into, Objects};
 use libfuzzer_sys::fuzz_target;
 
 type Key = (Option<String>, Option<String>);

@@ -14,9 +14,10 @@
 //! - the render JSON has the documented shape.
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_userspace::{
+use lb_userspace::control::{
+    desired::{self, Desired},
     model::{self, Model, Protocol, TrafficPolicy},
-    plan::{self, Desired, FrontendKind, Plan, PlannedEndpoint},
+    plan::{self, FrontendKind, Plan, PlannedEndpoint},
     source::{Objects, SourceError},
 };
 
@@ -94,7 +95,7 @@ pub fn check_pipeline(objects: &Objects) {
         check_model(objects, &node, &m);
         let p = plan::plan(&m, &node);
         check_plan(&m, &node, &p);
-        check_desired(&p, &plan::desired(&p));
+        check_desired(&p, &desired::desired(&p));
         check_render(&p);
     }
 }

@@ -24,11 +24,14 @@ use aya::programs::{
 use lb_common::program_name;
 
 use crate::{
+    control::{
+        desired::{self, datapath_config},
+        kube_source::{KubeConfigChoice, KubeSource},
+        model, plan,
+        source::{ManifestsSource, Objects, Source},
+    },
     dataplane::AyaDataplane,
     error::{usage, UsageError},
-    model, plan,
-    source::{ManifestsSource, Objects, Source},
-    kube_source::{KubeConfigChoice, KubeSource},
     sync::Syncer,
 };
 
@@ -356,7 +359,7 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                     log::warn!("rejected {} {}/{}: {}", r.kind, r.namespace, r.name, r.reason);
                 }
                 let p = plan::plan(&m, &cfg.node);
-                let desired = plan::desired(&p);
+                let desired = desired::desired(&p);
                 let dp_config = datapath_config(&p.node, cfg.snat_ports);
                 let synced = syncer.set_config(&dp_config).and_then(|_| syncer.sync(&desired));
                 health.proxy_healthy.store(synced.is_ok(), Ordering::Relaxed);
@@ -395,19 +398,6 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     }
     log::info!("stopping; programs stay attached through their pinned links (lb-agent uninstall removes them)");
     Ok(())
-}
-
-/// The datapath config for this node: its first address as the SNAT source. Without a Node
-/// object (so without an address) the XDP path stays off (`xdp_no_config`).
-pub fn datapath_config(node: &model::NodeInfo, snat_ports: (u16, u16)) -> lb_common::Config {
-    let addr = node.addresses.first().map(|a| u32::from_ne_bytes(a.octets()));
-    lb_common::Config {
-        node_addr_be: addr.unwrap_or(0),
-        snat_port_min: snat_ports.0,
-        snat_port_max: snat_ports.1,
-        ready: addr.is_some() as u32,
-        _pad: 0,
-    }
 }
 
 /// `lb-agent uninstall`: removes every link (detaching the programs) and map pinned under `bpffs`.

@@ -14,7 +14,7 @@ use aya::{
 };
 use lb_common::{map_name, program_name, AffinityKey, AffinityValue, BenchFrame, Config, Counter, CtEntry, CtKey};
 
-use crate::{dataplane::AyaDataplane, inspect, plan::Desired, sync::Syncer};
+use crate::{control::desired::Desired, dataplane::AyaDataplane, inspect, sync::Syncer};
 
 /// The first mount point of a filesystem type in /proc/mounts (`bpf`, `cgroup2`, ...).
 pub fn mount_point(fstype: &str) -> Option<PathBuf> {

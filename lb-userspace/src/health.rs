@@ -13,7 +13,7 @@ use std::{
     thread,
 };
 
-use crate::model::{Model, TrafficPolicy};
+use crate::control::model::{Model, TrafficPolicy};
 
 /// What one health port reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -249,17 +249,17 @@ mod tests {
 
     #[test]
     fn counts_distinct_ready_local_ips_over_all_ports() {
-        let objects = crate::source::read_manifests(std::path::Path::new(concat!(
+        let objects = crate::control::source::read_manifests(std::path::Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/golden/seed.yaml"
         )))
         .unwrap();
-        let m = crate::model::build(&objects, "node-b");
+        let m = crate::control::model::build(&objects, "node-b");
         let d = desired(&m, "node-b");
         // web-preserve-source-ip: 10.244.2.5 and .6 serve both http and https: 2, not 4.
         assert_eq!(d[&32000].local_endpoints, 2);
         assert_eq!(d[&32001].local_endpoints, 1);
-        let m = crate::model::build(&objects, "node-a");
+        let m = crate::control::model::build(&objects, "node-a");
         let d = desired(&m, "node-a");
         assert_eq!(d[&32000].local_endpoints, 1);
         assert_eq!(d[&32001].local_endpoints, 0, "game-server has no pod on node-a");

@@ -2,6 +2,7 @@
 //!
 //! Data flow: [`source`] → [`model`] → [`plan`] → [`sync`] → [`dataplane`] → BPF maps.
 pub mod agent;
+pub mod control;
 pub mod dataplane;
 pub mod error;
 pub mod harness;
@@ -10,12 +11,8 @@ pub mod http;
 pub mod inspect;
 pub mod maglev;
 pub mod migrate;
-pub mod model;
 pub mod ops;
-pub mod plan;
-pub mod source;
 pub mod sync;
-pub mod kube_source;
 
 /// The compiled kernel programs, built by build.rs with aya-build.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
@@ -27,7 +24,7 @@ pub fn report_error(prog: &str, e: &anyhow::Error) -> i32 {
         eprintln!("{prog}: error: {u}");
         return 2;
     }
-    if let Some(s) = e.downcast_ref::<source::SourceError>() {
+    if let Some(s) = e.downcast_ref::<control::source::SourceError>() {
         eprintln!("{prog}: error: {s}");
         return 2;
     }

@@ -23,8 +23,8 @@ use anyhow::Result;
 use lb_common::{scope, Backend, Config, MaglevKey, MemberKey, RevNat, ServiceKey, ServiceValue, MAGLEV_CHUNK};
 
 use crate::{
+    control::desired::{backend_value, be_addr, service_key, sock_addr, BackendKey, Desired, DesiredFrontend, FrontendKey},
     dataplane::{Dataplane, Snapshot},
-    plan::{BackendKey, Desired, DesiredFrontend, FrontendKey},
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,24 +118,6 @@ pub struct Syncer<D: Dataplane> {
     full_pass: bool,
     /// Total map writes since start.
     pub total_writes: u64,
-}
-
-fn be_addr(a: SocketAddrV4) -> (u32, u16) {
-    (u32::from_ne_bytes(a.ip().octets()), a.port().to_be())
-}
-
-fn sock_addr(addr_be: u32, port_be: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(addr_be.to_ne_bytes()), u16::from_be(port_be))
-}
-
-fn service_key(fe: &FrontendKey, slot: u16) -> ServiceKey {
-    let (addr_be, port_be) = be_addr(fe.addr);
-    ServiceKey { addr_be, port_be, proto: fe.proto, scope: fe.scope, slot, _pad: 0 }
-}
-
-fn backend_value(k: &BackendKey, flags: u8) -> Backend {
-    let (addr_be, port_be) = be_addr(k.addr);
-    Backend { addr_be, port_be, proto: k.proto, flags, zone: 0, _pad: [0; 3] }
 }
 
 impl<D: Dataplane> Syncer<D> {

@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_userspace::{
+use lb_userspace::control::{
     kube_source::{KubeConfigChoice, KubeSource},
     source::{Objects, Source},
 };

@@ -9,7 +9,7 @@ use etherparse::{IpNumber, Ipv4Header, PacketBuilder};
 use lb_common::Counter;
 use lb_userspace::{
     harness::XdpHarness,
-    plan::{BackendKey, Desired, DesiredFrontend, FrontendKey},
+    control::desired::{BackendKey, Desired, DesiredFrontend, FrontendKey},
 };
 
 const XDP_PASS: u32 = 2;

@@ -15,7 +15,7 @@ use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use lb_common::{backend_flags, service_flags, Config};
 use lb_userspace::{
     harness::XdpHarness,
-    plan::{BackendKey, Desired, DesiredFrontend, FrontendKey},
+    control::desired::{BackendKey, Desired, DesiredFrontend, FrontendKey},
 };
 
 const NODE: [u8; 4] = [192, 168, 100, 1];

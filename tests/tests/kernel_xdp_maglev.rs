@@ -13,7 +13,7 @@ use etherparse::{PacketBuilder, SlicedPacket, InternetSlice, TransportSlice};
 use lb_common::{Config, CtKey};
 use lb_userspace::{
     harness::XdpHarness,
-    plan::{BackendKey, Desired, DesiredFrontend, FrontendKey},
+    control::desired::{BackendKey, Desired, DesiredFrontend, FrontendKey},
 };
 
 const XDP_PASS: u32 = 2;

@@ -10,7 +10,7 @@ use etherparse::PacketBuilder;
 use lb_common::{backend_flags, ct_flags, Config, Counter, CtEntry, CtKey};
 use lb_userspace::{
     harness::XdpHarness,
-    plan::{BackendKey, Desired, DesiredFrontend, FrontendKey},
+    control::desired::{BackendKey, Desired, DesiredFrontend, FrontendKey},
 };
 
 const XDP_DROP: u32 = 1;

@@ -6,7 +6,11 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use lb_userspace::{agent, error, model, plan, report_error, source};
+use lb_userspace::{
+    agent,
+    control::{model, plan, source},
+    error, report_error,
+};
 
 #[derive(Parser)]
 #[command(name = "lb-agent", version, about = "eBPF/XDP Kubernetes Service dataplane: node agent")]

@@ -9,7 +9,10 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use lb_userspace::{harness::XdpHarness, model, plan, source::Objects};
+use lb_userspace::{
+    control::{desired, model, plan, source::Objects},
+    harness::XdpHarness,
+};
 use serde::Serialize;
 
 use super::gen;
@@ -34,7 +37,7 @@ pub fn cluster_manifests(n: usize, e: usize) -> String {
 
 fn objects(text: &str) -> Result<Objects> {
     let mut o = Objects::default();
-    lb_userspace::source::parse_into(Path::new("bench.yaml"), text, &mut o)?;
+    lb_userspace::control::source::parse_into(Path::new("bench.yaml"), text, &mut o)?;
     Ok(o)
 }
 
@@ -99,7 +102,7 @@ fn cycle(h: &mut XdpHarness, o: &Objects) -> Result<(Duration, Duration, u64)> {
         bail!("benchmark objects rejected: {:?}", m.rejected.first());
     }
     let p = plan::plan(&m, NODE);
-    let d = plan::desired(&p);
+    let d = desired::desired(&p);
     let s = Instant::now();
     let writes = h.program(&d)?;
     Ok((t.elapsed(), s.elapsed(), writes))

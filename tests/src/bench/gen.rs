@@ -86,9 +86,9 @@ mod tests {
         assert_eq!(ips.len(), 300);
         let eps: std::collections::HashSet<_> = f.iter().flat_map(|s| s.endpoints.iter().map(|e| e.0)).collect();
         assert_eq!(eps.len(), 900);
-        let mut objects = lb_userspace::source::Objects::default();
-        lb_userspace::source::parse_into(std::path::Path::new("gen.yaml"), &to_manifests(&f), &mut objects).unwrap();
-        let m = lb_userspace::model::build(&objects, "node1");
+        let mut objects = lb_userspace::control::source::Objects::default();
+        lb_userspace::control::source::parse_into(std::path::Path::new("gen.yaml"), &to_manifests(&f), &mut objects).unwrap();
+        let m = lb_userspace::control::model::build(&objects, "node1");
         assert!(m.rejected.is_empty(), "{:?}", m.rejected);
         assert_eq!(m.services.len(), 300);
     }

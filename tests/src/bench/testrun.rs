@@ -20,7 +20,7 @@ use etherparse::PacketBuilder;
 use lb_common::{program_name, BenchFrame, Config, BENCH_FRAME_LEN};
 use lb_userspace::{
     harness::XdpHarness,
-    plan::{BackendKey, Desired, DesiredFrontend, FrontendKey},
+    control::desired::{BackendKey, Desired, DesiredFrontend, FrontendKey},
 };
 use serde::Serialize;
 

@@ -1,15 +1,12 @@
 //! The plan: a pure function from the model and this node to the desired state. For each Service
 //! port it decides, exactly as kube-proxy's endpoint categorisation does, which endpoints serve
 //! traffic that originates inside the node (internal scope) and outside it (external scope).
-//! `lb-agent render` prints [`Plan`]; [`desired`] turns it into map contents.
-use std::{
-    collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
-};
+//! `lb-agent render` prints [`Plan`]; `control::desired` turns it into map contents.
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use serde::Serialize;
 
-use crate::model::{Endpoint, Model, NodeInfo, Protocol, Rejected, ServiceModel, TrafficPolicy};
+use super::model::{Endpoint, Model, NodeInfo, Protocol, Rejected, ServiceModel, TrafficPolicy};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, PartialOrd, Ord)]
 pub enum FrontendKind {
@@ -226,101 +223,10 @@ pub fn plan(model: &Model, node_name: &str) -> Plan {
     Plan { node, services, rejected: model.rejected.clone() }
 }
 
-/// A frontend as the maps key it: address, port, protocol, scope.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct FrontendKey {
-    pub addr: SocketAddrV4,
-    pub proto: u8,
-    pub scope: u8,
-}
-
-/// A backend as the maps key it (one id per distinct address, port, protocol).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct BackendKey {
-    pub addr: SocketAddrV4,
-    pub proto: u8,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DesiredFrontend {
-    /// The Service port the frontend belongs to (`namespace/name:port/PROTO`); its frontends
-    /// share one id, and with it their session affinity records.
-    pub service_port: String,
-    pub flags: u16,
-    pub affinity_timeout_s: u32,
-    /// Backends in plan order, each with its backend flags.
-    pub backends: Vec<(BackendKey, u8)>,
-}
-
-/// The desired contents of the maps, keyed by frontend.
-pub type Desired = BTreeMap<FrontendKey, DesiredFrontend>;
-
-fn kind_flag(kind: FrontendKind) -> u16 {
-    use lb_common::service_flags as f;
-    match kind {
-        FrontendKind::ClusterIP => f::CLUSTER_IP,
-        FrontendKind::NodePort => f::NODE_PORT,
-        FrontendKind::LoadBalancer => f::LOAD_BALANCER,
-        FrontendKind::ExternalIP => f::EXTERNAL_IP,
-    }
-}
-
-/// Turns a plan into map contents.
-/// - Internal scope (socket-level path, traffic from this node's pods and processes): ClusterIPs
-///   use the internal endpoint set (internalTrafficPolicy); NodePorts, LoadBalancer IPs and
-///   external IPs reached from inside use the cluster endpoints, as kube-proxy short-circuits them.
-/// - External scope (XDP on the devices): NodePorts, LoadBalancer IPs and external IPs use the
-///   external endpoint set (externalTrafficPolicy).
-pub fn desired(plan: &Plan) -> Desired {
-    let mut out = Desired::new();
-    for sp in &plan.services {
-        let proto = sp.protocol.number();
-        let mut flags = 0;
-        if sp.session_affinity_timeout_seconds.is_some() {
-            flags |= lb_common::service_flags::SESSION_AFFINITY;
-        }
-        let backends = |eps: &[PlannedEndpoint]| {
-            eps.iter()
-                .map(|e| {
-                    let mut bf = 0;
-                    if e.local {
-                        bf |= lb_common::backend_flags::LOCAL;
-                    }
-                    if e.terminating {
-                        bf |= lb_common::backend_flags::TERMINATING;
-                    }
-                    (BackendKey { addr: e.addr, proto }, bf)
-                })
-                .collect::<Vec<_>>()
-        };
-        let from_inside = sp
-            .cluster_endpoints
-            .as_deref()
-            .or(sp.local_endpoints.as_deref())
-            .unwrap_or(&[]);
-        for fe in &sp.frontends {
-            let entry = |eps: &[PlannedEndpoint]| DesiredFrontend {
-                service_port: format!("{}/{}:{}/{:?}", sp.namespace, sp.name, sp.port_name, sp.protocol),
-                flags: flags | kind_flag(fe.kind),
-                affinity_timeout_s: sp.session_affinity_timeout_seconds.unwrap_or(0),
-                backends: backends(eps),
-            };
-            let key = |scope| FrontendKey { addr: fe.address, proto, scope };
-            if fe.kind == FrontendKind::ClusterIP {
-                out.insert(key(lb_common::scope::INTERNAL), entry(sp.internal_endpoints()));
-            } else {
-                out.insert(key(lb_common::scope::INTERNAL), entry(from_inside));
-                out.insert(key(lb_common::scope::EXTERNAL), entry(sp.external_endpoints()));
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Endpoint, TrafficPolicy::*};
+    use crate::control::model::{Endpoint, TrafficPolicy::*};
 
     fn ep(last: u8, node: &str) -> Endpoint {
         Endpoint {

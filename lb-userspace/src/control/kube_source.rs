@@ -43,7 +43,7 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 
-use crate::source::{default_endpoint_slice, default_service, Objects, Source, SourceError};
+use super::source::{default_endpoint_slice, default_service, Objects, Source, SourceError};
 
 /// Where the API server is and how to authenticate to it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use k8s_openapi::api::{
 };
 use serde::Serialize;
 
-use crate::source::Objects;
+use super::source::Objects;
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -412,7 +412,7 @@ mod tests {
 
     fn model(yaml: &str) -> Model {
         let mut o = Objects::default();
-        crate::source::parse_into(std::path::Path::new("t.yaml"), yaml, &mut o).unwrap();
+        crate::control::source::parse_into(std::path::Path::new("t.yaml"), yaml, &mut o).unwrap();
         build(&o, "n1")
     }
 

@@ -1,0 +1,140 @@
+//! The plan as map contents: what the service maps should hold, keyed by frontend
+//! ([`Desired`]), how its keys and values are spelled in the ABI of lb-common, and the datapath
+//! config for this node. Pure: the dataplane's sync writes it, `lbctl` and tests compare with it.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use lb_common::{Backend, ServiceKey};
+
+use super::{
+    model::NodeInfo,
+    plan::{FrontendKind, Plan, PlannedEndpoint},
+};
+
+/// A frontend as the maps key it: address, port, protocol, scope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FrontendKey {
+    pub addr: SocketAddrV4,
+    pub proto: u8,
+    pub scope: u8,
+}
+
+/// A backend as the maps key it (one id per distinct address, port, protocol).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendKey {
+    pub addr: SocketAddrV4,
+    pub proto: u8,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredFrontend {
+    /// The Service port the frontend belongs to (`namespace/name:port/PROTO`); its frontends
+    /// share one id, and with it their session affinity records.
+    pub service_port: String,
+    pub flags: u16,
+    pub affinity_timeout_s: u32,
+    /// Backends in plan order, each with its backend flags.
+    pub backends: Vec<(BackendKey, u8)>,
+}
+
+/// The desired contents of the maps, keyed by frontend.
+pub type Desired = BTreeMap<FrontendKey, DesiredFrontend>;
+
+fn kind_flag(kind: FrontendKind) -> u16 {
+    use lb_common::service_flags as f;
+    match kind {
+        FrontendKind::ClusterIP => f::CLUSTER_IP,
+        FrontendKind::NodePort => f::NODE_PORT,
+        FrontendKind::LoadBalancer => f::LOAD_BALANCER,
+        FrontendKind::ExternalIP => f::EXTERNAL_IP,
+    }
+}
+
+/// Turns a plan into map contents.
+/// - Internal scope (socket-level path, traffic from this node's pods and processes): ClusterIPs
+///   use the internal endpoint set (internalTrafficPolicy); NodePorts, LoadBalancer IPs and
+///   external IPs reached from inside use the cluster endpoints, as kube-proxy short-circuits them.
+/// - External scope (XDP on the devices): NodePorts, LoadBalancer IPs and external IPs use the
+///   external endpoint set (externalTrafficPolicy).
+pub fn desired(plan: &Plan) -> Desired {
+    let mut out = Desired::new();
+    for sp in &plan.services {
+        let proto = sp.protocol.number();
+        let mut flags = 0;
+        if sp.session_affinity_timeout_seconds.is_some() {
+            flags |= lb_common::service_flags::SESSION_AFFINITY;
+        }
+        let backends = |eps: &[PlannedEndpoint]| {
+            eps.iter()
+                .map(|e| {
+                    let mut bf = 0;
+                    if e.local {
+                        bf |= lb_common::backend_flags::LOCAL;
+                    }
+                    if e.terminating {
+                        bf |= lb_common::backend_flags::TERMINATING;
+                    }
+                    (BackendKey { addr: e.addr, proto }, bf)
+                })
+                .collect::<Vec<_>>()
+        };
+        let from_inside = sp
+            .cluster_endpoints
+            .as_deref()
+            .or(sp.local_endpoints.as_deref())
+            .unwrap_or(&[]);
+        for fe in &sp.frontends {
+            let entry = |eps: &[PlannedEndpoint]| DesiredFrontend {
+                service_port: format!("{}/{}:{}/{:?}", sp.namespace, sp.name, sp.port_name, sp.protocol),
+                flags: flags | kind_flag(fe.kind),
+                affinity_timeout_s: sp.session_affinity_timeout_seconds.unwrap_or(0),
+                backends: backends(eps),
+            };
+            let key = |scope| FrontendKey { addr: fe.address, proto, scope };
+            if fe.kind == FrontendKind::ClusterIP {
+                out.insert(key(lb_common::scope::INTERNAL), entry(sp.internal_endpoints()));
+            } else {
+                out.insert(key(lb_common::scope::INTERNAL), entry(from_inside));
+                out.insert(key(lb_common::scope::EXTERNAL), entry(sp.external_endpoints()));
+            }
+        }
+    }
+    out
+}
+
+/// An address and port as the maps hold them (network order).
+pub(crate) fn be_addr(a: SocketAddrV4) -> (u32, u16) {
+    (u32::from_ne_bytes(a.ip().octets()), a.port().to_be())
+}
+
+/// An address and port the maps hold (network order) as a socket address.
+pub(crate) fn sock_addr(addr_be: u32, port_be: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(addr_be.to_ne_bytes()), u16::from_be(port_be))
+}
+
+/// The services-map key of slot `slot` of a frontend (slot 0: its master entry).
+pub(crate) fn service_key(fe: &FrontendKey, slot: u16) -> ServiceKey {
+    let (addr_be, port_be) = be_addr(fe.addr);
+    ServiceKey { addr_be, port_be, proto: fe.proto, scope: fe.scope, slot, _pad: 0 }
+}
+
+/// The backends-map value of a backend with its flags.
+pub(crate) fn backend_value(k: &BackendKey, flags: u8) -> Backend {
+    let (addr_be, port_be) = be_addr(k.addr);
+    Backend { addr_be, port_be, proto: k.proto, flags, zone: 0, _pad: [0; 3] }
+}
+
+/// The datapath config for this node: its first address as the SNAT source. Without a Node
+/// object (so without an address) the XDP path stays off (`xdp_no_config`).
+pub fn datapath_config(node: &NodeInfo, snat_ports: (u16, u16)) -> lb_common::Config {
+    let addr = node.addresses.first().map(|a| u32::from_ne_bytes(a.octets()));
+    lb_common::Config {
+        node_addr_be: addr.unwrap_or(0),
+        snat_port_min: snat_ports.0,
+        snat_port_max: snat_ports.1,
+        ready: addr.is_some() as u32,
+        _pad: 0,
+    }
+}
