@@ -30,9 +30,12 @@ use crate::{
         model, plan,
         source::{ManifestsSource, Objects, Source},
     },
-    dataplane::AyaDataplane,
+    dataplane::{
+        migrate,
+        pinned::{other_versions, AyaDataplane, OtherVersion},
+        sync::Syncer,
+    },
     error::{usage, UsageError},
-    sync::Syncer,
 };
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -273,22 +276,22 @@ fn load_programs(ebpf: &mut aya::Ebpf) -> Result<()> {
 }
 
 /// Attaches the programs once their maps hold the first sync, converting the state of maps of
-/// an older layout before and after the swap (see [`crate::migrate`]), then drops those maps.
-fn attach_all(ebpf: &mut aya::Ebpf, cfg: &RunConfig, syncer: &Syncer<AyaDataplane>, old: &[crate::migrate::OtherVersion]) -> Result<()> {
+/// an older layout before and after the swap (see [`migrate`]), then drops those maps.
+fn attach_all(ebpf: &mut aya::Ebpf, cfg: &RunConfig, syncer: &Syncer<AyaDataplane>, old: &[OtherVersion]) -> Result<()> {
     let rev_nat = syncer.svc_port_by_rev_nat();
     let mut seen = std::collections::HashMap::new();
-    let before = crate::migrate::copy_state(&cfg.bpffs, old, &rev_nat, &mut seen)?;
+    let before = migrate::copy_state(&cfg.bpffs, old, &rev_nat, &mut seen)?;
     attach_cgroup(ebpf, &cfg.cgroup, &cfg.bpffs)?;
     for dev in &cfg.devices {
         prepare_device(dev)?;
         attach_xdp(ebpf, dev, &cfg.bpffs)?;
         attach_tc_egress(ebpf, dev, &cfg.bpffs)?;
     }
-    let after = crate::migrate::copy_state(&cfg.bpffs, old, &rev_nat, &mut seen)?;
+    let after = migrate::copy_state(&cfg.bpffs, old, &rev_nat, &mut seen)?;
     for (b, a) in before.iter().zip(&after) {
         log::info!("migrated {} entries of {} into {} ({} more after the program swap)", b.copied, b.from, b.to, a.copied);
     }
-    crate::migrate::remove(old)?;
+    migrate::remove(old)?;
     log::info!(
         "attached to cgroup {} and devices {:?}; maps pinned under {}",
         cfg.cgroup.display(),
@@ -331,7 +334,7 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let mut syncer = Syncer::adopt(dp)?;
     let mut health = crate::health::HealthServers::new();
     // Maps of another layout version (an upgrade): replaced once the new ones are filled.
-    let old_versions = crate::migrate::other_versions(&cfg.bpffs);
+    let old_versions = other_versions(&cfg.bpffs);
     for o in &old_versions {
         log::info!("{} was pinned by an agent of another layout version: {} replaces it", o.name, o.current);
     }
@@ -415,7 +418,7 @@ pub fn uninstall(bpffs: &Path) -> Result<Vec<PathBuf>> {
         }
         fs::remove_dir(&links)?;
     }
-    let others = crate::migrate::other_versions(bpffs).into_iter().map(|o| o.path);
+    let others = other_versions(bpffs).into_iter().map(|o| o.path);
     for p in lb_common::map_name::ALL.iter().map(|n| bpffs.join(n)).chain(others) {
         if p.exists() {
             fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;

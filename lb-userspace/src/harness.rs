@@ -14,7 +14,10 @@ use aya::{
 };
 use lb_common::{map_name, program_name, AffinityKey, AffinityValue, BenchFrame, Config, Counter, CtEntry, CtKey};
 
-use crate::{control::desired::Desired, dataplane::AyaDataplane, inspect, sync::Syncer};
+use crate::{
+    control::desired::Desired,
+    dataplane::{pinned::AyaDataplane, read::read_counters, sync::Syncer},
+};
 
 /// The first mount point of a filesystem type in /proc/mounts (`bpf`, `cgroup2`, ...).
 pub fn mount_point(fstype: &str) -> Option<PathBuf> {
@@ -236,7 +239,7 @@ impl XdpHarness {
     pub fn counters(&self) -> Result<BTreeMap<&'static str, Counter>> {
         let map = self.ebpf.map(map_name::STATS).ok_or_else(|| anyhow!("no stats map"))?;
         let arr: PerCpuArray<&MapData, Counter> = PerCpuArray::try_from(map)?;
-        Ok(inspect::read_counters(&arr)?
+        Ok(read_counters(&arr)?
             .into_iter()
             .map(|c| (c.name, Counter { packets: c.packets, bytes: c.bytes }))
             .collect())

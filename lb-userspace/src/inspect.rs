@@ -1,12 +1,18 @@
-//! Reading the pinned maps for `lbctl` (works while the agent is down).
+//! `lbctl`'s views of the pinned maps: frontends with their backends, backends, conntrack and
+//! affinity entries, the datapath config, and `lookup`, which explains the backend a flow has or
+//! would get. Counters and occupancy come from `dataplane::read`, shared with the metrics. Works
+//! while the agent is down.
 use std::{net::SocketAddrV4, path::Path};
 
-use anyhow::{Context, Result};
-use aya::maps::{Map, MapData, PerCpuArray};
-use lb_common::{counter, map_name, service_flags, Counter};
+use anyhow::Result;
+use lb_common::{map_name, service_flags};
 use serde::Serialize;
 
-use crate::dataplane::{AyaDataplane, Dataplane, Snapshot};
+use crate::dataplane::{
+    pinned::{check_dir, AyaDataplane},
+    read::{boot_seconds, conntrack_all, typed},
+    Dataplane, Snapshot,
+};
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct FrontendView {
@@ -29,13 +35,6 @@ pub struct BackendView {
     pub flags: u8,
 }
 
-#[derive(Debug, Serialize, PartialEq, Eq)]
-pub struct CounterView {
-    pub name: &'static str,
-    pub packets: u64,
-    pub bytes: u64,
-}
-
 fn proto_name(p: u8) -> &'static str {
     match p {
         lb_common::proto::TCP => "TCP",
@@ -46,16 +45,6 @@ fn proto_name(p: u8) -> &'static str {
 
 fn addr(addr_be: u32, port_be: u16) -> SocketAddrV4 {
     SocketAddrV4::new(addr_be.to_ne_bytes().into(), u16::from_be(port_be))
-}
-
-fn check_dir(bpffs: &Path) -> Result<()> {
-    if !bpffs.is_dir() {
-        anyhow::bail!(crate::error::UsageError(format!(
-            "--bpffs {}: no such directory (is the agent's --bpffs right?)",
-            bpffs.display()
-        )));
-    }
-    Ok(())
 }
 
 pub fn snapshot(bpffs: &Path) -> Result<Snapshot> {
@@ -101,39 +90,6 @@ pub fn backends(s: &Snapshot) -> Vec<BackendView> {
         .collect()
 }
 
-/// Sums the per-CPU counters pinned under `bpffs`, and adds `affinity_evictions`: affinity
-/// records are only ever removed by the LRU, so the records created minus those alive is the
-/// number evicted under pressure.
-pub fn stats(bpffs: &Path) -> Result<Vec<CounterView>> {
-    check_dir(bpffs)?;
-    let data = open_pinned(bpffs, map_name::STATS)?;
-    let arr: PerCpuArray<MapData, Counter> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
-    let mut out = read_counters(&arr)?;
-    let data = open_pinned(bpffs, map_name::AFFINITY)?;
-    let aff: aya::maps::HashMap<MapData, lb_common::AffinityKey, lb_common::AffinityValue> =
-        aya::maps::HashMap::try_from(Map::LruHashMap(data))?;
-    let alive = aff.keys().count() as u64;
-    out.push(affinity_evictions(&out, alive));
-    Ok(out)
-}
-
-/// The derived `affinity_evictions` counter.
-pub fn affinity_evictions(counters: &[CounterView], alive: u64) -> CounterView {
-    let created = counters.iter().find(|c| c.name == "affinity_new").map_or(0, |c| c.packets);
-    CounterView { name: "affinity_evictions", packets: created.saturating_sub(alive), bytes: 0 }
-}
-
-/// Sums a per-CPU counter array (also used on a freshly loaded object in tests).
-pub fn read_counters<T: std::borrow::Borrow<MapData>>(arr: &PerCpuArray<T, Counter>) -> Result<Vec<CounterView>> {
-    let mut out = Vec::new();
-    for (i, name) in counter::NAMES.iter().enumerate() {
-        let values = arr.get(&(i as u32), 0)?;
-        let (packets, bytes) = values.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
-        out.push(CounterView { name, packets, bytes });
-    }
-    Ok(out)
-}
-
 /// An aligned text table.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
@@ -160,78 +116,6 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// Entries and capacity of one pinned map.
-#[derive(Debug, Serialize, PartialEq, Eq)]
-pub struct MapOccupancy {
-    pub map: &'static str,
-    pub entries: u64,
-    pub capacity: u64,
-}
-
-/// Opens a pinned map; when it is missing but a map of the same name with another layout
-/// version is there, says so.
-pub fn open_pinned(bpffs: &Path, name: &str) -> Result<MapData> {
-    check_dir(bpffs)?;
-    let p = bpffs.join(name);
-    if !p.exists() {
-        let stem = name.rsplit_once("_v").map_or(name, |(s, _)| s);
-        let other = std::fs::read_dir(bpffs)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .find(|f| f.rsplit_once("_v").is_some_and(|(s, _)| s == stem));
-        return Err(match other {
-            Some(o) => anyhow::Error::new(crate::error::UsageError(format!(
-                "{}: map {name} not found, but {o} is: pinned by an agent of another layout version (use the lbctl of that version, or restart the agent of this one)",
-                bpffs.display()
-            ))),
-            None => anyhow::Error::new(crate::error::UsageError(format!("{}: map {name} not found (is the agent's --bpffs right?)", bpffs.display()))),
-        });
-    }
-    MapData::from_pin(&p).with_context(|| format!("cannot open pinned map {}", p.display()))
-}
-
-fn count_entries<K: aya::Pod, V: aya::Pod>(bpffs: &Path, name: &str, lru: bool) -> Result<u64> {
-    let data = open_pinned(bpffs, name)?;
-    let map = if lru { Map::LruHashMap(data) } else { Map::HashMap(data) };
-    let m: aya::maps::HashMap<MapData, K, V> = aya::maps::HashMap::try_from(map)?;
-    Ok(m.keys().count() as u64)
-}
-
-/// Occupancy of every hash map pinned under `bpffs`.
-pub fn map_occupancy(bpffs: &Path) -> Result<Vec<MapOccupancy>> {
-    use lb_common::*;
-    check_dir(bpffs)?;
-    Ok(vec![
-        MapOccupancy { map: "services", entries: count_entries::<ServiceKey, ServiceValue>(bpffs, map_name::SERVICES, false)?, capacity: limits::SERVICES as u64 },
-        MapOccupancy { map: "backends", entries: count_entries::<u32, Backend>(bpffs, map_name::BACKENDS, false)?, capacity: limits::BACKENDS as u64 },
-        MapOccupancy { map: "rev_nat", entries: count_entries::<u32, RevNat>(bpffs, map_name::REV_NAT, false)?, capacity: limits::REV_NAT as u64 },
-        MapOccupancy { map: "members", entries: count_entries::<MemberKey, u32>(bpffs, map_name::MEMBERS, false)?, capacity: limits::MEMBERS as u64 },
-        MapOccupancy { map: "conntrack", entries: count_entries::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK, true)?, capacity: limits::CONNTRACK as u64 },
-        MapOccupancy { map: "conntrack_new", entries: count_entries::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK_NEW, true)?, capacity: limits::CONNTRACK_NEW as u64 },
-        MapOccupancy { map: "maglev", entries: count_entries::<MaglevKey, MaglevChunk>(bpffs, map_name::MAGLEV, false)?, capacity: limits::MAGLEV_CHUNKS as u64 },
-        MapOccupancy { map: "affinity", entries: count_entries::<AffinityKey, AffinityValue>(bpffs, map_name::AFFINITY, true)?, capacity: limits::AFFINITY as u64 },
-        MapOccupancy { map: "sock_rev_nat", entries: count_entries::<SockKey, SockRevNat>(bpffs, map_name::SOCK_REV_NAT, true)?, capacity: limits::SOCK_REV_NAT as u64 },
-        MapOccupancy { map: "sock_flow", entries: count_entries::<SockKey, SockFlow>(bpffs, map_name::SOCK_FLOW, true)?, capacity: limits::SOCK_FLOW as u64 },
-    ])
-}
-
-/// Seconds of CLOCK_MONOTONIC_COARSE, the clock the datapath stamps records with.
-pub fn boot_seconds() -> u32 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes into a timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u32
-}
-
-fn typed<K: aya::Pod, V: aya::Pod>(bpffs: &Path, name: &str, lru: bool) -> Result<Vec<(K, V)>> {
-    let data = open_pinned(bpffs, name)?;
-    let map = if lru { Map::LruHashMap(data) } else { Map::HashMap(data) };
-    let m: aya::maps::HashMap<MapData, K, V> = aya::maps::HashMap::try_from(map)?;
-    Ok(m.iter().collect::<Result<Vec<_>, _>>()?)
-}
-
 #[derive(Debug, Serialize)]
 pub struct ConntrackView {
     pub flow: String,
@@ -244,14 +128,6 @@ pub struct ConntrackView {
     pub idle_seconds: u32,
     /// "established" (confirmed) or "new" (TCP before the client's first ACK, UDP before a reply).
     pub state: &'static str,
-}
-
-/// Both conntrack tiers, each entry with its state name.
-fn conntrack_all(bpffs: &Path) -> Result<Vec<(lb_common::CtKey, lb_common::CtEntry, &'static str)>> {
-    use lb_common::{CtEntry, CtKey};
-    let mut v: Vec<_> = typed::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK, true)?.into_iter().map(|(k, e)| (k, e, "established")).collect();
-    v.extend(typed::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK_NEW, true)?.into_iter().map(|(k, e)| (k, e, "new")));
-    Ok(v)
 }
 
 pub fn conntrack(bpffs: &Path) -> Result<Vec<ConntrackView>> {
@@ -402,24 +278,3 @@ pub fn lookup(bpffs: &Path, frontend: SocketAddrV4, proto: u8, client: std::net:
     Ok(out)
 }
 
-/// Per-Service-port counters summed over CPUs, by Service-port id.
-pub fn service_stats(bpffs: &Path) -> Result<Vec<(u32, lb_common::ServiceCounters)>> {
-    let data = open_pinned(bpffs, map_name::SERVICE_STATS)?;
-    let m: aya::maps::PerCpuHashMap<MapData, u32, lb_common::ServiceCounters> =
-        aya::maps::PerCpuHashMap::try_from(Map::PerCpuHashMap(data))?;
-    let mut out = Vec::new();
-    for kv in m.iter() {
-        let (id, per_cpu) = kv?;
-        let mut sum = lb_common::ServiceCounters::default();
-        for c in per_cpu.iter() {
-            sum.packets += c.packets;
-            sum.bytes += c.bytes;
-            sum.new_connections += c.new_connections;
-            sum.drops_no_backend += c.drops_no_backend;
-            sum.drops_other += c.drops_other;
-        }
-        out.push((id, sum));
-    }
-    out.sort_by_key(|(id, _)| *id);
-    Ok(out)
-}

@@ -9,10 +9,7 @@ pub mod harness;
 pub mod health;
 pub mod http;
 pub mod inspect;
-pub mod maglev;
-pub mod migrate;
 pub mod ops;
-pub mod sync;
 
 /// The compiled kernel programs, built by build.rs with aya-build.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));

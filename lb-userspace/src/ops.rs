@@ -204,7 +204,7 @@ impl Ops {
 
     /// Reads the pinned maps into the datapath and occupancy metrics.
     fn refresh(&self) {
-        if let Ok(stats) = crate::inspect::service_stats(&self.bpffs) {
+        if let Ok(stats) = crate::dataplane::read::service_stats(&self.bpffs) {
             let names = self.service_ports.lock().expect("ops lock");
             let mut seen = self.service_seen.lock().expect("ops lock");
             for (id, c) in stats {
@@ -227,7 +227,7 @@ impl Ops {
                 bump(4, c.drops_other, &self.service_drops.get_or_create(&drop_label("other")));
             }
         }
-        if let Ok(counters) = crate::inspect::stats(&self.bpffs) {
+        if let Ok(counters) = crate::dataplane::read::stats(&self.bpffs) {
             let mut seen = self.datapath_seen.lock().expect("ops lock");
             for c in counters {
                 let before = seen.insert(c.name.to_string(), c.packets).unwrap_or(0);
@@ -236,7 +236,7 @@ impl Ops {
                 self.datapath.get_or_create(&label).inc_by(c.packets.saturating_sub(before));
             }
         }
-        if let Ok(maps) = crate::inspect::map_occupancy(&self.bpffs) {
+        if let Ok(maps) = crate::dataplane::read::map_occupancy(&self.bpffs) {
             for m in maps {
                 let l = MapLabel { map: m.map.to_string() };
                 self.map_entries.get_or_create(&l).set(m.entries as i64);

@@ -124,9 +124,9 @@ fn kernel_affinity_lru_evicts_the_oldest_under_pressure_and_counts_it() {
     assert_eq!(counters["affinity_new"].packets, 2000);
     let views: Vec<_> = counters
         .iter()
-        .map(|(n, c)| lb_userspace::inspect::CounterView { name: n, packets: c.packets, bytes: c.bytes })
+        .map(|(n, c)| lb_userspace::dataplane::read::CounterView { name: n, packets: c.packets, bytes: c.bytes })
         .collect();
-    let evicted = lb_userspace::inspect::affinity_evictions(&views, recs.len() as u64);
+    let evicted = lb_userspace::dataplane::read::affinity_evictions(&views, recs.len() as u64);
     assert_eq!(evicted.packets, 2000 - recs.len() as u64);
     assert!(evicted.packets >= 1744);
 }

@@ -15,7 +15,7 @@ use std::{
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{map_name, CtEntry, CtKey, ServiceKey, ServiceValue};
 use lb_tests::{lab::bin_path, legacy, scenario::start_example};
-use lb_userspace::migrate::CtEntryV1;
+use lb_userspace::dataplane::migrate::CtEntryV1;
 
 const TARGET: &str = "203.0.113.11:80";
 

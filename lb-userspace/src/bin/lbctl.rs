@@ -2,7 +2,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use lb_userspace::{inspect, report_error};
+use lb_userspace::{dataplane::read, inspect, report_error};
 
 #[derive(Parser)]
 #[command(name = "lbctl", version, about = "Inspect the live load-balancer maps")]
@@ -179,7 +179,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             }
         }
         Command::Stats => {
-            let v = inspect::stats(&cli.bpffs)?;
+            let v = read::stats(&cli.bpffs)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {

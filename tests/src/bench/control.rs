@@ -188,7 +188,7 @@ pub fn control_bench(n: usize, e: usize, repeats: usize) -> Result<ControlBench>
     } else {
         0.0
     };
-    let chunks = lb_userspace::maglev::table_size(e).div_ceil(lb_common::MAGLEV_CHUNK);
+    let chunks = lb_userspace::dataplane::maglev::table_size(e).div_ceil(lb_common::MAGLEV_CHUNK);
     let bytes_per_maglev_table = per_chunk * chunks as f64;
     Ok(ControlBench {
         services: n,

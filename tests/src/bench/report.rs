@@ -198,7 +198,7 @@ pub fn markdown(r: &Results) -> String {
             thousands(c.bytes_per_service),
             thousands(c.bytes_per_backend),
             thousands(c.bytes_per_maglev_table),
-            thousands(lb_userspace::maglev::table_size(c.endpoints_per_service) as f64),
+            thousands(lb_userspace::dataplane::maglev::table_size(c.endpoints_per_service) as f64),
             c.endpoints_per_service,
             f1(c.maps_total_bytes as f64 / 1048576.0)
         );

@@ -14,41 +14,13 @@
 //!
 //! Known layouts: `lb_ct_v1` (the conntrack value carried the frontend's rev-NAT id where v2
 //! carries the Service-port id).
-use std::{
-    collections::HashMap,
-    fs,
-    path::{Path, PathBuf},
-};
+use std::{collections::HashMap, fs, path::Path};
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use lb_common::{map_name, CtEntry, CtKey};
 
-/// A map of ours pinned under another layout version than this agent's.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OtherVersion {
-    pub path: PathBuf,
-    /// Its pinned name, e.g. `lb_ct_v1`.
-    pub name: String,
-    /// This agent's name for the same map, e.g. `lb_ct_v2`.
-    pub current: &'static str,
-}
-
-/// The pinned maps under `bpffs` that are ours at another layout version.
-pub fn other_versions(bpffs: &Path) -> Vec<OtherVersion> {
-    let mut out = Vec::new();
-    let Ok(dir) = fs::read_dir(bpffs) else { return out };
-    for e in dir.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some((base, _)) = map_name::split_version(&name) else { continue };
-        let current = map_name::ALL.iter().find(|c| map_name::split_version(c).is_some_and(|(b, _)| b == base));
-        if let Some(current) = current.filter(|c| **c != name) {
-            out.push(OtherVersion { path: e.path(), name, current });
-        }
-    }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    out
-}
+use super::pinned::{open_pinned, OtherVersion};
 
 /// The conntrack value of layout v1.
 #[repr(C)]
@@ -102,9 +74,9 @@ pub fn copy_state(
             let from: BpfHashMap<MapData, CtKey, CtEntryV1> = BpfHashMap::try_from(Map::LruHashMap(data))
                 .with_context(|| format!("{} does not have the v1 conntrack layout", o.path.display()))?;
             let mut to: BpfHashMap<MapData, CtKey, CtEntry> =
-                BpfHashMap::try_from(Map::LruHashMap(crate::inspect::open_pinned(bpffs, map_name::CONNTRACK)?))?;
+                BpfHashMap::try_from(Map::LruHashMap(open_pinned(bpffs, map_name::CONNTRACK)?))?;
             let new_tier: BpfHashMap<MapData, CtKey, CtEntry> =
-                BpfHashMap::try_from(Map::LruHashMap(crate::inspect::open_pinned(bpffs, map_name::CONNTRACK_NEW)?))?;
+                BpfHashMap::try_from(Map::LruHashMap(open_pinned(bpffs, map_name::CONNTRACK_NEW)?))?;
             let (mut copied, mut kept) = (0, 0);
             let entries: Vec<(CtKey, CtEntryV1)> = from.iter().collect::<Result<_, _>>()?;
             for (k, v) in entries {
@@ -158,21 +130,6 @@ pub fn remove(old: &[OtherVersion]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn finds_our_maps_at_other_versions_only() {
-        let dir = std::env::temp_dir().join(format!("lbmig{}", std::process::id()));
-        fs::create_dir_all(dir.join("links")).unwrap();
-        for f in ["lb_ct_v1", "lb_ct_v2", "lb_svc_v2", "lb_svc_v3", "lb_backend_v1", "other_v1", "lb_stats_v1", "lb_unknown_v9"] {
-            fs::write(dir.join(f), b"").unwrap();
-        }
-        let found: Vec<(String, &str)> = other_versions(&dir).into_iter().map(|o| (o.name, o.current)).collect();
-        assert_eq!(
-            found,
-            vec![("lb_ct_v1".into(), "lb_ct_v2"), ("lb_stats_v1".into(), "lb_stats_v2"), ("lb_svc_v2".into(), "lb_svc_v3")]
-        );
-        fs::remove_dir_all(&dir).unwrap();
-    }
 
     #[test]
     fn conntrack_v1_keeps_the_flow_and_maps_the_service_port() {

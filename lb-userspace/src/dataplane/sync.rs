@@ -10,7 +10,7 @@
 //! by the last slot, so the other slots keep their backends.
 //!
 //! North-south frontends (NodePort, LoadBalancer, external IP) with two or more backends also get
-//! a Maglev table (see [`crate::maglev`]),
+//! a Maglev table (see [`super::maglev`]),
 //! shared by every frontend with the same backend set. A changed set gets a new table, written
 //! in full before the master switches to it (one atomic write), and the old table is deleted
 //! after: a new flow sees either the old or the new table, never a mix.
@@ -22,10 +22,8 @@ use std::{
 use anyhow::Result;
 use lb_common::{scope, Backend, Config, MaglevKey, MemberKey, RevNat, ServiceKey, ServiceValue, MAGLEV_CHUNK};
 
-use crate::{
-    control::desired::{backend_value, be_addr, service_key, sock_addr, BackendKey, Desired, DesiredFrontend, FrontendKey},
-    dataplane::{Dataplane, Snapshot},
-};
+use super::{Dataplane, Snapshot};
+use crate::control::desired::{backend_value, be_addr, service_key, sock_addr, BackendKey, Desired, DesiredFrontend, FrontendKey};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct ProgrammedFrontend {
@@ -250,7 +248,7 @@ impl<D: Dataplane> Syncer<D> {
                     return None;
                 }
                 let (want_m, want) = self.compute_table(&set);
-                let chunks = crate::maglev::chunks(&want);
+                let chunks = super::maglev::chunks(&want);
                 let same = want_m == m
                     && chunks.iter().enumerate().all(|(c, v)| snap.maglev.get(&MaglevKey { table_id: id, chunk: c as u32 }) == Some(v));
                 same.then(|| {
@@ -273,7 +271,7 @@ impl<D: Dataplane> Syncer<D> {
     /// The Maglev table of a backend set (with this agent's backend ids).
     fn compute_table(&self, set: &[BackendKey]) -> (u32, Vec<u32>) {
         let entries: Vec<_> = set.iter().map(|k| (k.addr, k.proto, self.backends[k].0)).collect();
-        crate::maglev::table(&entries)
+        super::maglev::table(&entries)
     }
 
     /// The table for `set`, written now when no frontend uses it yet.
@@ -284,7 +282,7 @@ impl<D: Dataplane> Syncer<D> {
         }
         let (m, table) = self.compute_table(set);
         let id = self.table_ids.alloc();
-        for (c, chunk) in crate::maglev::chunks(&table).iter().enumerate() {
+        for (c, chunk) in super::maglev::chunks(&table).iter().enumerate() {
             let key = MaglevKey { table_id: id, chunk: c as u32 };
             self.write(|dp| dp.put_maglev(&key, chunk))?;
         }
@@ -699,7 +697,7 @@ fn next_slots(old: &[u32], new_ids: &[u32]) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::{svc_key_str, FakeDataplane};
+    use crate::dataplane::fake::{svc_key_str, FakeDataplane};
 
     fn fe(i: u32) -> FrontendKey {
         FrontendKey {

@@ -1,0 +1,90 @@
+//! An in-memory [`Dataplane`] for tests: the same operations on B-trees, with an operation log.
+use anyhow::Result;
+use lb_common::{Backend, Config, MaglevChunk, MaglevKey, MemberKey, RevNat, ServiceKey, ServiceValue};
+
+use super::{Dataplane, Snapshot};
+
+/// In-memory dataplane: the same operations on B-trees, with an operation log for tests.
+#[derive(Debug, Default)]
+pub struct FakeDataplane {
+    pub state: Snapshot,
+    /// Every operation in order, e.g. `put_service 10.0.0.1:80/6/0#0`.
+    pub log: Vec<String>,
+}
+
+/// How the fake dataplane's log names a service entry.
+pub(crate) fn svc_key_str(k: &ServiceKey) -> String {
+    let ip = std::net::Ipv4Addr::from(k.addr_be.to_ne_bytes());
+    format!("{ip}:{}/{}/{}#{}", u16::from_be(k.port_be), k.proto, k.scope, k.slot)
+}
+
+impl Dataplane for FakeDataplane {
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
+        self.log.push(format!("put_service {}", svc_key_str(key)));
+        self.state.services.insert(*key, *value);
+        Ok(())
+    }
+    fn del_service(&mut self, key: &ServiceKey) -> Result<()> {
+        self.log.push(format!("del_service {}", svc_key_str(key)));
+        self.state.services.remove(key);
+        Ok(())
+    }
+    fn put_backend(&mut self, id: u32, value: &Backend) -> Result<()> {
+        self.log.push(format!("put_backend {id}"));
+        self.state.backends.insert(id, *value);
+        Ok(())
+    }
+    fn del_backend(&mut self, id: u32) -> Result<()> {
+        self.log.push(format!("del_backend {id}"));
+        self.state.backends.remove(&id);
+        Ok(())
+    }
+    fn put_rev_nat(&mut self, id: u32, value: &RevNat) -> Result<()> {
+        self.log.push(format!("put_rev_nat {id}"));
+        self.state.rev_nat.insert(id, *value);
+        Ok(())
+    }
+    fn del_rev_nat(&mut self, id: u32) -> Result<()> {
+        self.log.push(format!("del_rev_nat {id}"));
+        self.state.rev_nat.remove(&id);
+        Ok(())
+    }
+    fn put_member(&mut self, key: &MemberKey, slot: u32) -> Result<()> {
+        self.log.push(format!("put_member {} {}", svc_key_str(&key.frontend), key.backend_id));
+        self.state.members.insert(*key, slot);
+        Ok(())
+    }
+    fn del_member(&mut self, key: &MemberKey) -> Result<()> {
+        self.log.push(format!("del_member {} {}", svc_key_str(&key.frontend), key.backend_id));
+        self.state.members.remove(key);
+        Ok(())
+    }
+    fn put_service_name(&mut self, id: u32, name: &str) -> Result<()> {
+        self.log.push(format!("put_service_name {id}"));
+        self.state.service_names.insert(id, name.to_string());
+        Ok(())
+    }
+    fn del_service_name(&mut self, id: u32) -> Result<()> {
+        self.log.push(format!("del_service_name {id}"));
+        self.state.service_names.remove(&id);
+        Ok(())
+    }
+    fn put_maglev(&mut self, key: &MaglevKey, value: &MaglevChunk) -> Result<()> {
+        self.log.push(format!("put_maglev {} {}", key.table_id, key.chunk));
+        self.state.maglev.insert(*key, *value);
+        Ok(())
+    }
+    fn del_maglev(&mut self, key: &MaglevKey) -> Result<()> {
+        self.log.push(format!("del_maglev {} {}", key.table_id, key.chunk));
+        self.state.maglev.remove(key);
+        Ok(())
+    }
+    fn put_config(&mut self, value: &Config) -> Result<()> {
+        self.log.push("put_config".into());
+        self.state.config = *value;
+        Ok(())
+    }
+    fn snapshot(&self) -> Result<Snapshot> {
+        Ok(self.state.clone())
+    }
+}

@@ -1,0 +1,52 @@
+//! The dataplane: the only code that touches the BPF maps. [`Dataplane`] is what the sync writes
+//! through, with the aya implementation on the pinned maps ([`pinned`]) and an in-memory fake for
+//! tests ([`fake`]); [`sync`] turns desired map contents into the fewest safe writes; [`read`]
+//! holds the read-only views `lbctl` and the agent's metrics share; [`migrate`] carries state
+//! across map layout versions.
+//!
+//! It takes the desired map contents from `control` and never imports `agent`.
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use lb_common::{Backend, Config, MaglevChunk, MaglevKey, MemberKey, RevNat, ServiceKey, ServiceValue};
+
+pub mod fake;
+pub mod maglev;
+pub mod migrate;
+pub mod pinned;
+pub mod read;
+pub mod sync;
+
+/// Everything the sync reads back to adopt what is already programmed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<u32, Backend>,
+    pub rev_nat: BTreeMap<u32, RevNat>,
+    pub members: BTreeMap<MemberKey, u32>,
+    /// Service-port id -> `namespace/name:port/PROTO`.
+    pub service_names: BTreeMap<u32, String>,
+    /// Maglev table chunks.
+    pub maglev: BTreeMap<MaglevKey, MaglevChunk>,
+    pub config: Config,
+}
+
+/// The writes the sync makes, one map entry each, and the read-back that adoption starts from.
+pub trait Dataplane {
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()>;
+    fn del_service(&mut self, key: &ServiceKey) -> Result<()>;
+    fn put_backend(&mut self, id: u32, value: &Backend) -> Result<()>;
+    fn del_backend(&mut self, id: u32) -> Result<()>;
+    fn put_rev_nat(&mut self, id: u32, value: &RevNat) -> Result<()>;
+    fn del_rev_nat(&mut self, id: u32) -> Result<()>;
+    fn put_config(&mut self, value: &Config) -> Result<()>;
+    fn put_member(&mut self, key: &MemberKey, slot: u32) -> Result<()>;
+    fn del_member(&mut self, key: &MemberKey) -> Result<()>;
+    fn put_service_name(&mut self, id: u32, name: &str) -> Result<()>;
+    fn del_service_name(&mut self, id: u32) -> Result<()>;
+    fn put_maglev(&mut self, key: &MaglevKey, value: &MaglevChunk) -> Result<()>;
+    fn del_maglev(&mut self, key: &MaglevKey) -> Result<()>;
+    /// Reads back every entry (used once, at start, to adopt pinned state).
+    fn snapshot(&self) -> Result<Snapshot>;
+}
+

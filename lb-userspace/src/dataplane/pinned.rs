@@ -1,0 +1,223 @@
+//! The maps pinned under `--bpffs`: the aya [`Dataplane`] on them, opening one by name (saying
+//! so when only another layout version of it is there), and finding our maps pinned at other
+//! layout versions (the `_vN` suffix of every map name; upgrades across them are `migrate`'s).
+use std::{fs, path::Path, path::PathBuf};
+
+use anyhow::{Context, Result};
+use aya::maps::{Array, HashMap, Map, MapData};
+use lb_common::{
+    map_name, Backend, Config, MaglevChunk, MaglevKey, MemberKey, RevNat, ServiceKey, ServiceName,
+    ServiceValue,
+};
+
+use super::{Dataplane, Snapshot};
+use crate::error::UsageError;
+
+/// Fails with a [`UsageError`] when `bpffs` is not a directory.
+pub(crate) fn check_dir(bpffs: &Path) -> Result<()> {
+    if !bpffs.is_dir() {
+        anyhow::bail!(UsageError(format!(
+            "--bpffs {}: no such directory (is the agent's --bpffs right?)",
+            bpffs.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Opens a pinned map; when it is missing but a map of the same name with another layout
+/// version is there, says so.
+pub fn open_pinned(bpffs: &Path, name: &str) -> Result<MapData> {
+    check_dir(bpffs)?;
+    let p = bpffs.join(name);
+    if !p.exists() {
+        let stem = name.rsplit_once("_v").map_or(name, |(s, _)| s);
+        let other = std::fs::read_dir(bpffs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|f| f.rsplit_once("_v").is_some_and(|(s, _)| s == stem));
+        return Err(match other {
+            Some(o) => anyhow::Error::new(UsageError(format!(
+                "{}: map {name} not found, but {o} is: pinned by an agent of another layout version (use the lbctl of that version, or restart the agent of this one)",
+                bpffs.display()
+            ))),
+            None => anyhow::Error::new(UsageError(format!("{}: map {name} not found (is the agent's --bpffs right?)", bpffs.display()))),
+        });
+    }
+    MapData::from_pin(&p).with_context(|| format!("cannot open pinned map {}", p.display()))
+}
+
+/// A map of ours pinned under another layout version than this agent's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OtherVersion {
+    pub path: PathBuf,
+    /// Its pinned name, e.g. `lb_ct_v1`.
+    pub name: String,
+    /// This agent's name for the same map, e.g. `lb_ct_v2`.
+    pub current: &'static str,
+}
+
+/// The pinned maps under `bpffs` that are ours at another layout version.
+pub fn other_versions(bpffs: &Path) -> Vec<OtherVersion> {
+    let mut out = Vec::new();
+    let Ok(dir) = fs::read_dir(bpffs) else { return out };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some((base, _)) = map_name::split_version(&name) else { continue };
+        let current = map_name::ALL.iter().find(|c| map_name::split_version(c).is_some_and(|(b, _)| b == base));
+        if let Some(current) = current.filter(|c| **c != name) {
+            out.push(OtherVersion { path: e.path(), name, current });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// Encodes a Service-port name for the names map (truncated to its 256 bytes).
+pub fn encode_name(name: &str) -> ServiceName {
+    let mut bytes = [0u8; 256];
+    let n = name.len().min(bytes.len());
+    bytes[..n].copy_from_slice(&name.as_bytes()[..n]);
+    ServiceName { bytes }
+}
+
+/// The Service-port name a names-map value holds.
+pub fn decode_name(v: &ServiceName) -> String {
+    let end = v.bytes.iter().position(|b| *b == 0).unwrap_or(v.bytes.len());
+    String::from_utf8_lossy(&v.bytes[..end]).into_owned()
+}
+
+/// The pinned service maps, through aya.
+pub struct AyaDataplane {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend>,
+    rev_nat: HashMap<MapData, u32, RevNat>,
+    members: HashMap<MapData, MemberKey, u32>,
+    names: HashMap<MapData, u32, ServiceName>,
+    maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
+    config: Array<MapData, Config>,
+}
+
+impl AyaDataplane {
+    /// Takes the maps out of a loaded object.
+    pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name).with_context(|| format!("map {name} missing from the object"))
+        };
+        Ok(Self {
+            services: HashMap::try_from(take(map_name::SERVICES)?)?,
+            backends: HashMap::try_from(take(map_name::BACKENDS)?)?,
+            rev_nat: HashMap::try_from(take(map_name::REV_NAT)?)?,
+            members: HashMap::try_from(take(map_name::MEMBERS)?)?,
+            names: HashMap::try_from(take(map_name::SERVICE_NAMES)?)?,
+            maglev: HashMap::try_from(take(map_name::MAGLEV)?)?,
+            config: Array::try_from(take(map_name::CONFIG)?)?,
+        })
+    }
+
+    /// Opens the maps pinned under `dir` (as `lbctl` does).
+    pub fn from_pins(dir: &Path) -> Result<Self> {
+        let open_data = |name: &str| open_pinned(dir, name);
+        let open = |name: &str| -> Result<Map> { Ok(Map::HashMap(open_data(name)?)) };
+        Ok(Self {
+            services: HashMap::try_from(open(map_name::SERVICES)?)?,
+            backends: HashMap::try_from(open(map_name::BACKENDS)?)?,
+            rev_nat: HashMap::try_from(open(map_name::REV_NAT)?)?,
+            members: HashMap::try_from(open(map_name::MEMBERS)?)?,
+            names: HashMap::try_from(open(map_name::SERVICE_NAMES)?)?,
+            maglev: HashMap::try_from(open(map_name::MAGLEV)?)?,
+            config: Array::try_from(Map::Array(open_data(map_name::CONFIG)?))?,
+        })
+    }
+}
+
+impl Dataplane for AyaDataplane {
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
+        Ok(self.services.insert(key, value, 0)?)
+    }
+    fn del_service(&mut self, key: &ServiceKey) -> Result<()> {
+        Ok(self.services.remove(key)?)
+    }
+    fn put_backend(&mut self, id: u32, value: &Backend) -> Result<()> {
+        Ok(self.backends.insert(id, value, 0)?)
+    }
+    fn del_backend(&mut self, id: u32) -> Result<()> {
+        Ok(self.backends.remove(&id)?)
+    }
+    fn put_rev_nat(&mut self, id: u32, value: &RevNat) -> Result<()> {
+        Ok(self.rev_nat.insert(id, value, 0)?)
+    }
+    fn del_rev_nat(&mut self, id: u32) -> Result<()> {
+        Ok(self.rev_nat.remove(&id)?)
+    }
+    fn put_config(&mut self, value: &Config) -> Result<()> {
+        Ok(self.config.set(0, value, 0)?)
+    }
+    fn put_member(&mut self, key: &MemberKey, slot: u32) -> Result<()> {
+        Ok(self.members.insert(key, slot, 0)?)
+    }
+    fn del_member(&mut self, key: &MemberKey) -> Result<()> {
+        Ok(self.members.remove(key)?)
+    }
+    fn put_service_name(&mut self, id: u32, name: &str) -> Result<()> {
+        Ok(self.names.insert(id, encode_name(name), 0)?)
+    }
+    fn del_service_name(&mut self, id: u32) -> Result<()> {
+        Ok(self.names.remove(&id)?)
+    }
+    fn put_maglev(&mut self, key: &MaglevKey, value: &MaglevChunk) -> Result<()> {
+        Ok(self.maglev.insert(key, value, 0)?)
+    }
+    fn del_maglev(&mut self, key: &MaglevKey) -> Result<()> {
+        Ok(self.maglev.remove(key)?)
+    }
+    fn snapshot(&self) -> Result<Snapshot> {
+        let mut s = Snapshot { config: self.config.get(&0, 0)?, ..Default::default() };
+        for kv in self.services.iter() {
+            let (k, v) = kv?;
+            s.services.insert(k, v);
+        }
+        for kv in self.backends.iter() {
+            let (k, v) = kv?;
+            s.backends.insert(k, v);
+        }
+        for kv in self.rev_nat.iter() {
+            let (k, v) = kv?;
+            s.rev_nat.insert(k, v);
+        }
+        for kv in self.members.iter() {
+            let (k, v) = kv?;
+            s.members.insert(k, v);
+        }
+        for kv in self.names.iter() {
+            let (k, v) = kv?;
+            s.service_names.insert(k, decode_name(&v));
+        }
+        for kv in self.maglev.iter() {
+            let (k, v) = kv?;
+            s.maglev.insert(k, v);
+        }
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_our_maps_at_other_versions_only() {
+        let dir = std::env::temp_dir().join(format!("lbmig{}", std::process::id()));
+        fs::create_dir_all(dir.join("links")).unwrap();
+        for f in ["lb_ct_v1", "lb_ct_v2", "lb_svc_v2", "lb_svc_v3", "lb_backend_v1", "other_v1", "lb_stats_v1", "lb_unknown_v9"] {
+            fs::write(dir.join(f), b"").unwrap();
+        }
+        let found: Vec<(String, &str)> = other_versions(&dir).into_iter().map(|o| (o.name, o.current)).collect();
+        assert_eq!(
+            found,
+            vec![("lb_ct_v1".into(), "lb_ct_v2"), ("lb_stats_v1".into(), "lb_stats_v2"), ("lb_svc_v2".into(), "lb_svc_v3")]
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
