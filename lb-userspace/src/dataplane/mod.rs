@@ -11,7 +11,9 @@ use anyhow::Result;
 use lb_common::{Backend, Config, MaglevChunk, MaglevKey, MemberKey, RevNat, ServiceKey, ServiceValue};
 
 pub mod fake;
+mod ids;
 pub mod maglev;
+mod maglev_tables;
 pub mod migrate;
 pub mod pinned;
 pub mod read;

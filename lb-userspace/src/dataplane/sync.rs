@@ -10,19 +10,24 @@
 //! by the last slot, so the other slots keep their backends.
 //!
 //! North-south frontends (NodePort, LoadBalancer, external IP) with two or more backends also get
-//! a Maglev table (see [`super::maglev`]),
-//! shared by every frontend with the same backend set. A changed set gets a new table, written
+//! a Maglev table (see [`super::maglev`]), shared by every frontend with the same backend set
+//! (the books are kept in `maglev_tables`). A changed set gets a new table, written
 //! in full before the master switches to it (one atomic write), and the old table is deleted
 //! after: a new flow sees either the old or the new table, never a mix.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddrV4,
 };
 
 use anyhow::Result;
-use lb_common::{scope, Backend, Config, MaglevKey, MemberKey, RevNat, ServiceKey, ServiceValue, MAGLEV_CHUNK};
+use lb_common::{Backend, Config, MaglevKey, MemberKey, RevNat, ServiceKey, ServiceValue};
 
-use super::{Dataplane, Snapshot};
+use super::{
+    ids::IdAllocator,
+    maglev,
+    maglev_tables::{chunk_count, table_of, wants_table, MaglevTables},
+    Dataplane, Snapshot,
+};
 use crate::control::desired::{backend_value, be_addr, service_key, sock_addr, BackendKey, Desired, DesiredFrontend, FrontendKey};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,44 +40,6 @@ struct ProgrammedFrontend {
     slots: Vec<u32>,
     /// (Maglev table id, M); (0, 0) without a table.
     maglev: (u32, u32),
-}
-
-/// A programmed Maglev table.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Table {
-    id: u32,
-    m: u32,
-    refs: u32,
-}
-
-fn chunk_count(m: u32) -> u32 {
-    m.div_ceil(MAGLEV_CHUNK)
-}
-
-/// Ids handed out from 1 upwards, reusing freed ones (0 is reserved).
-#[derive(Debug, Default)]
-struct IdAllocator {
-    free: BTreeSet<u32>,
-    next: u32,
-}
-
-impl IdAllocator {
-    fn with_used(used: impl Iterator<Item = u32>) -> Self {
-        let used: BTreeSet<u32> = used.collect();
-        let next = used.iter().next_back().copied().unwrap_or(0) + 1;
-        let free = (1..next).filter(|i| !used.contains(i)).collect();
-        Self { free, next }
-    }
-    fn alloc(&mut self) -> u32 {
-        if let Some(id) = self.free.pop_first() {
-            return id;
-        }
-        self.next += 1;
-        self.next - 1
-    }
-    fn release(&mut self, id: u32) {
-        self.free.insert(id);
-    }
 }
 
 /// Counters of one sync pass.
@@ -99,10 +66,8 @@ pub struct Syncer<D: Dataplane> {
     svc_port_alloc: IdAllocator,
     /// Programmed membership entries: (frontend, backend id) -> slot.
     members: BTreeMap<MemberKey, u32>,
-    /// Maglev tables by backend set (sorted, deduplicated).
-    tables: HashMap<Vec<BackendKey>, Table>,
-    table_sets: HashMap<u32, Vec<BackendKey>>,
-    table_ids: IdAllocator,
+    /// Maglev tables by backend set.
+    tables: MaglevTables,
     /// Chunks found at adoption that no table explains.
     stray_maglev: Vec<MaglevKey>,
     /// What was last applied per frontend: later syncs touch only frontends whose desired
@@ -144,9 +109,7 @@ impl<D: Dataplane> Syncer<D> {
                     .chain(snap.service_names.keys().copied()),
             ),
             members: snap.members.clone(),
-            tables: HashMap::new(),
-            table_sets: HashMap::new(),
-            table_ids: IdAllocator::with_used(snap.maglev.keys().map(|k| k.table_id)),
+            tables: MaglevTables::with_used(snap.maglev.keys().map(|k| k.table_id)),
             stray_maglev: Vec::new(),
             applied: HashMap::new(),
             name_refs: HashMap::new(),
@@ -238,75 +201,43 @@ impl<D: Dataplane> Syncer<D> {
                 continue;
             }
             let keys: Option<Vec<BackendKey>> = p.slots.iter().map(|s| by_id.get(s).copied()).collect();
-            let ok = keys.and_then(|mut set| {
-                set.sort();
-                set.dedup();
-                if let Some(t) = self.tables.get_mut(&set) {
-                    return (t.id == id && t.m == m).then(|| t.refs += 1);
-                }
-                if self.table_sets.contains_key(&id) {
-                    return None;
-                }
-                let (want_m, want) = self.compute_table(&set);
-                let chunks = super::maglev::chunks(&want);
-                let same = want_m == m
-                    && chunks.iter().enumerate().all(|(c, v)| snap.maglev.get(&MaglevKey { table_id: id, chunk: c as u32 }) == Some(v));
-                same.then(|| {
-                    self.tables.insert(set.clone(), Table { id, m, refs: 1 });
-                    self.table_sets.insert(id, set);
-                })
-            });
-            if ok.is_none() {
+            let backends = &self.backends;
+            let adopted = keys.is_some_and(|set| self.tables.adopt(id, m, set, |k| backends[k].0, &snap.maglev));
+            if !adopted {
                 self.frontends.get_mut(&fe).expect("listed above").maglev = (0, 0);
             }
         }
         for (k, _) in &snap.maglev {
-            let known = self.tables.values().any(|t| t.id == k.table_id && k.chunk < chunk_count(t.m));
-            if !known {
+            if !self.tables.explains(k) {
                 self.stray_maglev.push(*k);
             }
         }
     }
 
-    /// The Maglev table of a backend set (with this agent's backend ids).
-    fn compute_table(&self, set: &[BackendKey]) -> (u32, Vec<u32>) {
-        let entries: Vec<_> = set.iter().map(|k| (k.addr, k.proto, self.backends[k].0)).collect();
-        super::maglev::table(&entries)
-    }
-
     /// The table for `set`, written now when no frontend uses it yet.
     fn ref_table(&mut self, set: &[BackendKey]) -> Result<(u32, u32)> {
-        if let Some(t) = self.tables.get_mut(set) {
-            t.refs += 1;
-            return Ok((t.id, t.m));
+        if let Some(t) = self.tables.share(set) {
+            return Ok(t);
         }
-        let (m, table) = self.compute_table(set);
-        let id = self.table_ids.alloc();
-        for (c, chunk) in super::maglev::chunks(&table).iter().enumerate() {
+        let backends = &self.backends;
+        let (m, table) = table_of(set, |k| backends[k].0);
+        let id = self.tables.new_id();
+        for (c, chunk) in maglev::chunks(&table).iter().enumerate() {
             let key = MaglevKey { table_id: id, chunk: c as u32 };
             self.write(|dp| dp.put_maglev(&key, chunk))?;
         }
-        self.tables.insert(set.to_vec(), Table { id, m, refs: 1 });
-        self.table_sets.insert(id, set.to_vec());
+        self.tables.insert(set, id, m);
         Ok((id, m))
     }
 
     /// Drops a reference; the last one deletes the table's chunks.
     fn unref_table(&mut self, id: u32) -> Result<()> {
-        let Some(set) = self.table_sets.get(&id).cloned() else { return Ok(()) };
-        let t = self.tables.get_mut(&set).expect("tables and table_sets agree");
-        t.refs -= 1;
-        if t.refs > 0 {
-            return Ok(());
-        }
-        let m = t.m;
-        self.tables.remove(&set);
-        self.table_sets.remove(&id);
+        let Some(m) = self.tables.unref(id) else { return Ok(()) };
         for c in 0..chunk_count(m) {
             let key = MaglevKey { table_id: id, chunk: c };
             self.write(|dp| dp.del_maglev(&key))?;
         }
-        self.table_ids.release(id);
+        self.tables.release(id);
         Ok(())
     }
 
@@ -551,7 +482,7 @@ impl<D: Dataplane> Syncer<D> {
             let mut set: Vec<BackendKey> = d.backends.iter().map(|(k, _)| *k).collect();
             set.sort();
             set.dedup();
-            if old_table.0 != 0 && self.table_sets.get(&old_table.0) == Some(&set) {
+            if old_table.0 != 0 && self.tables.is_table_of(old_table.0, &set) {
                 old_table
             } else {
                 self.ref_table(&set)?
@@ -649,15 +580,6 @@ impl<D: Dataplane> Syncer<D> {
     }
 }
 
-/// Whether a frontend gets a Maglev table: north-south frontends an external load balancer or
-/// router may spread over nodes (NodePorts, LoadBalancer IPs, external IPs) with two or more
-/// backends. ClusterIPs reached from outside the node keep the uniform random choice, which
-/// saves a table per ClusterIP.
-fn wants_table(fe: &FrontendKey, d: &DesiredFrontend, backends: usize) -> bool {
-    use lb_common::service_flags::{EXTERNAL_IP, LOAD_BALANCER, NODE_PORT};
-    fe.scope == scope::EXTERNAL && backends >= 2 && d.flags & (NODE_PORT | LOAD_BALANCER | EXTERNAL_IP) != 0
-}
-
 /// The new slot array: backends that stay keep their slot; a freed slot takes a new backend, or
 /// else the last slot's backend; remaining new backends are appended. So one endpoint change
 /// rewrites at most two slots.
@@ -696,6 +618,10 @@ fn next_slots(old: &[u32], new_ids: &[u32]) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
+    use lb_common::{scope, MAGLEV_CHUNK};
+
     use super::*;
     use crate::dataplane::fake::{svc_key_str, FakeDataplane};
 
