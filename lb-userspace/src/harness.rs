@@ -15,51 +15,10 @@ use aya::{
 use lb_common::{map_name, program_name, AffinityKey, AffinityValue, BenchFrame, Config, Counter, CtEntry, CtKey};
 
 use crate::{
+    agent::preflight::mount_point,
     control::desired::Desired,
     dataplane::{pinned::AyaDataplane, read::read_counters, sync::Syncer},
 };
-
-/// The first mount point of a filesystem type in /proc/mounts (`bpf`, `cgroup2`, ...).
-pub fn mount_point(fstype: &str) -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let (_, dir, ty) = (f.next()?, f.next()?, f.next()?);
-        (ty == fstype).then(|| PathBuf::from(unescape_mount_path(dir)))
-    })
-}
-
-/// /proc/mounts writes space, tab, newline and backslash in paths as octal escapes (`\040`).
-fn unescape_mount_path(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::unescape_mount_path;
-
-    #[test]
-    fn mount_paths_are_unescaped() {
-        assert_eq!(unescape_mount_path(r"/mnt/a\040b"), "/mnt/a b");
-        assert_eq!(unescape_mount_path("/sys/fs/bpf"), "/sys/fs/bpf");
-        assert_eq!(unescape_mount_path(r"/x\\"), r"/x\\");
-    }
-}
 
 /// Collects the kernel's aya-log records (level, text).
 #[derive(Clone, Default)]

@@ -6,10 +6,7 @@ pub mod control;
 pub mod dataplane;
 pub mod error;
 pub mod harness;
-pub mod health;
-pub mod http;
 pub mod inspect;
-pub mod ops;
 
 /// The compiled kernel programs, built by build.rs with aya-build.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));

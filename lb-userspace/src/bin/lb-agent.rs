@@ -94,7 +94,7 @@ fn main() {
             for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
                 signal_hook::flag::register(sig, stop.clone()).expect("signal handler");
             }
-            let cfg = agent::RunConfig {
+            let cfg = agent::config::RunConfig {
                 node,
                 manifests,
                 kubeconfig,
@@ -109,7 +109,7 @@ fn main() {
             agent::run(&cfg, stop)
         }
         Command::Render { manifests, node } => render(&manifests, &node),
-        Command::Uninstall { bpffs } => agent::uninstall(&bpffs).map(|removed| {
+        Command::Uninstall { bpffs } => agent::attach::uninstall(&bpffs).map(|removed| {
             for p in removed {
                 println!("removed {}", p.display());
             }

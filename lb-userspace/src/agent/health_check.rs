@@ -13,6 +13,7 @@ use std::{
     thread,
 };
 
+use super::http::{self, Response};
 use crate::control::model::{Model, TrafficPolicy};
 
 /// What one health port reports.
@@ -48,7 +49,7 @@ pub fn desired(model: &Model, node: &str) -> BTreeMap<u16, HealthEntry> {
 }
 
 /// The HTTP response for `entry`.
-pub fn response(entry: &HealthEntry, proxy_healthy: bool) -> crate::http::Response {
+pub fn response(entry: &HealthEntry, proxy_healthy: bool) -> Response {
     let n = entry.local_endpoints;
     let status = if n > 0 && proxy_healthy { "200 OK" } else { "503 Service Unavailable" };
     let body = serde_json::json!({
@@ -57,7 +58,7 @@ pub fn response(entry: &HealthEntry, proxy_healthy: bool) -> crate::http::Respon
         "serviceProxyHealthy": proxy_healthy,
     })
     .to_string();
-    crate::http::Response {
+    Response {
         status,
         headers: vec![
             ("Content-Type", "application/json".into()),
@@ -173,7 +174,7 @@ fn serve(
     entries: Arc<RwLock<BTreeMap<u16, HealthEntry>>>,
     healthy: Arc<AtomicBool>,
 ) {
-    crate::http::serve(listener, stop, |_path| {
+    http::serve(listener, stop, |_path| {
         // Any path answers, as kube-proxy's health check server does.
         let entry = entries.read().expect("health entries lock").get(&port).cloned()?;
         Some(response(&entry, healthy.load(Ordering::Relaxed)))

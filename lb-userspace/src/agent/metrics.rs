@@ -23,7 +23,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::http::Response;
+use super::{health_check::HealthEntry, http::Response};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CounterLabel {
@@ -185,7 +185,7 @@ impl Ops {
         }
     }
 
-    pub fn local_endpoints(&self, entries: &BTreeMap<u16, crate::health::HealthEntry>) {
+    pub fn local_endpoints(&self, entries: &BTreeMap<u16, HealthEntry>) {
         let mut seen = self.local_seen.lock().expect("ops lock");
         for l in seen.drain(..) {
             self.local_endpoints.remove(&l);

@@ -1,0 +1,215 @@
+//! Loading the kernel programs and attaching them (cgroup socket hooks, XDP and tc egress on
+//! the devices) through links pinned under `--bpffs DIR/links`, so they stay attached while the
+//! agent is down and a new agent replaces them without a gap; and `lb-agent uninstall`.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::programs::{
+    links::{FdLink, PinnedLink},
+    CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
+};
+use lb_common::program_name;
+
+use super::config::RunConfig;
+use crate::{
+    dataplane::{
+        migrate,
+        pinned::{other_versions, AyaDataplane, OtherVersion},
+        sync::Syncer,
+    },
+    error::UsageError,
+};
+
+/// Loads the object, reusing maps pinned under `bpffs` (pinning them on first start).
+pub fn load(bpffs: &Path) -> Result<aya::Ebpf> {
+    fs::create_dir_all(bpffs.join("links"))
+        .with_context(|| format!("cannot create {}", bpffs.join("links").display()))?;
+    let ebpf = aya::EbpfLoader::new()
+        .default_map_pin_directory(bpffs)
+        .load(crate::EBPF_OBJECT)
+        .context("loading the eBPF object (a map pinned by another version? run `lb-agent uninstall --bpffs DIR`)")?;
+    Ok(ebpf)
+}
+
+const CGROUP_HOOKS: [(&str, &str); 4] = [
+    (program_name::CONNECT4, "connect4"),
+    (program_name::SENDMSG4, "sendmsg4"),
+    (program_name::RECVMSG4, "recvmsg4"),
+    (program_name::GETPEERNAME4, "getpeername4"),
+];
+
+/// Attaches the socket-level programs to `cgroup` and pins their links. A link pinned by an
+/// earlier agent is replaced only after the new one is attached, so there is no gap.
+pub fn attach_cgroup(ebpf: &mut aya::Ebpf, cgroup: &Path, bpffs: &Path) -> Result<()> {
+    let cg = fs::File::open(cgroup).with_context(|| format!("open {}", cgroup.display()))?;
+    for (prog, hook) in CGROUP_HOOKS {
+        let p: &mut CgroupSockAddr = ebpf
+            .program_mut(prog)
+            .ok_or_else(|| anyhow!("program {prog} missing from the object"))?
+            .try_into()?;
+        if p.fd().is_err() {
+            p.load().with_context(|| format!("loading {prog} (verifier)"))?;
+        }
+        let id = p.attach(&cg, CgroupAttachMode::Single).with_context(|| format!("attaching {prog} to {}", cgroup.display()))?;
+        let link: FdLink = p.take_link(id)?.try_into()?;
+        let pin = bpffs.join("links").join(hook);
+        // bpffs refuses names containing a dot.
+        pin_replacing(link, &pin)?;
+    }
+    Ok(())
+}
+
+/// Pins `link` at `pin`, replacing (and so detaching) a link pinned there by an earlier agent
+/// only once the new one is in place.
+fn pin_replacing(link: FdLink, pin: &Path) -> Result<()> {
+    // bpffs refuses names containing a dot.
+    let name = pin.file_name().and_then(|n| n.to_str()).unwrap_or("link");
+    let tmp = pin.with_file_name(format!("{name}_new"));
+    let _ = fs::remove_file(&tmp);
+    link.pin(&tmp).with_context(|| format!("pinning {}", tmp.display()))?;
+    fs::rename(&tmp, pin).with_context(|| format!("renaming {} to {}", tmp.display(), pin.display()))?;
+    Ok(())
+}
+
+/// Attaches the tc egress program (reverse translation of local backends' replies) to `device`
+/// through a TCX link.
+pub fn attach_tc_egress(ebpf: &mut aya::Ebpf, device: &str, bpffs: &Path) -> Result<()> {
+    let p: &mut SchedClassifier = ebpf
+        .program_mut(program_name::TC_EGRESS)
+        .ok_or_else(|| anyhow!("program {} missing from the object", program_name::TC_EGRESS))?
+        .try_into()?;
+    if p.fd().is_err() {
+        p.load().context("loading the tc egress program (verifier)")?;
+    }
+    let id = p
+        .attach(device, TcAttachType::Egress)
+        .with_context(|| format!("attaching tc egress to {device}"))?;
+    let link: FdLink = p
+        .take_link(id)?
+        .try_into()
+        .map_err(|_| anyhow!("tc on {device} is not a TCX link (kernel older than 6.6)"))?;
+    pin_replacing(link, &bpffs.join("links").join(format!("tc_egress_{device}")))
+}
+
+/// Attaches the XDP program to `device`, atomically replacing the program of a link pinned by an
+/// earlier agent when there is one.
+pub fn attach_xdp(ebpf: &mut aya::Ebpf, device: &str, bpffs: &Path) -> Result<()> {
+    let p: &mut Xdp = ebpf
+        .program_mut(program_name::XDP)
+        .ok_or_else(|| anyhow!("program {} missing from the object", program_name::XDP))?
+        .try_into()?;
+    if p.fd().is_err() {
+        p.load().context("loading the XDP program (verifier)")?;
+    }
+    let pin = bpffs.join("links").join(format!("xdp_{device}"));
+    if pin.exists() {
+        match PinnedLink::from_pin(&pin) {
+            Ok(pinned) => {
+                let fd: FdLink = pinned.into();
+                let xdp_link = fd.try_into().context("pinned XDP link is of another type")?;
+                let id = p.attach_to_link(xdp_link).context("replacing the program of the pinned XDP link")?;
+                // The pin keeps the link; dropping our handle must not detach it.
+                let _ = p.take_link(id)?;
+                return Ok(());
+            }
+            Err(e) => {
+                log::warn!("stale XDP link pin {}: {e}; attaching afresh", pin.display());
+                let _ = fs::remove_file(&pin);
+            }
+        }
+    }
+    let id = p
+        .attach(device, XdpMode::default())
+        .with_context(|| format!("attaching XDP to {device} (another XDP program attached? `ip link show {device}`)"))?;
+    let link: FdLink = p.take_link(id)?.try_into().map_err(|_| anyhow!("XDP on {device} is not a bpf_link (kernel too old)"))?;
+    link.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?;
+    Ok(())
+}
+
+/// Lets the stack forward what XDP translated but could not send itself (next hop's neighbour
+/// not resolved yet): such a packet carries this node's address as its source, which the stack
+/// drops as martian unless `accept_local` is set. Once the neighbour is resolved, XDP sends
+/// directly.
+fn prepare_device(dev: &str) -> Result<()> {
+    let p = format!("/proc/sys/net/ipv4/conf/{dev}/accept_local");
+    if fs::read_to_string(&p).map(|v| v.trim() == "1").unwrap_or(false) {
+        return Ok(());
+    }
+    if let Err(e) = fs::write(&p, "1") {
+        // Not fatal: only the stack fallback (unresolved next hop) is affected; XDP_TX works.
+        log::warn!(
+            "cannot set {p} ({e}): translated packets handed to the stack before the next hop's neighbour is resolved will be dropped as martians; set it on the host"
+        );
+    }
+    Ok(())
+}
+
+/// Loads every program into the kernel (the verifier runs here).
+pub(super) fn load_programs(ebpf: &mut aya::Ebpf) -> Result<()> {
+    for (prog, _) in CGROUP_HOOKS {
+        let p: &mut CgroupSockAddr = ebpf.program_mut(prog).ok_or_else(|| anyhow!("program {prog} missing from the object"))?.try_into()?;
+        p.load().with_context(|| format!("loading {prog} (verifier)"))?;
+    }
+    let p: &mut Xdp = ebpf.program_mut(program_name::XDP).ok_or_else(|| anyhow!("program {} missing", program_name::XDP))?.try_into()?;
+    p.load().context("loading the XDP program (verifier)")?;
+    let p: &mut SchedClassifier =
+        ebpf.program_mut(program_name::TC_EGRESS).ok_or_else(|| anyhow!("program {} missing", program_name::TC_EGRESS))?.try_into()?;
+    p.load().context("loading the tc egress program (verifier)")?;
+    Ok(())
+}
+
+/// Attaches the programs once their maps hold the first sync, converting the state of maps of
+/// an older layout before and after the swap (see [`migrate`]), then drops those maps.
+pub(super) fn attach_all(ebpf: &mut aya::Ebpf, cfg: &RunConfig, syncer: &Syncer<AyaDataplane>, old: &[OtherVersion]) -> Result<()> {
+    let rev_nat = syncer.svc_port_by_rev_nat();
+    let mut seen = std::collections::HashMap::new();
+    let before = migrate::copy_state(&cfg.bpffs, old, &rev_nat, &mut seen)?;
+    attach_cgroup(ebpf, &cfg.cgroup, &cfg.bpffs)?;
+    for dev in &cfg.devices {
+        prepare_device(dev)?;
+        attach_xdp(ebpf, dev, &cfg.bpffs)?;
+        attach_tc_egress(ebpf, dev, &cfg.bpffs)?;
+    }
+    let after = migrate::copy_state(&cfg.bpffs, old, &rev_nat, &mut seen)?;
+    for (b, a) in before.iter().zip(&after) {
+        log::info!("migrated {} entries of {} into {} ({} more after the program swap)", b.copied, b.from, b.to, a.copied);
+    }
+    migrate::remove(old)?;
+    log::info!(
+        "attached to cgroup {} and devices {:?}; maps pinned under {}",
+        cfg.cgroup.display(),
+        cfg.devices,
+        cfg.bpffs.display()
+    );
+    Ok(())
+}
+
+/// `lb-agent uninstall`: removes every link (detaching the programs) and map pinned under `bpffs`.
+pub fn uninstall(bpffs: &Path) -> Result<Vec<PathBuf>> {
+    if !bpffs.exists() {
+        bail!(UsageError(format!("--bpffs {}: nothing pinned there", bpffs.display())));
+    }
+    let mut removed = Vec::new();
+    let links = bpffs.join("links");
+    if links.is_dir() {
+        for e in fs::read_dir(&links)? {
+            let p = e?.path();
+            fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            removed.push(p);
+        }
+        fs::remove_dir(&links)?;
+    }
+    let others = other_versions(bpffs).into_iter().map(|o| o.path);
+    for p in lb_common::map_name::ALL.iter().map(|n| bpffs.join(n)).chain(others) {
+        if p.exists() {
+            fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            removed.push(p);
+        }
+    }
+    // Remove the directory itself when nothing else lives there.
+    let _ = fs::remove_dir(bpffs);
+    Ok(removed)
+}

@@ -1,0 +1,22 @@
+//! The agent's configuration, as `lb-agent run` takes it from its flags.
+use std::{path::PathBuf, time::Duration};
+
+/// What `lb-agent run` was told.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub node: String,
+    /// Where objects come from: a manifests file or directory, else the Kubernetes API.
+    pub manifests: Option<PathBuf>,
+    /// Kubeconfig for the API (default: the in-cluster service account).
+    pub kubeconfig: Option<PathBuf>,
+    pub cgroup: PathBuf,
+    pub bpffs: PathBuf,
+    pub devices: Vec<String>,
+    pub poll_interval: Duration,
+    /// SNAT port range (inclusive) for externalTrafficPolicy Cluster flows to remote backends.
+    pub snat_ports: (u16, u16),
+    /// Where to serve Prometheus metrics (`/metrics`).
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Where to serve node health (`/healthz`, `/livez`).
+    pub health_addr: Option<std::net::SocketAddr>,
+}
