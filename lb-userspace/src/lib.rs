@@ -5,7 +5,6 @@ pub mod agent;
 pub mod control;
 pub mod dataplane;
 pub mod error;
-pub mod harness;
 pub mod inspect;
 
 /// The compiled kernel programs, built by build.rs with aya-build.

@@ -15,7 +15,7 @@ fn examples() -> String {
 }
 
 fn cgroup2() -> Option<String> {
-    lb_userspace::harness::mount_point("cgroup2").map(|p| p.display().to_string())
+    lb_userspace::agent::preflight::mount_point("cgroup2").map(|p| p.display().to_string())
 }
 
 #[test]

@@ -148,7 +148,7 @@ fn write_file(path: &CString, data: &[u8]) -> io::Result<()> {
 
 /// The first mount point of a filesystem type in /proc/mounts (one implementation, shared with
 /// the harness and the agent's tests).
-pub use lb_userspace::harness::mount_point;
+pub use lb_userspace::agent::preflight::mount_point;
 
 /// The bpf filesystem's mount point; mounts one at /sys/fs/bpf when there is none.
 pub fn ensure_bpffs() -> Result<PathBuf> {

@@ -7,10 +7,8 @@ use std::{
 
 use etherparse::{IpNumber, Ipv4Header, PacketBuilder};
 use lb_common::Counter;
-use lb_userspace::{
-    harness::XdpHarness,
-    control::desired::{BackendKey, Desired, DesiredFrontend, FrontendKey},
-};
+use lb_tests::harness::XdpHarness;
+use lb_userspace::control::desired::{BackendKey, Desired, DesiredFrontend, FrontendKey};
 
 const XDP_PASS: u32 = 2;
 const CLIENT: [u8; 4] = [192, 168, 100, 100];

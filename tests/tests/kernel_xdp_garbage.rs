@@ -13,10 +13,8 @@ use std::{
 
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use lb_common::{backend_flags, service_flags, Config};
-use lb_userspace::{
-    harness::XdpHarness,
-    control::desired::{BackendKey, Desired, DesiredFrontend, FrontendKey},
-};
+use lb_tests::harness::XdpHarness;
+use lb_userspace::control::desired::{BackendKey, Desired, DesiredFrontend, FrontendKey};
 
 const NODE: [u8; 4] = [192, 168, 100, 1];
 

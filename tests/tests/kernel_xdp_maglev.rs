@@ -11,10 +11,8 @@ use std::{
 
 use etherparse::{PacketBuilder, SlicedPacket, InternetSlice, TransportSlice};
 use lb_common::{Config, CtKey};
-use lb_userspace::{
-    harness::XdpHarness,
-    control::desired::{BackendKey, Desired, DesiredFrontend, FrontendKey},
-};
+use lb_tests::harness::XdpHarness;
+use lb_userspace::control::desired::{BackendKey, Desired, DesiredFrontend, FrontendKey};
 
 const XDP_PASS: u32 = 2;
 const NODE: [u8; 4] = [192, 168, 100, 1];

@@ -8,10 +8,8 @@ use std::{
 
 use etherparse::PacketBuilder;
 use lb_common::{backend_flags, ct_flags, Config, Counter, CtEntry, CtKey};
-use lb_userspace::{
-    harness::XdpHarness,
-    control::desired::{BackendKey, Desired, DesiredFrontend, FrontendKey},
-};
+use lb_tests::harness::XdpHarness;
+use lb_userspace::control::desired::{BackendKey, Desired, DesiredFrontend, FrontendKey};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;

@@ -9,13 +9,11 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use lb_userspace::{
-    control::{desired, model, plan, source::Objects},
-    harness::XdpHarness,
-};
+use lb_userspace::control::{desired, model, plan, source::Objects};
 use serde::Serialize;
 
 use super::gen;
+use crate::harness::XdpHarness;
 
 const NODE: &str = "bench-node";
 
@@ -281,10 +279,10 @@ pub fn agent_memory(agent_bin: &Path, n: usize, e: usize) -> Result<AgentMemory>
     std::fs::create_dir_all(&tmp)?;
     let manifests = tmp.join("cluster.yaml");
     std::fs::write(&manifests, cluster_manifests(n, e))?;
-    let cg_root = lb_userspace::harness::mount_point("cgroup2").context("no cgroup2 mount")?;
+    let cg_root = lb_userspace::agent::preflight::mount_point("cgroup2").context("no cgroup2 mount")?;
     let cgroup = cg_root.join(&tag);
     std::fs::create_dir_all(&cgroup)?;
-    let bpffs = lb_userspace::harness::mount_point("bpf").context("no bpf filesystem")?.join(&tag);
+    let bpffs = lb_userspace::agent::preflight::mount_point("bpf").context("no bpf filesystem")?.join(&tag);
     let _ = crate::netns::run("ip", &["netns", "del", &tag]);
     crate::netns::run("ip", &["netns", "add", &tag])?;
     let cleanup = |child: Option<&mut std::process::Child>| {

@@ -18,11 +18,10 @@ use std::{
 use anyhow::{bail, Context, Result};
 use etherparse::PacketBuilder;
 use lb_common::{program_name, BenchFrame, Config, BENCH_FRAME_LEN};
-use lb_userspace::{
-    harness::XdpHarness,
-    control::desired::{BackendKey, Desired, DesiredFrontend, FrontendKey},
-};
+use lb_userspace::control::desired::{BackendKey, Desired, DesiredFrontend, FrontendKey};
 use serde::Serialize;
+
+use crate::harness::XdpHarness;
 
 const NODE: [u8; 4] = [192, 168, 100, 1];
 const CLIENT: [u8; 4] = [198, 18, 0, 1];

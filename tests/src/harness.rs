@@ -1,6 +1,6 @@
 //! Packet-fixture harness: loads the real object into a private pin directory, programs its maps
 //! through the real sync code, and runs the XDP program on frames with BPF_PROG_TEST_RUN.
-//! Used by the kernel tests and the benchmarks.
+//! Used by the kernel tests and the benchmarks (it used to ship inside lb-userspace's library).
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
@@ -14,7 +14,7 @@ use aya::{
 };
 use lb_common::{map_name, program_name, AffinityKey, AffinityValue, BenchFrame, Config, Counter, CtEntry, CtKey};
 
-use crate::{
+use lb_userspace::{
     agent::preflight::mount_point,
     control::desired::Desired,
     dataplane::{pinned::AyaDataplane, read::read_counters, sync::Syncer},
@@ -66,7 +66,7 @@ impl XdpHarness {
         for (name, size) in sizes {
             loader.map_max_entries(name, *size);
         }
-        let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
+        let mut ebpf = loader.load(lb_userspace::EBPF_OBJECT)?;
         let logs = LogCapture::default();
         let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, logs.clone()).context("aya-log ring buffer")?;
         let xdp: &mut Xdp = ebpf.program_mut(program_name::XDP).ok_or_else(|| anyhow!("no XDP program"))?.try_into()?;
