@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::dataplane::{
     pinned::{check_dir, AyaDataplane},
     read::{boot_seconds, conntrack_all, typed},
-    Dataplane, Snapshot,
+    Dataplane, MapContents,
 };
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -47,12 +47,13 @@ fn addr(addr_be: u32, port_be: u16) -> SocketAddrV4 {
     SocketAddrV4::new(addr_be.to_ne_bytes().into(), u16::from_be(port_be))
 }
 
-pub fn snapshot(bpffs: &Path) -> Result<Snapshot> {
+/// What the service maps pinned under `bpffs` hold.
+pub fn map_contents(bpffs: &Path) -> Result<MapContents> {
     check_dir(bpffs)?;
-    AyaDataplane::from_pins(bpffs)?.snapshot()
+    AyaDataplane::from_pins(bpffs)?.contents()
 }
 
-pub fn frontends(s: &Snapshot) -> Vec<FrontendView> {
+pub fn frontends(s: &MapContents) -> Vec<FrontendView> {
     let mut out = Vec::new();
     for (k, v) in s.services.iter().filter(|(k, _)| k.slot == 0) {
         let backends = (1..=v.count)
@@ -78,7 +79,7 @@ pub fn frontends(s: &Snapshot) -> Vec<FrontendView> {
     out
 }
 
-pub fn backends(s: &Snapshot) -> Vec<BackendView> {
+pub fn backends(s: &MapContents) -> Vec<BackendView> {
     s.backends
         .iter()
         .map(|(id, b)| BackendView {
@@ -164,7 +165,7 @@ pub struct AffinityView {
 
 pub fn affinity(bpffs: &Path) -> Result<Vec<AffinityView>> {
     use lb_common::{affinity_client, AffinityKey, AffinityValue};
-    let s = snapshot(bpffs)?;
+    let s = map_contents(bpffs)?;
     let now = boot_seconds();
     let mut v: Vec<AffinityView> = typed::<AffinityKey, AffinityValue>(bpffs, map_name::AFFINITY, true)?
         .into_iter()
@@ -198,7 +199,7 @@ pub struct ConfigView {
 }
 
 pub fn config(bpffs: &Path) -> Result<ConfigView> {
-    let c = snapshot(bpffs)?.config;
+    let c = map_contents(bpffs)?.config;
     Ok(ConfigView {
         node_address: std::net::Ipv4Addr::from(c.node_addr_be.to_ne_bytes()).to_string(),
         snat_ports: format!("{}-{}", c.snat_port_min, c.snat_port_max),
@@ -221,7 +222,7 @@ pub struct Lookup {
 /// Which backend a flow from `client` to `frontend` has or would get, and why.
 pub fn lookup(bpffs: &Path, frontend: SocketAddrV4, proto: u8, client: std::net::Ipv4Addr, client_port: Option<u16>) -> Result<Lookup> {
     use lb_common::{affinity_client, scope, AffinityKey, AffinityValue, CtKey, MemberKey, ServiceKey};
-    let s = snapshot(bpffs)?;
+    let s = map_contents(bpffs)?;
     let (fe_be, fp_be) = (u32::from_ne_bytes(frontend.ip().octets()), frontend.port().to_be());
     let master_of = |sc| {
         let k = ServiceKey { addr_be: fe_be, port_be: fp_be, proto, scope: sc, slot: 0, _pad: 0 };

@@ -25,8 +25,8 @@ pub struct HealthEntry {
     pub local_endpoints: usize,
 }
 
-/// The health ports a model asks for on `node`.
-pub fn desired(model: &Model, node: &str) -> BTreeMap<u16, HealthEntry> {
+/// The health ports a model asks for on `node`, with what each reports.
+pub fn ports(model: &Model, node: &str) -> BTreeMap<u16, HealthEntry> {
     let mut out = BTreeMap::new();
     for s in &model.services {
         let Some(port) = s.health_check_node_port else { continue };
@@ -256,12 +256,12 @@ mod tests {
         )))
         .unwrap();
         let m = crate::control::model::build(&objects, "node-b");
-        let d = desired(&m, "node-b");
+        let d = ports(&m, "node-b");
         // web-preserve-source-ip: 10.244.2.5 and .6 serve both http and https: 2, not 4.
         assert_eq!(d[&32000].local_endpoints, 2);
         assert_eq!(d[&32001].local_endpoints, 1);
         let m = crate::control::model::build(&objects, "node-a");
-        let d = desired(&m, "node-a");
+        let d = ports(&m, "node-a");
         assert_eq!(d[&32000].local_endpoints, 1);
         assert_eq!(d[&32001].local_endpoints, 0, "game-server has no pod on node-a");
     }

@@ -75,7 +75,7 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     load_programs(&mut ebpf)?;
     let dp = AyaDataplane::from_ebpf(&mut ebpf)?;
     let mut syncer = Syncer::adopt(dp)?;
-    let mut health = HealthServers::new();
+    let mut health_checks = HealthServers::new();
     // Maps of another layout version (an upgrade): replaced once the new ones are filled.
     let old_versions = other_versions(&cfg.bpffs);
     for o in &old_versions {
@@ -108,10 +108,10 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 let desired = desired::desired(&p);
                 let dp_config = datapath_config(&p.node, cfg.snat_ports);
                 let synced = syncer.set_config(&dp_config).and_then(|_| syncer.sync(&desired));
-                health.proxy_healthy.store(synced.is_ok(), Ordering::Relaxed);
-                let health_ports = health_check::desired(&m, &cfg.node);
+                health_checks.proxy_healthy.store(synced.is_ok(), Ordering::Relaxed);
+                let health_ports = health_check::ports(&m, &cfg.node);
                 ops.local_endpoints(&health_ports);
-                for (port, err) in health.update(&health_ports, &p.node.addresses) {
+                for (port, err) in health_checks.update(&health_ports, &p.node.addresses) {
                     log::error!("healthCheckNodePort {port}: cannot listen: {err}");
                 }
                 ops.service_ports(syncer.service_ports());

@@ -106,7 +106,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let json = matches!(cli.output, Format::Json);
     match &cli.command {
         Command::Services { frontend, service } => {
-            let mut v = inspect::frontends(&inspect::snapshot(&cli.bpffs)?);
+            let mut v = inspect::frontends(&inspect::map_contents(&cli.bpffs)?);
             if let Some(f) = frontend {
                 v.retain(|x| &x.frontend == f);
             }
@@ -139,7 +139,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             }
         }
         Command::Backends => {
-            let v = inspect::backends(&inspect::snapshot(&cli.bpffs)?);
+            let v = inspect::backends(&inspect::map_contents(&cli.bpffs)?);
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {

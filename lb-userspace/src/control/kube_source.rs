@@ -87,14 +87,14 @@ impl Progress {
 /// The objects of one snapshot, as shared pointers into the stores: cheap to keep between polls,
 /// and cheap to compare, as objects the watch did not touch are the very same allocation.
 #[derive(Default)]
-struct Snapshot {
+struct StoreObjects {
     services: Vec<Arc<Service>>,
     endpoint_slices: Vec<Arc<EndpointSlice>>,
     nodes: Vec<Arc<Node>>,
 }
 
-impl Snapshot {
-    fn same_as(&self, other: &Snapshot) -> bool {
+impl StoreObjects {
+    fn same_as(&self, other: &StoreObjects) -> bool {
         same_objects(&self.services, &other.services)
             && same_objects(&self.endpoint_slices, &other.endpoint_slices)
             && same_objects(&self.nodes, &other.nodes)
@@ -134,7 +134,7 @@ pub struct KubeSource {
     /// [`Progress::generation`] when `poll` last looked at the stores.
     seen_generation: Option<u64>,
     /// What `poll` last returned.
-    last: Option<Snapshot>,
+    last: Option<StoreObjects>,
     /// Tells the background thread to stop (dropped or sent on drop).
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
@@ -233,7 +233,7 @@ impl Source for KubeSource {
             return Ok(None);
         }
         self.seen_generation = Some(generation);
-        let current = Snapshot {
+        let current = StoreObjects {
             services: sorted(&self.services),
             endpoint_slices: sorted(&self.endpoint_slices),
             nodes: sorted(&self.nodes),

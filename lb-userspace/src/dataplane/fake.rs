@@ -2,12 +2,12 @@
 use anyhow::Result;
 use lb_common::{Backend, Config, MaglevChunk, MaglevKey, MemberKey, RevNat, ServiceKey, ServiceValue};
 
-use super::{Dataplane, Snapshot};
+use super::{Dataplane, MapContents};
 
 /// In-memory dataplane: the same operations on B-trees, with an operation log for tests.
 #[derive(Debug, Default)]
 pub struct FakeDataplane {
-    pub state: Snapshot,
+    pub state: MapContents,
     /// Every operation in order, e.g. `put_service 10.0.0.1:80/6/0#0`.
     pub log: Vec<String>,
 }
@@ -84,7 +84,7 @@ impl Dataplane for FakeDataplane {
         self.state.config = *value;
         Ok(())
     }
-    fn snapshot(&self) -> Result<Snapshot> {
+    fn contents(&self) -> Result<MapContents> {
         Ok(self.state.clone())
     }
 }

@@ -19,9 +19,10 @@ pub mod pinned;
 pub mod read;
 pub mod sync;
 
-/// Everything the sync reads back to adopt what is already programmed.
+/// What the service maps hold: what the sync reads back to adopt what is already programmed,
+/// what the fake keeps, and what `lbctl` shows.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Snapshot {
+pub struct MapContents {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
     pub rev_nat: BTreeMap<u32, RevNat>,
@@ -49,6 +50,6 @@ pub trait Dataplane {
     fn put_maglev(&mut self, key: &MaglevKey, value: &MaglevChunk) -> Result<()>;
     fn del_maglev(&mut self, key: &MaglevKey) -> Result<()>;
     /// Reads back every entry (used once, at start, to adopt pinned state).
-    fn snapshot(&self) -> Result<Snapshot>;
+    fn contents(&self) -> Result<MapContents>;
 }
 

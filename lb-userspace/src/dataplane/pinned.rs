@@ -10,7 +10,7 @@ use lb_common::{
     ServiceValue,
 };
 
-use super::{Dataplane, Snapshot};
+use super::{Dataplane, MapContents};
 use crate::error::UsageError;
 
 /// Fails with a [`UsageError`] when `bpffs` is not a directory.
@@ -172,8 +172,8 @@ impl Dataplane for AyaDataplane {
     fn del_maglev(&mut self, key: &MaglevKey) -> Result<()> {
         Ok(self.maglev.remove(key)?)
     }
-    fn snapshot(&self) -> Result<Snapshot> {
-        let mut s = Snapshot { config: self.config.get(&0, 0)?, ..Default::default() };
+    fn contents(&self) -> Result<MapContents> {
+        let mut s = MapContents { config: self.config.get(&0, 0)?, ..Default::default() };
         for kv in self.services.iter() {
             let (k, v) = kv?;
             s.services.insert(k, v);

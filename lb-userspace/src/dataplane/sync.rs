@@ -26,7 +26,7 @@ use super::{
     ids::IdAllocator,
     maglev,
     maglev_tables::{chunk_count, table_of, wants_table, MaglevTables},
-    Dataplane, Snapshot,
+    Dataplane, MapContents,
 };
 use crate::control::desired::{backend_value, be_addr, service_key, sock_addr, BackendKey, Desired, DesiredFrontend, FrontendKey};
 
@@ -87,29 +87,29 @@ impl<D: Dataplane> Syncer<D> {
     /// Adopts whatever the dataplane already holds (pinned maps of an earlier agent), so that a
     /// restarted agent rewrites nothing that is still right.
     pub fn adopt(dp: D) -> Result<Self> {
-        let snap = dp.snapshot()?;
+        let found = dp.contents()?;
         let mut s = Self {
             dp,
             frontends: BTreeMap::new(),
             backends: HashMap::new(),
             backend_refs: HashMap::new(),
-            backend_ids: IdAllocator::with_used(snap.backends.keys().copied()),
+            backend_ids: IdAllocator::with_used(found.backends.keys().copied()),
             rev_nat: HashMap::new(),
-            rev_nat_ids: IdAllocator::with_used(snap.rev_nat.keys().copied()),
+            rev_nat_ids: IdAllocator::with_used(found.rev_nat.keys().copied()),
             stray_services: Vec::new(),
             stray_backends: Vec::new(),
             stray_rev_nat: Vec::new(),
-            config: snap.config,
+            config: found.config,
             svc_port_ids: HashMap::new(),
             svc_port_alloc: IdAllocator::with_used(
-                snap.services
+                found.services
                     .iter()
                     .filter(|(k, _)| k.slot == 0)
                     .map(|(_, v)| v.svc_port_id)
-                    .chain(snap.service_names.keys().copied()),
+                    .chain(found.service_names.keys().copied()),
             ),
-            members: snap.members.clone(),
-            tables: MaglevTables::with_used(snap.maglev.keys().map(|k| k.table_id)),
+            members: found.members.clone(),
+            tables: MaglevTables::with_used(found.maglev.keys().map(|k| k.table_id)),
             stray_maglev: Vec::new(),
             applied: HashMap::new(),
             name_refs: HashMap::new(),
@@ -118,15 +118,15 @@ impl<D: Dataplane> Syncer<D> {
             total_writes: 0,
         };
         // Service-port identities as the names map recorded them.
-        for (id, name) in &snap.service_names {
+        for (id, name) in &found.service_names {
             s.svc_port_ids.insert(name.clone(), *id);
         }
-        s.load(snap);
+        s.load(found);
         Ok(s)
     }
 
-    fn load(&mut self, snap: Snapshot) {
-        for (id, b) in &snap.backends {
+    fn load(&mut self, found: MapContents) {
+        for (id, b) in &found.backends {
             let key = BackendKey { addr: sock_addr(b.addr_be, b.port_be), proto: b.proto };
             if self.backends.contains_key(&key) {
                 self.stray_backends.push(*id); // a duplicate: keep the first id
@@ -135,7 +135,7 @@ impl<D: Dataplane> Syncer<D> {
             }
         }
         let mut rev_by_id = HashMap::new();
-        for (id, r) in &snap.rev_nat {
+        for (id, r) in &found.rev_nat {
             let addr = sock_addr(r.addr_be, r.port_be);
             if self.rev_nat.contains_key(&addr) {
                 self.stray_rev_nat.push(*id);
@@ -144,11 +144,11 @@ impl<D: Dataplane> Syncer<D> {
                 rev_by_id.insert(*id, addr);
             }
         }
-        for (k, v) in snap.services.iter().filter(|(k, _)| k.slot == 0) {
+        for (k, v) in found.services.iter().filter(|(k, _)| k.slot == 0) {
             let fe = FrontendKey { addr: sock_addr(k.addr_be, k.port_be), proto: k.proto, scope: k.scope };
             let slots = (1..=v.count)
                 .map(|slot| {
-                    let id = snap.services.get(&service_key(&fe, slot)).map_or(0, |s| s.backend_id);
+                    let id = found.services.get(&service_key(&fe, slot)).map_or(0, |s| s.backend_id);
                     if self.backends.values().any(|(bid, _)| *bid == id) { id } else { 0 }
                 })
                 .collect();
@@ -169,8 +169,8 @@ impl<D: Dataplane> Syncer<D> {
                 },
             );
         }
-        self.adopt_tables(&snap);
-        for (k, _) in snap.services.iter().filter(|(k, _)| k.slot != 0) {
+        self.adopt_tables(&found);
+        for (k, _) in found.services.iter().filter(|(k, _)| k.slot != 0) {
             let fe = FrontendKey { addr: sock_addr(k.addr_be, k.port_be), proto: k.proto, scope: k.scope };
             let in_use = self.frontends.get(&fe).is_some_and(|p| (k.slot as usize) <= p.slots.len());
             if !in_use {
@@ -191,7 +191,7 @@ impl<D: Dataplane> Syncer<D> {
     /// Keeps the Maglev tables that are exactly what this agent would write for their frontends;
     /// frontends with any other table get a fresh one on the next sync, and chunks nobody uses
     /// are removed then.
-    fn adopt_tables(&mut self, snap: &Snapshot) {
+    fn adopt_tables(&mut self, found: &MapContents) {
         let by_id: HashMap<u32, BackendKey> = self.backends.iter().map(|(k, (id, _))| (*id, *k)).collect();
         let fes: Vec<FrontendKey> = self.frontends.keys().copied().collect();
         for fe in fes {
@@ -202,12 +202,12 @@ impl<D: Dataplane> Syncer<D> {
             }
             let keys: Option<Vec<BackendKey>> = p.slots.iter().map(|s| by_id.get(s).copied()).collect();
             let backends = &self.backends;
-            let adopted = keys.is_some_and(|set| self.tables.adopt(id, m, set, |k| backends[k].0, &snap.maglev));
+            let adopted = keys.is_some_and(|set| self.tables.adopt(id, m, set, |k| backends[k].0, &found.maglev));
             if !adopted {
                 self.frontends.get_mut(&fe).expect("listed above").maglev = (0, 0);
             }
         }
-        for (k, _) in &snap.maglev {
+        for (k, _) in &found.maglev {
             if !self.tables.explains(k) {
                 self.stray_maglev.push(*k);
             }
@@ -645,7 +645,7 @@ mod tests {
     }
 
     /// What the datapath would resolve for every frontend: its backend addresses, as a set.
-    fn resolved(s: &Snapshot) -> BTreeMap<ServiceKey, BTreeSet<SocketAddrV4>> {
+    fn resolved(s: &MapContents) -> BTreeMap<ServiceKey, BTreeSet<SocketAddrV4>> {
         let mut out = BTreeMap::new();
         for (k, v) in s.services.iter().filter(|(k, _)| k.slot == 0) {
             let set = (1..=v.count)
@@ -690,7 +690,7 @@ mod tests {
         let mut s = Syncer::adopt(FakeDataplane::default()).unwrap();
         s.sync(&desired(5, 3)).unwrap();
         s.sync(&Desired::new()).unwrap();
-        assert_eq!(s.dataplane().state, Snapshot::default());
+        assert_eq!(s.dataplane().state, MapContents::default());
     }
 
     #[test]
@@ -854,13 +854,13 @@ mod tests {
 
     /// For every visible external master: its Maglev table is complete and names only backends
     /// that exist and belong to the frontend.
-    fn check_tables(st: &Snapshot) {
+    fn check_tables(st: &MapContents) {
         check_tables_with(st, true)
     }
 
     /// `strict: false` (states inside a change): a table may still name a backend that is leaving
     /// the frontend, as long as it exists; new flows are then sent where they were a moment ago.
-    fn check_tables_with(st: &Snapshot, strict: bool) {
+    fn check_tables_with(st: &MapContents, strict: bool) {
         for (k, v) in st.services.iter().filter(|(k, _)| k.slot == 0 && k.scope == scope::EXTERNAL) {
             if v.count < 2 || v.flags & lb_common::service_flags::CLUSTER_IP != 0 {
                 assert_eq!(v.maglev_id, 0);
@@ -958,7 +958,7 @@ mod tests {
             fn del_service_name(&mut self, id: u32) -> Result<()> { self.inner.del_service_name(id) }
             fn put_maglev(&mut self, k: &MaglevKey, v: &lb_common::MaglevChunk) -> Result<()> { self.inner.put_maglev(k, v)?; check_tables_with(&self.inner.state, false); Ok(()) }
             fn del_maglev(&mut self, k: &MaglevKey) -> Result<()> { self.inner.del_maglev(k)?; check_tables_with(&self.inner.state, false); Ok(()) }
-            fn snapshot(&self) -> Result<Snapshot> { self.inner.snapshot() }
+            fn contents(&self) -> Result<MapContents> { self.inner.contents() }
         }
         let state = s.dataplane().state.clone();
         let mut stepped = Syncer::adopt(Stepper { inner: FakeDataplane { state, log: vec![] } }).unwrap();
@@ -1026,7 +1026,7 @@ mod tests {
             fresh.sync(&d).unwrap();
             let (a, b) = (&s.dataplane().state, &fresh.dataplane().state);
             assert_eq!(resolved(a), resolved(b), "step {step}");
-            let names = |st: &Snapshot| st.service_names.values().cloned().collect::<BTreeSet<_>>();
+            let names = |st: &MapContents| st.service_names.values().cloned().collect::<BTreeSet<_>>();
             assert_eq!(names(a), names(b), "step {step}");
             assert_eq!(a.backends.len(), b.backends.len(), "step {step}: leftover backends");
             assert_eq!(a.members.len(), b.members.len(), "step {step}");
