@@ -1,6 +1,10 @@
 //! Userspace of the load balancer: the node agent (`lb-agent`) and the map inspector (`lbctl`).
 //!
-//! Data flow: [`source`] → [`model`] → [`plan`] → [`sync`] → [`dataplane`] → BPF maps.
+//! Data flow: [`control`] (source → model → plan → desired map contents) → [`dataplane`]
+//! (sync → BPF maps); [`agent`] runs both in a loop and serves metrics and health checks;
+//! [`inspect`] gives `lbctl` its views of the maps. Imports go one way, agent → dataplane →
+//! control → lb-common (a folder imports only folders to its right), never back; [`error`] is
+//! shared by all.
 pub mod agent;
 pub mod control;
 pub mod dataplane;
