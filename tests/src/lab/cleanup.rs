@@ -1,6 +1,6 @@
-//! Removing the lab, also when a test panics: the agents stop and their pins are uninstalled,
-//! the echo servers and whatever a test leaked in the lab's cgroups and namespaces are killed,
-//! then the namespaces, cgroups, bpffs directories and the temp dir are deleted.
+//! Removing the lab, also when a test panics: the agents and the echo servers stop, each node's
+//! agent uninstalls its pins, whatever a test leaked in the lab's cgroups and namespaces is
+//! killed, then the namespaces, cgroups, bpffs directories and the temp dir are deleted.
 use std::{
     collections::HashSet,
     fs,
