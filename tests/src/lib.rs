@@ -4,6 +4,7 @@
 //! Binaries of this crate: `lab-echo` (the pods' echo server) and `lab-client` (runs exchanges
 //! and prints one JSON line per exchange).
 pub mod bench;
+pub mod fixture;
 pub mod harness;
 pub mod lab;
 pub mod legacy;
