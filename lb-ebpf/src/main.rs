@@ -5,6 +5,7 @@
 
 mod affinity;
 mod bench;
+mod clock;
 mod csum;
 mod ct;
 mod maps;
@@ -18,9 +19,6 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
-
-/// Socket-level verdicts: 1 lets the call proceed, 0 refuses it (the caller sees EPERM).
-const SOCK_ALLOW: i32 = 1;
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
@@ -36,14 +34,14 @@ pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
 pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
     // recvmsg4 may only return 1.
     sock::recvmsg4(&ctx);
-    SOCK_ALLOW
+    sock::ALLOW
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
     // getpeername4 may only return 1.
     sock::getpeername4(&ctx);
-    SOCK_ALLOW
+    sock::ALLOW
 }
 
 #[xdp]

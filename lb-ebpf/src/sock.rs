@@ -13,13 +13,16 @@ use lb_common::{
 };
 
 use crate::{
-    affinity,
+    affinity, clock,
     maps::{self, ServiceEvent, SOCK_FLOW, SOCK_REV_NAT},
-    SOCK_ALLOW,
 };
 
 const AF_INET: u32 = 2;
-const SOCK_REFUSE: i32 = 0;
+
+/// Verdicts of the socket programs: 1 lets the call proceed, 0 refuses it (the caller sees
+/// EPERM). recvmsg4 and getpeername4 may only return `ALLOW`.
+pub const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
 
 /// Why a translation was refused.
 enum Refusal {
@@ -82,7 +85,7 @@ fn choose(ctx: &SockAddrContext, fe: &Frontend) -> Result<(u16, u32, Backend), R
     // SAFETY: bpf_get_netns_cookie accepts a bpf_sock_addr context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let key = affinity::key(&fe.master, affinity_client::NETNS, netns);
-    let now = affinity::now_s();
+    let now = clock::now_s();
     if let Some((id, be)) = affinity::lookup(&fe.key, &fe.master, &key, now) {
         affinity::record(&key, id, now);
         return Ok((0, id, be));
@@ -134,7 +137,7 @@ fn refuse(ctx: &SockAddrContext, fe: &Frontend, r: Refusal) -> i32 {
             maps::count_service(fe.master.svc_port_id, ServiceEvent::DropOther);
         }
     }
-    SOCK_REFUSE
+    REFUSE
 }
 
 #[inline(always)]
@@ -144,20 +147,20 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
 }
 
 pub fn connect4(ctx: &SockAddrContext) -> i32 {
-    let Some(fe) = frontend(ctx) else { return SOCK_ALLOW };
+    let Some(fe) = frontend(ctx) else { return ALLOW };
     match choose(ctx, &fe) {
         Ok((_, _, be)) => {
             translate(ctx, &fe, &be, cookie(ctx));
             maps::count(counter::SOCK_CONNECT_XLATE, 0);
             maps::count_service(fe.master.svc_port_id, ServiceEvent::NewConnection(0));
-            SOCK_ALLOW
+            ALLOW
         }
         Err(r) => refuse(ctx, &fe, r),
     }
 }
 
 pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
-    let Some(fe) = frontend(ctx) else { return SOCK_ALLOW };
+    let Some(fe) = frontend(ctx) else { return ALLOW };
     let cookie = cookie(ctx);
     let flow_key = SockKey {
         cookie,
@@ -176,7 +179,7 @@ pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
                     translate(ctx, &fe, &be, cookie);
                     maps::count(counter::SOCK_FLOW_REUSE, 0);
                     maps::count(counter::SOCK_SENDMSG_XLATE, 0);
-                    return SOCK_ALLOW;
+                    return ALLOW;
                 }
             }
         }
@@ -197,7 +200,7 @@ pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
             translate(ctx, &fe, &be, cookie);
             maps::count(counter::SOCK_SENDMSG_XLATE, 0);
             maps::count_service(fe.master.svc_port_id, ServiceEvent::NewConnection(0));
-            SOCK_ALLOW
+            ALLOW
         }
         Err(r) => refuse(ctx, &fe, r),
     }

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use lb_common::{counter, ct_flags, proto, CtKey};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
-use crate::{ct, maps};
+use crate::{clock, ct, maps};
 
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 const IP_CHECK_OFF: usize = EthHdr::LEN + 10;
@@ -51,7 +51,7 @@ fn try_egress(ctx: &TcContext) -> Result<(), i64> {
     }
     // A UDP flow is confirmed by its first reply.
     if unconfirmed && ip.proto == proto::UDP {
-        ct::confirm(&key, &e, crate::affinity::now_s());
+        ct::confirm(&key, &e, clock::now_s());
     }
     let check_off = l4 + if ip.proto == proto::TCP { 16 } else { 6 };
     let udp_no_csum = ip.proto == proto::UDP && ctx.load::<u16>(check_off)? == 0;

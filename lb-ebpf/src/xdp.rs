@@ -17,7 +17,8 @@ use lb_common::{
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
-    affinity::{self, now_s},
+    affinity,
+    clock::now_s,
     csum, ct,
     maps::{self, ServiceEvent, CONNTRACK_NEW},
     parse::ptr_at,
