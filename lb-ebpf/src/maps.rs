@@ -110,6 +110,7 @@ pub fn maglev(master: &ServiceValue, hash: u32) -> Option<u32> {
 }
 
 /// What a per-Service counter update adds.
+#[derive(Clone, Copy)]
 pub enum ServiceEvent {
     Packet(u64),
     NewConnection(u64),
