@@ -1,5 +1,11 @@
 //! Kernel programs of the load balancer. Entry points are thin: each calls a `try_*` function
 //! and maps its error to an explicit action (see shared/DESIGN.md, style rule 4).
+//!
+//! XDP path, one module per stage: parse → conntrack (ct) → frontend lookup → backend selection
+//! (select, with affinity) → SNAT port (snat) → NAT with checksums (nat) → forward, and ICMP
+//! errors about translated flows (icmp); xdp.rs runs the stages, verdict.rs says how a packet
+//! it does not translate ends. The socket-level path (sock.rs) shares frontend lookup and
+//! backend selection. tc egress: tc.rs. Every map and counter: maps.rs.
 #![no_std]
 #![no_main]
 
@@ -9,10 +15,13 @@ mod clock;
 mod csum;
 mod ct;
 mod forward;
+mod frontend;
 mod icmp;
 mod maps;
 mod nat;
 mod parse;
+mod select;
+mod snat;
 mod sock;
 mod tc;
 mod verdict;
@@ -27,12 +36,18 @@ use lb_common::counter;
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
-    sock::connect4(&ctx)
+    match sock::try_connect4(&ctx) {
+        Ok(()) => sock::ALLOW,
+        Err(refusal) => sock::refuse(&ctx, refusal),
+    }
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::sendmsg4(&ctx)
+    match sock::try_sendmsg4(&ctx) {
+        Ok(()) => sock::ALLOW,
+        Err(refusal) => sock::refuse(&ctx, refusal),
+    }
 }
 
 #[cgroup_sock_addr(recvmsg4)]
