@@ -15,7 +15,8 @@ use crate::{
 };
 
 /// A conntrack map refused an insert: an LRU map that found no entry to evict, or a bucket
-/// busy on another CPU (never a collision: an insert replaces).
+/// busy on another CPU (never a collision: an insert replaces). The only way an LRU conntrack
+/// is "full"; counted as `XDP_DROP_CT_FULL` where it happens (`insert`).
 pub struct Refused;
 
 /// The key of a packet's own direction.
@@ -61,9 +62,13 @@ pub fn track_new(key: &CtKey, entry: &CtEntry, reply_key: &CtKey, reply: &CtEntr
     insert(&CONNTRACK_NEW, key, entry)
 }
 
+/// Inserts an entry into one tier; a refusal is counted (`XDP_DROP_CT_FULL`) and returned.
 #[inline(always)]
 fn insert(tier: &LruHashMap<CtKey, CtEntry>, key: &CtKey, e: &CtEntry) -> Result<(), Refused> {
-    tier.insert(key, e, 0).map_err(|_| Refused)
+    tier.insert(key, e, 0).map_err(|_| {
+        maps::count(counter::XDP_DROP_CT_FULL, 0);
+        Refused
+    })
 }
 
 /// The entry for `key` and whether it is still unconfirmed.
@@ -127,6 +132,8 @@ pub fn reusable(e: &CtEntry, now: u32) -> bool {
 pub fn forget(key: &CtKey, e: &CtEntry) {
     let (pk, _) = partner(key, e);
     for k in [key, &pk] {
+        // Each entry sits in one tier at most (or none, evicted): the other removal finds
+        // nothing, which is no error here.
         let _ = CONNTRACK.remove(k);
         let _ = CONNTRACK_NEW.remove(k);
     }
@@ -159,7 +166,8 @@ fn partner(key: &CtKey, e: &CtEntry) -> (CtKey, CtEntry) {
 }
 
 /// Moves a confirmed flow (both directions) from the new-flow map to the established one. When
-/// the established map refuses, the flow stays where it is and works on.
+/// the established map refuses (counted by `insert`), the flow stays unconfirmed where it is
+/// and works on; its next confirming packet tries again.
 #[inline(always)]
 pub fn confirm(key: &CtKey, e: &CtEntry, now: u32) {
     let (pk, computed) = partner(key, e);
@@ -168,13 +176,16 @@ pub fn confirm(key: &CtKey, e: &CtEntry, now: u32) {
     pv.last_seen_s = now;
     let mut v = *e;
     v.last_seen_s = now;
-    if CONNTRACK.insert(&pk, &pv, 0).is_err() {
+    if insert(&CONNTRACK, &pk, &pv).is_err() {
         return;
     }
-    if CONNTRACK.insert(key, &v, 0).is_err() {
+    if insert(&CONNTRACK, key, &v).is_err() {
+        // Undo the first move, so that the flow stays whole in the new-flow tier. (Nothing to
+        // undo if the LRU evicted it meanwhile.)
         let _ = CONNTRACK.remove(&pk);
         return;
     }
+    // The new-flow tier's copies go; either may have been evicted already.
     let _ = CONNTRACK_NEW.remove(&pk);
     let _ = CONNTRACK_NEW.remove(key);
     maps::count(counter::CT_CONFIRMED, 0);
