@@ -47,5 +47,7 @@ pub fn record(key: &AffinityKey, backend_id: u32, now: u32) {
     if unsafe { AFFINITY.get(key).is_none() } {
         maps::count(counter::AFFINITY_NEW, 0);
     }
+    // A refused insert (rare for an LRU map) only loses the record: the client's next
+    // connection chooses afresh, as after an eviction.
     let _ = AFFINITY.insert(key, &AffinityValue { backend_id, last_used_s: now }, 0);
 }

@@ -44,7 +44,12 @@ pub fn forward(ctx: &XdpContext, l3: &Ipv4, to_local_backend: bool) -> u32 {
     fib.ifindex = ingress;
     // SAFETY: valid context and params.
     let rc = unsafe {
-        bpf_fib_lookup(ctx.as_ptr(), &mut fib, core::mem::size_of::<FibParams>() as i32, 0)
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut fib,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
     };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         maps::count(counter::XDP_TRANSLATED_PASS, 0);

@@ -15,7 +15,14 @@ pub struct Frontend {
 /// The frontend at this address (network order), if there is one.
 #[inline(always)]
 pub fn lookup(addr_be: u32, port_be: u16, proto: u8, scope: u8) -> Option<Frontend> {
-    let key = ServiceKey { addr_be, port_be, proto, scope, slot: 0, _pad: 0 };
+    let key = ServiceKey {
+        addr_be,
+        port_be,
+        proto,
+        scope,
+        slot: 0,
+        _pad: 0,
+    };
     let master = maps::service(&key)?;
     Some(Frontend { key, master })
 }

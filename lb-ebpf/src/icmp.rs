@@ -43,7 +43,12 @@ pub fn translate_error(ctx: &XdpContext, l3: &Ipv4) -> Option<u32> {
     let inner = ptr_at::<Ipv4Hdr>(ctx, inner_off)?;
     // SAFETY: bounds checked.
     let (ivihl, iproto, isrc, idst) = unsafe {
-        ((*inner).vihl, (*inner).proto, u32::from_ne_bytes((*inner).src_addr), u32::from_ne_bytes((*inner).dst_addr))
+        (
+            (*inner).vihl,
+            (*inner).proto,
+            u32::from_ne_bytes((*inner).src_addr),
+            u32::from_ne_bytes((*inner).dst_addr),
+        )
     };
     // Quoted headers with options are rare enough to leave to the stack.
     if ivihl != 0x45 || (iproto != proto::TCP && iproto != proto::UDP) {
@@ -53,9 +58,21 @@ pub fn translate_error(ctx: &XdpContext, l3: &Ipv4) -> Option<u32> {
     // SAFETY: bounds checked.
     let q = unsafe { *quoted };
     let (isport, idport) = (u16::from_ne_bytes(q.source), u16::from_ne_bytes(q.dest));
-    let key = CtKey { saddr_be: idst, daddr_be: isrc, sport_be: idport, dport_be: isport, proto: iproto, _pad: [0; 3] };
+    let key = CtKey {
+        saddr_be: idst,
+        daddr_be: isrc,
+        sport_be: idport,
+        dport_be: isport,
+        proto: iproto,
+        _pad: [0; 3],
+    };
     let (e, _) = ct::lookup(&key)?;
-    let (nsrc, nsport, ndst, ndport) = (e.nat_daddr_be, e.nat_dport_be, e.nat_saddr_be, e.nat_sport_be);
+    let (nsrc, nsport, ndst, ndport) = (
+        e.nat_daddr_be,
+        e.nat_dport_be,
+        e.nat_saddr_be,
+        e.nat_sport_be,
+    );
     // SAFETY: `ip` was bounds checked by the parse stage, the others above.
     unsafe {
         // Outer header: the error now goes to the quoted packet's new source.

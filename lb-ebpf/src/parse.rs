@@ -95,7 +95,12 @@ pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4, Stop> {
     if hdr.frag_flags() & IP_MF != 0 || hdr.frag_offset() != 0 {
         return Err(Stop::Pass(counter::XDP_FRAGMENT));
     }
-    Ok(Ipv4 { eth, ip, l4_off: EthHdr::LEN + hdr_len, proto: hdr.proto })
+    Ok(Ipv4 {
+        eth,
+        ip,
+        l4_off: EthHdr::LEN + hdr_len,
+        proto: hdr.proto,
+    })
 }
 
 /// Parses the TCP header of an IPv4 frame whose protocol is TCP.
@@ -111,7 +116,14 @@ pub fn tcp(ctx: &XdpContext, l3: Ipv4) -> Result<Packet, Stop> {
     } else {
         Closing::No
     };
-    Ok(packet(l3, L4::Tcp(tcp), h.source, h.dest, h.syn() != 0 && h.ack() == 0, closing))
+    Ok(packet(
+        l3,
+        L4::Tcp(tcp),
+        h.source,
+        h.dest,
+        h.syn() != 0 && h.ack() == 0,
+        closing,
+    ))
 }
 
 /// Parses the UDP header of an IPv4 frame whose protocol is UDP.
@@ -124,7 +136,14 @@ pub fn udp(ctx: &XdpContext, l3: Ipv4) -> Result<Packet, Stop> {
 }
 
 #[inline(always)]
-fn packet(l3: Ipv4, l4: L4, sport: [u8; 2], dport: [u8; 2], syn_only: bool, closing: Closing) -> Packet {
+fn packet(
+    l3: Ipv4,
+    l4: L4,
+    sport: [u8; 2],
+    dport: [u8; 2],
+    syn_only: bool,
+    closing: Closing,
+) -> Packet {
     // SAFETY: `l3.ip` was bounds checked by `ipv4`.
     let (saddr, daddr) = unsafe { ((*l3.ip).src_addr, (*l3.ip).dst_addr) };
     Packet {

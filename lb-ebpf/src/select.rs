@@ -43,7 +43,11 @@ pub fn by_hash(fe: &Frontend, hash: u32) -> Result<Chosen, Missing> {
         Some(id) => {
             maps::count(counter::XDP_MAGLEV, 0);
             let backend = maps::backend(id).ok_or(Missing)?;
-            Ok(Chosen { id, backend, slot: 0 })
+            Ok(Chosen {
+                id,
+                backend,
+                slot: 0,
+            })
         }
         None => random_slot(fe),
     }
@@ -59,7 +63,11 @@ pub fn with_affinity(
     fresh: impl FnOnce() -> Result<Chosen, Missing>,
 ) -> Result<Chosen, Missing> {
     let chosen = match affinity::lookup(&fe.key, &fe.master, client, now) {
-        Some((id, backend)) => Chosen { id, backend, slot: 0 },
+        Some((id, backend)) => Chosen {
+            id,
+            backend,
+            slot: 0,
+        },
         None => fresh()?,
     };
     affinity::record(client, chosen.id, now);

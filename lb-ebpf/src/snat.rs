@@ -14,7 +14,14 @@ pub struct Exhausted;
 /// port as its destination. Each taken candidate is counted (`XDP_SNAT_COLLISION`); after
 /// `limits::SNAT_TRIES` of them the flow gets none (logged: a rare event).
 #[inline(always)]
-pub fn free_port(ctx: &XdpContext, cfg: &Config, p: &Packet, reply: &CtKey, hash: u32, now: u32) -> Result<u16, Exhausted> {
+pub fn free_port(
+    ctx: &XdpContext,
+    cfg: &Config,
+    p: &Packet,
+    reply: &CtKey,
+    hash: u32,
+    now: u32,
+) -> Result<u16, Exhausted> {
     let min = cfg.snat_port_min as u32;
     let range = (cfg.snat_port_max as u32).wrapping_sub(min).wrapping_add(1);
     if cfg.snat_port_max < cfg.snat_port_min || range == 0 {
@@ -42,6 +49,11 @@ pub fn free_port(ctx: &XdpContext, cfg: &Config, p: &Packet, reply: &CtKey, hash
         }
         maps::count(counter::XDP_SNAT_COLLISION, 0);
     }
-    debug!(ctx, "SNAT ports exhausted towards {:i}:{}", u32::from_be(reply.saddr_be), u16::from_be(reply.sport_be));
+    debug!(
+        ctx,
+        "SNAT ports exhausted towards {:i}:{}",
+        u32::from_be(reply.saddr_be),
+        u16::from_be(reply.sport_be)
+    );
     Err(Exhausted)
 }

@@ -1,12 +1,12 @@
 //! Socket-level load balancing: translate a frontend to a backend once, when a socket connects
 //! (TCP, connected UDP) or sends a datagram (unconnected UDP), and translate the backend back to
 //! the frontend where the application reads a peer address (recvmsg, getpeername).
-use aya_log_ebpf::debug;
 use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
     EbpfContext,
 };
+use aya_log_ebpf::debug;
 use lb_common::{affinity_client, counter, proto, scope, MemberKey, SockFlow, SockKey, SockRevNat};
 
 use crate::{
@@ -56,7 +56,10 @@ fn frontend(ctx: &SockAddrContext) -> Option<Frontend> {
 #[inline(always)]
 fn choose(ctx: &SockAddrContext, fe: &Frontend) -> Result<Chosen, Refusal> {
     if fe.master.count == 0 {
-        return Err(Refusal { fe: *fe, why: Why::NoBackend });
+        return Err(Refusal {
+            fe: *fe,
+            why: Why::NoBackend,
+        });
     }
     let chosen = if affinity::enabled(&fe.master) {
         // The client's address is not known at connect time: key on its network namespace.
@@ -67,14 +70,23 @@ fn choose(ctx: &SockAddrContext, fe: &Frontend) -> Result<Chosen, Refusal> {
     } else {
         select::random_slot(fe)
     };
-    chosen.map_err(|Missing| Refusal { fe: *fe, why: Why::BackendMissing })
+    chosen.map_err(|Missing| Refusal {
+        fe: *fe,
+        why: Why::BackendMissing,
+    })
 }
 
 /// Rewrites the destination to the backend and remembers, per socket, which frontend it was.
 #[inline(always)]
 fn translate(ctx: &SockAddrContext, fe: &Frontend, chosen: &Chosen, cookie: u64) {
     let be = &chosen.backend;
-    let rev_key = SockKey { cookie, addr_be: be.addr_be, port_be: be.port_be, proto: fe.key.proto, _pad: 0 };
+    let rev_key = SockKey {
+        cookie,
+        addr_be: be.addr_be,
+        port_be: be.port_be,
+        proto: fe.key.proto,
+        _pad: 0,
+    };
     let rev = SockRevNat {
         addr_be: fe.key.addr_be,
         port_be: fe.key.port_be,
@@ -101,7 +113,12 @@ pub fn refuse(ctx: &SockAddrContext, r: Refusal) -> i32 {
             maps::count_service(fe.master.svc_port_id, ServiceEvent::DropNoBackend);
         }
         Why::BackendMissing => {
-            debug!(ctx, "slot of {:i}:{} points at a missing backend", u32::from_be(fe.key.addr_be), u16::from_be(fe.key.port_be));
+            debug!(
+                ctx,
+                "slot of {:i}:{} points at a missing backend",
+                u32::from_be(fe.key.addr_be),
+                u16::from_be(fe.key.port_be)
+            );
             maps::count(counter::SOCK_BACKEND_MISSING, 0);
             maps::count_service(fe.master.svc_port_id, ServiceEvent::DropOther);
         }
@@ -119,7 +136,9 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
 /// frontend of ours (left as they are).
 #[inline(always)]
 pub fn try_connect4(ctx: &SockAddrContext) -> Result<(), Refusal> {
-    let Some(fe) = frontend(ctx) else { return Ok(()) };
+    let Some(fe) = frontend(ctx) else {
+        return Ok(());
+    };
     let chosen = choose(ctx, &fe)?;
     translate(ctx, &fe, &chosen, cookie(ctx));
     maps::count(counter::SOCK_CONNECT_XLATE, 0);
@@ -131,7 +150,9 @@ pub fn try_connect4(ctx: &SockAddrContext) -> Result<(), Refusal> {
 /// one as the socket's earlier datagrams while it keeps its slot.
 #[inline(always)]
 pub fn try_sendmsg4(ctx: &SockAddrContext) -> Result<(), Refusal> {
-    let Some(fe) = frontend(ctx) else { return Ok(()) };
+    let Some(fe) = frontend(ctx) else {
+        return Ok(());
+    };
     let cookie = cookie(ctx);
     let flow_key = SockKey {
         cookie,
@@ -161,11 +182,18 @@ pub fn try_sendmsg4(ctx: &SockAddrContext) -> Result<(), Refusal> {
     let slot = if chosen.slot != 0 {
         chosen.slot
     } else {
-        let m = MemberKey { frontend: fe.key, backend_id: chosen.id };
+        let m = MemberKey {
+            frontend: fe.key,
+            backend_id: chosen.id,
+        };
         // SAFETY: value copied out at once.
         unsafe { MEMBERS.get(&m).copied() }.unwrap_or(0) as u16
     };
-    let flow = SockFlow { backend_id: chosen.id, slot, _pad: 0 };
+    let flow = SockFlow {
+        backend_id: chosen.id,
+        slot,
+        _pad: 0,
+    };
     // A failed insert (map full) only loses the memory: the next datagram chooses again.
     let _ = SOCK_FLOW.insert(&flow_key, &flow, 0);
     translate(ctx, &fe, &chosen, cookie);
@@ -190,7 +218,9 @@ fn reverse(ctx: &SockAddrContext) -> bool {
         _pad: 0,
     };
     // SAFETY: value copied out at once.
-    let Some(rev) = (unsafe { SOCK_REV_NAT.get(&key).copied() }) else { return false };
+    let Some(rev) = (unsafe { SOCK_REV_NAT.get(&key).copied() }) else {
+        return false;
+    };
     // SAFETY: user_ip4/user_port are writable for recvmsg4/getpeername4.
     unsafe {
         (*ctx.sock_addr).user_ip4 = rev.addr_be;

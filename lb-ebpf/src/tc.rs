@@ -51,7 +51,9 @@ pub fn try_egress(ctx: &TcContext) -> Result<i32, i64> {
         proto: ip.proto,
         _pad: [0; 3],
     };
-    let Some((e, unconfirmed)) = ct::lookup(&key) else { return Ok(TC_ACT_OK as i32) };
+    let Some((e, unconfirmed)) = ct::lookup(&key) else {
+        return Ok(TC_ACT_OK as i32);
+    };
     // Only replies of flows whose backend is local, and that were not source-translated.
     if e.flags & ct_flags::REPLY == 0 || e.flags & ct_flags::LOCAL_BACKEND == 0 {
         return Ok(TC_ACT_OK as i32);
@@ -60,11 +62,21 @@ pub fn try_egress(ctx: &TcContext) -> Result<i32, i64> {
     if unconfirmed && ip.proto == proto::UDP {
         ct::confirm(&key, &e, clock::now_s());
     }
-    let check_off = l4 + if ip.proto == proto::TCP { offset_of!(TcpHdr, check) } else { offset_of!(UdpHdr, check) };
+    let check_off = l4
+        + if ip.proto == proto::TCP {
+            offset_of!(TcpHdr, check)
+        } else {
+            offset_of!(UdpHdr, check)
+        };
     let udp_no_csum = ip.proto == proto::UDP && ctx.load::<u16>(check_off)? == 0;
     let pseudo = BPF_F_PSEUDO_HDR as u64 | 4;
     if !udp_no_csum {
-        ctx.l4_csum_replace(check_off, key.saddr_be as u64, e.nat_saddr_be as u64, pseudo)?;
+        ctx.l4_csum_replace(
+            check_off,
+            key.saddr_be as u64,
+            e.nat_saddr_be as u64,
+            pseudo,
+        )?;
         ctx.l4_csum_replace(check_off, key.sport_be as u64, e.nat_sport_be as u64, 2)?;
     }
     ctx.l3_csum_replace(IP_CHECK_OFF, key.saddr_be as u64, e.nat_saddr_be as u64, 4)?;

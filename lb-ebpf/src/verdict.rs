@@ -13,14 +13,22 @@ pub enum Stop {
     Pass(u32),
     /// The packet is dropped: a new flow that cannot be served. Counted under `reason` and on
     /// the Service port's counters as `event`.
-    Drop { reason: u32, svc_port_id: u32, event: ServiceEvent },
+    Drop {
+        reason: u32,
+        svc_port_id: u32,
+        event: ServiceEvent,
+    },
 }
 
 impl Stop {
     /// A drop for a reason other than "no usable endpoint" (Service port counter `drops_other`).
     #[inline(always)]
     pub fn drop_other(reason: u32, svc_port_id: u32) -> Self {
-        Stop::Drop { reason, svc_port_id, event: ServiceEvent::DropOther }
+        Stop::Drop {
+            reason,
+            svc_port_id,
+            event: ServiceEvent::DropOther,
+        }
     }
 
     /// Counts the reason (with the frame's length) and returns the verdict.
@@ -32,7 +40,11 @@ impl Stop {
                 maps::count(reason, len);
                 xdp_action::XDP_PASS
             }
-            Stop::Drop { reason, svc_port_id, event } => {
+            Stop::Drop {
+                reason,
+                svc_port_id,
+                event,
+            } => {
                 maps::count(reason, len);
                 maps::count_service(svc_port_id, event);
                 xdp_action::XDP_DROP

@@ -13,8 +13,7 @@ use lb_common::{
 };
 
 use crate::{
-    affinity, clock, ct, forward,
-    frontend, icmp,
+    affinity, clock, ct, forward, frontend, icmp,
     maps::{self, ServiceEvent},
     nat,
     parse::{self, Packet},
@@ -33,7 +32,8 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<u32, Stop> {
         proto::TCP => parse::tcp(ctx, l3)?,
         proto::UDP => parse::udp(ctx, l3)?,
         proto::ICMP => {
-            let verdict = icmp::translate_error(ctx, &l3).ok_or(Stop::Pass(counter::XDP_NOT_TCP_UDP))?;
+            let verdict =
+                icmp::translate_error(ctx, &l3).ok_or(Stop::Pass(counter::XDP_NOT_TCP_UDP))?;
             maps::count(counter::XDP_ICMP_ERROR_XLATE, len);
             return Ok(verdict);
         }
@@ -68,7 +68,11 @@ fn new_flow(ctx: &XdpContext, p: &Packet, key: &CtKey, len: u64) -> Result<u32, 
         .ok_or(Stop::Pass(counter::XDP_NO_FRONTEND))?;
     let svc_port_id = fe.master.svc_port_id;
     if fe.master.count == 0 {
-        return Err(Stop::Drop { reason: counter::XDP_DROP_NO_BACKEND, svc_port_id, event: ServiceEvent::DropNoBackend });
+        return Err(Stop::Drop {
+            reason: counter::XDP_DROP_NO_BACKEND,
+            svc_port_id,
+            event: ServiceEvent::DropNoBackend,
+        });
     }
     let cfg = maps::config().ok_or(Stop::Pass(counter::XDP_NO_CONFIG))?;
     let now = clock::now_s();
@@ -84,14 +88,26 @@ fn new_flow(ctx: &XdpContext, p: &Packet, key: &CtKey, len: u64) -> Result<u32, 
         select::by_hash(&fe, hash)
     };
     let Ok(chosen) = chosen else {
-        debug!(ctx, "a slot or Maglev entry of {:i}:{} points at a missing backend", u32::from_be(p.daddr), u16::from_be(p.dport));
-        return Err(Stop::drop_other(counter::XDP_DROP_BACKEND_MISSING, svc_port_id));
+        debug!(
+            ctx,
+            "a slot or Maglev entry of {:i}:{} points at a missing backend",
+            u32::from_be(p.daddr),
+            u16::from_be(p.dport)
+        );
+        return Err(Stop::drop_other(
+            counter::XDP_DROP_BACKEND_MISSING,
+            svc_port_id,
+        ));
     };
     let be = chosen.backend;
     let local = be.flags & backend_flags::LOCAL != 0;
     // Remote backends see the node as the source (externalTrafficPolicy Cluster); local ones
     // see the client, and answer it through this node, where tc egress translates back.
-    let flags = if local { ct_flags::LOCAL_BACKEND } else { ct_flags::SNAT };
+    let flags = if local {
+        ct_flags::LOCAL_BACKEND
+    } else {
+        ct_flags::SNAT
+    };
     let mut reply_key = CtKey {
         saddr_be: be.addr_be,
         daddr_be: if local { p.saddr } else { cfg.node_addr_be },
@@ -101,8 +117,10 @@ fn new_flow(ctx: &XdpContext, p: &Packet, key: &CtKey, len: u64) -> Result<u32, 
         _pad: [0; 3],
     };
     if !local {
-        reply_key.dport_be = snat::free_port(ctx, &cfg, p, &reply_key, hash, now)
-            .map_err(|snat::Exhausted| Stop::drop_other(counter::XDP_DROP_SNAT_EXHAUSTED, svc_port_id))?;
+        reply_key.dport_be =
+            snat::free_port(ctx, &cfg, p, &reply_key, hash, now).map_err(|snat::Exhausted| {
+                Stop::drop_other(counter::XDP_DROP_SNAT_EXHAUSTED, svc_port_id)
+            })?;
     }
     // Replies (backend -> node or client) are translated back to frontend -> client.
     let reply = CtEntry {

@@ -66,7 +66,11 @@ impl RefusingConntrack {
         lb_tests::require_privileges()?;
         static N: AtomicU32 = AtomicU32::new(0);
         let bpffs = lb_userspace::harness::mount_point("bpf").expect("a bpf filesystem");
-        let dir = bpffs.join(format!("lbctfull{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let dir = bpffs.join(format!(
+            "lbctfull{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&dir).unwrap();
 
         let def = aya_obj::Map::new_from_params(
@@ -77,17 +81,30 @@ impl RefusingConntrack {
             0,
         );
         let stand_in = MapData::create(def, full, None).expect("creating the stand-in map");
-        stand_in.pin(dir.join(full)).expect("pinning the stand-in map");
+        stand_in
+            .pin(dir.join(full))
+            .expect("pinning the stand-in map");
         let mut stand_in: HashMap<MapData, CtKey, CtEntry> =
             HashMap::try_from(aya::maps::Map::HashMap(stand_in)).unwrap();
         let (k, v) = filler();
         stand_in.insert(k, v, 0).unwrap();
-        assert!(stand_in.insert(ct_key((CLIENT, 1), (NODE, 1), TCP), v, 0).is_err(), "the stand-in is full");
+        assert!(
+            stand_in
+                .insert(ct_key((CLIENT, 1), (NODE, 1), TCP), v, 0)
+                .is_err(),
+            "the stand-in is full"
+        );
 
         let mut loader = aya::EbpfLoader::new();
         loader.default_map_pin_directory(&dir);
-        let mut ebpf = loader.load(lb_userspace::EBPF_OBJECT).expect("loading the object");
-        let xdp: &mut Xdp = ebpf.program_mut(program_name::XDP).unwrap().try_into().unwrap();
+        let mut ebpf = loader
+            .load(lb_userspace::EBPF_OBJECT)
+            .expect("loading the object");
+        let xdp: &mut Xdp = ebpf
+            .program_mut(program_name::XDP)
+            .unwrap()
+            .try_into()
+            .unwrap();
         xdp.load().expect("loading the XDP program (verifier)");
         let mut syncer = Syncer::adopt(AyaDataplane::from_ebpf(&mut ebpf).unwrap()).unwrap();
         syncer
@@ -99,12 +116,22 @@ impl RefusingConntrack {
                 _pad: 0,
             })
             .unwrap();
-        let fe = |port| FrontendKey { addr: sa(NODE, port), proto: TCP, scope: lb_common::scope::EXTERNAL };
+        let fe = |port| FrontendKey {
+            addr: sa(NODE, port),
+            proto: TCP,
+            scope: lb_common::scope::EXTERNAL,
+        };
         let entry = |name: &str, ip, flags| DesiredFrontend {
             service_port: format!("default/{name}:http/TCP"),
             flags: lb_common::service_flags::NODE_PORT,
             affinity_timeout_s: 0,
-            backends: vec![(BackendKey { addr: sa(ip, 8080), proto: TCP }, flags)],
+            backends: vec![(
+                BackendKey {
+                    addr: sa(ip, 8080),
+                    proto: TCP,
+                },
+                flags,
+            )],
         };
         let d: Desired = [
             // externalTrafficPolicy Local: the local endpoint.
@@ -114,18 +141,34 @@ impl RefusingConntrack {
         ]
         .into();
         syncer.sync(&d).unwrap();
-        let s = Self { ebpf, _syncer: syncer, dir };
-        assert!(s.tier(full).contains(&filler()), "the loader took the stand-in for {full}");
+        let s = Self {
+            ebpf,
+            _syncer: syncer,
+            dir,
+        };
+        assert!(
+            s.tier(full).contains(&filler()),
+            "the loader took the stand-in for {full}"
+        );
         Some(s)
     }
 
     /// Runs a frame: (verdict, output, counters that moved by name -> packets).
     fn run(&self, input: &[u8]) -> (u32, Vec<u8>, BTreeMap<&'static str, u64>) {
         let before = self.counters();
-        let xdp: &Xdp = self.ebpf.program(program_name::XDP).unwrap().try_into().unwrap();
+        let xdp: &Xdp = self
+            .ebpf
+            .program(program_name::XDP)
+            .unwrap()
+            .try_into()
+            .unwrap();
         let mut out = vec![0u8; input.len() + 256];
         let r = xdp
-            .test_run(TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() })
+            .test_run(TestRunOptions {
+                data_in: Some(input),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
             .expect("BPF_PROG_TEST_RUN");
         out.truncate(r.data_size_out as usize);
         let after = self.counters();
@@ -143,12 +186,17 @@ impl RefusingConntrack {
     fn counters(&self) -> BTreeMap<&'static str, u64> {
         let arr: PerCpuArray<&MapData, lb_common::Counter> =
             PerCpuArray::try_from(self.ebpf.map(map_name::STATS).unwrap()).unwrap();
-        lb_userspace::inspect::read_counters(&arr).unwrap().into_iter().map(|c| (c.name, c.packets)).collect()
+        lb_userspace::inspect::read_counters(&arr)
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.name, c.packets))
+            .collect()
     }
 
     /// The entries of one conntrack tier.
     fn tier(&self, name: &str) -> Vec<(CtKey, CtEntry)> {
-        let ct: HashMap<&MapData, CtKey, CtEntry> = HashMap::try_from(self.ebpf.map(name).unwrap()).unwrap();
+        let ct: HashMap<&MapData, CtKey, CtEntry> =
+            HashMap::try_from(self.ebpf.map(name).unwrap()).unwrap();
         ct.iter().collect::<Result<_, _>>().unwrap()
     }
 }
@@ -175,12 +223,19 @@ fn ct_key(src: ([u8; 4], u16), dst: ([u8; 4], u16), proto: u8) -> CtKey {
 }
 
 fn tcp(syn: bool, src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Vec<u8> {
-    let ip = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src.0, dst.0, 64);
+    let ip =
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src.0, dst.0, 64);
     let mut v = Vec::new();
     if syn {
-        ip.tcp(src.1, dst.1, 1000, 64000).syn().write(&mut v, &[]).unwrap();
+        ip.tcp(src.1, dst.1, 1000, 64000)
+            .syn()
+            .write(&mut v, &[])
+            .unwrap();
     } else {
-        ip.tcp(src.1, dst.1, 1001, 64000).ack(5000).write(&mut v, b"hello").unwrap();
+        ip.tcp(src.1, dst.1, 1001, 64000)
+            .ack(5000)
+            .write(&mut v, b"hello")
+            .unwrap();
     }
     v
 }
@@ -191,13 +246,26 @@ fn counts(names: &[&'static str]) -> BTreeMap<&'static str, u64> {
 
 #[test]
 fn kernel_xdp_counters_refused_new_flow_is_counted_and_translated_statelessly() {
-    let Some(f) = RefusingConntrack::new(map_name::CONNTRACK_NEW) else { return };
-    let refused = counts(&["xdp_rx", "xdp_drop_ct_full", "xdp_stateless", "xdp_new_flow", "xdp_translated_pass", "xdp_verdict_pass"]);
+    let Some(f) = RefusingConntrack::new(map_name::CONNTRACK_NEW) else {
+        return;
+    };
+    let refused = counts(&[
+        "xdp_rx",
+        "xdp_drop_ct_full",
+        "xdp_stateless",
+        "xdp_new_flow",
+        "xdp_translated_pass",
+        "xdp_verdict_pass",
+    ]);
 
     // Local backend: the reply entry is refused; the packet is translated all the same.
     let (verdict, out, moved) = f.run(&tcp(true, (CLIENT, 40000), (NODE, 30080)));
     assert_eq!(verdict, XDP_PASS);
-    assert_eq!(out, tcp(true, (CLIENT, 40000), (LOCAL_POD, 8080)), "DNAT, valid checksums");
+    assert_eq!(
+        out,
+        tcp(true, (CLIENT, 40000), (LOCAL_POD, 8080)),
+        "DNAT, valid checksums"
+    );
     assert_eq!(moved, refused);
 
     // Remote backend: the SNAT port is found, its reply entry refused; translated all the same,
@@ -206,11 +274,21 @@ fn kernel_xdp_counters_refused_new_flow_is_counted_and_translated_statelessly() 
     assert_eq!(verdict, XDP_PASS);
     assert_eq!(moved, refused);
     let port = u16::from_be_bytes([out[34], out[35]]);
-    assert!((61000..=65535).contains(&port), "SNAT port {port} inside the range");
-    assert_eq!(out, tcp(true, (NODE, port), (REMOTE_POD, 8080)), "DNAT + SNAT, valid checksums");
+    assert!(
+        (61000..=65535).contains(&port),
+        "SNAT port {port} inside the range"
+    );
+    assert_eq!(
+        out,
+        tcp(true, (NODE, port), (REMOTE_POD, 8080)),
+        "DNAT + SNAT, valid checksums"
+    );
     let (_, again, moved) = f.run(&tcp(false, (CLIENT, 40001), (NODE, 30081)));
     assert_eq!(again, tcp(false, (NODE, port), (REMOTE_POD, 8080)));
-    assert_eq!(moved, refused, "untracked: the next packet is a new flow again");
+    assert_eq!(
+        moved, refused,
+        "untracked: the next packet is a new flow again"
+    );
 
     // Nothing was tracked.
     assert_eq!(f.tier(map_name::CONNTRACK_NEW), vec![filler()]);
@@ -219,9 +297,19 @@ fn kernel_xdp_counters_refused_new_flow_is_counted_and_translated_statelessly() 
 
 #[test]
 fn kernel_xdp_counters_refused_confirmation_is_counted_and_the_flow_stays_unconfirmed() {
-    let Some(f) = RefusingConntrack::new(map_name::CONNTRACK) else { return };
+    let Some(f) = RefusingConntrack::new(map_name::CONNTRACK) else {
+        return;
+    };
     let (_, _, moved) = f.run(&tcp(true, (CLIENT, 40000), (NODE, 30080)));
-    assert_eq!(moved, counts(&["xdp_rx", "xdp_new_flow", "xdp_translated_pass", "xdp_verdict_pass"]));
+    assert_eq!(
+        moved,
+        counts(&[
+            "xdp_rx",
+            "xdp_new_flow",
+            "xdp_translated_pass",
+            "xdp_verdict_pass"
+        ])
+    );
     let unconfirmed = f.tier(map_name::CONNTRACK_NEW);
     assert_eq!(unconfirmed.len(), 2, "both directions in the new-flow tier");
 
@@ -230,8 +318,21 @@ fn kernel_xdp_counters_refused_confirmation_is_counted_and_the_flow_stays_unconf
     let (verdict, out, moved) = f.run(&tcp(false, (CLIENT, 40000), (NODE, 30080)));
     assert_eq!(verdict, XDP_PASS);
     assert_eq!(out, tcp(false, (CLIENT, 40000), (LOCAL_POD, 8080)));
-    assert_eq!(moved, counts(&["xdp_rx", "xdp_established", "xdp_drop_ct_full", "xdp_translated_pass", "xdp_verdict_pass"]));
-    assert_eq!(f.tier(map_name::CONNTRACK), vec![filler()], "nothing moved to the established tier");
+    assert_eq!(
+        moved,
+        counts(&[
+            "xdp_rx",
+            "xdp_established",
+            "xdp_drop_ct_full",
+            "xdp_translated_pass",
+            "xdp_verdict_pass"
+        ])
+    );
+    assert_eq!(
+        f.tier(map_name::CONNTRACK),
+        vec![filler()],
+        "nothing moved to the established tier"
+    );
     let mut still = f.tier(map_name::CONNTRACK_NEW);
     let mut before = unconfirmed;
     for v in [&mut still, &mut before] {
@@ -242,7 +343,9 @@ fn kernel_xdp_counters_refused_confirmation_is_counted_and_the_flow_stays_unconf
     }
     assert_eq!(still, before, "the flow's entries stay as they were");
     let rev = ct_key((LOCAL_POD, 8080), (CLIENT, 40000), TCP);
-    assert!(still.iter().any(|(k, e)| *k == rev && e.flags == ct_flags::REPLY | ct_flags::LOCAL_BACKEND));
+    assert!(still
+        .iter()
+        .any(|(k, e)| *k == rev && e.flags == ct_flags::REPLY | ct_flags::LOCAL_BACKEND));
 
     // Its next packet tries again, and is refused again.
     let (_, _, moved) = f.run(&tcp(false, (CLIENT, 40000), (NODE, 30080)));
