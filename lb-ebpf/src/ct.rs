@@ -4,7 +4,8 @@
 //! other unconfirmed flows, never the established ones.
 //!
 //! The conntrack stage of the XDP path is `follow` (packets of known flows) and `track_new`
-//! (a new flow's entries); tc egress and the ICMP error path look entries up.
+//! (a new flow's entries); tc egress looks entries up and confirms UDP flows, the ICMP error
+//! path looks entries up.
 use aya_ebpf::maps::LruHashMap;
 use lb_common::{counter, ct_flags, proto, CtEntry, CtKey};
 
@@ -53,9 +54,10 @@ pub fn follow(key: &CtKey, p: &Packet) -> Option<CtEntry> {
 }
 
 /// Writes a new flow's two entries into the new-flow tier: the reply direction first (for a
-/// SNAT flow it holds the port), then the packet's own. When the map refuses either, the flow
-/// stays untracked (the original entry is not tried after a refused reply entry) and its
-/// packet is translated statelessly; its next packet tries again.
+/// SNAT flow it holds the port), then the packet's own. `Err` when the map refuses one: after a
+/// refused reply entry the other is not tried; after a refused original the reply entry stays,
+/// as after an eviction of the other half (the flow's next packet rebuilds it, and
+/// `snat::free_port` sees the port as the flow's own). The packet is translated all the same.
 #[inline(always)]
 pub fn track_new(key: &CtKey, entry: &CtEntry, reply_key: &CtKey, reply: &CtEntry) -> Result<(), Refused> {
     insert(&CONNTRACK_NEW, reply_key, reply)?;
