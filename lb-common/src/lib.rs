@@ -388,7 +388,7 @@ pub struct ServiceCounters {
     pub new_connections: u64,
     /// Refused or dropped because the frontend had no usable endpoint.
     pub drops_no_backend: u64,
-    /// Dropped for another reason (SNAT ports exhausted, conntrack full, inconsistent maps).
+    /// Dropped for another reason (SNAT ports exhausted, inconsistent maps).
     pub drops_other: u64,
 }
 
@@ -431,7 +431,10 @@ pub mod counter {
     pub const XDP_NOT_TCP_UDP: u32 = 8;
     /// TCP/UDP packets whose destination is no frontend (passed).
     pub const XDP_NO_FRONTEND: u32 = 9;
-    /// TCP/UDP packets to a frontend; north-south translation is not enabled yet (passed).
+    /// Retired: TCP/UDP packets to a frontend while north-south translation was not enabled
+    /// yet (passed). Nothing increments it since the XDP path translates (a packet to a
+    /// frontend before the agent's config is `XDP_NO_CONFIG`). The index and name stay, so the
+    /// stats layout (`lb_stats_v2`) and the metrics keep their shape; it reads 0.
     pub const XDP_FRONTEND_PASS: u32 = 10;
     /// Verdicts of the XDP program.
     pub const XDP_VERDICT_PASS: u32 = 11;
@@ -479,8 +482,12 @@ pub mod counter {
     pub const TC_SEEN: u32 = 32;
     /// XDP: dropped, a slot pointed at a missing backend.
     pub const XDP_DROP_BACKEND_MISSING: u32 = 33;
-    /// XDP: dropped, the conntrack map refused an insert and no stateless translation was
-    /// possible.
+    /// XDP and tc egress: the conntrack refused an insert (an LRU map that found no entry to
+    /// evict, or a bucket busy on another CPU: the only way an LRU conntrack is full). A new
+    /// flow's packet is then translated without entries (`XDP_STATELESS`), and the flow's
+    /// replies are not translated back until a later packet's insert succeeds; a flow it
+    /// could not confirm stays in the new-flow tier. The name is older than the two-tier conntrack,
+    /// which translates instead of dropping; it stays for the metrics and alerts.
     pub const XDP_DROP_CT_FULL: u32 = 34;
     /// Session affinity: a live record was used.
     pub const AFFINITY_HIT: u32 = 35;
@@ -501,6 +508,10 @@ pub mod counter {
     pub const XDP_STATELESS: u32 = 41;
     /// Number of counters (stats map size).
     pub const COUNT: u32 = 42;
+
+    /// Counters nothing increments any more, kept so that the stats layout does not change
+    /// (every other index has an increment site in lb-ebpf; a test checks both).
+    pub const RETIRED: [u32; 1] = [XDP_FRONTEND_PASS];
 
     /// Stable names, indexed by counter, for `lbctl stats` and metrics.
     pub const NAMES: [&str; COUNT as usize] = [

@@ -1,19 +1,9 @@
 //! Session affinity (`sessionAffinity: ClientIP`): one record per (Service port, client), shared
 //! by every frontend of the Service port, refreshed by each new connection, ignored once expired
 //! or once its backend left the frontend's usable set.
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{counter, service_flags, AffinityKey, AffinityValue, Backend, MemberKey, ServiceKey, ServiceValue};
 
 use crate::maps::{self, AFFINITY, MEMBERS};
-
-/// Seconds of CLOCK_MONOTONIC_COARSE: the clock of every timestamp in the maps (conntrack
-/// last-seen, affinity last-used). The coarse clock costs a fraction of the precise one, which
-/// matters on the per-packet path; a tick's precision is plenty for seconds.
-#[inline(always)]
-pub fn now_s() -> u32 {
-    // SAFETY: helper without preconditions.
-    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
-}
 
 #[inline(always)]
 pub fn enabled(master: &ServiceValue) -> bool {
@@ -57,5 +47,7 @@ pub fn record(key: &AffinityKey, backend_id: u32, now: u32) {
     if unsafe { AFFINITY.get(key).is_none() } {
         maps::count(counter::AFFINITY_NEW, 0);
     }
+    // A refused insert (rare for an LRU map) only loses the record: the client's next
+    // connection chooses afresh, as after an eviction.
     let _ = AFFINITY.insert(key, &AffinityValue { backend_id, last_used_s: now }, 0);
 }

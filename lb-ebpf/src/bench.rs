@@ -5,20 +5,23 @@
 //! the `lb_bench` map (and, for new flows, gives it a fresh source address). `lb_bench_restore`
 //! does exactly that work and returns XDP_PASS, so its cost minus the floor's is the restore's
 //! own, which the benchmark subtracts.
-use aya_ebpf::{bindings::xdp_action, macros::map, maps::Array, programs::XdpContext};
-use lb_common::{BenchFrame, BENCH_FRAME_LEN};
+use core::mem::offset_of;
 
-use crate::csum;
+use aya_ebpf::{bindings::xdp_action, macros::map, maps::Array, programs::XdpContext};
+use lb_common::{proto, BenchFrame, BENCH_FRAME_LEN};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+
+use crate::{csum, xdp};
 
 #[map(name = "lb_bench")]
 pub static BENCH: Array<BenchFrame> = Array::with_max_entries(1, 0);
 
-/// Offsets in the frame: IPv4 checksum and source address, TCP/UDP checksum (IPv4 without
-/// options).
-const IP_CHECK: usize = 14 + 10;
-const IP_SRC: usize = 14 + 12;
-const IP_PROTO: usize = 14 + 9;
-const L4: usize = 14 + 20;
+/// Offsets in the frame: IPv4 checksum, source address and protocol, the L4 header (IPv4
+/// without options).
+const IP_CHECK: usize = EthHdr::LEN + offset_of!(Ipv4Hdr, check);
+const IP_SRC: usize = EthHdr::LEN + offset_of!(Ipv4Hdr, src_addr);
+const IP_PROTO: usize = EthHdr::LEN + offset_of!(Ipv4Hdr, proto);
+const L4: usize = EthHdr::LEN + Ipv4Hdr::LEN;
 
 /// Restores the frame; false when the packet is not a benchmark frame.
 #[inline(always)]
@@ -45,7 +48,11 @@ pub fn restore(ctx: &XdpContext) -> bool {
             core::ptr::write_unaligned(p.add(IP_SRC) as *mut u32, new);
             let ipc = core::ptr::read_unaligned(p.add(IP_CHECK) as *const u16);
             core::ptr::write_unaligned(p.add(IP_CHECK) as *mut u16, csum::replace4(ipc, old, new));
-            let l4c = if *p.add(IP_PROTO) == 6 { L4 + 16 } else { L4 + 6 };
+            let l4c = if *p.add(IP_PROTO) == proto::TCP {
+                L4 + offset_of!(TcpHdr, check)
+            } else {
+                L4 + offset_of!(UdpHdr, check)
+            };
             let c = core::ptr::read_unaligned(p.add(l4c) as *const u16);
             core::ptr::write_unaligned(p.add(l4c) as *mut u16, csum::replace4(c, old, new));
         }
@@ -57,7 +64,10 @@ pub fn bench_xdp(ctx: &XdpContext) -> u32 {
     if !restore(ctx) {
         return xdp_action::XDP_ABORTED;
     }
-    crate::xdp::process(ctx)
+    match xdp::try_xdp(ctx) {
+        Ok(verdict) => verdict,
+        Err(stop) => stop.act(ctx),
+    }
 }
 
 pub fn bench_restore(ctx: &XdpContext) -> u32 {

@@ -2,9 +2,76 @@
 //! (TCP: the client's first packet after the SYN; UDP: the first reply) both entries move to
 //! `CONNTRACK`. Both maps are LRU: a flood of new flows (SYN flood, spoofed UDP) can only evict
 //! other unconfirmed flows, never the established ones.
-use lb_common::{counter, ct_flags, CtEntry, CtKey};
+//!
+//! The conntrack stage of the XDP path is `follow` (packets of known flows) and `track_new`
+//! (a new flow's entries); tc egress looks entries up and confirms UDP flows, the ICMP error
+//! path looks entries up.
+use aya_ebpf::maps::LruHashMap;
+use lb_common::{counter, ct_flags, proto, CtEntry, CtKey};
 
-use crate::maps::{self, CONNTRACK, CONNTRACK_NEW};
+use crate::{
+    clock,
+    maps::{self, CONNTRACK, CONNTRACK_NEW},
+    parse::{Closing, Packet},
+};
+
+/// A conntrack map refused an insert: an LRU map that found no entry to evict, or a bucket
+/// busy on another CPU (never a collision: an insert replaces). The only way an LRU conntrack
+/// is "full"; counted as `XDP_DROP_CT_FULL` where it happens (`insert`).
+pub struct Refused;
+
+/// The key of a packet's own direction.
+#[inline(always)]
+pub fn key(p: &Packet) -> CtKey {
+    CtKey { saddr_be: p.saddr, daddr_be: p.daddr, sport_be: p.sport, dport_be: p.dport, proto: p.proto, _pad: [0; 3] }
+}
+
+/// The conntrack stage for a packet: the entry to translate it with when it belongs to a
+/// tracked flow, after refreshing the entry, confirming the flow (TCP: the client's first
+/// packet after its SYN; UDP: a reply) and noting a FIN or RST. `None` when the packet starts
+/// a new flow: nothing is tracked for its four-tuple, or it is a fresh SYN on the four-tuple of
+/// an earlier flow; that flow is over, and its entries (in whichever tier) are dropped so that
+/// the new one starts unconfirmed and alone.
+#[inline(always)]
+pub fn follow(key: &CtKey, p: &Packet) -> Option<CtEntry> {
+    let (e, unconfirmed) = lookup(key)?;
+    let reply = e.flags & ct_flags::REPLY != 0;
+    if !reply && p.syn_only {
+        forget(key, &e);
+        return None;
+    }
+    let now = clock::now_s();
+    let confirms = if p.proto == proto::TCP { !reply } else { reply };
+    if unconfirmed && confirms {
+        confirm(key, &e, now);
+    } else {
+        touch(key, unconfirmed, now);
+    }
+    if p.closing != Closing::No {
+        closing(key, &e, p.closing == Closing::Rst);
+    }
+    Some(e)
+}
+
+/// Writes a new flow's two entries into the new-flow tier: the reply direction first (for a
+/// SNAT flow it holds the port), then the packet's own. `Err` when the map refuses one: after a
+/// refused reply entry the other is not tried; after a refused original the reply entry stays,
+/// as after an eviction of the other half (the flow's next packet rebuilds it, and
+/// `snat::free_port` sees the port as the flow's own). The packet is translated all the same.
+#[inline(always)]
+pub fn track_new(key: &CtKey, entry: &CtEntry, reply_key: &CtKey, reply: &CtEntry) -> Result<(), Refused> {
+    insert(&CONNTRACK_NEW, reply_key, reply)?;
+    insert(&CONNTRACK_NEW, key, entry)
+}
+
+/// Inserts an entry into one tier; a refusal is counted (`XDP_DROP_CT_FULL`) and returned.
+#[inline(always)]
+fn insert(tier: &LruHashMap<CtKey, CtEntry>, key: &CtKey, e: &CtEntry) -> Result<(), Refused> {
+    tier.insert(key, e, 0).map_err(|_| {
+        maps::count(counter::XDP_DROP_CT_FULL, 0);
+        Refused
+    })
+}
 
 /// The entry for `key` and whether it is still unconfirmed.
 #[inline(always)]
@@ -18,7 +85,7 @@ pub fn lookup(key: &CtKey) -> Option<(CtEntry, bool)> {
 
 /// Refreshes the last-seen time of an entry.
 #[inline(always)]
-pub fn touch(key: &CtKey, unconfirmed: bool, now: u32) {
+fn touch(key: &CtKey, unconfirmed: bool, now: u32) {
     let v = if unconfirmed { CONNTRACK_NEW.get_ptr_mut(key) } else { CONNTRACK.get_ptr_mut(key) };
     if let Some(v) = v {
         // SAFETY: the LRU value stays valid for the program's run.
@@ -33,7 +100,7 @@ pub fn touch(key: &CtKey, unconfirmed: bool, now: u32) {
 /// Records a TCP FIN or RST of a tracked flow on its reply-direction entry (see
 /// `ct_flags::CLOSING`). Runs only for FIN and RST packets.
 #[inline(always)]
-pub fn closing(key: &CtKey, e: &CtEntry, rst: bool) {
+fn closing(key: &CtKey, e: &CtEntry, rst: bool) {
     let reply = e.flags & ct_flags::REPLY != 0;
     let (rk, _) = if reply { (*key, *e) } else { partner(key, e) };
     let Some(r) = CONNTRACK.get_ptr_mut(&rk).or_else(|| CONNTRACK_NEW.get_ptr_mut(&rk)) else { return };
@@ -67,6 +134,8 @@ pub fn reusable(e: &CtEntry, now: u32) -> bool {
 pub fn forget(key: &CtKey, e: &CtEntry) {
     let (pk, _) = partner(key, e);
     for k in [key, &pk] {
+        // Each entry sits in one tier at most (or none, evicted): the other removal finds
+        // nothing, which is no error here.
         let _ = CONNTRACK.remove(k);
         let _ = CONNTRACK_NEW.remove(k);
     }
@@ -75,7 +144,7 @@ pub fn forget(key: &CtKey, e: &CtEntry) {
 /// The entry of the opposite direction: a packet matching `key` is rewritten to `e`'s
 /// addresses, so the other direction arrives as (nat_d -> nat_s) and is rewritten to (d -> s).
 #[inline(always)]
-pub fn partner(key: &CtKey, e: &CtEntry) -> (CtKey, CtEntry) {
+fn partner(key: &CtKey, e: &CtEntry) -> (CtKey, CtEntry) {
     let k = CtKey {
         saddr_be: e.nat_daddr_be,
         daddr_be: e.nat_saddr_be,
@@ -99,7 +168,8 @@ pub fn partner(key: &CtKey, e: &CtEntry) -> (CtKey, CtEntry) {
 }
 
 /// Moves a confirmed flow (both directions) from the new-flow map to the established one. When
-/// the established map refuses, the flow stays where it is and works on.
+/// the established map refuses (counted by `insert`), the flow stays unconfirmed where it is
+/// and works on; its next confirming packet tries again.
 #[inline(always)]
 pub fn confirm(key: &CtKey, e: &CtEntry, now: u32) {
     let (pk, computed) = partner(key, e);
@@ -108,13 +178,16 @@ pub fn confirm(key: &CtKey, e: &CtEntry, now: u32) {
     pv.last_seen_s = now;
     let mut v = *e;
     v.last_seen_s = now;
-    if CONNTRACK.insert(&pk, &pv, 0).is_err() {
+    if insert(&CONNTRACK, &pk, &pv).is_err() {
         return;
     }
-    if CONNTRACK.insert(key, &v, 0).is_err() {
+    if insert(&CONNTRACK, key, &v).is_err() {
+        // Undo the first move, so that the flow stays whole in the new-flow tier. (Nothing to
+        // undo if the LRU evicted it meanwhile.)
         let _ = CONNTRACK.remove(&pk);
         return;
     }
+    // The new-flow tier's copies go; either may have been evicted already.
     let _ = CONNTRACK_NEW.remove(&pk);
     let _ = CONNTRACK_NEW.remove(key);
     maps::count(counter::CT_CONFIRMED, 0);

@@ -110,6 +110,7 @@ pub fn maglev(master: &ServiceValue, hash: u32) -> Option<u32> {
 }
 
 /// What a per-Service counter update adds.
+#[derive(Clone, Copy)]
 pub enum ServiceEvent {
     Packet(u64),
     NewConnection(u64),
@@ -125,6 +126,8 @@ pub fn count_service(svc_port_id: u32, ev: ServiceEvent) {
     }
     let mut p = SERVICE_STATS.get_ptr_mut(&svc_port_id);
     if p.is_none() {
+        // When the map refuses (full), the lookup below finds nothing and the event goes
+        // uncounted for this Service port; the global counters still have it.
         let _ = SERVICE_STATS.insert(&svc_port_id, &ServiceCounters::default(), 0);
         p = SERVICE_STATS.get_ptr_mut(&svc_port_id);
     }

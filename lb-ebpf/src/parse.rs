@@ -1,5 +1,21 @@
-//! The one bounds-checked header access of the kernel side.
+//! Parse stage of the XDP path, and the one bounds-checked header access of the kernel side.
+//!
+//! Headers are read through typed views (network-types) and checked once, here; the pointers
+//! travel with the parsed packet, so the stages that write (NAT, forward, ICMP errors) need no
+//! second check that could fail.
 use aya_ebpf::programs::XdpContext;
+use lb_common::counter;
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+
+use crate::{maps, verdict::Stop};
+
+/// The more-fragments bit of `Ipv4Hdr::frag_flags`.
+const IP_MF: u8 = 0b001;
 
 /// A pointer to a `T` at `offset` bytes into the packet, or `None` when the packet is too short.
 #[inline(always)]
@@ -10,4 +26,135 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
         return None;
     }
     Some((start + offset) as *mut T)
+}
+
+/// An unfragmented IPv4 frame: its Ethernet and IPv4 headers, bounds checked (options included).
+#[derive(Clone, Copy)]
+pub struct Ipv4 {
+    pub eth: *mut EthHdr,
+    pub ip: *mut Ipv4Hdr,
+    /// Offset of the L4 header in the frame (past the IPv4 options).
+    pub l4_off: usize,
+    pub proto: u8,
+}
+
+/// The L4 header of a TCP or UDP packet: where NAT writes ports and the checksum.
+#[derive(Clone, Copy)]
+pub enum L4 {
+    Tcp(*mut TcpHdr),
+    Udp(*mut UdpHdr),
+}
+
+/// Whether a TCP segment closes its flow.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Closing {
+    No,
+    Fin,
+    Rst,
+}
+
+/// A TCP or UDP packet over IPv4: what the stages read (addresses and ports in network order,
+/// as on the wire) and the checked headers they write.
+#[derive(Clone, Copy)]
+pub struct Packet {
+    pub l3: Ipv4,
+    pub l4: L4,
+    pub proto: u8,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    /// A TCP SYN without ACK: the start of a new connection.
+    pub syn_only: bool,
+    /// A TCP FIN or RST: the sender is closing.
+    pub closing: Closing,
+}
+
+/// Parses the Ethernet and IPv4 headers; the error says why the frame is passed untouched.
+/// Counts IPv4 options (informational).
+#[inline(always)]
+pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4, Stop> {
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(Stop::Pass(counter::XDP_TRUNCATED_ETH))?;
+    // SAFETY: bounds checked by ptr_at.
+    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
+        return Err(Stop::Pass(counter::XDP_NON_IPV4));
+    }
+    let ip = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN).ok_or(Stop::Pass(counter::XDP_TRUNCATED_IPV4))?;
+    // SAFETY: bounds checked by ptr_at.
+    let hdr = unsafe { &*ip };
+    let hdr_len = hdr.ihl() as usize;
+    if hdr.version() != 4 || hdr_len < Ipv4Hdr::LEN {
+        return Err(Stop::Pass(counter::XDP_BAD_IPV4));
+    }
+    if hdr_len > Ipv4Hdr::LEN {
+        if ptr_at::<u8>(ctx, EthHdr::LEN + hdr_len - 1).is_none() {
+            return Err(Stop::Pass(counter::XDP_TRUNCATED_IPV4));
+        }
+        maps::count(counter::XDP_IPV4_OPTIONS, 0);
+    }
+    if hdr.frag_flags() & IP_MF != 0 || hdr.frag_offset() != 0 {
+        return Err(Stop::Pass(counter::XDP_FRAGMENT));
+    }
+    Ok(Ipv4 {
+        eth,
+        ip,
+        l4_off: EthHdr::LEN + hdr_len,
+        proto: hdr.proto,
+    })
+}
+
+/// Parses the TCP header of an IPv4 frame whose protocol is TCP.
+#[inline(always)]
+pub fn tcp(ctx: &XdpContext, l3: Ipv4) -> Result<Packet, Stop> {
+    let tcp = ptr_at::<TcpHdr>(ctx, l3.l4_off).ok_or(Stop::Pass(counter::XDP_TRUNCATED_L4))?;
+    // SAFETY: bounds checked by ptr_at.
+    let h = unsafe { &*tcp };
+    let closing = if h.rst() != 0 {
+        Closing::Rst
+    } else if h.fin() != 0 {
+        Closing::Fin
+    } else {
+        Closing::No
+    };
+    Ok(packet(
+        l3,
+        L4::Tcp(tcp),
+        h.source,
+        h.dest,
+        h.syn() != 0 && h.ack() == 0,
+        closing,
+    ))
+}
+
+/// Parses the UDP header of an IPv4 frame whose protocol is UDP.
+#[inline(always)]
+pub fn udp(ctx: &XdpContext, l3: Ipv4) -> Result<Packet, Stop> {
+    let udp = ptr_at::<UdpHdr>(ctx, l3.l4_off).ok_or(Stop::Pass(counter::XDP_TRUNCATED_L4))?;
+    // SAFETY: bounds checked by ptr_at.
+    let h = unsafe { &*udp };
+    Ok(packet(l3, L4::Udp(udp), h.src, h.dst, false, Closing::No))
+}
+
+#[inline(always)]
+fn packet(
+    l3: Ipv4,
+    l4: L4,
+    sport: [u8; 2],
+    dport: [u8; 2],
+    syn_only: bool,
+    closing: Closing,
+) -> Packet {
+    // SAFETY: `l3.ip` was bounds checked by `ipv4`.
+    let (saddr, daddr) = unsafe { ((*l3.ip).src_addr, (*l3.ip).dst_addr) };
+    Packet {
+        l3,
+        l4,
+        proto: l3.proto,
+        saddr: u32::from_ne_bytes(saddr),
+        daddr: u32::from_ne_bytes(daddr),
+        sport: u16::from_ne_bytes(sport),
+        dport: u16::from_ne_bytes(dport),
+        syn_only,
+        closing,
+    }
 }

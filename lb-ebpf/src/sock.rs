@@ -1,37 +1,39 @@
 //! Socket-level load balancing: translate a frontend to a backend once, when a socket connects
 //! (TCP, connected UDP) or sends a datagram (unconnected UDP), and translate the backend back to
 //! the frontend where the application reads a peer address (recvmsg, getpeername).
-use aya_log_ebpf::debug;
 use aya_ebpf::{
-    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
     EbpfContext,
 };
-use lb_common::{
-    affinity_client, counter, proto, scope, Backend, ServiceKey, ServiceValue, SockFlow, SockKey,
-    SockRevNat,
-};
+use aya_log_ebpf::debug;
+use lb_common::{affinity_client, counter, proto, scope, MemberKey, SockFlow, SockKey, SockRevNat};
 
 use crate::{
-    affinity,
-    maps::{self, ServiceEvent, SOCK_FLOW, SOCK_REV_NAT},
-    SOCK_ALLOW,
+    affinity, clock,
+    frontend::{self, Frontend},
+    maps::{self, ServiceEvent, MEMBERS, SOCK_FLOW, SOCK_REV_NAT},
+    select::{self, Chosen, Missing},
 };
 
 const AF_INET: u32 = 2;
-const SOCK_REFUSE: i32 = 0;
 
-/// Why a translation was refused.
-enum Refusal {
-    NoBackend,
-    BackendMissing,
+/// Verdicts of the socket programs: 1 lets the call proceed, 0 refuses it (the caller sees
+/// EPERM). recvmsg4 and getpeername4 may only return `ALLOW`.
+pub const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+
+/// Why a connection or datagram to a frontend is refused.
+pub struct Refusal {
+    fe: Frontend,
+    why: Why,
 }
 
-struct Frontend {
-    key: ServiceKey,
-    count: u16,
-    rev_nat_id: u32,
-    master: ServiceValue,
+enum Why {
+    /// The frontend has no usable endpoint.
+    NoBackend,
+    /// A slot points at a missing backend (inconsistent maps).
+    BackendMissing,
 }
 
 /// The frontend a socket address names, if it is one of ours.
@@ -46,70 +48,50 @@ fn frontend(ctx: &SockAddrContext) -> Option<Frontend> {
     if p != proto::TCP && p != proto::UDP {
         return None;
     }
-    let key = ServiceKey {
-        addr_be: sa.user_ip4,
-        port_be: sa.user_port as u16,
-        proto: p,
-        scope: scope::INTERNAL,
-        slot: 0,
-        _pad: 0,
-    };
-    let master = maps::service(&key)?;
-    Some(Frontend { key, count: master.count, rev_nat_id: master.rev_nat_id, master })
-}
-
-/// The backend in `slot` (1-based) of a frontend, with its id.
-#[inline(always)]
-fn slot_backend(fe: &Frontend, slot: u16) -> Option<(u32, Backend)> {
-    let mut key = fe.key;
-    key.slot = slot;
-    let id = maps::service(&key)?.backend_id;
-    Some((id, maps::backend(id)?))
+    frontend::lookup(sa.user_ip4, sa.user_port as u16, p, scope::INTERNAL)
 }
 
 /// The backend for a new connection: the client's affinity record when live and usable, else a
-/// fresh uniform choice (recorded when the Service asks for affinity). The slot is 0 when the
-/// backend came from the affinity record.
+/// fresh uniform choice (recorded when the Service asks for affinity).
 #[inline(always)]
-fn choose(ctx: &SockAddrContext, fe: &Frontend) -> Result<(u16, u32, Backend), Refusal> {
-    if fe.count == 0 {
-        return Err(Refusal::NoBackend);
+fn choose(ctx: &SockAddrContext, fe: &Frontend) -> Result<Chosen, Refusal> {
+    if fe.master.count == 0 {
+        return Err(Refusal {
+            fe: *fe,
+            why: Why::NoBackend,
+        });
     }
-    if !affinity::enabled(&fe.master) {
-        return choose_fresh(fe);
-    }
-    // The client's address is not known at connect time: key on its network namespace.
-    // SAFETY: bpf_get_netns_cookie accepts a bpf_sock_addr context.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let key = affinity::key(&fe.master, affinity_client::NETNS, netns);
-    let now = affinity::now_s();
-    if let Some((id, be)) = affinity::lookup(&fe.key, &fe.master, &key, now) {
-        affinity::record(&key, id, now);
-        return Ok((0, id, be));
-    }
-    let chosen = choose_fresh(fe)?;
-    affinity::record(&key, chosen.1, now);
-    Ok(chosen)
-}
-
-#[inline(always)]
-fn choose_fresh(fe: &Frontend) -> Result<(u16, u32, Backend), Refusal> {
-    // SAFETY: helper without preconditions.
-    let r = unsafe { bpf_get_prandom_u32() };
-    let slot = (r % fe.count as u32) as u16 + 1;
-    let (id, be) = slot_backend(fe, slot).ok_or(Refusal::BackendMissing)?;
-    Ok((slot, id, be))
+    let chosen = if affinity::enabled(&fe.master) {
+        // The client's address is not known at connect time: key on its network namespace.
+        // SAFETY: bpf_get_netns_cookie accepts a bpf_sock_addr context.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        let client = affinity::key(&fe.master, affinity_client::NETNS, netns);
+        select::with_affinity(fe, &client, clock::now_s(), || select::random_slot(fe))
+    } else {
+        select::random_slot(fe)
+    };
+    chosen.map_err(|Missing| Refusal {
+        fe: *fe,
+        why: Why::BackendMissing,
+    })
 }
 
 /// Rewrites the destination to the backend and remembers, per socket, which frontend it was.
 #[inline(always)]
-fn translate(ctx: &SockAddrContext, fe: &Frontend, be: &Backend, cookie: u64) {
-    let rev_key = SockKey { cookie, addr_be: be.addr_be, port_be: be.port_be, proto: fe.key.proto, _pad: 0 };
+fn translate(ctx: &SockAddrContext, fe: &Frontend, chosen: &Chosen, cookie: u64) {
+    let be = &chosen.backend;
+    let rev_key = SockKey {
+        cookie,
+        addr_be: be.addr_be,
+        port_be: be.port_be,
+        proto: fe.key.proto,
+        _pad: 0,
+    };
     let rev = SockRevNat {
         addr_be: fe.key.addr_be,
         port_be: fe.key.port_be,
         _pad: 0,
-        rev_nat_id: fe.rev_nat_id,
+        rev_nat_id: fe.master.rev_nat_id,
         _pad2: 0,
     };
     // A failed insert (map full) only loses the reverse view; the connection still works.
@@ -121,20 +103,27 @@ fn translate(ctx: &SockAddrContext, fe: &Frontend, be: &Backend, cookie: u64) {
     }
 }
 
+/// Counts a refusal and returns the verdict that refuses the call.
 #[inline(always)]
-fn refuse(ctx: &SockAddrContext, fe: &Frontend, r: Refusal) -> i32 {
-    match r {
-        Refusal::NoBackend => {
+pub fn refuse(ctx: &SockAddrContext, r: Refusal) -> i32 {
+    let fe = &r.fe;
+    match r.why {
+        Why::NoBackend => {
             maps::count(counter::SOCK_NO_BACKEND, 0);
             maps::count_service(fe.master.svc_port_id, ServiceEvent::DropNoBackend);
         }
-        Refusal::BackendMissing => {
-            debug!(ctx, "slot of {:i}:{} points at a missing backend", u32::from_be(fe.key.addr_be), u16::from_be(fe.key.port_be));
+        Why::BackendMissing => {
+            debug!(
+                ctx,
+                "slot of {:i}:{} points at a missing backend",
+                u32::from_be(fe.key.addr_be),
+                u16::from_be(fe.key.port_be)
+            );
             maps::count(counter::SOCK_BACKEND_MISSING, 0);
             maps::count_service(fe.master.svc_port_id, ServiceEvent::DropOther);
         }
     }
-    SOCK_REFUSE
+    REFUSE
 }
 
 #[inline(always)]
@@ -143,21 +132,27 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
-pub fn connect4(ctx: &SockAddrContext) -> i32 {
-    let Some(fe) = frontend(ctx) else { return SOCK_ALLOW };
-    match choose(ctx, &fe) {
-        Ok((_, _, be)) => {
-            translate(ctx, &fe, &be, cookie(ctx));
-            maps::count(counter::SOCK_CONNECT_XLATE, 0);
-            maps::count_service(fe.master.svc_port_id, ServiceEvent::NewConnection(0));
-            SOCK_ALLOW
-        }
-        Err(r) => refuse(ctx, &fe, r),
-    }
+/// connect4: a connection to a frontend goes to a backend. `Ok` also for addresses that are no
+/// frontend of ours (left as they are).
+#[inline(always)]
+pub fn try_connect4(ctx: &SockAddrContext) -> Result<(), Refusal> {
+    let Some(fe) = frontend(ctx) else {
+        return Ok(());
+    };
+    let chosen = choose(ctx, &fe)?;
+    translate(ctx, &fe, &chosen, cookie(ctx));
+    maps::count(counter::SOCK_CONNECT_XLATE, 0);
+    maps::count_service(fe.master.svc_port_id, ServiceEvent::NewConnection(0));
+    Ok(())
 }
 
-pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
-    let Some(fe) = frontend(ctx) else { return SOCK_ALLOW };
+/// sendmsg4: a datagram of an unconnected UDP socket to a frontend goes to a backend, the same
+/// one as the socket's earlier datagrams while it keeps its slot.
+#[inline(always)]
+pub fn try_sendmsg4(ctx: &SockAddrContext) -> Result<(), Refusal> {
+    let Some(fe) = frontend(ctx) else {
+        return Ok(());
+    };
     let cookie = cookie(ctx);
     let flow_key = SockKey {
         cookie,
@@ -170,37 +165,41 @@ pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
     // long as that backend still sits in the same slot of the frontend.
     // SAFETY: value copied out at once.
     if let Some(flow) = unsafe { SOCK_FLOW.get(&flow_key).copied() } {
-        if flow.slot != 0 && flow.slot <= fe.count {
-            if let Some((id, be)) = slot_backend(&fe, flow.slot) {
-                if id == flow.backend_id {
-                    translate(ctx, &fe, &be, cookie);
+        if flow.slot != 0 && flow.slot <= fe.master.count {
+            if let Ok(chosen) = select::in_slot(&fe, flow.slot) {
+                if chosen.id == flow.backend_id {
+                    translate(ctx, &fe, &chosen, cookie);
                     maps::count(counter::SOCK_FLOW_REUSE, 0);
                     maps::count(counter::SOCK_SENDMSG_XLATE, 0);
-                    return SOCK_ALLOW;
+                    return Ok(());
                 }
             }
         }
     }
-    match choose(ctx, &fe) {
-        Ok((slot, id, be)) => {
-            // Remember the slot for the socket's next datagrams; an affinity choice carries no
-            // slot, so look its backend's slot up.
-            let slot = if slot != 0 {
-                slot
-            } else {
-                let m = lb_common::MemberKey { frontend: fe.key, backend_id: id };
-                // SAFETY: value copied out at once.
-                unsafe { crate::maps::MEMBERS.get(&m).copied() }.unwrap_or(0) as u16
-            };
-            let flow = SockFlow { backend_id: id, slot, _pad: 0 };
-            let _ = SOCK_FLOW.insert(&flow_key, &flow, 0);
-            translate(ctx, &fe, &be, cookie);
-            maps::count(counter::SOCK_SENDMSG_XLATE, 0);
-            maps::count_service(fe.master.svc_port_id, ServiceEvent::NewConnection(0));
-            SOCK_ALLOW
-        }
-        Err(r) => refuse(ctx, &fe, r),
-    }
+    let chosen = choose(ctx, &fe)?;
+    // Remember the slot for the socket's next datagrams; an affinity choice carries no slot, so
+    // look its backend's slot up.
+    let slot = if chosen.slot != 0 {
+        chosen.slot
+    } else {
+        let m = MemberKey {
+            frontend: fe.key,
+            backend_id: chosen.id,
+        };
+        // SAFETY: value copied out at once.
+        unsafe { MEMBERS.get(&m).copied() }.unwrap_or(0) as u16
+    };
+    let flow = SockFlow {
+        backend_id: chosen.id,
+        slot,
+        _pad: 0,
+    };
+    // A failed insert (map full) only loses the memory: the next datagram chooses again.
+    let _ = SOCK_FLOW.insert(&flow_key, &flow, 0);
+    translate(ctx, &fe, &chosen, cookie);
+    maps::count(counter::SOCK_SENDMSG_XLATE, 0);
+    maps::count_service(fe.master.svc_port_id, ServiceEvent::NewConnection(0));
+    Ok(())
 }
 
 /// Replaces a backend peer address with the frontend the socket asked for. Returns whether it did.
@@ -219,7 +218,9 @@ fn reverse(ctx: &SockAddrContext) -> bool {
         _pad: 0,
     };
     // SAFETY: value copied out at once.
-    let Some(rev) = (unsafe { SOCK_REV_NAT.get(&key).copied() }) else { return false };
+    let Some(rev) = (unsafe { SOCK_REV_NAT.get(&key).copied() }) else {
+        return false;
+    };
     // SAFETY: user_ip4/user_port are writable for recvmsg4/getpeername4.
     unsafe {
         (*ctx.sock_addr).user_ip4 = rev.addr_be;

@@ -1,40 +1,47 @@
 //! tc egress on the node's devices: replies of local backends leave towards the client with the
 //! backend's address; translate the source back to the frontend (externalTrafficPolicy Local
 //! keeps the client's address, so the backend answers the client directly through this node).
+use core::mem::offset_of;
+
 use aya_ebpf::{
     bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK},
     programs::TcContext,
 };
 use lb_common::{counter, ct_flags, proto, CtKey};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
 
-use crate::{ct, maps};
+use crate::{clock, ct, maps};
 
-const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
-const IP_CHECK_OFF: usize = EthHdr::LEN + 10;
-const IP_SRC_OFF: usize = EthHdr::LEN + 12;
+const IP_CHECK_OFF: usize = EthHdr::LEN + offset_of!(Ipv4Hdr, check);
+const IP_SRC_OFF: usize = EthHdr::LEN + offset_of!(Ipv4Hdr, src_addr);
+/// More-fragments flag and fragment offset bits of the IPv4 `frags` field (host order).
 const IP_MF_OFFSET: u16 = 0x3fff;
 
-pub fn egress(ctx: &TcContext) -> i32 {
-    let _ = try_egress(ctx);
-    TC_ACT_OK as i32
-}
-
-fn try_egress(ctx: &TcContext) -> Result<(), i64> {
+/// The egress program: `Ok(TC_ACT_OK)` for every packet it looked at, translated or not. `Err`
+/// is the error of a `bpf_skb_*` helper: a load past the end of a frame shorter than the
+/// headers it claims, or a store or checksum update the kernel refused.
+#[inline(always)]
+pub fn try_egress(ctx: &TcContext) -> Result<i32, i64> {
     maps::count(counter::TC_SEEN, 0);
     let eth: EthHdr = ctx.load(0)?;
-    if eth.ether_type != ETH_P_IP_BE {
-        return Ok(());
+    if eth.ether_type != EtherType::Ipv4 as u16 {
+        return Ok(TC_ACT_OK as i32);
     }
     let ip: Ipv4Hdr = ctx.load(EthHdr::LEN)?;
-    let ihl = (ip.vihl & 0x0f) as usize;
-    if ip.vihl >> 4 != 4 || ihl < 5 || u16::from_be_bytes(ip.frags) & IP_MF_OFFSET != 0 {
-        return Ok(());
+    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || u16::from_be_bytes(ip.frags) & IP_MF_OFFSET != 0 {
+        return Ok(TC_ACT_OK as i32);
     }
     if ip.proto != proto::TCP && ip.proto != proto::UDP {
-        return Ok(());
+        return Ok(TC_ACT_OK as i32);
     }
-    let l4 = EthHdr::LEN + ihl * 4;
+    let l4 = EthHdr::LEN + ihl;
+    // The ports: the first four bytes of TCP and UDP headers alike.
     let ports: [u8; 4] = ctx.load(l4)?;
     let key = CtKey {
         saddr_be: u32::from_ne_bytes(ip.src_addr),
@@ -44,25 +51,37 @@ fn try_egress(ctx: &TcContext) -> Result<(), i64> {
         proto: ip.proto,
         _pad: [0; 3],
     };
-    let Some((e, unconfirmed)) = ct::lookup(&key) else { return Ok(()) };
+    let Some((e, unconfirmed)) = ct::lookup(&key) else {
+        return Ok(TC_ACT_OK as i32);
+    };
     // Only replies of flows whose backend is local, and that were not source-translated.
     if e.flags & ct_flags::REPLY == 0 || e.flags & ct_flags::LOCAL_BACKEND == 0 {
-        return Ok(());
+        return Ok(TC_ACT_OK as i32);
     }
     // A UDP flow is confirmed by its first reply.
     if unconfirmed && ip.proto == proto::UDP {
-        ct::confirm(&key, &e, crate::affinity::now_s());
+        ct::confirm(&key, &e, clock::now_s());
     }
-    let check_off = l4 + if ip.proto == proto::TCP { 16 } else { 6 };
+    let check_off = l4
+        + if ip.proto == proto::TCP {
+            offset_of!(TcpHdr, check)
+        } else {
+            offset_of!(UdpHdr, check)
+        };
     let udp_no_csum = ip.proto == proto::UDP && ctx.load::<u16>(check_off)? == 0;
     let pseudo = BPF_F_PSEUDO_HDR as u64 | 4;
     if !udp_no_csum {
-        ctx.l4_csum_replace(check_off, key.saddr_be as u64, e.nat_saddr_be as u64, pseudo)?;
+        ctx.l4_csum_replace(
+            check_off,
+            key.saddr_be as u64,
+            e.nat_saddr_be as u64,
+            pseudo,
+        )?;
         ctx.l4_csum_replace(check_off, key.sport_be as u64, e.nat_sport_be as u64, 2)?;
     }
     ctx.l3_csum_replace(IP_CHECK_OFF, key.saddr_be as u64, e.nat_saddr_be as u64, 4)?;
     ctx.store(IP_SRC_OFF, &e.nat_saddr_be, 0)?;
     ctx.store(l4, &e.nat_sport_be, 0)?;
     maps::count(counter::TC_REPLY, ctx.len() as u64);
-    Ok(())
+    Ok(TC_ACT_OK as i32)
 }
