@@ -28,7 +28,9 @@ pub(super) fn chunk_count(m: u32) -> u32 {
 /// saves a table per ClusterIP.
 pub(super) fn wants_table(fe: &FrontendKey, d: &DesiredFrontend, backends: usize) -> bool {
     use lb_common::service_flags::{EXTERNAL_IP, LOAD_BALANCER, NODE_PORT};
-    fe.scope == scope::EXTERNAL && backends >= 2 && d.flags & (NODE_PORT | LOAD_BALANCER | EXTERNAL_IP) != 0
+    fe.scope == scope::EXTERNAL
+        && backends >= 2
+        && d.flags & (NODE_PORT | LOAD_BALANCER | EXTERNAL_IP) != 0
 }
 
 /// The Maglev table of a backend set, as (M, backend ids), with `id_of` giving each backend's id
@@ -49,7 +51,11 @@ pub(super) struct MaglevTables {
 impl MaglevTables {
     /// No table yet; ids in `used` (found in the pinned maps) are not handed out.
     pub(super) fn with_used(used: impl Iterator<Item = u32>) -> Self {
-        Self { by_set: HashMap::new(), sets: HashMap::new(), ids: IdAllocator::with_used(used) }
+        Self {
+            by_set: HashMap::new(),
+            sets: HashMap::new(),
+            ids: IdAllocator::with_used(used),
+        }
     }
 
     /// Whether table `id` is the one of `set`.
@@ -122,7 +128,12 @@ impl MaglevTables {
         let (want_m, want) = table_of(&set, id_of);
         let chunks = maglev::chunks(&want);
         let same = want_m == m
-            && chunks.iter().enumerate().all(|(c, v)| programmed.get(&MaglevKey { table_id: id, chunk: c as u32 }) == Some(v));
+            && chunks.iter().enumerate().all(|(c, v)| {
+                programmed.get(&MaglevKey {
+                    table_id: id,
+                    chunk: c as u32,
+                }) == Some(v)
+            });
         if same {
             self.by_set.insert(set.clone(), Table { id, m, refs: 1 });
             self.sets.insert(id, set);
@@ -132,6 +143,8 @@ impl MaglevTables {
 
     /// Whether chunk `k` belongs to a known table.
     pub(super) fn explains(&self, k: &MaglevKey) -> bool {
-        self.by_set.values().any(|t| t.id == k.table_id && k.chunk < chunk_count(t.m))
+        self.by_set
+            .values()
+            .any(|t| t.id == k.table_id && k.chunk < chunk_count(t.m))
     }
 }
