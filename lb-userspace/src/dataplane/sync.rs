@@ -207,7 +207,7 @@ impl<D: Dataplane> Syncer<D> {
                 self.frontends.get_mut(&fe).expect("listed above").maglev = (0, 0);
             }
         }
-        for (k, _) in &found.maglev {
+        for k in found.maglev.keys() {
             if !self.tables.explains(k) {
                 self.stray_maglev.push(*k);
             }
