@@ -30,8 +30,20 @@ pub mod map_name {
     pub const SERVICE_NAMES: &str = "lb_svc_names_v1";
     /// Every map the agent pins, for `uninstall` and for `lbctl`.
     pub const ALL: [&str; 14] = [
-        SERVICES, BACKENDS, REV_NAT, SOCK_REV_NAT, SOCK_FLOW, STATS, CONNTRACK, CONNTRACK_NEW,
-        CONFIG, AFFINITY, MEMBERS, SERVICE_STATS, SERVICE_NAMES, MAGLEV,
+        SERVICES,
+        BACKENDS,
+        REV_NAT,
+        SOCK_REV_NAT,
+        SOCK_FLOW,
+        STATS,
+        CONNTRACK,
+        CONNTRACK_NEW,
+        CONFIG,
+        AFFINITY,
+        MEMBERS,
+        SERVICE_STATS,
+        SERVICE_NAMES,
+        MAGLEV,
     ];
 
     /// Splits a pinned name into its base and layout version: `lb_ct_v2` -> (`lb_ct`, 2).
@@ -218,7 +230,13 @@ pub const fn mix32(mut h: u32) -> u32 {
 /// (no per-node seed), so nodes behind one external load balancer choose alike. Arguments are
 /// as on the wire (`_be` fields).
 #[inline(always)]
-pub const fn flow_hash(saddr_be: u32, daddr_be: u32, sport_be: u16, dport_be: u16, proto: u8) -> u32 {
+pub const fn flow_hash(
+    saddr_be: u32,
+    daddr_be: u32,
+    sport_be: u16,
+    dport_be: u16,
+    proto: u8,
+) -> u32 {
     let ports = ((sport_be as u32) << 16) | dport_be as u32;
     mix32(saddr_be ^ mix32(daddr_be ^ mix32(ports ^ mix32(proto as u32 ^ 0x9e37_79b9))))
 }

@@ -26,7 +26,9 @@ const L4: usize = EthHdr::LEN + Ipv4Hdr::LEN;
 /// Restores the frame; false when the packet is not a benchmark frame.
 #[inline(always)]
 pub fn restore(ctx: &XdpContext) -> bool {
-    let Some(f) = BENCH.get_ptr_mut(0) else { return false };
+    let Some(f) = BENCH.get_ptr_mut(0) else {
+        return false;
+    };
     let (start, end) = (ctx.data(), ctx.data_end());
     if start + BENCH_FRAME_LEN > end {
         return false;

@@ -23,7 +23,14 @@ pub struct Refused;
 /// The key of a packet's own direction.
 #[inline(always)]
 pub fn key(p: &Packet) -> CtKey {
-    CtKey { saddr_be: p.saddr, daddr_be: p.daddr, sport_be: p.sport, dport_be: p.dport, proto: p.proto, _pad: [0; 3] }
+    CtKey {
+        saddr_be: p.saddr,
+        daddr_be: p.daddr,
+        sport_be: p.sport,
+        dport_be: p.dport,
+        proto: p.proto,
+        _pad: [0; 3],
+    }
 }
 
 /// The conntrack stage for a packet: the entry to translate it with when it belongs to a
@@ -59,7 +66,12 @@ pub fn follow(key: &CtKey, p: &Packet) -> Option<CtEntry> {
 /// as after an eviction of the other half (the flow's next packet rebuilds it, and
 /// `snat::free_port` sees the port as the flow's own). The packet is translated all the same.
 #[inline(always)]
-pub fn track_new(key: &CtKey, entry: &CtEntry, reply_key: &CtKey, reply: &CtEntry) -> Result<(), Refused> {
+pub fn track_new(
+    key: &CtKey,
+    entry: &CtEntry,
+    reply_key: &CtKey,
+    reply: &CtEntry,
+) -> Result<(), Refused> {
     insert(&CONNTRACK_NEW, reply_key, reply)?;
     insert(&CONNTRACK_NEW, key, entry)
 }
@@ -86,7 +98,11 @@ pub fn lookup(key: &CtKey) -> Option<(CtEntry, bool)> {
 /// Refreshes the last-seen time of an entry.
 #[inline(always)]
 fn touch(key: &CtKey, unconfirmed: bool, now: u32) {
-    let v = if unconfirmed { CONNTRACK_NEW.get_ptr_mut(key) } else { CONNTRACK.get_ptr_mut(key) };
+    let v = if unconfirmed {
+        CONNTRACK_NEW.get_ptr_mut(key)
+    } else {
+        CONNTRACK.get_ptr_mut(key)
+    };
     if let Some(v) = v {
         // SAFETY: the LRU value stays valid for the program's run.
         unsafe {
@@ -103,11 +119,20 @@ fn touch(key: &CtKey, unconfirmed: bool, now: u32) {
 fn closing(key: &CtKey, e: &CtEntry, rst: bool) {
     let reply = e.flags & ct_flags::REPLY != 0;
     let (rk, _) = if reply { (*key, *e) } else { partner(key, e) };
-    let Some(r) = CONNTRACK.get_ptr_mut(&rk).or_else(|| CONNTRACK_NEW.get_ptr_mut(&rk)) else { return };
+    let Some(r) = CONNTRACK
+        .get_ptr_mut(&rk)
+        .or_else(|| CONNTRACK_NEW.get_ptr_mut(&rk))
+    else {
+        return;
+    };
     // SAFETY: the LRU value stays valid for the program's run.
     unsafe {
         let f = (*r).flags;
-        let add = if rst { ct_flags::CLOSING | ct_flags::CLOSED_FAST } else { ct_flags::CLOSING };
+        let add = if rst {
+            ct_flags::CLOSING | ct_flags::CLOSED_FAST
+        } else {
+            ct_flags::CLOSING
+        };
         if f & add != add {
             (*r).flags = f | add;
         }
@@ -196,7 +221,13 @@ pub fn confirm(key: &CtKey, e: &CtEntry, now: u32) {
 /// Whether the entry found for a SNAT candidate belongs to the same client flow (a flow whose
 /// other entry was evicted): then the candidate is the flow's own and may be reused.
 #[inline(always)]
-pub fn same_flow(existing: &CtEntry, client_addr: u32, client_port: u16, frontend_addr: u32, frontend_port: u16) -> bool {
+pub fn same_flow(
+    existing: &CtEntry,
+    client_addr: u32,
+    client_port: u16,
+    frontend_addr: u32,
+    frontend_port: u16,
+) -> bool {
     existing.nat_daddr_be == client_addr
         && existing.nat_dport_be == client_port
         && existing.nat_saddr_be == frontend_addr

@@ -35,7 +35,8 @@ pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(limits::CO
 pub static CONNTRACK_NEW: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(limits::CONNTRACK_NEW, 0);
 
 #[map(name = "lb_maglev_v1")]
-pub static MAGLEV: HashMap<MaglevKey, MaglevChunk> = HashMap::pinned(limits::MAGLEV_CHUNKS, NO_PREALLOC);
+pub static MAGLEV: HashMap<MaglevKey, MaglevChunk> =
+    HashMap::pinned(limits::MAGLEV_CHUNKS, NO_PREALLOC);
 
 #[map(name = "lb_affinity_v1")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
@@ -102,7 +103,10 @@ pub fn maglev(master: &ServiceValue, hash: u32) -> Option<u32> {
         return None;
     }
     let idx = hash % master.maglev_m;
-    let key = MaglevKey { table_id: master.maglev_id, chunk: idx / MAGLEV_CHUNK };
+    let key = MaglevKey {
+        table_id: master.maglev_id,
+        chunk: idx / MAGLEV_CHUNK,
+    };
     // SAFETY: as above.
     let chunk = unsafe { MAGLEV.get(&key) }?;
     let id = chunk.backend_ids[(idx % MAGLEV_CHUNK) as usize & (MAGLEV_CHUNK as usize - 1)];

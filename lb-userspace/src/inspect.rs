@@ -58,7 +58,10 @@ pub fn frontends(s: &MapContents) -> Vec<FrontendView> {
     for (k, v) in s.services.iter().filter(|(k, _)| k.slot == 0) {
         let backends = (1..=v.count)
             .map(|slot| {
-                let id = s.services.get(&lb_common::ServiceKey { slot, ..*k }).map(|e| e.backend_id);
+                let id = s
+                    .services
+                    .get(&lb_common::ServiceKey { slot, ..*k })
+                    .map(|e| e.backend_id);
                 match id.and_then(|id| s.backends.get(&id)) {
                     Some(b) => addr(b.addr_be, b.port_be).to_string(),
                     None => format!("<missing slot {slot}>"),
@@ -69,7 +72,11 @@ pub fn frontends(s: &MapContents) -> Vec<FrontendView> {
             service: s.service_names.get(&v.svc_port_id).cloned(),
             frontend: addr(k.addr_be, k.port_be).to_string(),
             protocol: proto_name(k.proto),
-            scope: if k.scope == lb_common::scope::INTERNAL { "internal" } else { "external" },
+            scope: if k.scope == lb_common::scope::INTERNAL {
+                "internal"
+            } else {
+                "external"
+            },
             flags: v.flags,
             rev_nat_id: v.rev_nat_id,
             affinity_timeout_s: v.affinity_timeout_s,
@@ -138,10 +145,22 @@ pub fn conntrack(bpffs: &Path) -> Result<Vec<ConntrackView>> {
         .into_iter()
         .map(|(k, e, state)| ConntrackView {
             state,
-            flow: format!("{} -> {}", addr(k.saddr_be, k.sport_be), addr(k.daddr_be, k.dport_be)),
+            flow: format!(
+                "{} -> {}",
+                addr(k.saddr_be, k.sport_be),
+                addr(k.daddr_be, k.dport_be)
+            ),
             protocol: proto_name(k.proto),
-            translated: format!("{} -> {}", addr(e.nat_saddr_be, e.nat_sport_be), addr(e.nat_daddr_be, e.nat_dport_be)),
-            direction: if e.flags & ct_flags::REPLY != 0 { "reply" } else { "original" },
+            translated: format!(
+                "{} -> {}",
+                addr(e.nat_saddr_be, e.nat_sport_be),
+                addr(e.nat_daddr_be, e.nat_dport_be)
+            ),
+            direction: if e.flags & ct_flags::REPLY != 0 {
+                "reply"
+            } else {
+                "original"
+            },
             snat: e.flags & ct_flags::SNAT != 0,
             local_backend: e.flags & ct_flags::LOCAL_BACKEND != 0,
             backend_id: e.backend_id,
@@ -167,26 +186,34 @@ pub fn affinity(bpffs: &Path) -> Result<Vec<AffinityView>> {
     use lb_common::{affinity_client, AffinityKey, AffinityValue};
     let s = map_contents(bpffs)?;
     let now = boot_seconds();
-    let mut v: Vec<AffinityView> = typed::<AffinityKey, AffinityValue>(bpffs, map_name::AFFINITY, true)?
-        .into_iter()
-        .map(|(k, r)| {
-            let timeout = s.services.iter().find(|(sk, sv)| sk.slot == 0 && sv.svc_port_id == k.svc_port_id).map(|(_, sv)| sv.affinity_timeout_s);
-            let idle = now.saturating_sub(r.last_used_s);
-            AffinityView {
-                svc_port_id: k.svc_port_id,
-                client: if k.client_kind == affinity_client::ADDR {
-                    std::net::Ipv4Addr::from((k.client as u32).to_ne_bytes()).to_string()
-                } else {
-                    format!("netns:{}", k.client)
-                },
-                backend: s.backends.get(&r.backend_id).map_or("<gone>".into(), |b| addr(b.addr_be, b.port_be).to_string()),
-                backend_id: r.backend_id,
-                idle_seconds: idle,
-                timeout_seconds: timeout,
-                live: timeout.is_some_and(|t| idle <= t),
-            }
-        })
-        .collect();
+    let mut v: Vec<AffinityView> =
+        typed::<AffinityKey, AffinityValue>(bpffs, map_name::AFFINITY, true)?
+            .into_iter()
+            .map(|(k, r)| {
+                let timeout = s
+                    .services
+                    .iter()
+                    .find(|(sk, sv)| sk.slot == 0 && sv.svc_port_id == k.svc_port_id)
+                    .map(|(_, sv)| sv.affinity_timeout_s);
+                let idle = now.saturating_sub(r.last_used_s);
+                AffinityView {
+                    svc_port_id: k.svc_port_id,
+                    client: if k.client_kind == affinity_client::ADDR {
+                        std::net::Ipv4Addr::from((k.client as u32).to_ne_bytes()).to_string()
+                    } else {
+                        format!("netns:{}", k.client)
+                    },
+                    backend: s
+                        .backends
+                        .get(&r.backend_id)
+                        .map_or("<gone>".into(), |b| addr(b.addr_be, b.port_be).to_string()),
+                    backend_id: r.backend_id,
+                    idle_seconds: idle,
+                    timeout_seconds: timeout,
+                    live: timeout.is_some_and(|t| idle <= t),
+                }
+            })
+            .collect();
     v.sort_by(|a, b| (a.svc_port_id, &a.client).cmp(&(b.svc_port_id, &b.client)));
     Ok(v)
 }
@@ -220,12 +247,30 @@ pub struct Lookup {
 }
 
 /// Which backend a flow from `client` to `frontend` has or would get, and why.
-pub fn lookup(bpffs: &Path, frontend: SocketAddrV4, proto: u8, client: std::net::Ipv4Addr, client_port: Option<u16>) -> Result<Lookup> {
-    use lb_common::{affinity_client, scope, AffinityKey, AffinityValue, CtKey, MemberKey, ServiceKey};
+pub fn lookup(
+    bpffs: &Path,
+    frontend: SocketAddrV4,
+    proto: u8,
+    client: std::net::Ipv4Addr,
+    client_port: Option<u16>,
+) -> Result<Lookup> {
+    use lb_common::{
+        affinity_client, scope, AffinityKey, AffinityValue, CtKey, MemberKey, ServiceKey,
+    };
     let s = map_contents(bpffs)?;
-    let (fe_be, fp_be) = (u32::from_ne_bytes(frontend.ip().octets()), frontend.port().to_be());
+    let (fe_be, fp_be) = (
+        u32::from_ne_bytes(frontend.ip().octets()),
+        frontend.port().to_be(),
+    );
     let master_of = |sc| {
-        let k = ServiceKey { addr_be: fe_be, port_be: fp_be, proto, scope: sc, slot: 0, _pad: 0 };
+        let k = ServiceKey {
+            addr_be: fe_be,
+            port_be: fp_be,
+            proto,
+            scope: sc,
+            slot: 0,
+            _pad: 0,
+        };
         s.services.get(&k).map(|v| (k, *v))
     };
     // North-south when the frontend is external, else the socket-level entry.
@@ -233,16 +278,42 @@ pub fn lookup(bpffs: &Path, frontend: SocketAddrV4, proto: u8, client: std::net:
         Some(m) => ("external", Some(m)),
         None => ("internal", master_of(scope::INTERNAL)),
     };
-    let mut out = Lookup { frontend: frontend.to_string(), scope: scope_name, reason: "not a frontend", backend: None, candidates: vec![] };
-    let Some((mk, master)) = found else { return Ok(out) };
-    let be = |id: u32| s.backends.get(&id).map(|b| addr(b.addr_be, b.port_be).to_string());
+    let mut out = Lookup {
+        frontend: frontend.to_string(),
+        scope: scope_name,
+        reason: "not a frontend",
+        backend: None,
+        candidates: vec![],
+    };
+    let Some((mk, master)) = found else {
+        return Ok(out);
+    };
+    let be = |id: u32| {
+        s.backends
+            .get(&id)
+            .map(|b| addr(b.addr_be, b.port_be).to_string())
+    };
     out.candidates = (1..=master.count)
-        .filter_map(|slot| s.services.get(&ServiceKey { slot, ..mk }).and_then(|v| be(v.backend_id)))
+        .filter_map(|slot| {
+            s.services
+                .get(&ServiceKey { slot, ..mk })
+                .and_then(|v| be(v.backend_id))
+        })
         .collect();
     let (c_be, now) = (u32::from_ne_bytes(client.octets()), boot_seconds());
     if let (Some(port), "external") = (client_port, scope_name) {
-        let key = CtKey { saddr_be: c_be, daddr_be: fe_be, sport_be: port.to_be(), dport_be: fp_be, proto, _pad: [0; 3] };
-        if let Some((_, e, _)) = conntrack_all(bpffs)?.into_iter().find(|(k, _, _)| *k == key) {
+        let key = CtKey {
+            saddr_be: c_be,
+            daddr_be: fe_be,
+            sport_be: port.to_be(),
+            dport_be: fp_be,
+            proto,
+            _pad: [0; 3],
+        };
+        if let Some((_, e, _)) = conntrack_all(bpffs)?
+            .into_iter()
+            .find(|(k, _, _)| *k == key)
+        {
             out.reason = "conntrack";
             out.backend = Some(addr(e.nat_daddr_be, e.nat_dport_be).to_string());
             return Ok(out);
@@ -253,11 +324,22 @@ pub fn lookup(bpffs: &Path, frontend: SocketAddrV4, proto: u8, client: std::net:
         return Ok(out);
     }
     if master.flags & service_flags::SESSION_AFFINITY != 0 && scope_name == "external" {
-        let key = AffinityKey { svc_port_id: master.svc_port_id, client_kind: affinity_client::ADDR, client: c_be as u64 };
-        let rec = typed::<AffinityKey, AffinityValue>(bpffs, map_name::AFFINITY, true)?.into_iter().find(|(k, _)| *k == key);
+        let key = AffinityKey {
+            svc_port_id: master.svc_port_id,
+            client_kind: affinity_client::ADDR,
+            client: c_be as u64,
+        };
+        let rec = typed::<AffinityKey, AffinityValue>(bpffs, map_name::AFFINITY, true)?
+            .into_iter()
+            .find(|(k, _)| *k == key);
         if let Some((_, r)) = rec {
             let live = now.saturating_sub(r.last_used_s) <= master.affinity_timeout_s;
-            if live && s.members.contains_key(&MemberKey { frontend: mk, backend_id: r.backend_id }) {
+            if live
+                && s.members.contains_key(&MemberKey {
+                    frontend: mk,
+                    backend_id: r.backend_id,
+                })
+            {
                 out.reason = "affinity";
                 out.backend = be(r.backend_id);
                 return Ok(out);
@@ -265,11 +347,22 @@ pub fn lookup(bpffs: &Path, frontend: SocketAddrV4, proto: u8, client: std::net:
         }
     }
     // North-south with a Maglev table and a known client port: the exact choice.
-    if let (Some(port), "external", true) = (client_port, scope_name, master.maglev_id != 0 && master.maglev_m != 0) {
+    if let (Some(port), "external", true) = (
+        client_port,
+        scope_name,
+        master.maglev_id != 0 && master.maglev_m != 0,
+    ) {
         let hash = lb_common::flow_hash(c_be, fe_be, port.to_be(), fp_be, proto);
         let idx = hash % master.maglev_m;
-        let key = lb_common::MaglevKey { table_id: master.maglev_id, chunk: idx / lb_common::MAGLEV_CHUNK };
-        if let Some(id) = s.maglev.get(&key).map(|c| c.backend_ids[(idx % lb_common::MAGLEV_CHUNK) as usize]) {
+        let key = lb_common::MaglevKey {
+            table_id: master.maglev_id,
+            chunk: idx / lb_common::MAGLEV_CHUNK,
+        };
+        if let Some(id) = s
+            .maglev
+            .get(&key)
+            .map(|c| c.backend_ids[(idx % lb_common::MAGLEV_CHUNK) as usize])
+        {
             out.reason = "maglev";
             out.backend = be(id);
             return Ok(out);
@@ -278,4 +371,3 @@ pub fn lookup(bpffs: &Path, frontend: SocketAddrV4, proto: u8, client: std::net:
     out.reason = "fresh choice";
     Ok(out)
 }
-

@@ -2,7 +2,10 @@
 use std::process::Command;
 
 fn agent(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_lb-agent")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lb-agent"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -27,23 +30,63 @@ fn wrong_flag_exits_2() {
 
 #[test]
 fn missing_manifests_is_one_line() {
-    let (code, _, err) = agent(&["run", "--node", "n", "--manifests", "/nonexistent", "--cgroup", "/", "--bpffs", "/sys/fs/bpf/x"]);
+    let (code, _, err) = agent(&[
+        "run",
+        "--node",
+        "n",
+        "--manifests",
+        "/nonexistent",
+        "--cgroup",
+        "/",
+        "--bpffs",
+        "/sys/fs/bpf/x",
+    ]);
     assert_eq!(code, 2);
-    assert_eq!(err.trim(), "lb-agent: error: --manifests /nonexistent: no such file or directory");
+    assert_eq!(
+        err.trim(),
+        "lb-agent: error: --manifests /nonexistent: no such file or directory"
+    );
 }
 
 #[test]
 fn cgroup_that_is_not_cgroup2_is_named() {
-    let (code, _, err) = agent(&["run", "--node", "n", "--manifests", &examples(), "--cgroup", "/tmp", "--bpffs", "/sys/fs/bpf/x"]);
+    let (code, _, err) = agent(&[
+        "run",
+        "--node",
+        "n",
+        "--manifests",
+        &examples(),
+        "--cgroup",
+        "/tmp",
+        "--bpffs",
+        "/sys/fs/bpf/x",
+    ]);
     assert_eq!(code, 2);
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("--cgroup /tmp: not a cgroup v2 directory"), "{err}");
+    assert!(
+        err.contains("--cgroup /tmp: not a cgroup v2 directory"),
+        "{err}"
+    );
 }
 
 #[test]
 fn missing_interface_is_named() {
-    let Some(cg) = cgroup2() else { panic!("no cgroup2 mount on this machine") };
-    let (code, _, err) = agent(&["run", "--node", "n", "--manifests", &examples(), "--cgroup", &cg, "--bpffs", "/sys/fs/bpf/lbcli-x", "--device", "nosuch0"]);
+    let Some(cg) = cgroup2() else {
+        panic!("no cgroup2 mount on this machine")
+    };
+    let (code, _, err) = agent(&[
+        "run",
+        "--node",
+        "n",
+        "--manifests",
+        &examples(),
+        "--cgroup",
+        &cg,
+        "--bpffs",
+        "/sys/fs/bpf/lbcli-x",
+        "--device",
+        "nosuch0",
+    ]);
     assert_eq!(code, 2);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("--device nosuch0: no such interface"), "{err}");
@@ -51,10 +94,25 @@ fn missing_interface_is_named() {
 
 #[test]
 fn bpffs_outside_bpf_filesystem_is_named() {
-    let Some(cg) = cgroup2() else { panic!("no cgroup2 mount on this machine") };
-    let (code, _, err) = agent(&["run", "--node", "n", "--manifests", &examples(), "--cgroup", &cg, "--bpffs", "/tmp/lbcli-x"]);
+    let Some(cg) = cgroup2() else {
+        panic!("no cgroup2 mount on this machine")
+    };
+    let (code, _, err) = agent(&[
+        "run",
+        "--node",
+        "n",
+        "--manifests",
+        &examples(),
+        "--cgroup",
+        &cg,
+        "--bpffs",
+        "/tmp/lbcli-x",
+    ]);
     assert_eq!(code, 2);
-    assert!(err.contains("not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)"), "{err}");
+    assert!(
+        err.contains("not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -64,12 +122,21 @@ fn render_prints_the_plan() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["node"]["name"], "node1");
     assert_eq!(v["node"]["zone"], "zone-a");
-    let echo_tcp = v["services"].as_array().unwrap().iter()
-        .find(|s| s["name"] == "echo" && s["protocol"] == "TCP").unwrap();
+    let echo_tcp = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "echo" && s["protocol"] == "TCP")
+        .unwrap();
     assert_eq!(echo_tcp["frontends"][0]["address"], "10.96.0.10:80");
     assert_eq!(echo_tcp["cluster_endpoints"].as_array().unwrap().len(), 4);
     assert!(echo_tcp["local_endpoints"].is_null());
-    let unready = v["services"].as_array().unwrap().iter().find(|s| s["name"] == "unready").unwrap();
+    let unready = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "unready")
+        .unwrap();
     assert_eq!(unready["cluster_endpoints"], serde_json::json!([]));
 }
 
@@ -82,23 +149,47 @@ fn render_unparsable_yaml_names_file_and_position() {
     let (code, _, err) = agent(&["render", "--manifests", f.to_str().unwrap(), "--node", "n"]);
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(code, 2);
-    assert!(err.contains("broken.yaml: document 1:") && err.contains("line"), "{err}");
+    assert!(
+        err.contains("broken.yaml: document 1:") && err.contains("line"),
+        "{err}"
+    );
 }
 
 #[test]
 fn lbctl_missing_pin_directory_is_named() {
-    let out = Command::new(env!("CARGO_BIN_EXE_lbctl")).args(["--bpffs", "/sys/fs/bpf/nope-nope", "services"]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lbctl"))
+        .args(["--bpffs", "/sys/fs/bpf/nope-nope", "services"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--bpffs /sys/fs/bpf/nope-nope: no such directory"), "{err}");
+    assert!(
+        err.contains("--bpffs /sys/fs/bpf/nope-nope: no such directory"),
+        "{err}"
+    );
 }
 
 #[test]
 fn missing_privileges_is_one_line() {
     // Drop to `nobody`, which has no capabilities.
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_lb-agent")])
-        .args(["run", "--node", "n", "--manifests", &examples(), "--cgroup", "/", "--bpffs", "/sys/fs/bpf/x"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_lb-agent"),
+        ])
+        .args([
+            "run",
+            "--node",
+            "n",
+            "--manifests",
+            &examples(),
+            "--cgroup",
+            "/",
+            "--bpffs",
+            "/sys/fs/bpf/x",
+        ])
         .output()
         .expect("setpriv (util-linux) runs");
     assert_eq!(out.status.code(), Some(2));
@@ -108,19 +199,50 @@ fn missing_privileges_is_one_line() {
 
 #[test]
 fn without_manifests_outside_a_cluster_names_the_fix() {
-    let Some(cg) = cgroup2() else { panic!("no cgroup2 mount on this machine") };
+    let Some(cg) = cgroup2() else {
+        panic!("no cgroup2 mount on this machine")
+    };
     // No --manifests: the agent watches the API; with no service account here, it says so.
     let out = Command::new(env!("CARGO_BIN_EXE_lb-agent"))
-        .args(["run", "--node", "n", "--cgroup", &cg, "--bpffs", "/sys/fs/bpf/lbcli-kube"])
+        .args([
+            "run",
+            "--node",
+            "n",
+            "--cgroup",
+            &cg,
+            "--bpffs",
+            "/sys/fs/bpf/lbcli-kube",
+        ])
         .env_remove("KUBERNETES_SERVICE_HOST")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("in-cluster Kubernetes config (is this running in a pod? else pass --kubeconfig)"), "{err}");
-    assert!(!std::path::Path::new("/sys/fs/bpf/lbcli-kube").exists(), "nothing attached or pinned");
-    let (code, _, err) = agent(&["run", "--node", "n", "--kubeconfig", "/nonexistent", "--cgroup", &cg, "--bpffs", "/sys/fs/bpf/x"]);
+    assert!(
+        err.contains(
+            "in-cluster Kubernetes config (is this running in a pod? else pass --kubeconfig)"
+        ),
+        "{err}"
+    );
+    assert!(
+        !std::path::Path::new("/sys/fs/bpf/lbcli-kube").exists(),
+        "nothing attached or pinned"
+    );
+    let (code, _, err) = agent(&[
+        "run",
+        "--node",
+        "n",
+        "--kubeconfig",
+        "/nonexistent",
+        "--cgroup",
+        &cg,
+        "--bpffs",
+        "/sys/fs/bpf/x",
+    ]);
     assert_eq!(code, 2);
-    assert_eq!(err.trim(), "lb-agent: error: --kubeconfig /nonexistent: no such file");
+    assert_eq!(
+        err.trim(),
+        "lb-agent: error: --kubeconfig /nonexistent: no such file"
+    );
 }

@@ -6,10 +6,20 @@ use std::process::Command;
 fn render(manifests: &str, node: &str) -> serde_json::Value {
     let dir = format!("{}/tests/golden", env!("CARGO_MANIFEST_DIR"));
     let out = Command::new(env!("CARGO_BIN_EXE_lb-agent"))
-        .args(["render", "--manifests", &format!("{dir}/{manifests}"), "--node", node])
+        .args([
+            "render",
+            "--manifests",
+            &format!("{dir}/{manifests}"),
+            "--node",
+            node,
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 

@@ -83,9 +83,23 @@ fn seeded() -> Cluster {
     web["metadata"]["managedFields"] = json!([{"manager": "kubectl", "operation": "Apply", "apiVersion": "v1", "fieldsType": "FieldsV1", "fieldsV1": {}}]);
     cluster.apply(web);
     cluster.apply(service("kube-system", "dns", "10.96.0.53"));
-    cluster.apply(endpoint_slice("default", "web-abc", "web", &["10.0.1.1", "10.0.2.1"]));
-    cluster.apply(endpoint_slice("kube-system", "dns-xyz", "dns", &["10.0.1.53"]));
-    for (name, zone) in [("node-a", "zone-a"), ("node-b", "zone-b"), ("node-c", "zone-a")] {
+    cluster.apply(endpoint_slice(
+        "default",
+        "web-abc",
+        "web",
+        &["10.0.1.1", "10.0.2.1"],
+    ));
+    cluster.apply(endpoint_slice(
+        "kube-system",
+        "dns-xyz",
+        "dns",
+        &["10.0.1.53"],
+    ));
+    for (name, zone) in [
+        ("node-a", "zone-a"),
+        ("node-b", "zone-b"),
+        ("node-c", "zone-a"),
+    ] {
         cluster.apply(node(name, zone));
     }
     cluster
@@ -111,7 +125,10 @@ fn wait_for(src: &mut KubeSource, what: &str, want: impl Fn(&Objects) -> bool) -
             Ok(None) => {}
             Err(e) => panic!("poll failed while waiting for {what}: {e}"),
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}; last snapshot: {last:?}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; last snapshot: {last:?}"
+        );
         std::thread::sleep(TICK);
     }
 }
@@ -156,14 +173,19 @@ fn names<K: kube::ResourceExt>(objects: &[K]) -> Vec<String> {
 
 /// (Services, EndpointSlices, Nodes) by "namespace/name".
 fn summary(o: &Objects) -> (Vec<String>, Vec<String>, Vec<String>) {
-    (names(&o.services), names(&o.endpoint_slices), names(&o.nodes))
+    (
+        names(&o.services),
+        names(&o.endpoint_slices),
+        names(&o.nodes),
+    )
 }
 
 fn cluster_ip(o: &Objects, namespace: &str, name: &str) -> Option<String> {
     o.services
         .iter()
         .find(|s| {
-            s.metadata.namespace.as_deref() == Some(namespace) && s.metadata.name.as_deref() == Some(name)
+            s.metadata.namespace.as_deref() == Some(namespace)
+                && s.metadata.name.as_deref() == Some(name)
         })
         .and_then(|s| s.spec.as_ref()?.cluster_ip.clone())
 }
@@ -172,22 +194,37 @@ fn endpoint_addresses(o: &Objects, namespace: &str, name: &str) -> Vec<String> {
     o.endpoint_slices
         .iter()
         .filter(|s| {
-            s.metadata.namespace.as_deref() == Some(namespace) && s.metadata.name.as_deref() == Some(name)
+            s.metadata.namespace.as_deref() == Some(namespace)
+                && s.metadata.name.as_deref() == Some(name)
         })
-        .flat_map(|s| s.endpoints.iter().flatten().flat_map(|e| e.addresses.clone()))
+        .flat_map(|s| {
+            s.endpoints
+                .iter()
+                .flatten()
+                .flat_map(|e| e.addresses.clone())
+        })
         .collect()
 }
 
 fn zone_of_node(o: &Objects) -> Option<String> {
     let node = o.nodes.first()?;
-    node.metadata.labels.as_ref()?.get("topology.kubernetes.io/zone").cloned()
+    node.metadata
+        .labels
+        .as_ref()?
+        .get("topology.kubernetes.io/zone")
+        .cloned()
 }
 
 /// The snapshot holds exactly what the server has now (this node only).
 fn matches_server(o: &Objects, cluster: &Cluster) -> bool {
     names(&o.services) == cluster.names(Kind::Service)
         && names(&o.endpoint_slices) == cluster.names(Kind::EndpointSlice)
-        && names(&o.nodes) == cluster.names(Kind::Node).into_iter().filter(|n| n == NODE).collect::<Vec<_>>()
+        && names(&o.nodes)
+            == cluster
+                .names(Kind::Node)
+                .into_iter()
+                .filter(|n| n == NODE)
+                .collect::<Vec<_>>()
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -207,18 +244,37 @@ fn initial_list_has_services_endpoint_slices_and_only_this_node() {
         summary(&first),
         (
             vec!["default/web".to_string(), "kube-system/dns".to_string()],
-            vec!["default/web-abc".to_string(), "kube-system/dns-xyz".to_string()],
+            vec![
+                "default/web-abc".to_string(),
+                "kube-system/dns-xyz".to_string()
+            ],
             vec!["node-b".to_string()],
         )
     );
-    assert_eq!(cluster_ip(&first, "default", "web").as_deref(), Some("10.96.0.10"));
-    assert_eq!(endpoint_addresses(&first, "default", "web-abc"), ["10.0.1.1", "10.0.2.1"]);
+    assert_eq!(
+        cluster_ip(&first, "default", "web").as_deref(),
+        Some("10.96.0.10")
+    );
+    assert_eq!(
+        endpoint_addresses(&first, "default", "web-abc"),
+        ["10.0.1.1", "10.0.2.1"]
+    );
     assert_eq!(zone_of_node(&first).as_deref(), Some("zone-b"));
     // Services are defaulted like manifests (targetPort given here; protocol kept).
-    let port = &first.services[0].spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
+    let port = &first.services[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .ports
+        .as_ref()
+        .unwrap()[0];
     assert_eq!(port.protocol.as_deref(), Some("TCP"));
     // managedFields are dropped to save memory.
-    assert!(first.services.iter().all(|s| s.metadata.managed_fields.as_ref().is_none_or(Vec::is_empty)));
+    assert!(first.services.iter().all(|s| s
+        .metadata
+        .managed_fields
+        .as_ref()
+        .is_none_or(Vec::is_empty)));
     assert_eq!(src.watch_restarts(), 0);
 
     // What went over the wire: paginated most-recent lists, then watches from the list's
@@ -227,27 +283,55 @@ fn initial_list_has_services_endpoint_slices_and_only_this_node() {
         let lists = cluster.requests(kind, false);
         assert_eq!(lists.len(), 1, "{kind:?} lists: {lists:?}");
         assert_eq!(lists[0].query.get("limit").map(String::as_str), Some("500"));
-        assert!(!lists[0].query.contains_key("resourceVersion"), "{:?}", lists[0]);
+        assert!(
+            !lists[0].query.contains_key("resourceVersion"),
+            "{:?}",
+            lists[0]
+        );
     }
-    wait_until("three watches", || Kind::ALL.iter().all(|k| !cluster.requests(*k, true).is_empty()));
+    wait_until("three watches", || {
+        Kind::ALL
+            .iter()
+            .all(|k| !cluster.requests(*k, true).is_empty())
+    });
     for kind in Kind::ALL {
         let watch = &cluster.requests(kind, true)[0];
-        assert_eq!(watch.query.get("allowWatchBookmarks").map(String::as_str), Some("true"), "{watch:?}");
+        assert_eq!(
+            watch.query.get("allowWatchBookmarks").map(String::as_str),
+            Some("true"),
+            "{watch:?}"
+        );
         assert!(watch.query.contains_key("timeoutSeconds"), "{watch:?}");
-        assert_eq!(watch.query.get("resourceVersion").map(String::as_str), Some("7"), "{watch:?}");
+        assert_eq!(
+            watch.query.get("resourceVersion").map(String::as_str),
+            Some("7"),
+            "{watch:?}"
+        );
     }
     let node_selector = Some("metadata.name=node-b");
     assert_eq!(
-        cluster.requests(Kind::Node, false)[0].query.get("fieldSelector").map(String::as_str),
+        cluster.requests(Kind::Node, false)[0]
+            .query
+            .get("fieldSelector")
+            .map(String::as_str),
         node_selector
     );
     assert_eq!(
-        cluster.requests(Kind::Node, true)[0].query.get("fieldSelector").map(String::as_str),
+        cluster.requests(Kind::Node, true)[0]
+            .query
+            .get("fieldSelector")
+            .map(String::as_str),
         node_selector
     );
-    assert!(!cluster.requests(Kind::Service, false)[0].query.contains_key("fieldSelector"));
+    assert!(!cluster.requests(Kind::Service, false)[0]
+        .query
+        .contains_key("fieldSelector"));
 
-    assert_quiet(&mut src, Duration::from_millis(300), "no change after the first snapshot");
+    assert_quiet(
+        &mut src,
+        Duration::from_millis(300),
+        "no change after the first snapshot",
+    );
 }
 
 /// `poll` says nothing while one watcher has not completed its first list (here RBAC does not
@@ -259,17 +343,28 @@ fn no_snapshot_until_every_watcher_has_listed() {
     let api = FakeApi::start(&cluster, 0);
     let mut src = source(&api);
 
-    wait_until("Services and the Node listed, EndpointSlices refused", || {
-        cluster.lists(Kind::Service) >= 1
-            && cluster.lists(Kind::Node) >= 1
-            && cluster.lists(Kind::EndpointSlice) >= 1
-    });
+    wait_until(
+        "Services and the Node listed, EndpointSlices refused",
+        || {
+            cluster.lists(Kind::Service) >= 1
+                && cluster.lists(Kind::Node) >= 1
+                && cluster.lists(Kind::EndpointSlice) >= 1
+        },
+    );
     // The other watchers are watching by now: their lists were answered.
     wait_until("Service and Node watches", || {
-        !cluster.requests(Kind::Service, true).is_empty() && !cluster.requests(Kind::Node, true).is_empty()
+        !cluster.requests(Kind::Service, true).is_empty()
+            && !cluster.requests(Kind::Node, true).is_empty()
     });
-    assert_quiet(&mut src, Duration::from_millis(400), "EndpointSlices not listed yet");
-    assert!(src.watch_restarts() >= 1, "the refused list counts as a watch error");
+    assert_quiet(
+        &mut src,
+        Duration::from_millis(400),
+        "EndpointSlices not listed yet",
+    );
+    assert!(
+        src.watch_restarts() >= 1,
+        "the refused list counts as a watch error"
+    );
 
     cluster.forbid(Kind::EndpointSlice, false);
     let first = next_snapshot(&mut src, "the snapshot once EndpointSlices list");
@@ -281,7 +376,11 @@ fn no_snapshot_until_every_watcher_has_listed() {
 fn initial_list_follows_continue_tokens() {
     let cluster = seeded();
     for i in 0..1100 {
-        cluster.apply(service("bulk", &format!("svc-{i:04}"), &format!("10.97.{}.{}", i / 250, i % 250)));
+        cluster.apply(service(
+            "bulk",
+            &format!("svc-{i:04}"),
+            &format!("10.97.{}.{}", i / 250, i % 250),
+        ));
     }
     let api = FakeApi::start(&cluster, 0);
     let mut src = source(&api);
@@ -289,9 +388,15 @@ fn initial_list_follows_continue_tokens() {
     let first = next_snapshot(&mut src, "the first snapshot");
     assert_eq!(first.services.len(), 1102);
     assert!(matches_server(&first, &cluster));
-    let continues: Vec<Option<String>> =
-        cluster.requests(Kind::Service, false).iter().map(|r| r.query.get("continue").cloned()).collect();
-    assert_eq!(continues, [None, Some("500".to_string()), Some("1000".to_string())]);
+    let continues: Vec<Option<String>> = cluster
+        .requests(Kind::Service, false)
+        .iter()
+        .map(|r| r.query.get("continue").cloned())
+        .collect();
+    assert_eq!(
+        continues,
+        [None, Some("500".to_string()), Some("1000".to_string())]
+    );
 }
 
 /// ADDED, MODIFIED and DELETED events each change the next snapshot; a BOOKMARK, or a change to
@@ -306,11 +411,17 @@ fn watch_events_change_the_next_snapshot_and_bookmarks_do_not() {
 
     cluster.apply(service("default", "api", "10.96.0.20"));
     let s = next_snapshot(&mut src, "ADDED Service");
-    assert_eq!(names(&s.services), ["default/api", "default/web", "kube-system/dns"]);
+    assert_eq!(
+        names(&s.services),
+        ["default/api", "default/web", "kube-system/dns"]
+    );
 
     cluster.apply(service("default", "web", "10.96.0.11"));
     let s = next_snapshot(&mut src, "MODIFIED Service");
-    assert_eq!(cluster_ip(&s, "default", "web").as_deref(), Some("10.96.0.11"));
+    assert_eq!(
+        cluster_ip(&s, "default", "web").as_deref(),
+        Some("10.96.0.11")
+    );
 
     cluster.delete(Kind::Service, "kube-system", "dns");
     let s = next_snapshot(&mut src, "DELETED Service");
@@ -322,11 +433,17 @@ fn watch_events_change_the_next_snapshot_and_bookmarks_do_not() {
 
     cluster.apply(endpoint_slice("default", "api-1", "api", &["10.0.3.1"]));
     let s = next_snapshot(&mut src, "ADDED EndpointSlice");
-    assert_eq!(names(&s.endpoint_slices), ["default/api-1", "default/web-abc", "kube-system/dns-xyz"]);
+    assert_eq!(
+        names(&s.endpoint_slices),
+        ["default/api-1", "default/web-abc", "kube-system/dns-xyz"]
+    );
 
     cluster.delete(Kind::EndpointSlice, "kube-system", "dns-xyz");
     let s = next_snapshot(&mut src, "DELETED EndpointSlice");
-    assert_eq!(names(&s.endpoint_slices), ["default/api-1", "default/web-abc"]);
+    assert_eq!(
+        names(&s.endpoint_slices),
+        ["default/api-1", "default/web-abc"]
+    );
 
     cluster.apply(node("node-b", "zone-c"));
     let s = next_snapshot(&mut src, "MODIFIED Node");
@@ -338,13 +455,22 @@ fn watch_events_change_the_next_snapshot_and_bookmarks_do_not() {
     // A bookmark reaches all three watches (the fake counts what it sent) and changes nothing.
     let sent = cluster.db().bookmarks_sent;
     cluster.bookmark();
-    wait_until("bookmarks delivered", || cluster.db().bookmarks_sent == sent + 3);
-    assert_quiet(&mut src, Duration::from_millis(400), "bookmark / other node");
+    wait_until("bookmarks delivered", || {
+        cluster.db().bookmarks_sent == sent + 3
+    });
+    assert_quiet(
+        &mut src,
+        Duration::from_millis(400),
+        "bookmark / other node",
+    );
 
     // The stream is still alive after the bookmark.
     cluster.apply(service("default", "web", "10.96.0.12"));
     let s = next_snapshot(&mut src, "MODIFIED Service after a bookmark");
-    assert_eq!(cluster_ip(&s, "default", "web").as_deref(), Some("10.96.0.12"));
+    assert_eq!(
+        cluster_ip(&s, "default", "web").as_deref(),
+        Some("10.96.0.12")
+    );
     assert_eq!(src.watch_restarts(), 0);
 }
 
@@ -378,7 +504,11 @@ fn expired_watch_case(gone_as_http: bool) {
     cluster.delete_silently(Kind::Service, "kube-system", "dns");
     cluster.apply_silently(endpoint_slice("default", "web-abc", "web", &["10.0.9.9"]));
     cluster.apply_silently(node("node-b", "zone-z"));
-    assert_quiet(&mut src, Duration::from_millis(200), "lost events are not seen");
+    assert_quiet(
+        &mut src,
+        Duration::from_millis(200),
+        "lost events are not seen",
+    );
 
     cluster.expire();
     // Each watcher re-lists on its own (backoff has jitter): wait for all three.
@@ -392,15 +522,25 @@ fn expired_watch_case(gone_as_http: bool) {
     assert_eq!(endpoint_addresses(&s, "default", "web-abc"), ["10.0.9.9"]);
     assert_eq!(zone_of_node(&s).as_deref(), Some("zone-z"));
     wait_until("every watcher re-listed", || {
-        Kind::ALL.iter().zip(&lists).all(|(k, before)| cluster.lists(*k) > *before)
+        Kind::ALL
+            .iter()
+            .zip(&lists)
+            .all(|(k, before)| cluster.lists(*k) > *before)
     });
     assert!(cluster.db().expired_answers >= 3, "the fake answered 410");
-    assert!(src.watch_restarts() >= restarts + 3, "restarts {} before {restarts}", src.watch_restarts());
+    assert!(
+        src.watch_restarts() >= restarts + 3,
+        "restarts {} before {restarts}",
+        src.watch_restarts()
+    );
 
     // Watching again from the fresh list.
     cluster.apply(service("default", "late", "10.96.0.30"));
     let s = next_snapshot(&mut src, "an event after the re-list");
-    assert_eq!(names(&s.services), ["default/api", "default/late", "default/web"]);
+    assert_eq!(
+        names(&s.services),
+        ["default/api", "default/late", "default/web"]
+    );
 }
 
 /// A re-list that finds the very objects the source has gives no snapshot.
@@ -415,10 +555,17 @@ fn relist_of_unchanged_objects_gives_no_snapshot() {
 
     cluster.expire();
     wait_until("every watcher re-listed and watches again", || {
-        Kind::ALL.iter().zip(&lists).all(|(k, before)| cluster.lists(*k) > *before)
+        Kind::ALL
+            .iter()
+            .zip(&lists)
+            .all(|(k, before)| cluster.lists(*k) > *before)
             && cluster.db().active_watches == 3
     });
-    assert_quiet(&mut src, Duration::from_millis(300), "re-list of unchanged objects");
+    assert_quiet(
+        &mut src,
+        Duration::from_millis(300),
+        "re-list of unchanged objects",
+    );
     assert!(src.watch_restarts() >= 3);
 }
 
@@ -455,7 +602,10 @@ fn api_outage_keeps_last_state_and_recovers_on_restart() {
         matches_server(o, &cluster) && zone_of_node(o).as_deref() == Some("zone-c")
     });
     assert_ne!(summary(&s), summary(&first));
-    assert_eq!(names(&s.services), ["default/api", "default/web", "kube-system/dns"]);
+    assert_eq!(
+        names(&s.services),
+        ["default/api", "default/web", "kube-system/dns"]
+    );
     assert_eq!(names(&s.endpoint_slices), ["default/web-abc"]);
     assert!(src.watch_restarts() > restarts);
 
@@ -477,7 +627,11 @@ fn drop_stops_the_watchers() {
 
     let started = Instant::now();
     drop(src);
-    assert!(started.elapsed() < Duration::from_secs(3), "drop took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "drop took {:?}",
+        started.elapsed()
+    );
     wait_until("watches closed", || cluster.db().active_watches == 0);
     drop(api);
 }
@@ -486,8 +640,14 @@ fn drop_stops_the_watchers() {
 /// unreachable server is not.
 #[test]
 fn configuration_errors_fail_at_start() {
-    let missing = KubeSource::new(KubeConfigChoice::Kubeconfig("/nonexistent/kubeconfig".into()), NODE);
-    let e = format!("{:#}", missing.err().expect("missing kubeconfig is an error"));
+    let missing = KubeSource::new(
+        KubeConfigChoice::Kubeconfig("/nonexistent/kubeconfig".into()),
+        NODE,
+    );
+    let e = format!(
+        "{:#}",
+        missing.err().expect("missing kubeconfig is an error")
+    );
     assert!(e.contains("/nonexistent/kubeconfig"), "{e}");
 
     let bad_url = KubeSource::new(KubeConfigChoice::Url("http://[not a url".into()), NODE);
@@ -495,11 +655,18 @@ fn configuration_errors_fail_at_start() {
     assert!(e.contains("not a url"), "{e}");
 
     if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
-        let e = KubeSource::new(KubeConfigChoice::InCluster, NODE).err().expect("not in a pod");
+        let e = KubeSource::new(KubeConfigChoice::InCluster, NODE)
+            .err()
+            .expect("not in a pod");
         assert!(format!("{e:#}").contains("in-cluster"), "{e:#}");
     }
 
     // Nothing listens on port 9 of the loopback: not an error, just no snapshot yet.
-    let mut unreachable = KubeSource::new(KubeConfigChoice::Url("http://127.0.0.1:9".into()), NODE).unwrap();
-    assert_quiet(&mut unreachable, Duration::from_millis(200), "unreachable API server");
+    let mut unreachable =
+        KubeSource::new(KubeConfigChoice::Url("http://127.0.0.1:9".into()), NODE).unwrap();
+    assert_quiet(
+        &mut unreachable,
+        Duration::from_millis(200),
+        "unreachable API server",
+    );
 }

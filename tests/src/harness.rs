@@ -12,7 +12,9 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{TestRun, TestRunOptions, Xdp},
 };
-use lb_common::{map_name, program_name, AffinityKey, AffinityValue, BenchFrame, Config, Counter, CtEntry, CtKey};
+use lb_common::{
+    map_name, program_name, AffinityKey, AffinityValue, BenchFrame, Config, Counter, CtEntry, CtKey,
+};
 
 use lb_userspace::{
     agent::preflight::mount_point,
@@ -29,7 +31,10 @@ impl log::Log for LogCapture {
         true
     }
     fn log(&self, r: &log::Record) {
-        self.0.lock().expect("log capture").push((r.level(), r.args().to_string()));
+        self.0
+            .lock()
+            .expect("log capture")
+            .push((r.level(), r.args().to_string()));
     }
     fn flush(&self) {}
 }
@@ -58,8 +63,13 @@ impl XdpHarness {
     /// Like `new`, with some maps given another capacity (to test behaviour under pressure).
     pub fn with_map_sizes(sizes: &[(&str, u32)]) -> Result<Self> {
         static N: AtomicU32 = AtomicU32::new(0);
-        let bpffs = mount_point("bpf").ok_or_else(|| anyhow!("no bpf filesystem mounted (mount -t bpf bpf /sys/fs/bpf)"))?;
-        let dir = bpffs.join(format!("lbfix{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let bpffs = mount_point("bpf")
+            .ok_or_else(|| anyhow!("no bpf filesystem mounted (mount -t bpf bpf /sys/fs/bpf)"))?;
+        let dir = bpffs.join(format!(
+            "lbfix{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
         let mut loader = aya::EbpfLoader::new();
         loader.default_map_pin_directory(&dir);
@@ -68,11 +78,21 @@ impl XdpHarness {
         }
         let mut ebpf = loader.load(lb_userspace::EBPF_OBJECT)?;
         let logs = LogCapture::default();
-        let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, logs.clone()).context("aya-log ring buffer")?;
-        let xdp: &mut Xdp = ebpf.program_mut(program_name::XDP).ok_or_else(|| anyhow!("no XDP program"))?.try_into()?;
+        let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, logs.clone())
+            .context("aya-log ring buffer")?;
+        let xdp: &mut Xdp = ebpf
+            .program_mut(program_name::XDP)
+            .ok_or_else(|| anyhow!("no XDP program"))?
+            .try_into()?;
         xdp.load().context("loading the XDP program (verifier)")?;
         let syncer = Syncer::adopt(AyaDataplane::from_ebpf(&mut ebpf)?)?;
-        Ok(Self { ebpf, logger, logs, dir, syncer })
+        Ok(Self {
+            ebpf,
+            logger,
+            logs,
+            dir,
+            syncer,
+        })
     }
 
     /// Programs the maps through the real sync code.
@@ -96,7 +116,10 @@ impl XdpHarness {
     /// The conntrack entries as (established, unconfirmed).
     pub fn conntrack_tiers(&self) -> Result<(Vec<(CtKey, CtEntry)>, Vec<(CtKey, CtEntry)>)> {
         let read = |name: &str| -> Result<Vec<(CtKey, CtEntry)>> {
-            let map = self.ebpf.map(name).ok_or_else(|| anyhow!("no map {name}"))?;
+            let map = self
+                .ebpf
+                .map(name)
+                .ok_or_else(|| anyhow!("no map {name}"))?;
             let ct: HashMap<&MapData, CtKey, CtEntry> = HashMap::try_from(map)?;
             Ok(ct.iter().collect::<Result<Vec<_>, _>>()?)
         };
@@ -106,7 +129,10 @@ impl XdpHarness {
     /// Removes a conntrack entry from both tiers (to stage an eviction).
     pub fn conntrack_remove(&mut self, key: &CtKey) -> Result<()> {
         for name in [map_name::CONNTRACK, map_name::CONNTRACK_NEW] {
-            let map = self.ebpf.map_mut(name).ok_or_else(|| anyhow!("no map {name}"))?;
+            let map = self
+                .ebpf
+                .map_mut(name)
+                .ok_or_else(|| anyhow!("no map {name}"))?;
             let mut ct: HashMap<&mut MapData, CtKey, CtEntry> = HashMap::try_from(map)?;
             let _ = ct.remove(key);
         }
@@ -115,7 +141,10 @@ impl XdpHarness {
 
     /// Inserts a conntrack entry (to stage collisions).
     pub fn conntrack_insert(&mut self, key: &CtKey, entry: &CtEntry) -> Result<()> {
-        let map = self.ebpf.map_mut(map_name::CONNTRACK).ok_or_else(|| anyhow!("no conntrack map"))?;
+        let map = self
+            .ebpf
+            .map_mut(map_name::CONNTRACK)
+            .ok_or_else(|| anyhow!("no conntrack map"))?;
         let mut ct: HashMap<&mut MapData, CtKey, CtEntry> = HashMap::try_from(map)?;
         ct.insert(key, entry, 0)?;
         Ok(())
@@ -123,14 +152,20 @@ impl XdpHarness {
 
     /// Every session affinity record.
     pub fn affinity_entries(&self) -> Result<Vec<(AffinityKey, AffinityValue)>> {
-        let map = self.ebpf.map(map_name::AFFINITY).ok_or_else(|| anyhow!("no affinity map"))?;
+        let map = self
+            .ebpf
+            .map(map_name::AFFINITY)
+            .ok_or_else(|| anyhow!("no affinity map"))?;
         let m: HashMap<&MapData, AffinityKey, AffinityValue> = HashMap::try_from(map)?;
         Ok(m.iter().collect::<Result<Vec<_>, _>>()?)
     }
 
     /// Overwrites an affinity record (to age it without waiting).
     pub fn affinity_set(&mut self, key: &AffinityKey, value: &AffinityValue) -> Result<()> {
-        let map = self.ebpf.map_mut(map_name::AFFINITY).ok_or_else(|| anyhow!("no affinity map"))?;
+        let map = self
+            .ebpf
+            .map_mut(map_name::AFFINITY)
+            .ok_or_else(|| anyhow!("no affinity map"))?;
         let mut m: HashMap<&mut MapData, AffinityKey, AffinityValue> = HashMap::try_from(map)?;
         m.insert(key, value, 0)?;
         Ok(())
@@ -143,27 +178,48 @@ impl XdpHarness {
 
     /// Runs the program `repeat` times on `frame` (the kernel reports the mean duration).
     pub fn run_repeat(&self, frame: &[u8], repeat: u32) -> Result<RunResult> {
-        let xdp: &Xdp = self.ebpf.program(program_name::XDP).ok_or_else(|| anyhow!("no XDP program"))?.try_into()?;
+        let xdp: &Xdp = self
+            .ebpf
+            .program(program_name::XDP)
+            .ok_or_else(|| anyhow!("no XDP program"))?
+            .try_into()?;
         let mut out = vec![0u8; frame.len() + 256];
         let r = xdp
-            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat, ..Default::default() })
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat,
+                ..Default::default()
+            })
             .context("BPF_PROG_TEST_RUN")?;
         out.truncate(r.data_size_out as usize);
-        Ok(RunResult { verdict: r.return_value, output: out, duration_ns: r.duration.as_nanos() as u64 })
+        Ok(RunResult {
+            verdict: r.return_value,
+            output: out,
+            duration_ns: r.duration.as_nanos() as u64,
+        })
     }
 
     /// Loads another XDP program of the object (`lb_xdp_pass`, the benchmark programs).
     pub fn load_program(&mut self, name: &str) -> Result<()> {
-        let p: &mut Xdp = self.ebpf.program_mut(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?;
+        let p: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("no program {name}"))?
+            .try_into()?;
         if p.fd().is_err() {
-            p.load().with_context(|| format!("loading {name} (verifier)"))?;
+            p.load()
+                .with_context(|| format!("loading {name} (verifier)"))?;
         }
         Ok(())
     }
 
     /// Sets the frame the benchmark programs restore before each iteration.
     pub fn set_bench_frame(&mut self, frame: &BenchFrame) -> Result<()> {
-        let map = self.ebpf.map_mut(lb_common::BENCH_MAP).ok_or_else(|| anyhow!("no bench map"))?;
+        let map = self
+            .ebpf
+            .map_mut(lb_common::BENCH_MAP)
+            .ok_or_else(|| anyhow!("no bench map"))?;
         let mut a: Array<&mut MapData, BenchFrame> = Array::try_from(map)?;
         a.set(0, frame, 0)?;
         Ok(())
@@ -175,7 +231,13 @@ impl XdpHarness {
     }
 
     /// Like `run_program`, with an `xdp_md` context (e.g. naming the ingress device).
-    pub fn run_program_ctx(&self, name: &str, frame: &[u8], repeat: u32, ctx: &[u8]) -> Result<RunResult> {
+    pub fn run_program_ctx(
+        &self,
+        name: &str,
+        frame: &[u8],
+        repeat: u32,
+        ctx: &[u8],
+    ) -> Result<RunResult> {
         self.run_with(name, frame, repeat, Some(ctx))
     }
 
@@ -184,23 +246,54 @@ impl XdpHarness {
         self.run_with(name, frame, 1, Some(ctx))
     }
 
-    fn run_with(&self, name: &str, frame: &[u8], repeat: u32, ctx: Option<&[u8]>) -> Result<RunResult> {
-        let xdp: &Xdp = self.ebpf.program(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?;
+    fn run_with(
+        &self,
+        name: &str,
+        frame: &[u8],
+        repeat: u32,
+        ctx: Option<&[u8]>,
+    ) -> Result<RunResult> {
+        let xdp: &Xdp = self
+            .ebpf
+            .program(name)
+            .ok_or_else(|| anyhow!("no program {name}"))?
+            .try_into()?;
         let mut out = vec![0u8; frame.len() + 256];
         let r = xdp
-            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: ctx, repeat, ..Default::default() })
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: ctx,
+                repeat,
+                ..Default::default()
+            })
             .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
         out.truncate(r.data_size_out as usize);
-        Ok(RunResult { verdict: r.return_value, output: out, duration_ns: r.duration.as_nanos() as u64 })
+        Ok(RunResult {
+            verdict: r.return_value,
+            output: out,
+            duration_ns: r.duration.as_nanos() as u64,
+        })
     }
 
     /// Every counter, summed over CPUs, by name.
     pub fn counters(&self) -> Result<BTreeMap<&'static str, Counter>> {
-        let map = self.ebpf.map(map_name::STATS).ok_or_else(|| anyhow!("no stats map"))?;
+        let map = self
+            .ebpf
+            .map(map_name::STATS)
+            .ok_or_else(|| anyhow!("no stats map"))?;
         let arr: PerCpuArray<&MapData, Counter> = PerCpuArray::try_from(map)?;
         Ok(read_counters(&arr)?
             .into_iter()
-            .map(|c| (c.name, Counter { packets: c.packets, bytes: c.bytes }))
+            .map(|c| {
+                (
+                    c.name,
+                    Counter {
+                        packets: c.packets,
+                        bytes: c.bytes,
+                    },
+                )
+            })
             .collect())
     }
 

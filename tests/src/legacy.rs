@@ -1,6 +1,11 @@
 //! Pinned state as an agent of an older layout version left it, for upgrade tests: maps created
 //! with the raw `bpf(2)` system call (no object file of the old version is needed) and pinned.
-use std::{ffi::CString, io, os::fd::{FromRawFd, OwnedFd}, path::Path};
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{FromRawFd, OwnedFd},
+    path::Path,
+};
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_OBJ_PIN: libc::c_long = 6;
@@ -18,7 +23,14 @@ fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> io::Result<libc::c_long> {
 
 /// Creates a map (`name` at most 15 bytes) and pins it at `path`; the returned fd keeps it alive
 /// until the pin does.
-pub fn create_pinned(path: &Path, map_type: u32, key_size: u32, value_size: u32, max_entries: u32, name: &str) -> io::Result<OwnedFd> {
+pub fn create_pinned(
+    path: &Path,
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    name: &str,
+) -> io::Result<OwnedFd> {
     let mut attr = [0u8; 128];
     attr[0..4].copy_from_slice(&map_type.to_ne_bytes());
     attr[4..8].copy_from_slice(&key_size.to_ne_bytes());
@@ -30,7 +42,8 @@ pub fn create_pinned(path: &Path, map_type: u32, key_size: u32, value_size: u32,
     let fd = bpf(BPF_MAP_CREATE, &mut attr)? as i32;
     // SAFETY: the kernel just handed us this descriptor.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut attr = [0u8; 128];
     attr[0..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
     attr[8..12].copy_from_slice(&(fd as u32).to_ne_bytes());

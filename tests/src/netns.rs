@@ -335,7 +335,6 @@ pub fn write_path(path: &Path, data: &str) -> io::Result<()> {
 mod tests {
     use super::*;
 
-
     #[test]
     fn stop_escalates_to_sigkill_and_reaches_the_group() {
         // The shell ignores SIGTERM; its `sleep` child is in the same group and dies with it.

@@ -21,7 +21,11 @@ impl Running {
     pub fn apply(&mut self, text: &str, generation: u32) {
         std::fs::write(&self.manifests, text).unwrap();
         for a in &mut self.agents {
-            a.wait_for_log(&format!("sync generation {generation}:"), Duration::from_secs(20)).unwrap();
+            a.wait_for_log(
+                &format!("sync generation {generation}:"),
+                Duration::from_secs(20),
+            )
+            .unwrap();
         }
     }
 
@@ -33,9 +37,20 @@ impl Running {
             .args(["stats", "-o", "json"])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-        v.iter().map(|c| (c["name"].as_str().unwrap().to_string(), c["packets"].as_u64().unwrap())).collect()
+        v.iter()
+            .map(|c| {
+                (
+                    c["name"].as_str().unwrap().to_string(),
+                    c["packets"].as_u64().unwrap(),
+                )
+            })
+            .collect()
     }
 }
 
@@ -55,10 +70,15 @@ pub fn start_example_with(extra: &[&str]) -> Option<Running> {
     let mut agents = Vec::new();
     for node in ["node1", "node2"] {
         let mut a = lab.spawn_agent(node, &agent, &manifests, extra).unwrap();
-        a.wait_for_log("sync generation 1:", Duration::from_secs(20)).unwrap();
+        a.wait_for_log("sync generation 1:", Duration::from_secs(20))
+            .unwrap();
         agents.push(a);
     }
-    Some(Running { lab, manifests, agents })
+    Some(Running {
+        lab,
+        manifests,
+        agents,
+    })
 }
 
 /// `GET path` on `addr` from inside network namespace `ns` (a thread that entered it), as a
@@ -78,8 +98,18 @@ pub fn http_get(ns: &str, addr: &str, path: &str) -> (u16, BTreeMap<String, Stri
         c.read_to_string(&mut s).unwrap();
         let (head, body) = s.split_once("\r\n\r\n").unwrap();
         let mut lines = head.lines();
-        let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
-        let headers = lines.filter_map(|l| l.split_once(": ")).map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let status = lines
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        let headers = lines
+            .filter_map(|l| l.split_once(": "))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         (status, headers, body.to_string())
     })
     .join()

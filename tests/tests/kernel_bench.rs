@@ -6,33 +6,61 @@ use lb_tests::bench::{control, report, testrun};
 
 #[test]
 fn kernel_bench_paths_take_their_verdicts() {
-    let Some(()) = lb_tests::require_privileges() else { return };
+    let Some(()) = lb_tests::require_privileges() else {
+        return;
+    };
     let t = testrun::testrun_bench(10_000, 1).unwrap();
-    let verdict = |p: &str| t.paths.iter().find(|x| x.path == p).unwrap_or_else(|| panic!("{p} missing")).verdict;
+    let verdict = |p: &str| {
+        t.paths
+            .iter()
+            .find(|x| x.path == p)
+            .unwrap_or_else(|| panic!("{p} missing"))
+            .verdict
+    };
     assert_eq!(verdict("floor"), "pass");
     assert_eq!(verdict("unknown_frontend"), "pass");
     // Translated and sent back out of the ingress device: the FIB lookup succeeded.
     assert_eq!(verdict("new_flow"), "tx");
     assert_eq!(verdict("established"), "tx");
     assert_eq!(verdict("reply"), "tx");
-    assert!(t.paths.iter().all(|p| p.ns_per_packet > 0.0 && p.runs_ns.len() == 1), "{t:?}");
+    assert!(
+        t.paths
+            .iter()
+            .all(|p| p.ns_per_packet > 0.0 && p.runs_ns.len() == 1),
+        "{t:?}"
+    );
 }
 
 #[test]
 fn kernel_bench_endpoint_change_writes_do_not_grow_with_the_cluster() {
-    let Some(()) = lb_tests::require_privileges() else { return };
+    let Some(()) = lb_tests::require_privileges() else {
+        return;
+    };
     let small = control::control_bench(100, 10, 3).unwrap();
     let large = control::control_bench(2_000, 10, 3).unwrap();
-    let writes = |c: &control::ControlBench| c.changes.iter().map(|x| (x.what, x.writes)).collect::<Vec<_>>();
+    let writes = |c: &control::ControlBench| {
+        c.changes
+            .iter()
+            .map(|x| (x.what, x.writes))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(writes(&small), writes(&large));
     // The exact counts are the sync tests' business; here only that they are small.
-    assert!(large.changes.iter().all(|c| c.writes > 0 && c.writes < 32), "{:?}", large.changes);
+    assert!(
+        large.changes.iter().all(|c| c.writes > 0 && c.writes < 32),
+        "{:?}",
+        large.changes
+    );
     // The maps hold what was programmed: 2,000 ClusterIP frontends x (master + 10 slots), plus
     // the NodePort Service's extra frontends.
     let m = control::by_name(&large.maps);
     assert!(m["lb_svc_v3"].entries > 2_000 * 11, "{:?}", m["lb_svc_v3"]);
     assert_eq!(m["lb_backend_v1"].entries, 2_000 * 10);
-    assert!(large.bytes_per_service > 0.0 && large.bytes_per_backend > 0.0 && large.bytes_per_maglev_table > 0.0);
+    assert!(
+        large.bytes_per_service > 0.0
+            && large.bytes_per_backend > 0.0
+            && large.bytes_per_maglev_table > 0.0
+    );
 
     let dir = std::env::temp_dir().join(format!("lbbenchreport{}", std::process::id()));
     let r = report::Results {
@@ -45,7 +73,10 @@ fn kernel_bench_endpoint_change_writes_do_not_grow_with_the_cluster() {
         agent_memory: Err("not run here".into()),
     };
     let md = report::markdown(&r);
-    assert!(md.contains("map update") && md.contains("| lb_svc_v3 |"), "{md}");
+    assert!(
+        md.contains("map update") && md.contains("| lb_svc_v3 |"),
+        "{md}"
+    );
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("chart.svg"), report::svg(&r)).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();

@@ -48,17 +48,41 @@ fn frontends() -> Vec<(SocketAddrV4, u8)> {
 
 fn desired() -> Desired {
     let be = |last: u8, port: u16, proto: u8, flags: u8| {
-        (BackendKey { addr: SocketAddrV4::new(Ipv4Addr::new(10, 244, 1 + last % 2, last), port), proto }, flags)
+        (
+            BackendKey {
+                addr: SocketAddrV4::new(Ipv4Addr::new(10, 244, 1 + last % 2, last), port),
+                proto,
+            },
+            flags,
+        )
     };
     frontends()
         .into_iter()
         .enumerate()
         .map(|(i, (addr, proto))| {
-            let backends = vec![be(10, 8080, proto, backend_flags::LOCAL), be(11, 8080, proto, 0), be(12, 9090, proto, 0)];
-            let flags = service_flags::NODE_PORT | if i == 0 { service_flags::SESSION_AFFINITY } else { 0 };
+            let backends = vec![
+                be(10, 8080, proto, backend_flags::LOCAL),
+                be(11, 8080, proto, 0),
+                be(12, 9090, proto, 0),
+            ];
+            let flags = service_flags::NODE_PORT
+                | if i == 0 {
+                    service_flags::SESSION_AFFINITY
+                } else {
+                    0
+                };
             (
-                FrontendKey { addr, proto, scope: lb_common::scope::EXTERNAL },
-                DesiredFrontend { service_port: format!("ns/s{i}:p/{proto}"), flags, affinity_timeout_s: 30, backends },
+                FrontendKey {
+                    addr,
+                    proto,
+                    scope: lb_common::scope::EXTERNAL,
+                },
+                DesiredFrontend {
+                    service_port: format!("ns/s{i}:p/{proto}"),
+                    flags,
+                    affinity_timeout_s: 30,
+                    backends,
+                },
             )
         })
         .collect()
@@ -71,7 +95,11 @@ fn valid_frame(r: &mut Rng) -> Vec<u8> {
         let (a, p) = r.pick(&fes);
         (a.ip().octets(), a.port(), p)
     } else {
-        ([10, r.below(4) as u8, 0, r.below(250) as u8], r.below(65535) as u16 + 1, if r.below(2) == 0 { 6 } else { 17 })
+        (
+            [10, r.below(4) as u8, 0, r.below(250) as u8],
+            r.below(65535) as u16 + 1,
+            if r.below(2) == 0 { 6 } else { 17 },
+        )
     };
     let src = [192, 168, 100, 100 + r.below(4) as u8];
     let sport = 1024 + r.below(200) as u16;
@@ -79,8 +107,16 @@ fn valid_frame(r: &mut Rng) -> Vec<u8> {
     let payload: Vec<u8> = (0..r.below(40)).map(|_| r.next() as u8).collect();
     let mut v = Vec::new();
     match (proto, r.below(3)) {
-        (6, 0) => b.tcp(sport, port, r.next() as u32, 1000).syn().write(&mut v, &payload).unwrap(),
-        (6, _) => b.tcp(sport, port, r.next() as u32, 1000).ack(1).write(&mut v, &payload).unwrap(),
+        (6, 0) => b
+            .tcp(sport, port, r.next() as u32, 1000)
+            .syn()
+            .write(&mut v, &payload)
+            .unwrap(),
+        (6, _) => b
+            .tcp(sport, port, r.next() as u32, 1000)
+            .ack(1)
+            .write(&mut v, &payload)
+            .unwrap(),
         _ => b.udp(sport, port).write(&mut v, &payload).unwrap(),
     }
     v
@@ -102,14 +138,22 @@ fn tracked_frame(r: &mut Rng, k: &lb_common::CtKey) -> Vec<u8> {
             qb.udp(dp, sp).write(&mut q, b"x").unwrap();
         }
         q.truncate(28);
-        let kind = etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 });
-        b.ipv4([10, 9, 9, 9], dst, 64).icmpv4(kind).write(&mut v, &q).unwrap();
+        let kind = etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+        );
+        b.ipv4([10, 9, 9, 9], dst, 64)
+            .icmpv4(kind)
+            .write(&mut v, &q)
+            .unwrap();
         return v;
     }
     let b = b.ipv4(src, dst, 64);
     let payload: Vec<u8> = (0..r.below(30)).map(|_| r.next() as u8).collect();
     if k.proto == 6 {
-        b.tcp(sp, dp, r.next() as u32, 1000).ack(1).write(&mut v, &payload).unwrap();
+        b.tcp(sp, dp, r.next() as u32, 1000)
+            .ack(1)
+            .write(&mut v, &payload)
+            .unwrap();
     } else {
         b.udp(sp, dp).write(&mut v, &payload).unwrap();
     }
@@ -172,27 +216,51 @@ fn dest(f: &[u8]) -> Option<(SocketAddrV4, u8)> {
 /// `None` when the frame is not a complete IPv4 TCP/UDP packet.
 fn checksums_ok(f: &[u8]) -> Option<bool> {
     let p = SlicedPacket::from_ethernet(f).ok()?;
-    let etherparse::NetSlice::Ipv4(ip) = p.net? else { return None };
+    let etherparse::NetSlice::Ipv4(ip) = p.net? else {
+        return None;
+    };
     let h = ip.header().to_header();
     if h.header_checksum != h.calc_header_checksum() {
         return Some(false);
     }
     let payload = ip.payload().payload;
-    Some(match p.transport? {
-        TransportSlice::Tcp(t) => t.to_header().calc_checksum_ipv4(&h, t.payload()).ok()? == t.checksum(),
-        TransportSlice::Udp(u) => u.checksum() == 0 || u.to_header().calc_checksum_ipv4(&h, u.payload()).ok()? == u.checksum(),
-        _ => return None,
-    } && payload.len() >= 8)
+    Some(
+        match p.transport? {
+            TransportSlice::Tcp(t) => {
+                t.to_header().calc_checksum_ipv4(&h, t.payload()).ok()? == t.checksum()
+            }
+            TransportSlice::Udp(u) => {
+                u.checksum() == 0
+                    || u.to_header().calc_checksum_ipv4(&h, u.payload()).ok()? == u.checksum()
+            }
+            _ => return None,
+        } && payload.len() >= 8,
+    )
 }
 
 #[test]
 fn kernel_xdp_garbage_in_never_mistranslated() {
-    let Some(()) = lb_tests::require_privileges() else { return };
+    let Some(()) = lb_tests::require_privileges() else {
+        return;
+    };
     let mut h = XdpHarness::new().unwrap();
-    h.set_config(&Config { node_addr_be: u32::from_ne_bytes(NODE), snat_port_min: 61000, snat_port_max: 65535, ready: 1, _pad: 0 }).unwrap();
+    h.set_config(&Config {
+        node_addr_be: u32::from_ne_bytes(NODE),
+        snat_port_min: 61000,
+        snat_port_max: 65535,
+        ready: 1,
+        _pad: 0,
+    })
+    .unwrap();
     h.program(&desired()).unwrap();
-    let frames: u64 = std::env::var("LB_GARBAGE_FRAMES").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
-    let seed: u64 = std::env::var("LB_GARBAGE_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x5eed_1b);
+    let frames: u64 = std::env::var("LB_GARBAGE_FRAMES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let seed: u64 = std::env::var("LB_GARBAGE_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x5eed_1b);
     eprintln!("{frames} frames, seed {seed} (LB_GARBAGE_SEED to replay)");
     let fes: BTreeSet<(SocketAddrV4, u8)> = frontends().into_iter().collect();
     let mut r = Rng(seed | 1);
@@ -201,11 +269,21 @@ fn kernel_xdp_garbage_in_never_mistranslated() {
     let mut known: Vec<lb_common::CtKey> = Vec::new();
     for n in 0..frames {
         if n % 5000 == 1000 {
-            known = h.conntrack_entries().unwrap().into_iter().map(|(k, _)| k).take(2000).collect();
+            known = h
+                .conntrack_entries()
+                .unwrap()
+                .into_iter()
+                .map(|(k, _)| k)
+                .take(2000)
+                .collect();
         }
         let input = frame(&mut r, &known);
         let res = h.run(&input).unwrap();
-        assert!(matches!(res.verdict, 1..=3), "frame {n}: verdict {}", res.verdict);
+        assert!(
+            matches!(res.verdict, 1..=3),
+            "frame {n}: verdict {}",
+            res.verdict
+        );
         if res.verdict == 1 {
             dropped += 1;
         }
@@ -217,7 +295,9 @@ fn kernel_xdp_garbage_in_never_mistranslated() {
         if let Some(d) = dest(&input) {
             if !fes.contains(&d) {
                 let p = SlicedPacket::from_ethernet(&input).unwrap();
-                let etherparse::NetSlice::Ipv4(ip) = p.net.unwrap() else { unreachable!() };
+                let etherparse::NetSlice::Ipv4(ip) = p.net.unwrap() else {
+                    unreachable!()
+                };
                 let (s, dd) = (ip.header().source_addr(), ip.header().destination_addr());
                 let (sp, dp) = match p.transport.unwrap() {
                     TransportSlice::Tcp(t) => (t.source_port(), t.destination_port()),
@@ -225,29 +305,58 @@ fn kernel_xdp_garbage_in_never_mistranslated() {
                     _ => unreachable!(),
                 };
                 // Consult conntrack as it was (re-read lazily, it only grows here).
-                let key = (u32::from_ne_bytes(s.octets()), u32::from_ne_bytes(dd.octets()), sp.to_be(), dp.to_be(), d.1);
+                let key = (
+                    u32::from_ne_bytes(s.octets()),
+                    u32::from_ne_bytes(dd.octets()),
+                    sp.to_be(),
+                    dp.to_be(),
+                    d.1,
+                );
                 if !tracked.as_ref().is_some_and(|t| t.contains(&key)) {
                     tracked = Some(
-                        h.conntrack_entries().unwrap().iter().map(|(k, _)| (k.saddr_be, k.daddr_be, k.sport_be, k.dport_be, k.proto)).collect(),
+                        h.conntrack_entries()
+                            .unwrap()
+                            .iter()
+                            .map(|(k, _)| (k.saddr_be, k.daddr_be, k.sport_be, k.dport_be, k.proto))
+                            .collect(),
                     );
                 }
-                assert!(tracked.as_ref().unwrap().contains(&key), "frame {n}: rewrote a packet of no frontend and no flow: {input:02x?}");
+                assert!(
+                    tracked.as_ref().unwrap().contains(&key),
+                    "frame {n}: rewrote a packet of no frontend and no flow: {input:02x?}"
+                );
             }
         }
         if checksums_ok(&input) == Some(true) {
-            assert_eq!(checksums_ok(&res.output), Some(true), "frame {n}: valid checksums broken: {input:02x?} -> {:02x?}", res.output);
+            assert_eq!(
+                checksums_ok(&res.output),
+                Some(true),
+                "frame {n}: valid checksums broken: {input:02x?} -> {:02x?}",
+                res.output
+            );
         }
     }
     let c = h.counters().unwrap();
     assert_eq!(c["xdp_rx"].packets, frames, "every frame counted once");
     assert_eq!(
-        c["xdp_verdict_pass"].packets + c["xdp_verdict_drop"].packets + c["xdp_tx"].packets + c["xdp_redirect"].packets,
+        c["xdp_verdict_pass"].packets
+            + c["xdp_verdict_drop"].packets
+            + c["xdp_tx"].packets
+            + c["xdp_redirect"].packets,
         frames,
         "verdict counters add up"
     );
     assert_eq!(c["xdp_verdict_drop"].packets, dropped);
-    assert!(rewritten > frames / 20, "the run exercised translation ({rewritten} rewritten)");
-    for path in ["xdp_new_flow", "xdp_established", "xdp_reply", "xdp_icmp_error_xlate"] {
+    assert!(
+        rewritten > frames / 20,
+        "the run exercised translation ({rewritten} rewritten)"
+    );
+    for path in [
+        "xdp_new_flow",
+        "xdp_established",
+        "xdp_reply",
+        "xdp_icmp_error_xlate",
+    ] {
         assert!(c[path].packets > 0, "the run exercised {path}");
     }
     eprintln!("{rewritten} rewritten, {dropped} dropped, counters: {c:?}");

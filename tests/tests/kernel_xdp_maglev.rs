@@ -9,7 +9,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use etherparse::{PacketBuilder, SlicedPacket, InternetSlice, TransportSlice};
+use etherparse::{InternetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use lb_common::{Config, CtKey};
 use lb_tests::harness::XdpHarness;
 use lb_userspace::control::desired::{BackendKey, Desired, DesiredFrontend, FrontendKey};
@@ -24,11 +24,18 @@ fn sa(ip: [u8; 4], port: u16) -> SocketAddrV4 {
 }
 
 fn backend(i: u8) -> BackendKey {
-    BackendKey { addr: sa([10, 244, 2, 10 + i], 8080), proto: TCP }
+    BackendKey {
+        addr: sa([10, 244, 2, 10 + i], 8080),
+        proto: TCP,
+    }
 }
 
 fn frontend() -> FrontendKey {
-    FrontendKey { addr: sa(LB_IP, 80), proto: TCP, scope: lb_common::scope::EXTERNAL }
+    FrontendKey {
+        addr: sa(LB_IP, 80),
+        proto: TCP,
+        scope: lb_common::scope::EXTERNAL,
+    }
 }
 
 /// The client of flow `i`: distinct addresses and ports.
@@ -38,12 +45,19 @@ fn client(i: u32) -> ([u8; 4], u16) {
 }
 
 fn tcp(syn: bool, src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Vec<u8> {
-    let ip = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src.0, dst.0, 64);
+    let ip =
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src.0, dst.0, 64);
     let mut v = Vec::new();
     if syn {
-        ip.tcp(src.1, dst.1, 1000, 64000).syn().write(&mut v, &[]).unwrap();
+        ip.tcp(src.1, dst.1, 1000, 64000)
+            .syn()
+            .write(&mut v, &[])
+            .unwrap();
     } else {
-        ip.tcp(src.1, dst.1, 1001, 64000).ack(5000).write(&mut v, b"x").unwrap();
+        ip.tcp(src.1, dst.1, 1001, 64000)
+            .ack(5000)
+            .write(&mut v, b"x")
+            .unwrap();
     }
     v
 }
@@ -51,8 +65,12 @@ fn tcp(syn: bool, src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Vec<u8> {
 /// (source, destination) of an output frame.
 fn addrs(frame: &[u8]) -> (SocketAddrV4, SocketAddrV4) {
     let p = SlicedPacket::from_ethernet(frame).unwrap();
-    let Some(InternetSlice::Ipv4(ip)) = p.net else { panic!("not IPv4") };
-    let Some(TransportSlice::Tcp(t)) = p.transport else { panic!("not TCP") };
+    let Some(InternetSlice::Ipv4(ip)) = p.net else {
+        panic!("not IPv4")
+    };
+    let Some(TransportSlice::Tcp(t)) = p.transport else {
+        panic!("not TCP")
+    };
     (
         SocketAddrV4::new(ip.header().source_addr(), t.source_port()),
         SocketAddrV4::new(ip.header().destination_addr(), t.destination_port()),
@@ -61,8 +79,14 @@ fn addrs(frame: &[u8]) -> (SocketAddrV4, SocketAddrV4) {
 
 fn harness(sizes: &[(&str, u32)]) -> XdpHarness {
     let mut h = XdpHarness::with_map_sizes(sizes).expect("loading the XDP program into the kernel");
-    h.set_config(&Config { node_addr_be: u32::from_ne_bytes(NODE), snat_port_min: 32768, snat_port_max: 60999, ready: 1, _pad: 0 })
-        .unwrap();
+    h.set_config(&Config {
+        node_addr_be: u32::from_ne_bytes(NODE),
+        snat_port_min: 32768,
+        snat_port_max: 60999,
+        ready: 1,
+        _pad: 0,
+    })
+    .unwrap();
     h
 }
 
@@ -81,36 +105,69 @@ fn counter(h: &XdpHarness, name: &str) -> u64 {
 
 #[test]
 fn kernel_maglev_nodes_choose_alike_and_a_removal_moves_few_flows() {
-    let Some(()) = lb_tests::require_privileges() else { return };
+    let Some(()) = lb_tests::require_privileges() else {
+        return;
+    };
     let all: Vec<BackendKey> = (0..10).map(backend).collect();
     // Node A programs the Service directly; node B first programs another Service with other
     // backends, and lists ours in reverse, so its backend ids are different.
     let mut a = harness(&[]);
-    a.program(&Desired::from([(frontend(), service(&all))])).unwrap();
+    a.program(&Desired::from([(frontend(), service(&all))]))
+        .unwrap();
     let mut b = harness(&[]);
-    let other = FrontendKey { addr: sa(LB_IP, 81), ..frontend() };
-    let decoys: Vec<BackendKey> = (0..7).map(|i| BackendKey { addr: sa([10, 244, 9, i], 80), proto: TCP }).collect();
-    b.program(&Desired::from([(other, service(&decoys))])).unwrap();
+    let other = FrontendKey {
+        addr: sa(LB_IP, 81),
+        ..frontend()
+    };
+    let decoys: Vec<BackendKey> = (0..7)
+        .map(|i| BackendKey {
+            addr: sa([10, 244, 9, i], 80),
+            proto: TCP,
+        })
+        .collect();
+    b.program(&Desired::from([(other, service(&decoys))]))
+        .unwrap();
     let mut reversed = all.clone();
     reversed.reverse();
-    b.program(&Desired::from([(other, service(&decoys)), (frontend(), service(&reversed))])).unwrap();
+    b.program(&Desired::from([
+        (other, service(&decoys)),
+        (frontend(), service(&reversed)),
+    ]))
+    .unwrap();
 
     const FLOWS: u32 = 3000;
     let choose = |h: &XdpHarness, i: u32| -> SocketAddrV4 {
         let r = h.run(&tcp(true, client(i), (LB_IP, 80))).unwrap();
-        assert_eq!(r.verdict, XDP_PASS, "no route inside a test run: translated frames go to the stack");
+        assert_eq!(
+            r.verdict, XDP_PASS,
+            "no route inside a test run: translated frames go to the stack"
+        );
         addrs(&r.output).1
     };
     let on_a: Vec<SocketAddrV4> = (0..FLOWS).map(|i| choose(&a, i)).collect();
     let on_b: Vec<SocketAddrV4> = (0..FLOWS).map(|i| choose(&b, i)).collect();
-    assert_eq!(counter(&a, "xdp_maglev"), FLOWS as u64, "every new flow used the table");
+    assert_eq!(
+        counter(&a, "xdp_maglev"),
+        FLOWS as u64,
+        "every new flow used the table"
+    );
     let differ = on_a.iter().zip(&on_b).filter(|(x, y)| x != y).count();
-    assert_eq!(differ, 0, "two nodes chose differently for {differ} of {FLOWS} flows");
+    assert_eq!(
+        differ, 0,
+        "two nodes chose differently for {differ} of {FLOWS} flows"
+    );
 
     // lbctl's lookup predicts the table's choice for flows not seen yet.
     for i in 100_000..100_050u32 {
         let (addr, port) = client(i);
-        let l = lb_userspace::inspect::lookup(a.pin_dir(), sa(LB_IP, 80), TCP, Ipv4Addr::from(addr), Some(port)).unwrap();
+        let l = lb_userspace::inspect::lookup(
+            a.pin_dir(),
+            sa(LB_IP, 80),
+            TCP,
+            Ipv4Addr::from(addr),
+            Some(port),
+        )
+        .unwrap();
         assert_eq!(l.reason, "maglev");
         assert_eq!(l.backend, Some(choose(&a, i).to_string()));
     }
@@ -127,25 +184,43 @@ fn kernel_maglev_nodes_choose_alike_and_a_removal_moves_few_flows() {
     // again through the table).
     let gone = backend(4).addr;
     let rest: Vec<BackendKey> = all.iter().copied().filter(|k| k.addr != gone).collect();
-    a.program(&Desired::from([(frontend(), service(&rest))])).unwrap();
+    a.program(&Desired::from([(frontend(), service(&rest))]))
+        .unwrap();
     let after: Vec<SocketAddrV4> = (0..FLOWS).map(|i| choose(&a, i)).collect();
-    assert!(after.iter().all(|d| *d != gone), "a flow went to the removed backend");
+    assert!(
+        after.iter().all(|d| *d != gone),
+        "a flow went to the removed backend"
+    );
     let stayed_candidates = on_a.iter().filter(|d| **d != gone).count();
-    let moved = on_a.iter().zip(&after).filter(|(x, y)| **x != gone && x != y).count();
+    let moved = on_a
+        .iter()
+        .zip(&after)
+        .filter(|(x, y)| **x != gone && x != y)
+        .count();
     println!("removal: {moved} of {stayed_candidates} flows of the remaining backends moved");
-    assert!((moved as f64) < 0.04 * stayed_candidates as f64, "{moved} of {stayed_candidates} moved");
+    assert!(
+        (moved as f64) < 0.04 * stayed_candidates as f64,
+        "{moved} of {stayed_candidates} moved"
+    );
     // Adding it back restores every choice.
-    a.program(&Desired::from([(frontend(), service(&all))])).unwrap();
+    a.program(&Desired::from([(frontend(), service(&all))]))
+        .unwrap();
     let back: Vec<SocketAddrV4> = (0..FLOWS).map(|i| choose(&a, i)).collect();
     assert_eq!(back, on_a);
 }
 
 #[test]
 fn kernel_ct_flood_of_new_flows_leaves_established_flows_alone() {
-    let Some(()) = lb_tests::require_privileges() else { return };
+    let Some(()) = lb_tests::require_privileges() else {
+        return;
+    };
     let all: Vec<BackendKey> = (0..4).map(backend).collect();
-    let mut h = harness(&[(lb_common::map_name::CONNTRACK_NEW, 1024), (lb_common::map_name::CONNTRACK, 8192)]);
-    h.program(&Desired::from([(frontend(), service(&all))])).unwrap();
+    let mut h = harness(&[
+        (lb_common::map_name::CONNTRACK_NEW, 1024),
+        (lb_common::map_name::CONNTRACK, 8192),
+    ]);
+    h.program(&Desired::from([(frontend(), service(&all))]))
+        .unwrap();
 
     // 200 confirmed flows (SYN, then the client's ACK).
     let mut translated = HashMap::new();
@@ -161,30 +236,64 @@ fn kernel_ct_flood_of_new_flows_leaves_established_flows_alone() {
 
     // A flow that only sent its SYN before the flood.
     let victim = 1_000_000;
-    let victim_syn = addrs(&h.run(&tcp(true, client(victim), (LB_IP, 80))).unwrap().output);
+    let victim_syn = addrs(
+        &h.run(&tcp(true, client(victim), (LB_IP, 80)))
+            .unwrap()
+            .output,
+    );
 
     // The flood: 100,000 SYNs from distinct clients, far more than the new-flow map holds.
     let base_new = counter(&h, "xdp_new_flow");
     for i in 0..100_000u32 {
-        h.run(&tcp(true, client(2_000_000 + i), (LB_IP, 80))).unwrap();
+        h.run(&tcp(true, client(2_000_000 + i), (LB_IP, 80)))
+            .unwrap();
     }
-    assert_eq!(counter(&h, "xdp_new_flow") - base_new, 100_000, "every flood packet was still served");
+    assert_eq!(
+        counter(&h, "xdp_new_flow") - base_new,
+        100_000,
+        "every flood packet was still served"
+    );
     let (est, new) = h.conntrack_tiers().unwrap();
     assert_eq!(est.len(), 400, "the flood evicted established entries");
     assert!(new.len() <= 1024);
 
     // Every established flow still follows its entry, in both directions.
-    let before = (counter(&h, "xdp_established"), counter(&h, "xdp_new_flow"), counter(&h, "xdp_reply"));
+    let before = (
+        counter(&h, "xdp_established"),
+        counter(&h, "xdp_new_flow"),
+        counter(&h, "xdp_reply"),
+    );
     for i in 0..200 {
         let r = h.run(&tcp(false, client(i), (LB_IP, 80))).unwrap();
-        assert_eq!(addrs(&r.output), translated[&i], "flow {i} changed translation");
+        assert_eq!(
+            addrs(&r.output),
+            translated[&i],
+            "flow {i} changed translation"
+        );
         let (snat, be) = translated[&i];
-        let reply = h.run(&tcp(false, (be.ip().octets(), be.port()), (snat.ip().octets(), snat.port()))).unwrap();
+        let reply = h
+            .run(&tcp(
+                false,
+                (be.ip().octets(), be.port()),
+                (snat.ip().octets(), snat.port()),
+            ))
+            .unwrap();
         let (src, dst) = addrs(&reply.output);
-        assert_eq!((src, dst), (sa(LB_IP, 80), sa(client(i).0, client(i).1)), "reply of flow {i}");
+        assert_eq!(
+            (src, dst),
+            (sa(LB_IP, 80), sa(client(i).0, client(i).1)),
+            "reply of flow {i}"
+        );
     }
-    let after = (counter(&h, "xdp_established"), counter(&h, "xdp_new_flow"), counter(&h, "xdp_reply"));
-    assert_eq!((after.0 - before.0, after.1 - before.1, after.2 - before.2), (200, 0, 200));
+    let after = (
+        counter(&h, "xdp_established"),
+        counter(&h, "xdp_new_flow"),
+        counter(&h, "xdp_reply"),
+    );
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1, after.2 - before.2),
+        (200, 0, 200)
+    );
 
     // The victim's entries were flooded out of the new-flow map; its ACK rebuilds the very same
     // translation (same backend, same SNAT port), so the flow survives.
@@ -196,17 +305,30 @@ fn kernel_ct_flood_of_new_flows_leaves_established_flows_alone() {
         proto: TCP,
         _pad: [0; 3],
     };
-    assert!(!h.conntrack_entries().unwrap().iter().any(|(k, _)| *k == victim_key), "the flood should have evicted the victim");
-    let victim_ack = addrs(&h.run(&tcp(false, client(victim), (LB_IP, 80))).unwrap().output);
+    assert!(
+        !h.conntrack_entries()
+            .unwrap()
+            .iter()
+            .any(|(k, _)| *k == victim_key),
+        "the flood should have evicted the victim"
+    );
+    let victim_ack = addrs(
+        &h.run(&tcp(false, client(victim), (LB_IP, 80)))
+            .unwrap()
+            .output,
+    );
     assert_eq!(victim_ack, victim_syn);
 }
 
 #[test]
 fn kernel_ct_evicted_half_of_a_flow_is_rebuilt_identically() {
-    let Some(()) = lb_tests::require_privileges() else { return };
+    let Some(()) = lb_tests::require_privileges() else {
+        return;
+    };
     let all: Vec<BackendKey> = (0..3).map(backend).collect();
     let mut h = harness(&[]);
-    h.program(&Desired::from([(frontend(), service(&all))])).unwrap();
+    h.program(&Desired::from([(frontend(), service(&all))]))
+        .unwrap();
     let c = client(7);
     h.run(&tcp(true, c, (LB_IP, 80))).unwrap();
     let first = addrs(&h.run(&tcp(false, c, (LB_IP, 80))).unwrap().output);
@@ -222,41 +344,72 @@ fn kernel_ct_evicted_half_of_a_flow_is_rebuilt_identically() {
     h.conntrack_remove(&key).unwrap();
     let collisions = counter(&h, "xdp_snat_collision");
     let again = addrs(&h.run(&tcp(false, c, (LB_IP, 80))).unwrap().output);
-    assert_eq!(again, first, "the rebuilt flow must keep its backend and SNAT port");
-    assert_eq!(counter(&h, "xdp_snat_collision"), collisions, "its own reply entry is not a collision");
+    assert_eq!(
+        again, first,
+        "the rebuilt flow must keep its backend and SNAT port"
+    );
+    assert_eq!(
+        counter(&h, "xdp_snat_collision"),
+        collisions,
+        "its own reply entry is not a collision"
+    );
 }
 
 #[test]
 fn kernel_ct_closed_flow_frees_its_snat_port() {
-    let Some(()) = lb_tests::require_privileges() else { return };
+    let Some(()) = lb_tests::require_privileges() else {
+        return;
+    };
     let mut h = XdpHarness::with_map_sizes(&[]).expect("loading the XDP program into the kernel");
     // One SNAT port: a second concurrent flow to the backend cannot get one.
-    h.set_config(&Config { node_addr_be: u32::from_ne_bytes(NODE), snat_port_min: 40000, snat_port_max: 40000, ready: 1, _pad: 0 }).unwrap();
-    h.program(&Desired::from([(frontend(), service(&[backend(0)]))])).unwrap();
+    h.set_config(&Config {
+        node_addr_be: u32::from_ne_bytes(NODE),
+        snat_port_min: 40000,
+        snat_port_max: 40000,
+        ready: 1,
+        _pad: 0,
+    })
+    .unwrap();
+    h.program(&Desired::from([(frontend(), service(&[backend(0)]))]))
+        .unwrap();
     let (a, b) = (client(1), client(2));
     let out = h.run(&tcp(true, a, (LB_IP, 80))).unwrap();
     let (snat, be) = addrs(&out.output);
     assert_eq!(snat.port(), 40000);
     h.run(&tcp(false, a, (LB_IP, 80))).unwrap();
     const XDP_DROP: u32 = 1;
-    assert_eq!(h.run(&tcp(true, b, (LB_IP, 80))).unwrap().verdict, XDP_DROP, "the only port is taken");
+    assert_eq!(
+        h.run(&tcp(true, b, (LB_IP, 80))).unwrap().verdict,
+        XDP_DROP,
+        "the only port is taken"
+    );
 
     // The client resets the connection (no TIME-WAIT anywhere).
     let fin = |src: ([u8; 4], u16), dst: ([u8; 4], u16)| {
-        let ip = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src.0, dst.0, 64);
+        let ip =
+            PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src.0, dst.0, 64);
         let mut v = Vec::new();
-        ip.tcp(src.1, dst.1, 7000, 64000).fin().ack(1002).write(&mut v, &[]).unwrap();
+        ip.tcp(src.1, dst.1, 7000, 64000)
+            .fin()
+            .ack(1002)
+            .write(&mut v, &[])
+            .unwrap();
         v
     };
     let rst = {
-        let ip = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(a.0, LB_IP, 64);
+        let ip =
+            PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(a.0, LB_IP, 64);
         let mut v = Vec::new();
         ip.tcp(a.1, 80, 1002, 0).rst().write(&mut v, &[]).unwrap();
         v
     };
     let r = h.run(&rst).unwrap();
     assert_eq!(addrs(&r.output).1, be, "the reset reaches the backend");
-    assert_eq!(h.run(&tcp(true, b, (LB_IP, 80))).unwrap().verdict, XDP_DROP, "reset, but not idle long enough");
+    assert_eq!(
+        h.run(&tcp(true, b, (LB_IP, 80))).unwrap().verdict,
+        XDP_DROP,
+        "reset, but not idle long enough"
+    );
 
     // Idle for longer than SNAT_REUSE_IDLE_S (aged in the map rather than waited for).
     let reply_key = CtKey {
@@ -268,50 +421,103 @@ fn kernel_ct_closed_flow_frees_its_snat_port() {
         _pad: [0; 3],
     };
     let (est, _) = h.conntrack_tiers().unwrap();
-    let (_, mut e) = est.into_iter().find(|(k, _)| *k == reply_key).expect("confirmed reply entry");
+    let (_, mut e) = est
+        .into_iter()
+        .find(|(k, _)| *k == reply_key)
+        .expect("confirmed reply entry");
     let closed = lb_common::ct_flags::CLOSING | lb_common::ct_flags::CLOSED_FAST;
     assert_eq!(e.flags & closed, closed, "the reset marked the reply entry");
-    e.last_seen_s = e.last_seen_s.saturating_sub(lb_common::limits::SNAT_REUSE_IDLE_S + 1);
+    e.last_seen_s = e
+        .last_seen_s
+        .saturating_sub(lb_common::limits::SNAT_REUSE_IDLE_S + 1);
     h.conntrack_insert(&reply_key, &e).unwrap();
 
     let out = h.run(&tcp(true, b, (LB_IP, 80))).unwrap();
-    assert_eq!(addrs(&out.output), (SocketAddrV4::new(snat.ip().to_owned(), 40000), be), "the port went to the new flow");
+    assert_eq!(
+        addrs(&out.output),
+        (SocketAddrV4::new(snat.ip().to_owned(), 40000), be),
+        "the port went to the new flow"
+    );
     // The closed flow's entries are gone; the new flow's reply entry maps back to b.
     let all = h.conntrack_entries().unwrap();
-    let a_key = CtKey { saddr_be: u32::from_ne_bytes(a.0), daddr_be: u32::from_ne_bytes(LB_IP), sport_be: a.1.to_be(), dport_be: 80u16.to_be(), proto: TCP, _pad: [0; 3] };
+    let a_key = CtKey {
+        saddr_be: u32::from_ne_bytes(a.0),
+        daddr_be: u32::from_ne_bytes(LB_IP),
+        sport_be: a.1.to_be(),
+        dport_be: 80u16.to_be(),
+        proto: TCP,
+        _pad: [0; 3],
+    };
     assert!(!all.iter().any(|(k, _)| *k == a_key));
-    let (_, reply) = all.iter().find(|(k, _)| *k == reply_key).expect("new reply entry");
-    assert_eq!((reply.nat_daddr_be, u16::from_be(reply.nat_dport_be)), (u32::from_ne_bytes(b.0), b.1));
+    let (_, reply) = all
+        .iter()
+        .find(|(k, _)| *k == reply_key)
+        .expect("new reply entry");
+    assert_eq!(
+        (reply.nat_daddr_be, u16::from_be(reply.nat_dport_be)),
+        (u32::from_ne_bytes(b.0), b.1)
+    );
 
     // Now b's flow ends with FINs: an end keeps the four-tuple in TIME-WAIT, so the port waits
     // for that period, not just a moment.
     h.run(&tcp(false, b, (LB_IP, 80))).unwrap();
-    h.run(&fin((be.ip().octets(), be.port()), (snat.ip().octets(), snat.port()))).unwrap();
+    h.run(&fin(
+        (be.ip().octets(), be.port()),
+        (snat.ip().octets(), snat.port()),
+    ))
+    .unwrap();
     h.run(&fin(b, (LB_IP, 80))).unwrap();
     let c = client(3);
     let age = |h: &mut XdpHarness, secs: u32| {
         let (est, new) = h.conntrack_tiers().unwrap();
-        let (_, mut e) = est.into_iter().chain(new).find(|(k, _)| *k == reply_key).expect("reply entry");
+        let (_, mut e) = est
+            .into_iter()
+            .chain(new)
+            .find(|(k, _)| *k == reply_key)
+            .expect("reply entry");
         e.last_seen_s = e.last_seen_s.saturating_sub(secs);
         h.conntrack_insert(&reply_key, &e).unwrap();
     };
     age(&mut h, lb_common::limits::SNAT_REUSE_IDLE_S + 1);
-    assert_eq!(h.run(&tcp(true, c, (LB_IP, 80))).unwrap().verdict, XDP_DROP, "TIME-WAIT not over");
+    assert_eq!(
+        h.run(&tcp(true, c, (LB_IP, 80))).unwrap().verdict,
+        XDP_DROP,
+        "TIME-WAIT not over"
+    );
     age(&mut h, lb_common::limits::SNAT_REUSE_TIME_WAIT_S);
-    assert_eq!(addrs(&h.run(&tcp(true, c, (LB_IP, 80))).unwrap().output).0.port(), 40000);
+    assert_eq!(
+        addrs(&h.run(&tcp(true, c, (LB_IP, 80))).unwrap().output)
+            .0
+            .port(),
+        40000
+    );
 }
 
 #[test]
 fn kernel_ct_fresh_syn_on_a_confirmed_tuple_starts_a_new_unconfirmed_flow() {
-    let Some(()) = lb_tests::require_privileges() else { return };
+    let Some(()) = lb_tests::require_privileges() else {
+        return;
+    };
     let mut h = harness(&[]);
-    h.program(&Desired::from([(frontend(), service(&(0..3).map(backend).collect::<Vec<_>>()))])).unwrap();
+    h.program(&Desired::from([(
+        frontend(),
+        service(&(0..3).map(backend).collect::<Vec<_>>()),
+    )]))
+    .unwrap();
     let c = client(11);
     for round in 1..=3u64 {
         h.run(&tcp(true, c, (LB_IP, 80))).unwrap();
         let (est, new) = h.conntrack_tiers().unwrap();
-        assert_eq!((est.len(), new.len()), (0, 2), "round {round}: the old flow's entries are gone, the new one is unconfirmed");
+        assert_eq!(
+            (est.len(), new.len()),
+            (0, 2),
+            "round {round}: the old flow's entries are gone, the new one is unconfirmed"
+        );
         h.run(&tcp(false, c, (LB_IP, 80))).unwrap();
-        assert_eq!(counter(&h, "ct_confirmed"), round, "round {round}: the client's ACK confirms the new flow");
+        assert_eq!(
+            counter(&h, "ct_confirmed"),
+            round,
+            "round {round}: the client's ACK confirms the new flow"
+        );
     }
 }

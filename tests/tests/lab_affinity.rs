@@ -12,13 +12,20 @@ use lb_tests::scenario::{example_manifests as examples, start_example as setup};
 
 fn backends(ex: &[Exchange], what: &str) -> BTreeSet<String> {
     let bad: Vec<_> = ex.iter().filter(|e| !e.ok).collect();
-    assert!(bad.is_empty(), "{what}: {} failed, first {:?}", bad.len(), bad.first());
+    assert!(
+        bad.is_empty(),
+        "{what}: {} failed, first {:?}",
+        bad.len(),
+        bad.first()
+    );
     ex.iter().map(|e| e.backend.clone().unwrap()).collect()
 }
 
 /// `count` exchanges from `at`, which must all reach one backend; returns it.
 fn one_backend(lab: &Lab, at: &str, proto: &str, target: &str, count: u32) -> String {
-    let ex = lab.run_client(at, &[proto, target, "--count", &count.to_string()]).unwrap();
+    let ex = lab
+        .run_client(at, &[proto, target, "--count", &count.to_string()])
+        .unwrap();
     let b = backends(&ex, &format!("{proto} {target} from {at}"));
     assert_eq!(b.len(), 1, "{proto} {target} from {at}: {b:?}");
     b.into_iter().next().unwrap()
@@ -53,12 +60,18 @@ fn lab_affinity_two_clients_can_land_on_different_backends() {
 #[test]
 fn lab_affinity_expires_after_the_idle_timeout() {
     let Some(s) = setup() else { return };
-    let mut first = [one_backend(&s.lab, "a1", "tcp", CLUSTER_IP, 5), one_backend(&s.lab, "client", "tcp", NODE_PORT, 5)];
+    let mut first = [
+        one_backend(&s.lab, "a1", "tcp", CLUSTER_IP, 5),
+        one_backend(&s.lab, "client", "tcp", NODE_PORT, 5),
+    ];
     let mut moved = [false, false];
     for _ in 0..8 {
         // Idle longer than timeoutSeconds (2): the next connection is balanced afresh.
         std::thread::sleep(Duration::from_millis(3100));
-        let now = [one_backend(&s.lab, "a1", "tcp", CLUSTER_IP, 5), one_backend(&s.lab, "client", "tcp", NODE_PORT, 5)];
+        let now = [
+            one_backend(&s.lab, "a1", "tcp", CLUSTER_IP, 5),
+            one_backend(&s.lab, "client", "tcp", NODE_PORT, 5),
+        ];
         for i in 0..2 {
             moved[i] |= now[i] != first[i];
         }
@@ -67,7 +80,10 @@ fn lab_affinity_expires_after_the_idle_timeout() {
         }
         first = now;
     }
-    panic!("after idle timeouts the choice never moved (socket path moved: {}, XDP path moved: {})", moved[0], moved[1]);
+    panic!(
+        "after idle timeouts the choice never moved (socket path moved: {}, XDP path moved: {})",
+        moved[0], moved[1]
+    );
 }
 
 #[test]

@@ -17,25 +17,42 @@ fn by_backend(ex: &[Exchange]) -> BTreeMap<String, usize> {
     m
 }
 
-
 #[test]
 fn lab_clusterip_spreads_tcp_and_udp_over_four_backends() {
     let Some(s) = setup() else { return };
     for proto in ["tcp", "udp"] {
-        let ex = s.lab.run_client("a1", &[proto, ECHO, "--count", "300"]).unwrap();
+        let ex = s
+            .lab
+            .run_client("a1", &[proto, ECHO, "--count", "300"])
+            .unwrap();
         assert_eq!(ex.len(), 300);
         let failed: Vec<_> = ex.iter().filter(|e| !e.ok).collect();
-        assert!(failed.is_empty(), "{proto}: {} failed, first: {:?}", failed.len(), failed.first());
+        assert!(
+            failed.is_empty(),
+            "{proto}: {} failed, first: {:?}",
+            failed.len(),
+            failed.first()
+        );
         for e in &ex {
             // getpeername (TCP) and the UDP reply's source show the ClusterIP, not the backend.
             assert_eq!(e.peer.as_deref(), Some(ECHO), "{proto}: {e:?}");
             // Socket-level translation keeps the pod's own address.
-            assert!(e.seen_peer.as_deref().unwrap().starts_with("10.244.1.10:"), "{e:?}");
+            assert!(
+                e.seen_peer.as_deref().unwrap().starts_with("10.244.1.10:"),
+                "{e:?}"
+            );
         }
         let spread = by_backend(&ex);
-        assert_eq!(spread.keys().cloned().collect::<Vec<_>>(), ["a1", "a2", "b1", "b2"], "{proto}: {spread:?}");
+        assert_eq!(
+            spread.keys().cloned().collect::<Vec<_>>(),
+            ["a1", "a2", "b1", "b2"],
+            "{proto}: {spread:?}"
+        );
         for (b, n) in &spread {
-            assert!(*n >= 45, "{proto}: backend {b} served {n} of 300 (< 15%): {spread:?}");
+            assert!(
+                *n >= 45,
+                "{proto}: backend {b} served {n} of 300 (< 15%): {spread:?}"
+            );
         }
         eprintln!("{proto} spread over 300: {spread:?}");
     }
@@ -46,26 +63,66 @@ fn lab_clusterip_spreads_tcp_and_udp_over_four_backends() {
     assert!(st["sock_sendmsg_xlate"] >= 300, "{st:?}");
     assert!(st["sock_recvmsg_revnat"] >= 300, "{st:?}");
     // node2's agent serves its own pods.
-    let ex = s.lab.run_client("b2", &["tcp", ECHO, "--count", "20"]).unwrap();
-    assert!(ex.iter().all(|e| e.ok && e.peer.as_deref() == Some(ECHO)), "{ex:?}");
+    let ex = s
+        .lab
+        .run_client("b2", &["tcp", ECHO, "--count", "20"])
+        .unwrap();
+    assert!(
+        ex.iter().all(|e| e.ok && e.peer.as_deref() == Some(ECHO)),
+        "{ex:?}"
+    );
 }
 
 #[test]
 fn lab_clusterip_without_endpoints_fails_fast_and_selectorless_service_works() {
     let Some(s) = setup() else { return };
     for proto in ["tcp", "udp"] {
-        let ex = s.lab.run_client("a1", &[proto, "10.96.0.30:80", "--count", "5", "--timeout-ms", "3000"]).unwrap();
+        let ex = s
+            .lab
+            .run_client(
+                "a1",
+                &[
+                    proto,
+                    "10.96.0.30:80",
+                    "--count",
+                    "5",
+                    "--timeout-ms",
+                    "3000",
+                ],
+            )
+            .unwrap();
         for e in &ex {
-            assert!(!e.ok, "{proto}: a Service without ready endpoints must fail: {e:?}");
-            assert!(e.error.as_deref().unwrap().starts_with("PermissionDenied"), "{e:?}");
-            assert!(e.elapsed_ms < 500, "{proto}: failed after {} ms, not fast", e.elapsed_ms);
+            assert!(
+                !e.ok,
+                "{proto}: a Service without ready endpoints must fail: {e:?}"
+            );
+            assert!(
+                e.error.as_deref().unwrap().starts_with("PermissionDenied"),
+                "{e:?}"
+            );
+            assert!(
+                e.elapsed_ms < 500,
+                "{proto}: failed after {} ms, not fast",
+                e.elapsed_ms
+            );
         }
     }
     // A Service without a selector, served from a hand-written EndpointSlice.
-    let ex = s.lab.run_client("a1", &["tcp", "10.96.0.20:5432", "--count", "40"]).unwrap();
-    assert!(ex.iter().all(|e| e.ok && e.peer.as_deref() == Some("10.96.0.20:5432")), "{ex:?}");
+    let ex = s
+        .lab
+        .run_client("a1", &["tcp", "10.96.0.20:5432", "--count", "40"])
+        .unwrap();
+    assert!(
+        ex.iter()
+            .all(|e| e.ok && e.peer.as_deref() == Some("10.96.0.20:5432")),
+        "{ex:?}"
+    );
     let spread = by_backend(&ex);
-    assert_eq!(spread.keys().cloned().collect::<Vec<_>>(), ["a2", "b2"], "{spread:?}");
+    assert_eq!(
+        spread.keys().cloned().collect::<Vec<_>>(),
+        ["a2", "b2"],
+        "{spread:?}"
+    );
 }
 
 #[test]
@@ -88,10 +145,16 @@ fn lab_clusterip_backend_removal_keeps_established_connection() {
 
     // New connections and datagrams never reach the removed backend.
     for proto in ["tcp", "udp"] {
-        let ex = s.lab.run_client("a1", &[proto, ECHO, "--count", "100"]).unwrap();
+        let ex = s
+            .lab
+            .run_client("a1", &[proto, ECHO, "--count", "100"])
+            .unwrap();
         assert!(ex.iter().all(|e| e.ok), "{proto}: {ex:?}");
         let spread = by_backend(&ex);
-        assert!(!spread.contains_key(&pinned), "{proto}: removed backend {pinned} still chosen: {spread:?}");
+        assert!(
+            !spread.contains_key(&pinned),
+            "{proto}: removed backend {pinned} still chosen: {spread:?}"
+        );
         assert_eq!(spread.len(), 3, "{spread:?}");
     }
     // The established connection keeps exchanging data with its backend.

@@ -5,8 +5,17 @@ use lb_tests::{lab::bin_path, scenario::start_example};
 use serde_json::Value;
 
 fn lbctl(bpffs: &std::path::Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin_path("lbctl").unwrap()).arg("--bpffs").arg(bpffs).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    let out = Command::new(bin_path("lbctl").unwrap())
+        .arg("--bpffs")
+        .arg(bpffs)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 fn json(bpffs: &std::path::Path, args: &[&str]) -> Value {
@@ -25,66 +34,177 @@ fn lab_lbctl_reads_the_live_maps_with_the_agent_down() {
     let first = held.first.clone().unwrap();
     assert!(first.ok, "{first:?}");
     let client = first.seen_peer.clone().unwrap(); // Local policy: the backend saw the client itself
-    let sticky = s.lab.run_client("client", &["tcp", "192.168.100.1:30100", "--count", "5"]).unwrap();
-    let sticky_backend = s.lab.pod(sticky[0].backend.as_deref().unwrap()).addr.to_string() + ":8080";
+    let sticky = s
+        .lab
+        .run_client("client", &["tcp", "192.168.100.1:30100", "--count", "5"])
+        .unwrap();
+    let sticky_backend = s
+        .lab
+        .pod(sticky[0].backend.as_deref().unwrap())
+        .addr
+        .to_string()
+        + ":8080";
 
     // The agent stops; its programs and maps stay pinned.
     s.agents[0].stop_with(libc::SIGTERM).unwrap();
     let bpffs = s.lab.node("node1").bpffs.clone();
 
     let services = json(&bpffs, &["services", "--frontend", "203.0.113.10:80"]);
-    let ext: Vec<&Value> = services.as_array().unwrap().iter().filter(|f| f["scope"] == "external" && f["protocol"] == "TCP").collect();
+    let ext: Vec<&Value> = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["scope"] == "external" && f["protocol"] == "TCP")
+        .collect();
     assert_eq!(ext.len(), 1, "{services}");
     assert_eq!(ext[0]["backends"], serde_json::json!(["10.244.1.10:8080"]));
 
     // Filter by Service: every frontend of web-local (ClusterIP, NodePorts, LB IP; both scopes).
     let web = json(&bpffs, &["services", "--service", "default/web-local"]);
     let web = web.as_array().unwrap();
-    assert!(web.iter().all(|f| f["service"].as_str().unwrap().starts_with("default/web-local:")), "{web:?}");
-    let fronts: std::collections::BTreeSet<&str> = web.iter().map(|f| f["frontend"].as_str().unwrap()).collect();
-    assert_eq!(fronts, ["10.96.0.40:80", "192.168.100.1:30080", "203.0.113.10:80"].into_iter().collect(), "{web:?}");
+    assert!(
+        web.iter().all(|f| f["service"]
+            .as_str()
+            .unwrap()
+            .starts_with("default/web-local:")),
+        "{web:?}"
+    );
+    let fronts: std::collections::BTreeSet<&str> = web
+        .iter()
+        .map(|f| f["frontend"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        fronts,
+        ["10.96.0.40:80", "192.168.100.1:30080", "203.0.113.10:80"]
+            .into_iter()
+            .collect(),
+        "{web:?}"
+    );
     let tcp_only = json(&bpffs, &["services", "--service", "default/web-local:tcp"]);
-    assert!(tcp_only.as_array().unwrap().iter().all(|f| f["protocol"] == "TCP"));
+    assert!(tcp_only
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|f| f["protocol"] == "TCP"));
     assert_eq!(tcp_only.as_array().unwrap().len(), web.len() / 2);
 
     let ct = json(&bpffs, &["conntrack", "--filter", &client]);
-    let dirs: Vec<&str> = ct.as_array().unwrap().iter().map(|e| e["direction"].as_str().unwrap()).collect();
-    assert!(dirs.contains(&"original") && dirs.contains(&"reply"), "{ct}");
+    let dirs: Vec<&str> = ct
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["direction"].as_str().unwrap())
+        .collect();
+    assert!(
+        dirs.contains(&"original") && dirs.contains(&"reply"),
+        "{ct}"
+    );
 
     let cfg = json(&bpffs, &["config"]);
     assert_eq!(cfg[0]["node_address"], "192.168.100.1");
     assert_eq!(cfg[0]["ready"], true);
 
     let aff = json(&bpffs, &["affinity"]);
-    let rec = aff.as_array().unwrap().iter().find(|r| r["client"] == "192.168.100.100").expect("client record");
+    let rec = aff
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["client"] == "192.168.100.100")
+        .expect("client record");
     assert_eq!(rec["backend"], sticky_backend.as_str());
 
-    let l = json(&bpffs, &["lookup", "--frontend", "203.0.113.10:80/TCP", "--client", &client]);
-    assert_eq!((l["reason"].as_str(), l["backend"].as_str()), (Some("conntrack"), Some("10.244.1.10:8080")), "{l}");
-    let l = json(&bpffs, &["lookup", "--frontend", "192.168.100.1:30100/TCP", "--client", "192.168.100.100"]);
-    assert_eq!((l["reason"].as_str(), l["backend"].as_str()), (Some("affinity"), Some(sticky_backend.as_str())), "{l}");
-    let l = json(&bpffs, &["lookup", "--frontend", "192.168.100.1:30100/TCP", "--client", "192.168.100.250"]);
+    let l = json(
+        &bpffs,
+        &[
+            "lookup",
+            "--frontend",
+            "203.0.113.10:80/TCP",
+            "--client",
+            &client,
+        ],
+    );
+    assert_eq!(
+        (l["reason"].as_str(), l["backend"].as_str()),
+        (Some("conntrack"), Some("10.244.1.10:8080")),
+        "{l}"
+    );
+    let l = json(
+        &bpffs,
+        &[
+            "lookup",
+            "--frontend",
+            "192.168.100.1:30100/TCP",
+            "--client",
+            "192.168.100.100",
+        ],
+    );
+    assert_eq!(
+        (l["reason"].as_str(), l["backend"].as_str()),
+        (Some("affinity"), Some(sticky_backend.as_str())),
+        "{l}"
+    );
+    let l = json(
+        &bpffs,
+        &[
+            "lookup",
+            "--frontend",
+            "192.168.100.1:30100/TCP",
+            "--client",
+            "192.168.100.250",
+        ],
+    );
     assert_eq!(l["reason"], "fresh choice");
     assert_eq!(l["candidates"].as_array().unwrap().len(), 3);
-    let l = json(&bpffs, &["lookup", "--frontend", "10.96.0.30:80/TCP", "--client", "10.244.1.10"]);
+    let l = json(
+        &bpffs,
+        &[
+            "lookup",
+            "--frontend",
+            "10.96.0.30:80/TCP",
+            "--client",
+            "10.244.1.10",
+        ],
+    );
     assert_eq!(l["reason"], "no backend");
-    let l = json(&bpffs, &["lookup", "--frontend", "10.1.2.3:80/TCP", "--client", "10.244.1.10"]);
+    let l = json(
+        &bpffs,
+        &[
+            "lookup",
+            "--frontend",
+            "10.1.2.3:80/TCP",
+            "--client",
+            "10.244.1.10",
+        ],
+    );
     assert_eq!(l["reason"], "not a frontend");
 
     // The default output is an aligned table.
     let (code, out, _) = lbctl(&bpffs, &["conntrack"]);
     assert_eq!(code, 0);
-    assert!(out.lines().next().unwrap().starts_with("BACKEND_ID"), "{out}");
+    assert!(
+        out.lines().next().unwrap().starts_with("BACKEND_ID"),
+        "{out}"
+    );
     let (_, out, _) = lbctl(&bpffs, &["stats"]);
     assert!(out.contains("affinity_evictions"));
 
     // A map of another layout version is named as such.
-    let other = bpffs.with_file_name(format!("{}-old", bpffs.file_name().unwrap().to_string_lossy()));
+    let other = bpffs.with_file_name(format!(
+        "{}-old",
+        bpffs.file_name().unwrap().to_string_lossy()
+    ));
     std::fs::create_dir_all(&other).unwrap();
-    std::fs::hard_link(bpffs.join(lb_common::map_name::SERVICES), other.join("lb_svc_v1")).unwrap();
+    std::fs::hard_link(
+        bpffs.join(lb_common::map_name::SERVICES),
+        other.join("lb_svc_v1"),
+    )
+    .unwrap();
     let (code, _, err) = lbctl(&other, &["services"]);
     std::fs::remove_dir_all(&other).unwrap();
     assert_eq!(code, 2);
-    let want = format!("map {} not found, but lb_svc_v1 is: pinned by an agent of another layout version", lb_common::map_name::SERVICES);
+    let want = format!(
+        "map {} not found, but lb_svc_v1 is: pinned by an agent of another layout version",
+        lb_common::map_name::SERVICES
+    );
     assert!(err.contains(&want), "{err}");
 }

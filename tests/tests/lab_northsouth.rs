@@ -12,14 +12,25 @@ const EXT_IP: &str = "198.51.100.50:80";
 
 use lb_tests::scenario::{example_manifests as examples, start_example as setup};
 
-
 fn all_ok(ex: &[Exchange], what: &str) {
     let bad: Vec<_> = ex.iter().filter(|e| !e.ok).collect();
-    assert!(bad.is_empty(), "{what}: {} of {} failed, first {:?}", bad.len(), ex.len(), bad.first());
+    assert!(
+        bad.is_empty(),
+        "{what}: {} of {} failed, first {:?}",
+        bad.len(),
+        ex.len(),
+        bad.first()
+    );
 }
 
 fn seen_ip(e: &Exchange) -> String {
-    e.seen_peer.as_deref().unwrap().rsplit_once(':').unwrap().0.to_string()
+    e.seen_peer
+        .as_deref()
+        .unwrap()
+        .rsplit_once(':')
+        .unwrap()
+        .0
+        .to_string()
 }
 
 fn http_get(ns: &str, addr: &str) -> (u16, BTreeMap<String, String>, serde_json::Value) {
@@ -31,8 +42,16 @@ fn http_get(ns: &str, addr: &str) -> (u16, BTreeMap<String, String>, serde_json:
 fn lab_local_policy_keeps_the_client_address() {
     let Some(s) = setup() else { return };
     s.lab.client_route("203.0.113.10/32", "node1").unwrap();
-    for (proto, target) in [("tcp", LB_LOCAL), ("udp", LB_LOCAL), ("tcp", "192.168.100.1:30080"), ("udp", "192.168.100.1:30080")] {
-        let ex = s.lab.run_client("client", &[proto, target, "--count", "30"]).unwrap();
+    for (proto, target) in [
+        ("tcp", LB_LOCAL),
+        ("udp", LB_LOCAL),
+        ("tcp", "192.168.100.1:30080"),
+        ("udp", "192.168.100.1:30080"),
+    ] {
+        let ex = s
+            .lab
+            .run_client("client", &[proto, target, "--count", "30"])
+            .unwrap();
         all_ok(&ex, &format!("{proto} {target}"));
         for e in &ex {
             assert_eq!(e.backend.as_deref(), Some("a1"), "{e:?}");
@@ -45,7 +64,10 @@ fn lab_local_policy_keeps_the_client_address() {
     let st = s.stats("node1");
     // Every TCP connection is a new flow; a UDP socket that happens to get the source port of an
     // earlier one continues that flow's entries (the same four-tuple), so UDP counts at most 60.
-    assert!(st["xdp_new_flow"] >= 60 && st["xdp_new_flow"] + st["xdp_established"] >= 120, "{st:?}");
+    assert!(
+        st["xdp_new_flow"] >= 60 && st["xdp_new_flow"] + st["xdp_established"] >= 120,
+        "{st:?}"
+    );
     assert!(st["xdp_translated_pass"] >= 120, "{st:?}");
     assert!(st["tc_reply"] >= 120, "{st:?}");
 }
@@ -54,8 +76,15 @@ fn lab_local_policy_keeps_the_client_address() {
 fn lab_cluster_policy_translates_the_source_to_the_node() {
     let Some(s) = setup() else { return };
     s.lab.client_route("203.0.113.11/32", "node1").unwrap();
-    for (proto, target) in [("tcp", LB_CLUSTER), ("udp", LB_CLUSTER), ("tcp", "192.168.100.1:30090")] {
-        let ex = s.lab.run_client("client", &[proto, target, "--count", "30"]).unwrap();
+    for (proto, target) in [
+        ("tcp", LB_CLUSTER),
+        ("udp", LB_CLUSTER),
+        ("tcp", "192.168.100.1:30090"),
+    ] {
+        let ex = s
+            .lab
+            .run_client("client", &[proto, target, "--count", "30"])
+            .unwrap();
         all_ok(&ex, &format!("{proto} {target}"));
         for e in &ex {
             // The only backend runs on node2; it sees node1's address, not the client's.
@@ -66,8 +95,16 @@ fn lab_cluster_policy_translates_the_source_to_the_node() {
     }
     let st = s.stats("node1");
     // 60 TCP connections are new flows; a UDP socket may reuse an earlier one's source port.
-    assert!(st["xdp_new_flow"] >= 60 && st["xdp_new_flow"] + st["xdp_established"] >= 90 && st["xdp_reply"] >= 90, "{st:?}");
-    assert!(st["xdp_tx"] >= 90, "translated packets left through XDP_TX: {st:?}");
+    assert!(
+        st["xdp_new_flow"] >= 60
+            && st["xdp_new_flow"] + st["xdp_established"] >= 90
+            && st["xdp_reply"] >= 90,
+        "{st:?}"
+    );
+    assert!(
+        st["xdp_tx"] >= 90,
+        "translated packets left through XDP_TX: {st:?}"
+    );
 }
 
 #[test]
@@ -75,8 +112,17 @@ fn lab_local_policy_without_local_endpoint_drops_and_health_says_so() {
     let Some(s) = setup() else { return };
     // The cloud load balancer sends to node2, which runs no web-local pod.
     s.lab.client_route("203.0.113.10/32", "node2").unwrap();
-    let ex = s.lab.run_client("client", &["tcp", LB_LOCAL, "--count", "3", "--timeout-ms", "500"]).unwrap();
-    assert!(ex.iter().all(|e| !e.ok), "no connection may succeed: {ex:?}");
+    let ex = s
+        .lab
+        .run_client(
+            "client",
+            &["tcp", LB_LOCAL, "--count", "3", "--timeout-ms", "500"],
+        )
+        .unwrap();
+    assert!(
+        ex.iter().all(|e| !e.ok),
+        "no connection may succeed: {ex:?}"
+    );
     let st = s.stats("node2");
     assert!(st["xdp_drop_no_backend"] >= 3, "{st:?}");
     // Health checks: node1 has one ready local endpoint, node2 none.
@@ -99,10 +145,20 @@ fn lab_local_policy_without_local_endpoint_drops_and_health_says_so() {
 fn lab_pods_reach_load_balancer_ips_through_cluster_endpoints() {
     let Some(s) = setup() else { return };
     // From a pod on node2, the Local Service's LB IP is served by the cluster set (a1 on node1).
-    let ex = s.lab.run_client("b2", &["tcp", LB_LOCAL, "--count", "10"]).unwrap();
+    let ex = s
+        .lab
+        .run_client("b2", &["tcp", LB_LOCAL, "--count", "10"])
+        .unwrap();
     all_ok(&ex, "pod to LB IP");
-    assert!(ex.iter().all(|e| e.backend.as_deref() == Some("a1") && e.peer.as_deref() == Some(LB_LOCAL)), "{ex:?}");
-    let ex = s.lab.run_client("a1", &["tcp", EXT_IP, "--count", "10"]).unwrap();
+    assert!(
+        ex.iter()
+            .all(|e| e.backend.as_deref() == Some("a1") && e.peer.as_deref() == Some(LB_LOCAL)),
+        "{ex:?}"
+    );
+    let ex = s
+        .lab
+        .run_client("a1", &["tcp", EXT_IP, "--count", "10"])
+        .unwrap();
     all_ok(&ex, "pod to external IP");
 }
 
@@ -120,9 +176,16 @@ fn lab_long_lived_north_south_connection_survives_backend_leaving() {
     let (head, tail) = text.split_at(text.find("name: ext-1").unwrap());
     let tail = tail.replace(&format!("- {{addresses: [{addr}]"), "# removed: ");
     s.apply(&format!("{head}{tail}"), 2);
-    let ex = s.lab.run_client("client", &["tcp", EXT_IP, "--count", "30"]).unwrap();
+    let ex = s
+        .lab
+        .run_client("client", &["tcp", EXT_IP, "--count", "30"])
+        .unwrap();
     all_ok(&ex, "new connections");
-    assert!(ex.iter().all(|e| e.backend.as_deref() != Some(pinned.as_str())), "{ex:?}");
+    assert!(
+        ex.iter()
+            .all(|e| e.backend.as_deref() != Some(pinned.as_str())),
+        "{ex:?}"
+    );
     for _ in 0..3 {
         let e = held.exchange().unwrap();
         assert!(e.ok, "{e:?}");

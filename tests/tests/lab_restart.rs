@@ -21,27 +21,52 @@ fn lab_agent_sigkill_and_restart_lose_nothing() {
         assert!(ew.exchange().unwrap().ok);
     }
     for (at, target) in [("client", "203.0.113.11:80"), ("a1", "10.96.0.10:80")] {
-        let ex = s.lab.run_client(at, &["tcp", target, "--count", "20"]).unwrap();
-        assert!(ex.iter().all(|e| e.ok), "new connections while the agent is down ({target}): {ex:?}");
+        let ex = s
+            .lab
+            .run_client(at, &["tcp", target, "--count", "20"])
+            .unwrap();
+        assert!(
+            ex.iter().all(|e| e.ok),
+            "new connections while the agent is down ({target}): {ex:?}"
+        );
     }
 
     // The agent comes back on the same pins and finds nothing to rewrite.
-    let mut again = s.lab.spawn_agent("node1", &bin_path("lb-agent").unwrap(), &s.manifests, &[]).unwrap();
-    again.wait_for_log("sync generation 1:", Duration::from_secs(20)).unwrap();
+    let mut again = s
+        .lab
+        .spawn_agent("node1", &bin_path("lb-agent").unwrap(), &s.manifests, &[])
+        .unwrap();
+    again
+        .wait_for_log("sync generation 1:", Duration::from_secs(20))
+        .unwrap();
     let log = again.log();
-    let line = log.lines().find(|l| l.contains("sync generation 1:")).unwrap();
-    assert!(line.contains(" 0 map writes"), "adoption rewrote state: {line}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("sync generation 1:"))
+        .unwrap();
+    assert!(
+        line.contains(" 0 map writes"),
+        "adoption rewrote state: {line}"
+    );
     for _ in 0..3 {
         assert!(ns.exchange().unwrap().ok);
         assert!(ew.exchange().unwrap().ok);
     }
     for (at, target) in [("client", "203.0.113.11:80"), ("a1", "10.96.0.10:80")] {
-        let ex = s.lab.run_client(at, &["tcp", target, "--count", "20"]).unwrap();
+        let ex = s
+            .lab
+            .run_client(at, &["tcp", target, "--count", "20"])
+            .unwrap();
         assert!(ex.iter().all(|e| e.ok), "after restart ({target}): {ex:?}");
     }
     // And it still applies changes.
-    let text = lb_tests::scenario::example_manifests().replace("- {addresses: [10.244.2.11], nodeName: node2, zone: zone-b}\n", "");
+    let text = lb_tests::scenario::example_manifests().replace(
+        "- {addresses: [10.244.2.11], nodeName: node2, zone: zone-b}\n",
+        "",
+    );
     std::fs::write(&s.manifests, text).unwrap();
-    again.wait_for_log("sync generation 2:", Duration::from_secs(20)).unwrap();
+    again
+        .wait_for_log("sync generation 2:", Duration::from_secs(20))
+        .unwrap();
     s.agents.push(again);
 }

@@ -30,22 +30,45 @@ fn lab_upgrade_from_an_older_layout_loses_nothing() {
 
     // The conntrack as the current layout holds it.
     let open = |name: &str| MapData::from_pin(bpffs.join(name)).unwrap();
-    let ct: HashMap<MapData, CtKey, CtEntry> = HashMap::try_from(Map::LruHashMap(open(map_name::CONNTRACK))).unwrap();
-    let before: std::collections::HashMap<CtKey, CtEntry> = ct.iter().map(|kv| kv.unwrap()).collect();
-    assert!(!before.is_empty(), "the held connection has conntrack entries");
+    let ct: HashMap<MapData, CtKey, CtEntry> =
+        HashMap::try_from(Map::LruHashMap(open(map_name::CONNTRACK))).unwrap();
+    let before: std::collections::HashMap<CtKey, CtEntry> =
+        ct.iter().map(|kv| kv.unwrap()).collect();
+    assert!(
+        !before.is_empty(),
+        "the held connection has conntrack entries"
+    );
     drop(ct);
     // Service-port id -> the rev-NAT id of one of its frontends (v1 stored the rev-NAT id; with the
     // flow's protocol it names the Service port again).
-    let svc: HashMap<MapData, ServiceKey, ServiceValue> = HashMap::try_from(Map::HashMap(open(map_name::SERVICES))).unwrap();
-    let rev_of: BTreeMap<u32, u32> =
-        svc.iter().map(|kv| kv.unwrap()).filter(|(k, _)| k.slot == 0).map(|(_, v)| (v.svc_port_id, v.rev_nat_id)).collect();
+    let svc: HashMap<MapData, ServiceKey, ServiceValue> =
+        HashMap::try_from(Map::HashMap(open(map_name::SERVICES))).unwrap();
+    let rev_of: BTreeMap<u32, u32> = svc
+        .iter()
+        .map(|kv| kv.unwrap())
+        .filter(|(k, _)| k.slot == 0)
+        .map(|(_, v)| (v.svc_port_id, v.rev_nat_id))
+        .collect();
     drop(svc);
 
     // The previous layout's pins. The attached programs keep using their maps.
-    let _keep = legacy::create_pinned(&bpffs.join("lb_ct_v1"), legacy::LRU_HASH, 16, 28, lb_common::limits::CONNTRACK, "lb_ct_v1").unwrap();
-    let mut v1: HashMap<MapData, CtKey, CtEntryV1> = HashMap::try_from(Map::LruHashMap(open("lb_ct_v1"))).unwrap();
+    let _keep = legacy::create_pinned(
+        &bpffs.join("lb_ct_v1"),
+        legacy::LRU_HASH,
+        16,
+        28,
+        lb_common::limits::CONNTRACK,
+        "lb_ct_v1",
+    )
+    .unwrap();
+    let mut v1: HashMap<MapData, CtKey, CtEntryV1> =
+        HashMap::try_from(Map::LruHashMap(open("lb_ct_v1"))).unwrap();
     for (k, e) in &before {
-        let rev_nat_id = if e.svc_port_id == 0 { 0 } else { rev_of[&e.svc_port_id] };
+        let rev_nat_id = if e.svc_port_id == 0 {
+            0
+        } else {
+            rev_of[&e.svc_port_id]
+        };
         let old = CtEntryV1 {
             nat_saddr_be: e.nat_saddr_be,
             nat_daddr_be: e.nat_daddr_be,
@@ -72,13 +95,21 @@ fn lab_upgrade_from_an_older_layout_loses_nothing() {
             let h = scope.spawn(move || {
                 let mut all = Vec::new();
                 while !flag.load(Ordering::Relaxed) {
-                    all.extend(lab.run_client("client", &["tcp", TARGET, "--count", "5"]).unwrap());
+                    all.extend(
+                        lab.run_client("client", &["tcp", TARGET, "--count", "5"])
+                            .unwrap(),
+                    );
                 }
                 all
             });
             // The upgraded agent on the same pins.
-            let mut again = s.lab.spawn_agent("node1", &bin_path("lb-agent").unwrap(), &s.manifests, &[]).unwrap();
-            again.wait_for_log("sync generation 1:", Duration::from_secs(20)).unwrap();
+            let mut again = s
+                .lab
+                .spawn_agent("node1", &bin_path("lb-agent").unwrap(), &s.manifests, &[])
+                .unwrap();
+            again
+                .wait_for_log("sync generation 1:", Duration::from_secs(20))
+                .unwrap();
             std::thread::sleep(Duration::from_secs(1));
             stop.store(true, Ordering::Relaxed);
             let ex = h.join().unwrap();
@@ -87,24 +118,62 @@ fn lab_upgrade_from_an_older_layout_loses_nothing() {
     };
     let (again, exchanges) = load;
     let bad: Vec<_> = exchanges.iter().filter(|e| !e.ok).collect();
-    assert!(exchanges.len() >= 1000, "too little traffic during the upgrade: {}", exchanges.len());
+    assert!(
+        exchanges.len() >= 1000,
+        "too little traffic during the upgrade: {}",
+        exchanges.len()
+    );
     // Known and not yet explained: on the CI machine about one connection attempt in 2,000
     // times out around the program swap (a SYN unanswered for 2 s). Tolerate at most one in a
     // thousand, and say so; anything more is a regression.
-    eprintln!("{} of {} connections failed during the upgrade: {:?}", bad.len(), exchanges.len(), bad.first());
-    assert!(bad.len() * 1000 <= exchanges.len(), "{} of {} connections failed during the upgrade: {:?}", bad.len(), exchanges.len(), bad);
+    eprintln!(
+        "{} of {} connections failed during the upgrade: {:?}",
+        bad.len(),
+        exchanges.len(),
+        bad.first()
+    );
+    assert!(
+        bad.len() * 1000 <= exchanges.len(),
+        "{} of {} connections failed during the upgrade: {:?}",
+        bad.len(),
+        exchanges.len(),
+        bad
+    );
 
     let log = again.log();
-    assert!(log.contains("lb_ct_v1 was pinned by an agent of another layout version: lb_ct_v2 replaces it"), "{log}");
-    assert!(log.contains("lb_svc_v2 was pinned by an agent of another layout version: lb_svc_v3 replaces it"), "{log}");
-    let want = format!("migrated {} entries of lb_ct_v1 into lb_ct_v2", before.len());
+    assert!(
+        log.contains(
+            "lb_ct_v1 was pinned by an agent of another layout version: lb_ct_v2 replaces it"
+        ),
+        "{log}"
+    );
+    assert!(
+        log.contains(
+            "lb_svc_v2 was pinned by an agent of another layout version: lb_svc_v3 replaces it"
+        ),
+        "{log}"
+    );
+    let want = format!(
+        "migrated {} entries of lb_ct_v1 into lb_ct_v2",
+        before.len()
+    );
     assert!(log.contains(&want), "expected `{want}` in\n{log}");
     // Every converted entry is in the new conntrack with its Service-port id restored.
-    let ct: HashMap<MapData, CtKey, CtEntry> = HashMap::try_from(Map::LruHashMap(open(map_name::CONNTRACK))).unwrap();
-    let after: std::collections::HashMap<CtKey, CtEntry> = ct.iter().map(|kv| kv.unwrap()).collect();
+    let ct: HashMap<MapData, CtKey, CtEntry> =
+        HashMap::try_from(Map::LruHashMap(open(map_name::CONNTRACK))).unwrap();
+    let after: std::collections::HashMap<CtKey, CtEntry> =
+        ct.iter().map(|kv| kv.unwrap()).collect();
     for (k, e) in &before {
-        let got = after.get(k).unwrap_or_else(|| panic!("{k:?} was not migrated"));
-        assert_eq!(CtEntry { last_seen_s: e.last_seen_s, ..*got }, *e);
+        let got = after
+            .get(k)
+            .unwrap_or_else(|| panic!("{k:?} was not migrated"));
+        assert_eq!(
+            CtEntry {
+                last_seen_s: e.last_seen_s,
+                ..*got
+            },
+            *e
+        );
     }
     for old in ["lb_ct_v1", "lb_svc_v2", "lb_stats_v1"] {
         assert!(!bpffs.join(old).exists(), "{old} is still pinned");

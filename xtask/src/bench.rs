@@ -14,7 +14,10 @@ pub fn bench(args: &[String]) -> Result<i32> {
     let bin_dir = util::target_dir()?.join("release");
     let exe = bin_dir.join("lb-bench");
     let status = util::run_status(
-        std::process::Command::new(&exe).args(args).env("LB_BIN_DIR", &bin_dir).current_dir(util::workspace_root()),
+        std::process::Command::new(&exe)
+            .args(args)
+            .env("LB_BIN_DIR", &bin_dir)
+            .current_dir(util::workspace_root()),
     )
     .with_context(|| format!("running {}", exe.display()))?;
     Ok(util::exit_code(status))

@@ -51,9 +51,12 @@ pub fn attach_cgroup(ebpf: &mut aya::Ebpf, cgroup: &Path, bpffs: &Path) -> Resul
             .ok_or_else(|| anyhow!("program {prog} missing from the object"))?
             .try_into()?;
         if p.fd().is_err() {
-            p.load().with_context(|| format!("loading {prog} (verifier)"))?;
+            p.load()
+                .with_context(|| format!("loading {prog} (verifier)"))?;
         }
-        let id = p.attach(&cg, CgroupAttachMode::Single).with_context(|| format!("attaching {prog} to {}", cgroup.display()))?;
+        let id = p
+            .attach(&cg, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching {prog} to {}", cgroup.display()))?;
         let link: FdLink = p.take_link(id)?.try_into()?;
         let pin = bpffs.join("links").join(hook);
         // bpffs refuses names containing a dot.
@@ -69,8 +72,10 @@ fn pin_replacing(link: FdLink, pin: &Path) -> Result<()> {
     let name = pin.file_name().and_then(|n| n.to_str()).unwrap_or("link");
     let tmp = pin.with_file_name(format!("{name}_new"));
     let _ = fs::remove_file(&tmp);
-    link.pin(&tmp).with_context(|| format!("pinning {}", tmp.display()))?;
-    fs::rename(&tmp, pin).with_context(|| format!("renaming {} to {}", tmp.display(), pin.display()))?;
+    link.pin(&tmp)
+        .with_context(|| format!("pinning {}", tmp.display()))?;
+    fs::rename(&tmp, pin)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), pin.display()))?;
     Ok(())
 }
 
@@ -79,10 +84,16 @@ fn pin_replacing(link: FdLink, pin: &Path) -> Result<()> {
 pub fn attach_tc_egress(ebpf: &mut aya::Ebpf, device: &str, bpffs: &Path) -> Result<()> {
     let p: &mut SchedClassifier = ebpf
         .program_mut(program_name::TC_EGRESS)
-        .ok_or_else(|| anyhow!("program {} missing from the object", program_name::TC_EGRESS))?
+        .ok_or_else(|| {
+            anyhow!(
+                "program {} missing from the object",
+                program_name::TC_EGRESS
+            )
+        })?
         .try_into()?;
     if p.fd().is_err() {
-        p.load().context("loading the tc egress program (verifier)")?;
+        p.load()
+            .context("loading the tc egress program (verifier)")?;
     }
     let id = p
         .attach(device, TcAttachType::Egress)
@@ -91,7 +102,10 @@ pub fn attach_tc_egress(ebpf: &mut aya::Ebpf, device: &str, bpffs: &Path) -> Res
         .take_link(id)?
         .try_into()
         .map_err(|_| anyhow!("tc on {device} is not a TCX link (kernel older than 6.6)"))?;
-    pin_replacing(link, &bpffs.join("links").join(format!("tc_egress_{device}")))
+    pin_replacing(
+        link,
+        &bpffs.join("links").join(format!("tc_egress_{device}")),
+    )
 }
 
 /// Attaches the XDP program to `device`, atomically replacing the program of a link pinned by an
@@ -109,23 +123,34 @@ pub fn attach_xdp(ebpf: &mut aya::Ebpf, device: &str, bpffs: &Path) -> Result<()
         match PinnedLink::from_pin(&pin) {
             Ok(pinned) => {
                 let fd: FdLink = pinned.into();
-                let xdp_link = fd.try_into().context("pinned XDP link is of another type")?;
-                let id = p.attach_to_link(xdp_link).context("replacing the program of the pinned XDP link")?;
+                let xdp_link = fd
+                    .try_into()
+                    .context("pinned XDP link is of another type")?;
+                let id = p
+                    .attach_to_link(xdp_link)
+                    .context("replacing the program of the pinned XDP link")?;
                 // The pin keeps the link; dropping our handle must not detach it.
                 let _ = p.take_link(id)?;
                 return Ok(());
             }
             Err(e) => {
-                log::warn!("stale XDP link pin {}: {e}; attaching afresh", pin.display());
+                log::warn!(
+                    "stale XDP link pin {}: {e}; attaching afresh",
+                    pin.display()
+                );
                 let _ = fs::remove_file(&pin);
             }
         }
     }
-    let id = p
-        .attach(device, XdpMode::default())
-        .with_context(|| format!("attaching XDP to {device} (another XDP program attached? `ip link show {device}`)"))?;
-    let link: FdLink = p.take_link(id)?.try_into().map_err(|_| anyhow!("XDP on {device} is not a bpf_link (kernel too old)"))?;
-    link.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?;
+    let id = p.attach(device, XdpMode::default()).with_context(|| {
+        format!("attaching XDP to {device} (another XDP program attached? `ip link show {device}`)")
+    })?;
+    let link: FdLink = p
+        .take_link(id)?
+        .try_into()
+        .map_err(|_| anyhow!("XDP on {device} is not a bpf_link (kernel too old)"))?;
+    link.pin(&pin)
+        .with_context(|| format!("pinning {}", pin.display()))?;
     Ok(())
 }
 
@@ -135,7 +160,10 @@ pub fn attach_xdp(ebpf: &mut aya::Ebpf, device: &str, bpffs: &Path) -> Result<()
 /// directly.
 fn prepare_device(dev: &str) -> Result<()> {
     let p = format!("/proc/sys/net/ipv4/conf/{dev}/accept_local");
-    if fs::read_to_string(&p).map(|v| v.trim() == "1").unwrap_or(false) {
+    if fs::read_to_string(&p)
+        .map(|v| v.trim() == "1")
+        .unwrap_or(false)
+    {
         return Ok(());
     }
     if let Err(e) = fs::write(&p, "1") {
@@ -150,20 +178,35 @@ fn prepare_device(dev: &str) -> Result<()> {
 /// Loads every program into the kernel (the verifier runs here).
 pub(super) fn load_programs(ebpf: &mut aya::Ebpf) -> Result<()> {
     for (prog, _) in CGROUP_HOOKS {
-        let p: &mut CgroupSockAddr = ebpf.program_mut(prog).ok_or_else(|| anyhow!("program {prog} missing from the object"))?.try_into()?;
-        p.load().with_context(|| format!("loading {prog} (verifier)"))?;
+        let p: &mut CgroupSockAddr = ebpf
+            .program_mut(prog)
+            .ok_or_else(|| anyhow!("program {prog} missing from the object"))?
+            .try_into()?;
+        p.load()
+            .with_context(|| format!("loading {prog} (verifier)"))?;
     }
-    let p: &mut Xdp = ebpf.program_mut(program_name::XDP).ok_or_else(|| anyhow!("program {} missing", program_name::XDP))?.try_into()?;
+    let p: &mut Xdp = ebpf
+        .program_mut(program_name::XDP)
+        .ok_or_else(|| anyhow!("program {} missing", program_name::XDP))?
+        .try_into()?;
     p.load().context("loading the XDP program (verifier)")?;
-    let p: &mut SchedClassifier =
-        ebpf.program_mut(program_name::TC_EGRESS).ok_or_else(|| anyhow!("program {} missing", program_name::TC_EGRESS))?.try_into()?;
-    p.load().context("loading the tc egress program (verifier)")?;
+    let p: &mut SchedClassifier = ebpf
+        .program_mut(program_name::TC_EGRESS)
+        .ok_or_else(|| anyhow!("program {} missing", program_name::TC_EGRESS))?
+        .try_into()?;
+    p.load()
+        .context("loading the tc egress program (verifier)")?;
     Ok(())
 }
 
 /// Attaches the programs once their maps hold the first sync, converting the state of maps of
 /// an older layout before and after the swap (see [`migrate`]), then drops those maps.
-pub(super) fn attach_all(ebpf: &mut aya::Ebpf, cfg: &RunConfig, syncer: &Syncer<AyaDataplane>, old: &[OtherVersion]) -> Result<()> {
+pub(super) fn attach_all(
+    ebpf: &mut aya::Ebpf,
+    cfg: &RunConfig,
+    syncer: &Syncer<AyaDataplane>,
+    old: &[OtherVersion],
+) -> Result<()> {
     let rev_nat = syncer.svc_port_by_rev_nat();
     let mut seen = std::collections::HashMap::new();
     let before = migrate::copy_state(&cfg.bpffs, old, &rev_nat, &mut seen)?;
@@ -175,7 +218,13 @@ pub(super) fn attach_all(ebpf: &mut aya::Ebpf, cfg: &RunConfig, syncer: &Syncer<
     }
     let after = migrate::copy_state(&cfg.bpffs, old, &rev_nat, &mut seen)?;
     for (b, a) in before.iter().zip(&after) {
-        log::info!("migrated {} entries of {} into {} ({} more after the program swap)", b.copied, b.from, b.to, a.copied);
+        log::info!(
+            "migrated {} entries of {} into {} ({} more after the program swap)",
+            b.copied,
+            b.from,
+            b.to,
+            a.copied
+        );
     }
     migrate::remove(old)?;
     log::info!(
@@ -190,7 +239,10 @@ pub(super) fn attach_all(ebpf: &mut aya::Ebpf, cfg: &RunConfig, syncer: &Syncer<
 /// `lb-agent uninstall`: removes every link (detaching the programs) and map pinned under `bpffs`.
 pub fn uninstall(bpffs: &Path) -> Result<Vec<PathBuf>> {
     if !bpffs.exists() {
-        bail!(UsageError(format!("--bpffs {}: nothing pinned there", bpffs.display())));
+        bail!(UsageError(format!(
+            "--bpffs {}: nothing pinned there",
+            bpffs.display()
+        )));
     }
     let mut removed = Vec::new();
     let links = bpffs.join("links");
@@ -203,7 +255,11 @@ pub fn uninstall(bpffs: &Path) -> Result<Vec<PathBuf>> {
         fs::remove_dir(&links)?;
     }
     let others = other_versions(bpffs).into_iter().map(|o| o.path);
-    for p in lb_common::map_name::ALL.iter().map(|n| bpffs.join(n)).chain(others) {
+    for p in lb_common::map_name::ALL
+        .iter()
+        .map(|n| bpffs.join(n))
+        .chain(others)
+    {
         if p.exists() {
             fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
             removed.push(p);

@@ -29,7 +29,9 @@ pub struct HealthEntry {
 pub fn ports(model: &Model, node: &str) -> BTreeMap<u16, HealthEntry> {
     let mut out = BTreeMap::new();
     for s in &model.services {
-        let Some(port) = s.health_check_node_port else { continue };
+        let Some(port) = s.health_check_node_port else {
+            continue;
+        };
         if s.external_traffic_policy != Some(TrafficPolicy::Local) {
             continue;
         }
@@ -42,7 +44,11 @@ pub fn ports(model: &Model, node: &str) -> BTreeMap<u16, HealthEntry> {
             .collect();
         out.insert(
             port,
-            HealthEntry { namespace: s.namespace.clone(), name: s.name.clone(), local_endpoints: ips.len() },
+            HealthEntry {
+                namespace: s.namespace.clone(),
+                name: s.name.clone(),
+                local_endpoints: ips.len(),
+            },
         );
     }
     out
@@ -51,7 +57,11 @@ pub fn ports(model: &Model, node: &str) -> BTreeMap<u16, HealthEntry> {
 /// The HTTP response for `entry`.
 pub fn response(entry: &HealthEntry, proxy_healthy: bool) -> Response {
     let n = entry.local_endpoints;
-    let status = if n > 0 && proxy_healthy { "200 OK" } else { "503 Service Unavailable" };
+    let status = if n > 0 && proxy_healthy {
+        "200 OK"
+    } else {
+        "503 Service Unavailable"
+    };
     let body = serde_json::json!({
         "service": {"namespace": entry.namespace, "name": entry.name},
         "localEndpoints": n,
@@ -106,7 +116,12 @@ impl HealthServers {
         addresses: &[Ipv4Addr],
     ) -> Vec<(u16, String)> {
         *self.entries.write().expect("health entries lock") = want.clone();
-        let gone: Vec<u16> = self.listeners.keys().filter(|p| !want.contains_key(p)).copied().collect();
+        let gone: Vec<u16> = self
+            .listeners
+            .keys()
+            .filter(|p| !want.contains_key(p))
+            .copied()
+            .collect();
         for port in gone {
             if let Some(l) = self.listeners.remove(&port) {
                 l.stop.store(true, Ordering::Relaxed);
@@ -139,7 +154,8 @@ impl HealthServers {
         let stop = Arc::new(AtomicBool::new(false));
         let mut sockets = Vec::new();
         for a in addrs {
-            let l = TcpListener::bind(SocketAddr::new(a, port)).map_err(|e| format!("{a}:{port}: {e}"))?;
+            let l = TcpListener::bind(SocketAddr::new(a, port))
+                .map_err(|e| format!("{a}:{port}: {e}"))?;
             l.set_nonblocking(true).map_err(|e| e.to_string())?;
             sockets.push(l);
         }
@@ -176,7 +192,11 @@ fn serve(
 ) {
     http::serve(listener, stop, |_path| {
         // Any path answers, as kube-proxy's health check server does.
-        let entry = entries.read().expect("health entries lock").get(&port).cloned()?;
+        let entry = entries
+            .read()
+            .expect("health entries lock")
+            .get(&port)
+            .cloned()?;
         Some(response(&entry, healthy.load(Ordering::Relaxed)))
     })
 }
@@ -199,7 +219,11 @@ mod tests {
     }
 
     fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     }
 
     #[test]
@@ -207,14 +231,19 @@ mod tests {
         let port = free_port();
         let lo = [Ipv4Addr::LOCALHOST];
         let mut hs = HealthServers::new();
-        let entry = |n| HealthEntry { namespace: "prod".into(), name: "web".into(), local_endpoints: n };
+        let entry = |n| HealthEntry {
+            namespace: "prod".into(),
+            name: "web".into(),
+            local_endpoints: n,
+        };
         assert!(hs.update(&[(port, entry(2))].into(), &lo).is_empty());
         let r = get(port, "/any/path").unwrap();
         assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
         assert!(r.contains("\r\nContent-Type: application/json\r\n"));
         assert!(r.contains("\r\nX-Content-Type-Options: nosniff\r\n"));
         assert!(r.contains("\r\nX-Load-Balancing-Endpoint-Weight: 2\r\n"));
-        let body: serde_json::Value = serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        let body: serde_json::Value =
+            serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).unwrap();
         assert_eq!(
             body,
             serde_json::json!({"service": {"namespace": "prod", "name": "web"}, "localEndpoints": 2, "serviceProxyHealthy": true})
@@ -232,7 +261,10 @@ mod tests {
         assert!(r.contains("\"serviceProxyHealthy\":false"));
         // Service gone: the port closes.
         hs.update(&BTreeMap::new(), &lo);
-        assert_eq!(get(port, "/").unwrap_err().kind(), std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(
+            get(port, "/").unwrap_err().kind(),
+            std::io::ErrorKind::ConnectionRefused
+        );
     }
 
     #[test]
@@ -240,9 +272,16 @@ mod tests {
         let taken = TcpListener::bind("127.0.0.1:0").unwrap();
         let busy = taken.local_addr().unwrap().port();
         let free = free_port();
-        let e = HealthEntry { namespace: "a".into(), name: "b".into(), local_endpoints: 1 };
+        let e = HealthEntry {
+            namespace: "a".into(),
+            name: "b".into(),
+            local_endpoints: 1,
+        };
         let mut hs = HealthServers::new();
-        let failed = hs.update(&[(busy, e.clone()), (free, e)].into(), &[Ipv4Addr::LOCALHOST]);
+        let failed = hs.update(
+            &[(busy, e.clone()), (free, e)].into(),
+            &[Ipv4Addr::LOCALHOST],
+        );
         assert_eq!(failed.len(), 1);
         assert_eq!(failed[0].0, busy);
         assert!(get(free, "/").unwrap().starts_with("HTTP/1.1 200"));
@@ -263,6 +302,9 @@ mod tests {
         let m = crate::control::model::build(&objects, "node-a");
         let d = ports(&m, "node-a");
         assert_eq!(d[&32000].local_endpoints, 1);
-        assert_eq!(d[&32001].local_endpoints, 0, "game-server has no pod on node-a");
+        assert_eq!(
+            d[&32001].local_endpoints, 0,
+            "game-server has no pod on node-a"
+        );
     }
 }

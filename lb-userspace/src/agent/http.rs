@@ -24,13 +24,21 @@ impl Response {
         for (k, v) in &self.headers {
             s.push_str(&format!("{k}: {v}\r\n"));
         }
-        s.push_str(&format!("Content-Length: {}\r\nConnection: close\r\n\r\n{}", self.body.len(), self.body));
+        s.push_str(&format!(
+            "Content-Length: {}\r\nConnection: close\r\n\r\n{}",
+            self.body.len(),
+            self.body
+        ));
         s
     }
 }
 
 /// Accepts on `listener` (non-blocking) until `stop`, answering each request with `handler`.
-pub fn serve(listener: TcpListener, stop: Arc<AtomicBool>, handler: impl Fn(&str) -> Option<Response>) {
+pub fn serve(
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    handler: impl Fn(&str) -> Option<Response>,
+) {
     let _ = listener.set_nonblocking(true);
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
@@ -58,7 +66,11 @@ fn answer(mut conn: TcpStream, handler: &impl Fn(&str) -> Option<Response>) -> s
     let head = String::from_utf8_lossy(&seen);
     let path = head.split_whitespace().nth(1).unwrap_or("/");
     let path = path.split('?').next().unwrap_or(path);
-    let resp = handler(path).unwrap_or(Response { status: "404 Not Found", headers: vec![], body: String::new() });
+    let resp = handler(path).unwrap_or(Response {
+        status: "404 Not Found",
+        headers: vec![],
+        body: String::new(),
+    });
     conn.write_all(resp.encode().as_bytes())?;
     conn.flush()
 }

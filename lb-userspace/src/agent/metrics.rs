@@ -57,7 +57,12 @@ fn service_port_label(s: &str) -> Option<ServicePortLabel> {
     let (namespace, rest) = s.split_once('/')?;
     let (name_port, protocol) = rest.rsplit_once('/')?;
     let (name, port) = name_port.split_once(':')?;
-    Some(ServicePortLabel { namespace: namespace.into(), name: name.into(), port: port.into(), protocol: protocol.into() })
+    Some(ServicePortLabel {
+        namespace: namespace.into(),
+        name: name.into(),
+        port: port.into(),
+        protocol: protocol.into(),
+    })
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -97,28 +102,55 @@ pub struct Ops {
 }
 
 fn now_s() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Ops {
     pub fn new(bpffs: PathBuf) -> Self {
         let mut registry = Registry::with_prefix("lb");
         let datapath = Family::<CounterLabel, Counter>::default();
-        registry.register("datapath_events", "Datapath events by reason (per-CPU counters summed)", datapath.clone());
+        registry.register(
+            "datapath_events",
+            "Datapath events by reason (per-CPU counters summed)",
+            datapath.clone(),
+        );
         let map_entries = Family::<MapLabel, Gauge>::default();
-        registry.register("map_entries", "Entries in each BPF map", map_entries.clone());
+        registry.register(
+            "map_entries",
+            "Entries in each BPF map",
+            map_entries.clone(),
+        );
         let map_capacity = Family::<MapLabel, Gauge>::default();
-        registry.register("map_capacity", "Capacity of each BPF map", map_capacity.clone());
+        registry.register(
+            "map_capacity",
+            "Capacity of each BPF map",
+            map_capacity.clone(),
+        );
         let sync_duration = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
-        registry.register("sync_duration_seconds", "Time to apply one change to the maps", sync_duration.clone());
+        registry.register(
+            "sync_duration_seconds",
+            "Time to apply one change to the maps",
+            sync_duration.clone(),
+        );
         let map_writes = Counter::default();
         registry.register("map_writes", "Map writes by the sync", map_writes.clone());
         let sync_errors = Counter::default();
         registry.register("sync_errors", "Syncs that failed", sync_errors.clone());
         let watch_restarts = Counter::default();
-        registry.register("watch_restarts", "Kubernetes watch errors (each re-lists)", watch_restarts.clone());
+        registry.register(
+            "watch_restarts",
+            "Kubernetes watch errors (each re-lists)",
+            watch_restarts.clone(),
+        );
         let last_sync = Gauge::default();
-        registry.register("last_sync_timestamp_seconds", "Unix time of the last successful sync", last_sync.clone());
+        registry.register(
+            "last_sync_timestamp_seconds",
+            "Unix time of the last successful sync",
+            last_sync.clone(),
+        );
         let local_endpoints = Family::<ServiceLabel, Gauge>::default();
         registry.register(
             "service_local_endpoints",
@@ -126,13 +158,29 @@ impl Ops {
             local_endpoints.clone(),
         );
         let service_packets = Family::<ServicePortLabel, Counter>::default();
-        registry.register("service_packets", "Packets of a Service port through the XDP path", service_packets.clone());
+        registry.register(
+            "service_packets",
+            "Packets of a Service port through the XDP path",
+            service_packets.clone(),
+        );
         let service_bytes = Family::<ServicePortLabel, Counter>::default();
-        registry.register("service_bytes", "Bytes of a Service port through the XDP path", service_bytes.clone());
+        registry.register(
+            "service_bytes",
+            "Bytes of a Service port through the XDP path",
+            service_bytes.clone(),
+        );
         let service_new = Family::<ServicePortLabel, Counter>::default();
-        registry.register("service_new_connections", "New connections (flows, sockets) to a Service port", service_new.clone());
+        registry.register(
+            "service_new_connections",
+            "New connections (flows, sockets) to a Service port",
+            service_new.clone(),
+        );
         let service_drops = Family::<ServiceDropLabel, Counter>::default();
-        registry.register("service_drops", "Connections or packets of a Service port refused or dropped, by reason", service_drops.clone());
+        registry.register(
+            "service_drops",
+            "Connections or packets of a Service port refused or dropped, by reason",
+            service_drops.clone(),
+        );
         Self {
             service_packets,
             service_bytes,
@@ -191,15 +239,21 @@ impl Ops {
             self.local_endpoints.remove(&l);
         }
         for e in entries.values() {
-            let l = ServiceLabel { namespace: e.namespace.clone(), name: e.name.clone() };
-            self.local_endpoints.get_or_create(&l).set(e.local_endpoints as i64);
+            let l = ServiceLabel {
+                namespace: e.namespace.clone(),
+                name: e.name.clone(),
+            };
+            self.local_endpoints
+                .get_or_create(&l)
+                .set(e.local_endpoints as i64);
             seen.push(l);
         }
     }
 
     /// The Service-port ids the sync assigned (for the per-Service metrics' labels).
     pub fn service_ports(&self, ports: &std::collections::HashMap<String, u32>) {
-        *self.service_ports.lock().expect("ops lock") = ports.iter().map(|(k, v)| (*v, k.clone())).collect();
+        *self.service_ports.lock().expect("ops lock") =
+            ports.iter().map(|(k, v)| (*v, k.clone())).collect();
     }
 
     /// Reads the pinned maps into the datapath and occupancy metrics.
@@ -208,7 +262,9 @@ impl Ops {
             let names = self.service_ports.lock().expect("ops lock");
             let mut seen = self.service_seen.lock().expect("ops lock");
             for (id, c) in stats {
-                let Some(l) = names.get(&id).and_then(|n| service_port_label(n)) else { continue };
+                let Some(l) = names.get(&id).and_then(|n| service_port_label(n)) else {
+                    continue;
+                };
                 let drop_label = |reason: &str| ServiceDropLabel {
                     namespace: l.namespace.clone(),
                     name: l.name.clone(),
@@ -223,22 +279,36 @@ impl Ops {
                 bump(0, c.packets, &self.service_packets.get_or_create(&l));
                 bump(1, c.bytes, &self.service_bytes.get_or_create(&l));
                 bump(2, c.new_connections, &self.service_new.get_or_create(&l));
-                bump(3, c.drops_no_backend, &self.service_drops.get_or_create(&drop_label("no_backend")));
-                bump(4, c.drops_other, &self.service_drops.get_or_create(&drop_label("other")));
+                bump(
+                    3,
+                    c.drops_no_backend,
+                    &self.service_drops.get_or_create(&drop_label("no_backend")),
+                );
+                bump(
+                    4,
+                    c.drops_other,
+                    &self.service_drops.get_or_create(&drop_label("other")),
+                );
             }
         }
         if let Ok(counters) = crate::dataplane::read::stats(&self.bpffs) {
             let mut seen = self.datapath_seen.lock().expect("ops lock");
             for c in counters {
                 let before = seen.insert(c.name.to_string(), c.packets).unwrap_or(0);
-                let label = CounterLabel { counter: c.name.to_string() };
+                let label = CounterLabel {
+                    counter: c.name.to_string(),
+                };
                 // Counters only grow; a map re-created under us restarts from zero.
-                self.datapath.get_or_create(&label).inc_by(c.packets.saturating_sub(before));
+                self.datapath
+                    .get_or_create(&label)
+                    .inc_by(c.packets.saturating_sub(before));
             }
         }
         if let Ok(maps) = crate::dataplane::read::map_occupancy(&self.bpffs) {
             for m in maps {
-                let l = MapLabel { map: m.map.to_string() };
+                let l = MapLabel {
+                    map: m.map.to_string(),
+                };
                 self.map_entries.get_or_create(&l).set(m.entries as i64);
                 self.map_capacity.get_or_create(&l).set(m.capacity as i64);
             }
@@ -255,7 +325,10 @@ impl Ops {
         };
         Response {
             status,
-            headers: vec![("Content-Type", "application/openmetrics-text; version=1.0.0; charset=utf-8".into())],
+            headers: vec![(
+                "Content-Type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8".into(),
+            )],
             body,
         }
     }
@@ -274,8 +347,15 @@ impl Ops {
         })
         .to_string();
         Response {
-            status: if healthy { "200 OK" } else { "503 Service Unavailable" },
-            headers: vec![("Content-Type", "application/json".into()), ("X-Content-Type-Options", "nosniff".into())],
+            status: if healthy {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            },
+            headers: vec![
+                ("Content-Type", "application/json".into()),
+                ("X-Content-Type-Options", "nosniff".into()),
+            ],
             body,
         }
     }
@@ -297,16 +377,26 @@ mod tests {
     #[test]
     fn health_is_503_until_programmed_and_after_a_failed_sync() {
         let ops = Ops::new(PathBuf::from("/nonexistent"));
-        assert_eq!(ops.route("/healthz").unwrap().status, "503 Service Unavailable");
+        assert_eq!(
+            ops.route("/healthz").unwrap().status,
+            "503 Service Unavailable"
+        );
         ops.synced(Duration::from_millis(1), 10);
         assert_eq!(ops.route("/healthz").unwrap().status, "200 OK");
         assert_eq!(ops.route("/livez").unwrap().status, "200 OK");
         ops.sync_failed();
-        assert_eq!(ops.route("/healthz").unwrap().status, "503 Service Unavailable");
+        assert_eq!(
+            ops.route("/healthz").unwrap().status,
+            "503 Service Unavailable"
+        );
         ops.synced(Duration::from_millis(1), 0);
         // A loop that stopped beating is unhealthy.
-        ops.heartbeat.store(now_s() - STALE_AFTER.as_secs() - 1, Ordering::Relaxed);
-        assert_eq!(ops.route("/livez").unwrap().status, "503 Service Unavailable");
+        ops.heartbeat
+            .store(now_s() - STALE_AFTER.as_secs() - 1, Ordering::Relaxed);
+        assert_eq!(
+            ops.route("/livez").unwrap().status,
+            "503 Service Unavailable"
+        );
         assert!(ops.route("/other").is_none());
         // Metrics encode even without maps to read.
         let m = ops.route("/metrics").unwrap();

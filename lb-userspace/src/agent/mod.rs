@@ -49,13 +49,23 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     preflight(cfg)?;
     let mut source: Box<dyn Source> = match (&cfg.manifests, &cfg.kubeconfig) {
         (Some(m), _) => Box::new(ManifestsSource::new(m)),
-        (None, Some(k)) => Box::new(KubeSource::new(KubeConfigChoice::Kubeconfig(k.clone()), &cfg.node).map_err(|e| usage(format!("{e:#}")))?),
-        (None, None) => Box::new(KubeSource::new(KubeConfigChoice::InCluster, &cfg.node).map_err(|e| usage(format!("{e:#}")))?),
+        (None, Some(k)) => Box::new(
+            KubeSource::new(KubeConfigChoice::Kubeconfig(k.clone()), &cfg.node)
+                .map_err(|e| usage(format!("{e:#}")))?,
+        ),
+        (None, None) => Box::new(
+            KubeSource::new(KubeConfigChoice::InCluster, &cfg.node)
+                .map_err(|e| usage(format!("{e:#}")))?,
+        ),
     };
     let ops = Arc::new(Ops::new(cfg.bpffs.clone()));
-    for (flag, addr) in [("--metrics-addr", cfg.metrics_addr), ("--health-addr", cfg.health_addr)] {
+    for (flag, addr) in [
+        ("--metrics-addr", cfg.metrics_addr),
+        ("--health-addr", cfg.health_addr),
+    ] {
         let Some(addr) = addr else { continue };
-        let l = std::net::TcpListener::bind(addr).map_err(|e| usage(format!("{flag} {addr}: {e}")))?;
+        let l =
+            std::net::TcpListener::bind(addr).map_err(|e| usage(format!("{flag} {addr}: {e}")))?;
         let (ops, stop) = (ops.clone(), stop.clone());
         std::thread::spawn(move || http::serve(l, stop, |path| ops.route(path)));
     }
@@ -79,7 +89,11 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     // Maps of another layout version (an upgrade): replaced once the new ones are filled.
     let old_versions = other_versions(&cfg.bpffs);
     for o in &old_versions {
-        log::info!("{} was pinned by an agent of another layout version: {} replaces it", o.name, o.current);
+        log::info!(
+            "{} was pinned by an agent of another layout version: {} replaces it",
+            o.name,
+            o.current
+        );
     }
     let mut attached = false;
     let mut generation = 0u64;
@@ -102,13 +116,23 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 let started = Instant::now();
                 let m = model::build(&objects, &cfg.node);
                 for r in &m.rejected {
-                    log::warn!("rejected {} {}/{}: {}", r.kind, r.namespace, r.name, r.reason);
+                    log::warn!(
+                        "rejected {} {}/{}: {}",
+                        r.kind,
+                        r.namespace,
+                        r.name,
+                        r.reason
+                    );
                 }
                 let p = plan::plan(&m, &cfg.node);
                 let desired = desired::desired(&p);
                 let dp_config = datapath_config(&p.node, cfg.snat_ports);
-                let synced = syncer.set_config(&dp_config).and_then(|_| syncer.sync(&desired));
-                health_checks.proxy_healthy.store(synced.is_ok(), Ordering::Relaxed);
+                let synced = syncer
+                    .set_config(&dp_config)
+                    .and_then(|_| syncer.sync(&desired));
+                health_checks
+                    .proxy_healthy
+                    .store(synced.is_ok(), Ordering::Relaxed);
                 let health_ports = health_check::ports(&m, &cfg.node);
                 ops.local_endpoints(&health_ports);
                 for (port, err) in health_checks.update(&health_ports, &p.node.addresses) {
@@ -131,7 +155,9 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                         started.elapsed()
                     ),
                     Err(e) => {
-                        log::error!("sync generation {generation} failed: {e:#}; re-reading the maps");
+                        log::error!(
+                            "sync generation {generation} failed: {e:#}; re-reading the maps"
+                        );
                         syncer = Syncer::adopt(AyaDataplane::from_pins(&cfg.bpffs)?)?;
                         retry = true;
                     }
@@ -145,4 +171,3 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     log::info!("stopping; programs stay attached through their pinned links (lb-agent uninstall removes them)");
     Ok(())
 }
-

@@ -51,7 +51,10 @@ pub fn preflight(cfg: &RunConfig) -> Result<()> {
         ));
     }
     if let Some(m) = cfg.manifests.as_ref().filter(|m| !m.exists()) {
-        return Err(usage(format!("--manifests {}: no such file or directory", m.display())));
+        return Err(usage(format!(
+            "--manifests {}: no such file or directory",
+            m.display()
+        )));
     }
     if let Some(k) = cfg.kubeconfig.as_ref().filter(|k| !k.exists()) {
         return Err(usage(format!("--kubeconfig {}: no such file", k.display())));
@@ -65,13 +68,19 @@ pub fn preflight(cfg: &RunConfig) -> Result<()> {
             )))
         }
         Err(e) => {
-            return Err(usage(format!("--cgroup {}: {e} (create it, or point at the cgroup v2 mount)", cfg.cgroup.display())))
+            return Err(usage(format!(
+                "--cgroup {}: {e} (create it, or point at the cgroup v2 mount)",
+                cfg.cgroup.display()
+            )))
         }
     }
     let parent = if cfg.bpffs.exists() {
         cfg.bpffs.clone()
     } else {
-        cfg.bpffs.parent().map(Path::to_path_buf).unwrap_or_default()
+        cfg.bpffs
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
     };
     match statfs_magic(&parent) {
         Ok(BPF_FS_MAGIC) => {}
@@ -83,7 +92,8 @@ pub fn preflight(cfg: &RunConfig) -> Result<()> {
         }
     }
     for dev in &cfg.devices {
-        let c = CString::new(dev.as_str()).map_err(|_| usage(format!("--device {dev:?}: invalid name")))?;
+        let c = CString::new(dev.as_str())
+            .map_err(|_| usage(format!("--device {dev:?}: invalid name")))?;
         // SAFETY: plain libc call on a valid C string.
         if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
             return Err(usage(format!(

@@ -13,7 +13,11 @@ use lb_userspace::{
 };
 
 #[derive(Parser)]
-#[command(name = "lb-agent", version, about = "eBPF/XDP Kubernetes Service dataplane: node agent")]
+#[command(
+    name = "lb-agent",
+    version,
+    about = "eBPF/XDP Kubernetes Service dataplane: node agent"
+)]
 struct Cli {
     /// Log format: human-readable text or one JSON object per line.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -83,13 +87,26 @@ fn main() {
     // tracing, with `log` records bridged in; RUST_LOG filters (default info).
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => fmt.init(),
         LogFormat::Json => fmt.json().init(),
     }
     let result = match cli.command {
-        Command::Run { node, manifests, kubeconfig, cgroup, bpffs, devices, poll_interval_ms, snat_ports, metrics_addr, health_addr } => {
+        Command::Run {
+            node,
+            manifests,
+            kubeconfig,
+            cgroup,
+            bpffs,
+            devices,
+            poll_interval_ms,
+            snat_ports,
+            metrics_addr,
+            health_addr,
+        } => {
             let stop = Arc::new(AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
                 signal_hook::flag::register(sig, stop.clone()).expect("signal handler");
@@ -121,9 +138,17 @@ fn main() {
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
-    let (a, b) = s.split_once('-').ok_or("expected MIN-MAX, e.g. 61000-65535")?;
-    let a: u16 = a.trim().parse().map_err(|_| format!("{a:?} is not a port"))?;
-    let b: u16 = b.trim().parse().map_err(|_| format!("{b:?} is not a port"))?;
+    let (a, b) = s
+        .split_once('-')
+        .ok_or("expected MIN-MAX, e.g. 61000-65535")?;
+    let a: u16 = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("{a:?} is not a port"))?;
+    let b: u16 = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("{b:?} is not a port"))?;
     if a == 0 || a > b {
         return Err(format!("{s}: need 1 <= MIN <= MAX <= 65535"));
     }

@@ -72,15 +72,27 @@ fn print_rows<T: serde::Serialize>(rows: &[T], json: bool) -> anyhow::Result<()>
             _ => Default::default(),
         })
         .collect();
-    let headers: Vec<String> = values.first().map(|m| m.keys().cloned().collect()).unwrap_or_default();
+    let headers: Vec<String> = values
+        .first()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
     let cell = |v: &serde_json::Value| match v {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Null => "-".into(),
         other => other.to_string(),
     };
-    let table: Vec<Vec<String>> = values.iter().map(|m| headers.iter().map(|h| cell(&m[h])).collect()).collect();
+    let table: Vec<Vec<String>> = values
+        .iter()
+        .map(|m| headers.iter().map(|h| cell(&m[h])).collect())
+        .collect();
     let upper: Vec<String> = headers.iter().map(|h| h.to_uppercase()).collect();
-    print!("{}", inspect::table(&upper.iter().map(String::as_str).collect::<Vec<_>>(), &table));
+    print!(
+        "{}",
+        inspect::table(
+            &upper.iter().map(String::as_str).collect::<Vec<_>>(),
+            &table
+        )
+    );
     Ok(())
 }
 
@@ -89,9 +101,13 @@ fn parse_frontend(s: &str) -> anyhow::Result<(std::net::SocketAddrV4, u8)> {
     let proto = match proto.to_ascii_uppercase().as_str() {
         "TCP" => lb_common::proto::TCP,
         "UDP" => lb_common::proto::UDP,
-        p => anyhow::bail!(lb_userspace::error::UsageError(format!("--frontend {s}: protocol {p} is neither TCP nor UDP"))),
+        p => anyhow::bail!(lb_userspace::error::UsageError(format!(
+            "--frontend {s}: protocol {p} is neither TCP nor UDP"
+        ))),
     };
-    let addr = addr.parse().map_err(|_| lb_userspace::error::UsageError(format!("--frontend {s}: expected IP:PORT/PROTO")))?;
+    let addr = addr.parse().map_err(|_| {
+        lb_userspace::error::UsageError(format!("--frontend {s}: expected IP:PORT/PROTO"))
+    })?;
     Ok((addr, proto))
 }
 
@@ -135,7 +151,13 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                         ]
                     })
                     .collect();
-                print!("{}", inspect::table(&["SERVICE", "FRONTEND", "PROTO", "SCOPE", "COUNT", "BACKENDS"], &rows));
+                print!(
+                    "{}",
+                    inspect::table(
+                        &["SERVICE", "FRONTEND", "PROTO", "SCOPE", "COUNT", "BACKENDS"],
+                        &rows
+                    )
+                );
             }
         }
         Command::Backends => {
@@ -145,9 +167,19 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             } else {
                 let rows: Vec<Vec<String>> = v
                     .iter()
-                    .map(|b| vec![b.id.to_string(), b.address.clone(), b.protocol.into(), format!("{:#x}", b.flags)])
+                    .map(|b| {
+                        vec![
+                            b.id.to_string(),
+                            b.address.clone(),
+                            b.protocol.into(),
+                            format!("{:#x}", b.flags),
+                        ]
+                    })
                     .collect();
-                print!("{}", inspect::table(&["ID", "ADDRESS", "PROTO", "FLAGS"], &rows));
+                print!(
+                    "{}",
+                    inspect::table(&["ID", "ADDRESS", "PROTO", "FLAGS"], &rows)
+                );
             }
         }
         Command::Conntrack { filter } => {
@@ -164,7 +196,11 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             let (ip, port) = match client.parse::<std::net::SocketAddrV4>() {
                 Ok(a) => (*a.ip(), Some(a.port())),
                 Err(_) => (
-                    client.parse().map_err(|_| lb_userspace::error::UsageError(format!("--client {client}: expected IP or IP:PORT")))?,
+                    client.parse().map_err(|_| {
+                        lb_userspace::error::UsageError(format!(
+                            "--client {client}: expected IP or IP:PORT"
+                        ))
+                    })?,
                     None,
                 ),
             };
@@ -183,9 +219,14 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                let rows: Vec<Vec<String>> =
-                    v.iter().map(|c| vec![c.name.into(), c.packets.to_string(), c.bytes.to_string()]).collect();
-                print!("{}", inspect::table(&["COUNTER", "PACKETS", "BYTES"], &rows));
+                let rows: Vec<Vec<String>> = v
+                    .iter()
+                    .map(|c| vec![c.name.into(), c.packets.to_string(), c.bytes.to_string()])
+                    .collect();
+                print!(
+                    "{}",
+                    inspect::table(&["COUNTER", "PACKETS", "BYTES"], &rows)
+                );
             }
         }
     }

@@ -76,7 +76,13 @@ pub fn desired(plan: &Plan) -> Desired {
                     if e.terminating {
                         bf |= lb_common::backend_flags::TERMINATING;
                     }
-                    (BackendKey { addr: e.addr, proto }, bf)
+                    (
+                        BackendKey {
+                            addr: e.addr,
+                            proto,
+                        },
+                        bf,
+                    )
                 })
                 .collect::<Vec<_>>()
         };
@@ -87,17 +93,30 @@ pub fn desired(plan: &Plan) -> Desired {
             .unwrap_or(&[]);
         for fe in &sp.frontends {
             let entry = |eps: &[PlannedEndpoint]| DesiredFrontend {
-                service_port: format!("{}/{}:{}/{:?}", sp.namespace, sp.name, sp.port_name, sp.protocol),
+                service_port: format!(
+                    "{}/{}:{}/{:?}",
+                    sp.namespace, sp.name, sp.port_name, sp.protocol
+                ),
                 flags: flags | kind_flag(fe.kind),
                 affinity_timeout_s: sp.session_affinity_timeout_seconds.unwrap_or(0),
                 backends: backends(eps),
             };
-            let key = |scope| FrontendKey { addr: fe.address, proto, scope };
+            let key = |scope| FrontendKey {
+                addr: fe.address,
+                proto,
+                scope,
+            };
             if fe.kind == FrontendKind::ClusterIP {
-                out.insert(key(lb_common::scope::INTERNAL), entry(sp.internal_endpoints()));
+                out.insert(
+                    key(lb_common::scope::INTERNAL),
+                    entry(sp.internal_endpoints()),
+                );
             } else {
                 out.insert(key(lb_common::scope::INTERNAL), entry(from_inside));
-                out.insert(key(lb_common::scope::EXTERNAL), entry(sp.external_endpoints()));
+                out.insert(
+                    key(lb_common::scope::EXTERNAL),
+                    entry(sp.external_endpoints()),
+                );
             }
         }
     }
@@ -117,19 +136,36 @@ pub(crate) fn sock_addr(addr_be: u32, port_be: u16) -> SocketAddrV4 {
 /// The services-map key of slot `slot` of a frontend (slot 0: its master entry).
 pub(crate) fn service_key(fe: &FrontendKey, slot: u16) -> ServiceKey {
     let (addr_be, port_be) = be_addr(fe.addr);
-    ServiceKey { addr_be, port_be, proto: fe.proto, scope: fe.scope, slot, _pad: 0 }
+    ServiceKey {
+        addr_be,
+        port_be,
+        proto: fe.proto,
+        scope: fe.scope,
+        slot,
+        _pad: 0,
+    }
 }
 
 /// The backends-map value of a backend with its flags.
 pub(crate) fn backend_value(k: &BackendKey, flags: u8) -> Backend {
     let (addr_be, port_be) = be_addr(k.addr);
-    Backend { addr_be, port_be, proto: k.proto, flags, zone: 0, _pad: [0; 3] }
+    Backend {
+        addr_be,
+        port_be,
+        proto: k.proto,
+        flags,
+        zone: 0,
+        _pad: [0; 3],
+    }
 }
 
 /// The datapath config for this node: its first address as the SNAT source. Without a Node
 /// object (so without an address) the XDP path stays off (`xdp_no_config`).
 pub fn datapath_config(node: &NodeInfo, snat_ports: (u16, u16)) -> lb_common::Config {
-    let addr = node.addresses.first().map(|a| u32::from_ne_bytes(a.octets()));
+    let addr = node
+        .addresses
+        .first()
+        .map(|a| u32::from_ne_bytes(a.octets()));
     lb_common::Config {
         node_addr_be: addr.unwrap_or(0),
         snat_port_min: snat_ports.0,

@@ -106,10 +106,17 @@ impl StoreObjects {
         let mut objects = Objects {
             nodes: self.nodes.iter().map(|n| Node::clone(n)).collect(),
             services: self.services.iter().map(|s| Service::clone(s)).collect(),
-            endpoint_slices: self.endpoint_slices.iter().map(|s| EndpointSlice::clone(s)).collect(),
+            endpoint_slices: self
+                .endpoint_slices
+                .iter()
+                .map(|s| EndpointSlice::clone(s))
+                .collect(),
         };
         objects.services.iter_mut().for_each(default_service);
-        objects.endpoint_slices.iter_mut().for_each(default_endpoint_slice);
+        objects
+            .endpoint_slices
+            .iter_mut()
+            .for_each(default_endpoint_slice);
         objects
     }
 }
@@ -238,7 +245,11 @@ impl Source for KubeSource {
             endpoint_slices: sorted(&self.endpoint_slices),
             nodes: sorted(&self.nodes),
         };
-        if self.last.as_ref().is_some_and(|last| last.same_as(&current)) {
+        if self
+            .last
+            .as_ref()
+            .is_some_and(|last| last.same_as(&current))
+        {
             return Ok(None);
         }
         let objects = current.to_objects();
@@ -268,18 +279,23 @@ impl Drop for KubeSource {
 /// A client for the chosen API server.
 async fn client(choice: &KubeConfigChoice) -> Result<Client> {
     let config = match choice {
-        KubeConfigChoice::InCluster => kube::Config::incluster()
-            .context("in-cluster Kubernetes config (is this running in a pod? else pass --kubeconfig)")?,
+        KubeConfigChoice::InCluster => kube::Config::incluster().context(
+            "in-cluster Kubernetes config (is this running in a pod? else pass --kubeconfig)",
+        )?,
         KubeConfigChoice::Kubeconfig(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("kubeconfig {}", path.display()))?
+            kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .with_context(|| format!("kubeconfig {}", path.display()))?
         }
-        KubeConfigChoice::Url(url) => {
-            kube::Config::new(url.parse().with_context(|| format!("API server URL {url:?}"))?)
-        }
+        KubeConfigChoice::Url(url) => kube::Config::new(
+            url.parse()
+                .with_context(|| format!("API server URL {url:?}"))?,
+        ),
     };
     Client::try_from(config).context("building the Kubernetes client")
 }
@@ -301,7 +317,9 @@ async fn watch_into<K>(
     // of the run (the same outage, retried with backoff) only debug, so an outage is one line.
     let mut failing = false;
     loop {
-        let mut events = watcher::watcher(api.clone(), config.clone()).default_backoff().boxed();
+        let mut events = watcher::watcher(api.clone(), config.clone())
+            .default_backoff()
+            .boxed();
         // A watcher stream never ends by itself; it is only left for a forced re-list.
         while let Some(event) = events.next().await {
             match event {
@@ -331,7 +349,9 @@ async fn watch_into<K>(
                     if failing {
                         log::debug!("watch {kind}: {e}");
                     } else {
-                        log::warn!("watch {kind}: {e}; retrying with backoff, keeping the last state");
+                        log::warn!(
+                            "watch {kind}: {e}; retrying with backoff, keeping the last state"
+                        );
                         failing = true;
                     }
                     if expired_at_watch_start(&e) {

@@ -115,7 +115,8 @@ fn reject(kind: &str, namespace: &str, name: &str, reason: impl Into<String>) ->
 }
 
 fn parse_ipv4(s: &str) -> Result<Ipv4Addr, String> {
-    s.parse::<Ipv4Addr>().map_err(|_| format!("unparsable IPv4 address {s:?}"))
+    s.parse::<Ipv4Addr>()
+        .map_err(|_| format!("unparsable IPv4 address {s:?}"))
 }
 
 fn parse_port(what: &str, p: i32) -> Result<u16, String> {
@@ -144,7 +145,12 @@ fn parse_policy(what: &str, p: Option<&str>) -> Result<TrafficPolicy, String> {
 
 pub fn node_info(node: &Node) -> NodeInfo {
     let name = node.metadata.name.clone().unwrap_or_default();
-    let zone = node.metadata.labels.as_ref().and_then(|l| l.get(LABEL_ZONE)).cloned();
+    let zone = node
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_ZONE))
+        .cloned();
     let mut addresses = Vec::new();
     let all = node.status.as_ref().and_then(|s| s.addresses.as_ref());
     // InternalIP first, then ExternalIP, as NodePorts listen on both.
@@ -157,7 +163,11 @@ pub fn node_info(node: &Node) -> NodeInfo {
             }
         }
     }
-    NodeInfo { name, zone, addresses }
+    NodeInfo {
+        name,
+        zone,
+        addresses,
+    }
 }
 
 /// Why an object without `metadata.name` is rejected (the API server never stores one).
@@ -174,14 +184,20 @@ pub fn build(objects: &Objects, node_name: &str) -> Model {
 
     let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in &objects.endpoint_slices {
-        let ns = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let ns = slice
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
         let name = slice.metadata.name.clone().unwrap_or_default();
         let labels = slice.metadata.labels.clone().unwrap_or_default();
         if labels.contains_key(LABEL_SERVICE_PROXY_NAME) || labels.contains_key(LABEL_HEADLESS) {
             continue;
         }
         if name.is_empty() {
-            model.rejected.push(reject("EndpointSlice", &ns, &name, MISSING_NAME));
+            model
+                .rejected
+                .push(reject("EndpointSlice", &ns, &name, MISSING_NAME));
             continue;
         }
         let Some(svc) = labels.get(LABEL_SERVICE_NAME) else {
@@ -197,21 +213,29 @@ pub fn build(objects: &Objects, node_name: &str) -> Model {
             continue; // IPv6 and FQDN slices are not served by this IPv4 dataplane
         }
         if let Err(reason) = validate_slice(slice) {
-            model.rejected.push(reject("EndpointSlice", &ns, &name, reason));
+            model
+                .rejected
+                .push(reject("EndpointSlice", &ns, &name, reason));
             continue;
         }
         by_service.entry((ns, svc.clone())).or_default().push(slice);
     }
 
     for svc in &objects.services {
-        let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let ns = svc
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
         let name = svc.metadata.name.clone().unwrap_or_default();
         let labels = svc.metadata.labels.clone().unwrap_or_default();
         if labels.contains_key(LABEL_SERVICE_PROXY_NAME) {
             continue;
         }
         if name.is_empty() {
-            model.rejected.push(reject("Service", &ns, &name, MISSING_NAME));
+            model
+                .rejected
+                .push(reject("Service", &ns, &name, MISSING_NAME));
             continue;
         }
         match service_model(svc, &ns, &name) {
@@ -224,7 +248,9 @@ pub fn build(objects: &Objects, node_name: &str) -> Model {
             Err(reason) => model.rejected.push(reject("Service", &ns, &name, reason)),
         }
     }
-    model.services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    model
+        .services
+        .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     model.rejected.sort();
     model
 }
@@ -247,12 +273,17 @@ fn validate_slice(slice: &EndpointSlice) -> Result<(), String> {
 
 /// `Ok(None)` for Services kube-proxy does not proxy (headless, ExternalName).
 fn service_model(svc: &Service, ns: &str, name: &str) -> Result<Option<ServiceModel>, String> {
-    let Some(spec) = svc.spec.as_ref() else { return Ok(None) };
+    let Some(spec) = svc.spec.as_ref() else {
+        return Ok(None);
+    };
     let type_ = spec.type_.clone().unwrap_or_else(|| "ClusterIP".into());
     if type_ == "ExternalName" {
         return Ok(None);
     }
-    let ips = spec.cluster_ips.clone().or_else(|| spec.cluster_ip.clone().map(|i| vec![i]));
+    let ips = spec
+        .cluster_ips
+        .clone()
+        .or_else(|| spec.cluster_ip.clone().map(|i| vec![i]));
     let ips = ips.unwrap_or_default();
     if ips.iter().any(|i| i == "None") {
         return Ok(None); // headless
@@ -278,7 +309,11 @@ fn service_model(svc: &Service, ns: &str, name: &str) -> Result<Option<ServiceMo
     let mut load_balancer_ips = Vec::new();
     if type_ == "LoadBalancer" {
         let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref());
-        for ing in ingress.and_then(|l| l.ingress.as_ref()).into_iter().flatten() {
+        for ing in ingress
+            .and_then(|l| l.ingress.as_ref())
+            .into_iter()
+            .flatten()
+        {
             if ing.ip_mode.as_deref() == Some("Proxy") {
                 continue; // the cloud LB proxies: traffic arrives for the node, not the VIP
             }
@@ -300,16 +335,26 @@ fn service_model(svc: &Service, ns: &str, name: &str) -> Result<Option<ServiceMo
         if !seen.insert((pname.clone(), protocol)) {
             return Err(format!("duplicate port name {pname:?} for {protocol:?}"));
         }
-        ports.push(ServicePort { name: pname, protocol, port, node_port });
+        ports.push(ServicePort {
+            name: pname,
+            protocol,
+            port,
+            node_port,
+        });
     }
-    let internal_traffic_policy =
-        parse_policy("internalTrafficPolicy", spec.internal_traffic_policy.as_deref())?;
+    let internal_traffic_policy = parse_policy(
+        "internalTrafficPolicy",
+        spec.internal_traffic_policy.as_deref(),
+    )?;
     let externally_reachable = type_ == "NodePort"
         || type_ == "LoadBalancer"
         || !external_ips.is_empty()
         || !load_balancer_ips.is_empty();
     let external_traffic_policy = if externally_reachable {
-        Some(parse_policy("externalTrafficPolicy", spec.external_traffic_policy.as_deref())?)
+        Some(parse_policy(
+            "externalTrafficPolicy",
+            spec.external_traffic_policy.as_deref(),
+        )?)
     } else {
         None
     };
@@ -367,15 +412,18 @@ fn merge_endpoints(slices: &[&EndpointSlice]) -> BTreeMap<(String, Protocol), Ve
     for slice in slices {
         for sp in slice.ports.iter().flatten() {
             let Some(port) = sp.port else { continue };
-            let (Ok(protocol), Ok(port)) =
-                (parse_protocol(sp.protocol.as_deref()), parse_port("port", port))
-            else {
+            let (Ok(protocol), Ok(port)) = (
+                parse_protocol(sp.protocol.as_deref()),
+                parse_port("port", port),
+            ) else {
                 continue;
             };
             let key = (sp.name.clone().unwrap_or_default(), protocol);
             let list = out.entry(key).or_default();
             for ep in slice.endpoints.iter().flatten() {
-                let Some(Ok(addr)) = ep.addresses.first().map(|a| parse_ipv4(a)) else { continue };
+                let Some(Ok(addr)) = ep.addresses.first().map(|a| parse_ipv4(a)) else {
+                    continue;
+                };
                 let c = ep.conditions.clone().unwrap_or_default();
                 let hints = ep.hints.clone().unwrap_or_default();
                 let new = Endpoint {
@@ -386,8 +434,18 @@ fn merge_endpoints(slices: &[&EndpointSlice]) -> BTreeMap<(String, Protocol), Ve
                     terminating: c.terminating.unwrap_or(false),
                     node_name: ep.node_name.clone(),
                     zone: ep.zone.clone(),
-                    zone_hints: hints.for_zones.iter().flatten().map(|z| z.name.clone()).collect(),
-                    node_hints: hints.for_nodes.iter().flatten().map(|n| n.name.clone()).collect(),
+                    zone_hints: hints
+                        .for_zones
+                        .iter()
+                        .flatten()
+                        .map(|z| z.name.clone())
+                        .collect(),
+                    node_hints: hints
+                        .for_nodes
+                        .iter()
+                        .flatten()
+                        .map(|n| n.name.clone())
+                        .collect(),
                 };
                 match list.iter_mut().find(|e| e.addr == addr && e.port == port) {
                     Some(existing) => {
@@ -426,7 +484,11 @@ mod tests {
         m.services[0]
             .endpoints
             .get(&(port.to_string(), proto))
-            .map(|v| v.iter().map(|e| (e.addr.to_string(), e.ready, e.serving, e.terminating)).collect())
+            .map(|v| {
+                v.iter()
+                    .map(|e| (e.addr.to_string(), e.ready, e.serving, e.terminating))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -437,36 +499,96 @@ mod tests {
         let m = model(&format!("{SVC}{}", slice("a", label, "[{name: web, port: 8080}, {name: web, port: 9999, protocol: UDP}, {name: dns, port: 5353, protocol: UDP}]", "[{addresses: [10.0.0.1, 10.0.0.99]}]")));
         assert!(m.rejected.is_empty(), "{:?}", m.rejected);
         let web = &m.services[0].endpoints[&("web".into(), Protocol::TCP)];
-        assert_eq!((web[0].addr.to_string(), web[0].port), ("10.0.0.1".into(), 8080), "first address, TCP port");
-        assert_eq!(m.services[0].endpoints[&("dns".into(), Protocol::UDP)][0].port, 5353);
+        assert_eq!(
+            (web[0].addr.to_string(), web[0].port),
+            ("10.0.0.1".into(), 8080),
+            "first address, TCP port"
+        );
+        assert_eq!(
+            m.services[0].endpoints[&("dns".into(), Protocol::UDP)][0].port,
+            5353
+        );
         // Missing conditions: ready and serving, not terminating.
-        assert_eq!(eps(&m, "web", Protocol::TCP), vec![("10.0.0.1".into(), true, true, false)]);
+        assert_eq!(
+            eps(&m, "web", Protocol::TCP),
+            vec![("10.0.0.1".into(), true, true, false)]
+        );
         // Without the service-name label: rejected with the reason; the Service keeps working.
-        let m = model(&format!("{SVC}{}", slice("nolabel", "app: x", "[{name: web, port: 8080}]", "[{addresses: [10.0.0.1]}]")));
+        let m = model(&format!(
+            "{SVC}{}",
+            slice(
+                "nolabel",
+                "app: x",
+                "[{name: web, port: 8080}]",
+                "[{addresses: [10.0.0.1]}]"
+            )
+        ));
         assert_eq!(m.rejected.len(), 1);
-        assert_eq!((m.rejected[0].kind.as_str(), m.rejected[0].namespace.as_str(), m.rejected[0].name.as_str()), ("EndpointSlice", "ns", "nolabel"));
+        assert_eq!(
+            (
+                m.rejected[0].kind.as_str(),
+                m.rejected[0].namespace.as_str(),
+                m.rejected[0].name.as_str()
+            ),
+            ("EndpointSlice", "ns", "nolabel")
+        );
         assert!(m.rejected[0].reason.contains("kubernetes.io/service-name"));
         assert_eq!(m.services.len(), 1);
         // Another proxy's slices and headless slices are ignored (not rejected).
-        for extra in ["service.kubernetes.io/service-proxy-name: other", "service.kubernetes.io/headless: \"\""] {
-            let m = model(&format!("{SVC}{}", slice("x", &format!("{label}, {extra}"), "[{name: web, port: 8080}]", "[{addresses: [10.0.0.1]}]")));
-            assert!(m.rejected.is_empty() && eps(&m, "web", Protocol::TCP).is_empty(), "{extra}");
+        for extra in [
+            "service.kubernetes.io/service-proxy-name: other",
+            "service.kubernetes.io/headless: \"\"",
+        ] {
+            let m = model(&format!(
+                "{SVC}{}",
+                slice(
+                    "x",
+                    &format!("{label}, {extra}"),
+                    "[{name: web, port: 8080}]",
+                    "[{addresses: [10.0.0.1]}]"
+                )
+            ));
+            assert!(
+                m.rejected.is_empty() && eps(&m, "web", Protocol::TCP).is_empty(),
+                "{extra}"
+            );
         }
         // The same endpoint in two slices keeps the non-terminating copy, whatever the order.
         for (first, second) in [("t", "r"), ("r", "t")] {
-            let cond = |k| if k == "t" { "{ready: false, serving: true, terminating: true}" } else { "{ready: true}" };
+            let cond = |k| {
+                if k == "t" {
+                    "{ready: false, serving: true, terminating: true}"
+                } else {
+                    "{ready: true}"
+                }
+            };
             let yaml = format!(
                 "{SVC}{}{}",
-                slice("one", label, "[{name: web, port: 8080}]", &format!("[{{addresses: [10.0.0.1], conditions: {}}}]", cond(first))),
-                slice("two", label, "[{name: web, port: 8080}]", &format!("[{{addresses: [10.0.0.1], conditions: {}}}]", cond(second)))
+                slice(
+                    "one",
+                    label,
+                    "[{name: web, port: 8080}]",
+                    &format!("[{{addresses: [10.0.0.1], conditions: {}}}]", cond(first))
+                ),
+                slice(
+                    "two",
+                    label,
+                    "[{name: web, port: 8080}]",
+                    &format!("[{{addresses: [10.0.0.1], conditions: {}}}]", cond(second))
+                )
             );
-            assert_eq!(eps(&model(&yaml), "web", Protocol::TCP), vec![("10.0.0.1".into(), true, true, false)]);
+            assert_eq!(
+                eps(&model(&yaml), "web", Protocol::TCP),
+                vec![("10.0.0.1".into(), true, true, false)]
+            );
         }
     }
 
     #[test]
     fn validation_table() {
-        let svc = |spec: &str| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: bad, namespace: ns}}\nspec: {spec}\n---\n{SVC}");
+        let svc = |spec: &str| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: bad, namespace: ns}}\nspec: {spec}\n---\n{SVC}")
+        };
         let cases = [
             ("{clusterIP: 10.96.0.2, ports: [{port: 0}]}", "port 0 out of range"),
             ("{clusterIP: 10.96.0.2, ports: [{port: 70000}]}", "port 70000 out of range"),
@@ -485,17 +607,44 @@ mod tests {
             let m = model(&svc(spec));
             assert_eq!(m.rejected.len(), 1, "{spec}");
             let r = &m.rejected[0];
-            assert_eq!((r.kind.as_str(), r.namespace.as_str(), r.name.as_str()), ("Service", "ns", "bad"));
+            assert_eq!(
+                (r.kind.as_str(), r.namespace.as_str(), r.name.as_str()),
+                ("Service", "ns", "bad")
+            );
             assert!(r.reason.contains(reason), "{spec}: {}", r.reason);
             // Everything else keeps working.
-            assert_eq!(m.services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["s"], "{spec}");
+            assert_eq!(
+                m.services
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>(),
+                ["s"],
+                "{spec}"
+            );
         }
         // Defaults and limits that are valid.
-        let m = model(&svc("{clusterIP: 10.96.0.2, sessionAffinity: ClientIP, ports: [{port: 80}]}"));
+        let m = model(&svc(
+            "{clusterIP: 10.96.0.2, sessionAffinity: ClientIP, ports: [{port: 80}]}",
+        ));
         assert!(m.rejected.is_empty());
-        assert_eq!(m.services.iter().find(|s| s.name == "bad").unwrap().session_affinity_timeout_seconds, Some(10800));
+        assert_eq!(
+            m.services
+                .iter()
+                .find(|s| s.name == "bad")
+                .unwrap()
+                .session_affinity_timeout_seconds,
+            Some(10800)
+        );
         // Bad EndpointSlice contents are rejected with the slice's name.
-        let m = model(&format!("{SVC}{}", slice("badaddr", "kubernetes.io/service-name: s", "[{name: web, port: 8080}]", "[{addresses: [300.1.1.1]}]")));
+        let m = model(&format!(
+            "{SVC}{}",
+            slice(
+                "badaddr",
+                "kubernetes.io/service-name: s",
+                "[{name: web, port: 8080}]",
+                "[{addresses: [300.1.1.1]}]"
+            )
+        ));
         assert_eq!(m.rejected[0].name, "badaddr");
         assert!(m.rejected[0].reason.contains("300.1.1.1"));
     }
@@ -508,21 +657,49 @@ mod tests {
             "apiVersion: v1\nkind: Service\nmetadata: {{namespace: ns}}\nspec: {{clusterIP: 10.96.0.2, ports: [{{port: 80}}]}}\n---\n{SVC}{}",
             "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {namespace: ns, labels: {kubernetes.io/service-name: s}}\naddressType: IPv4\nports: [{name: web, port: 8080}]\nendpoints: [{addresses: [10.0.0.1]}]\n"
         ));
-        let rejected: Vec<_> =
-            m.rejected.iter().map(|r| (r.kind.as_str(), r.namespace.as_str(), r.name.as_str(), r.reason.as_str())).collect();
+        let rejected: Vec<_> = m
+            .rejected
+            .iter()
+            .map(|r| {
+                (
+                    r.kind.as_str(),
+                    r.namespace.as_str(),
+                    r.name.as_str(),
+                    r.reason.as_str(),
+                )
+            })
+            .collect();
         assert_eq!(
             rejected,
-            [("EndpointSlice", "ns", "", MISSING_NAME), ("Service", "ns", "", MISSING_NAME)]
+            [
+                ("EndpointSlice", "ns", "", MISSING_NAME),
+                ("Service", "ns", "", MISSING_NAME)
+            ]
         );
-        assert_eq!(m.services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["s"]);
-        assert!(eps(&m, "web", Protocol::TCP).is_empty(), "the nameless slice is not used");
+        assert_eq!(
+            m.services
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>(),
+            ["s"]
+        );
+        assert!(
+            eps(&m, "web", Protocol::TCP).is_empty(),
+            "the nameless slice is not used"
+        );
     }
 
     #[test]
     fn frontends_skip_proxy_mode_ingress_and_headless_services() {
         let m = model("apiVersion: v1\nkind: Service\nmetadata: {name: h, namespace: ns}\nspec: {clusterIP: None, ports: [{port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: lb, namespace: ns}\nspec: {type: LoadBalancer, clusterIP: 10.96.0.3, ports: [{port: 80, nodePort: 30001}]}\nstatus: {loadBalancer: {ingress: [{ip: 1.2.3.4}, {ip: 5.6.7.8, ipMode: Proxy}, {hostname: lb.example}]}}\n");
         assert_eq!(m.services.len(), 1, "headless Services are not proxied");
-        assert_eq!(m.services[0].load_balancer_ips, vec![Ipv4Addr::new(1, 2, 3, 4)]);
-        assert_eq!(m.services[0].external_traffic_policy, Some(TrafficPolicy::Cluster));
+        assert_eq!(
+            m.services[0].load_balancer_ips,
+            vec![Ipv4Addr::new(1, 2, 3, 4)]
+        );
+        assert_eq!(
+            m.services[0].external_traffic_policy,
+            Some(TrafficPolicy::Cluster)
+        );
     }
 }

@@ -149,15 +149,26 @@ pub fn categorize(
             TopologyMode::Node => e.node_hints.contains(node),
             TopologyMode::Zone => zone.is_some_and(|z| e.zone_hints.contains(z)),
         };
-        let ready: Vec<_> = endpoints.iter().filter(|e| e.ready && fits(e)).map(planned).collect();
+        let ready: Vec<_> = endpoints
+            .iter()
+            .filter(|e| e.ready && fits(e))
+            .map(planned)
+            .collect();
         if !ready.is_empty() {
             return ready;
         }
-        endpoints.iter().filter(|e| e.serving && e.terminating).map(planned).collect()
+        endpoints
+            .iter()
+            .filter(|e| e.serving && e.terminating)
+            .map(planned)
+            .collect()
     });
     let local = uses_local.then(|| {
-        let ready: Vec<_> =
-            endpoints.iter().filter(|e| is_local(e) && e.ready).map(planned).collect();
+        let ready: Vec<_> = endpoints
+            .iter()
+            .filter(|e| is_local(e) && e.ready)
+            .map(planned)
+            .collect();
         if !ready.is_empty() {
             return ready;
         }
@@ -176,17 +187,27 @@ fn port_plans(svc: &ServiceModel, node: &NodeInfo) -> Vec<ServicePortPlan> {
         let mut frontends = Vec::new();
         let mut add = |kind, ips: &[Ipv4Addr], p: u16| {
             for ip in ips {
-                frontends.push(Frontend { kind, address: SocketAddrV4::new(*ip, p) });
+                frontends.push(Frontend {
+                    kind,
+                    address: SocketAddrV4::new(*ip, p),
+                });
             }
         };
         add(FrontendKind::ClusterIP, &svc.cluster_ips, port.port);
         if let Some(np) = port.node_port {
             add(FrontendKind::NodePort, &node.addresses, np);
         }
-        add(FrontendKind::LoadBalancer, &svc.load_balancer_ips, port.port);
+        add(
+            FrontendKind::LoadBalancer,
+            &svc.load_balancer_ips,
+            port.port,
+        );
         add(FrontendKind::ExternalIP, &svc.external_ips, port.port);
         let empty = Vec::new();
-        let eps = svc.endpoints.get(&(port.name.clone(), port.protocol)).unwrap_or(&empty);
+        let eps = svc
+            .endpoints
+            .get(&(port.name.clone(), port.protocol))
+            .unwrap_or(&empty);
         let (cluster, local) = categorize(
             eps,
             svc.internal_traffic_policy,
@@ -219,8 +240,16 @@ pub fn plan(model: &Model, node_name: &str) -> Plan {
         zone: None,
         addresses: Vec::new(),
     });
-    let services = model.services.iter().flat_map(|s| port_plans(s, &node)).collect();
-    Plan { node, services, rejected: model.rejected.clone() }
+    let services = model
+        .services
+        .iter()
+        .flat_map(|s| port_plans(s, &node))
+        .collect();
+    Plan {
+        node,
+        services,
+        rejected: model.rejected.clone(),
+    }
 }
 
 #[cfg(test)]
@@ -256,9 +285,14 @@ mod tests {
         e
     }
     fn lasts(v: &Option<Vec<PlannedEndpoint>>) -> Option<Vec<u8>> {
-        v.as_ref().map(|v| v.iter().map(|e| e.addr.ip().octets()[3]).collect())
+        v.as_ref()
+            .map(|v| v.iter().map(|e| e.addr.ip().octets()[3]).collect())
     }
-    fn cat(eps: &[Endpoint], itp: TrafficPolicy, etp: Option<TrafficPolicy>) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+    fn cat(
+        eps: &[Endpoint],
+        itp: TrafficPolicy,
+        etp: Option<TrafficPolicy>,
+    ) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
         let (c, l) = categorize(eps, itp, etp, "n1", Some("za"));
         (lasts(&c), lasts(&l))
     }
@@ -267,22 +301,108 @@ mod tests {
     fn categorisation_table() {
         let a = ep(1, "n1");
         let b = ep(2, "n2");
-        let cases: Vec<(&str, Vec<Endpoint>, TrafficPolicy, Option<TrafficPolicy>, Option<Vec<u8>>, Option<Vec<u8>>)> = vec![
-            ("cluster only", vec![a.clone(), b.clone()], Cluster, None, Some(vec![1, 2]), None),
-            ("itp local", vec![a.clone(), b.clone()], Local, None, None, Some(vec![1])),
-            ("etp local uses both", vec![a.clone(), b.clone()], Cluster, Some(Local), Some(vec![1, 2]), Some(vec![1])),
-            ("etp cluster", vec![a.clone(), b.clone()], Cluster, Some(Cluster), Some(vec![1, 2]), None),
-            ("no local endpoint", vec![b.clone()], Local, Some(Local), None, Some(vec![])),
-            ("unready ignored", vec![Endpoint { ready: false, ..a.clone() }, b.clone()], Cluster, None, Some(vec![2]), None),
-            ("serving-terminating fallback",
-                vec![terminating(a.clone(), true), terminating(b.clone(), false)], Cluster, None, Some(vec![1]), None),
-            ("fallback only without ready",
-                vec![terminating(a.clone(), true), b.clone()], Cluster, None, Some(vec![2]), None),
-            ("local serving-terminating fallback",
-                vec![terminating(a.clone(), true), b.clone()], Local, None, None, Some(vec![1])),
-            ("local prefers ready",
-                vec![terminating(a.clone(), true), ep(3, "n1")], Local, None, None, Some(vec![3])),
-            ("nothing at all", vec![], Cluster, Some(Local), Some(vec![]), Some(vec![])),
+        let cases: Vec<(
+            &str,
+            Vec<Endpoint>,
+            TrafficPolicy,
+            Option<TrafficPolicy>,
+            Option<Vec<u8>>,
+            Option<Vec<u8>>,
+        )> = vec![
+            (
+                "cluster only",
+                vec![a.clone(), b.clone()],
+                Cluster,
+                None,
+                Some(vec![1, 2]),
+                None,
+            ),
+            (
+                "itp local",
+                vec![a.clone(), b.clone()],
+                Local,
+                None,
+                None,
+                Some(vec![1]),
+            ),
+            (
+                "etp local uses both",
+                vec![a.clone(), b.clone()],
+                Cluster,
+                Some(Local),
+                Some(vec![1, 2]),
+                Some(vec![1]),
+            ),
+            (
+                "etp cluster",
+                vec![a.clone(), b.clone()],
+                Cluster,
+                Some(Cluster),
+                Some(vec![1, 2]),
+                None,
+            ),
+            (
+                "no local endpoint",
+                vec![b.clone()],
+                Local,
+                Some(Local),
+                None,
+                Some(vec![]),
+            ),
+            (
+                "unready ignored",
+                vec![
+                    Endpoint {
+                        ready: false,
+                        ..a.clone()
+                    },
+                    b.clone(),
+                ],
+                Cluster,
+                None,
+                Some(vec![2]),
+                None,
+            ),
+            (
+                "serving-terminating fallback",
+                vec![terminating(a.clone(), true), terminating(b.clone(), false)],
+                Cluster,
+                None,
+                Some(vec![1]),
+                None,
+            ),
+            (
+                "fallback only without ready",
+                vec![terminating(a.clone(), true), b.clone()],
+                Cluster,
+                None,
+                Some(vec![2]),
+                None,
+            ),
+            (
+                "local serving-terminating fallback",
+                vec![terminating(a.clone(), true), b.clone()],
+                Local,
+                None,
+                None,
+                Some(vec![1]),
+            ),
+            (
+                "local prefers ready",
+                vec![terminating(a.clone(), true), ep(3, "n1")],
+                Local,
+                None,
+                None,
+                Some(vec![3]),
+            ),
+            (
+                "nothing at all",
+                vec![],
+                Cluster,
+                Some(Local),
+                Some(vec![]),
+                Some(vec![]),
+            ),
         ];
         for (name, eps, itp, etp, want_c, want_l) in cases {
             assert_eq!(cat(&eps, itp, etp), (want_c, want_l), "{name}");
@@ -296,19 +416,53 @@ mod tests {
         let zb3 = zones(ep(3, "n3"), &["zb"]);
         let cases: Vec<(&str, Vec<Endpoint>, Vec<u8>)> = vec![
             ("zone hints used", vec![za1.clone(), zb2.clone()], vec![1]),
-            ("one endpoint without hint: ignored", vec![za1.clone(), ep(2, "n2")], vec![1, 2]),
-            ("no endpoint for my zone: ignored", vec![zb2.clone(), zb3.clone()], vec![2, 3]),
-            ("unready endpoints' hints do not count",
-                vec![za1.clone(), zb2.clone(), Endpoint { ready: false, ..ep(4, "n4") }], vec![1]),
-            ("node hints win", vec![nodes(za1.clone(), &["n2"]), nodes(zb2.clone(), &["n1"])], vec![2]),
-            ("node hints not for me: zone hints", vec![nodes(za1.clone(), &["n9"]), nodes(zb2.clone(), &["n9"])], vec![1]),
-            ("partial node hints: zone hints", vec![nodes(za1.clone(), &["n1"]), zb2.clone()], vec![1]),
+            (
+                "one endpoint without hint: ignored",
+                vec![za1.clone(), ep(2, "n2")],
+                vec![1, 2],
+            ),
+            (
+                "no endpoint for my zone: ignored",
+                vec![zb2.clone(), zb3.clone()],
+                vec![2, 3],
+            ),
+            (
+                "unready endpoints' hints do not count",
+                vec![
+                    za1.clone(),
+                    zb2.clone(),
+                    Endpoint {
+                        ready: false,
+                        ..ep(4, "n4")
+                    },
+                ],
+                vec![1],
+            ),
+            (
+                "node hints win",
+                vec![nodes(za1.clone(), &["n2"]), nodes(zb2.clone(), &["n1"])],
+                vec![2],
+            ),
+            (
+                "node hints not for me: zone hints",
+                vec![nodes(za1.clone(), &["n9"]), nodes(zb2.clone(), &["n9"])],
+                vec![1],
+            ),
+            (
+                "partial node hints: zone hints",
+                vec![nodes(za1.clone(), &["n1"]), zb2.clone()],
+                vec![1],
+            ),
         ];
         for (name, eps, want) in cases {
             assert_eq!(cat(&eps, Cluster, None).0, Some(want), "{name}");
         }
         // Local endpoints are never filtered by topology.
-        let eps = vec![zones(ep(1, "n1"), &["zb"]), zb2.clone(), zones(ep(5, "n5"), &["za"])];
+        let eps = vec![
+            zones(ep(1, "n1"), &["zb"]),
+            zb2.clone(),
+            zones(ep(5, "n5"), &["za"]),
+        ];
         assert_eq!(cat(&eps, Local, None).1, Some(vec![1]));
         // A node without a zone ignores zone hints.
         let (c, _) = categorize(&[za1, zb2], Cluster, None, "n1", None);

@@ -36,16 +36,27 @@ pub trait Source {
 /// Why a source could not produce a snapshot. The agent keeps its last good state.
 #[derive(Debug)]
 pub enum SourceError {
-    Io { path: PathBuf, error: std::io::Error },
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     /// YAML that cannot be parsed: the file and the position.
-    Parse { path: PathBuf, document: usize, message: String },
+    Parse {
+        path: PathBuf,
+        document: usize,
+        message: String,
+    },
 }
 
 impl fmt::Display for SourceError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SourceError::Io { path, error } => write!(f, "{}: {error}", path.display()),
-            SourceError::Parse { path, document, message } => {
+            SourceError::Parse {
+                path,
+                document,
+                message,
+            } => {
                 write!(f, "{}: document {document}: {message}", path.display())
             }
         }
@@ -62,11 +73,17 @@ pub struct ManifestsSource {
 
 impl ManifestsSource {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into(), last: None }
+        Self {
+            path: path.into(),
+            last: None,
+        }
     }
 
     fn files(&self) -> Result<Vec<PathBuf>, SourceError> {
-        let io = |error| SourceError::Io { path: self.path.clone(), error };
+        let io = |error| SourceError::Io {
+            path: self.path.clone(),
+            error,
+        };
         let meta = std::fs::metadata(&self.path).map_err(io)?;
         if !meta.is_dir() {
             return Ok(vec![self.path.clone()]);
@@ -91,8 +108,10 @@ impl Source for ManifestsSource {
     fn poll(&mut self) -> Result<Option<Objects>, SourceError> {
         let mut contents = Vec::new();
         for f in self.files()? {
-            let bytes =
-                std::fs::read(&f).map_err(|error| SourceError::Io { path: f.clone(), error })?;
+            let bytes = std::fs::read(&f).map_err(|error| SourceError::Io {
+                path: f.clone(),
+                error,
+            })?;
             contents.push((f, bytes));
         }
         if self.last.as_ref() == Some(&contents) {
@@ -133,8 +152,16 @@ fn add_value(value: serde_yaml_ng::Value, out: &mut Objects) -> Result<(), Strin
     if value.is_null() {
         return Ok(());
     }
-    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
-    let api_version = value.get("apiVersion").and_then(|k| k.as_str()).unwrap_or("").to_string();
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or("")
+        .to_string();
+    let api_version = value
+        .get("apiVersion")
+        .and_then(|k| k.as_str())
+        .unwrap_or("")
+        .to_string();
     let typed = |e: serde_yaml_ng::Error| format!("{kind} ({api_version}): {e}");
     match (kind.as_str(), api_version.as_str()) {
         ("List", _) => {
@@ -144,7 +171,9 @@ fn add_value(value: serde_yaml_ng::Value, out: &mut Objects) -> Result<(), Strin
                 }
             }
         }
-        ("Node", "v1") => out.nodes.push(serde_yaml_ng::from_value(value).map_err(typed)?),
+        ("Node", "v1") => out
+            .nodes
+            .push(serde_yaml_ng::from_value(value).map_err(typed)?),
         ("Service", "v1") => {
             let mut svc: Service = serde_yaml_ng::from_value(value).map_err(typed)?;
             default_service(&mut svc);
@@ -167,7 +196,9 @@ pub fn default_service(svc: &mut Service) {
     if meta.namespace.as_deref().is_none_or(str::is_empty) {
         meta.namespace = Some("default".into());
     }
-    let Some(spec) = svc.spec.as_mut() else { return };
+    let Some(spec) = svc.spec.as_mut() else {
+        return;
+    };
     let type_ = spec.type_.get_or_insert_with(|| "ClusterIP".into()).clone();
     if spec.cluster_ips.is_none() {
         if let Some(ip) = &spec.cluster_ip {
@@ -178,15 +209,17 @@ pub fn default_service(svc: &mut Service) {
         spec.session_affinity = Some("None".into());
     }
     if spec.session_affinity.as_deref() == Some("ClientIP") {
-        let cfg = spec.session_affinity_config.get_or_insert_with(Default::default);
+        let cfg = spec
+            .session_affinity_config
+            .get_or_insert_with(Default::default);
         let cip = cfg.client_ip.get_or_insert_with(Default::default);
         cip.timeout_seconds.get_or_insert(10800);
     }
     if type_ != "ExternalName" {
-        spec.internal_traffic_policy.get_or_insert_with(|| "Cluster".into());
+        spec.internal_traffic_policy
+            .get_or_insert_with(|| "Cluster".into());
     }
-    if (type_ == "NodePort" || type_ == "LoadBalancer") && spec.external_traffic_policy.is_none()
-    {
+    if (type_ == "NodePort" || type_ == "LoadBalancer") && spec.external_traffic_policy.is_none() {
         spec.external_traffic_policy = Some("Cluster".into());
     }
     for port in spec.ports.iter_mut().flatten() {
@@ -200,7 +233,12 @@ pub fn default_service(svc: &mut Service) {
 
 /// What the API server defaults on an EndpointSlice: port name `""`, protocol TCP.
 pub fn default_endpoint_slice(slice: &mut EndpointSlice) {
-    if slice.metadata.namespace.as_deref().is_none_or(str::is_empty) {
+    if slice
+        .metadata
+        .namespace
+        .as_deref()
+        .is_none_or(str::is_empty)
+    {
         slice.metadata.namespace = Some("default".into());
     }
     for port in slice.ports.iter_mut().flatten() {
@@ -241,7 +279,10 @@ metadata: {name: ignored}
         assert_eq!(o.services.len(), 1);
         let spec = o.services[0].spec.as_ref().unwrap();
         assert_eq!(o.services[0].metadata.namespace.as_deref(), Some("default"));
-        assert_eq!(spec.cluster_ips.as_deref(), Some(&["10.96.0.10".to_string()][..]));
+        assert_eq!(
+            spec.cluster_ips.as_deref(),
+            Some(&["10.96.0.10".to_string()][..])
+        );
         let port = &spec.ports.as_ref().unwrap()[0];
         assert_eq!(port.protocol.as_deref(), Some("TCP"));
         assert!(matches!(
@@ -250,7 +291,13 @@ metadata: {name: ignored}
         ));
         assert_eq!(spec.external_traffic_policy.as_deref(), Some("Cluster"));
         assert_eq!(spec.internal_traffic_policy.as_deref(), Some("Cluster"));
-        let timeout = spec.session_affinity_config.as_ref().unwrap().client_ip.as_ref().unwrap();
+        let timeout = spec
+            .session_affinity_config
+            .as_ref()
+            .unwrap()
+            .client_ip
+            .as_ref()
+            .unwrap();
         assert_eq!(timeout.timeout_seconds, Some(10800));
         let sp = &o.endpoint_slices[0].ports.as_ref().unwrap()[0];
         assert_eq!(sp.name.as_deref(), Some(""));
@@ -265,7 +312,10 @@ metadata: {name: ignored}
         let mut o = Objects::default();
         parse_into(Path::new("x.yaml"), yaml, &mut o).unwrap();
         assert_eq!(o.services[0].metadata.namespace.as_deref(), Some("default"));
-        assert_eq!(o.endpoint_slices[0].metadata.namespace.as_deref(), Some("default"));
+        assert_eq!(
+            o.endpoint_slices[0].metadata.namespace.as_deref(),
+            Some("default")
+        );
     }
 
     #[test]
@@ -286,8 +336,11 @@ metadata: {name: ignored}
         let mut s = ManifestsSource::new(&dir);
         assert_eq!(s.poll().unwrap().unwrap().nodes.len(), 1);
         assert!(s.poll().unwrap().is_none());
-        std::fs::write(dir.join("b.yml"), "apiVersion: v1\nkind: Node\nmetadata: {name: n2}\n")
-            .unwrap();
+        std::fs::write(
+            dir.join("b.yml"),
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n2}\n",
+        )
+        .unwrap();
         assert_eq!(s.poll().unwrap().unwrap().nodes.len(), 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -1,6 +1,8 @@
 //! An in-memory [`Dataplane`] for tests: the same operations on B-trees, with an operation log.
 use anyhow::Result;
-use lb_common::{Backend, Config, MaglevChunk, MaglevKey, MemberKey, RevNat, ServiceKey, ServiceValue};
+use lb_common::{
+    Backend, Config, MaglevChunk, MaglevKey, MemberKey, RevNat, ServiceKey, ServiceValue,
+};
 
 use super::{Dataplane, MapContents};
 
@@ -15,7 +17,13 @@ pub struct FakeDataplane {
 /// How the fake dataplane's log names a service entry.
 pub(crate) fn svc_key_str(k: &ServiceKey) -> String {
     let ip = std::net::Ipv4Addr::from(k.addr_be.to_ne_bytes());
-    format!("{ip}:{}/{}/{}#{}", u16::from_be(k.port_be), k.proto, k.scope, k.slot)
+    format!(
+        "{ip}:{}/{}/{}#{}",
+        u16::from_be(k.port_be),
+        k.proto,
+        k.scope,
+        k.slot
+    )
 }
 
 impl Dataplane for FakeDataplane {
@@ -50,12 +58,20 @@ impl Dataplane for FakeDataplane {
         Ok(())
     }
     fn put_member(&mut self, key: &MemberKey, slot: u32) -> Result<()> {
-        self.log.push(format!("put_member {} {}", svc_key_str(&key.frontend), key.backend_id));
+        self.log.push(format!(
+            "put_member {} {}",
+            svc_key_str(&key.frontend),
+            key.backend_id
+        ));
         self.state.members.insert(*key, slot);
         Ok(())
     }
     fn del_member(&mut self, key: &MemberKey) -> Result<()> {
-        self.log.push(format!("del_member {} {}", svc_key_str(&key.frontend), key.backend_id));
+        self.log.push(format!(
+            "del_member {} {}",
+            svc_key_str(&key.frontend),
+            key.backend_id
+        ));
         self.state.members.remove(key);
         Ok(())
     }
@@ -70,12 +86,14 @@ impl Dataplane for FakeDataplane {
         Ok(())
     }
     fn put_maglev(&mut self, key: &MaglevKey, value: &MaglevChunk) -> Result<()> {
-        self.log.push(format!("put_maglev {} {}", key.table_id, key.chunk));
+        self.log
+            .push(format!("put_maglev {} {}", key.table_id, key.chunk));
         self.state.maglev.insert(*key, *value);
         Ok(())
     }
     fn del_maglev(&mut self, key: &MaglevKey) -> Result<()> {
-        self.log.push(format!("del_maglev {} {}", key.table_id, key.chunk));
+        self.log
+            .push(format!("del_maglev {} {}", key.table_id, key.chunk));
         self.state.maglev.remove(key);
         Ok(())
     }

@@ -19,7 +19,11 @@ pub const SIZES: [u32; 9] = [251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 655
 
 /// The table size for `n` backends.
 pub fn table_size(n: usize) -> u32 {
-    SIZES.iter().copied().find(|m| *m as usize >= n.saturating_mul(100)).unwrap_or(SIZES[SIZES.len() - 1])
+    SIZES
+        .iter()
+        .copied()
+        .find(|m| *m as usize >= n.saturating_mul(100))
+        .unwrap_or(SIZES[SIZES.len() - 1])
 }
 
 /// A backend's identity as every node spells it.
@@ -82,7 +86,10 @@ pub fn populate(names: &[String], m: u32) -> Vec<usize> {
 pub fn table(backends: &[(SocketAddrV4, u8, u32)]) -> (u32, Vec<u32>) {
     let m = table_size(backends.len());
     let names: Vec<String> = backends.iter().map(|(a, p, _)| identity(*a, *p)).collect();
-    let t = populate(&names, m).into_iter().map(|i| backends[i].2).collect();
+    let t = populate(&names, m)
+        .into_iter()
+        .map(|i| backends[i].2)
+        .collect();
     (m, t)
 }
 
@@ -91,7 +98,9 @@ pub fn chunks(table: &[u32]) -> Vec<MaglevChunk> {
     table
         .chunks(MAGLEV_CHUNK as usize)
         .map(|c| {
-            let mut v = MaglevChunk { backend_ids: [0; MAGLEV_CHUNK as usize] };
+            let mut v = MaglevChunk {
+                backend_ids: [0; MAGLEV_CHUNK as usize],
+            };
             v.backend_ids[..c.len()].copy_from_slice(c);
             v
         })
@@ -104,13 +113,26 @@ mod tests {
     use std::{collections::HashMap, net::Ipv4Addr};
 
     fn names(n: usize) -> Vec<String> {
-        (0..n).map(|i| identity(SocketAddrV4::new(Ipv4Addr::new(10, 244, (i / 250) as u8, (i % 250) as u8 + 1), 8080), 6)).collect()
+        (0..n)
+            .map(|i| {
+                identity(
+                    SocketAddrV4::new(
+                        Ipv4Addr::new(10, 244, (i / 250) as u8, (i % 250) as u8 + 1),
+                        8080,
+                    ),
+                    6,
+                )
+            })
+            .collect()
     }
 
     #[test]
     fn sizes_are_prime_and_grow_with_the_backends() {
         for m in SIZES {
-            assert!((2..m).take_while(|d| d * d <= m).all(|d| m % d != 0), "{m} is not prime");
+            assert!(
+                (2..m).take_while(|d| d * d <= m).all(|d| m % d != 0),
+                "{m} is not prime"
+            );
         }
         assert_eq!(table_size(1), 251);
         assert_eq!(table_size(10), 1021);
@@ -130,7 +152,10 @@ mod tests {
             let ideal = m as f64 / n as f64;
             let (lo, hi) = (*per.iter().min().unwrap(), *per.iter().max().unwrap());
             // Each backend's share is within one position of M/N, give or take 1 %.
-            assert!(lo as f64 >= ideal * 0.99 - 1.0 && hi as f64 <= ideal * 1.01 + 1.0, "n={n}: {lo}..{hi} around {ideal}");
+            assert!(
+                lo as f64 >= ideal * 0.99 - 1.0 && hi as f64 <= ideal * 1.01 + 1.0,
+                "n={n}: {lo}..{hi} around {ideal}"
+            );
         }
     }
 
@@ -141,14 +166,30 @@ mod tests {
         shuffled.reverse();
         shuffled.swap(2, 7);
         let a: Vec<&String> = populate(&n, 1021).iter().map(|i| &n[*i]).collect();
-        let b: Vec<&String> = populate(&shuffled, 1021).iter().map(|i| &shuffled[*i]).collect();
+        let b: Vec<&String> = populate(&shuffled, 1021)
+            .iter()
+            .map(|i| &shuffled[*i])
+            .collect();
         assert_eq!(a, b);
         // Two nodes with different backend ids produce the same table of addresses.
-        let addrs: Vec<SocketAddrV4> = (0..10).map(|i| SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, i), 80)).collect();
-        let node_a: Vec<_> = addrs.iter().enumerate().map(|(i, a)| (*a, 6u8, i as u32 + 1)).collect();
-        let node_b: Vec<_> = addrs.iter().enumerate().rev().map(|(i, a)| (*a, 6u8, 100 + i as u32)).collect();
-        let by_id_a: HashMap<u32, SocketAddrV4> = node_a.iter().map(|(a, _, id)| (*id, *a)).collect();
-        let by_id_b: HashMap<u32, SocketAddrV4> = node_b.iter().map(|(a, _, id)| (*id, *a)).collect();
+        let addrs: Vec<SocketAddrV4> = (0..10)
+            .map(|i| SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, i), 80))
+            .collect();
+        let node_a: Vec<_> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (*a, 6u8, i as u32 + 1))
+            .collect();
+        let node_b: Vec<_> = addrs
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(i, a)| (*a, 6u8, 100 + i as u32))
+            .collect();
+        let by_id_a: HashMap<u32, SocketAddrV4> =
+            node_a.iter().map(|(a, _, id)| (*id, *a)).collect();
+        let by_id_b: HashMap<u32, SocketAddrV4> =
+            node_b.iter().map(|(a, _, id)| (*id, *a)).collect();
         let (ma, ta) = table(&node_a);
         let (mb, tb) = table(&node_b);
         assert_eq!(ma, mb);
@@ -169,24 +210,43 @@ mod tests {
             let rest: Vec<String> = all.iter().filter(|x| *x != gone).cloned().collect();
             let after: Vec<&String> = populate(&rest, m).iter().map(|i| &rest[*i]).collect();
             let owned = before.iter().filter(|x| **x == gone).count();
-            let moved_others = before.iter().zip(&after).filter(|(b, a)| **b != gone && b != a).count();
+            let moved_others = before
+                .iter()
+                .zip(&after)
+                .filter(|(b, a)| **b != gone && b != a)
+                .count();
             // Only the removed backend's positions had to move; allow 4 % of the rest.
             assert!(
                 (moved_others as f64) < 0.04 * (m as usize - owned) as f64,
                 "n={n}: {moved_others} of {} other positions moved",
                 m as usize - owned
             );
-            assert_eq!(populate(&all, m).iter().map(|i| &all[*i]).collect::<Vec<_>>(), before);
+            assert_eq!(
+                populate(&all, m)
+                    .iter()
+                    .map(|i| &all[*i])
+                    .collect::<Vec<_>>(),
+                before
+            );
         }
     }
 
     #[test]
     fn chunks_cover_the_table() {
-        let (m, t) = table(&[(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1), 6, 7), (SocketAddrV4::new(Ipv4Addr::LOCALHOST, 2), 6, 9)]);
+        let (m, t) = table(&[
+            (SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1), 6, 7),
+            (SocketAddrV4::new(Ipv4Addr::LOCALHOST, 2), 6, 9),
+        ]);
         let c = chunks(&t);
         assert_eq!(c.len(), (m as usize).div_ceil(MAGLEV_CHUNK as usize));
-        let flat: Vec<u32> = c.iter().flat_map(|c| c.backend_ids).take(m as usize).collect();
+        let flat: Vec<u32> = c
+            .iter()
+            .flat_map(|c| c.backend_ids)
+            .take(m as usize)
+            .collect();
         assert_eq!(flat, t);
-        assert!(c.last().unwrap().backend_ids[(m % MAGLEV_CHUNK) as usize..].iter().all(|x| *x == 0));
+        assert!(c.last().unwrap().backend_ids[(m % MAGLEV_CHUNK) as usize..]
+            .iter()
+            .all(|x| *x == 0));
     }
 }

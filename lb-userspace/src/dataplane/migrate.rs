@@ -70,13 +70,17 @@ pub fn copy_state(
     let mut out = Vec::new();
     for o in old {
         if o.name == "lb_ct_v1" && o.current == map_name::CONNTRACK {
-            let data = MapData::from_pin(&o.path).with_context(|| format!("opening {}", o.path.display()))?;
-            let from: BpfHashMap<MapData, CtKey, CtEntryV1> = BpfHashMap::try_from(Map::LruHashMap(data))
-                .with_context(|| format!("{} does not have the v1 conntrack layout", o.path.display()))?;
+            let data = MapData::from_pin(&o.path)
+                .with_context(|| format!("opening {}", o.path.display()))?;
+            let from: BpfHashMap<MapData, CtKey, CtEntryV1> =
+                BpfHashMap::try_from(Map::LruHashMap(data)).with_context(|| {
+                    format!("{} does not have the v1 conntrack layout", o.path.display())
+                })?;
             let mut to: BpfHashMap<MapData, CtKey, CtEntry> =
                 BpfHashMap::try_from(Map::LruHashMap(open_pinned(bpffs, map_name::CONNTRACK)?))?;
-            let new_tier: BpfHashMap<MapData, CtKey, CtEntry> =
-                BpfHashMap::try_from(Map::LruHashMap(open_pinned(bpffs, map_name::CONNTRACK_NEW)?))?;
+            let new_tier: BpfHashMap<MapData, CtKey, CtEntry> = BpfHashMap::try_from(
+                Map::LruHashMap(open_pinned(bpffs, map_name::CONNTRACK_NEW)?),
+            )?;
             let (mut copied, mut kept) = (0, 0);
             let entries: Vec<(CtKey, CtEntryV1)> = from.iter().collect::<Result<_, _>>()?;
             for (k, v) in entries {
@@ -94,14 +98,23 @@ pub fn copy_state(
                     Err(_) => kept += 1,
                 }
             }
-            out.push(Copied { from: o.name.clone(), to: o.current, copied, kept });
+            out.push(Copied {
+                from: o.name.clone(),
+                to: o.current,
+                copied,
+                kept,
+            });
         }
     }
     Ok(out)
 }
 
 /// A v1 conntrack value (of a flow of protocol `proto`) in the v2 layout.
-pub fn convert_ct_v1(v: &CtEntryV1, proto: u8, svc_port_of_rev_nat: &HashMap<(u32, u8), u32>) -> CtEntry {
+pub fn convert_ct_v1(
+    v: &CtEntryV1,
+    proto: u8,
+    svc_port_of_rev_nat: &HashMap<(u32, u8), u32>,
+) -> CtEntry {
     CtEntry {
         nat_saddr_be: v.nat_saddr_be,
         nat_daddr_be: v.nat_daddr_be,
@@ -109,7 +122,10 @@ pub fn convert_ct_v1(v: &CtEntryV1, proto: u8, svc_port_of_rev_nat: &HashMap<(u3
         nat_dport_be: v.nat_dport_be,
         // Unknown (the frontend is gone): the flow still works, only its per-Service counters
         // are not kept.
-        svc_port_id: svc_port_of_rev_nat.get(&(v.rev_nat_id, proto)).copied().unwrap_or(0),
+        svc_port_id: svc_port_of_rev_nat
+            .get(&(v.rev_nat_id, proto))
+            .copied()
+            .unwrap_or(0),
         backend_id: v.backend_id,
         last_seen_s: v.last_seen_s,
         flags: v.flags,
@@ -133,12 +149,33 @@ mod tests {
 
     #[test]
     fn conntrack_v1_keeps_the_flow_and_maps_the_service_port() {
-        let v1 = CtEntryV1 { nat_saddr_be: 1, nat_daddr_be: 2, nat_sport_be: 3, nat_dport_be: 4, rev_nat_id: 7, backend_id: 9, last_seen_s: 11, flags: 5, _pad: 0 };
+        let v1 = CtEntryV1 {
+            nat_saddr_be: 1,
+            nat_daddr_be: 2,
+            nat_sport_be: 3,
+            nat_dport_be: 4,
+            rev_nat_id: 7,
+            backend_id: 9,
+            last_seen_s: 11,
+            flags: 5,
+            _pad: 0,
+        };
         // One address and port, two Service ports (TCP and UDP).
         let ids = HashMap::from([((7, 6), 42), ((7, 17), 43)]);
         let e = convert_ct_v1(&v1, 6, &ids);
-        assert_eq!((e.nat_saddr_be, e.nat_daddr_be, e.nat_sport_be, e.nat_dport_be), (1, 2, 3, 4));
-        assert_eq!((e.svc_port_id, e.backend_id, e.last_seen_s, e.flags), (42, 9, 11, 5));
+        assert_eq!(
+            (
+                e.nat_saddr_be,
+                e.nat_daddr_be,
+                e.nat_sport_be,
+                e.nat_dport_be
+            ),
+            (1, 2, 3, 4)
+        );
+        assert_eq!(
+            (e.svc_port_id, e.backend_id, e.last_seen_s, e.flags),
+            (42, 9, 11, 5)
+        );
         assert_eq!(convert_ct_v1(&v1, 17, &ids).svc_port_id, 43);
         assert_eq!(convert_ct_v1(&v1, 6, &HashMap::new()).svc_port_id, 0);
     }

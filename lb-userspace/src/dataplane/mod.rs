@@ -8,7 +8,9 @@
 use std::collections::BTreeMap;
 
 use anyhow::Result;
-use lb_common::{Backend, Config, MaglevChunk, MaglevKey, MemberKey, RevNat, ServiceKey, ServiceValue};
+use lb_common::{
+    Backend, Config, MaglevChunk, MaglevKey, MemberKey, RevNat, ServiceKey, ServiceValue,
+};
 
 pub mod fake;
 mod ids;
@@ -52,4 +54,3 @@ pub trait Dataplane {
     /// Reads back every entry (used once, at start, to adopt pinned state).
     fn contents(&self) -> Result<MapContents>;
 }
-

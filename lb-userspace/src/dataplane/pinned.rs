@@ -61,13 +61,23 @@ pub struct OtherVersion {
 /// The pinned maps under `bpffs` that are ours at another layout version.
 pub fn other_versions(bpffs: &Path) -> Vec<OtherVersion> {
     let mut out = Vec::new();
-    let Ok(dir) = fs::read_dir(bpffs) else { return out };
+    let Ok(dir) = fs::read_dir(bpffs) else {
+        return out;
+    };
     for e in dir.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some((base, _)) = map_name::split_version(&name) else { continue };
-        let current = map_name::ALL.iter().find(|c| map_name::split_version(c).is_some_and(|(b, _)| b == base));
+        let Some((base, _)) = map_name::split_version(&name) else {
+            continue;
+        };
+        let current = map_name::ALL
+            .iter()
+            .find(|c| map_name::split_version(c).is_some_and(|(b, _)| b == base));
         if let Some(current) = current.filter(|c| **c != name) {
-            out.push(OtherVersion { path: e.path(), name, current });
+            out.push(OtherVersion {
+                path: e.path(),
+                name,
+                current,
+            });
         }
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -84,7 +94,11 @@ pub fn encode_name(name: &str) -> ServiceName {
 
 /// The Service-port name a names-map value holds.
 pub fn decode_name(v: &ServiceName) -> String {
-    let end = v.bytes.iter().position(|b| *b == 0).unwrap_or(v.bytes.len());
+    let end = v
+        .bytes
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(v.bytes.len());
     String::from_utf8_lossy(&v.bytes[..end]).into_owned()
 }
 
@@ -103,7 +117,8 @@ impl AyaDataplane {
     /// Takes the maps out of a loaded object.
     pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self> {
         let mut take = |name: &str| {
-            ebpf.take_map(name).with_context(|| format!("map {name} missing from the object"))
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} missing from the object"))
         };
         Ok(Self {
             services: HashMap::try_from(take(map_name::SERVICES)?)?,
@@ -173,7 +188,10 @@ impl Dataplane for AyaDataplane {
         Ok(self.maglev.remove(key)?)
     }
     fn contents(&self) -> Result<MapContents> {
-        let mut s = MapContents { config: self.config.get(&0, 0)?, ..Default::default() };
+        let mut s = MapContents {
+            config: self.config.get(&0, 0)?,
+            ..Default::default()
+        };
         for kv in self.services.iter() {
             let (k, v) = kv?;
             s.services.insert(k, v);
@@ -210,13 +228,29 @@ mod tests {
     fn finds_our_maps_at_other_versions_only() {
         let dir = std::env::temp_dir().join(format!("lbmig{}", std::process::id()));
         fs::create_dir_all(dir.join("links")).unwrap();
-        for f in ["lb_ct_v1", "lb_ct_v2", "lb_svc_v2", "lb_svc_v3", "lb_backend_v1", "other_v1", "lb_stats_v1", "lb_unknown_v9"] {
+        for f in [
+            "lb_ct_v1",
+            "lb_ct_v2",
+            "lb_svc_v2",
+            "lb_svc_v3",
+            "lb_backend_v1",
+            "other_v1",
+            "lb_stats_v1",
+            "lb_unknown_v9",
+        ] {
             fs::write(dir.join(f), b"").unwrap();
         }
-        let found: Vec<(String, &str)> = other_versions(&dir).into_iter().map(|o| (o.name, o.current)).collect();
+        let found: Vec<(String, &str)> = other_versions(&dir)
+            .into_iter()
+            .map(|o| (o.name, o.current))
+            .collect();
         assert_eq!(
             found,
-            vec![("lb_ct_v1".into(), "lb_ct_v2"), ("lb_stats_v1".into(), "lb_stats_v2"), ("lb_svc_v2".into(), "lb_svc_v3")]
+            vec![
+                ("lb_ct_v1".into(), "lb_ct_v2"),
+                ("lb_stats_v1".into(), "lb_stats_v2"),
+                ("lb_svc_v2".into(), "lb_svc_v3")
+            ]
         );
         fs::remove_dir_all(&dir).unwrap();
     }

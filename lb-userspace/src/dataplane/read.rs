@@ -36,17 +36,32 @@ pub fn stats(bpffs: &Path) -> Result<Vec<CounterView>> {
 
 /// The derived `affinity_evictions` counter.
 pub fn affinity_evictions(counters: &[CounterView], alive: u64) -> CounterView {
-    let created = counters.iter().find(|c| c.name == "affinity_new").map_or(0, |c| c.packets);
-    CounterView { name: "affinity_evictions", packets: created.saturating_sub(alive), bytes: 0 }
+    let created = counters
+        .iter()
+        .find(|c| c.name == "affinity_new")
+        .map_or(0, |c| c.packets);
+    CounterView {
+        name: "affinity_evictions",
+        packets: created.saturating_sub(alive),
+        bytes: 0,
+    }
 }
 
 /// Sums a per-CPU counter array (also used on a freshly loaded object in tests).
-pub fn read_counters<T: std::borrow::Borrow<MapData>>(arr: &PerCpuArray<T, Counter>) -> Result<Vec<CounterView>> {
+pub fn read_counters<T: std::borrow::Borrow<MapData>>(
+    arr: &PerCpuArray<T, Counter>,
+) -> Result<Vec<CounterView>> {
     let mut out = Vec::new();
     for (i, name) in counter::NAMES.iter().enumerate() {
         let values = arr.get(&(i as u32), 0)?;
-        let (packets, bytes) = values.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
-        out.push(CounterView { name, packets, bytes });
+        let (packets, bytes) = values
+            .iter()
+            .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
+        out.push(CounterView {
+            name,
+            packets,
+            bytes,
+        });
     }
     Ok(out)
 }
@@ -61,7 +76,11 @@ pub struct MapOccupancy {
 
 fn count_entries<K: aya::Pod, V: aya::Pod>(bpffs: &Path, name: &str, lru: bool) -> Result<u64> {
     let data = open_pinned(bpffs, name)?;
-    let map = if lru { Map::LruHashMap(data) } else { Map::HashMap(data) };
+    let map = if lru {
+        Map::LruHashMap(data)
+    } else {
+        Map::HashMap(data)
+    };
     let m: aya::maps::HashMap<MapData, K, V> = aya::maps::HashMap::try_from(map)?;
     Ok(m.keys().count() as u64)
 }
@@ -71,40 +90,100 @@ pub fn map_occupancy(bpffs: &Path) -> Result<Vec<MapOccupancy>> {
     use lb_common::*;
     check_dir(bpffs)?;
     Ok(vec![
-        MapOccupancy { map: "services", entries: count_entries::<ServiceKey, ServiceValue>(bpffs, map_name::SERVICES, false)?, capacity: limits::SERVICES as u64 },
-        MapOccupancy { map: "backends", entries: count_entries::<u32, Backend>(bpffs, map_name::BACKENDS, false)?, capacity: limits::BACKENDS as u64 },
-        MapOccupancy { map: "rev_nat", entries: count_entries::<u32, RevNat>(bpffs, map_name::REV_NAT, false)?, capacity: limits::REV_NAT as u64 },
-        MapOccupancy { map: "members", entries: count_entries::<MemberKey, u32>(bpffs, map_name::MEMBERS, false)?, capacity: limits::MEMBERS as u64 },
-        MapOccupancy { map: "conntrack", entries: count_entries::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK, true)?, capacity: limits::CONNTRACK as u64 },
-        MapOccupancy { map: "conntrack_new", entries: count_entries::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK_NEW, true)?, capacity: limits::CONNTRACK_NEW as u64 },
-        MapOccupancy { map: "maglev", entries: count_entries::<MaglevKey, MaglevChunk>(bpffs, map_name::MAGLEV, false)?, capacity: limits::MAGLEV_CHUNKS as u64 },
-        MapOccupancy { map: "affinity", entries: count_entries::<AffinityKey, AffinityValue>(bpffs, map_name::AFFINITY, true)?, capacity: limits::AFFINITY as u64 },
-        MapOccupancy { map: "sock_rev_nat", entries: count_entries::<SockKey, SockRevNat>(bpffs, map_name::SOCK_REV_NAT, true)?, capacity: limits::SOCK_REV_NAT as u64 },
-        MapOccupancy { map: "sock_flow", entries: count_entries::<SockKey, SockFlow>(bpffs, map_name::SOCK_FLOW, true)?, capacity: limits::SOCK_FLOW as u64 },
+        MapOccupancy {
+            map: "services",
+            entries: count_entries::<ServiceKey, ServiceValue>(bpffs, map_name::SERVICES, false)?,
+            capacity: limits::SERVICES as u64,
+        },
+        MapOccupancy {
+            map: "backends",
+            entries: count_entries::<u32, Backend>(bpffs, map_name::BACKENDS, false)?,
+            capacity: limits::BACKENDS as u64,
+        },
+        MapOccupancy {
+            map: "rev_nat",
+            entries: count_entries::<u32, RevNat>(bpffs, map_name::REV_NAT, false)?,
+            capacity: limits::REV_NAT as u64,
+        },
+        MapOccupancy {
+            map: "members",
+            entries: count_entries::<MemberKey, u32>(bpffs, map_name::MEMBERS, false)?,
+            capacity: limits::MEMBERS as u64,
+        },
+        MapOccupancy {
+            map: "conntrack",
+            entries: count_entries::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK, true)?,
+            capacity: limits::CONNTRACK as u64,
+        },
+        MapOccupancy {
+            map: "conntrack_new",
+            entries: count_entries::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK_NEW, true)?,
+            capacity: limits::CONNTRACK_NEW as u64,
+        },
+        MapOccupancy {
+            map: "maglev",
+            entries: count_entries::<MaglevKey, MaglevChunk>(bpffs, map_name::MAGLEV, false)?,
+            capacity: limits::MAGLEV_CHUNKS as u64,
+        },
+        MapOccupancy {
+            map: "affinity",
+            entries: count_entries::<AffinityKey, AffinityValue>(bpffs, map_name::AFFINITY, true)?,
+            capacity: limits::AFFINITY as u64,
+        },
+        MapOccupancy {
+            map: "sock_rev_nat",
+            entries: count_entries::<SockKey, SockRevNat>(bpffs, map_name::SOCK_REV_NAT, true)?,
+            capacity: limits::SOCK_REV_NAT as u64,
+        },
+        MapOccupancy {
+            map: "sock_flow",
+            entries: count_entries::<SockKey, SockFlow>(bpffs, map_name::SOCK_FLOW, true)?,
+            capacity: limits::SOCK_FLOW as u64,
+        },
     ])
 }
 
 /// Seconds of CLOCK_MONOTONIC_COARSE, the clock the datapath stamps records with.
 pub fn boot_seconds() -> u32 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into a timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u32
 }
 
 /// Every entry of the pinned hash map `name` (an LRU one with `lru`).
-pub(crate) fn typed<K: aya::Pod, V: aya::Pod>(bpffs: &Path, name: &str, lru: bool) -> Result<Vec<(K, V)>> {
+pub(crate) fn typed<K: aya::Pod, V: aya::Pod>(
+    bpffs: &Path,
+    name: &str,
+    lru: bool,
+) -> Result<Vec<(K, V)>> {
     let data = open_pinned(bpffs, name)?;
-    let map = if lru { Map::LruHashMap(data) } else { Map::HashMap(data) };
+    let map = if lru {
+        Map::LruHashMap(data)
+    } else {
+        Map::HashMap(data)
+    };
     let m: aya::maps::HashMap<MapData, K, V> = aya::maps::HashMap::try_from(map)?;
     Ok(m.iter().collect::<Result<Vec<_>, _>>()?)
 }
 
 /// Both conntrack tiers, each entry with its state name.
-pub(crate) fn conntrack_all(bpffs: &Path) -> Result<Vec<(lb_common::CtKey, lb_common::CtEntry, &'static str)>> {
+pub(crate) fn conntrack_all(
+    bpffs: &Path,
+) -> Result<Vec<(lb_common::CtKey, lb_common::CtEntry, &'static str)>> {
     use lb_common::{CtEntry, CtKey};
-    let mut v: Vec<_> = typed::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK, true)?.into_iter().map(|(k, e)| (k, e, "established")).collect();
-    v.extend(typed::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK_NEW, true)?.into_iter().map(|(k, e)| (k, e, "new")));
+    let mut v: Vec<_> = typed::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK, true)?
+        .into_iter()
+        .map(|(k, e)| (k, e, "established"))
+        .collect();
+    v.extend(
+        typed::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK_NEW, true)?
+            .into_iter()
+            .map(|(k, e)| (k, e, "new")),
+    );
     Ok(v)
 }
 

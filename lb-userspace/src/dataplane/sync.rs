@@ -28,7 +28,10 @@ use super::{
     maglev_tables::{chunk_count, table_of, wants_table, MaglevTables},
     Dataplane, MapContents,
 };
-use crate::control::desired::{backend_value, be_addr, service_key, sock_addr, BackendKey, Desired, DesiredFrontend, FrontendKey};
+use crate::control::desired::{
+    backend_value, be_addr, service_key, sock_addr, BackendKey, Desired, DesiredFrontend,
+    FrontendKey,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct ProgrammedFrontend {
@@ -102,7 +105,8 @@ impl<D: Dataplane> Syncer<D> {
             config: found.config,
             svc_port_ids: HashMap::new(),
             svc_port_alloc: IdAllocator::with_used(
-                found.services
+                found
+                    .services
                     .iter()
                     .filter(|(k, _)| k.slot == 0)
                     .map(|(_, v)| v.svc_port_id)
@@ -127,7 +131,10 @@ impl<D: Dataplane> Syncer<D> {
 
     fn load(&mut self, found: MapContents) {
         for (id, b) in &found.backends {
-            let key = BackendKey { addr: sock_addr(b.addr_be, b.port_be), proto: b.proto };
+            let key = BackendKey {
+                addr: sock_addr(b.addr_be, b.port_be),
+                proto: b.proto,
+            };
             if self.backends.contains_key(&key) {
                 self.stray_backends.push(*id); // a duplicate: keep the first id
             } else {
@@ -145,11 +152,22 @@ impl<D: Dataplane> Syncer<D> {
             }
         }
         for (k, v) in found.services.iter().filter(|(k, _)| k.slot == 0) {
-            let fe = FrontendKey { addr: sock_addr(k.addr_be, k.port_be), proto: k.proto, scope: k.scope };
+            let fe = FrontendKey {
+                addr: sock_addr(k.addr_be, k.port_be),
+                proto: k.proto,
+                scope: k.scope,
+            };
             let slots = (1..=v.count)
                 .map(|slot| {
-                    let id = found.services.get(&service_key(&fe, slot)).map_or(0, |s| s.backend_id);
-                    if self.backends.values().any(|(bid, _)| *bid == id) { id } else { 0 }
+                    let id = found
+                        .services
+                        .get(&service_key(&fe, slot))
+                        .map_or(0, |s| s.backend_id);
+                    if self.backends.values().any(|(bid, _)| *bid == id) {
+                        id
+                    } else {
+                        0
+                    }
                 })
                 .collect();
             if rev_by_id.get(&v.rev_nat_id) != Some(&fe.addr) {
@@ -171,8 +189,15 @@ impl<D: Dataplane> Syncer<D> {
         }
         self.adopt_tables(&found);
         for (k, _) in found.services.iter().filter(|(k, _)| k.slot != 0) {
-            let fe = FrontendKey { addr: sock_addr(k.addr_be, k.port_be), proto: k.proto, scope: k.scope };
-            let in_use = self.frontends.get(&fe).is_some_and(|p| (k.slot as usize) <= p.slots.len());
+            let fe = FrontendKey {
+                addr: sock_addr(k.addr_be, k.port_be),
+                proto: k.proto,
+                scope: k.scope,
+            };
+            let in_use = self
+                .frontends
+                .get(&fe)
+                .is_some_and(|p| (k.slot as usize) <= p.slots.len());
             if !in_use {
                 self.stray_services.push(*k);
             }
@@ -192,7 +217,8 @@ impl<D: Dataplane> Syncer<D> {
     /// frontends with any other table get a fresh one on the next sync, and chunks nobody uses
     /// are removed then.
     fn adopt_tables(&mut self, found: &MapContents) {
-        let by_id: HashMap<u32, BackendKey> = self.backends.iter().map(|(k, (id, _))| (*id, *k)).collect();
+        let by_id: HashMap<u32, BackendKey> =
+            self.backends.iter().map(|(k, (id, _))| (*id, *k)).collect();
         let fes: Vec<FrontendKey> = self.frontends.keys().copied().collect();
         for fe in fes {
             let p = &self.frontends[&fe];
@@ -200,9 +226,13 @@ impl<D: Dataplane> Syncer<D> {
             if id == 0 {
                 continue;
             }
-            let keys: Option<Vec<BackendKey>> = p.slots.iter().map(|s| by_id.get(s).copied()).collect();
+            let keys: Option<Vec<BackendKey>> =
+                p.slots.iter().map(|s| by_id.get(s).copied()).collect();
             let backends = &self.backends;
-            let adopted = keys.is_some_and(|set| self.tables.adopt(id, m, set, |k| backends[k].0, &found.maglev));
+            let adopted = keys.is_some_and(|set| {
+                self.tables
+                    .adopt(id, m, set, |k| backends[k].0, &found.maglev)
+            });
             if !adopted {
                 self.frontends.get_mut(&fe).expect("listed above").maglev = (0, 0);
             }
@@ -223,7 +253,10 @@ impl<D: Dataplane> Syncer<D> {
         let (m, table) = table_of(set, |k| backends[k].0);
         let id = self.tables.new_id();
         for (c, chunk) in maglev::chunks(&table).iter().enumerate() {
-            let key = MaglevKey { table_id: id, chunk: c as u32 };
+            let key = MaglevKey {
+                table_id: id,
+                chunk: c as u32,
+            };
             self.write(|dp| dp.put_maglev(&key, chunk))?;
         }
         self.tables.insert(set, id, m);
@@ -232,9 +265,14 @@ impl<D: Dataplane> Syncer<D> {
 
     /// Drops a reference; the last one deletes the table's chunks.
     fn unref_table(&mut self, id: u32) -> Result<()> {
-        let Some(m) = self.tables.unref(id) else { return Ok(()) };
+        let Some(m) = self.tables.unref(id) else {
+            return Ok(());
+        };
         for c in 0..chunk_count(m) {
-            let key = MaglevKey { table_id: id, chunk: c };
+            let key = MaglevKey {
+                table_id: id,
+                chunk: c,
+            };
             self.write(|dp| dp.del_maglev(&key))?;
         }
         self.tables.release(id);
@@ -254,7 +292,10 @@ impl<D: Dataplane> Syncer<D> {
     /// (rev-NAT id, protocol) -> Service-port id of every programmed frontend (for conntrack
     /// migration; a rev-NAT id names an address and port, shared by TCP and UDP).
     pub fn svc_port_by_rev_nat(&self) -> HashMap<(u32, u8), u32> {
-        self.frontends.iter().map(|(k, p)| ((p.rev_nat_id, k.proto), p.svc_port_id)).collect()
+        self.frontends
+            .iter()
+            .map(|(k, p)| ((p.rev_nat_id, k.proto), p.svc_port_id))
+            .collect()
     }
 
     /// Service port (`namespace/name:port/PROTO`) -> its id in the maps.
@@ -275,13 +316,21 @@ impl<D: Dataplane> Syncer<D> {
         let changed: Vec<(&FrontendKey, &DesiredFrontend)> = if full {
             desired.iter().collect()
         } else {
-            desired.iter().filter(|(k, d)| self.applied.get(*k) != Some(*d)).collect()
+            desired
+                .iter()
+                .filter(|(k, d)| self.applied.get(*k) != Some(*d))
+                .collect()
         };
-        let gone: Vec<FrontendKey> = if full || desired.len() != self.applied.len() || !changed.is_empty() {
-            self.frontends.keys().filter(|k| !desired.contains_key(k)).copied().collect()
-        } else {
-            Vec::new()
-        };
+        let gone: Vec<FrontendKey> =
+            if full || desired.len() != self.applied.len() || !changed.is_empty() {
+                self.frontends
+                    .keys()
+                    .filter(|k| !desired.contains_key(k))
+                    .copied()
+                    .collect()
+            } else {
+                Vec::new()
+            };
         // 1. backends (new or changed), before any slot can point at them.
         let mut wanted: HashMap<BackendKey, u8> = HashMap::new();
         for (_, d) in &changed {
@@ -338,7 +387,12 @@ impl<D: Dataplane> Syncer<D> {
         }
         if full {
             // Names found at adoption that nothing uses.
-            dead_names.extend(self.svc_port_ids.keys().filter(|k| !self.name_refs.contains_key(*k)).cloned());
+            dead_names.extend(
+                self.svc_port_ids
+                    .keys()
+                    .filter(|k| !self.name_refs.contains_key(*k))
+                    .cloned(),
+            );
         }
         for k in dead_names {
             if let Some(id) = self.svc_port_ids.remove(&k) {
@@ -398,7 +452,11 @@ impl<D: Dataplane> Syncer<D> {
         } else {
             // Few candidates: find their keys without indexing every backend.
             let want: BTreeSet<u32> = candidates.iter().copied().collect();
-            self.backends.iter().filter(|(_, (id, _))| want.contains(id)).map(|(k, (id, _))| (*id, *k)).collect()
+            self.backends
+                .iter()
+                .filter(|(_, (id, _))| want.contains(id))
+                .map(|(k, (id, _))| (*id, *k))
+                .collect()
         };
         let mut unused: Vec<(BackendKey, u32)> = candidates
             .into_iter()
@@ -418,7 +476,9 @@ impl<D: Dataplane> Syncer<D> {
         }
         self.maybe_unused.clear();
         self.full_pass = false;
-        Ok(SyncStats { writes: self.total_writes - before })
+        Ok(SyncStats {
+            writes: self.total_writes - before,
+        })
     }
 
     /// Drops one reference to a Service-port name; returns it when that was the last.
@@ -447,7 +507,9 @@ impl<D: Dataplane> Syncer<D> {
     }
 
     fn unref_rev_nat(&mut self, addr: SocketAddrV4) -> Result<()> {
-        let Some((id, refs)) = self.rev_nat.get_mut(&addr) else { return Ok(()) };
+        let Some((id, refs)) = self.rev_nat.get_mut(&addr) else {
+            return Ok(());
+        };
         *refs -= 1;
         if *refs == 0 {
             let id = *id;
@@ -469,7 +531,10 @@ impl<D: Dataplane> Syncer<D> {
         let slots = next_slots(&old_slots, &new_ids);
         for (i, id) in slots.iter().enumerate() {
             if old_slots.get(i) != Some(id) {
-                let v = ServiceValue { backend_id: *id, ..Default::default() };
+                let v = ServiceValue {
+                    backend_id: *id,
+                    ..Default::default()
+                };
                 self.write(|dp| dp.put_service(&service_key(fe, i as u16 + 1), &v))?;
             }
         }
@@ -545,11 +610,26 @@ impl<D: Dataplane> Syncer<D> {
             .iter()
             .enumerate()
             .filter(|(_, id)| **id != 0)
-            .map(|(i, id)| (MemberKey { frontend: master, backend_id: *id }, i as u32 + 1))
+            .map(|(i, id)| {
+                (
+                    MemberKey {
+                        frontend: master,
+                        backend_id: *id,
+                    },
+                    i as u32 + 1,
+                )
+            })
             .collect();
-        let lo = MemberKey { frontend: master, backend_id: 0 };
-        let hi = MemberKey { frontend: master, backend_id: u32::MAX };
-        let have: BTreeMap<MemberKey, u32> = self.members.range(lo..=hi).map(|(k, v)| (*k, *v)).collect();
+        let lo = MemberKey {
+            frontend: master,
+            backend_id: 0,
+        };
+        let hi = MemberKey {
+            frontend: master,
+            backend_id: u32::MAX,
+        };
+        let have: BTreeMap<MemberKey, u32> =
+            self.members.range(lo..=hi).map(|(k, v)| (*k, *v)).collect();
         if adding {
             for (k, slot) in &want {
                 if have.get(k) != Some(slot) {
@@ -573,7 +653,11 @@ impl<D: Dataplane> Syncer<D> {
         }
         let id = self.rev_nat_ids.alloc();
         let (addr_be, port_be) = be_addr(addr);
-        let v = RevNat { addr_be, port_be, _pad: 0 };
+        let v = RevNat {
+            addr_be,
+            port_be,
+            _pad: 0,
+        };
         self.write(|dp| dp.put_rev_nat(id, &v))?;
         self.rev_nat.insert(addr, (id, 1));
         Ok(id)
@@ -590,7 +674,11 @@ fn next_slots(old: &[u32], new_ids: &[u32]) -> Vec<u32> {
         .iter()
         .map(|id| (*id != 0 && wanted.contains(id) && seen.insert(*id)).then_some(*id))
         .collect();
-    let mut adds: VecDeque<u32> = new_ids.iter().filter(|id| !seen.contains(id)).copied().collect();
+    let mut adds: VecDeque<u32> = new_ids
+        .iter()
+        .filter(|id| !seen.contains(id))
+        .copied()
+        .collect();
     let mut added = BTreeSet::new();
     adds.retain(|id| added.insert(*id));
     for s in slots.iter_mut().filter(|s| s.is_none()) {
@@ -613,7 +701,10 @@ fn next_slots(old: &[u32], new_ids: &[u32]) -> Vec<u32> {
         }
         i += 1;
     }
-    slots.into_iter().map(|s| s.expect("holes filled")).collect()
+    slots
+        .into_iter()
+        .map(|s| s.expect("holes filled"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -633,13 +724,24 @@ mod tests {
         }
     }
     fn be(i: u32) -> BackendKey {
-        BackendKey { addr: SocketAddrV4::new(Ipv4Addr::from(0x0af4_0000 + i), 8080), proto: 6 }
+        BackendKey {
+            addr: SocketAddrV4::new(Ipv4Addr::from(0x0af4_0000 + i), 8080),
+            proto: 6,
+        }
     }
     fn desired(n: u32, per: u32) -> Desired {
         (0..n)
             .map(|s| {
                 let backends = (0..per).map(|b| (be(s * per + b), 0)).collect();
-                (fe(s), DesiredFrontend { service_port: format!("ns/s{s}:p/TCP"), flags: 1, affinity_timeout_s: 0, backends })
+                (
+                    fe(s),
+                    DesiredFrontend {
+                        service_port: format!("ns/s{s}:p/TCP"),
+                        flags: 1,
+                        affinity_timeout_s: 0,
+                        backends,
+                    },
+                )
             })
             .collect()
     }
@@ -698,7 +800,10 @@ mod tests {
         let mut s = Syncer::adopt(FakeDataplane::default()).unwrap();
         let d = desired(4, 3);
         s.sync(&d).unwrap();
-        let dp = FakeDataplane { state: s.dataplane().state.clone(), log: vec![] };
+        let dp = FakeDataplane {
+            state: s.dataplane().state.clone(),
+            log: vec![],
+        };
         let mut again = Syncer::adopt(dp).unwrap();
         assert_eq!(again.sync(&d).unwrap().writes, 0);
         // And a change after adoption is still minimal.
@@ -716,7 +821,13 @@ mod tests {
         // A slot beyond the master's count and a backend nobody points at.
         let mut k = service_key(&fe(0), 9);
         k.slot = 9;
-        state.services.insert(k, ServiceValue { backend_id: 1, ..Default::default() });
+        state.services.insert(
+            k,
+            ServiceValue {
+                backend_id: 1,
+                ..Default::default()
+            },
+        );
         state.backends.insert(77, backend_value(&be(77), 0));
         let mut again = Syncer::adopt(FakeDataplane { state, log: vec![] }).unwrap();
         again.sync(&desired(2, 2)).unwrap();
@@ -740,11 +851,19 @@ mod tests {
         // Replay the log from `start` one operation at a time.
         let log = s.dataplane().log.clone();
         let end = s.dataplane().state.clone();
-        let mut replay = FakeDataplane { state: start, log: vec![] };
+        let mut replay = FakeDataplane {
+            state: start,
+            log: vec![],
+        };
         let mut ops = log.iter();
         // Rebuild each op from the end state or the start state to step through.
-        let all_keys: BTreeSet<ServiceKey> =
-            replay.state.services.keys().chain(end.services.keys()).copied().collect();
+        let all_keys: BTreeSet<ServiceKey> = replay
+            .state
+            .services
+            .keys()
+            .chain(end.services.keys())
+            .copied()
+            .collect();
         for op in ops.by_ref() {
             let (verb, arg) = op.split_once(' ').unwrap();
             match verb {
@@ -785,7 +904,11 @@ mod tests {
             }
         }
         assert_eq!(
-            (&replay.state.services, &replay.state.backends, &replay.state.rev_nat),
+            (
+                &replay.state.services,
+                &replay.state.backends,
+                &replay.state.rev_nat
+            ),
             (&end.services, &end.backends, &end.rev_nat)
         );
     }
@@ -798,7 +921,12 @@ mod tests {
         d.get_mut(&fe(1)).unwrap().service_port = "ns/s0:p/TCP".into();
         s.sync(&d).unwrap();
         let st = &s.dataplane().state;
-        let masters: Vec<u32> = st.services.iter().filter(|(k, _)| k.slot == 0).map(|(_, v)| v.svc_port_id).collect();
+        let masters: Vec<u32> = st
+            .services
+            .iter()
+            .filter(|(k, _)| k.slot == 0)
+            .map(|(_, v)| v.svc_port_id)
+            .collect();
         assert_eq!(masters.len(), 2);
         assert_eq!(masters[0], masters[1]);
         assert_ne!(masters[0], 0);
@@ -807,18 +935,36 @@ mod tests {
             .services
             .iter()
             .filter(|(k, _)| k.slot != 0)
-            .map(|(k, v)| (MemberKey { frontend: ServiceKey { slot: 0, ..*k }, backend_id: v.backend_id }, k.slot as u32))
+            .map(|(k, v)| {
+                (
+                    MemberKey {
+                        frontend: ServiceKey { slot: 0, ..*k },
+                        backend_id: v.backend_id,
+                    },
+                    k.slot as u32,
+                )
+            })
             .collect();
         assert_eq!(st.members, expect);
         // Removing a backend removes its membership; adoption keeps the ids.
         d.get_mut(&fe(0)).unwrap().backends.remove(0);
         s.sync(&d).unwrap();
         assert_eq!(s.dataplane().state.members.len(), 5);
-        let mut again = Syncer::adopt(FakeDataplane { state: s.dataplane().state.clone(), log: vec![] }).unwrap();
+        let mut again = Syncer::adopt(FakeDataplane {
+            state: s.dataplane().state.clone(),
+            log: vec![],
+        })
+        .unwrap();
         assert_eq!(again.sync(&d).unwrap().writes, 0);
         // Stray memberships found at adoption are removed.
         let mut state = s.dataplane().state.clone();
-        state.members.insert(MemberKey { frontend: service_key(&fe(7), 0), backend_id: 3 }, 1);
+        state.members.insert(
+            MemberKey {
+                frontend: service_key(&fe(7), 0),
+                backend_id: 3,
+            },
+            1,
+        );
         let mut again = Syncer::adopt(FakeDataplane { state, log: vec![] }).unwrap();
         assert_eq!(again.sync(&d).unwrap().writes, 1);
         assert_eq!(again.dataplane().state.members.len(), 5);
@@ -838,7 +984,10 @@ mod tests {
         d.get_mut(&fe(17)).unwrap().backends.pop();
         assert_eq!(s.sync(&d).unwrap().writes, 4);
         // Add one endpoint: backend + slot + membership + master.
-        d.get_mut(&fe(9000)).unwrap().backends.push((be(888_888), 0));
+        d.get_mut(&fe(9000))
+            .unwrap()
+            .backends
+            .push((be(888_888), 0));
         assert_eq!(s.sync(&d).unwrap().writes, 4);
     }
 
@@ -846,8 +995,17 @@ mod tests {
     fn external(d: &Desired) -> Desired {
         d.iter()
             .map(|(k, v)| {
-                let v = DesiredFrontend { flags: lb_common::service_flags::LOAD_BALANCER, ..v.clone() };
-                (FrontendKey { scope: scope::EXTERNAL, ..*k }, v)
+                let v = DesiredFrontend {
+                    flags: lb_common::service_flags::LOAD_BALANCER,
+                    ..v.clone()
+                };
+                (
+                    FrontendKey {
+                        scope: scope::EXTERNAL,
+                        ..*k
+                    },
+                    v,
+                )
             })
             .collect()
     }
@@ -861,19 +1019,37 @@ mod tests {
     /// `strict: false` (states inside a change): a table may still name a backend that is leaving
     /// the frontend, as long as it exists; new flows are then sent where they were a moment ago.
     fn check_tables_with(st: &MapContents, strict: bool) {
-        for (k, v) in st.services.iter().filter(|(k, _)| k.slot == 0 && k.scope == scope::EXTERNAL) {
+        for (k, v) in st
+            .services
+            .iter()
+            .filter(|(k, _)| k.slot == 0 && k.scope == scope::EXTERNAL)
+        {
             if v.count < 2 || v.flags & lb_common::service_flags::CLUSTER_IP != 0 {
                 assert_eq!(v.maglev_id, 0);
                 continue;
             }
             assert_ne!(v.maglev_id, 0, "{k:?} has no table");
-            let slots: BTreeSet<u32> = (1..=v.count).map(|slot| st.services[&ServiceKey { slot, ..*k }].backend_id).collect();
+            let slots: BTreeSet<u32> = (1..=v.count)
+                .map(|slot| st.services[&ServiceKey { slot, ..*k }].backend_id)
+                .collect();
             for c in 0..chunk_count(v.maglev_m) {
-                let chunk = st.maglev.get(&MaglevKey { table_id: v.maglev_id, chunk: c }).expect("chunk present");
+                let chunk = st
+                    .maglev
+                    .get(&MaglevKey {
+                        table_id: v.maglev_id,
+                        chunk: c,
+                    })
+                    .expect("chunk present");
                 let n = (v.maglev_m - c * MAGLEV_CHUNK).min(MAGLEV_CHUNK) as usize;
                 for id in &chunk.backend_ids[..n] {
-                    assert!(st.backends.contains_key(id), "table names missing backend {id}");
-                    assert!(!strict || slots.contains(id), "table names backend {id} outside the frontend");
+                    assert!(
+                        st.backends.contains_key(id),
+                        "table names missing backend {id}"
+                    );
+                    assert!(
+                        !strict || slots.contains(id),
+                        "table names backend {id} outside the frontend"
+                    );
                 }
             }
         }
@@ -884,9 +1060,19 @@ mod tests {
         let mut s = Syncer::adopt(FakeDataplane::default()).unwrap();
         let mut d = external(&desired(3, 10));
         // A second frontend of the first Service port with the same backends shares the table.
-        let mut twin = d[&FrontendKey { scope: scope::EXTERNAL, ..fe(0) }].clone();
+        let mut twin = d[&FrontendKey {
+            scope: scope::EXTERNAL,
+            ..fe(0)
+        }]
+            .clone();
         twin.service_port = "ns/s0:p/TCP".into();
-        d.insert(FrontendKey { scope: scope::EXTERNAL, ..fe(50) }, twin);
+        d.insert(
+            FrontendKey {
+                scope: scope::EXTERNAL,
+                ..fe(50)
+            },
+            twin,
+        );
         s.sync(&d).unwrap();
         let st = s.dataplane().state.clone();
         check_tables(&st);
@@ -895,19 +1081,35 @@ mod tests {
         // M = 1021 for 10 backends: 4 chunks per table.
         assert_eq!(st.maglev.len(), 12);
         // Adoption keeps everything.
-        let mut again = Syncer::adopt(FakeDataplane { state: st.clone(), log: vec![] }).unwrap();
+        let mut again = Syncer::adopt(FakeDataplane {
+            state: st.clone(),
+            log: vec![],
+        })
+        .unwrap();
         assert_eq!(again.sync(&d).unwrap().writes, 0);
         // One endpoint replaced in the Service with one frontend: its slots as before (5 writes),
         // a new table (4 chunks) before the master switch (1), the old table's 4 chunks after.
-        let k2 = FrontendKey { scope: scope::EXTERNAL, ..fe(2) };
+        let k2 = FrontendKey {
+            scope: scope::EXTERNAL,
+            ..fe(2)
+        };
         d.get_mut(&k2).unwrap().backends[3] = (be(777_777), 0);
         again.dp.log.clear();
         let w = again.sync(&d).unwrap().writes;
         assert_eq!(w, 5 + 4 + 1 + 4, "{:?}", again.dataplane().log);
         let log = &again.dataplane().log;
-        let last_put = log.iter().rposition(|l| l.starts_with("put_maglev")).unwrap();
-        let master = log.iter().position(|l| l.starts_with("put_service") && l.ends_with("#0")).unwrap();
-        let first_del = log.iter().position(|l| l.starts_with("del_maglev")).unwrap();
+        let last_put = log
+            .iter()
+            .rposition(|l| l.starts_with("put_maglev"))
+            .unwrap();
+        let master = log
+            .iter()
+            .position(|l| l.starts_with("put_service") && l.ends_with("#0"))
+            .unwrap();
+        let first_del = log
+            .iter()
+            .position(|l| l.starts_with("del_maglev"))
+            .unwrap();
         assert!(last_put < master && master < first_del, "{log:?}");
         check_tables(&again.dataplane().state);
         assert_eq!(again.dataplane().state.maglev.len(), 12);
@@ -921,7 +1123,8 @@ mod tests {
         assert_eq!(third.dataplane().state.maglev.len(), 12);
         // A ClusterIP reached from outside gets no table.
         let mut cip = external(&desired(1, 5));
-        cip.values_mut().for_each(|v| v.flags = lb_common::service_flags::CLUSTER_IP);
+        cip.values_mut()
+            .for_each(|v| v.flags = lb_common::service_flags::CLUSTER_IP);
         let mut fresh = Syncer::adopt(FakeDataplane::default()).unwrap();
         fresh.sync(&cip).unwrap();
         assert!(fresh.dataplane().state.maglev.is_empty());
@@ -945,23 +1148,64 @@ mod tests {
             inner: FakeDataplane,
         }
         impl Dataplane for Stepper {
-            fn put_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> Result<()> { self.inner.put_service(k, v)?; check_tables_with(&self.inner.state, false); Ok(()) }
-            fn del_service(&mut self, k: &ServiceKey) -> Result<()> { self.inner.del_service(k)?; check_tables_with(&self.inner.state, false); Ok(()) }
-            fn put_backend(&mut self, id: u32, v: &Backend) -> Result<()> { self.inner.put_backend(id, v) }
-            fn del_backend(&mut self, id: u32) -> Result<()> { self.inner.del_backend(id)?; check_tables_with(&self.inner.state, false); Ok(()) }
-            fn put_rev_nat(&mut self, id: u32, v: &RevNat) -> Result<()> { self.inner.put_rev_nat(id, v) }
-            fn del_rev_nat(&mut self, id: u32) -> Result<()> { self.inner.del_rev_nat(id) }
-            fn put_config(&mut self, v: &Config) -> Result<()> { self.inner.put_config(v) }
-            fn put_member(&mut self, k: &MemberKey, slot: u32) -> Result<()> { self.inner.put_member(k, slot) }
-            fn del_member(&mut self, k: &MemberKey) -> Result<()> { self.inner.del_member(k) }
-            fn put_service_name(&mut self, id: u32, n: &str) -> Result<()> { self.inner.put_service_name(id, n) }
-            fn del_service_name(&mut self, id: u32) -> Result<()> { self.inner.del_service_name(id) }
-            fn put_maglev(&mut self, k: &MaglevKey, v: &lb_common::MaglevChunk) -> Result<()> { self.inner.put_maglev(k, v)?; check_tables_with(&self.inner.state, false); Ok(()) }
-            fn del_maglev(&mut self, k: &MaglevKey) -> Result<()> { self.inner.del_maglev(k)?; check_tables_with(&self.inner.state, false); Ok(()) }
-            fn contents(&self) -> Result<MapContents> { self.inner.contents() }
+            fn put_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> Result<()> {
+                self.inner.put_service(k, v)?;
+                check_tables_with(&self.inner.state, false);
+                Ok(())
+            }
+            fn del_service(&mut self, k: &ServiceKey) -> Result<()> {
+                self.inner.del_service(k)?;
+                check_tables_with(&self.inner.state, false);
+                Ok(())
+            }
+            fn put_backend(&mut self, id: u32, v: &Backend) -> Result<()> {
+                self.inner.put_backend(id, v)
+            }
+            fn del_backend(&mut self, id: u32) -> Result<()> {
+                self.inner.del_backend(id)?;
+                check_tables_with(&self.inner.state, false);
+                Ok(())
+            }
+            fn put_rev_nat(&mut self, id: u32, v: &RevNat) -> Result<()> {
+                self.inner.put_rev_nat(id, v)
+            }
+            fn del_rev_nat(&mut self, id: u32) -> Result<()> {
+                self.inner.del_rev_nat(id)
+            }
+            fn put_config(&mut self, v: &Config) -> Result<()> {
+                self.inner.put_config(v)
+            }
+            fn put_member(&mut self, k: &MemberKey, slot: u32) -> Result<()> {
+                self.inner.put_member(k, slot)
+            }
+            fn del_member(&mut self, k: &MemberKey) -> Result<()> {
+                self.inner.del_member(k)
+            }
+            fn put_service_name(&mut self, id: u32, n: &str) -> Result<()> {
+                self.inner.put_service_name(id, n)
+            }
+            fn del_service_name(&mut self, id: u32) -> Result<()> {
+                self.inner.del_service_name(id)
+            }
+            fn put_maglev(&mut self, k: &MaglevKey, v: &lb_common::MaglevChunk) -> Result<()> {
+                self.inner.put_maglev(k, v)?;
+                check_tables_with(&self.inner.state, false);
+                Ok(())
+            }
+            fn del_maglev(&mut self, k: &MaglevKey) -> Result<()> {
+                self.inner.del_maglev(k)?;
+                check_tables_with(&self.inner.state, false);
+                Ok(())
+            }
+            fn contents(&self) -> Result<MapContents> {
+                self.inner.contents()
+            }
         }
         let state = s.dataplane().state.clone();
-        let mut stepped = Syncer::adopt(Stepper { inner: FakeDataplane { state, log: vec![] } }).unwrap();
+        let mut stepped = Syncer::adopt(Stepper {
+            inner: FakeDataplane { state, log: vec![] },
+        })
+        .unwrap();
         stepped.sync(&d).unwrap();
         check_tables(&stepped.dataplane().inner.state);
     }
@@ -987,9 +1231,20 @@ mod tests {
                     d.remove(&keys[next(keys.len() as u32) as usize]);
                 }
                 1 => {
-                    let f = FrontendKey { scope: scope::EXTERNAL, ..fe(1000 + next(50)) };
+                    let f = FrontendKey {
+                        scope: scope::EXTERNAL,
+                        ..fe(1000 + next(50))
+                    };
                     let backends = (0..next(5)).map(|_| (be(next(200)), 0)).collect();
-                    d.insert(f, DesiredFrontend { service_port: format!("ns/x{}:p/TCP", next(8)), flags: lb_common::service_flags::LOAD_BALANCER, affinity_timeout_s: 0, backends });
+                    d.insert(
+                        f,
+                        DesiredFrontend {
+                            service_port: format!("ns/x{}:p/TCP", next(8)),
+                            flags: lb_common::service_flags::LOAD_BALANCER,
+                            affinity_timeout_s: 0,
+                            backends,
+                        },
+                    );
                 }
                 2 if !keys.is_empty() => {
                     let v = d.get_mut(&keys[next(keys.len() as u32) as usize]).unwrap();
@@ -1003,7 +1258,9 @@ mod tests {
                     }
                 }
                 4 if !keys.is_empty() => {
-                    d.get_mut(&keys[next(keys.len() as u32) as usize]).unwrap().service_port = format!("ns/y{}:p/TCP", next(5));
+                    d.get_mut(&keys[next(keys.len() as u32) as usize])
+                        .unwrap()
+                        .service_port = format!("ns/y{}:p/TCP", next(5));
                 }
                 _ => {}
             }
@@ -1026,9 +1283,14 @@ mod tests {
             fresh.sync(&d).unwrap();
             let (a, b) = (&s.dataplane().state, &fresh.dataplane().state);
             assert_eq!(resolved(a), resolved(b), "step {step}");
-            let names = |st: &MapContents| st.service_names.values().cloned().collect::<BTreeSet<_>>();
+            let names =
+                |st: &MapContents| st.service_names.values().cloned().collect::<BTreeSet<_>>();
             assert_eq!(names(a), names(b), "step {step}");
-            assert_eq!(a.backends.len(), b.backends.len(), "step {step}: leftover backends");
+            assert_eq!(
+                a.backends.len(),
+                b.backends.len(),
+                "step {step}: leftover backends"
+            );
             assert_eq!(a.members.len(), b.members.len(), "step {step}");
             assert_eq!(a.rev_nat.len(), b.rev_nat.len(), "step {step}");
             assert_eq!(a.maglev.len(), b.maglev.len(), "step {step}");

@@ -51,7 +51,10 @@ impl Kind {
     }
 
     fn from_name(name: &str) -> Kind {
-        Kind::ALL.into_iter().find(|k| k.name() == name).unwrap_or_else(|| panic!("kind {name}"))
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.name() == name)
+            .unwrap_or_else(|| panic!("kind {name}"))
     }
 
     fn from_path(path: &str) -> Option<Kind> {
@@ -118,7 +121,10 @@ pub struct Cluster(Arc<Shared>);
 impl Cluster {
     pub fn new() -> Self {
         let (changed, _) = tokio::sync::watch::channel(());
-        Cluster(Arc::new(Shared { db: Mutex::new(Db::default()), changed }))
+        Cluster(Arc::new(Shared {
+            db: Mutex::new(Db::default()),
+            changed,
+        }))
     }
 
     pub fn db(&self) -> MutexGuard<'_, Db> {
@@ -138,10 +144,23 @@ impl Cluster {
         db.rv += 1;
         let rv = db.rv;
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let previous = db.objects.entry(kind).or_default().insert(key_of(&obj), obj.clone());
+        let previous = db
+            .objects
+            .entry(kind)
+            .or_default()
+            .insert(key_of(&obj), obj.clone());
         if !silently {
-            let kind_of_event = if previous.is_some() { "MODIFIED" } else { "ADDED" };
-            db.history.push(Change { rv, kind, kind_of_event, object: obj });
+            let kind_of_event = if previous.is_some() {
+                "MODIFIED"
+            } else {
+                "ADDED"
+            };
+            db.history.push(Change {
+                rv,
+                kind,
+                kind_of_event,
+                object: obj,
+            });
         }
         drop(db);
         self.notify();
@@ -165,7 +184,12 @@ impl Cluster {
         let rv = db.rv;
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         if !silently {
-            db.history.push(Change { rv, kind, kind_of_event: "DELETED", object: obj });
+            db.history.push(Change {
+                rv,
+                kind,
+                kind_of_event: "DELETED",
+                object: obj,
+            });
         }
         drop(db);
         self.notify();
@@ -189,7 +213,12 @@ impl Cluster {
                 "apiVersion": kind.api_version(),
                 "metadata": {"resourceVersion": rv.to_string()},
             });
-            db.history.push(Change { rv, kind, kind_of_event: "BOOKMARK", object });
+            db.history.push(Change {
+                rv,
+                kind,
+                kind_of_event: "BOOKMARK",
+                object,
+            });
         }
         drop(db);
         self.notify();
@@ -220,7 +249,12 @@ impl Cluster {
     }
 
     pub fn requests(&self, kind: Kind, watch: bool) -> Vec<Request> {
-        self.db().requests.iter().filter(|r| r.kind == kind && r.watch == watch).cloned().collect()
+        self.db()
+            .requests
+            .iter()
+            .filter(|r| r.kind == kind && r.watch == watch)
+            .cloned()
+            .collect()
     }
 
     pub fn lists(&self, kind: Kind) -> usize {
@@ -230,7 +264,10 @@ impl Cluster {
     /// "namespace/name" of every object of `kind` the server has now.
     pub fn names(&self, kind: Kind) -> Vec<String> {
         let db = self.db();
-        db.objects.get(&kind).map(|m| m.keys().map(qualified).collect()).unwrap_or_default()
+        db.objects
+            .get(&kind)
+            .map(|m| m.keys().map(qualified).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -256,14 +293,19 @@ impl FakeApi {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let cluster = cluster.clone();
         let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             runtime.block_on(async move {
                 // SO_REUSEADDR, so a restarted server gets the same port back at once.
                 let socket = TcpSocket::new_v4().unwrap();
                 socket.set_reuseaddr(true).unwrap();
                 socket.bind(([127, 0, 0, 1], port).into()).unwrap();
                 let listener = socket.listen(64).unwrap();
-                ready_tx.send(listener.local_addr().unwrap().port()).unwrap();
+                ready_tx
+                    .send(listener.local_addr().unwrap().port())
+                    .unwrap();
                 let accept = async {
                     while let Ok((conn, _)) = listener.accept().await {
                         tokio::spawn(serve_connection(conn, cluster.clone()));
@@ -276,8 +318,14 @@ impl FakeApi {
             });
             // Dropping the runtime drops every connection task, closing its socket.
         });
-        let port = ready_rx.recv_timeout(Duration::from_secs(5)).expect("fake API server bound");
-        FakeApi { port, stop: Some(stop), thread: Some(thread) }
+        let port = ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("fake API server bound");
+        FakeApi {
+            port,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
     }
 
     pub fn url(&self) -> String {
@@ -338,7 +386,9 @@ fn parse_query(query: &str) -> BTreeMap<String, String> {
 
 /// A field selector: `metadata.name=X` and/or `metadata.namespace=Y`, comma-separated.
 fn parse_field_selector(selector: Option<&String>) -> Result<Vec<(String, String)>, String> {
-    let Some(selector) = selector.filter(|s| !s.is_empty()) else { return Ok(Vec::new()) };
+    let Some(selector) = selector.filter(|s| !s.is_empty()) else {
+        return Ok(Vec::new());
+    };
     selector
         .split(',')
         .map(|term| {
@@ -347,7 +397,9 @@ fn parse_field_selector(selector: Option<&String>) -> Result<Vec<(String, String
                 .or_else(|| term.split_once('='))
                 .ok_or_else(|| format!("invalid field selector term {term:?}"))?;
             match field {
-                "metadata.name" | "metadata.namespace" => Ok((field.to_string(), value.to_string())),
+                "metadata.name" | "metadata.namespace" => {
+                    Ok((field.to_string(), value.to_string()))
+                }
                 _ => Err(format!("field label not supported: {field}")),
             }
         })
@@ -427,7 +479,9 @@ async fn respond(writer: &mut OwnedWriteHalf, code: u16, body: &Value) -> std::i
 /// Writes one watch event as one chunk, newline-terminated.
 async fn write_event(writer: &mut OwnedWriteHalf, event: &Value) -> std::io::Result<()> {
     let line = format!("{event}\n");
-    writer.write_all(format!("{:X}\r\n{line}\r\n", line.len()).as_bytes()).await?;
+    writer
+        .write_all(format!("{:X}\r\n{line}\r\n", line.len()).as_bytes())
+        .await?;
     writer.flush().await
 }
 
@@ -444,14 +498,22 @@ async fn serve_connection(conn: TcpStream, cluster: Cluster) {
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
         let query = parse_query(query);
         let Some(kind) = Kind::from_path(path) else {
-            let body = status(404, "NotFound", &format!("the server could not find {path}"));
+            let body = status(
+                404,
+                "NotFound",
+                &format!("the server could not find {path}"),
+            );
             if respond(&mut writer, 404, &body).await.is_err() {
                 return;
             }
             continue;
         };
         let watch = query.get("watch").is_some_and(|w| w == "true" || w == "1");
-        cluster.db().requests.push(Request { kind, watch, query: query.clone() });
+        cluster.db().requests.push(Request {
+            kind,
+            watch,
+            query: query.clone(),
+        });
         if watch {
             // A watch response is the rest of this connection.
             let _ = serve_watch(&mut reader, &mut writer, &cluster, kind, &query).await;
@@ -468,7 +530,10 @@ async fn serve_connection(conn: TcpStream, cluster: Cluster) {
 fn list(cluster: &Cluster, kind: Kind, query: &BTreeMap<String, String>) -> (u16, Value) {
     let db = cluster.db();
     if db.forbidden.contains(&kind) {
-        return (403, status(403, "Forbidden", &format!("cannot list {}", kind.path())));
+        return (
+            403,
+            status(403, "Forbidden", &format!("cannot list {}", kind.path())),
+        );
     }
     let selector = match parse_field_selector(query.get("fieldSelector")) {
         Ok(s) => s,
@@ -477,7 +542,12 @@ fn list(cluster: &Cluster, kind: Kind, query: &BTreeMap<String, String>) -> (u16
     let mut items: Vec<Value> = db
         .objects
         .get(&kind)
-        .map(|m| m.values().filter(|o| selects(&selector, o)).cloned().collect())
+        .map(|m| {
+            m.values()
+                .filter(|o| selects(&selector, o))
+                .cloned()
+                .collect()
+        })
         .unwrap_or_default();
     // Items of a list carry no kind or apiVersion; the list does.
     for item in &mut items {
@@ -486,11 +556,20 @@ fn list(cluster: &Cluster, kind: Kind, query: &BTreeMap<String, String>) -> (u16
             map.remove("apiVersion");
         }
     }
-    let offset: usize = query.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
-    let limit: usize =
-        query.get("limit").and_then(|l| l.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+    let offset: usize = query
+        .get("continue")
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let limit: usize = query
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
     let end = offset.saturating_add(limit).min(items.len());
-    let page: Vec<Value> = items.get(offset..end).map(<[Value]>::to_vec).unwrap_or_default();
+    let page: Vec<Value> = items
+        .get(offset..end)
+        .map(<[Value]>::to_vec)
+        .unwrap_or_default();
     let mut metadata = json!({"resourceVersion": db.rv.to_string()});
     if end < items.len() {
         metadata["continue"] = json!(end.to_string());
@@ -526,8 +605,13 @@ async fn serve_watch(
         Ok(s) => s,
         Err(e) => return respond(writer, 400, &status(400, "BadRequest", &e)).await,
     };
-    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|b| b == "true");
-    let timeout = query.get("timeoutSeconds").and_then(|t| t.parse().ok()).unwrap_or(1800);
+    let bookmarks = query
+        .get("allowWatchBookmarks")
+        .is_some_and(|b| b == "true");
+    let timeout = query
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(1800);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
     let expired = status(410, "Expired", "too old resource version");
     let expired_event = json!({"type": "ERROR", "object": expired});
@@ -551,14 +635,21 @@ async fn serve_watch(
             Start::Forbidden
         } else if from < db.oldest_rv {
             db.expired_answers += 1;
-            Start::Expired { as_http: db.gone_as_http }
+            Start::Expired {
+                as_http: db.gone_as_http,
+            }
         } else {
             db.active_watches += 1;
-            Start::Stream { cursor: db.history.partition_point(|c| c.rv <= from), epoch: db.epoch }
+            Start::Stream {
+                cursor: db.history.partition_point(|c| c.rv <= from),
+                epoch: db.epoch,
+            }
         }
     };
     let (mut cursor, epoch) = match start {
-        Start::Forbidden => return respond(writer, 403, &status(403, "Forbidden", "cannot watch")).await,
+        Start::Forbidden => {
+            return respond(writer, 403, &status(403, "Forbidden", "cannot watch")).await
+        }
         Start::Expired { as_http: true } => return respond(writer, 410, &expired).await,
         Start::Expired { as_http: false } => {
             writer.write_all(WATCH_HEAD.as_bytes()).await?;
@@ -583,7 +674,10 @@ async fn serve_watch(
                 if (bookmark && !bookmarks) || (!bookmark && !selects(&selector, &change.object)) {
                     continue;
                 }
-                events.push((bookmark, json!({"type": change.kind_of_event, "object": change.object})));
+                events.push((
+                    bookmark,
+                    json!({"type": change.kind_of_event, "object": change.object}),
+                ));
             }
             cursor = db.history.len();
             db.bookmarks_sent += events.iter().filter(|(b, _)| *b).count() as u64;

@@ -25,7 +25,14 @@ pub fn cluster_manifests(n: usize, e: usize) -> String {
     web.name = "web".into();
     web.cluster_ip = "10.96.0.80".parse().expect("address");
     web.node_port = Some(30080);
-    web.endpoints = (0..e).map(|i| (format!("10.251.0.{}", i + 1).parse().expect("address"), "other-node".to_string())).collect();
+    web.endpoints = (0..e)
+        .map(|i| {
+            (
+                format!("10.251.0.{}", i + 1).parse().expect("address"),
+                "other-node".to_string(),
+            )
+        })
+        .collect();
     services.push(web);
     format!(
         "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\nstatus:\n  addresses: [{{type: InternalIP, address: 192.168.100.1}}]\n{}",
@@ -111,7 +118,14 @@ fn replace_endpoint(o: &mut Objects, name: &str, which: usize, addr: &str) {
     let s = o
         .endpoint_slices
         .iter_mut()
-        .find(|s| s.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")).map(String::as_str) == Some(name))
+        .find(|s| {
+            s.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("kubernetes.io/service-name"))
+                .map(String::as_str)
+                == Some(name)
+        })
         .expect("slice of the Service");
     s.endpoints.as_mut().expect("endpoints")[which].addresses = vec![addr.to_string()];
 }
@@ -123,23 +137,45 @@ pub fn control_bench(n: usize, e: usize, repeats: usize) -> Result<ControlBench>
     let parse_ms = ms(t.elapsed());
     let mut h = XdpHarness::with_map_sizes(&[])?;
     let empty = map_memory(h.pin_dir())?;
-    h.set_config(&lb_common::Config { node_addr_be: u32::from_ne_bytes([192, 168, 100, 1]), snat_port_min: 32768, snat_port_max: 60999, ready: 1, _pad: 0 })?;
+    h.set_config(&lb_common::Config {
+        node_addr_be: u32::from_ne_bytes([192, 168, 100, 1]),
+        snat_port_min: 32768,
+        snat_port_max: 60999,
+        ready: 1,
+        _pad: 0,
+    })?;
     let (full, _, full_writes) = cycle(&mut h, &o)?;
 
     let mut changes = Vec::new();
     for (what, svc) in [
-        ("one endpoint of a ClusterIP Service replaced", format!("fill-{}", n / 2)),
-        ("one endpoint of a NodePort Service replaced (its Maglev table is rewritten)", "web".to_string()),
+        (
+            "one endpoint of a ClusterIP Service replaced",
+            format!("fill-{}", n / 2),
+        ),
+        (
+            "one endpoint of a NodePort Service replaced (its Maglev table is rewritten)",
+            "web".to_string(),
+        ),
     ] {
         let (mut cycles, mut syncs, mut writes) = (Vec::new(), Vec::new(), 0);
         for r in 0..repeats {
-            replace_endpoint(&mut o, &svc, 3, &format!("10.252.{}.{}", r / 200, r % 200 + 1));
+            replace_endpoint(
+                &mut o,
+                &svc,
+                3,
+                &format!("10.252.{}.{}", r / 200, r % 200 + 1),
+            );
             let (c, s, w) = cycle(&mut h, &o)?;
             cycles.push(ms(c));
             syncs.push(ms(s));
             writes = w;
         }
-        changes.push(Change { what, cycle_ms: median(cycles), sync_ms: median(syncs), writes });
+        changes.push(Change {
+            what,
+            cycle_ms: median(cycles),
+            sync_ms: median(syncs),
+            writes,
+        });
     }
     // Add and remove one endpoint too.
     {
@@ -149,7 +185,13 @@ pub fn control_bench(n: usize, e: usize, repeats: usize) -> Result<ControlBench>
             let s = o
                 .endpoint_slices
                 .iter_mut()
-                .find(|s| s.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")) == Some(&svc))
+                .find(|s| {
+                    s.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get("kubernetes.io/service-name"))
+                        == Some(&svc)
+                })
                 .expect("slice");
             if r % 2 == 0 {
                 let eps = s.endpoints.as_mut().expect("endpoints");
@@ -164,25 +206,43 @@ pub fn control_bench(n: usize, e: usize, repeats: usize) -> Result<ControlBench>
             syncs.push(ms(sy));
             writes = writes.max(w);
         }
-        changes.push(Change { what: "one endpoint of a ClusterIP Service added or removed (most writes of either)", cycle_ms: median(cycles), sync_ms: median(syncs), writes });
+        changes.push(Change {
+            what: "one endpoint of a ClusterIP Service added or removed (most writes of either)",
+            cycle_ms: median(cycles),
+            sync_ms: median(syncs),
+            writes,
+        });
     }
 
     let maps = map_memory(h.pin_dir())?;
     let total: u64 = maps.iter().map(|m| m.kernel_bytes).sum();
     let per_entry = |name: &str| -> f64 {
-        maps.iter().find(|m| m.map == name).map_or(0.0, |m| m.kernel_bytes as f64 / m.capacity.max(1) as f64)
+        maps.iter()
+            .find(|m| m.map == name)
+            .map_or(0.0, |m| m.kernel_bytes as f64 / m.capacity.max(1) as f64)
     };
     use lb_common::map_name as mn;
     // A ClusterIP Service port: one frontend (a master entry), one rev-NAT entry, one name; each
     // backend: a slot, a membership entry and its backend entry.
-    let bytes_per_service = per_entry(mn::SERVICES) + per_entry(mn::REV_NAT) + per_entry(mn::SERVICE_NAMES);
-    let bytes_per_backend = per_entry(mn::SERVICES) + per_entry(mn::MEMBERS) + per_entry(mn::BACKENDS);
+    let bytes_per_service =
+        per_entry(mn::SERVICES) + per_entry(mn::REV_NAT) + per_entry(mn::SERVICE_NAMES);
+    let bytes_per_backend =
+        per_entry(mn::SERVICES) + per_entry(mn::MEMBERS) + per_entry(mn::BACKENDS);
     // The Maglev map allocates chunks on use: its growth over the empty map, per chunk, times
     // the chunks of a table for E backends.
-    let maglev = maps.iter().find(|m| m.map == mn::MAGLEV).expect("maglev map");
-    let maglev_empty = empty.iter().find(|m| m.map == mn::MAGLEV).expect("maglev map");
+    let maglev = maps
+        .iter()
+        .find(|m| m.map == mn::MAGLEV)
+        .expect("maglev map");
+    let maglev_empty = empty
+        .iter()
+        .find(|m| m.map == mn::MAGLEV)
+        .expect("maglev map");
     let per_chunk = if maglev.entries > 0 {
-        maglev.kernel_bytes.saturating_sub(maglev_empty.kernel_bytes) as f64 / maglev.entries as f64
+        maglev
+            .kernel_bytes
+            .saturating_sub(maglev_empty.kernel_bytes) as f64
+            / maglev.entries as f64
     } else {
         0.0
     };
@@ -207,23 +267,35 @@ pub fn control_bench(n: usize, e: usize, repeats: usize) -> Result<ControlBench>
 /// Entries, capacity and kernel bytes of every map pinned in `dir`.
 pub fn map_memory(dir: &Path) -> Result<Vec<MapMemory>> {
     let mut out = Vec::new();
-    let mut names: Vec<String> = std::fs::read_dir(dir)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     for name in names {
         let path = dir.join(&name);
         if path.is_dir() {
             continue;
         }
-        let data = aya::maps::MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
+        let data = aya::maps::MapData::from_pin(&path)
+            .with_context(|| format!("open {}", path.display()))?;
         use std::os::fd::{AsFd, AsRawFd};
         let fd = data.fd().as_fd().as_raw_fd();
         let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
         let field = |k: &str| -> u64 {
-            info.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+            info.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
         };
         let (capacity, kernel_bytes) = (field("max_entries:"), field("memlock:"));
         let entries = count_keys(&data)?;
-        out.push(MapMemory { map: name, entries, capacity, kernel_bytes });
+        out.push(MapMemory {
+            map: name,
+            entries,
+            capacity,
+            kernel_bytes,
+        });
     }
     Ok(out)
 }
@@ -232,7 +304,10 @@ pub fn map_memory(dir: &Path) -> Result<Vec<MapMemory>> {
 fn count_keys(data: &aya::maps::MapData) -> Result<u64> {
     use std::os::fd::{AsFd, AsRawFd};
     let info = data.info()?;
-    if matches!(info.map_type(), Ok(aya::maps::MapType::Array | aya::maps::MapType::PerCpuArray)) {
+    if matches!(
+        info.map_type(),
+        Ok(aya::maps::MapType::Array | aya::maps::MapType::PerCpuArray)
+    ) {
         return Ok(info.max_entries() as u64);
     }
     let ks = info.key_size() as usize;
@@ -279,10 +354,13 @@ pub fn agent_memory(agent_bin: &Path, n: usize, e: usize) -> Result<AgentMemory>
     std::fs::create_dir_all(&tmp)?;
     let manifests = tmp.join("cluster.yaml");
     std::fs::write(&manifests, cluster_manifests(n, e))?;
-    let cg_root = lb_userspace::agent::preflight::mount_point("cgroup2").context("no cgroup2 mount")?;
+    let cg_root =
+        lb_userspace::agent::preflight::mount_point("cgroup2").context("no cgroup2 mount")?;
     let cgroup = cg_root.join(&tag);
     std::fs::create_dir_all(&cgroup)?;
-    let bpffs = lb_userspace::agent::preflight::mount_point("bpf").context("no bpf filesystem")?.join(&tag);
+    let bpffs = lb_userspace::agent::preflight::mount_point("bpf")
+        .context("no bpf filesystem")?
+        .join(&tag);
     let _ = crate::netns::run("ip", &["netns", "del", &tag]);
     crate::netns::run("ip", &["netns", "add", &tag])?;
     let cleanup = |child: Option<&mut std::process::Child>| {
@@ -290,13 +368,21 @@ pub fn agent_memory(agent_bin: &Path, n: usize, e: usize) -> Result<AgentMemory>
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = std::process::Command::new(agent_bin).args(["uninstall", "--bpffs"]).arg(&bpffs).output();
+        let _ = std::process::Command::new(agent_bin)
+            .args(["uninstall", "--bpffs"])
+            .arg(&bpffs)
+            .output();
         let _ = crate::netns::run("ip", &["netns", "del", &tag]);
         let _ = std::fs::remove_dir(&cgroup);
         let _ = std::fs::remove_dir_all(&tmp);
     };
     let result = (|| -> Result<AgentMemory> {
-        crate::netns::ip(&tag, &["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"])?;
+        crate::netns::ip(
+            &tag,
+            &[
+                "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+            ],
+        )?;
         crate::netns::ip(&tag, &["link", "set", "eth0", "up"])?;
         crate::netns::ip(&tag, &["link", "set", "eth1", "up"])?;
         crate::netns::ip(&tag, &["addr", "add", "192.168.100.1/24", "dev", "eth0"])?;
@@ -332,12 +418,28 @@ pub fn agent_memory(agent_bin: &Path, n: usize, e: usize) -> Result<AgentMemory>
         std::thread::sleep(Duration::from_millis(500));
         let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
         let kib = |k: &str| -> u64 {
-            status.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
         };
         let (rss_kib, peak_rss_kib) = (kib("VmRSS:"), kib("VmHWM:"));
         cleanup(Some(&mut child));
-        let first_sync_line = first_sync_line.split("sync generation 1:").nth(1).unwrap_or("").trim().to_string();
-        Ok(AgentMemory { services: n, endpoints_per_service: e, rss_kib, peak_rss_kib, first_sync_s, first_sync_line })
+        let first_sync_line = first_sync_line
+            .split("sync generation 1:")
+            .nth(1)
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        Ok(AgentMemory {
+            services: n,
+            endpoints_per_service: e,
+            rss_kib,
+            peak_rss_kib,
+            first_sync_s,
+            first_sync_line,
+        })
     })();
     if result.is_err() {
         cleanup(None);

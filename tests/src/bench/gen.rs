@@ -38,7 +38,12 @@ pub fn filler(n: usize, endpoints: usize, endpoint_node: &str) -> Vec<BenchServi
             node_port: None,
             target_port: 8080,
             endpoints: (0..endpoints)
-                .map(|e| (nth(Ipv4Addr::new(10, 250, 0, 0), (i * endpoints + e) as u32 + 1), endpoint_node.to_string()))
+                .map(|e| {
+                    (
+                        nth(Ipv4Addr::new(10, 250, 0, 0), (i * endpoints + e) as u32 + 1),
+                        endpoint_node.to_string(),
+                    )
+                })
                 .collect(),
         })
         .collect()
@@ -48,8 +53,15 @@ pub fn filler(n: usize, endpoints: usize, endpoint_node: &str) -> Vec<BenchServi
 pub fn to_manifests(services: &[BenchService]) -> String {
     let mut out = String::new();
     for s in services {
-        let ty = if s.node_port.is_some() { "NodePort" } else { "ClusterIP" };
-        let np = s.node_port.map(|p| format!(", nodePort: {p}")).unwrap_or_default();
+        let ty = if s.node_port.is_some() {
+            "NodePort"
+        } else {
+            "ClusterIP"
+        };
+        let np = s
+            .node_port
+            .map(|p| format!(", nodePort: {p}"))
+            .unwrap_or_default();
         let _ = write!(
             out,
             "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  type: {ty}\n  clusterIP: {ip}\n  selector: {{app: {name}}}\n  ports:\n  - {{name: p, port: {port}, targetPort: {tp}, protocol: {proto}{np}}}\n",
@@ -69,7 +81,10 @@ pub fn to_manifests(services: &[BenchService]) -> String {
             proto = s.protocol,
         );
         for (addr, node) in &s.endpoints {
-            let _ = writeln!(out, "- {{addresses: [{addr}], nodeName: {node}, conditions: {{ready: true}}}}");
+            let _ = writeln!(
+                out,
+                "- {{addresses: [{addr}], nodeName: {node}, conditions: {{ready: true}}}}"
+            );
         }
     }
     out
@@ -84,10 +99,18 @@ mod tests {
         let f = filler(300, 3, "node2");
         let ips: std::collections::HashSet<_> = f.iter().map(|s| s.cluster_ip).collect();
         assert_eq!(ips.len(), 300);
-        let eps: std::collections::HashSet<_> = f.iter().flat_map(|s| s.endpoints.iter().map(|e| e.0)).collect();
+        let eps: std::collections::HashSet<_> = f
+            .iter()
+            .flat_map(|s| s.endpoints.iter().map(|e| e.0))
+            .collect();
         assert_eq!(eps.len(), 900);
         let mut objects = lb_userspace::control::source::Objects::default();
-        lb_userspace::control::source::parse_into(std::path::Path::new("gen.yaml"), &to_manifests(&f), &mut objects).unwrap();
+        lb_userspace::control::source::parse_into(
+            std::path::Path::new("gen.yaml"),
+            &to_manifests(&f),
+            &mut objects,
+        )
+        .unwrap();
         let m = lb_userspace::control::model::build(&objects, "node1");
         assert!(m.rejected.is_empty(), "{:?}", m.rejected);
         assert_eq!(m.services.len(), 300);

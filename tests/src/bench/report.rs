@@ -22,14 +22,38 @@ pub struct Machine {
 
 impl Machine {
     pub fn read() -> Self {
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string();
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let cpu = cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()).unwrap_or_default();
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            .unwrap_or_default();
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let kib: f64 = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0.0);
-        let date = std::process::Command::new("date").arg("-u").arg("+%Y-%m-%dT%H:%M:%SZ").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
-        Self { kernel, cpu, cpus, memory_gib: (kib / 1048576.0 * 10.0).round() / 10.0, date }
+        let kib: f64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0.0);
+        let date = std::process::Command::new("date")
+            .arg("-u")
+            .arg("+%Y-%m-%dT%H:%M:%SZ")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        Self {
+            kernel,
+            cpu,
+            cpus,
+            memory_gib: (kib / 1048576.0 * 10.0).round() / 10.0,
+            date,
+        }
     }
 }
 
@@ -63,12 +87,17 @@ fn thousands(x: f64) -> String {
 }
 
 fn met(ok: bool) -> &'static str {
-    if ok { "met" } else { "**not met**" }
+    if ok {
+        "met"
+    } else {
+        "**not met**"
+    }
 }
 
 /// The lab point for a mode and Service count.
 fn point<'a>(lab: &'a [LabPoint], mode: &str, services: usize) -> Option<&'a LabPoint> {
-    lab.iter().find(|p| p.mode == mode && p.services == services)
+    lab.iter()
+        .find(|p| p.mode == mode && p.services == services)
 }
 
 pub fn markdown(r: &Results) -> String {
@@ -83,21 +112,44 @@ pub fn markdown(r: &Results) -> String {
         m.memory_gib,
         m.kernel,
         m.date,
-        if r.quick { "; **quick run** (fewer repeats and Services: a smoke run, not the figures to quote)" } else { "" }
+        if r.quick {
+            "; **quick run** (fewer repeats and Services: a smoke run, not the figures to quote)"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(md, "## Targets\n");
     let _ = writeln!(md, "| Target | Measured | |\n|---|---|---|");
     if let Ok(t) = &r.testrun {
         let est = t.paths.iter().find(|p| p.path == "established");
         if let Some(e) = est {
-            let _ = writeln!(md, "| established flow ≤ 2.5 × floor | {} ns = {:.1} × {} ns | {} |", f1(e.ns_per_packet), e.ratio_to_floor, f1(t.floor_ns), met(t.established_ratio_met));
+            let _ = writeln!(
+                md,
+                "| established flow ≤ 2.5 × floor | {} ns = {:.1} × {} ns | {} |",
+                f1(e.ns_per_packet),
+                e.ratio_to_floor,
+                f1(t.floor_ns),
+                met(t.established_ratio_met)
+            );
         }
     }
     if let Ok(lab) = &r.lab {
         let max = lab.iter().map(|p| p.services).max().unwrap_or(0);
         if let (Some(x), Some(i)) = (point(lab, "xdp", max), point(lab, "iptables", max)) {
-            let ratio = if i.rps > 0.0 { x.rps / i.rps } else { f64::INFINITY };
-            let _ = writeln!(md, "| ≥ 2 × iptables requests/s at {} Services | {} vs {} = {:.2} × | {} |", thousands(max as f64), thousands(x.rps), thousands(i.rps), ratio, met(ratio >= 2.0));
+            let ratio = if i.rps > 0.0 {
+                x.rps / i.rps
+            } else {
+                f64::INFINITY
+            };
+            let _ = writeln!(
+                md,
+                "| ≥ 2 × iptables requests/s at {} Services | {} vs {} = {:.2} × | {} |",
+                thousands(max as f64),
+                thousands(x.rps),
+                thousands(i.rps),
+                ratio,
+                met(ratio >= 2.0)
+            );
         }
     }
     if let Ok(c) = &r.control {
@@ -126,21 +178,43 @@ pub fn markdown(r: &Results) -> String {
                 f1(t.restore_ns),
                 f1(t.restore_new_source_ns)
             );
-            let _ = writeln!(md, "| Path | ns/packet | × floor | verdict | what |\n|---|---:|---:|---|---|");
+            let _ = writeln!(
+                md,
+                "| Path | ns/packet | × floor | verdict | what |\n|---|---:|---:|---|---|"
+            );
             for p in &t.paths {
-                let _ = writeln!(md, "| {} | {} | {:.1} | {} | {} |", p.path, f1(p.ns_per_packet), p.ratio_to_floor, p.verdict, p.what);
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {:.1} | {} | {} |",
+                    p.path,
+                    f1(p.ns_per_packet),
+                    p.ratio_to_floor,
+                    p.verdict,
+                    p.what
+                );
             }
         }
         Err(e) => {
             let _ = writeln!(md, "Not measured: {e}");
         }
     }
-    let _ = writeln!(md, "\n## Through the lab: NodePort, XDP against kube-proxy's rules\n");
+    let _ = writeln!(
+        md,
+        "\n## Through the lab: NodePort, XDP against kube-proxy's rules\n"
+    );
     match &r.lab {
         Ok(lab) => {
             let _ = writeln!(md, "| Services | mode | requests/s (new TCP connection each) | UDP packets/s | errors |\n|---:|---|---:|---:|---:|");
             for p in lab {
-                let _ = writeln!(md, "| {} | {} | {} | {} | {} |", thousands(p.services as f64), p.mode, thousands(p.rps), thousands(p.pps), p.errors);
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} | {} |",
+                    thousands(p.services as f64),
+                    p.mode,
+                    thousands(p.rps),
+                    thousands(p.pps),
+                    p.errors
+                );
             }
         }
         Err(e) => {
@@ -161,7 +235,11 @@ pub fn markdown(r: &Results) -> String {
             );
             let _ = writeln!(md, "| Change | map update ms | writes | whole cycle ms (model + plan + update) |\n|---|---:|---:|---:|");
             for ch in &c.changes {
-                let _ = writeln!(md, "| {} | {} | {} | {} |", ch.what, ch.sync_ms, ch.writes, ch.cycle_ms);
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} |",
+                    ch.what, ch.sync_ms, ch.writes, ch.cycle_ms
+                );
             }
         }
         Err(e) => {
@@ -170,12 +248,37 @@ pub fn markdown(r: &Results) -> String {
     }
     match &r.kube_proxy_restore {
         Ok(k) => {
-            let _ = writeln!(md, "\nkube-proxy's rules for the same Services ({}; {}):\n", k.iptables_version, k.nft_version);
-            let _ = writeln!(md, "| | full ms | lines | one change ms | lines |\n|---|---:|---:|---:|---:|");
-            let _ = writeln!(md, "| iptables-restore | {} | {} | {} | {} |", f1(k.iptables_full_ms), thousands(k.iptables_full_lines as f64), f1(k.iptables_partial_ms), thousands(k.iptables_partial_lines as f64));
-            let _ = writeln!(md, "| nft -f | {} | {} | {} | {} |", f1(k.nft_full_ms), thousands(k.nft_full_lines as f64), f1(k.nft_partial_ms), thousands(k.nft_partial_lines as f64));
+            let _ = writeln!(
+                md,
+                "\nkube-proxy's rules for the same Services ({}; {}):\n",
+                k.iptables_version, k.nft_version
+            );
+            let _ = writeln!(
+                md,
+                "| | full ms | lines | one change ms | lines |\n|---|---:|---:|---:|---:|"
+            );
+            let _ = writeln!(
+                md,
+                "| iptables-restore | {} | {} | {} | {} |",
+                f1(k.iptables_full_ms),
+                thousands(k.iptables_full_lines as f64),
+                f1(k.iptables_partial_ms),
+                thousands(k.iptables_partial_lines as f64)
+            );
+            let _ = writeln!(
+                md,
+                "| nft -f | {} | {} | {} | {} |",
+                f1(k.nft_full_ms),
+                thousands(k.nft_full_lines as f64),
+                f1(k.nft_partial_ms),
+                thousands(k.nft_partial_lines as f64)
+            );
             if let Some(ms) = k.iptables_full_noflush_ms {
-                let _ = writeln!(md, "\nkube-proxy's own full load (`iptables-restore --noflush`): {} ms.", f1(ms));
+                let _ = writeln!(
+                    md,
+                    "\nkube-proxy's own full load (`iptables-restore --noflush`): {} ms.",
+                    f1(ms)
+                );
             } else {
                 let _ = writeln!(
                     md,
@@ -202,9 +305,19 @@ pub fn markdown(r: &Results) -> String {
             c.endpoints_per_service,
             f1(c.maps_total_bytes as f64 / 1048576.0)
         );
-        let _ = writeln!(md, "| map | entries | capacity | kernel bytes |\n|---|---:|---:|---:|");
+        let _ = writeln!(
+            md,
+            "| map | entries | capacity | kernel bytes |\n|---|---:|---:|---:|"
+        );
         for mm in &c.maps {
-            let _ = writeln!(md, "| {} | {} | {} | {} |", mm.map, thousands(mm.entries as f64), thousands(mm.capacity as f64), thousands(mm.kernel_bytes as f64));
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} |",
+                mm.map,
+                thousands(mm.entries as f64),
+                thousands(mm.capacity as f64),
+                thousands(mm.kernel_bytes as f64)
+            );
         }
     }
     match &r.agent_memory {
@@ -233,7 +346,16 @@ pub fn svg(r: &Results) -> String {
     if let Ok(t) = &r.testrun {
         rows.push((
             "ns per packet (BPF_PROG_TEST_RUN)".into(),
-            t.paths.iter().map(|p| (format!("{} ({:.1}×)", p.path, p.ratio_to_floor), p.ns_per_packet, if p.path == "floor" { "#888" } else { "#2a7" })).collect(),
+            t.paths
+                .iter()
+                .map(|p| {
+                    (
+                        format!("{} ({:.1}×)", p.path, p.ratio_to_floor),
+                        p.ns_per_packet,
+                        if p.path == "floor" { "#888" } else { "#2a7" },
+                    )
+                })
+                .collect(),
         ));
     }
     if let Ok(lab) = &r.lab {
@@ -243,16 +365,36 @@ pub fn svg(r: &Results) -> String {
         for n in counts {
             let bars = ["xdp", "iptables", "nftables"]
                 .iter()
-                .filter_map(|m| point(lab, m, n).map(|p| (m.to_string(), p.rps, if *m == "xdp" { "#2a7" } else if *m == "iptables" { "#c54" } else { "#d93" })))
+                .filter_map(|m| {
+                    point(lab, m, n).map(|p| {
+                        (
+                            m.to_string(),
+                            p.rps,
+                            if *m == "xdp" {
+                                "#2a7"
+                            } else if *m == "iptables" {
+                                "#c54"
+                            } else {
+                                "#d93"
+                            },
+                        )
+                    })
+                })
                 .collect();
-            rows.push((format!("NodePort requests/s, {} Services", thousands(n as f64)), bars));
+            rows.push((
+                format!("NodePort requests/s, {} Services", thousands(n as f64)),
+                bars,
+            ));
         }
     }
     if let (Ok(c), Ok(k)) = (&r.control, &r.kube_proxy_restore) {
         let ours = c.changes.first().map_or(0.0, |ch| ch.sync_ms);
         let cycle = c.changes.first().map_or(0.0, |ch| ch.cycle_ms);
         rows.push((
-            format!("one endpoint change, ms ({} Services)", thousands(c.services as f64)),
+            format!(
+                "one endpoint change, ms ({} Services)",
+                thousands(c.services as f64)
+            ),
             vec![
                 ("map update (ours)".into(), ours, "#2a7"),
                 ("agent cycle (ours)".into(), cycle, "#6b9"),
@@ -262,20 +404,52 @@ pub fn svg(r: &Results) -> String {
         ));
     }
     let (w, label_w, bar_w, row_h) = (900.0, 260.0, 520.0, 22.0);
-    let height: f64 = rows.iter().map(|(_, b)| 34.0 + b.len() as f64 * row_h).sum::<f64>() + 20.0;
+    let height: f64 = rows
+        .iter()
+        .map(|(_, b)| 34.0 + b.len() as f64 * row_h)
+        .sum::<f64>()
+        + 20.0;
     let mut s = String::new();
-    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" font-family="sans-serif" font-size="13">"#);
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" font-family="sans-serif" font-size="13">"#
+    );
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let mut y = 10.0;
     for (title, bars) in &rows {
-        let _ = writeln!(s, r#"<text x="10" y="{}" font-weight="bold">{}</text>"#, y + 16.0, esc(title));
+        let _ = writeln!(
+            s,
+            r#"<text x="10" y="{}" font-weight="bold">{}</text>"#,
+            y + 16.0,
+            esc(title)
+        );
         y += 28.0;
         let max = bars.iter().map(|b| b.1).fold(0.0f64, f64::max).max(1e-9);
         for (label, v, color) in bars {
             let len = (v / max * bar_w).max(1.0);
-            let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#, label_w - 8.0, y + 14.0, esc(label));
-            let _ = writeln!(s, r#"<rect x="{label_w}" y="{y}" width="{len:.1}" height="{}" fill="{color}"/>"#, row_h - 6.0);
-            let _ = writeln!(s, r#"<text x="{:.1}" y="{}">{}</text>"#, label_w + len + 6.0, y + 14.0, if *v >= 100.0 { thousands(*v) } else { format!("{v:.1}") });
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
+                label_w - 8.0,
+                y + 14.0,
+                esc(label)
+            );
+            let _ = writeln!(
+                s,
+                r#"<rect x="{label_w}" y="{y}" width="{len:.1}" height="{}" fill="{color}"/>"#,
+                row_h - 6.0
+            );
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{}">{}</text>"#,
+                label_w + len + 6.0,
+                y + 14.0,
+                if *v >= 100.0 {
+                    thousands(*v)
+                } else {
+                    format!("{v:.1}")
+                }
+            );
             y += row_h;
         }
         y += 6.0;
@@ -285,7 +459,9 @@ pub fn svg(r: &Results) -> String {
 }
 
 fn esc(t: &str) -> String {
-    t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    t.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 #[cfg(test)]

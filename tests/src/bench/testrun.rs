@@ -65,12 +65,19 @@ fn pad(mut v: Vec<u8>) -> Vec<u8> {
 }
 
 fn tcp(syn: bool, src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Vec<u8> {
-    let ip = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src.0, dst.0, 64);
+    let ip =
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src.0, dst.0, 64);
     let mut v = Vec::new();
     if syn {
-        ip.tcp(src.1, dst.1, 1000, 64000).syn().write(&mut v, &[]).expect("frame");
+        ip.tcp(src.1, dst.1, 1000, 64000)
+            .syn()
+            .write(&mut v, &[])
+            .expect("frame");
     } else {
-        ip.tcp(src.1, dst.1, 1001, 64000).ack(5000).write(&mut v, b"x").expect("frame");
+        ip.tcp(src.1, dst.1, 1001, 64000)
+            .ack(5000)
+            .write(&mut v, b"x")
+            .expect("frame");
     }
     pad(v)
 }
@@ -78,7 +85,11 @@ fn tcp(syn: bool, src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Vec<u8> {
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 /// A network namespace for the run, removed on drop.
@@ -91,16 +102,54 @@ impl BenchNetns {
         crate::netns::run("ip", &["netns", "add", &name])?;
         let ns = Self(name);
         // bpf_fib_lookup answers "forwarding disabled" without it.
-        crate::netns::run("ip", &["netns", "exec", &ns.0, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        crate::netns::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns.0,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
+        )?;
         for args in [
             // A veth pair (no dummy driver on every kernel); bench1 only keeps bench0 up.
-            vec!["link", "add", "bench0", "type", "veth", "peer", "name", "bench1"],
+            vec![
+                "link", "add", "bench0", "type", "veth", "peer", "name", "bench1",
+            ],
             vec!["link", "set", "bench1", "up"],
             vec!["link", "set", "bench0", "up"],
             vec!["addr", "add", "192.168.100.1/24", "dev", "bench0"],
-            vec!["route", "add", "10.244.0.0/16", "via", "192.168.100.2", "dev", "bench0"],
-            vec!["route", "add", "198.18.0.0/15", "via", "192.168.100.2", "dev", "bench0"],
-            vec!["neigh", "add", "192.168.100.2", "lladdr", "02:00:00:00:00:02", "dev", "bench0", "nud", "permanent"],
+            vec![
+                "route",
+                "add",
+                "10.244.0.0/16",
+                "via",
+                "192.168.100.2",
+                "dev",
+                "bench0",
+            ],
+            vec![
+                "route",
+                "add",
+                "198.18.0.0/15",
+                "via",
+                "192.168.100.2",
+                "dev",
+                "bench0",
+            ],
+            vec![
+                "neigh",
+                "add",
+                "192.168.100.2",
+                "lladdr",
+                "02:00:00:00:00:02",
+                "dev",
+                "bench0",
+                "nud",
+                "permanent",
+            ],
         ] {
             crate::netns::ip(&ns.0, &args)?;
         }
@@ -140,14 +189,37 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
         bail!("bench0 missing in the bench namespace");
     }
     let mut h = XdpHarness::with_map_sizes(&[])?;
-    for p in [program_name::XDP_PASS, program_name::BENCH_XDP, program_name::BENCH_RESTORE] {
+    for p in [
+        program_name::XDP_PASS,
+        program_name::BENCH_XDP,
+        program_name::BENCH_RESTORE,
+    ] {
         h.load_program(p)?;
     }
-    h.set_config(&Config { node_addr_be: u32::from_ne_bytes(NODE), snat_port_min: 32768, snat_port_max: 60999, ready: 1, _pad: 0 })?;
+    h.set_config(&Config {
+        node_addr_be: u32::from_ne_bytes(NODE),
+        snat_port_min: 32768,
+        snat_port_max: 60999,
+        ready: 1,
+        _pad: 0,
+    })?;
     // A LoadBalancer Service (externalTrafficPolicy Cluster) with ten backends on other nodes.
-    let backends: Vec<(BackendKey, u8)> =
-        (0..10).map(|i| (BackendKey { addr: SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 10 + i), 8080), proto: TCP }, 0)).collect();
-    let fe = FrontendKey { addr: SocketAddrV4::new(Ipv4Addr::from(LB_IP), 80), proto: TCP, scope: lb_common::scope::EXTERNAL };
+    let backends: Vec<(BackendKey, u8)> = (0..10)
+        .map(|i| {
+            (
+                BackendKey {
+                    addr: SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 10 + i), 8080),
+                    proto: TCP,
+                },
+                0,
+            )
+        })
+        .collect();
+    let fe = FrontendKey {
+        addr: SocketAddrV4::new(Ipv4Addr::from(LB_IP), 80),
+        proto: TCP,
+        scope: lb_common::scope::EXTERNAL,
+    };
     let d = DesiredFrontend {
         service_port: "bench/web:http/TCP".into(),
         flags: lb_common::service_flags::LOAD_BALANCER,
@@ -164,8 +236,14 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
     h.run_ctx(program_name::XDP, &ack, &ctx)?;
     let out = &syn.output;
     let (snat, backend) = (
-        ([out[26], out[27], out[28], out[29]], u16::from_be_bytes([out[34], out[35]])),
-        ([out[30], out[31], out[32], out[33]], u16::from_be_bytes([out[36], out[37]])),
+        (
+            [out[26], out[27], out[28], out[29]],
+            u16::from_be_bytes([out[34], out[35]]),
+        ),
+        (
+            [out[30], out[31], out[32], out[33]],
+            u16::from_be_bytes([out[36], out[37]]),
+        ),
     );
     let reply = tcp(false, backend, snat);
     let unknown = tcp(false, client, ([198, 51, 100, 77], 80));
@@ -174,7 +252,11 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
     let frame = |bytes: &[u8], vary: bool| {
         let mut b = [0u8; BENCH_FRAME_LEN];
         b.copy_from_slice(bytes);
-        BenchFrame { bytes: b, vary_source: vary as u32, seq: 0 }
+        BenchFrame {
+            bytes: b,
+            vary_source: vary as u32,
+            seq: 0,
+        }
     };
     let time = |h: &mut XdpHarness, prog: &str, bytes: &[u8], vary: bool| -> Result<(f64, u32)> {
         h.set_bench_frame(&frame(bytes, vary))?;
@@ -193,7 +275,10 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
     let mut raw: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     let mut verdicts = [0u32; 4];
     for _ in 0..runs {
-        floor_runs.push(h.run_program_ctx(program_name::XDP_PASS, &ack, repeats, &ctx)?.duration_ns as f64);
+        floor_runs.push(
+            h.run_program_ctx(program_name::XDP_PASS, &ack, repeats, &ctx)?
+                .duration_ns as f64,
+        );
         restore_runs.push(time(&mut h, program_name::BENCH_RESTORE, &ack, false)?.0);
         restore_vary_runs.push(time(&mut h, program_name::BENCH_RESTORE, &new_flow, true)?.0);
         for (i, (_, _, bytes, vary)) in cases.iter().enumerate() {
@@ -207,10 +292,21 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
         .iter()
         .enumerate()
         .map(|(i, (name, what, _, vary))| {
-            let rest = if *vary { &restore_vary_runs } else { &restore_runs };
-            let mut corrected: Vec<f64> = raw[i].iter().zip(rest).zip(&floor_runs).map(|((r, re), f)| r - (re - f)).collect();
+            let rest = if *vary {
+                &restore_vary_runs
+            } else {
+                &restore_runs
+            };
+            let mut corrected: Vec<f64> = raw[i]
+                .iter()
+                .zip(rest)
+                .zip(&floor_runs)
+                .map(|((r, re), f)| r - (re - f))
+                .collect();
             let ns = median(&mut corrected.clone());
-            corrected.iter_mut().for_each(|x| *x = (*x * 10.0).round() / 10.0);
+            corrected
+                .iter_mut()
+                .for_each(|x| *x = (*x * 10.0).round() / 10.0);
             PathTiming {
                 path: name,
                 what,
@@ -221,7 +317,11 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
             }
         })
         .collect();
-    let est = paths.iter().find(|p| p.path == "established").expect("measured").ratio_to_floor;
+    let est = paths
+        .iter()
+        .find(|p| p.path == "established")
+        .expect("measured")
+        .ratio_to_floor;
     let mut all = vec![PathTiming {
         path: "floor",
         what: "an XDP program that only returns XDP_PASS",

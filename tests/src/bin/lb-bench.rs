@@ -19,22 +19,35 @@ fn main() {
         match a.as_str() {
             "--quick" => quick = true,
             "--skip-lab" => skip_lab = true,
-            "--out" => out = PathBuf::from(args.next().unwrap_or_else(|| usage("--out needs a directory"))),
+            "--out" => {
+                out = PathBuf::from(
+                    args.next()
+                        .unwrap_or_else(|| usage("--out needs a directory")),
+                )
+            }
             "--only" => {
                 let p = args.next().unwrap_or_else(|| usage("--only needs a part"));
                 if !["testrun", "control", "restore", "agent", "lab"].contains(&p.as_str()) {
-                    usage(&format!("--only {p}: one of testrun, control, restore, agent, lab"));
+                    usage(&format!(
+                        "--only {p}: one of testrun, control, restore, agent, lab"
+                    ));
                 }
                 only = Some(p);
             }
             "--lab-modes" => {
-                let v = args.next().unwrap_or_else(|| usage("--lab-modes needs xdp,iptables,nftables"));
+                let v = args
+                    .next()
+                    .unwrap_or_else(|| usage("--lab-modes needs xdp,iptables,nftables"));
                 lab_modes = Some(v.split(',').map(str::to_string).collect());
             }
             "--lab-services" => {
-                let v = args.next().unwrap_or_else(|| usage("--lab-services needs N,N,..."));
+                let v = args
+                    .next()
+                    .unwrap_or_else(|| usage("--lab-services needs N,N,..."));
                 let parsed: Result<Vec<usize>, _> = v.split(',').map(str::parse).collect();
-                lab_override = Some(parsed.unwrap_or_else(|_| usage(&format!("--lab-services {v}: not a list of numbers"))));
+                lab_override = Some(parsed.unwrap_or_else(|_| {
+                    usage(&format!("--lab-services {v}: not a list of numbers"))
+                }));
             }
             "-h" | "--help" => {
                 println!("usage: lb-bench [--quick] [--out DIR] [--skip-lab] [--only testrun|control|restore|agent|lab] [--lab-services N,N] [--lab-modes xdp,iptables,nftables]");
@@ -47,8 +60,11 @@ fn main() {
         eprintln!("lb-bench: error: {why} (the benchmarks load BPF programs and build network namespaces: run as root)");
         std::process::exit(2);
     }
-    let (repeats, runs, services, lab_services, lab_secs) =
-        if quick { (100_000, 3, 1_000, vec![1, 100], 2) } else { (1_000_000, 5, 10_000, vec![1, 1_000, 10_000], 10) };
+    let (repeats, runs, services, lab_services, lab_secs) = if quick {
+        (100_000, 3, 1_000, vec![1, 100], 2)
+    } else {
+        (1_000_000, 5, 10_000, vec![1, 1_000, 10_000], 10)
+    };
     let lab_services = lab_override.unwrap_or(lab_services);
     let wants = |part: &str| only.as_deref().is_none_or(|o| o == part);
     fn skipped<T>() -> Result<T, String> {
@@ -77,7 +93,9 @@ fn main() {
     };
     let agent_memory = if wants("agent") {
         step("agent memory");
-        lb_tests::lab::bin_path("lb-agent").map_err(err).and_then(|bin| control::agent_memory(&bin, services, 10).map_err(err))
+        lb_tests::lab::bin_path("lb-agent")
+            .map_err(err)
+            .and_then(|bin| control::agent_memory(&bin, services, 10).map_err(err))
     } else {
         skipped()
     };
@@ -104,14 +122,25 @@ fn main() {
             }
         }
     };
-    let results = report::Results { machine: report::Machine::read(), quick, testrun, lab, control, kube_proxy_restore, agent_memory };
+    let results = report::Results {
+        machine: report::Machine::read(),
+        quick,
+        testrun,
+        lab,
+        control,
+        kube_proxy_restore,
+        agent_memory,
+    };
     if let Err(e) = write(&out, &results) {
         eprintln!("lb-bench: error: writing {}: {e}", out.display());
         std::process::exit(1);
     }
     let md = report::markdown(&results);
     println!("{md}");
-    eprintln!("lb-bench: wrote {0}/results.json, {0}/results.md, {0}/chart.svg", out.display());
+    eprintln!(
+        "lb-bench: wrote {0}/results.json, {0}/results.md, {0}/chart.svg",
+        out.display()
+    );
     let failed = [
         results.testrun.is_err() && wants("testrun"),
         results.control.is_err() && wants("control"),
@@ -127,7 +156,10 @@ fn main() {
 
 fn write(out: &std::path::Path, r: &report::Results) -> std::io::Result<()> {
     std::fs::create_dir_all(out)?;
-    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(r).expect("serializable") + "\n")?;
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(r).expect("serializable") + "\n",
+    )?;
     std::fs::write(out.join("results.md"), report::markdown(r))?;
     std::fs::write(out.join("chart.svg"), report::svg(r))?;
     Ok(())

@@ -25,7 +25,9 @@ fn run() -> Result<()> {
         match a.as_str() {
             "--manifests" => manifests = Some(args.next().context("--manifests PATH")?.into()),
             "--requests" => requests = args.next().context("--requests N")?.parse()?,
-            other => bail!("unknown argument {other} (usage: lb-demo [--manifests PATH] [--requests N])"),
+            other => {
+                bail!("unknown argument {other} (usage: lb-demo [--manifests PATH] [--requests N])")
+            }
         }
     }
     if lb_tests::require_privileges().is_none() {
@@ -36,7 +38,9 @@ fn run() -> Result<()> {
     let lab = Lab::new()?;
     let path = lab.tmpdir().join("manifests.yaml");
     match &manifests {
-        Some(p) => std::fs::copy(p, &path).map(|_| ()).with_context(|| format!("reading {}", p.display()))?,
+        Some(p) => std::fs::copy(p, &path)
+            .map(|_| ())
+            .with_context(|| format!("reading {}", p.display()))?,
         None => std::fs::write(&path, EMBEDDED)?,
     }
     let mut agents = Vec::new();
@@ -58,24 +62,52 @@ fn run() -> Result<()> {
     println!();
     println!("{requests} requests per frontend, each on a new connection (TCP) or socket (UDP):");
     println!();
-    let header = ["SERVICE", "PORT", "KIND", "FRONTEND", "FROM", "BACKEND", "REQUESTS"];
+    let header = [
+        "SERVICE", "PORT", "KIND", "FRONTEND", "FROM", "BACKEND", "REQUESTS",
+    ];
     let mut rows: Vec<Vec<String>> = Vec::new();
     for svc in plan["services"].as_array().into_iter().flatten() {
-        let name = format!("{}/{}", svc["namespace"].as_str().unwrap_or(""), svc["name"].as_str().unwrap_or(""));
-        let port = format!("{}/{}", svc["port_name"].as_str().unwrap_or(""), svc["protocol"].as_str().unwrap_or(""));
-        let proto = if svc["protocol"] == "UDP" { "udp" } else { "tcp" };
+        let name = format!(
+            "{}/{}",
+            svc["namespace"].as_str().unwrap_or(""),
+            svc["name"].as_str().unwrap_or("")
+        );
+        let port = format!(
+            "{}/{}",
+            svc["port_name"].as_str().unwrap_or(""),
+            svc["protocol"].as_str().unwrap_or("")
+        );
+        let proto = if svc["protocol"] == "UDP" {
+            "udp"
+        } else {
+            "tcp"
+        };
         for fe in svc["frontends"].as_array().into_iter().flatten() {
             let kind = fe["kind"].as_str().unwrap_or("");
             let addr = fe["address"].as_str().unwrap_or("");
             // ClusterIPs from a pod on node1 (socket-level path); north-south frontends from the
             // external client, routed through node1.
-            let from = if kind == "ClusterIP" { "pod a1" } else { "client" };
+            let from = if kind == "ClusterIP" {
+                "pod a1"
+            } else {
+                "client"
+            };
             if kind != "ClusterIP" {
                 let ip = addr.split(':').next().unwrap_or("");
                 lab.client_route(&format!("{ip}/32"), "node1")?;
             }
             let at = if kind == "ClusterIP" { "a1" } else { "client" };
-            let ex = lab.run_client(at, &[proto, addr, "--count", &requests.to_string(), "--timeout-ms", "1000"])?;
+            let ex = lab.run_client(
+                at,
+                &[
+                    proto,
+                    addr,
+                    "--count",
+                    &requests.to_string(),
+                    "--timeout-ms",
+                    "1000",
+                ],
+            )?;
             let mut served: BTreeMap<String, usize> = BTreeMap::new();
             for e in &ex {
                 let key = match (&e.backend, &e.error) {
@@ -86,15 +118,29 @@ fn run() -> Result<()> {
                 *served.entry(key).or_default() += 1;
             }
             for (backend, n) in served {
-                rows.push(vec![name.clone(), port.clone(), kind.into(), addr.into(), from.into(), backend, n.to_string()]);
+                rows.push(vec![
+                    name.clone(),
+                    port.clone(),
+                    kind.into(),
+                    addr.into(),
+                    from.into(),
+                    backend,
+                    n.to_string(),
+                ]);
             }
         }
     }
     print_table(&header, &rows);
     for (node, a) in ["node1", "node2"].iter().zip(&agents) {
         let log = a.log();
-        let writes: Vec<&str> = log.lines().filter(|l| l.contains("sync generation")).collect();
-        println!("\n{node} agent: {}", writes.last().map(|l| l.trim()).unwrap_or("no sync logged"));
+        let writes: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("sync generation"))
+            .collect();
+        println!(
+            "\n{node} agent: {}",
+            writes.last().map(|l| l.trim()).unwrap_or("no sync logged")
+        );
     }
     drop(agents);
     drop(lab);
@@ -110,7 +156,11 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
         }
     }
     let line = |cells: Vec<&str>| {
-        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = w[i])).collect();
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect();
         println!("{}", s.join("  ").trim_end());
     };
     line(header.to_vec());
