@@ -41,7 +41,7 @@ pub fn lookup(
         backend_id: rec.backend_id,
     };
     // SAFETY: as above.
-    let usable = unsafe { MEMBERS.get(&member).is_some() };
+    let usable = unsafe { MEMBERS.get(member).is_some() };
     let backend = if usable {
         maps::backend(rec.backend_id)
     } else {
@@ -70,7 +70,7 @@ pub fn record(key: &AffinityKey, backend_id: u32, now: u32) {
     // connection chooses afresh, as after an eviction.
     let _ = AFFINITY.insert(
         key,
-        &AffinityValue {
+        AffinityValue {
             backend_id,
             last_used_s: now,
         },

@@ -120,8 +120,8 @@ fn closing(key: &CtKey, e: &CtEntry, rst: bool) {
     let reply = e.flags & ct_flags::REPLY != 0;
     let (rk, _) = if reply { (*key, *e) } else { partner(key, e) };
     let Some(r) = CONNTRACK
-        .get_ptr_mut(&rk)
-        .or_else(|| CONNTRACK_NEW.get_ptr_mut(&rk))
+        .get_ptr_mut(rk)
+        .or_else(|| CONNTRACK_NEW.get_ptr_mut(rk))
     else {
         return;
     };
@@ -199,7 +199,7 @@ fn partner(key: &CtKey, e: &CtEntry) -> (CtKey, CtEntry) {
 pub fn confirm(key: &CtKey, e: &CtEntry, now: u32) {
     let (pk, computed) = partner(key, e);
     // SAFETY: copied out at once.
-    let mut pv = unsafe { CONNTRACK_NEW.get(&pk).copied() }.unwrap_or(computed);
+    let mut pv = unsafe { CONNTRACK_NEW.get(pk).copied() }.unwrap_or(computed);
     pv.last_seen_s = now;
     let mut v = *e;
     v.last_seen_s = now;
@@ -209,11 +209,11 @@ pub fn confirm(key: &CtKey, e: &CtEntry, now: u32) {
     if insert(&CONNTRACK, key, &v).is_err() {
         // Undo the first move, so that the flow stays whole in the new-flow tier. (Nothing to
         // undo if the LRU evicted it meanwhile.)
-        let _ = CONNTRACK.remove(&pk);
+        let _ = CONNTRACK.remove(pk);
         return;
     }
     // The new-flow tier's copies go; either may have been evicted already.
-    let _ = CONNTRACK_NEW.remove(&pk);
+    let _ = CONNTRACK_NEW.remove(pk);
     let _ = CONNTRACK_NEW.remove(key);
     maps::count(counter::CT_CONFIRMED, 0);
 }

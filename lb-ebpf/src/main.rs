@@ -105,7 +105,7 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
         // A frame shorter than the headers it claims, or a rewrite the kernel refused: it
         // leaves as it is. Not counted: tc egress has only `tc_seen` and `tc_reply`, and one
         // more counter changes the stats layout (lb_stats_v2).
-        Err(_) => TC_ACT_OK as i32,
+        Err(_) => TC_ACT_OK,
     }
 }
 

@@ -82,7 +82,7 @@ pub fn service(key: &ServiceKey) -> Option<ServiceValue> {
 #[inline(always)]
 pub fn backend(id: u32) -> Option<Backend> {
     // SAFETY: as above.
-    unsafe { BACKENDS.get(&id).copied() }
+    unsafe { BACKENDS.get(id).copied() }
 }
 
 #[inline(always)]
@@ -108,7 +108,7 @@ pub fn maglev(master: &ServiceValue, hash: u32) -> Option<u32> {
         chunk: idx / MAGLEV_CHUNK,
     };
     // SAFETY: as above.
-    let chunk = unsafe { MAGLEV.get(&key) }?;
+    let chunk = unsafe { MAGLEV.get(key) }?;
     let id = chunk.backend_ids[(idx % MAGLEV_CHUNK) as usize & (MAGLEV_CHUNK as usize - 1)];
     (id != 0).then_some(id)
 }
@@ -128,12 +128,12 @@ pub fn count_service(svc_port_id: u32, ev: ServiceEvent) {
     if svc_port_id == 0 {
         return;
     }
-    let mut p = SERVICE_STATS.get_ptr_mut(&svc_port_id);
+    let mut p = SERVICE_STATS.get_ptr_mut(svc_port_id);
     if p.is_none() {
         // When the map refuses (full), the lookup below finds nothing and the event goes
         // uncounted for this Service port; the global counters still have it.
-        let _ = SERVICE_STATS.insert(&svc_port_id, &ServiceCounters::default(), 0);
-        p = SERVICE_STATS.get_ptr_mut(&svc_port_id);
+        let _ = SERVICE_STATS.insert(svc_port_id, ServiceCounters::default(), 0);
+        p = SERVICE_STATS.get_ptr_mut(svc_port_id);
     }
     let Some(c) = p else { return };
     // SAFETY: per-CPU value, no concurrent writer on this CPU.

@@ -95,7 +95,7 @@ fn translate(ctx: &SockAddrContext, fe: &Frontend, chosen: &Chosen, cookie: u64)
         _pad2: 0,
     };
     // A failed insert (map full) only loses the reverse view; the connection still works.
-    let _ = SOCK_REV_NAT.insert(&rev_key, &rev, 0);
+    let _ = SOCK_REV_NAT.insert(rev_key, rev, 0);
     // SAFETY: valid context; both fields are writable for connect4/sendmsg4.
     unsafe {
         (*ctx.sock_addr).user_ip4 = be.addr_be;
@@ -164,7 +164,7 @@ pub fn try_sendmsg4(ctx: &SockAddrContext) -> Result<(), Refusal> {
     // An unconnected UDP socket keeps its backend, as a conntrack entry would keep it, for as
     // long as that backend still sits in the same slot of the frontend.
     // SAFETY: value copied out at once.
-    if let Some(flow) = unsafe { SOCK_FLOW.get(&flow_key).copied() } {
+    if let Some(flow) = unsafe { SOCK_FLOW.get(flow_key).copied() } {
         if flow.slot != 0 && flow.slot <= fe.master.count {
             if let Ok(chosen) = select::in_slot(&fe, flow.slot) {
                 if chosen.id == flow.backend_id {
@@ -187,7 +187,7 @@ pub fn try_sendmsg4(ctx: &SockAddrContext) -> Result<(), Refusal> {
             backend_id: chosen.id,
         };
         // SAFETY: value copied out at once.
-        unsafe { MEMBERS.get(&m).copied() }.unwrap_or(0) as u16
+        unsafe { MEMBERS.get(m).copied() }.unwrap_or(0) as u16
     };
     let flow = SockFlow {
         backend_id: chosen.id,
@@ -195,7 +195,7 @@ pub fn try_sendmsg4(ctx: &SockAddrContext) -> Result<(), Refusal> {
         _pad: 0,
     };
     // A failed insert (map full) only loses the memory: the next datagram chooses again.
-    let _ = SOCK_FLOW.insert(&flow_key, &flow, 0);
+    let _ = SOCK_FLOW.insert(flow_key, flow, 0);
     translate(ctx, &fe, &chosen, cookie);
     maps::count(counter::SOCK_SENDMSG_XLATE, 0);
     maps::count_service(fe.master.svc_port_id, ServiceEvent::NewConnection(0));
@@ -218,7 +218,7 @@ fn reverse(ctx: &SockAddrContext) -> bool {
         _pad: 0,
     };
     // SAFETY: value copied out at once.
-    let Some(rev) = (unsafe { SOCK_REV_NAT.get(&key).copied() }) else {
+    let Some(rev) = (unsafe { SOCK_REV_NAT.get(key).copied() }) else {
         return false;
     };
     // SAFETY: user_ip4/user_port are writable for recvmsg4/getpeername4.

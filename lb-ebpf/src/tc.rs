@@ -30,15 +30,15 @@ pub fn try_egress(ctx: &TcContext) -> Result<i32, i64> {
     maps::count(counter::TC_SEEN, 0);
     let eth: EthHdr = ctx.load(0)?;
     if eth.ether_type != EtherType::Ipv4 as u16 {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     let ip: Ipv4Hdr = ctx.load(EthHdr::LEN)?;
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
     if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || u16::from_be_bytes(ip.frags) & IP_MF_OFFSET != 0 {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     if ip.proto != proto::TCP && ip.proto != proto::UDP {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     let l4 = EthHdr::LEN + ihl;
     // The ports: the first four bytes of TCP and UDP headers alike.
@@ -52,11 +52,11 @@ pub fn try_egress(ctx: &TcContext) -> Result<i32, i64> {
         _pad: [0; 3],
     };
     let Some((e, unconfirmed)) = ct::lookup(&key) else {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     };
     // Only replies of flows whose backend is local, and that were not source-translated.
     if e.flags & ct_flags::REPLY == 0 || e.flags & ct_flags::LOCAL_BACKEND == 0 {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     // A UDP flow is confirmed by its first reply.
     if unconfirmed && ip.proto == proto::UDP {
@@ -83,5 +83,5 @@ pub fn try_egress(ctx: &TcContext) -> Result<i32, i64> {
     ctx.store(IP_SRC_OFF, &e.nat_saddr_be, 0)?;
     ctx.store(l4, &e.nat_sport_be, 0)?;
     maps::count(counter::TC_REPLY, ctx.len() as u64);
-    Ok(TC_ACT_OK as i32)
+    Ok(TC_ACT_OK)
 }

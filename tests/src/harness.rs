@@ -47,6 +47,9 @@ pub struct XdpHarness {
     pub syncer: Syncer<AyaDataplane>,
 }
 
+/// Conntrack entries of one tier, as read from its map.
+pub type CtEntries = Vec<(CtKey, CtEntry)>;
+
 /// The result of one run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunResult {
@@ -114,8 +117,8 @@ impl XdpHarness {
     }
 
     /// The conntrack entries as (established, unconfirmed).
-    pub fn conntrack_tiers(&self) -> Result<(Vec<(CtKey, CtEntry)>, Vec<(CtKey, CtEntry)>)> {
-        let read = |name: &str| -> Result<Vec<(CtKey, CtEntry)>> {
+    pub fn conntrack_tiers(&self) -> Result<(CtEntries, CtEntries)> {
+        let read = |name: &str| -> Result<CtEntries> {
             let map = self
                 .ebpf
                 .map(name)

@@ -260,12 +260,14 @@ fn kernel_xdp_garbage_in_never_mistranslated() {
     let seed: u64 = std::env::var("LB_GARBAGE_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0x5eed_1b);
+        .unwrap_or(0x5e_ed1b);
     eprintln!("{frames} frames, seed {seed} (LB_GARBAGE_SEED to replay)");
     let fes: BTreeSet<(SocketAddrV4, u8)> = frontends().into_iter().collect();
     let mut r = Rng(seed | 1);
     let (mut rewritten, mut dropped) = (0u64, 0u64);
-    let mut tracked: Option<BTreeSet<(u32, u32, u16, u16, u8)>> = None;
+    // (saddr, daddr, sport, dport, proto) of the flows the program is tracking.
+    type Tuple = (u32, u32, u16, u16, u8);
+    let mut tracked: Option<BTreeSet<Tuple>> = None;
     let mut known: Vec<lb_common::CtKey> = Vec::new();
     for n in 0..frames {
         if n % 5000 == 1000 {

@@ -175,12 +175,14 @@ pub const MISSING_NAME: &str = "missing metadata.name";
 
 /// Builds the model for node `node_name`.
 pub fn build(objects: &Objects, node_name: &str) -> Model {
-    let mut model = Model::default();
-    model.node = objects
-        .nodes
-        .iter()
-        .find(|n| n.metadata.name.as_deref() == Some(node_name))
-        .map(node_info);
+    let mut model = Model {
+        node: objects
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(node_name))
+            .map(node_info),
+        ..Model::default()
+    };
 
     let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in &objects.endpoint_slices {

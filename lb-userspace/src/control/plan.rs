@@ -301,14 +301,16 @@ mod tests {
     fn categorisation_table() {
         let a = ep(1, "n1");
         let b = ep(2, "n2");
-        let cases: Vec<(
-            &str,
+        // (name, endpoints, external policy, internal policy, cluster set, local set)
+        type Case = (
+            &'static str,
             Vec<Endpoint>,
             TrafficPolicy,
             Option<TrafficPolicy>,
             Option<Vec<u8>>,
             Option<Vec<u8>>,
-        )> = vec![
+        );
+        let cases: Vec<Case> = vec![
             (
                 "cluster only",
                 vec![a.clone(), b.clone()],

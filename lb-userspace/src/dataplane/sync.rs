@@ -6,6 +6,7 @@
 //! 3. the master entry (count, flags) last;
 //! 4. slots beyond the new count, removed frontends (master first), then unreferenced rev-NAT
 //!    entries and backends.
+//!
 //! One endpoint change touches O(1) entries: a removed backend's slot is refilled by a new one or
 //! by the last slot, so the other slots keep their backends.
 //!
@@ -15,7 +16,7 @@
 //! in full before the master switches to it (one atomic write), and the old table is deleted
 //! after: a new flow sees either the old or the new table, never a mix.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    collections::{hash_map::Entry, BTreeMap, BTreeSet, HashMap, VecDeque},
     net::SocketAddrV4,
 };
 
@@ -135,20 +136,23 @@ impl<D: Dataplane> Syncer<D> {
                 addr: sock_addr(b.addr_be, b.port_be),
                 proto: b.proto,
             };
-            if self.backends.contains_key(&key) {
-                self.stray_backends.push(*id); // a duplicate: keep the first id
-            } else {
-                self.backends.insert(key, (*id, *b));
+            match self.backends.entry(key) {
+                // A duplicate: keep the first id.
+                Entry::Occupied(_) => self.stray_backends.push(*id),
+                Entry::Vacant(v) => {
+                    v.insert((*id, *b));
+                }
             }
         }
         let mut rev_by_id = HashMap::new();
         for (id, r) in &found.rev_nat {
             let addr = sock_addr(r.addr_be, r.port_be);
-            if self.rev_nat.contains_key(&addr) {
-                self.stray_rev_nat.push(*id);
-            } else {
-                self.rev_nat.insert(addr, (*id, 0));
-                rev_by_id.insert(*id, addr);
+            match self.rev_nat.entry(addr) {
+                Entry::Occupied(_) => self.stray_rev_nat.push(*id),
+                Entry::Vacant(v) => {
+                    v.insert((*id, 0));
+                    rev_by_id.insert(*id, addr);
+                }
             }
         }
         for (k, v) in found.services.iter().filter(|(k, _)| k.slot == 0) {

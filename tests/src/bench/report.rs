@@ -342,7 +342,9 @@ pub fn markdown(r: &Results) -> String {
 
 /// A horizontal bar chart per section, as SVG.
 pub fn svg(r: &Results) -> String {
-    let mut rows: Vec<(String, Vec<(String, f64, &'static str)>)> = Vec::new();
+    // (section title, [(bar label, value, unit)])
+    type Section = (String, Vec<(String, f64, &'static str)>);
+    let mut rows: Vec<Section> = Vec::new();
     if let Ok(t) = &r.testrun {
         rows.push((
             "ns per packet (BPF_PROG_TEST_RUN)".into(),

@@ -228,13 +228,12 @@ fn nft_setup(out: &mut String) {
     }
 }
 
+/// A partial sync: the changed Services (namespace, name) and the previous Services.
+type Partial<'a> = (&'a BTreeSet<(String, String)>, &'a [BenchService]);
+
 /// Per-Service part of a sync. `partial`: the changed Services and the previous Services (whose
 /// map elements already exist).
-fn nft_services(
-    out: &mut String,
-    services: &[BenchService],
-    partial: Option<(&BTreeSet<(String, String)>, &[BenchService])>,
-) {
+fn nft_services(out: &mut String, services: &[BenchService], partial: Option<Partial<'_>>) {
     let t = NFT_TABLE;
     // Elements already programmed (partial syncs only write new or changed elements).
     let existing: BTreeSet<String> = match partial {
