@@ -2,6 +2,7 @@
 
 mod bench;
 mod fuzz;
+mod lint;
 mod setup;
 mod test;
 mod util;
@@ -13,10 +14,13 @@ usage: cargo xtask <command> [args]
 
 commands:
   setup                 install/check what building and testing need (root; idempotent)
-  test [-- TEST_ARGS]   build the binaries, run every test one at a time (args go to the test
-                        harness, e.g. a name filter or --nocapture), print how many ran and how
-                        many ran on the kernel (kernel_*/lab_*); with CI=true, zero kernel tests
-                        is a failure
+  lint                  cargo fmt --check and clippy -D warnings: host crates (all targets), the
+                        kernel crate (nightly clippy for the BPF target), fuzz/ formatting
+  test [-- TEST_ARGS]   lint (skipped when a name filter is given), build the binaries, run every
+                        test one at a time (args go to the test harness, e.g. a name filter or
+                        --nocapture), print how many ran and how many ran on the kernel
+                        (kernel_*/lab_*); with CI=true, zero kernel tests is a failure; then fuzz
+                        each target briefly
   demo [-- ARGS]        build everything and run lb-demo (the reference lab with real traffic)
   bench [-- ARGS]       build release binaries and run lb-bench: TestRun per-packet costs, lab
                         requests/s and packets/s against kube-proxy's iptables/nftables rules,
@@ -78,6 +82,10 @@ fn dispatch(args: &[String]) -> Result<i32> {
                 return Ok(2);
             }
             setup::setup()?;
+            Ok(0)
+        }
+        "lint" => {
+            lint::lint()?;
             Ok(0)
         }
         "test" => test::test(rest(args)),

@@ -49,6 +49,9 @@ pub fn setup_needed() -> Option<String> {
     if !cargo_fuzz_installed() {
         return Some("cargo-fuzz is not installed".into());
     }
+    if let Some((toolchain, component)) = missing_lint_component() {
+        return Some(format!("{component} is not installed for the {toolchain} toolchain"));
+    }
     None
 }
 
@@ -58,6 +61,7 @@ pub fn setup() -> Result<()> {
     }
     apt_packages()?;
     rust_src()?;
+    lint_components()?;
     cargo_fuzz()?;
     bpf_linker()?;
     llvm_versions_match()?;
@@ -148,6 +152,49 @@ fn rust_src() -> Result<()> {
         bail!("`rustup component add rust-src --toolchain nightly` succeeded but rust-src is still not listed");
     }
     println!("installed: rust-src for the nightly toolchain");
+    Ok(())
+}
+
+// ---- rustfmt and clippy (cargo xtask lint) ----
+
+/// What `cargo xtask lint` runs: rustfmt and clippy on the default toolchain, clippy on nightly
+/// (the kernel crate is linted for the BPF target).
+const LINT_COMPONENTS: &[(&str, &str)] = &[
+    ("stable", "rustfmt"),
+    ("stable", "clippy"),
+    ("nightly", "clippy"),
+];
+
+fn has_component(toolchain: &str, component: &str) -> bool {
+    query(
+        "rustup",
+        &["component", "list", "--toolchain", toolchain, "--installed"],
+    )
+    .is_some_and(|s| {
+        s.lines()
+            .any(|l| l.trim() == component || l.trim().starts_with(&format!("{component}-")))
+    })
+}
+
+fn missing_lint_component() -> Option<(&'static str, &'static str)> {
+    LINT_COMPONENTS
+        .iter()
+        .copied()
+        .find(|(t, c)| !has_component(t, c))
+}
+
+fn lint_components() -> Result<()> {
+    for &(toolchain, component) in LINT_COMPONENTS {
+        if has_component(toolchain, component) {
+            println!("ok: {component} installed for the {toolchain} toolchain");
+            continue;
+        }
+        run(Command::new("rustup").args(["component", "add", component, "--toolchain", toolchain]))?;
+        if !has_component(toolchain, component) {
+            bail!("`rustup component add {component} --toolchain {toolchain}` succeeded but {component} is still not listed");
+        }
+        println!("installed: {component} for the {toolchain} toolchain");
+    }
     Ok(())
 }
 

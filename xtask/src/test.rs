@@ -1,6 +1,6 @@
-//! `cargo xtask test`: build the binaries the integration tests drive, run every test one at a
-//! time, and count what ran (and how much of it ran on the kernel); then run every fuzz target of
-//! `fuzz/` for `LB_FUZZ_SECONDS` (20) seconds.
+//! `cargo xtask test`: check formatting and clippy ([`crate::lint`]), build the binaries the
+//! integration tests drive, run every test one at a time, and count what ran (and how much of it
+//! ran on the kernel); then run every fuzz target of `fuzz/` for `LB_FUZZ_SECONDS` (20) seconds.
 
 use crate::util::{self, display};
 use anyhow::{bail, Context, Result};
@@ -74,6 +74,12 @@ pub fn test(harness_args: &[String]) -> Result<i32> {
     if let Some(why) = crate::setup::setup_needed() {
         println!("xtask: {why}; running setup first");
         crate::setup::setup()?;
+    }
+    if has_name_filter(harness_args) {
+        println!("xtask test: lint: skipped (a test name filter was given)");
+    } else {
+        crate::lint::lint()?;
+        println!("xtask test: lint: cargo fmt --check and clippy -D warnings (host, kernel) clean");
     }
     crate::build_bins()?;
     let bin_dir = util::target_dir()?.join("debug");

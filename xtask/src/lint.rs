@@ -1,0 +1,66 @@
+//! `cargo xtask lint` (and the first step of `cargo xtask test`): formatting and clippy with every
+//! warning an error, on the host workspace, the kernel crate (built for the BPF target by
+//! nightly clippy) and the fuzz workspace.
+
+use crate::util::{self, display};
+use anyhow::{bail, Context, Result};
+use std::process::Command;
+
+/// The checks, in the order they run: cheap formatting first, then clippy.
+pub fn lint() -> Result<()> {
+    let root = util::workspace_root();
+    let fuzz_manifest = root.join("fuzz").join("Cargo.toml");
+
+    // rustfmt needs no build: the whole workspace (lb-ebpf included) and the fuzz workspace.
+    check(util::cargo().args(["fmt", "--all", "--check"]))?;
+    check(
+        util::cargo()
+            .args(["fmt", "--all", "--check", "--manifest-path"])
+            .arg(&fuzz_manifest),
+    )?;
+
+    // Host crates: every target (lib, bins, tests, benches, examples).
+    check(
+        util::cargo_workspace("clippy")
+            .args(["--all-targets", "--", "-D", "warnings"]),
+    )?;
+
+    // The kernel crate: nightly clippy for the BPF target, as aya-build builds it (core only).
+    check(&mut kernel_clippy())?;
+    Ok(())
+}
+
+/// `cargo +nightly clippy` for lb-ebpf on `bpfel-unknown-none` with `-Z build-std=core`, run in
+/// lb-ebpf/ (not `--all-targets`: a `no_std` BPF crate has no test harness) with its own target
+/// directory so that it never invalidates the host build.
+fn kernel_clippy() -> Command {
+    let root = util::workspace_root();
+    let mut cmd = Command::new("rustup");
+    cmd.current_dir(root.join("lb-ebpf"))
+        .args(["run", "nightly", "cargo", "clippy"])
+        .args(["--package", "lb-ebpf", "--target", "bpfel-unknown-none"])
+        .args(["-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(root.join("target").join("clippy-bpf"))
+        .args(["--", "-D", "warnings"]);
+    // Variables of the outer `cargo run` (stable) must not leak into the nightly cargo.
+    for var in ["RUSTC", "RUSTDOC", "RUSTC_WRAPPER", "CARGO", "RUSTUP_TOOLCHAIN"] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+fn check(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {}", display(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run `{}`", display(cmd)))?;
+    if !status.success() {
+        bail!(
+            "lint failed: `{}` ({status}); `cargo fmt --all` fixes formatting, clippy's messages \
+             above name each warning",
+            display(cmd)
+        );
+    }
+    Ok(())
+}
