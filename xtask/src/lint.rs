@@ -20,10 +20,7 @@ pub fn lint() -> Result<()> {
     )?;
 
     // Host crates: every target (lib, bins, tests, benches, examples).
-    check(
-        util::cargo_workspace("clippy")
-            .args(["--all-targets", "--", "-D", "warnings"]),
-    )?;
+    check(util::cargo_workspace("clippy").args(["--all-targets", "--", "-D", "warnings"]))?;
 
     // The kernel crate: nightly clippy for the BPF target, as aya-build builds it (core only).
     check(&mut kernel_clippy())?;
@@ -44,7 +41,13 @@ fn kernel_clippy() -> Command {
         .arg(root.join("target").join("clippy-bpf"))
         .args(["--", "-D", "warnings"]);
     // Variables of the outer `cargo run` (stable) must not leak into the nightly cargo.
-    for var in ["RUSTC", "RUSTDOC", "RUSTC_WRAPPER", "CARGO", "RUSTUP_TOOLCHAIN"] {
+    for var in [
+        "RUSTC",
+        "RUSTDOC",
+        "RUSTC_WRAPPER",
+        "CARGO",
+        "RUSTUP_TOOLCHAIN",
+    ] {
         cmd.env_remove(var);
     }
     cmd

@@ -50,7 +50,9 @@ pub fn setup_needed() -> Option<String> {
         return Some("cargo-fuzz is not installed".into());
     }
     if let Some((toolchain, component)) = missing_lint_component() {
-        return Some(format!("{component} is not installed for the {toolchain} toolchain"));
+        return Some(format!(
+            "{component} is not installed for the {toolchain} toolchain"
+        ));
     }
     None
 }
@@ -189,7 +191,13 @@ fn lint_components() -> Result<()> {
             println!("ok: {component} installed for the {toolchain} toolchain");
             continue;
         }
-        run(Command::new("rustup").args(["component", "add", component, "--toolchain", toolchain]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            component,
+            "--toolchain",
+            toolchain,
+        ]))?;
         if !has_component(toolchain, component) {
             bail!("`rustup component add {component} --toolchain {toolchain}` succeeded but {component} is still not listed");
         }
