@@ -12,7 +12,9 @@
 
 /// Names of the maps as pinned under `--bpffs` (at most 15 bytes: the kernel's object name limit).
 pub mod map_name {
-    pub const SERVICES: &str = "lb_svc_v3";
+    /// The frontends' slots (the master entry and the backend slots of every frontend). The pin
+    /// keeps its first name, `svc`: renaming a pinned map is a layout upgrade.
+    pub const FRONTENDS: &str = "lb_svc_v3";
     pub const BACKENDS: &str = "lb_backend_v1";
     pub const REV_NAT: &str = "lb_revnat_v1";
     pub const SOCK_REV_NAT: &str = "lb_sk_revnat_v1";
@@ -30,7 +32,7 @@ pub mod map_name {
     pub const SERVICE_NAMES: &str = "lb_svc_names_v1";
     /// Every map the agent pins, for `uninstall` and for `lbctl`.
     pub const ALL: [&str; 14] = [
-        SERVICES,
+        FRONTENDS,
         BACKENDS,
         REV_NAT,
         SOCK_REV_NAT,
@@ -91,8 +93,8 @@ pub struct BenchFrame {
 
 /// Capacities of the maps. Memory per entry is key + value + the kernel's per-entry overhead.
 pub mod limits {
-    /// Service entries: one master (slot 0) plus one per backend slot, for each frontend and scope.
-    pub const SERVICES: u32 = 262_144;
+    /// Frontend slots: one master (slot 0) plus one per backend slot, for each frontend and scope.
+    pub const FRONTEND_SLOTS: u32 = 262_144;
     /// Backends: one per distinct (address, port, protocol) endpoint.
     pub const BACKENDS: u32 = 131_072;
     /// Rev-NAT entries: one per frontend.
@@ -114,7 +116,7 @@ pub mod limits {
     pub const AFFINITY: u32 = 262_144;
     /// Per-Service-port counters: one entry per Service port.
     pub const SERVICE_STATS: u32 = 65_536;
-    /// Membership entries: one per backend slot, like the services map.
+    /// Membership entries: one per backend slot, like the frontends map.
     pub const MEMBERS: u32 = 262_144;
     /// SNAT port candidates tried before a new flow is dropped as a collision.
     pub const SNAT_TRIES: u32 = 16;
@@ -160,11 +162,11 @@ pub mod backend_flags {
     pub const TERMINATING: u8 = 1 << 1;
 }
 
-/// Key of the services map. Slot 0 holds the master entry of a frontend, slots `1..=count` point
+/// Key of the frontends map ([`map_name::FRONTENDS`]). Slot 0 holds the master entry of a frontend, slots `1..=count` point
 /// at backends.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServiceKey {
+pub struct FrontendSlotKey {
     pub addr_be: u32,
     pub port_be: u16,
     pub proto: u8,
@@ -173,12 +175,12 @@ pub struct ServiceKey {
     pub _pad: u16,
 }
 
-/// Value of the services map. In the master entry (slot 0): `count`, `flags`, `rev_nat_id`,
+/// Value of the frontends map. In the master entry (slot 0): `count`, `flags`, `rev_nat_id`,
 /// `affinity_timeout_s`, `svc_port_id` and (external frontends with two or more backends) the
 /// Maglev table are set and `backend_id` is 0. In a backend slot: only `backend_id`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct ServiceValue {
+pub struct FrontendSlot {
     pub backend_id: u32,
     pub count: u16,
     pub flags: u16,
@@ -275,7 +277,7 @@ pub struct AffinityValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MemberKey {
-    pub frontend: ServiceKey,
+    pub frontend: FrontendSlotKey,
     pub backend_id: u32,
 }
 
@@ -579,8 +581,8 @@ pub mod counter {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<ServiceKey>() == 12);
-    assert!(core::mem::size_of::<ServiceValue>() == 32);
+    assert!(core::mem::size_of::<FrontendSlotKey>() == 12);
+    assert!(core::mem::size_of::<FrontendSlot>() == 32);
     assert!(core::mem::size_of::<MaglevKey>() == 8);
     assert!(core::mem::size_of::<MaglevChunk>() == 1024);
     assert!(core::mem::size_of::<AffinityKey>() == 16);
@@ -604,8 +606,8 @@ const _: () = {
 mod pod {
     use super::*;
     // SAFETY: every type is `repr(C)`, `Copy`, has explicit padding and no invalid bit patterns.
-    unsafe impl aya::Pod for ServiceKey {}
-    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for FrontendSlotKey {}
+    unsafe impl aya::Pod for FrontendSlot {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for RevNat {}
     unsafe impl aya::Pod for SockKey {}

@@ -2,19 +2,19 @@
 //! by every frontend of the Service port, refreshed by each new connection, ignored once expired
 //! or once its backend left the frontend's usable set.
 use lb_common::{
-    counter, service_flags, AffinityKey, AffinityValue, Backend, MemberKey, ServiceKey,
-    ServiceValue,
+    counter, service_flags, AffinityKey, AffinityValue, Backend, FrontendSlot, FrontendSlotKey,
+    MemberKey,
 };
 
 use crate::maps::{self, AFFINITY, MEMBERS};
 
 #[inline(always)]
-pub fn enabled(master: &ServiceValue) -> bool {
+pub fn enabled(master: &FrontendSlot) -> bool {
     master.flags & service_flags::SESSION_AFFINITY != 0 && master.affinity_timeout_s != 0
 }
 
 #[inline(always)]
-pub fn key(master: &ServiceValue, client_kind: u32, client: u64) -> AffinityKey {
+pub fn key(master: &FrontendSlot, client_kind: u32, client: u64) -> AffinityKey {
     AffinityKey {
         svc_port_id: master.svc_port_id,
         client_kind,
@@ -25,8 +25,8 @@ pub fn key(master: &ServiceValue, client_kind: u32, client: u64) -> AffinityKey 
 /// The backend a live record pins this client to, when it is still usable for `frontend`.
 #[inline(always)]
 pub fn lookup(
-    frontend: &ServiceKey,
-    master: &ServiceValue,
+    frontend: &FrontendSlotKey,
+    master: &FrontendSlot,
     key: &AffinityKey,
     now: u32,
 ) -> Option<(u32, Backend)> {

@@ -1,21 +1,21 @@
-//! Frontend lookup: the services map's master entry (slot 0) for an address, port and protocol
+//! Frontend lookup: the frontends map's master entry (slot 0) for an address, port and protocol
 //! in one traffic scope (`scope::EXTERNAL` for the XDP path, `scope::INTERNAL` for the socket
 //! level), and the backend ids in its slots.
-use lb_common::{ServiceKey, ServiceValue};
+use lb_common::{FrontendSlot, FrontendSlotKey};
 
 use crate::maps;
 
 /// A frontend of ours: its master key (slot 0) and entry.
 #[derive(Clone, Copy)]
 pub struct Frontend {
-    pub key: ServiceKey,
-    pub master: ServiceValue,
+    pub key: FrontendSlotKey,
+    pub master: FrontendSlot,
 }
 
 /// The frontend at this address (network order), if there is one.
 #[inline(always)]
 pub fn lookup(addr_be: u32, port_be: u16, proto: u8, scope: u8) -> Option<Frontend> {
-    let key = ServiceKey {
+    let key = FrontendSlotKey {
         addr_be,
         port_be,
         proto,

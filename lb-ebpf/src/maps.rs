@@ -4,16 +4,17 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
-    limits, AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, MaglevChunk,
-    MaglevKey, MemberKey, RevNat, ServiceCounters, ServiceKey, ServiceName, ServiceValue, SockFlow,
-    SockKey, SockRevNat, MAGLEV_CHUNK,
+    limits, AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, FrontendSlot,
+    FrontendSlotKey, MaglevChunk, MaglevKey, MemberKey, RevNat, ServiceCounters, ServiceName,
+    SockFlow, SockKey, SockRevNat, MAGLEV_CHUNK,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are allocated when written (Maglev chunks are 1 KiB each).
 const NO_PREALLOC: u32 = 1;
 
 #[map(name = "lb_svc_v3")]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(limits::SERVICES, 0);
+pub static FRONTENDS: HashMap<FrontendSlotKey, FrontendSlot> =
+    HashMap::pinned(limits::FRONTEND_SLOTS, 0);
 
 #[map(name = "lb_backend_v1")]
 pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(limits::BACKENDS, 0);
@@ -74,9 +75,9 @@ pub fn count(idx: u32, bytes: u64) {
 
 /// Looks up a service entry (master when `key.slot == 0`).
 #[inline(always)]
-pub fn service(key: &ServiceKey) -> Option<ServiceValue> {
+pub fn service(key: &FrontendSlotKey) -> Option<FrontendSlot> {
     // SAFETY: the value is copied out before any other map operation.
-    unsafe { SERVICES.get(key).copied() }
+    unsafe { FRONTENDS.get(key).copied() }
 }
 
 #[inline(always)]
@@ -98,7 +99,7 @@ pub fn conntrack(key: &CtKey) -> Option<CtEntry> {
 
 /// Entry `hash % M` of a master's Maglev table: the backend id a new flow with this hash gets.
 #[inline(always)]
-pub fn maglev(master: &ServiceValue, hash: u32) -> Option<u32> {
+pub fn maglev(master: &FrontendSlot, hash: u32) -> Option<u32> {
     if master.maglev_id == 0 || master.maglev_m == 0 {
         return None;
     }

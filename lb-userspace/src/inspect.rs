@@ -60,7 +60,7 @@ pub fn frontends(s: &MapContents) -> Vec<FrontendView> {
             .map(|slot| {
                 let id = s
                     .services
-                    .get(&lb_common::ServiceKey { slot, ..*k })
+                    .get(&lb_common::FrontendSlotKey { slot, ..*k })
                     .map(|e| e.backend_id);
                 match id.and_then(|id| s.backends.get(&id)) {
                     Some(b) => addr(b.addr_be, b.port_be).to_string(),
@@ -255,7 +255,7 @@ pub fn lookup(
     client_port: Option<u16>,
 ) -> Result<Lookup> {
     use lb_common::{
-        affinity_client, scope, AffinityKey, AffinityValue, CtKey, MemberKey, ServiceKey,
+        affinity_client, scope, AffinityKey, AffinityValue, CtKey, FrontendSlotKey, MemberKey,
     };
     let s = map_contents(bpffs)?;
     let (fe_be, fp_be) = (
@@ -263,7 +263,7 @@ pub fn lookup(
         frontend.port().to_be(),
     );
     let master_of = |sc| {
-        let k = ServiceKey {
+        let k = FrontendSlotKey {
             addr_be: fe_be,
             port_be: fp_be,
             proto,
@@ -296,7 +296,7 @@ pub fn lookup(
     out.candidates = (1..=master.count)
         .filter_map(|slot| {
             s.services
-                .get(&ServiceKey { slot, ..mk })
+                .get(&FrontendSlotKey { slot, ..mk })
                 .and_then(|v| be(v.backend_id))
         })
         .collect();

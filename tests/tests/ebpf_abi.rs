@@ -9,8 +9,8 @@ use std::{
 use aya_obj::{maps::PinningType, Object};
 use lb_common::{
     counter, map_name, AffinityKey, AffinityValue, Backend, BenchFrame, Config, Counter, CtEntry,
-    CtKey, MaglevChunk, MaglevKey, MemberKey, RevNat, ServiceCounters, ServiceKey, ServiceName,
-    ServiceValue, SockFlow, SockKey, SockRevNat,
+    CtKey, FrontendSlot, FrontendSlotKey, MaglevChunk, MaglevKey, MemberKey, RevNat,
+    ServiceCounters, ServiceName, SockFlow, SockKey, SockRevNat,
 };
 
 /// Maps of the object that are not ours to name: aya-log's ring buffer and level, and the data
@@ -112,8 +112,8 @@ fn map_layouts_of_the_object_are_lb_common_types() {
     }
     let want: BTreeMap<&str, (u32, u32)> = [
         (
-            map_name::SERVICES,
-            (size::<ServiceKey>(), size::<ServiceValue>()),
+            map_name::FRONTENDS,
+            (size::<FrontendSlotKey>(), size::<FrontendSlot>()),
         ),
         (map_name::BACKENDS, (size::<u32>(), size::<Backend>())),
         (map_name::REV_NAT, (size::<u32>(), size::<RevNat>())),

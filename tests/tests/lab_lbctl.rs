@@ -195,7 +195,7 @@ fn lab_lbctl_reads_the_live_maps_with_the_agent_down() {
     ));
     std::fs::create_dir_all(&other).unwrap();
     std::fs::hard_link(
-        bpffs.join(lb_common::map_name::SERVICES),
+        bpffs.join(lb_common::map_name::FRONTENDS),
         other.join("lb_svc_v1"),
     )
     .unwrap();
@@ -204,7 +204,7 @@ fn lab_lbctl_reads_the_live_maps_with_the_agent_down() {
     assert_eq!(code, 2);
     let want = format!(
         "map {} not found, but lb_svc_v1 is: pinned by an agent of another layout version",
-        lb_common::map_name::SERVICES
+        lb_common::map_name::FRONTENDS
     );
     assert!(err.contains(&want), "{err}");
 }

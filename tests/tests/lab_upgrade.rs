@@ -13,7 +13,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use lb_common::{map_name, CtEntry, CtKey, ServiceKey, ServiceValue};
+use lb_common::{map_name, CtEntry, CtKey, FrontendSlot, FrontendSlotKey};
 use lb_tests::{lab::bin_path, legacy, scenario::start_example};
 use lb_userspace::dataplane::migrate::CtEntryV1;
 
@@ -41,8 +41,8 @@ fn lab_upgrade_from_an_older_layout_loses_nothing() {
     drop(ct);
     // Service-port id -> the rev-NAT id of one of its frontends (v1 stored the rev-NAT id; with the
     // flow's protocol it names the Service port again).
-    let svc: HashMap<MapData, ServiceKey, ServiceValue> =
-        HashMap::try_from(Map::HashMap(open(map_name::SERVICES))).unwrap();
+    let svc: HashMap<MapData, FrontendSlotKey, FrontendSlot> =
+        HashMap::try_from(Map::HashMap(open(map_name::FRONTENDS))).unwrap();
     let rev_of: BTreeMap<u32, u32> = svc
         .iter()
         .map(|kv| kv.unwrap())
@@ -84,7 +84,7 @@ fn lab_upgrade_from_an_older_layout_loses_nothing() {
     }
     drop(v1);
     std::fs::remove_file(bpffs.join(map_name::CONNTRACK)).unwrap();
-    std::fs::rename(bpffs.join(map_name::SERVICES), bpffs.join("lb_svc_v2")).unwrap();
+    std::fs::rename(bpffs.join(map_name::FRONTENDS), bpffs.join("lb_svc_v2")).unwrap();
     std::fs::rename(bpffs.join(map_name::STATS), bpffs.join("lb_stats_v1")).unwrap();
 
     // New connections all along, through node1's XDP path.

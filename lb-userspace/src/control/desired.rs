@@ -6,7 +6,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use lb_common::{Backend, ServiceKey};
+use lb_common::{Backend, FrontendSlotKey};
 
 use super::{
     model::NodeInfo,
@@ -134,9 +134,9 @@ pub(crate) fn sock_addr(addr_be: u32, port_be: u16) -> SocketAddrV4 {
 }
 
 /// The services-map key of slot `slot` of a frontend (slot 0: its master entry).
-pub(crate) fn service_key(fe: &FrontendKey, slot: u16) -> ServiceKey {
+pub(crate) fn service_key(fe: &FrontendKey, slot: u16) -> FrontendSlotKey {
     let (addr_be, port_be) = be_addr(fe.addr);
-    ServiceKey {
+    FrontendSlotKey {
         addr_be,
         port_be,
         proto: fe.proto,

@@ -1,7 +1,7 @@
 //! An in-memory [`Dataplane`] for tests: the same operations on B-trees, with an operation log.
 use anyhow::Result;
 use lb_common::{
-    Backend, Config, MaglevChunk, MaglevKey, MemberKey, RevNat, ServiceKey, ServiceValue,
+    Backend, Config, FrontendSlot, FrontendSlotKey, MaglevChunk, MaglevKey, MemberKey, RevNat,
 };
 
 use super::{Dataplane, MapContents};
@@ -15,7 +15,7 @@ pub struct FakeDataplane {
 }
 
 /// How the fake dataplane's log names a service entry.
-pub(crate) fn svc_key_str(k: &ServiceKey) -> String {
+pub(crate) fn svc_key_str(k: &FrontendSlotKey) -> String {
     let ip = std::net::Ipv4Addr::from(k.addr_be.to_ne_bytes());
     format!(
         "{ip}:{}/{}/{}#{}",
@@ -27,12 +27,12 @@ pub(crate) fn svc_key_str(k: &ServiceKey) -> String {
 }
 
 impl Dataplane for FakeDataplane {
-    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
+    fn put_service(&mut self, key: &FrontendSlotKey, value: &FrontendSlot) -> Result<()> {
         self.log.push(format!("put_service {}", svc_key_str(key)));
         self.state.services.insert(*key, *value);
         Ok(())
     }
-    fn del_service(&mut self, key: &ServiceKey) -> Result<()> {
+    fn del_service(&mut self, key: &FrontendSlotKey) -> Result<()> {
         self.log.push(format!("del_service {}", svc_key_str(key)));
         self.state.services.remove(key);
         Ok(())

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 use lb_common::{
-    Backend, Config, MaglevChunk, MaglevKey, MemberKey, RevNat, ServiceKey, ServiceValue,
+    Backend, Config, FrontendSlot, FrontendSlotKey, MaglevChunk, MaglevKey, MemberKey, RevNat,
 };
 
 pub mod fake;
@@ -25,7 +25,7 @@ pub mod sync;
 /// what the fake keeps, and what `lbctl` shows.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
-    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub services: BTreeMap<FrontendSlotKey, FrontendSlot>,
     pub backends: BTreeMap<u32, Backend>,
     pub rev_nat: BTreeMap<u32, RevNat>,
     pub members: BTreeMap<MemberKey, u32>,
@@ -38,8 +38,8 @@ pub struct MapContents {
 
 /// The writes the sync makes, one map entry each, and the read-back that adoption starts from.
 pub trait Dataplane {
-    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()>;
-    fn del_service(&mut self, key: &ServiceKey) -> Result<()>;
+    fn put_service(&mut self, key: &FrontendSlotKey, value: &FrontendSlot) -> Result<()>;
+    fn del_service(&mut self, key: &FrontendSlotKey) -> Result<()>;
     fn put_backend(&mut self, id: u32, value: &Backend) -> Result<()>;
     fn del_backend(&mut self, id: u32) -> Result<()>;
     fn put_rev_nat(&mut self, id: u32, value: &RevNat) -> Result<()>;

@@ -6,8 +6,8 @@ use std::{fs, path::Path, path::PathBuf};
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData};
 use lb_common::{
-    map_name, Backend, Config, MaglevChunk, MaglevKey, MemberKey, RevNat, ServiceKey, ServiceName,
-    ServiceValue,
+    map_name, Backend, Config, FrontendSlot, FrontendSlotKey, MaglevChunk, MaglevKey, MemberKey,
+    RevNat, ServiceName,
 };
 
 use super::{Dataplane, MapContents};
@@ -104,7 +104,7 @@ pub fn decode_name(v: &ServiceName) -> String {
 
 /// The pinned service maps, through aya.
 pub struct AyaDataplane {
-    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    services: HashMap<MapData, FrontendSlotKey, FrontendSlot>,
     backends: HashMap<MapData, u32, Backend>,
     rev_nat: HashMap<MapData, u32, RevNat>,
     members: HashMap<MapData, MemberKey, u32>,
@@ -121,7 +121,7 @@ impl AyaDataplane {
                 .with_context(|| format!("map {name} missing from the object"))
         };
         Ok(Self {
-            services: HashMap::try_from(take(map_name::SERVICES)?)?,
+            services: HashMap::try_from(take(map_name::FRONTENDS)?)?,
             backends: HashMap::try_from(take(map_name::BACKENDS)?)?,
             rev_nat: HashMap::try_from(take(map_name::REV_NAT)?)?,
             members: HashMap::try_from(take(map_name::MEMBERS)?)?,
@@ -136,7 +136,7 @@ impl AyaDataplane {
         let open_data = |name: &str| open_pinned(dir, name);
         let open = |name: &str| -> Result<Map> { Ok(Map::HashMap(open_data(name)?)) };
         Ok(Self {
-            services: HashMap::try_from(open(map_name::SERVICES)?)?,
+            services: HashMap::try_from(open(map_name::FRONTENDS)?)?,
             backends: HashMap::try_from(open(map_name::BACKENDS)?)?,
             rev_nat: HashMap::try_from(open(map_name::REV_NAT)?)?,
             members: HashMap::try_from(open(map_name::MEMBERS)?)?,
@@ -148,10 +148,10 @@ impl AyaDataplane {
 }
 
 impl Dataplane for AyaDataplane {
-    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
+    fn put_service(&mut self, key: &FrontendSlotKey, value: &FrontendSlot) -> Result<()> {
         Ok(self.services.insert(key, value, 0)?)
     }
-    fn del_service(&mut self, key: &ServiceKey) -> Result<()> {
+    fn del_service(&mut self, key: &FrontendSlotKey) -> Result<()> {
         Ok(self.services.remove(key)?)
     }
     fn put_backend(&mut self, id: u32, value: &Backend) -> Result<()> {

@@ -92,8 +92,12 @@ pub fn map_occupancy(bpffs: &Path) -> Result<Vec<MapOccupancy>> {
     Ok(vec![
         MapOccupancy {
             map: "services",
-            entries: count_entries::<ServiceKey, ServiceValue>(bpffs, map_name::SERVICES, false)?,
-            capacity: limits::SERVICES as u64,
+            entries: count_entries::<FrontendSlotKey, FrontendSlot>(
+                bpffs,
+                map_name::FRONTENDS,
+                false,
+            )?,
+            capacity: limits::FRONTEND_SLOTS as u64,
         },
         MapOccupancy {
             map: "backends",

@@ -21,7 +21,7 @@ use std::{
 };
 
 use anyhow::Result;
-use lb_common::{Backend, Config, MaglevKey, MemberKey, RevNat, ServiceKey, ServiceValue};
+use lb_common::{Backend, Config, FrontendSlot, FrontendSlotKey, MaglevKey, MemberKey, RevNat};
 
 use super::{
     ids::IdAllocator,
@@ -61,7 +61,7 @@ pub struct Syncer<D: Dataplane> {
     rev_nat: HashMap<SocketAddrV4, (u32, u32)>, // frontend address -> (id, references)
     rev_nat_ids: IdAllocator,
     /// Entries found at adoption that no desired state explains (removed on the next sync).
-    stray_services: Vec<ServiceKey>,
+    stray_services: Vec<FrontendSlotKey>,
     stray_backends: Vec<u32>,
     stray_rev_nat: Vec<u32>,
     config: Config,
@@ -535,7 +535,7 @@ impl<D: Dataplane> Syncer<D> {
         let slots = next_slots(&old_slots, &new_ids);
         for (i, id) in slots.iter().enumerate() {
             if old_slots.get(i) != Some(id) {
-                let v = ServiceValue {
+                let v = FrontendSlot {
                     backend_id: *id,
                     ..Default::default()
                 };
@@ -575,7 +575,7 @@ impl<D: Dataplane> Syncer<D> {
                 || p.maglev != maglev
         });
         if master_changed {
-            let v = ServiceValue {
+            let v = FrontendSlot {
                 backend_id: 0,
                 count: slots.len() as u16,
                 flags: d.flags,
@@ -751,12 +751,12 @@ mod tests {
     }
 
     /// What the datapath would resolve for every frontend: its backend addresses, as a set.
-    fn resolved(s: &MapContents) -> BTreeMap<ServiceKey, BTreeSet<SocketAddrV4>> {
+    fn resolved(s: &MapContents) -> BTreeMap<FrontendSlotKey, BTreeSet<SocketAddrV4>> {
         let mut out = BTreeMap::new();
         for (k, v) in s.services.iter().filter(|(k, _)| k.slot == 0) {
             let set = (1..=v.count)
                 .map(|slot| {
-                    let id = s.services[&ServiceKey { slot, ..*k }].backend_id;
+                    let id = s.services[&FrontendSlotKey { slot, ..*k }].backend_id;
                     let b = s.backends[&id];
                     sock_addr(b.addr_be, b.port_be)
                 })
@@ -827,7 +827,7 @@ mod tests {
         k.slot = 9;
         state.services.insert(
             k,
-            ServiceValue {
+            FrontendSlot {
                 backend_id: 1,
                 ..Default::default()
             },
@@ -861,7 +861,7 @@ mod tests {
         };
         let mut ops = log.iter();
         // Rebuild each op from the end state or the start state to step through.
-        let all_keys: BTreeSet<ServiceKey> = replay
+        let all_keys: BTreeSet<FrontendSlotKey> = replay
             .state
             .services
             .keys()
@@ -942,7 +942,7 @@ mod tests {
             .map(|(k, v)| {
                 (
                     MemberKey {
-                        frontend: ServiceKey { slot: 0, ..*k },
+                        frontend: FrontendSlotKey { slot: 0, ..*k },
                         backend_id: v.backend_id,
                     },
                     k.slot as u32,
@@ -1034,7 +1034,7 @@ mod tests {
             }
             assert_ne!(v.maglev_id, 0, "{k:?} has no table");
             let slots: BTreeSet<u32> = (1..=v.count)
-                .map(|slot| st.services[&ServiceKey { slot, ..*k }].backend_id)
+                .map(|slot| st.services[&FrontendSlotKey { slot, ..*k }].backend_id)
                 .collect();
             for c in 0..chunk_count(v.maglev_m) {
                 let chunk = st
@@ -1152,12 +1152,12 @@ mod tests {
             inner: FakeDataplane,
         }
         impl Dataplane for Stepper {
-            fn put_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> Result<()> {
+            fn put_service(&mut self, k: &FrontendSlotKey, v: &FrontendSlot) -> Result<()> {
                 self.inner.put_service(k, v)?;
                 check_tables_with(&self.inner.state, false);
                 Ok(())
             }
-            fn del_service(&mut self, k: &ServiceKey) -> Result<()> {
+            fn del_service(&mut self, k: &FrontendSlotKey) -> Result<()> {
                 self.inner.del_service(k)?;
                 check_tables_with(&self.inner.state, false);
                 Ok(())

@@ -225,9 +225,9 @@ pub fn control_bench(n: usize, e: usize, repeats: usize) -> Result<ControlBench>
     // A ClusterIP Service port: one frontend (a master entry), one rev-NAT entry, one name; each
     // backend: a slot, a membership entry and its backend entry.
     let bytes_per_service =
-        per_entry(mn::SERVICES) + per_entry(mn::REV_NAT) + per_entry(mn::SERVICE_NAMES);
+        per_entry(mn::FRONTENDS) + per_entry(mn::REV_NAT) + per_entry(mn::SERVICE_NAMES);
     let bytes_per_backend =
-        per_entry(mn::SERVICES) + per_entry(mn::MEMBERS) + per_entry(mn::BACKENDS);
+        per_entry(mn::FRONTENDS) + per_entry(mn::MEMBERS) + per_entry(mn::BACKENDS);
     // The Maglev map allocates chunks on use: its growth over the empty map, per chunk, times
     // the chunks of a table for E backends.
     let maglev = maps
