@@ -51,10 +51,12 @@ impl log::Log for LogCapture {
 pub struct StandIn {
     /// The object's map it stands in for.
     pub name: &'static str,
-    /// Creates the map, fills it (checking it holds what it should), pins it at the path and
-    /// returns its id.
-    make: Box<dyn Fn(&Path) -> Result<u32>>,
+    make: MakeStandIn,
 }
+
+/// Creates a stand-in, fills it (checking it holds what it should), pins it at the path and
+/// returns its id.
+type MakeStandIn = Box<dyn Fn(&Path) -> Result<u32>>;
 
 impl StandIn {
     /// A plain hash map (`BPF_MAP_TYPE_HASH`) of `K` -> `V` holding exactly `entries` and no
@@ -101,6 +103,9 @@ pub struct XdpHarness {
     dir: PathBuf,
     pub syncer: Syncer<AyaDataplane>,
 }
+
+/// Conntrack entries, (key, entry), as the harness reads them.
+pub type CtEntries = Vec<(CtKey, CtEntry)>;
 
 /// The result of one run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,15 +200,15 @@ impl XdpHarness {
     }
 
     /// Every conntrack entry, confirmed and unconfirmed.
-    pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
+    pub fn conntrack_entries(&self) -> Result<CtEntries> {
         let (mut all, new) = self.conntrack_tiers()?;
         all.extend(new);
         Ok(all)
     }
 
     /// The conntrack entries as (established, unconfirmed).
-    pub fn conntrack_tiers(&self) -> Result<(Vec<(CtKey, CtEntry)>, Vec<(CtKey, CtEntry)>)> {
-        let read = |name: &str| -> Result<Vec<(CtKey, CtEntry)>> {
+    pub fn conntrack_tiers(&self) -> Result<(CtEntries, CtEntries)> {
+        let read = |name: &str| -> Result<CtEntries> {
             let map = self
                 .ebpf
                 .map(name)
