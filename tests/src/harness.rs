@@ -1,5 +1,6 @@
-//! Packet-fixture harness: loads the real object into a private pin directory, programs its maps
-//! through the real sync code, and runs the XDP program on frames with BPF_PROG_TEST_RUN.
+//! Packet-fixture harness: loads the real object into a private pin directory (optionally with
+//! stand-ins pinned there in place of some of its maps), programs its maps through the real sync
+//! code, and runs the XDP program on frames with BPF_PROG_TEST_RUN.
 //! Used by the kernel tests and the benchmarks (it used to ship inside lb-userspace's library).
 use std::{
     collections::BTreeMap,
@@ -7,10 +8,11 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray},
     programs::{TestRun, TestRunOptions, Xdp},
+    Pod,
 };
 use lb_common::{
     map_name, program_name, AffinityKey, AffinityValue, BenchFrame, Config, Counter, CtEntry, CtKey,
@@ -39,6 +41,61 @@ impl log::Log for LogCapture {
     fn flush(&self) {}
 }
 
+/// A map created and pinned under the name of one of the object's maps before the object is
+/// loaded: the loader takes a map pinned under a map's name as it is, so the programs run on the
+/// stand-in instead of the map the object declares. It stages what the real map cannot be made
+/// to do within one BPF_PROG_TEST_RUN: e.g. the conntrack tiers are LRU maps, which refuse an
+/// insert only when they find no entry to evict on any CPU or a bucket is busy, while a plain
+/// hash map that is full refuses every new key (the helper returns an error, as a refusing LRU's
+/// does).
+pub struct StandIn {
+    /// The object's map it stands in for.
+    pub name: &'static str,
+    make: MakeStandIn,
+}
+
+/// Creates a stand-in, fills it (checking it holds what it should), pins it at the path and
+/// returns its id.
+type MakeStandIn = Box<dyn Fn(&Path) -> Result<u32>>;
+
+impl StandIn {
+    /// A plain hash map (`BPF_MAP_TYPE_HASH`) of `K` -> `V` holding exactly `entries` and no
+    /// room for more, which refuses every new key: checked by inserting `probe` (a key not among
+    /// `entries`), which must fail.
+    pub fn full_hash<K: Pod, V: Pod>(
+        name: &'static str,
+        entries: Vec<(K, V)>,
+        probe: (K, V),
+    ) -> Self {
+        let make = move |path: &Path| -> Result<u32> {
+            let mut m = HashMap::<MapData, K, V>::create(entries.len() as u32, 0)
+                .with_context(|| format!("creating the stand-in for {name}"))?;
+            for (k, v) in &entries {
+                m.insert(k, v, 0)
+                    .with_context(|| format!("stand-in for {name}: filling"))?;
+            }
+            let held = m.keys().collect::<Result<Vec<_>, _>>()?.len();
+            ensure!(
+                held == entries.len(),
+                "stand-in for {name}: {held} entries after inserting {}",
+                entries.len()
+            );
+            let (k, v) = &probe;
+            ensure!(
+                m.insert(k, v, 0).is_err(),
+                "stand-in for {name}: a new key was accepted; the stand-in is not full"
+            );
+            m.pin(path)
+                .with_context(|| format!("pinning the stand-in for {name}"))?;
+            Ok(MapInfo::from_pin(path)?.id())
+        };
+        Self {
+            name,
+            make: Box::new(make),
+        }
+    }
+}
+
 pub struct XdpHarness {
     ebpf: aya::Ebpf,
     logger: aya_log::EbpfLogger<LogCapture>,
@@ -65,6 +122,12 @@ impl XdpHarness {
 
     /// Like `new`, with some maps given another capacity (to test behaviour under pressure).
     pub fn with_map_sizes(sizes: &[(&str, u32)]) -> Result<Self> {
+        Self::with_stand_ins(sizes, &[])
+    }
+
+    /// Like `with_map_sizes`, with some of the object's maps replaced by [`StandIn`]s, pinned
+    /// before the object is loaded. Checks that the loaded object uses each stand-in.
+    pub fn with_stand_ins(sizes: &[(&str, u32)], stand_ins: &[StandIn]) -> Result<Self> {
         static N: AtomicU32 = AtomicU32::new(0);
         let bpffs = mount_point("bpf")
             .ok_or_else(|| anyhow!("no bpf filesystem mounted (mount -t bpf bpf /sys/fs/bpf)"))?;
@@ -74,6 +137,17 @@ impl XdpHarness {
             N.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        Self::load_into(&dir, sizes, stand_ins).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&dir);
+        })
+    }
+
+    fn load_into(dir: &Path, sizes: &[(&str, u32)], stand_ins: &[StandIn]) -> Result<Self> {
+        let dir = dir.to_path_buf();
+        let mut ids = Vec::new();
+        for s in stand_ins {
+            ids.push((s.name, (s.make)(&dir.join(s.name))?));
+        }
         let mut loader = aya::EbpfLoader::new();
         loader.default_map_pin_directory(&dir);
         for (name, size) in sizes {
@@ -88,6 +162,22 @@ impl XdpHarness {
             .ok_or_else(|| anyhow!("no XDP program"))?
             .try_into()?;
         xdp.load().context("loading the XDP program (verifier)")?;
+        for (name, id) in ids {
+            let data = match ebpf.map(name) {
+                Some(
+                    Map::HashMap(d)
+                    | Map::LruHashMap(d)
+                    | Map::PerCpuHashMap(d)
+                    | Map::PerCpuLruHashMap(d),
+                ) => d,
+                Some(_) => bail!("stand-in for {name}: the object's map is no hash map"),
+                None => bail!("stand-in for {name}: the object has no such map"),
+            };
+            ensure!(
+                data.info()?.id() == id,
+                "the loader did not take the stand-in for {name} (is the map pinned by name?)"
+            );
+        }
         let syncer = Syncer::adopt(AyaDataplane::from_ebpf(&mut ebpf)?)?;
         Ok(Self {
             ebpf,
@@ -110,7 +200,7 @@ impl XdpHarness {
     }
 
     /// Every conntrack entry, confirmed and unconfirmed.
-    pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
+    pub fn conntrack_entries(&self) -> Result<CtEntries> {
         let (mut all, new) = self.conntrack_tiers()?;
         all.extend(new);
         Ok(all)

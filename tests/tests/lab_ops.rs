@@ -36,6 +36,12 @@ fn lab_metrics_move_with_real_traffic_and_health_follows_the_dataplane() {
         .run_client("a1", &["tcp", "10.96.0.10:80", "--count", "25"])
         .unwrap();
     assert!(ex.iter().all(|e| e.ok), "{ex:?}");
+    // The socket-level refusals before the connects to the unready Service (a ClusterIP without
+    // ready endpoints: connect4 refuses each connect from a1, on node1, whose agent is scraped).
+    let (_, _, body) = http_get(&s.lab.client_netns, "192.168.100.1:9464", "/metrics");
+    let refused_before = *samples(&body)
+        .get(r#"lb_datapath_events_total{counter="sock_no_backend"}"#)
+        .unwrap_or_else(|| panic!("no sock_no_backend sample in\n{body}"));
     let ex = s
         .lab
         .run_client(
@@ -101,6 +107,11 @@ fn lab_metrics_move_with_real_traffic_and_health_follows_the_dataplane() {
         )),
         4.0,
         "{body}"
+    );
+    // connect4 counted each of the 4 refused connects (LbClusterIPNoBackend watches this).
+    assert!(
+        get(r#"lb_datapath_events_total{counter="sock_no_backend"}"#) >= refused_before + 4.0,
+        "{refused_before} before the connects\n{body}"
     );
     // A second scrape after more traffic shows the counters moved.
     s.lab
