@@ -2,8 +2,8 @@
 //! warning an error, on the host workspace, the kernel crate (built for the BPF target by
 //! nightly clippy) and the fuzz workspace.
 
-use crate::util::{self, display};
-use anyhow::{bail, Context, Result};
+use crate::util;
+use anyhow::{Context, Result};
 use std::process::Command;
 
 /// The checks, in the order they run: cheap formatting first, then clippy.
@@ -54,16 +54,7 @@ fn kernel_clippy() -> Command {
 }
 
 fn check(cmd: &mut Command) -> Result<()> {
-    eprintln!("+ {}", display(cmd));
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot run `{}`", display(cmd)))?;
-    if !status.success() {
-        bail!(
-            "lint failed: `{}` ({status}); `cargo fmt --all` fixes formatting, clippy's messages \
-             above name each warning",
-            display(cmd)
-        );
-    }
-    Ok(())
+    util::run(cmd).context(
+        "lint failed: `cargo fmt --all` fixes formatting, clippy's messages above name each warning",
+    )
 }

@@ -125,14 +125,7 @@ fn nightly_installed() -> bool {
 }
 
 fn nightly_has_rust_src() -> bool {
-    query(
-        "rustup",
-        &["component", "list", "--toolchain", "nightly", "--installed"],
-    )
-    .is_some_and(|s| {
-        s.lines()
-            .any(|l| l.trim() == "rust-src" || l.trim().starts_with("rust-src "))
-    })
+    has_component("nightly", "rust-src")
 }
 
 fn rust_src() -> Result<()> {
