@@ -19,11 +19,14 @@ pub mod map_name {
     pub const REV_NAT: &str = "lb_revnat_v1";
     pub const SOCK_REV_NAT: &str = "lb_sk_revnat_v1";
     pub const SOCK_FLOW: &str = "lb_sk_flow_v1";
-    pub const STATS: &str = "lb_stats_v2";
-    pub const CONNTRACK: &str = "lb_ct_v2";
-    /// Conntrack of flows not confirmed yet (TCP before the client's first ACK, UDP before the
-    /// first reply): a flood of new flows churns this map, never the established flows'.
-    pub const CONNTRACK_NEW: &str = "lb_ct_new_v1";
+    pub const STATS: &str = "lb_stats_v3";
+    pub const CONNTRACK: &str = "lb_ct_v3";
+    /// Conntrack of flows not confirmed yet (TCP until the client acknowledged the backend's
+    /// SYN-ACK, UDP before the first reply): a flood of new flows churns this map, never the
+    /// established flows'.
+    pub const CONNTRACK_NEW: &str = "lb_ct_new_v2";
+    /// The ports of IPv4 datagrams whose first fragment was seen, for their later fragments.
+    pub const FRAGMENTS: &str = "lb_frag_v1";
     pub const MAGLEV: &str = "lb_maglev_v1";
     pub const CONFIG: &str = "lb_config_v1";
     pub const AFFINITY: &str = "lb_affinity_v1";
@@ -31,7 +34,7 @@ pub mod map_name {
     pub const SERVICE_STATS: &str = "lb_svc_stats_v1";
     pub const SERVICE_NAMES: &str = "lb_svc_names_v1";
     /// Every map the agent pins, for `uninstall` and for `lbctl`.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         FRONTENDS,
         BACKENDS,
         REV_NAT,
@@ -46,6 +49,7 @@ pub mod map_name {
         SERVICE_STATS,
         SERVICE_NAMES,
         MAGLEV,
+        FRAGMENTS,
     ];
 
     /// Splits a pinned name into its base and layout version: `lb_ct_v2` -> (`lb_ct`, 2).
@@ -118,13 +122,15 @@ pub mod limits {
     pub const SERVICE_STATS: u32 = 65_536;
     /// Membership entries: one per backend slot, like the frontends map.
     pub const MEMBERS: u32 = 262_144;
+    /// IPv4 datagrams in reassembly-free transit (LRU): one per fragmented datagram whose first
+    /// fragment was seen, until its last fragment passed or the entry is evicted.
+    pub const FRAGMENTS: u32 = 16_384;
     /// SNAT port candidates tried before a new flow is dropped as a collision.
     pub const SNAT_TRIES: u32 = 16;
-    /// Seconds a closed TCP flow must be idle before its SNAT port is reused: after a reset, and
-    /// after FINs (TIME-WAIT: 60 s on Linux). Without reuse, ports stay held by dead flows until the LRU evicts them, and a
-    /// high connection rate exhausts the range.
-    pub const SNAT_REUSE_IDLE_S: u32 = 2;
-    pub const SNAT_REUSE_TIME_WAIT_S: u32 = 61;
+    /// Sequence numbers a TCP FIN or RST may be away from the next one its sender was seen to
+    /// owe, and still change the flow's state (an unscaled maximum window: stricter than Linux
+    /// conntrack, which allows the receiver's scaled window).
+    pub const TCP_SEQ_WINDOW: u32 = 65_535;
     /// Largest number of backends one Service frontend can have (slots are `u16`).
     pub const BACKENDS_PER_SERVICE: u32 = 65_535;
 }
@@ -364,7 +370,115 @@ pub struct CtEntry {
     /// Seconds (CLOCK_MONOTONIC_COARSE) when the entry was last used.
     pub last_seen_s: u32,
     pub flags: u16,
-    pub _pad: u16,
+    /// The flow's state (`ct_state`), the same in both of its entries.
+    pub state: u8,
+    pub _pad: u8,
+    /// TCP: the sequence number following the last segment this direction's sender was seen to
+    /// send (a SYN and a FIN count one), host order. Valid with `ct_flags::SEQ_KNOWN`.
+    pub seq_next: u32,
+}
+
+impl CtEntry {
+    /// Whether a flow in this entry's state, last seen (in either direction) at `last_seen_s`,
+    /// has expired at `now_s` (seconds of CLOCK_MONOTONIC, as `bpf_ktime_get_coarse_ns`).
+    #[inline(always)]
+    pub fn expired(&self, last_seen_s: u32, now_s: u32) -> bool {
+        now_s.wrapping_sub(last_seen_s) as i32 > ct_state::lifetime_s(self.state) as i32
+    }
+}
+
+/// States of a conntrack flow. "Client" is the sender of the original direction (the flow's
+/// first packet), "backend" the sender of replies. Each state has its idle lifetime, after
+/// which the entries are a miss for the datapath (and the agent's sweep removes them); a SNAT
+/// port goes to another flow only once the flow holding it expired.
+pub mod ct_state {
+    /// TCP: the client's SYN was seen, no answer yet.
+    pub const TCP_SYN_SENT: u8 = 1;
+    /// TCP: the backend answered with a SYN-ACK; the client has not acknowledged it yet.
+    pub const TCP_SYN_RECV: u8 = 2;
+    /// TCP: the flow's first packet seen was not a SYN (its entries were lost: evicted, expired,
+    /// or the node restarted its tracking). Confirmed by a reply that is not a reset.
+    pub const TCP_PICKUP: u8 = 3;
+    /// TCP: the handshake completed (the client acknowledged the backend's SYN-ACK).
+    pub const TCP_ESTABLISHED: u8 = 4;
+    /// TCP: the client sent a FIN (in window); the backend has not.
+    pub const TCP_FIN_CLIENT: u8 = 5;
+    /// TCP: the backend sent a FIN (in window); the client has not.
+    pub const TCP_FIN_BACKEND: u8 = 6;
+    /// TCP: both sent a FIN, the client first: the client holds TIME-WAIT, the backend does not.
+    pub const TCP_CLOSED: u8 = 7;
+    /// TCP: both sent a FIN, the backend first: the backend holds the four-tuple in TIME-WAIT
+    /// (60 s on Linux), so the SNAT port stays with the flow as long.
+    pub const TCP_TIME_WAIT: u8 = 8;
+    /// TCP: a reset (in window) ended the flow; no end keeps state.
+    pub const TCP_RESET: u8 = 9;
+    /// UDP: no reply yet.
+    pub const UDP_UNREPLIED: u8 = 10;
+    /// UDP: the backend replied.
+    pub const UDP_REPLIED: u8 = 11;
+
+    /// Idle lifetimes in seconds. TCP as Linux conntrack keeps them, with kube-proxy's
+    /// established timeout (its `--conntrack-tcp-timeout-established` default, 24 h); UDP as
+    /// Linux (`nf_conntrack_udp_timeout`, `_stream`).
+    pub const TCP_SYN_S: u32 = 60;
+    pub const TCP_ESTABLISHED_S: u32 = 86_400;
+    pub const TCP_HALF_CLOSED_S: u32 = 120;
+    pub const TCP_CLOSED_S: u32 = 10;
+    pub const TCP_TIME_WAIT_S: u32 = 60;
+    pub const UDP_UNREPLIED_S: u32 = 30;
+    pub const UDP_REPLIED_S: u32 = 120;
+
+    /// The idle lifetime of a flow in `state` (an unknown state: the handshake's).
+    #[inline(always)]
+    pub const fn lifetime_s(state: u8) -> u32 {
+        match state {
+            TCP_ESTABLISHED => TCP_ESTABLISHED_S,
+            TCP_FIN_CLIENT | TCP_FIN_BACKEND => TCP_HALF_CLOSED_S,
+            TCP_CLOSED | TCP_RESET => TCP_CLOSED_S,
+            TCP_TIME_WAIT => TCP_TIME_WAIT_S,
+            UDP_UNREPLIED => UDP_UNREPLIED_S,
+            UDP_REPLIED => UDP_REPLIED_S,
+            _ => TCP_SYN_S,
+        }
+    }
+
+    /// Stable names, for lbctl.
+    pub fn name(state: u8) -> &'static str {
+        match state {
+            TCP_SYN_SENT => "syn_sent",
+            TCP_SYN_RECV => "syn_recv",
+            TCP_PICKUP => "pickup",
+            TCP_ESTABLISHED => "established",
+            TCP_FIN_CLIENT => "fin_client",
+            TCP_FIN_BACKEND => "fin_backend",
+            TCP_CLOSED => "closed",
+            TCP_TIME_WAIT => "time_wait",
+            TCP_RESET => "reset",
+            UDP_UNREPLIED => "unreplied",
+            UDP_REPLIED => "replied",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Key of the fragments map: what identifies one IPv4 datagram's fragments on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub id_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of the fragments map: the ports of the datagram, from its first fragment, as they were
+/// on the wire before translation (the key of its flow's conntrack entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragPorts {
+    pub sport_be: u16,
+    pub dport_be: u16,
 }
 
 /// Flags of a conntrack entry.
@@ -375,12 +489,13 @@ pub mod ct_flags {
     pub const SNAT: u16 = 1 << 1;
     /// The backend runs on this node.
     pub const LOCAL_BACKEND: u16 = 1 << 2;
-    /// Reply-direction entries of TCP flows: a FIN or RST was seen. Its SNAT port may go to a
-    /// new flow once the flow has been idle for a TIME-WAIT period (either end may hold the old
-    /// four-tuple in TIME-WAIT after a FIN), or briefly after a reset (`CLOSED_FAST`).
-    pub const CLOSING: u16 = 1 << 3;
-    /// With CLOSING: the flow was reset; no end keeps TIME-WAIT state.
-    pub const CLOSED_FAST: u16 = 1 << 4;
+    /// Layout v2 only (read by the upgrade from `lb_ct_v2`): a FIN or RST was seen. Bit 3 stays
+    /// unused.
+    pub const V2_CLOSING: u16 = 1 << 3;
+    /// Layout v2 only: with V2_CLOSING, the flow was reset. Bit 4 stays unused.
+    pub const V2_CLOSED_FAST: u16 = 1 << 4;
+    /// TCP: `seq_next` holds a sequence number seen from this direction's sender.
+    pub const SEQ_KNOWN: u16 = 1 << 5;
 }
 
 /// The single entry (index 0) of the config array, written by the agent.
@@ -443,7 +558,8 @@ pub mod counter {
     pub const XDP_BAD_IPV4: u32 = 4;
     /// IPv4 header carrying options (parsed past them; informational).
     pub const XDP_IPV4_OPTIONS: u32 = 5;
-    /// IPv4 fragments (more-fragments set or a non-zero offset; passed).
+    /// IPv4 fragments seen (more-fragments set or a non-zero offset; informational). A first
+    /// fragment is translated like a whole datagram, later ones by `XDP_FRAG_XLATE`.
     pub const XDP_FRAGMENT: u32 = 6;
     /// TCP or UDP header cut short (passed).
     pub const XDP_TRUNCATED_L4: u32 = 7;
@@ -526,8 +642,27 @@ pub mod counter {
     /// XDP: the conntrack refused an insert; the packet was translated statelessly (the same
     /// choice the flow's next packet makes) instead of being dropped.
     pub const XDP_STATELESS: u32 = 41;
+    /// Conntrack: a lookup found an entry past its state's lifetime; it was a miss (the packet
+    /// started a new flow, or went untranslated), and the entries were removed.
+    pub const CT_EXPIRED: u32 = 42;
+    /// XDP: IPv4 fragments after the first translated with their datagram's flow (found
+    /// through the fragments map).
+    pub const XDP_FRAG_XLATE: u32 = 43;
+    /// XDP: IPv4 fragments after the first whose first fragment was not seen (or whose flow is
+    /// not tracked): passed untranslated.
+    pub const XDP_FRAG_NO_FIRST: u32 = 44;
+    /// Conntrack: a TCP FIN or RST whose sequence number is outside the window its sender was
+    /// seen at: forwarded, but the flow's state did not change.
+    pub const CT_OUT_OF_WINDOW: u32 = 45;
+    /// XDP: a new SNAT flow kept the client's source port.
+    pub const XDP_SNAT_PRESERVED: u32 = 46;
+    /// XDP: an SNAT port candidate was skipped because a socket of the node uses it.
+    pub const XDP_SNAT_SOCKET: u32 = 47;
+    /// tc egress: a `bpf_skb_*` helper failed (a frame shorter than its headers claim, or a
+    /// store the kernel refused); the packet went on untranslated.
+    pub const TC_ERROR: u32 = 48;
     /// Number of counters (stats map size).
-    pub const COUNT: u32 = 42;
+    pub const COUNT: u32 = 49;
 
     /// Counters nothing increments any more, kept so that the stats layout does not change
     /// (every other index has an increment site in lb-ebpf; a test checks both).
@@ -577,6 +712,13 @@ pub mod counter {
         "ct_confirmed",
         "xdp_maglev",
         "xdp_stateless",
+        "ct_expired",
+        "xdp_frag_xlate",
+        "xdp_frag_no_first",
+        "ct_out_of_window",
+        "xdp_snat_preserved",
+        "xdp_snat_socket",
+        "tc_error",
     ];
 }
 
@@ -597,7 +739,9 @@ const _: () = {
     assert!(core::mem::size_of::<SockFlow>() == 8);
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<CtKey>() == 16);
-    assert!(core::mem::size_of::<CtEntry>() == 28);
+    assert!(core::mem::size_of::<CtEntry>() == 32);
+    assert!(core::mem::size_of::<FragKey>() == 12);
+    assert!(core::mem::size_of::<FragPorts>() == 4);
     assert!(core::mem::size_of::<Config>() == 16);
     assert!(core::mem::size_of::<BenchFrame>() == 72);
 };
@@ -616,6 +760,8 @@ mod pod {
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragPorts {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
