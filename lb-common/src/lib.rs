@@ -249,6 +249,31 @@ pub const fn flow_hash(
     mix32(saddr_be ^ mix32(daddr_be ^ mix32(ports ^ mix32(proto as u32 ^ 0x9e37_79b9))))
 }
 
+/// SNAT port candidate `i` (host order) for a new flow from client port `client_port` (host
+/// order) with flow hash `hash`, in the range `min..=max` (not empty). Candidate 0 is the
+/// client's port when it lies in the range, else the client's port folded into it (distinct
+/// ports of one client, up to the range's size, get distinct first candidates); the others
+/// come from the flow hash. The kernel tries them in order; tests and lbctl predict them.
+#[inline(always)]
+pub const fn snat_candidate(i: u32, client_port: u16, hash: u32, min: u16, max: u16) -> u16 {
+    let min = min as u32;
+    let range = (max as u32).wrapping_sub(min).wrapping_add(1);
+    if range == 0 {
+        return min as u16;
+    }
+    let client = client_port as u32;
+    let port = if i == 0 {
+        if client >= min && client - min < range {
+            client
+        } else {
+            min + client % range
+        }
+    } else {
+        min + mix32(hash ^ 0x5bd1_e995).wrapping_add(i.wrapping_mul(4099)) % range
+    };
+    port as u16
+}
+
 /// Key of the affinity map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

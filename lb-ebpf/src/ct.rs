@@ -1,18 +1,29 @@
-//! Two-tier conntrack. A new flow's entries go to `CONNTRACK_NEW`; once the flow is confirmed
-//! (TCP: the client's first packet after the SYN; UDP: the first reply) both entries move to
-//! `CONNTRACK`. Both maps are LRU: a flood of new flows (SYN flood, spoofed UDP) can only evict
-//! other unconfirmed flows, never the established ones.
+//! Two-tier conntrack with a per-flow state. A new flow's entries go to `CONNTRACK_NEW`; once
+//! the flow is confirmed both entries move to `CONNTRACK`. Both maps are LRU: a flood of new
+//! flows (SYN flood, spoofed UDP) can only evict other unconfirmed flows, never the established
+//! ones.
+//!
+//! Confirmation needs what a spoofed source cannot produce: for TCP, the client's
+//! acknowledgment of the backend's SYN-ACK (its ack number is the backend's initial sequence
+//! number plus one, which only the real client saw), or for a flow picked up mid-stream, a reply
+//! that is not a reset; for UDP, a reply.
+//!
+//! Each state has an idle lifetime (`ct_state::lifetime_s`): an entry past it is a miss here
+//! (and removed), so a SNAT port comes back when its flow expires even if the agent's sweep has
+//! not run yet. A TCP FIN or RST moves the state only when its sequence number is within
+//! `limits::TCP_SEQ_WINDOW` of the next one its sender was seen to owe (`CtEntry::seq_next`);
+//! a spoofed reset with a guessed number changes nothing.
 //!
 //! The conntrack stage of the XDP path is `follow` (packets of known flows) and `track_new`
-//! (a new flow's entries); tc egress looks entries up and confirms UDP flows, the ICMP error
-//! path looks entries up.
+//! (a new flow's entries); tc egress follows the replies of local backends; the ICMP error path
+//! only looks entries up.
 use aya_ebpf::maps::LruHashMap;
-use lb_common::{counter, ct_flags, proto, CtEntry, CtKey};
+use lb_common::{counter, ct_flags, ct_state, limits, proto, CtEntry, CtKey};
 
 use crate::{
     clock,
     maps::{self, CONNTRACK, CONNTRACK_NEW},
-    parse::{Closing, Packet},
+    parse::{seg_flags, Packet, Seg},
 };
 
 /// A conntrack map refused an insert: an LRU map that found no entry to evict, or a bucket
@@ -33,31 +44,209 @@ pub fn key(p: &Packet) -> CtKey {
     }
 }
 
-/// The conntrack stage for a packet: the entry to translate it with when it belongs to a
-/// tracked flow, after refreshing the entry, confirming the flow (TCP: the client's first
-/// packet after its SYN; UDP: a reply) and noting a FIN or RST. `None` when the packet starts
-/// a new flow: nothing is tracked for its four-tuple, or it is a fresh SYN on the four-tuple of
-/// an earlier flow; that flow is over, and its entries (in whichever tier) are dropped so that
-/// the new one starts unconfirmed and alone.
+/// The state a new flow starts in, and its first entry's sequence tracking.
+#[inline(always)]
+pub fn initial(p: &Packet) -> (u8, u16, u32) {
+    if p.proto == proto::TCP {
+        let state = if p.syn_only {
+            ct_state::TCP_SYN_SENT
+        } else {
+            ct_state::TCP_PICKUP
+        };
+        (state, ct_flags::SEQ_KNOWN, p.seg.end())
+    } else {
+        (ct_state::UDP_UNREPLIED, 0, 0)
+    }
+}
+
+/// The conntrack stage for a packet of a known flow: the entry to translate it with, after
+/// refreshing it and moving the flow's state (see the module doc). `None` when the packet
+/// starts a new flow: nothing live is tracked for its four-tuple (no entry, or an expired one,
+/// which is removed), or it is a client's SYN on the four-tuple of a flow that is over or still
+/// opening (the client reused its port, or retransmits): that flow's entries go, so that the new
+/// one starts alone. A SYN on an open flow is forwarded on it (as Linux conntrack does: the
+/// backend answers with a challenge ACK, the client resets, and its next SYN starts afresh).
 #[inline(always)]
 pub fn follow(key: &CtKey, p: &Packet) -> Option<CtEntry> {
-    let (e, unconfirmed) = lookup(key)?;
-    let reply = e.flags & ct_flags::REPLY != 0;
-    if !reply && p.syn_only {
+    follow_seg(key, p.proto, &p.seg)
+}
+
+/// `follow` for any program type: the four-tuple's key, its protocol and (TCP) its segment.
+#[inline(always)]
+pub fn follow_seg(key: &CtKey, l4: u8, seg: &Seg) -> Option<CtEntry> {
+    let (ptr, unconfirmed) = lookup_ptr(key)?;
+    // SAFETY: the LRU value stays valid for the program's run; copied out at once.
+    let e = unsafe { *ptr };
+    let now = clock::now_s();
+    if e.expired(e.last_seen_s, now) && flow_expired(key, &e, now) {
+        maps::count(counter::CT_EXPIRED, 0);
         forget(key, &e);
         return None;
     }
-    let now = clock::now_s();
-    let confirms = if p.proto == proto::TCP { !reply } else { reply };
-    if unconfirmed && confirms {
-        confirm(key, &e, now);
-    } else {
-        touch(key, unconfirmed, now);
+    let reply = e.flags & ct_flags::REPLY != 0;
+    if l4 != proto::TCP {
+        // The refresh first: a confirmation moves the entry, and `ptr` with it.
+        refresh(ptr, &e, now, e.flags, e.seq_next);
+        if reply && (unconfirmed || e.state != ct_state::UDP_REPLIED) {
+            let mut v = e;
+            v.state = ct_state::UDP_REPLIED;
+            if unconfirmed {
+                confirm(key, &v, now);
+            } else {
+                set_state(key, ptr, &e, ct_state::UDP_REPLIED);
+            }
+        }
+        return Some(e);
     }
-    if p.closing != Closing::No {
-        closing(key, &e, p.closing == Closing::Rst);
+    let syn_only = seg.has(seg_flags::SYN) && !seg.has(seg_flags::ACK);
+    if !reply && syn_only && !open(e.state) {
+        forget(key, &e);
+        return None;
+    }
+    // The sender's window, from before this segment.
+    let known = e.flags & ct_flags::SEQ_KNOWN != 0;
+    let in_window = known
+        && (seg.seq.wrapping_sub(e.seq_next) as i32).unsigned_abs() <= limits::TCP_SEQ_WINDOW;
+    let end = seg.end();
+    let (flags, seq_next) = if !known || (end.wrapping_sub(e.seq_next) as i32) > 0 {
+        (e.flags | ct_flags::SEQ_KNOWN, end)
+    } else {
+        (e.flags, e.seq_next)
+    };
+    refresh(ptr, &e, now, flags, seq_next);
+
+    let state = next_state(key, &e, seg, reply, in_window);
+    // An established flow still in the new-flow tier (its move was refused) tries again.
+    if unconfirmed && state == ct_state::TCP_ESTABLISHED {
+        let mut v = e;
+        v.state = state;
+        v.flags = flags;
+        v.seq_next = seq_next;
+        confirm(key, &v, now);
+    } else if state != e.state {
+        set_state(key, ptr, &e, state);
     }
     Some(e)
+}
+
+/// Whether a SYN from the client on this flow is part of it (an open connection: forwarded as
+/// is) rather than the start of a new one.
+#[inline(always)]
+fn open(state: u8) -> bool {
+    matches!(
+        state,
+        ct_state::TCP_ESTABLISHED | ct_state::TCP_FIN_CLIENT | ct_state::TCP_FIN_BACKEND
+    )
+}
+
+/// A TCP flow's next state after segment `seg` of the original (client) or reply (backend)
+/// direction.
+#[inline(always)]
+fn next_state(
+    key: &CtKey,
+    e: &CtEntry,
+    seg: &Seg,
+    reply: bool,
+    in_window: bool,
+) -> u8 {
+    let s = e.state;
+    if seg.has(seg_flags::RST) {
+        if in_window || refused_syn(key, e, seg, reply) {
+            return ct_state::TCP_RESET;
+        }
+        maps::count(counter::CT_OUT_OF_WINDOW, 0);
+        return s;
+    }
+    if seg.has(seg_flags::FIN) {
+        if !in_window {
+            maps::count(counter::CT_OUT_OF_WINDOW, 0);
+            return s;
+        }
+        return match (s, reply) {
+            (ct_state::TCP_FIN_CLIENT, true) => ct_state::TCP_CLOSED,
+            (ct_state::TCP_FIN_BACKEND, false) => ct_state::TCP_TIME_WAIT,
+            (ct_state::TCP_FIN_CLIENT | ct_state::TCP_FIN_BACKEND, _) => s,
+            (ct_state::TCP_CLOSED | ct_state::TCP_TIME_WAIT | ct_state::TCP_RESET, _) => s,
+            (_, false) => ct_state::TCP_FIN_CLIENT,
+            (_, true) => ct_state::TCP_FIN_BACKEND,
+        };
+    }
+    match s {
+        // The backend's SYN-ACK: its sequence number is now on the reply entry.
+        ct_state::TCP_SYN_SENT
+            if reply && seg.has(seg_flags::SYN) && seg.has(seg_flags::ACK) =>
+        {
+            ct_state::TCP_SYN_RECV
+        }
+        // The client acknowledges exactly the backend's SYN-ACK.
+        ct_state::TCP_SYN_RECV if !reply && seg.has(seg_flags::ACK) => {
+            let (pk, _) = partner(key, e);
+            match lookup(&pk) {
+                Some((r, _))
+                    if r.flags & ct_flags::SEQ_KNOWN != 0 && r.seq_next == seg.ack =>
+                {
+                    ct_state::TCP_ESTABLISHED
+                }
+                _ => s,
+            }
+        }
+        // A flow picked up mid-stream: the backend answered, and not with a reset.
+        ct_state::TCP_PICKUP if reply => ct_state::TCP_ESTABLISHED,
+        _ => s,
+    }
+}
+
+/// A backend's reset refusing the client's SYN (nothing listens): it acknowledges exactly the
+/// SYN (its own sequence number is 0 and says nothing).
+#[inline(always)]
+fn refused_syn(key: &CtKey, e: &CtEntry, seg: &Seg, reply: bool) -> bool {
+    if !reply || e.state != ct_state::TCP_SYN_SENT || !seg.has(seg_flags::ACK) {
+        return false;
+    }
+    let (pk, _) = partner(key, e);
+    matches!(lookup(&pk), Some((o, _)) if o.flags & ct_flags::SEQ_KNOWN != 0 && o.seq_next == seg.ack)
+}
+
+/// Writes a packet's refresh into its own entry: last-seen time and the sender's sequence
+/// tracking, each only when it changed (a store dirties the entry's cache line on every CPU
+/// that reads it).
+#[inline(always)]
+fn refresh(ptr: *mut CtEntry, e: &CtEntry, now: u32, flags: u16, seq_next: u32) {
+    // SAFETY: the LRU value stays valid for the program's run.
+    unsafe {
+        if e.last_seen_s != now {
+            (*ptr).last_seen_s = now;
+        }
+        if e.flags != flags {
+            (*ptr).flags = flags;
+        }
+        if e.seq_next != seq_next {
+            (*ptr).seq_next = seq_next;
+        }
+    }
+}
+
+/// Sets a flow's state on both of its entries (`ptr` is the packet's own, `e` its old value).
+#[inline(always)]
+fn set_state(key: &CtKey, ptr: *mut CtEntry, e: &CtEntry, state: u8) {
+    // SAFETY: the LRU values stay valid for the program's run.
+    unsafe { (*ptr).state = state };
+    let (pk, _) = partner(key, e);
+    if let Some(r) = lookup_ptr(&pk).map(|(r, _)| r) {
+        // SAFETY: as above.
+        unsafe { (*r).state = state };
+    }
+}
+
+/// Whether a flow whose entry `e` (under `key`) is past its lifetime by its own last-seen time
+/// is also past it by its other entry's (each direction refreshes its own entry only).
+#[inline(always)]
+pub fn flow_expired(key: &CtKey, e: &CtEntry, now: u32) -> bool {
+    let (pk, _) = partner(key, e);
+    match lookup(&pk) {
+        Some((other, _)) => e.expired(other.last_seen_s, now),
+        None => true,
+    }
 }
 
 /// Writes a new flow's two entries into the new-flow tier: the reply direction first (for a
@@ -85,73 +274,20 @@ fn insert(tier: &LruHashMap<CtKey, CtEntry>, key: &CtKey, e: &CtEntry) -> Result
     })
 }
 
-/// The entry for `key` and whether it is still unconfirmed.
+/// The entry for `key` and whether it is still unconfirmed (expired entries included: the
+/// callers that translate check the lifetime).
 #[inline(always)]
 pub fn lookup(key: &CtKey) -> Option<(CtEntry, bool)> {
-    if let Some(e) = maps::conntrack(key) {
-        return Some((e, false));
-    }
-    // SAFETY: the value is copied out at once.
-    unsafe { CONNTRACK_NEW.get(key).copied() }.map(|e| (e, true))
+    // SAFETY: copied out at once.
+    lookup_ptr(key).map(|(p, u)| (unsafe { *p }, u))
 }
 
-/// Refreshes the last-seen time of an entry.
 #[inline(always)]
-fn touch(key: &CtKey, unconfirmed: bool, now: u32) {
-    let v = if unconfirmed {
-        CONNTRACK_NEW.get_ptr_mut(key)
-    } else {
-        CONNTRACK.get_ptr_mut(key)
-    };
-    if let Some(v) = v {
-        // SAFETY: the LRU value stays valid for the program's run.
-        unsafe {
-            if (*v).last_seen_s != now {
-                (*v).last_seen_s = now;
-            }
-        }
+fn lookup_ptr(key: &CtKey) -> Option<(*mut CtEntry, bool)> {
+    if let Some(p) = CONNTRACK.get_ptr_mut(key) {
+        return Some((p, false));
     }
-}
-
-/// Records a TCP FIN or RST of a tracked flow on its reply-direction entry (see
-/// `ct_flags::CLOSING`). Runs only for FIN and RST packets.
-#[inline(always)]
-fn closing(key: &CtKey, e: &CtEntry, rst: bool) {
-    let reply = e.flags & ct_flags::REPLY != 0;
-    let (rk, _) = if reply { (*key, *e) } else { partner(key, e) };
-    let Some(r) = CONNTRACK
-        .get_ptr_mut(rk)
-        .or_else(|| CONNTRACK_NEW.get_ptr_mut(rk))
-    else {
-        return;
-    };
-    // SAFETY: the LRU value stays valid for the program's run.
-    unsafe {
-        let f = (*r).flags;
-        let add = if rst {
-            ct_flags::CLOSING | ct_flags::CLOSED_FAST
-        } else {
-            ct_flags::CLOSING
-        };
-        if f & add != add {
-            (*r).flags = f | add;
-        }
-    }
-}
-
-/// Whether a reply-direction entry holding a SNAT port belongs to a TCP flow that closed and has
-/// been idle long enough for the port to go to a new flow.
-#[inline(always)]
-pub fn reusable(e: &CtEntry, now: u32) -> bool {
-    if e.flags & ct_flags::CLOSING == 0 {
-        return false;
-    }
-    let wait = if e.flags & ct_flags::CLOSED_FAST != 0 {
-        lb_common::limits::SNAT_REUSE_IDLE_S
-    } else {
-        lb_common::limits::SNAT_REUSE_TIME_WAIT_S
-    };
-    now.wrapping_sub(e.last_seen_s) >= wait
+    CONNTRACK_NEW.get_ptr_mut(key).map(|p| (p, true))
 }
 
 /// Removes a flow's entries (both directions, both tiers).
@@ -168,6 +304,7 @@ pub fn forget(key: &CtKey, e: &CtEntry) {
 
 /// The entry of the opposite direction: a packet matching `key` is rewritten to `e`'s
 /// addresses, so the other direction arrives as (nat_d -> nat_s) and is rewritten to (d -> s).
+/// The computed value has the flow's state and no sequence tracking.
 #[inline(always)]
 fn partner(key: &CtKey, e: &CtEntry) -> (CtKey, CtEntry) {
     let k = CtKey {
@@ -186,30 +323,45 @@ fn partner(key: &CtKey, e: &CtEntry) -> (CtKey, CtEntry) {
         svc_port_id: e.svc_port_id,
         backend_id: e.backend_id,
         last_seen_s: e.last_seen_s,
-        flags: e.flags ^ ct_flags::REPLY,
+        flags: (e.flags ^ ct_flags::REPLY) & !ct_flags::SEQ_KNOWN,
+        state: e.state,
         _pad: 0,
+        seq_next: 0,
     };
     (k, v)
 }
 
-/// Moves a confirmed flow (both directions) from the new-flow map to the established one. When
-/// the established map refuses (counted by `insert`), the flow stays unconfirmed where it is
-/// and works on; its next confirming packet tries again.
+/// Moves a confirmed flow (both directions) from the new-flow map to the established one, with
+/// `e` (the packet's own entry, its new state included) as the new value under `key`. When the
+/// established map refuses (counted by `insert`), the flow stays unconfirmed where it is and
+/// works on, in its new state; its next packet tries again.
 #[inline(always)]
 pub fn confirm(key: &CtKey, e: &CtEntry, now: u32) {
     let (pk, computed) = partner(key, e);
     // SAFETY: copied out at once.
     let mut pv = unsafe { CONNTRACK_NEW.get(pk).copied() }.unwrap_or(computed);
     pv.last_seen_s = now;
+    pv.state = e.state;
     let mut v = *e;
     v.last_seen_s = now;
-    if insert(&CONNTRACK, &pk, &pv).is_err() {
-        return;
-    }
-    if insert(&CONNTRACK, key, &v).is_err() {
-        // Undo the first move, so that the flow stays whole in the new-flow tier. (Nothing to
-        // undo if the LRU evicted it meanwhile.)
-        let _ = CONNTRACK.remove(pk);
+    let moved = insert(&CONNTRACK, &pk, &pv).is_ok()
+        && match insert(&CONNTRACK, key, &v) {
+            Ok(()) => true,
+            Err(Refused) => {
+                // Undo the first move, so that the flow stays whole in the new-flow tier.
+                // (Nothing to undo if the LRU evicted it meanwhile.)
+                let _ = CONNTRACK.remove(pk);
+                false
+            }
+        };
+    if !moved {
+        // The state moves on in the new-flow tier.
+        for (k, val) in [(key, &v), (&pk, &pv)] {
+            if let Some(p) = CONNTRACK_NEW.get_ptr_mut(k) {
+                // SAFETY: the LRU value stays valid for the program's run.
+                unsafe { (*p).state = val.state };
+            }
+        }
         return;
     }
     // The new-flow tier's copies go; either may have been evicted already.

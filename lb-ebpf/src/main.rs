@@ -15,6 +15,7 @@ mod clock;
 mod csum;
 mod ct;
 mod forward;
+mod frag;
 mod frontend;
 mod icmp;
 mod maps;
@@ -103,9 +104,11 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
     match tc::try_egress(&ctx) {
         Ok(action) => action,
         // A frame shorter than the headers it claims, or a rewrite the kernel refused: it
-        // leaves as it is. Not counted: tc egress has only `tc_seen` and `tc_reply`, and one
-        // more counter changes the stats layout (lb_stats_v2).
-        Err(_) => TC_ACT_OK,
+        // leaves as it is, counted.
+        Err(_) => {
+            maps::count(lb_common::counter::TC_ERROR, ctx.len() as u64);
+            TC_ACT_OK
+        }
     }
 }
 

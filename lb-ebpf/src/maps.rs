@@ -4,8 +4,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
-    limits, AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, FrontendSlot,
-    FrontendSlotKey, MaglevChunk, MaglevKey, MemberKey, RevNat, ServiceCounters, ServiceName,
+    limits, AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, FragKey,
+    FragPorts, FrontendSlot, FrontendSlotKey, MaglevChunk, MaglevKey, MemberKey, RevNat, ServiceCounters, ServiceName,
     SockFlow, SockKey, SockRevNat, MAGLEV_CHUNK,
 };
 
@@ -29,11 +29,14 @@ pub static SOCK_REV_NAT: LruHashMap<SockKey, SockRevNat> =
 #[map(name = "lb_sk_flow_v1")]
 pub static SOCK_FLOW: LruHashMap<SockKey, SockFlow> = LruHashMap::pinned(limits::SOCK_FLOW, 0);
 
-#[map(name = "lb_ct_v2")]
+#[map(name = "lb_ct_v3")]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(limits::CONNTRACK, 0);
 
-#[map(name = "lb_ct_new_v1")]
+#[map(name = "lb_ct_new_v2")]
 pub static CONNTRACK_NEW: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(limits::CONNTRACK_NEW, 0);
+
+#[map(name = "lb_frag_v1")]
+pub static FRAGMENTS: LruHashMap<FragKey, FragPorts> = LruHashMap::pinned(limits::FRAGMENTS, 0);
 
 #[map(name = "lb_maglev_v1")]
 pub static MAGLEV: HashMap<MaglevKey, MaglevChunk> =
@@ -58,7 +61,7 @@ pub static SERVICE_NAMES: HashMap<u32, ServiceName> = HashMap::pinned(limits::SE
 #[map(name = "lb_config_v1")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
-#[map(name = "lb_stats_v2")]
+#[map(name = "lb_stats_v3")]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::pinned(lb_common::counter::COUNT, 0);
 
 /// Adds one event of `bytes` bytes to counter `idx`.
@@ -89,12 +92,6 @@ pub fn backend(id: u32) -> Option<Backend> {
 #[inline(always)]
 pub fn config() -> Option<Config> {
     CONFIG.get(0).copied().filter(|c| c.ready != 0)
-}
-
-#[inline(always)]
-pub fn conntrack(key: &CtKey) -> Option<CtEntry> {
-    // SAFETY: as above.
-    unsafe { CONNTRACK.get(key).copied() }
 }
 
 /// Entry `hash % M` of a master's Maglev table: the backend id a new flow with this hash gets.

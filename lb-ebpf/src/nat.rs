@@ -5,8 +5,24 @@ use lb_common::CtEntry;
 
 use crate::{
     csum,
-    parse::{Packet, L4},
+    parse::{Ipv4, Packet, L4},
 };
+
+/// Rewrites only the addresses of an IPv4 packet (a fragment after the first, which has no
+/// ports) from (`saddr`, `daddr`) to `e`'s, with the IPv4 checksum.
+#[inline(always)]
+pub fn rewrite_addrs(l3: &Ipv4, saddr: u32, daddr: u32, e: &CtEntry) {
+    let ip = l3.ip;
+    // SAFETY: `ip` was bounds checked by the parse stage.
+    unsafe {
+        let mut ipc = u16::from_ne_bytes((*ip).check);
+        ipc = csum::replace4(ipc, saddr, e.nat_saddr_be);
+        ipc = csum::replace4(ipc, daddr, e.nat_daddr_be);
+        (*ip).check = ipc.to_ne_bytes();
+        (*ip).src_addr = e.nat_saddr_be.to_ne_bytes();
+        (*ip).dst_addr = e.nat_daddr_be.to_ne_bytes();
+    }
+}
 
 /// Rewrites `p` to `e`'s addresses and ports. Cannot fail: every header it writes was bounds
 /// checked by the parse stage.

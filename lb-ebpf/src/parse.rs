@@ -28,7 +28,18 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
-/// An unfragmented IPv4 frame: its Ethernet and IPv4 headers, bounds checked (options included).
+/// Where an IPv4 packet sits in its datagram.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Frag {
+    /// A whole datagram.
+    No,
+    /// The first fragment (offset 0, more fragments follow): it carries the L4 header.
+    First,
+    /// A later fragment: no L4 header, only payload.
+    Later,
+}
+
+/// An IPv4 frame: its Ethernet and IPv4 headers, bounds checked (options included).
 #[derive(Clone, Copy)]
 pub struct Ipv4 {
     pub eth: *mut EthHdr,
@@ -36,6 +47,63 @@ pub struct Ipv4 {
     /// Offset of the L4 header in the frame (past the IPv4 options).
     pub l4_off: usize,
     pub proto: u8,
+    pub frag: Frag,
+    /// The IPv4 header's length (options included) and total length, in bytes.
+    pub hdr_len: u16,
+    pub tot_len: u16,
+}
+
+/// What the TCP header says about a segment, for the conntrack's state and windows.
+#[derive(Clone, Copy, Default)]
+pub struct Seg {
+    /// Sequence and acknowledgment numbers, host order.
+    pub seq: u32,
+    pub ack: u32,
+    /// `seg_flags` bits.
+    pub flags: u8,
+    /// Payload bytes (the IPv4 total length less both headers).
+    pub len: u32,
+}
+
+/// Bits of `Seg::flags`.
+pub mod seg_flags {
+    pub const SYN: u8 = 1;
+    pub const ACK: u8 = 2;
+    pub const FIN: u8 = 4;
+    pub const RST: u8 = 8;
+}
+
+impl Seg {
+    /// A TCP header's segment in an IPv4 packet of `tot_len` bytes with a `hdr_len`-byte IPv4
+    /// header (the payload is what the total length leaves after both headers).
+    #[inline(always)]
+    pub fn of(h: &TcpHdr, tot_len: u16, hdr_len: u16) -> Seg {
+        let flags = (h.syn() as u8 * seg_flags::SYN)
+            | (h.ack() as u8 * seg_flags::ACK)
+            | (h.fin() as u8 * seg_flags::FIN)
+            | (h.rst() as u8 * seg_flags::RST);
+        let hdrs = hdr_len as u32 + h.doff() as u32 * 4;
+        Seg {
+            seq: u32::from_be_bytes(h.seq),
+            ack: u32::from_be_bytes(h.ack_seq),
+            flags,
+            len: (tot_len as u32).saturating_sub(hdrs),
+        }
+    }
+
+    #[inline(always)]
+    pub fn has(&self, f: u8) -> bool {
+        self.flags & f != 0
+    }
+
+    /// The sequence number after this segment (a SYN and a FIN count one).
+    #[inline(always)]
+    pub fn end(&self) -> u32 {
+        self.seq
+            .wrapping_add(self.len)
+            .wrapping_add(self.has(seg_flags::SYN) as u32)
+            .wrapping_add(self.has(seg_flags::FIN) as u32)
+    }
 }
 
 /// The L4 header of a TCP or UDP packet: where NAT writes ports and the checksum.
@@ -43,14 +111,6 @@ pub struct Ipv4 {
 pub enum L4 {
     Tcp(*mut TcpHdr),
     Udp(*mut UdpHdr),
-}
-
-/// Whether a TCP segment closes its flow.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Closing {
-    No,
-    Fin,
-    Rst,
 }
 
 /// A TCP or UDP packet over IPv4: what the stages read (addresses and ports in network order,
@@ -66,8 +126,8 @@ pub struct Packet {
     pub dport: u16,
     /// A TCP SYN without ACK: the start of a new connection.
     pub syn_only: bool,
-    /// A TCP FIN or RST: the sender is closing.
-    pub closing: Closing,
+    /// TCP: the segment's numbers and flags (all zero for UDP).
+    pub seg: Seg,
 }
 
 /// Parses the Ethernet and IPv4 headers; the error says why the frame is passed untouched.
@@ -92,14 +152,24 @@ pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4, Stop> {
         }
         maps::count(counter::XDP_IPV4_OPTIONS, 0);
     }
-    if hdr.frag_flags() & IP_MF != 0 || hdr.frag_offset() != 0 {
-        return Err(Stop::Pass(counter::XDP_FRAGMENT));
+    let frag = if hdr.frag_offset() != 0 {
+        Frag::Later
+    } else if hdr.frag_flags() & IP_MF != 0 {
+        Frag::First
+    } else {
+        Frag::No
+    };
+    if frag != Frag::No {
+        maps::count(counter::XDP_FRAGMENT, (ctx.data_end() - ctx.data()) as u64);
     }
     Ok(Ipv4 {
         eth,
         ip,
         l4_off: EthHdr::LEN + hdr_len,
         proto: hdr.proto,
+        frag,
+        hdr_len: hdr_len as u16,
+        tot_len: u16::from_be_bytes(hdr.tot_len),
     })
 }
 
@@ -109,21 +179,19 @@ pub fn tcp(ctx: &XdpContext, l3: Ipv4) -> Result<Packet, Stop> {
     let tcp = ptr_at::<TcpHdr>(ctx, l3.l4_off).ok_or(Stop::Pass(counter::XDP_TRUNCATED_L4))?;
     // SAFETY: bounds checked by ptr_at.
     let h = unsafe { &*tcp };
-    let closing = if h.rst() != 0 {
-        Closing::Rst
-    } else if h.fin() != 0 {
-        Closing::Fin
-    } else {
-        Closing::No
-    };
-    Ok(packet(
+    // A first fragment's payload goes on in later fragments, which its length does not see:
+    // that matters only to the window checks of FIN and RST, and TCP is not fragmented in
+    // practice.
+    let seg = Seg::of(h, l3.tot_len, l3.hdr_len);
+    let mut p = packet(
         l3,
         L4::Tcp(tcp),
         h.source,
         h.dest,
         h.syn() != 0 && h.ack() == 0,
-        closing,
-    ))
+    );
+    p.seg = seg;
+    Ok(p)
 }
 
 /// Parses the UDP header of an IPv4 frame whose protocol is UDP.
@@ -132,7 +200,7 @@ pub fn udp(ctx: &XdpContext, l3: Ipv4) -> Result<Packet, Stop> {
     let udp = ptr_at::<UdpHdr>(ctx, l3.l4_off).ok_or(Stop::Pass(counter::XDP_TRUNCATED_L4))?;
     // SAFETY: bounds checked by ptr_at.
     let h = unsafe { &*udp };
-    Ok(packet(l3, L4::Udp(udp), h.src, h.dst, false, Closing::No))
+    Ok(packet(l3, L4::Udp(udp), h.src, h.dst, false))
 }
 
 #[inline(always)]
@@ -142,7 +210,6 @@ fn packet(
     sport: [u8; 2],
     dport: [u8; 2],
     syn_only: bool,
-    closing: Closing,
 ) -> Packet {
     // SAFETY: `l3.ip` was bounds checked by `ipv4`.
     let (saddr, daddr) = unsafe { ((*l3.ip).src_addr, (*l3.ip).dst_addr) };
@@ -155,6 +222,6 @@ fn packet(
         sport: u16::from_ne_bytes(sport),
         dport: u16::from_ne_bytes(dport),
         syn_only,
-        closing,
+        seg: Seg::default(),
     }
 }

@@ -1,9 +1,23 @@
 //! SNAT port choice for new flows to remote backends (externalTrafficPolicy Cluster): the source
-//! port on the node address that the backend answers to. Candidates start from the flow hash,
-//! so a flow whose entries were evicted gets its port back, on any node.
-use aya_ebpf::programs::XdpContext;
-use aya_log_ebpf::debug;
-use lb_common::{counter, limits, mix32, Config, CtKey};
+//! port on the node address that the backend answers to, as Linux NAT chooses it.
+//!
+//! The first candidate is the client's own port when it lies in the configured range (the
+//! range excludes the node's ephemeral ports, so a port of a connection the node opens later
+//! never meets a translated flow's), else the client's port folded into the range (so distinct
+//! ports of one client get distinct first candidates). Further candidates come from the flow
+//! hash. Every choice is a function of the packet: a flow whose entries were evicted gets its
+//! port back, on any node.
+//!
+//! A candidate is free when no live flow holds it (expired flows give their port back; a TCP
+//! flow whose backend closed first holds it through the backend's TIME-WAIT, see
+//! `ct_state::TCP_TIME_WAIT`) and no socket of the node uses it (a listener on the port, or a
+//! connection of the node to the same backend address and port).
+use aya_ebpf::{
+    helpers::{bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
+    programs::XdpContext,
+    EbpfContext,
+};
+use lb_common::{counter, limits, proto, snat_candidate, Config, CtKey};
 
 use crate::{ct, maps, parse::Packet};
 
@@ -11,8 +25,9 @@ use crate::{ct, maps, parse::Packet};
 pub struct Exhausted;
 
 /// The first free port (network order) for a new flow `p` whose reply entry is `reply` with the
-/// port as its destination. Each taken candidate is counted (`XDP_SNAT_COLLISION`); after
-/// `limits::SNAT_TRIES` of them the flow gets none (logged: a rare event).
+/// port as its destination. Each taken candidate is counted (`XDP_SNAT_COLLISION`, or
+/// `XDP_SNAT_SOCKET` when a socket of the node has it); after `limits::SNAT_TRIES` of them the
+/// flow gets none.
 #[inline(always)]
 pub fn free_port(
     ctx: &XdpContext,
@@ -22,38 +37,84 @@ pub fn free_port(
     hash: u32,
     now: u32,
 ) -> Result<u16, Exhausted> {
-    let min = cfg.snat_port_min as u32;
-    let range = (cfg.snat_port_max as u32).wrapping_sub(min).wrapping_add(1);
-    if cfg.snat_port_max < cfg.snat_port_min || range == 0 {
+    if cfg.snat_port_max < cfg.snat_port_min {
         return Err(Exhausted);
     }
-    let start = mix32(hash ^ 0x5bd1_e995);
+    let client = u16::from_be(p.sport);
     let mut rkey = *reply;
     for i in 0..limits::SNAT_TRIES {
-        let port = (min + (start.wrapping_add(i.wrapping_mul(4099)) % range)) as u16;
+        let port = snat_candidate(i, client, hash, cfg.snat_port_min, cfg.snat_port_max);
         rkey.dport_be = port.to_be();
-        // A candidate is free when neither conntrack tier holds it, when the entry holding it
-        // is this very flow's (its other entry was evicted), or when it belongs to a TCP flow
-        // the backend closed and that has been idle since (its entries are dropped first).
-        let taken = match ct::lookup(&rkey) {
-            Some((e, _)) if ct::same_flow(&e, p.saddr, p.sport, p.daddr, p.dport) => false,
-            Some((e, _)) if ct::reusable(&e, now) => {
-                ct::forget(&rkey, &e);
-                false
+        if !held(&rkey, p, now) {
+            if node_socket(ctx, &rkey) {
+                maps::count(counter::XDP_SNAT_SOCKET, 0);
+                continue;
             }
-            Some(_) => true,
-            None => false,
-        };
-        if !taken {
+            if port == client {
+                maps::count(counter::XDP_SNAT_PRESERVED, 0);
+            }
             return Ok(rkey.dport_be);
         }
         maps::count(counter::XDP_SNAT_COLLISION, 0);
     }
-    debug!(
-        ctx,
-        "SNAT ports exhausted towards {:i}:{}",
-        u32::from_be(reply.saddr_be),
-        u16::from_be(reply.sport_be)
-    );
+    // Counted by the caller (`XDP_DROP_SNAT_EXHAUSTED`); no log here: a log call's stack
+    // frame on top of the XDP path's exceeds the verifier's 512 bytes.
     Err(Exhausted)
+}
+
+/// Whether a live flow other than `p`'s holds the reply four-tuple `rkey`. An expired holder
+/// gives it up (its entries are removed, counted as `CT_EXPIRED`); a holder that is `p`'s own
+/// flow (its other entry was evicted) keeps it for `p`.
+#[inline(always)]
+fn held(rkey: &CtKey, p: &Packet, now: u32) -> bool {
+    let Some((e, _)) = ct::lookup(rkey) else {
+        return false;
+    };
+    if ct::same_flow(&e, p.saddr, p.sport, p.daddr, p.dport) {
+        return false;
+    }
+    if e.expired(e.last_seen_s, now) && ct::flow_expired(rkey, &e, now) {
+        maps::count(counter::CT_EXPIRED, 0);
+        ct::forget(rkey, &e);
+        return false;
+    }
+    true
+}
+
+/// The tuple of `bpf_sk_lookup_*` for IPv4 (the `ipv4` member of `struct bpf_sock_tuple`).
+#[repr(C)]
+struct Tuple4 {
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+}
+
+/// Whether a socket of the node would receive packets of the reply four-tuple `rkey` (backend
+/// -> node:port): a TCP listener or connection, or a UDP socket, on the port.
+#[inline(always)]
+fn node_socket(ctx: &XdpContext, rkey: &CtKey) -> bool {
+    let mut t = Tuple4 {
+        saddr: rkey.saddr_be,
+        daddr: rkey.daddr_be,
+        sport: rkey.sport_be,
+        dport: rkey.dport_be,
+    };
+    let size = core::mem::size_of::<Tuple4>() as u32;
+    // The network namespace of the device the packet came in on.
+    let netns = u32::MAX as u64;
+    let tuple = &mut t as *mut Tuple4 as *mut _;
+    // SAFETY: the tuple lives on the stack for the call; a socket found is released at once.
+    unsafe {
+        let sk = if rkey.proto == proto::TCP {
+            bpf_skc_lookup_tcp(ctx.as_ptr(), tuple, size, netns, 0)
+        } else {
+            bpf_sk_lookup_udp(ctx.as_ptr(), tuple, size, netns, 0)
+        };
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk as *mut _);
+    }
+    true
 }

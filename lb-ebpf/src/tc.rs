@@ -15,7 +15,7 @@ use network_types::{
     udp::UdpHdr,
 };
 
-use crate::{clock, ct, maps};
+use crate::{ct, maps, parse::Seg};
 
 const IP_CHECK_OFF: usize = EthHdr::LEN + offset_of!(Ipv4Hdr, check);
 const IP_SRC_OFF: usize = EthHdr::LEN + offset_of!(Ipv4Hdr, src_addr);
@@ -51,17 +51,24 @@ pub fn try_egress(ctx: &TcContext) -> Result<i32, i64> {
         proto: ip.proto,
         _pad: [0; 3],
     };
-    let Some((e, unconfirmed)) = ct::lookup(&key) else {
+    let Some((found, _)) = ct::lookup(&key) else {
         return Ok(TC_ACT_OK);
     };
     // Only replies of flows whose backend is local, and that were not source-translated.
-    if e.flags & ct_flags::REPLY == 0 || e.flags & ct_flags::LOCAL_BACKEND == 0 {
+    if found.flags & ct_flags::REPLY == 0 || found.flags & ct_flags::LOCAL_BACKEND == 0 {
         return Ok(TC_ACT_OK);
     }
-    // A UDP flow is confirmed by its first reply.
-    if unconfirmed && ip.proto == proto::UDP {
-        ct::confirm(&key, &e, clock::now_s());
-    }
+    // The reply moves the flow's state as on the XDP path (a UDP reply or a TCP SYN-ACK
+    // towards confirmation, FIN and RST in window towards closing); an expired flow is a miss.
+    let seg = if ip.proto == proto::TCP {
+        let h: TcpHdr = ctx.load(l4)?;
+        Seg::of(&h, u16::from_be_bytes(ip.tot_len), ihl as u16)
+    } else {
+        Seg::default()
+    };
+    let Some(e) = ct::follow_seg(&key, ip.proto, &seg) else {
+        return Ok(TC_ACT_OK);
+    };
     let check_off = l4
         + if ip.proto == proto::TCP {
             offset_of!(TcpHdr, check)

@@ -7,16 +7,15 @@
 //! backends or unknown routes) → counters. ICMP errors about translated flows take their own
 //! way (icmp). A packet the path does not translate ends with a `Stop` (verdict.rs).
 use aya_ebpf::programs::XdpContext;
-use aya_log_ebpf::debug;
 use lb_common::{
     affinity_client, backend_flags, counter, ct_flags, flow_hash, proto, scope, CtEntry, CtKey,
 };
 
 use crate::{
-    affinity, clock, ct, forward, frontend, icmp,
+    affinity, clock, ct, forward, frag, frontend, icmp,
     maps::{self, ServiceEvent},
     nat,
-    parse::{self, Packet},
+    parse::{self, Frag, Packet},
     select, snat,
     verdict::Stop,
 };
@@ -28,10 +27,17 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<u32, Stop> {
     let len = (ctx.data_end() - ctx.data()) as u64;
     maps::count(counter::XDP_RX, len);
     let l3 = parse::ipv4(ctx)?;
+    if l3.frag == Frag::Later {
+        if l3.proto != proto::TCP && l3.proto != proto::UDP {
+            return Err(Stop::Pass(counter::XDP_NOT_TCP_UDP));
+        }
+        return frag::later(ctx, &l3);
+    }
     let p = match l3.proto {
         proto::TCP => parse::tcp(ctx, l3)?,
         proto::UDP => parse::udp(ctx, l3)?,
-        proto::ICMP => {
+        // A fragmented ICMP error is not read (its quoted header may be cut).
+        proto::ICMP if l3.frag == Frag::No => {
             let verdict =
                 icmp::translate_error(ctx, &l3).ok_or(Stop::Pass(counter::XDP_NOT_TCP_UDP))?;
             maps::count(counter::XDP_ICMP_ERROR_XLATE, len);
@@ -40,10 +46,16 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<u32, Stop> {
         _ => return Err(Stop::Pass(counter::XDP_NOT_TCP_UDP)),
     };
     let key = ct::key(&p);
-    match ct::follow(&key, &p) {
-        Some(e) => Ok(known_flow(ctx, &p, &e, len)),
-        None => new_flow(ctx, &p, &key, len),
-    }
+    let verdict = match ct::follow(&key, &p) {
+        Some(e) => {
+            if l3.frag == Frag::First {
+                frag::remember(&l3, &p);
+            }
+            known_flow(ctx, &p, &e, len)
+        }
+        None => new_flow(ctx, &p, &key, len)?,
+    };
+    Ok(verdict)
 }
 
 /// A packet of a tracked flow, in either direction: translated with its entry.
@@ -88,12 +100,8 @@ fn new_flow(ctx: &XdpContext, p: &Packet, key: &CtKey, len: u64) -> Result<u32, 
         select::by_hash(&fe, hash)
     };
     let Ok(chosen) = chosen else {
-        debug!(
-            ctx,
-            "a slot or Maglev entry of {:i}:{} points at a missing backend",
-            u32::from_be(p.daddr),
-            u16::from_be(p.dport)
-        );
+        // Counted, not logged: a log call's frame on top of this path's stack exceeds the
+        // verifier's 512 bytes.
         return Err(Stop::drop_other(
             counter::XDP_DROP_BACKEND_MISSING,
             svc_port_id,
@@ -123,6 +131,7 @@ fn new_flow(ctx: &XdpContext, p: &Packet, key: &CtKey, len: u64) -> Result<u32, 
             })?;
     }
     // Replies (backend -> node or client) are translated back to frontend -> client.
+    let (state, seq_flags, seq_next) = ct::initial(p);
     let reply = CtEntry {
         nat_saddr_be: p.daddr,
         nat_daddr_be: p.saddr,
@@ -132,7 +141,9 @@ fn new_flow(ctx: &XdpContext, p: &Packet, key: &CtKey, len: u64) -> Result<u32, 
         backend_id: chosen.id,
         last_seen_s: now,
         flags: flags | ct_flags::REPLY,
+        state,
         _pad: 0,
+        seq_next: 0,
     };
     // The client's packets go to the backend, from the node (SNAT) or the client.
     let entry = CtEntry {
@@ -143,14 +154,18 @@ fn new_flow(ctx: &XdpContext, p: &Packet, key: &CtKey, len: u64) -> Result<u32, 
         svc_port_id,
         backend_id: chosen.id,
         last_seen_s: now,
-        flags,
+        flags: flags | seq_flags,
+        state,
         _pad: 0,
+        seq_next,
     };
     if ct::track_new(key, &entry, &reply_key, &reply).is_err() {
         // The packet still goes where the flow's next packet would go (the choice above is a
         // function of the packet); replies need the entries, which the next packet retries.
-        debug!(ctx, "conntrack insert refused: translating statelessly");
         maps::count(counter::XDP_STATELESS, len);
+    }
+    if p.l3.frag == Frag::First {
+        frag::remember(&p.l3, p);
     }
     nat::rewrite(p, &entry);
     maps::count(counter::XDP_NEW_FLOW, len);

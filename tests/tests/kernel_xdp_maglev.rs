@@ -62,6 +62,35 @@ fn tcp(syn: bool, src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Vec<u8> {
     v
 }
 
+/// The backend's SYN-ACK to a [`tcp`] SYN (sequence 4999, acknowledging 1001), from `be` to
+/// the address the translated SYN came from.
+fn syn_ack(be: SocketAddrV4, to: SocketAddrV4) -> Vec<u8> {
+    let ip = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1]).ipv4(
+        be.ip().octets(),
+        to.ip().octets(),
+        64,
+    );
+    let mut v = Vec::new();
+    ip.tcp(be.port(), to.port(), 4999, 64000)
+        .syn()
+        .ack(1001)
+        .write(&mut v, &[])
+        .unwrap();
+    v
+}
+
+/// A reset from `src` to `dst` with sequence `seq`.
+fn rst(src: ([u8; 4], u16), dst: ([u8; 4], u16), seq: u32) -> Vec<u8> {
+    let ip =
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src.0, dst.0, 64);
+    let mut v = Vec::new();
+    ip.tcp(src.1, dst.1, seq, 0)
+        .rst()
+        .write(&mut v, &[])
+        .unwrap();
+    v
+}
+
 /// (source, destination) of an output frame.
 fn addrs(frame: &[u8]) -> (SocketAddrV4, SocketAddrV4) {
     let p = SlicedPacket::from_ethernet(frame).unwrap();
@@ -356,144 +385,6 @@ fn kernel_ct_evicted_half_of_a_flow_is_rebuilt_identically() {
 }
 
 #[test]
-fn kernel_ct_closed_flow_frees_its_snat_port() {
-    let Some(()) = lb_tests::require_privileges() else {
-        return;
-    };
-    let mut h = XdpHarness::with_map_sizes(&[]).expect("loading the XDP program into the kernel");
-    // One SNAT port: a second concurrent flow to the backend cannot get one.
-    h.set_config(&Config {
-        node_addr_be: u32::from_ne_bytes(NODE),
-        snat_port_min: 40000,
-        snat_port_max: 40000,
-        ready: 1,
-        _pad: 0,
-    })
-    .unwrap();
-    h.program(&Desired::from([(frontend(), service(&[backend(0)]))]))
-        .unwrap();
-    let (a, b) = (client(1), client(2));
-    let out = h.run(&tcp(true, a, (LB_IP, 80))).unwrap();
-    let (snat, be) = addrs(&out.output);
-    assert_eq!(snat.port(), 40000);
-    h.run(&tcp(false, a, (LB_IP, 80))).unwrap();
-    const XDP_DROP: u32 = 1;
-    assert_eq!(
-        h.run(&tcp(true, b, (LB_IP, 80))).unwrap().verdict,
-        XDP_DROP,
-        "the only port is taken"
-    );
-
-    // The client resets the connection (no TIME-WAIT anywhere).
-    let fin = |src: ([u8; 4], u16), dst: ([u8; 4], u16)| {
-        let ip =
-            PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src.0, dst.0, 64);
-        let mut v = Vec::new();
-        ip.tcp(src.1, dst.1, 7000, 64000)
-            .fin()
-            .ack(1002)
-            .write(&mut v, &[])
-            .unwrap();
-        v
-    };
-    let rst = {
-        let ip =
-            PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(a.0, LB_IP, 64);
-        let mut v = Vec::new();
-        ip.tcp(a.1, 80, 1002, 0).rst().write(&mut v, &[]).unwrap();
-        v
-    };
-    let r = h.run(&rst).unwrap();
-    assert_eq!(addrs(&r.output).1, be, "the reset reaches the backend");
-    assert_eq!(
-        h.run(&tcp(true, b, (LB_IP, 80))).unwrap().verdict,
-        XDP_DROP,
-        "reset, but not idle long enough"
-    );
-
-    // Idle for longer than SNAT_REUSE_IDLE_S (aged in the map rather than waited for).
-    let reply_key = CtKey {
-        saddr_be: u32::from_ne_bytes(be.ip().octets()),
-        daddr_be: u32::from_ne_bytes(snat.ip().octets()),
-        sport_be: be.port().to_be(),
-        dport_be: snat.port().to_be(),
-        proto: TCP,
-        _pad: [0; 3],
-    };
-    let (est, _) = h.conntrack_tiers().unwrap();
-    let (_, mut e) = est
-        .into_iter()
-        .find(|(k, _)| *k == reply_key)
-        .expect("confirmed reply entry");
-    let closed = lb_common::ct_flags::CLOSING | lb_common::ct_flags::CLOSED_FAST;
-    assert_eq!(e.flags & closed, closed, "the reset marked the reply entry");
-    e.last_seen_s = e
-        .last_seen_s
-        .saturating_sub(lb_common::limits::SNAT_REUSE_IDLE_S + 1);
-    h.conntrack_insert(&reply_key, &e).unwrap();
-
-    let out = h.run(&tcp(true, b, (LB_IP, 80))).unwrap();
-    assert_eq!(
-        addrs(&out.output),
-        (SocketAddrV4::new(snat.ip().to_owned(), 40000), be),
-        "the port went to the new flow"
-    );
-    // The closed flow's entries are gone; the new flow's reply entry maps back to b.
-    let all = h.conntrack_entries().unwrap();
-    let a_key = CtKey {
-        saddr_be: u32::from_ne_bytes(a.0),
-        daddr_be: u32::from_ne_bytes(LB_IP),
-        sport_be: a.1.to_be(),
-        dport_be: 80u16.to_be(),
-        proto: TCP,
-        _pad: [0; 3],
-    };
-    assert!(!all.iter().any(|(k, _)| *k == a_key));
-    let (_, reply) = all
-        .iter()
-        .find(|(k, _)| *k == reply_key)
-        .expect("new reply entry");
-    assert_eq!(
-        (reply.nat_daddr_be, u16::from_be(reply.nat_dport_be)),
-        (u32::from_ne_bytes(b.0), b.1)
-    );
-
-    // Now b's flow ends with FINs: an end keeps the four-tuple in TIME-WAIT, so the port waits
-    // for that period, not just a moment.
-    h.run(&tcp(false, b, (LB_IP, 80))).unwrap();
-    h.run(&fin(
-        (be.ip().octets(), be.port()),
-        (snat.ip().octets(), snat.port()),
-    ))
-    .unwrap();
-    h.run(&fin(b, (LB_IP, 80))).unwrap();
-    let c = client(3);
-    let age = |h: &mut XdpHarness, secs: u32| {
-        let (est, new) = h.conntrack_tiers().unwrap();
-        let (_, mut e) = est
-            .into_iter()
-            .chain(new)
-            .find(|(k, _)| *k == reply_key)
-            .expect("reply entry");
-        e.last_seen_s = e.last_seen_s.saturating_sub(secs);
-        h.conntrack_insert(&reply_key, &e).unwrap();
-    };
-    age(&mut h, lb_common::limits::SNAT_REUSE_IDLE_S + 1);
-    assert_eq!(
-        h.run(&tcp(true, c, (LB_IP, 80))).unwrap().verdict,
-        XDP_DROP,
-        "TIME-WAIT not over"
-    );
-    age(&mut h, lb_common::limits::SNAT_REUSE_TIME_WAIT_S);
-    assert_eq!(
-        addrs(&h.run(&tcp(true, c, (LB_IP, 80))).unwrap().output)
-            .0
-            .port(),
-        40000
-    );
-}
-
-#[test]
 fn kernel_ct_fresh_syn_on_a_confirmed_tuple_starts_a_new_unconfirmed_flow() {
     let Some(()) = lb_tests::require_privileges() else {
         return;
@@ -506,18 +397,23 @@ fn kernel_ct_fresh_syn_on_a_confirmed_tuple_starts_a_new_unconfirmed_flow() {
     .unwrap();
     let c = client(11);
     for round in 1..=3u64 {
-        h.run(&tcp(true, c, (LB_IP, 80))).unwrap();
+        let out = h.run(&tcp(true, c, (LB_IP, 80))).unwrap();
         let (est, new) = h.conntrack_tiers().unwrap();
         assert_eq!(
             (est.len(), new.len()),
             (0, 2),
             "round {round}: the old flow's entries are gone, the new one is unconfirmed"
         );
+        let (snat, be) = addrs(&out.output);
+        h.run(&syn_ack(be, snat)).unwrap();
         h.run(&tcp(false, c, (LB_IP, 80))).unwrap();
         assert_eq!(
             counter(&h, "ct_confirmed"),
             round,
-            "round {round}: the client's ACK confirms the new flow"
+            "round {round}: the client's ACK of the SYN-ACK confirms the new flow"
         );
+        // The flow ends with resets (in window: the client's next sequence number is 1002),
+        // so the next round's SYN starts a new flow rather than joining an open one.
+        h.run(&rst(c, (LB_IP, 80), 1002)).unwrap();
     }
 }

@@ -129,7 +129,10 @@ pub fn convert_ct_v1(
         backend_id: v.backend_id,
         last_seen_s: v.last_seen_s,
         flags: v.flags,
+        // Placeholder until the v2 -> v3 conversion lands (branch nat-agent).
+        state: lb_common::ct_state::TCP_ESTABLISHED,
         _pad: 0,
+        seq_next: 0,
     }
 }
 
