@@ -107,8 +107,10 @@ pub fn follow_seg(key: &CtKey, l4: u8, seg: &Seg) -> Option<CtEntry> {
     let known = e.flags & ct_flags::SEQ_KNOWN != 0;
     let in_window = known
         && (seg.seq.wrapping_sub(e.seq_next) as i32).unsigned_abs() <= limits::TCP_SEQ_WINDOW;
+    // Only a segment in the window moves it (a spoofed one far off must not drag the window
+    // to where the spoofer's next guess lands).
     let end = seg.end();
-    let (flags, seq_next) = if !known || (end.wrapping_sub(e.seq_next) as i32) > 0 {
+    let (flags, seq_next) = if !known || (in_window && (end.wrapping_sub(e.seq_next) as i32) > 0) {
         (e.flags | ct_flags::SEQ_KNOWN, end)
     } else {
         (e.flags, e.seq_next)

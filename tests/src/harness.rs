@@ -232,6 +232,24 @@ impl XdpHarness {
         Ok(())
     }
 
+    /// Makes every conntrack entry (both tiers) `secs` seconds older, as if the flows had been
+    /// idle that much longer (to stage expiry without waiting).
+    pub fn conntrack_age(&mut self, secs: u32) -> Result<()> {
+        for name in [map_name::CONNTRACK, map_name::CONNTRACK_NEW] {
+            let map = self
+                .ebpf
+                .map_mut(name)
+                .ok_or_else(|| anyhow!("no map {name}"))?;
+            let mut ct: HashMap<&mut MapData, CtKey, CtEntry> = HashMap::try_from(map)?;
+            let all = ct.iter().collect::<Result<Vec<_>, _>>()?;
+            for (k, mut e) in all {
+                e.last_seen_s = e.last_seen_s.wrapping_sub(secs);
+                ct.insert(k, e, 0)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Inserts a conntrack entry (to stage collisions).
     pub fn conntrack_insert(&mut self, key: &CtKey, entry: &CtEntry) -> Result<()> {
         let map = self

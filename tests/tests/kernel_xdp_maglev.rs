@@ -79,6 +79,19 @@ fn syn_ack(be: SocketAddrV4, to: SocketAddrV4) -> Vec<u8> {
     v
 }
 
+/// A spoofer's ACK after its SYN (sequence 1001): it never saw the SYN-ACK, so it acknowledges
+/// a guess.
+fn blind_ack(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Vec<u8> {
+    let ip =
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src.0, dst.0, 64);
+    let mut v = Vec::new();
+    ip.tcp(src.1, dst.1, 1001, 64000)
+        .ack(0x1234_5678)
+        .write(&mut v, &[])
+        .unwrap();
+    v
+}
+
 /// A reset from `src` to `dst` with sequence `seq`.
 fn rst(src: ([u8; 4], u16), dst: ([u8; 4], u16), seq: u32) -> Vec<u8> {
     let ip =
@@ -251,10 +264,12 @@ fn kernel_ct_flood_of_new_flows_leaves_established_flows_alone() {
     h.program(&Desired::from([(frontend(), service(&all))]))
         .unwrap();
 
-    // 200 confirmed flows (SYN, then the client's ACK).
+    // 200 confirmed flows (SYN, the backend's SYN-ACK, the client's ACK of it).
     let mut translated = HashMap::new();
     for i in 0..200 {
         let syn = h.run(&tcp(true, client(i), (LB_IP, 80))).unwrap();
+        let (snat, be) = addrs(&syn.output);
+        h.run(&syn_ack(be, snat)).unwrap();
         let ack = h.run(&tcp(false, client(i), (LB_IP, 80))).unwrap();
         assert_eq!(addrs(&syn.output), addrs(&ack.output));
         translated.insert(i, addrs(&ack.output));
@@ -271,16 +286,27 @@ fn kernel_ct_flood_of_new_flows_leaves_established_flows_alone() {
             .output,
     );
 
-    // The flood: 100,000 SYNs from distinct clients, far more than the new-flow map holds.
+    // The flood: 100,000 spoofed clients, far more than the new-flow map holds, each sending
+    // a SYN and then a blind ACK. The backend answers every SYN (backends do); the spoofer
+    // never sees the SYN-ACK, so its ACK cannot acknowledge it, and no flow is confirmed.
     let base_new = counter(&h, "xdp_new_flow");
+    let base_confirmed = counter(&h, "ct_confirmed");
     for i in 0..100_000u32 {
-        h.run(&tcp(true, client(2_000_000 + i), (LB_IP, 80)))
-            .unwrap();
+        let c = client(2_000_000 + i);
+        let syn = h.run(&tcp(true, c, (LB_IP, 80))).unwrap();
+        let (snat, be) = addrs(&syn.output);
+        h.run(&syn_ack(be, snat)).unwrap();
+        h.run(&blind_ack(c, (LB_IP, 80))).unwrap();
     }
     assert_eq!(
         counter(&h, "xdp_new_flow") - base_new,
         100_000,
         "every flood packet was still served"
+    );
+    assert_eq!(
+        counter(&h, "ct_confirmed"),
+        base_confirmed,
+        "a blind ACK confirmed a spoofed flow"
     );
     let (est, new) = h.conntrack_tiers().unwrap();
     assert_eq!(est.len(), 400, "the flood evicted established entries");
