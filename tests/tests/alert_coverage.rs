@@ -436,9 +436,16 @@ fn kernel_alerted_agent_metrics_move() {
     h.set_config(setup.config.as_ref().unwrap()).unwrap();
     let writes = h.program(&setup.desired).unwrap();
     ops.synced(std::time::Duration::from_millis(3), writes);
-    // ... traffic: a flow to a local backend, confirmed (established conntrack entries) ...
-    for kind in [Kind::Syn, Kind::Ack] {
-        let r = h.run(&frame(kind, (CLIENT, 40000), (NODE, 30080))).unwrap();
+    // ... traffic: a flow to a remote backend, confirmed (established conntrack entries): the
+    // client's SYN, the backend's SYN-ACK to the SNAT port, the client's ACK of it ...
+    let syn = h.run(&frame(Kind::Syn, (CLIENT, 40000), (NODE, 30081))).unwrap();
+    assert_eq!(syn.verdict, lb_tests::fixture::action::XDP_PASS);
+    let port = u16::from_be_bytes([syn.output[14 + 20], syn.output[14 + 21]]);
+    for f in [
+        frame(Kind::SynAck, (REMOTE_POD, 8080), (NODE, port)),
+        frame(Kind::Ack, (CLIENT, 40000), (NODE, 30081)),
+    ] {
+        let r = h.run(&f).unwrap();
         assert_eq!(r.verdict, lb_tests::fixture::action::XDP_PASS);
     }
     // ... a sync that failed, watches that re-listed, this node's health ports.
