@@ -105,8 +105,8 @@ pub fn follow_seg(key: &CtKey, l4: u8, seg: &Seg) -> Option<CtEntry> {
     }
     // The sender's window, from before this segment.
     let known = e.flags & ct_flags::SEQ_KNOWN != 0;
-    let in_window = known
-        && (seg.seq.wrapping_sub(e.seq_next) as i32).unsigned_abs() <= limits::TCP_SEQ_WINDOW;
+    let in_window =
+        known && (seg.seq.wrapping_sub(e.seq_next) as i32).unsigned_abs() <= limits::TCP_SEQ_WINDOW;
     // Only a segment in the window moves it (a spoofed one far off must not drag the window
     // to where the spoofer's next guess lands).
     let end = seg.end();
@@ -144,13 +144,7 @@ fn open(state: u8) -> bool {
 /// A TCP flow's next state after segment `seg` of the original (client) or reply (backend)
 /// direction.
 #[inline(always)]
-fn next_state(
-    key: &CtKey,
-    e: &CtEntry,
-    seg: &Seg,
-    reply: bool,
-    in_window: bool,
-) -> u8 {
+fn next_state(key: &CtKey, e: &CtEntry, seg: &Seg, reply: bool, in_window: bool) -> u8 {
     let s = e.state;
     if seg.has(seg_flags::RST) {
         if in_window || refused_syn(key, e, seg, reply) {
@@ -175,18 +169,14 @@ fn next_state(
     }
     match s {
         // The backend's SYN-ACK: its sequence number is now on the reply entry.
-        ct_state::TCP_SYN_SENT
-            if reply && seg.has(seg_flags::SYN) && seg.has(seg_flags::ACK) =>
-        {
+        ct_state::TCP_SYN_SENT if reply && seg.has(seg_flags::SYN) && seg.has(seg_flags::ACK) => {
             ct_state::TCP_SYN_RECV
         }
         // The client acknowledges exactly the backend's SYN-ACK.
         ct_state::TCP_SYN_RECV if !reply && seg.has(seg_flags::ACK) => {
             let (pk, _) = partner(key, e);
             match lookup(&pk) {
-                Some((r, _))
-                    if r.flags & ct_flags::SEQ_KNOWN != 0 && r.seq_next == seg.ack =>
-                {
+                Some((r, _)) if r.flags & ct_flags::SEQ_KNOWN != 0 && r.seq_next == seg.ack => {
                     ct_state::TCP_ESTABLISHED
                 }
                 _ => s,

@@ -40,7 +40,7 @@ pub fn remember(l3: &Ipv4, p: &Packet) {
         sport_be: p.sport,
         dport_be: p.dport,
     };
-    let _ = FRAGMENTS.insert(&key(l3), &ports, 0);
+    let _ = FRAGMENTS.insert(key(l3), ports, 0);
 }
 
 /// A fragment after the first: translated with its datagram's flow, or passed.
@@ -49,7 +49,7 @@ pub fn later(ctx: &XdpContext, l3: &Ipv4) -> Result<u32, Stop> {
     let fk = key(l3);
     // SAFETY: copied out at once.
     let ports =
-        unsafe { FRAGMENTS.get(&fk).copied() }.ok_or(Stop::Pass(counter::XDP_FRAG_NO_FIRST))?;
+        unsafe { FRAGMENTS.get(fk).copied() }.ok_or(Stop::Pass(counter::XDP_FRAG_NO_FIRST))?;
     let ck = CtKey {
         saddr_be: fk.saddr_be,
         daddr_be: fk.daddr_be,

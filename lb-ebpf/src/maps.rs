@@ -5,8 +5,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     limits, AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, FragKey,
-    FragPorts, FrontendSlot, FrontendSlotKey, MaglevChunk, MaglevKey, MemberKey, RevNat, ServiceCounters, ServiceName,
-    SockFlow, SockKey, SockRevNat, MAGLEV_CHUNK,
+    FragPorts, FrontendSlot, FrontendSlotKey, MaglevChunk, MaglevKey, MemberKey, RevNat,
+    ServiceCounters, ServiceName, SockFlow, SockKey, SockRevNat, MAGLEV_CHUNK,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are allocated when written (Maglev chunks are 1 KiB each).

@@ -204,13 +204,7 @@ pub fn udp(ctx: &XdpContext, l3: Ipv4) -> Result<Packet, Stop> {
 }
 
 #[inline(always)]
-fn packet(
-    l3: Ipv4,
-    l4: L4,
-    sport: [u8; 2],
-    dport: [u8; 2],
-    syn_only: bool,
-) -> Packet {
+fn packet(l3: Ipv4, l4: L4, sport: [u8; 2], dport: [u8; 2], syn_only: bool) -> Packet {
     // SAFETY: `l3.ip` was bounds checked by `ipv4`.
     let (saddr, daddr) = unsafe { ((*l3.ip).src_addr, (*l3.ip).dst_addr) };
     Packet {

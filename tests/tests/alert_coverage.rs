@@ -438,7 +438,9 @@ fn kernel_alerted_agent_metrics_move() {
     ops.synced(std::time::Duration::from_millis(3), writes);
     // ... traffic: a flow to a remote backend, confirmed (established conntrack entries): the
     // client's SYN, the backend's SYN-ACK to the SNAT port, the client's ACK of it ...
-    let syn = h.run(&frame(Kind::Syn, (CLIENT, 40000), (NODE, 30081))).unwrap();
+    let syn = h
+        .run(&frame(Kind::Syn, (CLIENT, 40000), (NODE, 30081)))
+        .unwrap();
     assert_eq!(syn.verdict, lb_tests::fixture::action::XDP_PASS);
     let port = u16::from_be_bytes([syn.output[14 + 20], syn.output[14 + 21]]);
     for f in [
