@@ -231,10 +231,38 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
     let ctx = xdp_md(ifindex);
     // An established flow and its reply, created through the real program.
     let client = (CLIENT, 40000);
+    // The handshake: SYN, the backend's SYN-ACK (sequence 4999, to the SNAT address), and the
+    // client's ACK of it (5000), which confirms the flow.
     let syn = h.run_ctx(program_name::XDP, &tcp(true, client, (LB_IP, 80)), &ctx)?;
+    let out = &syn.output;
+    let syn_ack = {
+        let mut v = Vec::new();
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
+            .ipv4(
+                [out[30], out[31], out[32], out[33]],
+                [out[26], out[27], out[28], out[29]],
+                64,
+            )
+            .tcp(
+                u16::from_be_bytes([out[36], out[37]]),
+                u16::from_be_bytes([out[34], out[35]]),
+                4999,
+                64000,
+            )
+            .syn()
+            .ack(1001)
+            .write(&mut v, &[])
+            .expect("frame");
+        pad(v)
+    };
+    h.run_ctx(program_name::XDP, &syn_ack, &ctx)?;
     let ack = tcp(false, client, (LB_IP, 80));
     h.run_ctx(program_name::XDP, &ack, &ctx)?;
-    let out = &syn.output;
+    let confirmed = h.counters()?.get("ct_confirmed").map_or(0, |c| c.packets);
+    anyhow::ensure!(
+        confirmed == 1,
+        "the measured flow is not confirmed ({confirmed} confirmations)"
+    );
     let (snat, backend) = (
         (
             [out[26], out[27], out[28], out[29]],
