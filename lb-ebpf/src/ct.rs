@@ -127,14 +127,13 @@ fn closing(key: &CtKey, e: &CtEntry, rst: bool) {
     };
     // SAFETY: the LRU value stays valid for the program's run.
     unsafe {
-        let f = (*r).flags;
-        let add = if rst {
-            ct_flags::CLOSING | ct_flags::CLOSED_FAST
+        let state = if rst {
+            lb_common::ct_state::TCP_RESET
         } else {
-            ct_flags::CLOSING
+            lb_common::ct_state::TCP_TIME_WAIT
         };
-        if f & add != add {
-            (*r).flags = f | add;
+        if (*r).state != state {
+            (*r).state = state;
         }
     }
 }
@@ -143,15 +142,7 @@ fn closing(key: &CtKey, e: &CtEntry, rst: bool) {
 /// been idle long enough for the port to go to a new flow.
 #[inline(always)]
 pub fn reusable(e: &CtEntry, now: u32) -> bool {
-    if e.flags & ct_flags::CLOSING == 0 {
-        return false;
-    }
-    let wait = if e.flags & ct_flags::CLOSED_FAST != 0 {
-        lb_common::limits::SNAT_REUSE_IDLE_S
-    } else {
-        lb_common::limits::SNAT_REUSE_TIME_WAIT_S
-    };
-    now.wrapping_sub(e.last_seen_s) >= wait
+    e.expired(e.last_seen_s, now)
 }
 
 /// Removes a flow's entries (both directions, both tiers).
@@ -187,7 +178,9 @@ fn partner(key: &CtKey, e: &CtEntry) -> (CtKey, CtEntry) {
         backend_id: e.backend_id,
         last_seen_s: e.last_seen_s,
         flags: e.flags ^ ct_flags::REPLY,
+        state: e.state,
         _pad: 0,
+        seq_next: 0,
     };
     (k, v)
 }

@@ -132,7 +132,9 @@ fn new_flow(ctx: &XdpContext, p: &Packet, key: &CtKey, len: u64) -> Result<u32, 
         backend_id: chosen.id,
         last_seen_s: now,
         flags: flags | ct_flags::REPLY,
+        state: new_state(p.proto),
         _pad: 0,
+        seq_next: 0,
     };
     // The client's packets go to the backend, from the node (SNAT) or the client.
     let entry = CtEntry {
@@ -144,7 +146,9 @@ fn new_flow(ctx: &XdpContext, p: &Packet, key: &CtKey, len: u64) -> Result<u32, 
         backend_id: chosen.id,
         last_seen_s: now,
         flags,
+        state: new_state(p.proto),
         _pad: 0,
+        seq_next: 0,
     };
     if ct::track_new(key, &entry, &reply_key, &reply).is_err() {
         // The packet still goes where the flow's next packet would go (the choice above is a
@@ -156,4 +160,14 @@ fn new_flow(ctx: &XdpContext, p: &Packet, key: &CtKey, len: u64) -> Result<u32, 
     maps::count(counter::XDP_NEW_FLOW, len);
     maps::count_service(svc_port_id, ServiceEvent::NewConnection(len));
     Ok(forward::forward(ctx, &p.l3, local))
+}
+
+/// The state of a new flow (placeholder until the state machine lands).
+#[inline(always)]
+fn new_state(protocol: u8) -> u8 {
+    if protocol == proto::TCP {
+        lb_common::ct_state::TCP_SYN_SENT
+    } else {
+        lb_common::ct_state::UDP_UNREPLIED
+    }
 }
