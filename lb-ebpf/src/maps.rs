@@ -29,10 +29,10 @@ pub static SOCK_REV_NAT: LruHashMap<SockKey, SockRevNat> =
 #[map(name = "lb_sk_flow_v1")]
 pub static SOCK_FLOW: LruHashMap<SockKey, SockFlow> = LruHashMap::pinned(limits::SOCK_FLOW, 0);
 
-#[map(name = "lb_ct_v2")]
+#[map(name = "lb_ct_v3")]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(limits::CONNTRACK, 0);
 
-#[map(name = "lb_ct_new_v1")]
+#[map(name = "lb_ct_new_v2")]
 pub static CONNTRACK_NEW: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(limits::CONNTRACK_NEW, 0);
 
 #[map(name = "lb_maglev_v1")]
@@ -58,7 +58,7 @@ pub static SERVICE_NAMES: HashMap<u32, ServiceName> = HashMap::pinned(limits::SE
 #[map(name = "lb_config_v1")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
-#[map(name = "lb_stats_v2")]
+#[map(name = "lb_stats_v3")]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::pinned(lb_common::counter::COUNT, 0);
 
 /// Adds one event of `bytes` bytes to counter `idx`.

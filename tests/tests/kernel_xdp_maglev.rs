@@ -411,7 +411,7 @@ fn kernel_ct_closed_flow_frees_its_snat_port() {
         "reset, but not idle long enough"
     );
 
-    // Idle for longer than SNAT_REUSE_IDLE_S (aged in the map rather than waited for).
+    // Idle for longer than TCP_CLOSED_S (aged in the map rather than waited for).
     let reply_key = CtKey {
         saddr_be: u32::from_ne_bytes(be.ip().octets()),
         daddr_be: u32::from_ne_bytes(snat.ip().octets()),
@@ -425,11 +425,14 @@ fn kernel_ct_closed_flow_frees_its_snat_port() {
         .into_iter()
         .find(|(k, _)| *k == reply_key)
         .expect("confirmed reply entry");
-    let closed = lb_common::ct_flags::CLOSING | lb_common::ct_flags::CLOSED_FAST;
-    assert_eq!(e.flags & closed, closed, "the reset marked the reply entry");
+    assert_eq!(
+        e.state,
+        lb_common::ct_state::TCP_RESET,
+        "the reset marked the reply entry"
+    );
     e.last_seen_s = e
         .last_seen_s
-        .saturating_sub(lb_common::limits::SNAT_REUSE_IDLE_S + 1);
+        .saturating_sub(lb_common::ct_state::TCP_CLOSED_S + 1);
     h.conntrack_insert(&reply_key, &e).unwrap();
 
     let out = h.run(&tcp(true, b, (LB_IP, 80))).unwrap();
@@ -478,13 +481,13 @@ fn kernel_ct_closed_flow_frees_its_snat_port() {
         e.last_seen_s = e.last_seen_s.saturating_sub(secs);
         h.conntrack_insert(&reply_key, &e).unwrap();
     };
-    age(&mut h, lb_common::limits::SNAT_REUSE_IDLE_S + 1);
+    age(&mut h, lb_common::ct_state::TCP_CLOSED_S + 1);
     assert_eq!(
         h.run(&tcp(true, c, (LB_IP, 80))).unwrap().verdict,
         XDP_DROP,
         "TIME-WAIT not over"
     );
-    age(&mut h, lb_common::limits::SNAT_REUSE_TIME_WAIT_S);
+    age(&mut h, lb_common::ct_state::TCP_TIME_WAIT_S);
     assert_eq!(
         addrs(&h.run(&tcp(true, c, (LB_IP, 80))).unwrap().output)
             .0
