@@ -9,6 +9,7 @@ use std::{
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// `BPF_MAP_TYPE_LRU_HASH`.
@@ -90,6 +91,21 @@ pub fn lookup<K: aya::Pod, V: aya::Pod>(fd: BorrowedFd<'_>, key: &K) -> io::Resu
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Writes `key` -> `value` (`flags`: 0 any, 1 only new, 2 only existing).
+pub fn update<K: aya::Pod, V: aya::Pod>(
+    fd: BorrowedFd<'_>,
+    key: &K,
+    value: &V,
+    flags: u64,
+) -> io::Result<()> {
+    let mut a = Attr::new();
+    a.u32_at(0, fd.as_raw_fd() as u32)
+        .u64_at(8, key as *const K as u64)
+        .u64_at(16, value as *const V as u64)
+        .u64_at(24, flags);
+    bpf(BPF_MAP_UPDATE_ELEM, &mut a).map(|_| ())
 }
 
 /// Deletes `key`; `false` when there was no such entry.

@@ -75,6 +75,36 @@ impl CtTiers {
         })
     }
 
+    /// Writes an entry into one tier (tests and benchmarks stage flows with it).
+    pub fn insert(&self, key: &CtKey, e: &CtEntry, t: Tier) -> Result<()> {
+        Ok(bpf_sys::update(self.fd(t), key, e, 0)?)
+    }
+
+    /// Every entry of one tier.
+    pub fn entries(&self, t: Tier) -> Result<Vec<(CtKey, CtEntry)>> {
+        let mut out = Vec::new();
+        bpf_sys::for_each_batch::<CtKey, CtEntry>(self.fd(t), |k, v| {
+            out.extend(k.iter().copied().zip(v.iter().copied()))
+        })?;
+        Ok(out)
+    }
+
+    /// Two LRU hash maps of the tiers' key and value sizes and `capacities`, not pinned (for
+    /// tests and benchmarks).
+    pub fn create(capacities: (u32, u32)) -> Result<Self> {
+        let make = |n: u32, name: &str| {
+            bpf_sys::create_map(
+                bpf_sys::MAP_TYPE_LRU_HASH,
+                std::mem::size_of::<CtKey>() as u32,
+                std::mem::size_of::<CtEntry>() as u32,
+                n,
+                name,
+            )
+            .with_context(|| format!("creating map {name}"))
+        };
+        Self::from_fds(make(capacities.0, "test_ct")?, make(capacities.1, "test_ct_new")?)
+    }
+
     fn fd(&self, t: Tier) -> BorrowedFd<'_> {
         match t {
             Tier::Established => self.established.fd().as_fd(),
