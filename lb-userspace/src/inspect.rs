@@ -9,8 +9,8 @@ use lb_common::{map_name, service_flags};
 use serde::Serialize;
 
 use crate::dataplane::{
-    pinned::{check_dir, AyaDataplane},
     ct_gc,
+    pinned::{check_dir, AyaDataplane},
     read::{boot_seconds, conntrack_all, typed},
     Dataplane, MapContents,
 };

@@ -100,7 +100,11 @@ fn kernel_sync_flushes_the_udp_flows_of_a_removed_backend() {
         return;
     };
     let mut h = XdpHarness::new().expect("loading the XDP program into the kernel");
-    let (dns_udp, dns_tcp, other_udp) = (fe(30053, proto::UDP), fe(30053, proto::TCP), fe(30054, proto::UDP));
+    let (dns_udp, dns_tcp, other_udp) = (
+        fe(30053, proto::UDP),
+        fe(30053, proto::TCP),
+        fe(30054, proto::UDP),
+    );
     let (b1, b2) = (be(1, proto::UDP), be(2, proto::UDP));
     let (t1, t2) = (be(1, proto::TCP), be(2, proto::TCP));
     let mut d: Desired = [
@@ -144,17 +148,37 @@ fn kernel_sync_flushes_the_udp_flows_of_a_removed_backend() {
         for _ in 0..3 {
             n += 1;
             // b2's UDP flows of the DNS port: these go.
-            stage(flow(n, &dns_udp, dns, (&b2, id_of(&b2)), proto::UDP), tier, true);
+            stage(
+                flow(n, &dns_udp, dns, (&b2, id_of(&b2)), proto::UDP),
+                tier,
+                true,
+            );
             n += 1;
             // b1's stay; b2's of the other Service port stay.
-            stage(flow(n, &dns_udp, dns, (&b1, id_of(&b1)), proto::UDP), tier, false);
+            stage(
+                flow(n, &dns_udp, dns, (&b1, id_of(&b1)), proto::UDP),
+                tier,
+                false,
+            );
             n += 1;
-            stage(flow(n, &other_udp, other, (&b2, id_of(&b2)), proto::UDP), tier, false);
+            stage(
+                flow(n, &other_udp, other, (&b2, id_of(&b2)), proto::UDP),
+                tier,
+                false,
+            );
             n += 1;
             // TCP flows stay: the TCP port's, and a TCP entry naming the UDP port and b2.
-            stage(flow(n, &dns_tcp, dns_t, (&t2, id_of(&t2)), proto::TCP), tier, false);
+            stage(
+                flow(n, &dns_tcp, dns_t, (&t2, id_of(&t2)), proto::TCP),
+                tier,
+                false,
+            );
             n += 1;
-            stage(flow(n, &dns_tcp, dns, (&b2, id_of(&b2)), proto::TCP), tier, false);
+            stage(
+                flow(n, &dns_tcp, dns, (&b2, id_of(&b2)), proto::TCP),
+                tier,
+                false,
+            );
         }
     }
     let before = all(&t);

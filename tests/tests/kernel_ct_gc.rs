@@ -92,17 +92,20 @@ fn kernel_ct_gc_removes_exactly_the_expired_flows() {
         n += 1;
         n
     };
-    let states = TCP_STATES
-        .iter()
-        .map(|s| (proto::TCP, *s))
-        .chain([
-            (proto::UDP, ct_state::UDP_UNREPLIED),
-            (proto::UDP, ct_state::UDP_REPLIED),
-        ]);
+    let states = TCP_STATES.iter().map(|s| (proto::TCP, *s)).chain([
+        (proto::UDP, ct_state::UDP_UNREPLIED),
+        (proto::UDP, ct_state::UDP_REPLIED),
+    ]);
     let mut expected_removed = 0;
     for (p, state) in states {
         let life = ct_state::lifetime_s(state);
-        for (age, expired) in [(0, false), (life - 1, false), (life, false), (life + 1, true), (life + 100, true)] {
+        for (age, expired) in [
+            (0, false),
+            (life - 1, false),
+            (life, false),
+            (life + 1, true),
+            (life + 100, true),
+        ] {
             let f = flow(next(), p, state);
             for (k, mut e) in f {
                 e.last_seen_s = NOW - age;

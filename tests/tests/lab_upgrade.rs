@@ -62,7 +62,11 @@ fn lab_upgrade_from_an_older_layout_loses_nothing() {
     let mut keep = Vec::new();
     for (name, entries, max) in [
         ("lb_ct_v2", &before, lb_common::limits::CONNTRACK),
-        ("lb_ct_new_v1", &before_new, lb_common::limits::CONNTRACK_NEW),
+        (
+            "lb_ct_new_v1",
+            &before_new,
+            lb_common::limits::CONNTRACK_NEW,
+        ),
     ] {
         keep.push(
             legacy::create_pinned(&bpffs.join(name), legacy::LRU_HASH, 16, 28, max, name).unwrap(),
@@ -146,7 +150,8 @@ fn lab_upgrade_from_an_older_layout_loses_nothing() {
         ("lb_ct_new_v1", "lb_ct_new_v2"),
         ("lb_stats_v2", "lb_stats_v3"),
     ] {
-        let want = format!("{old} was pinned by an agent of another layout version: {new} replaces it");
+        let want =
+            format!("{old} was pinned by an agent of another layout version: {new} replaces it");
         assert!(log.contains(&want), "expected `{want}` in\n{log}");
     }
     assert!(

@@ -87,7 +87,12 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     load_programs(&mut ebpf)?;
     let dp = AyaDataplane::from_ebpf(&mut ebpf)?;
     let mut syncer = Syncer::adopt(dp)?;
-    spawn_ct_gc(CtTiers::from_ebpf(&ebpf)?, cfg.ct_gc_interval, ops.clone(), stop.clone());
+    spawn_ct_gc(
+        CtTiers::from_ebpf(&ebpf)?,
+        cfg.ct_gc_interval,
+        ops.clone(),
+        stop.clone(),
+    );
     let mut health_checks = HealthServers::new();
     // Maps of another layout version (an upgrade): replaced once the new ones are filled.
     let old_versions = other_versions(&cfg.bpffs);

@@ -136,12 +136,12 @@ pub fn snat_ports_problem(
 ) -> Option<String> {
     let fmt = |r: (u16, u16)| format!("{}-{}", r.0, r.1);
     let default = (1024, 29999);
-    let suggestion = if ephemeral.is_none_or(|e| !overlaps(default, e)) && !overlaps(default, nodeports)
-    {
-        format!(", e.g. --snat-ports {}", fmt(default))
-    } else {
-        String::new()
-    };
+    let suggestion =
+        if ephemeral.is_none_or(|e| !overlaps(default, e)) && !overlaps(default, nodeports) {
+            format!(", e.g. --snat-ports {}", fmt(default))
+        } else {
+            String::new()
+        };
     if let Some(e) = ephemeral.filter(|e| overlaps(snat, *e)) {
         return Some(format!(
             "--snat-ports {} overlaps the node's ephemeral ports {} (net.ipv4.ip_local_port_range): pick a range outside it{suggestion}",
@@ -221,7 +221,10 @@ mod tests {
              pick a range outside it, e.g. --snat-ports 1024-29999"
         );
         // Edges: touching is not overlapping.
-        assert_eq!(snat_ports_problem((1024, 29999), Some((30000, 60999)), np), None);
+        assert_eq!(
+            snat_ports_problem((1024, 29999), Some((30000, 60999)), np),
+            None
+        );
         assert!(snat_ports_problem((1024, 32768), linux, (40000, 40001)).is_some());
         // No suggestion when the default itself would not fit.
         let line = snat_ports_problem((2000, 3000), Some((1024, 65535)), np).unwrap();

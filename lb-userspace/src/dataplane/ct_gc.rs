@@ -102,7 +102,15 @@ impl CtTiers {
             )
             .with_context(|| format!("creating map {name}"))
         };
-        Self::from_fds(make(capacities.0, "test_ct")?, make(capacities.1, "test_ct_new")?)
+        Self::from_fds(
+            make(capacities.0, "test_ct")?,
+            make(capacities.1, "test_ct_new")?,
+        )
+    }
+
+    /// A second handle on one tier's map (for aya's typed views).
+    pub fn map_data(&self, t: Tier) -> Result<MapData> {
+        Ok(MapData::from_fd(self.fd(t).try_clone_to_owned()?)?)
     }
 
     fn fd(&self, t: Tier) -> BorrowedFd<'_> {
@@ -114,7 +122,16 @@ impl CtTiers {
 
     /// The entry for `key` in either tier (established first, as the datapath looks).
     pub fn get(&self, key: &CtKey) -> Result<Option<(CtEntry, Tier)>> {
-        for t in [Tier::Established, Tier::New] {
+        self.get_from(key, Tier::Established)
+    }
+
+    /// The entry for `key` in either tier, looking in `first` first (where it was last seen).
+    fn get_from(&self, key: &CtKey, first: Tier) -> Result<Option<(CtEntry, Tier)>> {
+        let other = match first {
+            Tier::Established => Tier::New,
+            Tier::New => Tier::Established,
+        };
+        for t in [first, other] {
             if let Some(e) = bpf_sys::lookup::<CtKey, CtEntry>(self.fd(t), key)? {
                 return Ok(Some((e, t)));
             }
@@ -173,13 +190,13 @@ pub fn sweep(t: &CtTiers, now_s: u32) -> Result<SweepStats> {
     let mut st = SweepStats::default();
     // Entries expired by their own stamp: a flow can only be expired if each of its entries is
     // (the flow's stamp is the later of the two), so only these are looked at again.
-    let mut candidates: HashMap<CtKey, CtEntry> = HashMap::new();
+    let mut candidates: HashMap<CtKey, (CtEntry, Tier)> = HashMap::new();
     let mut seen = [0u64; 2];
     for (i, tier) in [Tier::Established, Tier::New].into_iter().enumerate() {
         seen[i] = bpf_sys::for_each_batch::<CtKey, CtEntry>(t.fd(tier), |keys, values| {
             for (k, v) in keys.iter().zip(values) {
                 if v.expired(v.last_seen_s, now_s) {
-                    candidates.insert(*k, *v);
+                    candidates.insert(*k, (*v, tier));
                 }
             }
         })
@@ -189,17 +206,17 @@ pub fn sweep(t: &CtTiers, now_s: u32) -> Result<SweepStats> {
     st.examined = seen[0] + seen[1];
     let mut removed = [0u64; 2];
     let mut done: HashSet<CtKey> = HashSet::new();
-    for (k, snap) in &candidates {
+    for (k, (snap, tier)) in &candidates {
         if done.contains(k) {
             continue;
         }
         let pk = partner_key(k, snap);
         done.insert(pk);
         // Re-read both entries right before deciding: a packet may have refreshed either.
-        let Some((e, et)) = t.get(k)? else {
+        let Some((e, et)) = t.get_from(k, *tier)? else {
             continue;
         };
-        let p = t.get(&pk)?;
+        let p = t.get_from(&pk, candidates.get(&pk).map_or(*tier, |(_, pt)| *pt))?;
         let last = p.map_or(e.last_seen_s, |(p, _)| latest(e.last_seen_s, p.last_seen_s));
         if !e.expired(last, now_s) {
             continue;
@@ -273,7 +290,10 @@ mod tests {
             seq_next: 0,
         };
         let pk = partner_key(&k, &e);
-        assert_eq!((pk.saddr_be, pk.daddr_be, pk.sport_be, pk.dport_be), (6, 5, 8, 7));
+        assert_eq!(
+            (pk.saddr_be, pk.daddr_be, pk.sport_be, pk.dport_be),
+            (6, 5, 8, 7)
+        );
         // The reply entry translates back to the original addresses.
         let pe = CtEntry {
             nat_saddr_be: k.daddr_be,

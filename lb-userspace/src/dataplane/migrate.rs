@@ -113,7 +113,12 @@ pub fn copy_state(
         };
         let data =
             MapData::from_pin(&o.path).with_context(|| format!("opening {}", o.path.display()))?;
-        let bad = || format!("{} does not have the v{layout} conntrack layout", o.path.display());
+        let bad = || {
+            format!(
+                "{} does not have the v{layout} conntrack layout",
+                o.path.display()
+            )
+        };
         let entries: Vec<(CtKey, CtEntryV2)> = if *layout == 1 {
             let from: BpfHashMap<MapData, CtKey, CtEntryV1> =
                 BpfHashMap::try_from(Map::LruHashMap(data)).with_context(bad)?;
@@ -136,8 +141,9 @@ pub fn copy_state(
         .collect();
     let mut est: BpfHashMap<MapData, CtKey, CtEntry> =
         BpfHashMap::try_from(Map::LruHashMap(open_pinned(bpffs, map_name::CONNTRACK)?))?;
-    let mut new: BpfHashMap<MapData, CtKey, CtEntry> =
-        BpfHashMap::try_from(Map::LruHashMap(open_pinned(bpffs, map_name::CONNTRACK_NEW)?))?;
+    let mut new: BpfHashMap<MapData, CtKey, CtEntry> = BpfHashMap::try_from(Map::LruHashMap(
+        open_pinned(bpffs, map_name::CONNTRACK_NEW)?,
+    ))?;
     let mut out = Vec::new();
     for (o, tier, entries) in olds {
         let (mut copied, mut kept) = (0, 0);
@@ -153,7 +159,8 @@ pub fn copy_state(
             let reply_flags = if v.flags & ct_flags::REPLY != 0 {
                 v.flags
             } else {
-                all.get(&partner_key_v2(&k, &v)).map_or(v.flags, |p| p.flags)
+                all.get(&partner_key_v2(&k, &v))
+                    .map_or(v.flags, |p| p.flags)
             };
             let e = convert_ct_v2(&v, state_of_v2(k.proto, tier, reply_flags));
             let to = match tier {
@@ -238,8 +245,7 @@ pub fn convert_ct_v2(v: &CtEntryV2, state: u8) -> CtEntry {
         svc_port_id: v.svc_port_id,
         backend_id: v.backend_id,
         last_seen_s: v.last_seen_s,
-        flags: v.flags
-            & !(ct_flags::V2_CLOSING | ct_flags::V2_CLOSED_FAST | ct_flags::SEQ_KNOWN),
+        flags: v.flags & !(ct_flags::V2_CLOSING | ct_flags::V2_CLOSED_FAST | ct_flags::SEQ_KNOWN),
         state,
         _pad: 0,
         seq_next: 0,
@@ -294,7 +300,13 @@ mod tests {
         // v1 -> v2 -> v3.
         let v3 = convert_ct_v2(&e, ct_state::TCP_ESTABLISHED);
         assert_eq!(
-            (v3.svc_port_id, v3.backend_id, v3.last_seen_s, v3.flags, v3.state),
+            (
+                v3.svc_port_id,
+                v3.backend_id,
+                v3.last_seen_s,
+                v3.flags,
+                v3.state
+            ),
             (42, 9, 11, 5, ct_state::TCP_ESTABLISHED)
         );
     }
@@ -341,7 +353,12 @@ mod tests {
         assert_eq!(e.flags, ct_flags::REPLY | ct_flags::SNAT);
         assert_eq!((e.state, e.seq_next, e._pad), (ct_state::TCP_RESET, 0, 0));
         assert_eq!(
-            (e.nat_saddr_be, e.nat_daddr_be, e.nat_sport_be, e.nat_dport_be),
+            (
+                e.nat_saddr_be,
+                e.nat_daddr_be,
+                e.nat_sport_be,
+                e.nat_dport_be
+            ),
             (1, 2, 3, 4)
         );
         assert_eq!((e.svc_port_id, e.backend_id, e.last_seen_s), (5, 6, 7));

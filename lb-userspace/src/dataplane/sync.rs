@@ -422,8 +422,12 @@ impl<D: Dataplane> Syncer<D> {
             self.unref_rev_nat(fe.addr)?;
             self.unref_table(p.maglev.0)?;
             if fe.proto == lb_common::proto::UDP {
-                self.departed
-                    .extend(p.slots.iter().filter(|id| **id != 0).map(|id| (p.svc_port_id, *id)));
+                self.departed.extend(
+                    p.slots
+                        .iter()
+                        .filter(|id| **id != 0)
+                        .map(|id| (p.svc_port_id, *id)),
+                );
             }
         }
         if full {
@@ -945,7 +949,8 @@ mod tests {
         let mut again = Syncer::adopt(FakeDataplane {
             state,
             ..Default::default()
-        }).unwrap();
+        })
+        .unwrap();
         again.sync(&desired(2, 2)).unwrap();
         assert_eq!(again.dataplane().state, s.dataplane().state);
     }
@@ -1084,7 +1089,8 @@ mod tests {
         let mut again = Syncer::adopt(FakeDataplane {
             state,
             ..Default::default()
-        }).unwrap();
+        })
+        .unwrap();
         assert_eq!(again.sync(&d).unwrap().writes, 1);
         assert_eq!(again.dataplane().state.members.len(), 5);
     }
@@ -1239,7 +1245,8 @@ mod tests {
         let mut third = Syncer::adopt(FakeDataplane {
             state,
             ..Default::default()
-        }).unwrap();
+        })
+        .unwrap();
         assert!(third.sync(&d).unwrap().writes > 0);
         check_tables(&third.dataplane().state);
         assert_eq!(third.dataplane().state.maglev.len(), 12);
