@@ -88,6 +88,9 @@ const KNOWN: [(&str, u8, Tier); 3] = [
     ("lb_ct_new_v1", 2, Tier::New),
 ];
 
+/// The entries of one old conntrack map, in the v2 layout.
+type OldEntries = Vec<(CtKey, CtEntryV2)>;
+
 /// What earlier passes copied: (old map, key) -> the old value (in the v2 layout).
 pub type Seen = HashMap<(String, CtKey), CtEntryV2>;
 
@@ -106,7 +109,7 @@ pub fn copy_state(
     seen: &mut Seen,
 ) -> Result<Vec<Copied>> {
     // Every old entry first (in the v2 layout): a flow's state comes from its reply entry.
-    let mut olds: Vec<(&OtherVersion, Tier, Vec<(CtKey, CtEntryV2)>)> = Vec::new();
+    let mut olds: Vec<(&OtherVersion, Tier, OldEntries)> = Vec::new();
     for o in old {
         let Some((_, layout, tier)) = KNOWN.iter().find(|(n, _, _)| *n == o.name) else {
             continue;

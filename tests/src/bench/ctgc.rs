@@ -1,5 +1,5 @@
 //! The agent's conntrack sweep on full maps: both tiers at their capacity (`limits::CONNTRACK`
-//! + `limits::CONNTRACK_NEW` entries, LRU maps of the real layout created for the run), read
+//! and `limits::CONNTRACK_NEW` entries, LRU maps of the real layout created for the run), read
 //! with `BPF_MAP_LOOKUP_BATCH` as the sweep does and, for comparison, with aya's per-key
 //! iteration (`get_next_key` + `lookup` per entry). Then a sweep that finds half of the flows
 //! expired: how fast entries are removed.
