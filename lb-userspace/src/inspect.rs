@@ -9,6 +9,7 @@ use lb_common::{map_name, service_flags};
 use serde::Serialize;
 
 use crate::dataplane::{
+    ct_gc,
     pinned::{check_dir, AyaDataplane},
     read::{boot_seconds, conntrack_all, typed},
     Dataplane, MapContents,
@@ -133,38 +134,57 @@ pub struct ConntrackView {
     pub snat: bool,
     pub local_backend: bool,
     pub backend_id: u32,
+    /// Seconds since this entry's direction last saw a packet.
     pub idle_seconds: u32,
-    /// "established" (confirmed) or "new" (TCP before the client's first ACK, UDP before a reply).
+    /// The flow's state (`ct_state::name`: `syn_sent`, `established`, `time_wait`,
+    /// `unreplied`, `replied`, ...).
     pub state: &'static str,
+    /// Seconds before the flow expires: its state's lifetime minus the time since either
+    /// direction last saw a packet (0 once expired: the datapath treats it as a miss and the
+    /// agent's sweep removes it).
+    pub expires_in_seconds: u32,
+    /// "established" (confirmed flows) or "new" (TCP before the handshake completed, UDP before
+    /// a reply).
+    pub tier: &'static str,
 }
 
 pub fn conntrack(bpffs: &Path) -> Result<Vec<ConntrackView>> {
-    use lb_common::ct_flags;
+    use lb_common::{ct_flags, ct_state};
     let now = boot_seconds();
-    let mut v: Vec<ConntrackView> = conntrack_all(bpffs)?
+    let all = conntrack_all(bpffs)?;
+    let last_seen: std::collections::HashMap<lb_common::CtKey, u32> =
+        all.iter().map(|(k, e, _)| (*k, e.last_seen_s)).collect();
+    let mut v: Vec<ConntrackView> = all
         .into_iter()
-        .map(|(k, e, state)| ConntrackView {
-            state,
-            flow: format!(
-                "{} -> {}",
-                addr(k.saddr_be, k.sport_be),
-                addr(k.daddr_be, k.dport_be)
-            ),
-            protocol: proto_name(k.proto),
-            translated: format!(
-                "{} -> {}",
-                addr(e.nat_saddr_be, e.nat_sport_be),
-                addr(e.nat_daddr_be, e.nat_dport_be)
-            ),
-            direction: if e.flags & ct_flags::REPLY != 0 {
-                "reply"
-            } else {
-                "original"
-            },
-            snat: e.flags & ct_flags::SNAT != 0,
-            local_backend: e.flags & ct_flags::LOCAL_BACKEND != 0,
-            backend_id: e.backend_id,
-            idle_seconds: now.saturating_sub(e.last_seen_s),
+        .map(|(k, e, tier)| {
+            let partner = last_seen.get(&ct_gc::partner_key(&k, &e)).copied();
+            let last = partner.map_or(e.last_seen_s, |p| ct_gc::latest(e.last_seen_s, p));
+            let lifetime = ct_state::lifetime_s(e.state);
+            ConntrackView {
+                tier,
+                state: ct_state::name(e.state),
+                expires_in_seconds: lifetime.saturating_sub(now.saturating_sub(last)),
+                flow: format!(
+                    "{} -> {}",
+                    addr(k.saddr_be, k.sport_be),
+                    addr(k.daddr_be, k.dport_be)
+                ),
+                protocol: proto_name(k.proto),
+                translated: format!(
+                    "{} -> {}",
+                    addr(e.nat_saddr_be, e.nat_sport_be),
+                    addr(e.nat_daddr_be, e.nat_dport_be)
+                ),
+                direction: if e.flags & ct_flags::REPLY != 0 {
+                    "reply"
+                } else {
+                    "original"
+                },
+                snat: e.flags & ct_flags::SNAT != 0,
+                local_backend: e.flags & ct_flags::LOCAL_BACKEND != 0,
+                backend_id: e.backend_id,
+                idle_seconds: now.saturating_sub(e.last_seen_s),
+            }
         })
         .collect();
     v.sort_by(|a, b| a.flow.cmp(&b.flow));

@@ -246,3 +246,52 @@ fn without_manifests_outside_a_cluster_names_the_fix() {
         "lb-agent: error: --kubeconfig /nonexistent: no such file"
     );
 }
+
+#[test]
+fn snat_ports_overlapping_the_ephemeral_or_nodeport_range_is_one_line() {
+    let run = |snat: &str| {
+        agent(&[
+            "run",
+            "--node",
+            "n",
+            "--manifests",
+            &examples(),
+            "--cgroup",
+            "/",
+            "--bpffs",
+            "/sys/fs/bpf/x",
+            "--snat-ports",
+            snat,
+        ])
+    };
+    // The node's ephemeral ports, as the agent reads them.
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let (lo, hi) = lb_userspace::agent::preflight::parse_port_range(&text).unwrap();
+    let (code, _, err) = run(&format!("{lo}-{hi}"));
+    assert_eq!(code, 2, "{err}");
+    let suggestion = if lo > 29999 || hi < 1024 {
+        ", e.g. --snat-ports 1024-29999"
+    } else {
+        ""
+    };
+    assert_eq!(
+        err.trim(),
+        format!(
+            "lb-agent: error: --snat-ports {lo}-{hi} overlaps the node's ephemeral ports {lo}-{hi} \
+             (net.ipv4.ip_local_port_range): pick a range outside it{suggestion}"
+        )
+    );
+    // The NodePort range (unless the node's ephemeral ports already cover it).
+    if hi < 30000 || lo > 30010 {
+        let (code, _, err) = run("30000-30010");
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.trim().starts_with(
+                "lb-agent: error: --snat-ports 30000-30010 overlaps the NodePort range 30000-32767 \
+                 (--nodeport-range): pick a range outside it"
+            ),
+            "{err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+}

@@ -50,7 +50,7 @@ const RBAC: [(&str, &str, &str); 6] = [
 const CAPABILITIES: [&str; 5] = ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE"];
 
 /// The metric names lb-agent exports (`--metrics-addr`).
-const METRICS: [&str; 10] = [
+const METRICS: [&str; 18] = [
     "lb_datapath_events_total",
     "lb_map_entries",
     "lb_map_capacity",
@@ -60,12 +60,23 @@ const METRICS: [&str; 10] = [
     "lb_watch_restarts_total",
     "lb_last_sync_timestamp_seconds",
     "lb_service_local_endpoints",
+    "lb_conntrack_gc_sweeps_total",
+    "lb_conntrack_gc_errors_total",
+    "lb_conntrack_gc_removed_entries_total",
+    "lb_conntrack_gc_duration_seconds",
+    "lb_conntrack_gc_last_duration_seconds",
+    "lb_conntrack_gc_interval_seconds",
+    "lb_conntrack_entries",
+    "lb_conntrack_udp_flushed_entries_total",
     // Prometheus' own, per scrape target.
     "up",
 ];
 
 /// Histograms: also exported as `<name>_bucket`, `_sum` and `_count`.
-const HISTOGRAMS: [&str; 1] = ["lb_sync_duration_seconds"];
+const HISTOGRAMS: [&str; 2] = [
+    "lb_sync_duration_seconds",
+    "lb_conntrack_gc_duration_seconds",
+];
 
 /// Values of `lb_map_entries{map}` / `lb_map_capacity{map}` (`inspect::map_occupancy`).
 const MAPS: [&str; 8] = [
@@ -926,7 +937,7 @@ fn daemonset_device_list_is_patchable() {
     moved["spec"]["template"]["spec"]["containers"][0]["args"]
         .as_array_mut()
         .unwrap()
-        .insert(1, json!("--snat-ports=61000-65535"));
+        .insert(1, json!("--snat-ports=1024-29999"));
     let patch: Value = serde_yaml_ng::from_str(
         &std::fs::read_to_string(deploy_dir().join("patches/devices.yaml")).unwrap(),
     )

@@ -8,7 +8,8 @@
 //!   `assert!`/`assert_eq!`/`assert_ne!` in tests/tests/lab_*.rs naming the series).
 //! - The agent's own metrics (sync, watch, map occupancy, local endpoints): the kernel test below
 //!   drives the real metrics code over real pinned maps through what the agent's loop does (a
-//!   sync, a flow through XDP, a failed sync, watch restarts, health entries) and requires every
+//!   sync, a flow through XDP, a conntrack sweep and a failed one, a failed sync, watch
+//!   restarts, health entries) and requires every
 //!   series an alert selects to move between two scrapes.
 //! - `up` is Prometheus' own: 1 while the agent's /metrics answers, which the same test checks.
 //!
@@ -450,6 +451,20 @@ fn kernel_alerted_agent_metrics_move() {
         let r = h.run(&f).unwrap();
         assert_eq!(r.verdict, lb_tests::fixture::action::XDP_PASS);
     }
+    // ... the conntrack sweep thread: started, one sweep over the real maps, one that failed ...
+    ops.ct_gc_started(std::time::Duration::from_secs(5));
+    let tiers = lb_userspace::dataplane::ct_gc::CtTiers::open(h.pin_dir()).unwrap();
+    let swept = lb_userspace::dataplane::ct_gc::sweep(
+        &tiers,
+        lb_userspace::dataplane::read::boot_seconds(),
+    )
+    .unwrap();
+    assert!(
+        swept.examined >= 2,
+        "the flow's entries were read: {swept:?}"
+    );
+    ops.ct_swept(&swept);
+    ops.ct_gc_failed();
     // ... a sync that failed, watches that re-listed, this node's health ports.
     ops.sync_failed();
     ops.watch_restarts(3);

@@ -146,6 +146,10 @@ fn map_layouts_of_the_object_are_lb_common_types() {
             map_name::SERVICE_NAMES,
             (size::<u32>(), size::<ServiceName>()),
         ),
+        (
+            map_name::FRAGMENTS,
+            (size::<lb_common::FragKey>(), size::<lb_common::FragPorts>()),
+        ),
         (lb_common::BENCH_MAP, (size::<u32>(), size::<BenchFrame>())),
     ]
     .into();

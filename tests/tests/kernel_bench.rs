@@ -2,7 +2,7 @@
 //! per-packet path takes the verdict it should (so `cargo xtask bench` times what it claims to),
 //! an endpoint change costs the same map writes whatever the cluster's size, and the report is
 //! written.
-use lb_tests::bench::{control, report, testrun};
+use lb_tests::bench::{control, ctgc, report, testrun};
 
 #[test]
 fn kernel_bench_paths_take_their_verdicts() {
@@ -71,6 +71,7 @@ fn kernel_bench_endpoint_change_writes_do_not_grow_with_the_cluster() {
         control: Ok(large),
         kube_proxy_restore: Err("not run here".into()),
         agent_memory: Err("not run here".into()),
+        ct_gc: Err("not run here".into()),
     };
     let md = report::markdown(&r);
     assert!(
@@ -80,4 +81,19 @@ fn kernel_bench_endpoint_change_writes_do_not_grow_with_the_cluster() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("chart.svg"), report::svg(&r)).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn kernel_bench_ct_gc_sweeps_full_maps() {
+    let Some(()) = lb_tests::require_privileges() else {
+        return;
+    };
+    // A tenth of the tiers' capacity: the machinery, not the figure (`cargo xtask bench`).
+    let g = ctgc::ct_gc_bench(0.1).unwrap();
+    println!("{g:?}");
+    let cap = (lb_common::limits::CONNTRACK + lb_common::limits::CONNTRACK_NEW) as f64 * 0.1;
+    assert!(g.entries as f64 >= cap * 0.99, "{g:?}");
+    // Every other flow was stamped past its lifetime (half, give or take a flow per tier).
+    assert!(g.removed.abs_diff(g.entries / 2) <= 4, "{g:?}");
+    assert!(g.sweep_entries_per_s > 0.0 && g.aya_iter_entries_per_s > 0.0);
 }

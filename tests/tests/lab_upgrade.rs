@@ -1,10 +1,10 @@
 //! Upgrade across map layout versions without blackholing: node1's pinned state is turned into
-//! what an agent of the previous layout left (conntrack in the v1 layout under `lb_ct_v1`, the
-//! services and stats maps under their previous names), while its programs stay attached. The
-//! new agent fills fresh maps, converts the conntrack, swaps the programs and removes the old
-//! pins; new connections flow throughout and a held connection survives.
+//! what an agent of the previous layout left (conntrack in the v2 layout under `lb_ct_v2` and
+//! `lb_ct_new_v1`, the services and stats maps under their previous names), while its programs
+//! stay attached. The new agent fills fresh maps, converts the conntrack (with a flow state
+//! derived from the v2 flags), swaps the programs and removes the old pins; new connections flow
+//! throughout and a held connection survives.
 use std::{
-    collections::BTreeMap,
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
@@ -13,9 +13,9 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use lb_common::{map_name, CtEntry, CtKey, FrontendSlot, FrontendSlotKey};
+use lb_common::{ct_flags, ct_state, map_name, CtEntry, CtKey};
 use lb_tests::{lab::bin_path, legacy, scenario::start_example};
-use lb_userspace::dataplane::migrate::CtEntryV1;
+use lb_userspace::dataplane::migrate::CtEntryV2;
 
 const TARGET: &str = "203.0.113.11:80";
 
@@ -39,53 +39,48 @@ fn lab_upgrade_from_an_older_layout_loses_nothing() {
         "the held connection has conntrack entries"
     );
     drop(ct);
-    // Service-port id -> the rev-NAT id of one of its frontends (v1 stored the rev-NAT id; with the
-    // flow's protocol it names the Service port again).
-    let svc: HashMap<MapData, FrontendSlotKey, FrontendSlot> =
-        HashMap::try_from(Map::HashMap(open(map_name::FRONTENDS))).unwrap();
-    let rev_of: BTreeMap<u32, u32> = svc
-        .iter()
-        .map(|kv| kv.unwrap())
-        .filter(|(k, _)| k.slot == 0)
-        .map(|(_, v)| (v.svc_port_id, v.rev_nat_id))
-        .collect();
-    drop(svc);
+    // The unconfirmed tier, as it is (often empty once the held connection is confirmed).
+    let new_tier: HashMap<MapData, CtKey, CtEntry> =
+        HashMap::try_from(Map::LruHashMap(open(map_name::CONNTRACK_NEW))).unwrap();
+    let before_new: std::collections::HashMap<CtKey, CtEntry> =
+        new_tier.iter().map(|kv| kv.unwrap()).collect();
+    drop(new_tier);
 
-    // The previous layout's pins. The attached programs keep using their maps.
-    let _keep = legacy::create_pinned(
-        &bpffs.join("lb_ct_v1"),
-        legacy::LRU_HASH,
-        16,
-        28,
-        lb_common::limits::CONNTRACK,
-        "lb_ct_v1",
-    )
-    .unwrap();
-    let mut v1: HashMap<MapData, CtKey, CtEntryV1> =
-        HashMap::try_from(Map::LruHashMap(open("lb_ct_v1"))).unwrap();
-    for (k, e) in &before {
-        let rev_nat_id = if e.svc_port_id == 0 {
-            0
-        } else {
-            rev_of[&e.svc_port_id]
-        };
-        let old = CtEntryV1 {
-            nat_saddr_be: e.nat_saddr_be,
-            nat_daddr_be: e.nat_daddr_be,
-            nat_sport_be: e.nat_sport_be,
-            nat_dport_be: e.nat_dport_be,
-            rev_nat_id,
-            backend_id: e.backend_id,
-            last_seen_s: e.last_seen_s,
-            flags: e.flags,
-            _pad: 0,
-        };
-        v1.insert(k, old, 0).unwrap();
+    // The previous layout's pins (v2 values: no state, no sequence). The attached programs keep
+    // using their maps.
+    let v2 = |e: &CtEntry| CtEntryV2 {
+        nat_saddr_be: e.nat_saddr_be,
+        nat_daddr_be: e.nat_daddr_be,
+        nat_sport_be: e.nat_sport_be,
+        nat_dport_be: e.nat_dport_be,
+        svc_port_id: e.svc_port_id,
+        backend_id: e.backend_id,
+        last_seen_s: e.last_seen_s,
+        flags: e.flags & (ct_flags::REPLY | ct_flags::SNAT | ct_flags::LOCAL_BACKEND),
+        _pad: 0,
+    };
+    let mut keep = Vec::new();
+    for (name, entries, max) in [
+        ("lb_ct_v2", &before, lb_common::limits::CONNTRACK),
+        (
+            "lb_ct_new_v1",
+            &before_new,
+            lb_common::limits::CONNTRACK_NEW,
+        ),
+    ] {
+        keep.push(
+            legacy::create_pinned(&bpffs.join(name), legacy::LRU_HASH, 16, 28, max, name).unwrap(),
+        );
+        let mut old: HashMap<MapData, CtKey, CtEntryV2> =
+            HashMap::try_from(Map::LruHashMap(open(name))).unwrap();
+        for (k, e) in entries {
+            old.insert(k, v2(e), 0).unwrap();
+        }
     }
-    drop(v1);
     std::fs::remove_file(bpffs.join(map_name::CONNTRACK)).unwrap();
+    std::fs::remove_file(bpffs.join(map_name::CONNTRACK_NEW)).unwrap();
     std::fs::rename(bpffs.join(map_name::FRONTENDS), bpffs.join("lb_svc_v2")).unwrap();
-    std::fs::rename(bpffs.join(map_name::STATS), bpffs.join("lb_stats_v1")).unwrap();
+    std::fs::rename(bpffs.join(map_name::STATS), bpffs.join("lb_stats_v2")).unwrap();
 
     // New connections all along, through node1's XDP path.
     let stop = Arc::new(AtomicBool::new(false));
@@ -150,12 +145,15 @@ fn lab_upgrade_from_an_older_layout_loses_nothing() {
     );
 
     let log = again.log();
-    assert!(
-        log.contains(
-            "lb_ct_v1 was pinned by an agent of another layout version: lb_ct_v2 replaces it"
-        ),
-        "{log}"
-    );
+    for (old, new) in [
+        ("lb_ct_v2", "lb_ct_v3"),
+        ("lb_ct_new_v1", "lb_ct_new_v2"),
+        ("lb_stats_v2", "lb_stats_v3"),
+    ] {
+        let want =
+            format!("{old} was pinned by an agent of another layout version: {new} replaces it");
+        assert!(log.contains(&want), "expected `{want}` in\n{log}");
+    }
     assert!(
         log.contains(
             "lb_svc_v2 was pinned by an agent of another layout version: lb_svc_v3 replaces it"
@@ -163,11 +161,12 @@ fn lab_upgrade_from_an_older_layout_loses_nothing() {
         "{log}"
     );
     let want = format!(
-        "migrated {} entries of lb_ct_v1 into lb_ct_v2",
+        "migrated {} entries of lb_ct_v2 into lb_ct_v3",
         before.len()
     );
     assert!(log.contains(&want), "expected `{want}` in\n{log}");
-    // Every converted entry is in the new conntrack with its Service-port id restored.
+    // Every converted entry is in the new conntrack as it was, in the state its tier and
+    // protocol give (the held TCP connection: established), without a known sequence.
     let ct: HashMap<MapData, CtKey, CtEntry> =
         HashMap::try_from(Map::LruHashMap(open(map_name::CONNTRACK))).unwrap();
     let after: std::collections::HashMap<CtKey, CtEntry> =
@@ -176,15 +175,28 @@ fn lab_upgrade_from_an_older_layout_loses_nothing() {
         let got = after
             .get(k)
             .unwrap_or_else(|| panic!("{k:?} was not migrated"));
+        let state = if k.proto == lb_common::proto::TCP {
+            ct_state::TCP_ESTABLISHED
+        } else {
+            ct_state::UDP_REPLIED
+        };
+        let old = v2(e);
         assert_eq!(
             CtEntry {
                 last_seen_s: e.last_seen_s,
                 ..*got
             },
-            *e
+            CtEntry {
+                flags: old.flags,
+                state,
+                _pad: 0,
+                seq_next: 0,
+                ..*e
+            },
+            "{k:?}"
         );
     }
-    for old in ["lb_ct_v1", "lb_svc_v2", "lb_stats_v1"] {
+    for old in ["lb_ct_v2", "lb_ct_new_v1", "lb_svc_v2", "lb_stats_v2"] {
         assert!(!bpffs.join(old).exists(), "{old} is still pinned");
     }
     for _ in 0..3 {

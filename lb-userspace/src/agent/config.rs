@@ -15,6 +15,10 @@ pub struct RunConfig {
     pub poll_interval: Duration,
     /// SNAT port range (inclusive) for externalTrafficPolicy Cluster flows to remote backends.
     pub snat_ports: (u16, u16),
+    /// The cluster's NodePort range (inclusive): `--snat-ports` must stay out of it.
+    pub nodeport_range: (u16, u16),
+    /// Time between the starts of two conntrack sweeps.
+    pub ct_gc_interval: Duration,
     /// Where to serve Prometheus metrics (`/metrics`).
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Where to serve node health (`/healthz`, `/livez`).

@@ -36,6 +36,11 @@ struct MapLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TierLabel {
+    tier: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServicePortLabel {
     namespace: String,
     name: String,
@@ -92,6 +97,14 @@ pub struct Ops {
     service_bytes: Family<ServicePortLabel, Counter>,
     service_new: Family<ServicePortLabel, Counter>,
     service_drops: Family<ServiceDropLabel, Counter>,
+    ct_gc_sweeps: Counter,
+    ct_gc_errors: Counter,
+    ct_gc_removed: Counter,
+    ct_gc_duration: Histogram,
+    ct_gc_last_duration: Gauge<f64, AtomicU64>,
+    ct_gc_interval: Gauge<f64, AtomicU64>,
+    ct_entries: Family<TierLabel, Gauge>,
+    ct_udp_flushed: Counter,
     /// Service-port id -> identity, from the last sync.
     service_ports: Mutex<BTreeMap<u32, String>>,
     /// Last seen per (id, field) counter values, to turn absolute counts into increments.
@@ -181,7 +194,63 @@ impl Ops {
             "Connections or packets of a Service port refused or dropped, by reason",
             service_drops.clone(),
         );
+        let ct_gc_sweeps = Counter::default();
+        registry.register(
+            "conntrack_gc_sweeps",
+            "Conntrack garbage-collection sweeps completed",
+            ct_gc_sweeps.clone(),
+        );
+        let ct_gc_errors = Counter::default();
+        registry.register(
+            "conntrack_gc_errors",
+            "Conntrack garbage-collection sweeps that failed",
+            ct_gc_errors.clone(),
+        );
+        let ct_gc_removed = Counter::default();
+        registry.register(
+            "conntrack_gc_removed_entries",
+            "Conntrack entries of expired flows removed by the sweeps (both directions, both tiers)",
+            ct_gc_removed.clone(),
+        );
+        let ct_gc_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "conntrack_gc_duration_seconds",
+            "Time one conntrack sweep took",
+            ct_gc_duration.clone(),
+        );
+        let ct_gc_last_duration = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "conntrack_gc_last_duration_seconds",
+            "Time the last conntrack sweep took",
+            ct_gc_last_duration.clone(),
+        );
+        let ct_gc_interval = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "conntrack_gc_interval_seconds",
+            "Time between the starts of two conntrack sweeps (--ct-gc-interval)",
+            ct_gc_interval.clone(),
+        );
+        let ct_entries = Family::<TierLabel, Gauge>::default();
+        registry.register(
+            "conntrack_entries",
+            "Conntrack entries per tier (established, new) after the last sweep",
+            ct_entries.clone(),
+        );
+        let ct_udp_flushed = Counter::default();
+        registry.register(
+            "conntrack_udp_flushed_entries",
+            "UDP conntrack entries removed because their backend left the Service port",
+            ct_udp_flushed.clone(),
+        );
         Self {
+            ct_gc_sweeps,
+            ct_gc_errors,
+            ct_gc_removed,
+            ct_gc_duration,
+            ct_gc_last_duration,
+            ct_gc_interval,
+            ct_entries,
+            ct_udp_flushed,
             service_packets,
             service_bytes,
             service_new,
@@ -218,6 +287,37 @@ impl Ops {
         self.last_sync.set(now_s() as i64);
         self.programmed.store(true, Ordering::Relaxed);
         self.last_sync_ok.store(true, Ordering::Relaxed);
+    }
+
+    /// UDP conntrack entries a sync flushed (backends that left their Service port).
+    pub fn udp_flows_flushed(&self, entries: u64) {
+        self.ct_udp_flushed.inc_by(entries);
+    }
+
+    /// The conntrack sweeps start, one every `interval`.
+    pub fn ct_gc_started(&self, interval: Duration) {
+        self.ct_gc_interval.set(interval.as_secs_f64());
+    }
+
+    /// One conntrack sweep completed.
+    pub fn ct_swept(&self, st: &crate::dataplane::ct_gc::SweepStats) {
+        self.ct_gc_sweeps.inc();
+        self.ct_gc_removed.inc_by(st.removed);
+        self.ct_gc_duration.observe(st.duration.as_secs_f64());
+        self.ct_gc_last_duration.set(st.duration.as_secs_f64());
+        for (tier, n) in [
+            ("established", st.established_entries),
+            ("new", st.new_entries),
+        ] {
+            self.ct_entries
+                .get_or_create(&TierLabel { tier: tier.into() })
+                .set(n as i64);
+        }
+    }
+
+    /// A conntrack sweep failed.
+    pub fn ct_gc_failed(&self) {
+        self.ct_gc_errors.inc();
     }
 
     pub fn sync_failed(&self) {

@@ -20,7 +20,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::Result;
@@ -33,7 +33,9 @@ use crate::{
         source::{ManifestsSource, Objects, Source},
     },
     dataplane::{
+        ct_gc::{self, CtTiers},
         pinned::{other_versions, AyaDataplane},
+        read::boot_seconds,
         sync::Syncer,
     },
     error::usage,
@@ -85,6 +87,12 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     load_programs(&mut ebpf)?;
     let dp = AyaDataplane::from_ebpf(&mut ebpf)?;
     let mut syncer = Syncer::adopt(dp)?;
+    spawn_ct_gc(
+        CtTiers::from_ebpf(&ebpf)?,
+        cfg.ct_gc_interval,
+        ops.clone(),
+        stop.clone(),
+    );
     let mut health_checks = HealthServers::new();
     // Maps of another layout version (an upgrade): replaced once the new ones are filled.
     let old_versions = other_versions(&cfg.bpffs);
@@ -140,7 +148,10 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 }
                 ops.service_ports(syncer.service_ports());
                 match &synced {
-                    Ok(st) => ops.synced(started.elapsed(), st.writes),
+                    Ok(st) => {
+                        ops.synced(started.elapsed(), st.writes);
+                        ops.udp_flows_flushed(st.udp_flows_flushed);
+                    }
                     Err(_) => ops.sync_failed(),
                 }
                 if synced.is_ok() && !attached {
@@ -149,9 +160,17 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 }
                 match synced {
                     Ok(st) => log::info!(
-                        "sync generation {generation}: {} frontends, {} map writes in {:?}",
+                        "sync generation {generation}: {} frontends, {} map writes{} in {:?}",
                         desired.len(),
                         st.writes,
+                        if st.udp_flows_flushed > 0 {
+                            format!(
+                                ", {} UDP conntrack entries of removed backends flushed",
+                                st.udp_flows_flushed
+                            )
+                        } else {
+                            String::new()
+                        },
                         started.elapsed()
                     ),
                     Err(e) => {
@@ -170,4 +189,43 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     }
     log::info!("stopping; programs stay attached through their pinned links (lb-agent uninstall removes them)");
     Ok(())
+}
+
+/// Runs a conntrack sweep every `interval` on a thread of its own, so that a long sweep never
+/// delays a sync or the metrics and health answers. A sweep that takes longer than the interval
+/// is followed by the next one at once (`lb_conntrack_gc_last_duration_seconds` above
+/// `lb_conntrack_gc_interval_seconds` says so).
+fn spawn_ct_gc(tiers: CtTiers, interval: Duration, ops: Arc<Ops>, stop: Arc<AtomicBool>) {
+    ops.ct_gc_started(interval);
+    std::thread::Builder::new()
+        .name("conntrack-gc".into())
+        .spawn(move || {
+            let mut next = Instant::now() + interval;
+            while !stop.load(Ordering::Relaxed) {
+                let now = Instant::now();
+                if now < next {
+                    std::thread::sleep((next - now).min(Duration::from_millis(200)));
+                    continue;
+                }
+                next = now + interval;
+                match ct_gc::sweep(&tiers, boot_seconds()) {
+                    Ok(st) => {
+                        ops.ct_swept(&st);
+                        if st.removed > 0 {
+                            log::debug!(
+                                "conntrack sweep: {} of {} entries expired, removed in {:?}",
+                                st.removed,
+                                st.examined,
+                                st.duration
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        ops.ct_gc_failed();
+                        log::warn!("conntrack sweep failed: {e:#}");
+                    }
+                }
+            }
+        })
+        .expect("spawning the conntrack sweep thread");
 }

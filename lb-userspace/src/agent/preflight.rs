@@ -42,6 +42,12 @@ fn effective_caps() -> u64 {
 
 /// Checks what `run` needs before touching anything; each failure is one line naming the fix.
 pub fn preflight(cfg: &RunConfig) -> Result<()> {
+    let ephemeral = fs::read_to_string(EPHEMERAL_PORTS)
+        .ok()
+        .and_then(|t| parse_port_range(&t));
+    if let Some(line) = snat_ports_problem(cfg.snat_ports, ephemeral, cfg.nodeport_range) {
+        return Err(usage(line));
+    }
     let caps = effective_caps();
     let has = |c: u32| caps & (1u64 << c) != 0;
     // Loading needs CAP_BPF (or CAP_SYS_ADMIN); attaching to cgroups and devices CAP_NET_ADMIN.
@@ -104,6 +110,55 @@ pub fn preflight(cfg: &RunConfig) -> Result<()> {
     Ok(())
 }
 
+/// The node's ephemeral ports (of this network namespace; the agent runs in the host's).
+const EPHEMERAL_PORTS: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
+/// `ip_local_port_range`'s text ("32768\t60999\n") as a range.
+pub fn parse_port_range(text: &str) -> Option<(u16, u16)> {
+    let mut f = text.split_whitespace();
+    let lo = f.next()?.parse().ok()?;
+    let hi = f.next()?.parse().ok()?;
+    (f.next().is_none() && lo <= hi).then_some((lo, hi))
+}
+
+fn overlaps(a: (u16, u16), b: (u16, u16)) -> bool {
+    a.0 <= b.1 && b.0 <= a.1
+}
+
+/// The one line refusing `--snat-ports` when it overlaps the node's ephemeral ports (a SNAT
+/// flow would take a port a local socket may use, and replies to either would be mistaken for
+/// the other) or the NodePort range (the datapath would take replies for NodePort traffic). The
+/// suggested range is the default, unless that overlaps too.
+pub fn snat_ports_problem(
+    snat: (u16, u16),
+    ephemeral: Option<(u16, u16)>,
+    nodeports: (u16, u16),
+) -> Option<String> {
+    let fmt = |r: (u16, u16)| format!("{}-{}", r.0, r.1);
+    let default = (1024, 29999);
+    let suggestion =
+        if ephemeral.is_none_or(|e| !overlaps(default, e)) && !overlaps(default, nodeports) {
+            format!(", e.g. --snat-ports {}", fmt(default))
+        } else {
+            String::new()
+        };
+    if let Some(e) = ephemeral.filter(|e| overlaps(snat, *e)) {
+        return Some(format!(
+            "--snat-ports {} overlaps the node's ephemeral ports {} (net.ipv4.ip_local_port_range): pick a range outside it{suggestion}",
+            fmt(snat),
+            fmt(e)
+        ));
+    }
+    if overlaps(snat, nodeports) {
+        return Some(format!(
+            "--snat-ports {} overlaps the NodePort range {} (--nodeport-range): pick a range outside it{suggestion}",
+            fmt(snat),
+            fmt(nodeports)
+        ));
+    }
+    None
+}
+
 /// The first mount point of a filesystem type in /proc/mounts (`bpf`, `cgroup2`, ...).
 pub fn mount_point(fstype: &str) -> Option<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
@@ -136,7 +191,47 @@ fn unescape_mount_path(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::unescape_mount_path;
+    use super::{parse_port_range, snat_ports_problem, unescape_mount_path};
+
+    #[test]
+    fn ephemeral_port_range_is_parsed() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Some((32768, 60999)));
+        assert_eq!(parse_port_range("1024 65535"), Some((1024, 65535)));
+        assert_eq!(parse_port_range("60999 32768"), None);
+        assert_eq!(parse_port_range("32768"), None);
+        assert_eq!(parse_port_range("a b"), None);
+        assert_eq!(parse_port_range("1 2 3"), None);
+    }
+
+    #[test]
+    fn snat_ports_must_avoid_ephemeral_and_nodeport_ranges() {
+        let linux = Some((32768, 60999));
+        let np = (30000, 32767);
+        // The default fits Linux's default ranges and Kubernetes'.
+        assert_eq!(snat_ports_problem((1024, 29999), linux, np), None);
+        assert_eq!(snat_ports_problem((61000, 65535), linux, np), None);
+        assert_eq!(
+            snat_ports_problem((61000, 65535), Some((32768, 65000)), np).unwrap(),
+            "--snat-ports 61000-65535 overlaps the node's ephemeral ports 32768-65000 \
+             (net.ipv4.ip_local_port_range): pick a range outside it, e.g. --snat-ports 1024-29999"
+        );
+        assert_eq!(
+            snat_ports_problem((20000, 30000), linux, np).unwrap(),
+            "--snat-ports 20000-30000 overlaps the NodePort range 30000-32767 (--nodeport-range): \
+             pick a range outside it, e.g. --snat-ports 1024-29999"
+        );
+        // Edges: touching is not overlapping.
+        assert_eq!(
+            snat_ports_problem((1024, 29999), Some((30000, 60999)), np),
+            None
+        );
+        assert!(snat_ports_problem((1024, 32768), linux, (40000, 40001)).is_some());
+        // No suggestion when the default itself would not fit.
+        let line = snat_ports_problem((2000, 3000), Some((1024, 65535)), np).unwrap();
+        assert!(line.ends_with("pick a range outside it"), "{line}");
+        // Unknown ephemeral range (no /proc): only the NodePort range is checked.
+        assert_eq!(snat_ports_problem((40000, 50000), None, np), None);
+    }
 
     #[test]
     fn mount_paths_are_unescaped() {

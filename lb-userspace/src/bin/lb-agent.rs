@@ -58,9 +58,16 @@ enum Command {
         /// How often the manifests are checked for changes, in milliseconds.
         #[arg(long, default_value_t = 200)]
         poll_interval_ms: u64,
-        /// Source ports (MIN-MAX) for flows translated to the node's address.
-        #[arg(long, default_value = "61000-65535", value_parser = parse_range)]
+        /// Source ports (MIN-MAX) for flows translated to the node's address. Must not overlap
+        /// the node's ephemeral ports (net.ipv4.ip_local_port_range) nor --nodeport-range.
+        #[arg(long, default_value = "1024-29999", value_parser = parse_range)]
         snat_ports: (u16, u16),
+        /// The cluster's NodePort range (MIN-MAX, the API server's --service-node-port-range).
+        #[arg(long, default_value = "30000-32767", value_parser = parse_range)]
+        nodeport_range: (u16, u16),
+        /// Time between conntrack garbage-collection sweeps (e.g. 5s, 500ms, 1m).
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        ct_gc_interval: Duration,
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9464).
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
@@ -104,6 +111,8 @@ fn main() {
             devices,
             poll_interval_ms,
             snat_ports,
+            nodeport_range,
+            ct_gc_interval,
             metrics_addr,
             health_addr,
         } => {
@@ -120,6 +129,8 @@ fn main() {
                 devices,
                 poll_interval: Duration::from_millis(poll_interval_ms.max(10)),
                 snat_ports,
+                nodeport_range,
+                ct_gc_interval,
                 metrics_addr,
                 health_addr,
             };
@@ -140,7 +151,7 @@ fn main() {
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s
         .split_once('-')
-        .ok_or("expected MIN-MAX, e.g. 61000-65535")?;
+        .ok_or("expected MIN-MAX, e.g. 1024-29999")?;
     let a: u16 = a
         .trim()
         .parse()
@@ -153,6 +164,27 @@ fn parse_range(s: &str) -> Result<(u16, u16), String> {
         return Err(format!("{s}: need 1 <= MIN <= MAX <= 65535"));
     }
     Ok((a, b))
+}
+
+/// `5s`, `500ms`, `1m`, or plain seconds; at least 100 ms.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, unit) = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((t, "s"), |i| t.split_at(i));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a duration such as 5s, 500ms or 1m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
+    };
+    if !(0.1..=3600.0).contains(&secs) {
+        return Err(format!("{s:?}: must be between 100ms and 1h"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 fn render(manifests: &std::path::Path, node: &str) -> anyhow::Result<()> {

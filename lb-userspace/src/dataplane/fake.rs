@@ -12,6 +12,8 @@ pub struct FakeDataplane {
     pub state: MapContents,
     /// Every operation in order, e.g. `put_service 10.0.0.1:80/6/0#0`.
     pub log: Vec<String>,
+    /// (Service-port id, backend id) pairs whose UDP flows were flushed, in order.
+    pub flushed: Vec<(u32, u32)>,
 }
 
 /// How the fake dataplane's log names a service entry.
@@ -104,5 +106,9 @@ impl Dataplane for FakeDataplane {
     }
     fn contents(&self) -> Result<MapContents> {
         Ok(self.state.clone())
+    }
+    fn flush_udp_flows(&mut self, gone: &std::collections::BTreeSet<(u32, u32)>) -> Result<u64> {
+        self.flushed.extend(gone.iter().copied());
+        Ok(0)
     }
 }

@@ -2,16 +2,19 @@
 //! through, with the aya implementation on the pinned maps ([`pinned`]) and an in-memory fake for
 //! tests ([`fake`]); [`sync`] turns desired map contents into the fewest safe writes; [`read`]
 //! holds the read-only views `lbctl` and the agent's metrics share; [`migrate`] carries state
-//! across map layout versions.
+//! across map layout versions; [`ct_gc`] sweeps expired conntrack flows and flushes those of
+//! removed UDP backends ([`bpf_sys`]: the batched map reads aya lacks).
 //!
 //! It takes the desired map contents from `control` and never imports `agent`.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
 use lb_common::{
     Backend, Config, FrontendSlot, FrontendSlotKey, MaglevChunk, MaglevKey, MemberKey, RevNat,
 };
 
+pub mod bpf_sys;
+pub mod ct_gc;
 pub mod fake;
 mod ids;
 pub mod maglev;
@@ -53,4 +56,8 @@ pub trait Dataplane {
     fn del_maglev(&mut self, key: &MaglevKey) -> Result<()>;
     /// Reads back every entry (used once, at start, to adopt pinned state).
     fn contents(&self) -> Result<MapContents>;
+    /// Removes the UDP conntrack flows (both directions, both tiers) of each (Service-port id,
+    /// backend id) in `gone`: backends that left the Service port. Returns the entries removed.
+    /// Not a service-map write (it does not count in the sync's writes).
+    fn flush_udp_flows(&mut self, gone: &BTreeSet<(u32, u32)>) -> Result<u64>;
 }

@@ -10,7 +10,7 @@ use lb_common::{
     RevNat, ServiceName,
 };
 
-use super::{Dataplane, MapContents};
+use super::{ct_gc::CtTiers, Dataplane, MapContents};
 use crate::error::UsageError;
 
 /// Fails with a [`UsageError`] when `bpffs` is not a directory.
@@ -54,7 +54,7 @@ pub struct OtherVersion {
     pub path: PathBuf,
     /// Its pinned name, e.g. `lb_ct_v1`.
     pub name: String,
-    /// This agent's name for the same map, e.g. `lb_ct_v2`.
+    /// This agent's name for the same map, e.g. `lb_ct_v3`.
     pub current: &'static str,
 }
 
@@ -111,6 +111,8 @@ pub struct AyaDataplane {
     names: HashMap<MapData, u32, ServiceName>,
     maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
     config: Array<MapData, Config>,
+    /// The conntrack tiers, for flushing the UDP flows of removed backends.
+    conntrack: CtTiers,
 }
 
 impl AyaDataplane {
@@ -128,6 +130,7 @@ impl AyaDataplane {
             names: HashMap::try_from(take(map_name::SERVICE_NAMES)?)?,
             maglev: HashMap::try_from(take(map_name::MAGLEV)?)?,
             config: Array::try_from(take(map_name::CONFIG)?)?,
+            conntrack: CtTiers::from_ebpf(ebpf)?,
         })
     }
 
@@ -143,6 +146,7 @@ impl AyaDataplane {
             names: HashMap::try_from(open(map_name::SERVICE_NAMES)?)?,
             maglev: HashMap::try_from(open(map_name::MAGLEV)?)?,
             config: Array::try_from(Map::Array(open_data(map_name::CONFIG)?))?,
+            conntrack: CtTiers::open(dir)?,
         })
     }
 }
@@ -218,6 +222,9 @@ impl Dataplane for AyaDataplane {
         }
         Ok(s)
     }
+    fn flush_udp_flows(&mut self, gone: &std::collections::BTreeSet<(u32, u32)>) -> Result<u64> {
+        super::ct_gc::flush_udp(&self.conntrack, gone)
+    }
 }
 
 #[cfg(test)]
@@ -247,8 +254,9 @@ mod tests {
         assert_eq!(
             found,
             vec![
-                ("lb_ct_v1".into(), "lb_ct_v2"),
-                ("lb_stats_v1".into(), "lb_stats_v2"),
+                ("lb_ct_v1".into(), "lb_ct_v3"),
+                ("lb_ct_v2".into(), "lb_ct_v3"),
+                ("lb_stats_v1".into(), "lb_stats_v3"),
                 ("lb_svc_v2".into(), "lb_svc_v3")
             ]
         );

@@ -50,6 +50,8 @@ struct ProgrammedFrontend {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SyncStats {
     pub writes: u64,
+    /// UDP conntrack entries removed because their backend left the Service port.
+    pub udp_flows_flushed: u64,
 }
 
 pub struct Syncer<D: Dataplane> {
@@ -81,6 +83,9 @@ pub struct Syncer<D: Dataplane> {
     name_refs: HashMap<String, u32>,
     /// Backends whose last reference went away in this sync.
     maybe_unused: Vec<u32>,
+    /// (Service-port id, backend id) of UDP frontends' backends that left a frontend in this
+    /// sync: their conntrack flows are flushed unless the backend still serves the Service port.
+    departed: BTreeSet<(u32, u32)>,
     /// The next sync compares everything (the first one after adoption).
     full_pass: bool,
     /// Total map writes since start.
@@ -119,6 +124,7 @@ impl<D: Dataplane> Syncer<D> {
             applied: HashMap::new(),
             name_refs: HashMap::new(),
             maybe_unused: Vec::new(),
+            departed: BTreeSet::new(),
             full_pass: true,
             total_writes: 0,
         };
@@ -415,6 +421,14 @@ impl<D: Dataplane> Syncer<D> {
             self.sync_members(&fe, &[], false)?;
             self.unref_rev_nat(fe.addr)?;
             self.unref_table(p.maglev.0)?;
+            if fe.proto == lb_common::proto::UDP {
+                self.departed.extend(
+                    p.slots
+                        .iter()
+                        .filter(|id| **id != 0)
+                        .map(|id| (p.svc_port_id, *id)),
+                );
+            }
         }
         if full {
             let stray_members: Vec<MemberKey> = self
@@ -479,10 +493,40 @@ impl<D: Dataplane> Syncer<D> {
             self.write(|dp| dp.del_backend(id))?;
         }
         self.maybe_unused.clear();
+        let udp_flows_flushed = self.flush_departed()?;
         self.full_pass = false;
         Ok(SyncStats {
             writes: self.total_writes - before,
+            udp_flows_flushed,
         })
+    }
+
+    /// Flushes the UDP conntrack flows of backends that left a UDP frontend in this sync and no
+    /// longer serve its Service port through any frontend (kube-proxy clears conntrack for
+    /// removed UDP endpoints): the flow's next datagram is balanced again. A backend that still
+    /// serves the Service port through another frontend (another address, or the other traffic
+    /// scope) keeps its flows: a conntrack entry names the Service port and the backend, and
+    /// the flows through that frontend are still right. TCP flows stay: a connection to a
+    /// terminating backend may finish. Runs after every map write of the sync, when no slot
+    /// points at the backend any more, and before its id can be handed out again.
+    fn flush_departed(&mut self) -> Result<u64> {
+        let mut gone = std::mem::take(&mut self.departed);
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let svc_ports: BTreeSet<u32> = gone.iter().map(|(s, _)| *s).collect();
+        for (k, p) in &self.frontends {
+            if k.proto != lb_common::proto::UDP || !svc_ports.contains(&p.svc_port_id) {
+                continue;
+            }
+            for id in &p.slots {
+                gone.remove(&(p.svc_port_id, *id));
+            }
+        }
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        self.dp.flush_udp_flows(&gone)
     }
 
     /// Drops one reference to a Service-port name; returns it when that was the last.
@@ -596,6 +640,21 @@ impl<D: Dataplane> Syncer<D> {
         }
         // Backends that left the frontend stop being members only after the master shrank.
         self.sync_members(fe, &slots, false)?;
+        if fe.proto == lb_common::proto::UDP {
+            if let Some(p) = &old {
+                let stay: BTreeSet<u32> = if p.svc_port_id == svc_port_id {
+                    slots.iter().copied().collect()
+                } else {
+                    BTreeSet::new()
+                };
+                self.departed.extend(
+                    p.slots
+                        .iter()
+                        .filter(|id| **id != 0 && !stay.contains(id))
+                        .map(|id| (p.svc_port_id, *id)),
+                );
+            }
+        }
         for id in old_slots.iter().filter(|id| **id != 0) {
             self.unref_backend(*id);
         }
@@ -767,6 +826,60 @@ mod tests {
     }
 
     #[test]
+    fn udp_backends_that_leave_a_service_port_have_their_flows_flushed() {
+        let udp = |mut fe: FrontendKey| {
+            fe.proto = lb_common::proto::UDP;
+            fe
+        };
+        let ube = |i: u32| BackendKey {
+            proto: lb_common::proto::UDP,
+            ..be(i)
+        };
+        let front = |name: &str, bes: &[u32]| DesiredFrontend {
+            service_port: name.into(),
+            flags: 1,
+            affinity_timeout_s: 0,
+            backends: bes.iter().map(|b| (ube(*b), 0)).collect(),
+        };
+        // A UDP Service port with two frontends (ClusterIP and a NodePort-like address), a TCP
+        // one, and another UDP Service port sharing backend 2.
+        let mut d: Desired = Desired::new();
+        d.insert(udp(fe(0)), front("ns/dns:53/UDP", &[1, 2, 3]));
+        d.insert(udp(fe(1)), front("ns/dns:53/UDP", &[1, 2, 3]));
+        d.insert(fe(2), desired(1, 3)[&fe(0)].clone());
+        d.insert(udp(fe(3)), front("ns/other:53/UDP", &[2]));
+        let mut s = Syncer::adopt(FakeDataplane::default()).unwrap();
+        s.sync(&d).unwrap();
+        assert!(s.dataplane().flushed.is_empty());
+        let id = |s: &Syncer<FakeDataplane>, b: u32| s.backends[&ube(b)].0;
+        let dns = s.service_ports()["ns/dns:53/UDP"];
+        let (b1, b2, b3) = (id(&s, 1), id(&s, 2), id(&s, 3));
+        // Backend 2 leaves one frontend of the DNS port only: it still serves the port.
+        d.insert(udp(fe(1)), front("ns/dns:53/UDP", &[1, 3]));
+        s.sync(&d).unwrap();
+        assert!(s.dataplane().flushed.is_empty());
+        // ... then the other: its DNS flows go (not those of the other Service port).
+        d.insert(udp(fe(0)), front("ns/dns:53/UDP", &[1, 3]));
+        s.sync(&d).unwrap();
+        assert_eq!(s.dataplane().flushed, vec![(dns, b2)]);
+        // A TCP frontend losing a backend flushes nothing.
+        let mut tcp = desired(1, 3)[&fe(0)].clone();
+        tcp.backends.pop();
+        d.insert(fe(2), tcp);
+        s.sync(&d).unwrap();
+        assert_eq!(s.dataplane().flushed.len(), 1);
+        // A removed UDP Service: all its backends' flows go.
+        d.remove(&udp(fe(0)));
+        d.remove(&udp(fe(1)));
+        s.sync(&d).unwrap();
+        let mut got = s.dataplane().flushed[1..].to_vec();
+        got.sort();
+        let mut want = vec![(dns, b1), (dns, b3)];
+        want.sort();
+        assert_eq!(got, want);
+    }
+
+    #[test]
     fn next_slots_keeps_positions() {
         assert_eq!(next_slots(&[1, 2, 3, 4], &[1, 2, 3, 4]), vec![1, 2, 3, 4]);
         assert_eq!(next_slots(&[1, 2, 3, 4], &[1, 3, 4]), vec![1, 4, 3]);
@@ -806,7 +919,7 @@ mod tests {
         s.sync(&d).unwrap();
         let dp = FakeDataplane {
             state: s.dataplane().state.clone(),
-            log: vec![],
+            ..Default::default()
         };
         let mut again = Syncer::adopt(dp).unwrap();
         assert_eq!(again.sync(&d).unwrap().writes, 0);
@@ -833,7 +946,11 @@ mod tests {
             },
         );
         state.backends.insert(77, backend_value(&be(77), 0));
-        let mut again = Syncer::adopt(FakeDataplane { state, log: vec![] }).unwrap();
+        let mut again = Syncer::adopt(FakeDataplane {
+            state,
+            ..Default::default()
+        })
+        .unwrap();
         again.sync(&desired(2, 2)).unwrap();
         assert_eq!(again.dataplane().state, s.dataplane().state);
     }
@@ -857,7 +974,7 @@ mod tests {
         let end = s.dataplane().state.clone();
         let mut replay = FakeDataplane {
             state: start,
-            log: vec![],
+            ..Default::default()
         };
         let mut ops = log.iter();
         // Rebuild each op from the end state or the start state to step through.
@@ -956,7 +1073,7 @@ mod tests {
         assert_eq!(s.dataplane().state.members.len(), 5);
         let mut again = Syncer::adopt(FakeDataplane {
             state: s.dataplane().state.clone(),
-            log: vec![],
+            ..Default::default()
         })
         .unwrap();
         assert_eq!(again.sync(&d).unwrap().writes, 0);
@@ -969,7 +1086,11 @@ mod tests {
             },
             1,
         );
-        let mut again = Syncer::adopt(FakeDataplane { state, log: vec![] }).unwrap();
+        let mut again = Syncer::adopt(FakeDataplane {
+            state,
+            ..Default::default()
+        })
+        .unwrap();
         assert_eq!(again.sync(&d).unwrap().writes, 1);
         assert_eq!(again.dataplane().state.members.len(), 5);
     }
@@ -1087,7 +1208,7 @@ mod tests {
         // Adoption keeps everything.
         let mut again = Syncer::adopt(FakeDataplane {
             state: st.clone(),
-            log: vec![],
+            ..Default::default()
         })
         .unwrap();
         assert_eq!(again.sync(&d).unwrap().writes, 0);
@@ -1121,7 +1242,11 @@ mod tests {
         let mut state = again.dataplane().state.clone();
         let victim = *state.maglev.keys().next().unwrap();
         state.maglev.get_mut(&victim).unwrap().backend_ids[0] = 999;
-        let mut third = Syncer::adopt(FakeDataplane { state, log: vec![] }).unwrap();
+        let mut third = Syncer::adopt(FakeDataplane {
+            state,
+            ..Default::default()
+        })
+        .unwrap();
         assert!(third.sync(&d).unwrap().writes > 0);
         check_tables(&third.dataplane().state);
         assert_eq!(third.dataplane().state.maglev.len(), 12);
@@ -1204,10 +1329,16 @@ mod tests {
             fn contents(&self) -> Result<MapContents> {
                 self.inner.contents()
             }
+            fn flush_udp_flows(&mut self, gone: &BTreeSet<(u32, u32)>) -> Result<u64> {
+                self.inner.flush_udp_flows(gone)
+            }
         }
         let state = s.dataplane().state.clone();
         let mut stepped = Syncer::adopt(Stepper {
-            inner: FakeDataplane { state, log: vec![] },
+            inner: FakeDataplane {
+                state,
+                ..Default::default()
+            },
         })
         .unwrap();
         stepped.sync(&d).unwrap();

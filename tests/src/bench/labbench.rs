@@ -60,14 +60,10 @@ pub const UDP_FLOWS_PER_WORKER: usize = 32;
 pub const TCP_TIMEOUT: Duration = Duration::from_secs(2);
 /// A UDP datagram without a reply within this counts as lost (and is sent again).
 pub const UDP_TIMEOUT: Duration = Duration::from_millis(300);
-/// Extra `lb-agent run` arguments for the `xdp` mode: SNAT ports 1024-29999, below the NodePort
-/// range and the node's ephemeral ports, about as many as kube-proxy's MASQUERADE picks from.
-/// With the agent's default (61000-65535, 4,536 ports per backend) a TCP run runs out: a closed
-/// flow's SNAT port is free again only after a TIME-WAIT period (61 s), so a few thousand new
-/// connections in a row exhaust the range, SYNs are dropped (`xdp_drop_snat_exhausted`) and
-/// clients wait for their retransmission (measured: ~400 requests/s and timeouts, against
-/// ~6,000 with this range).
-pub const XDP_AGENT_ARGS: &[&str] = &["--snat-ports", "1024-29999"];
+/// Extra `lb-agent run` arguments for the `xdp` mode: none, the agent runs with its default
+/// flags (its default `--snat-ports` is 1024-29999, below the NodePort range and the node's
+/// ephemeral ports).
+pub const XDP_AGENT_ARGS: &[&str] = &[];
 /// How long the agent may take for its first sync (10,000 Services included).
 const AGENT_SYNC_TIMEOUT: Duration = Duration::from_secs(600);
 

@@ -2,6 +2,7 @@
 //! plain data; `lb-bench` (src/bin/lb-bench.rs) runs them and writes bench/results.json,
 //! bench/results.md and bench/chart.svg.
 pub mod control;
+pub mod ctgc;
 pub mod gen;
 pub mod kubeproxy;
 pub mod labbench;

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use super::{
     control::{AgentMemory, ControlBench},
+    ctgc::CtGcBench,
     kubeproxy::RestoreBench,
     labbench::LabPoint,
     testrun::TestRunBench,
@@ -67,6 +68,7 @@ pub struct Results {
     pub control: Result<ControlBench, String>,
     pub kube_proxy_restore: Result<RestoreBench, String>,
     pub agent_memory: Result<AgentMemory, String>,
+    pub ct_gc: Result<CtGcBench, String>,
 }
 
 fn f1(x: f64) -> String {
@@ -293,6 +295,26 @@ pub fn markdown(r: &Results) -> String {
             let _ = writeln!(md, "\nkube-proxy rules not measured: {e}");
         }
     }
+    let _ = writeln!(md, "\n## Conntrack sweep\n");
+    match &r.ct_gc {
+        Ok(g) => {
+            let _ = writeln!(
+                md,
+                "Both tiers full ({} entries): a sweep with nothing expired took {} ms, {} entries/s read with BPF_MAP_LOOKUP_BATCH (aya's per-key iteration: {} ms, {} entries/s). A sweep finding half of the flows expired removed {} entries in {} ms ({} entries/s).",
+                thousands(g.entries as f64),
+                f1(g.sweep_idle_s * 1000.0),
+                thousands(g.sweep_entries_per_s),
+                f1(g.aya_iter_s * 1000.0),
+                thousands(g.aya_iter_entries_per_s),
+                thousands(g.removed as f64),
+                f1(g.sweep_half_expired_s * 1000.0),
+                thousands(g.removed_per_s)
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(md, "Not measured: {e}");
+        }
+    }
     let _ = writeln!(md, "\n## Memory\n");
     if let Ok(c) = &r.control {
         let _ = writeln!(
@@ -487,6 +509,7 @@ mod tests {
             control: Err("no maps".into()),
             kube_proxy_restore: Err("no iptables".into()),
             agent_memory: Err("no agent".into()),
+            ct_gc: Err("no maps".into()),
         };
         let md = markdown(&r);
         assert!(md.contains("Not measured: no BPF") && md.contains("Not measured: no lab"));

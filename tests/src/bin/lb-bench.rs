@@ -27,9 +27,10 @@ fn main() {
             }
             "--only" => {
                 let p = args.next().unwrap_or_else(|| usage("--only needs a part"));
-                if !["testrun", "control", "restore", "agent", "lab"].contains(&p.as_str()) {
+                if !["testrun", "control", "restore", "agent", "lab", "ctgc"].contains(&p.as_str())
+                {
                     usage(&format!(
-                        "--only {p}: one of testrun, control, restore, agent, lab"
+                        "--only {p}: one of testrun, control, restore, agent, lab, ctgc"
                     ));
                 }
                 only = Some(p);
@@ -50,7 +51,7 @@ fn main() {
                 }));
             }
             "-h" | "--help" => {
-                println!("usage: lb-bench [--quick] [--out DIR] [--skip-lab] [--only testrun|control|restore|agent|lab] [--lab-services N,N] [--lab-modes xdp,iptables,nftables]");
+                println!("usage: lb-bench [--quick] [--out DIR] [--skip-lab] [--only testrun|control|restore|agent|lab|ctgc] [--lab-services N,N] [--lab-modes xdp,iptables,nftables]");
                 return;
             }
             other => usage(&format!("unknown argument {other:?}")),
@@ -88,6 +89,12 @@ fn main() {
     let kube_proxy_restore = if wants("restore") {
         step("kube-proxy rules: iptables-restore and nft");
         kubeproxy::restore_bench(services, 10).map_err(err)
+    } else {
+        skipped()
+    };
+    let ct_gc = if wants("ctgc") {
+        step("conntrack sweep on full maps");
+        lb_tests::bench::ctgc::ct_gc_bench(if quick { 0.1 } else { 1.0 }).map_err(err)
     } else {
         skipped()
     };
@@ -130,6 +137,7 @@ fn main() {
         control,
         kube_proxy_restore,
         agent_memory,
+        ct_gc,
     };
     if let Err(e) = write(&out, &results) {
         eprintln!("lb-bench: error: writing {}: {e}", out.display());
@@ -146,6 +154,7 @@ fn main() {
         results.control.is_err() && wants("control"),
         results.kube_proxy_restore.is_err() && wants("restore"),
         results.agent_memory.is_err() && wants("agent"),
+        results.ct_gc.is_err() && wants("ctgc"),
         results.lab.is_err() && !skip_lab && wants("lab"),
     ];
     if failed.iter().any(|f| *f) {

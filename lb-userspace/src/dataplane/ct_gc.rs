@@ -1,0 +1,314 @@
+//! Conntrack garbage collection and flushes, on both tiers (`CONNTRACK`, established flows, and
+//! `CONNTRACK_NEW`, unconfirmed ones).
+//!
+//! The datapath treats an entry past its state's lifetime as a miss (`CtEntry::expired`), but
+//! only when a packet looks it up; [`sweep`] removes the flows no packet comes back for, so their
+//! SNAT ports and map slots come back without waiting for the LRU. A flow has two entries
+//! (original and reply direction; [`partner_key`] finds one from the other) and each direction's
+//! packets refresh only their own entry, so a flow is expired when the more recent of its two
+//! `last_seen_s` is past the lifetime of its state.
+//!
+//! A sweep reads both maps with `BPF_MAP_LOOKUP_BATCH` (aya's per-key iteration costs two
+//! syscalls per entry: `get_next_key` and `lookup`), then re-reads each expired-looking flow
+//! right before deleting it, since a packet may have refreshed it meanwhile. The kernel has no
+//! conditional delete: a packet landing between that re-read and the delete finds no entry and
+//! starts the flow again (with the same backend and SNAT port candidates: both are functions of
+//! the packet), which is the datapath's answer to any evicted flow.
+//!
+//! [`flush_udp`] removes the UDP flows of backends that left a Service port (kube-proxy clears
+//! conntrack for removed UDP endpoints), so the flow's next datagram is balanced again.
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use aya::maps::MapData;
+use lb_common::{map_name, proto, CtEntry, CtKey};
+
+use super::{bpf_sys, pinned::open_pinned};
+
+/// The two conntrack tiers.
+pub struct CtTiers {
+    established: MapData,
+    new: MapData,
+}
+
+/// Which tier an entry sits in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    Established,
+    New,
+}
+
+impl CtTiers {
+    /// The tiers pinned under `bpffs`.
+    pub fn open(bpffs: &Path) -> Result<Self> {
+        Ok(Self {
+            established: open_pinned(bpffs, map_name::CONNTRACK)?,
+            new: open_pinned(bpffs, map_name::CONNTRACK_NEW)?,
+        })
+    }
+
+    /// The tiers of a loaded object (their fds duplicated: the object keeps its maps).
+    pub fn from_ebpf(ebpf: &aya::Ebpf) -> Result<Self> {
+        let dup = |name: &str| -> Result<OwnedFd> {
+            let m = ebpf
+                .map(name)
+                .with_context(|| format!("map {name} missing from the object"))?;
+            let data = match m {
+                aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => d,
+                _ => anyhow::bail!("map {name} is not a hash map"),
+            };
+            Ok(data.fd().as_fd().try_clone_to_owned()?)
+        };
+        Self::from_fds(dup(map_name::CONNTRACK)?, dup(map_name::CONNTRACK_NEW)?)
+    }
+
+    /// Tiers from map fds (maps taken from a loaded object, or created by a test).
+    pub fn from_fds(established: OwnedFd, new: OwnedFd) -> Result<Self> {
+        Ok(Self {
+            established: MapData::from_fd(established).context("conntrack map")?,
+            new: MapData::from_fd(new).context("new-flow conntrack map")?,
+        })
+    }
+
+    /// Writes an entry into one tier (tests and benchmarks stage flows with it).
+    pub fn insert(&self, key: &CtKey, e: &CtEntry, t: Tier) -> Result<()> {
+        Ok(bpf_sys::update(self.fd(t), key, e, 0)?)
+    }
+
+    /// Every entry of one tier.
+    pub fn entries(&self, t: Tier) -> Result<Vec<(CtKey, CtEntry)>> {
+        let mut out = Vec::new();
+        bpf_sys::for_each_batch::<CtKey, CtEntry>(self.fd(t), |k, v| {
+            out.extend(k.iter().copied().zip(v.iter().copied()))
+        })?;
+        Ok(out)
+    }
+
+    /// Two LRU hash maps of the tiers' key and value sizes and `capacities`, not pinned (for
+    /// tests and benchmarks).
+    pub fn create(capacities: (u32, u32)) -> Result<Self> {
+        let make = |n: u32, name: &str| {
+            bpf_sys::create_map(
+                bpf_sys::MAP_TYPE_LRU_HASH,
+                std::mem::size_of::<CtKey>() as u32,
+                std::mem::size_of::<CtEntry>() as u32,
+                n,
+                name,
+            )
+            .with_context(|| format!("creating map {name}"))
+        };
+        Self::from_fds(
+            make(capacities.0, "test_ct")?,
+            make(capacities.1, "test_ct_new")?,
+        )
+    }
+
+    /// A second handle on one tier's map (for aya's typed views).
+    pub fn map_data(&self, t: Tier) -> Result<MapData> {
+        Ok(MapData::from_fd(self.fd(t).try_clone_to_owned()?)?)
+    }
+
+    fn fd(&self, t: Tier) -> BorrowedFd<'_> {
+        match t {
+            Tier::Established => self.established.fd().as_fd(),
+            Tier::New => self.new.fd().as_fd(),
+        }
+    }
+
+    /// The entry for `key` in either tier (established first, as the datapath looks).
+    pub fn get(&self, key: &CtKey) -> Result<Option<(CtEntry, Tier)>> {
+        self.get_from(key, Tier::Established)
+    }
+
+    /// The entry for `key` in either tier, looking in `first` first (where it was last seen).
+    fn get_from(&self, key: &CtKey, first: Tier) -> Result<Option<(CtEntry, Tier)>> {
+        let other = match first {
+            Tier::Established => Tier::New,
+            Tier::New => Tier::Established,
+        };
+        for t in [first, other] {
+            if let Some(e) = bpf_sys::lookup::<CtKey, CtEntry>(self.fd(t), key)? {
+                return Ok(Some((e, t)));
+            }
+        }
+        Ok(None)
+    }
+
+    fn delete(&self, key: &CtKey, t: Tier) -> Result<bool> {
+        Ok(bpf_sys::delete(self.fd(t), key)?)
+    }
+}
+
+/// The key of the opposite direction's entry: a packet matching `key` is rewritten to `e`'s
+/// addresses, so the other direction arrives as (nat_d -> nat_s). (As the datapath's
+/// `ct::partner`.)
+pub fn partner_key(key: &CtKey, e: &CtEntry) -> CtKey {
+    CtKey {
+        saddr_be: e.nat_daddr_be,
+        daddr_be: e.nat_saddr_be,
+        sport_be: e.nat_dport_be,
+        dport_be: e.nat_sport_be,
+        proto: key.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// The more recent of two `last_seen_s` stamps (the clock may wrap).
+pub fn latest(a: u32, b: u32) -> u32 {
+    if b.wrapping_sub(a) as i32 > 0 {
+        b
+    } else {
+        a
+    }
+}
+
+/// What one sweep did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepStats {
+    /// Entries read (both tiers).
+    pub examined: u64,
+    /// Entries removed (both tiers, both directions).
+    pub removed: u64,
+    /// Entries left in each tier after the sweep (as read, minus those removed).
+    pub established_entries: u64,
+    pub new_entries: u64,
+    /// Reading both tiers.
+    pub walk: Duration,
+    /// The whole sweep.
+    pub duration: Duration,
+}
+
+/// Removes every flow expired at `now_s` (seconds of CLOCK_MONOTONIC_COARSE, as
+/// `read::boot_seconds`) from both tiers: both entries of it, whichever tier each is in.
+pub fn sweep(t: &CtTiers, now_s: u32) -> Result<SweepStats> {
+    let started = Instant::now();
+    let mut st = SweepStats::default();
+    // Entries expired by their own stamp: a flow can only be expired if each of its entries is
+    // (the flow's stamp is the later of the two), so only these are looked at again.
+    let mut candidates: HashMap<CtKey, (CtEntry, Tier)> = HashMap::new();
+    let mut seen = [0u64; 2];
+    for (i, tier) in [Tier::Established, Tier::New].into_iter().enumerate() {
+        seen[i] = bpf_sys::for_each_batch::<CtKey, CtEntry>(t.fd(tier), |keys, values| {
+            for (k, v) in keys.iter().zip(values) {
+                if v.expired(v.last_seen_s, now_s) {
+                    candidates.insert(*k, (*v, tier));
+                }
+            }
+        })
+        .with_context(|| format!("reading the {tier:?} conntrack tier"))?;
+    }
+    st.walk = started.elapsed();
+    st.examined = seen[0] + seen[1];
+    let mut removed = [0u64; 2];
+    let mut done: HashSet<CtKey> = HashSet::new();
+    for (k, (snap, tier)) in &candidates {
+        if done.contains(k) {
+            continue;
+        }
+        let pk = partner_key(k, snap);
+        done.insert(pk);
+        // Re-read both entries right before deciding: a packet may have refreshed either.
+        let Some((e, et)) = t.get_from(k, *tier)? else {
+            continue;
+        };
+        let p = t.get_from(&pk, candidates.get(&pk).map_or(*tier, |(_, pt)| *pt))?;
+        let last = p.map_or(e.last_seen_s, |(p, _)| latest(e.last_seen_s, p.last_seen_s));
+        if !e.expired(last, now_s) {
+            continue;
+        }
+        for (key, tier) in [(Some(*k), Some(et)), (Some(pk), p.map(|(_, pt)| pt))] {
+            let (Some(key), Some(tier)) = (key, tier) else {
+                continue;
+            };
+            if t.delete(&key, tier)? {
+                removed[(tier == Tier::New) as usize] += 1;
+            }
+        }
+    }
+    st.removed = removed[0] + removed[1];
+    st.established_entries = seen[0].saturating_sub(removed[0]);
+    st.new_entries = seen[1].saturating_sub(removed[1]);
+    st.duration = started.elapsed();
+    Ok(st)
+}
+
+/// Removes the UDP entries (both directions, both tiers) whose (Service-port id, backend id) is
+/// in `gone`. Returns the number of entries removed.
+pub fn flush_udp(t: &CtTiers, gone: &BTreeSet<(u32, u32)>) -> Result<u64> {
+    if gone.is_empty() {
+        return Ok(0);
+    }
+    let mut removed = 0;
+    for tier in [Tier::Established, Tier::New] {
+        let mut doomed = Vec::new();
+        bpf_sys::for_each_batch::<CtKey, CtEntry>(t.fd(tier), |keys, values| {
+            for (k, v) in keys.iter().zip(values) {
+                if k.proto == proto::UDP && gone.contains(&(v.svc_port_id, v.backend_id)) {
+                    doomed.push(*k);
+                }
+            }
+        })?;
+        for k in doomed {
+            if t.delete(&k, tier)? {
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partner_of_partner_is_the_key() {
+        let k = CtKey {
+            saddr_be: 1,
+            daddr_be: 2,
+            sport_be: 3,
+            dport_be: 4,
+            proto: 17,
+            _pad: [0; 3],
+        };
+        let e = CtEntry {
+            nat_saddr_be: 5,
+            nat_daddr_be: 6,
+            nat_sport_be: 7,
+            nat_dport_be: 8,
+            svc_port_id: 1,
+            backend_id: 1,
+            last_seen_s: 0,
+            flags: 0,
+            state: 0,
+            _pad: 0,
+            seq_next: 0,
+        };
+        let pk = partner_key(&k, &e);
+        assert_eq!(
+            (pk.saddr_be, pk.daddr_be, pk.sport_be, pk.dport_be),
+            (6, 5, 8, 7)
+        );
+        // The reply entry translates back to the original addresses.
+        let pe = CtEntry {
+            nat_saddr_be: k.daddr_be,
+            nat_daddr_be: k.saddr_be,
+            nat_sport_be: k.dport_be,
+            nat_dport_be: k.sport_be,
+            ..e
+        };
+        assert_eq!(partner_key(&pk, &pe), k);
+    }
+
+    #[test]
+    fn latest_handles_wrapping() {
+        assert_eq!(latest(10, 20), 20);
+        assert_eq!(latest(20, 10), 20);
+        assert_eq!(latest(u32::MAX - 1, 3), 3);
+    }
+}
