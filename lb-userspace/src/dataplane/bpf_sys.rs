@@ -12,6 +12,7 @@ const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 /// `BPF_MAP_TYPE_LRU_HASH`.
 pub const MAP_TYPE_LRU_HASH: u32 = 9;
 /// `BPF_MAP_TYPE_HASH`.
@@ -164,4 +165,29 @@ pub fn for_each_batch<K: aya::Pod, V: aya::Pod>(
         in_batch = out_batch;
         first = false;
     }
+}
+
+/// Deletes `keys` with `BPF_MAP_DELETE_BATCH` (one syscall per [`BATCH`] keys). A key the map
+/// no longer has (the datapath removed it meanwhile) is skipped. Returns the number deleted.
+pub fn delete_batch<K: aya::Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<u64> {
+    let mut deleted = 0u64;
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(BATCH)];
+        let mut a = Attr::new();
+        a.u64_at(16, chunk.as_ptr() as u64)
+            .u32_at(32, chunk.len() as u32)
+            .u32_at(36, fd.as_raw_fd() as u32);
+        let r = bpf(BPF_MAP_DELETE_BATCH, &mut a);
+        // The kernel deletes in order and stops at the first key it cannot delete; `count`
+        // says how many it did.
+        let n = (a.read_u32(32) as usize).min(chunk.len());
+        deleted += n as u64;
+        match r {
+            Ok(_) => rest = &rest[chunk.len()..],
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => rest = &rest[n + 1..],
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(deleted)
 }

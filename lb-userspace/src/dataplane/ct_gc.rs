@@ -9,8 +9,9 @@
 //! `last_seen_s` is past the lifetime of its state.
 //!
 //! A sweep reads both maps with `BPF_MAP_LOOKUP_BATCH` (aya's per-key iteration costs two
-//! syscalls per entry: `get_next_key` and `lookup`), then re-reads each expired-looking flow
-//! right before deleting it, since a packet may have refreshed it meanwhile. The kernel has no
+//! syscalls per entry: `get_next_key` and `lookup`), reads them once more right before
+//! deleting (a packet may have refreshed an entry meanwhile) and deletes what is still expired
+//! with `BPF_MAP_DELETE_BATCH`: no syscall per entry. The kernel has no
 //! conditional delete: a packet landing between that re-read and the delete finds no entry and
 //! starts the flow again (with the same backend and SNAT port candidates: both are functions of
 //! the packet), which is the datapath's answer to any evicted flow.
@@ -138,10 +139,6 @@ impl CtTiers {
         }
         Ok(None)
     }
-
-    fn delete(&self, key: &CtKey, t: Tier) -> Result<bool> {
-        Ok(bpf_sys::delete(self.fd(t), key)?)
-    }
 }
 
 /// The key of the opposite direction's entry: a packet matching `key` is rewritten to `e`'s
@@ -179,6 +176,10 @@ pub struct SweepStats {
     pub new_entries: u64,
     /// Reading both tiers.
     pub walk: Duration,
+    /// Deciding which flows expired, and reading both tiers again.
+    pub recheck: Duration,
+    /// Deleting.
+    pub delete: Duration,
     /// The whole sweep.
     pub duration: Duration,
 }
@@ -204,32 +205,69 @@ pub fn sweep(t: &CtTiers, now_s: u32) -> Result<SweepStats> {
     }
     st.walk = started.elapsed();
     st.examined = seen[0] + seen[1];
-    let mut removed = [0u64; 2];
+    // The flows whose entries (both, where both exist) are expired by the later stamp.
+    let mut doomed: [Vec<CtKey>; 2] = [Vec::new(), Vec::new()];
     let mut done: HashSet<CtKey> = HashSet::new();
-    for (k, (snap, tier)) in &candidates {
+    for (k, (e, tier)) in &candidates {
         if done.contains(k) {
             continue;
         }
-        let pk = partner_key(k, snap);
-        done.insert(pk);
-        // Re-read both entries right before deciding: a packet may have refreshed either.
-        let Some((e, et)) = t.get_from(k, *tier)? else {
-            continue;
+        let pk = partner_key(k, e);
+        let partner = match candidates.get(&pk) {
+            Some(p) => Some(*p),
+            // Not expired by its own stamp (then the flow is alive), or absent (evicted: the
+            // flow is this entry alone, unless the partner was written after the walk).
+            None => match t.get(&pk)? {
+                Some(_) => continue,
+                None => None,
+            },
         };
-        let p = t.get_from(&pk, candidates.get(&pk).map_or(*tier, |(_, pt)| *pt))?;
-        let last = p.map_or(e.last_seen_s, |(p, _)| latest(e.last_seen_s, p.last_seen_s));
+        let last = partner.map_or(e.last_seen_s, |(p, _)| latest(e.last_seen_s, p.last_seen_s));
         if !e.expired(last, now_s) {
             continue;
         }
-        for (key, tier) in [(Some(*k), Some(et)), (Some(pk), p.map(|(_, pt)| pt))] {
-            let (Some(key), Some(tier)) = (key, tier) else {
-                continue;
-            };
-            if t.delete(&key, tier)? {
-                removed[(tier == Tier::New) as usize] += 1;
-            }
+        done.insert(*k);
+        done.insert(pk);
+        doomed[(*tier == Tier::New) as usize].push(*k);
+        if let Some((_, pt)) = partner {
+            doomed[(pt == Tier::New) as usize].push(pk);
         }
     }
+    // Look again right before deleting: a packet may have refreshed an entry since the walk
+    // (or the datapath replaced an expired flow with a new one under the same key). One more
+    // batched walk costs far less than a lookup per entry; what stays expired goes, in
+    // batches. (The kernel has no conditional delete: a packet landing between this walk and
+    // the delete finds no entry and starts the flow again, see the module doc.)
+    let mut still: HashSet<CtKey> = HashSet::new();
+    for tier in [Tier::Established, Tier::New] {
+        bpf_sys::for_each_batch::<CtKey, CtEntry>(t.fd(tier), |keys, values| {
+            for (k, v) in keys.iter().zip(values) {
+                if done.contains(k) && v.expired(v.last_seen_s, now_s) {
+                    still.insert(*k);
+                }
+            }
+        })
+        .with_context(|| format!("re-reading the {tier:?} conntrack tier"))?;
+    }
+    st.recheck = started.elapsed() - st.walk;
+    let mut removed = [0u64; 2];
+    for (i, tier) in [Tier::Established, Tier::New].into_iter().enumerate() {
+        let keys: Vec<CtKey> = doomed[i]
+            .iter()
+            .filter(|k| {
+                // Both entries of the flow must still be expired (or the partner absent).
+                let e_ok = still.contains(*k);
+                e_ok && candidates.get(*k).is_some_and(|(e, _)| {
+                    let pk = partner_key(k, e);
+                    !candidates.contains_key(&pk) || still.contains(&pk)
+                })
+            })
+            .copied()
+            .collect();
+        removed[i] = bpf_sys::delete_batch(t.fd(tier), &keys)
+            .with_context(|| format!("deleting from the {tier:?} conntrack tier"))?;
+    }
+    st.delete = started.elapsed() - st.walk - st.recheck;
     st.removed = removed[0] + removed[1];
     st.established_entries = seen[0].saturating_sub(removed[0]);
     st.new_entries = seen[1].saturating_sub(removed[1]);
@@ -253,11 +291,7 @@ pub fn flush_udp(t: &CtTiers, gone: &BTreeSet<(u32, u32)>) -> Result<u64> {
                 }
             }
         })?;
-        for k in doomed {
-            if t.delete(&k, tier)? {
-                removed += 1;
-            }
-        }
+        removed += bpf_sys::delete_batch(t.fd(tier), &doomed)?;
     }
     Ok(removed)
 }

@@ -103,6 +103,10 @@ pub fn ct_gc_bench(scale: f64) -> Result<CtGcBench> {
     let started = Instant::now();
     let half = sweep(&t, NOW)?;
     let sweep_half_expired_s = started.elapsed().as_secs_f64();
+    eprintln!(
+        "ctgc: half-expired sweep: walk {:?}, decide + re-read {:?}, delete {:?}",
+        half.walk, half.recheck, half.delete
+    );
     Ok(CtGcBench {
         entries: idle.examined,
         sweep_idle_s,
