@@ -59,7 +59,7 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         poll_interval_ms: u64,
         /// Source ports (MIN-MAX) for flows translated to the node's address.
-        #[arg(long, default_value = "61000-65535", value_parser = parse_range)]
+        #[arg(long, default_value = "1024-29999", value_parser = parse_range)]
         snat_ports: (u16, u16),
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9464).
         #[arg(long)]
