@@ -5,8 +5,8 @@
 //! Each (Service count, mode) point gets a fresh [`Lab`], so nothing of one mode (agent, pinned
 //! maps, rules, conntrack entries) is present while another is measured:
 //! - `xdp`: `lb-agent run` on node1 only, with `--device eth0` (as [`Lab::spawn_agent`] starts
-//!   it) and [`XDP_AGENT_ARGS`], on manifests holding the lab's Node objects, the measured
-//!   Service and the fillers.
+//!   it) and otherwise its default flags (the default `--snat-ports` included), on manifests
+//!   holding the lab's Node objects, the measured Service and the fillers.
 //!   Translated packets (DNAT + SNAT to node1) leave through XDP_TX back out of eth0; replies are
 //!   translated back by XDP as well. Afterwards the agent is stopped and `lb-agent uninstall`
 //!   removes its programs and maps.
@@ -60,14 +60,6 @@ pub const UDP_FLOWS_PER_WORKER: usize = 32;
 pub const TCP_TIMEOUT: Duration = Duration::from_secs(2);
 /// A UDP datagram without a reply within this counts as lost (and is sent again).
 pub const UDP_TIMEOUT: Duration = Duration::from_millis(300);
-/// Extra `lb-agent run` arguments for the `xdp` mode: SNAT ports 1024-29999, below the NodePort
-/// range and the node's ephemeral ports, about as many as kube-proxy's MASQUERADE picks from.
-/// With the agent's default (61000-65535, 4,536 ports per backend) a TCP run runs out: a closed
-/// flow's SNAT port is free again only after a TIME-WAIT period (61 s), so a few thousand new
-/// connections in a row exhaust the range, SYNs are dropped (`xdp_drop_snat_exhausted`) and
-/// clients wait for their retransmission (measured: ~400 requests/s and timeouts, against
-/// ~6,000 with this range).
-pub const XDP_AGENT_ARGS: &[&str] = &["--snat-ports", "1024-29999"];
 /// How long the agent may take for its first sync (10,000 Services included).
 const AGENT_SYNC_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -243,7 +235,7 @@ pub fn lab_point(mode: &str, services: usize, duration: Duration) -> Result<LabP
             let manifests = lab.tmpdir().join("bench-manifests.yaml");
             fs::write(&manifests, agent_manifests(&svcs))?;
             let mut a =
-                lab.spawn_agent("node1", &bin_path("lb-agent")?, &manifests, XDP_AGENT_ARGS)?;
+                lab.spawn_agent("node1", &bin_path("lb-agent")?, &manifests, &[])?;
             wait_first_sync(&mut a)?;
             agent = Some(a);
         }

@@ -5,5 +5,6 @@ pub mod control;
 pub mod gen;
 pub mod kubeproxy;
 pub mod labbench;
+pub mod nat;
 pub mod report;
 pub mod testrun;

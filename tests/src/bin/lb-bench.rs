@@ -1,11 +1,12 @@
 //! `lb-bench [--quick] [--out DIR] [--skip-lab] [--only PART] [--lab-services N,N] [--lab-modes M,M]`: runs every
-//! benchmark of issue 7 (or one PART: testrun, control, restore, agent, lab) and writes
+//! benchmark of issue 7 and the NAT targets of issue 12 (or one PART: testrun, control, restore,
+//! agent, lab, nat) and writes
 //! DIR/results.json, DIR/results.md and DIR/chart.svg (DIR defaults to `bench`). `cargo xtask
 //! bench` builds the release binaries and runs it. A part that fails is reported as such; the
 //! others still run. Needs root (BPF, network namespaces).
 use std::{path::PathBuf, time::Duration};
 
-use lb_tests::bench::{control, kubeproxy, labbench, report, testrun};
+use lb_tests::bench::{control, kubeproxy, labbench, nat, report, testrun};
 
 fn main() {
     let mut quick = false;
@@ -27,9 +28,9 @@ fn main() {
             }
             "--only" => {
                 let p = args.next().unwrap_or_else(|| usage("--only needs a part"));
-                if !["testrun", "control", "restore", "agent", "lab"].contains(&p.as_str()) {
+                if !["testrun", "control", "restore", "agent", "lab", "nat"].contains(&p.as_str()) {
                     usage(&format!(
-                        "--only {p}: one of testrun, control, restore, agent, lab"
+                        "--only {p}: one of testrun, control, restore, agent, lab, nat"
                     ));
                 }
                 only = Some(p);
@@ -50,7 +51,7 @@ fn main() {
                 }));
             }
             "-h" | "--help" => {
-                println!("usage: lb-bench [--quick] [--out DIR] [--skip-lab] [--only testrun|control|restore|agent|lab] [--lab-services N,N] [--lab-modes xdp,iptables,nftables]");
+                println!("usage: lb-bench [--quick] [--out DIR] [--skip-lab] [--only testrun|control|restore|agent|lab|nat] [--lab-services N,N] [--lab-modes xdp,iptables,nftables]");
                 return;
             }
             other => usage(&format!("unknown argument {other:?}")),
@@ -122,11 +123,26 @@ fn main() {
             }
         }
     };
+    // --skip-lab skips every part that builds a lab.
+    let nat = if skip_lab {
+        Err("skipped (--skip-lab)".to_string())
+    } else if !wants("nat") {
+        skipped()
+    } else {
+        step("lab: north-south NAT targets (agent with default flags)");
+        nat::nat_bench(if quick {
+            nat::NatSizes::QUICK
+        } else {
+            nat::NatSizes::FULL
+        })
+        .map_err(err)
+    };
     let results = report::Results {
         machine: report::Machine::read(),
         quick,
         testrun,
         lab,
+        nat,
         control,
         kube_proxy_restore,
         agent_memory,
@@ -147,6 +163,7 @@ fn main() {
         results.kube_proxy_restore.is_err() && wants("restore"),
         results.agent_memory.is_err() && wants("agent"),
         results.lab.is_err() && !skip_lab && wants("lab"),
+        results.nat.is_err() && !skip_lab && wants("nat"),
     ];
     if failed.iter().any(|f| *f) {
         eprintln!("lb-bench: some parts could not run (see the report)");
