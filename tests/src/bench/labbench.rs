@@ -5,8 +5,8 @@
 //! Each (Service count, mode) point gets a fresh [`Lab`], so nothing of one mode (agent, pinned
 //! maps, rules, conntrack entries) is present while another is measured:
 //! - `xdp`: `lb-agent run` on node1 only, with `--device eth0` (as [`Lab::spawn_agent`] starts
-//!   it) and otherwise its default flags (the default `--snat-ports` included), on manifests
-//!   holding the lab's Node objects, the measured Service and the fillers.
+//!   it) and [`XDP_AGENT_ARGS`], on manifests holding the lab's Node objects, the measured
+//!   Service and the fillers.
 //!   Translated packets (DNAT + SNAT to node1) leave through XDP_TX back out of eth0; replies are
 //!   translated back by XDP as well. Afterwards the agent is stopped and `lb-agent uninstall`
 //!   removes its programs and maps.
@@ -60,6 +60,10 @@ pub const UDP_FLOWS_PER_WORKER: usize = 32;
 pub const TCP_TIMEOUT: Duration = Duration::from_secs(2);
 /// A UDP datagram without a reply within this counts as lost (and is sent again).
 pub const UDP_TIMEOUT: Duration = Duration::from_millis(300);
+/// Extra `lb-agent run` arguments for the `xdp` mode: none, the agent runs with its default
+/// flags (its default `--snat-ports` is 1024-29999, below the NodePort range and the node's
+/// ephemeral ports).
+pub const XDP_AGENT_ARGS: &[&str] = &[];
 /// How long the agent may take for its first sync (10,000 Services included).
 const AGENT_SYNC_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -235,7 +239,7 @@ pub fn lab_point(mode: &str, services: usize, duration: Duration) -> Result<LabP
             let manifests = lab.tmpdir().join("bench-manifests.yaml");
             fs::write(&manifests, agent_manifests(&svcs))?;
             let mut a =
-                lab.spawn_agent("node1", &bin_path("lb-agent")?, &manifests, &[])?;
+                lab.spawn_agent("node1", &bin_path("lb-agent")?, &manifests, XDP_AGENT_ARGS)?;
             wait_first_sync(&mut a)?;
             agent = Some(a);
         }

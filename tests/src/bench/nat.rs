@@ -66,8 +66,8 @@ const AGENT_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 /// `nat/tcp`, `nat/udp-one` and `nat/udp` (see the module documentation) with `endpoints`
 /// (the pods of node2: b1 first).
 pub fn nat_services(endpoints: &[(Ipv4Addr, String)]) -> Vec<BenchService> {
-    let service = |name: &str, protocol, node_port, host, endpoints: &[(Ipv4Addr, String)]| {
-        BenchService {
+    let service =
+        |name: &str, protocol, node_port, host, endpoints: &[(Ipv4Addr, String)]| BenchService {
             namespace: "nat".into(),
             name: name.into(),
             cluster_ip: Ipv4Addr::new(10, 96, 1, host),
@@ -76,8 +76,7 @@ pub fn nat_services(endpoints: &[(Ipv4Addr, String)]) -> Vec<BenchService> {
             node_port: Some(node_port),
             target_port: TARGET_PORT,
             endpoints: endpoints.to_vec(),
-        }
-    };
+        };
     vec![
         service("tcp", "TCP", NODE_PORT_TCP, 1, endpoints),
         service("udp-one", "UDP", NODE_PORT_UDP_ONE, 2, &endpoints[..1]),
@@ -474,9 +473,12 @@ impl NatLab {
         let rows = self.client_conntrack()?;
         for (_, _, snat) in &held {
             let tracked = rows.iter().any(|row| {
+                // `state` is the tier ("established": confirmed) or, with the tier in its own
+                // field, the flow's state ("established" too).
                 row["direction"] == "original"
                     && row["protocol"] == "TCP"
                     && row["state"] == "established"
+                    && row.get("tier").is_none_or(|t| t == "established")
                     && row["translated"]
                         .as_str()
                         .is_some_and(|t| t.starts_with(&format!("{snat} ->")))
@@ -540,10 +542,7 @@ impl TcpComparison {
 }
 
 /// Runs `f` on a thread that entered network namespace `ns` (sockets it makes live there).
-pub fn in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T> {
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
     let path = format!("{}/{ns}", netns::NETNS_RUN_DIR);
     thread::spawn(move || -> Result<T> {
         let file = fs::File::open(&path).with_context(|| format!("open {path}"))?;

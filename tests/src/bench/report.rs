@@ -374,7 +374,10 @@ fn nat_targets(md: &mut String, n: &NatBench) {
             );
         }
         Err(e) => {
-            let _ = writeln!(md, "| new TCP connections ≥ 0.9 × the no-LB path | not measured: {e} | **not met** |");
+            let _ = writeln!(
+                md,
+                "| new TCP connections ≥ 0.9 × the no-LB path | not measured: {e} | **not met** |"
+            );
         }
     }
     match &n.udp_flows {
@@ -388,7 +391,10 @@ fn nat_targets(md: &mut String, n: &NatBench) {
             );
         }
         Err(e) => {
-            let _ = writeln!(md, "| 20,000 UDP flows all answered | not measured: {e} | **not met** |");
+            let _ = writeln!(
+                md,
+                "| 20,000 UDP flows all answered | not measured: {e} | **not met** |"
+            );
         }
     }
     match &n.udp_failover {
@@ -398,7 +404,12 @@ fn nat_targets(md: &mut String, n: &NatBench) {
                 "| a UDP flow moves off a removed backend within 3 s | {} | {} |",
                 f.moved_after_ms.map_or_else(
                     || format!("still on {} after 10 s", f.removed),
-                    |ms| format!("{} ms ({} -> {})", ms, f.removed, f.moved_to.as_deref().unwrap_or("?"))
+                    |ms| format!(
+                        "{} ms ({} -> {})",
+                        ms,
+                        f.removed,
+                        f.moved_to.as_deref().unwrap_or("?")
+                    )
                 ),
                 met(f.moved_after_ms.is_some_and(|ms| ms <= 3_000))
             );
@@ -439,7 +450,12 @@ fn nat_section(md: &mut String, n: &NatBench) {
                 t.seconds,
                 super::nat::TCP_WORKERS
             );
-            let _ = writeln!(md, "| no load balancer | {} | {} |", thousands(t.direct_rps), t.direct_errors);
+            let _ = writeln!(
+                md,
+                "| no load balancer | {} | {} |",
+                thousands(t.direct_rps),
+                t.direct_errors
+            );
             let _ = writeln!(
                 md,
                 "| NodePort (XDP) | {} | {} of {} |",

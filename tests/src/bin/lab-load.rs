@@ -55,7 +55,8 @@ struct Args {
     seed: u64,
 }
 
-const USAGE: &str = "usage: lab-load tcp|udp IP:PORT --duration-ms D [--workers W] [--flows F] [--timeout-ms T]
+const USAGE: &str =
+    "usage: lab-load tcp|udp IP:PORT --duration-ms D [--workers W] [--flows F] [--timeout-ms T]
        lab-load udp-flows IP:PORT --flows N --first-port P [--window W] [--timeout-ms T] [--tries R]
        lab-load syn-flood IP:PORT --count N [--ack] [--pps R] [--seed S]";
 

@@ -1,6 +1,6 @@
 //! `lb-bench [--quick] [--out DIR] [--skip-lab] [--only PART] [--lab-services N,N] [--lab-modes M,M]`: runs every
 //! benchmark of issue 7 and the NAT targets of issue 12 (or one PART: testrun, control, restore,
-//! agent, lab, nat) and writes
+//! agent, lab; `lab` includes the NAT targets) and writes
 //! DIR/results.json, DIR/results.md and DIR/chart.svg (DIR defaults to `bench`). `cargo xtask
 //! bench` builds the release binaries and runs it. A part that fails is reported as such; the
 //! others still run. Needs root (BPF, network namespaces).
@@ -28,9 +28,9 @@ fn main() {
             }
             "--only" => {
                 let p = args.next().unwrap_or_else(|| usage("--only needs a part"));
-                if !["testrun", "control", "restore", "agent", "lab", "nat"].contains(&p.as_str()) {
+                if !["testrun", "control", "restore", "agent", "lab"].contains(&p.as_str()) {
                     usage(&format!(
-                        "--only {p}: one of testrun, control, restore, agent, lab, nat"
+                        "--only {p}: one of testrun, control, restore, agent, lab"
                     ));
                 }
                 only = Some(p);
@@ -51,7 +51,7 @@ fn main() {
                 }));
             }
             "-h" | "--help" => {
-                println!("usage: lb-bench [--quick] [--out DIR] [--skip-lab] [--only testrun|control|restore|agent|lab|nat] [--lab-services N,N] [--lab-modes xdp,iptables,nftables]");
+                println!("usage: lb-bench [--quick] [--out DIR] [--skip-lab] [--only testrun|control|restore|agent|lab] [--lab-services N,N] [--lab-modes xdp,iptables,nftables]");
                 return;
             }
             other => usage(&format!("unknown argument {other:?}")),
@@ -123,10 +123,10 @@ fn main() {
             }
         }
     };
-    // --skip-lab skips every part that builds a lab.
+    // The NAT targets are part of `lab` (--only lab, --skip-lab).
     let nat = if skip_lab {
         Err("skipped (--skip-lab)".to_string())
-    } else if !wants("nat") {
+    } else if !wants("lab") {
         skipped()
     } else {
         step("lab: north-south NAT targets (agent with default flags)");
@@ -158,12 +158,12 @@ fn main() {
         out.display()
     );
     let failed = [
+        results.nat.is_err() && !skip_lab && wants("lab"),
         results.testrun.is_err() && wants("testrun"),
         results.control.is_err() && wants("control"),
         results.kube_proxy_restore.is_err() && wants("restore"),
         results.agent_memory.is_err() && wants("agent"),
         results.lab.is_err() && !skip_lab && wants("lab"),
-        results.nat.is_err() && !skip_lab && wants("nat"),
     ];
     if failed.iter().any(|f| *f) {
         eprintln!("lb-bench: some parts could not run (see the report)");
