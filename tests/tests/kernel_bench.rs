@@ -68,6 +68,7 @@ fn kernel_bench_endpoint_change_writes_do_not_grow_with_the_cluster() {
         quick: true,
         testrun: Err("not run here".into()),
         lab: Err("not run here".into()),
+        nat: Err("not run here".into()),
         control: Ok(large),
         kube_proxy_restore: Err("not run here".into()),
         agent_memory: Err("not run here".into()),

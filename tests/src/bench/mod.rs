@@ -6,5 +6,6 @@ pub mod ctgc;
 pub mod gen;
 pub mod kubeproxy;
 pub mod labbench;
+pub mod nat;
 pub mod report;
 pub mod testrun;

@@ -9,6 +9,7 @@ use super::{
     ctgc::CtGcBench,
     kubeproxy::RestoreBench,
     labbench::LabPoint,
+    nat::NatBench,
     testrun::TestRunBench,
 };
 
@@ -65,6 +66,8 @@ pub struct Results {
     pub quick: bool,
     pub testrun: Result<TestRunBench, String>,
     pub lab: Result<Vec<LabPoint>, String>,
+    /// The north-south NAT targets of issue 12 (agent with default flags).
+    pub nat: Result<NatBench, String>,
     pub control: Result<ControlBench, String>,
     pub kube_proxy_restore: Result<RestoreBench, String>,
     pub agent_memory: Result<AgentMemory, String>,
@@ -154,6 +157,9 @@ pub fn markdown(r: &Results) -> String {
             );
         }
     }
+    if let Ok(n) = &r.nat {
+        nat_targets(&mut md, n);
+    }
     if let Ok(c) = &r.control {
         for ch in &c.changes {
             let _ = writeln!(
@@ -219,6 +225,16 @@ pub fn markdown(r: &Results) -> String {
                 );
             }
         }
+        Err(e) => {
+            let _ = writeln!(md, "Not measured: {e}");
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\n## North-south NAT: NodePort, externalTrafficPolicy Cluster, agent with default flags\n"
+    );
+    match &r.nat {
+        Ok(n) => nat_section(&mut md, n),
         Err(e) => {
             let _ = writeln!(md, "Not measured: {e}");
         }
@@ -360,6 +376,156 @@ pub fn markdown(r: &Results) -> String {
         }
     }
     md
+}
+
+/// The issue-12 rows of the targets table.
+fn nat_targets(md: &mut String, n: &NatBench) {
+    match &n.tcp {
+        Ok(t) => {
+            let _ = writeln!(
+                md,
+                "| new TCP connections for {:.0} s ≥ 0.9 × the no-LB path, errors ≤ 0.1 % | {} vs {} requests/s = {:.2} ×; {} errors of {} ({:.3} %) | {} |",
+                t.seconds,
+                thousands(t.nodeport_rps),
+                thousands(t.direct_rps),
+                t.ratio,
+                t.nodeport_errors,
+                thousands(t.nodeport_requests as f64),
+                t.error_rate * 100.0,
+                met(t.ratio >= 0.9 && t.error_rate <= 0.001 && t.seconds >= 29.0)
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(
+                md,
+                "| new TCP connections ≥ 0.9 × the no-LB path | not measured: {e} | **not met** |"
+            );
+        }
+    }
+    match &n.udp_flows {
+        Ok(u) => {
+            let _ = writeln!(
+                md,
+                "| 20,000 UDP flows from distinct client ports to one backend all answered | {} of {} answered | {} |",
+                thousands(u.answered as f64),
+                thousands(u.flows as f64),
+                met(u.flows >= 20_000 && u.answered == u.flows as u64)
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(
+                md,
+                "| 20,000 UDP flows all answered | not measured: {e} | **not met** |"
+            );
+        }
+    }
+    match &n.udp_failover {
+        Ok(f) => {
+            let _ = writeln!(
+                md,
+                "| a UDP flow moves off a removed backend within 3 s | {} | {} |",
+                f.moved_after_ms.map_or_else(
+                    || format!("still on {} after 10 s", f.removed),
+                    |ms| format!(
+                        "{} ms ({} -> {})",
+                        ms,
+                        f.removed,
+                        f.moved_to.as_deref().unwrap_or("?")
+                    )
+                ),
+                met(f.moved_after_ms.is_some_and(|ms| ms <= 3_000))
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(md, "| a UDP flow moves off a removed backend within 3 s | not measured: {e} | **not met** |");
+        }
+    }
+    match &n.syn_flood {
+        Ok(s) => {
+            let _ = writeln!(
+                md,
+                "| 100,000 spoofed SYNs leave every established flow working | {} SYNs (+ as many bare ACKs): {} of {} connections work, {} still tracked | {} |",
+                thousands(s.syns as f64),
+                s.survivors,
+                s.connections,
+                s.still_tracked,
+                met(s.syns >= 100_000 && s.survivors == s.connections && s.still_tracked == s.connections)
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(md, "| 100,000 spoofed SYNs leave every established flow working | not measured: {e} | **not met** |");
+        }
+    }
+}
+
+/// The section with everything the NAT part measured.
+fn nat_section(md: &mut String, n: &NatBench) {
+    let _ = writeln!(
+        md,
+        "One lab; node1 translates (DNAT to b1/b2 on node2, SNAT to its own address). The no-LB path is the client connecting to b1 and b2 directly through node1's stack, measured first in the same lab.\n"
+    );
+    match &n.tcp {
+        Ok(t) => {
+            let _ = writeln!(
+                md,
+                "| new TCP connections ({:.0} s, {} clients) | requests/s | errors |\n|---|---:|---:|",
+                t.seconds,
+                super::nat::TCP_WORKERS
+            );
+            let _ = writeln!(
+                md,
+                "| no load balancer | {} | {} |",
+                thousands(t.direct_rps),
+                t.direct_errors
+            );
+            let _ = writeln!(
+                md,
+                "| NodePort (XDP) | {} | {} of {} |",
+                thousands(t.nodeport_rps),
+                t.nodeport_errors,
+                thousands(t.nodeport_requests as f64)
+            );
+            if !t.error_samples.is_empty() {
+                let _ = writeln!(md, "\nErrors: {}", t.error_samples.join("; "));
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(md, "New TCP connections not measured: {e}");
+        }
+    }
+    if let Ok(u) = &n.udp_flows {
+        let _ = writeln!(
+            md,
+            "\nUDP flows to one backend: {} of {} answered in {:.1} s ({} datagrams).",
+            thousands(u.answered as f64),
+            thousands(u.flows as f64),
+            u.seconds,
+            thousands(u.datagrams as f64)
+        );
+    }
+    if let Ok(s) = &n.syn_flood {
+        let _ = writeln!(
+            md,
+            "\nSpoofed SYN flood: {} SYNs and as many bare ACKs in {:.1} s ({} send errors); node1 translated {} new flows and confirmed {}; afterwards {} of {} held connections answered and {} kept their established entry.",
+            thousands(s.syns as f64),
+            s.seconds,
+            s.send_errors,
+            thousands(s.new_flows_seen as f64),
+            s.confirmed,
+            s.survivors,
+            s.connections,
+            s.still_tracked
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nnode1's counters: {}",
+        n.counters
+            .iter()
+            .map(|(k, v)| format!("{k} {}", thousands(*v as f64)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
 }
 
 /// A horizontal bar chart per section, as SVG.
@@ -506,6 +672,7 @@ mod tests {
             quick: true,
             testrun: Err("no BPF".into()),
             lab: Err("no lab".into()),
+            nat: Err("no lab".into()),
             control: Err("no maps".into()),
             kube_proxy_restore: Err("no iptables".into()),
             agent_memory: Err("no agent".into()),

@@ -3,41 +3,65 @@
 //! `lb_tests::bench::labbench::LoadReport`.
 //!
 //! ```text
-//! lab-load tcp IP:PORT --duration-ms D [--workers W] [--timeout-ms T]
+//! lab-load tcp IP:PORT[,IP:PORT...] --duration-ms D [--workers W] [--timeout-ms T]
 //!     W threads, each in a loop: open a NEW connection, send one line, read the one-line reply
-//!     (`NAME IP:PORT`), close. `ok` counts requests whose reply arrived.
+//!     (`NAME IP:PORT`), close. `ok` counts requests whose reply arrived. With several targets,
+//!     worker i connects to target i mod (number of targets).
 //! lab-load udp IP:PORT --duration-ms D [--workers W] [--flows F] [--timeout-ms T]
 //!     W threads with F connected sockets each (distinct source ports); every socket keeps one
 //!     datagram in flight and sends the next as soon as the reply arrives, or after T without
 //!     one (counted as an error). `ok` counts replies received.
+//! lab-load udp-flows IP:PORT --flows N --first-port P [--window W] [--timeout-ms T] [--tries R]
+//!     N flows, one per source port P..P+N-1 (bound explicitly, so every flow is a distinct
+//!     four-tuple): each sends one datagram and waits for the reply, sending it again after T
+//!     without one, at most R times. W flows are in flight at once; a flow's socket is closed
+//!     once answered. `ok` counts flows answered, `errors` flows never answered (or whose socket
+//!     failed), `sent` datagrams.
+//! lab-load syn-flood IP:PORT --count N [--ack] [--pps R] [--seed S]
+//!     N TCP SYNs through a raw socket (IP_HDRINCL), each from a different spoofed source
+//!     address (198.18.0.0/15, RFC 2544's benchmark range) and port; with --ack each SYN is
+//!     followed by a bare ACK of the same four-tuple (an acknowledgement number nobody sent), as a
+//!     spoofer trying to confirm flows would. At most R packets per second when given. `sent`
+//!     counts packets sent, `ok` SYNs sent, `errors` packets the socket refused.
 //! ```
 //! Exits 0 whatever the errors (they are counted); 2 on bad arguments, 1 when sockets cannot be
 //! created at all.
 use std::{
     io::{self, Read, Write},
-    net::{SocketAddr, TcpStream, UdpSocket},
-    os::fd::AsRawFd,
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     process::exit,
     sync::{Arc, Barrier},
     thread,
     time::{Duration, Instant},
 };
 
+use etherparse::PacketBuilder;
 use lb_tests::bench::labbench::LoadReport;
 
 struct Args {
     proto: String,
-    target: SocketAddr,
+    targets: Vec<SocketAddr>,
     duration: Duration,
     workers: usize,
     flows: usize,
     timeout: Duration,
+    first_port: u16,
+    window: usize,
+    tries: u32,
+    count: u64,
+    ack: bool,
+    pps: u64,
+    seed: u64,
 }
 
+const USAGE: &str =
+    "usage: lab-load tcp|udp IP:PORT --duration-ms D [--workers W] [--flows F] [--timeout-ms T]
+       lab-load udp-flows IP:PORT --flows N --first-port P [--window W] [--timeout-ms T] [--tries R]
+       lab-load syn-flood IP:PORT --count N [--ack] [--pps R] [--seed S]";
+
 fn usage(why: &str) -> ! {
-    eprintln!(
-        "lab-load: {why}\nusage: lab-load tcp|udp IP:PORT --duration-ms D [--workers W] [--flows F] [--timeout-ms T]"
-    );
+    eprintln!("lab-load: {why}\n{USAGE}");
     exit(2)
 }
 
@@ -46,22 +70,44 @@ fn parse_args() -> Args {
     let (Some(proto), Some(target)) = (args.first(), args.get(1)) else {
         usage("missing mode or target")
     };
-    if proto != "tcp" && proto != "udp" {
+    if !["tcp", "udp", "udp-flows", "syn-flood"].contains(&proto.as_str()) {
         usage(&format!("unknown mode {proto}"));
     }
-    let target = target
-        .parse()
-        .unwrap_or_else(|_| usage(&format!("bad target {target} (IP:PORT)")));
+    let targets: Vec<SocketAddr> = target
+        .split(',')
+        .map(|t| {
+            t.parse()
+                .unwrap_or_else(|_| usage(&format!("bad target {t} (IP:PORT)")))
+        })
+        .collect();
+    if targets.len() > 1 && proto != "tcp" {
+        usage("several targets only for tcp");
+    }
     let mut a = Args {
         proto: proto.clone(),
-        target,
+        targets,
         duration: Duration::from_secs(5),
         workers: 4,
         flows: 16,
-        timeout: Duration::from_millis(if proto == "tcp" { 2000 } else { 300 }),
+        timeout: Duration::from_millis(match proto.as_str() {
+            "tcp" => 2000,
+            "udp-flows" => 500,
+            _ => 300,
+        }),
+        first_port: 40000,
+        window: 256,
+        tries: 3,
+        count: 0,
+        ack: false,
+        pps: 0,
+        seed: 1,
     };
     let mut rest = args[2..].iter();
     while let Some(flag) = rest.next() {
+        if flag == "--ack" {
+            a.ack = true;
+            continue;
+        }
         let value = rest
             .next()
             .unwrap_or_else(|| usage(&format!("{flag} needs a value")));
@@ -73,20 +119,61 @@ fn parse_args() -> Args {
             "--workers" => a.workers = (n as usize).max(1),
             "--flows" => a.flows = (n as usize).max(1),
             "--timeout-ms" => a.timeout = Duration::from_millis(n.max(1)),
+            "--first-port" => {
+                a.first_port = u16::try_from(n)
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .unwrap_or_else(|| usage(&format!("bad port {n}")))
+            }
+            "--window" => a.window = (n as usize).max(1),
+            "--tries" => a.tries = (n as u32).max(1),
+            "--count" => a.count = n,
+            "--pps" => a.pps = n,
+            "--seed" => a.seed = n,
             other => usage(&format!("unknown argument {other}")),
         }
+    }
+    if a.proto == "udp-flows" && a.first_port as usize + a.flows > 65536 {
+        usage("--first-port + --flows goes past port 65535");
     }
     a
 }
 
 fn main() {
     let a = parse_args();
+    let started = Instant::now();
+    let outcome = match a.proto.as_str() {
+        "udp-flows" => udp_flows(&a),
+        "syn-flood" => syn_flood(&a),
+        _ => Ok(timed_load(&a)),
+    };
+    let mut report = match outcome {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("lab-load: cannot set up sockets: {e}");
+            exit(1)
+        }
+    };
+    if report.elapsed_s == 0.0 {
+        report.elapsed_s = started.elapsed().as_secs_f64();
+    }
+    match serde_json::to_string(&report) {
+        Ok(line) => println!("{line}"),
+        Err(e) => {
+            eprintln!("lab-load: json: {e}");
+            exit(1)
+        }
+    }
+}
+
+/// `tcp` and `udp`: workers for a fixed time.
+fn timed_load(a: &Args) -> LoadReport {
     let barrier = Arc::new(Barrier::new(a.workers + 1));
     let mut handles = Vec::new();
-    for _ in 0..a.workers {
+    for i in 0..a.workers {
         let (proto, target, duration, flows, timeout, barrier) = (
             a.proto.clone(),
-            a.target,
+            a.targets[i % a.targets.len()],
             a.duration,
             a.flows,
             a.timeout,
@@ -133,13 +220,7 @@ fn main() {
         }
     }
     report.elapsed_s = started.elapsed().as_secs_f64();
-    match serde_json::to_string(&report) {
-        Ok(line) => println!("{line}"),
-        Err(e) => {
-            eprintln!("lab-load: json: {e}");
-            exit(1)
-        }
-    }
+    report
 }
 
 /// The backend name of a well-formed reply `NAME IP:PORT`.
@@ -300,5 +381,229 @@ fn udp_worker(
             }
         }
     }
+    Ok(r)
+}
+
+/// `udp-flows`: see the module documentation.
+fn udp_flows(a: &Args) -> io::Result<LoadReport> {
+    struct Flow {
+        sock: UdpSocket,
+        port: u16,
+        sent_at: Instant,
+        tries: u32,
+        done: bool,
+    }
+    let target = a.targets[0];
+    let mut r = LoadReport {
+        proto: a.proto.clone(),
+        workers: 1,
+        flows: a.flows,
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let mut next = 0usize;
+    let mut active: Vec<Flow> = Vec::with_capacity(a.window);
+    let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(a.window);
+    let mut buf = [0u8; 2048];
+    let send = |r: &mut LoadReport, f: &mut Flow| {
+        r.sent += 1;
+        f.sent_at = Instant::now();
+        if let Err(e) = f.sock.send(b"x\n") {
+            if e.kind() != io::ErrorKind::WouldBlock {
+                r.errors += 1;
+                r.note_error(format!("{:?}: {e} (send from port {})", e.kind(), f.port));
+                f.done = true;
+            }
+        }
+    };
+    while next < a.flows || !active.is_empty() {
+        while active.len() < a.window && next < a.flows {
+            let port = (a.first_port as usize + next) as u16;
+            next += 1;
+            let opened = UdpSocket::bind(("0.0.0.0", port)).and_then(|s| {
+                s.connect(target)?;
+                s.set_nonblocking(true)?;
+                Ok(s)
+            });
+            match opened {
+                Ok(sock) => {
+                    let mut f = Flow {
+                        sock,
+                        port,
+                        sent_at: Instant::now(),
+                        tries: 1,
+                        done: false,
+                    };
+                    send(&mut r, &mut f);
+                    if !f.done {
+                        active.push(f);
+                    }
+                }
+                Err(e) => {
+                    r.errors += 1;
+                    r.note_error(format!("{:?}: {e} (bind port {port})", e.kind()));
+                }
+            }
+        }
+        pfds.clear();
+        pfds.extend(active.iter().map(|f| libc::pollfd {
+            fd: f.sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }));
+        // SAFETY: pfds is a valid array of pollfd for the duration of the call.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 10) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let now = Instant::now();
+        for (f, p) in active.iter_mut().zip(&pfds) {
+            if p.revents != 0 {
+                match f.sock.recv(&mut buf) {
+                    Ok(len) => match backend_of(&buf[..len]) {
+                        Some(name) => {
+                            r.ok += 1;
+                            *r.backends.entry(name).or_default() += 1;
+                            f.done = true;
+                        }
+                        None => {
+                            r.note_error(format!(
+                                "bad reply `{}`",
+                                String::from_utf8_lossy(&buf[..len]).trim()
+                            ));
+                        }
+                    },
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        // E.g. ECONNREFUSED from an ICMP port unreachable.
+                        r.errors += 1;
+                        r.note_error(format!("{:?}: {e} (recv on port {})", e.kind(), f.port));
+                        f.done = true;
+                    }
+                }
+            }
+            if !f.done && now.duration_since(f.sent_at) >= a.timeout {
+                if f.tries < a.tries {
+                    f.tries += 1;
+                    send(&mut r, f);
+                } else {
+                    r.errors += 1;
+                    r.note_error(format!(
+                        "TimedOut: no reply within {} tries of {} ms",
+                        a.tries,
+                        a.timeout.as_millis()
+                    ));
+                    f.done = true;
+                }
+            }
+        }
+        active.retain(|f| !f.done);
+    }
+    r.elapsed_s = started.elapsed().as_secs_f64();
+    Ok(r)
+}
+
+/// `syn-flood`: see the module documentation.
+fn syn_flood(a: &Args) -> io::Result<LoadReport> {
+    let SocketAddr::V4(target) = a.targets[0] else {
+        usage("syn-flood: IPv4 targets only")
+    };
+    // SAFETY: plain socket(2); the descriptor is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new descriptor nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let dst = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*target.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let mut r = LoadReport {
+        proto: a.proto.clone(),
+        workers: 1,
+        ..Default::default()
+    };
+    // xorshift64*: the same seed floods with the same tuples.
+    let mut state = a.seed.max(1);
+    let mut random = move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    let send = |r: &mut LoadReport, pkt: &[u8]| {
+        // ENOBUFS: the device queue is full for a moment; wait and try again.
+        for attempt in 0..100 {
+            // SAFETY: pkt and dst are valid for the call.
+            let n = unsafe {
+                libc::sendto(
+                    sock.as_raw_fd(),
+                    pkt.as_ptr().cast(),
+                    pkt.len(),
+                    0,
+                    (&dst as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            };
+            if n >= 0 {
+                r.sent += 1;
+                return true;
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOBUFS) && attempt < 99 {
+                thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+            r.errors += 1;
+            r.note_error(format!("{:?}: {e} (sendto)", e.kind()));
+            return false;
+        }
+        false
+    };
+    let started = Instant::now();
+    let per_syn = if a.ack { 2 } else { 1 };
+    let mut pkt = Vec::with_capacity(64);
+    for i in 0..a.count {
+        let x = random();
+        // Addresses cycle through the /15; ports are random, so tuples repeat only by chance
+        // after 131,072 SYNs.
+        let src = Ipv4Addr::from(0xc612_0000u32 | (i as u32 & 0x1_ffff)).octets();
+        let sport = 1024 + (x as u16 % 64_000);
+        let seq = (x >> 32) as u32;
+        pkt.clear();
+        PacketBuilder::ipv4(src, target.ip().octets(), 64)
+            .tcp(sport, target.port(), seq, 64_240)
+            .syn()
+            .write(&mut pkt, &[])
+            .map_err(io::Error::other)?;
+        if send(&mut r, &pkt) {
+            r.ok += 1;
+        }
+        if a.ack {
+            pkt.clear();
+            PacketBuilder::ipv4(src, target.ip().octets(), 64)
+                .tcp(sport, target.port(), seq.wrapping_add(1), 64_240)
+                .ack(random() as u32)
+                .write(&mut pkt, &[])
+                .map_err(io::Error::other)?;
+            send(&mut r, &pkt);
+        }
+        if a.pps > 0 && i % 64 == 63 {
+            let due = Duration::from_secs_f64(((i + 1) * per_syn) as f64 / a.pps as f64);
+            if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                thread::sleep(ahead);
+            }
+        }
+    }
+    r.elapsed_s = started.elapsed().as_secs_f64();
     Ok(r)
 }

@@ -1,11 +1,12 @@
 //! `lb-bench [--quick] [--out DIR] [--skip-lab] [--only PART] [--lab-services N,N] [--lab-modes M,M]`: runs every
-//! benchmark of issue 7 (or one PART: testrun, control, restore, agent, lab) and writes
+//! benchmark of issue 7 and the NAT targets of issue 12 (or one PART: testrun, control, restore,
+//! agent, lab; `lab` includes the NAT targets) and writes
 //! DIR/results.json, DIR/results.md and DIR/chart.svg (DIR defaults to `bench`). `cargo xtask
 //! bench` builds the release binaries and runs it. A part that fails is reported as such; the
 //! others still run. Needs root (BPF, network namespaces).
 use std::{path::PathBuf, time::Duration};
 
-use lb_tests::bench::{control, kubeproxy, labbench, report, testrun};
+use lb_tests::bench::{control, kubeproxy, labbench, nat, report, testrun};
 
 fn main() {
     let mut quick = false;
@@ -129,11 +130,26 @@ fn main() {
             }
         }
     };
+    // The NAT targets are part of `lab` (--only lab, --skip-lab).
+    let nat = if skip_lab {
+        Err("skipped (--skip-lab)".to_string())
+    } else if !wants("lab") {
+        skipped()
+    } else {
+        step("lab: north-south NAT targets (agent with default flags)");
+        nat::nat_bench(if quick {
+            nat::NatSizes::QUICK
+        } else {
+            nat::NatSizes::FULL
+        })
+        .map_err(err)
+    };
     let results = report::Results {
         machine: report::Machine::read(),
         quick,
         testrun,
         lab,
+        nat,
         control,
         kube_proxy_restore,
         agent_memory,
@@ -150,6 +166,7 @@ fn main() {
         out.display()
     );
     let failed = [
+        results.nat.is_err() && !skip_lab && wants("lab"),
         results.testrun.is_err() && wants("testrun"),
         results.control.is_err() && wants("control"),
         results.kube_proxy_restore.is_err() && wants("restore"),

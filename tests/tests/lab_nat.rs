@@ -1,0 +1,102 @@
+//! North-south NAT under real traffic (issue 12), with the agent's DEFAULT flags on node1, a
+//! NodePort with externalTrafficPolicy Cluster and its backends on node2 (see
+//! `lb_tests::bench::nat`). Shorter variants of the targets `cargo xtask bench` measures at full
+//! size (bench/results.md, "North-south NAT"):
+//! - new TCP connections keep pace with the no-LB path (here 5 s and >= 0.5 of it, a threshold
+//!   a loaded 2-core machine holds; the issue's target of >= 0.9 over 30 s is checked by the
+//!   bench), errors <= 0.1 %;
+//! - 20,000 distinct UDP flows to one backend, more than the old default range (61000-65535,
+//!   4,536 ports) could hold, all answered;
+//! - a UDP flow with a fixed source port leaves a backend removed from the EndpointSlice within
+//!   3 s;
+//! - established connections survive a flood of spoofed SYNs (each with a spoofed bare ACK).
+use std::time::Duration;
+
+use lb_tests::bench::nat::NatLab;
+
+/// The old default SNAT range (61000-65535) held this many ports per backend.
+const OLD_RANGE_PORTS: usize = 4_536;
+
+fn nat_lab() -> Option<NatLab> {
+    lb_tests::require_privileges()?;
+    Some(NatLab::new().expect("lab"))
+}
+
+#[test]
+fn lab_nat_new_connections_keep_pace_with_the_direct_path() {
+    let Some(mut nat) = nat_lab() else { return };
+    let c = nat.compare_tcp(Duration::from_secs(5)).unwrap();
+    eprintln!(
+        "new TCP connections: NodePort {:.0}/s, direct {:.0}/s, ratio {:.2}, errors {} of {}",
+        c.nodeport_rps, c.direct_rps, c.ratio, c.nodeport_errors, c.nodeport_requests
+    );
+    assert!(
+        c.direct_rps > 0.0 && c.direct_errors == 0,
+        "no-LB path: {c:?}"
+    );
+    // 0.5, not the issue's 0.9: CI machines are small and shared, and both paths compete with
+    // whatever else runs. The bench checks 0.9 at full length (30 s). With the old default
+    // range, or SNAT ports held after a close as before, a few seconds of new connections
+    // exhaust the ports and this falls far below 0.5 with timeouts.
+    assert!(c.ratio >= 0.5, "NodePort below half the no-LB path: {c:?}");
+    assert!(c.error_rate <= 0.001, "more than 0.1 % errors: {c:?}");
+    // Both backends served.
+    assert_eq!(c.nodeport_backends.len(), 2, "{c:?}");
+    let st = nat.stats().unwrap();
+    assert_eq!(st["xdp_drop_snat_exhausted"], 0, "{st:?}");
+}
+
+#[test]
+fn lab_nat_udp_flows_beyond_the_old_range_are_all_answered() {
+    let Some(mut nat) = nat_lab() else { return };
+    nat.start_agent().unwrap();
+    // The issue's full 20,000 (a second or two): more than four times what the old default
+    // range held for one backend, whose flows were dropped for good after the 4,536th (UDP
+    // SNAT ports were never freed).
+    let flows = 20_000;
+    assert!(flows > OLD_RANGE_PORTS);
+    let u = nat.udp_flows(flows).unwrap();
+    eprintln!(
+        "UDP flows: {} of {} answered in {:.1} s ({} datagrams)",
+        u.answered, u.flows, u.seconds, u.datagrams
+    );
+    assert_eq!(u.answered, flows as u64, "{u:?}");
+    assert_eq!(u.unanswered, 0, "{u:?}");
+    assert_eq!(u.backends.keys().collect::<Vec<_>>(), ["b1"], "{u:?}");
+    let st = nat.stats().unwrap();
+    assert_eq!(st["xdp_drop_snat_exhausted"], 0, "{st:?}");
+    // Each flow is its own translated flow.
+    assert!(st["xdp_new_flow"] >= flows as u64, "{st:?}");
+}
+
+#[test]
+fn lab_nat_udp_flow_leaves_a_removed_backend() {
+    let Some(mut nat) = nat_lab() else { return };
+    nat.start_agent().unwrap();
+    let f = nat.udp_failover(Duration::from_secs(10)).unwrap();
+    eprintln!("UDP flow with a fixed source port after its backend left: {f:?}");
+    // Without the flush of a removed endpoint's UDP conntrack entries, the flow keeps going to
+    // the removed pod (it still runs and answers) and never moves.
+    let moved = f
+        .moved_after_ms
+        .unwrap_or_else(|| panic!("the flow never left {}: {f:?}", f.removed));
+    assert!(moved <= 3_000, "moved only after {moved} ms: {f:?}");
+    assert_ne!(f.moved_to.as_deref(), Some(f.removed.as_str()));
+}
+
+#[test]
+fn lab_nat_established_flows_survive_a_spoofed_syn_flood() {
+    let Some(mut nat) = nat_lab() else { return };
+    nat.start_agent().unwrap();
+    let (connections, syns) = (40, 100_000);
+    let s = nat.syn_flood(connections, syns, 0).unwrap();
+    eprintln!("spoofed SYN flood: {s:?}");
+    assert_eq!(s.syns, syns, "the flood was not sent whole: {s:?}");
+    // The flood reached the datapath (most of it: a veth may drop some under the burst)...
+    assert!(s.new_flows_seen >= syns / 2, "{s:?}");
+    // ...confirmed none of its flows (a bare ACK confirms nothing)...
+    assert_eq!(s.confirmed, 0, "{s:?}");
+    // ...and every established connection kept its entry and still works.
+    assert_eq!(s.still_tracked, connections, "{s:?}");
+    assert_eq!(s.survivors, connections, "{s:?}");
+}
