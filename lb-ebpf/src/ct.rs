@@ -182,7 +182,10 @@ fn next_state(key: &CtKey, e: &CtEntry, seg: &Seg, reply: bool, in_window: bool)
                 _ => s,
             }
         }
-        // A flow picked up mid-stream: the backend answered, and not with a reset.
+        // A flow picked up mid-stream (the SYN's entries were lost) that the backend answers
+        // with a SYN-ACK is still opening: the client's ACK of it confirms, as above.
+        ct_state::TCP_PICKUP if reply && seg.has(seg_flags::SYN) => ct_state::TCP_SYN_RECV,
+        // Otherwise the backend answered mid-stream, and not with a reset.
         ct_state::TCP_PICKUP if reply => ct_state::TCP_ESTABLISHED,
         _ => s,
     }
