@@ -403,7 +403,41 @@ pub struct CtEntry {
     pub seq_next: u32,
 }
 
+impl CtKey {
+    /// The key of a flow's other direction, when this direction's packets are rewritten to
+    /// (`nat_saddr_be`, `nat_daddr_be`, `nat_sport_be`, `nat_dport_be`): the other direction
+    /// arrives as (nat_d -> nat_s).
+    #[inline(always)]
+    pub const fn reverse(
+        &self,
+        nat_saddr_be: u32,
+        nat_daddr_be: u32,
+        nat_sport_be: u16,
+        nat_dport_be: u16,
+    ) -> CtKey {
+        CtKey {
+            saddr_be: nat_daddr_be,
+            daddr_be: nat_saddr_be,
+            sport_be: nat_dport_be,
+            dport_be: nat_sport_be,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
 impl CtEntry {
+    /// The key of the other direction's entry of the flow whose entry under `key` this is.
+    #[inline(always)]
+    pub const fn partner_key(&self, key: &CtKey) -> CtKey {
+        key.reverse(
+            self.nat_saddr_be,
+            self.nat_daddr_be,
+            self.nat_sport_be,
+            self.nat_dport_be,
+        )
+    }
+
     /// Whether a flow in this entry's state, last seen (in either direction) at `last_seen_s`,
     /// has expired at `now_s` (seconds of CLOCK_MONOTONIC, as `bpf_ktime_get_coarse_ns`).
     #[inline(always)]

@@ -302,14 +302,7 @@ pub fn forget(key: &CtKey, e: &CtEntry) {
 /// The computed value has the flow's state and no sequence tracking.
 #[inline(always)]
 fn partner(key: &CtKey, e: &CtEntry) -> (CtKey, CtEntry) {
-    let k = CtKey {
-        saddr_be: e.nat_daddr_be,
-        daddr_be: e.nat_saddr_be,
-        sport_be: e.nat_dport_be,
-        dport_be: e.nat_sport_be,
-        proto: key.proto,
-        _pad: [0; 3],
-    };
+    let k = e.partner_key(key);
     let v = CtEntry {
         nat_saddr_be: key.daddr_be,
         nat_daddr_be: key.saddr_be,

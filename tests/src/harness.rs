@@ -424,3 +424,14 @@ impl Drop for XdpHarness {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Every key in both conntrack tiers of `t`, as text (sorted: for comparing what a sweep or a
+/// flush left).
+pub fn ct_keys(t: &lb_userspace::dataplane::ct_gc::CtTiers) -> std::collections::BTreeSet<String> {
+    use lb_userspace::dataplane::ct_gc::Tier;
+    [Tier::Established, Tier::New]
+        .into_iter()
+        .flat_map(|tier| t.entries(tier).expect("reading a conntrack tier"))
+        .map(|(k, _)| format!("{k:?}"))
+        .collect()
+}

@@ -87,11 +87,7 @@ fn flow(
 }
 
 fn all(t: &CtTiers) -> BTreeSet<String> {
-    [Tier::Established, Tier::New]
-        .into_iter()
-        .flat_map(|tier| t.entries(tier).unwrap())
-        .map(|(k, _)| format!("{k:?}"))
-        .collect()
+    lb_tests::harness::ct_keys(t)
 }
 
 #[test]

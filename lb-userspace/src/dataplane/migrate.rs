@@ -187,14 +187,12 @@ pub fn copy_state(
 
 /// The key of a v2 entry's other direction (as `ct_gc::partner_key`).
 fn partner_key_v2(key: &CtKey, e: &CtEntryV2) -> CtKey {
-    CtKey {
-        saddr_be: e.nat_daddr_be,
-        daddr_be: e.nat_saddr_be,
-        sport_be: e.nat_dport_be,
-        dport_be: e.nat_sport_be,
-        proto: key.proto,
-        _pad: [0; 3],
-    }
+    key.reverse(
+        e.nat_saddr_be,
+        e.nat_daddr_be,
+        e.nat_sport_be,
+        e.nat_dport_be,
+    )
 }
 
 /// A v1 conntrack value (of a flow of protocol `proto`) in the v2 layout.
