@@ -438,6 +438,27 @@ impl CtEntry {
         )
     }
 
+    /// The other direction's key and entry of the flow whose entry under `key` this is: that
+    /// direction is rewritten back to (key's destination -> key's source). The computed entry
+    /// has the flow's state and no sequence tracking.
+    #[inline(always)]
+    pub const fn partner(&self, key: &CtKey) -> (CtKey, CtEntry) {
+        let v = CtEntry {
+            nat_saddr_be: key.daddr_be,
+            nat_daddr_be: key.saddr_be,
+            nat_sport_be: key.dport_be,
+            nat_dport_be: key.sport_be,
+            svc_port_id: self.svc_port_id,
+            backend_id: self.backend_id,
+            last_seen_s: self.last_seen_s,
+            flags: (self.flags ^ ct_flags::REPLY) & !ct_flags::SEQ_KNOWN,
+            state: self.state,
+            _pad: 0,
+            seq_next: 0,
+        };
+        (self.partner_key(key), v)
+    }
+
     /// Whether a flow in this entry's state, last seen (in either direction) at `last_seen_s`,
     /// has expired at `now_s` (seconds of CLOCK_MONOTONIC, as `bpf_ktime_get_coarse_ns`).
     #[inline(always)]

@@ -297,26 +297,10 @@ pub fn forget(key: &CtKey, e: &CtEntry) {
     }
 }
 
-/// The entry of the opposite direction: a packet matching `key` is rewritten to `e`'s
-/// addresses, so the other direction arrives as (nat_d -> nat_s) and is rewritten to (d -> s).
-/// The computed value has the flow's state and no sequence tracking.
+/// The entry of the opposite direction (`CtEntry::partner`).
 #[inline(always)]
 fn partner(key: &CtKey, e: &CtEntry) -> (CtKey, CtEntry) {
-    let k = e.partner_key(key);
-    let v = CtEntry {
-        nat_saddr_be: key.daddr_be,
-        nat_daddr_be: key.saddr_be,
-        nat_sport_be: key.dport_be,
-        nat_dport_be: key.sport_be,
-        svc_port_id: e.svc_port_id,
-        backend_id: e.backend_id,
-        last_seen_s: e.last_seen_s,
-        flags: (e.flags ^ ct_flags::REPLY) & !ct_flags::SEQ_KNOWN,
-        state: e.state,
-        _pad: 0,
-        seq_next: 0,
-    };
-    (k, v)
+    e.partner(key)
 }
 
 /// Moves a confirmed flow (both directions) from the new-flow map to the established one, with

@@ -157,7 +157,7 @@ pub fn conntrack(bpffs: &Path) -> Result<Vec<ConntrackView>> {
     let mut v: Vec<ConntrackView> = all
         .into_iter()
         .map(|(k, e, tier)| {
-            let partner = last_seen.get(&ct_gc::partner_key(&k, &e)).copied();
+            let partner = last_seen.get(&e.partner_key(&k)).copied();
             let last = partner.map_or(e.last_seen_s, |p| ct_gc::latest(e.last_seen_s, p));
             let lifetime = ct_state::lifetime_s(e.state);
             ConntrackView {

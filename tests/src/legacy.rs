@@ -3,11 +3,10 @@
 use std::{
     ffi::CString,
     io,
-    os::fd::{FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
     path::Path,
 };
 
-const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_OBJ_PIN: libc::c_long = 6;
 /// `BPF_MAP_TYPE_LRU_HASH`.
 pub const LRU_HASH: u32 = 9;
@@ -31,17 +30,14 @@ pub fn create_pinned(
     max_entries: u32,
     name: &str,
 ) -> io::Result<OwnedFd> {
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&map_type.to_ne_bytes());
-    attr[4..8].copy_from_slice(&key_size.to_ne_bytes());
-    attr[8..12].copy_from_slice(&value_size.to_ne_bytes());
-    attr[12..16].copy_from_slice(&max_entries.to_ne_bytes());
-    // map_flags (16), inner_map_fd (20), numa_node (24), then map_name[16] at 28.
-    let n = name.len().min(15);
-    attr[28..28 + n].copy_from_slice(&name.as_bytes()[..n]);
-    let fd = bpf(BPF_MAP_CREATE, &mut attr)? as i32;
-    // SAFETY: the kernel just handed us this descriptor.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let owned = lb_userspace::dataplane::bpf_sys::create_map(
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        name,
+    )?;
+    let fd = owned.as_raw_fd();
     let c = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut attr = [0u8; 128];

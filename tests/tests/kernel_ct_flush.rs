@@ -12,7 +12,7 @@ use lb_common::{ct_flags, ct_state, proto, scope, service_flags, CtEntry, CtKey}
 use lb_tests::harness::XdpHarness;
 use lb_userspace::{
     control::desired::{BackendKey, Desired, DesiredFrontend, FrontendKey},
-    dataplane::ct_gc::{partner_key, CtTiers, Tier},
+    dataplane::ct_gc::{CtTiers, Tier},
 };
 
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
@@ -75,19 +75,8 @@ fn flow(
         _pad: 0,
         seq_next: 0,
     };
-    let r = CtEntry {
-        nat_saddr_be: key.daddr_be,
-        nat_daddr_be: key.saddr_be,
-        nat_sport_be: key.dport_be,
-        nat_dport_be: key.sport_be,
-        flags: ct_flags::SNAT | ct_flags::REPLY,
-        ..e
-    };
-    [(key, e), (partner_key(&key, &e), r)]
-}
-
-fn all(t: &CtTiers) -> BTreeSet<String> {
-    lb_tests::harness::ct_keys(t)
+    let (rk, r) = e.partner(&key);
+    [(key, e), (rk, r)]
 }
 
 #[test]
@@ -177,14 +166,14 @@ fn kernel_sync_flushes_the_udp_flows_of_a_removed_backend() {
             );
         }
     }
-    let before = all(&t);
+    let before = lb_tests::harness::ct_keys(&t);
     assert_eq!(before.len(), 2 * 3 * 5 * 2);
 
     // b2 leaves the DNS UDP port (and the TCP one): one sync.
     d.insert(dns_udp, front("kube-system/dns:53/UDP", &[b1]));
     d.insert(dns_tcp, front("kube-system/dns:53/TCP", &[t1]));
     let st = h.syncer.sync(&d).unwrap();
-    let after = all(&t);
+    let after = lb_tests::harness::ct_keys(&t);
     assert_eq!(st.udp_flows_flushed, flushed.len() as u64);
     assert_eq!(
         before.difference(&after).cloned().collect::<BTreeSet<_>>(),

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 
 use lb_common::{ct_flags, ct_state, proto, CtEntry, CtKey};
-use lb_userspace::dataplane::ct_gc::{partner_key, sweep, CtTiers, Tier};
+use lb_userspace::dataplane::ct_gc::{sweep, CtTiers, Tier};
 
 const NOW: u32 = 1_000_000;
 
@@ -36,16 +36,9 @@ fn flow(n: u16, protocol: u8, state: u8) -> [(CtKey, CtEntry); 2] {
         _pad: 0,
         seq_next: 0,
     };
-    let rkey = partner_key(&key, &entry);
-    let reply = CtEntry {
-        nat_saddr_be: key.daddr_be,
-        nat_daddr_be: key.saddr_be,
-        nat_sport_be: key.dport_be,
-        nat_dport_be: key.sport_be,
-        flags: ct_flags::SNAT | ct_flags::REPLY,
-        ..entry
-    };
-    assert_eq!(partner_key(&rkey, &reply), key);
+    let (rkey, reply) = entry.partner(&key);
+    assert_eq!(reply.flags, ct_flags::SNAT | ct_flags::REPLY);
+    assert_eq!(reply.partner_key(&rkey), key);
     [(key, entry), (rkey, reply)]
 }
 
@@ -70,10 +63,6 @@ fn tier_of(state: u8) -> Tier {
         | ct_state::UDP_UNREPLIED => Tier::New,
         _ => Tier::Established,
     }
-}
-
-fn keys(t: &CtTiers) -> BTreeSet<String> {
-    lb_tests::harness::ct_keys(t)
 }
 
 #[test]
@@ -151,12 +140,16 @@ fn kernel_ct_gc_removes_exactly_the_expired_flows() {
     t.insert(&f[1].0, &e, Tier::New).unwrap();
     kept.insert(format!("{:?}", f[1].0));
 
-    let total = keys(&t).len() as u64;
+    let total = lb_tests::harness::ct_keys(&t).len() as u64;
     let st = sweep(&t, NOW).unwrap();
     println!("{st:?}");
     assert_eq!(st.examined, total);
     assert_eq!(st.removed, expected_removed);
-    assert_eq!(keys(&t), kept, "exactly the expired flows are gone");
+    assert_eq!(
+        lb_tests::harness::ct_keys(&t),
+        kept,
+        "exactly the expired flows are gone"
+    );
     assert_eq!(
         st.established_entries + st.new_entries,
         kept.len() as u64,

@@ -4,7 +4,7 @@
 //! The datapath treats an entry past its state's lifetime as a miss (`CtEntry::expired`), but
 //! only when a packet looks it up; [`sweep`] removes the flows no packet comes back for, so their
 //! SNAT ports and map slots come back without waiting for the LRU. A flow has two entries
-//! (original and reply direction; [`partner_key`] finds one from the other) and each direction's
+//! (original and reply direction; `CtEntry::partner_key` finds one from the other) and each direction's
 //! packets refresh only their own entry, so a flow is expired when the more recent of its two
 //! `last_seen_s` is past the lifetime of its state.
 //!
@@ -141,13 +141,6 @@ impl CtTiers {
     }
 }
 
-/// The key of the opposite direction's entry: a packet matching `key` is rewritten to `e`'s
-/// addresses, so the other direction arrives as (nat_d -> nat_s). (As the datapath's
-/// `ct::partner`.)
-pub fn partner_key(key: &CtKey, e: &CtEntry) -> CtKey {
-    e.partner_key(key)
-}
-
 /// A seeded multiply-rotate hash for the sweep's key sets: hundreds of thousands of 16-byte
 /// keys per sweep, where SipHash's cost showed in the sweep's time. The keys are packets'
 /// four-tuples, which a sender chooses: the seed is random per process, so colliding keys
@@ -249,7 +242,7 @@ pub fn sweep(t: &CtTiers, now_s: u32) -> Result<SweepStats> {
         if done.contains(k) {
             continue;
         }
-        let pk = partner_key(k, e);
+        let pk = e.partner_key(k);
         let partner = match candidates.get(&pk) {
             Some(p) => Some(*p),
             // Not expired by its own stamp (then the flow is alive), or absent (evicted: the
@@ -295,7 +288,7 @@ pub fn sweep(t: &CtTiers, now_s: u32) -> Result<SweepStats> {
                 // Both entries of the flow must still be expired (or the partner absent).
                 let e_ok = still.contains(*k);
                 e_ok && candidates.get(*k).is_some_and(|(e, _)| {
-                    let pk = partner_key(k, e);
+                    let pk = e.partner_key(k);
                     !candidates.contains_key(&pk) || still.contains(&pk)
                 })
             })
@@ -360,7 +353,7 @@ mod tests {
             _pad: 0,
             seq_next: 0,
         };
-        let pk = partner_key(&k, &e);
+        let pk = e.partner_key(&k);
         assert_eq!(
             (pk.saddr_be, pk.daddr_be, pk.sport_be, pk.dport_be),
             (6, 5, 8, 7)
@@ -373,7 +366,7 @@ mod tests {
             nat_dport_be: k.sport_be,
             ..e
         };
-        assert_eq!(partner_key(&pk, &pe), k);
+        assert_eq!(pe.partner_key(&pk), k);
     }
 
     #[test]

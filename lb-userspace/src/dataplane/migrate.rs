@@ -185,7 +185,7 @@ pub fn copy_state(
     Ok(out)
 }
 
-/// The key of a v2 entry's other direction (as `ct_gc::partner_key`).
+/// The key of a v2 entry's other direction (as `CtEntry::partner_key`).
 fn partner_key_v2(key: &CtKey, e: &CtEntryV2) -> CtKey {
     key.reverse(
         e.nat_saddr_be,

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::Result;
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{ct_flags, ct_state, limits, proto, CtEntry, CtKey};
-use lb_userspace::dataplane::ct_gc::{partner_key, sweep, CtTiers, Tier};
+use lb_userspace::dataplane::ct_gc::{sweep, CtTiers, Tier};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -58,16 +58,9 @@ fn fill(t: &CtTiers, tier: Tier, first: u32, flows: u32) -> Result<()> {
             _pad: 0,
             seq_next: 0,
         };
-        let r = CtEntry {
-            nat_saddr_be: key.daddr_be,
-            nat_daddr_be: key.saddr_be,
-            nat_sport_be: key.dport_be,
-            nat_dport_be: key.sport_be,
-            flags: ct_flags::SNAT | ct_flags::REPLY,
-            ..e
-        };
+        let (rk, r) = e.partner(&key);
         t.insert(&key, &e, tier)?;
-        t.insert(&partner_key(&key, &e), &r, tier)?;
+        t.insert(&rk, &r, tier)?;
     }
     Ok(())
 }
