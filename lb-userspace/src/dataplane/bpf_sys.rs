@@ -1,7 +1,9 @@
 //! The few `bpf(2)` commands aya 0.14 does not offer: batched lookups (`BPF_MAP_LOOKUP_BATCH`,
 //! one syscall for thousands of entries instead of two per entry with `get_next_key` + `lookup`)
 //! and creating a standalone LRU hash map (for tests and benchmarks). Plain element lookups and
-//! deletes go through here too, so that the conntrack sweep works on a raw map fd.
+//! deletes go through here too, so that the conntrack sweep works on a raw map fd. Socket
+//! iterator programs are loaded, linked and run here as well: their one kernel-function call
+//! (`bpf_sock_destroy`) is something aya 0.14 cannot relocate (see `sock_term`).
 use std::{
     io,
     os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
@@ -13,6 +15,13 @@ const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_ITER_CREATE: libc::c_long = 33;
+/// `BPF_PROG_TYPE_TRACING`.
+const PROG_TYPE_TRACING: u32 = 26;
+/// `BPF_TRACE_ITER`: the attach type of iterator programs.
+const TRACE_ITER: u32 = 28;
 /// `BPF_MAP_TYPE_LRU_HASH`.
 pub const MAP_TYPE_LRU_HASH: u32 = 9;
 /// `BPF_MAP_TYPE_HASH`.
@@ -190,4 +199,74 @@ pub fn delete_batch<K: aya::Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<u
         }
     }
     Ok(deleted)
+}
+
+/// Loads a BPF iterator program (`BPF_PROG_TYPE_TRACING`, attached as `BPF_TRACE_ITER`) from
+/// raw instructions. `attach_btf_id` is the vmlinux BTF id of the iterator target's
+/// `bpf_iter_<target>` function. A refusal carries the verifier's log.
+pub fn load_iter_program(insns: &[u64], attach_btf_id: u32, name: &str) -> io::Result<OwnedFd> {
+    // Kernel functions may only be called from GPL-compatible programs; lb-ebpf is GPL too.
+    let license = b"GPL\0";
+    let mut log = vec![0u8; 64 * 1024];
+    let mut a = Attr::new();
+    a.u32_at(0, PROG_TYPE_TRACING)
+        .u32_at(4, insns.len() as u32)
+        .u64_at(8, insns.as_ptr() as u64)
+        .u64_at(16, license.as_ptr() as u64)
+        .u32_at(24, 1)
+        .u32_at(28, log.len() as u32)
+        .u64_at(32, log.as_mut_ptr() as u64)
+        .u32_at(68, TRACE_ITER)
+        .u32_at(108, attach_btf_id);
+    // prog_name at offset 48: 15 bytes and a NUL.
+    let n = name.len().min(15);
+    a.0[48..48 + n].copy_from_slice(&name.as_bytes()[..n]);
+    match bpf(BPF_PROG_LOAD, &mut a) {
+        // SAFETY: the kernel returned a new fd that nothing else owns.
+        Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) }),
+        Err(e) => {
+            let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+            let text = String::from_utf8_lossy(&log[..end]);
+            let tail: Vec<&str> = text.lines().rev().take(6).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            Err(io::Error::new(
+                e.kind(),
+                format!("{e}; verifier: {}", tail.join(" | ")),
+            ))
+        }
+    }
+}
+
+/// Links an iterator program (`BPF_LINK_CREATE`, no target parameters).
+pub fn link_iter(prog: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let mut a = Attr::new();
+    a.u32_at(0, prog.as_raw_fd() as u32).u32_at(8, TRACE_ITER);
+    let fd = bpf(BPF_LINK_CREATE, &mut a)?;
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Runs an iterator once over the network namespace of the calling thread: creates an iterator
+/// instance (`BPF_ITER_CREATE`, which binds to the thread's namespace) and reads it to its end.
+pub fn run_iter(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut a = Attr::new();
+    a.u32_at(0, link.as_raw_fd() as u32);
+    let fd = bpf(BPF_ITER_CREATE, &mut a)?;
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut buf = [0u8; 4096];
+    loop {
+        // SAFETY: `buf` is writable for its full length.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        match n {
+            0 => return Ok(()),
+            n if n > 0 => continue,
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
 }

@@ -22,6 +22,7 @@ mod maglev_tables;
 pub mod migrate;
 pub mod pinned;
 pub mod read;
+pub mod sock_term;
 pub mod sync;
 
 /// What the service maps hold: what the sync reads back to adopt what is already programmed,

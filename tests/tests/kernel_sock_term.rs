@@ -1,0 +1,195 @@
+//! Socket termination on the real kernel: the iterator programs load (the verifier accepts the
+//! hand-assembled `bpf_sock_destroy` call), destroy exactly the listed sockets that are still
+//! connected to the listed backend, in the agent's namespace and in another one, and leave
+//! every other socket alone. Loopback sockets only, in this process's namespace and in one
+//! the test creates.
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    path::Path,
+    process::Command,
+    time::Duration,
+};
+
+use lb_common::proto;
+use lb_userspace::dataplane::sock_term::{self, SockTerminator, Target};
+
+fn cookie(fd: &impl AsRawFd) -> u64 {
+    let mut c = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: SO_COOKIE writes a u64 into `c`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut c as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0, "SO_COOKIE: {}", std::io::Error::last_os_error());
+    c
+}
+
+fn v4(a: SocketAddr) -> SocketAddrV4 {
+    match a {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(_) => panic!("IPv4 expected"),
+    }
+}
+
+fn target(fd: &impl AsRawFd, backend: SocketAddr, p: u8) -> Target {
+    Target {
+        cookie: cookie(fd),
+        backend: v4(backend),
+        proto: p,
+    }
+}
+
+/// A connected UDP socket still answers through its server.
+fn udp_works(c: &UdpSocket, server: &UdpSocket) -> bool {
+    if c.send(b"ping").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    let Ok((n, from)) = server.recv_from(&mut buf) else {
+        return false;
+    };
+    server.send_to(&buf[..n], from).is_ok() && c.recv(&mut buf).is_ok()
+}
+
+#[test]
+fn sock_destroy_terminates_listed_sockets_connected_to_their_backend() {
+    let term = SockTerminator::new().expect("socket termination needs Linux >= 6.5 with BTF");
+    let t = Duration::from_secs(2);
+
+    // UDP: one doomed socket, one listed but connected to another backend (it reconnected),
+    // one not listed.
+    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let other = UdpSocket::bind("127.0.0.1:0").unwrap();
+    server.set_read_timeout(Some(t)).unwrap();
+    other.set_read_timeout(Some(t)).unwrap();
+    let doomed = UdpSocket::bind("127.0.0.1:0").unwrap();
+    doomed.connect(server.local_addr().unwrap()).unwrap();
+    let moved = UdpSocket::bind("127.0.0.1:0").unwrap();
+    moved.connect(other.local_addr().unwrap()).unwrap();
+    let bystander = UdpSocket::bind("127.0.0.1:0").unwrap();
+    bystander.connect(server.local_addr().unwrap()).unwrap();
+    for s in [&doomed, &moved, &bystander] {
+        s.set_read_timeout(Some(t)).unwrap();
+    }
+    assert!(udp_works(&doomed, &server));
+
+    // TCP: one doomed connection, one bystander to the same listener.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = listener.local_addr().unwrap();
+    let mut tcp_doomed = TcpStream::connect(backend).unwrap();
+    let (mut tcp_doomed_peer, _) = listener.accept().unwrap();
+    let mut tcp_bystander = TcpStream::connect(backend).unwrap();
+    let (mut tcp_bystander_peer, _) = listener.accept().unwrap();
+    for s in [
+        &tcp_doomed,
+        &tcp_doomed_peer,
+        &tcp_bystander,
+        &tcp_bystander_peer,
+    ] {
+        s.set_read_timeout(Some(t)).unwrap();
+    }
+
+    let targets = [
+        target(&doomed, server.local_addr().unwrap(), proto::UDP),
+        // Listed with the backend it no longer talks to.
+        target(&moved, server.local_addr().unwrap(), proto::UDP),
+        target(&tcp_doomed, backend, proto::TCP),
+    ];
+    let namespaces = [Path::new("/proc/self/ns/net").to_path_buf()];
+    let out = term.terminate(&targets, &namespaces).unwrap();
+    assert_eq!(
+        (out.terminated, out.failed, out.gone, out.namespaces),
+        (2, 0, 1, 1),
+        "{out:?}"
+    );
+
+    // The destroyed UDP socket reports the abort, then has no peer any more.
+    let mut buf = [0u8; 16];
+    let e = doomed.recv(&mut buf).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ECONNABORTED), "{e}");
+    assert!(doomed.send(b"ping").is_err());
+    assert!(
+        udp_works(&moved, &other),
+        "a socket connected elsewhere stays"
+    );
+    assert!(udp_works(&bystander, &server), "an unlisted socket stays");
+
+    // The destroyed TCP connection is aborted on both ends; the other one goes on.
+    let e = tcp_doomed.read(&mut buf).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ECONNABORTED), "{e}");
+    match tcp_doomed_peer.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!("the backend's end of an aborted connection: {other:?}"),
+    }
+    tcp_bystander.write_all(b"hi").unwrap();
+    assert_eq!(tcp_bystander_peer.read(&mut buf).unwrap(), 2);
+
+    // Terminating again finds nothing: the sockets are gone.
+    let again = term.terminate(&targets[..1], &namespaces).unwrap();
+    assert_eq!((again.terminated, again.gone), (0, 1), "{again:?}");
+}
+
+/// Runs `ip args...`, panicking with its output on failure.
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(out.status.success(), "ip {args:?}: {out:?}");
+}
+
+struct Netns(String);
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn sock_destroy_reaches_sockets_of_other_namespaces() {
+    let term = SockTerminator::new().expect("socket termination needs Linux >= 6.5 with BTF");
+    let ns = Netns(format!("lbst{}", std::process::id()));
+    ip(&["netns", "add", &ns.0]);
+    ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+    let path = Path::new("/run/netns").join(&ns.0);
+
+    // A socket pair made by a thread that entered the namespace (sockets belong to the
+    // namespace of the thread that creates them).
+    let (server, client) = std::thread::scope(|s| {
+        s.spawn(|| {
+            let f = std::fs::File::open(&path).unwrap();
+            // SAFETY: setns with a valid namespace fd moves this thread only.
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+            client.connect(server.local_addr().unwrap()).unwrap();
+            (server, client)
+        })
+        .join()
+        .unwrap()
+    });
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let targets = [target(&client, server.local_addr().unwrap(), proto::UDP)];
+
+    // Walking only this process's namespace does not find it.
+    let here = [Path::new("/proc/self/ns/net").to_path_buf()];
+    let out = term.terminate(&targets, &here).unwrap();
+    assert_eq!((out.terminated, out.gone), (0, 1), "{out:?}");
+
+    // The node's namespace list has it (named namespaces included), and the walk reaches it.
+    let all = sock_term::namespaces(Path::new("/proc"));
+    assert!(all.iter().any(|p| p == &path), "{all:?}");
+    let out = term.terminate(&targets, &all).unwrap();
+    assert_eq!((out.terminated, out.failed), (1, 0), "{out:?}");
+    let mut buf = [0u8; 8];
+    let e = client.recv(&mut buf).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ECONNABORTED), "{e}");
+}
