@@ -70,6 +70,32 @@ fn cgroup_that_is_not_cgroup2_is_named() {
 }
 
 #[test]
+fn proc_that_is_not_procfs_is_named() {
+    let Some(cg) = cgroup2() else {
+        panic!("no cgroup2 mount on this machine")
+    };
+    let (code, _, err) = agent(&[
+        "run",
+        "--node",
+        "n",
+        "--manifests",
+        &examples(),
+        "--cgroup",
+        &cg,
+        "--bpffs",
+        "/sys/fs/bpf/lbcli-x",
+        "--proc",
+        "/tmp",
+    ]);
+    assert_eq!(code, 2);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--proc /tmp: not a proc filesystem (mount the node's /proc there"),
+        "{err}"
+    );
+}
+
+#[test]
 fn missing_interface_is_named() {
     let Some(cg) = cgroup2() else {
         panic!("no cgroup2 mount on this machine")

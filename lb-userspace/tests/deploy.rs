@@ -47,7 +47,14 @@ const RBAC: [(&str, &str, &str); 6] = [
 ];
 
 /// Exactly the capabilities the agent container adds (after dropping ALL).
-const CAPABILITIES: [&str; 5] = ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE"];
+const CAPABILITIES: [&str; 6] = [
+    "BPF",
+    "NET_ADMIN",
+    "PERFMON",
+    "SYS_ADMIN",
+    "SYS_PTRACE",
+    "SYS_RESOURCE",
+];
 
 /// The metric names lb-agent exports (`--metrics-addr`).
 const METRICS: [&str; 18] = [
@@ -827,6 +834,18 @@ fn agent_container_mounts_bpffs_and_the_cgroup_root_as_its_flags_say() {
         "attaching needs only a directory fd"
     );
     assert_eq!(flag(&f, "cgroup"), vec![cgroup.mount_path.as_str()]);
+    // The node's /proc, read-only, where --proc (LB_AGENT_PROC) says: pods' network
+    // namespaces for socket termination, without sharing the node's PID namespace.
+    let proc = host_path_mount(&ds, "/proc");
+    assert_eq!(proc.read_only, Some(true));
+    assert!(flag(&f, "proc").is_empty(), "{args:?}");
+    let env = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "LB_AGENT_PROC")
+        .expect("env LB_AGENT_PROC");
+    assert_eq!(env.value.as_deref(), Some(proc.mount_path.as_str()));
 }
 
 #[test]

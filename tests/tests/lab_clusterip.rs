@@ -164,3 +164,95 @@ fn lab_clusterip_backend_removal_keeps_established_connection() {
         assert_eq!(e.backend.as_deref(), Some(pinned.as_str()));
     }
 }
+
+/// A connected UDP socket is translated once, at connect: flushing conntrack cannot move it.
+/// When its backend leaves the Service, the agent terminates it (bpf_sock_destroy in the pod's
+/// namespace), the application sees the error and connects again, to a live backend.
+#[test]
+fn lab_clusterip_connected_udp_socket_to_a_removed_backend_is_terminated() {
+    let Some(mut s) = setup() else { return };
+    let mut held = s.lab.hold_udp("a1", ECHO).unwrap();
+    let first = held.first.clone().unwrap();
+    assert!(first.ok, "{first:?}");
+    let pinned = first.backend.clone().unwrap();
+    // One connected socket keeps its backend.
+    for _ in 0..3 {
+        let e = held.exchange().unwrap();
+        assert!(e.ok, "{e:?}");
+        assert_eq!(e.backend.as_deref(), Some(pinned.as_str()), "{e:?}");
+    }
+    let addr = s.lab.pod(&pinned).addr.to_string();
+    let without: String = examples()
+        .lines()
+        .filter(|l| !l.contains(&format!("addresses: [{addr}]")) || l.contains("legacy"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    s.apply(&without, 2);
+    let removed = std::time::Instant::now();
+
+    // Within 3 s the socket fails: ECONNABORTED (os error 103) when the abort is read, or no
+    // destination any more (EDESTADDRREQ, os error 89) when it was idle.
+    let failed = loop {
+        let e = held.exchange().unwrap();
+        if !e.ok {
+            break e;
+        }
+        assert_eq!(e.backend.as_deref(), Some(pinned.as_str()), "{e:?}");
+        assert!(
+            removed.elapsed() < std::time::Duration::from_secs(3),
+            "the socket still talks to removed backend {pinned} after 3 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let err = failed.error.clone().unwrap_or_default();
+    assert!(
+        err.contains("os error 103") || err.contains("os error 89"),
+        "{failed:?}"
+    );
+    eprintln!("terminated {:?} after removal: {err}", removed.elapsed());
+    // The application connects again and lands on a live backend.
+    let again = held.exchange().unwrap();
+    assert!(again.ok, "{again:?}");
+    assert_ne!(again.backend.as_deref(), Some(pinned.as_str()), "{again:?}");
+    s.agents[0]
+        .wait_for_log("1 terminated", std::time::Duration::from_secs(5))
+        .unwrap();
+}
+
+/// With `--terminate-tcp-sockets`, an established TCP connection to a backend that left the
+/// Service is terminated too (by default it may finish, as the test above shows).
+#[test]
+fn lab_clusterip_tcp_connection_to_a_removed_backend_is_terminated_on_request() {
+    let Some(mut s) = lb_tests::scenario::start_example_with(&["--terminate-tcp-sockets"]) else {
+        return;
+    };
+    let mut held = s.lab.hold("a1", ECHO).unwrap();
+    let first = held.first.clone().unwrap();
+    assert!(first.ok, "{first:?}");
+    let pinned = first.backend.clone().unwrap();
+    let addr = s.lab.pod(&pinned).addr.to_string();
+    let without: String = examples()
+        .lines()
+        .filter(|l| !l.contains(&format!("addresses: [{addr}]")) || l.contains("legacy"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    s.apply(&without, 2);
+    let removed = std::time::Instant::now();
+    let failed = loop {
+        let e = held.exchange().unwrap();
+        if !e.ok {
+            break e;
+        }
+        assert!(
+            removed.elapsed() < std::time::Duration::from_secs(3),
+            "the connection still talks to removed backend {pinned} after 3 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    // ECONNABORTED (os error 103) where the abort is read.
+    let err = failed.error.clone().unwrap_or_default();
+    assert!(err.contains("os error 103"), "{failed:?}");
+    s.agents[0]
+        .wait_for_log("1 terminated", std::time::Duration::from_secs(5))
+        .unwrap();
+}

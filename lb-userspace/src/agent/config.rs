@@ -19,6 +19,10 @@ pub struct RunConfig {
     pub nodeport_range: (u16, u16),
     /// Time between the starts of two conntrack sweeps.
     pub ct_gc_interval: Duration,
+    /// Terminate TCP sockets connected to removed backends too (UDP ones always are).
+    pub terminate_tcp_sockets: bool,
+    /// The node's procfs, where pods' network namespaces are found.
+    pub proc: PathBuf,
     /// Where to serve Prometheus metrics (`/metrics`).
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Where to serve node health (`/healthz`, `/livez`).

@@ -36,6 +36,11 @@ struct MapLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TierLabel {
     tier: String,
 }
@@ -105,6 +110,10 @@ pub struct Ops {
     ct_gc_interval: Gauge<f64, AtomicU64>,
     ct_entries: Family<TierLabel, Gauge>,
     ct_udp_flushed: Counter,
+    sock_term_supported: Gauge,
+    sock_term_passes: Counter,
+    sock_term_errors: Counter,
+    sock_term_sockets: Family<ResultLabel, Counter>,
     /// Service-port id -> identity, from the last sync.
     service_ports: Mutex<BTreeMap<u32, String>>,
     /// Last seen per (id, field) counter values, to turn absolute counts into increments.
@@ -242,7 +251,35 @@ impl Ops {
             "UDP conntrack entries removed because their backend left the Service port",
             ct_udp_flushed.clone(),
         );
+        let sock_term_supported = Gauge::default();
+        registry.register(
+            "socket_termination_supported",
+            "1 when the kernel lets the agent terminate sockets connected to removed backends (bpf_sock_destroy, Linux >= 6.5)",
+            sock_term_supported.clone(),
+        );
+        let sock_term_passes = Counter::default();
+        registry.register(
+            "socket_termination_passes",
+            "Walks of the node's sockets for sockets connected to removed backends",
+            sock_term_passes.clone(),
+        );
+        let sock_term_errors = Counter::default();
+        registry.register(
+            "socket_termination_errors",
+            "Socket termination passes that failed",
+            sock_term_errors.clone(),
+        );
+        let sock_term_sockets = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "socket_termination_sockets",
+            "Sockets connected to removed backends, by result: terminated, failed (the kernel refused), gone (closed or reconnected before the walk)",
+            sock_term_sockets.clone(),
+        );
         Self {
+            sock_term_supported,
+            sock_term_passes,
+            sock_term_errors,
+            sock_term_sockets,
             ct_gc_sweeps,
             ct_gc_errors,
             ct_gc_removed,
@@ -313,6 +350,32 @@ impl Ops {
                 .get_or_create(&TierLabel { tier: tier.into() })
                 .set(n as i64);
         }
+    }
+
+    /// Whether sockets to removed backends can be terminated on this kernel.
+    pub fn socket_termination_supported(&self, yes: bool) {
+        self.sock_term_supported.set(yes as i64);
+    }
+
+    /// One socket termination pass completed.
+    pub fn sockets_terminated(&self, out: &crate::dataplane::sock_term::Outcome) {
+        self.sock_term_passes.inc();
+        for (result, n) in [
+            ("terminated", out.terminated),
+            ("failed", out.failed),
+            ("gone", out.gone),
+        ] {
+            self.sock_term_sockets
+                .get_or_create(&ResultLabel {
+                    result: result.into(),
+                })
+                .inc_by(n);
+        }
+    }
+
+    /// A socket termination pass failed.
+    pub fn socket_termination_failed(&self) {
+        self.sock_term_errors.inc();
     }
 
     /// A conntrack sweep failed.

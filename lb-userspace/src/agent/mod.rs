@@ -16,9 +16,11 @@ pub mod metrics;
 pub mod preflight;
 
 use std::{
+    collections::BTreeSet,
+    os::fd::AsFd,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        mpsc, Arc,
     },
     time::{Duration, Instant},
 };
@@ -33,9 +35,11 @@ use crate::{
         source::{ManifestsSource, Objects, Source},
     },
     dataplane::{
+        bpf_sys,
         ct_gc::{self, CtTiers},
         pinned::{other_versions, AyaDataplane},
         read::boot_seconds,
+        sock_term::{self, Serving, SockTerminator},
         sync::Syncer,
     },
     error::usage,
@@ -93,6 +97,34 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
         ops.clone(),
         stop.clone(),
     );
+    let protos: BTreeSet<u8> = if cfg.terminate_tcp_sockets {
+        [lb_common::proto::TCP, lb_common::proto::UDP].into()
+    } else {
+        [lb_common::proto::UDP].into()
+    };
+    let sock_term = match SockTerminator::new() {
+        Ok(t) => {
+            ops.socket_termination_supported(true);
+            Some(spawn_sock_term(
+                t,
+                bpf_sys::object_map_fd(&ebpf, lb_common::map_name::SOCK_REV_NAT)?,
+                protos.clone(),
+                cfg.proc.clone(),
+                ops.clone(),
+                stop.clone(),
+            ))
+        }
+        Err(e) => {
+            ops.socket_termination_supported(false);
+            log::warn!(
+                "sockets connected to removed backends will not be terminated: {e} \
+                 (connected UDP sockets keep their backend until the application reconnects)"
+            );
+            None
+        }
+    };
+    // The frontend/backend pairs the socket-level path served at the last sync.
+    let mut served: Option<Serving> = None;
     let mut health_checks = HealthServers::new();
     // Maps of another layout version (an upgrade): replaced once the new ones are filled.
     let old_versions = other_versions(&cfg.bpffs);
@@ -147,6 +179,21 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                     log::error!("healthCheckNodePort {port}: cannot listen: {err}");
                 }
                 ops.service_ports(syncer.service_ports());
+                if let (Ok(_), Some(tx)) = (&synced, &sock_term) {
+                    let now = sock_term::serving(&desired);
+                    // A pair that left (or the first sync: backends may have left while the
+                    // agent was down) sends the socket walk off.
+                    let left = served.as_ref().is_none_or(|before| {
+                        before
+                            .iter()
+                            .any(|p| protos.contains(&p.1) && !now.contains(p))
+                    });
+                    if left {
+                        // The walker keeps only the newest; a closed channel means it stopped.
+                        let _ = tx.send(Arc::new(now.clone()));
+                    }
+                    served = Some(now);
+                }
                 match &synced {
                     Ok(st) => {
                         ops.synced(started.elapsed(), st.writes);
@@ -189,6 +236,60 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     }
     log::info!("stopping; programs stay attached through their pinned links (lb-agent uninstall removes them)");
     Ok(())
+}
+
+/// Terminates sockets connected to removed backends on a thread of its own, one pass per
+/// change sent (the newest when several queued), so that walking the node's namespaces never
+/// delays a sync.
+fn spawn_sock_term(
+    term: SockTerminator,
+    rev_nat: std::os::fd::OwnedFd,
+    protos: BTreeSet<u8>,
+    proc: std::path::PathBuf,
+    ops: Arc<Ops>,
+    stop: Arc<AtomicBool>,
+) -> mpsc::Sender<Arc<Serving>> {
+    let (tx, rx) = mpsc::channel::<Arc<Serving>>();
+    std::thread::Builder::new()
+        .name("socket-termination".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(mut serving) = rx.recv_timeout(Duration::from_millis(200)) else {
+                    continue;
+                };
+                while let Ok(newer) = rx.try_recv() {
+                    serving = newer;
+                }
+                match term.terminate_stale(rev_nat.as_fd(), &serving, &protos, &proc) {
+                    Ok(None) => {}
+                    Ok(Some(out)) => {
+                        ops.sockets_terminated(&out);
+                        let level = if out.terminated + out.failed > 0 {
+                            log::Level::Info
+                        } else {
+                            log::Level::Debug
+                        };
+                        log::log!(
+                            level,
+                            "sockets connected to removed backends: {} terminated, {} gone, \
+                             {} refused; {} namespaces walked ({} unreachable) in {:?}",
+                            out.terminated,
+                            out.gone,
+                            out.failed,
+                            out.namespaces,
+                            out.unreachable,
+                            out.duration
+                        );
+                    }
+                    Err(e) => {
+                        ops.socket_termination_failed();
+                        log::warn!("terminating sockets of removed backends failed: {e:#}");
+                    }
+                }
+            }
+        })
+        .expect("spawning the socket termination thread");
+    tx
 }
 
 /// Runs a conntrack sweep every `interval` on a thread of its own, so that a long sweep never

@@ -14,6 +14,7 @@ use crate::error::usage;
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const PROC_SUPER_MAGIC: i64 = 0x9fa0;
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_BPF: u32 = 39;
@@ -79,6 +80,12 @@ pub fn preflight(cfg: &RunConfig) -> Result<()> {
                 cfg.cgroup.display()
             )))
         }
+    }
+    if statfs_magic(&cfg.proc).ok() != Some(PROC_SUPER_MAGIC) {
+        return Err(usage(format!(
+            "--proc {}: not a proc filesystem (mount the node's /proc there, or use --proc=/proc)",
+            cfg.proc.display()
+        )));
     }
     let parent = if cfg.bpffs.exists() {
         cfg.bpffs.clone()

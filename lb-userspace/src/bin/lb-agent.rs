@@ -68,6 +68,16 @@ enum Command {
         /// Time between conntrack garbage-collection sweeps (e.g. 5s, 500ms, 1m).
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         ct_gc_interval: Duration,
+        /// Also terminate TCP sockets still connected to a backend that left their Service
+        /// (bpf_sock_destroy, Linux >= 6.5). Connected UDP sockets always are; TCP connections
+        /// are left to finish by default, as with kube-proxy.
+        #[arg(long)]
+        terminate_tcp_sockets: bool,
+        /// The node's procfs (its PID namespace's view), where the network namespaces of pods
+        /// are found (/PID/ns/net) to terminate their sockets to removed backends. In a pod
+        /// without hostPID, mount the node's /proc elsewhere and name it here.
+        #[arg(long, env = "LB_AGENT_PROC", default_value = "/proc")]
+        proc: PathBuf,
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9464).
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
@@ -113,6 +123,8 @@ fn main() {
             snat_ports,
             nodeport_range,
             ct_gc_interval,
+            terminate_tcp_sockets,
+            proc,
             metrics_addr,
             health_addr,
         } => {
@@ -131,6 +143,8 @@ fn main() {
                 snat_ports,
                 nodeport_range,
                 ct_gc_interval,
+                terminate_tcp_sockets,
+                proc,
                 metrics_addr,
                 health_addr,
             };

@@ -6,7 +6,7 @@
 //! (`bpf_sock_destroy`) is something aya 0.14 cannot relocate (see `sock_term`).
 use std::{
     io,
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
 };
 
 const BPF_MAP_CREATE: libc::c_long = 0;
@@ -85,6 +85,19 @@ pub fn create_map(
     let fd = bpf(BPF_MAP_CREATE, &mut a)?;
     // SAFETY: the kernel returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A duplicate of the fd of the hash map `name` of a loaded object (the object keeps its own).
+pub fn object_map_fd(ebpf: &aya::Ebpf, name: &str) -> io::Result<OwnedFd> {
+    let m = ebpf
+        .map(name)
+        .ok_or_else(|| io::Error::other(format!("map {name} missing from the object")))?;
+    match m {
+        aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => {
+            d.fd().as_fd().try_clone_to_owned()
+        }
+        _ => Err(io::Error::other(format!("map {name} is not a hash map"))),
+    }
 }
 
 /// Looks `key` up; `None` when the map has no such entry.

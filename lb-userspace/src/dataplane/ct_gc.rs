@@ -55,17 +55,10 @@ impl CtTiers {
 
     /// The tiers of a loaded object (their fds duplicated: the object keeps its maps).
     pub fn from_ebpf(ebpf: &aya::Ebpf) -> Result<Self> {
-        let dup = |name: &str| -> Result<OwnedFd> {
-            let m = ebpf
-                .map(name)
-                .with_context(|| format!("map {name} missing from the object"))?;
-            let data = match m {
-                aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => d,
-                _ => anyhow::bail!("map {name} is not a hash map"),
-            };
-            Ok(data.fd().as_fd().try_clone_to_owned()?)
-        };
-        Self::from_fds(dup(map_name::CONNTRACK)?, dup(map_name::CONNTRACK_NEW)?)
+        Self::from_fds(
+            bpf_sys::object_map_fd(ebpf, map_name::CONNTRACK)?,
+            bpf_sys::object_map_fd(ebpf, map_name::CONNTRACK_NEW)?,
+        )
     }
 
     /// Tiers from map fds (maps taken from a loaded object, or created by a test).

@@ -30,9 +30,10 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use lb_common::{proto, SockKey, SockRevNat};
+use lb_common::{proto, scope, SockKey, SockRevNat};
 
 use super::bpf_sys;
+use crate::control::desired::Desired;
 
 /// Value of the doomed-socket map (key: socket cookie): the backend the socket must still be
 /// connected to, and what the iterator did.
@@ -63,7 +64,7 @@ pub struct Target {
 }
 
 /// What one pass did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Outcome {
     /// Sockets destroyed.
     pub terminated: u64,
@@ -76,6 +77,8 @@ pub struct Outcome {
     /// Namespaces that could not be entered (gone meanwhile, or no permission).
     pub unreachable: usize,
     pub duration: Duration,
+    /// Cookies of the targets terminated or gone: their socket records can go.
+    pub settled: Vec<u64>,
 }
 
 /// The kernel does not offer what socket termination needs.
@@ -240,16 +243,51 @@ impl SockTerminator {
             out.unreachable = out.unreachable.max(self.walk(namespaces, tcp, udp)?);
             for t in chunk {
                 match bpf_sys::lookup::<u64, Doomed>(fd, &t.cookie)? {
-                    Some(v) if v.hits == 0 => out.gone += 1,
-                    Some(v) if v.result == 0 => out.terminated += 1,
-                    Some(_) => out.failed += 1,
-                    None => out.gone += 1,
+                    Some(v) if v.hits > 0 && v.result != 0 => {
+                        out.failed += 1;
+                        log_refused(t, v.result);
+                    }
+                    Some(v) if v.hits > 0 => {
+                        out.terminated += 1;
+                        out.settled.push(t.cookie);
+                    }
+                    _ => {
+                        out.gone += 1;
+                        out.settled.push(t.cookie);
+                    }
                 }
                 bpf_sys::delete(fd, &t.cookie)?;
             }
         }
         out.duration = started.elapsed();
         Ok(out)
+    }
+
+    /// One pass over the socket records of `rev_nat` (`lb_sk_revnat_v1`): terminates the
+    /// sockets of `protos` whose backend no longer serves their frontend, in every namespace
+    /// under `proc_root`, and removes the records of those terminated or gone. `None` when no
+    /// record is stale (nothing walked).
+    pub fn terminate_stale(
+        &self,
+        rev_nat: BorrowedFd<'_>,
+        serving: &Serving,
+        protos: &BTreeSet<u8>,
+        proc_root: &Path,
+    ) -> Result<Option<Outcome>> {
+        let stale = stale(rev_nat, serving, protos).context("reading the socket records")?;
+        if stale.is_empty() {
+            return Ok(None);
+        }
+        let targets: Vec<Target> = stale.iter().map(|(_, t)| *t).collect();
+        let out = self.terminate(&targets, &namespaces(proc_root))?;
+        let settled: HashSet<u64> = out.settled.iter().copied().collect();
+        let keys: Vec<SockKey> = stale
+            .iter()
+            .filter(|(_, t)| settled.contains(&t.cookie))
+            .map(|(k, _)| *k)
+            .collect();
+        bpf_sys::delete_batch(rev_nat, &keys).context("removing settled socket records")?;
+        Ok(Some(out))
     }
 
     /// Runs the iterators in every namespace, on a thread of its own (entering a namespace
@@ -284,6 +322,29 @@ impl SockTerminator {
             .map_err(|_| anyhow::anyhow!("the socket walk thread panicked"))?
         })
     }
+}
+
+fn log_refused(t: &Target, result: i32) {
+    log::warn!(
+        "socket {} connected to removed backend {} ({}): the kernel refused to terminate it: {}",
+        t.cookie,
+        t.backend,
+        if t.proto == proto::TCP { "TCP" } else { "UDP" },
+        io::Error::from_raw_os_error(-result)
+    );
+}
+
+/// The frontend/backend pairs of the socket-level path (internal scope) in `desired`.
+pub fn serving(desired: &Desired) -> Serving {
+    desired
+        .iter()
+        .filter(|(k, _)| k.scope == scope::INTERNAL)
+        .flat_map(|(k, d)| {
+            d.backends
+                .iter()
+                .map(move |(b, _)| (k.addr, k.proto, b.addr))
+        })
+        .collect()
 }
 
 /// The network namespaces of the node, each once: those of every process (`/proc/PID/ns/net`;

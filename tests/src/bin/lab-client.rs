@@ -9,6 +9,10 @@
 //! lab-client udp IP:PORT [--count N] [--timeout-ms T]   each from a new unconnected socket
 //! lab-client hold IP:PORT [--timeout-ms T]              one connection: one exchange at start,
 //!                                                       one more per stdin line, until EOF
+//! lab-client hold-udp IP:PORT [--timeout-ms T]          the same on one connected UDP socket;
+//!                                                       after a failed exchange the next one
+//!                                                       connects a new socket (as an
+//!                                                       application does after ECONNABORTED)
 //! ```
 use std::{
     io::{self, BufRead, BufReader, Write},
@@ -165,10 +169,51 @@ fn hold(target: SocketAddr, timeout: Duration) {
     }
 }
 
+fn udp_connect(target: SocketAddr, timeout: Duration) -> Result<UdpSocket, Failure> {
+    let s = step("bind", None, UdpSocket::bind("0.0.0.0:0"))?;
+    step("setsockopt", None, s.set_read_timeout(Some(timeout)))?;
+    step("connect", None, s.connect(target))?;
+    Ok(s)
+}
+
+fn udp_request(s: &UdpSocket) -> Outcome {
+    step("send", None, s.send(b"hello\n"))?;
+    let mut buf = [0u8; 2048];
+    let n = step("read", None, s.recv(&mut buf))?;
+    let peer = step("getpeername", None, s.peer_addr())?;
+    Ok((String::from_utf8_lossy(&buf[..n]).trim().to_string(), peer))
+}
+
+fn hold_udp(target: SocketAddr, timeout: Duration) {
+    let mut sock: Option<UdpSocket> = None;
+    let exchange = |sock: &mut Option<UdpSocket>| {
+        let started = Instant::now();
+        let outcome = match sock.take() {
+            Some(s) => Ok(s),
+            None => udp_connect(target, timeout),
+        }
+        .and_then(|s| {
+            let r = udp_request(&s);
+            if r.is_ok() {
+                *sock = Some(s);
+            }
+            r
+        });
+        report(outcome, started, timeout);
+    };
+    exchange(&mut sock);
+    for line in io::stdin().lock().lines() {
+        if line.is_err() {
+            break;
+        }
+        exchange(&mut sock);
+    }
+}
+
 fn usage(why: &str) -> ! {
     eprintln!(
         "lab-client: {why}\nusage: lab-client tcp|udp IP:PORT [--count N] [--timeout-ms T]\n       \
-         lab-client hold IP:PORT [--timeout-ms T]"
+         lab-client hold|hold-udp IP:PORT [--timeout-ms T]"
     );
     exit(2)
 }
@@ -216,6 +261,7 @@ fn main() {
             }
         }
         "hold" => hold(target, timeout),
+        "hold-udp" => hold_udp(target, timeout),
         other => usage(&format!("unknown mode {other}")),
     }
 }

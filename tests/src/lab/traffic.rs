@@ -98,13 +98,23 @@ impl Lab {
     /// (`lab-client hold`); more exchanges on the same connection with
     /// [`HeldConnection::exchange`].
     pub fn hold(&self, place: &str, target: &str) -> Result<HeldConnection> {
+        self.hold_as(place, "hold", target)
+    }
+
+    /// Like [`Lab::hold`] with one connected UDP socket (`lab-client hold-udp`): after a failed
+    /// exchange, the next one connects a new socket.
+    pub fn hold_udp(&self, place: &str, target: &str) -> Result<HeldConnection> {
+        self.hold_as(place, "hold-udp", target)
+    }
+
+    fn hold_as(&self, place: &str, mode: &str, target: &str) -> Result<HeldConnection> {
         let bin = bin_path("lab-client")?;
-        let mut cmd = self.command_at(place, &bin, ["hold", target])?;
+        let mut cmd = self.command_at(place, &bin, [mode, target])?;
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let mut process =
-            ManagedProcess::spawn(format!("lab-client hold {target} at {place}"), cmd)?;
+            ManagedProcess::spawn(format!("lab-client {mode} {target} at {place}"), cmd)?;
         let stdin = process
             .child_mut()
             .stdin
