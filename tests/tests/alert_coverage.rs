@@ -453,7 +453,7 @@ fn kernel_alerted_agent_metrics_move() {
     }
     // ... the conntrack sweep thread: started, one sweep over the real maps, one that failed ...
     ops.ct_gc_started(std::time::Duration::from_secs(5));
-    let tiers = lb_userspace::dataplane::ct_gc::CtTiers::open(h.pin_dir()).unwrap();
+    let tiers = lb_userspace::dataplane::pinned::open_conntrack(h.pin_dir()).unwrap();
     let swept = lb_userspace::dataplane::ct_gc::sweep(
         &tiers,
         lb_userspace::dataplane::read::boot_seconds(),

@@ -12,7 +12,7 @@ use lb_common::{ct_flags, ct_state, proto, scope, service_flags, CtEntry, CtKey}
 use lb_tests::harness::XdpHarness;
 use lb_userspace::{
     control::desired::{BackendKey, Desired, DesiredFrontend, FrontendKey},
-    dataplane::ct_gc::{CtTiers, Tier},
+    dataplane::ct_gc::Tier,
 };
 
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
@@ -118,7 +118,7 @@ fn kernel_sync_flushes_the_udp_flows_of_a_removed_backend() {
         ids["default/other:53/UDP"],
     );
 
-    let t = CtTiers::open(h.pin_dir()).unwrap();
+    let t = lb_userspace::dataplane::pinned::open_conntrack(h.pin_dir()).unwrap();
     let mut flushed = BTreeSet::new();
     let mut n = 0;
     let mut stage = |f: [(CtKey, CtEntry); 2], tier: Tier, goes: bool| {

@@ -33,6 +33,10 @@ enum LogFormat {
 }
 
 #[derive(Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; boxing would only obscure the flags"
+)]
 enum Command {
     /// Load and attach the programs, pin maps and links, and keep the maps in sync.
     Run {

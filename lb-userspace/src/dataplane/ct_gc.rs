@@ -21,7 +21,6 @@
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     os::fd::{AsFd, BorrowedFd, OwnedFd},
-    path::Path,
     time::{Duration, Instant},
 };
 
@@ -29,7 +28,7 @@ use anyhow::{Context, Result};
 use aya::maps::MapData;
 use lb_common::{map_name, proto, CtEntry, CtKey};
 
-use super::{bpf_sys, pinned::open_pinned};
+use super::bpf_sys;
 
 /// The two conntrack tiers.
 pub struct CtTiers {
@@ -45,12 +44,9 @@ pub enum Tier {
 }
 
 impl CtTiers {
-    /// The tiers pinned under `bpffs`.
-    pub fn open(bpffs: &Path) -> Result<Self> {
-        Ok(Self {
-            established: open_pinned(bpffs, map_name::CONNTRACK)?,
-            new: open_pinned(bpffs, map_name::CONNTRACK_NEW)?,
-        })
+    /// The tiers from their maps (`pinned::open_conntrack` opens the pinned ones).
+    pub fn from_maps(established: MapData, new: MapData) -> Self {
+        Self { established, new }
     }
 
     /// The tiers of a loaded object (their fds duplicated: the object keeps its maps).

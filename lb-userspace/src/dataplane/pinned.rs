@@ -24,6 +24,14 @@ pub(crate) fn check_dir(bpffs: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The conntrack tiers pinned under `bpffs`.
+pub fn open_conntrack(bpffs: &Path) -> Result<CtTiers> {
+    Ok(CtTiers::from_maps(
+        open_pinned(bpffs, map_name::CONNTRACK)?,
+        open_pinned(bpffs, map_name::CONNTRACK_NEW)?,
+    ))
+}
+
 /// Opens a pinned map; when it is missing but a map of the same name with another layout
 /// version is there, says so.
 pub fn open_pinned(bpffs: &Path, name: &str) -> Result<MapData> {
@@ -146,7 +154,7 @@ impl AyaDataplane {
             names: HashMap::try_from(open(map_name::SERVICE_NAMES)?)?,
             maglev: HashMap::try_from(open(map_name::MAGLEV)?)?,
             config: Array::try_from(Map::Array(open_data(map_name::CONFIG)?))?,
-            conntrack: CtTiers::open(dir)?,
+            conntrack: open_conntrack(dir)?,
         })
     }
 }
