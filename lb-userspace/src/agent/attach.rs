@@ -190,12 +190,17 @@ pub(super) fn load_programs(ebpf: &mut aya::Ebpf) -> Result<()> {
         .ok_or_else(|| anyhow!("program {} missing", program_name::XDP))?
         .try_into()?;
     p.load().context("loading the XDP program (verifier)")?;
-    let p: &mut SchedClassifier = ebpf
-        .program_mut(program_name::TC_EGRESS)
-        .ok_or_else(|| anyhow!("program {} missing", program_name::TC_EGRESS))?
-        .try_into()?;
-    p.load()
-        .context("loading the tc egress program (verifier)")?;
+    for (name, what) in [
+        (program_name::TC_EGRESS, "tc egress"),
+        (program_name::TC_INGRESS, "tc ingress"),
+    ] {
+        let p: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing"))?
+            .try_into()?;
+        p.load()
+            .with_context(|| format!("loading the {what} program (verifier)"))?;
+    }
     Ok(())
 }
 
