@@ -10,6 +10,7 @@
 //! programs, [`metrics`] and [`health_check`] answer over [`http`].
 pub mod attach;
 pub mod config;
+pub mod devices;
 pub mod health_check;
 pub mod http;
 pub mod metrics;
