@@ -258,6 +258,23 @@ fn check_plan(m: &Model, node: &str, p: &Plan) {
     assert_eq!(p.rejected, m.rejected);
     let ports: usize = m.services.iter().map(|s| s.ports.len()).sum();
     assert_eq!(p.services.len(), ports);
+    // No frontend belongs to two Services (model::resolve_collisions gives it to the older):
+    // address frontends among themselves, NodePorts among themselves. (An external IP that is
+    // a node address on another Service's nodePort is not resolved yet.)
+    let mut owner = std::collections::BTreeMap::new();
+    for sp in &p.services {
+        for f in &sp.frontends {
+            let me = (&sp.namespace, &sp.name);
+            let class = f.kind == lb_userspace::control::plan::FrontendKind::NodePort;
+            let prev = owner.insert((class, f.address, sp.protocol), me);
+            assert!(
+                prev.is_none_or(|o| o == me),
+                "frontend {} {:?} of two Services: {prev:?} and {me:?}",
+                f.address,
+                sp.protocol
+            );
+        }
+    }
     let mut by_port = p.services.iter();
     for s in &m.services {
         for port in &s.ports {

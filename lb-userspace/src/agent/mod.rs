@@ -155,7 +155,13 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 last = Some(objects.clone());
                 generation += 1;
                 let started = Instant::now();
-                let m = model::build(&objects, &cfg.node);
+                let m = model::build_with(
+                    &objects,
+                    &cfg.node,
+                    &model::Checks {
+                        node_port_range: cfg.nodeport_range,
+                    },
+                );
                 for r in &m.rejected {
                     log::warn!(
                         "rejected {} {}/{}: {}",

@@ -2,7 +2,7 @@
 //! this node's name, zone and addresses. Invalid objects are rejected here with their kind,
 //! namespace/name and reason, and never reach the plan or the maps.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
 };
 
@@ -96,7 +96,32 @@ pub struct ServiceModel {
     pub health_check_node_port: Option<u16>,
     /// Endpoints per (port name, protocol), merged across slices, deduplicated.
     pub endpoints: BTreeMap<(String, Protocol), Vec<Endpoint>>,
+    /// `metadata.creationTimestamp` (seconds since the epoch), which decides who keeps a
+    /// frontend two Services claim: the older one.
+    pub created: Option<i64>,
+    /// Address frontends (ClusterIP, external or load-balancer IP with a port and protocol)
+    /// this Service does not get: an older Service has them (see [`resolve_collisions`]).
+    pub lost_frontends: BTreeSet<(Ipv4Addr, u16, Protocol)>,
 }
+
+/// Checks that depend on the cluster's configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checks {
+    /// The cluster's NodePort range (the API server's `--service-node-port-range`): nodePorts
+    /// and healthCheckNodePorts outside it are rejected.
+    pub node_port_range: (u16, u16),
+}
+
+impl Default for Checks {
+    fn default() -> Self {
+        Self {
+            node_port_range: (30000, 32767),
+        }
+    }
+}
+
+/// Endpoints one Service port can hold: a frontend counts its backend slots in 16 bits.
+pub const MAX_ENDPOINTS_PER_PORT: usize = 65_535;
 
 #[derive(Clone, Debug, Default)]
 pub struct Model {
@@ -117,6 +142,24 @@ fn reject(kind: &str, namespace: &str, name: &str, reason: impl Into<String>) ->
 fn parse_ipv4(s: &str) -> Result<Ipv4Addr, String> {
     s.parse::<Ipv4Addr>()
         .map_err(|_| format!("unparsable IPv4 address {s:?}"))
+}
+
+/// An address that traffic can be sent to and answered from: not loopback, unspecified,
+/// broadcast or multicast (`what` names the field in the reason).
+fn parse_unicast(what: &str, s: &str) -> Result<Ipv4Addr, String> {
+    let a = parse_ipv4(s)?;
+    let kind = if a.is_loopback() {
+        "a loopback"
+    } else if a.is_unspecified() {
+        "the unspecified"
+    } else if a.is_broadcast() {
+        "the broadcast"
+    } else if a.is_multicast() {
+        "a multicast"
+    } else {
+        return Ok(a);
+    };
+    Err(format!("{what} {a} is {kind} address"))
 }
 
 fn parse_port(what: &str, p: i32) -> Result<u16, String> {
@@ -175,6 +218,11 @@ pub const MISSING_NAME: &str = "missing metadata.name";
 
 /// Builds the model for node `node_name`.
 pub fn build(objects: &Objects, node_name: &str) -> Model {
+    build_with(objects, node_name, &Checks::default())
+}
+
+/// [`build`] with the cluster's configuration for the checks that depend on it.
+pub fn build_with(objects: &Objects, node_name: &str, checks: &Checks) -> Model {
     let mut model = Model {
         node: objects
             .nodes
@@ -240,10 +288,18 @@ pub fn build(objects: &Objects, node_name: &str) -> Model {
                 .push(reject("Service", &ns, &name, MISSING_NAME));
             continue;
         }
-        match service_model(svc, &ns, &name) {
+        match service_model(svc, &ns, &name, checks) {
             Ok(Some(mut m)) => {
                 let slices = by_service.get(&(ns.clone(), name.clone()));
                 m.endpoints = merge_endpoints(slices.map(|v| v.as_slice()).unwrap_or(&[]));
+                m.created = svc
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map(|t| t.0.as_second());
+                for p in too_many_endpoints(&mut m) {
+                    model.rejected.push(reject("Service", &ns, &name, p));
+                }
                 model.services.push(m);
             }
             Ok(None) => {}
@@ -253,6 +309,8 @@ pub fn build(objects: &Objects, node_name: &str) -> Model {
     model
         .services
         .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let lost = resolve_collisions(&mut model.services);
+    model.rejected.extend(lost);
     model.rejected.sort();
     model
 }
@@ -268,13 +326,126 @@ fn validate_slice(slice: &EndpointSlice) -> Result<(), String> {
         let Some(first) = ep.addresses.first() else {
             return Err("endpoint without addresses".into());
         };
-        parse_ipv4(first)?;
+        parse_unicast("endpoint address", first)?;
     }
     Ok(())
 }
 
+/// Removes the ports of `m` with more endpoints than a frontend can hold; returns a reason for
+/// each.
+fn too_many_endpoints(m: &mut ServiceModel) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut dropped = BTreeSet::new();
+    for ((pname, proto), eps) in &m.endpoints {
+        if eps.len() > MAX_ENDPOINTS_PER_PORT {
+            out.push(format!(
+                "port {pname:?}/{proto:?} has {} endpoints, more than the {MAX_ENDPOINTS_PER_PORT} one Service port can hold: the port is not programmed",
+                eps.len()
+            ));
+            dropped.insert((pname.clone(), *proto));
+        }
+    }
+    m.ports
+        .retain(|p| !dropped.contains(&(p.name.clone(), p.protocol)));
+    m.endpoints.retain(|k, _| !dropped.contains(k));
+    out
+}
+
+/// Who keeps a frontend two Services claim: the one created first, then the first by
+/// namespace/name (a Service without a creation time counts as the newest).
+fn seniority(s: &ServiceModel) -> (bool, i64, String, String) {
+    (
+        s.created.is_none(),
+        s.created.unwrap_or(0),
+        s.namespace.clone(),
+        s.name.clone(),
+    )
+}
+
+/// Frontends claimed by two Services (an external IP equal to another Service's ClusterIP and
+/// port, one nodePort in two Services, a healthCheckNodePort that is another's nodePort or
+/// healthCheckNodePort): the older Service keeps each, the other loses that frontend only and is
+/// reported. Deterministic whatever the order the objects came in.
+fn resolve_collisions(services: &mut [ServiceModel]) -> Vec<Rejected> {
+    let mut order: Vec<usize> = (0..services.len()).collect();
+    order.sort_by_key(|i| seniority(&services[*i]));
+    let mut rejected = Vec::new();
+    // Address frontends, node ports (with protocol) and health-check ports (TCP), each with
+    // its owner "namespace/name" and what it is.
+    let mut addrs: HashMap<(Ipv4Addr, u16, Protocol), (String, &'static str)> = HashMap::new();
+    let mut node_ports: HashMap<(u16, Protocol), (String, &'static str)> = HashMap::new();
+    for i in order {
+        let s = &mut services[i];
+        let me = format!("{}/{}", s.namespace, s.name);
+        let mut lost = Vec::new();
+        let ips: Vec<(Ipv4Addr, &'static str)> = s
+            .cluster_ips
+            .iter()
+            .map(|a| (*a, "clusterIP"))
+            .chain(s.external_ips.iter().map(|a| (*a, "externalIP")))
+            .chain(s.load_balancer_ips.iter().map(|a| (*a, "load-balancer IP")))
+            .collect();
+        for port in &mut s.ports {
+            for (ip, what) in &ips {
+                let key = (*ip, port.port, port.protocol);
+                match addrs.get(&key) {
+                    Some((owner, theirs)) if *owner != me => {
+                        lost.push(format!(
+                            "{what} {ip}:{}/{:?} is {owner}'s {theirs}, an older Service: this frontend is not served",
+                            port.port, port.protocol
+                        ));
+                        s.lost_frontends.insert(key);
+                    }
+                    Some(_) => {}
+                    None => {
+                        addrs.insert(key, (me.clone(), what));
+                    }
+                }
+            }
+            if let Some(np) = port.node_port {
+                match node_ports.get(&(np, port.protocol)) {
+                    Some((owner, theirs)) if *owner != me => {
+                        lost.push(format!(
+                            "nodePort {np}/{:?} is {owner}'s {theirs}, an older Service: this frontend is not served",
+                            port.protocol
+                        ));
+                        port.node_port = None;
+                    }
+                    Some(_) => {}
+                    None => {
+                        node_ports.insert((np, port.protocol), (me.clone(), "nodePort"));
+                    }
+                }
+            }
+        }
+        if let Some(hc) = s.health_check_node_port {
+            match node_ports.get(&(hc, Protocol::TCP)) {
+                Some((owner, theirs)) => {
+                    lost.push(format!(
+                        "healthCheckNodePort {hc} is {owner}'s {theirs}{}: no health check is served for this Service",
+                        if *owner == me { "" } else { ", an older Service" }
+                    ));
+                    s.health_check_node_port = None;
+                }
+                None => {
+                    node_ports.insert((hc, Protocol::TCP), (me.clone(), "healthCheckNodePort"));
+                }
+            }
+        }
+        for reason in lost {
+            rejected.push(reject("Service", &s.namespace, &s.name, reason));
+        }
+    }
+    rejected
+}
+
 /// `Ok(None)` for Services kube-proxy does not proxy (headless, ExternalName).
-fn service_model(svc: &Service, ns: &str, name: &str) -> Result<Option<ServiceModel>, String> {
+fn service_model(
+    svc: &Service,
+    ns: &str,
+    name: &str,
+    checks: &Checks,
+) -> Result<Option<ServiceModel>, String> {
     let Some(spec) = svc.spec.as_ref() else {
         return Ok(None);
     };
@@ -299,14 +470,14 @@ fn service_model(svc: &Service, ns: &str, name: &str) -> Result<Option<ServiceMo
         if ip.contains(':') {
             continue;
         }
-        cluster_ips.push(parse_ipv4(ip)?);
+        cluster_ips.push(parse_unicast("clusterIP", ip)?);
     }
     let external_ips = spec
         .external_ips
         .iter()
         .flatten()
         .filter(|i| !i.contains(':'))
-        .map(|i| parse_ipv4(i))
+        .map(|i| parse_unicast("externalIP", i))
         .collect::<Result<Vec<_>, _>>()?;
     let mut load_balancer_ips = Vec::new();
     if type_ == "LoadBalancer" {
@@ -320,7 +491,7 @@ fn service_model(svc: &Service, ns: &str, name: &str) -> Result<Option<ServiceMo
                 continue; // the cloud LB proxies: traffic arrives for the node, not the VIP
             }
             if let Some(ip) = ing.ip.as_deref().filter(|i| !i.contains(':')) {
-                load_balancer_ips.push(parse_ipv4(ip)?);
+                load_balancer_ips.push(parse_unicast("load-balancer ingress IP", ip)?);
             }
         }
     }
@@ -330,7 +501,11 @@ fn service_model(svc: &Service, ns: &str, name: &str) -> Result<Option<ServiceMo
         let protocol = parse_protocol(p.protocol.as_deref())?;
         let port = parse_port("port", p.port)?;
         let node_port = match p.node_port {
-            Some(np) if type_ != "ClusterIP" => Some(parse_port("nodePort", np)?),
+            Some(np) if type_ != "ClusterIP" => Some(in_node_port_range(
+                "nodePort",
+                parse_port("nodePort", np)?,
+                checks,
+            )?),
             _ => None,
         };
         let pname = p.name.clone().unwrap_or_default();
@@ -387,7 +562,11 @@ fn service_model(svc: &Service, ns: &str, name: &str) -> Result<Option<ServiceMo
                         .into(),
                 );
             }
-            Some(parse_port("healthCheckNodePort", p)?)
+            Some(in_node_port_range(
+                "healthCheckNodePort",
+                parse_port("healthCheckNodePort", p)?,
+                checks,
+            )?)
         }
     };
     Ok(Some(ServiceModel {
@@ -403,14 +582,35 @@ fn service_model(svc: &Service, ns: &str, name: &str) -> Result<Option<ServiceMo
         session_affinity_timeout_seconds,
         health_check_node_port,
         endpoints: BTreeMap::new(),
+        created: None,
+        lost_frontends: BTreeSet::new(),
     }))
+}
+
+fn in_node_port_range(what: &str, p: u16, checks: &Checks) -> Result<u16, String> {
+    let (lo, hi) = checks.node_port_range;
+    if (lo..=hi).contains(&p) {
+        Ok(p)
+    } else {
+        Err(format!(
+            "{what} {p} outside the NodePort range {lo}-{hi} (--nodeport-range)"
+        ))
+    }
+}
+
+/// Which copy of an endpoint listed twice (in two slices) is kept: a non-terminating one over a
+/// terminating one, then a ready one, then a serving one.
+fn preference(e: &Endpoint) -> (bool, bool, bool) {
+    (!e.terminating, e.ready, e.serving)
 }
 
 /// Merges the endpoints of a Service's slices per (port name, protocol), as kube-proxy does: the
 /// first address of an endpoint is used; missing `ready`/`serving` count as true and a missing
-/// `terminating` as false; the same endpoint in two slices keeps the non-terminating copy.
+/// `terminating` as false; the same endpoint in two slices keeps the copy [`preference`] ranks
+/// first. Linear in the number of endpoints.
 fn merge_endpoints(slices: &[&EndpointSlice]) -> BTreeMap<(String, Protocol), Vec<Endpoint>> {
     let mut out: BTreeMap<(String, Protocol), Vec<Endpoint>> = BTreeMap::new();
+    let mut index: HashMap<(String, Protocol), HashMap<(Ipv4Addr, u16), usize>> = HashMap::new();
     for slice in slices {
         for sp in slice.ports.iter().flatten() {
             let Some(port) = sp.port else { continue };
@@ -421,6 +621,7 @@ fn merge_endpoints(slices: &[&EndpointSlice]) -> BTreeMap<(String, Protocol), Ve
                 continue;
             };
             let key = (sp.name.clone().unwrap_or_default(), protocol);
+            let at = index.entry(key.clone()).or_default();
             let list = out.entry(key).or_default();
             for ep in slice.endpoints.iter().flatten() {
                 let Some(Ok(addr)) = ep.addresses.first().map(|a| parse_ipv4(a)) else {
@@ -449,13 +650,16 @@ fn merge_endpoints(slices: &[&EndpointSlice]) -> BTreeMap<(String, Protocol), Ve
                         .map(|n| n.name.clone())
                         .collect(),
                 };
-                match list.iter_mut().find(|e| e.addr == addr && e.port == port) {
-                    Some(existing) => {
-                        if existing.terminating && !new.terminating {
-                            *existing = new;
+                match at.get(&(addr, port)) {
+                    Some(i) => {
+                        if preference(&new) > preference(&list[*i]) {
+                            list[*i] = new;
                         }
                     }
-                    None => list.push(new),
+                    None => {
+                        at.insert((addr, port), list.len());
+                        list.push(new);
+                    }
                 }
             }
         }
@@ -604,6 +808,13 @@ mod tests {
             ("{type: LoadBalancer, externalTrafficPolicy: Cluster, clusterIP: 10.96.0.2, healthCheckNodePort: 32000, ports: [{port: 80}]}", "healthCheckNodePort is only valid"),
             ("{clusterIP: 10.96.0.2, internalTrafficPolicy: Sometimes, ports: [{port: 80}]}", "internalTrafficPolicy \"Sometimes\""),
             ("{clusterIP: 10.96.0.2, ports: [{name: a, port: 80}, {name: a, port: 81}]}", "duplicate port name"),
+            ("{clusterIP: 127.0.0.1, ports: [{port: 80}]}", "clusterIP 127.0.0.1 is a loopback address"),
+            ("{clusterIP: 0.0.0.0, ports: [{port: 80}]}", "clusterIP 0.0.0.0 is the unspecified address"),
+            ("{clusterIP: 10.96.0.2, externalIPs: [255.255.255.255], ports: [{port: 80}]}", "externalIP 255.255.255.255 is the broadcast address"),
+            ("{clusterIP: 10.96.0.2, externalIPs: [224.0.0.5], ports: [{port: 80}]}", "externalIP 224.0.0.5 is a multicast address"),
+            ("{type: LoadBalancer, clusterIP: 10.96.0.2, ports: [{port: 80}]}\nstatus: {loadBalancer: {ingress: [{ip: 127.0.0.2}]}}", "load-balancer ingress IP 127.0.0.2 is a loopback address"),
+            ("{type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 22}]}", "nodePort 22 outside the NodePort range 30000-32767 (--nodeport-range)"),
+            ("{type: LoadBalancer, externalTrafficPolicy: Local, clusterIP: 10.96.0.2, healthCheckNodePort: 8080, ports: [{port: 80}]}", "healthCheckNodePort 8080 outside the NodePort range"),
         ];
         for (spec, reason) in cases {
             let m = model(&svc(spec));
@@ -649,6 +860,215 @@ mod tests {
         ));
         assert_eq!(m.rejected[0].name, "badaddr");
         assert!(m.rejected[0].reason.contains("300.1.1.1"));
+        for (addr, kind) in [
+            ("127.0.0.1", "a loopback"),
+            ("0.0.0.0", "the unspecified"),
+            ("239.1.1.1", "a multicast"),
+        ] {
+            let m = model(&format!(
+                "{SVC}{}",
+                slice(
+                    "badaddr",
+                    "kubernetes.io/service-name: s",
+                    "[{name: web, port: 8080}]",
+                    &format!("[{{addresses: [{addr}]}}]")
+                )
+            ));
+            assert_eq!(m.rejected.len(), 1, "{addr}");
+            assert_eq!(m.rejected[0].name, "badaddr");
+            assert_eq!(
+                m.rejected[0].reason,
+                format!("endpoint address {addr} is {kind} address")
+            );
+        }
+        // The NodePort range is the cluster's (the agent's --nodeport-range).
+        let mut o = Objects::default();
+        crate::control::source::parse_into(
+            std::path::Path::new("t.yaml"),
+            &svc("{type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 8080}]}"),
+            &mut o,
+        )
+        .unwrap();
+        let wide = build_with(
+            &o,
+            "n1",
+            &Checks {
+                node_port_range: (1024, 65535),
+            },
+        );
+        assert!(wide.rejected.is_empty(), "{:?}", wide.rejected);
+        assert_eq!(build(&o, "n1").rejected.len(), 1);
+    }
+
+    fn svc_yaml(name: &str, created: Option<&str>, spec: &str) -> String {
+        let created = created
+            .map(|c| format!(", creationTimestamp: \"{c}\""))
+            .unwrap_or_default();
+        format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns{created}}}\nspec: {spec}\n")
+    }
+
+    /// Two Services claiming one frontend: the older keeps it, whatever order the objects come
+    /// in; the newer loses that frontend only, with a reason naming the owner.
+    #[test]
+    fn frontend_collisions_go_to_the_older_service() {
+        let dns = svc_yaml(
+            "kube-dns",
+            Some("2024-01-01T00:00:00Z"),
+            "{clusterIP: 10.96.0.10, ports: [{name: dns, port: 53, protocol: UDP}, {name: tcp, port: 53}]}",
+        );
+        let thief = svc_yaml(
+            "thief",
+            Some("2025-06-01T00:00:00Z"),
+            "{type: NodePort, clusterIP: 10.96.0.99, externalIPs: [10.96.0.10], ports: [{name: dns, port: 53, protocol: UDP, nodePort: 30053}, {name: web, port: 80, nodePort: 30080}]}",
+        );
+        let late = svc_yaml(
+            "late",
+            None,
+            "{type: NodePort, clusterIP: 10.96.0.98, ports: [{port: 81, nodePort: 30080}]}",
+        );
+        for text in [format!("{dns}{thief}{late}"), format!("{late}{thief}{dns}")] {
+            let m = model(&text);
+            let reasons: Vec<(String, String)> = m
+                .rejected
+                .iter()
+                .map(|r| (r.name.clone(), r.reason.clone()))
+                .collect();
+            assert_eq!(
+                reasons,
+                vec![
+                    (
+                        "late".to_string(),
+                        "nodePort 30080/TCP is ns/thief's nodePort, an older Service: this frontend is not served".to_string()
+                    ),
+                    (
+                        "thief".to_string(),
+                        "externalIP 10.96.0.10:53/UDP is ns/kube-dns's clusterIP, an older Service: this frontend is not served".to_string()
+                    ),
+                ]
+            );
+            let p = crate::control::plan::plan(&m, "n1");
+            let frontends = |name: &str| -> Vec<String> {
+                p.services
+                    .iter()
+                    .filter(|sp| sp.name == name)
+                    .flat_map(|sp| {
+                        sp.frontends
+                            .iter()
+                            .map(move |f| format!("{}/{:?}", f.address, sp.protocol))
+                    })
+                    .collect()
+            };
+            assert!(frontends("kube-dns").contains(&"10.96.0.10:53/UDP".to_string()));
+            assert!(!frontends("thief").contains(&"10.96.0.10:53/UDP".to_string()));
+            // The rest of the thief stays: its ClusterIP and its web port's external IP.
+            assert!(frontends("thief").contains(&"10.96.0.99:53/UDP".to_string()));
+            assert!(frontends("thief").contains(&"10.96.0.10:80/TCP".to_string()));
+        }
+    }
+
+    #[test]
+    fn health_check_port_collisions_are_rejected() {
+        let a = svc_yaml(
+            "a",
+            Some("2024-01-01T00:00:00Z"),
+            "{type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 31000}]}",
+        );
+        let b = svc_yaml(
+            "b",
+            Some("2024-02-01T00:00:00Z"),
+            "{type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 31000, clusterIP: 10.96.0.3, ports: [{port: 80, nodePort: 31001}]}",
+        );
+        let m = model(&format!("{a}{b}"));
+        assert_eq!(m.rejected.len(), 1, "{:?}", m.rejected);
+        assert_eq!(m.rejected[0].name, "b");
+        assert!(
+            m.rejected[0]
+                .reason
+                .starts_with("healthCheckNodePort 31000 is ns/a's nodePort, an older Service"),
+            "{}",
+            m.rejected[0].reason
+        );
+        let b = m.services.iter().find(|s| s.name == "b").unwrap();
+        assert_eq!(b.health_check_node_port, None);
+        assert_eq!(b.ports[0].node_port, Some(31001));
+    }
+
+    /// More endpoints than a frontend holds: that port is rejected, the Service's other ports
+    /// and every other Service stay.
+    #[test]
+    fn a_port_with_more_endpoints_than_a_frontend_holds_is_rejected() {
+        use k8s_openapi::api::discovery::v1::{Endpoint as K8sEndpoint, EndpointPort};
+        let mut o = Objects::default();
+        crate::control::source::parse_into(std::path::Path::new("t.yaml"), SVC, &mut o).unwrap();
+        let many: Vec<K8sEndpoint> = (0..(MAX_ENDPOINTS_PER_PORT as u32 + 1))
+            .map(|i| K8sEndpoint {
+                addresses: vec![Ipv4Addr::from(0x0a00_0000 + i + 1).to_string()],
+                ..Default::default()
+            })
+            .collect();
+        let mut labels = BTreeMap::new();
+        labels.insert(LABEL_SERVICE_NAME.to_string(), "s".to_string());
+        let slice = |name: &str, port: &str, proto: &str, eps: Vec<K8sEndpoint>| EndpointSlice {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                labels: Some(labels.clone()),
+                ..Default::default()
+            },
+            address_type: "IPv4".into(),
+            ports: Some(vec![EndpointPort {
+                name: Some(port.into()),
+                port: Some(8080),
+                protocol: Some(proto.into()),
+                ..Default::default()
+            }]),
+            endpoints: Some(eps),
+        };
+        o.endpoint_slices
+            .push(slice("big", "web", "TCP", many.clone()));
+        o.endpoint_slices
+            .push(slice("small", "dns", "UDP", many[..3].to_vec()));
+        let m = build(&o, "n1");
+        assert_eq!(m.rejected.len(), 1, "{:?}", m.rejected);
+        assert_eq!(
+            m.rejected[0].reason,
+            "port \"web\"/TCP has 65536 endpoints, more than the 65535 one Service port can hold: the port is not programmed"
+        );
+        let s = &m.services[0];
+        assert_eq!(
+            s.ports.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+            ["dns"]
+        );
+        assert_eq!(eps(&m, "dns", Protocol::UDP).len(), 3);
+    }
+
+    /// The same endpoint in two slices keeps the best copy (not terminating, then ready), in
+    /// either order.
+    #[test]
+    fn duplicate_endpoints_keep_the_ready_copy() {
+        let label = "kubernetes.io/service-name: s";
+        let unready = slice(
+            "a",
+            label,
+            "[{name: web, port: 8080}]",
+            "[{addresses: [10.0.0.1], conditions: {ready: false}}]",
+        );
+        let ready = slice(
+            "b",
+            label,
+            "[{name: web, port: 8080}]",
+            "[{addresses: [10.0.0.1], conditions: {ready: true}}]",
+        );
+        for text in [
+            format!("{SVC}{unready}{ready}"),
+            format!("{SVC}{ready}{unready}"),
+        ] {
+            let m = model(&text);
+            assert_eq!(
+                eps(&m, "web", Protocol::TCP),
+                [("10.0.0.1".to_string(), true, true, false)]
+            );
+        }
     }
 
     #[test]

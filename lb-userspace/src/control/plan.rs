@@ -187,6 +187,11 @@ fn port_plans(svc: &ServiceModel, node: &NodeInfo) -> Vec<ServicePortPlan> {
         let mut frontends = Vec::new();
         let mut add = |kind, ips: &[Ipv4Addr], p: u16| {
             for ip in ips {
+                if kind != FrontendKind::NodePort
+                    && svc.lost_frontends.contains(&(*ip, p, port.protocol))
+                {
+                    continue; // an older Service has it (model::resolve_collisions)
+                }
                 frontends.push(Frontend {
                     kind,
                     address: SocketAddrV4::new(*ip, p),
