@@ -70,6 +70,8 @@ pub mod program_name {
     /// Returns XDP_PASS only (benchmark floor; lets a veth peer accept XDP_TX frames).
     pub const XDP_PASS: &str = "lb_xdp_pass";
     pub const TC_EGRESS: &str = "lb_tc_egress";
+    /// The north-south path at tc (TCX) ingress, for devices where XDP cannot deliver.
+    pub const TC_INGRESS: &str = "lb_tc_ingress";
     /// Benchmark only (never attached by the agent): restores the frame of `lb_bench` before
     /// every BPF_PROG_TEST_RUN iteration, then runs the XDP path.
     pub const BENCH_XDP: &str = "lb_bench_xdp";

@@ -11,7 +11,7 @@ use aya_ebpf::{bindings::xdp_action, macros::map, maps::Array, programs::XdpCont
 use lb_common::{proto, BenchFrame, BENCH_FRAME_LEN};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
-use crate::{csum, xdp};
+use crate::{csum, north_south};
 
 #[map(name = "lb_bench")]
 pub static BENCH: Array<BenchFrame> = Array::with_max_entries(1, 0);
@@ -66,7 +66,7 @@ pub fn bench_xdp(ctx: &XdpContext) -> u32 {
     if !restore(ctx) {
         return xdp_action::XDP_ABORTED;
     }
-    match xdp::try_xdp(ctx) {
+    match north_south::run(ctx) {
         Ok(verdict) => verdict,
         Err(stop) => stop.act(ctx),
     }

@@ -14,7 +14,7 @@
 //! `limits::TCP_SEQ_WINDOW` of the next one its sender was seen to owe (`CtEntry::seq_next`);
 //! a spoofed reset with a guessed number changes nothing.
 //!
-//! The conntrack stage of the XDP path is `follow` (packets of known flows) and `track_new`
+//! The conntrack stage of the north-south path is `follow` (packets of known flows) and `track_new`
 //! (a new flow's entries); tc egress follows the replies of local backends; the ICMP error path
 //! only looks entries up.
 use aya_ebpf::maps::LruHashMap;

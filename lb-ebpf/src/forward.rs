@@ -1,4 +1,4 @@
-//! Forward stage of the XDP path: where a translated packet goes. Local backends are reached
+//! Forward stage of the north-south path under XDP (tc forwards in hook.rs): where a translated packet goes. Local backends are reached
 //! through the stack; otherwise a FIB lookup names the device and next hop: XDP_TX when it is
 //! the receiving device, a redirect when it is another; the stack when the route is unknown or
 //! the TTL runs out.

@@ -1,16 +1,16 @@
 //! IPv4 fragments of translated flows. Only a datagram's first fragment carries the ports; the
-//! XDP path translates it like a whole datagram (the L4 checksum, which covers the whole
+//! north-south path translates it like a whole datagram (the L4 checksum, which covers the whole
 //! datagram, is updated incrementally) and notes its ports under the datagram's identity
 //! (source, destination, IP id, protocol: `FragKey`). A later fragment finds its ports there,
 //! and with them its flow's conntrack entry: it gets the flow's addresses (it has no ports to
 //! rewrite) and goes the same way. Fragments are never reassembled; a later fragment that
 //! arrives before its first one, or whose datagram's entry was evicted, is passed untranslated
 //! (`XDP_FRAG_NO_FIRST`), as is one of a flow the conntrack no longer has.
-use aya_ebpf::programs::XdpContext;
 use lb_common::{counter, ct_flags, CtKey, FragKey, FragPorts};
 
 use crate::{
-    clock, ct, forward,
+    clock, ct,
+    hook::Hook,
     maps::{self, ServiceEvent, FRAGMENTS},
     nat,
     parse::{Ipv4, Packet},
@@ -31,7 +31,7 @@ fn key(l3: &Ipv4) -> FragKey {
     }
 }
 
-/// Notes the ports of a first fragment `p` that the XDP path is about to translate (call it
+/// Notes the ports of a first fragment `p` that the north-south path is about to translate (call it
 /// before the rewrite: the key holds the addresses as they arrived). A refused insert (the LRU
 /// map found nothing to evict) leaves the later fragments untranslated.
 #[inline(always)]
@@ -45,7 +45,7 @@ pub fn remember(l3: &Ipv4, p: &Packet) {
 
 /// A fragment after the first: translated with its datagram's flow, or passed.
 #[inline(always)]
-pub fn later(ctx: &XdpContext, l3: &Ipv4) -> Result<u32, Stop> {
+pub fn later<H: Hook>(ctx: &H, l3: &Ipv4) -> Result<u32, Stop> {
     let fk = key(l3);
     // SAFETY: copied out at once.
     let ports =
@@ -62,14 +62,11 @@ pub fn later(ctx: &XdpContext, l3: &Ipv4) -> Result<u32, Stop> {
     if e.expired(e.last_seen_s, clock::now_s()) {
         return Err(Stop::Pass(counter::XDP_FRAG_NO_FIRST));
     }
+    // In place on both hooks: only the IPv4 header changes, and its checksum with it.
     nat::rewrite_addrs(l3, fk.saddr_be, fk.daddr_be, &e);
-    let len = (ctx.data_end() - ctx.data()) as u64;
+    let len = ctx.frame_len();
     maps::count(counter::XDP_FRAG_XLATE, len);
     maps::count_service(e.svc_port_id, ServiceEvent::Packet(len));
     let reply = e.flags & ct_flags::REPLY != 0;
-    Ok(forward::forward(
-        ctx,
-        l3,
-        !reply && e.flags & ct_flags::LOCAL_BACKEND != 0,
-    ))
+    Ok(ctx.forward(l3, !reply && e.flags & ct_flags::LOCAL_BACKEND != 0))
 }

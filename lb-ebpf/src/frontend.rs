@@ -1,5 +1,5 @@
 //! Frontend lookup: the frontends map's master entry (slot 0) for an address, port and protocol
-//! in one traffic scope (`scope::EXTERNAL` for the XDP path, `scope::INTERNAL` for the socket
+//! in one traffic scope (`scope::EXTERNAL` for the north-south path, `scope::INTERNAL` for the socket
 //! level), and the backend ids in its slots.
 use lb_common::{FrontendSlot, FrontendSlotKey};
 

@@ -5,12 +5,12 @@
 //! The quoted packet S->D belongs to a flow whose opposite direction D->S has a conntrack entry
 //! rewriting it to (nat_s -> nat_d); so the quoted packet is rewritten to nat_d -> nat_s and the
 //! error is sent to nat_d.
-use aya_ebpf::programs::XdpContext;
 use lb_common::{ct_flags, proto, CtKey};
 use network_types::{icmp::Icmpv4Hdr, ip::Ipv4Hdr};
 
 use crate::{
-    csum, ct, forward,
+    csum, ct,
+    hook::Hook,
     parse::{ptr_at, Ipv4},
 };
 
@@ -31,16 +31,16 @@ struct QuotedL4 {
 /// Translates an ICMP error about a translated flow and forwards it; `None` when the message is
 /// not such an error (the caller passes it untouched).
 #[inline(always)]
-pub fn translate_error(ctx: &XdpContext, l3: &Ipv4) -> Option<u32> {
+pub fn translate_error<H: Hook>(ctx: &H, l3: &Ipv4) -> Option<u32> {
     let ip = l3.ip;
-    let icmp = ptr_at::<Icmpv4Hdr>(ctx, l3.l4_off)?;
+    let icmp = ptr_at::<Icmpv4Hdr, H>(ctx, l3.l4_off)?;
     // SAFETY: bounds checked.
     let icmp_type = unsafe { (*icmp).type_ };
     if icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_TIME_EXCEEDED {
         return None;
     }
     let inner_off = l3.l4_off + Icmpv4Hdr::LEN;
-    let inner = ptr_at::<Ipv4Hdr>(ctx, inner_off)?;
+    let inner = ptr_at::<Ipv4Hdr, H>(ctx, inner_off)?;
     // SAFETY: bounds checked.
     let (ivihl, iproto, isrc, idst) = unsafe {
         (
@@ -54,7 +54,7 @@ pub fn translate_error(ctx: &XdpContext, l3: &Ipv4) -> Option<u32> {
     if ivihl != 0x45 || (iproto != proto::TCP && iproto != proto::UDP) {
         return None;
     }
-    let quoted = ptr_at::<QuotedL4>(ctx, inner_off + Ipv4Hdr::LEN)?;
+    let quoted = ptr_at::<QuotedL4, H>(ctx, inner_off + Ipv4Hdr::LEN)?;
     // SAFETY: bounds checked.
     let q = unsafe { *quoted };
     let (isport, idport) = (u16::from_ne_bytes(q.source), u16::from_ne_bytes(q.dest));
@@ -116,5 +116,5 @@ pub fn translate_error(ctx: &XdpContext, l3: &Ipv4) -> Option<u32> {
     }
     // Towards a local backend the stack delivers it; otherwise route it.
     let to_local = e.flags & ct_flags::REPLY == 0 && e.flags & ct_flags::LOCAL_BACKEND != 0;
-    Some(forward::forward(ctx, l3, to_local))
+    Some(ctx.forward(l3, to_local))
 }

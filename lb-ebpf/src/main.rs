@@ -1,11 +1,13 @@
 //! Kernel programs of the load balancer. Entry points are thin: each calls a `try_*` function
 //! and maps its error to an explicit action (see shared/DESIGN.md, style rule 4).
 //!
-//! XDP path, one module per stage: parse → conntrack (ct) → frontend lookup → backend selection
-//! (select, with affinity) → SNAT port (snat) → NAT with checksums (nat) → forward, and ICMP
-//! errors about translated flows (icmp); xdp.rs runs the stages, verdict.rs says how a packet
-//! it does not translate ends. The socket-level path (sock.rs) shares frontend lookup and
-//! backend selection. tc egress: tc.rs. Every map and counter: maps.rs.
+//! North-south path, one module per stage: parse → conntrack (ct) → frontend lookup → backend
+//! selection (select, with affinity) → SNAT port (snat) → NAT with checksums (nat) → forward,
+//! and ICMP errors about translated flows (icmp); north_south.rs runs the stages, verdict.rs
+//! says how a packet it does not translate ends. It runs as XDP (`lb_xdp`) or, where XDP
+//! cannot deliver, as tc ingress (`lb_tc_ingress`); hook.rs holds what differs. The
+//! socket-level path (sock.rs) shares frontend lookup and backend selection. tc egress: tc.rs.
+//! Every map and counter: maps.rs.
 #![no_std]
 #![no_main]
 
@@ -17,19 +19,20 @@ mod ct;
 mod forward;
 mod frag;
 mod frontend;
+mod hook;
 mod icmp;
 mod maps;
 mod nat;
+mod north_south;
 mod parse;
 mod select;
 mod snat;
 mod sock;
 mod tc;
 mod verdict;
-mod xdp;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK},
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
@@ -67,7 +70,7 @@ pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let verdict = match xdp::try_xdp(&ctx) {
+    let verdict = match north_south::run(&ctx) {
         Ok(verdict) => verdict,
         Err(stop) => stop.act(&ctx),
     };
@@ -97,6 +100,29 @@ pub fn lb_bench_xdp(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn lb_bench_restore(ctx: XdpContext) -> u32 {
     bench::bench_restore(&ctx)
+}
+
+/// The north-south path on devices where XDP cannot deliver (see hook.rs): the same stages as
+/// `lb_xdp`, attached to tc (TCX) ingress.
+#[classifier]
+pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
+    // Direct reads and in-place writes need the headers in the linear, writable part of the
+    // socket buffer: pull the most any stage reads (an ICMP error quotes a header with options).
+    let want = ctx.len().min(tc::INGRESS_PULL);
+    if ctx.pull_data(want).is_err() {
+        maps::count(lb_common::counter::TC_ERROR, ctx.len() as u64);
+        return TC_ACT_OK;
+    }
+    let verdict = match north_south::run(&ctx) {
+        Ok(verdict) => verdict,
+        Err(stop) => stop.act(&ctx),
+    };
+    match verdict {
+        v if v == TC_ACT_SHOT as u32 => maps::count(counter::XDP_VERDICT_DROP, 0),
+        v if v == TC_ACT_OK as u32 => maps::count(counter::XDP_VERDICT_PASS, 0),
+        _ => {} // redirects are counted where they are decided
+    }
+    verdict as i32
 }
 
 #[classifier]

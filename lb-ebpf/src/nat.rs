@@ -1,4 +1,4 @@
-//! NAT stage of the XDP path: writes a conntrack entry's addresses and ports into the packet
+//! NAT stage of the north-south path under XDP (tc writes through helpers, hook.rs): writes a conntrack entry's addresses and ports into the packet
 //! (DNAT to the backend, SNAT to the node, or back to the frontend for replies) and updates the
 //! IPv4 and L4 checksums incrementally.
 use lb_common::CtEntry;

@@ -1,9 +1,8 @@
-//! Parse stage of the XDP path, and the one bounds-checked header access of the kernel side.
+//! Parse stage of the north-south path, and the one bounds-checked header access of the kernel side.
 //!
 //! Headers are read through typed views (network-types) and checked once, here; the pointers
 //! travel with the parsed packet, so the stages that write (NAT, forward, ICMP errors) need no
 //! second check that could fail.
-use aya_ebpf::programs::XdpContext;
 use lb_common::counter;
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -12,16 +11,16 @@ use network_types::{
     udp::UdpHdr,
 };
 
-use crate::{maps, verdict::Stop};
+use crate::{hook::Hook, maps, verdict::Stop};
 
 /// The more-fragments bit of `Ipv4Hdr::frag_flags`.
 const IP_MF: u8 = 0b001;
 
 /// A pointer to a `T` at `offset` bytes into the packet, or `None` when the packet is too short.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+pub fn ptr_at<T, H: Hook>(ctx: &H, offset: usize) -> Option<*mut T> {
+    let start = ctx.start();
+    let end = ctx.end();
     if start + offset + core::mem::size_of::<T>() > end {
         return None;
     }
@@ -133,13 +132,14 @@ pub struct Packet {
 /// Parses the Ethernet and IPv4 headers; the error says why the frame is passed untouched.
 /// Counts IPv4 options (informational).
 #[inline(always)]
-pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4, Stop> {
-    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(Stop::Pass(counter::XDP_TRUNCATED_ETH))?;
+pub fn ipv4<H: Hook>(ctx: &H) -> Result<Ipv4, Stop> {
+    let eth = ptr_at::<EthHdr, H>(ctx, 0).ok_or(Stop::Pass(counter::XDP_TRUNCATED_ETH))?;
     // SAFETY: bounds checked by ptr_at.
     if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
         return Err(Stop::Pass(counter::XDP_NON_IPV4));
     }
-    let ip = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN).ok_or(Stop::Pass(counter::XDP_TRUNCATED_IPV4))?;
+    let ip =
+        ptr_at::<Ipv4Hdr, H>(ctx, EthHdr::LEN).ok_or(Stop::Pass(counter::XDP_TRUNCATED_IPV4))?;
     // SAFETY: bounds checked by ptr_at.
     let hdr = unsafe { &*ip };
     let hdr_len = hdr.ihl() as usize;
@@ -147,7 +147,7 @@ pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4, Stop> {
         return Err(Stop::Pass(counter::XDP_BAD_IPV4));
     }
     if hdr_len > Ipv4Hdr::LEN {
-        if ptr_at::<u8>(ctx, EthHdr::LEN + hdr_len - 1).is_none() {
+        if ptr_at::<u8, H>(ctx, EthHdr::LEN + hdr_len - 1).is_none() {
             return Err(Stop::Pass(counter::XDP_TRUNCATED_IPV4));
         }
         maps::count(counter::XDP_IPV4_OPTIONS, 0);
@@ -160,7 +160,7 @@ pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4, Stop> {
         Frag::No
     };
     if frag != Frag::No {
-        maps::count(counter::XDP_FRAGMENT, (ctx.data_end() - ctx.data()) as u64);
+        maps::count(counter::XDP_FRAGMENT, ctx.frame_len());
     }
     Ok(Ipv4 {
         eth,
@@ -175,8 +175,8 @@ pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4, Stop> {
 
 /// Parses the TCP header of an IPv4 frame whose protocol is TCP.
 #[inline(always)]
-pub fn tcp(ctx: &XdpContext, l3: Ipv4) -> Result<Packet, Stop> {
-    let tcp = ptr_at::<TcpHdr>(ctx, l3.l4_off).ok_or(Stop::Pass(counter::XDP_TRUNCATED_L4))?;
+pub fn tcp<H: Hook>(ctx: &H, l3: Ipv4) -> Result<Packet, Stop> {
+    let tcp = ptr_at::<TcpHdr, H>(ctx, l3.l4_off).ok_or(Stop::Pass(counter::XDP_TRUNCATED_L4))?;
     // SAFETY: bounds checked by ptr_at.
     let h = unsafe { &*tcp };
     // A first fragment's payload goes on in later fragments, which its length does not see:
@@ -196,8 +196,8 @@ pub fn tcp(ctx: &XdpContext, l3: Ipv4) -> Result<Packet, Stop> {
 
 /// Parses the UDP header of an IPv4 frame whose protocol is UDP.
 #[inline(always)]
-pub fn udp(ctx: &XdpContext, l3: Ipv4) -> Result<Packet, Stop> {
-    let udp = ptr_at::<UdpHdr>(ctx, l3.l4_off).ok_or(Stop::Pass(counter::XDP_TRUNCATED_L4))?;
+pub fn udp<H: Hook>(ctx: &H, l3: Ipv4) -> Result<Packet, Stop> {
+    let udp = ptr_at::<UdpHdr, H>(ctx, l3.l4_off).ok_or(Stop::Pass(counter::XDP_TRUNCATED_L4))?;
     // SAFETY: bounds checked by ptr_at.
     let h = unsafe { &*udp };
     Ok(packet(l3, L4::Udp(udp), h.src, h.dst, false))

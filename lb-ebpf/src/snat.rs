@@ -14,7 +14,6 @@
 //! connection of the node to the same backend address and port).
 use aya_ebpf::{
     helpers::{bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
-    programs::XdpContext,
     EbpfContext,
 };
 use lb_common::{counter, limits, proto, snat_candidate, Config, CtKey};
@@ -30,7 +29,7 @@ pub struct Exhausted;
 /// flow gets none.
 #[inline(always)]
 pub fn free_port(
-    ctx: &XdpContext,
+    ctx: &impl EbpfContext,
     cfg: &Config,
     p: &Packet,
     reply: &CtKey,
@@ -93,7 +92,7 @@ struct Tuple4 {
 /// Whether a socket of the node would receive packets of the reply four-tuple `rkey` (backend
 /// -> node:port): a TCP listener or connection, or a UDP socket, on the port.
 #[inline(always)]
-fn node_socket(ctx: &XdpContext, rkey: &CtKey) -> bool {
+fn node_socket(ctx: &impl EbpfContext, rkey: &CtKey) -> bool {
     let mut t = Tuple4 {
         saddr: rkey.saddr_be,
         daddr: rkey.daddr_be,

@@ -21,6 +21,9 @@ const IP_CHECK_OFF: usize = EthHdr::LEN + offset_of!(Ipv4Hdr, check);
 const IP_SRC_OFF: usize = EthHdr::LEN + offset_of!(Ipv4Hdr, src_addr);
 /// More-fragments flag and fragment offset bits of the IPv4 `frags` field (host order).
 const IP_MF_OFFSET: u16 = 0x3fff;
+/// Bytes the ingress program pulls into the linear part before the north-south path reads
+/// them: Ethernet, IPv4 with options, and an ICMP error quoting IPv4 with options and 8 bytes.
+pub const INGRESS_PULL: u32 = (EthHdr::LEN + 60 + 8 + 60 + 8) as u32;
 
 /// The egress program: `Ok(TC_ACT_OK)` for every packet it looked at, translated or not. `Err`
 /// is the error of a `bpf_skb_*` helper: a load past the end of a frame shorter than the

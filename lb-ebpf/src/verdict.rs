@@ -1,11 +1,12 @@
-//! How the XDP path ends for a packet it does not translate: the reason, which is a counter of
+//! How the north-south path ends for a packet it does not translate: the reason, which is a counter of
 //! `lb_common::counter`, and the verdict that goes with it. Stages return `Err(Stop)`; the
 //! program's entry point counts it and acts (`Stop::act`), so no reason goes uncounted.
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use crate::{
+    hook::Hook,
+    maps::{self, ServiceEvent},
+};
 
-use crate::maps::{self, ServiceEvent};
-
-/// Why the XDP path stops before translating a packet.
+/// Why the north-south path stops before translating a packet.
 #[derive(Clone, Copy)]
 pub enum Stop {
     /// The packet goes to the stack untouched: it is not ours (not IPv4 TCP/UDP, no frontend,
@@ -33,12 +34,12 @@ impl Stop {
 
     /// Counts the reason (with the frame's length) and returns the verdict.
     #[inline(always)]
-    pub fn act(self, ctx: &XdpContext) -> u32 {
-        let len = (ctx.data_end() - ctx.data()) as u64;
+    pub fn act<H: Hook>(self, ctx: &H) -> u32 {
+        let len = ctx.frame_len();
         match self {
             Stop::Pass(reason) => {
                 maps::count(reason, len);
-                xdp_action::XDP_PASS
+                H::PASS
             }
             Stop::Drop {
                 reason,
@@ -47,7 +48,7 @@ impl Stop {
             } => {
                 maps::count(reason, len);
                 maps::count_service(svc_port_id, event);
-                xdp_action::XDP_DROP
+                H::DROP
             }
         }
     }

@@ -28,10 +28,6 @@ use crate::{
     error::UsageError,
 };
 
-/// The tc ingress program: the north-south path where XDP cannot deliver (same translation as
-/// the XDP program, forwarding with `bpf_redirect_neigh`).
-pub const TC_INGRESS: &str = "lb_tc_ingress";
-
 /// Loads the object, reusing maps pinned under `bpffs` (pinning them on first start).
 pub fn load(bpffs: &Path) -> Result<aya::Ebpf> {
     fs::create_dir_all(bpffs.join("links"))
@@ -119,9 +115,12 @@ pub fn attach_tc_egress(ebpf: &mut aya::Ebpf, device: &str, bpffs: &Path) -> Res
 /// there by an earlier agent only once the new one is attached.
 pub fn attach_tc_ingress(ebpf: &mut aya::Ebpf, device: &str, bpffs: &Path) -> Result<()> {
     let p: &mut SchedClassifier = ebpf
-        .program_mut(TC_INGRESS)
+        .program_mut(program_name::TC_INGRESS)
         .ok_or_else(|| {
-            anyhow!("program {TC_INGRESS} missing from the object (an eBPF object without the tc north-south path; use --north-south xdp)")
+            anyhow!(
+                "program {} missing from the object",
+                program_name::TC_INGRESS
+            )
         })?
         .try_into()?;
     if p.fd().is_err() {
@@ -235,17 +234,16 @@ pub(super) fn load_programs(ebpf: &mut aya::Ebpf) -> Result<()> {
         .ok_or_else(|| anyhow!("program {} missing", program_name::XDP))?
         .try_into()?;
     p.load().context("loading the XDP program (verifier)")?;
-    let p: &mut SchedClassifier = ebpf
-        .program_mut(program_name::TC_EGRESS)
-        .ok_or_else(|| anyhow!("program {} missing", program_name::TC_EGRESS))?
-        .try_into()?;
-    p.load()
-        .context("loading the tc egress program (verifier)")?;
-    // An object without the tc north-south path fails only when a device needs it.
-    if let Some(p) = ebpf.program_mut(TC_INGRESS) {
-        let p: &mut SchedClassifier = p.try_into()?;
+    for (name, what) in [
+        (program_name::TC_EGRESS, "tc egress"),
+        (program_name::TC_INGRESS, "tc ingress"),
+    ] {
+        let p: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing"))?
+            .try_into()?;
         p.load()
-            .context("loading the tc ingress program (verifier)")?;
+            .with_context(|| format!("loading the {what} program (verifier)"))?;
     }
     Ok(())
 }

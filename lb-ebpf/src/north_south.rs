@@ -1,30 +1,32 @@
-//! North-south path on the node's devices: NodePorts, LoadBalancer ingress IPs and external IPs.
-//! This module only runs the stages, each in its own module:
+//! North-south path on the node's devices: NodePorts, LoadBalancer ingress IPs and external IPs,
+//! run by the XDP program or, where XDP cannot deliver, the tc ingress program (hook.rs says
+//! what differs). This module only runs the stages, each in its own module:
 //!
 //! parse → conntrack (ct) → frontend lookup → backend selection (select: affinity, Maglev,
 //! slot) → SNAT port (snat; remote backends) → conntrack entries for both directions (ct) →
-//! DNAT/SNAT with checksums (nat) → forward (FIB + XDP_TX or redirect; XDP_PASS for local
-//! backends or unknown routes) → counters. ICMP errors about translated flows take their own
+//! DNAT/SNAT with checksums (nat; the hook's write) → forward (the hook's: FIB + XDP_TX or a
+//! redirect; the stack for local backends or unknown routes) → counters. The counters are the
+//! `xdp_*` ones whichever hook runs the path. ICMP errors about translated flows take their own
 //! way (icmp). A packet the path does not translate ends with a `Stop` (verdict.rs).
-use aya_ebpf::programs::XdpContext;
 use lb_common::{
     affinity_client, backend_flags, counter, ct_flags, flow_hash, proto, scope, CtEntry, CtKey,
 };
 
 use crate::{
-    affinity, clock, ct, forward, frag, frontend, icmp,
+    affinity, clock, ct, frag, frontend,
+    hook::Hook,
+    icmp,
     maps::{self, ServiceEvent},
-    nat,
     parse::{self, Frag, Packet},
     select, snat,
     verdict::Stop,
 };
 
-/// The XDP path. `Ok`: the verdict of a packet it translated (its counters written); `Err`: why
-/// it stopped, for the entry point to count and act on.
+/// The north-south path. `Ok`: the verdict of a packet it translated (its counters written);
+/// `Err`: why it stopped, for the entry point to count and act on.
 #[inline(always)]
-pub fn try_xdp(ctx: &XdpContext) -> Result<u32, Stop> {
-    let len = (ctx.data_end() - ctx.data()) as u64;
+pub fn run<H: Hook>(ctx: &H) -> Result<u32, Stop> {
+    let len = ctx.frame_len();
     maps::count(counter::XDP_RX, len);
     let l3 = parse::ipv4(ctx)?;
     if l3.frag == Frag::Later {
@@ -51,7 +53,7 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<u32, Stop> {
             if l3.frag == Frag::First {
                 frag::remember(&l3, &p);
             }
-            known_flow(ctx, &p, &e, len)
+            known_flow(ctx, &p, &e, len)?
         }
         None => new_flow(ctx, &p, &key, len)?,
     };
@@ -60,8 +62,9 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<u32, Stop> {
 
 /// A packet of a tracked flow, in either direction: translated with its entry.
 #[inline(always)]
-fn known_flow(ctx: &XdpContext, p: &Packet, e: &CtEntry, len: u64) -> u32 {
-    nat::rewrite(p, e);
+fn known_flow<H: Hook>(ctx: &H, p: &Packet, e: &CtEntry, len: u64) -> Result<u32, Stop> {
+    ctx.rewrite(p, e)
+        .map_err(|_| Stop::drop_other(counter::TC_ERROR, e.svc_port_id))?;
     let reply = e.flags & ct_flags::REPLY != 0;
     if reply {
         maps::count(counter::XDP_REPLY, len);
@@ -69,13 +72,13 @@ fn known_flow(ctx: &XdpContext, p: &Packet, e: &CtEntry, len: u64) -> u32 {
         maps::count(counter::XDP_ESTABLISHED, len);
     }
     maps::count_service(e.svc_port_id, ServiceEvent::Packet(len));
-    forward::forward(ctx, &p.l3, !reply && e.flags & ct_flags::LOCAL_BACKEND != 0)
+    Ok(ctx.forward(&p.l3, !reply && e.flags & ct_flags::LOCAL_BACKEND != 0))
 }
 
 /// The first packet of a flow (as far as the conntrack knows): to a frontend's backend, tracked
 /// in both directions.
 #[inline(always)]
-fn new_flow(ctx: &XdpContext, p: &Packet, key: &CtKey, len: u64) -> Result<u32, Stop> {
+fn new_flow<H: Hook>(ctx: &H, p: &Packet, key: &CtKey, len: u64) -> Result<u32, Stop> {
     let fe = frontend::lookup(p.daddr, p.dport, p.proto, scope::EXTERNAL)
         .ok_or(Stop::Pass(counter::XDP_NO_FRONTEND))?;
     let svc_port_id = fe.master.svc_port_id;
@@ -167,8 +170,9 @@ fn new_flow(ctx: &XdpContext, p: &Packet, key: &CtKey, len: u64) -> Result<u32, 
     if p.l3.frag == Frag::First {
         frag::remember(&p.l3, p);
     }
-    nat::rewrite(p, &entry);
+    ctx.rewrite(p, &entry)
+        .map_err(|_| Stop::drop_other(counter::TC_ERROR, svc_port_id))?;
     maps::count(counter::XDP_NEW_FLOW, len);
     maps::count_service(svc_port_id, ServiceEvent::NewConnection(len));
-    Ok(forward::forward(ctx, &p.l3, local))
+    Ok(ctx.forward(&p.l3, local))
 }
