@@ -12,6 +12,7 @@
 //! programs, [`metrics`] and [`health_check`] answer over [`http`].
 pub mod attach;
 pub mod config;
+pub mod devices;
 pub mod health_check;
 pub mod hook;
 pub mod http;

@@ -1,0 +1,112 @@
+//! `--device auto`: the node's north-south devices, found as Cilium finds them: every device
+//! that carries one of the node's addresses (its InternalIP), and every device an IPv4 default
+//! route leaves by. Loopback never counts. Read in the agent's network namespace (the node's,
+//! for the DaemonSet).
+use std::{collections::BTreeSet, ffi::CStr, fs, io, net::Ipv4Addr};
+
+/// Why a device was chosen.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reason {
+    /// It carries this address of the node.
+    NodeAddress(Ipv4Addr),
+    /// An IPv4 default route leaves by it.
+    DefaultRoute,
+}
+
+/// The devices `--device auto` means, each with why, sorted by name (a device with both reasons
+/// is listed once per reason).
+pub fn detect(node_addrs: &[Ipv4Addr]) -> io::Result<Vec<(String, Reason)>> {
+    let mut out = BTreeSet::new();
+    for (dev, addr) in ipv4_addresses()? {
+        if node_addrs.contains(&addr) && dev != "lo" {
+            out.insert((dev, Reason::NodeAddress(addr)));
+        }
+    }
+    // thread-self: the calling thread's namespace (self/net is the main thread's).
+    for dev in default_route_devices(&fs::read_to_string("/proc/thread-self/net/route")?) {
+        if dev != "lo" {
+            out.insert((dev, Reason::DefaultRoute));
+        }
+    }
+    Ok(out.into_iter().collect())
+}
+
+/// The distinct device names of `detect`'s answer, in order.
+pub fn names(found: &[(String, Reason)]) -> Vec<String> {
+    let mut v: Vec<String> = found.iter().map(|(d, _)| d.clone()).collect();
+    v.dedup();
+    v
+}
+
+/// Devices of IPv4 default routes (destination 0.0.0.0/0, route up) in `/proc/net/route`.
+pub fn default_route_devices(route_table: &str) -> Vec<String> {
+    const RTF_UP: u32 = 0x1;
+    let mut out = Vec::new();
+    for line in route_table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // Iface Destination Gateway Flags RefCnt Use Metric Mask ...
+        if f.len() < 8 {
+            continue;
+        }
+        let flags = u32::from_str_radix(f[3], 16).unwrap_or(0);
+        if f[1] == "00000000" && f[7] == "00000000" && flags & RTF_UP != 0 {
+            let dev = f[0].to_string();
+            if !out.contains(&dev) {
+                out.push(dev);
+            }
+        }
+    }
+    out
+}
+
+/// Every IPv4 address of every device (getifaddrs).
+fn ipv4_addresses() -> io::Result<Vec<(String, Ipv4Addr)>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, valid until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: non-null sockaddr of the list.
+        if unsafe { (*ifa.ifa_addr).sa_family } as i32 != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: an AF_INET address is a sockaddr_in.
+        let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+        let addr = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+        // SAFETY: a NUL-terminated name of the list.
+        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
+        out.push((name, addr));
+    }
+    // SAFETY: the list getifaddrs returned, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_routes_are_read_from_the_route_table() {
+        let table =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                     eth0\t00000000\t0101A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n\
+                     eth0\t0001A8C0\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0\n\
+                     eth1\t00000000\t0102A8C0\t0003\t0\t0\t200\t00000000\t0\t0\t0\n\
+                     eth2\t00000000\t0103A8C0\t0002\t0\t0\t300\t00000000\t0\t0\t0\n\
+                     eth3\t00000000\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n";
+        // eth2's route is down, eth3's is a /8 to 0.0.0.0, not a default route.
+        assert_eq!(default_route_devices(table), ["eth0", "eth1"]);
+    }
+}
