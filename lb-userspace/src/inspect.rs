@@ -243,6 +243,23 @@ pub struct ConfigView {
     pub node_address: String,
     pub snat_ports: String,
     pub ready: bool,
+    /// The north-south hook of each device (`xdp` or `tc`), from the pinned links' names
+    /// (`links/xdp_<device>`, `links/tc_ingress_<device>`).
+    pub devices: Vec<crate::dataplane::links::DeviceHook>,
+}
+
+impl ConfigView {
+    /// `eth0=tc,eth1=xdp` (`-` without devices), for the table.
+    pub fn hooks_text(&self) -> String {
+        if self.devices.is_empty() {
+            return "-".into();
+        }
+        self.devices
+            .iter()
+            .map(|d| format!("{}={}", d.device, d.hook))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 pub fn config(bpffs: &Path) -> Result<ConfigView> {
@@ -251,6 +268,7 @@ pub fn config(bpffs: &Path) -> Result<ConfigView> {
         node_address: std::net::Ipv4Addr::from(c.node_addr_be.to_ne_bytes()).to_string(),
         snat_ports: format!("{}-{}", c.snat_port_min, c.snat_port_max),
         ready: c.ready != 0,
+        devices: crate::dataplane::links::device_hooks(bpffs)?,
     })
 }
 

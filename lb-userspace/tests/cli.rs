@@ -321,3 +321,44 @@ fn snat_ports_overlapping_the_ephemeral_or_nodeport_range_is_one_line() {
         assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
 }
+
+#[test]
+fn wrong_north_south_value_is_one_error_line() {
+    let (code, _, err) = agent(&[
+        "run",
+        "--node",
+        "n",
+        "--manifests",
+        &examples(),
+        "--cgroup",
+        "/",
+        "--bpffs",
+        "/sys/fs/bpf/x",
+        "--north-south",
+        "native",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(
+        errors,
+        ["error: invalid value 'native' for '--north-south <xdp|tc|auto>': expected xdp, tc or auto"],
+        "{err}"
+    );
+    // The three values parse (the run then stops at a later check, never at the flag).
+    for v in ["xdp", "tc", "auto"] {
+        let (_, _, err) = agent(&[
+            "run",
+            "--node",
+            "n",
+            "--manifests",
+            "/nonexistent",
+            "--cgroup",
+            "/",
+            "--bpffs",
+            "/sys/fs/bpf/x",
+            "--north-south",
+            v,
+        ]);
+        assert!(!err.contains("--north-south"), "{v}: {err}");
+    }
+}

@@ -12,7 +12,29 @@ pub mod netns;
 pub mod scenario;
 pub mod xdp;
 
-pub use lab::{bin_path, AgentProcess, Exchange, HeldConnection, Lab, Node, Pod};
+pub use lab::{bin_path, AgentProcess, Exchange, HeldConnection, Lab, Node, Pod, Variant};
+
+/// Generates one `#[test]` per lab variant (shared/LAB.md: plain and XDP) from a function that
+/// takes the [`Variant`]; the test names are written out so they stay greppable and keep the
+/// `lab_` prefix:
+///
+/// ```ignore
+/// fn cluster_policy(v: Variant) { /* ... */ }
+/// lb_tests::on_both_variants!(cluster_policy: lab_cluster_policy_plain, lab_cluster_policy_xdp);
+/// ```
+#[macro_export]
+macro_rules! on_both_variants {
+    ($body:ident: $plain:ident, $xdp:ident) => {
+        #[test]
+        fn $plain() {
+            $body($crate::lab::Variant::Plain)
+        }
+        #[test]
+        fn $xdp() {
+            $body($crate::lab::Variant::Xdp)
+        }
+    };
+}
 
 /// Gate for tests that need root, cgroup v2 and a bpf filesystem (mounted here at /sys/fs/bpf
 /// when missing, as fixtures need it before any lab exists).

@@ -2,7 +2,7 @@
 //! manifests (deploy/examples/lab.yaml) from a file the test may rewrite.
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
-use crate::lab::{bin_path, AgentProcess, Lab};
+use crate::lab::{bin_path, AgentProcess, Lab, Variant, NODE_DEVICE};
 
 /// The example manifests as shipped.
 pub fn example_manifests() -> String {
@@ -27,6 +27,11 @@ impl Running {
             )
             .unwrap();
         }
+    }
+
+    /// The lab's variant (plain or XDP).
+    pub fn variant(&self) -> Variant {
+        self.lab.variant
     }
 
     /// `lbctl stats` of a node's agent: counter name -> packets.
@@ -54,16 +59,28 @@ impl Running {
     }
 }
 
-/// A lab with agents on both nodes running the example manifests; `None` where kernel tests
-/// cannot run (see `require_privileges`).
+/// A lab (XDP variant) with agents on both nodes running the example manifests; `None` where
+/// kernel tests cannot run (see `require_privileges`).
 pub fn start_example() -> Option<Running> {
     start_example_with(&[])
 }
 
 /// Like `start_example`, with extra `lb-agent run` arguments for both agents.
 pub fn start_example_with(extra: &[&str]) -> Option<Running> {
+    start_example_on_with(Variant::Xdp, extra)
+}
+
+/// [`start_example`] on the lab variant `variant`.
+pub fn start_example_on(variant: Variant) -> Option<Running> {
+    start_example_on_with(variant, &[])
+}
+
+/// [`start_example_with`] on the lab variant `variant`. With the default `--north-south`
+/// (auto), each agent must have chosen the variant's hook for `eth0`
+/// ([`Variant::expected_hook`]): tc on the plain lab, XDP on the XDP one.
+pub fn start_example_on_with(variant: Variant, extra: &[&str]) -> Option<Running> {
     crate::require_privileges()?;
-    let lab = Lab::new().expect("lab");
+    let lab = Lab::new_variant(variant).expect("lab");
     let manifests = lab.tmpdir().join("manifests.yaml");
     std::fs::write(&manifests, example_manifests()).unwrap();
     let agent = bin_path("lb-agent").unwrap();
@@ -72,6 +89,16 @@ pub fn start_example_with(extra: &[&str]) -> Option<Running> {
         let mut a = lab.spawn_agent(node, &agent, &manifests, extra).unwrap();
         a.wait_for_log("sync generation 1:", Duration::from_secs(20))
             .unwrap();
+        if !extra.contains(&"--north-south") {
+            a.wait_for_log(
+                &format!(
+                    "device {NODE_DEVICE}: north-south hook {} ",
+                    variant.expected_hook()
+                ),
+                Duration::from_secs(5),
+            )
+            .unwrap();
+        }
         agents.push(a);
     }
     Some(Running {

@@ -1,14 +1,18 @@
 //! Session affinity end to end (`sessionAffinity: ClientIP`, `timeoutSeconds: 2`, three
-//! backends): on the socket-level path (ClusterIP from pods) and the XDP path (NodePort from the
-//! external client).
+//! backends): on the socket-level path (ClusterIP from pods) and the north-south path (NodePort
+//! from the external client: XDP on the XDP lab variant, tc ingress on the plain one). Every test
+//! runs on both lab variants (`_plain`, `_xdp`).
 use std::{collections::BTreeSet, time::Duration};
 
-use lb_tests::lab::{Exchange, Lab};
+use lb_tests::{
+    lab::{Exchange, Lab},
+    on_both_variants, Variant,
+};
 
 const CLUSTER_IP: &str = "10.96.0.60:80";
 const NODE_PORT: &str = "192.168.100.1:30100";
 
-use lb_tests::scenario::{example_manifests as examples, start_example as setup};
+use lb_tests::scenario::{example_manifests as examples, start_example_on as setup};
 
 fn backends(ex: &[Exchange], what: &str) -> BTreeSet<String> {
     let bad: Vec<_> = ex.iter().filter(|e| !e.ok).collect();
@@ -31,18 +35,17 @@ fn one_backend(lab: &Lab, at: &str, proto: &str, target: &str, count: u32) -> St
     b.into_iter().next().unwrap()
 }
 
-#[test]
-fn lab_affinity_keeps_a_client_on_one_backend_on_both_paths() {
-    let Some(s) = setup() else { return };
+fn affinity_keeps_a_client_on_one_backend_on_both_paths(v: Variant) {
+    let Some(s) = setup(v) else { return };
     for proto in ["tcp", "udp"] {
         one_backend(&s.lab, "a1", proto, CLUSTER_IP, 50);
         one_backend(&s.lab, "client", proto, NODE_PORT, 50);
     }
 }
+on_both_variants!(affinity_keeps_a_client_on_one_backend_on_both_paths: lab_affinity_keeps_a_client_on_one_backend_on_both_paths_plain, lab_affinity_keeps_a_client_on_one_backend_on_both_paths_xdp);
 
-#[test]
-fn lab_affinity_two_clients_can_land_on_different_backends() {
-    let Some(s) = setup() else { return };
+fn affinity_two_clients_can_land_on_different_backends(v: Variant) {
+    let Some(s) = setup(v) else { return };
     // Pods a1 and a2 are two clients (two network namespaces). Each choice is independent, so
     // they differ with probability 2/3; after the 2 s timeout both choose again.
     for round in 0..8 {
@@ -56,10 +59,10 @@ fn lab_affinity_two_clients_can_land_on_different_backends() {
     }
     panic!("two clients always shared a backend over 8 independent rounds");
 }
+on_both_variants!(affinity_two_clients_can_land_on_different_backends: lab_affinity_two_clients_can_land_on_different_backends_plain, lab_affinity_two_clients_can_land_on_different_backends_xdp);
 
-#[test]
-fn lab_affinity_expires_after_the_idle_timeout() {
-    let Some(s) = setup() else { return };
+fn affinity_expires_after_the_idle_timeout(v: Variant) {
+    let Some(s) = setup(v) else { return };
     let mut first = [
         one_backend(&s.lab, "a1", "tcp", CLUSTER_IP, 5),
         one_backend(&s.lab, "client", "tcp", NODE_PORT, 5),
@@ -85,10 +88,10 @@ fn lab_affinity_expires_after_the_idle_timeout() {
         moved[0], moved[1]
     );
 }
+on_both_variants!(affinity_expires_after_the_idle_timeout: lab_affinity_expires_after_the_idle_timeout_plain, lab_affinity_expires_after_the_idle_timeout_xdp);
 
-#[test]
-fn lab_affinity_moves_off_a_removed_backend_without_failures() {
-    let Some(mut s) = setup() else { return };
+fn affinity_moves_off_a_removed_backend_without_failures(v: Variant) {
+    let Some(mut s) = setup(v) else { return };
     let pinned_sock = one_backend(&s.lab, "a1", "tcp", CLUSTER_IP, 10);
     let pinned_xdp = one_backend(&s.lab, "client", "tcp", NODE_PORT, 10);
     // Remove both pinned backends from the Service (the sticky slice only).
@@ -106,3 +109,4 @@ fn lab_affinity_moves_off_a_removed_backend_without_failures() {
     assert_ne!(now_sock, pinned_sock);
     assert_ne!(now_xdp, pinned_xdp);
 }
+on_both_variants!(affinity_moves_off_a_removed_backend_without_failures: lab_affinity_moves_off_a_removed_backend_without_failures_plain, lab_affinity_moves_off_a_removed_backend_without_failures_xdp);

@@ -10,21 +10,22 @@
 //! - a UDP flow with a fixed source port leaves a backend removed from the EndpointSlice within
 //!   3 s;
 //! - established connections survive a flood of spoofed SYNs (each with a spoofed bare ACK).
+//!
+//! Every test runs on both lab variants (`_plain`: tc ingress, `_xdp`: XDP).
 use std::time::Duration;
 
-use lb_tests::bench::nat::NatLab;
+use lb_tests::{bench::nat::NatLab, on_both_variants, Variant};
 
 /// The old default SNAT range (61000-65535) held this many ports per backend.
 const OLD_RANGE_PORTS: usize = 4_536;
 
-fn nat_lab() -> Option<NatLab> {
+fn nat_lab(v: Variant) -> Option<NatLab> {
     lb_tests::require_privileges()?;
-    Some(NatLab::new().expect("lab"))
+    Some(NatLab::new_variant(v).expect("lab"))
 }
 
-#[test]
-fn lab_nat_new_connections_keep_pace_with_the_direct_path() {
-    let Some(mut nat) = nat_lab() else { return };
+fn nat_new_connections_keep_pace_with_the_direct_path(v: Variant) {
+    let Some(mut nat) = nat_lab(v) else { return };
     let c = nat.compare_tcp(Duration::from_secs(5)).unwrap();
     eprintln!(
         "new TCP connections: NodePort {:.0}/s, direct {:.0}/s, ratio {:.2}, errors {} of {}",
@@ -45,10 +46,10 @@ fn lab_nat_new_connections_keep_pace_with_the_direct_path() {
     let st = nat.stats().unwrap();
     assert_eq!(st["xdp_drop_snat_exhausted"], 0, "{st:?}");
 }
+on_both_variants!(nat_new_connections_keep_pace_with_the_direct_path: lab_nat_new_connections_keep_pace_with_the_direct_path_plain, lab_nat_new_connections_keep_pace_with_the_direct_path_xdp);
 
-#[test]
-fn lab_nat_udp_flows_beyond_the_old_range_are_all_answered() {
-    let Some(mut nat) = nat_lab() else { return };
+fn nat_udp_flows_beyond_the_old_range_are_all_answered(v: Variant) {
+    let Some(mut nat) = nat_lab(v) else { return };
     nat.start_agent().unwrap();
     // The full 20,000 (a second or two): more than four times what the old default
     // range held for one backend, whose flows were dropped for good after the 4,536th (UDP
@@ -68,10 +69,10 @@ fn lab_nat_udp_flows_beyond_the_old_range_are_all_answered() {
     // Each flow is its own translated flow.
     assert!(st["xdp_new_flow"] >= flows as u64, "{st:?}");
 }
+on_both_variants!(nat_udp_flows_beyond_the_old_range_are_all_answered: lab_nat_udp_flows_beyond_the_old_range_are_all_answered_plain, lab_nat_udp_flows_beyond_the_old_range_are_all_answered_xdp);
 
-#[test]
-fn lab_nat_udp_flow_leaves_a_removed_backend() {
-    let Some(mut nat) = nat_lab() else { return };
+fn nat_udp_flow_leaves_a_removed_backend(v: Variant) {
+    let Some(mut nat) = nat_lab(v) else { return };
     nat.start_agent().unwrap();
     let f = nat.udp_failover(Duration::from_secs(10)).unwrap();
     eprintln!("UDP flow with a fixed source port after its backend left: {f:?}");
@@ -83,10 +84,10 @@ fn lab_nat_udp_flow_leaves_a_removed_backend() {
     assert!(moved <= 3_000, "moved only after {moved} ms: {f:?}");
     assert_ne!(f.moved_to.as_deref(), Some(f.removed.as_str()));
 }
+on_both_variants!(nat_udp_flow_leaves_a_removed_backend: lab_nat_udp_flow_leaves_a_removed_backend_plain, lab_nat_udp_flow_leaves_a_removed_backend_xdp);
 
-#[test]
-fn lab_nat_established_flows_survive_a_spoofed_syn_flood() {
-    let Some(mut nat) = nat_lab() else { return };
+fn nat_established_flows_survive_a_spoofed_syn_flood(v: Variant) {
+    let Some(mut nat) = nat_lab(v) else { return };
     nat.start_agent().unwrap();
     let (connections, syns) = (40, 100_000);
     let s = nat.syn_flood(connections, syns, 0).unwrap();
@@ -100,3 +101,4 @@ fn lab_nat_established_flows_survive_a_spoofed_syn_flood() {
     assert_eq!(s.still_tracked, connections, "{s:?}");
     assert_eq!(s.survivors, connections, "{s:?}");
 }
+on_both_variants!(nat_established_flows_survive_a_spoofed_syn_flood: lab_nat_established_flows_survive_a_spoofed_syn_flood_plain, lab_nat_established_flows_survive_a_spoofed_syn_flood_xdp);

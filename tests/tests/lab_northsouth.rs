@@ -1,16 +1,18 @@
 //! End-to-end north-south traffic in the reference lab: the external client reaches NodePorts,
-//! LoadBalancer IPs and external IPs through the XDP program on the nodes' eth0 (and tc egress
-//! for replies of local backends), with both externalTrafficPolicy modes, and asks the
-//! healthCheckNodePort servers as a cloud load balancer would.
+//! LoadBalancer IPs and external IPs through the north-south program on the nodes' eth0 (XDP on
+//! the XDP variant of the lab, tc ingress on the plain one, as the agent's default
+//! `--north-south auto` picks; tc egress for replies of local backends), with both
+//! externalTrafficPolicy modes, and asks the healthCheckNodePort servers as a cloud load balancer
+//! would. Every test runs on both lab variants (`_plain`, `_xdp`).
 use std::collections::BTreeMap;
 
-use lb_tests::lab::Exchange;
+use lb_tests::{lab::Exchange, on_both_variants, Variant};
 
 const LB_LOCAL: &str = "203.0.113.10:80";
 const LB_CLUSTER: &str = "203.0.113.11:80";
 const EXT_IP: &str = "198.51.100.50:80";
 
-use lb_tests::scenario::{example_manifests as examples, start_example as setup};
+use lb_tests::scenario::{example_manifests as examples, start_example_on as setup};
 
 fn all_ok(ex: &[Exchange], what: &str) {
     let bad: Vec<_> = ex.iter().filter(|e| !e.ok).collect();
@@ -38,9 +40,8 @@ fn http_get(ns: &str, addr: &str) -> (u16, BTreeMap<String, String>, serde_json:
     (code, headers, serde_json::from_str(&body).unwrap())
 }
 
-#[test]
-fn lab_local_policy_keeps_the_client_address() {
-    let Some(s) = setup() else { return };
+fn local_policy_keeps_the_client_address(v: Variant) {
+    let Some(s) = setup(v) else { return };
     s.lab.client_route("203.0.113.10/32", "node1").unwrap();
     for (proto, target) in [
         ("tcp", LB_LOCAL),
@@ -61,6 +62,7 @@ fn lab_local_policy_keeps_the_client_address() {
             assert_eq!(e.peer.as_deref(), Some(target), "{e:?}");
         }
     }
+    // The north-south stages count alike as XDP and as tc ingress (`xdp_*` counters).
     let st = s.stats("node1");
     // Every TCP connection is a new flow; a UDP socket that happens to get the source port of an
     // earlier one continues that flow's entries (the same four-tuple), so UDP counts at most 60.
@@ -71,10 +73,10 @@ fn lab_local_policy_keeps_the_client_address() {
     assert!(st["xdp_translated_pass"] >= 120, "{st:?}");
     assert!(st["tc_reply"] >= 120, "{st:?}");
 }
+on_both_variants!(local_policy_keeps_the_client_address: lab_local_policy_keeps_the_client_address_plain, lab_local_policy_keeps_the_client_address_xdp);
 
-#[test]
-fn lab_cluster_policy_translates_the_source_to_the_node() {
-    let Some(s) = setup() else { return };
+fn cluster_policy_translates_the_source_to_the_node(v: Variant) {
+    let Some(s) = setup(v) else { return };
     s.lab.client_route("203.0.113.11/32", "node1").unwrap();
     for (proto, target) in [
         ("tcp", LB_CLUSTER),
@@ -101,15 +103,22 @@ fn lab_cluster_policy_translates_the_source_to_the_node() {
             && st["xdp_reply"] >= 90,
         "{st:?}"
     );
-    assert!(
-        st["xdp_tx"] >= 90,
-        "translated packets left through XDP_TX: {st:?}"
-    );
+    match v {
+        Variant::Xdp => assert!(
+            st["xdp_tx"] >= 90,
+            "translated packets left through XDP_TX: {st:?}"
+        ),
+        // tc ingress forwards with bpf_redirect_neigh (counted as a redirect), never XDP_TX.
+        Variant::Plain => assert!(
+            st["xdp_redirect"] >= 90 && st["xdp_tx"] == 0,
+            "translated packets left through bpf_redirect_neigh: {st:?}"
+        ),
+    }
 }
+on_both_variants!(cluster_policy_translates_the_source_to_the_node: lab_cluster_policy_translates_the_source_to_the_node_plain, lab_cluster_policy_translates_the_source_to_the_node_xdp);
 
-#[test]
-fn lab_local_policy_without_local_endpoint_drops_and_health_says_so() {
-    let Some(s) = setup() else { return };
+fn local_policy_without_local_endpoint_drops_and_health_says_so(v: Variant) {
+    let Some(s) = setup(v) else { return };
     // The cloud load balancer sends to node2, which runs no web-local pod.
     s.lab.client_route("203.0.113.10/32", "node2").unwrap();
     let ex = s
@@ -140,10 +149,10 @@ fn lab_local_policy_without_local_endpoint_drops_and_health_says_so() {
     assert_eq!(headers["X-Load-Balancing-Endpoint-Weight"], "0");
     assert_eq!(body["localEndpoints"], 0);
 }
+on_both_variants!(local_policy_without_local_endpoint_drops_and_health_says_so: lab_local_policy_without_local_endpoint_drops_and_health_says_so_plain, lab_local_policy_without_local_endpoint_drops_and_health_says_so_xdp);
 
-#[test]
-fn lab_pods_reach_load_balancer_ips_through_cluster_endpoints() {
-    let Some(s) = setup() else { return };
+fn pods_reach_load_balancer_ips_through_cluster_endpoints(v: Variant) {
+    let Some(s) = setup(v) else { return };
     // From a pod on node2, the Local Service's LB IP is served by the cluster set (a1 on node1).
     let ex = s
         .lab
@@ -161,10 +170,10 @@ fn lab_pods_reach_load_balancer_ips_through_cluster_endpoints() {
         .unwrap();
     all_ok(&ex, "pod to external IP");
 }
+on_both_variants!(pods_reach_load_balancer_ips_through_cluster_endpoints: lab_pods_reach_load_balancer_ips_through_cluster_endpoints_plain, lab_pods_reach_load_balancer_ips_through_cluster_endpoints_xdp);
 
-#[test]
-fn lab_long_lived_north_south_connection_survives_backend_leaving() {
-    let Some(mut s) = setup() else { return };
+fn long_lived_north_south_connection_survives_backend_leaving(v: Variant) {
+    let Some(mut s) = setup(v) else { return };
     s.lab.client_route("198.51.100.50/32", "node1").unwrap();
     let mut held = s.lab.hold("client", EXT_IP).unwrap();
     let first = held.first.clone().unwrap();
@@ -192,3 +201,4 @@ fn lab_long_lived_north_south_connection_survives_backend_leaving() {
         assert_eq!(e.backend.as_deref(), Some(pinned.as_str()));
     }
 }
+on_both_variants!(long_lived_north_south_connection_survives_backend_leaving: lab_long_lived_north_south_connection_survives_backend_leaving_plain, lab_long_lived_north_south_connection_survives_backend_leaving_xdp);

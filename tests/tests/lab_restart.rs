@@ -1,13 +1,15 @@
 //! Restart without loss: programs stay attached through pinned links while the agent is down
 //! (SIGKILL included); established and new connections keep working; the restarted agent adopts
-//! the pinned state without rewriting it.
+//! the pinned state without rewriting it (and the same north-south hook). Runs on both lab
+//! variants (`_plain`: tc ingress, `_xdp`: XDP).
 use std::time::Duration;
 
-use lb_tests::{lab::bin_path, scenario::start_example};
+use lb_tests::{lab::bin_path, on_both_variants, scenario::start_example_on, Variant};
 
-#[test]
-fn lab_agent_sigkill_and_restart_lose_nothing() {
-    let Some(mut s) = start_example() else { return };
+fn agent_sigkill_and_restart_lose_nothing(v: Variant) {
+    let Some(mut s) = start_example_on(v) else {
+        return;
+    };
     s.lab.client_route("203.0.113.11/32", "node1").unwrap();
     // Held connections on both paths: north-south through XDP with SNAT, ClusterIP from a pod.
     let mut ns = s.lab.hold("client", "203.0.113.11:80").unwrap();
@@ -48,6 +50,13 @@ fn lab_agent_sigkill_and_restart_lose_nothing() {
         line.contains(" 0 map writes"),
         "adoption rewrote state: {line}"
     );
+    assert!(
+        log.contains(&format!(
+            "device eth0: north-south hook {} ",
+            v.expected_hook()
+        )) && !log.contains("replaced the"),
+        "the restarted agent must keep the hook: {log}"
+    );
     for _ in 0..3 {
         assert!(ns.exchange().unwrap().ok);
         assert!(ew.exchange().unwrap().ok);
@@ -70,3 +79,8 @@ fn lab_agent_sigkill_and_restart_lose_nothing() {
         .unwrap();
     s.agents.push(again);
 }
+on_both_variants!(
+    agent_sigkill_and_restart_lose_nothing:
+    lab_agent_sigkill_and_restart_lose_nothing_plain,
+    lab_agent_sigkill_and_restart_lose_nothing_xdp
+);

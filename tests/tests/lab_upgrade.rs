@@ -3,7 +3,8 @@
 //! `lb_ct_new_v1`, the services and stats maps under their previous names), while its programs
 //! stay attached. The new agent fills fresh maps, converts the conntrack (with a flow state
 //! derived from the v2 flags), swaps the programs and removes the old pins; new connections flow
-//! throughout and a held connection survives.
+//! throughout and a held connection survives. Runs on both lab variants (`_plain`: tc ingress,
+//! `_xdp`: XDP).
 use std::{
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -14,14 +15,15 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{ct_flags, ct_state, map_name, CtEntry, CtKey};
-use lb_tests::{lab::bin_path, legacy, scenario::start_example};
+use lb_tests::{lab::bin_path, legacy, on_both_variants, scenario::start_example_on, Variant};
 use lb_userspace::dataplane::migrate::CtEntryV2;
 
 const TARGET: &str = "203.0.113.11:80";
 
-#[test]
-fn lab_upgrade_from_an_older_layout_loses_nothing() {
-    let Some(mut s) = start_example() else { return };
+fn upgrade_from_an_older_layout_loses_nothing(v: Variant) {
+    let Some(mut s) = start_example_on(v) else {
+        return;
+    };
     s.lab.client_route("203.0.113.11/32", "node1").unwrap();
     let mut held = s.lab.hold("client", TARGET).unwrap();
     assert!(held.first.as_ref().unwrap().ok);
@@ -207,3 +209,4 @@ fn lab_upgrade_from_an_older_layout_loses_nothing() {
     assert!(stats["xdp_rx"] > 0);
     s.agents.push(again);
 }
+on_both_variants!(upgrade_from_an_older_layout_loses_nothing: lab_upgrade_from_an_older_layout_loses_nothing_plain, lab_upgrade_from_an_older_layout_loses_nothing_xdp);

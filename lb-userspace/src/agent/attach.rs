@@ -1,6 +1,7 @@
-//! Loading the kernel programs and attaching them (cgroup socket hooks, XDP and tc egress on
-//! the devices) through links pinned under `--bpffs DIR/links`, so they stay attached while the
-//! agent is down and a new agent replaces them without a gap; and `lb-agent uninstall`.
+//! Loading the kernel programs and attaching them (cgroup socket hooks; on the devices XDP or tc
+//! ingress for north-south traffic, as [`super::hook`] chooses, and tc egress) through links
+//! pinned under `--bpffs DIR/links`, so they stay attached while the agent is down and a new
+//! agent replaces them without a gap; and `lb-agent uninstall`.
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -13,9 +14,13 @@ use aya::programs::{
 };
 use lb_common::program_name;
 
-use super::config::RunConfig;
+use super::{
+    config::RunConfig,
+    hook::{self, Choice, Hook},
+};
 use crate::{
     dataplane::{
+        links::{tc_egress_pin, tc_ingress_pin, xdp_pin},
         migrate,
         pinned::{other_versions, AyaDataplane, OtherVersion},
         sync::Syncer,
@@ -102,10 +107,49 @@ pub fn attach_tc_egress(ebpf: &mut aya::Ebpf, device: &str, bpffs: &Path) -> Res
         .take_link(id)?
         .try_into()
         .map_err(|_| anyhow!("tc on {device} is not a TCX link (kernel older than 6.6)"))?;
-    pin_replacing(
-        link,
-        &bpffs.join("links").join(format!("tc_egress_{device}")),
-    )
+    pin_replacing(link, &bpffs.join("links").join(tc_egress_pin(device)))
+}
+
+/// Attaches the tc ingress program (north-south translation where XDP cannot deliver) to
+/// `device` through a TCX link pinned as `links/tc_ingress_<device>`, replacing a link pinned
+/// there by an earlier agent only once the new one is attached.
+pub fn attach_tc_ingress(ebpf: &mut aya::Ebpf, device: &str, bpffs: &Path) -> Result<()> {
+    let p: &mut SchedClassifier = ebpf
+        .program_mut(program_name::TC_INGRESS)
+        .ok_or_else(|| {
+            anyhow!(
+                "program {} missing from the object",
+                program_name::TC_INGRESS
+            )
+        })?
+        .try_into()?;
+    if p.fd().is_err() {
+        p.load()
+            .context("loading the tc ingress program (verifier)")?;
+    }
+    let id = p
+        .attach(device, TcAttachType::Ingress)
+        .with_context(|| format!("attaching tc ingress to {device}"))?;
+    let link: FdLink = p
+        .take_link(id)?
+        .try_into()
+        .map_err(|_| anyhow!("tc on {device} is not a TCX link (kernel older than 6.6)"))?;
+    pin_replacing(link, &bpffs.join("links").join(tc_ingress_pin(device)))
+}
+
+/// Whether a native (driver-mode) XDP attach works on `device`: attaches the XDP program in
+/// driver mode and detaches it at once.
+fn probe_native_xdp(ebpf: &mut aya::Ebpf, device: &str) -> Result<()> {
+    let p: &mut Xdp = ebpf
+        .program_mut(program_name::XDP)
+        .ok_or_else(|| anyhow!("program {} missing from the object", program_name::XDP))?
+        .try_into()?;
+    if p.fd().is_err() {
+        p.load().context("loading the XDP program (verifier)")?;
+    }
+    let id = p.attach(device, XdpMode::Driver)?;
+    p.detach(id)?;
+    Ok(())
 }
 
 /// Attaches the XDP program to `device`, atomically replacing the program of a link pinned by an
@@ -118,7 +162,7 @@ pub fn attach_xdp(ebpf: &mut aya::Ebpf, device: &str, bpffs: &Path) -> Result<()
     if p.fd().is_err() {
         p.load().context("loading the XDP program (verifier)")?;
     }
-    let pin = bpffs.join("links").join(format!("xdp_{device}"));
+    let pin = bpffs.join("links").join(xdp_pin(device));
     if pin.exists() {
         match PinnedLink::from_pin(&pin) {
             Ok(pinned) => {
@@ -204,6 +248,44 @@ pub(super) fn load_programs(ebpf: &mut aya::Ebpf) -> Result<()> {
     Ok(())
 }
 
+/// Picks the north-south hook of every `--device` (see [`hook`]) and logs each choice with its
+/// reason.
+pub(super) fn choose_hooks(ebpf: &mut aya::Ebpf, cfg: &RunConfig) -> Vec<(String, Choice)> {
+    cfg.devices
+        .iter()
+        .map(|dev| {
+            let c = hook::choose(dev, cfg.north_south, |d| probe_native_xdp(ebpf, d));
+            log::info!(
+                "device {dev}: north-south hook {} (--north-south {}: {})",
+                c.hook,
+                cfg.north_south,
+                c.reason
+            );
+            (dev.clone(), c)
+        })
+        .collect()
+}
+
+/// Attaches `hook` to `device`, then removes the link of the other kind a previous agent pinned
+/// there (the choice changed across a restart): the new hook is in place before the old one
+/// goes, so there is no gap.
+fn attach_north_south(ebpf: &mut aya::Ebpf, device: &str, hook: Hook, bpffs: &Path) -> Result<()> {
+    match hook {
+        Hook::Xdp => attach_xdp(ebpf, device, bpffs)?,
+        Hook::Tc => attach_tc_ingress(ebpf, device, bpffs)?,
+    }
+    let old = bpffs.join("links").join(hook.other().pin_name(device));
+    if old.exists() {
+        fs::remove_file(&old).with_context(|| format!("removing {}", old.display()))?;
+        log::info!(
+            "device {device}: {} replaced the {} link of an earlier agent",
+            hook,
+            hook.other()
+        );
+    }
+    Ok(())
+}
+
 /// Attaches the programs once their maps hold the first sync, converting the state of maps of
 /// an older layout before and after the swap (see [`migrate`]), then drops those maps.
 pub(super) fn attach_all(
@@ -211,14 +293,15 @@ pub(super) fn attach_all(
     cfg: &RunConfig,
     syncer: &Syncer<AyaDataplane>,
     old: &[OtherVersion],
+    hooks: &[(String, Choice)],
 ) -> Result<()> {
     let rev_nat = syncer.svc_port_by_rev_nat();
     let mut seen = std::collections::HashMap::new();
     let before = migrate::copy_state(&cfg.bpffs, old, &rev_nat, &mut seen)?;
     attach_cgroup(ebpf, &cfg.cgroup, &cfg.bpffs)?;
-    for dev in &cfg.devices {
+    for (dev, choice) in hooks {
         prepare_device(dev)?;
-        attach_xdp(ebpf, dev, &cfg.bpffs)?;
+        attach_north_south(ebpf, dev, choice.hook, &cfg.bpffs)?;
         attach_tc_egress(ebpf, dev, &cfg.bpffs)?;
     }
     let after = migrate::copy_state(&cfg.bpffs, old, &rev_nat, &mut seen)?;
@@ -235,13 +318,17 @@ pub(super) fn attach_all(
     log::info!(
         "attached to cgroup {} and devices {:?}; maps pinned under {}",
         cfg.cgroup.display(),
-        cfg.devices,
+        hooks
+            .iter()
+            .map(|(d, c)| format!("{d} ({})", c.hook))
+            .collect::<Vec<_>>(),
         cfg.bpffs.display()
     );
     Ok(())
 }
 
-/// `lb-agent uninstall`: removes every link (detaching the programs) and map pinned under `bpffs`.
+/// `lb-agent uninstall`: removes every link (detaching the programs: cgroup hooks, XDP and tc
+/// ingress links of either kind, tc egress) and map pinned under `bpffs`.
 pub fn uninstall(bpffs: &Path) -> Result<Vec<PathBuf>> {
     if !bpffs.exists() {
         bail!(UsageError(format!(

@@ -12,6 +12,8 @@ pub struct RunConfig {
     pub cgroup: PathBuf,
     pub bpffs: PathBuf,
     pub devices: Vec<String>,
+    /// How each device's north-south hook (XDP or tc ingress) is chosen.
+    pub north_south: super::hook::NorthSouth,
     pub poll_interval: Duration,
     /// SNAT port range (inclusive) for externalTrafficPolicy Cluster flows to remote backends.
     pub snat_ports: (u16, u16),

@@ -41,6 +41,12 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeviceHookLabel {
+    device: String,
+    hook: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TierLabel {
     tier: String,
 }
@@ -97,6 +103,7 @@ pub struct Ops {
     watch_restarts: Counter,
     last_sync: Gauge,
     local_endpoints: Family<ServiceLabel, Gauge>,
+    device_hook: Family<DeviceHookLabel, Gauge>,
     local_seen: Mutex<Vec<ServiceLabel>>,
     service_packets: Family<ServicePortLabel, Counter>,
     service_bytes: Family<ServicePortLabel, Counter>,
@@ -178,6 +185,12 @@ impl Ops {
             "service_local_endpoints",
             "Ready local endpoints of LoadBalancer Services with externalTrafficPolicy Local",
             local_endpoints.clone(),
+        );
+        let device_hook = Family::<DeviceHookLabel, Gauge>::default();
+        registry.register(
+            "device_hook",
+            "1 for the program that does north-south translation on each --device: xdp or tc (tc ingress)",
+            device_hook.clone(),
         );
         let service_packets = Family::<ServicePortLabel, Counter>::default();
         registry.register(
@@ -306,10 +319,27 @@ impl Ops {
             watch_restarts,
             last_sync,
             local_endpoints,
+            device_hook,
             local_seen: Mutex::default(),
             programmed: AtomicBool::new(false),
             last_sync_ok: AtomicBool::new(false),
             heartbeat: AtomicU64::new(now_s()),
+        }
+    }
+
+    /// The north-south hook attached on each device (`lb_device_hook{device,hook} 1`).
+    pub fn device_hooks<'a>(
+        &self,
+        hooks: impl IntoIterator<Item = (&'a str, crate::dataplane::links::Hook)>,
+    ) {
+        self.device_hook.clear();
+        for (device, hook) in hooks {
+            self.device_hook
+                .get_or_create(&DeviceHookLabel {
+                    device: device.into(),
+                    hook: hook.as_str().into(),
+                })
+                .set(1);
         }
     }
 
@@ -565,5 +595,27 @@ mod tests {
         let m = ops.route("/metrics").unwrap();
         assert!(m.body.contains("lb_map_writes_total 10"), "{}", m.body);
         assert!(m.body.contains("lb_sync_errors_total 1"), "{}", m.body);
+    }
+
+    #[test]
+    fn device_hook_is_one_per_device() {
+        use crate::dataplane::links::Hook;
+        let ops = Ops::new(PathBuf::from("/nonexistent"));
+        ops.device_hooks([("eth0", Hook::Tc), ("eth1", Hook::Xdp)]);
+        let body = ops.route("/metrics").unwrap().body;
+        for want in [
+            r#"lb_device_hook{device="eth0",hook="tc"} 1"#,
+            r#"lb_device_hook{device="eth1",hook="xdp"} 1"#,
+        ] {
+            assert!(body.lines().any(|l| l == want), "{want}: {body}");
+        }
+        // A new set replaces the old one.
+        ops.device_hooks([("eth0", Hook::Xdp)]);
+        let body = ops.route("/metrics").unwrap().body;
+        let hooks: Vec<&str> = body
+            .lines()
+            .filter(|l| l.starts_with("lb_device_hook{"))
+            .collect();
+        assert_eq!(hooks, [r#"lb_device_hook{device="eth0",hook="xdp"} 1"#]);
     }
 }

@@ -3,8 +3,10 @@
 //!
 //! Pinned layout under `--bpffs DIR`:
 //! - `DIR/<map name>`: every map (names in `lb_common::map_name`), reused by a restarted agent;
-//! - `DIR/links/<hook>`: the cgroup links (`connect4`, `sendmsg4`, `recvmsg4`, `getpeername4`)
-//!   and `DIR/links/xdp_<device>`; programs stay attached while the agent is down.
+//! - `DIR/links/<hook>`: the cgroup links (`connect4`, `sendmsg4`, `recvmsg4`, `getpeername4`),
+//!   per device the north-south link `DIR/links/xdp_<device>` or `DIR/links/tc_ingress_<device>`
+//!   (see [`hook`]) and `DIR/links/tc_egress_<device>`; programs stay attached while the agent is
+//!   down.
 //!
 //! The loop lives here; [`mod@preflight`] checks the environment, [`attach`] loads and attaches the
 //! programs, [`metrics`] and [`health_check`] answer over [`http`].
@@ -12,6 +14,7 @@ pub mod attach;
 pub mod config;
 pub mod devices;
 pub mod health_check;
+pub mod hook;
 pub mod http;
 pub mod metrics;
 pub mod preflight;
@@ -45,7 +48,7 @@ use crate::{
     },
     error::usage,
 };
-use attach::{attach_all, load, load_programs};
+use attach::{attach_all, choose_hooks, load, load_programs};
 use config::RunConfig;
 use health_check::HealthServers;
 use metrics::Ops;
@@ -209,7 +212,9 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                     Err(_) => ops.sync_failed(),
                 }
                 if synced.is_ok() && !attached {
-                    attach_all(&mut ebpf, cfg, &syncer, &old_versions)?;
+                    let hooks = choose_hooks(&mut ebpf, cfg);
+                    attach_all(&mut ebpf, cfg, &syncer, &old_versions, &hooks)?;
+                    ops.device_hooks(hooks.iter().map(|(d, c)| (d.as_str(), c.hook)));
                     attached = true;
                 }
                 match synced {

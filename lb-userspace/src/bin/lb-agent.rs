@@ -56,9 +56,14 @@ enum Command {
         /// Directory on a bpf filesystem for this agent's pinned maps and links.
         #[arg(long)]
         bpffs: PathBuf,
-        /// Network device to attach XDP to (repeatable).
+        /// Network device to attach the north-south programs to (repeatable).
         #[arg(long = "device")]
         devices: Vec<String>,
+        /// North-south hook per --device: xdp, tc (tc ingress, TCX) or auto (XDP only where
+        /// XDP_TX and redirect deliver: a veth whose peer runs XDP, or a device with native XDP;
+        /// else tc).
+        #[arg(long, value_name = "xdp|tc|auto", default_value = "auto", value_parser = parse_north_south)]
+        north_south: agent::hook::NorthSouth,
         /// How often the manifests are checked for changes, in milliseconds.
         #[arg(long, default_value_t = 200)]
         poll_interval_ms: u64,
@@ -123,6 +128,7 @@ fn main() {
             cgroup,
             bpffs,
             devices,
+            north_south,
             poll_interval_ms,
             snat_ports,
             nodeport_range,
@@ -143,6 +149,7 @@ fn main() {
                 cgroup,
                 bpffs,
                 devices,
+                north_south,
                 poll_interval: Duration::from_millis(poll_interval_ms.max(10)),
                 snat_ports,
                 nodeport_range,
@@ -164,6 +171,10 @@ fn main() {
     if let Err(e) = result {
         std::process::exit(report_error("lb-agent", &e));
     }
+}
+
+fn parse_north_south(s: &str) -> Result<agent::hook::NorthSouth, String> {
+    s.parse()
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {

@@ -46,7 +46,8 @@ enum Command {
     },
     /// Session affinity records.
     Affinity,
-    /// The datapath config (node address, SNAT ports).
+    /// The datapath config (node address, SNAT ports) and each device's north-south hook
+    /// (xdp or tc, from the pinned links).
     Config,
     /// Which backend a flow has or would get, and why (conntrack, affinity, fresh choice).
     Lookup {
@@ -190,7 +191,23 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             print_rows(&v, json)?;
         }
         Command::Affinity => print_rows(&inspect::affinity(&cli.bpffs)?, json)?,
-        Command::Config => print_rows(&[inspect::config(&cli.bpffs)?], json)?,
+        Command::Config => {
+            let c = inspect::config(&cli.bpffs)?;
+            if json {
+                print_rows(&[c], json)?;
+            } else {
+                let row = vec![
+                    c.node_address.clone(),
+                    c.snat_ports.clone(),
+                    c.ready.to_string(),
+                    c.hooks_text(),
+                ];
+                print!(
+                    "{}",
+                    inspect::table(&["NODE_ADDRESS", "SNAT_PORTS", "READY", "HOOKS"], &[row])
+                );
+            }
+        }
         Command::Lookup { frontend, client } => {
             let (fe, proto) = parse_frontend(frontend)?;
             let (ip, port) = match client.parse::<std::net::SocketAddrV4>() {

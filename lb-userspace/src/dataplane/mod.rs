@@ -17,6 +17,7 @@ pub mod bpf_sys;
 pub mod ct_gc;
 pub mod fake;
 mod ids;
+pub mod links;
 pub mod maglev;
 mod maglev_tables;
 pub mod migrate;

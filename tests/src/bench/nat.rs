@@ -162,10 +162,15 @@ pub struct SynFlood {
 }
 
 impl NatLab {
-    /// A fresh lab with the Services' manifests written, the routes of the no-LB path, and no
-    /// agent yet.
+    /// A fresh lab (XDP variant) with the Services' manifests written, the routes of the no-LB
+    /// path, and no agent yet.
     pub fn new() -> Result<NatLab> {
-        let lab = Lab::new()?;
+        NatLab::new_variant(crate::lab::Variant::Xdp)
+    }
+
+    /// [`NatLab::new`] on the lab variant `variant` (plain: the agent picks tc ingress).
+    pub fn new_variant(variant: crate::lab::Variant) -> Result<NatLab> {
+        let lab = Lab::new_variant(variant)?;
         // TIME_WAIT sockets of the client must not run it out of source ports (both paths).
         netns::exec_in(
             &lab.client_netns,

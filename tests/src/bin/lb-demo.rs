@@ -1,12 +1,14 @@
 //! `cargo xtask demo`: builds the reference lab, runs one agent per node on the example manifests
 //! (embedded: deploy/examples/lab.yaml, or `--manifests PATH`), sends real traffic to every
 //! frontend the plan lists, prints which backend served how many requests, and tears down.
+//! The lab is the plain variant of shared/LAB.md (nothing on the fabric side of the nodes' veths,
+//! as on kind: the agents pick tc ingress) unless `--variant xdp`.
 //!
-//! lb-demo [--manifests PATH] [--requests N]
+//! lb-demo [--manifests PATH] [--requests N] [--variant plain|xdp]
 use std::{collections::BTreeMap, path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{bail, Context, Result};
-use lb_tests::lab::{bin_path, Lab};
+use lb_tests::lab::{bin_path, Lab, Variant};
 
 const EMBEDDED: &str = include_str!("../../../deploy/examples/lab.yaml");
 
@@ -20,13 +22,21 @@ fn main() {
 fn run() -> Result<()> {
     let mut manifests: Option<PathBuf> = None;
     let mut requests = 100u32;
+    let mut variant = Variant::Plain;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--manifests" => manifests = Some(args.next().context("--manifests PATH")?.into()),
             "--requests" => requests = args.next().context("--requests N")?.parse()?,
+            "--variant" => {
+                variant = match args.next().as_deref() {
+                    Some("plain") => Variant::Plain,
+                    Some("xdp") => Variant::Xdp,
+                    _ => bail!("--variant plain|xdp"),
+                }
+            }
             other => {
-                bail!("unknown argument {other} (usage: lb-demo [--manifests PATH] [--requests N])")
+                bail!("unknown argument {other} (usage: lb-demo [--manifests PATH] [--requests N] [--variant plain|xdp])")
             }
         }
     }
@@ -34,8 +44,11 @@ fn run() -> Result<()> {
         bail!("the demo needs root with BPF (run `cargo xtask setup`)");
     }
     let agent = bin_path("lb-agent")?;
-    println!("building the lab (2 nodes, 4 pods, 1 external client)...");
-    let lab = Lab::new()?;
+    println!(
+        "building the lab (2 nodes, 4 pods, 1 external client; {} variant)...",
+        variant.name()
+    );
+    let lab = Lab::new_variant(variant)?;
     let path = lab.tmpdir().join("manifests.yaml");
     match &manifests {
         Some(p) => std::fs::copy(p, &path)
@@ -47,7 +60,15 @@ fn run() -> Result<()> {
     for node in ["node1", "node2"] {
         let mut a = lab.spawn_agent(node, &agent, &path, &[])?;
         a.wait_for_log("sync generation 1:", Duration::from_secs(30))?;
-        println!("agent on {node}: programmed");
+        let hook = a
+            .log()
+            .lines()
+            .find_map(|l| {
+                l.split_once("north-south hook ")
+                    .map(|(_, rest)| rest.split_whitespace().next().unwrap_or("").to_string())
+            })
+            .unwrap_or_else(|| "?".into());
+        println!("agent on {node}: programmed (north-south hook on eth0: {hook})");
         agents.push(a);
     }
     let plan = Command::new(&agent)

@@ -50,6 +50,39 @@ pub const CLUSTER_POD_CIDR: &str = "10.244.0.0/16";
 /// The device the agents attach to on each node (its fabric interface).
 pub const NODE_DEVICE: &str = "eth0";
 
+/// The two shapes of the lab (shared/LAB.md); tests that depend on the datapath's forwarding
+/// run on both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// The topology as written: nothing runs on the fabric side of the nodes' `eth0` veths (as
+    /// on kind, k3d or any node that is a container), so XDP_TX out of `eth0` would be dropped;
+    /// the agent's `--north-south auto` picks tc ingress there.
+    Plain,
+    /// An XDP_PASS program on the fabric side of each node's `eth0`, so XDP_TX delivers (as a
+    /// NIC driver with native XDP does); `--north-south auto` picks XDP.
+    Xdp,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 2] = [Variant::Plain, Variant::Xdp];
+
+    /// `plain` or `xdp` (the suffix of the tests' names).
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Plain => "plain",
+            Variant::Xdp => "xdp",
+        }
+    }
+
+    /// The north-south hook the agents choose on the nodes' `eth0` with default flags.
+    pub fn expected_hook(self) -> &'static str {
+        match self {
+            Variant::Plain => "tc",
+            Variant::Xdp => "xdp",
+        }
+    }
+}
+
 /// A node of the lab.
 #[derive(Debug, Clone)]
 pub struct Node {
@@ -119,6 +152,8 @@ pub fn bin_path(name: &str) -> Result<PathBuf> {
 
 /// The running lab. See the module documentation.
 pub struct Lab {
+    /// Plain or XDP (what runs on the fabric side of the nodes' `eth0`).
+    pub variant: Variant,
     /// Unique name prefix (`lb<pid>x<n>`): every namespace, cgroup and bpffs directory name
     /// starts with `<prefix>-`. Changing these fields does not change what cleanup removes.
     pub prefix: String,
@@ -132,7 +167,8 @@ pub struct Lab {
     created_cgroups: Vec<PathBuf>,
     created_bpffs: Vec<PathBuf>,
     echo: Vec<ManagedProcess>,
-    /// XDP_PASS programs on the nodes' fabric ports, attached while these are open.
+    /// XDP_PASS programs on the nodes' fabric ports (XDP variant), attached while these are
+    /// open.
     xdp_links: Vec<std::os::fd::OwnedFd>,
     agents: Mutex<Vec<AgentRecord>>,
     seq: AtomicU32,

@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use super::{bin_path, Lab, Node, Pod, CLIENT_ADDR, ECHO_PORTS};
+use super::{bin_path, Lab, Node, Pod, Variant, CLIENT_ADDR, ECHO_PORTS};
 use crate::netns::{self, ip, ManagedProcess};
 
 /// How long [`Lab::new`] waits for an echo server to say `ready`.
@@ -57,8 +57,14 @@ const POD_SPECS: [(&str, &str, Ipv4Addr); 4] = [
 static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 impl Lab {
-    /// Builds the whole topology, starts every pod's echo server and waits until they listen.
+    /// The XDP variant ([`Variant::Xdp`]) of the lab, see [`Lab::new_variant`].
     pub fn new() -> Result<Lab> {
+        Lab::new_variant(Variant::Xdp)
+    }
+
+    /// Builds the whole topology of `variant`, starts every pod's echo server and waits until
+    /// they listen.
+    pub fn new_variant(variant: Variant) -> Result<Lab> {
         let echo_bin = bin_path("lab-echo")?;
         let cgroup_root = netns::mount_point("cgroup2")
             .context("no cgroup2 filesystem is mounted (see /proc/mounts)")?;
@@ -107,6 +113,7 @@ impl Lab {
             .collect();
 
         let mut lab = Lab {
+            variant,
             client_netns: format!("{prefix}-client"),
             prefix,
             tmp,
@@ -220,11 +227,14 @@ impl Lab {
                 )?;
             }
         }
-        // A node's XDP_TX out of eth0 lands on its fabric port, which only drains XDP frames
-        // promptly when it has an XDP program itself (see crate::xdp).
-        for node in &nodes {
-            self.xdp_links
-                .push(crate::xdp::attach_pass(&fabric, &node.name)?);
+        // XDP variant: a node's XDP_TX out of eth0 lands on its fabric port, which only drains
+        // XDP frames promptly when it has an XDP program itself (see crate::xdp), as a NIC with
+        // native XDP would. The plain variant leaves the fabric side bare (kind, k3d).
+        if self.variant == Variant::Xdp {
+            for node in &nodes {
+                self.xdp_links
+                    .push(crate::xdp::attach_pass(&fabric, &node.name)?);
+            }
         }
         // A client that accepted ICMP redirects would bypass the node a test routes it through.
         sysctl(
