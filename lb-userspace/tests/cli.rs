@@ -96,6 +96,34 @@ fn proc_that_is_not_procfs_is_named() {
 }
 
 #[test]
+fn device_none_with_other_devices_is_one_line() {
+    let Some(cg) = cgroup2() else {
+        panic!("no cgroup2 mount on this machine")
+    };
+    let (code, _, err) = agent(&[
+        "run",
+        "--node",
+        "n",
+        "--manifests",
+        &examples(),
+        "--cgroup",
+        &cg,
+        "--bpffs",
+        "/sys/fs/bpf/lbcli-x",
+        "--device",
+        "none",
+        "--device",
+        "lo",
+    ]);
+    assert_eq!(code, 2);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--device none: given with other devices"),
+        "{err}"
+    );
+}
+
+#[test]
 fn missing_interface_is_named() {
     let Some(cg) = cgroup2() else {
         panic!("no cgroup2 mount on this machine")

@@ -4,6 +4,61 @@
 //! for the DaemonSet).
 use std::{collections::BTreeSet, ffi::CStr, fs, io, net::Ipv4Addr};
 
+use super::config::RunConfig;
+
+/// `--device auto`: detect the devices (also what no `--device` means).
+pub const AUTO: &str = "auto";
+/// `--device none`: no north-south device (socket-level translation only).
+pub const NONE: &str = "none";
+
+/// Whether `--device` values ask for detection: `auto`, or no `--device` at all.
+pub fn wants_auto(devices: &[String]) -> bool {
+    devices.is_empty() || devices.iter().any(|d| d == AUTO)
+}
+
+/// `cfg` with its devices resolved: `none` means none; `auto` (or no `--device`) the detected
+/// devices, with the named ones also given kept; the list as given otherwise. Logs what auto
+/// found and why.
+pub fn resolve(cfg: &RunConfig, node_addrs: &[Ipv4Addr]) -> RunConfig {
+    let mut out = cfg.clone();
+    if cfg.devices.iter().any(|d| d == NONE) {
+        out.devices.clear();
+        log::info!("--device none: no north-south device; socket-level translation only");
+        return out;
+    }
+    if !wants_auto(&cfg.devices) {
+        return out;
+    }
+    let mut named: Vec<String> = cfg.devices.iter().filter(|d| *d != AUTO).cloned().collect();
+    match detect(node_addrs) {
+        Ok(found) if found.is_empty() && named.is_empty() => log::warn!(
+            "--device auto: no device carries the node's addresses {node_addrs:?} or a default \
+             route; north-south translation is off (name devices with --device)"
+        ),
+        Ok(found) => {
+            let why: Vec<String> = found
+                .iter()
+                .map(|(d, r)| match r {
+                    Reason::NodeAddress(a) => format!("{d} (carries the node address {a})"),
+                    Reason::DefaultRoute => format!("{d} (a default route)"),
+                })
+                .collect();
+            log::info!("--device auto: {}", why.join(", "));
+            for d in names(&found) {
+                if !named.contains(&d) {
+                    named.push(d);
+                }
+            }
+        }
+        Err(e) => log::warn!(
+            "--device auto: cannot read this namespace's devices ({e}); north-south \
+             translation is off (name devices with --device)"
+        ),
+    }
+    out.devices = named;
+    out
+}
+
 /// Why a device was chosen.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Reason {

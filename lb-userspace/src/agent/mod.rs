@@ -212,6 +212,9 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                     Err(_) => ops.sync_failed(),
                 }
                 if synced.is_ok() && !attached {
+                    // `--device auto` (or no --device): resolved once, now that the node's
+                    // addresses are known.
+                    let cfg = &devices::resolve(cfg, &p.node.addresses);
                     let hooks = choose_hooks(&mut ebpf, cfg);
                     attach_all(&mut ebpf, cfg, &syncer, &old_versions, &hooks)?;
                     ops.device_hooks(hooks.iter().map(|(d, c)| (d.as_str(), c.hook)));

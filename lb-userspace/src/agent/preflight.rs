@@ -104,7 +104,16 @@ pub fn preflight(cfg: &RunConfig) -> Result<()> {
             )))
         }
     }
-    for dev in &cfg.devices {
+    if cfg.devices.iter().any(|d| d == super::devices::NONE) && cfg.devices.len() > 1 {
+        return Err(usage(
+            "--device none: given with other devices (none means no north-south device)",
+        ));
+    }
+    for dev in cfg
+        .devices
+        .iter()
+        .filter(|d| *d != super::devices::AUTO && *d != super::devices::NONE)
+    {
         let c = CString::new(dev.as_str())
             .map_err(|_| usage(format!("--device {dev:?}: invalid name")))?;
         // SAFETY: plain libc call on a valid C string.

@@ -56,7 +56,9 @@ enum Command {
         /// Directory on a bpf filesystem for this agent's pinned maps and links.
         #[arg(long)]
         bpffs: PathBuf,
-        /// Network device to attach the north-south programs to (repeatable).
+        /// Network device to attach the north-south programs to (repeatable). `auto` (also
+        /// what no --device means): the devices that carry the node's InternalIP and those of
+        /// IPv4 default routes; `none`: no device (socket-level translation only).
         #[arg(long = "device")]
         devices: Vec<String>,
         /// North-south hook per --device: xdp, tc (tc ingress, TCX) or auto (XDP only where

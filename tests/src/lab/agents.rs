@@ -41,7 +41,12 @@ impl Lab {
             .arg(&n.cgroup)
             .arg("--bpffs")
             .arg(&n.bpffs)
-            .args(["--device", NODE_DEVICE])
+            // `--device eth0` unless the caller names devices itself (`--device auto`, ...).
+            .args(if extra_args.contains(&"--device") {
+                &[][..]
+            } else {
+                &["--device", NODE_DEVICE][..]
+            })
             .args(extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("log file")?)
