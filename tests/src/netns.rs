@@ -47,6 +47,35 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
     run_command(Command::new(program).args(args))
 }
 
+/// A network namespace a kernel test creates for itself (`ip netns add`, loopback up), deleted
+/// when dropped. Its file is `/run/netns/NAME`.
+pub struct ScratchNetns {
+    pub name: String,
+}
+
+impl ScratchNetns {
+    /// `prefix` + this process's id (unique among concurrent test binaries).
+    pub fn new(prefix: &str) -> Result<Self> {
+        let name = format!("{prefix}{}", std::process::id());
+        run("ip", &["netns", "add", &name])?;
+        let ns = Self { name };
+        ip(&ns.name, &["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        Path::new(NETNS_RUN_DIR).join(&self.name)
+    }
+}
+
+impl Drop for ScratchNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
 /// `ip -n NS ARGS...`
 pub fn ip(ns: &str, args: &[&str]) -> Result<String> {
     let mut cmd = Command::new("ip");

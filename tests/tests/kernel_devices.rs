@@ -1,30 +1,21 @@
 //! `--device auto` on a real network namespace (created by the test): the devices that carry
 //! the node's address and those of IPv4 default routes, nothing else (loopback, a device with
 //! another address, a device with no route).
-use std::{net::Ipv4Addr, os::fd::AsRawFd, process::Command};
+use std::{net::Ipv4Addr, os::fd::AsRawFd};
 
+use lb_tests::netns::{self, ScratchNetns};
 use lb_userspace::agent::devices::{self, Reason};
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(out.status.success(), "ip {args:?}: {out:?}");
-}
-
-struct Netns(String);
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 #[test]
 fn device_auto_finds_the_node_address_and_default_route_devices() {
     let Some(()) = lb_tests::require_privileges() else {
         return;
     };
-    let ns = Netns(format!("lbdev{}", std::process::id()));
-    ip(&["netns", "add", &ns.0]);
-    let n = ns.0.as_str();
+    let ns = ScratchNetns::new("lbdev").unwrap();
+    let n = ns.name.as_str();
+    let ip = |args: &[&str]| {
+        netns::ip(n, args).unwrap();
+    };
     for (dev, addr) in [
         ("uplink0", "192.168.50.2/24"),
         ("uplink1", "10.20.0.2/24"),
@@ -32,17 +23,12 @@ fn device_auto_finds_the_node_address_and_default_route_devices() {
     ] {
         // veth pairs (no dummy driver everywhere); the peers have no address and no route.
         let peer = format!("{dev}p");
-        ip(&[
-            "-n", n, "link", "add", dev, "type", "veth", "peer", "name", &peer,
-        ]);
-        ip(&["-n", n, "link", "set", &peer, "up"]);
-        ip(&["-n", n, "addr", "add", addr, "dev", dev]);
-        ip(&["-n", n, "link", "set", dev, "up"]);
+        ip(&["link", "add", dev, "type", "veth", "peer", "name", &peer]);
+        ip(&["link", "set", &peer, "up"]);
+        ip(&["addr", "add", addr, "dev", dev]);
+        ip(&["link", "set", dev, "up"]);
     }
-    ip(&["-n", n, "link", "set", "lo", "up"]);
     ip(&[
-        "-n",
-        n,
         "route",
         "add",
         "default",
@@ -51,7 +37,7 @@ fn device_auto_finds_the_node_address_and_default_route_devices() {
         "dev",
         "uplink1",
     ]);
-    let path = format!("/run/netns/{n}");
+    let path = ns.path();
     let found = std::thread::spawn(move || {
         let f = std::fs::File::open(path).unwrap();
         // SAFETY: setns with a valid namespace fd moves this thread only.

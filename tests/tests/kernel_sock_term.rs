@@ -8,11 +8,11 @@ use std::{
     net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd,
     path::Path,
-    process::Command,
     time::Duration,
 };
 
 use lb_common::proto;
+use lb_tests::netns::ScratchNetns;
 use lb_userspace::dataplane::sock_term::{self, SockTerminator, Target};
 
 fn cookie(fd: &impl AsRawFd) -> u64 {
@@ -138,26 +138,11 @@ fn sock_destroy_terminates_listed_sockets_connected_to_their_backend() {
     assert_eq!((again.terminated, again.gone), (0, 1), "{again:?}");
 }
 
-/// Runs `ip args...`, panicking with its output on failure.
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(out.status.success(), "ip {args:?}: {out:?}");
-}
-
-struct Netns(String);
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 #[test]
 fn sock_destroy_reaches_sockets_of_other_namespaces() {
     let term = SockTerminator::new().expect("socket termination needs Linux >= 6.5 with BTF");
-    let ns = Netns(format!("lbst{}", std::process::id()));
-    ip(&["netns", "add", &ns.0]);
-    ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
-    let path = Path::new("/run/netns").join(&ns.0);
+    let ns = ScratchNetns::new("lbst").unwrap();
+    let path = ns.path();
 
     // A socket pair made by a thread that entered the namespace (sockets belong to the
     // namespace of the thread that creates them).

@@ -9,6 +9,17 @@ const ECHO: &str = "10.96.0.10:80";
 
 use lb_tests::scenario::{example_manifests as examples, start_example as setup};
 
+/// The example manifests without the endpoint at `addr` (both ports of its slice).
+fn without_endpoint(addr: &str) -> String {
+    let without: String = examples()
+        .lines()
+        .filter(|l| !l.contains(&format!("addresses: [{addr}]")) || l.contains("legacy"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_ne!(without, examples());
+    without
+}
+
 fn by_backend(ex: &[Exchange]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for e in ex {
@@ -135,12 +146,7 @@ fn lab_clusterip_backend_removal_keeps_established_connection() {
     let addr = s.lab.pod(&pinned).addr.to_string();
 
     // Remove the held connection's backend from the Service (both ports of the slice).
-    let without: String = examples()
-        .lines()
-        .filter(|l| !l.contains(&format!("addresses: [{addr}]")) || l.contains("legacy"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    assert_ne!(without, examples());
+    let without = without_endpoint(&addr);
     s.apply(&without, 2);
 
     // New connections and datagrams never reach the removed backend.
@@ -182,11 +188,7 @@ fn lab_clusterip_connected_udp_socket_to_a_removed_backend_is_terminated() {
         assert_eq!(e.backend.as_deref(), Some(pinned.as_str()), "{e:?}");
     }
     let addr = s.lab.pod(&pinned).addr.to_string();
-    let without: String = examples()
-        .lines()
-        .filter(|l| !l.contains(&format!("addresses: [{addr}]")) || l.contains("legacy"))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let without = without_endpoint(&addr);
     s.apply(&without, 2);
     let removed = std::time::Instant::now();
 
@@ -231,11 +233,7 @@ fn lab_clusterip_tcp_connection_to_a_removed_backend_is_terminated_on_request() 
     assert!(first.ok, "{first:?}");
     let pinned = first.backend.clone().unwrap();
     let addr = s.lab.pod(&pinned).addr.to_string();
-    let without: String = examples()
-        .lines()
-        .filter(|l| !l.contains(&format!("addresses: [{addr}]")) || l.contains("legacy"))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let without = without_endpoint(&addr);
     s.apply(&without, 2);
     let removed = std::time::Instant::now();
     let failed = loop {

@@ -87,54 +87,53 @@ fn pin_replacing(link: FdLink, pin: &Path) -> Result<()> {
 /// Attaches the tc egress program (reverse translation of local backends' replies) to `device`
 /// through a TCX link.
 pub fn attach_tc_egress(ebpf: &mut aya::Ebpf, device: &str, bpffs: &Path) -> Result<()> {
-    let p: &mut SchedClassifier = ebpf
-        .program_mut(program_name::TC_EGRESS)
-        .ok_or_else(|| {
-            anyhow!(
-                "program {} missing from the object",
-                program_name::TC_EGRESS
-            )
-        })?
-        .try_into()?;
-    if p.fd().is_err() {
-        p.load()
-            .context("loading the tc egress program (verifier)")?;
-    }
-    let id = p
-        .attach(device, TcAttachType::Egress)
-        .with_context(|| format!("attaching tc egress to {device}"))?;
-    let link: FdLink = p
-        .take_link(id)?
-        .try_into()
-        .map_err(|_| anyhow!("tc on {device} is not a TCX link (kernel older than 6.6)"))?;
-    pin_replacing(link, &bpffs.join("links").join(tc_egress_pin(device)))
+    attach_tcx(
+        ebpf,
+        program_name::TC_EGRESS,
+        TcAttachType::Egress,
+        device,
+        &bpffs.join("links").join(tc_egress_pin(device)),
+    )
 }
 
 /// Attaches the tc ingress program (north-south translation where XDP cannot deliver) to
 /// `device` through a TCX link pinned as `links/tc_ingress_<device>`, replacing a link pinned
 /// there by an earlier agent only once the new one is attached.
 pub fn attach_tc_ingress(ebpf: &mut aya::Ebpf, device: &str, bpffs: &Path) -> Result<()> {
+    attach_tcx(
+        ebpf,
+        program_name::TC_INGRESS,
+        TcAttachType::Ingress,
+        device,
+        &bpffs.join("links").join(tc_ingress_pin(device)),
+    )
+}
+
+/// Attaches the tc program `name` to `device` (`kind`: ingress or egress) through a TCX link,
+/// pinned at `pin` once attached (replacing an earlier agent's link there).
+fn attach_tcx(
+    ebpf: &mut aya::Ebpf,
+    name: &str,
+    kind: TcAttachType,
+    device: &str,
+    pin: &Path,
+) -> Result<()> {
     let p: &mut SchedClassifier = ebpf
-        .program_mut(program_name::TC_INGRESS)
-        .ok_or_else(|| {
-            anyhow!(
-                "program {} missing from the object",
-                program_name::TC_INGRESS
-            )
-        })?
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the object"))?
         .try_into()?;
     if p.fd().is_err() {
         p.load()
-            .context("loading the tc ingress program (verifier)")?;
+            .with_context(|| format!("loading {name} (verifier)"))?;
     }
     let id = p
-        .attach(device, TcAttachType::Ingress)
-        .with_context(|| format!("attaching tc ingress to {device}"))?;
+        .attach(device, kind)
+        .with_context(|| format!("attaching {name} to {device} ({kind:?})"))?;
     let link: FdLink = p
         .take_link(id)?
         .try_into()
         .map_err(|_| anyhow!("tc on {device} is not a TCX link (kernel older than 6.6)"))?;
-    pin_replacing(link, &bpffs.join("links").join(tc_ingress_pin(device)))
+    pin_replacing(link, pin)
 }
 
 /// Whether a native (driver-mode) XDP attach works on `device`: attaches the XDP program in
