@@ -187,31 +187,15 @@ fn lab_clusterip_connected_udp_socket_to_a_removed_backend_is_terminated() {
         assert!(e.ok, "{e:?}");
         assert_eq!(e.backend.as_deref(), Some(pinned.as_str()), "{e:?}");
     }
-    let addr = s.lab.pod(&pinned).addr.to_string();
-    let without = without_endpoint(&addr);
-    s.apply(&without, 2);
-    let removed = std::time::Instant::now();
-
     // Within 3 s the socket fails: ECONNABORTED (os error 103) when the abort is read, or no
     // destination any more (EDESTADDRREQ, os error 89) when it was idle.
-    let failed = loop {
-        let e = held.exchange().unwrap();
-        if !e.ok {
-            break e;
-        }
-        assert_eq!(e.backend.as_deref(), Some(pinned.as_str()), "{e:?}");
-        assert!(
-            removed.elapsed() < std::time::Duration::from_secs(3),
-            "the socket still talks to removed backend {pinned} after 3 s"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+    let (failed, after) = remove_and_wait_for_failure(&mut s, &mut held, &pinned);
     let err = failed.error.clone().unwrap_or_default();
     assert!(
         err.contains("os error 103") || err.contains("os error 89"),
         "{failed:?}"
     );
-    eprintln!("terminated {:?} after removal: {err}", removed.elapsed());
+    eprintln!("terminated {after:?} after removal: {err}");
     // The application connects again and lands on a live backend.
     let again = held.exchange().unwrap();
     assert!(again.ok, "{again:?}");
@@ -219,6 +203,31 @@ fn lab_clusterip_connected_udp_socket_to_a_removed_backend_is_terminated() {
     s.agents[0]
         .wait_for_log("1 terminated", std::time::Duration::from_secs(5))
         .unwrap();
+}
+
+/// Removes `pinned`'s endpoint from the Service, then exchanges on `held` every 100 ms until
+/// one fails; every exchange before that still reaches `pinned`, and the failure comes within
+/// 3 s. Returns the failed exchange and when it came after the removal.
+fn remove_and_wait_for_failure(
+    s: &mut lb_tests::scenario::Running,
+    held: &mut lb_tests::HeldConnection,
+    pinned: &str,
+) -> (Exchange, std::time::Duration) {
+    let addr = s.lab.pod(pinned).addr.to_string();
+    s.apply(&without_endpoint(&addr), 2);
+    let removed = std::time::Instant::now();
+    loop {
+        let e = held.exchange().unwrap();
+        if !e.ok {
+            return (e, removed.elapsed());
+        }
+        assert_eq!(e.backend.as_deref(), Some(pinned), "{e:?}");
+        assert!(
+            removed.elapsed() < std::time::Duration::from_secs(3),
+            "the socket still talks to removed backend {pinned} after 3 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// With `--terminate-tcp-sockets`, an established TCP connection to a backend that left the
@@ -232,21 +241,7 @@ fn lab_clusterip_tcp_connection_to_a_removed_backend_is_terminated_on_request() 
     let first = held.first.clone().unwrap();
     assert!(first.ok, "{first:?}");
     let pinned = first.backend.clone().unwrap();
-    let addr = s.lab.pod(&pinned).addr.to_string();
-    let without = without_endpoint(&addr);
-    s.apply(&without, 2);
-    let removed = std::time::Instant::now();
-    let failed = loop {
-        let e = held.exchange().unwrap();
-        if !e.ok {
-            break e;
-        }
-        assert!(
-            removed.elapsed() < std::time::Duration::from_secs(3),
-            "the connection still talks to removed backend {pinned} after 3 s"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+    let (failed, _) = remove_and_wait_for_failure(&mut s, &mut held, &pinned);
     // ECONNABORTED (os error 103) where the abort is read.
     let err = failed.error.clone().unwrap_or_default();
     assert!(err.contains("os error 103"), "{failed:?}");
