@@ -390,3 +390,44 @@ fn wrong_north_south_value_is_one_error_line() {
         assert!(!err.contains("--north-south"), "{v}: {err}");
     }
 }
+
+/// `lb-agent uninstall` removes what an agent pins (its links by name, this project's maps) and
+/// leaves everything else in the directory: another tool's pins, and so the directory.
+#[test]
+fn uninstall_removes_only_what_the_agent_pins() {
+    use std::os::fd::AsFd;
+
+    use lb_userspace::dataplane::bpf_sys;
+    let bpffs = lb_userspace::agent::preflight::mount_point("bpf")
+        .expect("a bpf filesystem is mounted (cargo xtask setup mounts /sys/fs/bpf)");
+    let dir = bpffs.join(format!("lbcli-uninstall-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("links")).unwrap();
+    let map = bpf_sys::create_map(bpf_sys::MAP_TYPE_HASH, 4, 4, 1, "lbcli").unwrap();
+    let ours = [
+        "lb_backend_v1",
+        "lb_svc_v2",
+        "links/connect4",
+        "links/tc_ingress_eth0",
+    ];
+    let theirs = ["other_tool_map", "links/other_tool_link", "links/xdp_"];
+    for p in ours.iter().chain(&theirs) {
+        bpf_sys::pin(map.as_fd(), &dir.join(p)).unwrap();
+    }
+    let (code, out, err) = agent(&["uninstall", "--bpffs", dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    for p in ours {
+        assert!(!dir.join(p).exists(), "{p} stays: {out}");
+        assert!(
+            out.contains(&format!("removed {}", dir.join(p).display())),
+            "{out}"
+        );
+    }
+    for p in theirs {
+        assert!(dir.join(p).exists(), "{p} was removed: {out}");
+    }
+    for p in theirs {
+        std::fs::remove_file(dir.join(p)).unwrap();
+    }
+    std::fs::remove_dir(dir.join("links")).unwrap();
+    std::fs::remove_dir(&dir).unwrap();
+}

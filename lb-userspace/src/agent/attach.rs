@@ -20,7 +20,7 @@ use super::{
 };
 use crate::{
     dataplane::{
-        links::{tc_egress_pin, tc_ingress_pin, xdp_pin},
+        links::{is_ours, tc_egress_pin, tc_ingress_pin, xdp_pin, CGROUP_LINKS},
         migrate,
         pinned::{other_versions, AyaDataplane, OtherVersion},
         sync::Syncer,
@@ -40,10 +40,10 @@ pub fn load(bpffs: &Path) -> Result<aya::Ebpf> {
 }
 
 const CGROUP_HOOKS: [(&str, &str); 4] = [
-    (program_name::CONNECT4, "connect4"),
-    (program_name::SENDMSG4, "sendmsg4"),
-    (program_name::RECVMSG4, "recvmsg4"),
-    (program_name::GETPEERNAME4, "getpeername4"),
+    (program_name::CONNECT4, CGROUP_LINKS[0]),
+    (program_name::SENDMSG4, CGROUP_LINKS[1]),
+    (program_name::RECVMSG4, CGROUP_LINKS[2]),
+    (program_name::GETPEERNAME4, CGROUP_LINKS[3]),
 ];
 
 /// Attaches the socket-level programs to `cgroup` and pins their links. A link pinned by an
@@ -326,8 +326,10 @@ pub(super) fn attach_all(
     Ok(())
 }
 
-/// `lb-agent uninstall`: removes every link (detaching the programs: cgroup hooks, XDP and tc
-/// ingress links of either kind, tc egress) and map pinned under `bpffs`.
+/// `lb-agent uninstall`: removes every link an agent pins under `bpffs` (detaching the programs:
+/// cgroup hooks, XDP and tc ingress links of either kind, tc egress) and every map of ours (the
+/// names of `lb_common::map_name`, at this layout version or another). Other pins in the
+/// directory stay, and so does the directory when they do.
 pub fn uninstall(bpffs: &Path) -> Result<Vec<PathBuf>> {
     if !bpffs.exists() {
         bail!(UsageError(format!(
@@ -338,12 +340,19 @@ pub fn uninstall(bpffs: &Path) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     let links = bpffs.join("links");
     if links.is_dir() {
+        // Only the links an agent pins (names it knows); anything else stays, with the
+        // directory.
         for e in fs::read_dir(&links)? {
-            let p = e?.path();
+            let e = e?;
+            let name = e.file_name();
+            if !name.to_str().is_some_and(is_ours) {
+                continue;
+            }
+            let p = e.path();
             fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
             removed.push(p);
         }
-        fs::remove_dir(&links)?;
+        let _ = fs::remove_dir(&links);
     }
     let others = other_versions(bpffs).into_iter().map(|o| o.path);
     for p in lb_common::map_name::ALL

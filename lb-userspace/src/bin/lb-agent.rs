@@ -103,7 +103,8 @@ enum Command {
         #[arg(long)]
         node: String,
     },
-    /// Detach every program and remove every map and link pinned under --bpffs.
+    /// Detach the programs: remove the links and maps this project pins under --bpffs (other
+    /// pins there stay).
     Uninstall {
         #[arg(long)]
         bpffs: PathBuf,

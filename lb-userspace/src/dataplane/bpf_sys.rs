@@ -13,6 +13,7 @@ const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 const BPF_PROG_LOAD: libc::c_long = 5;
@@ -85,6 +86,16 @@ pub fn create_map(
     let fd = bpf(BPF_MAP_CREATE, &mut a)?;
     // SAFETY: the kernel returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins the object `fd` (a map, program or link) at `path` on a bpf filesystem.
+pub fn pin(fd: BorrowedFd<'_>, path: &std::path::Path) -> io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::other("a path with a NUL byte"))?;
+    let mut a = Attr::new();
+    a.u64_at(0, c.as_ptr() as u64)
+        .u32_at(8, fd.as_raw_fd() as u32);
+    bpf(BPF_OBJ_PIN, &mut a).map(|_| ())
 }
 
 /// A duplicate of the fd of the hash map `name` of a loaded object (the object keeps its own).

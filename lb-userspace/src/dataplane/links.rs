@@ -65,6 +65,20 @@ pub fn tc_egress_pin(device: &str) -> String {
     format!("{TC_EGRESS_PREFIX}{device}")
 }
 
+/// Pin names of the cgroup socket-hook links.
+pub const CGROUP_LINKS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
+
+/// Whether a pin under `links/` is one an agent makes: a cgroup hook, a device's XDP, tc
+/// ingress or tc egress link, or one of those with [`NEW_SUFFIX`] (pinned a moment before it
+/// replaced the old one). `lb-agent uninstall` removes only these.
+pub fn is_ours(name: &str) -> bool {
+    let base = name.strip_suffix(NEW_SUFFIX).unwrap_or(name);
+    CGROUP_LINKS.contains(&base)
+        || [XDP_PREFIX, TC_INGRESS_PREFIX, TC_EGRESS_PREFIX]
+            .iter()
+            .any(|p| base.strip_prefix(p).is_some_and(|dev| !dev.is_empty()))
+}
+
 /// The device and hook a link pin name stands for (`xdp_eth0` → (eth0, xdp),
 /// `tc_ingress_eth0` → (eth0, tc)); `None` for other links (cgroup hooks, tc egress).
 pub fn parse_hook_pin(name: &str) -> Option<(&str, Hook)> {
