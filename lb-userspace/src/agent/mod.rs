@@ -57,6 +57,8 @@ use preflight::preflight;
 /// `lb-agent run`.
 pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     preflight(cfg)?;
+    // Held until the agent exits (the kernel releases it then, even on SIGKILL).
+    let _one_agent = preflight::lock_pin_dir(&cfg.bpffs)?;
     let mut source: Box<dyn Source> = match (&cfg.manifests, &cfg.kubeconfig) {
         (Some(m), _) => Box::new(ManifestsSource::new(m)),
         (None, Some(k)) => Box::new(

@@ -4,6 +4,7 @@
 use std::{
     ffi::CString,
     fs,
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
 
@@ -124,6 +125,28 @@ pub fn preflight(cfg: &RunConfig) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One agent per pin directory: creates `bpffs` if needed and takes an exclusive lock on it
+/// (`flock`), held by the returned fd. A second agent on the same directory gets one line and
+/// exit code 2 before it touches anything; the first keeps serving.
+pub fn lock_pin_dir(bpffs: &Path) -> Result<fs::File> {
+    fs::create_dir_all(bpffs).map_err(|e| usage(format!("--bpffs {}: {e}", bpffs.display())))?;
+    let dir =
+        fs::File::open(bpffs).map_err(|e| usage(format!("--bpffs {}: {e}", bpffs.display())))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(usage(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            format!(
+                "--bpffs {}: another lb-agent is running on this pin directory (one agent per directory: stop it, or give this one its own --bpffs)",
+                bpffs.display()
+            )
+        } else {
+            format!("--bpffs {}: cannot lock it: {e}", bpffs.display())
+        }));
+    }
+    Ok(dir)
 }
 
 /// The node's ephemeral ports (of this network namespace; the agent runs in the host's).
