@@ -65,18 +65,90 @@ impl fmt::Display for SourceError {
 
 impl std::error::Error for SourceError {}
 
-/// Reads manifests from a file or a directory, re-reading them when their content changes.
+/// What a poll sees of a manifest file without reading it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Stamp {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+/// Reads manifests from a file or a directory. Files are looked at (stat) on every poll and
+/// read only when that changed: a file is applied once it holds still for one poll (unchanged
+/// across two polls) or at once when it was replaced by rename (a new file under the same
+/// name, as `mv`, kubectl and editors that save atomically do); a set of files that failed to
+/// parse is not read again until one of them changes.
 pub struct ManifestsSource {
     path: PathBuf,
+    /// Wait for a change to hold still for one poll (off for one-shot reads).
+    settle: bool,
+    /// The stamps last read (applied, or failed to parse).
+    read: Option<Vec<Stamp>>,
+    /// Stamps seen changed by the previous poll, not read yet.
+    pending: Option<Vec<Stamp>>,
+    /// Whether `read` can stand for the contents (no file changed in the last seconds).
+    trusted: bool,
     last: Option<Vec<(PathBuf, Vec<u8>)>>,
+    /// Contents that failed to parse (reported once).
+    failed: Option<Vec<(PathBuf, Vec<u8>)>>,
 }
 
 impl ManifestsSource {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
+            settle: true,
+            read: None,
+            pending: None,
+            trusted: false,
             last: None,
+            failed: None,
         }
+    }
+
+    /// A source that reads what is there at once (`lb-agent render`, tests).
+    pub fn immediate(path: impl Into<PathBuf>) -> Self {
+        Self {
+            settle: false,
+            ..Self::new(path)
+        }
+    }
+
+    fn stamps(&self) -> Result<Vec<Stamp>, SourceError> {
+        use std::os::unix::fs::MetadataExt;
+        self.files()?
+            .into_iter()
+            .map(|path| {
+                let m = std::fs::metadata(&path).map_err(|error| SourceError::Io {
+                    path: path.clone(),
+                    error,
+                })?;
+                Ok(Stamp {
+                    dev: m.dev(),
+                    ino: m.ino(),
+                    len: m.size(),
+                    mtime: (m.mtime(), m.mtime_nsec()),
+                    ctime: (m.ctime(), m.ctime_nsec()),
+                    path,
+                })
+            })
+            .collect()
+    }
+
+    /// Whether every file that changed since the last read is a new file under a name read
+    /// before (replaced by rename), and none appeared or went away.
+    fn replaced_by_rename(&self, now: &[Stamp]) -> bool {
+        let Some(before) = &self.read else {
+            return false;
+        };
+        before.len() == now.len()
+            && before
+                .iter()
+                .zip(now)
+                .all(|(b, n)| b.path == n.path && (b == n || b.ino != n.ino))
     }
 
     fn files(&self) -> Result<Vec<PathBuf>, SourceError> {
@@ -106,6 +178,32 @@ impl ManifestsSource {
 
 impl Source for ManifestsSource {
     fn poll(&mut self) -> Result<Option<Objects>, SourceError> {
+        let stamps = self.stamps()?;
+        let unchanged = self.read.as_ref() == Some(&stamps);
+        if unchanged && self.trusted {
+            self.pending = None;
+            return Ok(None);
+        }
+        if !unchanged
+            && self.settle
+            && !self.replaced_by_rename(&stamps)
+            && self.pending.as_ref() != Some(&stamps)
+        {
+            // Changed since the last poll: it may be half written.
+            self.pending = Some(stamps);
+            return Ok(None);
+        }
+        self.pending = None;
+        // File times have a coarse clock: a write in the same tick as the last read, of the
+        // same length, leaves the stamp as it was. Stamps of files modified in the last
+        // seconds are therefore checked against the contents until they are older.
+        let recent = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(i64::MAX, |d| d.as_secs() as i64 - 2);
+        self.trusted = stamps
+            .iter()
+            .all(|s| s.mtime.0 < recent && s.ctime.0 < recent);
+        self.read = Some(stamps);
         let mut contents = Vec::new();
         for f in self.files()? {
             let bytes = std::fs::read(&f).map_err(|error| SourceError::Io {
@@ -114,14 +212,18 @@ impl Source for ManifestsSource {
             })?;
             contents.push((f, bytes));
         }
-        if self.last.as_ref() == Some(&contents) {
+        if self.last.as_ref() == Some(&contents) || self.failed.as_ref() == Some(&contents) {
             return Ok(None);
         }
         let mut objects = Objects::default();
         for (path, bytes) in &contents {
             let text = String::from_utf8_lossy(bytes);
-            parse_into(path, &text, &mut objects)?;
+            if let Err(e) = parse_into(path, &text, &mut objects) {
+                self.failed = Some(contents);
+                return Err(e);
+            }
         }
+        self.failed = None;
         self.last = Some(contents);
         Ok(Some(objects))
     }
@@ -129,7 +231,7 @@ impl Source for ManifestsSource {
 
 /// Reads every manifest below `path` once.
 pub fn read_manifests(path: &Path) -> Result<Objects, SourceError> {
-    let mut s = ManifestsSource::new(path);
+    let mut s = ManifestsSource::immediate(path);
     Ok(s.poll()?.unwrap_or_default())
 }
 
@@ -333,7 +435,7 @@ metadata: {name: ignored}
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("a.yaml");
         std::fs::write(&f, "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\n").unwrap();
-        let mut s = ManifestsSource::new(&dir);
+        let mut s = ManifestsSource::immediate(&dir);
         assert_eq!(s.poll().unwrap().unwrap().nodes.len(), 1);
         assert!(s.poll().unwrap().is_none());
         std::fs::write(
@@ -342,6 +444,55 @@ metadata: {name: ignored}
         )
         .unwrap();
         assert_eq!(s.poll().unwrap().unwrap().nodes.len(), 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn node(name: &str) -> String {
+        format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\n")
+    }
+
+    /// A file written in place is applied once it held still for a poll; one renamed into
+    /// place at once; one that fails to parse is reported once and not read again until it
+    /// changes, while the last good state stays.
+    #[test]
+    fn manifests_apply_once_written() {
+        let dir = std::env::temp_dir().join(format!("lb-settle-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("a.yaml");
+        std::fs::write(&f, node("n1")).unwrap();
+        let mut s = ManifestsSource::new(&dir);
+        // First sight: wait one poll.
+        assert!(s.poll().unwrap().is_none());
+        assert_eq!(s.poll().unwrap().unwrap().nodes.len(), 1);
+        assert!(s.poll().unwrap().is_none());
+        // Written in place (half a document would parse too): not yet, then applied.
+        std::fs::write(&f, format!("{}---\n{}", node("n1"), node("n2"))).unwrap();
+        assert!(s.poll().unwrap().is_none());
+        assert_eq!(s.poll().unwrap().unwrap().nodes.len(), 2);
+        // Replaced by rename: at once.
+        let tmp = dir.join("a.tmp");
+        std::fs::write(&tmp, node("n3")).unwrap();
+        std::fs::rename(&tmp, &f).unwrap();
+        let o = s.poll().unwrap().unwrap();
+        assert_eq!(o.nodes[0].metadata.name.as_deref(), Some("n3"));
+        // Unparsable: one error, then quiet until it changes.
+        std::fs::write(&f, "kind: Node\n  : [\n").unwrap();
+        assert!(s.poll().unwrap().is_none());
+        assert!(s.poll().is_err());
+        for _ in 0..3 {
+            assert!(s.poll().unwrap().is_none());
+        }
+        std::fs::write(&f, node("n4")).unwrap();
+        assert!(s.poll().unwrap().is_none());
+        let o = s.poll().unwrap().unwrap();
+        assert_eq!(o.nodes[0].metadata.name.as_deref(), Some("n4"));
+        // A write of the same length right after a read may leave the file's stamp as it was
+        // (coarse file times): a recent file is checked against its contents.
+        std::fs::write(&f, node("n5")).unwrap();
+        let o = (0..3)
+            .find_map(|_| s.poll().unwrap())
+            .expect("the change is seen within two polls");
+        assert_eq!(o.nodes[0].metadata.name.as_deref(), Some("n5"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
