@@ -16,8 +16,8 @@ use core::mem::offset_of;
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK,
     },
     helpers::{bpf_fib_lookup, bpf_redirect_neigh},
     programs::{TcContext, XdpContext},
@@ -27,6 +27,7 @@ use lb_common::{counter, proto, CtEntry};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
+    bounds::Bounds,
     forward, maps, nat,
     parse::{Ipv4, Packet},
 };
@@ -34,18 +35,9 @@ use crate::{
 /// A helper refused a write: the packet may be half written and must not leave as it is.
 pub struct WriteFailed;
 
-/// What the north-south stages need from the program they run in.
-pub trait Hook: EbpfContext {
-    /// The verdict that hands the packet to the stack untouched.
-    const PASS: u32;
-    /// The verdict that drops the packet.
-    const DROP: u32;
-    /// Start and end of the directly readable part of the packet (all of it for XDP; the
-    /// pulled linear part for tc).
-    fn start(&self) -> usize;
-    fn end(&self) -> usize;
-    /// The frame's length, for the byte counters.
-    fn frame_len(&self) -> u64;
+/// What the north-south stages need from the program they run in, beyond the packet's bounds
+/// and verdicts ([`Bounds`]).
+pub trait Hook: Bounds {
     /// Writes `e`'s addresses and ports into `p`, with every checksum.
     fn rewrite(&self, p: &Packet, e: &CtEntry) -> Result<(), WriteFailed>;
     /// Sends a translated packet on (the stack for local backends and unknown routes);
@@ -54,24 +46,6 @@ pub trait Hook: EbpfContext {
 }
 
 impl Hook for XdpContext {
-    const PASS: u32 = xdp_action::XDP_PASS;
-    const DROP: u32 = xdp_action::XDP_DROP;
-
-    #[inline(always)]
-    fn start(&self) -> usize {
-        self.data()
-    }
-
-    #[inline(always)]
-    fn end(&self) -> usize {
-        self.data_end()
-    }
-
-    #[inline(always)]
-    fn frame_len(&self) -> u64 {
-        (self.data_end() - self.data()) as u64
-    }
-
     #[inline(always)]
     fn rewrite(&self, p: &Packet, e: &CtEntry) -> Result<(), WriteFailed> {
         nat::rewrite(p, e);
@@ -92,24 +66,6 @@ const IP_TTL_OFF: usize = IP_OFF + offset_of!(Ipv4Hdr, ttl);
 const AF_INET: u8 = 2;
 
 impl Hook for TcContext {
-    const PASS: u32 = TC_ACT_OK as u32;
-    const DROP: u32 = TC_ACT_SHOT as u32;
-
-    #[inline(always)]
-    fn start(&self) -> usize {
-        self.data()
-    }
-
-    #[inline(always)]
-    fn end(&self) -> usize {
-        self.data_end()
-    }
-
-    #[inline(always)]
-    fn frame_len(&self) -> u64 {
-        self.len() as u64
-    }
-
     #[inline(always)]
     fn rewrite(&self, p: &Packet, e: &CtEntry) -> Result<(), WriteFailed> {
         let l4 = p.l3.l4_off;

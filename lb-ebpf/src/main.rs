@@ -5,7 +5,7 @@
 //! selection (select, with affinity) → SNAT port (snat) → NAT with checksums (nat) → forward,
 //! and ICMP errors about translated flows (icmp); north_south.rs runs the stages, verdict.rs
 //! says how a packet it does not translate ends. It runs as XDP (`lb_xdp`) or, where XDP
-//! cannot deliver, as tc ingress (`lb_tc_ingress`); hook.rs holds what differs. The
+//! cannot deliver, as tc ingress (`lb_tc_ingress`); bounds.rs and hook.rs hold what differs. The
 //! socket-level path (sock.rs) shares frontend lookup and backend selection. tc egress: tc.rs.
 //! Every map and counter: maps.rs.
 #![no_std]
@@ -13,6 +13,7 @@
 
 mod affinity;
 mod bench;
+mod bounds;
 mod clock;
 mod csum;
 mod ct;

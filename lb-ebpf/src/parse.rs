@@ -11,14 +11,14 @@ use network_types::{
     udp::UdpHdr,
 };
 
-use crate::{hook::Hook, maps, verdict::Stop};
+use crate::{bounds::Bounds, maps, verdict::Stop};
 
 /// The more-fragments bit of `Ipv4Hdr::frag_flags`.
 const IP_MF: u8 = 0b001;
 
 /// A pointer to a `T` at `offset` bytes into the packet, or `None` when the packet is too short.
 #[inline(always)]
-pub fn ptr_at<T, H: Hook>(ctx: &H, offset: usize) -> Option<*mut T> {
+pub fn ptr_at<T, H: Bounds>(ctx: &H, offset: usize) -> Option<*mut T> {
     let start = ctx.start();
     let end = ctx.end();
     if start + offset + core::mem::size_of::<T>() > end {
@@ -132,7 +132,7 @@ pub struct Packet {
 /// Parses the Ethernet and IPv4 headers; the error says why the frame is passed untouched.
 /// Counts IPv4 options (informational).
 #[inline(always)]
-pub fn ipv4<H: Hook>(ctx: &H) -> Result<Ipv4, Stop> {
+pub fn ipv4<H: Bounds>(ctx: &H) -> Result<Ipv4, Stop> {
     let eth = ptr_at::<EthHdr, H>(ctx, 0).ok_or(Stop::Pass(counter::XDP_TRUNCATED_ETH))?;
     // SAFETY: bounds checked by ptr_at.
     if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
@@ -175,7 +175,7 @@ pub fn ipv4<H: Hook>(ctx: &H) -> Result<Ipv4, Stop> {
 
 /// Parses the TCP header of an IPv4 frame whose protocol is TCP.
 #[inline(always)]
-pub fn tcp<H: Hook>(ctx: &H, l3: Ipv4) -> Result<Packet, Stop> {
+pub fn tcp<H: Bounds>(ctx: &H, l3: Ipv4) -> Result<Packet, Stop> {
     let tcp = ptr_at::<TcpHdr, H>(ctx, l3.l4_off).ok_or(Stop::Pass(counter::XDP_TRUNCATED_L4))?;
     // SAFETY: bounds checked by ptr_at.
     let h = unsafe { &*tcp };
@@ -196,7 +196,7 @@ pub fn tcp<H: Hook>(ctx: &H, l3: Ipv4) -> Result<Packet, Stop> {
 
 /// Parses the UDP header of an IPv4 frame whose protocol is UDP.
 #[inline(always)]
-pub fn udp<H: Hook>(ctx: &H, l3: Ipv4) -> Result<Packet, Stop> {
+pub fn udp<H: Bounds>(ctx: &H, l3: Ipv4) -> Result<Packet, Stop> {
     let udp = ptr_at::<UdpHdr, H>(ctx, l3.l4_off).ok_or(Stop::Pass(counter::XDP_TRUNCATED_L4))?;
     // SAFETY: bounds checked by ptr_at.
     let h = unsafe { &*udp };

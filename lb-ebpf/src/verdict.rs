@@ -2,7 +2,7 @@
 //! `lb_common::counter`, and the verdict that goes with it. Stages return `Err(Stop)`; the
 //! program's entry point counts it and acts (`Stop::act`), so no reason goes uncounted.
 use crate::{
-    hook::Hook,
+    bounds::Bounds,
     maps::{self, ServiceEvent},
 };
 
@@ -34,7 +34,7 @@ impl Stop {
 
     /// Counts the reason (with the frame's length) and returns the verdict.
     #[inline(always)]
-    pub fn act<H: Hook>(self, ctx: &H) -> u32 {
+    pub fn act<H: Bounds>(self, ctx: &H) -> u32 {
         let len = ctx.frame_len();
         match self {
             Stop::Pass(reason) => {
