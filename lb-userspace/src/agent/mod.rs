@@ -57,8 +57,6 @@ use preflight::preflight;
 /// `lb-agent run`.
 pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     preflight(cfg)?;
-    // Held until the agent exits (the kernel releases it then, even on SIGKILL).
-    let _one_agent = preflight::lock_pin_dir(&cfg.bpffs)?;
     let mut source: Box<dyn Source> = match (&cfg.manifests, &cfg.kubeconfig) {
         (Some(m), _) => Box::new(ManifestsSource::new(m)),
         (None, Some(k)) => Box::new(
@@ -84,6 +82,10 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     // The last snapshot, re-planned after a failed sync.
     let mut last: Option<Objects> = None;
     let mut retry = false;
+    // One agent per pin directory, taken before anything is loaded or pinned (and after the
+    // checks above, so that an agent that cannot start creates nothing). Held until the agent
+    // exits: the kernel releases it then, even on SIGKILL.
+    let _one_agent = preflight::lock_pin_dir(&cfg.bpffs)?;
     let mut ebpf = load(&cfg.bpffs)?;
     // Rare kernel events (aya-log), forwarded to this log at their (debug) level.
     let mut kernel_log = match aya_log::EbpfLogger::init(&mut ebpf) {
