@@ -132,7 +132,7 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
         }
     };
     // The frontend/backend pairs the socket-level path served at the last sync.
-    let mut served: Option<Serving> = None;
+    let mut served: Option<Arc<Serving>> = None;
     let mut health_checks = HealthServers::new();
     // Maps of another layout version (an upgrade): replaced once the new ones are filled.
     let old_versions = other_versions(&cfg.bpffs);
@@ -194,7 +194,7 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 }
                 ops.service_ports(syncer.service_ports());
                 if let (Ok(_), Some(tx)) = (&synced, &sock_term) {
-                    let now = sock_term::serving(&desired);
+                    let now = Arc::new(sock_term::serving(&desired));
                     // A pair that left (or the first sync: backends may have left while the
                     // agent was down) sends the socket walk off.
                     let left = served.as_ref().is_none_or(|before| {
@@ -204,7 +204,7 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                     });
                     if left {
                         // The walker keeps only the newest; a closed channel means it stopped.
-                        let _ = tx.send(Arc::new(now.clone()));
+                        let _ = tx.send(now.clone());
                     }
                     served = Some(now);
                 }
