@@ -28,7 +28,7 @@ pub mod map_name {
     /// The ports of IPv4 datagrams whose first fragment was seen, for their later fragments.
     pub const FRAGMENTS: &str = "lb_frag_v1";
     pub const MAGLEV: &str = "lb_maglev_v1";
-    pub const CONFIG: &str = "lb_config_v1";
+    pub const CONFIG: &str = "lb_config_v2";
     pub const AFFINITY: &str = "lb_affinity_v1";
     pub const MEMBERS: &str = "lb_member_v1";
     pub const SERVICE_STATS: &str = "lb_svc_stats_v1";
@@ -99,6 +99,9 @@ pub struct BenchFrame {
 
 /// Capacities of the maps. Memory per entry is key + value + the kernel's per-entry overhead.
 pub mod limits {
+    /// Devices running the XDP program that the datapath config lists as redirect targets
+    /// (`Config::xdp_ifindexes`); more are reached through the stack.
+    pub const XDP_DEVICES: usize = 8;
     /// Frontend slots: one master (slot 0) plus one per backend slot, for each frontend and scope.
     pub const FRONTEND_SLOTS: u32 = 262_144;
     /// Backends: one per distinct (address, port, protocol) endpoint.
@@ -160,6 +163,9 @@ pub mod service_flags {
     pub const LOAD_BALANCER: u16 = 1 << 2;
     pub const EXTERNAL_IP: u16 = 1 << 3;
     pub const SESSION_AFFINITY: u16 = 1 << 4;
+    /// externalTrafficPolicy Local (external scope only): the client's address is never
+    /// translated, whatever `config_flags::MASQUERADE_LOCAL` says.
+    pub const EXTERNAL_POLICY_LOCAL: u16 = 1 << 5;
 }
 
 /// Flags of a backend.
@@ -591,7 +597,47 @@ pub struct Config {
     pub snat_port_max: u16,
     /// Non-zero once the agent has written the config.
     pub ready: u32,
-    pub _pad: u32,
+    /// `config_flags`.
+    pub flags: u32,
+    /// This node's pod CIDR (the Node's `spec.podCIDRs`, IPv4), network order: a ClusterIP
+    /// packet from inside it comes from a local pod and keeps its source (kube-proxy's
+    /// `--detect-local-mode NodeCIDR`). `pod_mask_be` 0: the node has none, every source of a
+    /// ClusterIP packet that arrives on an interface is masqueraded.
+    pub pod_net_be: u32,
+    pub pod_mask_be: u32,
+    /// The ifindexes of the devices that run the XDP program (0: unused), so deliver frames
+    /// redirected into them. A translated packet whose route leaves by another interface (a
+    /// bridge, a tc device) goes through the stack instead of a redirect that would drop it.
+    pub xdp_ifindexes: [u32; limits::XDP_DEVICES],
+}
+
+/// Flags of [`Config`].
+pub mod config_flags {
+    /// externalTrafficPolicy Cluster flows to a local backend are masqueraded too (the agent
+    /// cannot guarantee that their replies meet a program of ours, whatever interface they
+    /// leave by: an interface with an IPv4 route runs no tc egress program of ours).
+    pub const MASQUERADE_LOCAL: u32 = 1 << 0;
+}
+
+impl Config {
+    /// Whether `ifindex` is a device running the XDP program (a redirect target).
+    #[inline(always)]
+    pub fn xdp_device(&self, ifindex: u32) -> bool {
+        let mut i = 0;
+        while i < limits::XDP_DEVICES {
+            if self.xdp_ifindexes[i] == ifindex && ifindex != 0 {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+
+    /// Whether `saddr_be` lies in the node's pod CIDR (a local pod).
+    #[inline(always)]
+    pub fn from_local_pod(&self, saddr_be: u32) -> bool {
+        self.pod_mask_be != 0 && saddr_be & self.pod_mask_be == self.pod_net_be
+    }
 }
 
 /// Per-CPU traffic counters of one Service port (value of the service stats map, keyed by
@@ -824,7 +870,7 @@ const _: () = {
     assert!(core::mem::size_of::<CtEntry>() == 32);
     assert!(core::mem::size_of::<FragKey>() == 12);
     assert!(core::mem::size_of::<FragPorts>() == 4);
-    assert!(core::mem::size_of::<Config>() == 16);
+    assert!(core::mem::size_of::<Config>() == 24 + 4 * limits::XDP_DEVICES);
     assert!(core::mem::size_of::<BenchFrame>() == 72);
 };
 

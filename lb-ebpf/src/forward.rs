@@ -1,7 +1,8 @@
 //! Forward stage of the north-south path under XDP (tc forwards in hook.rs): where a translated packet goes. Local backends are reached
 //! through the stack; otherwise a FIB lookup names the device and next hop: XDP_TX when it is
-//! the receiving device, a redirect when it is another; the stack when the route is unknown or
-//! the TTL runs out.
+//! the receiving device, a redirect when it is another device running the XDP program; the
+//! stack when the route is unknown, leaves by another interface (a bridge towards pods, a tc
+//! device) or the TTL runs out.
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS},
     helpers::{bpf_fib_lookup, bpf_redirect},
@@ -51,7 +52,11 @@ pub fn forward(ctx: &XdpContext, l3: &Ipv4, to_local_backend: bool) -> u32 {
             0,
         )
     };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+    // Another device takes a redirected frame only when it runs an XDP program of ours (a
+    // bridge never does; a veth whose peer runs none drops it): otherwise the stack forwards.
+    let deliverable =
+        fib.ifindex == ingress || maps::config().is_some_and(|c| c.xdp_device(fib.ifindex));
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 || !deliverable {
         maps::count(counter::XDP_TRANSLATED_PASS, 0);
         return xdp_action::XDP_PASS;
     }

@@ -58,7 +58,7 @@ pub static SERVICE_STATS: PerCpuHashMap<u32, ServiceCounters> =
 #[map(name = "lb_svc_names_v1")]
 pub static SERVICE_NAMES: HashMap<u32, ServiceName> = HashMap::pinned(limits::SERVICE_STATS, 0);
 
-#[map(name = "lb_config_v1")]
+#[map(name = "lb_config_v2")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
 #[map(name = "lb_stats_v3")]
@@ -90,8 +90,9 @@ pub fn backend(id: u32) -> Option<Backend> {
 }
 
 #[inline(always)]
-pub fn config() -> Option<Config> {
-    CONFIG.get(0).copied().filter(|c| c.ready != 0)
+pub fn config() -> Option<&'static Config> {
+    // An array map's value lives as long as the map: a reference, not a copy on the stack.
+    CONFIG.get(0).filter(|c| c.ready != 0)
 }
 
 /// Entry `hash % M` of a master's Maglev table: the backend id a new flow with this hash gets.

@@ -9,7 +9,8 @@
 //! `xdp_*` ones whichever hook runs the path. ICMP errors about translated flows take their own
 //! way (icmp). A packet the path does not translate ends with a `Stop` (verdict.rs).
 use lb_common::{
-    affinity_client, backend_flags, counter, ct_flags, flow_hash, proto, scope, CtEntry, CtKey,
+    affinity_client, backend_flags, config_flags, counter, ct_flags, flow_hash, proto, scope,
+    service_flags, Config, CtEntry, CtKey,
 };
 
 use crate::{
@@ -79,8 +80,16 @@ fn known_flow<H: Hook>(ctx: &H, p: &Packet, e: &CtEntry, len: u64) -> Result<u32
 /// in both directions.
 #[inline(always)]
 fn new_flow<H: Hook>(ctx: &H, p: &Packet, key: &CtKey, len: u64) -> Result<u32, Stop> {
-    let fe = frontend::lookup(p.daddr, p.dport, p.proto, scope::EXTERNAL)
-        .ok_or(Stop::Pass(counter::XDP_NO_FRONTEND))?;
+    // NodePorts, LoadBalancer IPs and external IPs; else a ClusterIP, for a packet that no
+    // local socket sent (an off-node client routed to the service range, a VM or namespace
+    // behind the node): with the internal endpoint set, as kube-proxy serves it.
+    let (fe, cluster_ip) = match frontend::lookup(p.daddr, p.dport, p.proto, scope::EXTERNAL) {
+        Some(fe) => (fe, false),
+        None => match frontend::lookup(p.daddr, p.dport, p.proto, scope::INTERNAL) {
+            Some(fe) if fe.master.flags & service_flags::CLUSTER_IP != 0 => (fe, true),
+            _ => return Err(Stop::Pass(counter::XDP_NO_FRONTEND)),
+        },
+    };
     let svc_port_id = fe.master.svc_port_id;
     if fe.master.count == 0 {
         return Err(Stop::Drop {
@@ -112,24 +121,25 @@ fn new_flow<H: Hook>(ctx: &H, p: &Packet, key: &CtKey, len: u64) -> Result<u32, 
     };
     let be = chosen.backend;
     let local = be.flags & backend_flags::LOCAL != 0;
-    // Remote backends see the node as the source (externalTrafficPolicy Cluster); local ones
-    // see the client, and answer it through this node, where tc egress translates back.
-    let flags = if local {
-        ct_flags::LOCAL_BACKEND
-    } else {
-        ct_flags::SNAT
-    };
+    let snat = masquerade(cfg, fe.master.flags, cluster_ip, local, p.saddr);
+    let mut flags = 0;
+    if local {
+        flags |= ct_flags::LOCAL_BACKEND;
+    }
+    if snat {
+        flags |= ct_flags::SNAT;
+    }
     let mut reply_key = CtKey {
         saddr_be: be.addr_be,
-        daddr_be: if local { p.saddr } else { cfg.node_addr_be },
+        daddr_be: if snat { cfg.node_addr_be } else { p.saddr },
         sport_be: be.port_be,
         dport_be: p.sport,
         proto: p.proto,
         _pad: [0; 3],
     };
-    if !local {
+    if snat {
         reply_key.dport_be =
-            snat::free_port(ctx, &cfg, p, &reply_key, hash, now).map_err(|snat::Exhausted| {
+            snat::free_port(ctx, cfg, p, &reply_key, hash, now).map_err(|snat::Exhausted| {
                 Stop::drop_other(counter::XDP_DROP_SNAT_EXHAUSTED, svc_port_id)
             })?;
     }
@@ -175,4 +185,34 @@ fn new_flow<H: Hook>(ctx: &H, p: &Packet, key: &CtKey, len: u64) -> Result<u32, 
     maps::count(counter::XDP_NEW_FLOW, len);
     maps::count_service(svc_port_id, ServiceEvent::NewConnection(len));
     Ok(ctx.forward(&p.l3, local))
+}
+
+/// Whether a new flow's source is translated to the node (masquerade), so that the backend's
+/// replies come back to this node's programs:
+/// - a local backend and a source in the node's pod CIDR (a pod or guest on the node's pod
+///   bridge): always, whatever the frontend and policy; the reply would otherwise go from pod
+///   to pod over the bridge, past every program (kube-proxy's hairpin masquerade, and what
+///   br_netfilter does for it).
+/// - ClusterIP reached from outside a local socket: unless the source is a local pod (the
+///   node's pod CIDR, kube-proxy's rule); a local pod's flow to a remote backend keeps its
+///   source, and the replies come back through a device of ours.
+/// - NodePort, LoadBalancer IP, external IP, externalTrafficPolicy Local: never (the client's
+///   address is the point).
+/// - externalTrafficPolicy Cluster: for a remote backend always; for a local one only when the
+///   agent cannot guarantee that its replies meet a program of ours whatever interface they
+///   leave by (`config_flags::MASQUERADE_LOCAL`); otherwise the local backend sees the client,
+///   and the reply is translated on its way out.
+#[inline(always)]
+fn masquerade(cfg: &Config, fe_flags: u16, cluster_ip: bool, local: bool, saddr: u32) -> bool {
+    let local_pod = cfg.from_local_pod(saddr);
+    if local && local_pod {
+        return true;
+    }
+    if cluster_ip {
+        return local || !local_pod;
+    }
+    if fe_flags & service_flags::EXTERNAL_POLICY_LOCAL != 0 {
+        return false;
+    }
+    !local || cfg.flags & config_flags::MASQUERADE_LOCAL != 0
 }

@@ -58,7 +58,11 @@ pub fn try_egress(ctx: &TcContext) -> Result<i32, i64> {
         return Ok(TC_ACT_OK);
     };
     // Only replies of flows whose backend is local, and that were not source-translated.
-    if found.flags & ct_flags::REPLY == 0 || found.flags & ct_flags::LOCAL_BACKEND == 0 {
+    // (A masqueraded flow's replies go to the node and are translated on ingress.)
+    if found.flags & ct_flags::REPLY == 0
+        || found.flags & ct_flags::LOCAL_BACKEND == 0
+        || found.flags & ct_flags::SNAT != 0
+    {
         return Ok(TC_ACT_OK);
     }
     // The reply moves the flow's state as on the XDP path (a UDP reply or a TCP SYN-ACK

@@ -246,6 +246,13 @@ pub struct ConfigView {
     /// The north-south hook of each device (`xdp` or `tc`), from the pinned links' names
     /// (`links/xdp_<device>`, `links/tc_ingress_<device>`).
     pub devices: Vec<crate::dataplane::links::DeviceHook>,
+    /// The node's other interfaces running the tc programs (`links/iface_in_<if>`).
+    pub interfaces: Vec<String>,
+    /// The node's pod CIDR: ClusterIP packets from it that arrive on an interface keep their
+    /// source (`null`: every such source is masqueraded).
+    pub pod_cidr: Option<String>,
+    /// externalTrafficPolicy Cluster traffic to local backends is masqueraded.
+    pub masquerade_local_backends: bool,
 }
 
 impl ConfigView {
@@ -269,6 +276,12 @@ pub fn config(bpffs: &Path) -> Result<ConfigView> {
         snat_ports: format!("{}-{}", c.snat_port_min, c.snat_port_max),
         ready: c.ready != 0,
         devices: crate::dataplane::links::device_hooks(bpffs)?,
+        interfaces: crate::dataplane::links::other_interfaces(bpffs)?,
+        pod_cidr: (c.pod_mask_be != 0).then(|| {
+            let net = std::net::Ipv4Addr::from(c.pod_net_be.to_ne_bytes());
+            format!("{net}/{}", u32::from_be(c.pod_mask_be).leading_ones())
+        }),
+        masquerade_local_backends: c.flags & lb_common::config_flags::MASQUERADE_LOCAL != 0,
     })
 }
 

@@ -268,7 +268,7 @@ fn garbage_in(on_tc: bool, default_frames: u64) {
         snat_port_min: 61000,
         snat_port_max: 65535,
         ready: 1,
-        _pad: 0,
+        ..Default::default()
     })
     .unwrap();
     h.program(&desired()).unwrap();

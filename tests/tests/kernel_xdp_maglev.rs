@@ -126,7 +126,7 @@ fn harness(sizes: &[(&str, u32)]) -> XdpHarness {
         snat_port_min: 32768,
         snat_port_max: 60999,
         ready: 1,
-        _pad: 0,
+        ..Default::default()
     })
     .unwrap();
     h

@@ -20,7 +20,7 @@ use super::{
 };
 use crate::{
     dataplane::{
-        links::{is_ours, tc_egress_pin, tc_ingress_pin, xdp_pin, CGROUP_LINKS},
+        links::{iface_pins, is_ours, tc_egress_pin, tc_ingress_pin, xdp_pin, CGROUP_LINKS},
         migrate,
         pinned::{other_versions, AyaDataplane, OtherVersion},
         sync::Syncer,
@@ -107,6 +107,42 @@ pub fn attach_tc_ingress(ebpf: &mut aya::Ebpf, device: &str, bpffs: &Path) -> Re
         device,
         &bpffs.join("links").join(tc_ingress_pin(device)),
     )
+}
+
+/// Attaches the tc ingress (north-south translation) and tc egress (replies of local backends)
+/// programs to one of the node's other interfaces (see [`super::interfaces`]), pinned as
+/// `links/iface_in_<iface>` and `links/iface_out_<iface>`.
+pub fn attach_other_interface(ebpf: &mut aya::Ebpf, iface: &str, bpffs: &Path) -> Result<()> {
+    prepare_device(iface)?;
+    let [pin_in, pin_out] = iface_pins(iface);
+    let links = bpffs.join("links");
+    attach_tcx(
+        ebpf,
+        program_name::TC_INGRESS,
+        TcAttachType::Ingress,
+        iface,
+        &links.join(pin_in),
+    )?;
+    attach_tcx(
+        ebpf,
+        program_name::TC_EGRESS,
+        TcAttachType::Egress,
+        iface,
+        &links.join(pin_out),
+    )
+}
+
+/// Removes an other interface's links (detaching its programs); missing pins are no error.
+pub fn detach_other_interface(iface: &str, bpffs: &Path) -> Result<()> {
+    for pin in iface_pins(iface) {
+        let path = bpffs.join("links").join(pin);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+    Ok(())
 }
 
 /// Attaches the tc program `name` to `device` (`kind`: ingress or egress) through a TCX link,

@@ -23,6 +23,8 @@ pub struct RunConfig {
     pub ct_gc_interval: Duration,
     /// Terminate TCP sockets connected to removed backends too (UDP ones always are).
     pub terminate_tcp_sockets: bool,
+    /// Hook the node's other interfaces (see `agent::interfaces`) with the tc programs.
+    pub other_interfaces: bool,
     /// The node's procfs, where pods' network namespaces are found.
     pub proc: PathBuf,
     /// Where to serve Prometheus metrics (`/metrics`).

@@ -116,6 +116,45 @@ pub fn default_route_devices(route_table: &str) -> Vec<String> {
 
 /// Every IPv4 address of every device (getifaddrs).
 fn ipv4_addresses() -> io::Result<Vec<(String, Ipv4Addr)>> {
+    Ok(ipv4_interfaces()?
+        .into_iter()
+        .map(|(name, addr, _)| (name, addr))
+        .collect())
+}
+
+/// The interfaces that are up, are not loopback and carry an IPv4 address (sorted, distinct).
+pub fn up_with_ipv4() -> io::Result<Vec<String>> {
+    let flags = (libc::IFF_UP | libc::IFF_LOOPBACK) as u32;
+    let mut v: Vec<String> = ipv4_interfaces()?
+        .into_iter()
+        .filter(|(_, _, f)| f & flags == libc::IFF_UP as u32)
+        .map(|(name, _, _)| name)
+        .collect();
+    v.sort();
+    v.dedup();
+    Ok(v)
+}
+
+/// The devices of the IPv4 routes that are up in `/proc/net/route` (the main table), loopback
+/// excluded, distinct, in order of appearance.
+pub fn route_devices(route_table: &str) -> Vec<String> {
+    const RTF_UP: u32 = 0x1;
+    let mut out = Vec::new();
+    for line in route_table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 8 || f[0] == "lo" {
+            continue;
+        }
+        let flags = u32::from_str_radix(f[3], 16).unwrap_or(0);
+        if flags & RTF_UP != 0 && !out.iter().any(|d| d == f[0]) {
+            out.push(f[0].to_string());
+        }
+    }
+    out
+}
+
+/// Every IPv4 address of every device, with the device's flags (getifaddrs).
+fn ipv4_interfaces() -> io::Result<Vec<(String, Ipv4Addr, u32)>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list we free below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -141,7 +180,7 @@ fn ipv4_addresses() -> io::Result<Vec<(String, Ipv4Addr)>> {
         let name = unsafe { CStr::from_ptr(ifa.ifa_name) }
             .to_string_lossy()
             .into_owned();
-        out.push((name, addr));
+        out.push((name, addr, ifa.ifa_flags));
     }
     // SAFETY: the list getifaddrs returned, freed once.
     unsafe { libc::freeifaddrs(head) };
@@ -163,5 +202,7 @@ mod tests {
                      eth3\t00000000\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n";
         // eth2's route is down, eth3's is a /8 to 0.0.0.0, not a default route.
         assert_eq!(default_route_devices(table), ["eth0", "eth1"]);
+        // Every route that is up, whatever its destination.
+        assert_eq!(route_devices(table), ["eth0", "eth1", "eth3"]);
     }
 }

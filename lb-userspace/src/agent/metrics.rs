@@ -47,6 +47,11 @@ struct DeviceHookLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InterfaceLabel {
+    interface: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TierLabel {
     tier: String,
 }
@@ -104,6 +109,8 @@ pub struct Ops {
     last_sync: Gauge,
     local_endpoints: Family<ServiceLabel, Gauge>,
     device_hook: Family<DeviceHookLabel, Gauge>,
+    interface_hooked: Family<InterfaceLabel, Gauge>,
+    masquerade_local: Gauge,
     local_seen: Mutex<Vec<ServiceLabel>>,
     service_packets: Family<ServicePortLabel, Counter>,
     service_bytes: Family<ServicePortLabel, Counter>,
@@ -191,6 +198,18 @@ impl Ops {
             "device_hook",
             "1 for the program that does north-south translation on each --device: xdp or tc (tc ingress)",
             device_hook.clone(),
+        );
+        let interface_hooked = Family::<InterfaceLabel, Gauge>::default();
+        registry.register(
+            "interface_hooked",
+            "1 for each of the node's other interfaces (up, IPv4 address, not a --device) that runs the tc ingress and egress programs",
+            interface_hooked.clone(),
+        );
+        let masquerade_local = Gauge::default();
+        registry.register(
+            "masquerade_local_backends",
+            "1 when externalTrafficPolicy Cluster traffic to local backends is masqueraded (an interface with an IPv4 route runs no program of ours)",
+            masquerade_local.clone(),
         );
         let service_packets = Family::<ServicePortLabel, Counter>::default();
         registry.register(
@@ -320,11 +339,27 @@ impl Ops {
             last_sync,
             local_endpoints,
             device_hook,
+            interface_hooked,
+            masquerade_local,
             local_seen: Mutex::default(),
             programmed: AtomicBool::new(false),
             last_sync_ok: AtomicBool::new(false),
             heartbeat: AtomicU64::new(now_s()),
         }
+    }
+
+    /// The other interfaces hooked (`lb_interface_hooked{interface} 1`) and whether local
+    /// backends of externalTrafficPolicy Cluster get the masquerade.
+    pub fn other_interfaces<'a>(&self, hooked: impl IntoIterator<Item = &'a str>, masq: bool) {
+        self.interface_hooked.clear();
+        for interface in hooked {
+            self.interface_hooked
+                .get_or_create(&InterfaceLabel {
+                    interface: interface.into(),
+                })
+                .set(1);
+        }
+        self.masquerade_local.set(masq as i64);
     }
 
     /// The north-south hook attached on each device (`lb_device_hook{device,hook} 1`).

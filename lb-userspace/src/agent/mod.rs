@@ -16,6 +16,7 @@ pub mod devices;
 pub mod health_check;
 pub mod hook;
 pub mod http;
+pub mod interfaces;
 pub mod metrics;
 pub mod preflight;
 
@@ -144,6 +145,14 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
         );
     }
     let mut attached = false;
+    // The devices `--device` resolved to (at the first attach), and the other interfaces.
+    let mut attached_devices: Vec<String> = Vec::new();
+    let mut ifaces = interfaces::OtherInterfaces::default();
+    let mut next_scan = Instant::now();
+    let mut scanned = false;
+    let mut dp_config: Option<lb_common::Config> = None;
+    // The devices that run the XDP program: redirect targets of the XDP path.
+    let mut xdp_ifindexes: Vec<u32> = Vec::new();
     let mut generation = 0u64;
     while !stop.load(Ordering::Relaxed) {
         ops.heartbeat();
@@ -180,9 +189,15 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 }
                 let p = plan::plan(&m, &cfg.node);
                 let desired = desired::desired(&p);
-                let dp_config = datapath_config(&p.node, cfg.snat_ports);
+                let config = datapath_config(
+                    &p.node,
+                    cfg.snat_ports,
+                    ifaces.masquerade_local,
+                    &xdp_ifindexes,
+                );
+                dp_config = Some(config);
                 let synced = syncer
-                    .set_config(&dp_config)
+                    .set_config(&config)
                     .and_then(|_| syncer.sync(&desired));
                 health_checks
                     .proxy_healthy
@@ -221,6 +236,21 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                     let cfg = &devices::resolve(cfg, &p.node.addresses);
                     let hooks = choose_hooks(&mut ebpf, cfg);
                     attach_all(&mut ebpf, cfg, &syncer, &old_versions, &hooks)?;
+                    attached_devices = cfg.devices.clone();
+                    xdp_ifindexes = hooks
+                        .iter()
+                        .filter(|(_, c)| c.hook == crate::dataplane::links::Hook::Xdp)
+                        .filter_map(|(d, _)| interfaces::ifindex(d))
+                        .collect();
+                    if let Some(c) = dp_config.as_mut() {
+                        *c = datapath_config(
+                            &p.node,
+                            cfg.snat_ports,
+                            ifaces.masquerade_local,
+                            &xdp_ifindexes,
+                        );
+                        syncer.set_config(c)?;
+                    }
                     ops.device_hooks(hooks.iter().map(|(d, c)| (d.as_str(), c.hook)));
                     attached = true;
                 }
@@ -250,6 +280,32 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
             }
             Ok(None) => {}
             Err(e) => log::error!("reading objects: {e}; keeping the last good state"),
+        }
+        if attached && Instant::now() >= next_scan {
+            let first = !scanned;
+            scanned = true;
+            next_scan = Instant::now() + interfaces::RESCAN;
+            // Other interfaces only beside north-south devices (`--device none`: socket level
+            // only), and unless `--other-interfaces none`.
+            let changed = if cfg.other_interfaces && !attached_devices.is_empty() {
+                ifaces.refresh(&mut ebpf, &attached_devices, &cfg.bpffs)
+            } else {
+                false
+            };
+            if first {
+                ifaces.remove_stale_pins(&cfg.bpffs);
+            }
+            ops.other_interfaces(ifaces.hooked(), ifaces.masquerade_local);
+            if let (true, Some(c)) = (changed, dp_config.as_mut()) {
+                c.flags = if ifaces.masquerade_local {
+                    c.flags | lb_common::config_flags::MASQUERADE_LOCAL
+                } else {
+                    c.flags & !lb_common::config_flags::MASQUERADE_LOCAL
+                };
+                if let Err(e) = syncer.set_config(c) {
+                    log::error!("writing the datapath config: {e:#}");
+                }
+            }
         }
         std::thread::sleep(cfg.poll_interval);
     }

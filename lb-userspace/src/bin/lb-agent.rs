@@ -89,6 +89,11 @@ enum Command {
         /// without hostPID, mount the node's /proc elsewhere and name it here.
         #[arg(long, env = "LB_AGENT_PROC", default_value = "/proc")]
         proc: PathBuf,
+        /// The node's other interfaces (up, with an IPv4 address, not a --device): `tc` attaches
+        /// the tc ingress and egress programs to each (NodePort, LoadBalancer, external-IP and
+        /// ClusterIP traffic arriving there); `none` leaves them alone.
+        #[arg(long, env = "LB_AGENT_OTHER_INTERFACES", value_name = "tc|none", default_value = "tc", value_parser = parse_other_interfaces)]
+        other_interfaces: bool,
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9464).
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
@@ -137,6 +142,7 @@ fn main() {
             nodeport_range,
             ct_gc_interval,
             terminate_tcp_sockets,
+            other_interfaces,
             proc,
             metrics_addr,
             health_addr,
@@ -158,6 +164,7 @@ fn main() {
                 nodeport_range,
                 ct_gc_interval,
                 terminate_tcp_sockets,
+                other_interfaces,
                 proc,
                 metrics_addr,
                 health_addr,
@@ -173,6 +180,14 @@ fn main() {
     };
     if let Err(e) = result {
         std::process::exit(report_error("lb-agent", &e));
+    }
+}
+
+fn parse_other_interfaces(s: &str) -> Result<bool, String> {
+    match s {
+        "tc" => Ok(true),
+        "none" => Ok(false),
+        _ => Err(format!("`{s}`: expected tc or none")),
     }
 }
 

@@ -201,10 +201,28 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     c.snat_ports.clone(),
                     c.ready.to_string(),
                     c.hooks_text(),
+                    if c.interfaces.is_empty() {
+                        "-".into()
+                    } else {
+                        c.interfaces.join(",")
+                    },
+                    c.pod_cidr.clone().unwrap_or_else(|| "-".into()),
+                    c.masquerade_local_backends.to_string(),
                 ];
                 print!(
                     "{}",
-                    inspect::table(&["NODE_ADDRESS", "SNAT_PORTS", "READY", "HOOKS"], &[row])
+                    inspect::table(
+                        &[
+                            "NODE_ADDRESS",
+                            "SNAT_PORTS",
+                            "READY",
+                            "HOOKS",
+                            "INTERFACES",
+                            "POD_CIDR",
+                            "MASQ_LOCAL"
+                        ],
+                        &[row]
+                    )
                 );
             }
         }

@@ -9,7 +9,7 @@ use std::{
 use lb_common::{Backend, FrontendSlotKey};
 
 use super::{
-    model::NodeInfo,
+    model::{NodeInfo, TrafficPolicy},
     plan::{FrontendKind, Plan, PlannedEndpoint},
 };
 
@@ -113,10 +113,11 @@ pub fn desired(plan: &Plan) -> Desired {
                 );
             } else {
                 out.insert(key(lb_common::scope::INTERNAL), entry(from_inside));
-                out.insert(
-                    key(lb_common::scope::EXTERNAL),
-                    entry(sp.external_endpoints()),
-                );
+                let mut external = entry(sp.external_endpoints());
+                if sp.external_traffic_policy == Some(TrafficPolicy::Local) {
+                    external.flags |= lb_common::service_flags::EXTERNAL_POLICY_LOCAL;
+                }
+                out.insert(key(lb_common::scope::EXTERNAL), external);
             }
         }
     }
@@ -159,18 +160,45 @@ pub(crate) fn backend_value(k: &BackendKey, flags: u8) -> Backend {
     }
 }
 
-/// The datapath config for this node: its first address as the SNAT source. Without a Node
-/// object (so without an address) the XDP path stays off (`xdp_no_config`).
-pub fn datapath_config(node: &NodeInfo, snat_ports: (u16, u16)) -> lb_common::Config {
+/// The datapath config for this node: its first address as the SNAT source, its pod CIDR (the
+/// sources of ClusterIP packets that keep their address), and whether externalTrafficPolicy
+/// Cluster flows to local backends are masqueraded too (`masquerade_local`: the agent found an
+/// interface whose replies no program of ours would translate), and the devices that run the
+/// XDP program (redirect targets; the first `limits::XDP_DEVICES`). Without a Node object (so
+/// without an address) the north-south path stays off (`xdp_no_config`).
+pub fn datapath_config(
+    node: &NodeInfo,
+    snat_ports: (u16, u16),
+    masquerade_local: bool,
+    xdp_ifindexes: &[u32],
+) -> lb_common::Config {
+    let mut xdp = [0u32; lb_common::limits::XDP_DEVICES];
+    for (slot, i) in xdp.iter_mut().zip(xdp_ifindexes) {
+        *slot = *i;
+    }
     let addr = node
         .addresses
         .first()
         .map(|a| u32::from_ne_bytes(a.octets()));
+    let (pod_net_be, pod_mask_be) = match node.pod_cidr {
+        Some((net, prefix)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            ((u32::from(net) & mask).to_be(), mask.to_be())
+        }
+        None => (0, 0),
+    };
     lb_common::Config {
         node_addr_be: addr.unwrap_or(0),
         snat_port_min: snat_ports.0,
         snat_port_max: snat_ports.1,
         ready: addr.is_some() as u32,
-        _pad: 0,
+        flags: if masquerade_local {
+            lb_common::config_flags::MASQUERADE_LOCAL
+        } else {
+            0
+        },
+        pod_net_be,
+        pod_mask_be,
+        xdp_ifindexes: xdp,
     }
 }

@@ -45,6 +45,10 @@ pub struct NodeInfo {
     pub name: String,
     pub zone: Option<String>,
     pub addresses: Vec<Ipv4Addr>,
+    /// The node's IPv4 pod CIDR (`spec.podCIDRs`, else `spec.podCIDR`): network and prefix
+    /// length. A malformed one counts as none. Shown as `a.b.c.d/len`.
+    #[serde(serialize_with = "cidr_text", skip_serializing_if = "Option::is_none")]
+    pub pod_cidr: Option<(Ipv4Addr, u8)>,
 }
 
 /// An object that was not accepted, and why.
@@ -206,11 +210,39 @@ pub fn node_info(node: &Node) -> NodeInfo {
             }
         }
     }
+    let spec = node.spec.as_ref();
+    let cidrs = spec
+        .and_then(|s| s.pod_cidrs.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(spec.and_then(|s| s.pod_cidr.clone()));
+    let pod_cidr = cidrs.filter_map(|c| parse_ipv4_cidr(&c)).next();
     NodeInfo {
         name,
         zone,
         addresses,
+        pod_cidr,
     }
+}
+
+fn cidr_text<S: serde::Serializer>(c: &Option<(Ipv4Addr, u8)>, s: S) -> Result<S::Ok, S::Error> {
+    match c {
+        Some((net, len)) => s.serialize_str(&format!("{net}/{len}")),
+        None => s.serialize_none(),
+    }
+}
+
+/// `a.b.c.d/len` (len 1..=32) as (network address, len); `None` for anything else (IPv6
+/// included).
+pub fn parse_ipv4_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
+    let (addr, len) = s.split_once('/')?;
+    let addr: Ipv4Addr = addr.parse().ok()?;
+    let len: u8 = len.parse().ok()?;
+    if !(1..=32).contains(&len) {
+        return None;
+    }
+    let mask = u32::MAX << (32 - u32::from(len));
+    Some((Ipv4Addr::from(u32::from(addr) & mask), len))
 }
 
 /// Why an object without `metadata.name` is rejected (the API server never stores one).

@@ -244,6 +244,7 @@ pub fn plan(model: &Model, node_name: &str) -> Plan {
         name: node_name.into(),
         zone: None,
         addresses: Vec::new(),
+        pod_cidr: None,
     });
     let services = model
         .services

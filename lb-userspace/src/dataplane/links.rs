@@ -47,6 +47,9 @@ impl std::fmt::Display for Hook {
     }
 }
 
+/// The node's other interfaces (see `agent::interfaces`): tc ingress and tc egress links.
+const IFACE_IN_PREFIX: &str = "iface_in_";
+const IFACE_OUT_PREFIX: &str = "iface_out_";
 const XDP_PREFIX: &str = "xdp_";
 const TC_INGRESS_PREFIX: &str = "tc_ingress_";
 const TC_EGRESS_PREFIX: &str = "tc_egress_";
@@ -65,18 +68,49 @@ pub fn tc_egress_pin(device: &str) -> String {
     format!("{TC_EGRESS_PREFIX}{device}")
 }
 
+/// The pin names of an other interface's tc ingress and tc egress links.
+pub fn iface_pins(iface: &str) -> [String; 2] {
+    [
+        format!("{IFACE_IN_PREFIX}{iface}"),
+        format!("{IFACE_OUT_PREFIX}{iface}"),
+    ]
+}
+
+/// The other interfaces with a pinned tc ingress link (sorted).
+pub fn other_interfaces(bpffs: &Path) -> Result<Vec<String>> {
+    let dir = bpffs.join("links");
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut out: Vec<String> = fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| !n.ends_with(NEW_SUFFIX))
+        .filter_map(|n| n.strip_prefix(IFACE_IN_PREFIX).map(str::to_string))
+        .filter(|n| !n.is_empty())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
 /// Pin names of the cgroup socket-hook links.
 pub const CGROUP_LINKS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
 
 /// Whether a pin under `links/` is one an agent makes: a cgroup hook, a device's XDP, tc
-/// ingress or tc egress link, or one of those with [`NEW_SUFFIX`] (pinned a moment before it
+/// ingress or tc egress link, an other interface's tc links, or one of those with [`NEW_SUFFIX`] (pinned a moment before it
 /// replaced the old one). `lb-agent uninstall` removes only these.
 pub fn is_ours(name: &str) -> bool {
     let base = name.strip_suffix(NEW_SUFFIX).unwrap_or(name);
     CGROUP_LINKS.contains(&base)
-        || [XDP_PREFIX, TC_INGRESS_PREFIX, TC_EGRESS_PREFIX]
-            .iter()
-            .any(|p| base.strip_prefix(p).is_some_and(|dev| !dev.is_empty()))
+        || [
+            XDP_PREFIX,
+            TC_INGRESS_PREFIX,
+            TC_EGRESS_PREFIX,
+            IFACE_IN_PREFIX,
+            IFACE_OUT_PREFIX,
+        ]
+        .iter()
+        .any(|p| base.strip_prefix(p).is_some_and(|dev| !dev.is_empty()))
 }
 
 /// The device and hook a link pin name stands for (`xdp_eth0` → (eth0, xdp),

@@ -142,7 +142,7 @@ pub fn control_bench(n: usize, e: usize, repeats: usize) -> Result<ControlBench>
         snat_port_min: 32768,
         snat_port_max: 60999,
         ready: 1,
-        _pad: 0,
+        ..Default::default()
     })?;
     let (full, _, full_writes) = cycle(&mut h, &o)?;
 

@@ -201,7 +201,7 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
         snat_port_min: 32768,
         snat_port_max: 60999,
         ready: 1,
-        _pad: 0,
+        ..Default::default()
     })?;
     // A LoadBalancer Service (externalTrafficPolicy Cluster) with ten backends on other nodes.
     let backends: Vec<(BackendKey, u8)> = (0..10)

@@ -164,6 +164,8 @@ pub struct Lab {
     tmp: PathBuf,
     /// What was actually created, for cleanup (a half-built lab cleans up too).
     created_netns: Vec<String>,
+    /// Guests (`add_guest`): place name and full namespace name.
+    guests: Vec<(String, String)>,
     created_cgroups: Vec<PathBuf>,
     created_bpffs: Vec<PathBuf>,
     echo: Vec<ManagedProcess>,
@@ -245,6 +247,7 @@ impl Lab {
                 .iter()
                 .map(|n| (&n.name, &n.netns))
                 .chain(self.pods.iter().map(|p| (&p.name, &p.netns)))
+                .chain(self.guests.iter().map(|(n, ns)| (n, ns)))
                 .find(|(name, _)| *name == place)
                 .map_or_else(|| place.to_string(), |(_, ns)| ns.clone()),
         }
@@ -255,6 +258,7 @@ impl Lab {
     fn place_cgroup(&self, place: &str) -> Result<Option<&Path>> {
         match place {
             "client" | "fabric" => Ok(None),
+            _ if self.guests.iter().any(|(n, _)| n == place) => Ok(None),
             _ => {
                 if let Ok(node) = self.find_node(place) {
                     return Ok(Some(&node.cgroup));

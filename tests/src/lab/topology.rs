@@ -120,6 +120,7 @@ impl Lab {
             nodes,
             pods,
             created_netns: Vec::new(),
+            guests: Vec::new(),
             created_cgroups: Vec::new(),
             created_bpffs: Vec::new(),
             echo: Vec::new(),
@@ -354,6 +355,39 @@ impl Lab {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Adds a guest behind `node`: a network namespace on the node's `cni0` bridge with address
+    /// `addr` (in the node's pod CIDR) and a default route via the node, outside the node's
+    /// cgroup, so that no socket-level program of the node sees its sockets, as a VM or a
+    /// nested namespace behind the node. Its name is a lab place (`command_at`, `tcp`, `udp`)
+    /// without a cgroup; it is removed with the lab.
+    pub fn add_guest(&mut self, node: &str, name: &str, addr: Ipv4Addr) -> Result<()> {
+        let node = self.find_node(node)?.clone();
+        let ns = format!("{}-{name}", self.prefix);
+        netns::run("ip", &["netns", "add", &ns])?;
+        self.created_netns.push(ns.clone());
+        sysctl(
+            &ns,
+            &[
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ],
+        )?;
+        let port = format!("veth-{name}");
+        veth(&ns, "eth0", &node.netns, &port)?;
+        ip(&node.netns, &["link", "set", &port, "master", "cni0", "up"])?;
+        ethtool(&node.netns, &port, &["tx", "off"])?;
+        ethtool(&ns, "eth0", &["tx", "off"])?;
+        ip(&ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ip(&ns, &["link", "set", "eth0", "up"])?;
+        ip(&ns, &["link", "set", "lo", "up"])?;
+        ip(
+            &ns,
+            &["route", "add", "default", "via", &node.gateway.to_string()],
+        )?;
+        self.guests.push((name.to_string(), ns));
         Ok(())
     }
 

@@ -1,0 +1,271 @@
+//! Traffic that arrives on an interface of the node that is not its `--device` (issue 13, points
+//! 4 to 6), in the reference lab on both variants: a guest behind node1's `cni0` (a namespace
+//! on the pod bridge, outside the node's cgroup, so no socket-level program sees its sockets: a
+//! VM or nested namespace) reaches NodePorts, LoadBalancer IPs, external IPs and ClusterIPs
+//! through the tc programs the agent attaches to `cni0`; the off-node client reaches a ClusterIP
+//! routed to node1, masqueraded; and externalTrafficPolicy Cluster traffic to a local backend
+//! keeps the client's address only while every interface with a route runs our programs.
+use std::time::{Duration, Instant};
+
+use lb_tests::{
+    bin_path, lab::Exchange, netns, on_both_variants, scenario::start_example_on as setup, Variant,
+};
+
+const GUEST: &str = "vm1";
+const GUEST_ADDR: &str = "10.244.1.50";
+const NODE1: &str = "192.168.100.1";
+const CLIENT: &str = "192.168.100.100";
+
+fn all_ok(ex: &[Exchange], what: &str) {
+    let bad: Vec<_> = ex.iter().filter(|e| !e.ok).collect();
+    assert!(
+        bad.is_empty(),
+        "{what}: {} of {} failed, first {:?}",
+        bad.len(),
+        ex.len(),
+        bad.first()
+    );
+}
+
+fn seen_ip(e: &Exchange) -> String {
+    e.seen_ip().expect("the echo server's view").to_string()
+}
+
+/// `lbctl config -o json` of node1's agent.
+fn config(lab: &lb_tests::Lab) -> serde_json::Value {
+    let out = std::process::Command::new(bin_path("lbctl").unwrap())
+        .arg("--bpffs")
+        .arg(&lab.node("node1").bpffs)
+        .args(["config", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array().map_or(v.clone(), |a| a[0].clone())
+}
+
+/// Waits until node1's config says `masquerade_local_backends == want` (the agent rescans its
+/// interfaces every 2 s).
+fn wait_masquerade(lab: &lb_tests::Lab, want: bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let c = config(lab);
+        if c["masquerade_local_backends"] == serde_json::Value::Bool(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "masquerade_local_backends never became {want}: {c}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn guest_reaches_every_frontend(v: Variant) {
+    let Some(mut s) = setup(v) else { return };
+    s.agents[0]
+        .wait_for_log(
+            "interface cni0: tc ingress and egress attached",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    let c = config(&s.lab);
+    assert_eq!(c["interfaces"], serde_json::json!(["cni0"]), "{c}");
+    assert_eq!(c["pod_cidr"], "10.244.1.0/24", "{c}");
+    assert_eq!(c["masquerade_local_backends"], false, "{c}");
+    s.lab
+        .add_guest("node1", GUEST, GUEST_ADDR.parse().unwrap())
+        .unwrap();
+
+    // NodePort, LoadBalancer IP and external IP arriving on cni0 (not a --device).
+    // web-cluster (externalTrafficPolicy Cluster, its only backend b1 on node2): masqueraded.
+    for (proto, target) in [
+        ("tcp", "192.168.100.1:30090"),
+        ("udp", "192.168.100.1:30090"),
+        ("tcp", "203.0.113.11:80"),
+    ] {
+        let ex = s
+            .lab
+            .run_client(GUEST, &[proto, target, "--count", "10"])
+            .unwrap();
+        all_ok(&ex, &format!("{proto} {target} from the guest"));
+        for e in &ex {
+            assert_eq!(e.backend.as_deref(), Some("b1"), "{e:?}");
+            assert_eq!(seen_ip(e), NODE1, "{e:?}");
+            assert_eq!(e.peer_addr().unwrap().to_string(), target, "{e:?}");
+        }
+    }
+    // web-local (externalTrafficPolicy Local, backend a1 on node1): the guest and a1 share
+    // the pod bridge, so a1's reply would go straight back over it, past every program: a
+    // source in the pod CIDR going to a local backend is masqueraded whatever the policy.
+    let ex = s.lab.tcp(GUEST, "192.168.100.1:30080", 10).unwrap();
+    all_ok(&ex, "NodePort of web-local from the guest");
+    for e in &ex {
+        assert_eq!(e.backend.as_deref(), Some("a1"), "{e:?}");
+        assert_eq!(seen_ip(e), NODE1, "{e:?}");
+        assert_eq!(
+            e.peer_addr().unwrap().to_string(),
+            "192.168.100.1:30080",
+            "{e:?}"
+        );
+    }
+    // The external IP (a2 on node1, b2 on node2), both backends reached.
+    let ex = s.lab.tcp(GUEST, "198.51.100.50:80", 30).unwrap();
+    all_ok(&ex, "external IP from the guest");
+    assert!(
+        ex.iter().any(|e| e.backend.as_deref() == Some("a2")),
+        "{ex:?}"
+    );
+    assert!(
+        ex.iter().any(|e| e.backend.as_deref() == Some("b2")),
+        "{ex:?}"
+    );
+
+    // ClusterIPs from a source in node1's pod CIDR: a remote backend sees the guest (its
+    // replies come back through node1's eth0)...
+    for proto in ["tcp", "udp"] {
+        let ex = s
+            .lab
+            .run_client(GUEST, &[proto, "10.96.0.41:80", "--count", "10"])
+            .unwrap();
+        all_ok(
+            &ex,
+            &format!("{proto} ClusterIP of web-cluster from the guest"),
+        );
+        for e in &ex {
+            assert_eq!(e.backend.as_deref(), Some("b1"), "{e:?}");
+            assert_eq!(seen_ip(e), GUEST_ADDR, "{e:?}");
+            assert_eq!(e.peer_addr().unwrap().to_string(), "10.96.0.41:80", "{e:?}");
+        }
+    }
+    // ...a local backend sees node1 (the reply would otherwise cross the bridge past us).
+    for proto in ["tcp", "udp"] {
+        let ex = s
+            .lab
+            .run_client(GUEST, &[proto, "10.96.0.40:80", "--count", "10"])
+            .unwrap();
+        all_ok(
+            &ex,
+            &format!("{proto} ClusterIP of web-local from the guest"),
+        );
+        for e in &ex {
+            assert_eq!(e.backend.as_deref(), Some("a1"), "{e:?}");
+            assert_eq!(seen_ip(e), NODE1, "{e:?}");
+            assert_eq!(e.peer_addr().unwrap().to_string(), "10.96.0.40:80", "{e:?}");
+        }
+    }
+    // The program on cni0 did it: the north-south counters of node1 saw new flows.
+    assert!(s.stats("node1")["xdp_new_flow"] > 0);
+}
+on_both_variants!(guest_reaches_every_frontend: lab_guest_behind_the_node_reaches_every_frontend_plain, lab_guest_behind_the_node_reaches_every_frontend_xdp);
+
+fn off_node_client_reaches_a_cluster_ip(v: Variant) {
+    let Some(s) = setup(v) else { return };
+    s.lab.client_route("10.96.0.0/24", "node1").unwrap();
+    // A remote backend (b1 on node2) and a local one (a1 on node1): both see node1, the client
+    // being no local pod.
+    for (target, backend) in [("10.96.0.41:80", "b1"), ("10.96.0.40:80", "a1")] {
+        for proto in ["tcp", "udp"] {
+            let ex = s
+                .lab
+                .run_client("client", &[proto, target, "--count", "10"])
+                .unwrap();
+            all_ok(&ex, &format!("{proto} {target} from the client"));
+            for e in &ex {
+                assert_eq!(e.backend.as_deref(), Some(backend), "{e:?}");
+                assert_eq!(seen_ip(e), NODE1, "{e:?}");
+                assert_eq!(e.peer_addr().unwrap().to_string(), target, "{e:?}");
+            }
+        }
+    }
+}
+on_both_variants!(off_node_client_reaches_a_cluster_ip: lab_off_node_client_reaches_a_cluster_ip_plain, lab_off_node_client_reaches_a_cluster_ip_xdp);
+
+/// A NodePort Service (externalTrafficPolicy Cluster) whose only backend, a1, runs on node1.
+const NP_A1: &str = "
+---
+apiVersion: v1
+kind: Service
+metadata: {name: np-a1, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.70
+  selector: {app: np-a1}
+  ports:
+  - {name: tcp, port: 80, targetPort: 8080, nodePort: 30110}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: np-a1-1
+  namespace: default
+  labels: {kubernetes.io/service-name: np-a1}
+addressType: IPv4
+ports:
+- {name: tcp, port: 8080}
+endpoints:
+- {addresses: [10.244.1.10], nodeName: node1}
+";
+
+fn cluster_policy_local_backend_reply_rule(v: Variant) {
+    let Some(mut s) = setup(v) else { return };
+    let text = format!("{}{NP_A1}", lb_tests::scenario::example_manifests());
+    s.apply(&text, 2);
+    let ask = |s: &lb_tests::scenario::Running| {
+        let ex = s.lab.tcp("client", "192.168.100.1:30110", 10).unwrap();
+        all_ok(&ex, "NodePort of np-a1");
+        assert!(
+            ex.iter().all(|e| e.backend.as_deref() == Some("a1")),
+            "{ex:?}"
+        );
+        let mut seen: Vec<String> = ex.iter().map(seen_ip).collect();
+        seen.dedup();
+        seen
+    };
+    // Every interface with a route (eth0, cni0) runs our programs: the client's address.
+    wait_masquerade(&s.lab, false);
+    assert_eq!(ask(&s), [CLIENT]);
+    // An interface with a route but no address (so not hooked): replies leaving by it would
+    // not be translated, so local backends get the masquerade.
+    let ns = s.lab.node("node1").netns.clone();
+    // (A veth pair inside node1: this kernel may lack the dummy driver.)
+    netns::ip(
+        &ns,
+        &[
+            "link", "add", "lbtest0", "type", "veth", "peer", "name", "lbtest1",
+        ],
+    )
+    .unwrap();
+    netns::ip(&ns, &["link", "set", "lbtest0", "up"]).unwrap();
+    netns::ip(&ns, &["link", "set", "lbtest1", "up"]).unwrap();
+    netns::ip(&ns, &["route", "add", "198.18.0.0/24", "dev", "lbtest0"]).unwrap();
+    wait_masquerade(&s.lab, true);
+    assert_eq!(ask(&s), [NODE1]);
+    // Given an address, it is hooked like cni0, and the guarantee is back.
+    netns::ip(&ns, &["addr", "add", "198.18.0.1/24", "dev", "lbtest0"]).unwrap();
+    wait_masquerade(&s.lab, false);
+    let c = config(&s.lab);
+    assert_eq!(
+        c["interfaces"],
+        serde_json::json!(["cni0", "lbtest0"]),
+        "{c}"
+    );
+    assert_eq!(ask(&s), [CLIENT]);
+    // Gone: unhooked, its pins removed.
+    netns::ip(&ns, &["link", "del", "lbtest0"]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while config(&s.lab)["interfaces"] != serde_json::json!(["cni0"]) {
+        assert!(
+            Instant::now() < deadline,
+            "lbtest0 still hooked: {}",
+            config(&s.lab)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(ask(&s), [CLIENT]);
+}
+on_both_variants!(cluster_policy_local_backend_reply_rule: lab_cluster_policy_local_backend_reply_rule_plain, lab_cluster_policy_local_backend_reply_rule_xdp);
