@@ -17,6 +17,10 @@
 //! NodePort), with node1 forwarding through its stack and no agent running. It is measured first,
 //! in the same lab, before the agent starts.
 //!
+//! [`nat_bench`] runs all of it on the XDP variant of the lab, then the TCP comparison alone
+//! again on a fresh plain-variant lab ([`plain_tcp`]: nothing on the fabric side of `eth0`, so
+//! the agent translates at tc ingress; issue 13's target is >= 0.8 of the no-LB path there).
+//!
 //! All traffic comes from the lab's client namespace: `lab-load` (src/bin/lab-load.rs) for the
 //! TCP runs, the UDP flows and the spoofed SYNs (raw socket), `lab-client hold` for the
 //! established connections, and a thread of this process that entered the client namespace for
@@ -570,6 +574,12 @@ pub struct NatBench {
     pub syn_flood: Result<SynFlood, String>,
     /// node1's non-zero datapath counters at the end.
     pub counters: BTreeMap<String, u64>,
+    /// The same TCP comparison as `tcp` (same duration, agent with default flags) on the plain
+    /// lab (nothing on the fabric side of `eth0`: the agent picks tc ingress), in a lab of its
+    /// own built after the XDP one is gone (issue 13: ≥ 0.8 of the no-LB path).
+    pub tcp_plain: Result<TcpComparison, String>,
+    /// node1's non-zero datapath counters at the end of the plain lab's comparison.
+    pub plain_counters: BTreeMap<String, u64>,
 }
 
 /// Sizes of [`nat_bench`]: the issue's targets at full size, or a quick smoke run.
@@ -600,10 +610,43 @@ impl NatSizes {
     };
 }
 
-/// One lab, in this order: the TCP comparison, the UDP flows, the spoofed SYN flood, the UDP
-/// flow whose backend is removed (last, as it changes the Services). A part that fails is
-/// reported as such; a lab that cannot be built or an agent that cannot start fails the whole.
+/// One XDP-variant lab, in this order: the TCP comparison, the UDP flows, the spoofed SYN flood,
+/// the UDP flow whose backend is removed (last, as it changes the Services); then, once that lab
+/// is gone, a plain-variant lab for the TCP comparison alone ([`plain_tcp`]). A part that fails
+/// is reported as such; an XDP lab that cannot be built or whose agent cannot start fails the
+/// whole.
 pub fn nat_bench(sizes: NatSizes) -> Result<NatBench> {
+    let xdp = xdp_nat_bench(sizes)?;
+    let (tcp_plain, plain_counters) = match plain_tcp(Duration::from_secs(sizes.tcp_seconds)) {
+        Ok((t, c)) => (t, c),
+        Err(e) => (Err(format!("{e:#}")), BTreeMap::new()),
+    };
+    Ok(NatBench {
+        tcp_plain,
+        plain_counters,
+        ..xdp
+    })
+}
+
+/// The TCP comparison ([`NatLab::compare_tcp`]) on a fresh plain-variant lab, and node1's
+/// non-zero counters afterwards. Fails only if the lab cannot be built.
+pub fn plain_tcp(
+    duration: Duration,
+) -> Result<(Result<TcpComparison, String>, BTreeMap<String, u64>)> {
+    let mut nat = NatLab::new_variant(crate::lab::Variant::Plain)?;
+    let tcp = nat.compare_tcp(duration).map_err(|e| format!("{e:#}"));
+    let counters = if nat.agent.is_some() {
+        nat.stats()
+            .map(|s| s.into_iter().filter(|(_, v)| *v > 0).collect())
+            .unwrap_or_default()
+    } else {
+        BTreeMap::new()
+    };
+    Ok((tcp, counters))
+}
+
+/// The XDP-variant part of [`nat_bench`] (its `tcp_plain` not run yet).
+fn xdp_nat_bench(sizes: NatSizes) -> Result<NatBench> {
     let err = |e: anyhow::Error| format!("{e:#}");
     let mut nat = NatLab::new()?;
     let tcp = nat
@@ -630,6 +673,8 @@ pub fn nat_bench(sizes: NatSizes) -> Result<NatBench> {
         udp_failover,
         syn_flood,
         counters,
+        tcp_plain: Err("not run yet".into()),
+        plain_counters: BTreeMap::new(),
     })
 }
 

@@ -378,7 +378,10 @@ pub fn markdown(r: &Results) -> String {
     md
 }
 
-/// The issue-12 rows of the targets table.
+/// Issue 13: NodePort new TCP connections/s on the plain-veth lab against the no-LB path.
+pub const PLAIN_TCP_TARGET: f64 = 0.8;
+
+/// The issue-12 rows of the targets table (and issue 13's plain-lab row).
 fn nat_targets(md: &mut String, n: &NatBench) {
     match &n.tcp {
         Ok(t) => {
@@ -399,6 +402,28 @@ fn nat_targets(md: &mut String, n: &NatBench) {
             let _ = writeln!(
                 md,
                 "| new TCP connections ≥ 0.9 × the no-LB path | not measured: {e} | **not met** |"
+            );
+        }
+    }
+    match &n.tcp_plain {
+        Ok(t) => {
+            let _ = writeln!(
+                md,
+                "| plain-veth lab (tc ingress): new TCP connections for {:.0} s ≥ 0.8 × the no-LB path | {} vs {} requests/s = {:.2} ×; {} errors of {} ({:.3} %) | {} |",
+                t.seconds,
+                thousands(t.nodeport_rps),
+                thousands(t.direct_rps),
+                t.ratio,
+                t.nodeport_errors,
+                thousands(t.nodeport_requests as f64),
+                t.error_rate * 100.0,
+                met(t.ratio >= PLAIN_TCP_TARGET)
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(
+                md,
+                "| plain-veth lab (tc ingress): new TCP connections ≥ 0.8 × the no-LB path | not measured: {e} | **not met** |"
             );
         }
     }
@@ -493,6 +518,32 @@ fn nat_section(md: &mut String, n: &NatBench) {
             let _ = writeln!(md, "New TCP connections not measured: {e}");
         }
     }
+    match &n.tcp_plain {
+        Ok(t) => {
+            let _ = writeln!(
+                md,
+                "\nPlain-veth lab (nothing on the fabric side of node1's `eth0`, so the agent translates at tc ingress), a lab of its own, same {:.0} s and {} clients: no load balancer {} requests/s ({} errors), NodePort (tc) {} requests/s ({} errors of {}): **{:.2} ×** the no-LB path (target ≥ {}).",
+                t.seconds,
+                super::nat::TCP_WORKERS,
+                thousands(t.direct_rps),
+                t.direct_errors,
+                thousands(t.nodeport_rps),
+                t.nodeport_errors,
+                thousands(t.nodeport_requests as f64),
+                t.ratio,
+                PLAIN_TCP_TARGET
+            );
+            if !t.error_samples.is_empty() {
+                let _ = writeln!(md, "\nErrors (plain lab): {}", t.error_samples.join("; "));
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(
+                md,
+                "\nPlain-veth lab: new TCP connections not measured: {e}"
+            );
+        }
+    }
     if let Ok(u) = &n.udp_flows {
         let _ = writeln!(
             md,
@@ -526,6 +577,17 @@ fn nat_section(md: &mut String, n: &NatBench) {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if !n.plain_counters.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nnode1's counters in the plain lab: {}",
+            n.plain_counters
+                .iter()
+                .map(|(k, v)| format!("{k} {}", thousands(*v as f64)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
 }
 
 /// A horizontal bar chart per section, as SVG.
@@ -683,5 +745,53 @@ mod tests {
         assert!(svg(&r).starts_with("<svg"));
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["testrun"]["Err"], "no BPF");
+    }
+
+    #[test]
+    fn the_plain_lab_comparison_is_reported_beside_the_xdp_one() {
+        use super::super::{labbench::LoadReport, nat::TcpComparison};
+        let report = |ok: u64, elapsed_s: f64| LoadReport {
+            ok,
+            sent: ok,
+            elapsed_s,
+            ..Default::default()
+        };
+        let xdp = TcpComparison::of(&report(4_800, 1.0), &report(4_400, 1.0));
+        let plain = TcpComparison::of(&report(5_000, 1.0), &report(3_000, 1.0));
+        let n = NatBench {
+            tcp: Ok(xdp),
+            udp_flows: Err("not run".into()),
+            udp_failover: Err("not run".into()),
+            syn_flood: Err("not run".into()),
+            counters: Default::default(),
+            tcp_plain: Ok(plain),
+            plain_counters: [("tc_new_flow".to_string(), 7)].into_iter().collect(),
+        };
+        let r = Results {
+            machine: Machine::read(),
+            quick: true,
+            testrun: Err("no BPF".into()),
+            lab: Err("no lab".into()),
+            nat: Ok(n),
+            control: Err("no maps".into()),
+            kube_proxy_restore: Err("no iptables".into()),
+            agent_memory: Err("no agent".into()),
+            ct_gc: Err("no maps".into()),
+        };
+        let md = markdown(&r);
+        assert!(
+            md.contains("≥ 0.9 × the no-LB path, errors ≤ 0.1 % | 4,400 vs 4,800"),
+            "{md}"
+        );
+        assert!(
+            md.contains("plain-veth lab (tc ingress): new TCP connections for 1 s ≥ 0.8 × the no-LB path | 3,000 vs 5,000 requests/s = 0.60 ×")
+                && md.contains("**0.60 ×** the no-LB path (target ≥ 0.8)")
+                && md.contains("in the plain lab: tc_new_flow 7"),
+            "{md}"
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["nat"]["Ok"]["tcp"]["Ok"]["nodeport_rps"], 4400.0);
+        assert_eq!(json["nat"]["Ok"]["tcp_plain"]["Ok"]["direct_rps"], 5000.0);
+        assert_eq!(json["nat"]["Ok"]["tcp_plain"]["Ok"]["ratio"], 0.6);
     }
 }

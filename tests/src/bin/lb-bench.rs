@@ -136,7 +136,7 @@ fn main() {
     } else if !wants("lab") {
         skipped()
     } else {
-        step("lab: north-south NAT targets (agent with default flags)");
+        step("lab: north-south NAT targets (agent with default flags; TCP also on the plain lab)");
         nat::nat_bench(if quick {
             nat::NatSizes::QUICK
         } else {
