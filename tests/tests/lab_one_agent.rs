@@ -48,3 +48,53 @@ fn lab_a_second_agent_on_the_same_pin_directory_is_refused() {
         .wait_for_log("sync generation 1:", Duration::from_secs(20))
         .unwrap();
 }
+
+/// A pin directory removed under a running agent (its links were the programs' only holders, so
+/// the dataplane is detached): noticed within seconds, one error line, /healthz and /livez turn
+/// 503 (the DaemonSet's liveness probe then restarts the agent); a restarted agent pins
+/// everything afresh and serves again.
+#[test]
+fn lab_a_vanished_pin_directory_is_noticed() {
+    let Some(mut s) = lb_tests::scenario::start_example_with(&["--health-addr", "0.0.0.0:10256"])
+    else {
+        return;
+    };
+    let health = |s: &lb_tests::scenario::Running, path| {
+        lb_tests::scenario::http_get(&s.lab.client_netns, "192.168.100.1:10256", path).0
+    };
+    // (The agent attaches after its first sync; its first interface scan follows at once.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health(&s, "/healthz") != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "never healthy:\n{}",
+            s.agents[0].log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let bpffs = s.lab.node("node1").bpffs.clone();
+    std::fs::remove_dir_all(&bpffs).unwrap();
+    s.agents[0]
+        .wait_for_log("the pin directory is gone", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(health(&s, "/healthz"), 503);
+    assert_eq!(health(&s, "/livez"), 503);
+    assert!(s.agents[0].is_running());
+    // What the liveness probe would do: a restart.
+    s.agents[0].stop().unwrap();
+    let mut again = s
+        .lab
+        .spawn_agent("node1", &bin_path("lb-agent").unwrap(), &s.manifests, &[])
+        .unwrap();
+    again
+        .wait_for_log("sync generation 1:", Duration::from_secs(20))
+        .unwrap();
+    again
+        .wait_for_log("attached to cgroup", Duration::from_secs(20))
+        .unwrap();
+    let ex = s
+        .lab
+        .run_client("a1", &["tcp", "10.96.0.10:80", "--count", "20"])
+        .unwrap();
+    assert!(ex.iter().all(|e| e.ok), "{ex:?}");
+}

@@ -67,7 +67,15 @@ fn lab_metrics_move_with_real_traffic_and_health_follows_the_dataplane() {
             .unwrap_or_else(|| panic!("no sample {k} in\n{body}"))
     };
     assert!(get(r#"lb_datapath_events_total{counter="xdp_new_flow"}"#) >= 25.0);
-    assert!(get(r#"lb_datapath_events_total{counter="tc_reply"}"#) >= 25.0);
+    // The local backend's replies, translated by tc ingress on cni0 (node1 hooks its pod
+    // bridge) or tc egress on eth0.
+    assert!(
+        get(r#"lb_datapath_events_total{counter="tc_reply"}"#)
+            + get(r#"lb_datapath_events_total{counter="xdp_reply"}"#)
+            >= 25.0
+    );
+    assert_eq!(get(r#"lb_interface_hooked{interface="cni0"}"#), 1.0);
+    assert_eq!(get("lb_masquerade_local_backends"), 0.0);
     assert!(get(r#"lb_datapath_events_total{counter="sock_connect_xlate"}"#) >= 25.0);
     assert!(get(r#"lb_map_entries{map="conntrack"}"#) >= 2.0);
     assert_eq!(get(r#"lb_map_capacity{map="conntrack"}"#), 262144.0);

@@ -93,25 +93,49 @@ pub fn names(found: &[(String, Reason)]) -> Vec<String> {
     v
 }
 
-/// Devices of IPv4 default routes (destination 0.0.0.0/0, route up) in `/proc/net/route`.
-pub fn default_route_devices(route_table: &str) -> Vec<String> {
+/// The routes of `/proc/net/route` that are up: (device, destination, mask) as the file spells
+/// them (hex, network order).
+fn up_routes(route_table: &str) -> impl Iterator<Item = (&str, &str, &str)> {
     const RTF_UP: u32 = 0x1;
-    let mut out = Vec::new();
-    for line in route_table.lines().skip(1) {
+    route_table.lines().skip(1).filter_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
         // Iface Destination Gateway Flags RefCnt Use Metric Mask ...
         if f.len() < 8 {
-            continue;
+            return None;
         }
         let flags = u32::from_str_radix(f[3], 16).unwrap_or(0);
-        if f[1] == "00000000" && f[7] == "00000000" && flags & RTF_UP != 0 {
-            let dev = f[0].to_string();
-            if !out.contains(&dev) {
-                out.push(dev);
-            }
+        (flags & RTF_UP != 0).then_some((f[0], f[1], f[7]))
+    })
+}
+
+/// Distinct device names, in order of appearance.
+fn distinct<'a>(devs: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for d in devs {
+        if !out.iter().any(|o| o == d) {
+            out.push(d.to_string());
         }
     }
     out
+}
+
+/// Devices of IPv4 default routes (destination 0.0.0.0/0, route up) in `/proc/net/route`.
+pub fn default_route_devices(route_table: &str) -> Vec<String> {
+    distinct(
+        up_routes(route_table)
+            .filter(|(_, dest, mask)| *dest == "00000000" && *mask == "00000000")
+            .map(|(dev, _, _)| dev),
+    )
+}
+
+/// The devices of the IPv4 routes that are up in `/proc/net/route` (the main table), loopback
+/// excluded, distinct, in order of appearance.
+pub fn route_devices(route_table: &str) -> Vec<String> {
+    distinct(
+        up_routes(route_table)
+            .map(|(dev, _, _)| dev)
+            .filter(|dev| *dev != "lo"),
+    )
 }
 
 /// Every IPv4 address of every device (getifaddrs).
@@ -133,24 +157,6 @@ pub fn up_with_ipv4() -> io::Result<Vec<String>> {
     v.sort();
     v.dedup();
     Ok(v)
-}
-
-/// The devices of the IPv4 routes that are up in `/proc/net/route` (the main table), loopback
-/// excluded, distinct, in order of appearance.
-pub fn route_devices(route_table: &str) -> Vec<String> {
-    const RTF_UP: u32 = 0x1;
-    let mut out = Vec::new();
-    for line in route_table.lines().skip(1) {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 8 || f[0] == "lo" {
-            continue;
-        }
-        let flags = u32::from_str_radix(f[3], 16).unwrap_or(0);
-        if flags & RTF_UP != 0 && !out.iter().any(|d| d == f[0]) {
-            out.push(f[0].to_string());
-        }
-    }
-    out
 }
 
 /// Every IPv4 address of every device, with the device's flags (getifaddrs).

@@ -134,6 +134,7 @@ pub struct Ops {
     service_seen: Mutex<BTreeMap<(u32, u8), u64>>,
     programmed: AtomicBool,
     last_sync_ok: AtomicBool,
+    pins_lost: AtomicBool,
     heartbeat: AtomicU64,
 }
 
@@ -344,6 +345,7 @@ impl Ops {
             local_seen: Mutex::default(),
             programmed: AtomicBool::new(false),
             last_sync_ok: AtomicBool::new(false),
+            pins_lost: AtomicBool::new(false),
             heartbeat: AtomicU64::new(now_s()),
         }
     }
@@ -446,6 +448,12 @@ impl Ops {
     /// A conntrack sweep failed.
     pub fn ct_gc_failed(&self) {
         self.ct_gc_errors.inc();
+    }
+
+    /// The pin directory lost this agent's pins (the programs are detached): health answers
+    /// 503 from now on, so that the liveness probe restarts the agent, which pins afresh.
+    pub fn pins_lost(&self) {
+        self.pins_lost.store(true, Ordering::Relaxed);
     }
 
     pub fn sync_failed(&self) {
@@ -567,6 +575,7 @@ impl Ops {
         let beat = self.heartbeat.load(Ordering::Relaxed);
         let healthy = self.programmed.load(Ordering::Relaxed)
             && self.last_sync_ok.load(Ordering::Relaxed)
+            && !self.pins_lost.load(Ordering::Relaxed)
             && now.saturating_sub(beat) < STALE_AFTER.as_secs();
         let body = serde_json::json!({
             "lastUpdated": self.last_sync.get(),

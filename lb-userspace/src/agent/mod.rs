@@ -86,7 +86,7 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     // One agent per pin directory, taken before anything is loaded or pinned (and after the
     // checks above, so that an agent that cannot start creates nothing). Held until the agent
     // exits: the kernel releases it then, even on SIGKILL.
-    let _one_agent = preflight::lock_pin_dir(&cfg.bpffs)?;
+    let one_agent = preflight::lock_pin_dir(&cfg.bpffs)?;
     let mut ebpf = load(&cfg.bpffs)?;
     // Rare kernel events (aya-log), forwarded to this log at their (debug) level.
     let mut kernel_log = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -150,6 +150,7 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let mut ifaces = interfaces::OtherInterfaces::default();
     let mut next_scan = Instant::now();
     let mut scanned = false;
+    let mut pins_lost = false;
     let mut dp_config: Option<lb_common::Config> = None;
     // The devices that run the XDP program: redirect targets of the XDP path.
     let mut xdp_ifindexes: Vec<u32> = Vec::new();
@@ -294,6 +295,17 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
             };
             if first {
                 ifaces.remove_stale_pins(&cfg.bpffs);
+            }
+            if !pins_lost {
+                if let Some(why) = preflight::pins_missing(&cfg.bpffs, &one_agent) {
+                    log::error!(
+                        "--bpffs {}: {why}: the programs are detached; /healthz and /livez \
+                         answer 503 until the agent restarts (it pins everything afresh)",
+                        cfg.bpffs.display()
+                    );
+                    ops.pins_lost();
+                    pins_lost = true;
+                }
             }
             ops.other_interfaces(ifaces.hooked(), ifaces.masquerade_local);
             if let (true, Some(c)) = (changed, dp_config.as_mut()) {

@@ -149,6 +149,33 @@ pub fn lock_pin_dir(bpffs: &Path) -> Result<fs::File> {
     Ok(dir)
 }
 
+/// Why the pin directory no longer holds what this agent pinned there (`lock` is the directory
+/// as [`lock_pin_dir`] opened it); `None` while it does. Removed pins detach the programs (the
+/// pinned links were their only holders), so this is checked every few seconds.
+pub fn pins_missing(bpffs: &Path, lock: &fs::File) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let now = match fs::metadata(bpffs) {
+        Ok(m) => m,
+        Err(e) => return Some(format!("the pin directory is gone ({e})")),
+    };
+    if let Ok(held) = lock.metadata() {
+        if (now.dev(), now.ino()) != (held.dev(), held.ino()) {
+            return Some("the pin directory was removed and created again".into());
+        }
+    }
+    for name in lb_common::map_name::ALL {
+        if !bpffs.join(name).exists() {
+            return Some(format!("the map pin {name} is gone"));
+        }
+    }
+    for name in crate::dataplane::links::CGROUP_LINKS {
+        if !bpffs.join("links").join(name).exists() {
+            return Some(format!("the link pin links/{name} is gone"));
+        }
+    }
+    None
+}
+
 /// The node's ephemeral ports (of this network namespace; the agent runs in the host's).
 const EPHEMERAL_PORTS: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 
