@@ -609,6 +609,11 @@ pub struct Config {
     /// redirected into them. A translated packet whose route leaves by another interface (a
     /// bridge, a tc device) goes through the stack instead of a redirect that would drop it.
     pub xdp_ifindexes: [u32; limits::XDP_DEVICES],
+    /// The smallest prefix that covers every ClusterIP (network order; valid with
+    /// `config_flags::CLUSTER_IPS`): the north-south path looks a ClusterIP up only for
+    /// destinations inside it, so other traffic pays no second lookup.
+    pub cluster_ip_net_be: u32,
+    pub cluster_ip_mask_be: u32,
 }
 
 /// Flags of [`Config`].
@@ -617,9 +622,18 @@ pub mod config_flags {
     /// cannot guarantee that their replies meet a program of ours, whatever interface they
     /// leave by: an interface with an IPv4 route runs no tc egress program of ours).
     pub const MASQUERADE_LOCAL: u32 = 1 << 0;
+    /// `Config::cluster_ip_net_be`/`cluster_ip_mask_be` hold a prefix (there are ClusterIPs).
+    pub const CLUSTER_IPS: u32 = 1 << 1;
 }
 
 impl Config {
+    /// Whether `daddr_be` may be a ClusterIP (inside the prefix that covers them all).
+    #[inline(always)]
+    pub fn maybe_cluster_ip(&self, daddr_be: u32) -> bool {
+        self.flags & config_flags::CLUSTER_IPS != 0
+            && daddr_be & self.cluster_ip_mask_be == self.cluster_ip_net_be
+    }
+
     /// Whether `ifindex` is a device running the XDP program (a redirect target).
     #[inline(always)]
     pub fn xdp_device(&self, ifindex: u32) -> bool {
@@ -870,7 +884,7 @@ const _: () = {
     assert!(core::mem::size_of::<CtEntry>() == 32);
     assert!(core::mem::size_of::<FragKey>() == 12);
     assert!(core::mem::size_of::<FragPorts>() == 4);
-    assert!(core::mem::size_of::<Config>() == 24 + 4 * limits::XDP_DEVICES);
+    assert!(core::mem::size_of::<Config>() == 32 + 4 * limits::XDP_DEVICES);
     assert!(core::mem::size_of::<BenchFrame>() == 72);
 };
 

@@ -85,10 +85,15 @@ fn new_flow<H: Hook>(ctx: &H, p: &Packet, key: &CtKey, len: u64) -> Result<u32, 
     // behind the node): with the internal endpoint set, as kube-proxy serves it.
     let (fe, cluster_ip) = match frontend::lookup(p.daddr, p.dport, p.proto, scope::EXTERNAL) {
         Some(fe) => (fe, false),
-        None => match frontend::lookup(p.daddr, p.dport, p.proto, scope::INTERNAL) {
-            Some(fe) if fe.master.flags & service_flags::CLUSTER_IP != 0 => (fe, true),
-            _ => return Err(Stop::Pass(counter::XDP_NO_FRONTEND)),
-        },
+        // (Only inside the prefix that covers every ClusterIP: other traffic, the bulk of what
+        // a device sees, pays no second lookup.)
+        None if maps::config().is_some_and(|c| c.maybe_cluster_ip(p.daddr)) => {
+            match frontend::lookup(p.daddr, p.dport, p.proto, scope::INTERNAL) {
+                Some(fe) if fe.master.flags & service_flags::CLUSTER_IP != 0 => (fe, true),
+                _ => return Err(Stop::Pass(counter::XDP_NO_FRONTEND)),
+            }
+        }
+        None => return Err(Stop::Pass(counter::XDP_NO_FRONTEND)),
     };
     let svc_port_id = fe.master.svc_port_id;
     if fe.master.count == 0 {

@@ -99,6 +99,18 @@ pub fn start_example_on_with(variant: Variant, extra: &[&str]) -> Option<Running
             )
             .unwrap();
         }
+        // The hook is chosen (and logged) before it is attached: traffic sent in between would
+        // meet a half-attached node. Wait for the attach, and for the node's pod bridge to get
+        // its tc programs (the interface scan right after).
+        a.wait_for_log("attached to cgroup", Duration::from_secs(10))
+            .unwrap();
+        if !extra.contains(&"--device") && !extra.contains(&"--other-interfaces") {
+            a.wait_for_log(
+                "interface cni0: tc ingress and egress attached",
+                Duration::from_secs(10),
+            )
+            .unwrap();
+        }
         agents.push(a);
     }
     Some(Running {

@@ -195,6 +195,7 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                     cfg.snat_ports,
                     ifaces.masquerade_local,
                     &xdp_ifindexes,
+                    p.cluster_ips(),
                 );
                 dp_config = Some(config);
                 let synced = syncer
@@ -249,6 +250,7 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                             cfg.snat_ports,
                             ifaces.masquerade_local,
                             &xdp_ifindexes,
+                            p.cluster_ips(),
                         );
                         syncer.set_config(c)?;
                     }

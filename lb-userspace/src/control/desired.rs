@@ -164,14 +164,17 @@ pub(crate) fn backend_value(k: &BackendKey, flags: u8) -> Backend {
 /// sources of ClusterIP packets that keep their address), and whether externalTrafficPolicy
 /// Cluster flows to local backends are masqueraded too (`masquerade_local`: the agent found an
 /// interface whose replies no program of ours would translate), and the devices that run the
-/// XDP program (redirect targets; the first `limits::XDP_DEVICES`). Without a Node object (so
+/// XDP program (redirect targets; the first `limits::XDP_DEVICES`), and the prefix covering
+/// the ClusterIPs (`cluster_ips`). Without a Node object (so
 /// without an address) the north-south path stays off (`xdp_no_config`).
 pub fn datapath_config(
     node: &NodeInfo,
     snat_ports: (u16, u16),
     masquerade_local: bool,
     xdp_ifindexes: &[u32],
+    cluster_ips: impl IntoIterator<Item = Ipv4Addr>,
 ) -> lb_common::Config {
+    let cip = covering_prefix(cluster_ips);
     let mut xdp = [0u32; lb_common::limits::XDP_DEVICES];
     for (slot, i) in xdp.iter_mut().zip(xdp_ifindexes) {
         *slot = *i;
@@ -196,9 +199,55 @@ pub fn datapath_config(
             lb_common::config_flags::MASQUERADE_LOCAL
         } else {
             0
+        } | if cip.is_some() {
+            lb_common::config_flags::CLUSTER_IPS
+        } else {
+            0
         },
         pod_net_be,
         pod_mask_be,
         xdp_ifindexes: xdp,
+        cluster_ip_net_be: cip.map_or(0, |(net, _)| net.to_be()),
+        cluster_ip_mask_be: cip.map_or(0, |(_, mask)| mask.to_be()),
+    }
+}
+
+/// The smallest prefix (network, mask; host order) that covers every address; `None` for none.
+pub fn covering_prefix(addrs: impl IntoIterator<Item = Ipv4Addr>) -> Option<(u32, u32)> {
+    let mut it = addrs.into_iter().map(u32::from);
+    let first = it.next()?;
+    let differ = it.fold(0, |acc, a| acc | (a ^ first));
+    let mask = u32::MAX
+        .checked_shl(32 - differ.leading_zeros())
+        .unwrap_or(0);
+    Some((first & mask, mask))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cluster_ip_prefix_covers_every_cluster_ip_and_little_more() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(covering_prefix([]), None);
+        assert_eq!(
+            covering_prefix([ip("10.96.0.10")]),
+            Some((u32::from(ip("10.96.0.10")), u32::MAX))
+        );
+        let both = [ip("10.96.0.10"), ip("10.96.3.1")];
+        let (net, mask) = covering_prefix(both).unwrap();
+        assert_eq!(
+            (Ipv4Addr::from(net), mask.leading_ones()),
+            (ip("10.96.0.0"), 22)
+        );
+        for a in both {
+            assert_eq!(u32::from(a) & mask, net);
+        }
+        // Addresses that share no leading bit: the whole space (still correct, no filter).
+        assert_eq!(
+            covering_prefix([ip("10.96.0.10"), ip("192.168.0.1")]),
+            Some((0, 0))
+        );
     }
 }

@@ -56,6 +56,17 @@ pub struct Plan {
     pub rejected: Vec<Rejected>,
 }
 
+impl Plan {
+    /// Every ClusterIP of the plan (repeated per port).
+    pub fn cluster_ips(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.services
+            .iter()
+            .flat_map(|sp| &sp.frontends)
+            .filter(|f| f.kind == FrontendKind::ClusterIP)
+            .map(|f| *f.address.ip())
+    }
+}
+
 fn ser_addr<S: serde::Serializer>(a: &SocketAddrV4, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(a)
 }

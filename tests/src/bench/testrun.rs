@@ -201,6 +201,10 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
         snat_port_min: 32768,
         snat_port_max: 60999,
         ready: 1,
+        // As the agent writes it for a cluster whose ClusterIPs fill the default service range.
+        flags: lb_common::config_flags::CLUSTER_IPS,
+        cluster_ip_net_be: u32::from_ne_bytes([10, 96, 0, 0]),
+        cluster_ip_mask_be: u32::from_ne_bytes([255, 240, 0, 0]),
         ..Default::default()
     })?;
     // A LoadBalancer Service (externalTrafficPolicy Cluster) with ten backends on other nodes.
@@ -275,6 +279,8 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
     );
     let reply = tcp(false, backend, snat);
     let unknown = tcp(false, client, ([198, 51, 100, 77], 80));
+    // Inside the ClusterIP range: the ClusterIP lookup too.
+    let unknown_cip = tcp(false, client, ([10, 96, 200, 77], 80));
     let new_flow = tcp(true, (CLIENT, 40001), (LB_IP, 80));
 
     let frame = |bytes: &[u8], vary: bool| {
@@ -294,14 +300,15 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
     let mut floor_runs = Vec::new();
     let mut restore_runs = Vec::new();
     let mut restore_vary_runs = Vec::new();
-    let cases: [(&str, &str, &[u8], bool); 4] = [
+    let cases: [(&str, &str, &[u8], bool); 5] = [
         ("unknown_frontend", "TCP to an address that is no frontend: parsed, looked up, passed", &unknown, false),
+        ("unknown_in_cluster_ip_range", "TCP to an address inside the ClusterIP range that is no frontend: two lookups (external, then ClusterIP), passed", &unknown_cip, false),
         ("new_flow", "SYN of a new flow: Maglev choice, SNAT port, two conntrack inserts, DNAT/SNAT, FIB, XDP_TX", &new_flow, true),
         ("established", "segment of a confirmed flow: conntrack hit, DNAT/SNAT, FIB, XDP_TX", &ack, false),
         ("reply", "reply of a confirmed flow translated back to the frontend, FIB, XDP_TX", &reply, false),
     ];
     let mut raw: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
-    let mut verdicts = [0u32; 4];
+    let mut verdicts = [0u32; 5];
     for _ in 0..runs {
         floor_runs.push(
             h.run_program_ctx(program_name::XDP_PASS, &ack, repeats, &ctx)?
