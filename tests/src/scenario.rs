@@ -34,12 +34,12 @@ impl Running {
         self.lab.variant
     }
 
-    /// `lbctl stats` of a node's agent: counter name -> packets.
-    pub fn stats(&self, node: &str) -> BTreeMap<String, u64> {
+    /// `lbctl --bpffs <node's> COMMAND -o json`, parsed.
+    pub fn lbctl_json(&self, node: &str, command: &str) -> serde_json::Value {
         let out = std::process::Command::new(bin_path("lbctl").unwrap())
             .arg("--bpffs")
             .arg(&self.lab.node(node).bpffs)
-            .args(["stats", "-o", "json"])
+            .args([command, "-o", "json"])
             .output()
             .unwrap();
         assert!(
@@ -47,8 +47,15 @@ impl Running {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-        v.iter()
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// `lbctl stats` of a node's agent: counter name -> packets.
+    pub fn stats(&self, node: &str) -> BTreeMap<String, u64> {
+        let v = self.lbctl_json(node, "stats");
+        v.as_array()
+            .expect("a list of counters")
+            .iter()
             .map(|c| {
                 (
                     c["name"].as_str().unwrap().to_string(),

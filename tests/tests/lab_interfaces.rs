@@ -8,7 +8,10 @@
 use std::time::{Duration, Instant};
 
 use lb_tests::{
-    bin_path, lab::Exchange, netns, on_both_variants, scenario::start_example_on as setup, Variant,
+    lab::{all_ok, Exchange},
+    netns, on_both_variants,
+    scenario::{start_example_on as setup, Running},
+    Variant,
 };
 
 const GUEST: &str = "vm1";
@@ -16,44 +19,22 @@ const GUEST_ADDR: &str = "10.244.1.50";
 const NODE1: &str = "192.168.100.1";
 const CLIENT: &str = "192.168.100.100";
 
-fn all_ok(ex: &[Exchange], what: &str) {
-    let bad: Vec<_> = ex.iter().filter(|e| !e.ok).collect();
-    assert!(
-        bad.is_empty(),
-        "{what}: {} of {} failed, first {:?}",
-        bad.len(),
-        ex.len(),
-        bad.first()
-    );
-}
-
 fn seen_ip(e: &Exchange) -> String {
     e.seen_ip().expect("the echo server's view").to_string()
 }
 
 /// `lbctl config -o json` of node1's agent.
-fn config(lab: &lb_tests::Lab) -> serde_json::Value {
-    let out = std::process::Command::new(bin_path("lbctl").unwrap())
-        .arg("--bpffs")
-        .arg(&lab.node("node1").bpffs)
-        .args(["config", "-o", "json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+fn config(s: &Running) -> serde_json::Value {
+    let v = s.lbctl_json("node1", "config");
     v.as_array().map_or(v.clone(), |a| a[0].clone())
 }
 
 /// Waits until node1's config says `masquerade_local_backends == want` (the agent rescans its
 /// interfaces every 2 s).
-fn wait_masquerade(lab: &lb_tests::Lab, want: bool) {
+fn wait_masquerade(s: &Running, want: bool) {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let c = config(lab);
+        let c = config(s);
         if c["masquerade_local_backends"] == serde_json::Value::Bool(want) {
             return;
         }
@@ -73,7 +54,7 @@ fn guest_reaches_every_frontend(v: Variant) {
             Duration::from_secs(10),
         )
         .unwrap();
-    let c = config(&s.lab);
+    let c = config(&s);
     assert_eq!(c["interfaces"], serde_json::json!(["cni0"]), "{c}");
     assert_eq!(c["pod_cidr"], "10.244.1.0/24", "{c}");
     assert_eq!(c["masquerade_local_backends"], false, "{c}");
@@ -215,7 +196,7 @@ fn cluster_policy_local_backend_reply_rule(v: Variant) {
     let Some(mut s) = setup(v) else { return };
     let text = format!("{}{NP_A1}", lb_tests::scenario::example_manifests());
     s.apply(&text, 2);
-    let ask = |s: &lb_tests::scenario::Running| {
+    let ask = |s: &Running| {
         let ex = s.lab.tcp("client", "192.168.100.1:30110", 10).unwrap();
         all_ok(&ex, "NodePort of np-a1");
         assert!(
@@ -227,7 +208,7 @@ fn cluster_policy_local_backend_reply_rule(v: Variant) {
         seen
     };
     // Every interface with a route (eth0, cni0) runs our programs: the client's address.
-    wait_masquerade(&s.lab, false);
+    wait_masquerade(&s, false);
     assert_eq!(ask(&s), [CLIENT]);
     // An interface with a route but no address (so not hooked): replies leaving by it would
     // not be translated, so local backends get the masquerade.
@@ -243,12 +224,12 @@ fn cluster_policy_local_backend_reply_rule(v: Variant) {
     netns::ip(&ns, &["link", "set", "lbtest0", "up"]).unwrap();
     netns::ip(&ns, &["link", "set", "lbtest1", "up"]).unwrap();
     netns::ip(&ns, &["route", "add", "198.18.0.0/24", "dev", "lbtest0"]).unwrap();
-    wait_masquerade(&s.lab, true);
+    wait_masquerade(&s, true);
     assert_eq!(ask(&s), [NODE1]);
     // Given an address, it is hooked like cni0, and the guarantee is back.
     netns::ip(&ns, &["addr", "add", "198.18.0.1/24", "dev", "lbtest0"]).unwrap();
-    wait_masquerade(&s.lab, false);
-    let c = config(&s.lab);
+    wait_masquerade(&s, false);
+    let c = config(&s);
     assert_eq!(
         c["interfaces"],
         serde_json::json!(["cni0", "lbtest0"]),
@@ -258,11 +239,11 @@ fn cluster_policy_local_backend_reply_rule(v: Variant) {
     // Gone: unhooked, its pins removed.
     netns::ip(&ns, &["link", "del", "lbtest0"]).unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
-    while config(&s.lab)["interfaces"] != serde_json::json!(["cni0"]) {
+    while config(&s)["interfaces"] != serde_json::json!(["cni0"]) {
         assert!(
             Instant::now() < deadline,
             "lbtest0 still hooked: {}",
-            config(&s.lab)
+            config(&s)
         );
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -6,24 +6,16 @@
 //! would. Every test runs on both lab variants (`_plain`, `_xdp`).
 use std::collections::BTreeMap;
 
-use lb_tests::{lab::Exchange, on_both_variants, Variant};
+use lb_tests::{
+    lab::{all_ok, Exchange},
+    on_both_variants, Variant,
+};
 
 const LB_LOCAL: &str = "203.0.113.10:80";
 const LB_CLUSTER: &str = "203.0.113.11:80";
 const EXT_IP: &str = "198.51.100.50:80";
 
 use lb_tests::scenario::{example_manifests as examples, start_example_on as setup};
-
-fn all_ok(ex: &[Exchange], what: &str) {
-    let bad: Vec<_> = ex.iter().filter(|e| !e.ok).collect();
-    assert!(
-        bad.is_empty(),
-        "{what}: {} of {} failed, first {:?}",
-        bad.len(),
-        ex.len(),
-        bad.first()
-    );
-}
 
 fn seen_ip(e: &Exchange) -> String {
     e.seen_peer

@@ -64,6 +64,18 @@ impl Exchange {
     }
 }
 
+/// Panics, naming `what`, the count and the first failure, unless every exchange succeeded.
+pub fn all_ok(ex: &[Exchange], what: &str) {
+    let bad: Vec<_> = ex.iter().filter(|e| !e.ok).collect();
+    assert!(
+        bad.is_empty(),
+        "{what}: {} of {} failed, first {:?}",
+        bad.len(),
+        ex.len(),
+        bad.first()
+    );
+}
+
 impl Lab {
     /// Runs `lab-client ARGS...` at a lab place (see [`Lab::command_at`]) and parses its output.
     pub fn run_client(&self, place: &str, args: &[&str]) -> Result<Vec<Exchange>> {
