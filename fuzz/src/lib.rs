@@ -392,8 +392,16 @@ fn check_desired(p: &Plan, d: &Desired) {
             "one kind flag: {key:?} {fe:?}"
         );
         assert_eq!(
-            fe.flags & !(kind_flags | service_flags::SESSION_AFFINITY),
+            fe.flags
+                & !(kind_flags
+                    | service_flags::SESSION_AFFINITY
+                    | service_flags::EXTERNAL_POLICY_LOCAL),
             0
+        );
+        // externalTrafficPolicy Local marks external-scope entries only.
+        assert!(
+            fe.flags & service_flags::EXTERNAL_POLICY_LOCAL == 0 || key.scope == scope::EXTERNAL,
+            "{key:?}: {fe:?}"
         );
         assert_eq!(
             fe.flags & service_flags::SESSION_AFFINITY != 0,
