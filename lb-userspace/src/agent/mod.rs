@@ -245,13 +245,7 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                         .filter_map(|(d, _)| interfaces::ifindex(d))
                         .collect();
                     if let Some(c) = dp_config.as_mut() {
-                        *c = datapath_config(
-                            &p.node,
-                            cfg.snat_ports,
-                            ifaces.masquerade_local,
-                            &xdp_ifindexes,
-                            p.cluster_ips(),
-                        );
+                        desired::set_xdp_devices(c, &xdp_ifindexes);
                         syncer.set_config(c)?;
                     }
                     ops.device_hooks(hooks.iter().map(|(d, c)| (d.as_str(), c.hook)));
@@ -311,11 +305,7 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
             }
             ops.other_interfaces(ifaces.hooked(), ifaces.masquerade_local);
             if let (true, Some(c)) = (changed, dp_config.as_mut()) {
-                c.flags = if ifaces.masquerade_local {
-                    c.flags | lb_common::config_flags::MASQUERADE_LOCAL
-                } else {
-                    c.flags & !lb_common::config_flags::MASQUERADE_LOCAL
-                };
+                desired::set_masquerade_local(c, ifaces.masquerade_local);
                 if let Err(e) = syncer.set_config(c) {
                     log::error!("writing the datapath config: {e:#}");
                 }

@@ -9,7 +9,7 @@ use std::{
 use lb_common::{Backend, FrontendSlotKey};
 
 use super::{
-    model::{NodeInfo, TrafficPolicy},
+    model::{prefix_mask, NodeInfo, TrafficPolicy},
     plan::{FrontendKind, Plan, PlannedEndpoint},
 };
 
@@ -175,40 +175,50 @@ pub fn datapath_config(
     cluster_ips: impl IntoIterator<Item = Ipv4Addr>,
 ) -> lb_common::Config {
     let cip = covering_prefix(cluster_ips);
-    let mut xdp = [0u32; lb_common::limits::XDP_DEVICES];
-    for (slot, i) in xdp.iter_mut().zip(xdp_ifindexes) {
-        *slot = *i;
-    }
     let addr = node
         .addresses
         .first()
         .map(|a| u32::from_ne_bytes(a.octets()));
+    // (`parse_ipv4_cidr` gave the network already masked.)
     let (pod_net_be, pod_mask_be) = match node.pod_cidr {
-        Some((net, prefix)) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-            ((u32::from(net) & mask).to_be(), mask.to_be())
-        }
+        Some((net, len)) => (u32::from(net).to_be(), prefix_mask(len.into()).to_be()),
         None => (0, 0),
     };
-    lb_common::Config {
+    let mut c = lb_common::Config {
         node_addr_be: addr.unwrap_or(0),
         snat_port_min: snat_ports.0,
         snat_port_max: snat_ports.1,
         ready: addr.is_some() as u32,
-        flags: if masquerade_local {
-            lb_common::config_flags::MASQUERADE_LOCAL
-        } else {
-            0
-        } | if cip.is_some() {
+        flags: if cip.is_some() {
             lb_common::config_flags::CLUSTER_IPS
         } else {
             0
         },
         pod_net_be,
         pod_mask_be,
-        xdp_ifindexes: xdp,
+        xdp_ifindexes: [0; lb_common::limits::XDP_DEVICES],
         cluster_ip_net_be: cip.map_or(0, |(net, _)| net.to_be()),
         cluster_ip_mask_be: cip.map_or(0, |(_, mask)| mask.to_be()),
+    };
+    set_masquerade_local(&mut c, masquerade_local);
+    set_xdp_devices(&mut c, xdp_ifindexes);
+    c
+}
+
+/// Sets or clears `config_flags::MASQUERADE_LOCAL` (what the agent's interface scan decides).
+pub fn set_masquerade_local(c: &mut lb_common::Config, on: bool) {
+    if on {
+        c.flags |= lb_common::config_flags::MASQUERADE_LOCAL;
+    } else {
+        c.flags &= !lb_common::config_flags::MASQUERADE_LOCAL;
+    }
+}
+
+/// Lists the devices that run the XDP program (the first `limits::XDP_DEVICES`; the rest 0).
+pub fn set_xdp_devices(c: &mut lb_common::Config, ifindexes: &[u32]) {
+    c.xdp_ifindexes = [0; lb_common::limits::XDP_DEVICES];
+    for (slot, i) in c.xdp_ifindexes.iter_mut().zip(ifindexes) {
+        *slot = *i;
     }
 }
 
@@ -217,9 +227,7 @@ pub fn covering_prefix(addrs: impl IntoIterator<Item = Ipv4Addr>) -> Option<(u32
     let mut it = addrs.into_iter().map(u32::from);
     let first = it.next()?;
     let differ = it.fold(0, |acc, a| acc | (a ^ first));
-    let mask = u32::MAX
-        .checked_shl(32 - differ.leading_zeros())
-        .unwrap_or(0);
+    let mask = prefix_mask(differ.leading_zeros());
     Some((first & mask, mask))
 }
 

@@ -241,8 +241,15 @@ pub fn parse_ipv4_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
     if !(1..=32).contains(&len) {
         return None;
     }
-    let mask = u32::MAX << (32 - u32::from(len));
-    Some((Ipv4Addr::from(u32::from(addr) & mask), len))
+    Some((
+        Ipv4Addr::from(u32::from(addr) & prefix_mask(len.into())),
+        len,
+    ))
+}
+
+/// The netmask of a prefix of `len` bits (host order; 0 for len 0).
+pub fn prefix_mask(len: u32) -> u32 {
+    u32::MAX.checked_shl(32 - len.min(32)).unwrap_or(0)
 }
 
 /// Why an object without `metadata.name` is rejected (the API server never stores one).
