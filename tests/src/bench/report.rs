@@ -568,26 +568,23 @@ fn nat_section(md: &mut String, n: &NatBench) {
             s.still_tracked
         );
     }
-    let _ = writeln!(
-        md,
-        "\nnode1's counters: {}",
-        n.counters
-            .iter()
-            .map(|(k, v)| format!("{k} {}", thousands(*v as f64)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    let _ = writeln!(md, "\nnode1's counters: {}", counter_list(&n.counters));
     if !n.plain_counters.is_empty() {
         let _ = writeln!(
             md,
             "\nnode1's counters in the plain lab: {}",
-            n.plain_counters
-                .iter()
-                .map(|(k, v)| format!("{k} {}", thousands(*v as f64)))
-                .collect::<Vec<_>>()
-                .join(", ")
+            counter_list(&n.plain_counters)
         );
     }
+}
+
+/// `name 1,234, name 5` for a lab's counters.
+fn counter_list<'a>(counters: impl IntoIterator<Item = (&'a String, &'a u64)>) -> String {
+    counters
+        .into_iter()
+        .map(|(k, v)| format!("{k} {}", thousands(*v as f64)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A horizontal bar chart per section, as SVG.
