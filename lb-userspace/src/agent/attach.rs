@@ -20,6 +20,7 @@ use super::{
 };
 use crate::{
     dataplane::{
+        capacity::MapSizes,
         links::{iface_pins, is_ours, tc_egress_pin, tc_ingress_pin, xdp_pin, CGROUP_LINKS},
         migrate,
         pinned::{other_versions, AyaDataplane, OtherVersion},
@@ -28,12 +29,17 @@ use crate::{
     error::UsageError,
 };
 
-/// Loads the object, reusing maps pinned under `bpffs` (pinning them on first start).
-pub fn load(bpffs: &Path) -> Result<aya::Ebpf> {
+/// Loads the object, reusing maps pinned under `bpffs` (pinning them on first start, of the
+/// sizes `sizes` gives).
+pub fn load(bpffs: &Path, sizes: &MapSizes) -> Result<aya::Ebpf> {
     fs::create_dir_all(bpffs.join("links"))
         .with_context(|| format!("cannot create {}", bpffs.join("links").display()))?;
-    let ebpf = aya::EbpfLoader::new()
-        .default_map_pin_directory(bpffs)
+    let mut loader = aya::EbpfLoader::new();
+    loader.default_map_pin_directory(bpffs);
+    for (name, entries) in sizes.per_map() {
+        loader.map_max_entries(name, entries);
+    }
+    let ebpf = loader
         .load(crate::EBPF_OBJECT)
         .context("loading the eBPF object (a map pinned by another version? run `lb-agent uninstall --bpffs DIR`)")?;
     Ok(ebpf)

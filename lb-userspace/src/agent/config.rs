@@ -31,4 +31,6 @@ pub struct RunConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Where to serve node health (`/healthz`, `/livez`).
     pub health_addr: Option<std::net::SocketAddr>,
+    /// Entries of every sized map (used when the agent first pins them).
+    pub map_sizes: crate::dataplane::capacity::MapSizes,
 }

@@ -102,6 +102,8 @@ pub struct Ops {
     datapath_seen: Mutex<BTreeMap<String, u64>>,
     map_entries: Family<MapLabel, Gauge>,
     map_capacity: Family<MapLabel, Gauge>,
+    not_fitting: Family<MapLabel, Gauge>,
+    deferred: Gauge,
     sync_duration: Histogram,
     map_writes: Counter,
     sync_errors: Counter,
@@ -165,6 +167,18 @@ impl Ops {
             "map_capacity",
             "Capacity of each BPF map",
             map_capacity.clone(),
+        );
+        let not_fitting = Family::<MapLabel, Gauge>::default();
+        registry.register(
+            "service_ports_not_fitting",
+            "Service ports not programmed because the named map has no room for them (oldest Services are served first)",
+            not_fitting.clone(),
+        );
+        let deferred = Gauge::default();
+        registry.register(
+            "frontends_deferred",
+            "Frontends left as they were at the last sync because a map had no room (tried again at the next)",
+            deferred.clone(),
         );
         let sync_duration = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
         registry.register(
@@ -333,6 +347,8 @@ impl Ops {
             datapath_seen: Mutex::default(),
             map_entries,
             map_capacity,
+            not_fitting,
+            deferred,
             sync_duration,
             map_writes,
             sync_errors,
@@ -394,6 +410,25 @@ impl Ops {
     }
 
     /// UDP conntrack entries a sync flushed (backends that left their Service port).
+    /// Service ports `capacity::fit` left out, counted per map that had no room.
+    pub fn not_fitting(&self, rejected: &[crate::control::model::Rejected]) {
+        for map in lb_common::map_name::ALL {
+            let n = rejected
+                .iter()
+                .filter(|r| crate::dataplane::capacity::rejected_map(r) == Some(map))
+                .count();
+            let l = MapLabel { map: map.into() };
+            if n > 0 || self.not_fitting.get(&l).is_some() {
+                self.not_fitting.get_or_create(&l).set(n as i64);
+            }
+        }
+    }
+
+    /// Frontends the last sync left as they were for want of room.
+    pub fn deferred(&self, frontends: usize) {
+        self.deferred.set(frontends as i64);
+    }
+
     pub fn udp_flows_flushed(&self, entries: u64) {
         self.ct_udp_flushed.inc_by(entries);
     }

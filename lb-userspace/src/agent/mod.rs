@@ -40,10 +40,10 @@ use crate::{
         source::{ManifestsSource, Objects, Source},
     },
     dataplane::{
-        bpf_sys,
+        bpf_sys, capacity,
         ct_gc::{self, CtTiers},
         pinned::{other_versions, AyaDataplane},
-        read::boot_seconds,
+        read::{boot_seconds, pinned_sizes},
         sock_term::{self, Serving, SockTerminator},
         sync::Syncer,
     },
@@ -87,7 +87,17 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     // checks above, so that an agent that cannot start creates nothing). Held until the agent
     // exits: the kernel releases it then, even on SIGKILL.
     let one_agent = preflight::lock_pin_dir(&cfg.bpffs)?;
-    let mut ebpf = load(&cfg.bpffs)?;
+    let mut ebpf = load(&cfg.bpffs, &cfg.map_sizes)?;
+    // The sizes the maps really have: a map pinned earlier keeps its size.
+    let sizes = pinned_sizes(&cfg.bpffs)?;
+    for ((name, want), (_, have)) in cfg.map_sizes.per_map().iter().zip(sizes.per_map()) {
+        if *want != have {
+            log::warn!(
+                "map {name} is pinned with {have} entries, not the {want} of its size flag: \
+                 the new size takes effect once `lb-agent uninstall` (or a reboot) removed it"
+            );
+        }
+    }
     // Rare kernel events (aya-log), forwarded to this log at their (debug) level.
     let mut kernel_log = match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(l) => Some(l),
@@ -100,6 +110,10 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     load_programs(&mut ebpf)?;
     let dp = AyaDataplane::from_ebpf(&mut ebpf)?;
     let mut syncer = Syncer::adopt(dp)?;
+    syncer.set_sizes(sizes);
+    // What did not fit at the last sync, logged when it changes.
+    let mut not_fitting: Vec<model::Rejected> = Vec::new();
+    let mut deferred_before: Vec<String> = Vec::new();
     spawn_ct_gc(
         CtTiers::from_ebpf(&ebpf)?,
         cfg.ct_gc_interval,
@@ -188,7 +202,30 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                         r.reason
                     );
                 }
-                let p = plan::plan(&m, &cfg.node);
+                let mut p = plan::plan(&m, &cfg.node);
+                // Service ports the maps have no room for (oldest Services first).
+                let rejected = capacity::fit(&mut p, &sizes);
+                if rejected != not_fitting {
+                    for r in rejected.iter().filter(|r| !not_fitting.contains(r)) {
+                        log::warn!(
+                            "rejected {} {}/{}: {}",
+                            r.kind,
+                            r.namespace,
+                            r.name,
+                            r.reason
+                        );
+                    }
+                    for r in not_fitting.iter().filter(|r| !rejected.contains(r)) {
+                        log::info!(
+                            "{} {}/{} fits in the maps again and is served",
+                            r.kind,
+                            r.namespace,
+                            r.name
+                        );
+                    }
+                    not_fitting = rejected;
+                }
+                ops.not_fitting(&not_fitting);
                 let desired = desired::desired(&p);
                 let config = datapath_config(
                     &p.node,
@@ -229,6 +266,22 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                     Ok(st) => {
                         ops.synced(started.elapsed(), st.writes);
                         ops.udp_flows_flushed(st.udp_flows_flushed);
+                        ops.deferred(st.deferred.len());
+                        let now: Vec<String> = st
+                            .deferred
+                            .iter()
+                            .map(|(fe, port, why)| format!("{port} frontend {}: {why}", fe.addr))
+                            .collect();
+                        if now != deferred_before {
+                            for d in now.iter().filter(|d| !deferred_before.contains(d)) {
+                                log::warn!("not programmed yet, the maps have no room: {d}");
+                            }
+                            deferred_before = now;
+                        }
+                        // Entries freed by this sync may make room: try again at once.
+                        if !st.deferred.is_empty() && st.writes > 0 {
+                            retry = true;
+                        }
                     }
                     Err(_) => ops.sync_failed(),
                 }
@@ -271,6 +324,7 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                             "sync generation {generation} failed: {e:#}; re-reading the maps"
                         );
                         syncer = Syncer::adopt(AyaDataplane::from_pins(&cfg.bpffs)?)?;
+                        syncer.set_sizes(sizes);
                         retry = true;
                     }
                 }

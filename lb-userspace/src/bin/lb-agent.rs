@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use lb_userspace::{
     agent,
     control::{model, plan, source},
+    dataplane::capacity::{self, MapSizes, SIZE_RANGE},
     error, report_error,
 };
 
@@ -100,13 +101,18 @@ enum Command {
         /// Serve node health at http://ADDR/healthz and /livez (e.g. 0.0.0.0:10256).
         #[arg(long)]
         health_addr: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        map_sizes: MapSizeArgs,
     },
-    /// Print the plan (endpoint sets per Service port) for a node as JSON.
+    /// Print the plan (endpoint sets per Service port) for a node as JSON; Service ports that
+    /// would not fit in maps of the given sizes are in its `rejected` list.
     Render {
         #[arg(long)]
         manifests: PathBuf,
         #[arg(long)]
         node: String,
+        #[command(flatten)]
+        map_sizes: MapSizeArgs,
     },
     /// Detach the programs: remove the links and maps this project pins under --bpffs (other
     /// pins there stay).
@@ -114,6 +120,76 @@ enum Command {
         #[arg(long)]
         bpffs: PathBuf,
     },
+}
+
+/// Map sizes, in entries (README: bytes per entry). A map keeps the size it was first pinned with
+/// until `lb-agent uninstall` (or a reboot) removes it.
+#[derive(clap::Args)]
+struct MapSizeArgs {
+    /// Frontend slots (a master plus one per backend, per frontend and scope) and membership
+    /// entries: lb_svc_v3, lb_member_v1.
+    #[arg(long, env = "LB_AGENT_MAP_FRONTEND_SLOTS", default_value_t = lb_common::limits::FRONTEND_SLOTS, value_parser = parse_map_size)]
+    map_frontend_slots: u32,
+    /// Backends (one per distinct address, port, protocol): lb_backend_v1.
+    #[arg(long, env = "LB_AGENT_MAP_BACKENDS", default_value_t = lb_common::limits::BACKENDS, value_parser = parse_map_size)]
+    map_backends: u32,
+    /// Rev-NAT entries (one per frontend address and port): lb_revnat_v1.
+    #[arg(long, env = "LB_AGENT_MAP_REV_NAT", default_value_t = lb_common::limits::REV_NAT, value_parser = parse_map_size)]
+    map_rev_nat: u32,
+    /// Service ports (per-CPU counters and names): lb_svc_stats_v1, lb_svc_names_v1.
+    #[arg(long, env = "LB_AGENT_MAP_SERVICE_PORTS", default_value_t = lb_common::limits::SERVICE_STATS, value_parser = parse_map_size)]
+    map_service_ports: u32,
+    /// Maglev table chunks: lb_maglev_v1.
+    #[arg(long, env = "LB_AGENT_MAP_MAGLEV_CHUNKS", default_value_t = lb_common::limits::MAGLEV_CHUNKS, value_parser = parse_map_size)]
+    map_maglev_chunks: u32,
+    /// Confirmed conntrack (LRU, two per north-south flow): lb_ct_v3.
+    #[arg(long, env = "LB_AGENT_MAP_CONNTRACK", default_value_t = lb_common::limits::CONNTRACK, value_parser = parse_map_size)]
+    map_conntrack: u32,
+    /// Unconfirmed conntrack (LRU, two per flow until confirmed): lb_ct_new_v2.
+    #[arg(long, env = "LB_AGENT_MAP_CONNTRACK_NEW", default_value_t = lb_common::limits::CONNTRACK_NEW, value_parser = parse_map_size)]
+    map_conntrack_new: u32,
+    /// Session affinity records (LRU): lb_affinity_v1.
+    #[arg(long, env = "LB_AGENT_MAP_AFFINITY", default_value_t = lb_common::limits::AFFINITY, value_parser = parse_map_size)]
+    map_affinity: u32,
+    /// Socket rev-NAT (LRU, one per translated socket): lb_sk_revnat_v1.
+    #[arg(long, env = "LB_AGENT_MAP_SOCK_REV_NAT", default_value_t = lb_common::limits::SOCK_REV_NAT, value_parser = parse_map_size)]
+    map_sock_rev_nat: u32,
+    /// UDP socket flow choices (LRU): lb_sk_flow_v1.
+    #[arg(long, env = "LB_AGENT_MAP_SOCK_FLOW", default_value_t = lb_common::limits::SOCK_FLOW, value_parser = parse_map_size)]
+    map_sock_flow: u32,
+    /// Fragmented datagrams in transit (LRU): lb_frag_v1.
+    #[arg(long, env = "LB_AGENT_MAP_FRAGMENTS", default_value_t = lb_common::limits::FRAGMENTS, value_parser = parse_map_size)]
+    map_fragments: u32,
+}
+
+impl MapSizeArgs {
+    fn sizes(&self) -> MapSizes {
+        MapSizes {
+            frontend_slots: self.map_frontend_slots,
+            backends: self.map_backends,
+            rev_nat: self.map_rev_nat,
+            service_ports: self.map_service_ports,
+            maglev_chunks: self.map_maglev_chunks,
+            conntrack: self.map_conntrack,
+            conntrack_new: self.map_conntrack_new,
+            affinity: self.map_affinity,
+            sock_rev_nat: self.map_sock_rev_nat,
+            sock_flow: self.map_sock_flow,
+            fragments: self.map_fragments,
+        }
+    }
+}
+
+fn parse_map_size(s: &str) -> Result<u32, String> {
+    let (lo, hi) = SIZE_RANGE;
+    let n: u32 = s
+        .replace('_', "")
+        .parse()
+        .map_err(|_| format!("{s:?}: not a number of entries"))?;
+    if !(lo..=hi).contains(&n) {
+        return Err(format!("{s}: must be between {lo} and {hi} entries"));
+    }
+    Ok(n)
 }
 
 fn main() {
@@ -146,6 +222,7 @@ fn main() {
             proc,
             metrics_addr,
             health_addr,
+            map_sizes,
         } => {
             let stop = Arc::new(AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -168,10 +245,15 @@ fn main() {
                 proc,
                 metrics_addr,
                 health_addr,
+                map_sizes: map_sizes.sizes(),
             };
             agent::run(&cfg, stop)
         }
-        Command::Render { manifests, node } => render(&manifests, &node),
+        Command::Render {
+            manifests,
+            node,
+            map_sizes,
+        } => render(&manifests, &node, &map_sizes.sizes()),
         Command::Uninstall { bpffs } => agent::attach::uninstall(&bpffs).map(|removed| {
             for p in removed {
                 println!("removed {}", p.display());
@@ -234,7 +316,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn render(manifests: &std::path::Path, node: &str) -> anyhow::Result<()> {
+fn render(manifests: &std::path::Path, node: &str, sizes: &MapSizes) -> anyhow::Result<()> {
     if !manifests.exists() {
         return Err(error::UsageError(format!(
             "--manifests {}: no such file or directory",
@@ -244,7 +326,8 @@ fn render(manifests: &std::path::Path, node: &str) -> anyhow::Result<()> {
     }
     let objects = source::read_manifests(manifests)?;
     let m = model::build(&objects, node);
-    let p = plan::plan(&m, node);
+    let mut p = plan::plan(&m, node);
+    capacity::fit(&mut p, sizes);
     println!("{}", serde_json::to_string_pretty(&p)?);
     Ok(())
 }

@@ -10,7 +10,7 @@ use lb_common::{Backend, FrontendSlotKey};
 
 use super::{
     model::{prefix_mask, NodeInfo, TrafficPolicy},
-    plan::{FrontendKind, Plan, PlannedEndpoint},
+    plan::{FrontendKind, Plan, PlannedEndpoint, ServicePortPlan},
 };
 
 /// A frontend as the maps key it: address, port, protocol, scope.
@@ -61,64 +61,71 @@ fn kind_flag(kind: FrontendKind) -> u16 {
 pub fn desired(plan: &Plan) -> Desired {
     let mut out = Desired::new();
     for sp in &plan.services {
-        let proto = sp.protocol.number();
-        let mut flags = 0;
-        if sp.session_affinity_timeout_seconds.is_some() {
-            flags |= lb_common::service_flags::SESSION_AFFINITY;
-        }
-        let backends = |eps: &[PlannedEndpoint]| {
-            eps.iter()
-                .map(|e| {
-                    let mut bf = 0;
-                    if e.local {
-                        bf |= lb_common::backend_flags::LOCAL;
-                    }
-                    if e.terminating {
-                        bf |= lb_common::backend_flags::TERMINATING;
-                    }
-                    (
-                        BackendKey {
-                            addr: e.addr,
-                            proto,
-                        },
-                        bf,
-                    )
-                })
-                .collect::<Vec<_>>()
-        };
-        let from_inside = sp
-            .cluster_endpoints
-            .as_deref()
-            .or(sp.local_endpoints.as_deref())
-            .unwrap_or(&[]);
-        for fe in &sp.frontends {
-            let entry = |eps: &[PlannedEndpoint]| DesiredFrontend {
-                service_port: format!(
-                    "{}/{}:{}/{:?}",
-                    sp.namespace, sp.name, sp.port_name, sp.protocol
-                ),
-                flags: flags | kind_flag(fe.kind),
-                affinity_timeout_s: sp.session_affinity_timeout_seconds.unwrap_or(0),
-                backends: backends(eps),
-            };
-            let key = |scope| FrontendKey {
-                addr: fe.address,
-                proto,
-                scope,
-            };
-            if fe.kind == FrontendKind::ClusterIP {
-                out.insert(
-                    key(lb_common::scope::INTERNAL),
-                    entry(sp.internal_endpoints()),
-                );
-            } else {
-                out.insert(key(lb_common::scope::INTERNAL), entry(from_inside));
-                let mut external = entry(sp.external_endpoints());
-                if sp.external_traffic_policy == Some(TrafficPolicy::Local) {
-                    external.flags |= lb_common::service_flags::EXTERNAL_POLICY_LOCAL;
+        out.extend(service_port_frontends(sp));
+    }
+    out
+}
+
+/// The frontends of one Service port, as [`desired`] puts them in the maps.
+pub fn service_port_frontends(sp: &ServicePortPlan) -> Vec<(FrontendKey, DesiredFrontend)> {
+    let mut out = Vec::new();
+    let proto = sp.protocol.number();
+    let mut flags = 0;
+    if sp.session_affinity_timeout_seconds.is_some() {
+        flags |= lb_common::service_flags::SESSION_AFFINITY;
+    }
+    let backends = |eps: &[PlannedEndpoint]| {
+        eps.iter()
+            .map(|e| {
+                let mut bf = 0;
+                if e.local {
+                    bf |= lb_common::backend_flags::LOCAL;
                 }
-                out.insert(key(lb_common::scope::EXTERNAL), external);
+                if e.terminating {
+                    bf |= lb_common::backend_flags::TERMINATING;
+                }
+                (
+                    BackendKey {
+                        addr: e.addr,
+                        proto,
+                    },
+                    bf,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let from_inside = sp
+        .cluster_endpoints
+        .as_deref()
+        .or(sp.local_endpoints.as_deref())
+        .unwrap_or(&[]);
+    for fe in &sp.frontends {
+        let entry = |eps: &[PlannedEndpoint]| DesiredFrontend {
+            service_port: format!(
+                "{}/{}:{}/{:?}",
+                sp.namespace, sp.name, sp.port_name, sp.protocol
+            ),
+            flags: flags | kind_flag(fe.kind),
+            affinity_timeout_s: sp.session_affinity_timeout_seconds.unwrap_or(0),
+            backends: backends(eps),
+        };
+        let key = |scope| FrontendKey {
+            addr: fe.address,
+            proto,
+            scope,
+        };
+        if fe.kind == FrontendKind::ClusterIP {
+            out.push((
+                key(lb_common::scope::INTERNAL),
+                entry(sp.internal_endpoints()),
+            ));
+        } else {
+            out.push((key(lb_common::scope::INTERNAL), entry(from_inside)));
+            let mut external = entry(sp.external_endpoints());
+            if sp.external_traffic_policy == Some(TrafficPolicy::Local) {
+                external.flags |= lb_common::service_flags::EXTERNAL_POLICY_LOCAL;
             }
+            out.push((key(lb_common::scope::EXTERNAL), external));
         }
     }
     out

@@ -39,6 +39,10 @@ pub struct ServicePortPlan {
     pub local_endpoints: Option<Vec<PlannedEndpoint>>,
     pub session_affinity_timeout_seconds: Option<u32>,
     pub health_check_node_port: Option<u16>,
+    /// The Service's creation time (Unix seconds): the older Service port keeps its place when
+    /// the maps cannot hold every one.
+    #[serde(skip)]
+    pub created: Option<i64>,
 }
 
 /// An endpoint chosen by the plan, with the facts the datapath keeps about it.
@@ -243,6 +247,7 @@ fn port_plans(svc: &ServiceModel, node: &NodeInfo) -> Vec<ServicePortPlan> {
             local_endpoints: local,
             session_affinity_timeout_seconds: svc.session_affinity_timeout_seconds,
             health_check_node_port: svc.health_check_node_port,
+            created: svc.created,
         });
     }
     out

@@ -58,6 +58,16 @@ impl MaglevTables {
         }
     }
 
+    /// Whether `set` has a table.
+    pub(super) fn has(&self, set: &[BackendKey]) -> bool {
+        self.by_set.contains_key(set)
+    }
+
+    /// Chunks of every table (map entries).
+    pub(super) fn chunks(&self) -> u64 {
+        self.by_set.values().map(|t| chunk_count(t.m) as u64).sum()
+    }
+
     /// Whether table `id` is the one of `set`.
     pub(super) fn is_table_of(&self, id: u32, set: &[BackendKey]) -> bool {
         self.sets.get(&id).is_some_and(|s| s == set)

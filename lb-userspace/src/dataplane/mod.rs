@@ -14,6 +14,7 @@ use lb_common::{
 };
 
 pub mod bpf_sys;
+pub mod capacity;
 pub mod ct_gc;
 pub mod fake;
 mod ids;

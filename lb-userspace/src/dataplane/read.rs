@@ -3,12 +3,15 @@
 //! while the agent is down.
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use aya::maps::{Map, MapData, PerCpuArray};
 use lb_common::{counter, map_name, Counter};
 use serde::Serialize;
 
-use super::pinned::{check_dir, open_pinned};
+use super::{
+    capacity::MapSizes,
+    pinned::{check_dir, open_pinned},
+};
 
 /// One datapath counter, summed over CPUs.
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -85,10 +88,24 @@ fn count_entries<K: aya::Pod, V: aya::Pod>(bpffs: &Path, name: &str, lru: bool) 
     Ok(m.keys().count() as u64)
 }
 
+/// The sizes (max entries) of the maps pinned under `bpffs`: what the kernel made them, which
+/// is what an agent's size flags said when it first pinned them.
+pub fn pinned_sizes(bpffs: &Path) -> Result<MapSizes> {
+    let mut sizes = MapSizes::default();
+    for (name, _) in MapSizes::default().per_map() {
+        let path = bpffs.join(name);
+        let info = aya::maps::MapInfo::from_pin(&path)
+            .with_context(|| format!("reading the size of {}", path.display()))?;
+        sizes.set(name, info.max_entries());
+    }
+    Ok(sizes)
+}
+
 /// Occupancy of every hash map pinned under `bpffs`.
 pub fn map_occupancy(bpffs: &Path) -> Result<Vec<MapOccupancy>> {
     use lb_common::*;
     check_dir(bpffs)?;
+    let sizes = pinned_sizes(bpffs)?;
     Ok(vec![
         MapOccupancy {
             map: "services",
@@ -97,52 +114,52 @@ pub fn map_occupancy(bpffs: &Path) -> Result<Vec<MapOccupancy>> {
                 map_name::FRONTENDS,
                 false,
             )?,
-            capacity: limits::FRONTEND_SLOTS as u64,
+            capacity: sizes.frontend_slots as u64,
         },
         MapOccupancy {
             map: "backends",
             entries: count_entries::<u32, Backend>(bpffs, map_name::BACKENDS, false)?,
-            capacity: limits::BACKENDS as u64,
+            capacity: sizes.backends as u64,
         },
         MapOccupancy {
             map: "rev_nat",
             entries: count_entries::<u32, RevNat>(bpffs, map_name::REV_NAT, false)?,
-            capacity: limits::REV_NAT as u64,
+            capacity: sizes.rev_nat as u64,
         },
         MapOccupancy {
             map: "members",
             entries: count_entries::<MemberKey, u32>(bpffs, map_name::MEMBERS, false)?,
-            capacity: limits::MEMBERS as u64,
+            capacity: sizes.frontend_slots as u64,
         },
         MapOccupancy {
             map: "conntrack",
             entries: count_entries::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK, true)?,
-            capacity: limits::CONNTRACK as u64,
+            capacity: sizes.conntrack as u64,
         },
         MapOccupancy {
             map: "conntrack_new",
             entries: count_entries::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK_NEW, true)?,
-            capacity: limits::CONNTRACK_NEW as u64,
+            capacity: sizes.conntrack_new as u64,
         },
         MapOccupancy {
             map: "maglev",
             entries: count_entries::<MaglevKey, MaglevChunk>(bpffs, map_name::MAGLEV, false)?,
-            capacity: limits::MAGLEV_CHUNKS as u64,
+            capacity: sizes.maglev_chunks as u64,
         },
         MapOccupancy {
             map: "affinity",
             entries: count_entries::<AffinityKey, AffinityValue>(bpffs, map_name::AFFINITY, true)?,
-            capacity: limits::AFFINITY as u64,
+            capacity: sizes.affinity as u64,
         },
         MapOccupancy {
             map: "sock_rev_nat",
             entries: count_entries::<SockKey, SockRevNat>(bpffs, map_name::SOCK_REV_NAT, true)?,
-            capacity: limits::SOCK_REV_NAT as u64,
+            capacity: sizes.sock_rev_nat as u64,
         },
         MapOccupancy {
             map: "sock_flow",
             entries: count_entries::<SockKey, SockFlow>(bpffs, map_name::SOCK_FLOW, true)?,
-            capacity: limits::SOCK_FLOW as u64,
+            capacity: sizes.sock_flow as u64,
         },
     ])
 }

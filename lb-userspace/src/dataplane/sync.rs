@@ -1,11 +1,13 @@
 //! Incremental sync: diff the desired state against what is programmed and apply the minimal map
 //! operations, in an order where every intermediate state is valid for the datapath:
-//! 1. backends that are new or changed, and rev-NAT entries of new frontends;
-//! 2. per frontend: backend slots (new slots beyond the current count are invisible until the
-//!    master says so; an in-place slot change swaps one live backend for another);
-//! 3. the master entry (count, flags) last;
-//! 4. slots beyond the new count, removed frontends (master first), then unreferenced rev-NAT
-//!    entries and backends.
+//! 1. removed frontends (master first), strays, then backends and names nothing uses any more:
+//!    a shrinking cluster frees entries before anything grows;
+//! 2. per new or changed frontend, when the maps have room for what it adds (else it waits, see
+//!    [`Syncer::sync`]): its backends that are new or changed, its rev-NAT entry, backend slots
+//!    (new slots beyond the current count are invisible until the master says so; an in-place
+//!    slot change swaps one live backend for another), membership;
+//! 3. its master entry (count, flags) last, then slots beyond the new count;
+//! 4. backends and names that lost their last reference.
 //!
 //! One endpoint change touches O(1) entries: a removed backend's slot is refilled by a new one or
 //! by the last slot, so the other slots keep their backends.
@@ -16,7 +18,7 @@
 //! in full before the master switches to it (one atomic write), and the old table is deleted
 //! after: a new flow sees either the old or the new table, never a mix.
 use std::{
-    collections::{hash_map::Entry, BTreeMap, BTreeSet, HashMap, VecDeque},
+    collections::{hash_map::Entry, BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     net::SocketAddrV4,
 };
 
@@ -24,6 +26,7 @@ use anyhow::Result;
 use lb_common::{Backend, Config, FrontendSlot, FrontendSlotKey, MaglevKey, MemberKey, RevNat};
 
 use super::{
+    capacity::{table_chunks, Entries, MapSizes, Shortfall},
     ids::IdAllocator,
     maglev,
     maglev_tables::{chunk_count, table_of, wants_table, MaglevTables},
@@ -47,11 +50,13 @@ struct ProgrammedFrontend {
 }
 
 /// Counters of one sync pass.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SyncStats {
     pub writes: u64,
     /// UDP conntrack entries removed because their backend left the Service port.
     pub udp_flows_flushed: u64,
+    /// Frontends left as they were because a map had no room: (frontend, Service port, why).
+    pub deferred: Vec<(FrontendKey, String, Shortfall)>,
 }
 
 pub struct Syncer<D: Dataplane> {
@@ -90,6 +95,8 @@ pub struct Syncer<D: Dataplane> {
     full_pass: bool,
     /// Total map writes since start.
     pub total_writes: u64,
+    /// What the maps can hold.
+    sizes: MapSizes,
 }
 
 impl<D: Dataplane> Syncer<D> {
@@ -127,6 +134,7 @@ impl<D: Dataplane> Syncer<D> {
             departed: BTreeSet::new(),
             full_pass: true,
             total_writes: 0,
+            sizes: MapSizes::default(),
         };
         // Service-port identities as the names map recorded them.
         for (id, name) in &found.service_names {
@@ -289,6 +297,11 @@ impl<D: Dataplane> Syncer<D> {
         Ok(())
     }
 
+    /// The sizes of the maps written to (their defaults until told).
+    pub fn set_sizes(&mut self, sizes: MapSizes) {
+        self.sizes = sizes;
+    }
+
     /// Writes the datapath config (node address, SNAT ports) when it changed.
     pub fn set_config(&mut self, config: &Config) -> Result<u64> {
         if self.config == *config {
@@ -318,17 +331,27 @@ impl<D: Dataplane> Syncer<D> {
     }
 
     /// Applies `desired`, returning how many map writes it took.
+    ///
+    /// Order: first what is no longer desired is removed (frontends, strays, backends and names
+    /// nothing uses any more), so a shrinking cluster frees entries before anything grows. Then
+    /// each new or changed frontend is applied when the maps have room for what it adds
+    /// (backends before the slots that point at them); one that does not fit is left as it was
+    /// and tried again after the entries the others released are freed, the last time after
+    /// shrinking it to the backends it keeps (break before make). What still does not fit is
+    /// reported in [`SyncStats::deferred`] and tried again by the next sync: one frontend
+    /// without room never stops the others.
     pub fn sync(&mut self, desired: &Desired) -> Result<SyncStats> {
         let before = self.total_writes;
         let full = self.full_pass;
         // Frontends to (re)apply: all of them on a full pass, else those whose desired state
         // changed since it was applied.
-        let changed: Vec<(&FrontendKey, &DesiredFrontend)> = if full {
-            desired.iter().collect()
+        let changed: Vec<(FrontendKey, &DesiredFrontend)> = if full {
+            desired.iter().map(|(k, d)| (*k, d)).collect()
         } else {
             desired
                 .iter()
                 .filter(|(k, d)| self.applied.get(*k) != Some(*d))
+                .map(|(k, d)| (*k, d))
                 .collect()
         };
         let gone: Vec<FrontendKey> =
@@ -341,94 +364,24 @@ impl<D: Dataplane> Syncer<D> {
             } else {
                 Vec::new()
             };
-        // 1. backends (new or changed), before any slot can point at them.
-        let mut wanted: HashMap<BackendKey, u8> = HashMap::new();
-        for (_, d) in &changed {
-            for (k, flags) in &d.backends {
-                wanted.insert(*k, *flags);
-            }
-        }
-        let mut wanted_sorted: Vec<_> = wanted.into_iter().collect();
-        wanted_sorted.sort();
-        for (k, flags) in wanted_sorted {
-            let value = backend_value(&k, flags);
-            match self.backends.get(&k) {
-                Some((_, v)) if *v == value => {}
-                Some((id, _)) => {
-                    let id = *id;
-                    self.write(|dp| dp.put_backend(id, &value))?;
-                    self.backends.insert(k, (id, value));
-                }
-                None => {
-                    let id = self.backend_ids.alloc();
-                    self.write(|dp| dp.put_backend(id, &value))?;
-                    self.backends.insert(k, (id, value));
-                }
-            }
-        }
-        // Service port ids: kept from the names map (adoption), else new, named before use.
-        for (_, d) in &changed {
-            if self.svc_port_ids.contains_key(&d.service_port) {
-                continue;
-            }
-            let id = self.svc_port_alloc.alloc();
-            self.write(|dp| dp.put_service_name(id, &d.service_port))?;
-            self.svc_port_ids.insert(d.service_port.clone(), id);
-        }
-        // 2 + 3. frontends that are new or changed.
-        for (fe, d) in &changed {
-            self.sync_frontend(fe, d)?;
-        }
-        // Service-port names: references follow the applied frontends.
+        // Backends and names the changed frontends want stay while the others are freed.
+        let wanted: HashSet<BackendKey> = changed
+            .iter()
+            .flat_map(|(_, d)| d.backends.iter().map(|(k, _)| *k))
+            .collect();
+        let wanted_names: HashSet<&str> = changed
+            .iter()
+            .map(|(_, d)| d.service_port.as_str())
+            .collect();
         let mut dead_names: Vec<String> = Vec::new();
-        for (fe, d) in &changed {
-            let old = self.applied.insert(**fe, (*d).clone());
-            if old.as_ref().map(|o| &o.service_port) != Some(&d.service_port) {
-                *self.name_refs.entry(d.service_port.clone()).or_default() += 1;
-                if let Some(o) = old {
-                    dead_names.extend(self.unref_name(&o.service_port));
-                }
-            }
-        }
+        // 1. removals: frontends no longer desired, strays, then unreferenced entries.
         for fe in &gone {
             if let Some(o) = self.applied.remove(fe) {
                 dead_names.extend(self.unref_name(&o.service_port));
             }
         }
-        if full {
-            // Names found at adoption that nothing uses.
-            dead_names.extend(
-                self.svc_port_ids
-                    .keys()
-                    .filter(|k| !self.name_refs.contains_key(*k))
-                    .cloned(),
-            );
-        }
-        for k in dead_names {
-            if let Some(id) = self.svc_port_ids.remove(&k) {
-                self.write(|dp| dp.del_service_name(id))?;
-                self.svc_port_alloc.release(id);
-            }
-        }
-        // 4. removals: frontends no longer desired, strays, then unreferenced entries.
         for fe in gone {
-            let p = self.frontends.remove(&fe).expect("listed above");
-            self.write(|dp| dp.del_service(&service_key(&fe, 0)))?;
-            for (i, id) in p.slots.iter().enumerate() {
-                self.write(|dp| dp.del_service(&service_key(&fe, i as u16 + 1)))?;
-                self.unref_backend(*id);
-            }
-            self.sync_members(&fe, &[], false)?;
-            self.unref_rev_nat(fe.addr)?;
-            self.unref_table(p.maglev.0)?;
-            if fe.proto == lb_common::proto::UDP {
-                self.departed.extend(
-                    p.slots
-                        .iter()
-                        .filter(|id| **id != 0)
-                        .map(|id| (p.svc_port_id, *id)),
-                );
-            }
+            self.remove_frontend(&fe)?;
         }
         if full {
             let stray_members: Vec<MemberKey> = self
@@ -458,14 +411,232 @@ impl<D: Dataplane> Syncer<D> {
         for id in std::mem::take(&mut self.stray_rev_nat) {
             self.write(|dp| dp.del_rev_nat(id))?;
         }
-        let candidates: Vec<u32> = if full {
+        for id in std::mem::take(&mut self.stray_backends) {
+            self.write(|dp| dp.del_backend(id))?;
+        }
+        self.free_backends(full, &wanted)?;
+        dead_names.retain(|n| !wanted_names.contains(n.as_str()));
+        self.free_names(std::mem::take(&mut dead_names))?;
+        // 2. frontends that are new or changed, in rounds while the maps are short of room.
+        let mut pending = changed;
+        let mut deferred = Vec::new();
+        for round in 0..3 {
+            if pending.is_empty() {
+                break;
+            }
+            if round == 2 {
+                // Break before make: frontends that replace backends in full maps move in
+                // steps, each freeing what the next one needs.
+                let mut left = Vec::new();
+                for (fe, d) in pending {
+                    if !self.walk_to(&fe, d, &mut dead_names)? {
+                        left.push((fe, d));
+                    }
+                }
+                pending = left;
+            }
+            let mut used = self.entries();
+            let mut later = Vec::new();
+            for (fe, d) in pending {
+                let needs = self.needs(&fe, d);
+                if let Some(short) = used.overflow(&needs, &self.sizes) {
+                    later.push((fe, d, short));
+                    continue;
+                }
+                used.add(&needs);
+                self.apply(&fe, d, &mut dead_names)?;
+            }
+            // Entries the applied frontends released make room for the next round.
+            let keep: HashSet<BackendKey> = later
+                .iter()
+                .flat_map(|(_, d, _)| d.backends.iter().map(|(k, _)| *k))
+                .collect();
+            self.free_backends(false, &keep)?;
+            deferred = later
+                .iter()
+                .map(|(fe, d, short)| (*fe, d.service_port.clone(), short.clone()))
+                .collect();
+            pending = later.into_iter().map(|(fe, d, _)| (fe, d)).collect();
+        }
+        if full {
+            // Names found at adoption that nothing uses.
+            dead_names.extend(
+                self.svc_port_ids
+                    .keys()
+                    .filter(|k| !self.name_refs.contains_key(*k))
+                    .cloned(),
+            );
+        }
+        // A deferred frontend's name stays while it waits (its id keeps its counters).
+        let waiting: HashSet<&str> = deferred.iter().map(|(_, n, _)| n.as_str()).collect();
+        dead_names.retain(|n| !waiting.contains(n.as_str()));
+        self.free_names(dead_names)?;
+        self.maybe_unused.clear();
+        let udp_flows_flushed = self.flush_departed()?;
+        self.full_pass = false;
+        Ok(SyncStats {
+            writes: self.total_writes - before,
+            udp_flows_flushed,
+            deferred,
+        })
+    }
+
+    /// Writes one new or changed frontend: its backends (new or changed), its name, its slots,
+    /// and the name references.
+    fn apply(
+        &mut self,
+        fe: &FrontendKey,
+        d: &DesiredFrontend,
+        dead_names: &mut Vec<String>,
+    ) -> Result<()> {
+        let mut keys: Vec<(BackendKey, u8)> = d.backends.clone();
+        keys.sort();
+        keys.dedup_by_key(|(k, _)| *k);
+        for (k, flags) in keys {
+            let value = backend_value(&k, flags);
+            match self.backends.get(&k) {
+                Some((_, v)) if *v == value => {}
+                Some((id, _)) => {
+                    let id = *id;
+                    self.write(|dp| dp.put_backend(id, &value))?;
+                    self.backends.insert(k, (id, value));
+                }
+                None => {
+                    let id = self.backend_ids.alloc();
+                    self.write(|dp| dp.put_backend(id, &value))?;
+                    self.backends.insert(k, (id, value));
+                }
+            }
+        }
+        // Service port ids: kept from the names map (adoption), else new, named before use.
+        if !self.svc_port_ids.contains_key(&d.service_port) {
+            let id = self.svc_port_alloc.alloc();
+            self.write(|dp| dp.put_service_name(id, &d.service_port))?;
+            self.svc_port_ids.insert(d.service_port.clone(), id);
+        }
+        self.sync_frontend(fe, d)?;
+        let old = self.applied.insert(*fe, d.clone());
+        if old.as_ref().map(|o| &o.service_port) != Some(&d.service_port) {
+            *self.name_refs.entry(d.service_port.clone()).or_default() += 1;
+            if let Some(o) = old {
+                dead_names.extend(self.unref_name(&o.service_port));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies `d` to an existing frontend in steps when the maps lack room for its new
+    /// backends while the old ones are still there (make before break): each step keeps the
+    /// backends it shares with `d`, adds as many new ones as there is room for and drops the
+    /// others, which frees their entries for the next step; a step never leaves the frontend
+    /// without a backend, except as the last resort (no backend in common and no room for even
+    /// one more), where it is emptied for the moment between two writes. False: still no room.
+    fn walk_to(
+        &mut self,
+        fe: &FrontendKey,
+        d: &DesiredFrontend,
+        dead_names: &mut Vec<String>,
+    ) -> Result<bool> {
+        for _ in 0..8 {
+            let used = self.entries();
+            if used.overflow(&self.needs(fe, d), &self.sizes).is_none() {
+                self.apply(fe, d, dead_names)?;
+                return Ok(true);
+            }
+            let Some(p) = self.frontends.get(fe) else {
+                return Ok(false);
+            };
+            if !self.svc_port_ids.contains_key(&d.service_port) {
+                return Ok(false);
+            }
+            let current: HashSet<u32> = p.slots.iter().copied().filter(|id| *id != 0).collect();
+            let cap = |c: u32, u: u64| (c as u64).saturating_sub(u);
+            let room = cap(self.sizes.backends, used.backends)
+                .min(cap(self.sizes.frontend_slots, used.members))
+                .min(cap(self.sizes.frontend_slots, used.slots)) as usize;
+            let in_current = |k: &BackendKey| {
+                self.backends
+                    .get(k)
+                    .is_some_and(|(id, _)| current.contains(id))
+            };
+            let mut seen = HashSet::new();
+            let mut step: Vec<(BackendKey, u8)> = Vec::new();
+            let mut added = 0;
+            for (k, f) in &d.backends {
+                if !seen.insert(*k) {
+                    continue;
+                }
+                if in_current(k) {
+                    step.push((*k, *f));
+                } else if added < room {
+                    added += 1;
+                    step.push((*k, *f));
+                }
+            }
+            let kept_all = step.len() == current.len() && added == 0;
+            let step = DesiredFrontend {
+                backends: if step.is_empty() || kept_all {
+                    Vec::new()
+                } else {
+                    step
+                },
+                ..d.clone()
+            };
+            if !step.backends.is_empty()
+                && used.overflow(&self.needs(fe, &step), &self.sizes).is_some()
+            {
+                // The step itself does not fit (a Maglev table, say): empty it instead.
+                let empty = DesiredFrontend {
+                    backends: Vec::new(),
+                    ..d.clone()
+                };
+                self.apply(fe, &empty, dead_names)?;
+            } else {
+                self.apply(fe, &step, dead_names)?;
+            }
+            let keep: HashSet<BackendKey> = d.backends.iter().map(|(k, _)| *k).collect();
+            self.free_backends(false, &keep)?;
+        }
+        Ok(false)
+    }
+
+    /// Removes a frontend that is no longer desired: master first, then its slots, membership,
+    /// rev-NAT and Maglev references.
+    fn remove_frontend(&mut self, fe: &FrontendKey) -> Result<()> {
+        let Some(p) = self.frontends.remove(fe) else {
+            return Ok(());
+        };
+        self.write(|dp| dp.del_service(&service_key(fe, 0)))?;
+        for (i, id) in p.slots.iter().enumerate() {
+            self.write(|dp| dp.del_service(&service_key(fe, i as u16 + 1)))?;
+            self.unref_backend(*id);
+        }
+        self.sync_members(fe, &[], false)?;
+        self.unref_rev_nat(fe.addr)?;
+        self.unref_table(p.maglev.0)?;
+        if fe.proto == lb_common::proto::UDP {
+            self.departed.extend(
+                p.slots
+                    .iter()
+                    .filter(|id| **id != 0)
+                    .map(|id| (p.svc_port_id, *id)),
+            );
+        }
+        Ok(())
+    }
+
+    /// Deletes backends no slot points at: every one on a full pass (`all`), else those that
+    /// lost their last reference; `keep` stays (a frontend about to be applied wants it).
+    fn free_backends(&mut self, all: bool, keep: &HashSet<BackendKey>) -> Result<()> {
+        let candidates: Vec<u32> = if all {
             self.backends.values().map(|(id, _)| *id).collect()
         } else {
             std::mem::take(&mut self.maybe_unused)
         };
-        let by_id: HashMap<u32, BackendKey> = if candidates.is_empty() {
-            HashMap::new()
-        } else if full {
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let by_id: HashMap<u32, BackendKey> = if all {
             self.backends.iter().map(|(k, (id, _))| (*id, *k)).collect()
         } else {
             // Few candidates: find their keys without indexing every backend.
@@ -476,11 +647,17 @@ impl<D: Dataplane> Syncer<D> {
                 .map(|(k, (id, _))| (*id, *k))
                 .collect()
         };
-        let mut unused: Vec<(BackendKey, u32)> = candidates
-            .into_iter()
-            .filter(|id| self.backend_refs.get(id).copied().unwrap_or(0) == 0)
-            .filter_map(|id| by_id.get(&id).map(|k| (*k, id)))
-            .collect();
+        let mut unused: Vec<(BackendKey, u32)> = Vec::new();
+        for id in candidates {
+            if self.backend_refs.get(&id).copied().unwrap_or(0) != 0 {
+                continue;
+            }
+            match by_id.get(&id) {
+                Some(k) if keep.contains(k) => self.maybe_unused.push(id),
+                Some(k) => unused.push((*k, id)),
+                None => {}
+            }
+        }
         unused.sort();
         unused.dedup();
         for (k, id) in unused {
@@ -489,16 +666,75 @@ impl<D: Dataplane> Syncer<D> {
             self.backend_refs.remove(&id);
             self.backend_ids.release(id);
         }
-        for id in std::mem::take(&mut self.stray_backends) {
-            self.write(|dp| dp.del_backend(id))?;
+        Ok(())
+    }
+
+    /// Deletes the names (and frees the ids) of Service ports no frontend uses any more.
+    fn free_names(&mut self, names: Vec<String>) -> Result<()> {
+        for k in names {
+            if self.name_refs.contains_key(&k) {
+                continue;
+            }
+            if let Some(id) = self.svc_port_ids.remove(&k) {
+                self.write(|dp| dp.del_service_name(id))?;
+                self.svc_port_alloc.release(id);
+            }
         }
-        self.maybe_unused.clear();
-        let udp_flows_flushed = self.flush_departed()?;
-        self.full_pass = false;
-        Ok(SyncStats {
-            writes: self.total_writes - before,
-            udp_flows_flushed,
-        })
+        Ok(())
+    }
+
+    /// What the service maps hold, as this syncer knows them.
+    fn entries(&self) -> Entries {
+        Entries {
+            slots: self
+                .frontends
+                .values()
+                .map(|p| 1 + p.slots.len() as u64)
+                .sum::<u64>()
+                + self.stray_services.len() as u64,
+            members: self.members.len() as u64,
+            backends: (self.backends.len() + self.stray_backends.len()) as u64,
+            rev_nat: (self.rev_nat.len() + self.stray_rev_nat.len()) as u64,
+            service_ports: self.svc_port_ids.len() as u64,
+            maglev_chunks: self.tables.chunks() + self.stray_maglev.len() as u64,
+        }
+    }
+
+    /// The entries applying `d` to `fe` adds before anything it replaces is freed.
+    fn needs(&self, fe: &FrontendKey, d: &DesiredFrontend) -> Entries {
+        let set: BTreeSet<BackendKey> = d.backends.iter().map(|(k, _)| *k).collect();
+        let old = self.frontends.get(fe);
+        let have: HashSet<u32> = old
+            .map(|p| p.slots.iter().copied().collect())
+            .unwrap_or_default();
+        let mut n = Entries::default();
+        for k in &set {
+            match self.backends.get(k) {
+                None => {
+                    n.backends += 1;
+                    n.members += 1;
+                }
+                Some((id, _)) if !have.contains(id) => n.members += 1,
+                Some(_) => {}
+            }
+        }
+        n.slots = match old {
+            None => 1 + set.len() as u64,
+            Some(p) => (set.len() as u64).saturating_sub(p.slots.len() as u64),
+        };
+        if old.is_none() && !self.rev_nat.contains_key(&fe.addr) {
+            n.rev_nat = 1;
+        }
+        if !self.svc_port_ids.contains_key(&d.service_port) {
+            n.service_ports = 1;
+        }
+        if wants_table(fe, d, set.len()) {
+            let set: Vec<BackendKey> = set.into_iter().collect();
+            if !self.tables.has(&set) {
+                n.maglev_chunks = table_chunks(set.len());
+            }
+        }
+        n
     }
 
     /// Flushes the UDP conntrack flows of backends that left a UDP frontend in this sync and no
