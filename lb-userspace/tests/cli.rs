@@ -194,6 +194,49 @@ fn render_prints_the_plan() {
     assert_eq!(unready["cluster_endpoints"], serde_json::json!([]));
 }
 
+/// Map sizes are flags of `render` too: what would not fit is in the plan's rejected list with
+/// the map, its capacity and the numbers; what fits is planned as usual. A size out of range is
+/// one line naming the flag.
+#[test]
+fn render_with_small_maps_rejects_what_does_not_fit() {
+    let (code, out, err) = agent(&[
+        "render",
+        "--manifests",
+        &examples(),
+        "--node",
+        "node1",
+        "--map-frontend-slots",
+        "32",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let served: Vec<&str> = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert!(served.contains(&"echo"), "{served:?}");
+    let rejected = v["rejected"].as_array().unwrap();
+    assert!(!rejected.is_empty());
+    for r in rejected {
+        assert!(!served.contains(&r["name"].as_str().unwrap()), "{r}");
+        assert!(
+            r["reason"]
+                .as_str()
+                .unwrap()
+                .contains("is not served: map lb_svc_v3 is full (capacity 32 entries, "),
+            "{r}"
+        );
+    }
+    let (code, _, err) = agent(&["run", "--node", "n", "--map-backends", "5"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--map-backends") && err.contains("must be between 16 and"),
+        "{err}"
+    );
+}
+
 #[test]
 fn render_unparsable_yaml_names_file_and_position() {
     let dir = std::env::temp_dir().join(format!("lbcli-{}", std::process::id()));

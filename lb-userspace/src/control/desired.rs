@@ -142,7 +142,7 @@ pub(crate) fn sock_addr(addr_be: u32, port_be: u16) -> SocketAddrV4 {
 }
 
 /// The services-map key of slot `slot` of a frontend (slot 0: its master entry).
-pub(crate) fn service_key(fe: &FrontendKey, slot: u16) -> FrontendSlotKey {
+pub fn service_key(fe: &FrontendKey, slot: u16) -> FrontendSlotKey {
     let (addr_be, port_be) = be_addr(fe.addr);
     FrontendSlotKey {
         addr_be,

@@ -528,9 +528,10 @@ impl<D: Dataplane> Syncer<D> {
     /// Applies `d` to an existing frontend in steps when the maps lack room for its new
     /// backends while the old ones are still there (make before break): each step keeps the
     /// backends it shares with `d`, adds as many new ones as there is room for and drops the
-    /// others, which frees their entries for the next step; a step never leaves the frontend
-    /// without a backend, except as the last resort (no backend in common and no room for even
-    /// one more), where it is emptied for the moment between two writes. False: still no room.
+    /// others, which frees their entries for the next step (else it keeps a single backend of
+    /// its own, which needs no Maglev table); a step never leaves the frontend without a
+    /// backend, except as the last resort (a frontend of one backend replacing it while no room
+    /// is left for even one more), where it is empty between two writes. False: still no room.
     fn walk_to(
         &mut self,
         fe: &FrontendKey,
@@ -574,26 +575,39 @@ impl<D: Dataplane> Syncer<D> {
                 }
             }
             let kept_all = step.len() == current.len() && added == 0;
-            let step = DesiredFrontend {
-                backends: if step.is_empty() || kept_all {
-                    Vec::new()
-                } else {
-                    step
-                },
-                ..d.clone()
-            };
-            if !step.backends.is_empty()
-                && used.overflow(&self.needs(fe, &step), &self.sizes).is_some()
-            {
-                // The step itself does not fit (a Maglev table, say): empty it instead.
-                let empty = DesiredFrontend {
-                    backends: Vec::new(),
-                    ..d.clone()
-                };
-                self.apply(fe, &empty, dead_names)?;
-            } else {
-                self.apply(fe, &step, dead_names)?;
+            // One backend it has: no new entry, no Maglev table.
+            let one: Vec<(BackendKey, u8)> = step
+                .iter()
+                .find(|(k, _)| in_current(k))
+                .copied()
+                .or_else(|| {
+                    self.backends
+                        .iter()
+                        .find(|(_, (id, _))| current.contains(id))
+                        .map(|(k, (_, v))| (*k, v.flags))
+                })
+                .into_iter()
+                .collect();
+            let mut choices = Vec::new();
+            if !step.is_empty() && !kept_all {
+                choices.push(step);
             }
+            if one.len() < current.len() {
+                choices.push(one);
+            }
+            choices.push(Vec::new());
+            let next = choices
+                .into_iter()
+                .map(|backends| DesiredFrontend {
+                    backends,
+                    ..d.clone()
+                })
+                .find(|c| {
+                    c.backends.is_empty()
+                        || used.overflow(&self.needs(fe, c), &self.sizes).is_none()
+                })
+                .expect("the empty step always fits");
+            self.apply(fe, &next, dead_names)?;
             let keep: HashSet<BackendKey> = d.backends.iter().map(|(k, _)| *k).collect();
             self.free_backends(false, &keep)?;
         }
