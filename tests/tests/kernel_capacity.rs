@@ -73,8 +73,12 @@ fn kernel_full_maps_keep_serving_what_fits_and_apply_changes_in_one_sync() {
     // Each step: the Service ports served, and the map each rejected one did not fit in.
     let mut step = |yaml: String, served: &[&str], full: &[&str]| {
         let mut o = source::Objects::default();
-        source::parse_into(std::path::Path::new("t.yaml"), &format!("{NODE}{yaml}"), &mut o)
-            .unwrap();
+        source::parse_into(
+            std::path::Path::new("t.yaml"),
+            &format!("{NODE}{yaml}"),
+            &mut o,
+        )
+        .unwrap();
         let mut p = plan::plan(&model::build(&o, "n1"), "n1");
         let rejected = fit(&mut p, &got);
         let names: Vec<&str> = p.services.iter().map(|s| s.name.as_str()).collect();

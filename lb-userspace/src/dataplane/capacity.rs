@@ -113,6 +113,126 @@ impl MapSizes {
     }
 }
 
+/// The flag, map, key bytes, value bytes (per CPU for the stats) and default entries of every
+/// sized map, as the README's table of map sizes shows them.
+pub fn size_flags() -> [(&'static str, &'static str, usize, usize, u32); 13] {
+    use std::mem::size_of as sz;
+
+    use lb_common::*;
+    let d = MapSizes::default();
+    [
+        (
+            "--map-frontend-slots",
+            map_name::FRONTENDS,
+            sz::<FrontendSlotKey>(),
+            sz::<FrontendSlot>(),
+            d.frontend_slots,
+        ),
+        (
+            "--map-frontend-slots",
+            map_name::MEMBERS,
+            sz::<MemberKey>(),
+            sz::<u32>(),
+            d.frontend_slots,
+        ),
+        (
+            "--map-backends",
+            map_name::BACKENDS,
+            sz::<u32>(),
+            sz::<Backend>(),
+            d.backends,
+        ),
+        (
+            "--map-rev-nat",
+            map_name::REV_NAT,
+            sz::<u32>(),
+            sz::<RevNat>(),
+            d.rev_nat,
+        ),
+        (
+            "--map-service-ports",
+            map_name::SERVICE_STATS,
+            sz::<u32>(),
+            sz::<ServiceCounters>(),
+            d.service_ports,
+        ),
+        (
+            "--map-service-ports",
+            map_name::SERVICE_NAMES,
+            sz::<u32>(),
+            sz::<ServiceName>(),
+            d.service_ports,
+        ),
+        (
+            "--map-maglev-chunks",
+            map_name::MAGLEV,
+            sz::<MaglevKey>(),
+            sz::<MaglevChunk>(),
+            d.maglev_chunks,
+        ),
+        (
+            "--map-conntrack",
+            map_name::CONNTRACK,
+            sz::<CtKey>(),
+            sz::<CtEntry>(),
+            d.conntrack,
+        ),
+        (
+            "--map-conntrack-new",
+            map_name::CONNTRACK_NEW,
+            sz::<CtKey>(),
+            sz::<CtEntry>(),
+            d.conntrack_new,
+        ),
+        (
+            "--map-affinity",
+            map_name::AFFINITY,
+            sz::<AffinityKey>(),
+            sz::<AffinityValue>(),
+            d.affinity,
+        ),
+        (
+            "--map-sock-rev-nat",
+            map_name::SOCK_REV_NAT,
+            sz::<SockKey>(),
+            sz::<SockRevNat>(),
+            d.sock_rev_nat,
+        ),
+        (
+            "--map-sock-flow",
+            map_name::SOCK_FLOW,
+            sz::<SockKey>(),
+            sz::<SockFlow>(),
+            d.sock_flow,
+        ),
+        (
+            "--map-fragments",
+            map_name::FRAGMENTS,
+            sz::<FragKey>(),
+            sz::<FragPorts>(),
+            d.fragments,
+        ),
+    ]
+}
+
+/// The README's table of map sizes (checked by a test against the types).
+pub fn size_table() -> String {
+    let mut out = String::from(
+        "| flag (env `LB_AGENT_MAP_…`) | map | key + value bytes | default entries |\n|---|---|---|---|\n",
+    );
+    for (flag, map, k, v, n) in size_flags() {
+        let per_cpu = if map == map_name::SERVICE_STATS {
+            " per CPU"
+        } else {
+            ""
+        };
+        out.push_str(&format!(
+            "| `{flag}` | `{map}` | {k} + {v}{per_cpu} | {n} |\n"
+        ));
+    }
+    out
+}
+
 /// Entries one frontend or Service port adds to the service maps, or what they hold.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Entries {
@@ -396,6 +516,17 @@ mod tests {
     }
 
     use lb_common::FrontendSlotKey;
+
+    /// The README's table of map sizes is the one the types give.
+    #[test]
+    fn the_readme_lists_every_map_size_with_its_bytes_per_entry() {
+        let readme = include_str!("../../../README.md");
+        let table = size_table();
+        assert!(
+            readme.contains(&table),
+            "README.md lacks this table:\n{table}"
+        );
+    }
 
     /// Five Services of five endpoints in a backends map of 16: the three oldest are served,
     /// the two newest rejected with the map, its capacity and the numbers; in any input order.
