@@ -1,5 +1,6 @@
 //! `lb-agent`: the node daemon (`run`), the plan printer (`render`) and the cleaner (`uninstall`).
 use std::{
+    io::Write,
     path::PathBuf,
     sync::{atomic::AtomicBool, Arc},
     time::Duration,
@@ -328,6 +329,11 @@ fn render(manifests: &std::path::Path, node: &str, sizes: &MapSizes) -> anyhow::
     let m = model::build(&objects, node);
     let mut p = plan::plan(&m, node);
     capacity::fit(&mut p, sizes);
-    println!("{}", serde_json::to_string_pretty(&p)?);
+    let text = serde_json::to_string_pretty(&p)?;
+    // A reader that stops early (`| head`) is no error.
+    match writeln!(std::io::stdout().lock(), "{text}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        other => other?,
+    }
     Ok(())
 }
