@@ -11,14 +11,19 @@
 //! - every planned endpoint is an endpoint of its Service port; local ones are on this node;
 //! - every desired frontend belongs to a planned frontend, has unique backends of its own
 //!   protocol and its flags say what the plan says;
-//! - the render JSON has the documented shape.
+//! - the render JSON has the documented shape;
+//! - the Service ports that fit in small maps (`capacity::fit`) need no more than the maps
+//!   hold, and every other one is rejected, naming the map.
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_userspace::control::{
-    desired::{self, Desired},
-    model::{self, Model, Protocol, TrafficPolicy},
-    plan::{self, FrontendKind, Plan, PlannedEndpoint},
-    source::{Objects, SourceError},
+use lb_userspace::{
+    control::{
+        desired::{self, Desired},
+        model::{self, Model, Protocol, TrafficPolicy},
+        plan::{self, FrontendKind, Plan, PlannedEndpoint},
+        source::{Objects, SourceError},
+    },
+    dataplane::capacity::{self, MapSizes},
 };
 
 /// Always planned for, besides the names the objects mention.
@@ -97,7 +102,59 @@ pub fn check_pipeline(objects: &Objects) {
         check_plan(&m, &node, &p);
         check_desired(&p, &desired::desired(&p));
         check_render(&p);
+        check_fit(&p);
     }
+}
+
+/// Small maps: what `capacity::fit` keeps fits in them, counted independently of its code.
+fn check_fit(p: &Plan) {
+    use lb_common::service_flags::{EXTERNAL_IP, LOAD_BALANCER, NODE_PORT};
+    let sizes = MapSizes {
+        frontend_slots: 24,
+        backends: 16,
+        rev_nat: 16,
+        service_ports: 16,
+        maglev_chunks: 8,
+        ..MapSizes::default()
+    };
+    let mut kept = p.clone();
+    let rejected = capacity::fit(&mut kept, &sizes);
+    assert_eq!(kept.services.len() + rejected.len(), p.services.len());
+    for r in &rejected {
+        assert!(capacity::rejected_map(r).is_some(), "{r:?}");
+        assert!(kept.rejected.contains(r));
+    }
+    let d = desired::desired(&kept);
+    let mut slots = 0u64;
+    let mut members = 0u64;
+    let mut backends = BTreeSet::new();
+    let mut rev_nat = BTreeSet::new();
+    let mut names = BTreeSet::new();
+    let mut tables = BTreeSet::new();
+    for (fe, v) in &d {
+        let set: BTreeSet<_> = v.backends.iter().map(|(k, _)| *k).collect();
+        slots += 1 + set.len() as u64;
+        members += set.len() as u64;
+        rev_nat.insert(fe.addr);
+        names.insert(v.service_port.clone());
+        if fe.scope == lb_common::scope::EXTERNAL
+            && set.len() >= 2
+            && v.flags & (NODE_PORT | LOAD_BALANCER | EXTERNAL_IP) != 0
+        {
+            tables.insert(set.iter().copied().collect::<Vec<_>>());
+        }
+        backends.extend(set);
+    }
+    let chunks: u64 = tables.iter().map(|t| capacity::table_chunks(t.len())).sum();
+    assert!(slots <= sizes.frontend_slots as u64, "{slots} slots");
+    assert!(members <= sizes.frontend_slots as u64, "{members} members");
+    assert!(backends.len() <= sizes.backends as usize);
+    assert!(rev_nat.len() <= sizes.rev_nat as usize);
+    assert!(names.len() <= sizes.service_ports as usize);
+    assert!(
+        chunks <= sizes.maglev_chunks as u64,
+        "{chunks} Maglev chunks"
+    );
 }
 
 /// Two snapshots of the same objects (from the API and from a file) plan the same everywhere.
@@ -316,8 +373,12 @@ fn check_plan(m: &Model, node: &str, p: &Plan) {
             } else {
                 assert!(sp.cluster_endpoints.is_some());
             }
+            // Reachable from outside: cluster endpoints too, for pods short-circuited to the
+            // NodePort or LoadBalancer IP (kube-proxy's UsesClusterEndpoints).
             match sp.external_traffic_policy {
-                Some(TrafficPolicy::Local) => assert!(sp.local_endpoints.is_some()),
+                Some(TrafficPolicy::Local) => {
+                    assert!(sp.local_endpoints.is_some() && sp.cluster_endpoints.is_some())
+                }
                 Some(TrafficPolicy::Cluster) => assert!(sp.cluster_endpoints.is_some()),
                 None => {}
             }

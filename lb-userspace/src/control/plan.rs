@@ -154,7 +154,10 @@ pub fn categorize(
         local: is_local(e),
         terminating: e.terminating,
     };
-    let uses_cluster = itp == TrafficPolicy::Cluster || etp == Some(TrafficPolicy::Cluster);
+    // kube-proxy's UsesClusterEndpoints: internalTrafficPolicy Cluster, or reachable from outside
+    // at all (`etp` is set only then): with both policies Local, a pod on a node without a local
+    // endpoint that reaches the NodePort or LoadBalancer IP is short-circuited to a cluster one.
+    let uses_cluster = itp == TrafficPolicy::Cluster || etp.is_some();
     let uses_local = itp == TrafficPolicy::Local || etp == Some(TrafficPolicy::Local);
 
     let cluster = uses_cluster.then(|| {
@@ -366,11 +369,11 @@ mod tests {
                 None,
             ),
             (
-                "no local endpoint",
+                "both policies local: cluster endpoints for short-circuit",
                 vec![b.clone()],
                 Local,
                 Some(Local),
-                None,
+                Some(vec![2]),
                 Some(vec![]),
             ),
             (
