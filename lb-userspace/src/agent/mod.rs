@@ -111,8 +111,8 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let dp = AyaDataplane::from_ebpf(&mut ebpf)?;
     let mut syncer = Syncer::adopt(dp)?;
     syncer.set_sizes(sizes);
-    // What did not fit at the last sync, logged when it changes.
-    let mut not_fitting: Vec<model::Rejected> = Vec::new();
+    // What was rejected at the last sync (logged when a verdict changes, not on every sync).
+    let mut rejected_before: BTreeSet<model::Rejected> = BTreeSet::new();
     let mut deferred_before: Vec<String> = Vec::new();
     spawn_ct_gc(
         CtTiers::from_ebpf(&ebpf)?,
@@ -193,39 +193,11 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                         node_port_range: cfg.nodeport_range,
                     },
                 );
-                for r in &m.rejected {
-                    log::warn!(
-                        "rejected {} {}/{}: {}",
-                        r.kind,
-                        r.namespace,
-                        r.name,
-                        r.reason
-                    );
-                }
                 let mut p = plan::plan(&m, &cfg.node);
                 // Service ports the maps have no room for (oldest Services first).
-                let rejected = capacity::fit(&mut p, &sizes);
-                if rejected != not_fitting {
-                    for r in rejected.iter().filter(|r| !not_fitting.contains(r)) {
-                        log::warn!(
-                            "rejected {} {}/{}: {}",
-                            r.kind,
-                            r.namespace,
-                            r.name,
-                            r.reason
-                        );
-                    }
-                    for r in not_fitting.iter().filter(|r| !rejected.contains(r)) {
-                        log::info!(
-                            "{} {}/{} fits in the maps again and is served",
-                            r.kind,
-                            r.namespace,
-                            r.name
-                        );
-                    }
-                    not_fitting = rejected;
-                }
+                let not_fitting = capacity::fit(&mut p, &sizes);
                 ops.not_fitting(&not_fitting);
+                log_verdicts(&mut rejected_before, m.rejected.iter().chain(&not_fitting));
                 let desired = desired::desired(&p);
                 let config = datapath_config(
                     &p.node,
@@ -369,6 +341,85 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     }
     log::info!("stopping; programs stay attached through their pinned links (lb-agent uninstall removes them)");
     Ok(())
+}
+
+/// Logs each rejection once, when it appears (warn, with the object's kind, namespace, name and
+/// the reason as fields), and once more when it is gone (info), instead of on every sync.
+fn log_verdicts<'a>(
+    before: &mut BTreeSet<model::Rejected>,
+    now: impl Iterator<Item = &'a model::Rejected>,
+) {
+    let (appeared, gone) = verdict_changes(before, now.cloned().collect());
+    for r in &appeared {
+        tracing::warn!(
+            kind = %r.kind,
+            namespace = %r.namespace,
+            name = %r.name,
+            reason = %r.reason,
+            "rejected {} {}/{}: {}",
+            r.kind,
+            r.namespace,
+            r.name,
+            r.reason
+        );
+    }
+    for r in &gone {
+        let again = if capacity::rejected_map(r).is_some() {
+            "fits in the maps again and is served".to_string()
+        } else {
+            format!("is no longer rejected (was: {})", r.reason)
+        };
+        tracing::info!(
+            kind = %r.kind,
+            namespace = %r.namespace,
+            name = %r.name,
+            "{} {}/{} {again}",
+            r.kind,
+            r.namespace,
+            r.name
+        );
+    }
+}
+
+/// Rejections in `now` that were not in `before`, and those gone since; `before` becomes `now`.
+fn verdict_changes(
+    before: &mut BTreeSet<model::Rejected>,
+    now: BTreeSet<model::Rejected>,
+) -> (Vec<model::Rejected>, Vec<model::Rejected>) {
+    let appeared = now.difference(before).cloned().collect();
+    let gone = before.difference(&now).cloned().collect();
+    *before = now;
+    (appeared, gone)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rejection is reported when it appears and when it goes, never again in between.
+    #[test]
+    fn rejections_are_logged_when_the_verdict_changes() {
+        let r = |name: &str, reason: &str| model::Rejected {
+            kind: "Service".into(),
+            namespace: "ns".into(),
+            name: name.into(),
+            reason: reason.into(),
+        };
+        let mut before = BTreeSet::new();
+        let (new, gone) = verdict_changes(&mut before, [r("a", "x")].into());
+        assert_eq!((new, gone), (vec![r("a", "x")], vec![]));
+        for _ in 0..3 {
+            let (new, gone) = verdict_changes(&mut before, [r("a", "x")].into());
+            assert!(new.is_empty() && gone.is_empty());
+        }
+        // Another reason is another verdict.
+        let (new, gone) = verdict_changes(&mut before, [r("a", "y"), r("b", "x")].into());
+        assert_eq!(new, vec![r("a", "y"), r("b", "x")]);
+        assert_eq!(gone, vec![r("a", "x")]);
+        let (new, gone) = verdict_changes(&mut before, BTreeSet::new());
+        assert!(new.is_empty());
+        assert_eq!(gone.len(), 2);
+    }
 }
 
 /// Terminates sockets connected to removed backends on a thread of its own, one pass per
