@@ -121,89 +121,11 @@ pub fn split_image(image: &str) -> (&str, &str) {
     }
 }
 
-fn pointer_parts(pointer: &str) -> Result<Vec<String>, String> {
-    let rest = pointer
-        .strip_prefix('/')
-        .ok_or_else(|| format!("{pointer}: not a JSON pointer"))?;
-    Ok(rest
-        .split('/')
-        .map(|p| p.replace("~1", "/").replace("~0", "~"))
-        .collect())
-}
-
-/// RFC 6902 `test`, `replace`, `add` and `remove`: the operations kustomize patches here use.
+/// An RFC 6902 JSON patch (the `json-patch` crate, which kube uses too); all or nothing.
 pub fn apply_json_patch(doc: &mut Value, ops: &Value) -> Result<(), String> {
-    for op in ops
-        .as_array()
-        .ok_or("a JSON 6902 patch is a list of operations")?
-    {
-        let path = op["path"].as_str().ok_or("operation without path")?;
-        let mut parts = pointer_parts(path)?;
-        let last = parts.pop().ok_or("empty path")?;
-        let parent_ptr: String = parts
-            .iter()
-            .map(|p| format!("/{}", p.replace('~', "~0").replace('/', "~1")))
-            .collect();
-        let parent = doc
-            .pointer_mut(&parent_ptr)
-            .ok_or_else(|| format!("{path}: parent does not exist"))?;
-        let value = op.get("value").cloned();
-        match (op["op"].as_str(), parent) {
-            (Some("test"), parent) => {
-                let found = match parent {
-                    Value::Array(a) => last.parse::<usize>().ok().and_then(|i| a.get(i)),
-                    Value::Object(m) => m.get(&last),
-                    _ => None,
-                };
-                if found != value.as_ref() {
-                    return Err(format!(
-                        "test {path}: expected {:?}, found {found:?}",
-                        value
-                    ));
-                }
-            }
-            (Some("replace"), Value::Array(a)) => {
-                let i: usize = last.parse().map_err(|_| format!("{path}: not an index"))?;
-                *a.get_mut(i)
-                    .ok_or_else(|| format!("{path}: no such element"))? =
-                    value.ok_or("replace without value")?;
-            }
-            (Some("replace"), Value::Object(m)) => {
-                if !m.contains_key(&last) {
-                    return Err(format!("{path}: nothing to replace"));
-                }
-                m.insert(last, value.ok_or("replace without value")?);
-            }
-            (Some("add"), Value::Array(a)) => {
-                let v = value.ok_or("add without value")?;
-                if last == "-" {
-                    a.push(v);
-                } else {
-                    let i: usize = last.parse().map_err(|_| format!("{path}: not an index"))?;
-                    if i > a.len() {
-                        return Err(format!("{path}: index out of range"));
-                    }
-                    a.insert(i, v);
-                }
-            }
-            (Some("add"), Value::Object(m)) => {
-                m.insert(last, value.ok_or("add without value")?);
-            }
-            (Some("remove"), Value::Array(a)) => {
-                let i: usize = last.parse().map_err(|_| format!("{path}: not an index"))?;
-                if i >= a.len() {
-                    return Err(format!("{path}: no such element"));
-                }
-                a.remove(i);
-            }
-            (Some("remove"), Value::Object(m)) => {
-                m.remove(&last)
-                    .ok_or_else(|| format!("{path}: nothing to remove"))?;
-            }
-            (other, _) => return Err(format!("{path}: unsupported operation {other:?}")),
-        }
-    }
-    Ok(())
+    let patch: json_patch::Patch =
+        serde_json::from_value(ops.clone()).map_err(|e| format!("not a JSON 6902 patch: {e}"))?;
+    json_patch::patch(doc, &patch).map_err(|e| e.to_string())
 }
 
 /// The deployed DaemonSet: deploy/kustomization.yaml applied to daemonset.yaml.

@@ -37,7 +37,6 @@ use std::{
 use super::gen::BenchService;
 
 mod bench;
-mod hash;
 mod iptables;
 mod nftables;
 mod tools;
@@ -87,7 +86,8 @@ fn endpoint_string(s: &BenchService, ep: Ipv4Addr) -> String {
 
 /// base32 (RFC 4648) of SHA-256(`input`), the first `n` characters.
 fn hash_base32(input: &str, n: usize) -> String {
-    let mut s = hash::base32(&hash::sha256(input.as_bytes()));
+    use sha2::Digest;
+    let mut s = data_encoding::BASE32.encode(&sha2::Sha256::digest(input.as_bytes()));
     s.truncate(n);
     s
 }
