@@ -28,7 +28,7 @@
 //!   by mark. The text is what knftables feeds `nft -f -`: one command per line.
 //!
 //! The parts: `iptables.rs` and `nftables.rs` write the rules, `tools.rs` runs the kernel tools
-//! on them, `bench.rs` times those runs; `hash.rs` is the SHA-256 and base32 of the chain names.
+//! on them, `bench.rs` times those runs; chain names hash with the sha2 and data-encoding crates.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
