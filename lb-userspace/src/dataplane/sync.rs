@@ -17,6 +17,15 @@
 //! (the books are kept in `maglev_tables`). A changed set gets a new table, written
 //! in full before the master switches to it (one atomic write), and the old table is deleted
 //! after: a new flow sees either the old or the new table, never a mix.
+//!
+//! Adoption ([`Syncer::adopt`]) takes the maps as it finds them, also after a sync that was
+//! killed half-way: a counted slot that is missing or names no backend is kept as a hole, a
+//! table that is not exactly the frontend's is not adopted (but its chunks stay while a master
+//! points at them), and the first sync compares every frontend, so it rewrites whatever is
+//! wrong before it deletes anything a master still counts. Entries nothing explained at
+//! adoption are deleted after that, unless the sync has written them again meanwhile (a killed
+//! sync may have written a new frontend's slots, or a growing one's, before its master). The
+//! replay in [`super::crash`] kills a sync after each of its writes to check all of this.
 use std::{
     collections::{hash_map::Entry, BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     net::SocketAddrV4,
@@ -169,6 +178,10 @@ impl<D: Dataplane> Syncer<D> {
                 }
             }
         }
+        // Each master's counted slots: one that is missing or names no (adopted) backend is
+        // kept as 0, a hole the next sync fills before anything it counts is deleted.
+        let live: std::collections::HashSet<u32> =
+            self.backends.values().map(|(id, _)| *id).collect();
         for (k, v) in found.services.iter().filter(|(k, _)| k.slot == 0) {
             let fe = FrontendKey {
                 addr: sock_addr(k.addr_be, k.port_be),
@@ -181,7 +194,7 @@ impl<D: Dataplane> Syncer<D> {
                         .services
                         .get(&service_key(&fe, slot))
                         .map_or(0, |s| s.backend_id);
-                    if self.backends.values().any(|(bid, _)| *bid == id) {
+                    if live.contains(&id) {
                         id
                     } else {
                         0
@@ -233,11 +246,15 @@ impl<D: Dataplane> Syncer<D> {
 
     /// Keeps the Maglev tables that are exactly what this agent would write for their frontends;
     /// frontends with any other table get a fresh one on the next sync, and chunks nobody uses
-    /// are removed then.
+    /// are removed then. A master keeps its (not adopted) table meanwhile: where another
+    /// frontend adopted that table, the master holds a reference to it, so that its chunks stay
+    /// until the master has been rewritten or removed (a killed sync may leave one frontend of a
+    /// shared table switched, or its slots changed, and the other not).
     fn adopt_tables(&mut self, found: &MapContents) {
         let by_id: HashMap<u32, BackendKey> =
             self.backends.iter().map(|(k, (id, _))| (*id, *k)).collect();
         let fes: Vec<FrontendKey> = self.frontends.keys().copied().collect();
+        let mut not_adopted = Vec::new();
         for fe in fes {
             let p = &self.frontends[&fe];
             let (id, m) = p.maglev;
@@ -252,8 +269,11 @@ impl<D: Dataplane> Syncer<D> {
                     .adopt(id, m, set, |k| backends[k].0, &found.maglev)
             });
             if !adopted {
-                self.frontends.get_mut(&fe).expect("listed above").maglev = (0, 0);
+                not_adopted.push(id);
             }
+        }
+        for id in not_adopted {
+            self.tables.hold(id);
         }
         for k in found.maglev.keys() {
             if !self.tables.explains(k) {
@@ -405,10 +425,10 @@ impl<D: Dataplane> Syncer<D> {
         for k in std::mem::take(&mut self.stray_maglev) {
             self.write(|dp| dp.del_maglev(&k))?;
         }
-        for k in std::mem::take(&mut self.stray_services) {
+        for k in self.take_stray_services() {
             self.write(|dp| dp.del_service(&k))?;
         }
-        for id in std::mem::take(&mut self.stray_rev_nat) {
+        for id in self.take_stray_rev_nat(full) {
             self.write(|dp| dp.del_rev_nat(id))?;
         }
         for id in std::mem::take(&mut self.stray_backends) {
@@ -751,6 +771,47 @@ impl<D: Dataplane> Syncer<D> {
         n
     }
 
+    /// The entries found at adoption that no frontend explained and this sync did not write
+    /// again: a killed sync can leave slots written for a master it had not written yet (a new
+    /// frontend) or beyond a master's count (a growing one); the restarted agent's sync rewrites
+    /// them and its master then counts them, so they are no leftovers any more.
+    fn take_stray_services(&mut self) -> Vec<FrontendSlotKey> {
+        let mut strays = std::mem::take(&mut self.stray_services);
+        strays.retain(|k| {
+            let fe = FrontendKey {
+                addr: sock_addr(k.addr_be, k.port_be),
+                proto: k.proto,
+                scope: k.scope,
+            };
+            self.frontends
+                .get(&fe)
+                .is_none_or(|p| k.slot as usize > p.slots.len())
+        });
+        strays
+    }
+
+    /// Rev-NAT entries to delete: duplicates found at adoption and, on the first sync after it,
+    /// those no frontend uses (a killed sync wrote one before its frontend's master, or had
+    /// removed the master and not yet the entry).
+    fn take_stray_rev_nat(&mut self, full: bool) -> Vec<u32> {
+        let mut out = std::mem::take(&mut self.stray_rev_nat);
+        if full {
+            let unused: Vec<SocketAddrV4> = self
+                .rev_nat
+                .iter()
+                .filter(|(_, (_, refs))| *refs == 0)
+                .map(|(addr, _)| *addr)
+                .collect();
+            for addr in unused {
+                let (id, _) = self.rev_nat.remove(&addr).expect("listed above");
+                self.rev_nat_ids.release(id);
+                out.push(id);
+            }
+            out.sort();
+        }
+        out
+    }
+
     /// Flushes the UDP conntrack flows of backends that left a UDP frontend in this sync and no
     /// longer serve its Service port through any frontend (kube-proxy clears conntrack for
     /// removed UDP endpoints): the flow's next datagram is balanced again. A backend that still
@@ -1027,7 +1088,10 @@ mod tests {
     use lb_common::{scope, MAGLEV_CHUNK};
 
     use super::*;
-    use crate::dataplane::fake::{svc_key_str, FakeDataplane};
+    use crate::dataplane::{
+        crash,
+        fake::{svc_key_str, FakeDataplane},
+    };
 
     fn fe(i: u32) -> FrontendKey {
         FrontendKey {
@@ -1593,6 +1657,166 @@ mod tests {
         .unwrap();
         stepped.sync(&d).unwrap();
         check_tables(&stepped.dataplane().inner.state);
+    }
+
+    const ALL: crash::ReplayOptions = crash::ReplayOptions {
+        skip_ahead: true,
+        carry_on: true,
+    };
+
+    fn fake_with(state: &MapContents) -> Result<FakeDataplane> {
+        Ok(FakeDataplane {
+            state: state.clone(),
+            ..Default::default()
+        })
+    }
+
+    /// SIGKILL after any write of a realistic run of changes, then a restarted agent: every
+    /// state on the way resolves each counted slot to a backend that exists, and the restarted
+    /// agent ends where one clean sync ends (also when the cluster changed meanwhile).
+    #[test]
+    fn a_sync_killed_after_any_write_recovers() {
+        let seq = crash::change_sequence();
+        let st = crash::replay(&seq, ALL, fake_with).unwrap();
+        assert_eq!(st.kills, st.writes.iter().sum::<u64>());
+        assert!(st.kills > 200, "{st:?}");
+    }
+
+    /// The same on the shapes of the other tests: many backends, Maglev tables shared and
+    /// replaced, a frontend shrinking to one backend, frontends removed and added again.
+    #[test]
+    fn maglev_sync_killed_after_any_write_recovers() {
+        let mut d = external(&desired(4, 6));
+        d.extend(desired(2, 3));
+        let mut seq = vec![d.clone()];
+        let keys: Vec<FrontendKey> = d.keys().copied().collect();
+        d.get_mut(&keys[0]).unwrap().backends.remove(2);
+        d.get_mut(&keys[1]).unwrap().backends.push((be(5000), 0));
+        d.get_mut(&keys[2]).unwrap().backends.truncate(1);
+        d.get_mut(&keys[4]).unwrap().backends[0] = (be(6000), 0);
+        let removed = d.remove(&keys[3]).unwrap();
+        seq.push(d.clone());
+        d.insert(keys[3], removed);
+        d.get_mut(&keys[2]).unwrap().backends.clear();
+        seq.push(d);
+        crash::replay(&seq, ALL, fake_with).unwrap();
+    }
+
+    /// What the crash the review saw left (a master counting a slot that is not there), a slot
+    /// naming a backend that is gone, a missing membership entry and a missing Maglev chunk:
+    /// adoption finds each, and the next sync repairs it although nothing is desired to change,
+    /// without a state on the way that the datapath could not resolve.
+    #[test]
+    fn adoption_repairs_damaged_frontends() {
+        let mut d = external(&desired(2, 4));
+        d.extend(desired(2, 4));
+        let mut s = Syncer::adopt(FakeDataplane::default()).unwrap();
+        s.sync(&d).unwrap();
+        let good = s.dataplane().state.clone();
+        let ext0 = service_key(
+            &FrontendKey {
+                scope: scope::EXTERNAL,
+                ..fe(0)
+            },
+            0,
+        );
+        type Damage = Box<dyn Fn(&mut MapContents)>;
+        let damages: Vec<(&str, Damage)> = vec![
+            (
+                "counted slot missing",
+                Box::new(|st: &mut MapContents| {
+                    st.services.remove(&service_key(&fe(0), 2));
+                }),
+            ),
+            (
+                "slot names a missing backend",
+                Box::new(|st: &mut MapContents| {
+                    st.services
+                        .get_mut(&service_key(&fe(1), 3))
+                        .unwrap()
+                        .backend_id = 999;
+                }),
+            ),
+            (
+                "membership entry missing",
+                Box::new(move |st: &mut MapContents| {
+                    let k = *st.members.keys().find(|m| m.frontend == ext0).unwrap();
+                    st.members.remove(&k);
+                }),
+            ),
+            (
+                "Maglev chunk missing",
+                Box::new(|st: &mut MapContents| {
+                    let k = *st.maglev.keys().next().unwrap();
+                    st.maglev.remove(&k);
+                }),
+            ),
+        ];
+        for (what, damage) in damages {
+            let mut state = good.clone();
+            damage(&mut state);
+            let mut again = Syncer::adopt(crash::CrashAfter::new(
+                fake_with(&state).unwrap(),
+                None,
+                true,
+            ))
+            .unwrap();
+            assert!(again.sync(&d).unwrap().writes > 0, "{what}");
+            // The repair adds no problem to those of the damage.
+            let before = crash::live_problems(&state);
+            for (n, op, p) in &again.dataplane().problems {
+                assert!(before.contains(p), "{what}: after write {n} ({op}): {p}");
+            }
+            let st = &again.dataplane().inner.state;
+            assert_eq!(crash::leftover_problems(st), Vec::<String>::new(), "{what}");
+            assert_eq!(crash::canonical(st), crash::canonical(&good), "{what}");
+        }
+    }
+
+    /// Slots a killed sync wrote beyond a master's count (it was growing the frontend) or for a
+    /// master it had not written yet are rewritten by the restarted agent's sync and then kept,
+    /// not deleted as leftovers found at adoption.
+    #[test]
+    fn orphan_slots_rewritten_at_restart_are_kept() {
+        let small = desired(2, 3);
+        let mut big = small.clone();
+        big.get_mut(&fe(0)).unwrap().backends.push((be(100), 0));
+        big.insert(fe(5), desired(6, 4)[&fe(5)].clone());
+        let mut s = Syncer::adopt(FakeDataplane::default()).unwrap();
+        s.sync(&small).unwrap();
+        // Kill the growth at each master write (a fresh agent makes the same writes).
+        let mut probe = Syncer::adopt(fake_with(&s.dataplane().state).unwrap()).unwrap();
+        probe.sync(&big).unwrap();
+        let masters: Vec<usize> = (probe.dataplane().log.iter().enumerate())
+            .filter(|(_, l)| l.starts_with("put_service") && l.ends_with("#0"))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(masters.len(), 2);
+        let orphan = [service_key(&fe(0), 4), service_key(&fe(5), 1)];
+        for (at, orphan) in masters.into_iter().zip(orphan) {
+            let mut dying = Syncer::adopt(crash::CrashAfter::new(
+                fake_with(&s.dataplane().state).unwrap(),
+                Some(at as u64),
+                false,
+            ))
+            .unwrap();
+            assert!(dying.sync(&big).is_err());
+            let dead = dying.dataplane().inner.state.clone();
+            assert!(dead.services.contains_key(&orphan));
+            let mut again = Syncer::adopt(crash::CrashAfter::new(
+                fake_with(&dead).unwrap(),
+                None,
+                true,
+            ))
+            .unwrap();
+            again.sync(&big).unwrap();
+            let st = &again.dataplane().inner.state;
+            assert_eq!(again.dataplane().problems, vec![]);
+            assert_eq!(crash::leftover_problems(st), Vec::<String>::new());
+            let r = resolved(st);
+            assert_eq!(r[&service_key(&fe(0), 0)].len(), 4);
+            assert_eq!(r[&service_key(&fe(5), 0)].len(), 4);
+        }
     }
 
     /// Incremental syncs (only changed frontends are looked at) end in the same state as one
