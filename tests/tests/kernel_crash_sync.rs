@@ -29,6 +29,7 @@ fn kernel_sync_killed_after_any_write_recovers() {
     let opts = crash::ReplayOptions {
         skip_ahead: true,
         carry_on: true,
+        twice: false,
     };
     let st = crash::replay(&seq, opts, |state| reopen(&h, state)).unwrap();
     let total: u64 = st.writes.iter().sum();

