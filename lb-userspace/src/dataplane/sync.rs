@@ -20,12 +20,13 @@
 //!
 //! Adoption ([`Syncer::adopt`]) takes the maps as it finds them, also after a sync that was
 //! killed half-way: a counted slot that is missing or names no backend is kept as a hole, a
-//! table that is not exactly the frontend's is not adopted (but its chunks stay while a master
-//! points at them), and the first sync compares every frontend, so it rewrites whatever is
-//! wrong before it deletes anything a master still counts. Entries nothing explained at
-//! adoption are deleted after that, unless the sync has written them again meanwhile (a killed
-//! sync may have written a new frontend's slots, or a growing one's, before its master). The
-//! replay in [`super::crash`] kills a sync after each of its writes to check all of this.
+//! table that is not exactly the frontend's is not adopted, and the first sync compares every
+//! frontend, so it rewrites whatever is wrong; it never deletes what a master still counts or
+//! names before that master is rewritten. Entries nothing explains (slots no master counts,
+//! rev-NAT entries and backends nothing uses) go with the other removals; the chunks of a table
+//! a master still points at, and backends such a table or a membership entry still names, wait
+//! until that master has been applied. The replay in [`super::crash`] kills a sync after each
+//! of its writes to check all of this.
 use std::{
     collections::{hash_map::Entry, BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     net::SocketAddrV4,
@@ -90,6 +91,9 @@ pub struct Syncer<D: Dataplane> {
     tables: MaglevTables,
     /// Chunks found at adoption that no table explains.
     stray_maglev: Vec<MaglevKey>,
+    /// Backend ids named by the Maglev tables that masters found at adoption point at but that
+    /// were not adopted, by table id: those backends stay while a master points at the table.
+    stale_tables: HashMap<u32, Vec<u32>>,
     /// What was last applied per frontend: later syncs touch only frontends whose desired
     /// state differs, so one endpoint change costs O(changed) work, not O(cluster).
     applied: HashMap<FrontendKey, DesiredFrontend>,
@@ -110,7 +114,11 @@ pub struct Syncer<D: Dataplane> {
 
 impl<D: Dataplane> Syncer<D> {
     /// Adopts whatever the dataplane already holds (pinned maps of an earlier agent), so that a
-    /// restarted agent rewrites nothing that is still right.
+    /// restarted agent rewrites nothing that is still right, and repairs the rest on the first
+    /// sync (which compares every frontend): a counted slot that is missing or names no backend,
+    /// membership entries that are not those of the slots, a Maglev table that is not exactly
+    /// the frontend's, a master whose rev-NAT entry is not its own; entries nothing explains go
+    /// once the masters are right (see the module documentation).
     pub fn adopt(dp: D) -> Result<Self> {
         let found = dp.contents()?;
         let mut s = Self {
@@ -137,6 +145,7 @@ impl<D: Dataplane> Syncer<D> {
             members: found.members.clone(),
             tables: MaglevTables::with_used(found.maglev.keys().map(|k| k.table_id)),
             stray_maglev: Vec::new(),
+            stale_tables: HashMap::new(),
             applied: HashMap::new(),
             name_refs: HashMap::new(),
             maybe_unused: Vec::new(),
@@ -269,11 +278,21 @@ impl<D: Dataplane> Syncer<D> {
                     .adopt(id, m, set, |k| backends[k].0, &found.maglev)
             });
             if !adopted {
-                not_adopted.push(id);
+                not_adopted.push((id, m));
             }
         }
-        for id in not_adopted {
+        for (id, m) in not_adopted {
             self.tables.hold(id);
+            let named = (0..chunk_count(m))
+                .filter_map(|c| {
+                    found.maglev.get(&MaglevKey {
+                        table_id: id,
+                        chunk: c,
+                    })
+                })
+                .flat_map(|chunk| chunk.backend_ids.iter().copied())
+                .filter(|b| *b != 0);
+            self.stale_tables.entry(id).or_default().extend(named);
         }
         for k in found.maglev.keys() {
             if !self.tables.explains(k) {
@@ -422,11 +441,11 @@ impl<D: Dataplane> Syncer<D> {
                 self.members.remove(&m);
             }
         }
-        for k in std::mem::take(&mut self.stray_maglev) {
-            self.write(|dp| dp.del_maglev(&k))?;
-        }
         for k in self.take_stray_services() {
             self.write(|dp| dp.del_service(&k))?;
+        }
+        for k in self.take_stray_maglev() {
+            self.write(|dp| dp.del_maglev(&k))?;
         }
         for id in self.take_stray_rev_nat(full) {
             self.write(|dp| dp.del_rev_nat(id))?;
@@ -486,6 +505,10 @@ impl<D: Dataplane> Syncer<D> {
                     .filter(|k| !self.name_refs.contains_key(*k))
                     .cloned(),
             );
+        }
+        // Chunks of tables that masters pointed at until they were applied just now.
+        for k in self.take_stray_maglev() {
+            self.write(|dp| dp.del_maglev(&k))?;
         }
         // A deferred frontend's name stays while it waits (its id keeps its counters).
         let waiting: HashSet<&str> = deferred.iter().map(|(_, n, _)| n.as_str()).collect();
@@ -681,13 +704,14 @@ impl<D: Dataplane> Syncer<D> {
                 .map(|(k, (id, _))| (*id, *k))
                 .collect()
         };
+        let named = self.still_named();
         let mut unused: Vec<(BackendKey, u32)> = Vec::new();
         for id in candidates {
             if self.backend_refs.get(&id).copied().unwrap_or(0) != 0 {
                 continue;
             }
             match by_id.get(&id) {
-                Some(k) if keep.contains(k) => self.maybe_unused.push(id),
+                Some(k) if keep.contains(k) || named.contains(&id) => self.maybe_unused.push(id),
                 Some(k) => unused.push((*k, id)),
                 None => {}
             }
@@ -701,6 +725,27 @@ impl<D: Dataplane> Syncer<D> {
             self.backend_ids.release(id);
         }
         Ok(())
+    }
+
+    /// In the first sync after adoption: backends that no slot counts but that a membership
+    /// entry or a table a master points at still names (a killed sync had moved a slot off
+    /// them but not yet the rest). They go once their frontend is applied, not before: their
+    /// ids could otherwise be handed out again while still named. Later syncs keep membership
+    /// and tables in step with the slots, so the set is empty then (and costs nothing).
+    fn still_named(&self) -> HashSet<u32> {
+        if !self.full_pass {
+            return HashSet::new();
+        }
+        let tables = self
+            .frontends
+            .values()
+            .filter_map(|p| self.stale_tables.get(&p.maglev.0))
+            .flatten();
+        self.members
+            .keys()
+            .map(|m| m.backend_id)
+            .chain(tables.copied())
+            .collect()
     }
 
     /// Deletes the names (and frees the ids) of Service ports no frontend uses any more.
@@ -771,10 +816,10 @@ impl<D: Dataplane> Syncer<D> {
         n
     }
 
-    /// The entries found at adoption that no frontend explained and this sync did not write
-    /// again: a killed sync can leave slots written for a master it had not written yet (a new
-    /// frontend) or beyond a master's count (a growing one); the restarted agent's sync rewrites
-    /// them and its master then counts them, so they are no leftovers any more.
+    /// The entries found at adoption that no frontend explained (a killed sync can leave slots
+    /// written for a master it had not written yet, or beyond a master's count), less any the
+    /// sync has written again for a master that now counts them: deleting those would leave the
+    /// master counting a slot that is gone.
     fn take_stray_services(&mut self) -> Vec<FrontendSlotKey> {
         let mut strays = std::mem::take(&mut self.stray_services);
         strays.retain(|k| {
@@ -788,6 +833,26 @@ impl<D: Dataplane> Syncer<D> {
                 .is_none_or(|p| k.slot as usize > p.slots.len())
         });
         strays
+    }
+
+    /// Maglev chunks found at adoption that no adopted table explains and no master points at
+    /// any more (a master found pointing at one keeps it until it is applied or removed).
+    fn take_stray_maglev(&mut self) -> Vec<MaglevKey> {
+        if self.stray_maglev.is_empty() {
+            return Vec::new();
+        }
+        let pointed: HashSet<u32> = self
+            .frontends
+            .values()
+            .map(|p| p.maglev.0)
+            .filter(|id| *id != 0)
+            .collect();
+        let (keep, out) = std::mem::take(&mut self.stray_maglev)
+            .into_iter()
+            .partition(|k| pointed.contains(&k.table_id));
+        self.stray_maglev = keep;
+        self.stale_tables.retain(|id, _| pointed.contains(id));
+        out
     }
 
     /// Rev-NAT entries to delete: duplicates found at adoption and, on the first sync after it,
