@@ -151,6 +151,19 @@ impl MaglevTables {
         same
     }
 
+    /// Takes one more reference to the known table `id`, for a master found pointing at it
+    /// whose frontend did not adopt it (its backends differ): the master drops it when it is
+    /// rewritten or removed. Nothing when no such table is known (its chunks are strays then,
+    /// removed after the masters are rewritten).
+    pub(super) fn hold(&mut self, id: u32) {
+        if let Some(set) = self.sets.get(&id) {
+            self.by_set
+                .get_mut(set)
+                .expect("by_set and sets agree")
+                .refs += 1;
+        }
+    }
+
     /// Whether chunk `k` belongs to a known table.
     pub(super) fn explains(&self, k: &MaglevKey) -> bool {
         self.by_set

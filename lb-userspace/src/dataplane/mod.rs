@@ -3,7 +3,8 @@
 //! tests ([`fake`]); [`sync`] turns desired map contents into the fewest safe writes; [`read`]
 //! holds the read-only views `lbctl` and the agent's metrics share; [`migrate`] carries state
 //! across map layout versions; [`ct_gc`] sweeps expired conntrack flows and flushes those of
-//! removed UDP backends ([`bpf_sys`]: the batched map reads aya lacks).
+//! removed UDP backends ([`bpf_sys`]: the batched map reads aya lacks); [`crash`] kills a sync
+//! after each of its writes and checks that a restarted agent recovers (for tests).
 //!
 //! It takes the desired map contents from `control` and never imports `agent`.
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,6 +16,7 @@ use lb_common::{
 
 pub mod bpf_sys;
 pub mod capacity;
+pub mod crash;
 pub mod ct_gc;
 pub mod fake;
 mod ids;

@@ -4,7 +4,7 @@
 use std::{fs, path::Path, path::PathBuf};
 
 use anyhow::{Context, Result};
-use aya::maps::{Array, HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use lb_common::{
     map_name, Backend, Config, FrontendSlot, FrontendSlotKey, MaglevChunk, MaglevKey, MemberKey,
     RevNat, ServiceName,
@@ -110,6 +110,16 @@ pub fn decode_name(v: &ServiceName) -> String {
     String::from_utf8_lossy(&v.bytes[..end]).into_owned()
 }
 
+/// A delete of an entry that is not there is done, as in the fake: an agent restarted after a
+/// kill (or after an older agent's crash) may remove a frontend whose master counts a slot that
+/// is missing, and must not fail its syncs from then on.
+fn deleted(r: Result<(), MapError>) -> Result<()> {
+    match r {
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        r => Ok(r?),
+    }
+}
+
 /// The pinned service maps, through aya.
 pub struct AyaDataplane {
     services: HashMap<MapData, FrontendSlotKey, FrontendSlot>,
@@ -164,19 +174,19 @@ impl Dataplane for AyaDataplane {
         Ok(self.services.insert(key, value, 0)?)
     }
     fn del_service(&mut self, key: &FrontendSlotKey) -> Result<()> {
-        Ok(self.services.remove(key)?)
+        deleted(self.services.remove(key))
     }
     fn put_backend(&mut self, id: u32, value: &Backend) -> Result<()> {
         Ok(self.backends.insert(id, value, 0)?)
     }
     fn del_backend(&mut self, id: u32) -> Result<()> {
-        Ok(self.backends.remove(&id)?)
+        deleted(self.backends.remove(&id))
     }
     fn put_rev_nat(&mut self, id: u32, value: &RevNat) -> Result<()> {
         Ok(self.rev_nat.insert(id, value, 0)?)
     }
     fn del_rev_nat(&mut self, id: u32) -> Result<()> {
-        Ok(self.rev_nat.remove(&id)?)
+        deleted(self.rev_nat.remove(&id))
     }
     fn put_config(&mut self, value: &Config) -> Result<()> {
         Ok(self.config.set(0, value, 0)?)
@@ -185,19 +195,19 @@ impl Dataplane for AyaDataplane {
         Ok(self.members.insert(key, slot, 0)?)
     }
     fn del_member(&mut self, key: &MemberKey) -> Result<()> {
-        Ok(self.members.remove(key)?)
+        deleted(self.members.remove(key))
     }
     fn put_service_name(&mut self, id: u32, name: &str) -> Result<()> {
         Ok(self.names.insert(id, encode_name(name), 0)?)
     }
     fn del_service_name(&mut self, id: u32) -> Result<()> {
-        Ok(self.names.remove(&id)?)
+        deleted(self.names.remove(&id))
     }
     fn put_maglev(&mut self, key: &MaglevKey, value: &MaglevChunk) -> Result<()> {
         Ok(self.maglev.insert(key, value, 0)?)
     }
     fn del_maglev(&mut self, key: &MaglevKey) -> Result<()> {
-        Ok(self.maglev.remove(key)?)
+        deleted(self.maglev.remove(key))
     }
     fn contents(&self) -> Result<MapContents> {
         let mut s = MapContents {

@@ -17,6 +17,16 @@
 //! (the books are kept in `maglev_tables`). A changed set gets a new table, written
 //! in full before the master switches to it (one atomic write), and the old table is deleted
 //! after: a new flow sees either the old or the new table, never a mix.
+//!
+//! Adoption ([`Syncer::adopt`]) takes the maps as it finds them, also after a sync that was
+//! killed half-way: a counted slot that is missing or names no backend is kept as a hole, a
+//! table that is not exactly the frontend's is not adopted, and the first sync compares every
+//! frontend, so it rewrites whatever is wrong; it never deletes what a master still counts or
+//! names before that master is rewritten. Entries nothing explains (slots no master counts,
+//! rev-NAT entries and backends nothing uses) go with the other removals; the chunks of a table
+//! a master still points at, and backends such a table or a membership entry still names, wait
+//! until that master has been applied. The replay in [`super::crash`] kills a sync after each
+//! of its writes to check all of this.
 use std::{
     collections::{hash_map::Entry, BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     net::SocketAddrV4,
@@ -81,6 +91,9 @@ pub struct Syncer<D: Dataplane> {
     tables: MaglevTables,
     /// Chunks found at adoption that no table explains.
     stray_maglev: Vec<MaglevKey>,
+    /// Backend ids named by the Maglev tables that masters found at adoption point at but that
+    /// were not adopted, by table id: those backends stay while a master points at the table.
+    stale_tables: HashMap<u32, Vec<u32>>,
     /// What was last applied per frontend: later syncs touch only frontends whose desired
     /// state differs, so one endpoint change costs O(changed) work, not O(cluster).
     applied: HashMap<FrontendKey, DesiredFrontend>,
@@ -101,7 +114,11 @@ pub struct Syncer<D: Dataplane> {
 
 impl<D: Dataplane> Syncer<D> {
     /// Adopts whatever the dataplane already holds (pinned maps of an earlier agent), so that a
-    /// restarted agent rewrites nothing that is still right.
+    /// restarted agent rewrites nothing that is still right, and repairs the rest on the first
+    /// sync (which compares every frontend): a counted slot that is missing or names no backend,
+    /// membership entries that are not those of the slots, a Maglev table that is not exactly
+    /// the frontend's, a master whose rev-NAT entry is not its own; entries nothing explains go
+    /// once the masters are right (see the module documentation).
     pub fn adopt(dp: D) -> Result<Self> {
         let found = dp.contents()?;
         let mut s = Self {
@@ -128,6 +145,7 @@ impl<D: Dataplane> Syncer<D> {
             members: found.members.clone(),
             tables: MaglevTables::with_used(found.maglev.keys().map(|k| k.table_id)),
             stray_maglev: Vec::new(),
+            stale_tables: HashMap::new(),
             applied: HashMap::new(),
             name_refs: HashMap::new(),
             maybe_unused: Vec::new(),
@@ -169,6 +187,10 @@ impl<D: Dataplane> Syncer<D> {
                 }
             }
         }
+        // Each master's counted slots: one that is missing or names no (adopted) backend is
+        // kept as 0, a hole the next sync fills before anything it counts is deleted.
+        let live: std::collections::HashSet<u32> =
+            self.backends.values().map(|(id, _)| *id).collect();
         for (k, v) in found.services.iter().filter(|(k, _)| k.slot == 0) {
             let fe = FrontendKey {
                 addr: sock_addr(k.addr_be, k.port_be),
@@ -181,7 +203,7 @@ impl<D: Dataplane> Syncer<D> {
                         .services
                         .get(&service_key(&fe, slot))
                         .map_or(0, |s| s.backend_id);
-                    if self.backends.values().any(|(bid, _)| *bid == id) {
+                    if live.contains(&id) {
                         id
                     } else {
                         0
@@ -233,11 +255,15 @@ impl<D: Dataplane> Syncer<D> {
 
     /// Keeps the Maglev tables that are exactly what this agent would write for their frontends;
     /// frontends with any other table get a fresh one on the next sync, and chunks nobody uses
-    /// are removed then.
+    /// are removed then. A master keeps its (not adopted) table meanwhile: where another
+    /// frontend adopted that table, the master holds a reference to it, so that its chunks stay
+    /// until the master has been rewritten or removed (a killed sync may leave one frontend of a
+    /// shared table switched, or its slots changed, and the other not).
     fn adopt_tables(&mut self, found: &MapContents) {
         let by_id: HashMap<u32, BackendKey> =
             self.backends.iter().map(|(k, (id, _))| (*id, *k)).collect();
         let fes: Vec<FrontendKey> = self.frontends.keys().copied().collect();
+        let mut not_adopted = Vec::new();
         for fe in fes {
             let p = &self.frontends[&fe];
             let (id, m) = p.maglev;
@@ -252,8 +278,21 @@ impl<D: Dataplane> Syncer<D> {
                     .adopt(id, m, set, |k| backends[k].0, &found.maglev)
             });
             if !adopted {
-                self.frontends.get_mut(&fe).expect("listed above").maglev = (0, 0);
+                not_adopted.push((id, m));
             }
+        }
+        for (id, m) in not_adopted {
+            self.tables.hold(id);
+            let named = (0..chunk_count(m))
+                .filter_map(|c| {
+                    found.maglev.get(&MaglevKey {
+                        table_id: id,
+                        chunk: c,
+                    })
+                })
+                .flat_map(|chunk| chunk.backend_ids.iter().copied())
+                .filter(|b| *b != 0);
+            self.stale_tables.entry(id).or_default().extend(named);
         }
         for k in found.maglev.keys() {
             if !self.tables.explains(k) {
@@ -402,13 +441,13 @@ impl<D: Dataplane> Syncer<D> {
                 self.members.remove(&m);
             }
         }
-        for k in std::mem::take(&mut self.stray_maglev) {
-            self.write(|dp| dp.del_maglev(&k))?;
-        }
-        for k in std::mem::take(&mut self.stray_services) {
+        for k in self.take_stray_services() {
             self.write(|dp| dp.del_service(&k))?;
         }
-        for id in std::mem::take(&mut self.stray_rev_nat) {
+        for k in self.take_stray_maglev() {
+            self.write(|dp| dp.del_maglev(&k))?;
+        }
+        for id in self.take_stray_rev_nat(full) {
             self.write(|dp| dp.del_rev_nat(id))?;
         }
         for id in std::mem::take(&mut self.stray_backends) {
@@ -466,6 +505,10 @@ impl<D: Dataplane> Syncer<D> {
                     .filter(|k| !self.name_refs.contains_key(*k))
                     .cloned(),
             );
+        }
+        // Chunks of tables that masters pointed at until they were applied just now.
+        for k in self.take_stray_maglev() {
+            self.write(|dp| dp.del_maglev(&k))?;
         }
         // A deferred frontend's name stays while it waits (its id keeps its counters).
         let waiting: HashSet<&str> = deferred.iter().map(|(_, n, _)| n.as_str()).collect();
@@ -661,13 +704,14 @@ impl<D: Dataplane> Syncer<D> {
                 .map(|(k, (id, _))| (*id, *k))
                 .collect()
         };
+        let named = self.still_named();
         let mut unused: Vec<(BackendKey, u32)> = Vec::new();
         for id in candidates {
             if self.backend_refs.get(&id).copied().unwrap_or(0) != 0 {
                 continue;
             }
             match by_id.get(&id) {
-                Some(k) if keep.contains(k) => self.maybe_unused.push(id),
+                Some(k) if keep.contains(k) || named.contains(&id) => self.maybe_unused.push(id),
                 Some(k) => unused.push((*k, id)),
                 None => {}
             }
@@ -681,6 +725,27 @@ impl<D: Dataplane> Syncer<D> {
             self.backend_ids.release(id);
         }
         Ok(())
+    }
+
+    /// In the first sync after adoption: backends that no slot counts but that a membership
+    /// entry or a table a master points at still names (a killed sync had moved a slot off
+    /// them but not yet the rest). They go once their frontend is applied, not before: their
+    /// ids could otherwise be handed out again while still named. Later syncs keep membership
+    /// and tables in step with the slots, so the set is empty then (and costs nothing).
+    fn still_named(&self) -> HashSet<u32> {
+        if !self.full_pass {
+            return HashSet::new();
+        }
+        let tables = self
+            .frontends
+            .values()
+            .filter_map(|p| self.stale_tables.get(&p.maglev.0))
+            .flatten();
+        self.members
+            .keys()
+            .map(|m| m.backend_id)
+            .chain(tables.copied())
+            .collect()
     }
 
     /// Deletes the names (and frees the ids) of Service ports no frontend uses any more.
@@ -749,6 +814,67 @@ impl<D: Dataplane> Syncer<D> {
             }
         }
         n
+    }
+
+    /// The entries found at adoption that no frontend explained (a killed sync can leave slots
+    /// written for a master it had not written yet, or beyond a master's count), less any the
+    /// sync has written again for a master that now counts them: deleting those would leave the
+    /// master counting a slot that is gone.
+    fn take_stray_services(&mut self) -> Vec<FrontendSlotKey> {
+        let mut strays = std::mem::take(&mut self.stray_services);
+        strays.retain(|k| {
+            let fe = FrontendKey {
+                addr: sock_addr(k.addr_be, k.port_be),
+                proto: k.proto,
+                scope: k.scope,
+            };
+            self.frontends
+                .get(&fe)
+                .is_none_or(|p| k.slot as usize > p.slots.len())
+        });
+        strays
+    }
+
+    /// Maglev chunks found at adoption that no adopted table explains and no master points at
+    /// any more (a master found pointing at one keeps it until it is applied or removed).
+    fn take_stray_maglev(&mut self) -> Vec<MaglevKey> {
+        if self.stray_maglev.is_empty() {
+            return Vec::new();
+        }
+        let pointed: HashSet<u32> = self
+            .frontends
+            .values()
+            .map(|p| p.maglev.0)
+            .filter(|id| *id != 0)
+            .collect();
+        let (keep, out) = std::mem::take(&mut self.stray_maglev)
+            .into_iter()
+            .partition(|k| pointed.contains(&k.table_id));
+        self.stray_maglev = keep;
+        self.stale_tables.retain(|id, _| pointed.contains(id));
+        out
+    }
+
+    /// Rev-NAT entries to delete: duplicates found at adoption and, on the first sync after it,
+    /// those no frontend uses (a killed sync wrote one before its frontend's master, or had
+    /// removed the master and not yet the entry).
+    fn take_stray_rev_nat(&mut self, full: bool) -> Vec<u32> {
+        let mut out = std::mem::take(&mut self.stray_rev_nat);
+        if full {
+            let unused: Vec<SocketAddrV4> = self
+                .rev_nat
+                .iter()
+                .filter(|(_, (_, refs))| *refs == 0)
+                .map(|(addr, _)| *addr)
+                .collect();
+            for addr in unused {
+                let (id, _) = self.rev_nat.remove(&addr).expect("listed above");
+                self.rev_nat_ids.release(id);
+                out.push(id);
+            }
+            out.sort();
+        }
+        out
     }
 
     /// Flushes the UDP conntrack flows of backends that left a UDP frontend in this sync and no
@@ -1027,7 +1153,10 @@ mod tests {
     use lb_common::{scope, MAGLEV_CHUNK};
 
     use super::*;
-    use crate::dataplane::fake::{svc_key_str, FakeDataplane};
+    use crate::dataplane::{
+        crash,
+        fake::{svc_key_str, FakeDataplane},
+    };
 
     fn fe(i: u32) -> FrontendKey {
         FrontendKey {
@@ -1593,6 +1722,177 @@ mod tests {
         .unwrap();
         stepped.sync(&d).unwrap();
         check_tables(&stepped.dataplane().inner.state);
+    }
+
+    const ALL: crash::ReplayOptions = crash::ReplayOptions {
+        skip_ahead: true,
+        carry_on: true,
+        twice: true,
+    };
+
+    fn fake_with(state: &MapContents) -> Result<FakeDataplane> {
+        Ok(FakeDataplane {
+            state: state.clone(),
+            ..Default::default()
+        })
+    }
+
+    /// SIGKILL after any write of a realistic run of changes, then a restarted agent: every
+    /// state on the way resolves each counted slot to a backend that exists, and the restarted
+    /// agent ends where one clean sync ends (also when the cluster changed meanwhile).
+    #[test]
+    fn a_sync_killed_after_any_write_recovers() {
+        let seq = crash::change_sequence();
+        let st = crash::replay(&seq, ALL, fake_with).unwrap();
+        assert!(st.writes.iter().sum::<u64>() > 200, "{st:?}");
+    }
+
+    /// The same on the shapes of the other tests: many backends, Maglev tables shared and
+    /// replaced, a frontend shrinking to one backend, frontends removed and added again.
+    #[test]
+    fn maglev_sync_killed_after_any_write_recovers() {
+        let mut d = external(&desired(4, 6));
+        d.extend(desired(2, 3));
+        let mut seq = vec![d.clone()];
+        let keys: Vec<FrontendKey> = d.keys().copied().collect();
+        d.get_mut(&keys[0]).unwrap().backends.remove(2);
+        d.get_mut(&keys[1]).unwrap().backends.push((be(5000), 0));
+        d.get_mut(&keys[2]).unwrap().backends.truncate(1);
+        d.get_mut(&keys[4]).unwrap().backends[0] = (be(6000), 0);
+        let removed = d.remove(&keys[3]).unwrap();
+        seq.push(d.clone());
+        d.insert(keys[3], removed);
+        d.get_mut(&keys[2]).unwrap().backends.clear();
+        seq.push(d);
+        let opts = crash::ReplayOptions {
+            twice: false,
+            ..ALL
+        };
+        crash::replay(&seq, opts, fake_with).unwrap();
+    }
+
+    /// What the crash the review saw left (a master counting a slot that is not there), a slot
+    /// naming a backend that is gone, a missing membership entry and a missing Maglev chunk:
+    /// adoption finds each, and the next sync repairs it although nothing is desired to change,
+    /// without a state on the way that the datapath could not resolve.
+    #[test]
+    fn adoption_repairs_damaged_frontends() {
+        let mut d = external(&desired(2, 4));
+        d.extend(desired(2, 4));
+        let mut s = Syncer::adopt(FakeDataplane::default()).unwrap();
+        s.sync(&d).unwrap();
+        let good = s.dataplane().state.clone();
+        let ext0 = service_key(
+            &FrontendKey {
+                scope: scope::EXTERNAL,
+                ..fe(0)
+            },
+            0,
+        );
+        type Damage = Box<dyn Fn(&mut MapContents)>;
+        let damages: Vec<(&str, Damage)> = vec![
+            (
+                "counted slot missing",
+                Box::new(|st: &mut MapContents| {
+                    st.services.remove(&service_key(&fe(0), 2));
+                }),
+            ),
+            (
+                "slot names a missing backend",
+                Box::new(|st: &mut MapContents| {
+                    st.services
+                        .get_mut(&service_key(&fe(1), 3))
+                        .unwrap()
+                        .backend_id = 999;
+                }),
+            ),
+            (
+                "membership entry missing",
+                Box::new(move |st: &mut MapContents| {
+                    let k = *st.members.keys().find(|m| m.frontend == ext0).unwrap();
+                    st.members.remove(&k);
+                }),
+            ),
+            (
+                "rev-NAT entry missing",
+                Box::new(|st: &mut MapContents| {
+                    let id = st.services[&service_key(&fe(1), 0)].rev_nat_id;
+                    st.rev_nat.remove(&id);
+                }),
+            ),
+            (
+                "Maglev chunk missing",
+                Box::new(|st: &mut MapContents| {
+                    let k = *st.maglev.keys().next().unwrap();
+                    st.maglev.remove(&k);
+                }),
+            ),
+        ];
+        for (what, damage) in damages {
+            let mut state = good.clone();
+            damage(&mut state);
+            let mut again = Syncer::adopt(crash::CrashAfter::new(
+                fake_with(&state).unwrap(),
+                None,
+                true,
+            ))
+            .unwrap();
+            assert!(again.sync(&d).unwrap().writes > 0, "{what}");
+            // The repair adds no problem to those of the damage.
+            let before = crash::live_problems(&state);
+            for (n, op, p) in &again.dataplane().problems {
+                assert!(before.contains(p), "{what}: after write {n} ({op}): {p}");
+            }
+            let st = &again.dataplane().inner.state;
+            assert_eq!(crash::leftover_problems(st), Vec::<String>::new(), "{what}");
+            assert_eq!(crash::canonical(st), crash::canonical(&good), "{what}");
+        }
+    }
+
+    /// Slots a killed sync wrote beyond a master's count (it was growing the frontend) or for a
+    /// master it had not written yet are rewritten by the restarted agent's sync and then kept,
+    /// not deleted as leftovers found at adoption.
+    #[test]
+    fn orphan_slots_rewritten_at_restart_are_kept() {
+        let small = desired(2, 3);
+        let mut big = small.clone();
+        big.get_mut(&fe(0)).unwrap().backends.push((be(100), 0));
+        big.insert(fe(5), desired(6, 4)[&fe(5)].clone());
+        let mut s = Syncer::adopt(FakeDataplane::default()).unwrap();
+        s.sync(&small).unwrap();
+        // Kill the growth at each master write (a fresh agent makes the same writes).
+        let mut probe = Syncer::adopt(fake_with(&s.dataplane().state).unwrap()).unwrap();
+        probe.sync(&big).unwrap();
+        let masters: Vec<usize> = (probe.dataplane().log.iter().enumerate())
+            .filter(|(_, l)| l.starts_with("put_service") && l.ends_with("#0"))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(masters.len(), 2);
+        let orphan = [service_key(&fe(0), 4), service_key(&fe(5), 1)];
+        for (at, orphan) in masters.into_iter().zip(orphan) {
+            let mut dying = Syncer::adopt(crash::CrashAfter::new(
+                fake_with(&s.dataplane().state).unwrap(),
+                Some(at as u64),
+                false,
+            ))
+            .unwrap();
+            assert!(dying.sync(&big).is_err());
+            let dead = dying.dataplane().inner.state.clone();
+            assert!(dead.services.contains_key(&orphan));
+            let mut again = Syncer::adopt(crash::CrashAfter::new(
+                fake_with(&dead).unwrap(),
+                None,
+                true,
+            ))
+            .unwrap();
+            again.sync(&big).unwrap();
+            let st = &again.dataplane().inner.state;
+            assert_eq!(again.dataplane().problems, vec![]);
+            assert_eq!(crash::leftover_problems(st), Vec::<String>::new());
+            let r = resolved(st);
+            assert_eq!(r[&service_key(&fe(0), 0)].len(), 4);
+            assert_eq!(r[&service_key(&fe(5), 0)].len(), 4);
+        }
     }
 
     /// Incremental syncs (only changed frontends are looked at) end in the same state as one
