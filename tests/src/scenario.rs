@@ -139,7 +139,13 @@ pub fn http_get(ns: &str, addr: &str, path: &str) -> (u16, BTreeMap<String, Stri
         assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
         let mut c = std::net::TcpStream::connect(&addr).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(c, "GET {path} HTTP/1.1\r\nHost: lb\r\n\r\n").unwrap();
+        // One request: the agent's servers keep connections alive otherwise (until their
+        // header timeout), and this reads to the end.
+        write!(
+            c,
+            "GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
         let mut s = String::new();
         c.read_to_string(&mut s).unwrap();
         let (head, body) = s.split_once("\r\n\r\n").unwrap();

@@ -1,8 +1,9 @@
 //! Operations end to end: a real scrape of the agent's /metrics after real traffic, node health
-//! on /healthz and /livez, and JSON logs.
+//! on /healthz and /livez (each on its own address), and JSON logs.
 use std::collections::BTreeMap;
 
 use lb_tests::scenario::{http_get, start_example_with};
+use lb_userspace::agent::metrics::MAP_READ_INTERVAL;
 
 /// Parses Prometheus/OpenMetrics text into `name{labels}` -> value.
 fn samples(text: &str) -> BTreeMap<String, f64> {
@@ -58,6 +59,9 @@ fn lab_metrics_move_with_real_traffic_and_health_follows_the_dataplane() {
         .unwrap();
     assert!(ex.iter().all(|e| !e.ok), "{ex:?}");
 
+    // The agent reads its maps for /metrics at most once per MAP_READ_INTERVAL: scrapes closer
+    // together repeat the last reading.
+    std::thread::sleep(MAP_READ_INTERVAL);
     let (code, headers, body) = http_get(&s.lab.client_netns, "192.168.100.1:9464", "/metrics");
     assert_eq!(code, 200, "{body}");
     assert!(headers["Content-Type"].contains("text"), "{headers:?}");
@@ -125,6 +129,7 @@ fn lab_metrics_move_with_real_traffic_and_health_follows_the_dataplane() {
     s.lab
         .run_client("client", &["tcp", "203.0.113.10:80", "--count", "5"])
         .unwrap();
+    std::thread::sleep(MAP_READ_INTERVAL);
     let (_, _, body2) = http_get(&s.lab.client_netns, "192.168.100.1:9464", "/metrics");
     let m2 = samples(&body2);
     assert!(
@@ -138,6 +143,11 @@ fn lab_metrics_move_with_real_traffic_and_health_follows_the_dataplane() {
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["healthy"], true);
     }
+    // /metrics is on --metrics-addr only, /healthz and /livez on --health-addr only.
+    let (code, _, _) = http_get(&s.lab.client_netns, "192.168.100.2:10256", "/metrics");
+    assert_eq!(code, 404);
+    let (code, _, _) = http_get(&s.lab.client_netns, "192.168.100.2:9464", "/healthz");
+    assert_eq!(code, 404);
     // Logs are JSON objects, one per line.
     let log = s.agents[0].log();
     let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();

@@ -260,6 +260,8 @@ async fn accept(a: Accepting, work: Work, handler: Handler) {
                 .max_buf_size(MAX_HEAD_BYTES)
                 .max_headers(MAX_HEADERS)
                 .keep_alive(true)
+                // `Content-Type`, as Go's servers (kube-proxy's) write header names.
+                .title_case_headers(true)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = tokio::time::timeout(CONNECTION_DEADLINE, conn) => {}
