@@ -324,7 +324,10 @@ mod tests {
         // until dropped below), so an update that waited for it would never return.
         let started = Instant::now();
         hs.update(&BTreeMap::new(), &lo);
-        println!("closing a port with 101 clients attached: {:?}", started.elapsed());
+        println!(
+            "closing a port with 101 clients attached: {:?}",
+            started.elapsed()
+        );
         assert!(hs.ports().is_empty());
         assert_eq!(
             TcpStream::connect((Ipv4Addr::LOCALHOST, port))

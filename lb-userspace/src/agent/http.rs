@@ -305,12 +305,11 @@ fn to_hyper(r: Response) -> hyper::Response<Full<Bytes>> {
     for (k, v) in &r.headers {
         b = b.header(*k, v.as_str());
     }
-    b.body(Full::new(Bytes::from(r.body)))
-        .unwrap_or_else(|_| {
-            let mut e = hyper::Response::new(Full::new(Bytes::new()));
-            *e.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-            e
-        })
+    b.body(Full::new(Bytes::from(r.body))).unwrap_or_else(|_| {
+        let mut e = hyper::Response::new(Full::new(Bytes::new()));
+        *e.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        e
+    })
 }
 
 #[cfg(test)]
@@ -446,7 +445,9 @@ pub(crate) mod tests {
         let addr = serving.local_addr();
         let (code, r) = get(addr, "/healthz?verbose").unwrap();
         assert_eq!(code, 200, "{r}");
-        assert!(r.to_ascii_lowercase().contains("content-type: application/json"));
+        assert!(r
+            .to_ascii_lowercase()
+            .contains("content-type: application/json"));
         assert!(r.ends_with("\r\n\r\n{}"), "{r}");
         assert_eq!(get(addr, "/nothing").unwrap().0, 404);
         let (code, r) = request(addr, "HEAD", "/healthz").unwrap();

@@ -746,39 +746,39 @@ mod tests {
         Work,
     };
 
-    fn status(r: Option<Response>) -> &'static str {
-        r.expect("routed").status
+    fn code(r: Option<Response>) -> u16 {
+        r.expect("routed").code()
     }
 
     #[test]
     fn healthz_needs_programmed_and_fresh_livez_a_live_loop() {
         let ops = Ops::new(PathBuf::from("/nonexistent"));
         // Starting: alive, not programmed.
-        assert_eq!(status(ops.health_route("/healthz")), "503 Service Unavailable");
-        assert_eq!(status(ops.health_route("/livez")), "200 OK");
+        assert_eq!(code(ops.health_route("/healthz")), 503);
+        assert_eq!(code(ops.health_route("/livez")), 200);
         assert!(!ops.proxy_healthy());
         ops.queued();
         ops.synced(Duration::from_millis(1), 10);
         // Synced but not attached yet.
-        assert_eq!(status(ops.health_route("/healthz")), "503 Service Unavailable");
+        assert_eq!(code(ops.health_route("/healthz")), 503);
         ops.attached();
-        assert_eq!(status(ops.health_route("/healthz")), "200 OK");
-        assert_eq!(status(ops.health_route("/livez")), "200 OK");
+        assert_eq!(code(ops.health_route("/healthz")), 200);
+        assert_eq!(code(ops.health_route("/livez")), 200);
         assert!(ops.proxy_healthy());
         // A failed sync is retried: healthy while its update is recent...
         ops.sync_failed();
-        assert_eq!(status(ops.health_route("/healthz")), "200 OK");
+        assert_eq!(code(ops.health_route("/healthz")), 200);
         // ... not once it has waited longer than STALE_AFTER.
         ops.pending_since
             .store(now_s() - STALE_AFTER.as_secs(), Ordering::Relaxed);
-        assert_eq!(status(ops.health_route("/healthz")), "503 Service Unavailable");
-        assert_eq!(status(ops.health_route("/livez")), "503 Service Unavailable");
+        assert_eq!(code(ops.health_route("/healthz")), 503);
+        assert_eq!(code(ops.health_route("/livez")), 503);
         assert!(!ops.proxy_healthy());
         // A new update does not reset the oldest one's age; a successful sync does.
         ops.queued();
-        assert_eq!(status(ops.health_route("/livez")), "503 Service Unavailable");
+        assert_eq!(code(ops.health_route("/livez")), 503);
         ops.synced(Duration::from_millis(1), 0);
-        assert_eq!(status(ops.health_route("/healthz")), "200 OK");
+        assert_eq!(code(ops.health_route("/healthz")), 200);
         let v: serde_json::Value =
             serde_json::from_str(&ops.health_route("/healthz").unwrap().body).unwrap();
         assert_eq!(v["healthy"], true);
@@ -787,14 +787,14 @@ mod tests {
         // A loop that stopped going round is neither live nor healthy.
         ops.heartbeat
             .store(now_s() - STALE_AFTER.as_secs() - 1, Ordering::Relaxed);
-        assert_eq!(status(ops.health_route("/livez")), "503 Service Unavailable");
-        assert_eq!(status(ops.health_route("/healthz")), "503 Service Unavailable");
+        assert_eq!(code(ops.health_route("/livez")), 503);
+        assert_eq!(code(ops.health_route("/healthz")), 503);
         ops.heartbeat();
-        assert_eq!(status(ops.health_route("/livez")), "200 OK");
+        assert_eq!(code(ops.health_route("/livez")), 200);
         // Lost pins: 503 on both, for good.
         ops.pins_lost();
-        assert_eq!(status(ops.health_route("/livez")), "503 Service Unavailable");
-        assert_eq!(status(ops.health_route("/healthz")), "503 Service Unavailable");
+        assert_eq!(code(ops.health_route("/livez")), 503);
+        assert_eq!(code(ops.health_route("/healthz")), 503);
         // Each address its own paths.
         assert!(ops.health_route("/metrics").is_none());
         assert!(ops.health_route("/other").is_none());
@@ -834,7 +834,11 @@ mod tests {
                 m.body
             );
         }
-        assert_eq!(reads.load(Ordering::Relaxed), 1, "one map walk for 5 scrapes");
+        assert_eq!(
+            reads.load(Ordering::Relaxed),
+            1,
+            "one map walk for 5 scrapes"
+        );
         // Health answers never read the maps.
         ops.health_route("/healthz");
         ops.health_route("/livez");
