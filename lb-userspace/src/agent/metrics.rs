@@ -175,6 +175,7 @@ pub struct Ops {
     pins_lost: AtomicBool,
     heartbeat: AtomicU64,
     map_reader: MapReader,
+    map_read_interval: Duration,
     /// When the maps were last read for the metrics; locked for the read, so that concurrent
     /// scrapes share one.
     maps_read_at: Mutex<Option<Instant>>,
@@ -409,8 +410,16 @@ impl Ops {
             pins_lost: AtomicBool::new(false),
             heartbeat: AtomicU64::new(now_s()),
             map_reader,
+            map_read_interval: MAP_READ_INTERVAL,
             maps_read_at: Mutex::new(None),
         }
+    }
+
+    /// Reads the maps at most once per `interval` (default [`MAP_READ_INTERVAL`]; tests that
+    /// compare two scrapes across a change use zero).
+    pub fn with_map_read_interval(mut self, interval: Duration) -> Self {
+        self.map_read_interval = interval;
+        self
     }
 
     /// The other interfaces hooked (`lb_interface_hooked{interface} 1`) and whether local
@@ -594,7 +603,7 @@ impl Ops {
     /// than [`MAP_READ_INTERVAL`] ago.
     fn refresh(&self) {
         let mut read_at = self.maps_read_at.lock().expect("ops lock");
-        if read_at.is_some_and(|t| t.elapsed() < MAP_READ_INTERVAL) {
+        if read_at.is_some_and(|t| t.elapsed() < self.map_read_interval) {
             return;
         }
         let readings = (self.map_reader)(&self.bpffs);
