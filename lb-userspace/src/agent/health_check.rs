@@ -51,6 +51,28 @@ pub fn ports(model: &Model, node: &str) -> BTreeMap<u16, HealthEntry> {
     out
 }
 
+/// kube-proxy's taint on nodes the cluster autoscaler is about to delete.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// Whether this node may receive load-balanced traffic, as kube-proxy's `/healthz` decides
+/// (`nodeEligible`): not when its Node is being deleted or carries [`TO_BE_DELETED_TAINT`]. A
+/// node not seen (yet) is eligible, as kube-proxy assumes while it starts.
+pub fn node_eligible(objects: &crate::control::source::Objects, node: &str) -> bool {
+    let Some(n) = objects
+        .nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(node))
+    else {
+        return true;
+    };
+    n.metadata.deletion_timestamp.is_none()
+        && !n
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT))
+}
+
 /// The HTTP response for `entry`.
 pub fn response(entry: &HealthEntry, proxy_healthy: bool) -> Response {
     let n = entry.local_endpoints;
@@ -336,6 +358,32 @@ mod tests {
             std::io::ErrorKind::ConnectionRefused
         );
         drop(hogs);
+    }
+
+    #[test]
+    fn a_node_being_deleted_or_tainted_for_deletion_is_not_eligible() {
+        use crate::control::source::Objects;
+        let objects = |yaml: &str| Objects {
+            nodes: vec![serde_yaml_ng::from_str(yaml).unwrap()],
+            ..Default::default()
+        };
+        let node = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n";
+        assert!(node_eligible(&Objects::default(), "node-a"), "not seen yet");
+        assert!(node_eligible(&objects(node), "node-a"));
+        let other_taint = format!(
+            "{node}spec: {{taints: [{{key: node.kubernetes.io/unschedulable, effect: NoSchedule}}]}}"
+        );
+        assert!(node_eligible(&objects(&other_taint), "node-a"));
+        let tainted = format!(
+            "{node}spec: {{taints: [{{key: ToBeDeletedByClusterAutoscaler, value: \"1700000000\", effect: NoSchedule}}]}}"
+        );
+        assert!(!node_eligible(&objects(&tainted), "node-a"));
+        assert!(
+            node_eligible(&objects(&tainted), "node-b"),
+            "another node's taint"
+        );
+        let deleting = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a, deletionTimestamp: \"2026-01-01T00:00:00Z\"}\n";
+        assert!(!node_eligible(&objects(deleting), "node-a"));
     }
 
     #[test]

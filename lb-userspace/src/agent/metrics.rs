@@ -5,8 +5,10 @@
 //!   waited longer than [`STALE_AFTER`] to reach the maps (a snapshot not synced yet, a failed
 //!   sync being retried: kube-proxy's "queued update not applied within the health timeout"),
 //!   and the pins are not lost;
-//! - `/healthz`: all that, and programmed: the first sync succeeded and the programs are
-//!   attached (503 before, unlike kube-proxy, which answers 200 while it starts up).
+//! - `/healthz`: all that, and programmed (the first sync succeeded and the programs are
+//!   attached: 503 before, unlike kube-proxy, which answers 200 while it starts up), and the
+//!   node eligible (kube-proxy's `nodeEligible`: not being deleted, no
+//!   `ToBeDeletedByClusterAutoscaler` taint).
 //!
 //! Reading the maps for `/metrics` (counters, per-Service counters, the entry count of every map:
 //! walks over up to millions of conntrack entries) happens at most once every
@@ -170,6 +172,8 @@ pub struct Ops {
     service_seen: Mutex<BTreeMap<(u32, u8), u64>>,
     /// The first sync succeeded and the programs are attached.
     programmed: AtomicBool,
+    /// This node may receive load-balanced traffic (kube-proxy's `nodeEligible`).
+    node_eligible: AtomicBool,
     /// Unix time since when an update waits for the maps (0: none).
     pending_since: AtomicU64,
     pins_lost: AtomicBool,
@@ -406,6 +410,7 @@ impl Ops {
             masquerade_local,
             local_seen: Mutex::default(),
             programmed: AtomicBool::new(false),
+            node_eligible: AtomicBool::new(true),
             pending_since: AtomicU64::new(0),
             pins_lost: AtomicBool::new(false),
             heartbeat: AtomicU64::new(now_s()),
@@ -473,6 +478,11 @@ impl Ops {
         self.map_writes.inc_by(writes);
         self.last_sync.set(now_s() as i64);
         self.pending_since.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether this node may receive load-balanced traffic (`health_check::node_eligible`).
+    pub fn node_eligible(&self, yes: bool) {
+        self.node_eligible.store(yes, Ordering::Relaxed);
     }
 
     /// The programs are attached (after the first successful sync).
@@ -696,22 +706,28 @@ impl Ops {
             && (pending == 0 || now.saturating_sub(pending) < STALE_AFTER.as_secs())
     }
 
-    /// `/healthz`'s verdict (also kube-proxy's `serviceProxyHealthy` of the healthCheckNodePorts):
-    /// live and programmed.
+    /// kube-proxy's `serviceProxyHealthy` of the healthCheckNodePorts: live and programmed
+    /// (`/healthz` without the node's eligibility).
     pub fn proxy_healthy(&self) -> bool {
         self.live(now_s()) && self.programmed.load(Ordering::Relaxed)
     }
 
-    /// `GET /healthz` (`ready`) or `/livez`.
+    /// `GET /healthz` (`ready`: also programmed and the node eligible, with `nodeEligible` in
+    /// the body, as kube-proxy's) or `/livez`.
     pub fn health(&self, ready: bool) -> Response {
         let now = now_s();
-        let healthy = self.live(now) && (!ready || self.programmed.load(Ordering::Relaxed));
-        let body = serde_json::json!({
+        let eligible = self.node_eligible.load(Ordering::Relaxed);
+        let healthy =
+            self.live(now) && (!ready || (self.programmed.load(Ordering::Relaxed) && eligible));
+        let mut body = serde_json::json!({
             "lastUpdated": self.last_sync.get(),
             "currentTime": now,
             "healthy": healthy,
-        })
-        .to_string();
+        });
+        if ready {
+            body["nodeEligible"] = eligible.into();
+        }
+        let body = body.to_string();
         Response {
             status: if healthy {
                 "200 OK"
@@ -800,6 +816,17 @@ mod tests {
         assert_eq!(code(ops.health_route("/healthz")), 503);
         ops.heartbeat();
         assert_eq!(code(ops.health_route("/livez")), 200);
+        // A node being deleted: not ready (load balancers drain it), still live; the health
+        // check ports' serviceProxyHealthy ignores it, as kube-proxy's.
+        ops.node_eligible(false);
+        assert_eq!(code(ops.health_route("/healthz")), 503);
+        assert_eq!(code(ops.health_route("/livez")), 200);
+        assert!(ops.proxy_healthy());
+        let v: serde_json::Value =
+            serde_json::from_str(&ops.health_route("/healthz").unwrap().body).unwrap();
+        assert_eq!(v["nodeEligible"], false);
+        ops.node_eligible(true);
+        assert_eq!(code(ops.health_route("/healthz")), 200);
         // Lost pins: 503 on both, for good.
         ops.pins_lost();
         assert_eq!(code(ops.health_route("/livez")), 503);

@@ -205,6 +205,7 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 last = Some(objects.clone());
                 generation += 1;
                 ops.queued();
+                ops.node_eligible(health_check::node_eligible(&objects, &cfg.node));
                 let started = Instant::now();
                 let m = model::build_with(
                     &objects,
