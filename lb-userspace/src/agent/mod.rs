@@ -411,36 +411,6 @@ fn verdict_changes(
     (appeared, gone)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A rejection is reported when it appears and when it goes, never again in between.
-    #[test]
-    fn rejections_are_logged_when_the_verdict_changes() {
-        let r = |name: &str, reason: &str| model::Rejected {
-            kind: "Service".into(),
-            namespace: "ns".into(),
-            name: name.into(),
-            reason: reason.into(),
-        };
-        let mut before = BTreeSet::new();
-        let (new, gone) = verdict_changes(&mut before, [r("a", "x")].into());
-        assert_eq!((new, gone), (vec![r("a", "x")], vec![]));
-        for _ in 0..3 {
-            let (new, gone) = verdict_changes(&mut before, [r("a", "x")].into());
-            assert!(new.is_empty() && gone.is_empty());
-        }
-        // Another reason is another verdict.
-        let (new, gone) = verdict_changes(&mut before, [r("a", "y"), r("b", "x")].into());
-        assert_eq!(new, vec![r("a", "y"), r("b", "x")]);
-        assert_eq!(gone, vec![r("a", "x")]);
-        let (new, gone) = verdict_changes(&mut before, BTreeSet::new());
-        assert!(new.is_empty());
-        assert_eq!(gone.len(), 2);
-    }
-}
-
 /// Terminates sockets connected to removed backends on a thread of its own, one pass per
 /// change sent (the newest when several queued), so that walking the node's namespaces never
 /// delays a sync.
@@ -532,4 +502,34 @@ fn spawn_ct_gc(tiers: CtTiers, interval: Duration, ops: Arc<Ops>, stop: Arc<Atom
             }
         })
         .expect("spawning the conntrack sweep thread");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rejection is reported when it appears and when it goes, never again in between.
+    #[test]
+    fn rejections_are_logged_when_the_verdict_changes() {
+        let r = |name: &str, reason: &str| model::Rejected {
+            kind: "Service".into(),
+            namespace: "ns".into(),
+            name: name.into(),
+            reason: reason.into(),
+        };
+        let mut before = BTreeSet::new();
+        let (new, gone) = verdict_changes(&mut before, [r("a", "x")].into());
+        assert_eq!((new, gone), (vec![r("a", "x")], vec![]));
+        for _ in 0..3 {
+            let (new, gone) = verdict_changes(&mut before, [r("a", "x")].into());
+            assert!(new.is_empty() && gone.is_empty());
+        }
+        // Another reason is another verdict.
+        let (new, gone) = verdict_changes(&mut before, [r("a", "y"), r("b", "x")].into());
+        assert_eq!(new, vec![r("a", "y"), r("b", "x")]);
+        assert_eq!(gone, vec![r("a", "x")]);
+        let (new, gone) = verdict_changes(&mut before, BTreeSet::new());
+        assert!(new.is_empty());
+        assert_eq!(gone.len(), 2);
+    }
 }
