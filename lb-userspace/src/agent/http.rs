@@ -14,8 +14,9 @@
 //! - [`MAX_HEAD_BYTES`] of request head and [`MAX_HEADERS`] headers (431 beyond);
 //! - [`CONNECTION_DEADLINE`] for everything, answers included: a client that never reads a large
 //!   answer holds its connection no longer;
-//! - request bodies are never read (a connection whose request had one is closed after the
-//!   answer); only GET and HEAD are answered (405 otherwise).
+//! - request bodies are never read for a handler (hyper drains what already arrived with the
+//!   head, else closes the connection after the answer); only GET and HEAD are answered (405
+//!   otherwise).
 //!
 //! Handlers answer from memory ([`Work::Inline`], on the runtime's thread: health answers read a
 //! few atomics) or may take time ([`Work::Blocking`]: `/metrics`, run on the runtime's blocking
@@ -482,6 +483,18 @@ pub(crate) mod tests {
         let (code, r) = request(addr, "POST", "/healthz").unwrap();
         assert_eq!(code, 405);
         assert!(r.to_ascii_lowercase().contains("allow: get, head"), "{r}");
+        // A body announced as a gigabyte is not waited for: the answer, then the connection
+        // closes (it cannot be kept alive with the body still coming).
+        let mut c = TcpStream::connect(addr).unwrap();
+        write!(
+            c,
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\nabc"
+        )
+        .unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        assert!(s.starts_with("HTTP/1.1 200"), "{s}");
         // A head larger than the limit.
         let mut c = TcpStream::connect(addr).unwrap();
         let _ = write!(
