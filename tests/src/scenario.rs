@@ -131,15 +131,17 @@ pub fn start_example_on_with(variant: Variant, extra: &[&str]) -> Option<Running
 /// health checker or Prometheus would: (status, headers, body).
 pub fn http_get(ns: &str, addr: &str, path: &str) -> (u16, BTreeMap<String, String>, String) {
     use std::io::{Read, Write};
-    let (ns, addr, path) = (ns.to_string(), addr.to_string(), path.to_string());
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-        use std::os::fd::AsRawFd;
-        // SAFETY: setns on this thread only.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+    let (addr, path) = (addr.to_string(), path.to_string());
+    in_netns(ns, move || {
         let mut c = std::net::TcpStream::connect(&addr).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(c, "GET {path} HTTP/1.1\r\nHost: lb\r\n\r\n").unwrap();
+        // One request: the agent's servers keep connections alive otherwise (until their
+        // header timeout), and this reads to the end.
+        write!(
+            c,
+            "GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
         let mut s = String::new();
         c.read_to_string(&mut s).unwrap();
         let (head, body) = s.split_once("\r\n\r\n").unwrap();
@@ -157,6 +159,21 @@ pub fn http_get(ns: &str, addr: &str, path: &str) -> (u16, BTreeMap<String, Stri
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         (status, headers, body.to_string())
+    })
+}
+
+/// Runs `f` on a thread that entered network namespace `ns` (sockets it opens stay there).
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on this thread only.
+        assert_eq!(
+            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        f()
     })
     .join()
     .unwrap()

@@ -429,7 +429,9 @@ fn kernel_alerted_agent_metrics_move() {
         return;
     };
     let mut h = XdpHarness::new().expect("loading the XDP program into the kernel");
-    let ops = Ops::new(h.pin_dir().to_path_buf());
+    // Two scrapes around the changes below: read the maps for each (the agent reads them at
+    // most once per MAP_READ_INTERVAL).
+    let ops = Ops::new(h.pin_dir().to_path_buf()).with_map_read_interval(std::time::Duration::ZERO);
     let before = samples(&ops.metrics().body);
 
     // What the agent's loop does: a sync (config, frontends, backends) ...

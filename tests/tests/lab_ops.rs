@@ -1,8 +1,19 @@
 //! Operations end to end: a real scrape of the agent's /metrics after real traffic, node health
-//! on /healthz and /livez, and JSON logs.
+//! on /healthz and /livez (each on its own address), and JSON logs.
 use std::collections::BTreeMap;
 
-use lb_tests::scenario::{http_get, start_example_with};
+use std::{
+    io::Write,
+    net::TcpStream,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use lb_tests::scenario::{example_manifests, http_get, in_netns, start_example_with};
+use lb_userspace::agent::metrics::MAP_READ_INTERVAL;
 
 /// Parses Prometheus/OpenMetrics text into `name{labels}` -> value.
 fn samples(text: &str) -> BTreeMap<String, f64> {
@@ -58,6 +69,9 @@ fn lab_metrics_move_with_real_traffic_and_health_follows_the_dataplane() {
         .unwrap();
     assert!(ex.iter().all(|e| !e.ok), "{ex:?}");
 
+    // The agent reads its maps for /metrics at most once per MAP_READ_INTERVAL: scrapes closer
+    // together repeat the last reading.
+    std::thread::sleep(MAP_READ_INTERVAL);
     let (code, headers, body) = http_get(&s.lab.client_netns, "192.168.100.1:9464", "/metrics");
     assert_eq!(code, 200, "{body}");
     assert!(headers["Content-Type"].contains("text"), "{headers:?}");
@@ -125,6 +139,7 @@ fn lab_metrics_move_with_real_traffic_and_health_follows_the_dataplane() {
     s.lab
         .run_client("client", &["tcp", "203.0.113.10:80", "--count", "5"])
         .unwrap();
+    std::thread::sleep(MAP_READ_INTERVAL);
     let (_, _, body2) = http_get(&s.lab.client_netns, "192.168.100.1:9464", "/metrics");
     let m2 = samples(&body2);
     assert!(
@@ -138,6 +153,11 @@ fn lab_metrics_move_with_real_traffic_and_health_follows_the_dataplane() {
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["healthy"], true);
     }
+    // /metrics is on --metrics-addr only, /healthz and /livez on --health-addr only.
+    let (code, _, _) = http_get(&s.lab.client_netns, "192.168.100.2:10256", "/metrics");
+    assert_eq!(code, 404);
+    let (code, _, _) = http_get(&s.lab.client_netns, "192.168.100.2:9464", "/healthz");
+    assert_eq!(code, 404);
     // Logs are JSON objects, one per line.
     let log = s.agents[0].log();
     let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -150,4 +170,94 @@ fn lab_metrics_move_with_real_traffic_and_health_follows_the_dataplane() {
             "{l}"
         );
     }
+}
+
+/// Connections that a one-at-a-time server would serve forever, opened from the client's
+/// namespace on `addr`: 100 idle ones, one that asks for `path` and never reads the answer, and
+/// one that sends a request head a byte a second and never finishes it (until `stop`).
+fn hog(ns: &str, addr: &'static str, path: &'static str, stop: Arc<AtomicBool>) -> Vec<TcpStream> {
+    let (idle, mut slow) = in_netns(ns, move || {
+        let mut idle: Vec<TcpStream> = (0..100)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        let mut unread = TcpStream::connect(addr).unwrap();
+        write!(unread, "GET {path} HTTP/1.1\r\nHost: lb\r\n\r\n").unwrap();
+        idle.push(unread);
+        (idle, TcpStream::connect(addr).unwrap())
+    });
+    std::thread::spawn(move || {
+        for b in b"GET /healthz HTTP/1.1\r\nHost: a-slow-client\r\n"
+            .iter()
+            .cycle()
+        {
+            if stop.load(Ordering::Relaxed) || slow.write_all(&[*b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    idle
+}
+
+/// The review's failure: slow and idle clients on every HTTP port of the agent (health, metrics,
+/// a healthCheckNodePort) held /livez, and closing the healthCheckNodePort froze the agent's
+/// loop. Now /healthz, /livez and the health check answer while they are connected, and the
+/// Service's removal (its port closes under the clients) is synced at once.
+#[test]
+fn lab_health_answers_and_the_loop_syncs_while_clients_hog_every_http_port() {
+    let Some(mut s) = start_example_with(&[
+        "--metrics-addr",
+        "0.0.0.0:9464",
+        "--health-addr",
+        "0.0.0.0:10256",
+    ]) else {
+        return;
+    };
+    let ns = s.lab.client_netns.clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_get(&ns, "192.168.100.1:10256", "/healthz").0 != 200 {
+        assert!(Instant::now() < deadline, "never healthy");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let _held: Vec<_> = [
+        ("192.168.100.1:10256", "/healthz"),
+        ("192.168.100.1:9464", "/metrics"),
+        ("192.168.100.1:32080", "/"),
+    ]
+    .into_iter()
+    .flat_map(|(addr, path)| hog(&ns, addr, path, stop.clone()))
+    .collect();
+    for (addr, path, want) in [
+        ("192.168.100.1:10256", "/healthz", 200),
+        ("192.168.100.1:10256", "/livez", 200),
+        ("192.168.100.1:32080", "/", 200),
+        ("192.168.100.1:9464", "/metrics", 200),
+    ] {
+        let started = Instant::now();
+        let (code, _, body) = http_get(&ns, addr, path);
+        let took = started.elapsed();
+        println!(
+            "{addr}{path} with 100 idle, 1 slow, 1 non-reading connections on each port: {took:?}"
+        );
+        assert_eq!(code, want, "{addr}{path}: {body}");
+    }
+    // The Service with the healthCheckNodePort goes: its port closes with the clients attached
+    // (the slow one still sending), and the loop goes on.
+    let text: Vec<String> = example_manifests()
+        .split("\n---\n")
+        .filter(|d| !(d.contains("kind: Service\n") && d.contains("name: web-local,")))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(text.len() + 1, example_manifests().split("\n---\n").count());
+    s.apply(&text.join("\n---\n"), 2);
+    let refused = in_netns(&ns, || {
+        TcpStream::connect("192.168.100.1:32080").map(|_| ())
+    });
+    assert_eq!(
+        refused.unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+    assert_eq!(http_get(&ns, "192.168.100.1:10256", "/healthz").0, 200);
+    stop.store(true, Ordering::Relaxed);
 }

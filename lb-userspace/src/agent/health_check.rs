@@ -2,18 +2,15 @@
 //! `externalTrafficPolicy: Local`, on this node's addresses, answering any path as kube-proxy
 //! does: 200 when the node has at least one ready local endpoint of the Service (and the proxy is
 //! healthy), else 503, with kube-proxy's JSON body and headers. Ports open and close as Services
-//! come and go.
+//! come and go, served by the agent's HTTP runtime ([`http::Server`]): opening and closing a port
+//! from the agent's loop never waits for a client (see [`http`] for the limits).
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, RwLock,
-    },
-    thread,
+    sync::{Arc, RwLock},
 };
 
-use super::http::{self, Response};
+use super::http::{self, Response, Work};
 use crate::control::model::{Model, TrafficPolicy};
 
 /// What one health port reports.
@@ -54,6 +51,28 @@ pub fn ports(model: &Model, node: &str) -> BTreeMap<u16, HealthEntry> {
     out
 }
 
+/// kube-proxy's taint on nodes the cluster autoscaler is about to delete.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// Whether this node may receive load-balanced traffic, as kube-proxy's `/healthz` decides
+/// (`nodeEligible`): not when its Node is being deleted or carries [`TO_BE_DELETED_TAINT`]. A
+/// node not seen (yet) is eligible, as kube-proxy assumes while it starts.
+pub fn node_eligible(objects: &crate::control::source::Objects, node: &str) -> bool {
+    let Some(n) = objects
+        .nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(node))
+    else {
+        return true;
+    };
+    n.metadata.deletion_timestamp.is_none()
+        && !n
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT))
+}
+
 /// The HTTP response for `entry`.
 pub fn response(entry: &HealthEntry, proxy_healthy: bool) -> Response {
     let n = entry.local_endpoints;
@@ -79,37 +98,31 @@ pub fn response(entry: &HealthEntry, proxy_healthy: bool) -> Response {
     }
 }
 
-struct Listener {
-    stop: Arc<AtomicBool>,
-    threads: Vec<thread::JoinHandle<()>>,
-}
+/// Whether the proxy itself is healthy (kube-proxy's `serviceProxyHealthy`), asked at each answer.
+pub type ProxyHealthy = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// The running health servers.
 pub struct HealthServers {
+    server: http::Server,
     entries: Arc<RwLock<BTreeMap<u16, HealthEntry>>>,
-    listeners: BTreeMap<u16, Listener>,
-    /// Whether the proxy itself is healthy (its last sync succeeded).
-    pub proxy_healthy: Arc<AtomicBool>,
-}
-
-impl Default for HealthServers {
-    fn default() -> Self {
-        Self::new()
-    }
+    listeners: BTreeMap<u16, Vec<http::Serving>>,
+    proxy_healthy: ProxyHealthy,
 }
 
 impl HealthServers {
-    pub fn new() -> Self {
+    pub fn new(server: http::Server, proxy_healthy: ProxyHealthy) -> Self {
         Self {
+            server,
             entries: Default::default(),
             listeners: BTreeMap::new(),
-            proxy_healthy: Arc::new(AtomicBool::new(true)),
+            proxy_healthy,
         }
     }
 
     /// Opens the ports of `want` that are not open yet on `addresses` (all addresses when empty),
     /// closes the ports no longer wanted, and updates what every port reports. Returns the ports
     /// that could not be opened, with the reason, so one taken port does not stop the others.
+    /// Never waits for a client: closing a port stops accepting and aborts its connections.
     pub fn update(
         &mut self,
         want: &BTreeMap<u16, HealthEntry>,
@@ -123,10 +136,12 @@ impl HealthServers {
             .copied()
             .collect();
         for port in gone {
-            if let Some(l) = self.listeners.remove(&port) {
-                l.stop.store(true, Ordering::Relaxed);
-                for t in l.threads {
-                    let _ = t.join();
+            for l in self.listeners.remove(&port).into_iter().flatten() {
+                if !l.close() {
+                    log::warn!(
+                        "healthCheckNodePort {port}: the listener was not closed within {:?}",
+                        http::CLOSE_WAIT
+                    );
                 }
             }
         }
@@ -145,30 +160,38 @@ impl HealthServers {
         failed
     }
 
-    fn open(&self, port: u16, addresses: &[Ipv4Addr]) -> Result<Listener, String> {
+    fn open(&self, port: u16, addresses: &[Ipv4Addr]) -> Result<Vec<http::Serving>, String> {
         let addrs: Vec<IpAddr> = if addresses.is_empty() {
             vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)]
         } else {
             addresses.iter().map(|a| IpAddr::V4(*a)).collect()
         };
-        let stop = Arc::new(AtomicBool::new(false));
+        // Bind all first: a port taken on one address opens on none.
         let mut sockets = Vec::new();
         for a in addrs {
             let l = TcpListener::bind(SocketAddr::new(a, port))
                 .map_err(|e| format!("{a}:{port}: {e}"))?;
-            l.set_nonblocking(true).map_err(|e| e.to_string())?;
             sockets.push(l);
         }
-        let threads = sockets
+        let entries = self.entries.clone();
+        let healthy = self.proxy_healthy.clone();
+        let handler: http::Handler = Arc::new(move |_path: &str| {
+            // Any path answers, as kube-proxy's health check server does.
+            let entry = entries
+                .read()
+                .expect("health entries lock")
+                .get(&port)
+                .cloned()?;
+            Some(response(&entry, healthy()))
+        });
+        sockets
             .into_iter()
             .map(|l| {
-                let stop = stop.clone();
-                let entries = self.entries.clone();
-                let healthy = self.proxy_healthy.clone();
-                thread::spawn(move || serve(l, port, stop, entries, healthy))
+                self.server
+                    .serve(l, Work::Inline, handler.clone())
+                    .map_err(|e| format!("port {port}: {e}"))
             })
-            .collect();
-        Ok(Listener { stop, threads })
+            .collect()
     }
 
     /// The ports currently open.
@@ -183,39 +206,19 @@ impl Drop for HealthServers {
     }
 }
 
-fn serve(
-    listener: TcpListener,
-    port: u16,
-    stop: Arc<AtomicBool>,
-    entries: Arc<RwLock<BTreeMap<u16, HealthEntry>>>,
-    healthy: Arc<AtomicBool>,
-) {
-    http::serve(listener, stop, |_path| {
-        // Any path answers, as kube-proxy's health check server does.
-        let entry = entries
-            .read()
-            .expect("health entries lock")
-            .get(&port)
-            .cloned()?;
-        Some(response(&entry, healthy.load(Ordering::Relaxed)))
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use std::{
-        io::{Read, Write},
         net::TcpStream,
+        sync::atomic::{AtomicBool, Ordering},
+        time::{Duration, Instant},
     };
 
     use super::*;
+    use crate::agent::http::tests::{hogs, Hogs};
 
     fn get(port: u16, path: &str) -> std::io::Result<String> {
-        let mut c = TcpStream::connect(("127.0.0.1", port))?;
-        write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
-        let mut s = String::new();
-        c.read_to_string(&mut s)?;
-        Ok(s)
+        http::tests::get(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), path).map(|r| r.1)
     }
 
     fn free_port() -> u16 {
@@ -226,20 +229,36 @@ mod tests {
             .port()
     }
 
+    /// Health servers whose proxy health is the returned flag.
+    fn servers() -> (HealthServers, Arc<AtomicBool>) {
+        let healthy = Arc::new(AtomicBool::new(true));
+        let h = healthy.clone();
+        (
+            HealthServers::new(
+                http::Server::start().unwrap(),
+                Arc::new(move || h.load(Ordering::Relaxed)),
+            ),
+            healthy,
+        )
+    }
+
+    fn entry(n: usize) -> HealthEntry {
+        HealthEntry {
+            namespace: "prod".into(),
+            name: "web".into(),
+            local_endpoints: n,
+        }
+    }
+
     #[test]
     fn answers_like_kube_proxy_and_follows_changes() {
         let port = free_port();
         let lo = [Ipv4Addr::LOCALHOST];
-        let mut hs = HealthServers::new();
-        let entry = |n| HealthEntry {
-            namespace: "prod".into(),
-            name: "web".into(),
-            local_endpoints: n,
-        };
+        let (mut hs, healthy) = servers();
         assert!(hs.update(&[(port, entry(2))].into(), &lo).is_empty());
         let r = get(port, "/any/path").unwrap();
         assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
-        assert!(r.contains("\r\nContent-Type: application/json\r\n"));
+        assert!(r.contains("\r\nContent-Type: application/json\r\n"), "{r}");
         assert!(r.contains("\r\nX-Content-Type-Options: nosniff\r\n"));
         assert!(r.contains("\r\nX-Load-Balancing-Endpoint-Weight: 2\r\n"));
         let body: serde_json::Value =
@@ -255,7 +274,7 @@ mod tests {
         assert!(r.contains("X-Load-Balancing-Endpoint-Weight: 0\r\n"));
         // Proxy unhealthy: 503 even with endpoints.
         hs.update(&[(port, entry(1))].into(), &lo);
-        hs.proxy_healthy.store(false, Ordering::Relaxed);
+        healthy.store(false, Ordering::Relaxed);
         let r = get(port, "/healthz").unwrap();
         assert!(r.starts_with("HTTP/1.1 503"), "{r}");
         assert!(r.contains("\"serviceProxyHealthy\":false"));
@@ -265,6 +284,9 @@ mod tests {
             get(port, "/").unwrap_err().kind(),
             std::io::ErrorKind::ConnectionRefused
         );
+        // And opens again when the Service comes back.
+        assert!(hs.update(&[(port, entry(1))].into(), &lo).is_empty());
+        assert!(get(port, "/").unwrap().starts_with("HTTP/1.1 503"));
     }
 
     #[test]
@@ -277,7 +299,7 @@ mod tests {
             name: "b".into(),
             local_endpoints: 1,
         };
-        let mut hs = HealthServers::new();
+        let (mut hs, _) = servers();
         let failed = hs.update(
             &[(busy, e.clone()), (free, e)].into(),
             &[Ipv4Addr::LOCALHOST],
@@ -285,6 +307,83 @@ mod tests {
         assert_eq!(failed.len(), 1);
         assert_eq!(failed[0].0, busy);
         assert!(get(free, "/").unwrap().starts_with("HTTP/1.1 200"));
+    }
+
+    fn hog(port: u16) -> Hogs {
+        // Every path answers on a health check port: the non-reading client asks for one too
+        // (a small answer: it fits the socket buffers, the header timeout ends that one).
+        hogs(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), 100, "/")
+    }
+
+    #[test]
+    fn a_port_answers_while_idle_and_slow_clients_hold_connections() {
+        let (port, other) = (free_port(), free_port());
+        let lo = [Ipv4Addr::LOCALHOST];
+        let (mut hs, _) = servers();
+        assert!(hs
+            .update(&[(port, entry(1)), (other, entry(1))].into(), &lo)
+            .is_empty());
+        let _a = hog(port);
+        let _b = hog(other);
+        for p in [port, other] {
+            let started = Instant::now();
+            let r = get(p, "/").unwrap();
+            let took = started.elapsed();
+            println!("healthCheckNodePort with 100 idle and 1 slow-writing connections: {took:?}");
+            assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+            assert!(took < Duration::from_secs(5), "{took:?}");
+        }
+    }
+
+    #[test]
+    fn closing_a_port_with_a_slow_client_attached_returns() {
+        let port = free_port();
+        let lo = [Ipv4Addr::LOCALHOST];
+        let (mut hs, _) = servers();
+        assert!(hs.update(&[(port, entry(1))].into(), &lo).is_empty());
+        let hogs = hog(port);
+        // Structural: the slow client never finishes its request head (it sends a byte a second
+        // until dropped below), so an update that waited for it would never return.
+        let started = Instant::now();
+        hs.update(&BTreeMap::new(), &lo);
+        println!(
+            "closing a port with 101 clients attached: {:?}",
+            started.elapsed()
+        );
+        assert!(hs.ports().is_empty());
+        assert_eq!(
+            TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+                .unwrap_err()
+                .kind(),
+            std::io::ErrorKind::ConnectionRefused
+        );
+        drop(hogs);
+    }
+
+    #[test]
+    fn a_node_being_deleted_or_tainted_for_deletion_is_not_eligible() {
+        use crate::control::source::Objects;
+        let objects = |yaml: &str| Objects {
+            nodes: vec![serde_yaml_ng::from_str(yaml).unwrap()],
+            ..Default::default()
+        };
+        let node = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n";
+        assert!(node_eligible(&Objects::default(), "node-a"), "not seen yet");
+        assert!(node_eligible(&objects(node), "node-a"));
+        let other_taint = format!(
+            "{node}spec: {{taints: [{{key: node.kubernetes.io/unschedulable, effect: NoSchedule}}]}}"
+        );
+        assert!(node_eligible(&objects(&other_taint), "node-a"));
+        let tainted = format!(
+            "{node}spec: {{taints: [{{key: ToBeDeletedByClusterAutoscaler, value: \"1700000000\", effect: NoSchedule}}]}}"
+        );
+        assert!(!node_eligible(&objects(&tainted), "node-a"));
+        assert!(
+            node_eligible(&objects(&tainted), "node-b"),
+            "another node's taint"
+        );
+        let deleting = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a, deletionTimestamp: \"2026-01-01T00:00:00Z\"}\n";
+        assert!(!node_eligible(&objects(deleting), "node-a"));
     }
 
     #[test]

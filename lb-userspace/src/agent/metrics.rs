@@ -1,15 +1,26 @@
-//! Operations endpoints of the agent: Prometheus metrics (`--metrics-addr`, text format, through
-//! the prometheus-client crate) and node health (`--health-addr`: `/healthz` and `/livez`, as
-//! kube-proxy's port 10256 behaves: healthy once the dataplane is programmed and the agent's loop
-//! and last sync are recent).
+//! Operations endpoints of the agent: Prometheus metrics (`--metrics-addr` only, text format,
+//! through the prometheus-client crate) and node health (`--health-addr`: `/healthz` and
+//! `/livez` only, as kube-proxy's port 10256):
+//! - `/livez`: the agent's loop is alive (it went round within [`STALE_AFTER`]), no update has
+//!   waited longer than [`STALE_AFTER`] to reach the maps (a snapshot not synced yet, a failed
+//!   sync being retried: kube-proxy's "queued update not applied within the health timeout"),
+//!   and the pins are not lost;
+//! - `/healthz`: all that, and programmed (the first sync succeeded and the programs are
+//!   attached: 503 before, unlike kube-proxy, which answers 200 while it starts up), and the
+//!   node eligible (kube-proxy's `nodeEligible`: not being deleted, no
+//!   `ToBeDeletedByClusterAutoscaler` taint).
+//!
+//! Reading the maps for `/metrics` (counters, per-Service counters, the entry count of every map:
+//! walks over up to millions of conntrack entries) happens at most once every
+//! [`MAP_READ_INTERVAL`]; scrapes in between (or concurrent ones) encode the last reading.
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Mutex,
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use prometheus_client::{
@@ -92,8 +103,33 @@ struct ServiceLabel {
     name: String,
 }
 
-/// How long the agent's loop may be silent before /healthz and /livez fail.
+/// How long the agent's loop may be silent, or an update wait for the maps, before /healthz and
+/// /livez fail.
 pub const STALE_AFTER: Duration = Duration::from_secs(30);
+
+/// Map reads for `/metrics` happen at most once per this interval.
+pub const MAP_READ_INTERVAL: Duration = Duration::from_secs(10);
+
+/// What one read of the pinned maps gives the metrics (`None`: that read failed, e.g. no maps).
+#[derive(Default)]
+pub struct MapReadings {
+    pub service_stats: Option<Vec<(u32, lb_common::ServiceCounters)>>,
+    pub counters: Option<Vec<crate::dataplane::read::CounterView>>,
+    pub occupancy: Option<Vec<crate::dataplane::read::MapOccupancy>>,
+}
+
+/// Reads the maps pinned under a directory.
+pub type MapReader = Box<dyn Fn(&Path) -> MapReadings + Send + Sync>;
+
+/// The real map reader: `dataplane::read`.
+pub fn read_maps(bpffs: &Path) -> MapReadings {
+    use crate::dataplane::read;
+    MapReadings {
+        service_stats: read::service_stats(bpffs).ok(),
+        counters: read::stats(bpffs).ok(),
+        occupancy: read::map_occupancy(bpffs).ok(),
+    }
+}
 
 pub struct Ops {
     registry: Registry,
@@ -134,10 +170,19 @@ pub struct Ops {
     service_ports: Mutex<BTreeMap<u32, String>>,
     /// Last seen per (id, field) counter values, to turn absolute counts into increments.
     service_seen: Mutex<BTreeMap<(u32, u8), u64>>,
+    /// The first sync succeeded and the programs are attached.
     programmed: AtomicBool,
-    last_sync_ok: AtomicBool,
+    /// This node may receive load-balanced traffic (kube-proxy's `nodeEligible`).
+    node_eligible: AtomicBool,
+    /// Unix time since when an update waits for the maps (0: none).
+    pending_since: AtomicU64,
     pins_lost: AtomicBool,
     heartbeat: AtomicU64,
+    map_reader: MapReader,
+    map_read_interval: Duration,
+    /// When the maps were last read for the metrics; locked for the read, so that concurrent
+    /// scrapes share one.
+    maps_read_at: Mutex<Option<Instant>>,
 }
 
 fn now_s() -> u64 {
@@ -149,6 +194,11 @@ fn now_s() -> u64 {
 
 impl Ops {
     pub fn new(bpffs: PathBuf) -> Self {
+        Self::with_map_reader(bpffs, Box::new(read_maps))
+    }
+
+    /// [`Ops::new`] with another map reader (tests count the reads).
+    pub fn with_map_reader(bpffs: PathBuf, map_reader: MapReader) -> Self {
         let mut registry = Registry::with_prefix("lb");
         let datapath = Family::<CounterLabel, Counter>::default();
         registry.register(
@@ -360,10 +410,21 @@ impl Ops {
             masquerade_local,
             local_seen: Mutex::default(),
             programmed: AtomicBool::new(false),
-            last_sync_ok: AtomicBool::new(false),
+            node_eligible: AtomicBool::new(true),
+            pending_since: AtomicU64::new(0),
             pins_lost: AtomicBool::new(false),
             heartbeat: AtomicU64::new(now_s()),
+            map_reader,
+            map_read_interval: MAP_READ_INTERVAL,
+            maps_read_at: Mutex::new(None),
         }
+    }
+
+    /// Reads the maps at most once per `interval` (default [`MAP_READ_INTERVAL`]; tests that
+    /// compare two scrapes across a change use zero).
+    pub fn with_map_read_interval(mut self, interval: Duration) -> Self {
+        self.map_read_interval = interval;
+        self
     }
 
     /// The other interfaces hooked (`lb_interface_hooked{interface} 1`) and whether local
@@ -401,12 +462,32 @@ impl Ops {
         self.heartbeat.store(now_s(), Ordering::Relaxed);
     }
 
+    /// An update (a new snapshot) waits for the maps; the oldest waiting one counts.
+    pub fn queued(&self) {
+        let _ = self.pending_since.compare_exchange(
+            0,
+            now_s().max(1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// A sync succeeded: nothing waits any more.
     pub fn synced(&self, took: Duration, writes: u64) {
         self.sync_duration.observe(took.as_secs_f64());
         self.map_writes.inc_by(writes);
         self.last_sync.set(now_s() as i64);
+        self.pending_since.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether this node may receive load-balanced traffic (`health_check::node_eligible`).
+    pub fn node_eligible(&self, yes: bool) {
+        self.node_eligible.store(yes, Ordering::Relaxed);
+    }
+
+    /// The programs are attached (after the first successful sync).
+    pub fn attached(&self) {
         self.programmed.store(true, Ordering::Relaxed);
-        self.last_sync_ok.store(true, Ordering::Relaxed);
     }
 
     /// UDP conntrack entries a sync flushed (backends that left their Service port).
@@ -491,9 +572,10 @@ impl Ops {
         self.pins_lost.store(true, Ordering::Relaxed);
     }
 
+    /// A sync failed: its update still waits (the loop retries it).
     pub fn sync_failed(&self) {
         self.sync_errors.inc();
-        self.last_sync_ok.store(false, Ordering::Relaxed);
+        self.queued();
     }
 
     /// Sets the watch-restart counter to the source's running total.
@@ -527,9 +609,20 @@ impl Ops {
             ports.iter().map(|(k, v)| (*v, k.clone())).collect();
     }
 
-    /// Reads the pinned maps into the datapath and occupancy metrics.
+    /// Reads the pinned maps into the datapath and occupancy metrics, unless they were read less
+    /// than [`MAP_READ_INTERVAL`] ago.
     fn refresh(&self) {
-        if let Ok(stats) = crate::dataplane::read::service_stats(&self.bpffs) {
+        let mut read_at = self.maps_read_at.lock().expect("ops lock");
+        if read_at.is_some_and(|t| t.elapsed() < self.map_read_interval) {
+            return;
+        }
+        let readings = (self.map_reader)(&self.bpffs);
+        self.apply(readings);
+        *read_at = Some(Instant::now());
+    }
+
+    fn apply(&self, readings: MapReadings) {
+        if let Some(stats) = readings.service_stats {
             let names = self.service_ports.lock().expect("ops lock");
             let mut seen = self.service_seen.lock().expect("ops lock");
             for (id, c) in stats {
@@ -562,7 +655,7 @@ impl Ops {
                 );
             }
         }
-        if let Ok(counters) = crate::dataplane::read::stats(&self.bpffs) {
+        if let Some(counters) = readings.counters {
             let mut seen = self.datapath_seen.lock().expect("ops lock");
             for c in counters {
                 let before = seen.insert(c.name.to_string(), c.packets).unwrap_or(0);
@@ -575,7 +668,7 @@ impl Ops {
                     .inc_by(c.packets.saturating_sub(before));
             }
         }
-        if let Ok(maps) = crate::dataplane::read::map_occupancy(&self.bpffs) {
+        if let Some(maps) = readings.occupancy {
             for m in maps {
                 let l = MapLabel {
                     map: m.map.to_string(),
@@ -604,20 +697,37 @@ impl Ops {
         }
     }
 
-    /// `GET /healthz` and `/livez`.
-    pub fn health(&self) -> Response {
-        let now = now_s();
+    /// `/livez`'s verdict: the loop goes round, no update waits too long, the pins are there.
+    fn live(&self, now: u64) -> bool {
         let beat = self.heartbeat.load(Ordering::Relaxed);
-        let healthy = self.programmed.load(Ordering::Relaxed)
-            && self.last_sync_ok.load(Ordering::Relaxed)
-            && !self.pins_lost.load(Ordering::Relaxed)
-            && now.saturating_sub(beat) < STALE_AFTER.as_secs();
-        let body = serde_json::json!({
+        let pending = self.pending_since.load(Ordering::Relaxed);
+        !self.pins_lost.load(Ordering::Relaxed)
+            && now.saturating_sub(beat) < STALE_AFTER.as_secs()
+            && (pending == 0 || now.saturating_sub(pending) < STALE_AFTER.as_secs())
+    }
+
+    /// kube-proxy's `serviceProxyHealthy` of the healthCheckNodePorts: live and programmed
+    /// (`/healthz` without the node's eligibility).
+    pub fn proxy_healthy(&self) -> bool {
+        self.live(now_s()) && self.programmed.load(Ordering::Relaxed)
+    }
+
+    /// `GET /healthz` (`ready`: also programmed and the node eligible, with `nodeEligible` in
+    /// the body, as kube-proxy's) or `/livez`.
+    pub fn health(&self, ready: bool) -> Response {
+        let now = now_s();
+        let eligible = self.node_eligible.load(Ordering::Relaxed);
+        let healthy =
+            self.live(now) && (!ready || (self.programmed.load(Ordering::Relaxed) && eligible));
+        let mut body = serde_json::json!({
             "lastUpdated": self.last_sync.get(),
             "currentTime": now,
             "healthy": healthy,
-        })
-        .to_string();
+        });
+        if ready {
+            body["nodeEligible"] = eligible.into();
+        }
+        let body = body.to_string();
         Response {
             status: if healthy {
                 "200 OK"
@@ -632,11 +742,16 @@ impl Ops {
         }
     }
 
-    /// Routes a path of either endpoint.
-    pub fn route(&self, path: &str) -> Option<Response> {
+    /// Routes a path of `--metrics-addr`: `/metrics` only.
+    pub fn metrics_route(&self, path: &str) -> Option<Response> {
+        (path == "/metrics").then(|| self.metrics())
+    }
+
+    /// Routes a path of `--health-addr`: `/healthz` and `/livez` only.
+    pub fn health_route(&self, path: &str) -> Option<Response> {
         match path {
-            "/metrics" => Some(self.metrics()),
-            "/healthz" | "/livez" => Some(self.health()),
+            "/healthz" => Some(self.health(true)),
+            "/livez" => Some(self.health(false)),
             _ => None,
         }
     }
@@ -644,36 +759,189 @@ impl Ops {
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        net::{SocketAddr, TcpListener},
+        sync::Arc,
+    };
+
     use super::*;
+    use crate::agent::http::{
+        self,
+        tests::{get, hogs},
+        Work,
+    };
+
+    fn code(r: Option<Response>) -> u16 {
+        r.expect("routed").code()
+    }
 
     #[test]
-    fn health_is_503_until_programmed_and_after_a_failed_sync() {
+    fn healthz_needs_programmed_and_fresh_livez_a_live_loop() {
         let ops = Ops::new(PathBuf::from("/nonexistent"));
-        assert_eq!(
-            ops.route("/healthz").unwrap().status,
-            "503 Service Unavailable"
-        );
+        // Starting: alive, not programmed.
+        assert_eq!(code(ops.health_route("/healthz")), 503);
+        assert_eq!(code(ops.health_route("/livez")), 200);
+        assert!(!ops.proxy_healthy());
+        ops.queued();
         ops.synced(Duration::from_millis(1), 10);
-        assert_eq!(ops.route("/healthz").unwrap().status, "200 OK");
-        assert_eq!(ops.route("/livez").unwrap().status, "200 OK");
+        // Synced but not attached yet.
+        assert_eq!(code(ops.health_route("/healthz")), 503);
+        ops.attached();
+        assert_eq!(code(ops.health_route("/healthz")), 200);
+        assert_eq!(code(ops.health_route("/livez")), 200);
+        assert!(ops.proxy_healthy());
+        // A failed sync is retried: healthy while its update is recent...
         ops.sync_failed();
-        assert_eq!(
-            ops.route("/healthz").unwrap().status,
-            "503 Service Unavailable"
-        );
+        assert_eq!(code(ops.health_route("/healthz")), 200);
+        // ... not once it has waited longer than STALE_AFTER.
+        ops.pending_since
+            .store(now_s() - STALE_AFTER.as_secs(), Ordering::Relaxed);
+        assert_eq!(code(ops.health_route("/healthz")), 503);
+        assert_eq!(code(ops.health_route("/livez")), 503);
+        assert!(!ops.proxy_healthy());
+        // A new update does not reset the oldest one's age; a successful sync does.
+        ops.queued();
+        assert_eq!(code(ops.health_route("/livez")), 503);
         ops.synced(Duration::from_millis(1), 0);
-        // A loop that stopped beating is unhealthy.
+        assert_eq!(code(ops.health_route("/healthz")), 200);
+        let v: serde_json::Value =
+            serde_json::from_str(&ops.health_route("/healthz").unwrap().body).unwrap();
+        assert_eq!(v["healthy"], true);
+        assert!(v["lastUpdated"].as_i64().unwrap() > 0);
+        assert!(v["currentTime"].as_u64().unwrap() > 0);
+        // A loop that stopped going round is neither live nor healthy.
         ops.heartbeat
             .store(now_s() - STALE_AFTER.as_secs() - 1, Ordering::Relaxed);
-        assert_eq!(
-            ops.route("/livez").unwrap().status,
-            "503 Service Unavailable"
-        );
-        assert!(ops.route("/other").is_none());
+        assert_eq!(code(ops.health_route("/livez")), 503);
+        assert_eq!(code(ops.health_route("/healthz")), 503);
+        ops.heartbeat();
+        assert_eq!(code(ops.health_route("/livez")), 200);
+        // A node being deleted: not ready (load balancers drain it), still live; the health
+        // check ports' serviceProxyHealthy ignores it, as kube-proxy's.
+        ops.node_eligible(false);
+        assert_eq!(code(ops.health_route("/healthz")), 503);
+        assert_eq!(code(ops.health_route("/livez")), 200);
+        assert!(ops.proxy_healthy());
+        let v: serde_json::Value =
+            serde_json::from_str(&ops.health_route("/healthz").unwrap().body).unwrap();
+        assert_eq!(v["nodeEligible"], false);
+        ops.node_eligible(true);
+        assert_eq!(code(ops.health_route("/healthz")), 200);
+        // Lost pins: 503 on both, for good.
+        ops.pins_lost();
+        assert_eq!(code(ops.health_route("/livez")), 503);
+        assert_eq!(code(ops.health_route("/healthz")), 503);
+        // Each address its own paths.
+        assert!(ops.health_route("/metrics").is_none());
+        assert!(ops.health_route("/other").is_none());
+        assert!(ops.metrics_route("/healthz").is_none());
+        assert!(ops.metrics_route("/livez").is_none());
         // Metrics encode even without maps to read.
-        let m = ops.route("/metrics").unwrap();
+        let m = ops.metrics_route("/metrics").unwrap();
         assert!(m.body.contains("lb_map_writes_total 10"), "{}", m.body);
         assert!(m.body.contains("lb_sync_errors_total 1"), "{}", m.body);
+    }
+
+    #[test]
+    fn scrapes_in_a_row_read_the_maps_once_per_interval() {
+        let reads = Arc::new(AtomicU64::new(0));
+        let r = reads.clone();
+        let ops = Ops::with_map_reader(
+            PathBuf::from("/nonexistent"),
+            Box::new(move |_| {
+                r.fetch_add(1, Ordering::Relaxed);
+                MapReadings {
+                    occupancy: Some(vec![crate::dataplane::read::MapOccupancy {
+                        map: "conntrack",
+                        entries: 7,
+                        capacity: 9,
+                    }]),
+                    ..Default::default()
+                }
+            }),
+        );
+        for _ in 0..5 {
+            let m = ops.metrics_route("/metrics").unwrap();
+            assert!(
+                m.body
+                    .lines()
+                    .any(|l| l == r#"lb_map_entries{map="conntrack"} 7"#),
+                "{}",
+                m.body
+            );
+        }
+        assert_eq!(
+            reads.load(Ordering::Relaxed),
+            1,
+            "one map walk for 5 scrapes"
+        );
+        // Health answers never read the maps.
+        ops.health_route("/healthz");
+        ops.health_route("/livez");
+        assert_eq!(reads.load(Ordering::Relaxed), 1);
+        // Once the interval has passed, the next scrape reads again.
+        *ops.maps_read_at.lock().unwrap() = Instant::now().checked_sub(MAP_READ_INTERVAL);
+        ops.metrics_route("/metrics");
+        assert_eq!(reads.load(Ordering::Relaxed), 2);
+    }
+
+    /// The agent's two operations addresses as `agent::run` serves them.
+    fn serve(ops: &Arc<Ops>) -> (http::Server, http::Serving, http::Serving) {
+        let server = http::Server::start().unwrap();
+        let m = ops.clone();
+        let metrics = server
+            .serve(
+                TcpListener::bind("127.0.0.1:0").unwrap(),
+                Work::Blocking,
+                Arc::new(move |p: &str| m.metrics_route(p)),
+            )
+            .unwrap();
+        let h = ops.clone();
+        let health = server
+            .serve(
+                TcpListener::bind("127.0.0.1:0").unwrap(),
+                Work::Inline,
+                Arc::new(move |p: &str| h.health_route(p)),
+            )
+            .unwrap();
+        (server, metrics, health)
+    }
+
+    #[test]
+    fn metrics_only_on_the_metrics_addr_health_only_on_the_health_addr() {
+        let ops = Arc::new(Ops::new(PathBuf::from("/nonexistent")));
+        ops.synced(Duration::from_millis(1), 3);
+        ops.attached();
+        let (_server, metrics, health) = serve(&ops);
+        let (m, h): (SocketAddr, SocketAddr) = (metrics.local_addr(), health.local_addr());
+        let (code, body) = get(m, "/metrics").unwrap();
+        assert_eq!(code, 200);
+        assert!(body.contains("lb_map_writes_total 3"), "{body}");
+        assert_eq!(get(h, "/metrics").unwrap().0, 404);
+        assert_eq!(get(h, "/healthz").unwrap().0, 200);
+        assert_eq!(get(h, "/livez").unwrap().0, 200);
+        assert_eq!(get(m, "/healthz").unwrap().0, 404);
+        assert_eq!(get(m, "/livez").unwrap().0, 404);
+    }
+
+    #[test]
+    fn healthz_answers_while_both_ports_are_hogged() {
+        let ops = Arc::new(Ops::new(PathBuf::from("/nonexistent")));
+        ops.synced(Duration::from_millis(1), 3);
+        ops.attached();
+        let (_server, metrics, health) = serve(&ops);
+        let (m, h) = (metrics.local_addr(), health.local_addr());
+        let _on_metrics = hogs(m, 100, "/metrics");
+        let _on_health = hogs(h, 100, "/healthz");
+        // Structural: a one-at-a-time server would be stuck on the slow client's endless head.
+        for (addr, path) in [(h, "/healthz"), (h, "/livez"), (m, "/metrics")] {
+            let started = Instant::now();
+            let (code, body) = get(addr, path).unwrap();
+            let took = started.elapsed();
+            println!("{path} with 100 idle and 1 slow-writing connections on each port: {took:?}");
+            assert_eq!(code, 200, "{body}");
+            assert!(took < Duration::from_secs(5), "{took:?}");
+        }
     }
 
     #[test]
@@ -681,7 +949,7 @@ mod tests {
         use crate::dataplane::links::Hook;
         let ops = Ops::new(PathBuf::from("/nonexistent"));
         ops.device_hooks([("eth0", Hook::Tc), ("eth1", Hook::Xdp)]);
-        let body = ops.route("/metrics").unwrap().body;
+        let body = ops.metrics_route("/metrics").unwrap().body;
         for want in [
             r#"lb_device_hook{device="eth0",hook="tc"} 1"#,
             r#"lb_device_hook{device="eth1",hook="xdp"} 1"#,
@@ -690,7 +958,7 @@ mod tests {
         }
         // A new set replaces the old one.
         ops.device_hooks([("eth0", Hook::Xdp)]);
-        let body = ops.route("/metrics").unwrap().body;
+        let body = ops.metrics_route("/metrics").unwrap().body;
         let hooks: Vec<&str> = body
             .lines()
             .filter(|l| l.starts_with("lb_device_hook{"))

@@ -70,6 +70,10 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
         ),
     };
     let ops = Arc::new(Ops::new(cfg.bpffs.clone()));
+    // Every HTTP listener (these two, the healthCheckNodePorts) on one runtime of its own: no
+    // client can hold the loop or another client's answer (see `http`).
+    let http_server = http::Server::start()?;
+    let mut ops_listeners = Vec::new();
     for (flag, addr) in [
         ("--metrics-addr", cfg.metrics_addr),
         ("--health-addr", cfg.health_addr),
@@ -77,8 +81,20 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
         let Some(addr) = addr else { continue };
         let l =
             std::net::TcpListener::bind(addr).map_err(|e| usage(format!("{flag} {addr}: {e}")))?;
-        let (ops, stop) = (ops.clone(), stop.clone());
-        std::thread::spawn(move || http::serve(l, stop, |path| ops.route(path)));
+        let o = ops.clone();
+        let (work, handler): (http::Work, http::Handler) = if flag == "--metrics-addr" {
+            // Reading the maps may take a while: off the runtime's thread.
+            (
+                http::Work::Blocking,
+                Arc::new(move |path: &str| o.metrics_route(path)),
+            )
+        } else {
+            (
+                http::Work::Inline,
+                Arc::new(move |path: &str| o.health_route(path)),
+            )
+        };
+        ops_listeners.push(http_server.serve(l, work, handler)?);
     }
     // The last snapshot, re-planned after a failed sync.
     let mut last: Option<Objects> = None;
@@ -148,7 +164,10 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     };
     // The frontend/backend pairs the socket-level path served at the last sync.
     let mut served: Option<Arc<Serving>> = None;
-    let mut health_checks = HealthServers::new();
+    let mut health_checks = HealthServers::new(http_server.clone(), {
+        let ops = ops.clone();
+        Arc::new(move || ops.proxy_healthy())
+    });
     // Maps of another layout version (an upgrade): replaced once the new ones are filled.
     let old_versions = other_versions(&cfg.bpffs);
     for o in &old_versions {
@@ -185,6 +204,8 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
             Ok(Some(objects)) => {
                 last = Some(objects.clone());
                 generation += 1;
+                ops.queued();
+                ops.node_eligible(health_check::node_eligible(&objects, &cfg.node));
                 let started = Instant::now();
                 let m = model::build_with(
                     &objects,
@@ -210,9 +231,6 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 let synced = syncer
                     .set_config(&config)
                     .and_then(|_| syncer.sync(&desired));
-                health_checks
-                    .proxy_healthy
-                    .store(synced.is_ok(), Ordering::Relaxed);
                 let health_ports = health_check::ports(&m, &cfg.node);
                 ops.local_endpoints(&health_ports);
                 for (port, err) in health_checks.update(&health_ports, &p.node.addresses) {
@@ -275,6 +293,7 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                     }
                     ops.device_hooks(hooks.iter().map(|(d, c)| (d.as_str(), c.hook)));
                     attached = true;
+                    ops.attached();
                 }
                 match synced {
                     Ok(st) => log::info!(
