@@ -121,7 +121,8 @@ impl HealthServers {
 
     /// Opens the ports of `want` that are not open yet on `addresses` (all addresses when empty),
     /// closes the ports no longer wanted, and updates what every port reports. Returns the ports
-    /// that could not be opened, with the reason, so one taken port does not stop the others.
+    /// that could not be opened on some address, with the reason: one taken port does not stop
+    /// the others, and one address that cannot be bound does not stop the port on the others.
     /// Never waits for a client: closing a port stops accepting and aborts its connections.
     pub fn update(
         &mut self,
@@ -150,7 +151,7 @@ impl HealthServers {
             if self.listeners.contains_key(port) {
                 continue;
             }
-            match self.open(*port, addresses) {
+            match self.open(*port, addresses, &mut failed) {
                 Ok(l) => {
                     self.listeners.insert(*port, l);
                 }
@@ -160,18 +161,33 @@ impl HealthServers {
         failed
     }
 
-    fn open(&self, port: u16, addresses: &[Ipv4Addr]) -> Result<Vec<http::Serving>, String> {
+    fn open(
+        &self,
+        port: u16,
+        addresses: &[Ipv4Addr],
+        failed: &mut Vec<(u16, String)>,
+    ) -> Result<Vec<http::Serving>, String> {
         let addrs: Vec<IpAddr> = if addresses.is_empty() {
             vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)]
         } else {
             addresses.iter().map(|a| IpAddr::V4(*a)).collect()
         };
-        // Bind all first: a port taken on one address opens on none.
+        // Every address that can be bound is: an address of the Node object that is not on
+        // this host (a cloud's ExternalIP: EADDRNOTAVAIL) or taken there is reported, and the
+        // port is served on the others. It fails only where no address could be bound.
         let mut sockets = Vec::new();
+        let mut errors = Vec::new();
         for a in addrs {
-            let l = TcpListener::bind(SocketAddr::new(a, port))
-                .map_err(|e| format!("{a}:{port}: {e}"))?;
-            sockets.push(l);
+            match TcpListener::bind(SocketAddr::new(a, port)) {
+                Ok(l) => sockets.push(l),
+                Err(e) => errors.push(format!("{a}:{port}: {e}")),
+            }
+        }
+        if sockets.is_empty() {
+            return Err(errors.join("; "));
+        }
+        for e in errors {
+            failed.push((port, format!("{e} (served on the node's other addresses)")));
         }
         let entries = self.entries.clone();
         let healthy = self.proxy_healthy.clone();
@@ -287,6 +303,28 @@ mod tests {
         // And opens again when the Service comes back.
         assert!(hs.update(&[(port, entry(1))].into(), &lo).is_empty());
         assert!(get(port, "/").unwrap().starts_with("HTTP/1.1 503"));
+    }
+
+    /// A Node address that is not on this host (a cloud's ExternalIP; 192.0.2.1 is a
+    /// documentation address, only bound, never sent to) is reported, and the port is served on
+    /// the node's other addresses, as kube-proxy would need it to be for the load balancer.
+    #[test]
+    fn an_address_not_on_the_host_does_not_take_the_port_down() {
+        let port = free_port();
+        let (mut hs, _) = servers();
+        let failed = hs.update(
+            &[(port, entry(1))].into(),
+            &[Ipv4Addr::LOCALHOST, Ipv4Addr::new(192, 0, 2, 1)],
+        );
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].0, port);
+        assert!(
+            failed[0].1.contains("192.0.2.1")
+                && failed[0].1.contains("served on the node's other addresses"),
+            "{failed:?}"
+        );
+        assert!(get(port, "/").unwrap().starts_with("HTTP/1.1 200"));
+        assert_eq!(hs.ports(), vec![port]);
     }
 
     #[test]

@@ -234,7 +234,7 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 let health_ports = health_check::ports(&m, &cfg.node);
                 ops.local_endpoints(&health_ports);
                 for (port, err) in health_checks.update(&health_ports, &p.node.addresses) {
-                    log::error!("healthCheckNodePort {port}: cannot listen: {err}");
+                    log::warn!("healthCheckNodePort {port}: cannot listen: {err}");
                 }
                 ops.service_ports(syncer.service_ports());
                 if let (Ok(_), Some(tx)) = (&synced, &sock_term) {
