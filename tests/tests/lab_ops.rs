@@ -93,6 +93,9 @@ fn lab_metrics_move_with_real_traffic_and_health_follows_the_dataplane() {
     assert!(get(r#"lb_datapath_events_total{counter="sock_connect_xlate"}"#) >= 25.0);
     assert!(get(r#"lb_map_entries{map="conntrack"}"#) >= 2.0);
     assert_eq!(get(r#"lb_map_capacity{map="conntrack"}"#), 262144.0);
+    // A preallocated map costs its entries from the start: at least key + value per entry.
+    assert!(get(r#"lb_map_memory_bytes{map="lb_svc_v3"}"#) >= 262144.0 * 44.0);
+    assert_eq!(get("lb_frontends_deferred"), 0.0);
     assert!(get(r#"lb_map_entries{map="services"}"#) > 0.0);
     assert!(get("lb_sync_duration_seconds_count") >= 1.0);
     assert!(get("lb_map_writes_total") > 0.0);

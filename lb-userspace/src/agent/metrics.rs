@@ -116,6 +116,8 @@ pub struct MapReadings {
     pub service_stats: Option<Vec<(u32, lb_common::ServiceCounters)>>,
     pub counters: Option<Vec<crate::dataplane::read::CounterView>>,
     pub occupancy: Option<Vec<crate::dataplane::read::MapOccupancy>>,
+    /// Kernel memory per map (pinned name, bytes).
+    pub memory: Option<Vec<(&'static str, u64)>>,
 }
 
 /// Reads the maps pinned under a directory.
@@ -128,6 +130,7 @@ pub fn read_maps(bpffs: &Path) -> MapReadings {
         service_stats: read::service_stats(bpffs).ok(),
         counters: read::stats(bpffs).ok(),
         occupancy: read::map_occupancy(bpffs).ok(),
+        memory: read::map_memory(bpffs).ok(),
     }
 }
 
@@ -138,6 +141,7 @@ pub struct Ops {
     datapath_seen: Mutex<BTreeMap<String, u64>>,
     map_entries: Family<MapLabel, Gauge>,
     map_capacity: Family<MapLabel, Gauge>,
+    map_memory: Family<MapLabel, Gauge>,
     not_fitting: Family<MapLabel, Gauge>,
     deferred: Gauge,
     sync_duration: Histogram,
@@ -217,6 +221,12 @@ impl Ops {
             "map_capacity",
             "Capacity of each BPF map",
             map_capacity.clone(),
+        );
+        let map_memory = Family::<MapLabel, Gauge>::default();
+        registry.register(
+            "map_memory_bytes",
+            "Kernel memory of each BPF map (its memlock charge), by pinned name",
+            map_memory.clone(),
         );
         let not_fitting = Family::<MapLabel, Gauge>::default();
         registry.register(
@@ -397,6 +407,7 @@ impl Ops {
             datapath_seen: Mutex::default(),
             map_entries,
             map_capacity,
+            map_memory,
             not_fitting,
             deferred,
             sync_duration,
@@ -675,6 +686,12 @@ impl Ops {
                 };
                 self.map_entries.get_or_create(&l).set(m.entries as i64);
                 self.map_capacity.get_or_create(&l).set(m.capacity as i64);
+            }
+        }
+        if let Some(maps) = readings.memory {
+            for (map, bytes) in maps {
+                let l = MapLabel { map: map.into() };
+                self.map_memory.get_or_create(&l).set(bytes as i64);
             }
         }
     }

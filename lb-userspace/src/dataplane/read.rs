@@ -88,6 +88,27 @@ fn count_entries<K: aya::Pod, V: aya::Pod>(bpffs: &Path, name: &str, lru: bool) 
     Ok(m.keys().count() as u64)
 }
 
+/// The kernel memory of every map pinned under `bpffs` (the `memlock` the kernel charges for
+/// it, from `/proc/self/fdinfo`), by pinned name.
+pub fn map_memory(bpffs: &Path) -> Result<Vec<(&'static str, u64)>> {
+    use std::os::fd::{AsFd, AsRawFd};
+    check_dir(bpffs)?;
+    let mut out = Vec::new();
+    for name in map_name::ALL {
+        let data = open_pinned(bpffs, name)?;
+        let fd = data.fd().as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+            .with_context(|| format!("reading the fdinfo of {name}"))?;
+        let bytes = info
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no memlock line in the fdinfo of {name}"))?;
+        out.push((name, bytes));
+    }
+    Ok(out)
+}
+
 /// The sizes (max entries) of the maps pinned under `bpffs`: what the kernel made them, which
 /// is what an agent's size flags said when it first pinned them.
 pub fn pinned_sizes(bpffs: &Path) -> Result<MapSizes> {
