@@ -422,3 +422,254 @@ pub fn lookup(
     out.reason = "fresh choice";
     Ok(out)
 }
+
+/// `lbctl status`: the node's load balancer on one screen.
+#[derive(Debug, Serialize)]
+pub struct StatusView {
+    /// Whether an agent holds the pin directory (its lock, seen in `/proc/locks`); `None`: not
+    /// known (no `/proc/locks`).
+    pub agent_running: Option<bool>,
+    /// The agent's `/healthz`, when asked for (`--health-addr`).
+    pub health: Option<HealthProbe>,
+    pub config: ConfigView,
+    /// The pinned maps of this lbctl's layout (names carry their version).
+    pub layout: Vec<&'static str>,
+    /// Pinned maps of another layout version (an upgrade in progress, or leftovers).
+    pub other_layouts: Vec<String>,
+    pub maps: Vec<crate::dataplane::read::MapOccupancy>,
+    /// Kernel memory of all the maps, bytes.
+    pub map_memory_bytes: u64,
+    /// Counter rates over `interval_seconds`, busiest first.
+    pub rates: Vec<CounterRate>,
+    pub interval_seconds: f64,
+}
+
+/// What `/healthz` answered.
+#[derive(Debug, Serialize)]
+pub struct HealthProbe {
+    pub address: String,
+    /// HTTP status, or `None` when unreachable (`error` says why).
+    pub status: Option<u16>,
+    pub error: Option<String>,
+    /// The JSON body (`lastUpdated`, `currentTime`, `nodeEligible`, ...).
+    pub body: Option<serde_json::Value>,
+}
+
+/// Packets and bytes per second of one datapath counter.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct CounterRate {
+    pub counter: &'static str,
+    pub packets_per_second: f64,
+    pub bytes_per_second: f64,
+}
+
+/// Whether a process holds a `flock` on `dir` (how `lb-agent run` marks its pin directory),
+/// from `/proc/locks`, without taking the lock (an agent starting meanwhile must get it).
+pub fn agent_holds(dir: &Path) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dir).ok()?;
+    let want = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(m.dev()),
+        libc::minor(m.dev()),
+        m.ino()
+    );
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    Some(locks.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // "1: FLOCK ADVISORY WRITE 1234 00:1f:5678 0 EOF" (blocked waiters have "->" first)
+        f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&want.as_str())
+    }))
+}
+
+/// `GET /healthz` at `addr` with a short timeout.
+pub fn probe_health(addr: &str) -> HealthProbe {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(1);
+    let answer = (|| -> std::io::Result<String> {
+        let sa: std::net::SocketAddr = addr
+            .parse()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let mut c = std::net::TcpStream::connect_timeout(&sa, timeout)?;
+        c.set_read_timeout(Some(timeout))?;
+        c.set_write_timeout(Some(timeout))?;
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: lbctl\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        c.take(64 * 1024).read_to_string(&mut out)?;
+        Ok(out)
+    })();
+    match answer {
+        Ok(text) => {
+            let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+            let body = text
+                .split_once("\r\n\r\n")
+                .and_then(|(_, b)| serde_json::from_str(b).ok());
+            HealthProbe {
+                address: addr.into(),
+                status,
+                error: status.is_none().then(|| "not an HTTP answer".into()),
+                body,
+            }
+        }
+        Err(e) => HealthProbe {
+            address: addr.into(),
+            status: None,
+            error: Some(e.to_string()),
+            body: None,
+        },
+    }
+}
+
+/// Everything `lbctl status` shows; counter rates from two reads `interval` apart.
+pub fn status(
+    bpffs: &Path,
+    health_addr: Option<&str>,
+    interval: std::time::Duration,
+) -> Result<StatusView> {
+    use crate::dataplane::read;
+    check_dir(bpffs)?;
+    let first = read::stats(bpffs)?;
+    let started = std::time::Instant::now();
+    std::thread::sleep(interval);
+    let second = read::stats(bpffs)?;
+    let secs = started.elapsed().as_secs_f64().max(1e-3);
+    let mut rates: Vec<CounterRate> = second
+        .iter()
+        .map(|c| {
+            let before = first.iter().find(|b| b.name == c.name);
+            let dp = c.packets - before.map_or(0, |b| b.packets.min(c.packets));
+            let db = c.bytes - before.map_or(0, |b| b.bytes.min(c.bytes));
+            CounterRate {
+                counter: c.name,
+                packets_per_second: dp as f64 / secs,
+                bytes_per_second: db as f64 / secs,
+            }
+        })
+        .collect();
+    rates.sort_by(|a, b| {
+        b.packets_per_second
+            .total_cmp(&a.packets_per_second)
+            .then(a.counter.cmp(b.counter))
+    });
+    Ok(StatusView {
+        agent_running: agent_holds(bpffs),
+        health: health_addr.map(probe_health),
+        config: config(bpffs)?,
+        layout: map_name::ALL.to_vec(),
+        other_layouts: crate::dataplane::pinned::other_versions(bpffs)
+            .into_iter()
+            .map(|o| o.name)
+            .collect(),
+        maps: read::map_occupancy(bpffs)?,
+        map_memory_bytes: read::map_memory(bpffs)?.iter().map(|(_, b)| b).sum(),
+        rates,
+        interval_seconds: secs,
+    })
+}
+
+impl StatusView {
+    /// The one-screen text; `wide`: every counter, not only the moving ones.
+    pub fn text(&self, wide: bool) -> String {
+        let mut out = String::new();
+        let agent = match self.agent_running {
+            Some(true) => "running (holds the pin directory)",
+            Some(false) => "not running (the maps and programs stay as it left them)",
+            None => "unknown (no /proc/locks)",
+        };
+        let health = match &self.health {
+            None => String::new(),
+            Some(h) => match (h.status, &h.error) {
+                (Some(s), _) => format!(
+                    "; /healthz at {}: {s}{}",
+                    h.address,
+                    h.body
+                        .as_ref()
+                        .and_then(|b| b.get("lastUpdated"))
+                        .and_then(|v| v.as_str())
+                        .map(|t| format!(", last updated {t}"))
+                        .unwrap_or_default()
+                ),
+                (None, e) => format!(
+                    "; /healthz at {}: unreachable ({})",
+                    h.address,
+                    e.as_deref().unwrap_or("?")
+                ),
+            },
+        };
+        out.push_str(&format!("agent:      {agent}{health}\n"));
+        let c = &self.config;
+        out.push_str(&format!(
+            "node:       {}, SNAT ports {}, {}\n",
+            c.node_address,
+            c.snat_ports,
+            if c.ready { "ready" } else { "not ready" }
+        ));
+        out.push_str(&format!(
+            "devices:    {}; other interfaces: {}\n",
+            c.hooks_text(),
+            if c.interfaces.is_empty() {
+                "-".into()
+            } else {
+                c.interfaces.join(",")
+            }
+        ));
+        out.push_str(&format!(
+            "layout:     {} maps ({}){}\n",
+            self.layout.len(),
+            self.layout
+                .iter()
+                .find(|m| m.starts_with("lb_svc_v"))
+                .copied()
+                .unwrap_or("-"),
+            if self.other_layouts.is_empty() {
+                String::new()
+            } else {
+                format!("; other versions pinned: {}", self.other_layouts.join(","))
+            }
+        ));
+        out.push_str(&format!(
+            "memory:     {:.1} MiB in maps\n\n",
+            self.map_memory_bytes as f64 / 1048576.0
+        ));
+        let rows: Vec<Vec<String>> = self
+            .maps
+            .iter()
+            .map(|m| {
+                vec![
+                    m.map.to_string(),
+                    m.entries.to_string(),
+                    m.capacity.to_string(),
+                    format!(
+                        "{:.1}%",
+                        m.entries as f64 * 100.0 / m.capacity.max(1) as f64
+                    ),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["MAP", "ENTRIES", "CAPACITY", "FILL"], &rows));
+        out.push('\n');
+        let rows: Vec<Vec<String>> = self
+            .rates
+            .iter()
+            .filter(|r| wide || r.packets_per_second > 0.0)
+            .map(|r| {
+                vec![
+                    r.counter.to_string(),
+                    format!("{:.1}", r.packets_per_second),
+                    format!("{:.0}", r.bytes_per_second),
+                ]
+            })
+            .collect();
+        out.push_str(&format!(
+            "counters over {:.1} s{}:\n",
+            self.interval_seconds,
+            if wide {
+                ""
+            } else {
+                " (moving ones; -o wide: all)"
+            }
+        ));
+        out.push_str(&table(&["COUNTER", "PACKETS/S", "BYTES/S"], &rows));
+        out
+    }
+}

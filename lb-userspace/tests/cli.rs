@@ -474,3 +474,65 @@ fn uninstall_removes_only_what_the_agent_pins() {
     std::fs::remove_dir(dir.join("links")).unwrap();
     std::fs::remove_dir(&dir).unwrap();
 }
+
+/// `deploy/kubectl-lb`, the kubectl plugin: finds the lb-agent pod (of `--node`, when given)
+/// and runs lbctl in it with the remaining arguments; no such pod is one line, exit 1. Run
+/// against a stand-in `kubectl` on PATH that records its arguments.
+#[test]
+fn kubectl_plugin_runs_lbctl_in_the_nodes_agent_pod() {
+    let dir = std::env::temp_dir().join(format!("lbkubectl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let calls = dir.join("calls");
+    let fake = dir.join("kubectl");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {}\ncase \"$*\" in *get\\ pods*) case \"$*\" in *nodeName=gone*) ;; *) echo lb-agent-x7k2 ;; esac ;; esac\n",
+            calls.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let plugin = format!("{}/../deploy/kubectl-lb", env!("CARGO_MANIFEST_DIR"));
+    let run = |args: &[&str]| {
+        let _ = std::fs::remove_file(&calls);
+        let out = Command::new(&plugin)
+            .args(args)
+            .env(
+                "PATH",
+                format!("{}:{}", dir.display(), std::env::var("PATH").unwrap()),
+            )
+            .output()
+            .unwrap();
+        let calls = std::fs::read_to_string(&calls).unwrap_or_default();
+        (
+            out.status.code(),
+            calls,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, calls, err) = run(&["--node", "worker-1", "status", "-o", "json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<&str> = calls.lines().collect();
+    assert_eq!(lines.len(), 2, "{calls}");
+    assert!(
+        lines[0].starts_with("-n kube-system get pods -l app.kubernetes.io/name=lb-agent")
+            && lines[0].contains("--field-selector spec.nodeName=worker-1"),
+        "{calls}"
+    );
+    assert_eq!(
+        lines[1],
+        "-n kube-system exec lb-agent-x7k2 -c lb-agent -- lbctl status -o json"
+    );
+    let (code, calls, _) = run(&["stats"]);
+    assert_eq!(code, Some(0));
+    assert!(!calls.contains("field-selector"), "{calls}");
+    assert!(calls.ends_with("-- lbctl stats\n"), "{calls}");
+    let (code, _, err) = run(&["--node", "gone", "stats"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        err.trim(),
+        "kubectl-lb: no lb-agent pod on node gone in namespace kube-system (LB_NAMESPACE)"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -208,3 +208,91 @@ fn lab_lbctl_reads_the_live_maps_with_the_agent_down() {
     );
     assert!(err.contains(&want), "{err}");
 }
+
+/// `lbctl status` against a running agent (its lock held, /healthz answering, counters moving
+/// under traffic), then with the agent down; `-o yaml` is the JSON's content; `-o wide` adds
+/// columns.
+#[test]
+fn lab_lbctl_status_yaml_and_wide() {
+    let Some(mut s) = lb_tests::scenario::start_example_with(&["--health-addr", "0.0.0.0:10256"])
+    else {
+        return;
+    };
+    let bpffs = s.lab.node("node1").bpffs.clone();
+    // Traffic during the status's interval, so that rates move; /healthz of the agent asked
+    // from node1's namespace, where lbctl runs.
+    let netns = s.lab.node("node1").netns.clone();
+    let st = std::thread::scope(|sc| {
+        let traffic = sc.spawn(|| {
+            s.lab
+                .run_client("a1", &["tcp", "10.96.0.10:80", "--count", "1500"])
+                .unwrap()
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let b = bpffs.clone();
+        let st = lb_tests::scenario::in_netns(&netns, move || {
+            json(
+                &b,
+                &[
+                    "status",
+                    "--health-addr",
+                    "192.168.100.1:10256",
+                    "--interval-ms",
+                    "1000",
+                ],
+            )
+        });
+        lb_tests::lab::all_ok(&traffic.join().unwrap(), "traffic during lbctl status");
+        st
+    });
+    assert_eq!(st["agent_running"], true, "{st}");
+    assert_eq!(st["health"]["status"], 200, "{st}");
+    assert!(st["health"]["body"]["lastUpdated"].is_string(), "{st}");
+    assert!(st["map_memory_bytes"].as_u64().unwrap() > 0);
+    let services = st["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["map"] == "services")
+        .unwrap()
+        .clone();
+    assert!(services["entries"].as_u64().unwrap() > 0, "{st}");
+    let moving: Vec<&str> = st["rates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["packets_per_second"].as_f64().unwrap() > 0.0)
+        .map(|r| r["counter"].as_str().unwrap())
+        .collect();
+    assert!(moving.contains(&"sock_connect_xlate"), "{st}");
+    // The one screen.
+    let (code, text, err) = lbctl(
+        &bpffs,
+        &["status", "--health-addr", "none", "--interval-ms", "10"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.starts_with("agent:      running (holds the pin directory)"),
+        "{text}"
+    );
+    assert!(text.contains("MAP") && text.contains("FILL"), "{text}");
+    // YAML is the JSON's content.
+    let (code, yaml, err) = lbctl(&bpffs, &["services", "-o", "yaml"]);
+    assert_eq!(code, 0, "{err}");
+    let from_yaml: Value = serde_yaml_ng::from_str(&yaml).unwrap();
+    assert_eq!(from_yaml, json(&bpffs, &["services"]));
+    let (_, wide, _) = lbctl(&bpffs, &["services", "-o", "wide"]);
+    assert!(wide.lines().next().unwrap().contains("REV_NAT"), "{wide}");
+    let (_, narrow, _) = lbctl(&bpffs, &["services"]);
+    assert!(
+        !narrow.lines().next().unwrap().contains("REV_NAT"),
+        "{narrow}"
+    );
+    // With the agent gone.
+    s.agents[0].stop_with(libc::SIGTERM).unwrap();
+    let st = json(
+        &bpffs,
+        &["status", "--health-addr", "none", "--interval-ms", "10"],
+    );
+    assert_eq!(st["agent_running"], false, "{st}");
+}

@@ -17,10 +17,14 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Format {
     Table,
+    /// The table with more columns (services: flags, rev-NAT id, affinity; status: every
+    /// counter).
+    Wide,
     Json,
+    Yaml,
 }
 
 #[derive(Subcommand)]
@@ -49,6 +53,21 @@ enum Command {
     /// The datapath config (node address, SNAT ports) and each device's north-south hook
     /// (xdp or tc, from the pinned links).
     Config,
+    /// The node's load balancer on one screen: agent, health, devices, layout, map fill and
+    /// memory, counter rates.
+    Status {
+        /// Also ask the agent's /healthz here (its --health-addr; `none`: do not).
+        #[arg(long, default_value = "127.0.0.1:10256")]
+        health_addr: String,
+        /// Time between the two counter reads the rates come from, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+    },
+    /// Prints a shell completion script (e.g. `lbctl completion bash > /etc/bash_completion.d/lbctl`).
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Which backend a flow has or would get, and why (conntrack, affinity, fresh choice).
     Lookup {
         /// The frontend: IP:PORT/PROTO, e.g. 203.0.113.10:80/TCP.
@@ -60,10 +79,19 @@ enum Command {
     },
 }
 
-/// Prints a list of serializable rows as JSON or as an aligned table (columns in key order).
-fn print_rows<T: serde::Serialize>(rows: &[T], json: bool) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(rows)?);
+/// Prints `v` as JSON or YAML when that is the format; false: a table is wanted.
+fn structured<T: serde::Serialize + ?Sized>(v: &T, f: Format) -> anyhow::Result<bool> {
+    match f {
+        Format::Json => println!("{}", serde_json::to_string_pretty(v)?),
+        Format::Yaml => print!("{}", serde_yaml_ng::to_string(v)?),
+        Format::Table | Format::Wide => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// Prints a list of serializable rows as JSON, YAML or an aligned table (columns in key order).
+fn print_rows<T: serde::Serialize>(rows: &[T], f: Format) -> anyhow::Result<()> {
+    if structured(rows, f)? {
         return Ok(());
     }
     let values: Vec<serde_json::Map<String, serde_json::Value>> = rows
@@ -113,6 +141,10 @@ fn parse_frontend(s: &str) -> anyhow::Result<(std::net::SocketAddrV4, u8)> {
 }
 
 fn main() {
+    // A reader that stops early (`lbctl conntrack | head`) ends lbctl quietly, as it does any
+    // command-line tool, instead of a panic on the broken pipe.
+    // SAFETY: setting a signal's disposition to the default, before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     if let Err(e) = run(&cli) {
         std::process::exit(report_error("lbctl", &e));
@@ -120,7 +152,8 @@ fn main() {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
-    let json = matches!(cli.output, Format::Json);
+    let f = cli.output;
+    let wide = f == Format::Wide;
     match &cli.command {
         Command::Services { frontend, service } => {
             let mut v = inspect::frontends(&inspect::map_contents(&cli.bpffs)?);
@@ -136,36 +169,46 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     })
                 });
             }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
+            if !structured(&v, f)? {
                 let rows: Vec<Vec<String>> = v
                     .iter()
                     .map(|f| {
-                        vec![
+                        let mut row = vec![
                             f.service.clone().unwrap_or_else(|| "-".into()),
                             f.frontend.clone(),
                             f.protocol.into(),
                             f.scope.into(),
                             f.backends.len().to_string(),
-                            f.backends.join(","),
-                        ]
+                        ];
+                        if wide {
+                            row.extend([
+                                format!("{:#x}", f.flags),
+                                f.rev_nat_id.to_string(),
+                                if f.affinity_timeout_s == 0 {
+                                    "-".into()
+                                } else {
+                                    format!("{}s", f.affinity_timeout_s)
+                                },
+                            ]);
+                        }
+                        row.push(f.backends.join(","));
+                        row
                     })
                     .collect();
-                print!(
-                    "{}",
-                    inspect::table(
-                        &["SERVICE", "FRONTEND", "PROTO", "SCOPE", "COUNT", "BACKENDS"],
-                        &rows
-                    )
-                );
+                let headers: &[&str] = if wide {
+                    &[
+                        "SERVICE", "FRONTEND", "PROTO", "SCOPE", "COUNT", "FLAGS", "REV_NAT",
+                        "AFFINITY", "BACKENDS",
+                    ]
+                } else {
+                    &["SERVICE", "FRONTEND", "PROTO", "SCOPE", "COUNT", "BACKENDS"]
+                };
+                print!("{}", inspect::table(headers, &rows));
             }
         }
         Command::Backends => {
             let v = inspect::backends(&inspect::map_contents(&cli.bpffs)?);
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
+            if !structured(&v, f)? {
                 let rows: Vec<Vec<String>> = v
                     .iter()
                     .map(|b| {
@@ -188,13 +231,31 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             if let Some(f) = filter {
                 v.retain(|c| c.flow.contains(f.as_str()) || c.translated.contains(f.as_str()));
             }
-            print_rows(&v, json)?;
+            print_rows(&v, f)?;
         }
-        Command::Affinity => print_rows(&inspect::affinity(&cli.bpffs)?, json)?,
+        Command::Affinity => print_rows(&inspect::affinity(&cli.bpffs)?, f)?,
+        Command::Status {
+            health_addr,
+            interval_ms,
+        } => {
+            let health = (health_addr != "none").then_some(health_addr.as_str());
+            let st = inspect::status(
+                &cli.bpffs,
+                health,
+                std::time::Duration::from_millis((*interval_ms).clamp(10, 60_000)),
+            )?;
+            if !structured(&st, f)? {
+                print!("{}", st.text(wide));
+            }
+        }
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(*shell, &mut Cli::command(), "lbctl", &mut std::io::stdout());
+        }
         Command::Config => {
             let c = inspect::config(&cli.bpffs)?;
-            if json {
-                print_rows(&[c], json)?;
+            if matches!(f, Format::Json | Format::Yaml) {
+                print_rows(&[c], f)?;
             } else {
                 let row = vec![
                     c.node_address.clone(),
@@ -240,9 +301,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 ),
             };
             let l = inspect::lookup(&cli.bpffs, fe, proto, ip, port)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&l)?);
-            } else {
+            if !structured(&l, f)? {
                 println!("frontend:   {} ({} scope)", l.frontend, l.scope);
                 println!("reason:     {}", l.reason);
                 println!("backend:    {}", l.backend.as_deref().unwrap_or("-"));
@@ -251,9 +310,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         }
         Command::Stats => {
             let v = read::stats(&cli.bpffs)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
+            if !structured(&v, f)? {
                 let rows: Vec<Vec<String>> = v
                     .iter()
                     .map(|c| vec![c.name.into(), c.packets.to_string(), c.bytes.to_string()])
