@@ -96,6 +96,11 @@ fn lab_metrics_move_with_real_traffic_and_health_follows_the_dataplane() {
     // A preallocated map costs its entries from the start: at least key + value per entry.
     assert!(get(r#"lb_map_memory_bytes{map="lb_svc_v3"}"#) >= 262144.0 * 44.0);
     assert_eq!(get("lb_frontends_deferred"), 0.0);
+    // kube-proxy's change and programming metrics, build info, process metrics.
+    assert!(get("lb_sync_proxy_rules_endpoint_changes_total") >= 1.0);
+    assert!(get("lb_sync_proxy_rules_service_changes_total") >= 1.0);
+    assert!(get("lb_network_programming_duration_seconds_count") >= 1.0);
+    assert!(get("process_resident_memory_bytes") > 0.0);
     assert!(get(r#"lb_map_entries{map="services"}"#) > 0.0);
     assert!(get("lb_sync_duration_seconds_count") >= 1.0);
     assert!(get("lb_map_writes_total") > 0.0);

@@ -47,6 +47,11 @@ struct MapLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabel {
+    version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: String,
 }
@@ -144,6 +149,11 @@ pub struct Ops {
     map_memory: Family<MapLabel, Gauge>,
     not_fitting: Family<MapLabel, Gauge>,
     deferred: Gauge,
+    programming_latency: Histogram,
+    service_changes: Counter,
+    endpoint_changes: Counter,
+    service_changes_pending: Gauge,
+    endpoint_changes_pending: Gauge,
     sync_duration: Histogram,
     map_writes: Counter,
     sync_errors: Counter,
@@ -240,6 +250,47 @@ impl Ops {
             "Frontends left as they were at the last sync because a map had no room (tried again at the next)",
             deferred.clone(),
         );
+        let programming_latency = Histogram::new(exponential_buckets(0.001, 2.5, 14));
+        registry.register(
+            "network_programming_duration_seconds",
+            "From an EndpointSlice change (its endpoints.kubernetes.io/last-change-trigger-time) to the maps holding it (kube-proxy's network_programming_duration_seconds)",
+            programming_latency.clone(),
+        );
+        let service_changes = Counter::default();
+        registry.register(
+            "sync_proxy_rules_service_changes",
+            "Services added, removed or modified in the snapshots applied (kube-proxy's sync_proxy_rules_service_changes_total)",
+            service_changes.clone(),
+        );
+        let endpoint_changes = Counter::default();
+        registry.register(
+            "sync_proxy_rules_endpoint_changes",
+            "EndpointSlices added, removed or modified in the snapshots applied (kube-proxy's sync_proxy_rules_endpoint_changes_total)",
+            endpoint_changes.clone(),
+        );
+        let service_changes_pending = Gauge::default();
+        registry.register(
+            "sync_proxy_rules_service_changes_pending",
+            "Service changes seen and not yet in the maps (a failed sync keeps them)",
+            service_changes_pending.clone(),
+        );
+        let endpoint_changes_pending = Gauge::default();
+        registry.register(
+            "sync_proxy_rules_endpoint_changes_pending",
+            "EndpointSlice changes seen and not yet in the maps (a failed sync keeps them)",
+            endpoint_changes_pending.clone(),
+        );
+        let build_info = Family::<BuildLabel, Gauge>::default();
+        registry.register(
+            "build_info",
+            "1, labelled with the agent's version",
+            build_info.clone(),
+        );
+        build_info
+            .get_or_create(&BuildLabel {
+                version: env!("CARGO_PKG_VERSION").into(),
+            })
+            .set(1);
         let sync_duration = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
         registry.register(
             "sync_duration_seconds",
@@ -410,6 +461,11 @@ impl Ops {
             map_memory,
             not_fitting,
             deferred,
+            programming_latency,
+            service_changes,
+            endpoint_changes,
+            service_changes_pending,
+            endpoint_changes_pending,
             sync_duration,
             map_writes,
             sync_errors,
@@ -512,6 +568,28 @@ impl Ops {
             let l = MapLabel { map: map.into() };
             if n > 0 || self.not_fitting.get(&l).is_some() {
                 self.not_fitting.get_or_create(&l).set(n as i64);
+            }
+        }
+    }
+
+    /// Changes of a snapshot about to be applied (pending until [`Ops::changes_applied`]).
+    pub fn changes_seen(&self, services: u64, endpoint_slices: u64) {
+        self.service_changes_pending.inc_by(services as i64);
+        self.endpoint_changes_pending.inc_by(endpoint_slices as i64);
+    }
+
+    /// The pending changes are in the maps, as of `at`; `triggers`: the trigger times of the
+    /// EndpointSlices among them.
+    pub fn changes_applied(&self, at: SystemTime, triggers: &[SystemTime]) {
+        self.service_changes
+            .inc_by(self.service_changes_pending.get().max(0) as u64);
+        self.endpoint_changes
+            .inc_by(self.endpoint_changes_pending.get().max(0) as u64);
+        self.service_changes_pending.set(0);
+        self.endpoint_changes_pending.set(0);
+        for t in triggers {
+            if let Ok(d) = at.duration_since(*t) {
+                self.programming_latency.observe(d.as_secs_f64());
             }
         }
     }
@@ -704,6 +782,10 @@ impl Ops {
             Ok(()) => "200 OK",
             Err(_) => "500 Internal Server Error",
         };
+        // The process metrics every Prometheus client exposes, unprefixed, before the end mark.
+        if let Some(head) = body.strip_suffix("# EOF\n") {
+            body = format!("{head}{}# EOF\n", Self::process_metrics());
+        }
         Response {
             status,
             headers: vec![(
@@ -712,6 +794,87 @@ impl Ops {
             )],
             body,
         }
+    }
+
+    /// `process_*` as Prometheus' client libraries name them, from /proc/self.
+    pub fn process_metrics() -> String {
+        let mut out = String::new();
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let f: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+        // SAFETY: sysconf has no preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as f64;
+        let boot = std::fs::read_to_string("/proc/stat")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        let mut metric = |name: &str, kind: &str, help: &str, sample: &str, v: Option<f64>| {
+            if let Some(v) = v {
+                out.push_str(&format!(
+                    "# HELP {name} {help}\n# TYPE {name} {kind}\n{sample} {v}\n"
+                ));
+            }
+        };
+        // (Fields from index 0 = state: utime 11, stime 12, starttime 19, vsize 20, rss 21.)
+        metric(
+            "process_cpu_seconds",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            "process_cpu_seconds_total",
+            num(11).zip(num(12)).map(|(u, s)| (u + s) / ticks),
+        );
+        metric(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            "process_resident_memory_bytes",
+            num(21).map(|p| p * page),
+        );
+        metric(
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            "process_virtual_memory_bytes",
+            num(20),
+        );
+        metric(
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            "process_start_time_seconds",
+            num(19).zip(boot).map(|(t, b)| b + t / ticks),
+        );
+        metric(
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            "process_open_fds",
+            std::fs::read_dir("/proc/self/fd")
+                .ok()
+                .map(|d| d.count() as f64),
+        );
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into a struct we own.
+        let max_fds = (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0)
+            .then_some(lim.rlim_cur as f64);
+        metric(
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            "process_max_fds",
+            max_fds,
+        );
+        out
     }
 
     /// `/livez`'s verdict: the loop goes round, no update waits too long, the pins are there.
@@ -857,6 +1020,53 @@ mod tests {
         let m = ops.metrics_route("/metrics").unwrap();
         assert!(m.body.contains("lb_map_writes_total 10"), "{}", m.body);
         assert!(m.body.contains("lb_sync_errors_total 1"), "{}", m.body);
+    }
+
+    /// kube-proxy's change and programming metrics, build info and the process metrics, in one
+    /// well-formed exposition.
+    #[test]
+    fn change_programming_build_and_process_metrics() {
+        let ops = Ops::with_map_reader(
+            PathBuf::from("/nonexistent"),
+            Box::new(|_| MapReadings::default()),
+        );
+        ops.changes_seen(2, 1);
+        let body = ops.metrics_route("/metrics").unwrap().body;
+        assert!(
+            body.contains("lb_sync_proxy_rules_service_changes_pending 2\n"),
+            "{body}"
+        );
+        assert!(
+            body.contains("lb_sync_proxy_rules_service_changes_total 0\n"),
+            "{body}"
+        );
+        let now = SystemTime::now();
+        ops.changes_applied(now, &[now - Duration::from_millis(1500)]);
+        let body = ops.metrics_route("/metrics").unwrap().body;
+        for line in [
+            "lb_sync_proxy_rules_service_changes_total 2\n",
+            "lb_sync_proxy_rules_endpoint_changes_total 1\n",
+            "lb_sync_proxy_rules_service_changes_pending 0\n",
+            "lb_network_programming_duration_seconds_count 1\n",
+            "lb_network_programming_duration_seconds_sum 1.5\n",
+        ] {
+            assert!(body.contains(line), "{line}: {body}");
+        }
+        assert!(body.contains(&format!(
+            "lb_build_info{{version=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        )));
+        let value = |name: &str| -> f64 {
+            body.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {name}: {body}"))
+        };
+        assert!(value("process_resident_memory_bytes") > 1e6);
+        assert!(value("process_open_fds") >= 3.0);
+        assert!(value("process_start_time_seconds") > 1.7e9);
+        assert!(value("process_cpu_seconds_total") >= 0.0);
+        assert!(body.ends_with("# EOF\n") && body.matches("# EOF").count() == 1);
     }
 
     #[test]

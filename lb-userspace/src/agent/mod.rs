@@ -11,6 +11,7 @@
 //! The loop lives here; [`mod@preflight`] checks the environment, [`attach`] loads and attaches the
 //! programs, [`metrics`] and [`health_check`] answer over [`http`].
 pub mod attach;
+pub mod changes;
 pub mod config;
 pub mod devices;
 pub mod health_check;
@@ -129,6 +130,10 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     syncer.set_sizes(sizes);
     // What was rejected at the last sync (logged when a verdict changes, not on every sync).
     let mut rejected_before: BTreeSet<model::Rejected> = BTreeSet::new();
+    // Services and EndpointSlices changed since the last snapshot (kube-proxy's change metrics),
+    // and the trigger times of slice changes not in the maps yet.
+    let mut changes = changes::ChangeTracker::default();
+    let mut pending_triggers: Vec<std::time::SystemTime> = Vec::new();
     let mut deferred_before: Vec<String> = Vec::new();
     spawn_ct_gc(
         CtTiers::from_ebpf(&ebpf)?,
@@ -204,6 +209,9 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
             Ok(Some(objects)) => {
                 last = Some(objects.clone());
                 generation += 1;
+                let seen = changes.observe(&objects);
+                ops.changes_seen(seen.services, seen.endpoint_slices);
+                pending_triggers.extend(seen.trigger_times);
                 ops.queued();
                 ops.node_eligible(health_check::node_eligible(&objects, &cfg.node));
                 let started = Instant::now();
@@ -255,6 +263,10 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 match &synced {
                     Ok(st) => {
                         ops.synced(started.elapsed(), st.writes);
+                        ops.changes_applied(
+                            std::time::SystemTime::now(),
+                            &std::mem::take(&mut pending_triggers),
+                        );
                         ops.udp_flows_flushed(st.udp_flows_flushed);
                         ops.deferred(st.deferred.len());
                         let now: Vec<String> = st
