@@ -520,6 +520,13 @@ pub fn probe_health(addr: &str) -> HealthProbe {
     }
 }
 
+/// Unix seconds as `2026-12-01T10:00:00Z`.
+fn unix_time_text(secs: u64) -> String {
+    jiff::Timestamp::from_second(secs as i64)
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_else(|_| secs.to_string())
+}
+
 /// Everything `lbctl status` shows; counter rates from two reads `interval` apart.
 pub fn status(
     bpffs: &Path,
@@ -585,8 +592,10 @@ impl StatusView {
                     h.body
                         .as_ref()
                         .and_then(|b| b.get("lastUpdated"))
-                        .and_then(|v| v.as_str())
-                        .map(|t| format!(", last updated {t}"))
+                        .map(|t| match t.as_u64() {
+                            Some(secs) => format!(", last sync at {}", unix_time_text(secs)),
+                            None => format!(", last updated {t}"),
+                        })
                         .unwrap_or_default()
                 ),
                 (None, e) => format!(

@@ -247,7 +247,7 @@ fn lab_lbctl_status_yaml_and_wide() {
     });
     assert_eq!(st["agent_running"], true, "{st}");
     assert_eq!(st["health"]["status"], 200, "{st}");
-    assert!(st["health"]["body"]["lastUpdated"].is_string(), "{st}");
+    assert!(st["health"]["body"]["lastUpdated"].is_u64(), "{st}");
     assert!(st["map_memory_bytes"].as_u64().unwrap() > 0);
     let services = st["maps"]
         .as_array()
