@@ -301,11 +301,11 @@ pub fn build_with(objects: &Objects, node_name: &str, checks: &Checks) -> Model 
         if slice.address_type != "IPv4" {
             continue; // IPv6 and FQDN slices are not served by this IPv4 dataplane
         }
-        if let Err(reason) = validate_slice(slice) {
+        // What cannot be served is skipped alone (a port, an endpoint), with a reason.
+        for reason in slice_problems(slice) {
             model
                 .rejected
                 .push(reject("EndpointSlice", &ns, &name, reason));
-            continue;
         }
         by_service.entry((ns, svc.clone())).or_default().push(slice);
     }
@@ -327,7 +327,12 @@ pub fn build_with(objects: &Objects, node_name: &str, checks: &Checks) -> Model 
                 .push(reject("Service", &ns, &name, MISSING_NAME));
             continue;
         }
-        match service_model(svc, &ns, &name, checks) {
+        let mut skipped = Vec::new();
+        let verdict = service_model(svc, &ns, &name, checks, &mut skipped);
+        for reason in skipped {
+            model.rejected.push(reject("Service", &ns, &name, reason));
+        }
+        match verdict {
             Ok(Some(mut m)) => {
                 let slices = by_service.get(&(ns.clone(), name.clone()));
                 m.endpoints = merge_endpoints(slices.map(|v| v.as_slice()).unwrap_or(&[]));
@@ -354,20 +359,30 @@ pub fn build_with(objects: &Objects, node_name: &str, checks: &Checks) -> Model 
     model
 }
 
-fn validate_slice(slice: &EndpointSlice) -> Result<(), String> {
+/// The ports and endpoints of a slice that cannot be served, one reason each: they are skipped
+/// (by [`merge_endpoints`]) and the rest of the slice is served.
+fn slice_problems(slice: &EndpointSlice) -> Vec<String> {
+    let mut out = Vec::new();
     for p in slice.ports.iter().flatten() {
-        parse_protocol(p.protocol.as_deref())?;
-        if let Some(port) = p.port {
-            parse_port("port", port)?;
+        let pname = p.name.clone().unwrap_or_default();
+        let port = p.port.map(|n| parse_port("port", n));
+        match (parse_protocol(p.protocol.as_deref()), port) {
+            (Err(e), _) => out.push(format!("port {pname:?} skipped: {e}")),
+            (_, Some(Err(e))) => out.push(format!("port {pname:?} skipped: {e}")),
+            _ => {}
         }
     }
-    for ep in slice.endpoints.iter().flatten() {
-        let Some(first) = ep.addresses.first() else {
-            return Err("endpoint without addresses".into());
-        };
-        parse_unicast("endpoint address", first)?;
+    for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
+        match ep.addresses.first() {
+            None => out.push(format!("endpoint {i} skipped: it has no addresses")),
+            Some(a) => {
+                if let Err(e) = parse_unicast("endpoint address", a) {
+                    out.push(format!("endpoint {i} skipped: {e}"));
+                }
+            }
+        }
     }
-    Ok(())
+    out
 }
 
 /// Removes the ports of `m` with more endpoints than a frontend can hold; returns a reason for
@@ -484,6 +499,7 @@ fn service_model(
     ns: &str,
     name: &str,
     checks: &Checks,
+    skipped: &mut Vec<String>,
 ) -> Result<Option<ServiceModel>, String> {
     let Some(spec) = svc.spec.as_ref() else {
         return Ok(None);
@@ -511,6 +527,10 @@ fn service_model(
         }
         cluster_ips.push(parse_unicast("clusterIP", ip)?);
     }
+    if !ips.is_empty() && cluster_ips.is_empty() {
+        // An IPv6-only Service: nothing of it is for the IPv4 dataplane (no NodePort either).
+        return Ok(None);
+    }
     let external_ips = spec
         .external_ips
         .iter()
@@ -537,6 +557,14 @@ fn service_model(
     let mut ports = Vec::new();
     let mut seen = BTreeSet::new();
     for p in spec.ports.iter().flatten() {
+        if p.protocol.as_deref() == Some("SCTP") {
+            skipped.push(format!(
+                "port {:?}/SCTP is not served: this dataplane translates TCP and UDP (the \
+                 Service's other ports are served)",
+                p.name.clone().unwrap_or_default()
+            ));
+            continue;
+        }
         let protocol = parse_protocol(p.protocol.as_deref())?;
         let port = parse_port("port", p.port)?;
         let node_port = match p.node_port {
@@ -663,7 +691,11 @@ fn merge_endpoints(slices: &[&EndpointSlice]) -> BTreeMap<(String, Protocol), Ve
             let at = index.entry(key.clone()).or_default();
             let list = out.entry(key).or_default();
             for ep in slice.endpoints.iter().flatten() {
-                let Some(Ok(addr)) = ep.addresses.first().map(|a| parse_ipv4(a)) else {
+                let Some(Ok(addr)) = ep
+                    .addresses
+                    .first()
+                    .map(|a| parse_unicast("endpoint address", a))
+                else {
                     continue;
                 };
                 let c = ep.conditions.clone().unwrap_or_default();
@@ -829,6 +861,48 @@ mod tests {
         }
     }
 
+    /// What the dataplane cannot serve is skipped alone: an SCTP port of a Service (its TCP and
+    /// UDP ports are served), an SCTP port or a bad endpoint of a slice (the rest of the slice
+    /// is); an IPv6-only Service is no business of the IPv4 dataplane (no frontend, no NodePort,
+    /// no rejection).
+    #[test]
+    fn what_cannot_be_served_is_skipped_alone() {
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: ns}}\nspec: {{type: NodePort, clusterIP: 10.96.0.1, ports: [{{name: web, port: 80, nodePort: 30080}}, {{name: sig, port: 3868, protocol: SCTP}}]}}\n{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: v6, namespace: ns}}\nspec: {{type: NodePort, clusterIP: fd00::1, clusterIPs: [fd00::1], ports: [{{port: 80, nodePort: 30081}}]}}\n",
+            slice(
+                "s-1",
+                "kubernetes.io/service-name: s",
+                "[{name: web, port: 8080}, {name: sig, port: 3868, protocol: SCTP}]",
+                "[{addresses: [10.0.0.1]}, {addresses: [127.0.0.1]}, {addresses: []}, {addresses: [10.0.0.2]}]"
+            )
+        );
+        let m = model(&yaml);
+        let reasons: Vec<(&str, &str)> = m
+            .rejected
+            .iter()
+            .map(|r| (r.kind.as_str(), r.reason.as_str()))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                ("EndpointSlice", "endpoint 1 skipped: endpoint address 127.0.0.1 is a loopback address"),
+                ("EndpointSlice", "endpoint 2 skipped: it has no addresses"),
+                ("EndpointSlice", "port \"sig\" skipped: unsupported protocol \"SCTP\""),
+                ("Service", "port \"sig\"/SCTP is not served: this dataplane translates TCP and UDP (the Service's other ports are served)"),
+            ]
+        );
+        assert_eq!(m.services.len(), 1, "the IPv6-only Service is skipped");
+        let s = &m.services[0];
+        assert_eq!(s.ports.len(), 1);
+        assert_eq!(
+            eps(&m, "web", Protocol::TCP)
+                .into_iter()
+                .map(|e| e.0)
+                .collect::<Vec<_>>(),
+            ["10.0.0.1", "10.0.0.2"]
+        );
+    }
+
     #[test]
     fn validation_table() {
         let svc = |spec: &str| {
@@ -839,7 +913,6 @@ mod tests {
             ("{clusterIP: 10.96.0.2, ports: [{port: 70000}]}", "port 70000 out of range"),
             ("{clusterIP: 10.96.0.999, ports: [{port: 80}]}", "unparsable IPv4 address \"10.96.0.999\""),
             ("{clusterIP: 10.96.0.2, externalIPs: [nope], ports: [{port: 80}]}", "unparsable IPv4 address \"nope\""),
-            ("{clusterIP: 10.96.0.2, ports: [{port: 80, protocol: SCTP}]}", "unsupported protocol \"SCTP\""),
             ("{type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 99999}]}", "nodePort 99999 out of range"),
             ("{clusterIP: 10.96.0.2, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}, ports: [{port: 80}]}", "timeoutSeconds 0 outside 1..86400"),
             ("{clusterIP: 10.96.0.2, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}, ports: [{port: 80}]}", "timeoutSeconds 86401 outside 1..86400"),
@@ -917,7 +990,7 @@ mod tests {
             assert_eq!(m.rejected[0].name, "badaddr");
             assert_eq!(
                 m.rejected[0].reason,
-                format!("endpoint address {addr} is {kind} address")
+                format!("endpoint 0 skipped: endpoint address {addr} is {kind} address")
             );
         }
         // The NodePort range is the cluster's (the agent's --nodeport-range).
