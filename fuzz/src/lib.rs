@@ -456,7 +456,8 @@ fn check_desired(p: &Plan, d: &Desired) {
             fe.flags
                 & !(kind_flags
                     | service_flags::SESSION_AFFINITY
-                    | service_flags::EXTERNAL_POLICY_LOCAL),
+                    | service_flags::EXTERNAL_POLICY_LOCAL
+                    | service_flags::NO_ENDPOINTS),
             0
         );
         // externalTrafficPolicy Local marks external-scope entries only.
@@ -468,6 +469,11 @@ fn check_desired(p: &Plan, d: &Desired) {
             fe.flags & service_flags::SESSION_AFFINITY != 0,
             fe.affinity_timeout_s != 0,
             "affinity flag and timeout disagree: {key:?} {fe:?}"
+        );
+        // No usable endpoint anywhere: every endpoint set of the Service port is empty.
+        assert!(
+            fe.flags & service_flags::NO_ENDPOINTS == 0 || fe.backends.is_empty(),
+            "{key:?}: {fe:?}"
         );
         assert!(
             kinds

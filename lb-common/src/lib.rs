@@ -166,6 +166,10 @@ pub mod service_flags {
     /// externalTrafficPolicy Local (external scope only): the client's address is never
     /// translated, whatever `config_flags::MASQUERADE_LOCAL` says.
     pub const EXTERNAL_POLICY_LOCAL: u16 = 1 << 5;
+    /// The Service port has no usable endpoint anywhere in the cluster (kube-proxy's
+    /// `!hasEndpoints`): connections are rejected (`ECONNREFUSED` for in-node clients), not
+    /// just dropped.
+    pub const NO_ENDPOINTS: u16 = 1 << 6;
 }
 
 /// Flags of a backend.

@@ -7,7 +7,9 @@ use aya_ebpf::{
     EbpfContext,
 };
 use aya_log_ebpf::debug;
-use lb_common::{affinity_client, counter, proto, scope, MemberKey, SockFlow, SockKey, SockRevNat};
+use lb_common::{
+    affinity_client, counter, proto, scope, service_flags, MemberKey, SockFlow, SockKey, SockRevNat,
+};
 
 use crate::{
     affinity, clock,
@@ -17,6 +19,7 @@ use crate::{
 };
 
 const AF_INET: u32 = 2;
+const ECONNREFUSED: i32 = 111;
 
 /// Verdicts of the socket programs: 1 lets the call proceed, 0 refuses it (the caller sees
 /// EPERM). recvmsg4 and getpeername4 may only return `ALLOW`.
@@ -111,6 +114,12 @@ pub fn refuse(ctx: &SockAddrContext, r: Refusal) -> i32 {
         Why::NoBackend => {
             maps::count(counter::SOCK_NO_BACKEND, 0);
             maps::count_service(fe.master.svc_port_id, ServiceEvent::DropNoBackend);
+            if fe.master.flags & service_flags::NO_ENDPOINTS != 0 {
+                // No endpoint anywhere: rejected as kube-proxy's REJECT rule does, so the
+                // caller sees ECONNREFUSED instead of the EPERM of a plain refusal.
+                // SAFETY: a helper of cgroup programs, with a valid errno.
+                unsafe { aya_ebpf::helpers::generated::bpf_set_retval(-ECONNREFUSED) };
+            }
         }
         Why::BackendMissing => {
             debug!(

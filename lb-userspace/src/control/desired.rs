@@ -74,6 +74,9 @@ pub fn service_port_frontends(sp: &ServicePortPlan) -> Vec<(FrontendKey, Desired
     if sp.session_affinity_timeout_seconds.is_some() {
         flags |= lb_common::service_flags::SESSION_AFFINITY;
     }
+    if !sp.has_endpoints {
+        flags |= lb_common::service_flags::NO_ENDPOINTS;
+    }
     let backends = |eps: &[PlannedEndpoint]| {
         eps.iter()
             .map(|e| {
@@ -241,6 +244,47 @@ pub fn covering_prefix(addrs: impl IntoIterator<Item = Ipv4Addr>) -> Option<(u32
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// kube-proxy's REJECT: only a Service port with no usable endpoint anywhere is flagged;
+    /// one whose endpoints all live elsewhere (internalTrafficPolicy Local) is not (dropped,
+    /// not rejected); a terminating but serving endpoint counts as usable.
+    #[test]
+    fn no_endpoints_anywhere_is_flagged_for_rejection() {
+        let flagged = |spec: &str, endpoints: &str| -> bool {
+            let yaml = format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: ns}}\nspec: {spec}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s-1, namespace: ns, labels: {{kubernetes.io/service-name: s}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: {endpoints}\n"
+            );
+            let mut o = crate::control::source::Objects::default();
+            crate::control::source::parse_into(std::path::Path::new("t.yaml"), &yaml, &mut o)
+                .unwrap();
+            let p = crate::control::plan::plan(&crate::control::model::build(&o, "n1"), "n1");
+            let d = desired(&p);
+            assert!(!d.is_empty());
+            let f: Vec<bool> = d
+                .values()
+                .map(|v| v.flags & lb_common::service_flags::NO_ENDPOINTS != 0)
+                .collect();
+            assert!(f.iter().all(|x| *x == f[0]), "one verdict per Service port");
+            assert_eq!(f[0], !p.services[0].has_endpoints);
+            f[0]
+        };
+        let cip = "{clusterIP: 10.96.0.1, ports: [{port: 80}]}";
+        let local = "{clusterIP: 10.96.0.1, internalTrafficPolicy: Local, ports: [{port: 80}]}";
+        let np = "{type: NodePort, clusterIP: 10.96.0.1, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]}";
+        assert!(flagged(cip, "[]"));
+        assert!(flagged(
+            cip,
+            "[{addresses: [10.0.0.1], conditions: {ready: false}}]"
+        ));
+        assert!(!flagged(cip, "[{addresses: [10.0.0.1]}]"));
+        assert!(!flagged(
+            cip,
+            "[{addresses: [10.0.0.1], conditions: {ready: false, serving: true, terminating: true}}]"
+        ));
+        assert!(!flagged(local, "[{addresses: [10.0.0.1], nodeName: n2}]"));
+        assert!(!flagged(np, "[{addresses: [10.0.0.1], nodeName: n2}]"));
+        assert!(flagged(np, "[]"));
+    }
 
     #[test]
     fn the_cluster_ip_prefix_covers_every_cluster_ip_and_little_more() {

@@ -39,6 +39,10 @@ pub struct ServicePortPlan {
     pub local_endpoints: Option<Vec<PlannedEndpoint>>,
     pub session_affinity_timeout_seconds: Option<u32>,
     pub health_check_node_port: Option<u16>,
+    /// Whether the Service port has a usable endpoint anywhere in the cluster (ready, or serving
+    /// and terminating), whatever the traffic policies: kube-proxy's `hasEndpoints`. Without
+    /// one, connections to it are rejected rather than dropped.
+    pub has_endpoints: bool,
     /// The Service's creation time (Unix seconds): the older Service port keeps its place when
     /// the maps cannot hold every one.
     #[serde(skip)]
@@ -250,6 +254,7 @@ fn port_plans(svc: &ServiceModel, node: &NodeInfo) -> Vec<ServicePortPlan> {
             local_endpoints: local,
             session_affinity_timeout_seconds: svc.session_affinity_timeout_seconds,
             health_check_node_port: svc.health_check_node_port,
+            has_endpoints: eps.iter().any(|e| e.ready || (e.serving && e.terminating)),
             created: svc.created,
         });
     }
