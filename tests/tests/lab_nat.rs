@@ -31,8 +31,12 @@ fn nat_new_connections_keep_pace_with_the_direct_path(v: Variant) {
         "new TCP connections: NodePort {:.0}/s, direct {:.0}/s, ratio {:.2}, errors {} of {}",
         c.nodeport_rps, c.direct_rps, c.ratio, c.nodeport_errors, c.nodeport_requests
     );
+    // The no-LB path is the reference, not what is tested: at ~10,000 new connections a second
+    // it drew a rare reset of its own once in CI (1 of ~48,000, on read). Held to the same
+    // 0.1 % as the NodePort path.
+    let direct_requests = c.direct_rps * c.seconds;
     assert!(
-        c.direct_rps > 0.0 && c.direct_errors == 0,
+        c.direct_rps > 0.0 && c.direct_errors as f64 <= 0.001 * direct_requests,
         "no-LB path: {c:?}"
     );
     // 0.5, not the 0.9: CI machines are small and shared, and both paths compete with
