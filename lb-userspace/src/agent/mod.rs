@@ -224,10 +224,9 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 );
                 let mut p = plan::plan(&m, &cfg.node);
                 // Service ports the maps have no room for (oldest Services first).
-                let not_fitting = capacity::fit(&mut p, &sizes);
+                let (desired, not_fitting) = capacity::fit_desired(&mut p, &sizes);
                 ops.not_fitting(&not_fitting);
                 log_verdicts(&mut rejected_before, m.rejected.iter().chain(&not_fitting));
-                let desired = desired::desired(&p);
                 let config = datapath_config(
                     &p.node,
                     cfg.snat_ports,

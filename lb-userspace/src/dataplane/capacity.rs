@@ -18,7 +18,7 @@ use lb_common::{limits, map_name};
 
 use super::{maglev::table_size, maglev_tables::chunk_count};
 use crate::control::{
-    desired::{service_port_frontends, BackendKey, DesiredFrontend, FrontendKey},
+    desired::{service_port_frontends, BackendKey, Desired, DesiredFrontend, FrontendKey},
     model::Rejected,
     plan::Plan,
 };
@@ -381,6 +381,12 @@ impl Held {
 /// Keeps in `plan` the Service ports that fit in maps of `sizes` (oldest first) and moves the
 /// others to its rejected list, returning those rejections.
 pub fn fit(plan: &mut Plan, sizes: &MapSizes) -> Vec<Rejected> {
+    fit_desired(plan, sizes).1
+}
+
+/// [`fit`], also returning the map contents of what it kept: `desired::desired` of the fitted
+/// plan, from the frontends `fit` builds anyway (the agent would build them twice otherwise).
+pub fn fit_desired(plan: &mut Plan, sizes: &MapSizes) -> (Desired, Vec<Rejected>) {
     let mut order: Vec<usize> = (0..plan.services.len()).collect();
     order.sort_by_key(|i| {
         let s = &plan.services[*i];
@@ -395,13 +401,18 @@ pub fn fit(plan: &mut Plan, sizes: &MapSizes) -> Vec<Rejected> {
     });
     let mut held = Held::default();
     let mut keep = vec![true; plan.services.len()];
+    let mut frontends: Vec<Vec<(FrontendKey, DesiredFrontend)>> =
+        vec![Vec::new(); plan.services.len()];
     let mut rejected = Vec::new();
     for i in order {
         let sp = &plan.services[i];
         let fes = service_port_frontends(sp);
         let (needs, identities) = held.needs(&fes);
         match held.entries.overflow(&needs, sizes) {
-            None => held.take(identities),
+            None => {
+                held.take(identities);
+                frontends[i] = fes;
+            }
             Some(short) => {
                 keep[i] = false;
                 let port = if sp.port_name.is_empty() {
@@ -429,7 +440,9 @@ pub fn fit(plan: &mut Plan, sizes: &MapSizes) -> Vec<Rejected> {
         .retain(|_| k.next().expect("one flag per port"));
     plan.rejected.extend(rejected.iter().cloned());
     plan.rejected.sort();
-    rejected
+    // In plan order, as `desired::desired` builds it.
+    let desired = frontends.into_iter().flatten().collect();
+    (desired, rejected)
 }
 
 /// The map a [`fit`] rejection names (for the metric), when it is one.
@@ -560,6 +573,17 @@ mod tests {
             },
         );
         assert_eq!(served(&p), ["s0", "s1"]);
+        // fit_desired's map contents are those of the fitted plan.
+        let mut q = plan_of(&(0..3).map(|i| service(i, 1..=5)).collect::<String>());
+        let (d, again) = fit_desired(
+            &mut q,
+            &MapSizes {
+                frontend_slots: 16,
+                ..MapSizes::default()
+            },
+        );
+        assert_eq!(again, rejected);
+        assert_eq!(d, desired(&p));
         assert!(rejected[0]
             .reason
             .contains("map lb_svc_v3 is full (capacity 16 entries, 12 in use, 6 more needed)"));
