@@ -6,7 +6,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
     EbpfContext,
 };
-use aya_log_ebpf::debug;
+use aya_log_ebpf::warn;
 use lb_common::{
     affinity_client, counter, proto, scope, service_flags, MemberKey, SockFlow, SockKey, SockRevNat,
 };
@@ -122,7 +122,7 @@ pub fn refuse(ctx: &SockAddrContext, r: Refusal) -> i32 {
             }
         }
         Why::BackendMissing => {
-            debug!(
+            warn!(
                 ctx,
                 "slot of {:i}:{} points at a missing backend",
                 u32::from_be(fe.key.addr_be),

@@ -536,3 +536,129 @@ fn kubectl_plugin_runs_lbctl_in_the_nodes_agent_pod() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn agent_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_lb-agent"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `--config`: the shipped example reads; a flag, then its environment variable, win over the
+/// file, the file over the default; `--print-config` prints what the agent would run with, as a
+/// file that reads back the same.
+#[test]
+fn config_file_sits_between_flags_and_defaults() {
+    let example = format!(
+        "{}/../deploy/examples/agent-config.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let (code, out, err) = agent_env(
+        &[
+            "run",
+            "--config",
+            &example,
+            "--print-config",
+            "--snat-ports",
+            "2000-2999",
+        ],
+        &[("LB_AGENT_MAP_BACKENDS", "2048")],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_yaml_ng::from_str(&out).unwrap();
+    assert_eq!(v["hostnameOverride"], "node-1", "from the file");
+    assert_eq!(v["metricsBindAddress"], "0.0.0.0:9464", "from the file");
+    assert_eq!(v["nodePortAddresses"][0], "10.0.0.0/8", "from the file");
+    assert_eq!(v["snatPorts"], "2000-2999", "the flag wins");
+    assert_eq!(
+        v["mapSizes"]["backends"], 2048,
+        "the environment variable wins"
+    );
+    assert_eq!(v["mapSizes"]["frontendSlots"], 262144, "the default");
+    assert_eq!(v["logging"]["format"], "json");
+    // What was printed is a configuration file that says the same.
+    let dir = std::env::temp_dir().join(format!("lb-cli-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let printed = dir.join("printed.yaml");
+    std::fs::write(&printed, &out).unwrap();
+    let (code, again, err) = agent(&[
+        "run",
+        "--config",
+        printed.to_str().unwrap(),
+        "--print-config",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(again, out);
+    // Unknown fields and values that do not parse are one line each, exit 2, naming the field.
+    std::fs::write(&printed, out.replace("snatPorts:", "snatPortz:")).unwrap();
+    let (code, _, err) = agent(&["run", "--config", printed.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("unknown field `snatPortz`"), "{err}");
+    std::fs::write(&printed, out.replace("format: json", "format: xml")).unwrap();
+    let (code, _, err) = agent(&["run", "--config", printed.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("logging.format: \"xml\": expected text or json"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The README's `lb-agent run` table names every field of the configuration file.
+#[test]
+fn readme_lists_every_config_field() {
+    let (code, out, err) = agent(&[
+        "run",
+        "--node",
+        "n",
+        "--cgroup",
+        "/c",
+        "--bpffs",
+        "/b",
+        "--print-config",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_yaml_ng::from_str(&out).unwrap();
+    fn leaves(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
+        match v.as_object() {
+            Some(m) if !m.is_empty() => {
+                for (k, x) in m {
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    leaves(&p, x, out);
+                }
+            }
+            _ => out.push(prefix.to_string()),
+        }
+    }
+    let mut fields = vec![
+        "clientConnection.kubeconfig".to_string(),
+        "conntrack.maxPerCore".into(),
+        "conntrack.min".into(),
+        "serviceProxyName".into(),
+        "manifests".into(),
+    ];
+    leaves("", &v, &mut fields);
+    fields.retain(|f| f != "apiVersion" && f != "kind" && f != "clientConnection");
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let missing: Vec<_> = fields
+        .iter()
+        .filter(|f| !readme.contains(&format!("| `{f}` |")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "config fields missing from the README table: {missing:?}"
+    );
+    assert!(fields.len() > 30, "{fields:?}");
+}

@@ -18,6 +18,7 @@ pub mod health_check;
 pub mod hook;
 pub mod http;
 pub mod interfaces;
+pub mod lost;
 pub mod metrics;
 pub mod preflight;
 
@@ -71,6 +72,15 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
         ),
     };
     let ops = Arc::new(Ops::new(cfg.bpffs.clone()));
+    // The last snapshot, re-planned after a failed sync.
+    let mut last: Option<Objects> = None;
+    let mut retry = false;
+    // One agent per pin directory, taken before anything is loaded or pinned (and after the
+    // checks above, so that an agent that cannot start creates nothing). Held until the agent
+    // exits: the kernel releases it then, even on SIGKILL.
+    let one_agent = preflight::lock_pin_dir(&cfg.bpffs)?;
+    // The listeners after the lock: a second agent for the same pin directory is told about
+    // the first (above), not about the port the first one holds.
     // Every HTTP listener (these two, the healthCheckNodePorts) on one runtime of its own: no
     // client can hold the loop or another client's answer (see `http`).
     let http_server = http::Server::start()?;
@@ -97,13 +107,6 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
         };
         ops_listeners.push(http_server.serve(l, work, handler)?);
     }
-    // The last snapshot, re-planned after a failed sync.
-    let mut last: Option<Objects> = None;
-    let mut retry = false;
-    // One agent per pin directory, taken before anything is loaded or pinned (and after the
-    // checks above, so that an agent that cannot start creates nothing). Held until the agent
-    // exits: the kernel releases it then, even on SIGKILL.
-    let one_agent = preflight::lock_pin_dir(&cfg.bpffs)?;
     let mut ebpf = load(&cfg.bpffs, &cfg.map_sizes)?;
     // The sizes the maps really have: a map pinned earlier keeps its size.
     let sizes = pinned_sizes(&cfg.bpffs)?;
@@ -115,7 +118,8 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
             );
         }
     }
-    // Rare kernel events (aya-log), forwarded to this log at their (debug) level.
+    // Rare kernel events (aya-log), forwarded to this log at their level (warn: a connection
+    // refused because a slot points at a missing backend).
     let mut kernel_log = match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(l) => Some(l),
         Err(e) => {
@@ -193,8 +197,28 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     // The devices that run the XDP program: redirect targets of the XDP path.
     let mut xdp_ifindexes: Vec<u32> = Vec::new();
     let mut generation = 0u64;
+    let mut lost_traffic = lost::LostTraffic::default();
     while !stop.load(Ordering::Relaxed) {
         ops.heartbeat();
+        let now = Instant::now();
+        if lost_traffic.due(now) {
+            match crate::dataplane::read::counter_packets(&cfg.bpffs) {
+                Ok(p) => {
+                    for l in lost_traffic.observe(now, &p) {
+                        tracing::warn!(
+                            counter = l.counter,
+                            packets = l.packets,
+                            "datapath: {} {} in the last {}s ({})",
+                            l.packets,
+                            l.meaning,
+                            lost::EVERY.as_secs(),
+                            l.counter
+                        );
+                    }
+                }
+                Err(e) => log::debug!("datapath counters unreadable: {e:#}"),
+            }
+        }
         if let Some(l) = kernel_log.as_mut() {
             l.flush();
         }
@@ -220,6 +244,8 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                     &cfg.node,
                     &model::Checks {
                         node_port_range: cfg.nodeport_range,
+                        service_proxy_name: cfg.service_proxy_name.clone(),
+                        node_port_addresses: cfg.nodeport_addresses.clone(),
                     },
                 );
                 let mut p = plan::plan(&m, &cfg.node);
@@ -240,7 +266,16 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                     .and_then(|_| syncer.sync(&desired));
                 let health_ports = health_check::ports(&m, &cfg.node);
                 ops.local_endpoints(&health_ports);
-                for (port, err) in health_checks.update(&health_ports, &p.node.addresses) {
+                // On the addresses NodePorts are served on (`--nodeport-addresses`); when they
+                // leave none, nowhere (an empty list would mean every address).
+                let nowhere =
+                    p.node.node_ports().is_empty() && p.node.node_port_addresses.is_some();
+                let serve = if nowhere {
+                    Default::default()
+                } else {
+                    health_ports.clone()
+                };
+                for (port, err) in health_checks.update(&serve, p.node.node_ports()) {
                     log::warn!("healthCheckNodePort {port}: cannot listen: {err}");
                 }
                 ops.service_ports(syncer.service_ports());

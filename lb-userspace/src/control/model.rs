@@ -49,6 +49,103 @@ pub struct NodeInfo {
     /// length. A malformed one counts as none. Shown as `a.b.c.d/len`.
     #[serde(serialize_with = "cidr_text", skip_serializing_if = "Option::is_none")]
     pub pod_cidr: Option<(Ipv4Addr, u8)>,
+    /// The addresses that serve NodePorts and health-check node ports when
+    /// `--nodeport-addresses` narrows them (`None`: all of `addresses`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_port_addresses: Option<Vec<Ipv4Addr>>,
+}
+
+impl NodeInfo {
+    /// The addresses NodePorts are served on.
+    pub fn node_ports(&self) -> &[Ipv4Addr] {
+        self.node_port_addresses
+            .as_deref()
+            .unwrap_or(&self.addresses)
+    }
+}
+
+/// kube-proxy's `nodePortAddresses`: which node addresses NodePorts are served on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// Every address of the Node object (InternalIP and ExternalIP): the default.
+    #[default]
+    All,
+    /// The Node's primary address (its first InternalIP, else ExternalIP): `primary`.
+    Primary,
+    /// The Node's addresses inside one of these IPv4 CIDRs (network, prefix length).
+    Cidrs(Vec<(Ipv4Addr, u8)>),
+}
+
+impl NodePortAddresses {
+    /// Parses kube-proxy's list: empty, `primary` alone, or CIDRs (IPv6 ones are for another
+    /// dataplane and skipped, as long as one IPv4 CIDR remains).
+    pub fn parse(items: &[String]) -> Result<Self, String> {
+        let items: Vec<&str> = items
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if items.is_empty() {
+            return Ok(Self::All);
+        }
+        if items.contains(&"primary") {
+            if items.len() > 1 {
+                return Err("`primary` cannot be combined with CIDRs".into());
+            }
+            return Ok(Self::Primary);
+        }
+        let mut v4 = Vec::new();
+        for c in &items {
+            let (ip, len) = c
+                .split_once('/')
+                .ok_or_else(|| format!("{c:?}: expected a CIDR such as 10.0.0.0/8, or primary"))?;
+            let len: u8 = len
+                .parse()
+                .map_err(|_| format!("{c:?}: bad prefix length"))?;
+            match ip.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V4(a)) if len <= 32 => {
+                    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+                    v4.push((Ipv4Addr::from(u32::from(a) & mask), len));
+                }
+                Ok(std::net::IpAddr::V6(_)) if len <= 128 => {}
+                _ => return Err(format!("{c:?}: not a CIDR")),
+            }
+        }
+        if v4.is_empty() {
+            return Err(
+                "no IPv4 CIDR: NodePorts would be served on no address of this IPv4 dataplane"
+                    .into(),
+            );
+        }
+        Ok(Self::Cidrs(v4))
+    }
+
+    /// The addresses of `node_addresses` (InternalIP first) that serve NodePorts.
+    pub fn select(&self, node_addresses: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
+        match self {
+            Self::All => node_addresses.to_vec(),
+            Self::Primary => node_addresses.iter().take(1).copied().collect(),
+            Self::Cidrs(c) => node_addresses
+                .iter()
+                .copied()
+                .filter(|a| {
+                    c.iter().any(|(net, len)| {
+                        let mask = if *len == 0 { 0 } else { u32::MAX << (32 - len) };
+                        u32::from(*a) & mask == u32::from(*net)
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// The list as the file and `--nodeport-addresses` take it.
+    pub fn to_strings(&self) -> Vec<String> {
+        match self {
+            Self::All => Vec::new(),
+            Self::Primary => vec!["primary".into()],
+            Self::Cidrs(c) => c.iter().map(|(n, l)| format!("{n}/{l}")).collect(),
+        }
+    }
 }
 
 /// An object that was not accepted, and why.
@@ -109,17 +206,36 @@ pub struct ServiceModel {
 }
 
 /// Checks that depend on the cluster's configuration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Checks {
     /// The cluster's NodePort range (the API server's `--service-node-port-range`): nodePorts
     /// and healthCheckNodePorts outside it are rejected.
     pub node_port_range: (u16, u16),
+    /// `--service-proxy-name`: serve only Services and EndpointSlices labelled
+    /// `service.kubernetes.io/service-proxy-name` with this value; `None`: only those without
+    /// the label (kube-proxy).
+    pub service_proxy_name: Option<String>,
+    /// `--nodeport-addresses`.
+    pub node_port_addresses: NodePortAddresses,
 }
 
 impl Default for Checks {
     fn default() -> Self {
         Self {
             node_port_range: (30000, 32767),
+            service_proxy_name: None,
+            node_port_addresses: NodePortAddresses::All,
+        }
+    }
+}
+
+impl Checks {
+    /// Whether objects with these labels are this proxy's (kube-proxy's label selector
+    /// `!service.kubernetes.io/service-proxy-name`, or `=NAME` with `--service-proxy-name`).
+    fn proxied_by_us(&self, labels: &BTreeMap<String, String>) -> bool {
+        match &self.service_proxy_name {
+            None => !labels.contains_key(LABEL_SERVICE_PROXY_NAME),
+            Some(n) => labels.get(LABEL_SERVICE_PROXY_NAME) == Some(n),
         }
     }
 }
@@ -222,6 +338,7 @@ pub fn node_info(node: &Node) -> NodeInfo {
         zone,
         addresses,
         pod_cidr,
+        node_port_addresses: None,
     }
 }
 
@@ -267,7 +384,14 @@ pub fn build_with(objects: &Objects, node_name: &str, checks: &Checks) -> Model 
             .nodes
             .iter()
             .find(|n| n.metadata.name.as_deref() == Some(node_name))
-            .map(node_info),
+            .map(|n| {
+                let mut info = node_info(n);
+                if checks.node_port_addresses != NodePortAddresses::All {
+                    info.node_port_addresses =
+                        Some(checks.node_port_addresses.select(&info.addresses));
+                }
+                info
+            }),
         ..Model::default()
     };
 
@@ -280,7 +404,7 @@ pub fn build_with(objects: &Objects, node_name: &str, checks: &Checks) -> Model 
             .unwrap_or_else(|| "default".into());
         let name = slice.metadata.name.clone().unwrap_or_default();
         let labels = slice.metadata.labels.clone().unwrap_or_default();
-        if labels.contains_key(LABEL_SERVICE_PROXY_NAME) || labels.contains_key(LABEL_HEADLESS) {
+        if !checks.proxied_by_us(&labels) || labels.contains_key(LABEL_HEADLESS) {
             continue;
         }
         if name.is_empty() {
@@ -318,7 +442,7 @@ pub fn build_with(objects: &Objects, node_name: &str, checks: &Checks) -> Model 
             .unwrap_or_else(|| "default".into());
         let name = svc.metadata.name.clone().unwrap_or_default();
         let labels = svc.metadata.labels.clone().unwrap_or_default();
-        if labels.contains_key(LABEL_SERVICE_PROXY_NAME) {
+        if !checks.proxied_by_us(&labels) {
             continue;
         }
         if name.is_empty() {
@@ -1006,6 +1130,7 @@ mod tests {
             "n1",
             &Checks {
                 node_port_range: (1024, 65535),
+                ..Checks::default()
             },
         );
         assert!(wide.rejected.is_empty(), "{:?}", wide.rejected);
@@ -1221,6 +1346,79 @@ mod tests {
             eps(&m, "web", Protocol::TCP).is_empty(),
             "the nameless slice is not used"
         );
+    }
+
+    /// `--service-proxy-name canary`: only the Service (and slices) labelled for it are
+    /// served, the unlabelled ones and another proxy's are left alone (kube-proxy's selector
+    /// turned around); without it the labelled one is left alone.
+    #[test]
+    fn service_proxy_name_selects_a_canary() {
+        let svc = |name: &str, ip: &str, label: &str| {
+            format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns, labels: {{{label}}}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n")
+        };
+        let yaml = [
+            svc("plain", "10.96.0.1", ""),
+            svc("mine", "10.96.0.2", "service.kubernetes.io/service-proxy-name: canary"),
+            svc("other", "10.96.0.3", "service.kubernetes.io/service-proxy-name: other"),
+            slice("plain-1", "kubernetes.io/service-name: plain", "[{port: 8080}]", "[{addresses: [10.0.0.1]}]"),
+            slice("mine-1", "kubernetes.io/service-name: mine, service.kubernetes.io/service-proxy-name: canary", "[{port: 8080}]", "[{addresses: [10.0.0.2]}]"),
+        ]
+        .concat();
+        let mut o = Objects::default();
+        crate::control::source::parse_into(std::path::Path::new("t.yaml"), &yaml, &mut o).unwrap();
+        let names = |m: &Model| -> Vec<(String, usize)> {
+            m.services
+                .iter()
+                .map(|s| (s.name.clone(), s.endpoints.values().map(Vec::len).sum()))
+                .collect()
+        };
+        let m = build(&o, "n1");
+        assert_eq!(names(&m), [("plain".to_string(), 1)]);
+        let canary = Checks {
+            service_proxy_name: Some("canary".into()),
+            ..Checks::default()
+        };
+        let m = build_with(&o, "n1", &canary);
+        assert_eq!(names(&m), [("mine".to_string(), 1)]);
+        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+    }
+
+    /// `--nodeport-addresses`: NodePort frontends only on the Node's addresses it selects.
+    #[test]
+    fn node_port_addresses_narrow_node_port_frontends() {
+        let yaml = "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nstatus: {addresses: [{type: InternalIP, address: 10.0.0.5}, {type: ExternalIP, address: 203.0.113.7}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: ns}\nspec: {type: NodePort, clusterIP: 10.96.0.1, ports: [{port: 80, nodePort: 30080}]}\n";
+        let mut o = Objects::default();
+        crate::control::source::parse_into(std::path::Path::new("t.yaml"), yaml, &mut o).unwrap();
+        let node_ports = |sel: NodePortAddresses| -> Vec<String> {
+            let checks = Checks {
+                node_port_addresses: sel,
+                ..Checks::default()
+            };
+            let p = crate::control::plan::plan(&build_with(&o, "n1", &checks), "n1");
+            p.services
+                .iter()
+                .flat_map(|s| &s.frontends)
+                .filter(|f| f.kind == crate::control::plan::FrontendKind::NodePort)
+                .map(|f| f.address.to_string())
+                .collect()
+        };
+        assert_eq!(
+            node_ports(NodePortAddresses::All),
+            ["10.0.0.5:30080", "203.0.113.7:30080"]
+        );
+        assert_eq!(node_ports(NodePortAddresses::Primary), ["10.0.0.5:30080"]);
+        assert_eq!(
+            node_ports(NodePortAddresses::Cidrs(vec![(
+                Ipv4Addr::new(203, 0, 113, 0),
+                24
+            )])),
+            ["203.0.113.7:30080"]
+        );
+        assert!(node_ports(NodePortAddresses::Cidrs(vec![(
+            Ipv4Addr::new(192, 168, 0, 0),
+            16
+        )]))
+        .is_empty());
     }
 
     #[test]

@@ -222,7 +222,7 @@ fn port_plans(svc: &ServiceModel, node: &NodeInfo) -> Vec<ServicePortPlan> {
         };
         add(FrontendKind::ClusterIP, &svc.cluster_ips, port.port);
         if let Some(np) = port.node_port {
-            add(FrontendKind::NodePort, &node.addresses, np);
+            add(FrontendKind::NodePort, node.node_ports(), np);
         }
         add(
             FrontendKind::LoadBalancer,
@@ -269,6 +269,7 @@ pub fn plan(model: &Model, node_name: &str) -> Plan {
         zone: None,
         addresses: Vec::new(),
         pod_cidr: None,
+        node_port_addresses: None,
     });
     let services = model
         .services

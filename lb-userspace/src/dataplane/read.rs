@@ -37,6 +37,14 @@ pub fn stats(bpffs: &Path) -> Result<Vec<CounterView>> {
     Ok(out)
 }
 
+/// Packets per datapath counter (indexed as `counter::NAMES`), summed over CPUs: the stats map
+/// alone (what the agent's lost-traffic warnings compare).
+pub fn counter_packets(bpffs: &Path) -> Result<Vec<u64>> {
+    let data = open_pinned(bpffs, map_name::STATS)?;
+    let arr: PerCpuArray<MapData, Counter> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
+    Ok(read_counters(&arr)?.iter().map(|c| c.packets).collect())
+}
+
 /// The derived `affinity_evictions` counter.
 pub fn affinity_evictions(counters: &[CounterView], alive: u64) -> CounterView {
     let created = counters
