@@ -57,7 +57,7 @@ const CAPABILITIES: [&str; 6] = [
 ];
 
 /// The metric names lb-agent exports (`--metrics-addr`).
-const METRICS: [&str; 18] = [
+const METRICS: [&str; 20] = [
     "lb_datapath_events_total",
     "lb_map_entries",
     "lb_map_capacity",
@@ -67,6 +67,8 @@ const METRICS: [&str; 18] = [
     "lb_watch_restarts_total",
     "lb_last_sync_timestamp_seconds",
     "lb_service_local_endpoints",
+    "lb_service_drops_total",
+    "lb_service_topology_hints_unusable",
     "lb_conntrack_gc_sweeps_total",
     "lb_conntrack_gc_errors_total",
     "lb_conntrack_gc_removed_entries_total",
@@ -98,7 +100,7 @@ const MAPS: [&str; 8] = [
 ];
 
 /// What the alerts must cover: each of these appears in some rule's expression.
-const ALERTED: [&str; 9] = [
+const ALERTED: [&str; 11] = [
     "up{",
     "lb_last_sync_timestamp_seconds",
     "lb_sync_errors_total",
@@ -108,6 +110,8 @@ const ALERTED: [&str; 9] = [
     "\"xdp_drop_no_backend\"",
     "\"affinity_evictions\"",
     "lb_service_local_endpoints",
+    "lb_service_drops_total{reason=\"no_backend\"}",
+    "lb_service_topology_hints_unusable",
 ];
 
 const CONTAINER: &str = "lb-agent";
@@ -1046,6 +1050,7 @@ fn check_prometheus_rule(doc: &Doc) {
         "node",
         "le",
         "instance",
+        "reason",
     ]);
     for g in groups {
         for k in g.as_object().expect("group").keys() {
