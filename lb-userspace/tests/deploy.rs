@@ -160,7 +160,8 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
     entries.sort();
     for p in entries {
         if p.is_dir() {
-            if p == deploy_dir().join("examples") {
+            // Example objects and promtool's unit tests of the alerts are not manifests.
+            if p == deploy_dir().join("examples") || p == deploy_dir().join("monitoring/tests") {
                 continue;
             }
             yaml_files(&p, out);
@@ -475,9 +476,22 @@ fn every_document_is_a_known_kind_and_parses_without_unknown_fields() {
                     "images",
                     "patches",
                     "components",
+                    "configMapGenerator",
                 ]);
                 for k in doc.value.as_object().unwrap().keys() {
                     assert!(known.contains(k.as_str()), "{}: `{k}` is not a field these manifests use (commonLabels is deprecated: use labels)", doc.name());
+                }
+                // Generated ConfigMaps (the Grafana dashboard): named, from files that exist.
+                let dir = deploy_dir().join(doc.file.parent().unwrap());
+                for g in doc.value["configMapGenerator"].as_array().into_iter().flatten() {
+                    assert!(g["name"].as_str().is_some(), "{}: generator without a name", doc.name());
+                    let files = g["files"].as_array().expect("configMapGenerator files");
+                    assert!(!files.is_empty(), "{}: generator without files", doc.name());
+                    for f in files {
+                        let f = f.as_str().expect("file name");
+                        let path = dir.join(f.rsplit_once('=').map_or(f, |(_, p)| p));
+                        assert!(path.is_file(), "{}: {} does not exist", doc.name(), path.display());
+                    }
                 }
             }
             (api, kind) => panic!("{}: unknown apiVersion/kind {api:?}/{kind:?}", doc.name()),
