@@ -483,14 +483,27 @@ fn every_document_is_a_known_kind_and_parses_without_unknown_fields() {
                 }
                 // Generated ConfigMaps (the Grafana dashboard): named, from files that exist.
                 let dir = deploy_dir().join(doc.file.parent().unwrap());
-                for g in doc.value["configMapGenerator"].as_array().into_iter().flatten() {
-                    assert!(g["name"].as_str().is_some(), "{}: generator without a name", doc.name());
+                for g in doc.value["configMapGenerator"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                {
+                    assert!(
+                        g["name"].as_str().is_some(),
+                        "{}: generator without a name",
+                        doc.name()
+                    );
                     let files = g["files"].as_array().expect("configMapGenerator files");
                     assert!(!files.is_empty(), "{}: generator without files", doc.name());
                     for f in files {
                         let f = f.as_str().expect("file name");
                         let path = dir.join(f.rsplit_once('=').map_or(f, |(_, p)| p));
-                        assert!(path.is_file(), "{}: {} does not exist", doc.name(), path.display());
+                        assert!(
+                            path.is_file(),
+                            "{}: {} does not exist",
+                            doc.name(),
+                            path.display()
+                        );
                     }
                 }
             }

@@ -19,7 +19,6 @@ pub struct Selector {
     pub labels: BTreeMap<String, Vec<String>>,
 }
 
-
 /// PromQL words that are not metrics: aggregations (they may take `by (...)` before their
 /// parentheses), binary and modifier keywords.
 pub const KEYWORDS: [&str; 24] = [
@@ -158,7 +157,6 @@ pub fn matchers(body: &str) -> BTreeMap<String, Vec<String>> {
     out
 }
 
-
 /// Parses the text exposition into series (`name` + sorted labels) -> value.
 pub fn samples(text: &str) -> BTreeMap<(String, BTreeMap<String, String>), f64> {
     let mut out = BTreeMap::new();
@@ -184,8 +182,6 @@ pub fn samples(text: &str) -> BTreeMap<(String, BTreeMap<String, String>), f64> 
     }
     out
 }
-
-
 
 /// The labels of the `by`, `without`, `on`, `ignoring`, `group_left` and `group_right` lists of
 /// an expression (string literals and `[range]`s skipped).
@@ -218,7 +214,9 @@ pub fn grouping_labels(expr: &str) -> Vec<String> {
                 j += 1;
             }
             if LABEL_LISTS.contains(&word.as_str()) && c.get(j) == Some(&'(') {
-                let end = (j..c.len()).find(|&k| c[k] == ')').expect("closing parenthesis");
+                let end = (j..c.len())
+                    .find(|&k| c[k] == ')')
+                    .expect("closing parenthesis");
                 let list: String = c[j + 1..end].iter().collect();
                 out.extend(
                     list.split(',')
@@ -269,7 +267,11 @@ pub fn run_promtool(promtool: &Path, dir: &Path, args: &[&str]) -> Result<String
     if out.status.success() {
         Ok(text)
     } else {
-        Err(format!("promtool {}: {}\n{text}", args.join(" "), out.status))
+        Err(format!(
+            "promtool {}: {}\n{text}",
+            args.join(" "),
+            out.status
+        ))
     }
 }
 
@@ -308,7 +310,13 @@ pub fn promtool_parses(promtool: &Path, exprs: &[(String, String)]) -> Result<()
     let file = serde_json::json!({"groups": [{"name": "dashboard", "rules": rules}]});
     let dir = TempDir::new("dashboard-rules");
     std::fs::write(dir.0.join("dashboard.rules.yaml"), file.to_string()).unwrap();
-    run_promtool(promtool, &dir.0, &["check", "rules", "dashboard.rules.yaml"]).map(|_| ()).map_err(|e| {
+    run_promtool(
+        promtool,
+        &dir.0,
+        &["check", "rules", "dashboard.rules.yaml"],
+    )
+    .map(|_| ())
+    .map_err(|e| {
         let names: Vec<String> = exprs
             .iter()
             .enumerate()
@@ -352,7 +360,11 @@ pub fn dashboard_queries(dashboard: &Value) -> Vec<Query> {
     }
     let mut out = Vec::new();
     panels(&dashboard["panels"], &mut out);
-    for v in dashboard["templating"]["list"].as_array().into_iter().flatten() {
+    for v in dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
         if v["type"] == "query" {
             let q = &v["query"];
             let expr = q["query"].as_str().or(q.as_str()).expect("variable query");
@@ -380,8 +392,13 @@ pub fn dashboard_variables(dashboard: &Value) -> Vec<String> {
 /// `label_values(selector, label)` as its selector. `Err` for any other `$`.
 pub fn substitute(expr: &str, variables: &[String]) -> Result<String, String> {
     let mut out = expr.trim().to_string();
-    if let Some(inner) = out.strip_prefix("label_values(").and_then(|r| r.strip_suffix(')')) {
-        let (selector, _label) = inner.rsplit_once(',').ok_or("label_values without a label")?;
+    if let Some(inner) = out
+        .strip_prefix("label_values(")
+        .and_then(|r| r.strip_suffix(')'))
+    {
+        let (selector, _label) = inner
+            .rsplit_once(',')
+            .ok_or("label_values without a label")?;
         out = selector.trim().to_string();
     }
     // Each `$name` or `${name}`, whole.
@@ -421,7 +438,10 @@ pub fn substitute(expr: &str, variables: &[String]) -> Result<String, String> {
 /// label on some series of that metric (a real regex: the label must exist there); and every
 /// label of a `by`/`on`/... list must be a label of some selected series. Target labels
 /// ([`TARGET_LABELS`]) are Prometheus' own and not checked. Empty: the query is fine.
-pub fn query_problems(expr: &str, scrape: &BTreeMap<(String, BTreeMap<String, String>), f64>) -> Vec<String> {
+pub fn query_problems(
+    expr: &str,
+    scrape: &BTreeMap<(String, BTreeMap<String, String>), f64>,
+) -> Vec<String> {
     let mut out = Vec::new();
     let sels = selectors(expr);
     if sels.is_empty() {
@@ -457,7 +477,10 @@ pub fn query_problems(expr: &str, scrape: &BTreeMap<(String, BTreeMap<String, St
                     out.push(if have.is_empty() {
                         format!("{}: no series has a label {label}", s.metric)
                     } else {
-                        format!("{}: no series has {label}={v:?} (values: {have:?})", s.metric)
+                        format!(
+                            "{}: no series has {label}={v:?} (values: {have:?})",
+                            s.metric
+                        )
                     });
                 }
             }
@@ -465,18 +488,19 @@ pub fn query_problems(expr: &str, scrape: &BTreeMap<(String, BTreeMap<String, St
     }
     for l in grouping_labels(expr) {
         if !labels_seen.contains(l.as_str()) {
-            out.push(format!("grouping label {l}: on none of the selected series"));
+            out.push(format!(
+                "grouping label {l}: on none of the selected series"
+            ));
         }
     }
     out
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-#[test]
+    #[test]
     fn promql_selectors_are_found() {
         let sel = |metric: &str, labels: &[(&str, &[&str])]| Selector {
             metric: metric.into(),
@@ -511,7 +535,9 @@ mod tests {
     #[test]
     fn grouping_labels_are_found() {
         assert_eq!(
-            grouping_labels(r#"sum by (namespace, name) (rate(x{a="by (no)"}[5m])) and on(node) y"#),
+            grouping_labels(
+                r#"sum by (namespace, name) (rate(x{a="by (no)"}[5m])) and on(node) y"#
+            ),
             ["namespace", "name", "node"]
         );
     }
@@ -537,11 +563,26 @@ mod tests {
             assert_eq!(check(good), Vec::<String>::new(), "{good}");
         }
         for (bad, why) in [
-            (r#"rate(lb_service_drop_total[5m])"#, "no series lb_service_drop_total in the scrape"),
-            (r#"lb_map_entries{mpa="conntrack"}"#, "lb_map_entries: no series has a label mpa"),
-            (r#"lb_map_entries{map="contrack"}"#, r#"lb_map_entries: no series has map="contrack" (values: {"conntrack"})"#),
-            (r#"lb_service_drops_total{reason=~"no_backend|others"}"#, r#"lb_service_drops_total: no series has reason="others" (values: {"no_backend", "other"})"#),
-            (r#"sum by (namespce) (lb_service_drops_total)"#, "grouping label namespce: on none of the selected series"),
+            (
+                r#"rate(lb_service_drop_total[5m])"#,
+                "no series lb_service_drop_total in the scrape",
+            ),
+            (
+                r#"lb_map_entries{mpa="conntrack"}"#,
+                "lb_map_entries: no series has a label mpa",
+            ),
+            (
+                r#"lb_map_entries{map="contrack"}"#,
+                r#"lb_map_entries: no series has map="contrack" (values: {"conntrack"})"#,
+            ),
+            (
+                r#"lb_service_drops_total{reason=~"no_backend|others"}"#,
+                r#"lb_service_drops_total: no series has reason="others" (values: {"no_backend", "other"})"#,
+            ),
+            (
+                r#"sum by (namespce) (lb_service_drops_total)"#,
+                "grouping label namespce: on none of the selected series",
+            ),
             (r#"sum(rate(lb_service_drops_total[$__rate_interval]))"#, ""),
         ] {
             let got = check(bad);
@@ -551,7 +592,11 @@ mod tests {
                 assert_eq!(got, [why], "{bad}");
             }
         }
-        assert!(substitute(r#"lb_map_entries{node=~"$nodes_typo"}"#, &["nod".to_string()]).is_err());
+        assert!(substitute(
+            r#"lb_map_entries{node=~"$nodes_typo"}"#,
+            &["nod".to_string()]
+        )
+        .is_err());
         assert_eq!(
             substitute("label_values(lb_build_info, node)", &vars).unwrap(),
             "lb_build_info"

@@ -333,8 +333,18 @@ fn kernel_alerted_agent_metrics_move() {
             .map(|(_, v)| *v)
             .collect()
     };
-    assert_eq!(web_local("lb_service_drops_total"), [1.0], "{}", scrape.body);
-    assert_eq!(web_local("lb_service_local_endpoints"), [0.0], "{}", scrape.body);
+    assert_eq!(
+        web_local("lb_service_drops_total"),
+        [1.0],
+        "{}",
+        scrape.body
+    );
+    assert_eq!(
+        web_local("lb_service_local_endpoints"),
+        [0.0],
+        "{}",
+        scrape.body
+    );
     let mut failures = Vec::new();
     for a in alerts() {
         for s in &a.selectors {

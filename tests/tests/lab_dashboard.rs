@@ -45,12 +45,25 @@ fn lab_dashboard_queries_find_their_series_in_a_real_scrape() {
         ("client", "203.0.113.11:80"),
         ("a1", "10.96.0.10:80"),
     ] {
-        let ex = s.lab.run_client(place, &["tcp", to, "--count", "10"]).unwrap();
+        let ex = s
+            .lab
+            .run_client(place, &["tcp", to, "--count", "10"])
+            .unwrap();
         assert!(ex.iter().all(|e| e.ok), "{place} -> {to}: {ex:?}");
     }
     let ex = s
         .lab
-        .run_client("a1", &["tcp", "10.96.0.30:80", "--count", "2", "--timeout-ms", "500"])
+        .run_client(
+            "a1",
+            &[
+                "tcp",
+                "10.96.0.30:80",
+                "--count",
+                "2",
+                "--timeout-ms",
+                "500",
+            ],
+        )
         .unwrap();
     assert!(ex.iter().all(|e| !e.ok), "{ex:?}");
     // The maps are read for /metrics at most once per MAP_READ_INTERVAL; a conntrack sweep a

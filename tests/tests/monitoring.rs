@@ -24,7 +24,10 @@ fn rule_file(annotations: bool) -> Value {
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     let rule: Value = serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
     let mut groups = rule["spec"]["groups"].clone();
-    assert!(groups.as_array().is_some_and(|g| !g.is_empty()), "{path}: spec.groups");
+    assert!(
+        groups.as_array().is_some_and(|g| !g.is_empty()),
+        "{path}: spec.groups"
+    );
     if !annotations {
         for g in groups.as_array_mut().unwrap() {
             for r in g["rules"].as_array_mut().expect("rules") {
@@ -49,8 +52,8 @@ fn test_files() -> Vec<(PathBuf, Value)> {
         .into_iter()
         .map(|p| {
             let text = std::fs::read_to_string(&p).unwrap();
-            let v: Value = serde_yaml_ng::from_str(&text)
-                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            let v: Value =
+                serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
             (p, v)
         })
         .collect()
@@ -85,7 +88,10 @@ fn promtool_check_rules_accepts_the_alerts() {
         .unwrap_or_else(|e| panic!("{e}"));
     println!("{out}");
     let alerts = alert_names().len();
-    assert!(out.contains(&format!("SUCCESS: {alerts} rules found")), "{out}");
+    assert!(
+        out.contains(&format!("SUCCESS: {alerts} rules found")),
+        "{out}"
+    );
 }
 
 #[test]
@@ -117,7 +123,10 @@ fn promtool_unit_tests_fail_on_a_changed_alert() {
     assert_eq!(changed, 2);
     let err = promtool_test_rules(&promtool, &rules).expect_err("promtool test rules passed");
     for alert in ["LbSyncErrors", "LbServiceTopologyHintsUnusable"] {
-        assert!(err.contains(&format!("alertname: {alert}")), "{alert}: {err}");
+        assert!(
+            err.contains(&format!("alertname: {alert}")),
+            "{alert}: {err}"
+        );
     }
 }
 
@@ -125,7 +134,12 @@ fn alert_names() -> Vec<String> {
     let mut out = Vec::new();
     for g in rule_file(false)["groups"].as_array().unwrap() {
         for r in g["rules"].as_array().unwrap() {
-            out.push(r["alert"].as_str().expect("every rule is an alert").to_string());
+            out.push(
+                r["alert"]
+                    .as_str()
+                    .expect("every rule is an alert")
+                    .to_string(),
+            );
         }
     }
     out
@@ -152,7 +166,10 @@ fn coverage_problems(alerts: &[String], files: &[(PathBuf, Value)]) -> Vec<Strin
                     continue;
                 };
                 let empty = c["exp_alerts"].as_array().is_none_or(|v| v.is_empty());
-                let at = format!("{file}: {test} at {}", c["eval_time"].as_str().unwrap_or("?"));
+                let at = format!(
+                    "{file}: {test} at {}",
+                    c["eval_time"].as_str().unwrap_or("?")
+                );
                 if empty { &mut quiet } else { &mut fires }
                     .entry(a.as_str())
                     .or_default()
@@ -175,7 +192,11 @@ fn coverage_problems(alerts: &[String], files: &[(PathBuf, Value)]) -> Vec<Strin
 fn every_alert_has_a_unit_test_where_it_fires_and_one_where_it_does_not() {
     let alerts = alert_names();
     let unique: BTreeSet<&String> = alerts.iter().collect();
-    assert_eq!(unique.len(), alerts.len(), "an alert name twice: {alerts:?}");
+    assert_eq!(
+        unique.len(),
+        alerts.len(),
+        "an alert name twice: {alerts:?}"
+    );
     let problems = coverage_problems(&alerts, &test_files());
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }

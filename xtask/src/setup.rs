@@ -157,7 +157,10 @@ fn promtool() -> Result<()> {
     installed?;
     match which("promtool") {
         Some(path) => {
-            println!("installed: debian package prometheus (promtool at {})", path.display());
+            println!(
+                "installed: debian package prometheus (promtool at {})",
+                path.display()
+            );
             Ok(())
         }
         None => bail!("apt-get installed prometheus but `promtool` is still not on PATH"),

@@ -1112,10 +1112,15 @@ mod tests {
                 r#"lb_service_topology_hints_unusable{namespace="default",name="b",port="http",protocol="TCP"} 1"#,
             ]
         );
-        ops.topology_hints(&[sp("a", TopologyHints::Unusable), sp("b", TopologyHints::Absent)]);
+        ops.topology_hints(&[
+            sp("a", TopologyHints::Unusable),
+            sp("b", TopologyHints::Absent),
+        ]);
         assert_eq!(
             series(&ops),
-            [r#"lb_service_topology_hints_unusable{namespace="default",name="a",port="http",protocol="TCP"} 1"#]
+            [
+                r#"lb_service_topology_hints_unusable{namespace="default",name="a",port="http",protocol="TCP"} 1"#
+            ]
         );
     }
 

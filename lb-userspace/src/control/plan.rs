@@ -552,13 +552,19 @@ mod tests {
                 ("partial node hints: zone hints", Used),
             ]
         );
-        assert_eq!(topology_hints(&[ep(1, "n1"), ep(2, "n2")], "n1", Some("za")), Absent);
+        assert_eq!(
+            topology_hints(&[ep(1, "n1"), ep(2, "n2")], "n1", Some("za")),
+            Absent
+        );
         // Hints only on an endpoint that is not ready: none present.
         let unready = Endpoint {
             ready: false,
             ..zones(ep(3, "n3"), &["za"])
         };
-        assert_eq!(topology_hints(&[ep(1, "n1"), unready], "n1", Some("za")), Absent);
+        assert_eq!(
+            topology_hints(&[ep(1, "n1"), unready], "n1", Some("za")),
+            Absent
+        );
         assert_eq!(
             topology_hints(&[zones(ep(1, "n1"), &["za"])], "n1", None),
             Unusable,
