@@ -57,7 +57,7 @@ const CAPABILITIES: [&str; 6] = [
 ];
 
 /// The metric names lb-agent exports (`--metrics-addr`).
-const METRICS: [&str; 18] = [
+const METRICS: [&str; 20] = [
     "lb_datapath_events_total",
     "lb_map_entries",
     "lb_map_capacity",
@@ -67,6 +67,8 @@ const METRICS: [&str; 18] = [
     "lb_watch_restarts_total",
     "lb_last_sync_timestamp_seconds",
     "lb_service_local_endpoints",
+    "lb_service_drops_total",
+    "lb_service_topology_hints_unusable",
     "lb_conntrack_gc_sweeps_total",
     "lb_conntrack_gc_errors_total",
     "lb_conntrack_gc_removed_entries_total",
@@ -98,7 +100,7 @@ const MAPS: [&str; 8] = [
 ];
 
 /// What the alerts must cover: each of these appears in some rule's expression.
-const ALERTED: [&str; 9] = [
+const ALERTED: [&str; 11] = [
     "up{",
     "lb_last_sync_timestamp_seconds",
     "lb_sync_errors_total",
@@ -108,6 +110,8 @@ const ALERTED: [&str; 9] = [
     "\"xdp_drop_no_backend\"",
     "\"affinity_evictions\"",
     "lb_service_local_endpoints",
+    "lb_service_drops_total{reason=\"no_backend\"}",
+    "lb_service_topology_hints_unusable",
 ];
 
 const CONTAINER: &str = "lb-agent";
@@ -156,7 +160,8 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
     entries.sort();
     for p in entries {
         if p.is_dir() {
-            if p == deploy_dir().join("examples") {
+            // Example objects and promtool's unit tests of the alerts are not manifests.
+            if p == deploy_dir().join("examples") || p == deploy_dir().join("monitoring/tests") {
                 continue;
             }
             yaml_files(&p, out);
@@ -471,9 +476,35 @@ fn every_document_is_a_known_kind_and_parses_without_unknown_fields() {
                     "images",
                     "patches",
                     "components",
+                    "configMapGenerator",
                 ]);
                 for k in doc.value.as_object().unwrap().keys() {
                     assert!(known.contains(k.as_str()), "{}: `{k}` is not a field these manifests use (commonLabels is deprecated: use labels)", doc.name());
+                }
+                // Generated ConfigMaps (the Grafana dashboard): named, from files that exist.
+                let dir = deploy_dir().join(doc.file.parent().unwrap());
+                for g in doc.value["configMapGenerator"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                {
+                    assert!(
+                        g["name"].as_str().is_some(),
+                        "{}: generator without a name",
+                        doc.name()
+                    );
+                    let files = g["files"].as_array().expect("configMapGenerator files");
+                    assert!(!files.is_empty(), "{}: generator without files", doc.name());
+                    for f in files {
+                        let f = f.as_str().expect("file name");
+                        let path = dir.join(f.rsplit_once('=').map_or(f, |(_, p)| p));
+                        assert!(
+                            path.is_file(),
+                            "{}: {} does not exist",
+                            doc.name(),
+                            path.display()
+                        );
+                    }
                 }
             }
             (api, kind) => panic!("{}: unknown apiVersion/kind {api:?}/{kind:?}", doc.name()),
@@ -1046,6 +1077,7 @@ fn check_prometheus_rule(doc: &Doc) {
         "node",
         "le",
         "instance",
+        "reason",
     ]);
     for g in groups {
         for k in g.as_object().expect("group").keys() {

@@ -8,6 +8,7 @@ pub mod fixture;
 pub mod harness;
 pub mod lab;
 pub mod legacy;
+pub mod monitoring;
 pub mod netns;
 pub mod scenario;
 pub mod xdp;

@@ -8,8 +8,9 @@
 //!   `assert!`/`assert_eq!`/`assert_ne!` in tests/tests/lab_*.rs naming the series).
 //! - The agent's own metrics (sync, watch, map occupancy, local endpoints): the kernel test below
 //!   drives the real metrics code over real pinned maps through what the agent's loop does (a
-//!   sync, a flow through XDP, a conntrack sweep and a failed one, a failed sync, watch
-//!   restarts, health entries) and requires every
+//!   sync, a flow through XDP, a packet XDP drops for a Local Service port without a local
+//!   endpoint, the plan's topology hints, a conntrack sweep and a failed one, a failed sync,
+//!   watch restarts, health entries) and requires every
 //!   series an alert selects to move between two scrapes.
 //! - `up` is Prometheus' own: 1 while the agent's /metrics answers, which the same test checks.
 //!
@@ -17,6 +18,7 @@
 //! check does fail).
 use std::collections::BTreeMap;
 
+use lb_tests::monitoring::{samples, selectors, Selector};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -32,14 +34,6 @@ const DATAPATH_EVENTS: &str = "lb_datapath_events_total";
 struct Alert {
     name: String,
     selectors: Vec<Selector>,
-}
-
-/// `metric{label="v", label=~"a|b"}`: the metric and, per label, the values it is matched
-/// against (regex alternatives split).
-#[derive(Debug, PartialEq, Eq)]
-struct Selector {
-    metric: String,
-    labels: BTreeMap<String, Vec<String>>,
 }
 
 fn alerts() -> Vec<Alert> {
@@ -64,176 +58,6 @@ fn alerts_in(text: &str, source: &str) -> Vec<Alert> {
     }
     assert!(!out.is_empty(), "{source}: no alerts");
     out
-}
-
-/// PromQL words that are not metrics: aggregations (they may take `by (...)` before their
-/// parentheses), binary and modifier keywords.
-const KEYWORDS: [&str; 24] = [
-    "sum",
-    "min",
-    "max",
-    "avg",
-    "count",
-    "stddev",
-    "stdvar",
-    "topk",
-    "bottomk",
-    "quantile",
-    "count_values",
-    "group",
-    "and",
-    "or",
-    "unless",
-    "bool",
-    "offset",
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
-    "atan2",
-];
-/// Keywords whose parentheses hold label names.
-const LABEL_LISTS: [&str; 6] = [
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
-];
-
-/// The series selectors of a PromQL expression: every identifier that is not a function (followed
-/// by `(`), a keyword, a label list's label or a number, with its `{...}` matchers. String
-/// literals and `[range]`s are skipped.
-fn selectors(expr: &str) -> Vec<Selector> {
-    let c: Vec<char> = expr.chars().collect();
-    let mut out = Vec::new();
-    let mut i = 0;
-    let next_non_space = |mut j: usize| {
-        while j < c.len() && c[j].is_whitespace() {
-            j += 1;
-        }
-        j
-    };
-    while i < c.len() {
-        let ch = c[i];
-        if ch == '"' || ch == '\'' || ch == '`' {
-            i += 1;
-            while i < c.len() && c[i] != ch {
-                i += if c[i] == '\\' { 2 } else { 1 };
-            }
-            i += 1;
-        } else if ch == '[' {
-            while i < c.len() && c[i] != ']' {
-                i += 1;
-            }
-            i += 1;
-        } else if ch.is_ascii_digit()
-            || (ch == '.' && c.get(i + 1).is_some_and(char::is_ascii_digit))
-        {
-            while i < c.len() && (c[i].is_ascii_alphanumeric() || c[i] == '.') {
-                i += 1;
-            }
-        } else if ch.is_ascii_alphabetic() || ch == '_' || ch == ':' {
-            let start = i;
-            while i < c.len() && (c[i].is_ascii_alphanumeric() || c[i] == '_' || c[i] == ':') {
-                i += 1;
-            }
-            let word: String = c[start..i].iter().collect();
-            let j = next_non_space(i);
-            if LABEL_LISTS.contains(&word.as_str()) && c.get(j) == Some(&'(') {
-                // Skip the label list.
-                i = j;
-                while i < c.len() && c[i] != ')' {
-                    i += 1;
-                }
-                i += 1;
-            } else if KEYWORDS.contains(&word.as_str()) || c.get(j) == Some(&'(') {
-                // A keyword or a function: its arguments are scanned as they come.
-            } else {
-                let mut labels = BTreeMap::new();
-                if c.get(j) == Some(&'{') {
-                    let end = (j..c.len()).find(|&k| c[k] == '}').expect("closing brace");
-                    let body: String = c[j + 1..end].iter().collect();
-                    labels = matchers(&body);
-                    i = end + 1;
-                }
-                out.push(Selector {
-                    metric: word,
-                    labels,
-                });
-            }
-        } else {
-            i += 1;
-        }
-    }
-    out
-}
-
-/// `a="x", b=~"y|z"` -> {a: [x], b: [y, z]}. Negative matchers (`!=`, `!~`) select no value.
-fn matchers(body: &str) -> BTreeMap<String, Vec<String>> {
-    let mut out = BTreeMap::new();
-    let mut rest = body;
-    while let Some(q) = rest.find('"') {
-        let head = rest[..q].trim().trim_start_matches(',').trim();
-        let close = rest[q + 1..].find('"').expect("closing quote") + q + 1;
-        let value = &rest[q + 1..close];
-        rest = &rest[close + 1..];
-        let (label, op) = if let Some(l) = head.strip_suffix("=~") {
-            (l, "=~")
-        } else if let Some(l) = head.strip_suffix("!~") {
-            (l, "!~")
-        } else if let Some(l) = head.strip_suffix("!=") {
-            (l, "!=")
-        } else if let Some(l) = head.strip_suffix('=') {
-            (l, "=")
-        } else {
-            panic!("matcher {head:?} in {{{body}}}")
-        };
-        let values: Vec<String> = match op {
-            "=" => vec![value.to_string()],
-            "=~" => value.split('|').map(str::to_string).collect(),
-            _ => continue,
-        };
-        out.entry(label.trim().to_string())
-            .or_insert_with(Vec::new)
-            .extend(values);
-    }
-    out
-}
-
-#[test]
-fn promql_selectors_are_found() {
-    let sel = |metric: &str, labels: &[(&str, &[&str])]| Selector {
-        metric: metric.into(),
-        labels: labels
-            .iter()
-            .map(|(l, v)| (l.to_string(), v.iter().map(|s| s.to_string()).collect()))
-            .collect(),
-    };
-    assert_eq!(
-        selectors(r#"rate(lb_x_total{counter="a"}[5m]) > 0.9 and up{job="j", x!="y"} == 0"#),
-        vec![
-            sel("lb_x_total", &[("counter", &["a"])]),
-            sel("up", &[("job", &["j"])])
-        ]
-    );
-    assert_eq!(
-        selectors(
-            "histogram_quantile(0.99,\n  sum by (job, node, le) (rate(lb_h_bucket[15m]))\n) > 1 unless on (a) (max by (b) (g) == 0)"
-        ),
-        vec![sel("lb_h_bucket", &[]), sel("g", &[])]
-    );
-    assert_eq!(
-        selectors(r#"lb_e{map=~"services|backends"} / lb_c{map=~"services|backends"} > 0.85"#),
-        vec![
-            sel("lb_e", &[("map", &["services", "backends"])]),
-            sel("lb_c", &[("map", &["services", "backends"])])
-        ]
-    );
-    assert_eq!(selectors("(time() - lb_t > 600)"), vec![sel("lb_t", &[])]);
 }
 
 // ---- datapath counters: fixture rows ----
@@ -393,32 +217,6 @@ spec:
 
 // ---- the agent's metrics: moved by the real metrics code ----
 
-/// Parses the text exposition into series (`name` + sorted labels) -> value.
-fn samples(text: &str) -> BTreeMap<(String, BTreeMap<String, String>), f64> {
-    let mut out = BTreeMap::new();
-    for l in text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-    {
-        let (series, value) = l
-            .rsplit_once(' ')
-            .unwrap_or_else(|| panic!("sample line {l:?}"));
-        let (name, labels) = match series.split_once('{') {
-            Some((n, rest)) => (n, matchers(rest.strip_suffix('}').expect("}"))),
-            None => (series, BTreeMap::new()),
-        };
-        let labels = labels
-            .into_iter()
-            .map(|(k, mut v)| (k, v.pop().unwrap_or_default()))
-            .collect();
-        out.insert(
-            (name.to_string(), labels),
-            value.parse().unwrap_or_else(|_| panic!("value in {l:?}")),
-        );
-    }
-    out
-}
-
 #[test]
 fn kernel_alerted_agent_metrics_move() {
     use lb_tests::fixture::{frames::*, xdp_table::north_south_setup};
@@ -435,10 +233,41 @@ fn kernel_alerted_agent_metrics_move() {
     let before = samples(&ops.metrics().body);
 
     // What the agent's loop does: a sync (config, frontends, backends) ...
-    let setup = north_south_setup((61000, 65535));
+    let mut setup = north_south_setup((61000, 65535));
+    // The Local Service port without a local endpoint, named as the plan names Service ports
+    // (the per-Service metrics' labels).
+    let no_local = lb_userspace::control::desired::FrontendKey {
+        addr: std::net::SocketAddrV4::new(LB_IP.into(), 81),
+        proto: lb_common::proto::TCP,
+        scope: lb_common::scope::EXTERNAL,
+    };
+    setup
+        .desired
+        .get_mut(&no_local)
+        .expect("the setup's Local frontend without endpoints")
+        .service_port = "default/web-local:http/TCP".into();
     h.set_config(setup.config.as_ref().unwrap()).unwrap();
     let writes = h.program(&setup.desired).unwrap();
     ops.synced(std::time::Duration::from_millis(3), writes);
+    ops.service_ports(h.syncer.service_ports());
+    // The plan's topology hints: a Service port whose hints this node cannot use.
+    let hinted = lb_userspace::control::plan::ServicePortPlan {
+        namespace: "default".into(),
+        name: "web-hinted".into(),
+        port_name: "http".into(),
+        protocol: lb_userspace::control::model::Protocol::TCP,
+        frontends: Vec::new(),
+        internal_traffic_policy: lb_userspace::control::model::TrafficPolicy::Cluster,
+        external_traffic_policy: None,
+        cluster_endpoints: Some(Vec::new()),
+        local_endpoints: None,
+        session_affinity_timeout_seconds: None,
+        health_check_node_port: None,
+        has_endpoints: true,
+        topology_hints: lb_userspace::control::plan::TopologyHints::Unusable,
+        created: None,
+    };
+    ops.topology_hints(&[hinted]);
     // ... traffic: a flow to a remote backend, confirmed (established conntrack entries): the
     // client's SYN, the backend's SYN-ACK to the SNAT port, the client's ACK of it ...
     let syn = h
@@ -453,6 +282,11 @@ fn kernel_alerted_agent_metrics_move() {
         let r = h.run(&f).unwrap();
         assert_eq!(r.verdict, lb_tests::fixture::action::XDP_PASS);
     }
+    // ... external traffic to the Local Service port this node has no endpoint for (dropped) ...
+    let r = h
+        .run(&frame(Kind::Syn, (CLIENT, 40001), (LB_IP, 81)))
+        .unwrap();
+    assert_eq!(r.verdict, lb_tests::fixture::action::XDP_DROP);
     // ... the conntrack sweep thread: started, one sweep over the real maps, one that failed ...
     ops.ct_gc_started(std::time::Duration::from_secs(5));
     let tiers = lb_userspace::dataplane::pinned::open_conntrack(h.pin_dir()).unwrap();
@@ -475,7 +309,7 @@ fn kernel_alerted_agent_metrics_move() {
         HealthEntry {
             namespace: "default".into(),
             name: "web-local".into(),
-            local_endpoints: 1,
+            local_endpoints: 0,
         },
     )]
     .into();
@@ -485,6 +319,32 @@ fn kernel_alerted_agent_metrics_move() {
     // Prometheus' `up` is 1 while the scrape succeeds.
     assert_eq!(scrape.status, "200 OK", "{}", scrape.body);
     let after = samples(&scrape.body);
+    // LbLocalServiceTrafficWithoutLocalEndpoint joins the drops of a Service with its local
+    // endpoints on (namespace, name): the real series carry the same pair.
+    let web_local = |metric: &str| -> Vec<f64> {
+        after
+            .iter()
+            .filter(|((name, l), _)| {
+                name == metric
+                    && l.get("namespace").map(String::as_str) == Some("default")
+                    && l.get("name").map(String::as_str) == Some("web-local")
+                    && l.get("reason").is_none_or(|r| r == "no_backend")
+            })
+            .map(|(_, v)| *v)
+            .collect()
+    };
+    assert_eq!(
+        web_local("lb_service_drops_total"),
+        [1.0],
+        "{}",
+        scrape.body
+    );
+    assert_eq!(
+        web_local("lb_service_local_endpoints"),
+        [0.0],
+        "{}",
+        scrape.body
+    );
     let mut failures = Vec::new();
     for a in alerts() {
         for s in &a.selectors {

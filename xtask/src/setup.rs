@@ -46,6 +46,9 @@ pub fn setup_needed() -> Option<String> {
     if let Some(tool) = LAB_TOOLS.iter().find(|t| which(t).is_none()) {
         return Some(format!("`{tool}` is not on PATH"));
     }
+    if which("promtool").is_none() {
+        return Some("`promtool` is not on PATH".into());
+    }
     if !cargo_fuzz_installed() {
         return Some("cargo-fuzz is not installed".into());
     }
@@ -62,6 +65,7 @@ pub fn setup() -> Result<()> {
         bail!("setup needs root (it installs packages and mounts bpffs): run it as root, e.g. `sudo -E cargo xtask setup`");
     }
     apt_packages()?;
+    promtool()?;
     rust_src()?;
     lint_components()?;
     cargo_fuzz()?;
@@ -115,6 +119,52 @@ fn apt_packages() -> Result<()> {
     }
     println!("installed: debian packages {}", missing.join(" "));
     Ok(())
+}
+
+// ---- promtool (the alert and dashboard tests) ----
+
+/// Where Debian's invoke-rc.d asks whether a package may start its service.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+
+/// Debian's `prometheus` package for its `promtool` (`promtool check rules`, `promtool test
+/// rules` in the monitoring tests). The package ships a Prometheus server and an init script;
+/// while it installs, a `policy-rc.d` that answers 101 ("action forbidden") keeps the server
+/// from starting, unless the machine already has a policy of its own (containers usually do).
+fn promtool() -> Result<()> {
+    if let Some(path) = which("promtool") {
+        println!("ok: promtool at {}", path.display());
+        return Ok(());
+    }
+    let own_policy = !std::path::Path::new(POLICY_RC_D).exists();
+    if own_policy {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(POLICY_RC_D, "#!/bin/sh\n# written by cargo xtask setup while it installs prometheus (for promtool)\nexit 101\n")
+            .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        std::fs::set_permissions(POLICY_RC_D, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("chmod {POLICY_RC_D}"))?;
+    }
+    let installed = run(Command::new("apt-get").arg("update"))
+        .context("apt-get update")
+        .and_then(|()| {
+            run(Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "--no-install-recommends", "prometheus"]))
+            .context("apt-get install prometheus (for promtool)")
+        });
+    if own_policy {
+        std::fs::remove_file(POLICY_RC_D).with_context(|| format!("removing {POLICY_RC_D}"))?;
+    }
+    installed?;
+    match which("promtool") {
+        Some(path) => {
+            println!(
+                "installed: debian package prometheus (promtool at {})",
+                path.display()
+            );
+            Ok(())
+        }
+        None => bail!("apt-get installed prometheus but `promtool` is still not on PATH"),
+    }
 }
 
 // ---- rust-src for nightly ----

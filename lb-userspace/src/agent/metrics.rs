@@ -72,7 +72,7 @@ struct TierLabel {
     tier: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 struct ServicePortLabel {
     namespace: String,
     name: String,
@@ -164,6 +164,8 @@ pub struct Ops {
     interface_hooked: Family<InterfaceLabel, Gauge>,
     masquerade_local: Gauge,
     local_seen: Mutex<Vec<ServiceLabel>>,
+    topology_hints_unusable: Family<ServicePortLabel, Gauge>,
+    hints_seen: Mutex<Vec<ServicePortLabel>>,
     service_packets: Family<ServicePortLabel, Counter>,
     service_bytes: Family<ServicePortLabel, Counter>,
     service_new: Family<ServicePortLabel, Counter>,
@@ -318,6 +320,12 @@ impl Ops {
             "service_local_endpoints",
             "Ready local endpoints of LoadBalancer Services with externalTrafficPolicy Local",
             local_endpoints.clone(),
+        );
+        let topology_hints_unusable = Family::<ServicePortLabel, Gauge>::default();
+        registry.register(
+            "service_topology_hints_unusable",
+            "Per Service port whose ready endpoints carry topology hints: 1 while the hints cannot be used on this node (some endpoints without hints, none for this node or zone, or no zone label) and the whole cluster's endpoints serve, 0 while they are used",
+            topology_hints_unusable.clone(),
         );
         let device_hook = Family::<DeviceHookLabel, Gauge>::default();
         registry.register(
@@ -476,6 +484,8 @@ impl Ops {
             interface_hooked,
             masquerade_local,
             local_seen: Mutex::default(),
+            topology_hints_unusable,
+            hints_seen: Mutex::default(),
             programmed: AtomicBool::new(false),
             node_eligible: AtomicBool::new(true),
             pending_since: AtomicU64::new(0),
@@ -690,6 +700,37 @@ impl Ops {
                 .set(e.local_endpoints as i64);
             seen.push(l);
         }
+    }
+
+    /// Per Service port of the plan whose endpoints carry topology hints: whether this node can
+    /// use them (Service ports without hints have no series).
+    pub fn topology_hints(&self, services: &[crate::control::plan::ServicePortPlan]) {
+        use crate::control::plan::TopologyHints;
+        let mut now = BTreeMap::new();
+        for sp in services {
+            let unusable = match sp.topology_hints {
+                TopologyHints::Absent => continue,
+                TopologyHints::Used => 0,
+                TopologyHints::Unusable => 1,
+            };
+            let l = ServicePortLabel {
+                namespace: sp.namespace.clone(),
+                name: sp.name.clone(),
+                port: sp.port_name.clone(),
+                protocol: format!("{:?}", sp.protocol),
+            };
+            now.insert(l, unusable);
+        }
+        // Series of Service ports that lost their hints (or left) go; the others are set in
+        // place, so that a scrape never misses a series that stays.
+        let mut seen = self.hints_seen.lock().expect("ops lock");
+        for l in seen.iter().filter(|l| !now.contains_key(*l)) {
+            self.topology_hints_unusable.remove(l);
+        }
+        for (l, v) in &now {
+            self.topology_hints_unusable.get_or_create(l).set(*v);
+        }
+        *seen = now.into_keys().collect();
     }
 
     /// The Service-port ids the sync assigned (for the per-Service metrics' labels).
@@ -1020,6 +1061,67 @@ mod tests {
         let m = ops.metrics_route("/metrics").unwrap();
         assert!(m.body.contains("lb_map_writes_total 10"), "{}", m.body);
         assert!(m.body.contains("lb_sync_errors_total 1"), "{}", m.body);
+    }
+
+    /// One series per Service port with hints: 1 unusable, 0 used; none without hints, and a
+    /// Service port that loses its hints loses its series.
+    #[test]
+    fn topology_hints_unusable_per_service_port_with_hints() {
+        use crate::control::model::{Protocol, TrafficPolicy};
+        use crate::control::plan::{ServicePortPlan, TopologyHints};
+        let sp = |name: &str, hints| ServicePortPlan {
+            namespace: "default".into(),
+            name: name.into(),
+            port_name: "http".into(),
+            protocol: Protocol::TCP,
+            frontends: Vec::new(),
+            internal_traffic_policy: TrafficPolicy::Cluster,
+            external_traffic_policy: None,
+            cluster_endpoints: Some(Vec::new()),
+            local_endpoints: None,
+            session_affinity_timeout_seconds: None,
+            health_check_node_port: None,
+            has_endpoints: true,
+            topology_hints: hints,
+            created: None,
+        };
+        let ops = Ops::with_map_reader(
+            PathBuf::from("/nonexistent"),
+            Box::new(|_| MapReadings::default()),
+        );
+        let series = |ops: &Ops| -> Vec<String> {
+            ops.metrics_route("/metrics")
+                .unwrap()
+                .body
+                .lines()
+                .filter(|l| l.starts_with("lb_service_topology_hints_unusable{"))
+                .map(str::to_string)
+                .collect()
+        };
+        ops.topology_hints(&[
+            sp("a", TopologyHints::Used),
+            sp("b", TopologyHints::Unusable),
+            sp("c", TopologyHints::Absent),
+        ]);
+        let mut got = series(&ops);
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                r#"lb_service_topology_hints_unusable{namespace="default",name="a",port="http",protocol="TCP"} 0"#,
+                r#"lb_service_topology_hints_unusable{namespace="default",name="b",port="http",protocol="TCP"} 1"#,
+            ]
+        );
+        ops.topology_hints(&[
+            sp("a", TopologyHints::Unusable),
+            sp("b", TopologyHints::Absent),
+        ]);
+        assert_eq!(
+            series(&ops),
+            [
+                r#"lb_service_topology_hints_unusable{namespace="default",name="a",port="http",protocol="TCP"} 1"#
+            ]
+        );
     }
 
     /// kube-proxy's change and programming metrics, build info and the process metrics, in one

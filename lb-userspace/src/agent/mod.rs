@@ -249,6 +249,7 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                     },
                 );
                 let mut p = plan::plan(&m, &cfg.node);
+                ops.topology_hints(&p.services);
                 // Service ports the maps have no room for (oldest Services first).
                 let (desired, not_fitting) = capacity::fit_desired(&mut p, &sizes);
                 ops.not_fitting(&not_fitting);

@@ -43,6 +43,10 @@ pub struct ServicePortPlan {
     /// and terminating), whatever the traffic policies: kube-proxy's `hasEndpoints`. Without
     /// one, connections to it are rejected rather than dropped.
     pub has_endpoints: bool,
+    /// Whether topology hints decided the cluster endpoint set on this node (`render` shows it
+    /// only when the ready endpoints carry hints; `lb_service_topology_hints_unusable`).
+    #[serde(skip_serializing_if = "TopologyHints::is_absent")]
+    pub topology_hints: TopologyHints,
     /// The Service's creation time (Unix seconds): the older Service port keeps its place when
     /// the maps cannot hold every one.
     #[serde(skip)]
@@ -106,6 +110,41 @@ impl ServicePortPlan {
             _ => &self.cluster_endpoints,
         };
         eps.as_deref().unwrap_or(&[])
+    }
+}
+
+/// What topology hints did for a Service port's cluster endpoints on this node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TopologyHints {
+    /// No ready endpoint carries a hint, or the Service port uses no cluster endpoints.
+    #[default]
+    Absent,
+    /// The cluster endpoints are those hinted for this node or its zone.
+    Used,
+    /// Ready endpoints carry hints but kube-proxy's rules ignore them here (hints on only some
+    /// endpoints, none for this node or zone, or a node without a zone label): the whole
+    /// cluster's endpoints serve, and the traffic crosses zones the hints meant to keep it in.
+    Unusable,
+}
+
+impl TopologyHints {
+    pub fn is_absent(&self) -> bool {
+        *self == TopologyHints::Absent
+    }
+}
+
+/// [`TopologyHints`] of the endpoints for this node (used only for cluster endpoints).
+fn topology_hints(endpoints: &[Endpoint], node: &str, zone: Option<&str>) -> TopologyHints {
+    let hinted = endpoints
+        .iter()
+        .any(|e| e.ready && !(e.node_hints.is_empty() && e.zone_hints.is_empty()));
+    if !hinted {
+        TopologyHints::Absent
+    } else if topology_mode(endpoints, node, zone) == TopologyMode::None {
+        TopologyHints::Unusable
+    } else {
+        TopologyHints::Used
     }
 }
 
@@ -242,6 +281,10 @@ fn port_plans(svc: &ServiceModel, node: &NodeInfo) -> Vec<ServicePortPlan> {
             &node.name,
             node.zone.as_deref(),
         );
+        let topology_hints = match cluster {
+            Some(_) => topology_hints(eps, &node.name, node.zone.as_deref()),
+            None => TopologyHints::Absent,
+        };
         out.push(ServicePortPlan {
             namespace: svc.namespace.clone(),
             name: svc.name.clone(),
@@ -255,6 +298,7 @@ fn port_plans(svc: &ServiceModel, node: &NodeInfo) -> Vec<ServicePortPlan> {
             session_affinity_timeout_seconds: svc.session_affinity_timeout_seconds,
             health_check_node_port: svc.health_check_node_port,
             has_endpoints: eps.iter().any(|e| e.ready || (e.serving && e.terminating)),
+            topology_hints,
             created: svc.created,
         });
     }
@@ -487,9 +531,46 @@ mod tests {
                 vec![1],
             ),
         ];
-        for (name, eps, want) in cases {
-            assert_eq!(cat(&eps, Cluster, None).0, Some(want), "{name}");
+        for (name, eps, want) in &cases {
+            assert_eq!(cat(eps, Cluster, None).0, Some(want.clone()), "{name}");
         }
+        // What the plan reports (lb_service_topology_hints_unusable): hints that decided the set
+        // are used; hints that kube-proxy's rules ignore here are unusable.
+        let reported: Vec<_> = cases
+            .iter()
+            .map(|(name, eps, _)| (*name, topology_hints(eps, "n1", Some("za"))))
+            .collect();
+        use TopologyHints::*;
+        assert_eq!(
+            reported,
+            [
+                ("zone hints used", Used),
+                ("one endpoint without hint: ignored", Unusable),
+                ("no endpoint for my zone: ignored", Unusable),
+                ("unready endpoints' hints do not count", Used),
+                ("node hints win", Used),
+                ("node hints not for me: zone hints", Used),
+                ("partial node hints: zone hints", Used),
+            ]
+        );
+        assert_eq!(
+            topology_hints(&[ep(1, "n1"), ep(2, "n2")], "n1", Some("za")),
+            Absent
+        );
+        // Hints only on an endpoint that is not ready: none present.
+        let unready = Endpoint {
+            ready: false,
+            ..zones(ep(3, "n3"), &["za"])
+        };
+        assert_eq!(
+            topology_hints(&[ep(1, "n1"), unready], "n1", Some("za")),
+            Absent
+        );
+        assert_eq!(
+            topology_hints(&[zones(ep(1, "n1"), &["za"])], "n1", None),
+            Unusable,
+            "a node without a zone label"
+        );
         // Local endpoints are never filtered by topology.
         let eps = vec![
             zones(ep(1, "n1"), &["zb"]),
