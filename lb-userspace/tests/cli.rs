@@ -571,7 +571,7 @@ fn config_file_sits_between_flags_and_defaults() {
         &[("LB_AGENT_MAP_BACKENDS", "2048")],
     );
     assert_eq!(code, 0, "{err}");
-    let v: serde_json::Value = serde_yaml_ng::from_str(&out).unwrap();
+    let v: serde_json::Value = serde_saphyr::from_str(&out).unwrap();
     assert_eq!(v["hostnameOverride"], "node-1", "from the file");
     assert_eq!(v["metricsBindAddress"], "0.0.0.0:9464", "from the file");
     assert_eq!(v["nodePortAddresses"][0], "10.0.0.0/8", "from the file");
@@ -625,7 +625,7 @@ fn readme_lists_every_config_field() {
         "--print-config",
     ]);
     assert_eq!(code, 0, "{err}");
-    let v: serde_json::Value = serde_yaml_ng::from_str(&out).unwrap();
+    let v: serde_json::Value = serde_saphyr::from_str(&out).unwrap();
     fn leaves(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
         match v.as_object() {
             Some(m) if !m.is_empty() => {

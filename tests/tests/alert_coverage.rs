@@ -19,7 +19,6 @@
 use std::collections::BTreeMap;
 
 use lb_tests::monitoring::{samples, selectors, Selector};
-use serde::Deserialize;
 use serde_json::Value;
 
 const RULES: &str = concat!(
@@ -43,8 +42,7 @@ fn alerts() -> Vec<Alert> {
 
 /// The alerts of a PrometheusRule document (`source` names it in failures).
 fn alerts_in(text: &str, source: &str) -> Vec<Alert> {
-    let rule = Value::deserialize(serde_yaml_ng::Deserializer::from_str(text))
-        .unwrap_or_else(|e| panic!("{source}: {e}"));
+    let rule: Value = serde_saphyr::from_str(text).unwrap_or_else(|e| panic!("{source}: {e}"));
     let mut out = Vec::new();
     for g in rule["spec"]["groups"].as_array().expect("spec.groups") {
         for r in g["rules"].as_array().expect("rules") {

@@ -279,7 +279,7 @@ fn lab_lbctl_status_yaml_and_wide() {
     // YAML is the JSON's content.
     let (code, yaml, err) = lbctl(&bpffs, &["services", "-o", "yaml"]);
     assert_eq!(code, 0, "{err}");
-    let from_yaml: Value = serde_yaml_ng::from_str(&yaml).unwrap();
+    let from_yaml: Value = serde_saphyr::from_str(&yaml).unwrap();
     assert_eq!(from_yaml, json(&bpffs, &["services"]));
     let (_, wide, _) = lbctl(&bpffs, &["services", "-o", "wide"]);
     assert!(wide.lines().next().unwrap().contains("REV_NAT"), "{wide}");

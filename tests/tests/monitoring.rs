@@ -22,7 +22,7 @@ const RULE_FILE: &str = "lb-agent.rules.yaml";
 fn rule_file(annotations: bool) -> Value {
     let path = format!("{MONITORING}/prometheusrule.yaml");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let rule: Value = serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let rule: Value = serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
     let mut groups = rule["spec"]["groups"].clone();
     assert!(
         groups.as_array().is_some_and(|g| !g.is_empty()),
@@ -53,7 +53,7 @@ fn test_files() -> Vec<(PathBuf, Value)> {
         .map(|p| {
             let text = std::fs::read_to_string(&p).unwrap();
             let v: Value =
-                serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
             (p, v)
         })
         .collect()
@@ -205,7 +205,7 @@ fn every_alert_has_a_unit_test_where_it_fires_and_one_where_it_does_not() {
 /// a test of an alert that does not exist.
 #[test]
 fn an_alert_without_both_cases_fails_the_check() {
-    let file: Value = serde_yaml_ng::from_str(
+    let file: Value = serde_saphyr::from_str(
         r#"
 rule_files: [lb-agent.rules.yaml]
 tests:

@@ -329,7 +329,7 @@ impl ConfigFile {
             api_version: Option<String>,
             kind: Option<String>,
         }
-        let head: Head = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
+        let head: Head = serde_saphyr::from_str(text).map_err(|e| e.without_snippet().to_string())?;
         match (head.api_version.as_deref(), head.kind.as_deref()) {
             (Some(API_VERSION), Some(KIND)) => {}
             (v, k) => {
@@ -340,7 +340,7 @@ impl ConfigFile {
                 ))
             }
         }
-        serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
+        serde_saphyr::from_str(text).map_err(|e| e.without_snippet().to_string())
     }
 
     /// The file that says everything `cfg` holds (what `--print-config` prints).
@@ -956,7 +956,7 @@ mod tests {
             "",
         ])
         .unwrap();
-        let text = serde_yaml_ng::to_string(&ConfigFile::from_run(&c)).unwrap();
+        let text = serde_saphyr::to_string(&ConfigFile::from_run(&c)).unwrap();
         let f = Temp::new(&text);
         let back = resolve(&["--config", f.path().to_str().unwrap()]).unwrap();
         assert_eq!(format!("{back:?}"), format!("{c:?}"));

@@ -402,7 +402,7 @@ mod tests {
     fn a_node_being_deleted_or_tainted_for_deletion_is_not_eligible() {
         use crate::control::source::Objects;
         let objects = |yaml: &str| Objects {
-            nodes: vec![serde_yaml_ng::from_str(yaml).unwrap()],
+            nodes: vec![serde_saphyr::from_str(yaml).unwrap()],
             ..Default::default()
         };
         let node = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n";

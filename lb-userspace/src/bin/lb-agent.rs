@@ -94,7 +94,7 @@ fn main() {
                     std::process::exit(2);
                 }
                 Ok(cfg) if print => {
-                    let text = serde_yaml_ng::to_string(&agent::config::ConfigFile::from_run(&cfg))
+                    let text = serde_saphyr::to_string(&agent::config::ConfigFile::from_run(&cfg))
                         .expect("a configuration serializes");
                     print!("{text}");
                     return;

@@ -83,7 +83,7 @@ enum Command {
 fn structured<T: serde::Serialize + ?Sized>(v: &T, f: Format) -> anyhow::Result<bool> {
     match f {
         Format::Json => println!("{}", serde_json::to_string_pretty(v)?),
-        Format::Yaml => print!("{}", serde_yaml_ng::to_string(v)?),
+        Format::Yaml => print!("{}", serde_saphyr::to_string(&v)?),
         Format::Table | Format::Wide => return Ok(false),
     }
     Ok(true)

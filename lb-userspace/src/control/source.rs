@@ -13,7 +13,6 @@ use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
-use serde::Deserialize;
 
 /// A consistent snapshot of the objects the agent reads.
 #[derive(Clone, Debug, Default)]
@@ -247,16 +246,81 @@ pub fn parse_into(path: &Path, text: &str, out: &mut Objects) -> Result<(), Sour
             ),
         });
     }
-    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+    for (i, (first_line, doc)) in documents(text).enumerate() {
         let perr = |message: String| SourceError::Parse {
             path: path.to_path_buf(),
             document: i + 1,
             message,
         };
-        let value = serde_yaml_ng::Value::deserialize(doc).map_err(|e| perr(e.to_string()))?;
+        let value: serde_json::Value = serde_saphyr::from_str_with_options(doc, yaml_options(doc))
+            .map_err(|e| perr(yaml_error(&e, first_line)))?;
         add_value(value, out).map_err(perr)?;
     }
     Ok(())
+}
+
+/// The documents of a YAML stream with the line each starts on (from 1): split at the lines
+/// that begin with a document marker (`---` or `...` alone or followed by a space), which YAML
+/// forbids inside any scalar, so each piece parses alone. Pieces with nothing but blank lines,
+/// comments and markers are no document.
+fn documents(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    let marker = |line: &str| {
+        ["---", "..."].iter().any(|m| {
+            line.strip_prefix(m)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r']))
+        })
+    };
+    let mut starts = vec![(1usize, 0usize)];
+    let mut offset = 0;
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        if marker(line.trim_end_matches('\n')) && offset > 0 {
+            starts.push((n + 1, offset));
+        }
+        offset += line.len();
+    }
+    let ends: Vec<usize> = starts.iter().skip(1).map(|s| s.1).chain([text.len()]).collect();
+    starts
+        .into_iter()
+        .zip(ends)
+        .map(move |((line, start), end)| (line, &text[start..end]))
+        .filter(|(_, doc)| {
+            doc.lines().any(|l| {
+                let t = l.trim();
+                let content = t.strip_prefix("---").map_or(t, str::trim);
+                !(content.is_empty() || content.starts_with('#') || t == "...")
+            })
+        })
+}
+
+/// Parser limits for one document: generous enough for any Kubernetes object list (the
+/// parser's defaults stop at 250,000 nodes), still bounded by the document's size.
+fn yaml_options(doc: &str) -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_events = doc.len().saturating_mul(2).max(budget.max_events);
+    budget.max_nodes = doc.len().max(budget.max_nodes);
+    budget.max_total_scalar_bytes = doc.len().max(budget.max_total_scalar_bytes);
+    budget.max_depth = 2 * MAX_DEPTH;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
+}
+
+/// The parser's message, with the position counted from the start of the file (the parser
+/// counts from the start of the document it was given).
+fn yaml_error(e: &serde_saphyr::Error, first_line: usize) -> String {
+    let text = e.without_snippet().to_string();
+    match e.location() {
+        Some(l) if l.line() > 0 => {
+            let rel = format!(" at line {}, column {}", l.line(), l.column());
+            let abs = format!(
+                " at line {}, column {}",
+                l.line() as usize + first_line - 1,
+                l.column()
+            );
+            text.replacen(&rel, &abs, 1)
+        }
+        _ => text,
+    }
 }
 
 /// The deepest nesting of flow collections (`[`, `{`) a manifest may have: the YAML parser
@@ -317,7 +381,7 @@ fn too_deep(text: &str) -> Option<(usize, usize)> {
     None
 }
 
-fn add_value(value: serde_yaml_ng::Value, out: &mut Objects) -> Result<(), String> {
+fn add_value(value: serde_json::Value, out: &mut Objects) -> Result<(), String> {
     if value.is_null() {
         return Ok(());
     }
@@ -331,10 +395,10 @@ fn add_value(value: serde_yaml_ng::Value, out: &mut Objects) -> Result<(), Strin
         .and_then(|k| k.as_str())
         .unwrap_or("")
         .to_string();
-    let typed = |e: serde_yaml_ng::Error| format!("{kind} ({api_version}): {e}");
+    let typed = |e: serde_json::Error| format!("{kind} ({api_version}): {e}");
     match (kind.as_str(), api_version.as_str()) {
         ("List", _) => {
-            if let Some(items) = value.get("items").and_then(|i| i.as_sequence()) {
+            if let Some(items) = value.get("items").and_then(|i| i.as_array()) {
                 for item in items.clone() {
                     add_value(item, out)?;
                 }
@@ -342,14 +406,14 @@ fn add_value(value: serde_yaml_ng::Value, out: &mut Objects) -> Result<(), Strin
         }
         ("Node", "v1") => out
             .nodes
-            .push(serde_yaml_ng::from_value(value).map_err(typed)?),
+            .push(serde_json::from_value(value).map_err(typed)?),
         ("Service", "v1") => {
-            let mut svc: Service = serde_yaml_ng::from_value(value).map_err(typed)?;
+            let mut svc: Service = serde_json::from_value(value).map_err(typed)?;
             default_service(&mut svc);
             out.services.push(svc);
         }
         ("EndpointSlice", "discovery.k8s.io/v1") => {
-            let mut slice: EndpointSlice = serde_yaml_ng::from_value(value).map_err(typed)?;
+            let mut slice: EndpointSlice = serde_json::from_value(value).map_err(typed)?;
             default_endpoint_slice(&mut slice);
             out.endpoint_slices.push(slice);
         }
@@ -524,6 +588,46 @@ metadata: {name: ignored}
         let text = err.to_string();
         assert!(text.starts_with("bad.yaml: document 1:"), "{text}");
         assert!(text.contains("line"), "{text}");
+    }
+
+    /// Documents are split at marker lines (content on the marker line kept, comment-only and
+    /// empty pieces skipped, `...` ends one), numbered as written, and a parse error names its
+    /// document and the line in the file, not in the document.
+    #[test]
+    fn documents_are_numbered_and_errors_placed_in_the_file() {
+        let node = |n: &str| format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {n}}}\n");
+        let text = format!(
+            "# leading comment\n---\n{}---\n# only a comment\n--- {{apiVersion: v1, kind: Node, metadata: {{name: n2}}}}\n...\n---\n{}",
+            node("n1"),
+            node("n3")
+        );
+        let mut o = Objects::default();
+        parse_into(Path::new("m.yaml"), &text, &mut o).unwrap();
+        let names: Vec<_> = o.nodes.iter().map(|n| n.metadata.name.clone().unwrap()).collect();
+        assert_eq!(names, ["n1", "n2", "n3"]);
+        // The fourth document is broken on line 17 of the file (line 4 of its piece).
+        let broken = format!("{text}---\napiVersion: v1\nkind: Node\nmetadata: {{name: x\n");
+        let e = parse_into(Path::new("m.yaml"), &broken, &mut Objects::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("m.yaml: document 4: "), "{e}");
+        assert!(e.contains("at line 17, column 11"), "{e}");
+        assert_eq!(e.lines().count(), 1, "{e}");
+        // A type error names the kind and the document.
+        let e = parse_into(
+            Path::new("m.yaml"),
+            &format!("{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec: {{ports: 80}}\n", node("a")),
+            &mut Objects::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("m.yaml: document 2: Service (v1): "), "{e}");
+        // A document larger than the parser's default node budget (250,000) still reads.
+        let many: String = (0..130_000).map(|i| format!("  - 10.0.{}.{}\n", i / 250, i % 250)).collect();
+        let big = format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: big, labels: {{kubernetes.io/service-name: s}}}}\naddressType: IPv4\nendpoints:\n- addresses:\n{many}");
+        let mut o = Objects::default();
+        parse_into(Path::new("big.yaml"), &big, &mut o).unwrap();
+        assert_eq!(o.endpoint_slices[0].endpoints.as_ref().unwrap()[0].addresses.len(), 130_000);
     }
 
     #[test]
