@@ -329,7 +329,8 @@ impl ConfigFile {
             api_version: Option<String>,
             kind: Option<String>,
         }
-        let head: Head = serde_saphyr::from_str(text).map_err(|e| e.without_snippet().to_string())?;
+        let head: Head =
+            serde_saphyr::from_str(text).map_err(|e| e.without_snippet().to_string())?;
         match (head.api_version.as_deref(), head.kind.as_deref()) {
             (Some(API_VERSION), Some(KIND)) => {}
             (v, k) => {

@@ -278,7 +278,12 @@ fn documents(text: &str) -> impl Iterator<Item = (usize, &str)> {
         }
         offset += line.len();
     }
-    let ends: Vec<usize> = starts.iter().skip(1).map(|s| s.1).chain([text.len()]).collect();
+    let ends: Vec<usize> = starts
+        .iter()
+        .skip(1)
+        .map(|s| s.1)
+        .chain([text.len()])
+        .collect();
     starts
         .into_iter()
         .zip(ends)
@@ -603,7 +608,11 @@ metadata: {name: ignored}
         );
         let mut o = Objects::default();
         parse_into(Path::new("m.yaml"), &text, &mut o).unwrap();
-        let names: Vec<_> = o.nodes.iter().map(|n| n.metadata.name.clone().unwrap()).collect();
+        let names: Vec<_> = o
+            .nodes
+            .iter()
+            .map(|n| n.metadata.name.clone().unwrap())
+            .collect();
         assert_eq!(names, ["n1", "n2", "n3"]);
         // The fourth document is broken on line 17 of the file (line 4 of its piece).
         let broken = format!("{text}---\napiVersion: v1\nkind: Node\nmetadata: {{name: x\n");
@@ -623,11 +632,18 @@ metadata: {name: ignored}
         .to_string();
         assert!(e.starts_with("m.yaml: document 2: Service (v1): "), "{e}");
         // A document larger than the parser's default node budget (250,000) still reads.
-        let many: String = (0..130_000).map(|i| format!("  - 10.0.{}.{}\n", i / 250, i % 250)).collect();
+        let many: String = (0..130_000)
+            .map(|i| format!("  - 10.0.{}.{}\n", i / 250, i % 250))
+            .collect();
         let big = format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: big, labels: {{kubernetes.io/service-name: s}}}}\naddressType: IPv4\nendpoints:\n- addresses:\n{many}");
         let mut o = Objects::default();
         parse_into(Path::new("big.yaml"), &big, &mut o).unwrap();
-        assert_eq!(o.endpoint_slices[0].endpoints.as_ref().unwrap()[0].addresses.len(), 130_000);
+        assert_eq!(
+            o.endpoint_slices[0].endpoints.as_ref().unwrap()[0]
+                .addresses
+                .len(),
+            130_000
+        );
     }
 
     #[test]
