@@ -1,8 +1,8 @@
 //! `lb-agent cleanup-kube-proxy`: removes what kube-proxy leaves on a node in its iptables and
 //! nftables modes, as `kube-proxy --cleanup` does, so that a node migrated to this agent keeps no
-//! stale Service rules (an old DNAT in `KUBE-SERVICES` would win over nothing, but it would
-//! translate traffic the agent does not know about, and its `KUBE-FORWARD` and firewall rules
-//! would keep filtering).
+//! stale Service rules: kube-proxy's last DNAT rules would go on translating packets the agent's
+//! programs leave to the stack (to backends that may be gone), and its `KUBE-FORWARD` and
+//! firewall chains would go on filtering.
 //!
 //! What is removed, in the `nat`, `filter` and `mangle` tables of every iptables backend in use
 //! (nf_tables and legacy, IPv4 and IPv6):
@@ -22,8 +22,8 @@
 //!
 //! Each backend is read with its `*-save` tool and changed in one `*-restore --noflush`
 //! transaction per table, as kube-proxy does. A legacy backend is looked at only when the kernel
-//! has legacy tables (`/proc/net/ip_tables_names` is not empty, the test `iptables-wrapper`
-//! uses), so nothing here loads a kernel module. A tool that is missing is skipped with a message
+//! has legacy tables (`/proc/net/ip_tables_names` is not empty, the test kube-proxy's image's
+//! `iptables-wrapper` makes too), so nothing here loads a kernel module. A tool that is missing is skipped with a message
 //! on stderr (the image has them all); when every tool is missing that is an error (exit 2), and
 //! a tool that fails is an error (exit 1).
 use std::{
