@@ -116,6 +116,7 @@ const ALERTED: [&str; 11] = [
 
 const CONTAINER: &str = "lb-agent";
 const AGENT_PATH: &str = "/usr/local/bin/lb-agent";
+const INIT_CONTAINER: &str = "prepare-node";
 
 // ---- reading deploy/ ----
 
@@ -288,13 +289,17 @@ fn pod_spec(ds: &DaemonSet) -> &PodSpec {
 fn agent_container(ds: &DaemonSet) -> &Container {
     let spec = pod_spec(ds);
     assert_eq!(spec.containers.len(), 1, "one container, the agent");
-    assert!(
-        spec.init_containers.as_ref().is_none_or(Vec::is_empty),
-        "no init containers"
-    );
     let c = &spec.containers[0];
     assert_eq!(c.name, CONTAINER);
     c
+}
+
+/// The one init container: `lb-agent prepare-node`.
+fn init_container(ds: &DaemonSet) -> &Container {
+    let init = pod_spec(ds).init_containers.as_deref().unwrap_or_default();
+    assert_eq!(init.len(), 1, "one init container, prepare-node");
+    assert_eq!(init[0].name, INIT_CONTAINER);
+    &init[0]
 }
 
 /// `--flag=value` and `--flag value` pairs, in order.
@@ -763,17 +768,37 @@ fn daemonset_runs_on_every_node_in_the_host_network() {
     }
     let strategy = spec.update_strategy.as_ref().expect("updateStrategy");
     assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+    let rolling = strategy.rolling_update.as_ref().expect("rollingUpdate");
+    // A share of the nodes at a time (the old pod's programs keep translating meanwhile)...
     assert_eq!(
-        strategy
-            .rolling_update
-            .as_ref()
-            .and_then(|r| r.max_unavailable.clone()),
-        Some(IntOrString::Int(1))
+        rolling.max_unavailable,
+        Some(IntOrString::String("10%".into()))
+    );
+    // ... and never a surge: a second pod on a node cannot have the same host ports, nor the pin
+    // directory, which one agent at a time holds.
+    assert!(
+        matches!(rolling.max_surge, None | Some(IntOrString::Int(0))),
+        "{:?}",
+        rolling.max_surge
     );
 
     let pod = pod_spec(&ds);
     assert_eq!(pod.host_network, Some(true));
-    assert_eq!(pod.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
+    // The node's resolv.conf: ClusterFirstWithHostNet would resolve through CoreDNS's ClusterIP,
+    // which on this node only this agent translates. The API server is reached by address.
+    assert_eq!(pod.dns_policy.as_deref(), Some("Default"));
+    let c = agent_container(&ds);
+    for var in ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"] {
+        let from = c
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == var)
+            .and_then(|e| e.value_from.as_ref()?.config_map_key_ref.as_ref())
+            .unwrap_or_else(|| panic!("{var} from a ConfigMap"));
+        assert_eq!(from.name, "lb-agent-apiserver");
+        assert_eq!(from.optional, Some(true), "{var}");
+    }
     assert_eq!(
         pod.priority_class_name.as_deref(),
         Some("system-node-critical")
@@ -844,20 +869,46 @@ fn agent_container_mounts_bpffs_and_the_cgroup_root_as_its_flags_say() {
     }
     let args = c.args.clone().unwrap_or_default();
     let f = flags(&args);
-    let bpffs = host_path_mount(&ds, "/sys/fs/bpf");
+    // Only the agent's pin directory of the node's bpffs, created by the kubelet when missing,
+    // and the agent pins right there: --bpffs is the mount itself.
+    let bpffs = host_path_mount(&ds, "/sys/fs/bpf/lb");
     assert_ne!(
         bpffs.read_only,
         Some(true),
         "maps and links are pinned there"
     );
-    let pin_dir = flag(&f, "bpffs");
-    assert_eq!(pin_dir.len(), 1);
-    assert!(
-        Path::new(pin_dir[0]).starts_with(&bpffs.mount_path),
-        "--bpffs {} outside {}",
-        pin_dir[0],
-        bpffs.mount_path
+    let volumes = pod_spec(&ds).volumes.as_deref().unwrap_or_default();
+    let pin_volume = volumes.iter().find(|v| v.name == bpffs.name).unwrap();
+    assert_eq!(
+        pin_volume.host_path.as_ref().unwrap().type_.as_deref(),
+        Some("DirectoryOrCreate")
     );
+    for v in volumes {
+        if let Some(h) = &v.host_path {
+            assert!(
+                h.path != "/sys/fs/bpf" && h.path != "/sys/fs/bpf/" && h.path != "/sys",
+                "{}: the node's whole bpffs is mounted",
+                v.name
+            );
+        }
+    }
+    // The container's /sys is a sysfs of its own, where no mount point can be created: the pin
+    // directory goes on /sys/fs/bpf, which exists there.
+    assert_eq!(bpffs.mount_path, "/sys/fs/bpf");
+    assert_eq!(flag(&f, "bpffs"), vec![bpffs.mount_path.as_str()]);
+    // lbctl in the container reads the same directory.
+    let lbctl = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "LBCTL_BPFFS")
+        .expect("env LBCTL_BPFFS");
+    assert_eq!(lbctl.value.as_deref(), Some(bpffs.mount_path.as_str()));
+    let help = Command::new(env!("CARGO_BIN_EXE_lbctl"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("LBCTL_BPFFS"));
     let cgroup = host_path_mount(&ds, "/sys/fs/cgroup");
     assert_eq!(
         cgroup.read_only,
@@ -1014,31 +1065,80 @@ fn agent_command_execs_the_binary_the_image_installs() {
         installs,
         "Containerfile must copy lb-agent and lbctl into /usr/local/bin/"
     );
+    // The agent itself, no shell wrapper (there is none in the image to remount /proc/sys).
     let command = c.command.clone().unwrap_or_default();
-    match command.as_slice() {
-        [] => {}
-        [bin] => assert_eq!(bin, AGENT_PATH),
-        [sh, dash_c, script, _argv0] if sh == "/bin/sh" && dash_c == "-c" => {
-            assert!(
-                script.contains(&format!("exec {AGENT_PATH} \"$@\"")),
-                "the wrapper must exec the agent with the args:\n{script}"
-            );
-            if script.contains("mount ") {
-                assert!(
-                    containerfile.lines().any(|l| l.contains("apt-get install")
-                        && l.split_whitespace().any(|w| w == "mount")),
-                    "the wrapper runs mount: the runtime image must install it"
-                );
-            }
-        }
-        other => panic!("unexpected command {other:?}"),
-    }
+    assert!(
+        command.is_empty() || command == [AGENT_PATH],
+        "unexpected command {command:?}"
+    );
+    // cleanup-kube-proxy runs iptables-*-save/-restore and nft from the image.
+    assert!(
+        containerfile.lines().any(|l| l.contains("apt-get install")
+            && l.split_whitespace().any(|w| w == "iptables")
+            && l.split_whitespace().any(|w| w == "nftables")),
+        "the runtime image must install iptables and nftables"
+    );
     assert!(
         c.image
             .as_deref()
             .is_some_and(|i| !i.is_empty() && !i.ends_with(":latest")),
         "a pinned image tag"
     );
+}
+
+#[test]
+fn init_container_prepares_the_node_and_only_it_is_privileged() {
+    let docs = documents();
+    let ds = built_daemonset(&docs);
+    let init = init_container(&ds);
+    let agent = agent_container(&ds);
+    // The same image (kustomize's `images` rewrites both), running `lb-agent prepare-node`.
+    assert_eq!(init.image, agent.image);
+    assert_eq!(init.command.as_deref(), Some(&[AGENT_PATH.to_string()][..]));
+    assert_eq!(
+        init.args.as_deref(),
+        Some(&["prepare-node".to_string()][..])
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_lb-agent"))
+        .args(["prepare-node", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "lb-agent has no prepare-node");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("accept_local"),
+        "prepare-node sets accept_local"
+    );
+    // A writable /proc/sys needs privileged; the long-running agent is not.
+    let sc = init.security_context.as_ref().expect("securityContext");
+    assert_eq!(sc.privileged, Some(true));
+    assert_ne!(
+        agent.security_context.as_ref().and_then(|s| s.privileged),
+        Some(true)
+    );
+    // It mounts nothing and serves nothing.
+    assert!(init.volume_mounts.as_ref().is_none_or(Vec::is_empty));
+    assert!(init.ports.as_ref().is_none_or(Vec::is_empty));
+    // Both have a memory request and a limit not below it.
+    for c in [init, agent] {
+        let r = c.resources.as_ref().expect("resources");
+        let req = r.requests.as_ref().and_then(|m| m.get("memory"));
+        let lim = r.limits.as_ref().and_then(|m| m.get("memory"));
+        let (Some(req), Some(lim)) = (req, lim) else {
+            panic!("{}: memory request and limit", c.name)
+        };
+        assert!(mebibytes(&lim.0) >= mebibytes(&req.0), "{}", c.name);
+    }
+}
+
+/// `256Mi`, `1Gi` in MiB (the units these manifests use).
+fn mebibytes(q: &str) -> u64 {
+    if let Some(n) = q.strip_suffix("Mi") {
+        n.parse().unwrap()
+    } else if let Some(n) = q.strip_suffix("Gi") {
+        n.parse::<u64>().unwrap() * 1024
+    } else {
+        panic!("{q}: use Mi or Gi")
+    }
 }
 
 // ---- PrometheusRule ----

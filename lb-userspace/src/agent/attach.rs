@@ -119,7 +119,10 @@ pub fn attach_tc_ingress(ebpf: &mut aya::Ebpf, device: &str, bpffs: &Path) -> Re
 /// programs to one of the node's other interfaces (see [`super::interfaces`]), pinned as
 /// `links/iface_in_<iface>` and `links/iface_out_<iface>`.
 pub fn attach_other_interface(ebpf: &mut aya::Ebpf, iface: &str, bpffs: &Path) -> Result<()> {
-    prepare_device(iface)?;
+    // Not fatal here: only the stack fallback (unresolved next hop) of this interface suffers.
+    if let Err(e) = ensure_accept_local(Path::new(PROC_SYS), iface) {
+        log::warn!("interface {iface}: {e:#}");
+    }
     let [pin_in, pin_out] = iface_pins(iface);
     let links = bpffs.join("links");
     attach_tcx(
@@ -239,25 +242,60 @@ pub fn attach_xdp(ebpf: &mut aya::Ebpf, device: &str, bpffs: &Path) -> Result<()
     Ok(())
 }
 
+/// Where the kernel's sysctls are.
+pub const PROC_SYS: &str = "/proc/sys";
+
 /// Lets the stack forward what XDP translated but could not send itself (next hop's neighbour
 /// not resolved yet): such a packet carries this node's address as its source, which the stack
-/// drops as martian unless `accept_local` is set. Once the neighbour is resolved, XDP sends
-/// directly.
-fn prepare_device(dev: &str) -> Result<()> {
-    let p = format!("/proc/sys/net/ipv4/conf/{dev}/accept_local");
-    if fs::read_to_string(&p)
-        .map(|v| v.trim() == "1")
-        .unwrap_or(false)
-    {
+/// drops as martian unless `accept_local` is in effect on the device. Once the neighbour is
+/// resolved, XDP sends directly.
+///
+/// The kernel ORs `net.ipv4.conf.all.accept_local` with the device's own value
+/// (`IN_DEV_ACCEPT_LOCAL` is `IN_DEV_ORCONF`), so either being 1 is enough, and nothing is
+/// written then: the DaemonSet's init container (`lb-agent prepare-node`) sets `all`, and the
+/// agent runs with a read-only `/proc/sys`. Otherwise the device's value is written; when that
+/// fails the error is one line naming the fix.
+pub fn ensure_accept_local(proc_sys: &Path, dev: &str) -> Result<()> {
+    let conf = proc_sys.join("net/ipv4/conf");
+    let on = |name: &str| -> Result<bool> {
+        let p = conf.join(name).join("accept_local");
+        let v = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        Ok(v.trim() == "1")
+    };
+    if on("all")? || on(dev)? {
         return Ok(());
     }
-    if let Err(e) = fs::write(&p, "1") {
-        // Not fatal: only the stack fallback (unresolved next hop) is affected; XDP_TX works.
-        log::warn!(
-            "cannot set {p} ({e}): translated packets handed to the stack before the next hop's neighbour is resolved will be dropped as martians; set it on the host"
-        );
+    let p = conf.join(dev).join("accept_local");
+    fs::write(&p, "1").map_err(|e| {
+        anyhow!(
+            "net.ipv4.conf.{dev}.accept_local and net.ipv4.conf.all.accept_local are 0 and \
+             {} cannot be written ({e}): set net.ipv4.conf.all.accept_local=1 on the node \
+             (`lb-agent prepare-node`, the DaemonSet's init container, or `sysctl -w \
+             net.ipv4.conf.all.accept_local=1`)",
+            p.display()
+        )
+    })
+}
+
+/// `lb-agent prepare-node`: sets what the agent needs of the node's sysctls before it starts,
+/// so the agent itself can run with a read-only `/proc/sys`: `net.ipv4.conf.all.accept_local=1`
+/// (see [`ensure_accept_local`]). Returns the settings it changed (none when already set).
+pub fn prepare_node(proc_sys: &Path) -> Result<Vec<String>> {
+    let p = proc_sys.join("net/ipv4/conf/all/accept_local");
+    let v = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    if v.trim() == "1" {
+        return Ok(Vec::new());
     }
-    Ok(())
+    fs::write(&p, "1").with_context(|| {
+        format!(
+            "writing {} (the container needs a writable /proc/sys: privileged)",
+            p.display()
+        )
+    })?;
+    Ok(vec![format!(
+        "net.ipv4.conf.all.accept_local = 1 (was {})",
+        v.trim()
+    )])
 }
 
 /// Loads every program into the kernel (the verifier runs here).
@@ -341,7 +379,7 @@ pub(super) fn attach_all(
     let before = migrate::copy_state(&cfg.bpffs, old, &rev_nat, &mut seen)?;
     attach_cgroup(ebpf, &cfg.cgroup, &cfg.bpffs)?;
     for (dev, choice) in hooks {
-        prepare_device(dev)?;
+        ensure_accept_local(Path::new(PROC_SYS), dev)?;
         attach_north_south(ebpf, dev, choice.hook, &cfg.bpffs)?;
         attach_tc_egress(ebpf, dev, &cfg.bpffs)?;
     }

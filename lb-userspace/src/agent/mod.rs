@@ -18,6 +18,7 @@ pub mod health_check;
 pub mod hook;
 pub mod http;
 pub mod interfaces;
+pub mod kube_proxy;
 pub mod lost;
 pub mod metrics;
 pub mod preflight;

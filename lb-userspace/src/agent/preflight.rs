@@ -123,6 +123,10 @@ pub fn preflight(cfg: &RunConfig) -> Result<()> {
                 "--device {dev}: no such interface in this network namespace (see `ip link`)"
             )));
         }
+        // Before anything is loaded: a read-only /proc/sys without accept_local in effect is
+        // one line naming the fix, not a failure after the first sync.
+        super::attach::ensure_accept_local(Path::new(super::attach::PROC_SYS), dev)
+            .map_err(|e| usage(format!("--device {dev}: {e:#}")))?;
     }
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! `lb-agent`: the node daemon (`run`), the plan printer (`render`) and the cleaner (`uninstall`).
+//! `lb-agent`: the node daemon (`run`), the plan printer (`render`), the cleaner (`uninstall`),
+//! the init container's `prepare-node` and the migration helper `cleanup-kube-proxy`.
 use std::{
     io::Write,
     path::PathBuf,
@@ -64,6 +65,15 @@ enum Command {
         #[arg(long)]
         bpffs: PathBuf,
     },
+    /// Set the node's sysctls `run` needs (net.ipv4.conf.all.accept_local=1), so that the agent
+    /// itself runs with a read-only /proc/sys: the DaemonSet's init container. Needs a writable
+    /// /proc/sys (a privileged container, or root on the node).
+    PrepareNode,
+    /// Remove kube-proxy's iptables chains (KUBE-SERVICES, KUBE-SVC-*, ..., and the jumps into
+    /// them) and its nftables tables (ip/ip6 kube-proxy) from this network namespace, as
+    /// `kube-proxy --cleanup` does; prints what it removed. Run it once per node after removing
+    /// kube-proxy; running it again removes nothing.
+    CleanupKubeProxy,
 }
 
 fn main() {
@@ -144,6 +154,29 @@ fn main() {
                 }
             })
         }
+        (None, Some(Command::PrepareNode)) => {
+            agent::attach::prepare_node(std::path::Path::new(agent::attach::PROC_SYS)).map(|set| {
+                for line in &set {
+                    println!("set {line}");
+                }
+                if set.is_empty() {
+                    println!("nothing to set: net.ipv4.conf.all.accept_local is 1");
+                }
+            })
+        }
+        (None, Some(Command::CleanupKubeProxy)) => agent::kube_proxy::cleanup().map(|report| {
+            for line in &report.skipped {
+                eprintln!("lb-agent cleanup-kube-proxy: skipped {line}");
+            }
+            for line in &report.removed {
+                println!("removed {line}");
+            }
+            if report.removed.is_empty() && report.skipped.is_empty() {
+                println!("nothing of kube-proxy's found");
+            } else if report.removed.is_empty() {
+                println!("nothing of kube-proxy's found where it looked (skipped: see above)");
+            }
+        }),
         (None, Some(Command::Run(_)) | None) => unreachable!("run is resolved above"),
     };
     if let Err(e) = result {

@@ -7,8 +7,13 @@ use lb_userspace::{dataplane::read, inspect, report_error};
 #[derive(Parser)]
 #[command(name = "lbctl", version, about = "Inspect the live load-balancer maps")]
 struct Cli {
-    /// The agent's --bpffs directory.
-    #[arg(long, global = true, default_value = "/sys/fs/bpf/lb")]
+    /// The agent's --bpffs directory (in the DaemonSet's pod: /sys/fs/bpf, set by LBCTL_BPFFS).
+    #[arg(
+        long,
+        global = true,
+        env = "LBCTL_BPFFS",
+        default_value = "/sys/fs/bpf/lb"
+    )]
     bpffs: PathBuf,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]

@@ -96,10 +96,15 @@ impl Kustomization {
             .flatten()
         {
             let name = image["name"].as_str().expect("images[].name");
-            for c in ds["spec"]["template"]["spec"]["containers"]
-                .as_array_mut()
-                .unwrap()
-            {
+            // kustomize's image transformer rewrites containers and initContainers alike.
+            let spec = &mut ds["spec"]["template"]["spec"];
+            let mut all: Vec<&mut Value> = Vec::new();
+            for (key, list) in spec.as_object_mut().unwrap().iter_mut() {
+                if key == "containers" || key == "initContainers" {
+                    all.extend(list.as_array_mut().unwrap().iter_mut());
+                }
+            }
+            for c in all {
                 let current = c["image"].as_str().unwrap().to_string();
                 let (repo, tag) = split_image(&current);
                 if repo == name {
