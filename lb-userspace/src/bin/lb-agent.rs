@@ -161,6 +161,9 @@ struct MapSizeArgs {
     /// Fragmented datagrams in transit (LRU): lb_frag_v1.
     #[arg(long, env = "LB_AGENT_MAP_FRAGMENTS", default_value_t = lb_common::limits::FRAGMENTS, value_parser = parse_map_size)]
     map_fragments: u32,
+    /// loadBalancerSourceRanges prefixes (one per Service port and prefix): lb_srcrange_v1.
+    #[arg(long, env = "LB_AGENT_MAP_SOURCE_RANGES", default_value_t = lb_common::limits::SOURCE_RANGES, value_parser = parse_map_size)]
+    map_source_ranges: u32,
 }
 
 impl MapSizeArgs {
@@ -177,6 +180,7 @@ impl MapSizeArgs {
             sock_rev_nat: self.map_sock_rev_nat,
             sock_flow: self.map_sock_flow,
             fragments: self.map_fragments,
+            source_ranges: self.map_source_ranges,
         }
     }
 }

@@ -17,7 +17,9 @@ use lb_common::{
     MAGLEV_CHUNK,
 };
 
-use super::{fake::svc_key_str, fake::FakeDataplane, sync::Syncer, Dataplane, MapContents};
+use super::{
+    fake::svc_key_str, fake::FakeDataplane, sync::Syncer, Dataplane, MapContents, SourceRange,
+};
 use crate::control::desired::Desired;
 
 /// The error of a write after the kill.
@@ -154,6 +156,18 @@ impl<D: Dataplane> Dataplane for CrashAfter<D> {
         self.step(
             || format!("del_maglev {} {}", k.table_id, k.chunk),
             |d| d.del_maglev(k),
+        )
+    }
+    fn put_source_range(&mut self, r: SourceRange) -> Result<()> {
+        self.step(
+            || format!("put_source_range {} {}/{}", r.0, r.1, r.2),
+            |d| d.put_source_range(r),
+        )
+    }
+    fn del_source_range(&mut self, r: SourceRange) -> Result<()> {
+        self.step(
+            || format!("del_source_range {} {}/{}", r.0, r.1, r.2),
+            |d| d.del_source_range(r),
         )
     }
     fn contents(&self) -> Result<MapContents> {
@@ -416,6 +430,12 @@ pub fn restore<D: Dataplane>(dp: &mut D, want: &MapContents) -> Result<()> {
     }
     for k in have.maglev.keys().filter(|k| !want.maglev.contains_key(k)) {
         dp.del_maglev(k)?;
+    }
+    for r in have.source_ranges.difference(&want.source_ranges) {
+        dp.del_source_range(*r)?;
+    }
+    for r in want.source_ranges.difference(&have.source_ranges) {
+        dp.put_source_range(*r)?;
     }
     for k in have
         .backends
@@ -695,6 +715,7 @@ pub fn change_sequence() -> Vec<Desired> {
             service_port: name.into(),
             flags,
             affinity_timeout_s: affinity,
+            source_ranges: None,
             backends,
         };
     let web = |d: &mut Desired, backends: &[(u8, u8, u8)], lb: bool, local: bool| {

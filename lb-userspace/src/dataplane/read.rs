@@ -244,6 +244,7 @@ pub fn service_stats(bpffs: &Path) -> Result<Vec<(u32, lb_common::ServiceCounter
             sum.new_connections += c.new_connections;
             sum.drops_no_backend += c.drops_no_backend;
             sum.drops_other += c.drops_other;
+            sum.drops_source_range += c.drops_source_range;
         }
         out.push((id, sum));
     }
