@@ -42,22 +42,37 @@ fn source_ranges_fence_the_load_balancer_ip(v: Variant) {
     s.lab.client_route("203.0.113.20/32", "node1").unwrap();
     let client = |s: &lb_tests::scenario::Running, proto: &str, target: &str, n: &str| {
         s.lab
-            .run_client("client", &[proto, target, "--count", n, "--timeout-ms", "1000"])
+            .run_client(
+                "client",
+                &[proto, target, "--count", n, "--timeout-ms", "1000"],
+            )
             .unwrap()
     };
     let host = |s: &lb_tests::scenario::Running, proto: &str, target: &str| {
         s.lab
-            .run_client("node1", &[proto, target, "--count", "3", "--timeout-ms", "1000"])
+            .run_client(
+                "node1",
+                &[proto, target, "--count", "3", "--timeout-ms", "1000"],
+            )
             .unwrap()
     };
 
     // The client's own address is the range; node1's is not.
     s.apply(&manifests("[192.168.100.100/32]"), 2);
     for proto in ["tcp", "udp"] {
-        served(&client(&s, proto, LB, "10"), &format!("{proto} client in range"));
-        served(&client(&s, proto, NODE_PORT, "5"), &format!("{proto} NodePort"));
+        served(
+            &client(&s, proto, LB, "10"),
+            &format!("{proto} client in range"),
+        );
+        served(
+            &client(&s, proto, NODE_PORT, "5"),
+            &format!("{proto} NodePort"),
+        );
         let refused = host(&s, proto, LB);
-        none_served(&refused, &format!("{proto} node1 host, no node address in range"));
+        none_served(
+            &refused,
+            &format!("{proto} node1 host, no node address in range"),
+        );
         assert!(
             refused.iter().all(|e| e
                 .error
@@ -65,7 +80,10 @@ fn source_ranges_fence_the_load_balancer_ip(v: Variant) {
                 .is_some_and(|m| m.contains("PermissionDenied"))),
             "refused at once by the socket-level program: {refused:?}"
         );
-        served(&host(&s, proto, NODE_PORT), &format!("{proto} node1 host NodePort"));
+        served(
+            &host(&s, proto, NODE_PORT),
+            &format!("{proto} node1 host NodePort"),
+        );
     }
     let before = s.stats("node1")["source_range_denied"];
     assert!(before >= 6, "the six host refusals: {before}");
@@ -73,8 +91,14 @@ fn source_ranges_fence_the_load_balancer_ip(v: Variant) {
     // The ranges move away from the client: dropped on the north-south path, counted.
     s.apply(&manifests("[10.0.0.0/8, not-a-cidr]"), 3);
     for proto in ["tcp", "udp"] {
-        none_served(&client(&s, proto, LB, "3"), &format!("{proto} client outside"));
-        served(&client(&s, proto, NODE_PORT, "5"), &format!("{proto} NodePort, outside"));
+        none_served(
+            &client(&s, proto, LB, "3"),
+            &format!("{proto} client outside"),
+        );
+        served(
+            &client(&s, proto, NODE_PORT, "5"),
+            &format!("{proto} NodePort, outside"),
+        );
     }
     let denied = s.stats("node1")["source_range_denied"] - before;
     assert!(denied >= 6, "3 SYNs and 3 datagrams at least: {denied}");
@@ -107,8 +131,14 @@ fn source_ranges_fence_the_load_balancer_ip(v: Variant) {
     // node1's address in the ranges (kube-proxy's allowFromNode): the host is served.
     s.apply(&manifests("[192.168.100.0/24]"), 4);
     for proto in ["tcp", "udp"] {
-        served(&host(&s, proto, LB), &format!("{proto} node1 host, node in range"));
-        served(&client(&s, proto, LB, "5"), &format!("{proto} client in the /24"));
+        served(
+            &host(&s, proto, LB),
+            &format!("{proto} node1 host, node in range"),
+        );
+        served(
+            &client(&s, proto, LB, "5"),
+            &format!("{proto} client in the /24"),
+        );
     }
 }
 on_both_variants!(source_ranges_fence_the_load_balancer_ip: lab_source_ranges_fence_the_load_balancer_ip_plain, lab_source_ranges_fence_the_load_balancer_ip_xdp);

@@ -745,7 +745,9 @@ impl Ops {
                 bump(
                     5,
                     c.drops_source_range,
-                    &self.service_drops.get_or_create(&drop_label("source_range")),
+                    &self
+                        .service_drops
+                        .get_or_create(&drop_label("source_range")),
                 );
             }
         }

@@ -270,7 +270,9 @@ pub fn source_ranges(entries: &[String]) -> (Option<Vec<(Ipv4Addr, u8)>>, Vec<St
             continue;
         }
         if let Some((addr, len)) = e.split_once('/') {
-            if addr.parse::<std::net::Ipv6Addr>().is_ok() && len.parse::<u8>().is_ok_and(|l| l <= 128) {
+            if addr.parse::<std::net::Ipv6Addr>().is_ok()
+                && len.parse::<u8>().is_ok_and(|l| l <= 128)
+            {
                 continue; // the IPv6 family's firewall: not this dataplane's
             }
         }
@@ -1327,7 +1329,10 @@ mod tests {
         // Trimmed, host bits cleared, sorted and deduplicated.
         assert_eq!(
             r(&[" 10.1.2.3/8 ", "192.168.0.0/16", "10.0.0.0/8", "1.2.3.4/32"]),
-            (some(&["1.2.3.4/32", "10.0.0.0/8", "192.168.0.0/16"]), vec![])
+            (
+                some(&["1.2.3.4/32", "10.0.0.0/8", "192.168.0.0/16"]),
+                vec![]
+            )
         );
         // A zero prefix admits any source (kube-proxy: as no ranges).
         assert_eq!(r(&["10.0.0.0/8", "0.0.0.0/0"]), (None, vec![]));
@@ -1371,6 +1376,10 @@ mod tests {
             Some(vec![(Ipv4Addr::new(10, 0, 0, 0), 8)])
         );
         assert_eq!(m.rejected.len(), 1, "{:?}", m.rejected);
-        assert!(m.rejected[0].reason.contains("\"nope\""), "{:?}", m.rejected);
+        assert!(
+            m.rejected[0].reason.contains("\"nope\""),
+            "{:?}",
+            m.rejected
+        );
     }
 }

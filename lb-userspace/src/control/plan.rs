@@ -251,7 +251,9 @@ fn port_plans(svc: &ServiceModel, node: &NodeInfo) -> Vec<ServicePortPlan> {
             port.port,
         );
         add(FrontendKind::ExternalIP, &svc.external_ips, port.port);
-        let has_lb = frontends.iter().any(|f| f.kind == FrontendKind::LoadBalancer);
+        let has_lb = frontends
+            .iter()
+            .any(|f| f.kind == FrontendKind::LoadBalancer);
         let source_ranges = svc.source_ranges.clone().filter(|_| has_lb);
         let source_ranges_allow_node = source_ranges.as_ref().is_some_and(|r| {
             node.addresses

@@ -1381,9 +1381,9 @@ mod tests {
         );
         let log = &s.dataplane().log;
         let first_range = log.iter().position(|l| l.starts_with("put_source_range"));
-        let first_master = log
-            .iter()
-            .position(|l| l.starts_with("put_service") && l.ends_with(&format!("{}/6/0#0", fe(0).addr)));
+        let first_master = log.iter().position(|l| {
+            l.starts_with("put_service") && l.ends_with(&format!("{}/6/0#0", fe(0).addr))
+        });
         assert!(first_range < first_master, "{log:?}");
         assert_eq!(log.iter().filter(|l| l.contains("source_range")).count(), 2);
         assert_eq!(s.sync(&d).unwrap().writes, 0);
