@@ -102,6 +102,31 @@ fn source_ranges_fence_the_load_balancer_ip(v: Variant) {
     }
     let denied = s.stats("node1")["source_range_denied"] - before;
     assert!(denied >= 6, "3 SYNs and 3 datagrams at least: {denied}");
+    // lbctl predicts it.
+    let lookup = |client: &str| -> serde_json::Value {
+        let out = std::process::Command::new(lb_tests::lab::bin_path("lbctl").unwrap())
+            .arg("--bpffs")
+            .arg(&s.lab.node("node1").bpffs)
+            .args([
+                "lookup",
+                "--frontend",
+                "203.0.113.20:80/TCP",
+                "--client",
+                client,
+                "-o",
+                "json",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert_eq!(lookup("192.168.100.100")["reason"], "source range denied");
+    assert_eq!(lookup("10.1.2.3")["reason"], "fresh choice");
     let (_, _, body) = http_get(&s.lab.client_netns, "192.168.100.1:9464", "/metrics");
     let metric = |prefix: &str, has: &str| -> f64 {
         body.lines()
