@@ -141,6 +141,13 @@ fn source_ranges_fence_the_load_balancer_ip(v: Variant) {
         ) >= (before + denied) as f64,
         "{body}"
     );
+    // One prefix (the unparsable entry admits nothing and takes no entry) for each of the two
+    // Service ports.
+    assert_eq!(
+        metric("lb_map_entries{", "map=\"source_ranges\""),
+        2.0,
+        "{body}"
+    );
     // Per Service port: the fenced Service's TCP and UDP ports together.
     let per_service = metric("lb_service_drops_total{", "reason=\"source_range\"");
     assert!(per_service >= (before + 6) as f64, "{per_service}\n{body}");

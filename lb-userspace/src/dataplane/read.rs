@@ -182,6 +182,16 @@ pub fn map_occupancy(bpffs: &Path) -> Result<Vec<MapOccupancy>> {
             entries: count_entries::<SockKey, SockFlow>(bpffs, map_name::SOCK_FLOW, true)?,
             capacity: sizes.sock_flow as u64,
         },
+        MapOccupancy {
+            map: "source_ranges",
+            entries: {
+                let data = open_pinned(bpffs, map_name::SOURCE_RANGES)?;
+                let m: aya::maps::LpmTrie<MapData, SourceRangeKey, u32> =
+                    aya::maps::LpmTrie::try_from(Map::LpmTrie(data))?;
+                m.keys().count() as u64
+            },
+            capacity: sizes.source_ranges as u64,
+        },
     ])
 }
 
