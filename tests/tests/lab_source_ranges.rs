@@ -5,7 +5,8 @@
 //! port's `lb_service_drops_total{reason="source_range"}`), while its NodePort keeps working.
 //! In-node clients (node1's host, unbound sockets, so a node address will be their source) are
 //! refused at connect/sendmsg while no node address is in the ranges and served once one is
-//! (kube-proxy's allowFromNode); the NodePort is never filtered for them either.
+//! (kube-proxy's allowFromNode); the NodePort is never filtered for them either. A pod's socket
+//! bound to its own address is judged by that address.
 use lb_tests::{
     lab::{all_ok, Exchange},
     on_both_variants,
@@ -85,8 +86,28 @@ fn source_ranges_fence_the_load_balancer_ip(v: Variant) {
             &format!("{proto} node1 host NodePort"),
         );
     }
+    // A pod whose socket is bound to its own address is judged by it (sendmsg4's source):
+    // outside the range here, inside 10.0.0.0/8 below.
+    let bound = |s: &lb_tests::scenario::Running| {
+        s.lab
+            .run_client(
+                "a2",
+                &[
+                    "udp",
+                    LB,
+                    "--count",
+                    "3",
+                    "--timeout-ms",
+                    "1000",
+                    "--bind",
+                    "10.244.1.11",
+                ],
+            )
+            .unwrap()
+    };
+    none_served(&bound(&s), "udp a2 bound to its address, outside");
     let before = s.stats("node1")["source_range_denied"];
-    assert!(before >= 6, "the six host refusals: {before}");
+    assert!(before >= 9, "the six host and three pod refusals: {before}");
 
     // The ranges move away from the client: dropped on the north-south path, counted.
     s.apply(&manifests("[10.0.0.0/8, not-a-cidr]"), 3);
@@ -102,6 +123,15 @@ fn source_ranges_fence_the_load_balancer_ip(v: Variant) {
     }
     let denied = s.stats("node1")["source_range_denied"] - before;
     assert!(denied >= 6, "3 SYNs and 3 datagrams at least: {denied}");
+    served(&bound(&s), "udp a2 bound to its address, in 10.0.0.0/8");
+    // The same pod unbound: its source would be its address too, but the socket-level program
+    // cannot know it at send time and judges it as the node's own clients (README).
+    none_served(
+        &s.lab
+            .run_client("a2", &["udp", LB, "--count", "1", "--timeout-ms", "1000"])
+            .unwrap(),
+        "udp a2 unbound, no node address in range",
+    );
     // lbctl predicts it.
     let lookup = |client: &str| -> serde_json::Value {
         let out = std::process::Command::new(lb_tests::lab::bin_path("lbctl").unwrap())
@@ -150,7 +180,10 @@ fn source_ranges_fence_the_load_balancer_ip(v: Variant) {
     );
     // Per Service port: the fenced Service's TCP and UDP ports together.
     let per_service = metric("lb_service_drops_total{", "reason=\"source_range\"");
-    assert!(per_service >= (before + 6) as f64, "{per_service}\n{body}");
+    assert!(
+        per_service >= (before + 6 + 1) as f64,
+        "{per_service}\n{body}"
+    );
     assert!(
         body.lines()
             .filter(|l| l.starts_with("lb_service_drops_total{")
