@@ -457,9 +457,34 @@ fn check_desired(p: &Plan, d: &Desired) {
                 & !(kind_flags
                     | service_flags::SESSION_AFFINITY
                     | service_flags::EXTERNAL_POLICY_LOCAL
-                    | service_flags::NO_ENDPOINTS),
+                    | service_flags::NO_ENDPOINTS
+                    | service_flags::SOURCE_RANGES
+                    | service_flags::ALLOW_FROM_NODE),
             0
         );
+        // loadBalancerSourceRanges fence LoadBalancer IPs only, with their set, and nothing
+        // admits every source by accident (no /0: it means no ranges).
+        assert_eq!(
+            fe.flags & service_flags::SOURCE_RANGES != 0,
+            fe.source_ranges.is_some(),
+            "{key:?}: {fe:?}"
+        );
+        assert!(
+            fe.flags & service_flags::SOURCE_RANGES == 0
+                || fe.flags & service_flags::LOAD_BALANCER != 0,
+            "{key:?}: {fe:?}"
+        );
+        assert!(
+            fe.flags & service_flags::ALLOW_FROM_NODE == 0
+                || fe.flags & service_flags::SOURCE_RANGES != 0,
+            "{key:?}: {fe:?}"
+        );
+        if let Some(r) = &fe.source_ranges {
+            assert!(
+                r.iter().all(|(_, len)| (1..=32).contains(len)),
+                "{key:?}: {fe:?}"
+            );
+        }
         // externalTrafficPolicy Local marks external-scope entries only.
         assert!(
             fe.flags & service_flags::EXTERNAL_POLICY_LOCAL == 0 || key.scope == scope::EXTERNAL,
@@ -509,6 +534,13 @@ fn check_render(p: &Plan) {
         assert!(s["frontends"]
             .as_array()
             .is_some_and(|f| f.iter().all(|f| f["address"].is_string())));
+        assert!(
+            s["source_ranges"].is_null()
+                || s["source_ranges"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().all(|r| r.is_string())),
+            "source_ranges in {s}"
+        );
     }
     let rejected = v["rejected"].as_array().expect("rejected array");
     assert_eq!(rejected.len(), p.rejected.len());

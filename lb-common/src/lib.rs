@@ -19,7 +19,7 @@ pub mod map_name {
     pub const REV_NAT: &str = "lb_revnat_v1";
     pub const SOCK_REV_NAT: &str = "lb_sk_revnat_v1";
     pub const SOCK_FLOW: &str = "lb_sk_flow_v1";
-    pub const STATS: &str = "lb_stats_v3";
+    pub const STATS: &str = "lb_stats_v4";
     pub const CONNTRACK: &str = "lb_ct_v3";
     /// Conntrack of flows not confirmed yet (TCP until the client acknowledged the backend's
     /// SYN-ACK, UDP before the first reply): a flood of new flows churns this map, never the
@@ -31,10 +31,13 @@ pub mod map_name {
     pub const CONFIG: &str = "lb_config_v2";
     pub const AFFINITY: &str = "lb_affinity_v1";
     pub const MEMBERS: &str = "lb_member_v1";
-    pub const SERVICE_STATS: &str = "lb_svc_stats_v1";
+    pub const SERVICE_STATS: &str = "lb_svc_stats_v2";
     pub const SERVICE_NAMES: &str = "lb_svc_names_v1";
+    /// loadBalancerSourceRanges (LPM trie): (Service-port id, source prefix) of the Service
+    /// ports whose LoadBalancer frontends only admit those sources.
+    pub const SOURCE_RANGES: &str = "lb_srcrange_v1";
     /// Every map the agent pins, for `uninstall` and for `lbctl`.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         FRONTENDS,
         BACKENDS,
         REV_NAT,
@@ -50,6 +53,7 @@ pub mod map_name {
         SERVICE_NAMES,
         MAGLEV,
         FRAGMENTS,
+        SOURCE_RANGES,
     ];
 
     /// Splits a pinned name into its base and layout version: `lb_ct_v2` -> (`lb_ct`, 2).
@@ -136,6 +140,9 @@ pub mod limits {
     /// owe, and still change the flow's state (an unscaled maximum window: stricter than Linux
     /// conntrack, which allows the receiver's scaled window).
     pub const TCP_SEQ_WINDOW: u32 = 65_535;
+    /// loadBalancerSourceRanges entries: one per (Service port, source prefix), plus one per
+    /// LoadBalancer IP of a Service port whose ranges hold a node address.
+    pub const SOURCE_RANGES: u32 = 65_536;
     /// Largest number of backends one Service frontend can have (slots are `u16`).
     pub const BACKENDS_PER_SERVICE: u32 = 65_535;
 }
@@ -170,6 +177,15 @@ pub mod service_flags {
     /// `!hasEndpoints`): connections are rejected (`ECONNREFUSED` for in-node clients), not
     /// just dropped.
     pub const NO_ENDPOINTS: u16 = 1 << 6;
+    /// A LoadBalancer frontend of a Service with loadBalancerSourceRanges (kube-proxy's
+    /// firewall): a new flow or socket is admitted only from a source inside the Service
+    /// port's prefixes in [`crate::map_name::SOURCE_RANGES`]; others are dropped (counted as
+    /// `counter::SOURCE_RANGE_DENIED`). Frontends without it never look the map up.
+    pub const SOURCE_RANGES: u16 = 1 << 7;
+    /// With `SOURCE_RANGES`: a node address lies in the ranges (kube-proxy's `allowFromNode`),
+    /// so an in-node socket whose source is not bound yet (its source will be a node address)
+    /// is admitted at socket level.
+    pub const ALLOW_FROM_NODE: u16 = 1 << 8;
 }
 
 /// Flags of a backend.
@@ -322,6 +338,22 @@ pub struct AffinityValue {
 pub struct MemberKey {
     pub frontend: FrontendSlotKey,
     pub backend_id: u32,
+}
+
+/// The data of a source-ranges LPM trie key (the kernel's `bpf_lpm_trie_key` is a `u32`
+/// prefix length followed by these bytes): the Service port's id, always matched whole, then
+/// the source address. An entry for `a.b.c.d/len` has prefix length `32 + len`; a lookup uses
+/// the packet's source with prefix length 64. The value (`u32`) is 1.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRangeKey {
+    pub svc_port_id: u32,
+    pub addr_be: u32,
+}
+
+impl SourceRangeKey {
+    /// Bits of the key data that a source address adds to the Service-port id.
+    pub const ID_BITS: u32 = 32;
 }
 
 /// Value of the backends map (key: backend id, `u32`, 0 reserved).
@@ -671,6 +703,8 @@ pub struct ServiceCounters {
     pub drops_no_backend: u64,
     /// Dropped for another reason (SNAT ports exhausted, inconsistent maps).
     pub drops_other: u64,
+    /// Dropped or refused: the source is outside the Service's loadBalancerSourceRanges.
+    pub drops_source_range: u64,
 }
 
 /// Value of the Service names map (key: Service-port id): `namespace/name:port/PROTO`, NUL
@@ -807,8 +841,11 @@ pub mod counter {
     /// tc egress: a `bpf_skb_*` helper failed (a frame shorter than its headers claim, or a
     /// store the kernel refused); the packet went on untranslated.
     pub const TC_ERROR: u32 = 48;
+    /// North-south or socket level: a new flow or socket to a LoadBalancer frontend from a
+    /// source outside the Service's loadBalancerSourceRanges was dropped (refused).
+    pub const SOURCE_RANGE_DENIED: u32 = 49;
     /// Number of counters (stats map size).
-    pub const COUNT: u32 = 49;
+    pub const COUNT: u32 = 50;
 
     /// Counters nothing increments any more, kept so that the stats layout does not change
     /// (every other index has an increment site in lb-ebpf; a test checks both).
@@ -865,6 +902,7 @@ pub mod counter {
         "xdp_snat_preserved",
         "xdp_snat_socket",
         "tc_error",
+        "source_range_denied",
     ];
 }
 
@@ -876,7 +914,8 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityKey>() == 16);
     assert!(core::mem::size_of::<AffinityValue>() == 8);
     assert!(core::mem::size_of::<MemberKey>() == 16);
-    assert!(core::mem::size_of::<ServiceCounters>() == 40);
+    assert!(core::mem::size_of::<ServiceCounters>() == 48);
+    assert!(core::mem::size_of::<SourceRangeKey>() == 8);
     assert!(core::mem::size_of::<ServiceName>() == 256);
     assert!(core::mem::size_of::<Backend>() == 12);
     assert!(core::mem::size_of::<RevNat>() == 8);
@@ -912,6 +951,7 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for MemberKey {}
+    unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for ServiceCounters {}
     unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for MaglevKey {}

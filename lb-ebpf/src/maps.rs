@@ -1,12 +1,12 @@
 //! Every map of the kernel side, in one place. Names and layouts come from `lb-common`.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
     limits, AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, FragKey,
     FragPorts, FrontendSlot, FrontendSlotKey, MaglevChunk, MaglevKey, MemberKey, RevNat,
-    ServiceCounters, ServiceName, SockFlow, SockKey, SockRevNat, MAGLEV_CHUNK,
+    ServiceCounters, ServiceName, SockFlow, SockKey, SockRevNat, SourceRangeKey, MAGLEV_CHUNK,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are allocated when written (Maglev chunks are 1 KiB each).
@@ -49,7 +49,7 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 #[map(name = "lb_member_v1")]
 pub static MEMBERS: HashMap<MemberKey, u32> = HashMap::pinned(limits::MEMBERS, 0);
 
-#[map(name = "lb_svc_stats_v1")]
+#[map(name = "lb_svc_stats_v2")]
 pub static SERVICE_STATS: PerCpuHashMap<u32, ServiceCounters> =
     PerCpuHashMap::pinned(limits::SERVICE_STATS, 0);
 
@@ -58,10 +58,15 @@ pub static SERVICE_STATS: PerCpuHashMap<u32, ServiceCounters> =
 #[map(name = "lb_svc_names_v1")]
 pub static SERVICE_NAMES: HashMap<u32, ServiceName> = HashMap::pinned(limits::SERVICE_STATS, 0);
 
+/// loadBalancerSourceRanges by Service port (aya adds the `BPF_F_NO_PREALLOC` an LPM trie
+/// requires).
+#[map(name = "lb_srcrange_v1")]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> = LpmTrie::pinned(limits::SOURCE_RANGES, 0);
+
 #[map(name = "lb_config_v2")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
-#[map(name = "lb_stats_v3")]
+#[map(name = "lb_stats_v4")]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::pinned(lb_common::counter::COUNT, 0);
 
 /// Adds one event of `bytes` bytes to counter `idx`.
@@ -112,6 +117,20 @@ pub fn maglev(master: &FrontendSlot, hash: u32) -> Option<u32> {
     (id != 0).then_some(id)
 }
 
+/// Whether `saddr_be` lies in one of the source ranges of Service port `svc_port_id` (one
+/// longest-prefix lookup).
+#[inline(always)]
+pub fn source_in_ranges(svc_port_id: u32, saddr_be: u32) -> bool {
+    let key = Key::new(
+        SourceRangeKey::ID_BITS + 32,
+        SourceRangeKey {
+            svc_port_id,
+            addr_be: saddr_be,
+        },
+    );
+    SOURCE_RANGES.get(&key).is_some()
+}
+
 /// What a per-Service counter update adds.
 #[derive(Clone, Copy)]
 pub enum ServiceEvent {
@@ -119,6 +138,7 @@ pub enum ServiceEvent {
     NewConnection(u64),
     DropNoBackend,
     DropOther,
+    DropSourceRange,
 }
 
 /// Adds an event to the Service port's per-CPU counters.
@@ -151,6 +171,7 @@ pub fn count_service(svc_port_id: u32, ev: ServiceEvent) {
             }
             ServiceEvent::DropNoBackend => (*c).drops_no_backend += 1,
             ServiceEvent::DropOther => (*c).drops_other += 1,
+            ServiceEvent::DropSourceRange => (*c).drops_source_range += 1,
         }
     }
 }

@@ -96,6 +96,17 @@ fn new_flow<H: Hook>(ctx: &H, p: &Packet, key: &CtKey, len: u64) -> Result<u32, 
         None => return Err(Stop::Pass(counter::XDP_NO_FRONTEND)),
     };
     let svc_port_id = fe.master.svc_port_id;
+    // loadBalancerSourceRanges (kube-proxy's firewall), before anything else: only
+    // LoadBalancer frontends of such Services carry the flag, all others skip the lookup.
+    if fe.master.flags & service_flags::SOURCE_RANGES != 0
+        && !maps::source_in_ranges(svc_port_id, p.saddr)
+    {
+        return Err(Stop::Drop {
+            reason: counter::SOURCE_RANGE_DENIED,
+            svc_port_id,
+            event: ServiceEvent::DropSourceRange,
+        });
+    }
     if fe.master.count == 0 {
         return Err(Stop::Drop {
             reason: counter::XDP_DROP_NO_BACKEND,

@@ -37,6 +37,48 @@ enum Why {
     NoBackend,
     /// A slot points at a missing backend (inconsistent maps).
     BackendMissing,
+    /// The frontend admits only the Service's loadBalancerSourceRanges, and this socket's
+    /// source is not in them.
+    SourceRange,
+}
+
+/// loadBalancerSourceRanges at socket level, for a frontend that has them: a socket bound to
+/// a source address (`src_be`, 0 when unbound) is judged by that address, as a packet would
+/// be; an unbound one gets a node address as its source when it sends, so it is admitted when
+/// a node address lies in the ranges (`ALLOW_FROM_NODE`, kube-proxy's `allowFromNode`).
+#[inline(always)]
+fn source_allowed(fe: &Frontend, src_be: u32) -> Result<(), Refusal> {
+    let flags = fe.master.flags;
+    if flags & service_flags::SOURCE_RANGES == 0 {
+        return Ok(());
+    }
+    let allowed = if src_be == 0 {
+        flags & service_flags::ALLOW_FROM_NODE != 0
+    } else {
+        maps::source_in_ranges(fe.master.svc_port_id, src_be)
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(Refusal {
+            fe: *fe,
+            why: Why::SourceRange,
+        })
+    }
+}
+
+/// The source address a connecting socket is bound to (0: not bound yet).
+#[inline(always)]
+fn bound_source(ctx: &SockAddrContext) -> u32 {
+    // SAFETY: the kernel hands a valid bpf_sock_addr whose `sk` is a valid socket for the
+    // program's lifetime (connect4 and sendmsg4 both have one).
+    unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        if sk.is_null() {
+            return 0;
+        }
+        (*sk).src_ip4
+    }
 }
 
 /// The frontend a socket address names, if it is one of ours.
@@ -131,6 +173,10 @@ pub fn refuse(ctx: &SockAddrContext, r: Refusal) -> i32 {
             maps::count(counter::SOCK_BACKEND_MISSING, 0);
             maps::count_service(fe.master.svc_port_id, ServiceEvent::DropOther);
         }
+        Why::SourceRange => {
+            maps::count(counter::SOURCE_RANGE_DENIED, 0);
+            maps::count_service(fe.master.svc_port_id, ServiceEvent::DropSourceRange);
+        }
     }
     REFUSE
 }
@@ -148,6 +194,7 @@ pub fn try_connect4(ctx: &SockAddrContext) -> Result<(), Refusal> {
     let Some(fe) = frontend(ctx) else {
         return Ok(());
     };
+    source_allowed(&fe, bound_source(ctx))?;
     let chosen = choose(ctx, &fe)?;
     translate(ctx, &fe, &chosen, cookie(ctx));
     maps::count(counter::SOCK_CONNECT_XLATE, 0);
@@ -162,6 +209,9 @@ pub fn try_sendmsg4(ctx: &SockAddrContext) -> Result<(), Refusal> {
     let Some(fe) = frontend(ctx) else {
         return Ok(());
     };
+    // The datagram's source: an IP_PKTINFO address, else the socket's bound one (0: unbound).
+    // SAFETY: valid context; msg_src_ip4 is readable for sendmsg4.
+    source_allowed(&fe, unsafe { (*ctx.sock_addr).msg_src_ip4 })?;
     let cookie = cookie(ctx);
     let flow_key = SockKey {
         cookie,

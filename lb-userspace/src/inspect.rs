@@ -290,7 +290,9 @@ pub fn config(bpffs: &Path) -> Result<ConfigView> {
 pub struct Lookup {
     pub frontend: String,
     pub scope: &'static str,
-    /// `conntrack`, `affinity`, `maglev`, `fresh choice`, `no backend` or `not a frontend`.
+    /// `conntrack`, `source range denied` (a new flow from outside the Service's
+    /// loadBalancerSourceRanges), `affinity`, `maglev`, `fresh choice`, `no backend` or `not a
+    /// frontend`.
     pub reason: &'static str,
     /// The backend the flow has or will get (empty for a fresh choice: see `candidates`).
     pub backend: Option<String>,
@@ -369,6 +371,16 @@ pub fn lookup(
             out.backend = Some(addr(e.nat_daddr_be, e.nat_dport_be).to_string());
             return Ok(out);
         }
+    }
+    // A new flow from outside the Service port's loadBalancerSourceRanges is dropped first.
+    if scope_name == "external"
+        && master.flags & service_flags::SOURCE_RANGES != 0
+        && !s.source_ranges.iter().any(|(id, net, len)| {
+            *id == master.svc_port_id && crate::control::plan::in_prefix(client, *net, *len)
+        })
+    {
+        out.reason = "source range denied";
+        return Ok(out);
     }
     if master.count == 0 {
         out.reason = "no backend";

@@ -150,6 +150,14 @@ fn map_layouts_of_the_object_are_lb_common_types() {
             map_name::FRAGMENTS,
             (size::<lb_common::FragKey>(), size::<lb_common::FragPorts>()),
         ),
+        (
+            map_name::SOURCE_RANGES,
+            // An LPM trie's key: the prefix length, then the data.
+            (
+                size::<u32>() + size::<lb_common::SourceRangeKey>(),
+                size::<u32>(),
+            ),
+        ),
         (lb_common::BENCH_MAP, (size::<u32>(), size::<BenchFrame>())),
     ]
     .into();

@@ -37,6 +37,7 @@ fn front(name: &str, backends: &[BackendKey]) -> DesiredFrontend {
         service_port: name.into(),
         flags: service_flags::NODE_PORT,
         affinity_timeout_s: 0,
+        source_ranges: None,
         backends: backends.iter().map(|b| (*b, 0)).collect(),
     }
 }

@@ -86,6 +86,7 @@ fn desired() -> Desired {
                     service_port: format!("ns/s{i}:p/{proto}"),
                     flags,
                     affinity_timeout_s: 30,
+                    source_ranges: None,
                     backends,
                 },
             )

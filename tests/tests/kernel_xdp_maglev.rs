@@ -137,6 +137,7 @@ fn service(backends: &[BackendKey]) -> DesiredFrontend {
         service_port: "default/web:http/TCP".into(),
         flags: lb_common::service_flags::LOAD_BALANCER,
         affinity_timeout_s: 0,
+        source_ranges: None,
         backends: backends.iter().map(|b| (*b, 0)).collect(),
     }
 }

@@ -309,6 +309,8 @@ pub struct MapSizesFile {
     pub sock_flow: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fragments: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_ranges: Option<u32>,
 }
 
 impl ConfigFile {
@@ -384,6 +386,7 @@ impl ConfigFile {
                 sock_rev_nat: Some(s.sock_rev_nat),
                 sock_flow: Some(s.sock_flow),
                 fragments: Some(s.fragments),
+                source_ranges: Some(s.source_ranges),
             }),
             logging: Some(Logging {
                 format: Some(if cfg.log_json { "json" } else { "text" }.into()),
@@ -500,7 +503,7 @@ pub struct MapSizeArgs {
     /// Rev-NAT entries (one per frontend address and port): lb_revnat_v1.
     #[arg(long, env = "LB_AGENT_MAP_REV_NAT", default_value_t = lb_common::limits::REV_NAT, value_parser = parse_map_size)]
     pub map_rev_nat: u32,
-    /// Service ports (per-CPU counters and names): lb_svc_stats_v1, lb_svc_names_v1.
+    /// Service ports (per-CPU counters and names): lb_svc_stats_v2, lb_svc_names_v1.
     #[arg(long, env = "LB_AGENT_MAP_SERVICE_PORTS", default_value_t = lb_common::limits::SERVICE_STATS, value_parser = parse_map_size)]
     pub map_service_ports: u32,
     /// Maglev table chunks: lb_maglev_v1.
@@ -532,6 +535,9 @@ pub struct MapSizeArgs {
     /// Fragmented datagrams in transit (LRU): lb_frag_v1.
     #[arg(long, env = "LB_AGENT_MAP_FRAGMENTS", default_value_t = lb_common::limits::FRAGMENTS, value_parser = parse_map_size)]
     pub map_fragments: u32,
+    /// loadBalancerSourceRanges prefixes (one per Service port and prefix): lb_srcrange_v1.
+    #[arg(long, env = "LB_AGENT_MAP_SOURCE_RANGES", default_value_t = lb_common::limits::SOURCE_RANGES, value_parser = parse_map_size)]
+    pub map_source_ranges: u32,
 }
 
 impl MapSizeArgs {
@@ -613,6 +619,12 @@ fn merge_sizes(
         )?,
         sock_flow: pick("map_sock_flow", a.map_sock_flow, m.sock_flow, "sockFlow")?,
         fragments: pick("map_fragments", a.map_fragments, m.fragments, "fragments")?,
+        source_ranges: pick(
+            "map_source_ranges",
+            a.map_source_ranges,
+            m.source_ranges,
+            "sourceRanges",
+        )?,
     })
 }
 

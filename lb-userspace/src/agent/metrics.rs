@@ -783,6 +783,13 @@ impl Ops {
                     c.drops_other,
                     &self.service_drops.get_or_create(&drop_label("other")),
                 );
+                bump(
+                    5,
+                    c.drops_source_range,
+                    &self
+                        .service_drops
+                        .get_or_create(&drop_label("source_range")),
+                );
             }
         }
         if let Some(counters) = readings.counters {

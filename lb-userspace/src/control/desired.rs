@@ -2,7 +2,7 @@
 //! ([`Desired`]), how its keys and values are spelled in the ABI of lb-common, and the datapath
 //! config for this node. Pure: the dataplane's sync writes it, `lbctl` and tests compare with it.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
 };
 
@@ -37,6 +37,12 @@ pub struct DesiredFrontend {
     pub affinity_timeout_s: u32,
     /// Backends in plan order, each with its backend flags.
     pub backends: Vec<(BackendKey, u8)>,
+    /// The source prefixes the Service port admits (a LoadBalancer frontend of a Service with
+    /// loadBalancerSourceRanges, flag `SOURCE_RANGES`): the ranges, plus each LoadBalancer IP
+    /// of the port as a /32 when a node address lies in them (kube-proxy's `allowFromNode`).
+    /// Every frontend of a Service port that has them holds the same set; the maps hold it
+    /// once, under the Service-port id.
+    pub source_ranges: Option<BTreeSet<(Ipv4Addr, u8)>>,
 }
 
 /// The desired contents of the maps, keyed by frontend.
@@ -97,6 +103,21 @@ pub fn service_port_frontends(sp: &ServicePortPlan) -> Vec<(FrontendKey, Desired
             })
             .collect::<Vec<_>>()
     };
+    // kube-proxy's firewall: for LoadBalancer IPs only, the same set for each of them.
+    let source_ranges = sp.source_ranges.as_ref().map(|r| {
+        let mut set: BTreeSet<(Ipv4Addr, u8)> = r.iter().copied().collect();
+        if sp.source_ranges_allow_node {
+            // A request from this node to a LoadBalancer IP that is a local address of it
+            // loops back with that IP as its source (kube-proxy admits it the same way).
+            set.extend(
+                sp.frontends
+                    .iter()
+                    .filter(|f| f.kind == FrontendKind::LoadBalancer)
+                    .map(|f| (*f.address.ip(), 32)),
+            );
+        }
+        set
+    });
     let from_inside = sp
         .cluster_endpoints
         .as_deref()
@@ -111,6 +132,7 @@ pub fn service_port_frontends(sp: &ServicePortPlan) -> Vec<(FrontendKey, Desired
             flags: flags | kind_flag(fe.kind),
             affinity_timeout_s: sp.session_affinity_timeout_seconds.unwrap_or(0),
             backends: backends(eps),
+            source_ranges: None,
         };
         let key = |scope| FrontendKey {
             addr: fe.address,
@@ -123,8 +145,20 @@ pub fn service_port_frontends(sp: &ServicePortPlan) -> Vec<(FrontendKey, Desired
                 entry(sp.internal_endpoints()),
             ));
         } else {
-            out.push((key(lb_common::scope::INTERNAL), entry(from_inside)));
-            let mut external = entry(sp.external_endpoints());
+            let fence = |mut d: DesiredFrontend| {
+                if fe.kind == FrontendKind::LoadBalancer {
+                    if let Some(r) = &source_ranges {
+                        d.flags |= lb_common::service_flags::SOURCE_RANGES;
+                        if sp.source_ranges_allow_node {
+                            d.flags |= lb_common::service_flags::ALLOW_FROM_NODE;
+                        }
+                        d.source_ranges = Some(r.clone());
+                    }
+                }
+                d
+            };
+            out.push((key(lb_common::scope::INTERNAL), fence(entry(from_inside))));
+            let mut external = fence(entry(sp.external_endpoints()));
             if sp.external_traffic_policy == Some(TrafficPolicy::Local) {
                 external.flags |= lb_common::service_flags::EXTERNAL_POLICY_LOCAL;
             }
@@ -244,6 +278,66 @@ pub fn covering_prefix(addrs: impl IntoIterator<Item = Ipv4Addr>) -> Option<(u32
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// kube-proxy's firewall: only the LoadBalancer frontends (both scopes) of a Service with
+    /// source ranges are flagged, all with the same set; the NodePort, ClusterIP and external
+    /// IP are not. A node address in the ranges admits in-node sockets and the LB IPs
+    /// themselves (kube-proxy's allowFromNode).
+    #[test]
+    fn source_ranges_fence_load_balancer_frontends_only() {
+        let fenced = |ranges: &str| {
+            let yaml = format!(
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: n1}}\nstatus: {{addresses: [{{type: InternalIP, address: 192.168.1.10}}]}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: ns}}\nspec: {{type: LoadBalancer, clusterIP: 10.96.0.1, externalIPs: [5.5.5.5], loadBalancerSourceRanges: {ranges}, ports: [{{port: 80, nodePort: 30080}}]}}\nstatus: {{loadBalancer: {{ingress: [{{ip: 1.2.3.4}}, {{ip: 1.2.3.5}}]}}}}\n"
+            );
+            let mut o = crate::control::source::Objects::default();
+            crate::control::source::parse_into(std::path::Path::new("t.yaml"), &yaml, &mut o)
+                .unwrap();
+            let p = crate::control::plan::plan(&crate::control::model::build(&o, "n1"), "n1");
+            desired(&p)
+                .into_iter()
+                .map(|(k, v)| (k.addr.to_string(), k.scope, v.flags, v.source_ranges))
+                .collect::<Vec<_>>()
+        };
+        use lb_common::service_flags::{ALLOW_FROM_NODE, SOURCE_RANGES};
+        let set = |v: &[(&str, u8)]| {
+            Some(
+                v.iter()
+                    .map(|(a, l)| (a.parse::<Ipv4Addr>().unwrap(), *l))
+                    .collect::<BTreeSet<_>>(),
+            )
+        };
+        let d = fenced("[10.0.0.0/8]");
+        assert_eq!(d.len(), 1 + 2 + 2 * 2 + 2, "{d:?}");
+        for (addr, _, flags, ranges) in &d {
+            if addr.starts_with("1.2.3.") {
+                assert_eq!(flags & (SOURCE_RANGES | ALLOW_FROM_NODE), SOURCE_RANGES);
+                assert_eq!(*ranges, set(&[("10.0.0.0", 8)]));
+            } else {
+                assert_eq!(flags & (SOURCE_RANGES | ALLOW_FROM_NODE), 0, "{addr}");
+                assert_eq!(*ranges, None, "{addr}");
+            }
+        }
+        // The node's address is in a range: the LB IPs join the set, in-node sockets pass.
+        let d = fenced("[192.168.0.0/16]");
+        for (addr, _, flags, ranges) in &d {
+            if addr.starts_with("1.2.3.") {
+                assert_eq!(
+                    flags & (SOURCE_RANGES | ALLOW_FROM_NODE),
+                    SOURCE_RANGES | ALLOW_FROM_NODE
+                );
+                assert_eq!(
+                    *ranges,
+                    set(&[("1.2.3.4", 32), ("1.2.3.5", 32), ("192.168.0.0", 16)])
+                );
+            }
+        }
+        // No ranges, or 0.0.0.0/0: nothing is fenced.
+        for r in ["[]", "[0.0.0.0/0, 10.0.0.0/8]"] {
+            assert!(fenced(r)
+                .iter()
+                .all(|(_, _, f, r)| f & SOURCE_RANGES == 0 && r.is_none()));
+        }
+    }
 
     /// kube-proxy's REJECT: only a Service port with no usable endpoint anywhere is flagged;
     /// one whose endpoints all live elsewhere (internalTrafficPolicy Local) is not (dropped,

@@ -189,6 +189,10 @@ pub struct ServiceModel {
     pub cluster_ips: Vec<Ipv4Addr>,
     pub external_ips: Vec<Ipv4Addr>,
     pub load_balancer_ips: Vec<Ipv4Addr>,
+    /// `spec.loadBalancerSourceRanges` as kube-proxy's firewall reads them (see
+    /// [`source_ranges`]): `None` admits every source; `Some` only those in its IPv4 prefixes
+    /// (none at all when every entry was unusable).
+    pub source_ranges: Option<Vec<(Ipv4Addr, u8)>>,
     pub ports: Vec<ServicePort>,
     pub internal_traffic_policy: TrafficPolicy,
     /// `None` when the Service is not reachable from outside (no NodePort/LB/external IP).
@@ -356,6 +360,62 @@ pub fn parse_ipv4_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
     let addr: Ipv4Addr = addr.parse().ok()?;
     let len: u8 = len.parse().ok()?;
     if !(1..=32).contains(&len) {
+        return None;
+    }
+    Some((
+        Ipv4Addr::from(u32::from(addr) & prefix_mask(len.into())),
+        len,
+    ))
+}
+
+/// `spec.loadBalancerSourceRanges` as kube-proxy reads them for its IPv4 firewall: each entry
+/// trimmed of whitespace (validation lets padding through); empty entries and IPv6 prefixes
+/// skipped; a prefix of length 0 (`0.0.0.0/0`) admits any source, as no ranges do (`None`).
+/// Unlike kube-proxy, which drops unparsable entries from the list (and opens the firewall when
+/// none is left), an unparsable entry here still turns the firewall on: it admits nothing, but
+/// it never opens the door for every source (`Some` with the valid prefixes, maybe none).
+/// kube-proxy reads only the field; the deprecated annotation
+/// `service.beta.kubernetes.io/load-balancer-source-ranges` is for cloud providers, and is
+/// ignored here too. The second value lists the entries skipped as unparsable.
+pub fn source_ranges(entries: &[String]) -> (Option<Vec<(Ipv4Addr, u8)>>, Vec<String>) {
+    let mut v4 = BTreeSet::new();
+    let mut invalid = Vec::new();
+    let mut any = false;
+    for e in entries {
+        let e = e.trim();
+        if e.is_empty() {
+            continue;
+        }
+        if let Some((addr, len)) = e.split_once('/') {
+            if addr.parse::<std::net::Ipv6Addr>().is_ok()
+                && len.parse::<u8>().is_ok_and(|l| l <= 128)
+            {
+                continue; // the IPv6 family's firewall: not this dataplane's
+            }
+        }
+        match parse_ipv4_prefix(e) {
+            Some((_, 0)) => any = true,
+            Some(p) => {
+                v4.insert(p);
+            }
+            None => invalid.push(e.to_string()),
+        }
+    }
+    if any || (v4.is_empty() && invalid.is_empty()) {
+        return (None, invalid);
+    }
+    (Some(v4.into_iter().collect()), invalid)
+}
+
+/// `a.b.c.d/len` (len 0..=32, host bits cleared) as (network address, len).
+fn parse_ipv4_prefix(s: &str) -> Option<(Ipv4Addr, u8)> {
+    let (addr, len) = s.split_once('/')?;
+    let addr: Ipv4Addr = addr.parse().ok()?;
+    if len.is_empty() || len.len() > 2 || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let len: u8 = len.parse().ok()?;
+    if len > 32 {
         return None;
     }
     Some((
@@ -678,6 +738,14 @@ fn service_model(
             }
         }
     }
+    let (source_ranges, unparsable) =
+        source_ranges(spec.load_balancer_source_ranges.as_deref().unwrap_or(&[]));
+    if type_ == "LoadBalancer" && !unparsable.is_empty() {
+        skipped.push(format!(
+            "loadBalancerSourceRanges entries {unparsable:?} are not IPv4 or IPv6 prefixes: they \
+             admit no source (the other ranges still do)"
+        ));
+    }
     let mut ports = Vec::new();
     let mut seen = BTreeSet::new();
     for p in spec.ports.iter().flatten() {
@@ -767,6 +835,7 @@ fn service_model(
         cluster_ips,
         external_ips,
         load_balancer_ips,
+        source_ranges,
         ports,
         internal_traffic_policy,
         external_traffic_policy,
@@ -1432,6 +1501,83 @@ mod tests {
         assert_eq!(
             m.services[0].external_traffic_policy,
             Some(TrafficPolicy::Cluster)
+        );
+    }
+
+    /// kube-proxy's reading of loadBalancerSourceRanges (IPv4 family), except that an
+    /// unparsable entry never opens the firewall.
+    #[test]
+    fn source_ranges_table() {
+        let r = |entries: &[&str]| {
+            let v: Vec<String> = entries.iter().map(|s| s.to_string()).collect();
+            let (ranges, bad) = source_ranges(&v);
+            (
+                ranges.map(|r| {
+                    r.iter()
+                        .map(|(a, l)| format!("{a}/{l}"))
+                        .collect::<Vec<_>>()
+                }),
+                bad,
+            )
+        };
+        let some = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        // No ranges, or only empty entries: every source.
+        assert_eq!(r(&[]), (None, vec![]));
+        assert_eq!(r(&["", "  "]), (None, vec![]));
+        // Trimmed, host bits cleared, sorted and deduplicated.
+        assert_eq!(
+            r(&[" 10.1.2.3/8 ", "192.168.0.0/16", "10.0.0.0/8", "1.2.3.4/32"]),
+            (
+                some(&["1.2.3.4/32", "10.0.0.0/8", "192.168.0.0/16"]),
+                vec![]
+            )
+        );
+        // A zero prefix admits any source (kube-proxy: as no ranges).
+        assert_eq!(r(&["10.0.0.0/8", "0.0.0.0/0"]), (None, vec![]));
+        assert_eq!(r(&["1.2.3.4/0"]), (None, vec![]));
+        // IPv6 prefixes belong to the IPv6 family's firewall: skipped, and alone they leave
+        // the IPv4 frontends open, as kube-proxy's IPv4 proxier does.
+        assert_eq!(r(&["2001:db8::/32"]), (None, vec![]));
+        assert_eq!(r(&["::/0", "10.0.0.0/8"]), (some(&["10.0.0.0/8"]), vec![]));
+        // Unparsable entries are ignored as kube-proxy ignores them, but never open the door:
+        // with nothing valid left, nothing is admitted.
+        assert_eq!(
+            r(&["10.0.0.0/8", "10.0.0.0/33", "bogus"]),
+            (
+                some(&["10.0.0.0/8"]),
+                vec!["10.0.0.0/33".to_string(), "bogus".to_string()]
+            )
+        );
+        assert_eq!(
+            r(&["1.2.3.4", "1.2.3.4/", "1.2.3.4/+8", "300.1.1.1/8"]),
+            (
+                some(&[]),
+                vec![
+                    "1.2.3.4".to_string(),
+                    "1.2.3.4/".to_string(),
+                    "1.2.3.4/+8".to_string(),
+                    "300.1.1.1/8".to_string()
+                ]
+            )
+        );
+    }
+
+    /// The field only, not the deprecated annotation (kube-proxy reads only the field); a
+    /// LoadBalancer Service with an unparsable entry is reported (and still served).
+    #[test]
+    fn source_ranges_come_from_the_field() {
+        let m = model("apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: ns, annotations: {service.beta.kubernetes.io/load-balancer-source-ranges: 10.0.0.0/8}}\nspec: {type: LoadBalancer, clusterIP: 10.96.0.3, ports: [{port: 80, nodePort: 30001}]}\nstatus: {loadBalancer: {ingress: [{ip: 1.2.3.4}]}}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: ns}\nspec: {type: LoadBalancer, clusterIP: 10.96.0.4, loadBalancerSourceRanges: [10.0.0.0/8, nope], ports: [{port: 80, nodePort: 30002}]}\nstatus: {loadBalancer: {ingress: [{ip: 1.2.3.5}]}}\n");
+        assert_eq!(m.services.len(), 2);
+        assert_eq!(m.services[0].source_ranges, None);
+        assert_eq!(
+            m.services[1].source_ranges,
+            Some(vec![(Ipv4Addr::new(10, 0, 0, 0), 8)])
+        );
+        assert_eq!(m.rejected.len(), 1, "{:?}", m.rejected);
+        assert!(
+            m.rejected[0].reason.contains("\"nope\""),
+            "{:?}",
+            m.rejected
         );
     }
 }

@@ -47,6 +47,17 @@ pub struct ServicePortPlan {
     /// only when the ready endpoints carry hints; `lb_service_topology_hints_unusable`).
     #[serde(skip_serializing_if = "TopologyHints::is_absent")]
     pub topology_hints: TopologyHints,
+    /// loadBalancerSourceRanges (IPv4 prefixes, `a.b.c.d/len`) that the Service port's
+    /// LoadBalancer frontends admit, kube-proxy's firewall: `null` when they admit every
+    /// source (no ranges, `0.0.0.0/0`, or no LoadBalancer frontend); an empty list admits
+    /// none. NodePorts, ClusterIPs and external IPs are never filtered.
+    #[serde(serialize_with = "ser_prefixes")]
+    pub source_ranges: Option<Vec<(Ipv4Addr, u8)>>,
+    /// With `source_ranges`: a node address lies in them (kube-proxy's `allowFromNode`), so
+    /// in-node clients whose source is a node address, and packets from the LoadBalancer IPs
+    /// themselves, are admitted.
+    #[serde(skip)]
+    pub source_ranges_allow_node: bool,
     /// The Service's creation time (Unix seconds): the older Service port keeps its place when
     /// the maps cannot hold every one.
     #[serde(skip)]
@@ -81,6 +92,16 @@ impl Plan {
 
 fn ser_addr<S: serde::Serializer>(a: &SocketAddrV4, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(a)
+}
+
+fn ser_prefixes<S: serde::Serializer>(
+    p: &Option<Vec<(Ipv4Addr, u8)>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match p {
+        None => s.serialize_none(),
+        Some(v) => s.collect_seq(v.iter().map(|(a, l)| format!("{a}/{l}"))),
+    }
 }
 
 fn ser_endpoints<S: serde::Serializer>(
@@ -269,6 +290,15 @@ fn port_plans(svc: &ServiceModel, node: &NodeInfo) -> Vec<ServicePortPlan> {
             port.port,
         );
         add(FrontendKind::ExternalIP, &svc.external_ips, port.port);
+        let has_lb = frontends
+            .iter()
+            .any(|f| f.kind == FrontendKind::LoadBalancer);
+        let source_ranges = svc.source_ranges.clone().filter(|_| has_lb);
+        let source_ranges_allow_node = source_ranges.as_ref().is_some_and(|r| {
+            node.addresses
+                .iter()
+                .any(|a| r.iter().any(|(net, len)| in_prefix(*a, *net, *len)))
+        });
         let empty = Vec::new();
         let eps = svc
             .endpoints
@@ -299,10 +329,18 @@ fn port_plans(svc: &ServiceModel, node: &NodeInfo) -> Vec<ServicePortPlan> {
             health_check_node_port: svc.health_check_node_port,
             has_endpoints: eps.iter().any(|e| e.ready || (e.serving && e.terminating)),
             topology_hints,
+            source_ranges,
+            source_ranges_allow_node,
             created: svc.created,
         });
     }
     out
+}
+
+/// Whether `a` lies in `net/len`.
+pub fn in_prefix(a: Ipv4Addr, net: Ipv4Addr, len: u8) -> bool {
+    let mask = super::model::prefix_mask(len.into());
+    u32::from(a) & mask == u32::from(net) & mask
 }
 
 /// The plan for `node_name`. Without a Node object of that name the node has no zone and no

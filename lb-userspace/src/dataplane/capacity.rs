@@ -33,7 +33,7 @@ pub struct MapSizes {
     pub backends: u32,
     /// Rev-NAT entries (`lb_revnat_v1`): one per frontend address and port.
     pub rev_nat: u32,
-    /// Service ports (`lb_svc_stats_v1` per-CPU counters and `lb_svc_names_v1`).
+    /// Service ports (`lb_svc_stats_v2` per-CPU counters and `lb_svc_names_v1`).
     pub service_ports: u32,
     /// Maglev table chunks (`lb_maglev_v1`).
     pub maglev_chunks: u32,
@@ -49,6 +49,8 @@ pub struct MapSizes {
     pub sock_flow: u32,
     /// Fragmented datagrams in transit (`lb_frag_v1`, LRU).
     pub fragments: u32,
+    /// loadBalancerSourceRanges prefixes (`lb_srcrange_v1`): one per Service port and prefix.
+    pub source_ranges: u32,
 }
 
 impl Default for MapSizes {
@@ -65,6 +67,7 @@ impl Default for MapSizes {
             sock_rev_nat: limits::SOCK_REV_NAT,
             sock_flow: limits::SOCK_FLOW,
             fragments: limits::FRAGMENTS,
+            source_ranges: limits::SOURCE_RANGES,
         }
     }
 }
@@ -74,7 +77,7 @@ pub const SIZE_RANGE: (u32, u32) = (16, 1 << 24);
 
 impl MapSizes {
     /// (pinned map name, entries) of every map these sizes set.
-    pub fn per_map(&self) -> [(&'static str, u32); 13] {
+    pub fn per_map(&self) -> [(&'static str, u32); 14] {
         [
             (map_name::FRONTENDS, self.frontend_slots),
             (map_name::MEMBERS, self.frontend_slots),
@@ -89,6 +92,7 @@ impl MapSizes {
             (map_name::SOCK_REV_NAT, self.sock_rev_nat),
             (map_name::SOCK_FLOW, self.sock_flow),
             (map_name::FRAGMENTS, self.fragments),
+            (map_name::SOURCE_RANGES, self.source_ranges),
         ]
     }
 
@@ -106,6 +110,7 @@ impl MapSizes {
             map_name::SOCK_REV_NAT => &mut self.sock_rev_nat,
             map_name::SOCK_FLOW => &mut self.sock_flow,
             map_name::FRAGMENTS => &mut self.fragments,
+            map_name::SOURCE_RANGES => &mut self.source_ranges,
             // Sized with another map (members with the slots, names with the stats).
             _ => return,
         };
@@ -115,7 +120,7 @@ impl MapSizes {
 
 /// The flag, map, key bytes, value bytes (per CPU for the stats) and default entries of every
 /// sized map, as the README's table of map sizes shows them.
-pub fn size_flags() -> [(&'static str, &'static str, usize, usize, u32); 13] {
+pub fn size_flags() -> [(&'static str, &'static str, usize, usize, u32); 14] {
     use std::mem::size_of as sz;
 
     use lb_common::*;
@@ -212,6 +217,14 @@ pub fn size_flags() -> [(&'static str, &'static str, usize, usize, u32); 13] {
             sz::<FragPorts>(),
             d.fragments,
         ),
+        (
+            "--map-source-ranges",
+            map_name::SOURCE_RANGES,
+            // The LPM trie's key: a prefix length, then the data.
+            sz::<u32>() + sz::<SourceRangeKey>(),
+            sz::<u32>(),
+            d.source_ranges,
+        ),
     ]
 }
 
@@ -242,6 +255,7 @@ pub struct Entries {
     pub rev_nat: u64,
     pub service_ports: u64,
     pub maglev_chunks: u64,
+    pub source_ranges: u64,
 }
 
 impl Entries {
@@ -252,6 +266,7 @@ impl Entries {
         self.rev_nat += o.rev_nat;
         self.service_ports += o.service_ports;
         self.maglev_chunks += o.maglev_chunks;
+        self.source_ranges += o.source_ranges;
     }
 
     /// The first map `needs` more entries would overflow, with (map, capacity, used, needs).
@@ -292,6 +307,12 @@ impl Entries {
                 sizes.maglev_chunks,
                 self.maglev_chunks,
                 needs.maglev_chunks,
+            ),
+            (
+                map_name::SOURCE_RANGES,
+                sizes.source_ranges,
+                self.source_ranges,
+                needs.source_ranges,
             ),
         ]
         .into_iter()
@@ -337,6 +358,8 @@ struct Held {
     rev_nat: HashSet<SocketAddrV4>,
     names: HashSet<String>,
     tables: HashSet<Vec<BackendKey>>,
+    /// Service ports whose source ranges are counted.
+    ranges: HashSet<String>,
 }
 
 impl Held {
@@ -357,6 +380,12 @@ impl Held {
             }
             if !self.names.contains(&d.service_port) && n.names.insert(d.service_port.clone()) {
                 n.entries.service_ports += 1;
+            }
+            if let Some(r) = &d.source_ranges {
+                // Once per Service port (its frontends share the set).
+                if n.ranges.insert(d.service_port.clone()) {
+                    n.entries.source_ranges += r.len() as u64;
+                }
             }
             if super::maglev_tables::wants_table(fe, d, set.len()) {
                 let set: Vec<BackendKey> = set.into_iter().collect();

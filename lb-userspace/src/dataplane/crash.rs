@@ -17,7 +17,9 @@ use lb_common::{
     MAGLEV_CHUNK,
 };
 
-use super::{fake::svc_key_str, fake::FakeDataplane, sync::Syncer, Dataplane, MapContents};
+use super::{
+    fake::svc_key_str, fake::FakeDataplane, sync::Syncer, Dataplane, MapContents, SourceRange,
+};
 use crate::control::desired::Desired;
 
 /// The error of a write after the kill.
@@ -154,6 +156,18 @@ impl<D: Dataplane> Dataplane for CrashAfter<D> {
         self.step(
             || format!("del_maglev {} {}", k.table_id, k.chunk),
             |d| d.del_maglev(k),
+        )
+    }
+    fn put_source_range(&mut self, r: SourceRange) -> Result<()> {
+        self.step(
+            || format!("put_source_range {} {}/{}", r.0, r.1, r.2),
+            |d| d.put_source_range(r),
+        )
+    }
+    fn del_source_range(&mut self, r: SourceRange) -> Result<()> {
+        self.step(
+            || format!("del_source_range {} {}/{}", r.0, r.1, r.2),
+            |d| d.del_source_range(r),
         )
     }
     fn contents(&self) -> Result<MapContents> {
@@ -324,6 +338,16 @@ pub fn leftover_problems(st: &MapContents) -> Vec<String> {
     for k in st.maglev.keys().filter(|k| !chunks.contains(k)) {
         out.push(format!("Maglev chunk {}/{} unused", k.table_id, k.chunk));
     }
+    for (id, net, len) in &st.source_ranges {
+        if !masters
+            .values()
+            .any(|m| m.svc_port_id == *id && m.flags & lb_common::service_flags::SOURCE_RANGES != 0)
+        {
+            out.push(format!(
+                "source range {net}/{len} of Service-port id {id} unused"
+            ));
+        }
+    }
     out
 }
 
@@ -369,10 +393,16 @@ pub fn canonical(st: &MapContents) -> BTreeMap<String, String> {
         let places: Vec<usize> = entries.iter().map(|id| place[id]).collect();
         let named: Vec<&String> = named.iter().map(|(b, _)| b).collect();
         let table = format!("{named:?} {places:?}");
+        let ranges: Vec<String> = st
+            .source_ranges
+            .iter()
+            .filter(|(id, _, _)| *id == v.svc_port_id)
+            .map(|(_, net, len)| format!("{net}/{len}"))
+            .collect();
         out.insert(
             svc_key_str(k),
             format!(
-                "count {} flags {:#x} affinity {} m {} rev-NAT {:?} name {:?} slots {slots:?} members {members:?} table {table}",
+                "count {} flags {:#x} affinity {} m {} rev-NAT {:?} name {:?} slots {slots:?} members {members:?} table {table} source ranges {ranges:?}",
                 v.count,
                 v.flags,
                 v.affinity_timeout_s,
@@ -385,13 +415,14 @@ pub fn canonical(st: &MapContents) -> BTreeMap<String, String> {
     out.insert(
         "entries".into(),
         format!(
-            "services {} backends {} rev-NAT {} members {} names {} Maglev chunks {}",
+            "services {} backends {} rev-NAT {} members {} names {} Maglev chunks {} source ranges {}",
             st.services.len(),
             st.backends.len(),
             st.rev_nat.len(),
             st.members.len(),
             st.service_names.len(),
-            st.maglev.len()
+            st.maglev.len(),
+            st.source_ranges.len()
         ),
     );
     out
@@ -416,6 +447,12 @@ pub fn restore<D: Dataplane>(dp: &mut D, want: &MapContents) -> Result<()> {
     }
     for k in have.maglev.keys().filter(|k| !want.maglev.contains_key(k)) {
         dp.del_maglev(k)?;
+    }
+    for r in have.source_ranges.difference(&want.source_ranges) {
+        dp.del_source_range(*r)?;
+    }
+    for r in want.source_ranges.difference(&have.source_ranges) {
+        dp.put_source_range(*r)?;
     }
     for k in have
         .backends
@@ -674,7 +711,8 @@ fn ensure_clean(st: &MapContents, clean: &BTreeMap<String, String>, at: &str) ->
 /// ClusterIP (both scopes), a NodePort and a LoadBalancer IP (Maglev tables), a DNS Service with
 /// a UDP and a TCP port, a session-affinity Service and a single-endpoint one; then endpoints
 /// added, replaced, terminating, removed, scaled to zero and back, Services removed and added
-/// again, a traffic policy and an affinity timeout changed, and finally nothing.
+/// again, a traffic policy and an affinity timeout changed, loadBalancerSourceRanges set,
+/// changed and dropped with their LoadBalancer IP, and finally nothing.
 pub fn change_sequence() -> Vec<Desired> {
     use lb_common::{backend_flags as bf, proto, scope, service_flags as sf};
     use std::net::{Ipv4Addr, SocketAddrV4};
@@ -695,6 +733,7 @@ pub fn change_sequence() -> Vec<Desired> {
             service_port: name.into(),
             flags,
             affinity_timeout_s: affinity,
+            source_ranges: None,
             backends,
         };
     let web = |d: &mut Desired, backends: &[(u8, u8, u8)], lb: bool, local: bool| {
@@ -771,6 +810,19 @@ pub fn change_sequence() -> Vec<Desired> {
             front("default/kubernetes:443/TCP", sf::CLUSTER_IP, 0, b),
         );
     };
+    // loadBalancerSourceRanges on a LoadBalancer IP.
+    let fence = |d: &mut Desired, ip: [u8; 4], port: u16, ranges: &[([u8; 4], u8)]| {
+        let v = d
+            .get_mut(&fe(ip, port, proto::TCP, scope::EXTERNAL))
+            .expect("a LoadBalancer frontend");
+        v.flags |= sf::SOURCE_RANGES;
+        v.source_ranges = Some(
+            ranges
+                .iter()
+                .map(|(a, l)| (Ipv4Addr::from(*a), *l))
+                .collect(),
+        );
+    };
     let l = bf::LOCAL;
     let mut out = Vec::new();
     // 0: three Services.
@@ -778,8 +830,15 @@ pub fn change_sequence() -> Vec<Desired> {
     web(&mut d, &[(1, 1, l), (2, 2, 0), (2, 3, 0)], true, false);
     dns(&mut d, &[(1, 10), (2, 11)]);
     api(&mut d);
+    fence(
+        &mut d,
+        [172, 18, 0, 10],
+        80,
+        &[([10, 0, 0, 0], 8), ([192, 168, 0, 0], 16)],
+    );
     out.push(d);
-    // 1: web scales up, the session-affinity Service arrives, a DNS pod is replaced.
+    // 1: web scales up and changes its source ranges, the session-affinity Service arrives, a
+    // DNS pod is replaced.
     let mut d = Desired::new();
     web(
         &mut d,
@@ -790,6 +849,12 @@ pub fn change_sequence() -> Vec<Desired> {
     dns(&mut d, &[(1, 10), (2, 12)]);
     api(&mut d);
     sticky(&mut d, &[30, 31, 32], 10800);
+    fence(
+        &mut d,
+        [172, 18, 0, 10],
+        80,
+        &[([10, 0, 0, 0], 8), ([172, 16, 0, 0], 12)],
+    );
     out.push(d);
     // 2: a web pod terminates, another is gone; the cart scales to zero; the API Service goes.
     let mut d = Desired::new();
@@ -801,6 +866,12 @@ pub fn change_sequence() -> Vec<Desired> {
     );
     dns(&mut d, &[(1, 10), (2, 12)]);
     sticky(&mut d, &[], 10800);
+    fence(
+        &mut d,
+        [172, 18, 0, 10],
+        80,
+        &[([10, 0, 0, 0], 8), ([172, 16, 0, 0], 12)],
+    );
     out.push(d);
     // 3: web rolls to new pods; the cart comes back on new pods; the API Service is back; DNS
     // goes.
@@ -808,6 +879,13 @@ pub fn change_sequence() -> Vec<Desired> {
     web(&mut d, &[(1, 1, l), (1, 5, l), (2, 6, 0)], true, false);
     sticky(&mut d, &[33, 34], 10800);
     api(&mut d);
+    fence(
+        &mut d,
+        [172, 18, 0, 10],
+        80,
+        &[([10, 0, 0, 0], 8), ([172, 16, 0, 0], 12)],
+    );
+    fence(&mut d, [172, 18, 0, 20], 443, &[([10, 1, 0, 0], 16)]);
     out.push(d);
     // 4: web loses its LoadBalancer IP and turns to externalTrafficPolicy Local; the cart's
     // affinity timeout changes.
@@ -815,6 +893,7 @@ pub fn change_sequence() -> Vec<Desired> {
     web(&mut d, &[(1, 1, l), (1, 5, l), (2, 6, 0)], false, true);
     sticky(&mut d, &[33, 34], 600);
     api(&mut d);
+    fence(&mut d, [172, 18, 0, 20], 443, &[([10, 1, 0, 0], 16)]);
     out.push(d);
     // 5: everything removed.
     out.push(Desired::new());

@@ -6,7 +6,7 @@ use lb_common::{
     Backend, Config, FrontendSlot, FrontendSlotKey, MaglevChunk, MaglevKey, MemberKey, RevNat,
 };
 
-use super::{capacity::MapSizes, Dataplane, MapContents};
+use super::{capacity::MapSizes, Dataplane, MapContents, SourceRange};
 
 /// In-memory dataplane: the same operations on B-trees, with an operation log for tests.
 #[derive(Debug, Default)]
@@ -168,6 +168,27 @@ impl Dataplane for FakeDataplane {
         self.log
             .push(format!("del_maglev {} {}", key.table_id, key.chunk));
         self.state.maglev.remove(key);
+        self.written();
+        Ok(())
+    }
+    fn put_source_range(&mut self, r: SourceRange) -> Result<()> {
+        self.log
+            .push(format!("put_source_range {} {}/{}", r.0, r.1, r.2));
+        if let Some(cap) = self.sizes.map(|s| s.source_ranges) {
+            if !self.state.source_ranges.contains(&r)
+                && self.state.source_ranges.len() >= cap as usize
+            {
+                bail!("source ranges: map full ({cap} entries)");
+            }
+        }
+        self.state.source_ranges.insert(r);
+        self.written();
+        Ok(())
+    }
+    fn del_source_range(&mut self, r: SourceRange) -> Result<()> {
+        self.log
+            .push(format!("del_source_range {} {}/{}", r.0, r.1, r.2));
+        self.state.source_ranges.remove(&r);
         self.written();
         Ok(())
     }

@@ -41,7 +41,25 @@ pub struct MapContents {
     pub service_names: BTreeMap<u32, String>,
     /// Maglev table chunks.
     pub maglev: BTreeMap<MaglevKey, MaglevChunk>,
+    /// loadBalancerSourceRanges entries: (Service-port id, network, prefix length).
+    pub source_ranges: BTreeSet<SourceRange>,
     pub config: Config,
+}
+
+/// An entry of the source-ranges map: a prefix a Service port's LoadBalancer frontends admit.
+pub type SourceRange = (u32, std::net::Ipv4Addr, u8);
+
+/// The source-ranges map's key of an entry (LPM: the id's 32 bits, then the prefix's).
+pub fn source_range_key(
+    (id, net, len): SourceRange,
+) -> aya::maps::lpm_trie::Key<lb_common::SourceRangeKey> {
+    aya::maps::lpm_trie::Key::new(
+        lb_common::SourceRangeKey::ID_BITS + u32::from(len),
+        lb_common::SourceRangeKey {
+            svc_port_id: id,
+            addr_be: u32::from_ne_bytes(net.octets()),
+        },
+    )
 }
 
 /// The writes the sync makes, one map entry each, and the read-back that adoption starts from.
@@ -59,6 +77,8 @@ pub trait Dataplane {
     fn del_service_name(&mut self, id: u32) -> Result<()>;
     fn put_maglev(&mut self, key: &MaglevKey, value: &MaglevChunk) -> Result<()>;
     fn del_maglev(&mut self, key: &MaglevKey) -> Result<()>;
+    fn put_source_range(&mut self, r: SourceRange) -> Result<()>;
+    fn del_source_range(&mut self, r: SourceRange) -> Result<()>;
     /// Reads back every entry (used once, at start, to adopt pinned state).
     fn contents(&self) -> Result<MapContents>;
     /// Removes the UDP conntrack flows (both directions, both tiers) of each (Service-port id,

@@ -1,16 +1,16 @@
 //! The maps pinned under `--bpffs`: the aya [`Dataplane`] on them, opening one by name (saying
 //! so when only another layout version of it is there), and finding our maps pinned at other
 //! layout versions (the `_vN` suffix of every map name; upgrades across them are `migrate`'s).
-use std::{fs, path::Path, path::PathBuf};
+use std::{fs, net::Ipv4Addr, path::Path, path::PathBuf};
 
 use anyhow::{Context, Result};
-use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError};
 use lb_common::{
     map_name, Backend, Config, FrontendSlot, FrontendSlotKey, MaglevChunk, MaglevKey, MemberKey,
-    RevNat, ServiceName,
+    RevNat, ServiceName, SourceRangeKey,
 };
 
-use super::{ct_gc::CtTiers, Dataplane, MapContents};
+use super::{ct_gc::CtTiers, source_range_key, Dataplane, MapContents, SourceRange};
 use crate::error::UsageError;
 
 /// Fails with a [`UsageError`] when `bpffs` is not a directory.
@@ -128,6 +128,7 @@ pub struct AyaDataplane {
     members: HashMap<MapData, MemberKey, u32>,
     names: HashMap<MapData, u32, ServiceName>,
     maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
     config: Array<MapData, Config>,
     /// The conntrack tiers, for flushing the UDP flows of removed backends.
     conntrack: CtTiers,
@@ -147,6 +148,7 @@ impl AyaDataplane {
             members: HashMap::try_from(take(map_name::MEMBERS)?)?,
             names: HashMap::try_from(take(map_name::SERVICE_NAMES)?)?,
             maglev: HashMap::try_from(take(map_name::MAGLEV)?)?,
+            source_ranges: LpmTrie::try_from(take(map_name::SOURCE_RANGES)?)?,
             config: Array::try_from(take(map_name::CONFIG)?)?,
             conntrack: CtTiers::from_ebpf(ebpf)?,
         })
@@ -163,6 +165,7 @@ impl AyaDataplane {
             members: HashMap::try_from(open(map_name::MEMBERS)?)?,
             names: HashMap::try_from(open(map_name::SERVICE_NAMES)?)?,
             maglev: HashMap::try_from(open(map_name::MAGLEV)?)?,
+            source_ranges: LpmTrie::try_from(Map::LpmTrie(open_data(map_name::SOURCE_RANGES)?))?,
             config: Array::try_from(Map::Array(open_data(map_name::CONFIG)?))?,
             conntrack: open_conntrack(dir)?,
         })
@@ -209,6 +212,12 @@ impl Dataplane for AyaDataplane {
     fn del_maglev(&mut self, key: &MaglevKey) -> Result<()> {
         deleted(self.maglev.remove(key))
     }
+    fn put_source_range(&mut self, r: SourceRange) -> Result<()> {
+        Ok(self.source_ranges.insert(&source_range_key(r), 1, 0)?)
+    }
+    fn del_source_range(&mut self, r: SourceRange) -> Result<()> {
+        deleted(self.source_ranges.remove(&source_range_key(r)))
+    }
     fn contents(&self) -> Result<MapContents> {
         let mut s = MapContents {
             config: self.config.get(&0, 0)?,
@@ -237,6 +246,16 @@ impl Dataplane for AyaDataplane {
         for kv in self.maglev.iter() {
             let (k, v) = kv?;
             s.maglev.insert(k, v);
+        }
+        for k in self.source_ranges.keys() {
+            let k = k?;
+            let data = k.data();
+            let len = k.prefix_len().saturating_sub(SourceRangeKey::ID_BITS) as u8;
+            s.source_ranges.insert((
+                data.svc_port_id,
+                Ipv4Addr::from(data.addr_be.to_ne_bytes()),
+                len,
+            ));
         }
         Ok(s)
     }
@@ -274,7 +293,7 @@ mod tests {
             vec![
                 ("lb_ct_v1".into(), "lb_ct_v3"),
                 ("lb_ct_v2".into(), "lb_ct_v3"),
-                ("lb_stats_v1".into(), "lb_stats_v3"),
+                ("lb_stats_v1".into(), "lb_stats_v4"),
                 ("lb_svc_v2".into(), "lb_svc_v3")
             ]
         );

@@ -190,6 +190,16 @@ pub fn map_occupancy(bpffs: &Path) -> Result<Vec<MapOccupancy>> {
             entries: count_entries::<SockKey, SockFlow>(bpffs, map_name::SOCK_FLOW, true)?,
             capacity: sizes.sock_flow as u64,
         },
+        MapOccupancy {
+            map: "source_ranges",
+            entries: {
+                let data = open_pinned(bpffs, map_name::SOURCE_RANGES)?;
+                let m: aya::maps::LpmTrie<MapData, SourceRangeKey, u32> =
+                    aya::maps::LpmTrie::try_from(Map::LpmTrie(data))?;
+                m.keys().count() as u64
+            },
+            capacity: sizes.source_ranges as u64,
+        },
     ])
 }
 
@@ -252,6 +262,7 @@ pub fn service_stats(bpffs: &Path) -> Result<Vec<(u32, lb_common::ServiceCounter
             sum.new_connections += c.new_connections;
             sum.drops_no_backend += c.drops_no_backend;
             sum.drops_other += c.drops_other;
+            sum.drops_source_range += c.drops_source_range;
         }
         out.push((id, sum));
     }

@@ -29,7 +29,7 @@
 //! of its writes to check all of this.
 use std::{
     collections::{hash_map::Entry, BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
-    net::SocketAddrV4,
+    net::{Ipv4Addr, SocketAddrV4},
 };
 
 use anyhow::Result;
@@ -110,6 +110,8 @@ pub struct Syncer<D: Dataplane> {
     pub total_writes: u64,
     /// What the maps can hold.
     sizes: MapSizes,
+    /// Programmed loadBalancerSourceRanges prefixes by Service-port id.
+    ranges: BTreeMap<u32, BTreeSet<(Ipv4Addr, u8)>>,
 }
 
 impl<D: Dataplane> Syncer<D> {
@@ -153,7 +155,11 @@ impl<D: Dataplane> Syncer<D> {
             full_pass: true,
             total_writes: 0,
             sizes: MapSizes::default(),
+            ranges: BTreeMap::new(),
         };
+        for (id, net, len) in &found.source_ranges {
+            s.ranges.entry(*id).or_default().insert((*net, *len));
+        }
         // Service-port identities as the names map recorded them.
         for (id, name) in &found.service_names {
             s.svc_port_ids.insert(name.clone(), *id);
@@ -515,6 +521,7 @@ impl<D: Dataplane> Syncer<D> {
         dead_names.retain(|n| !waiting.contains(n.as_str()));
         self.free_names(dead_names)?;
         self.maybe_unused.clear();
+        self.free_ranges()?;
         let udp_flows_flushed = self.flush_departed()?;
         self.full_pass = false;
         Ok(SyncStats {
@@ -557,6 +564,11 @@ impl<D: Dataplane> Syncer<D> {
             self.write(|dp| dp.put_service_name(id, &d.service_port))?;
             self.svc_port_ids.insert(d.service_port.clone(), id);
         }
+        // The source ranges before a master that names them (a master whose flag finds no
+        // entry admits nobody: never more than the ranges say).
+        if let Some(want) = &d.source_ranges {
+            self.sync_ranges(self.svc_port_ids[&d.service_port], want)?;
+        }
         self.sync_frontend(fe, d)?;
         let old = self.applied.insert(*fe, d.clone());
         if old.as_ref().map(|o| &o.service_port) != Some(&d.service_port) {
@@ -583,6 +595,12 @@ impl<D: Dataplane> Syncer<D> {
     ) -> Result<bool> {
         for _ in 0..8 {
             let used = self.entries();
+            // No step of the backends makes room in the source-ranges map.
+            if used.source_ranges + self.needs(fe, d).source_ranges
+                > u64::from(self.sizes.source_ranges)
+            {
+                return Ok(false);
+            }
             if used.overflow(&self.needs(fe, d), &self.sizes).is_none() {
                 self.apply(fe, d, dead_names)?;
                 return Ok(true);
@@ -655,6 +673,54 @@ impl<D: Dataplane> Syncer<D> {
             self.free_backends(false, &keep)?;
         }
         Ok(false)
+    }
+
+    /// Makes Service port `id`'s source ranges exactly `want`: the new prefixes first, then
+    /// those it no longer has.
+    fn sync_ranges(&mut self, id: u32, want: &BTreeSet<(Ipv4Addr, u8)>) -> Result<()> {
+        let have = self.ranges.get(&id).cloned().unwrap_or_default();
+        for (net, len) in want.difference(&have) {
+            let r = (id, *net, *len);
+            self.write(|dp| dp.put_source_range(r))?;
+            self.ranges.entry(id).or_default().insert((*net, *len));
+        }
+        for (net, len) in have.difference(want) {
+            let r = (id, *net, *len);
+            self.write(|dp| dp.del_source_range(r))?;
+            if let Some(set) = self.ranges.get_mut(&id) {
+                set.remove(&(*net, *len));
+            }
+        }
+        if self.ranges.get(&id).is_some_and(|s| s.is_empty()) {
+            self.ranges.remove(&id);
+        }
+        Ok(())
+    }
+
+    /// Removes the source ranges of Service ports no programmed frontend filters with any more
+    /// (after their masters lost the flag or were removed).
+    fn free_ranges(&mut self) -> Result<()> {
+        if self.ranges.is_empty() {
+            return Ok(());
+        }
+        let used: HashSet<u32> = self
+            .frontends
+            .values()
+            .filter(|p| p.flags & lb_common::service_flags::SOURCE_RANGES != 0)
+            .map(|p| p.svc_port_id)
+            .collect();
+        let dead: Vec<u32> = self
+            .ranges
+            .keys()
+            .filter(|id| !used.contains(id))
+            .copied()
+            .collect();
+        for id in dead {
+            for (net, len) in self.ranges.remove(&id).unwrap_or_default() {
+                self.write(|dp| dp.del_source_range((id, net, len)))?;
+            }
+        }
+        Ok(())
     }
 
     /// Removes a frontend that is no longer desired: master first, then its slots, membership,
@@ -776,6 +842,7 @@ impl<D: Dataplane> Syncer<D> {
             rev_nat: (self.rev_nat.len() + self.stray_rev_nat.len()) as u64,
             service_ports: self.svc_port_ids.len() as u64,
             maglev_chunks: self.tables.chunks() + self.stray_maglev.len() as u64,
+            source_ranges: self.ranges.values().map(|s| s.len() as u64).sum(),
         }
     }
 
@@ -806,6 +873,16 @@ impl<D: Dataplane> Syncer<D> {
         }
         if !self.svc_port_ids.contains_key(&d.service_port) {
             n.service_ports = 1;
+        }
+        if let Some(want) = &d.source_ranges {
+            let have = self
+                .svc_port_ids
+                .get(&d.service_port)
+                .and_then(|id| self.ranges.get(id));
+            n.source_ranges = want
+                .iter()
+                .filter(|r| !have.is_some_and(|h| h.contains(r)))
+                .count() as u64;
         }
         if wants_table(fe, d, set.len()) {
             let set: Vec<BackendKey> = set.into_iter().collect();
@@ -1181,6 +1258,7 @@ mod tests {
                         service_port: format!("ns/s{s}:p/TCP"),
                         flags: 1,
                         affinity_timeout_s: 0,
+                        source_ranges: None,
                         backends,
                     },
                 )
@@ -1218,6 +1296,7 @@ mod tests {
             service_port: name.into(),
             flags: 1,
             affinity_timeout_s: 0,
+            source_ranges: None,
             backends: bes.iter().map(|b| (ube(*b), 0)).collect(),
         };
         // A UDP Service port with two frontends (ClusterIP and a NodePort-like address), a TCP
@@ -1268,6 +1347,101 @@ mod tests {
         assert_eq!(next_slots(&[1, 2, 3, 4, 5], &[5]), vec![5]);
         assert_eq!(next_slots(&[1, 0, 3], &[1, 3]), vec![1, 3]);
         assert_eq!(next_slots(&[], &[7, 7, 8]), vec![7, 8]);
+    }
+
+    /// Source ranges live once per Service port, written before the first master that
+    /// names them, changed in place (new prefixes first), kept while a fenced frontend of
+    /// the port remains, removed after the last one lost its flag or went, and adopted
+    /// after a restart without a write; a map without room defers the frontend.
+    #[test]
+    fn source_ranges_follow_their_service_port() {
+        use lb_common::service_flags::SOURCE_RANGES;
+        let net = |a: &str, l: u8| (a.parse::<Ipv4Addr>().unwrap(), l);
+        let fence = |d: &mut Desired, i: u32, r: &[(Ipv4Addr, u8)]| {
+            let v = d.get_mut(&fe(i)).unwrap();
+            v.flags |= SOURCE_RANGES;
+            v.source_ranges = Some(r.iter().copied().collect());
+        };
+        let mut d = desired(3, 2);
+        // Frontends 0 and 1 are one Service port (two LoadBalancer IPs), 2 another.
+        d.get_mut(&fe(1)).unwrap().service_port = "ns/s0:p/TCP".into();
+        fence(&mut d, 0, &[net("10.0.0.0", 8), net("192.168.1.0", 24)]);
+        fence(&mut d, 1, &[net("10.0.0.0", 8), net("192.168.1.0", 24)]);
+        let mut s = Syncer::adopt(FakeDataplane::default()).unwrap();
+        s.sync(&d).unwrap();
+        let id = s.service_ports()["ns/s0:p/TCP"];
+        let st = &s.dataplane().state;
+        assert_eq!(
+            st.source_ranges,
+            [
+                (id, net("10.0.0.0", 8).0, 8),
+                (id, net("192.168.1.0", 24).0, 24)
+            ]
+            .into()
+        );
+        let log = &s.dataplane().log;
+        let first_range = log.iter().position(|l| l.starts_with("put_source_range"));
+        let first_master = log.iter().position(|l| {
+            l.starts_with("put_service") && l.ends_with(&format!("{}/6/0#0", fe(0).addr))
+        });
+        assert!(first_range < first_master, "{log:?}");
+        assert_eq!(log.iter().filter(|l| l.contains("source_range")).count(), 2);
+        assert_eq!(s.sync(&d).unwrap().writes, 0);
+
+        // Adopted as they are.
+        let mut again = Syncer::adopt(std::mem::take(&mut s.dp)).unwrap();
+        assert_eq!(again.sync(&d).unwrap().writes, 0);
+        let mut s = again;
+
+        // A changed set: one prefix added, one removed.
+        fence(&mut d, 0, &[net("10.0.0.0", 8), net("172.16.0.0", 12)]);
+        fence(&mut d, 1, &[net("10.0.0.0", 8), net("172.16.0.0", 12)]);
+        s.dp.log.clear();
+        s.sync(&d).unwrap();
+        assert_eq!(
+            s.dp.log,
+            vec![
+                format!("put_source_range {id} 172.16.0.0/12"),
+                format!("del_source_range {id} 192.168.1.0/24"),
+            ]
+        );
+        // One fenced frontend left: the set stays; none left: it goes, after the master.
+        d.get_mut(&fe(0)).unwrap().flags &= !SOURCE_RANGES;
+        d.get_mut(&fe(0)).unwrap().source_ranges = None;
+        s.sync(&d).unwrap();
+        assert_eq!(s.dp.state.source_ranges.len(), 2);
+        d.remove(&fe(1));
+        s.dp.log.clear();
+        s.sync(&d).unwrap();
+        assert!(s.dp.state.source_ranges.is_empty());
+        let log = &s.dp.log;
+        let del = log.iter().position(|l| l.starts_with("del_source_range"));
+        let master = log.iter().position(|l| l.starts_with("del_service"));
+        assert!(master < del, "{log:?}");
+
+        // A full source-ranges map defers the frontend that needs more, and nothing else.
+        let mut s = Syncer::adopt(FakeDataplane {
+            sizes: Some(MapSizes {
+                source_ranges: 16,
+                ..MapSizes::default()
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        s.set_sizes(MapSizes {
+            source_ranges: 16,
+            ..MapSizes::default()
+        });
+        let mut d = desired(3, 2);
+        let many: Vec<(Ipv4Addr, u8)> = (0..10u32).map(|i| (Ipv4Addr::from(i << 24), 8)).collect();
+        fence(&mut d, 0, &many);
+        fence(&mut d, 2, &many);
+        let st = s.sync(&d).unwrap();
+        assert_eq!(st.deferred.len(), 1, "{:?}", st.deferred);
+        assert_eq!(st.deferred[0].0, fe(2));
+        assert_eq!(st.deferred[0].2.map, lb_common::map_name::SOURCE_RANGES);
+        assert_eq!(s.dp.state.source_ranges.len(), 10);
+        assert_eq!(resolved(&s.dp.state).len(), 2);
     }
 
     #[test]
@@ -1705,6 +1879,12 @@ mod tests {
                 check_tables_with(&self.inner.state, false);
                 Ok(())
             }
+            fn put_source_range(&mut self, r: crate::dataplane::SourceRange) -> Result<()> {
+                self.inner.put_source_range(r)
+            }
+            fn del_source_range(&mut self, r: crate::dataplane::SourceRange) -> Result<()> {
+                self.inner.del_source_range(r)
+            }
             fn contents(&self) -> Result<MapContents> {
                 self.inner.contents()
             }
@@ -1927,6 +2107,7 @@ mod tests {
                             service_port: format!("ns/x{}:p/TCP", next(8)),
                             flags: lb_common::service_flags::LOAD_BALANCER,
                             affinity_timeout_s: 0,
+                            source_ranges: None,
                             backends,
                         },
                     );

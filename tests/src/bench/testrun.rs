@@ -228,6 +228,7 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
         service_port: "bench/web:http/TCP".into(),
         flags: lb_common::service_flags::LOAD_BALANCER,
         affinity_timeout_s: 0,
+        source_ranges: None,
         backends,
     };
     h.program(&Desired::from([(fe, d)]))?;
