@@ -6,7 +6,10 @@
 //!
 //! ```text
 //! lab-client tcp IP:PORT [--count N] [--timeout-ms T]   each exchange on a new connection
-//! lab-client udp IP:PORT [--count N] [--timeout-ms T]   each from a new unconnected socket
+//! lab-client udp IP:PORT [--count N] [--timeout-ms T] [--source-port P]
+//!                                                       each from a new unconnected socket
+//!                                                       (bound to port P when given, as
+//!                                                       `nc -u -p P` in a loop)
 //! lab-client hold IP:PORT [--timeout-ms T]              one connection: one exchange at start,
 //!                                                       one more per stdin line, until EOF
 //! lab-client hold-udp IP:PORT [--timeout-ms T]          the same on one connected UDP socket;
@@ -128,8 +131,8 @@ fn tcp_once(target: SocketAddr, timeout: Duration) -> Outcome {
     request(&mut s, &mut reader, peer)
 }
 
-fn udp_once(target: SocketAddr, timeout: Duration) -> Outcome {
-    let s = step("bind", None, UdpSocket::bind("0.0.0.0:0"))?;
+fn udp_once(target: SocketAddr, timeout: Duration, source_port: u16) -> Outcome {
+    let s = step("bind", None, UdpSocket::bind(("0.0.0.0", source_port)))?;
     step("setsockopt", None, s.set_read_timeout(Some(timeout)))?;
     step("send", None, s.send_to(b"hello\n", target))?;
     let mut buf = [0u8; 2048];
@@ -212,7 +215,7 @@ fn hold_udp(target: SocketAddr, timeout: Duration) {
 
 fn usage(why: &str) -> ! {
     eprintln!(
-        "lab-client: {why}\nusage: lab-client tcp|udp IP:PORT [--count N] [--timeout-ms T]\n       \
+        "lab-client: {why}\nusage: lab-client tcp|udp IP:PORT [--count N] [--timeout-ms T] [--source-port P (udp)]\n       \
          lab-client hold|hold-udp IP:PORT [--timeout-ms T]"
     );
     exit(2)
@@ -228,6 +231,7 @@ fn main() {
         .unwrap_or_else(|_| usage(&format!("bad target {target} (IP:PORT)")));
     let mut count = 1u32;
     let mut timeout = Duration::from_millis(2000);
+    let mut source_port = 0u16;
     let mut rest = args[2..].iter();
     while let Some(flag) = rest.next() {
         let value = rest
@@ -245,6 +249,11 @@ fn main() {
                     .unwrap_or_else(|_| usage(&format!("bad timeout {value}")));
                 timeout = Duration::from_millis(ms.max(1));
             }
+            "--source-port" if mode == "udp" => {
+                source_port = value
+                    .parse()
+                    .unwrap_or_else(|_| usage(&format!("bad port {value}")))
+            }
             other => usage(&format!("unknown argument {other}")),
         }
     }
@@ -255,7 +264,7 @@ fn main() {
                 let outcome = if mode == "tcp" {
                     tcp_once(target, timeout)
                 } else {
-                    udp_once(target, timeout)
+                    udp_once(target, timeout, source_port)
                 };
                 report(outcome, started, timeout);
             }
