@@ -165,32 +165,54 @@ fn lab_e2e_source_pod_ip_is_preserved_through_a_cluster_ip() {
 }
 
 /// service.go "should be able to switch session affinity for service with type clusterIP" and
-/// "... for NodePort service": three backends, ClientIP affinity on (15 requests in a row reach
-/// one backend), off (requests spread), on again; from a pod to the ClusterIP and from the
-/// external client to the NodePort.
+/// "... for NodePort service", loadbalancer.go "should be able to switch session affinity for
+/// LoadBalancer service with ESIPP off" and "... with ESIPP on": three backends, ClientIP
+/// affinity on (15 requests in a row reach one backend), off (requests spread), on again; from
+/// a pod to the ClusterIP, from the external client to the NodePort and to the load balancer's
+/// address of a Cluster and of a Local Service.
 #[test]
 fn lab_e2e_session_affinity_can_be_switched_off_and_on() {
     let Some(mut s) = start_example() else { return };
+    s.lab.client_route("203.0.113.40/32", "node1").unwrap();
+    s.lab.client_route("203.0.113.41/32", "node1").unwrap();
     let text = |affinity: &str| {
-        with(&[
-            service(
-                "affinity",
+        let mut docs = Vec::new();
+        for (name, ip, policy, node_port, lb) in [
+            ("affinity", "10.96.1.2", "Cluster", 30201, "203.0.113.40"),
+            (
+                "affinity-local",
+                "10.96.1.3",
+                "Local, healthCheckNodePort: 32095",
+                30202,
+                "203.0.113.41",
+            ),
+        ] {
+            docs.push(service(
+                name,
                 "",
                 &format!(
-                    "type: NodePort, clusterIP: 10.96.1.2, selector: {{app: affinity}}, \
-                     sessionAffinity: {affinity}, {}",
-                    tcp_udp(80, ", nodePort: 30201")
+                    "type: LoadBalancer, clusterIP: {ip}, selector: {{app: {name}}}, \
+                     externalTrafficPolicy: {policy}, sessionAffinity: {affinity}, {}",
+                    tcp_udp(80, &format!(", nodePort: {node_port}"))
                 ),
-                "",
-            ),
-            slice(
-                "affinity",
+                &format!("status: {{loadBalancer: {{ingress: [{{ip: {lb}}}]}}}}\n"),
+            ));
+            docs.push(slice(
+                name,
                 "",
                 &[ep("a1", READY), ep("a2", READY), ep("b1", READY)],
-            ),
-        ])
+            ));
+        }
+        with(&docs)
     };
-    let paths = [("a1", "10.96.1.2:80"), ("client", "192.168.100.1:30201")];
+    // Three backends for the first three paths; the Local Service's load balancer reaches the
+    // two on node1.
+    let paths = [
+        ("a1", "10.96.1.2:80"),
+        ("client", "192.168.100.1:30201"),
+        ("client", "203.0.113.40:80"),
+        ("client", "203.0.113.41:80"),
+    ];
     let check = |s: &Running, holds: bool| {
         for (at, target) in paths {
             let n = if holds { 15 } else { 30 };
@@ -202,7 +224,8 @@ fn lab_e2e_session_affinity_can_be_switched_off_and_on() {
                     "affinity must hold for {target} from {at}: {b:?}"
                 );
             } else {
-                // Three backends, 30 independent choices: all on one would be 3 in 3^30.
+                // Two or three backends, 30 independent choices: all on one is 2 in 2^30 at
+                // most.
                 assert!(
                     b.len() > 1,
                     "affinity must be off for {target} from {at}: {b:?}"
@@ -444,9 +467,11 @@ fn lab_e2e_services_go_down_and_come_back_when_recreated() {
 /// loadbalancer.go "should be able to change the type and ports of a TCP service" and "... of a
 /// UDP service" (without a cloud: the load balancer's address is written into the status, the
 /// client routes it to node1), and service.go "should be able to change the type from
-/// ClusterIP to ExternalName" / "from ExternalName to NodePort": ClusterIP -> NodePort ->
-/// LoadBalancer -> new nodePort -> new port -> ClusterIP -> ExternalName -> NodePort; each step
-/// serves what the new type and ports say and stops serving what they no longer say.
+/// ClusterIP to ExternalName", "from ExternalName to NodePort", "from NodePort to ExternalName"
+/// and "from ExternalName to ClusterIP": ClusterIP -> NodePort -> LoadBalancer -> new nodePort
+/// -> new port -> ClusterIP -> ExternalName -> NodePort -> ExternalName -> ClusterIP (a new
+/// address, as the API server allocates one); each step serves what the new type and ports say
+/// and stops serving what they no longer say.
 #[test]
 fn lab_e2e_service_type_and_ports_change_and_back() {
     let Some(mut s) = start_example() else { return };
@@ -529,6 +554,24 @@ fn lab_e2e_service_type_and_ports_change_and_back() {
     step(&mut s, np(80, 30212, "NodePort"), "");
     both(&s, "client", "192.168.100.1:30212");
     both(&s, "a1", "10.96.1.50:80");
+    // From NodePort to ExternalName, and from ExternalName to ClusterIP.
+    step(
+        &mut s,
+        "type: ExternalName, externalName: m.example.com".into(),
+        "",
+    );
+    assert!(refused_from_client(&s, "192.168.100.1:30212"));
+    fails(&s, "a1", "tcp", "10.96.1.50:80");
+    step(
+        &mut s,
+        format!(
+            "clusterIP: 10.96.1.51, selector: {{app: m}}, {}",
+            tcp_udp(80, "")
+        ),
+        "",
+    );
+    both(&s, "a1", "10.96.1.51:80");
+    both(&s, "b1", "10.96.1.51:80");
 }
 
 /// loadbalancer.go (ESIPP) "should work for type=LoadBalancer", "should work for type=NodePort",
