@@ -707,7 +707,12 @@ fn lab_e2e_traffic_policies_and_fallback_to_terminating_endpoints() {
         served_by_a1(ok(&s, at, "tcp", "10.96.1.71:80", 5));
     }
     for at in ["b2", "node2"] {
-        fails(&s, at, "tcp", "10.96.1.71:80");
+        // No endpoint for node2 though the Service has one: refused at once with EPERM
+        // (kube-proxy drops, so its clients time out; README "Differences from kube-proxy").
+        for e in fails(&s, at, "tcp", "10.96.1.71:80") {
+            let err = e.error.clone().unwrap_or_default();
+            assert!(err.starts_with("PermissionDenied"), "from {at}: {e:?}");
+        }
     }
     // The pod is being deleted and still serves.
     s.apply(&text(TERMINATING_SERVING), 3);
@@ -795,16 +800,28 @@ fn udp_until(s: &Running, at: &str, target: &str, backend: &str) -> Vec<String> 
 /// and b2, then b2 alone. Each flow must reach b1, then b2 — though b1 still answers anyone
 /// sent to it, so a stale translation would show. A NodePort flow from the external client
 /// runs beside the pod's. A flow to a Service whose only endpoint (a1) is unready is answered
-/// once it gets ready.
+/// once it gets ready. And conntrack.go "... for a ClusterIP service with InternalTrafficPolicy
+/// set to Local", with a host process of node1 as the client.
 #[test]
 fn lab_e2e_udp_traffic_survives_server_pod_cycles() {
     let Some(mut s) = start_example() else { return };
     let udp = |extra: &str| {
         format!("ports: [{{name: udp, port: 80, targetPort: 8080, protocol: UDP{extra}}}]")
     };
-    let text = |servers: &[&str], unready: &str| {
+    let text = |servers: &[&str], unready: &str, local: &[&str]| {
         let eps: Vec<String> = servers.iter().map(|p| ep(p, READY)).collect();
+        let local: Vec<String> = local.iter().map(|p| ep(p, READY)).collect();
         with(&[
+            service(
+                "udp-itp-local",
+                "",
+                &format!(
+                    "clusterIP: 10.96.1.83, selector: {{app: w}}, internalTrafficPolicy: Local, {}",
+                    udp("")
+                ),
+                "",
+            ),
+            slice("udp-itp-local", "", &local),
             service(
                 "udp-nodeport",
                 "",
@@ -855,19 +872,19 @@ fn lab_e2e_udp_traffic_survives_server_pod_cycles() {
             .remove(0)
     };
     // The clients start before any server exists.
-    s.apply(&text(&[], NOT_READY), 2);
+    s.apply(&text(&[], NOT_READY, &[]), 2);
     for (at, target) in flows {
         let e = once(&s, at, target);
         assert!(!e.ok, "{target} from {at} answered with no server: {e:?}");
     }
-    s.apply(&text(&["b1"], NOT_READY), 3);
+    s.apply(&text(&["b1"], NOT_READY, &[]), 3);
     for (at, target) in &flows[..4] {
         udp_until(&s, at, target, "b1");
     }
     let e = once(&s, "b2", "10.96.1.82:80");
     assert!(!e.ok, "answered while unready: {e:?}");
-    s.apply(&text(&["b1", "b2"], NOT_READY), 4);
-    s.apply(&text(&["b2"], READY), 5);
+    s.apply(&text(&["b1", "b2"], NOT_READY, &[]), 4);
+    s.apply(&text(&["b2"], READY, &[]), 5);
     for (at, target) in flows {
         let want = if target == "10.96.1.82:80" {
             "a1"
@@ -877,4 +894,24 @@ fn lab_e2e_udp_traffic_survives_server_pod_cycles() {
         let on_the_way = udp_until(&s, at, target, want);
         eprintln!("{target} from {at}: before {want} answered: {on_the_way:?}");
     }
+    // internalTrafficPolicy Local (upstream's regression test for issue 126934; the client is
+    // a host process of node1, whose two pods serve): the local server a1, then a1 and a remote
+    // b1, then b1 alone (no local endpoint: the flow goes nowhere for a while), then a new
+    // local server a2 beside b1, which the flow must reach.
+    let local = |s: &mut Running, servers: &[&str], generation| {
+        s.apply(&text(&["b2"], READY, servers), generation);
+    };
+    let target = "10.96.1.83:80";
+    local(&mut s, &["a1"], 6);
+    udp_until(&s, "node1", target, "a1");
+    local(&mut s, &["a1", "b1"], 7);
+    local(&mut s, &["b1"], 8);
+    for _ in 0..3 {
+        let e = once(&s, "node1", target);
+        assert!(!e.ok, "answered without a local endpoint: {e:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    local(&mut s, &["b1", "a2"], 9);
+    let on_the_way = udp_until(&s, "node1", target, "a2");
+    eprintln!("{target} from node1: before a2 answered: {on_the_way:?}");
 }
