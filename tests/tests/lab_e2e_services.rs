@@ -3,7 +3,8 @@
 //! names the upstream scenarios it ports; the README's "Upstream Service e2e scenarios" table
 //! maps every one to its test here or elsewhere, with its status.
 //!
-//! Every test starts the example lab (XDP variant, one agent per node) and then drives its own
+//! Every test starts the example lab (one agent per node; the tests of north-south paths on both
+//! lab variants, `_plain` and `_xdp`, the others on the XDP one) and then drives its own
 //! Services and EndpointSlices through the manifests source, appended to the example's objects:
 //! a "pod deleted" is its endpoint leaving the slice, a "pod terminating" its endpoint's
 //! conditions, as the EndpointSlice controller would write them.
@@ -11,7 +12,9 @@ use std::{collections::BTreeSet, time::Duration};
 
 use lb_tests::{
     lab::{all_ok, Exchange},
-    scenario::{example_manifests, http_get, in_netns, start_example, Running},
+    on_both_variants,
+    scenario::{example_manifests, http_get, in_netns, start_example, start_example_on, Running},
+    Variant,
 };
 
 const CLIENT_IP: &str = "192.168.100.100";
@@ -170,9 +173,10 @@ fn lab_e2e_source_pod_ip_is_preserved_through_a_cluster_ip() {
 /// affinity on (15 requests in a row reach one backend), off (requests spread), on again; from
 /// a pod to the ClusterIP, from the external client to the NodePort and to the load balancer's
 /// address of a Cluster and of a Local Service.
-#[test]
-fn lab_e2e_session_affinity_can_be_switched_off_and_on() {
-    let Some(mut s) = start_example() else { return };
+fn session_affinity_can_be_switched_off_and_on(v: Variant) {
+    let Some(mut s) = start_example_on(v) else {
+        return;
+    };
     s.lab.client_route("203.0.113.40/32", "node1").unwrap();
     s.lab.client_route("203.0.113.41/32", "node1").unwrap();
     let text = |affinity: &str| {
@@ -240,6 +244,7 @@ fn lab_e2e_session_affinity_can_be_switched_off_and_on() {
     s.apply(&text("ClientIP"), 4);
     check(&s, true);
 }
+on_both_variants!(session_affinity_can_be_switched_off_and_on: lab_e2e_session_affinity_can_be_switched_off_and_on_plain, lab_e2e_session_affinity_can_be_switched_off_and_on_xdp);
 
 /// service.go "should implement service.kubernetes.io/service-proxy-name" and "should implement
 /// service.kubernetes.io/headless": for each label, one Service always carries it (never
@@ -361,9 +366,10 @@ fn lab_e2e_service_without_endpoints_is_rejected() {
 /// but different protocols": a TCP ClusterIP Service on port 53 becomes a NodePort Service with
 /// TCP and UDP on port 53 and one nodePort; both protocols answer on the ClusterIP and on each
 /// node's NodePort.
-#[test]
-fn lab_e2e_nodeport_serves_tcp_and_udp_on_the_same_port_number() {
-    let Some(mut s) = start_example() else { return };
+fn nodeport_serves_tcp_and_udp_on_the_same_port_number(v: Variant) {
+    let Some(mut s) = start_example_on(v) else {
+        return;
+    };
     let eps = [ep("a1", READY), ep("b1", READY)];
     s.apply(
         &with(&[
@@ -411,6 +417,7 @@ fn lab_e2e_nodeport_serves_tcp_and_udp_on_the_same_port_number() {
         }
     }
 }
+on_both_variants!(nodeport_serves_tcp_and_udp_on_the_same_port_number: lab_e2e_nodeport_serves_tcp_and_udp_on_the_same_port_number_plain, lab_e2e_nodeport_serves_tcp_and_udp_on_the_same_port_number_xdp);
 
 /// service.go "should be able to up and down services" and "should work after the service has
 /// been recreated": two Services up; one deleted (down, the other still up); it is created again
@@ -472,9 +479,10 @@ fn lab_e2e_services_go_down_and_come_back_when_recreated() {
 /// -> new port -> ClusterIP -> ExternalName -> NodePort -> ExternalName -> ClusterIP (a new
 /// address, as the API server allocates one); each step serves what the new type and ports say
 /// and stops serving what they no longer say.
-#[test]
-fn lab_e2e_service_type_and_ports_change_and_back() {
-    let Some(mut s) = start_example() else { return };
+fn service_type_and_ports_change_and_back(v: Variant) {
+    let Some(mut s) = start_example_on(v) else {
+        return;
+    };
     s.lab.client_route("203.0.113.20/32", "node1").unwrap();
     let eps = [ep("a2", READY), ep("b2", READY)];
     let mut generation = 1;
@@ -573,6 +581,7 @@ fn lab_e2e_service_type_and_ports_change_and_back() {
     both(&s, "a1", "10.96.1.51:80");
     both(&s, "b1", "10.96.1.51:80");
 }
+on_both_variants!(service_type_and_ports_change_and_back: lab_e2e_service_type_and_ports_change_and_back_plain, lab_e2e_service_type_and_ports_change_and_back_xdp);
 
 /// loadbalancer.go (ESIPP) "should work for type=LoadBalancer", "should work for type=NodePort",
 /// "should only target nodes with endpoints" and "should handle updates to ExternalTrafficPolicy
@@ -584,9 +593,10 @@ fn lab_e2e_service_type_and_ports_change_and_back() {
 /// the load balancer under Cluster; here traffic the load balancer sends to the endpoint's own
 /// node keeps it (a deliberate difference, README "Differences from kube-proxy"), so that
 /// step is checked through the node without the endpoint only.
-#[test]
-fn lab_e2e_external_traffic_policy_local_with_health_checks_and_updates() {
-    let Some(mut s) = start_example() else { return };
+fn external_traffic_policy_local_with_health_checks_and_updates(v: Variant) {
+    let Some(mut s) = start_example_on(v) else {
+        return;
+    };
     s.lab.client_route("203.0.113.30/32", "node1").unwrap();
     let text = |policy: &str| {
         with(&[
@@ -638,6 +648,7 @@ fn lab_e2e_external_traffic_policy_local_with_health_checks_and_updates() {
     );
     local(&s, "32090");
 }
+on_both_variants!(external_traffic_policy_local_with_health_checks_and_updates: lab_e2e_external_traffic_policy_local_with_health_checks_and_updates_plain, lab_e2e_external_traffic_policy_local_with_health_checks_and_updates_xdp);
 
 /// service.go "should respect internalTrafficPolicy=Local Pod to Pod" (and from a host
 /// process), "should fallback to terminating endpoints when there are no ready endpoints with
@@ -648,9 +659,10 @@ fn lab_e2e_external_traffic_policy_local_with_health_checks_and_updates() {
 /// node1) is terminating but still serving. Cluster policies use it from everywhere, Local ones
 /// only on node1; once it stops serving, nothing does; published as ready (publishNotReadyAddresses),
 /// it serves again.
-#[test]
-fn lab_e2e_traffic_policies_and_fallback_to_terminating_endpoints() {
-    let Some(mut s) = start_example() else { return };
+fn traffic_policies_and_fallback_to_terminating_endpoints(v: Variant) {
+    let Some(mut s) = start_example_on(v) else {
+        return;
+    };
     let text = |conditions: &str| {
         let mut docs = Vec::new();
         for (name, ip, spec) in [
@@ -757,6 +769,7 @@ fn lab_e2e_traffic_policies_and_fallback_to_terminating_endpoints() {
         served_by_a1(ok(&s, at, "tcp", target, 3));
     }
 }
+on_both_variants!(traffic_policies_and_fallback_to_terminating_endpoints: lab_e2e_traffic_policies_and_fallback_to_terminating_endpoints_plain, lab_e2e_traffic_policies_and_fallback_to_terminating_endpoints_xdp);
 
 /// Sends one UDP exchange per 200 ms from `at` to `target`, always from source port 12345 (a
 /// new socket each time, as upstream's `nc -u -p`), until `backend` answers; fails after 15 s.
@@ -802,9 +815,10 @@ fn udp_until(s: &Running, at: &str, target: &str, backend: &str) -> Vec<String> 
 /// runs beside the pod's. A flow to a Service whose only endpoint (a1) is unready is answered
 /// once it gets ready. And conntrack.go "... for a ClusterIP service with InternalTrafficPolicy
 /// set to Local", with a host process of node1 as the client.
-#[test]
-fn lab_e2e_udp_traffic_survives_server_pod_cycles() {
-    let Some(mut s) = start_example() else { return };
+fn udp_traffic_survives_server_pod_cycles(v: Variant) {
+    let Some(mut s) = start_example_on(v) else {
+        return;
+    };
     let udp = |extra: &str| {
         format!("ports: [{{name: udp, port: 80, targetPort: 8080, protocol: UDP{extra}}}]")
     };
@@ -915,3 +929,4 @@ fn lab_e2e_udp_traffic_survives_server_pod_cycles() {
     let on_the_way = udp_until(&s, "node1", target, "a2");
     eprintln!("{target} from node1: before a2 answered: {on_the_way:?}");
 }
+on_both_variants!(udp_traffic_survives_server_pod_cycles: lab_e2e_udp_traffic_survives_server_pod_cycles_plain, lab_e2e_udp_traffic_survives_server_pod_cycles_xdp);
