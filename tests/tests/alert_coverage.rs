@@ -263,6 +263,8 @@ fn kernel_alerted_agent_metrics_move() {
         health_check_node_port: None,
         has_endpoints: true,
         topology_hints: lb_userspace::control::plan::TopologyHints::Unusable,
+        source_ranges: None,
+        source_ranges_allow_node: false,
         created: None,
     };
     ops.topology_hints(&[hinted]);

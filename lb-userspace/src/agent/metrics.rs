@@ -1090,6 +1090,8 @@ mod tests {
             health_check_node_port: None,
             has_endpoints: true,
             topology_hints: hints,
+            source_ranges: None,
+            source_ranges_allow_node: false,
             created: None,
         };
         let ops = Ops::with_map_reader(

@@ -6,9 +6,11 @@
 //!
 //! ```text
 //! lab-client tcp IP:PORT [--count N] [--timeout-ms T]   each exchange on a new connection
-//! lab-client udp IP:PORT [--count N] [--timeout-ms T] [--bind IP]
+//! lab-client udp IP:PORT [--count N] [--timeout-ms T] [--bind IP] [--source-port P]
 //!                                                       each from a new unconnected socket
-//!                                                       (bound to IP: its source address)
+//!                                                       (bound to IP: its source address; to
+//!                                                       port P when given, as `nc -u -p P` in
+//!                                                       a loop)
 //! lab-client hold IP:PORT [--timeout-ms T]              one connection: one exchange at start,
 //!                                                       one more per stdin line, until EOF
 //! lab-client hold-udp IP:PORT [--timeout-ms T]          the same on one connected UDP socket;
@@ -130,8 +132,13 @@ fn tcp_once(target: SocketAddr, timeout: Duration) -> Outcome {
     request(&mut s, &mut reader, peer)
 }
 
-fn udp_once(target: SocketAddr, timeout: Duration, bind: std::net::IpAddr) -> Outcome {
-    let s = step("bind", None, UdpSocket::bind((bind, 0)))?;
+fn udp_once(
+    target: SocketAddr,
+    timeout: Duration,
+    bind: std::net::IpAddr,
+    source_port: u16,
+) -> Outcome {
+    let s = step("bind", None, UdpSocket::bind((bind, source_port)))?;
     step("setsockopt", None, s.set_read_timeout(Some(timeout)))?;
     step("send", None, s.send_to(b"hello\n", target))?;
     let mut buf = [0u8; 2048];
@@ -214,7 +221,7 @@ fn hold_udp(target: SocketAddr, timeout: Duration) {
 
 fn usage(why: &str) -> ! {
     eprintln!(
-        "lab-client: {why}\nusage: lab-client tcp|udp IP:PORT [--count N] [--timeout-ms T] [--bind IP (udp)]\n       \
+        "lab-client: {why}\nusage: lab-client tcp|udp IP:PORT [--count N] [--timeout-ms T] [--bind IP (udp)] [--source-port P (udp)]\n       \
          lab-client hold|hold-udp IP:PORT [--timeout-ms T]"
     );
     exit(2)
@@ -231,6 +238,7 @@ fn main() {
     let mut count = 1u32;
     let mut timeout = Duration::from_millis(2000);
     let mut bind: Option<std::net::IpAddr> = None;
+    let mut source_port = 0u16;
     let mut rest = args[2..].iter();
     while let Some(flag) = rest.next() {
         let value = rest
@@ -255,6 +263,11 @@ fn main() {
                         .unwrap_or_else(|_| usage(&format!("bad address {value}"))),
                 )
             }
+            "--source-port" if mode == "udp" => {
+                source_port = value
+                    .parse()
+                    .unwrap_or_else(|_| usage(&format!("bad port {value}")))
+            }
             other => usage(&format!("unknown argument {other}")),
         }
     }
@@ -269,7 +282,7 @@ fn main() {
                 let outcome = if mode == "tcp" {
                     tcp_once(target, timeout)
                 } else {
-                    udp_once(target, timeout, bind)
+                    udp_once(target, timeout, bind, source_port)
                 };
                 report(outcome, started, timeout);
             }
