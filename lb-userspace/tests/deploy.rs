@@ -21,7 +21,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Serialize};
 use serde_json::{json, Value};
 
 // The kustomize subset and the PromQL scanning, each in a file of its own under tests/deploy/
@@ -178,9 +178,9 @@ fn parse_documents(file: &Path, text: &str) -> Vec<Doc> {
         .unwrap_or(file)
         .to_path_buf();
     let mut docs = Vec::new();
-    for (index, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let value =
-            Value::deserialize(de).unwrap_or_else(|e| panic!("deploy/{}: {e}", rel.display()));
+    let values: Vec<Value> = serde_saphyr::from_multiple(text)
+        .unwrap_or_else(|e| panic!("deploy/{}: {e}", rel.display()));
+    for (index, value) in values.into_iter().enumerate() {
         if !value.is_null() {
             docs.push(Doc {
                 file: rel.clone(),
@@ -1039,7 +1039,7 @@ fn daemonset_device_list_is_patchable() {
         .as_array_mut()
         .unwrap()
         .insert(1, json!("--snat-ports=1024-29999"));
-    let patch: Value = serde_yaml_ng::from_str(
+    let patch: Value = serde_saphyr::from_str(
         &std::fs::read_to_string(deploy_dir().join("patches/devices.yaml")).unwrap(),
     )
     .unwrap();

@@ -84,7 +84,7 @@ impl Kustomization {
             }
             let path = self.dir.join(patch["path"].as_str().expect("patch path"));
             let ops: Value =
-                serde_yaml_ng::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+                serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
             apply_json_patch(&mut ds, &ops).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         }
         for image in self
