@@ -543,7 +543,12 @@ pub struct MapSizeArgs {
 impl MapSizeArgs {
     /// The sizes the flags alone say (`render`).
     pub fn sizes(&self) -> Result<MapSizes, String> {
-        merge_sizes(self, &|_| true, None)
+        merge_sizes(
+            self,
+            &|_| true,
+            &MapSizesFile::default(),
+            &Conntrack::default(),
+        )
     }
 }
 
@@ -551,36 +556,33 @@ impl MapSizeArgs {
 /// argument id: the field name).
 pub type Explicit<'a> = dyn Fn(&str) -> bool + 'a;
 
+/// The file's value, unless the flag was given on the command line or by its environment
+/// variable (then the flag's value stands).
+fn unless_given<T>(given: bool, file: Option<T>) -> Option<T> {
+    file.filter(|_| !given)
+}
+
 fn merge_sizes(
     a: &MapSizeArgs,
     explicit: &Explicit<'_>,
-    file: Option<(&MapSizesFile, &Conntrack)>,
+    m: &MapSizesFile,
+    ct: &Conntrack,
 ) -> Result<MapSizes, String> {
     let pick = |id: &str, flag: u32, file: Option<u32>, field: &str| -> Result<u32, String> {
-        match file {
-            Some(v) if !explicit(id) => {
-                check_map_size(v).map_err(|e| format!("mapSizes.{field}: {e}"))
-            }
-            _ => Ok(flag),
+        match unless_given(explicit(id), file) {
+            Some(v) => check_map_size(v).map_err(|e| format!("mapSizes.{field}: {e}")),
+            None => Ok(flag),
         }
     };
-    let (m, ct) = match file {
-        Some((m, ct)) => (m.clone(), ct.clone()),
-        None => Default::default(),
-    };
-    let per_core = match ct.max_per_core {
-        Some(v) if !explicit("conntrack_max_per_core") => v,
-        _ => a.conntrack_max_per_core,
-    };
-    let min = match ct.min {
-        Some(v) if !explicit("conntrack_min") => v,
-        _ => a.conntrack_min,
-    };
-    let conntrack = match (a.map_conntrack, m.conntrack) {
-        (Some(v), _) if explicit("map_conntrack") => v,
-        (_, Some(v)) => check_map_size(v).map_err(|e| format!("mapSizes.conntrack: {e}"))?,
-        (Some(v), None) => v,
-        (None, None) => conntrack_entries(per_core, min, cpus())?,
+    let per_core = unless_given(explicit("conntrack_max_per_core"), ct.max_per_core)
+        .unwrap_or(a.conntrack_max_per_core);
+    let min = unless_given(explicit("conntrack_min"), ct.min).unwrap_or(a.conntrack_min);
+    let conntrack = match unless_given(explicit("map_conntrack"), m.conntrack) {
+        Some(v) => check_map_size(v).map_err(|e| format!("mapSizes.conntrack: {e}"))?,
+        None => match a.map_conntrack {
+            Some(v) => v,
+            None => conntrack_entries(per_core, min, cpus())?,
+        },
     };
     Ok(MapSizes {
         frontend_slots: pick(
@@ -650,26 +652,23 @@ impl RunArgs {
         explicit: &Explicit<'_>,
         log_json: (bool, bool),
     ) -> Result<RunConfig, String> {
-        let file = match &self.config {
-            Some(p) => Some(ConfigFile::load(p)?),
-            None => None,
+        let f = match &self.config {
+            Some(p) => ConfigFile::load(p)?,
+            None => ConfigFile::default(),
         };
-        let at = |field: &str, e: String| match &self.config {
-            Some(p) => format!("--config {}: {field}: {e}", p.display()),
+        // Errors about the file's values name the file and the field.
+        let in_file = |e: String| match &self.config {
+            Some(p) => format!("--config {}: {e}", p.display()),
             None => e,
         };
-        let f = file.clone().unwrap_or_default();
+        let at = |field: &str, e: String| in_file(format!("{field}: {e}"));
         // A value the flag did not give explicitly comes from the file, parsed as the flag is.
-        fn take<T, F: FnOnce(String) -> Result<T, String>>(
-            explicit: bool,
-            flag: T,
-            file: Option<String>,
-            parse: F,
-        ) -> Result<T, String> {
-            match file {
-                Some(v) if !explicit => parse(v),
-                _ => Ok(flag),
-            }
+        fn take<T>(
+            given: bool,
+            file: &Option<String>,
+            parse: impl Fn(&str) -> Result<T, String>,
+        ) -> Result<Option<T>, String> {
+            unless_given(given, file.as_deref()).map(parse).transpose()
         }
         let node = match (self.node, f.hostname_override.clone()) {
             (Some(n), _) => n,
@@ -693,72 +692,54 @@ impl RunArgs {
         let bpffs = self.bpffs.or(f.bpffs.clone()).ok_or(
             "--bpffs: required (a directory on a bpf filesystem, e.g. /sys/fs/bpf/lb), as a flag or the file's bpffs",
         )?;
-        let devices = if explicit("devices") {
-            self.devices
-        } else {
-            f.devices.clone().unwrap_or(self.devices)
-        };
-        let north_south = take(
-            explicit("north_south"),
-            self.north_south,
-            f.north_south.clone(),
-            |v| parse_north_south(&v).map_err(|e| at("northSouth", e)),
-        )?;
-        let poll_interval_ms = match f.poll_interval_ms {
-            Some(v) if !explicit("poll_interval_ms") => v,
-            _ => self.poll_interval_ms,
-        };
-        let snat_ports = take(
-            explicit("snat_ports"),
-            self.snat_ports,
-            f.snat_ports.clone(),
-            |v| parse_range(&v).map_err(|e| at("snatPorts", e)),
-        )?;
-        let nodeport_range = take(
-            explicit("nodeport_range"),
-            self.nodeport_range,
-            f.nodeport_range.clone(),
-            |v| parse_range(&v).map_err(|e| at("nodePortRange", e)),
-        )?;
-        let nodeport_addresses = match f.node_port_addresses.clone() {
-            Some(v) if !explicit("nodeport_addresses") => {
-                NodePortAddresses::parse(&v).map_err(|e| at("nodePortAddresses", e))?
-            }
-            _ => NodePortAddresses::parse(&self.nodeport_addresses)
+        let devices = unless_given(explicit("devices"), f.devices.clone()).unwrap_or(self.devices);
+        let north_south = take(explicit("north_south"), &f.north_south, parse_north_south)
+            .map_err(|e| at("northSouth", e))?
+            .unwrap_or(self.north_south);
+        let poll_interval_ms = unless_given(explicit("poll_interval_ms"), f.poll_interval_ms)
+            .unwrap_or(self.poll_interval_ms);
+        let snat_ports = take(explicit("snat_ports"), &f.snat_ports, parse_range)
+            .map_err(|e| at("snatPorts", e))?
+            .unwrap_or(self.snat_ports);
+        let nodeport_range = take(explicit("nodeport_range"), &f.nodeport_range, parse_range)
+            .map_err(|e| at("nodePortRange", e))?
+            .unwrap_or(self.nodeport_range);
+        let nodeport_addresses = match unless_given(
+            explicit("nodeport_addresses"),
+            f.node_port_addresses.as_ref(),
+        ) {
+            Some(v) => NodePortAddresses::parse(v).map_err(|e| at("nodePortAddresses", e))?,
+            None => NodePortAddresses::parse(&self.nodeport_addresses)
                 .map_err(|e| format!("--nodeport-addresses: {e}"))?,
         };
         let ct_gc_interval = take(
             explicit("ct_gc_interval"),
-            self.ct_gc_interval,
-            f.ct_gc_interval.clone(),
-            |v| parse_duration(&v).map_err(|e| at("ctGcInterval", e)),
-        )?;
-        let terminate_tcp_sockets = match f.terminate_tcp_sockets {
-            Some(v) if !explicit("terminate_tcp_sockets") => v,
-            _ => self.terminate_tcp_sockets,
-        };
+            &f.ct_gc_interval,
+            parse_duration,
+        )
+        .map_err(|e| at("ctGcInterval", e))?
+        .unwrap_or(self.ct_gc_interval);
+        let terminate_tcp_sockets =
+            unless_given(explicit("terminate_tcp_sockets"), f.terminate_tcp_sockets)
+                .unwrap_or(self.terminate_tcp_sockets);
         let other_interfaces = take(
             explicit("other_interfaces"),
-            self.other_interfaces,
-            f.other_interfaces.clone(),
-            |v| parse_other_interfaces(&v).map_err(|e| at("otherInterfaces", e)),
-        )?;
-        let proc = match f.proc.clone() {
-            Some(v) if !explicit("proc") => v,
-            _ => self.proc,
-        };
+            &f.other_interfaces,
+            parse_other_interfaces,
+        )
+        .map_err(|e| at("otherInterfaces", e))?
+        .unwrap_or(self.other_interfaces);
+        let proc = unless_given(explicit("proc"), f.proc.clone()).unwrap_or(self.proc);
         let metrics_addr = take(
             explicit("metrics_addr"),
-            self.metrics_addr,
-            f.metrics_bind_address.clone(),
-            |v| parse_bind(&v).map_err(|e| at("metricsBindAddress", e)),
-        )?;
-        let health_addr = take(
-            explicit("health_addr"),
-            self.health_addr,
-            f.healthz_bind_address.clone(),
-            |v| parse_bind(&v).map_err(|e| at("healthzBindAddress", e)),
-        )?;
+            &f.metrics_bind_address,
+            parse_bind,
+        )
+        .map_err(|e| at("metricsBindAddress", e))?
+        .unwrap_or(self.metrics_addr);
+        let health_addr = take(explicit("health_addr"), &f.healthz_bind_address, parse_bind)
+            .map_err(|e| at("healthzBindAddress", e))?
+            .unwrap_or(self.health_addr);
         let service_proxy_name = self
             .service_proxy_name
             .or(f.service_proxy_name.clone())
@@ -766,14 +747,13 @@ impl RunArgs {
         let map_sizes = merge_sizes(
             &self.map_sizes,
             explicit,
-            Some((
-                &f.map_sizes.clone().unwrap_or_default(),
-                &f.conntrack.clone().unwrap_or_default(),
-            )),
+            &f.map_sizes.clone().unwrap_or_default(),
+            &f.conntrack.clone().unwrap_or_default(),
         )
-        .map_err(|e| at("", e).replace(": : ", ": "))?;
-        let log_json = match f.logging.as_ref().and_then(|l| l.format.as_deref()) {
-            Some(v) if !log_json.1 => match v {
+        .map_err(in_file)?;
+        let format = f.logging.as_ref().and_then(|l| l.format.as_deref());
+        let log_json = match unless_given(log_json.1, format) {
+            Some(v) => match v {
                 "json" => true,
                 "text" => false,
                 other => {

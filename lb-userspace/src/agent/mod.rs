@@ -272,12 +272,9 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 // leave none, nowhere (an empty list would mean every address).
                 let nowhere =
                     p.node.node_ports().is_empty() && p.node.node_port_addresses.is_some();
-                let serve = if nowhere {
-                    Default::default()
-                } else {
-                    health_ports.clone()
-                };
-                for (port, err) in health_checks.update(&serve, p.node.node_ports()) {
+                let none = Default::default();
+                let serve = if nowhere { &none } else { &health_ports };
+                for (port, err) in health_checks.update(serve, p.node.node_ports()) {
                     log::warn!("healthCheckNodePort {port}: cannot listen: {err}");
                 }
                 ops.service_ports(syncer.service_ports());
