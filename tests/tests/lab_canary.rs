@@ -10,21 +10,7 @@ fn lab_service_proxy_name_serves_only_the_labelled_services() {
         return;
     };
     // The example's echo Service carries no label: not this agent's.
-    let ex = s
-        .lab
-        .run_client(
-            "a1",
-            &[
-                "tcp",
-                "10.96.0.10:80",
-                "--count",
-                "3",
-                "--timeout-ms",
-                "500",
-            ],
-        )
-        .unwrap();
-    assert!(ex.iter().all(|e| !e.ok), "served without the label: {ex:?}");
+    s.lab.all_fail("a1", "tcp", "10.96.0.10:80", 3, 500);
     let lbctl = s.lbctl_json("node1", "services");
     assert!(
         !lbctl.to_string().contains("10.96.0.10"),
@@ -50,22 +36,5 @@ fn lab_service_proxy_name_serves_only_the_labelled_services() {
     assert!(ex.iter().all(|e| e.ok), "{ex:?}");
     // Labelled for another proxy: left alone again.
     s.apply(&text.replace("proxy-name: canary", "proxy-name: other"), 3);
-    let ex = s
-        .lab
-        .run_client(
-            "a1",
-            &[
-                "tcp",
-                "10.96.0.10:80",
-                "--count",
-                "3",
-                "--timeout-ms",
-                "500",
-            ],
-        )
-        .unwrap();
-    assert!(
-        ex.iter().all(|e| !e.ok),
-        "served with another proxy's label: {ex:?}"
-    );
+    s.lab.all_fail("a1", "tcp", "10.96.0.10:80", 3, 500);
 }

@@ -100,15 +100,7 @@ fn ok(s: &Running, at: &str, proto: &str, target: &str, count: u32) -> Vec<Excha
 
 /// Two exchanges from `at` (700 ms each at most), which must both fail; returns them.
 fn fails(s: &Running, at: &str, proto: &str, target: &str) -> Vec<Exchange> {
-    let ex = s
-        .lab
-        .run_client(at, &[proto, target, "--count", "2", "--timeout-ms", "700"])
-        .unwrap();
-    assert!(
-        ex.iter().all(|e| !e.ok),
-        "{proto} {target} from {at} must not be served: {ex:?}"
-    );
-    ex
+    s.lab.all_fail(at, proto, target, 2, 700)
 }
 
 fn backends(ex: &[Exchange]) -> BTreeSet<String> {
@@ -775,6 +767,20 @@ fn traffic_policies_and_fallback_to_terminating_endpoints(v: Variant) {
 }
 on_both_variants!(traffic_policies_and_fallback_to_terminating_endpoints: lab_e2e_traffic_policies_and_fallback_to_terminating_endpoints_plain, lab_e2e_traffic_policies_and_fallback_to_terminating_endpoints_xdp);
 
+/// One UDP exchange from `at` to `target` from source port 12345, on a new socket (as
+/// upstream's `nc -u -p`), given at most 500 ms.
+fn udp_from_port_12345(s: &Running, at: &str, target: &str) -> Exchange {
+    let args = [
+        "udp",
+        target,
+        "--source-port",
+        "12345",
+        "--timeout-ms",
+        "500",
+    ];
+    s.lab.run_client(at, &args).unwrap().remove(0)
+}
+
 /// Sends one UDP exchange per 200 ms from `at` to `target`, always from source port 12345 (a
 /// new socket each time, as upstream's `nc -u -p`), until `backend` answers; fails after 15 s.
 /// Returns the backends that answered on the way.
@@ -782,21 +788,9 @@ fn udp_until(s: &Running, at: &str, target: &str, backend: &str) -> Vec<String> 
     let started = std::time::Instant::now();
     let mut seen = Vec::new();
     loop {
-        let ex = s
-            .lab
-            .run_client(
-                at,
-                &[
-                    "udp",
-                    target,
-                    "--source-port",
-                    "12345",
-                    "--timeout-ms",
-                    "500",
-                ],
-            )
-            .unwrap();
-        let b = ex[0].backend.clone().unwrap_or_else(|| "-".into());
+        let b = udp_from_port_12345(s, at, target)
+            .backend
+            .unwrap_or_else(|| "-".into());
         if b == backend {
             return seen;
         }
@@ -873,33 +867,17 @@ fn udp_traffic_survives_server_pod_cycles(v: Variant) {
         ("node1", "10.96.1.81:80"),
         ("b2", "10.96.1.82:80"),
     ];
-    let once = |s: &Running, at: &str, target: &str| {
-        s.lab
-            .run_client(
-                at,
-                &[
-                    "udp",
-                    target,
-                    "--source-port",
-                    "12345",
-                    "--timeout-ms",
-                    "500",
-                ],
-            )
-            .unwrap()
-            .remove(0)
-    };
     // The clients start before any server exists.
     s.apply(&text(&[], NOT_READY, &[]), 2);
     for (at, target) in flows {
-        let e = once(&s, at, target);
+        let e = udp_from_port_12345(&s, at, target);
         assert!(!e.ok, "{target} from {at} answered with no server: {e:?}");
     }
     s.apply(&text(&["b1"], NOT_READY, &[]), 3);
     for (at, target) in &flows[..4] {
         udp_until(&s, at, target, "b1");
     }
-    let e = once(&s, "b2", "10.96.1.82:80");
+    let e = udp_from_port_12345(&s, "b2", "10.96.1.82:80");
     assert!(!e.ok, "answered while unready: {e:?}");
     s.apply(&text(&["b1", "b2"], NOT_READY, &[]), 4);
     s.apply(&text(&["b2"], READY, &[]), 5);
@@ -925,7 +903,7 @@ fn udp_traffic_survives_server_pod_cycles(v: Variant) {
     local(&mut s, &["a1", "b1"], 7);
     local(&mut s, &["b1"], 8);
     for _ in 0..3 {
-        let e = once(&s, "node1", target);
+        let e = udp_from_port_12345(&s, "node1", target);
         assert!(!e.ok, "answered without a local endpoint: {e:?}");
         std::thread::sleep(Duration::from_millis(500));
     }

@@ -53,21 +53,7 @@ fn lab_metrics_move_with_real_traffic_and_health_follows_the_dataplane() {
     let refused_before = *samples(&body)
         .get(r#"lb_datapath_events_total{counter="sock_no_backend"}"#)
         .unwrap_or_else(|| panic!("no sock_no_backend sample in\n{body}"));
-    let ex = s
-        .lab
-        .run_client(
-            "a1",
-            &[
-                "tcp",
-                "10.96.0.30:80",
-                "--count",
-                "4",
-                "--timeout-ms",
-                "500",
-            ],
-        )
-        .unwrap();
-    assert!(ex.iter().all(|e| !e.ok), "{ex:?}");
+    s.lab.all_fail("a1", "tcp", "10.96.0.30:80", 4, 500);
 
     // The agent reads its maps for /metrics at most once per MAP_READ_INTERVAL: scrapes closer
     // together repeat the last reading.

@@ -106,6 +106,32 @@ impl Lab {
         self.run_client(place, &["udp", target, "--count", &count.to_string()])
     }
 
+    /// `count` exchanges of `proto` (`tcp` or `udp`) from `place` to `target`, each given at
+    /// most `timeout_ms`; panics unless every one failed (refused, dropped or timed out).
+    pub fn all_fail(
+        &self,
+        place: &str,
+        proto: &str,
+        target: &str,
+        count: u32,
+        timeout_ms: u32,
+    ) -> Vec<Exchange> {
+        let args = [
+            proto,
+            target,
+            "--count",
+            &count.to_string(),
+            "--timeout-ms",
+            &timeout_ms.to_string(),
+        ];
+        let ex = self.run_client(place, &args).unwrap();
+        assert!(
+            ex.iter().all(|e| !e.ok),
+            "{proto} {target} from {place} must not be served: {ex:?}"
+        );
+        ex
+    }
+
     /// Opens one TCP connection from `place` to `target` and does a first exchange on it
     /// (`lab-client hold`); more exchanges on the same connection with
     /// [`HeldConnection::exchange`].
