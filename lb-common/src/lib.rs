@@ -19,7 +19,7 @@ pub mod map_name {
     pub const REV_NAT: &str = "lb_revnat_v1";
     pub const SOCK_REV_NAT: &str = "lb_sk_revnat_v1";
     pub const SOCK_FLOW: &str = "lb_sk_flow_v1";
-    pub const STATS: &str = "lb_stats_v4";
+    pub const STATS: &str = "lb_stats_v5";
     pub const CONNTRACK: &str = "lb_ct_v3";
     /// Conntrack of flows not confirmed yet (TCP until the client acknowledged the backend's
     /// SYN-ACK, UDP before the first reply): a flood of new flows churns this map, never the
@@ -143,6 +143,11 @@ pub mod limits {
     /// loadBalancerSourceRanges entries: one per (Service port, source prefix), plus one per
     /// LoadBalancer IP of a Service port whose ranges hold a node address.
     pub const SOURCE_RANGES: u32 = 65_536;
+    /// ICMP port unreachable messages (kube-proxy's REJECT for a Service without endpoints) the
+    /// north-south path sends per second and CPU; beyond it new flows are dropped unanswered
+    /// (`counter::REJECT_SUPPRESSED`). The kernel's own ICMP errors are limited alike
+    /// (`net.ipv4.icmp_msgs_per_sec`, 1,000).
+    pub const REJECTS_PER_SECOND: u32 = 1_000;
     /// Largest number of backends one Service frontend can have (slots are `u16`).
     pub const BACKENDS_PER_SERVICE: u32 = 65_535;
 }
@@ -844,8 +849,16 @@ pub mod counter {
     /// North-south or socket level: a new flow or socket to a LoadBalancer frontend from a
     /// source outside the Service's loadBalancerSourceRanges was dropped (refused).
     pub const SOURCE_RANGE_DENIED: u32 = 49;
+    /// North-south: a new flow to a Service port without any endpoint in the cluster was
+    /// answered with an ICMP port unreachable built by the datapath (kube-proxy's REJECT).
+    pub const REJECT_SENT: u32 = 50;
+    /// North-south: a new flow to a Service port without any endpoint was dropped without an
+    /// answer: over the ICMP error rate limit (`limits::REJECTS_PER_SECOND` per CPU), from a
+    /// source no ICMP error may go to (RFC 1122: 0.0.0.0/8, loopback, multicast, broadcast), or
+    /// a frame the kernel would not resize.
+    pub const REJECT_SUPPRESSED: u32 = 51;
     /// Number of counters (stats map size).
-    pub const COUNT: u32 = 50;
+    pub const COUNT: u32 = 52;
 
     /// Counters nothing increments any more, kept so that the stats layout does not change
     /// (every other index has an increment site in lb-ebpf; a test checks both).
@@ -903,6 +916,8 @@ pub mod counter {
         "xdp_snat_socket",
         "tc_error",
         "source_range_denied",
+        "reject_sent",
+        "reject_suppressed",
     ];
 }
 

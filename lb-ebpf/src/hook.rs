@@ -16,10 +16,14 @@ use core::mem::offset_of;
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0,
+        BPF_F_PSEUDO_HDR, TC_ACT_OK,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect_neigh},
+    helpers::{
+        bpf_fib_lookup, bpf_redirect_neigh, bpf_skb_change_tail, bpf_xdp_adjust_head,
+        bpf_xdp_adjust_tail,
+    },
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
@@ -29,7 +33,8 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use crate::{
     bounds::Bounds,
     forward, maps, nat,
-    parse::{Ipv4, Packet},
+    parse::{ptr_at, Ipv4, Packet},
+    reject,
 };
 
 /// A helper refused a write: the packet may be half written and must not leave as it is.
@@ -43,6 +48,10 @@ pub trait Hook: Bounds {
     /// Sends a translated packet on (the stack for local backends and unknown routes);
     /// returns the verdict. `l3`'s pointers may be stale on tc (see the module doc).
     fn forward(&self, l3: &Ipv4, to_local_backend: bool) -> u32;
+    /// Reshapes the frame for an ICMP error quoting the first `quote` bytes of its IPv4
+    /// packet: the Ethernet header, [`reject::ICMP_ROOM`] bytes to write, the quote, nothing
+    /// after it; all of it directly writable. `Err`: the frame may be cut and must not leave.
+    fn icmp_room(&self, quote: usize) -> Result<(), WriteFailed>;
 }
 
 impl Hook for XdpContext {
@@ -55,6 +64,25 @@ impl Hook for XdpContext {
     #[inline(always)]
     fn forward(&self, l3: &Ipv4, to_local_backend: bool) -> u32 {
         forward::forward(self, l3, to_local_backend)
+    }
+
+    #[inline(always)]
+    fn icmp_room(&self, quote: usize) -> Result<(), WriteFailed> {
+        let len = (self.data_end() - self.data()) as i32;
+        let want = (EthHdr::LEN + quote) as i32;
+        // SAFETY (both helpers): valid context; they move the packet's bounds only.
+        if len > want && unsafe { bpf_xdp_adjust_tail(self.ctx, want - len) } != 0 {
+            return Err(WriteFailed);
+        }
+        if unsafe { bpf_xdp_adjust_head(self.ctx, -(reject::ICMP_ROOM as i32)) } != 0 {
+            return Err(WriteFailed);
+        }
+        // The Ethernet header moves to the new front.
+        let from = ptr_at::<[u8; EthHdr::LEN], Self>(self, reject::ICMP_ROOM).ok_or(WriteFailed)?;
+        let to = ptr_at::<[u8; EthHdr::LEN], Self>(self, 0).ok_or(WriteFailed)?;
+        // SAFETY: both bounds checked; the ranges do not overlap.
+        unsafe { *to = *from };
+        Ok(())
     }
 }
 
@@ -100,6 +128,20 @@ impl Hook for TcContext {
         w(self.store(l4, &e.nat_sport_be, 0))?;
         w(self.store(l4 + 2, &e.nat_dport_be, 0))?;
         Ok(())
+    }
+
+    #[inline(always)]
+    fn icmp_room(&self, quote: usize) -> Result<(), WriteFailed> {
+        let want = (EthHdr::LEN + quote) as u32;
+        // SAFETY: valid context; the helper trims the socket buffer.
+        if self.len() > want && unsafe { bpf_skb_change_tail(self.skb.skb, want, 0) } != 0 {
+            return Err(WriteFailed);
+        }
+        // Room between the Ethernet and the IPv4 header.
+        self.adjust_room(reject::ICMP_ROOM as i32, BPF_ADJ_ROOM_MAC, 0)
+            .map_err(|_| WriteFailed)?;
+        self.pull_data(want + reject::ICMP_ROOM as u32)
+            .map_err(|_| WriteFailed)
     }
 
     #[inline(always)]

@@ -26,6 +26,7 @@ mod maps;
 mod nat;
 mod north_south;
 mod parse;
+mod reject;
 mod select;
 mod snat;
 mod sock;

@@ -66,7 +66,19 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> = LpmTrie::pinned(limits:
 #[map(name = "lb_config_v2")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
-#[map(name = "lb_stats_v4")]
+/// This CPU's ICMP port unreachable answers in the current second (reject.rs).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RejectWindow {
+    pub second: u32,
+    pub sent: u32,
+}
+
+/// Not pinned: a rate limiter's state, which may start over whenever the programs are loaded.
+#[map(name = "lb_reject_rate")]
+pub static REJECT_RATE: PerCpuArray<RejectWindow> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "lb_stats_v5")]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::pinned(lb_common::counter::COUNT, 0);
 
 /// Adds one event of `bytes` bytes to counter `idx`.

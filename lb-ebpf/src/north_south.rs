@@ -19,7 +19,7 @@ use crate::{
     icmp,
     maps::{self, ServiceEvent},
     parse::{self, Frag, Packet},
-    select, snat,
+    reject, select, snat,
     verdict::Stop,
 };
 
@@ -108,6 +108,11 @@ fn new_flow<H: Hook>(ctx: &H, p: &Packet, key: &CtKey, len: u64) -> Result<u32, 
         });
     }
     if fe.master.count == 0 {
+        // No endpoint anywhere: kube-proxy's REJECT. Endpoints elsewhere, none for this
+        // traffic here (externalTrafficPolicy Local): dropped.
+        if fe.master.flags & service_flags::NO_ENDPOINTS != 0 {
+            return reject::port_unreachable(ctx, p, svc_port_id, len);
+        }
         return Err(Stop::Drop {
             reason: counter::XDP_DROP_NO_BACKEND,
             svc_port_id,

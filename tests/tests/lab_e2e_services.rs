@@ -358,6 +358,66 @@ fn lab_e2e_service_without_endpoints_is_rejected() {
     }
 }
 
+/// The same scenarios for a client outside the cluster (kube-proxy's REJECT rules cover
+/// NodePorts too): a NodePort Service without endpoints answers TCP and UDP with an ICMP port
+/// unreachable that the datapath builds, so the client's connect or read fails at once with
+/// ECONNREFUSED, on both nodes; with externalTrafficPolicy Local and its only endpoint on
+/// node2, node1 drops (the client times out, as kube-proxy's DROP) and node2 serves.
+fn service_without_endpoints_is_rejected_from_outside(v: Variant) {
+    let Some(mut s) = start_example_on(v) else {
+        return;
+    };
+    s.apply(
+        &with(&[
+            service(
+                "np-no-endpoints",
+                "",
+                &format!(
+                    "type: NodePort, clusterIP: 10.96.1.22, selector: {{app: none}}, {}",
+                    tcp_udp(80, ", nodePort: 30240")
+                ),
+                "",
+            ),
+            service(
+                "np-local-elsewhere",
+                "",
+                &format!(
+                    "type: NodePort, externalTrafficPolicy: Local, clusterIP: 10.96.1.23, \
+                     selector: {{app: elsewhere}}, {}",
+                    tcp_udp(80, ", nodePort: 30241")
+                ),
+                "",
+            ),
+            slice("np-local-elsewhere", "", &[ep("b1", READY)]),
+        ]),
+        2,
+    );
+    // UDP on a connected socket: an unconnected one is never told about ICMP errors.
+    for node in [NODE1, NODE2] {
+        for proto in ["tcp", "udp-connected"] {
+            for e in fails(&s, "client", proto, &format!("{node}:30240")) {
+                let err = e.error.clone().unwrap_or_default();
+                assert!(
+                    err.starts_with("ConnectionRefused"),
+                    "{proto} {node}:30240 from outside: rejected, not dropped: {e:?}"
+                );
+            }
+        }
+    }
+    for proto in ["tcp", "udp-connected"] {
+        for e in fails(&s, "client", proto, &format!("{NODE1}:30241")) {
+            let err = e.error.clone().unwrap_or_default();
+            assert!(
+                !err.starts_with("ConnectionRefused"),
+                "{proto} {NODE1}:30241 (Local, endpoint on node2): dropped, not rejected: {e:?}"
+            );
+        }
+        ok(&s, "client", proto, &format!("{NODE2}:30241"), 2);
+    }
+}
+
+on_both_variants!(service_without_endpoints_is_rejected_from_outside: lab_e2e_service_without_endpoints_is_rejected_from_outside_plain, lab_e2e_service_without_endpoints_is_rejected_from_outside_xdp);
+
 /// service.go "should be able to update service type to NodePort listening on same port number
 /// but different protocols": a TCP ClusterIP Service on port 53 becomes a NodePort Service with
 /// TCP and UDP on port 53 and one nodePort; both protocols answer on the ClusterIP and on each

@@ -150,7 +150,7 @@ fn upgrade_from_an_older_layout_loses_nothing(v: Variant) {
     for (old, new) in [
         ("lb_ct_v2", "lb_ct_v3"),
         ("lb_ct_new_v1", "lb_ct_new_v2"),
-        ("lb_stats_v2", "lb_stats_v4"),
+        ("lb_stats_v2", "lb_stats_v5"),
     ] {
         let want =
             format!("{old} was pinned by an agent of another layout version: {new} replaces it");

@@ -293,7 +293,7 @@ mod tests {
             vec![
                 ("lb_ct_v1".into(), "lb_ct_v3"),
                 ("lb_ct_v2".into(), "lb_ct_v3"),
-                ("lb_stats_v1".into(), "lb_stats_v4"),
+                ("lb_stats_v1".into(), "lb_stats_v5"),
                 ("lb_svc_v2".into(), "lb_svc_v3")
             ]
         );

@@ -11,6 +11,11 @@
 //!                                                       (bound to IP: its source address; to
 //!                                                       port P when given, as `nc -u -p P` in
 //!                                                       a loop)
+//! lab-client udp-connected IP:PORT [--count N] [--timeout-ms T]
+//!                                                       each from a new connected socket (as
+//!                                                       `agnhost connect --protocol udp`): an
+//!                                                       ICMP port unreachable fails its read
+//!                                                       with ECONNREFUSED
 //! lab-client hold IP:PORT [--timeout-ms T]              one connection: one exchange at start,
 //!                                                       one more per stdin line, until EOF
 //! lab-client hold-udp IP:PORT [--timeout-ms T]          the same on one connected UDP socket;
@@ -221,7 +226,7 @@ fn hold_udp(target: SocketAddr, timeout: Duration) {
 
 fn usage(why: &str) -> ! {
     eprintln!(
-        "lab-client: {why}\nusage: lab-client tcp|udp IP:PORT [--count N] [--timeout-ms T] [--bind IP (udp)] [--source-port P (udp)]\n       \
+        "lab-client: {why}\nusage: lab-client tcp|udp|udp-connected IP:PORT [--count N] [--timeout-ms T] [--bind IP (udp)] [--source-port P (udp)]\n       \
          lab-client hold|hold-udp IP:PORT [--timeout-ms T]"
     );
     exit(2)
@@ -276,13 +281,13 @@ fn main() {
     }
     let bind = bind.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
     match mode.as_str() {
-        "tcp" | "udp" => {
+        "tcp" | "udp" | "udp-connected" => {
             for _ in 0..count {
                 let started = Instant::now();
-                let outcome = if mode == "tcp" {
-                    tcp_once(target, timeout)
-                } else {
-                    udp_once(target, timeout, bind, source_port)
+                let outcome = match mode.as_str() {
+                    "tcp" => tcp_once(target, timeout),
+                    "udp" => udp_once(target, timeout, bind, source_port),
+                    _ => udp_connect(target, timeout).and_then(|s| udp_request(&s)),
                 };
                 report(outcome, started, timeout);
             }
