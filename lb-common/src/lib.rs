@@ -86,6 +86,10 @@ pub mod program_name {
 /// Name of the benchmark map (one [`BenchFrame`]); not pinned.
 pub const BENCH_MAP: &str = "lb_bench";
 
+/// Name of the per-CPU rate limiter of the datapath's ICMP port unreachable answers
+/// (`limits::REJECTS_PER_SECOND`); not pinned: it may start over whenever the programs load.
+pub const REJECT_RATE_MAP: &str = "lb_reject_rate";
+
 /// Length of a benchmark frame (frames are padded to it).
 pub const BENCH_FRAME_LEN: usize = 64;
 

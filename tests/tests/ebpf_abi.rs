@@ -78,15 +78,21 @@ fn map_names_of_the_object_are_lb_common_constants_both_ways() {
     // map of the object: a `#[map(name = ...)]` literal that differs from its constant fails
     // one direction or the other.
     assert_eq!(pinned, all, "pinned maps of the object vs map_name::ALL");
-    // The maps that are not pinned are the benchmark's, aya-log's, and data sections.
+    // The maps that are not pinned are the benchmark's, the ICMP answers' rate limiter,
+    // aya-log's, and data sections.
     for (name, m) in &obj.maps {
         if m.pinning() != PinningType::ByName {
             assert!(
-                name == lb_common::BENCH_MAP || NOT_OURS.contains(&name.as_str()) || name.starts_with('.'),
+                name == lb_common::BENCH_MAP || name == lb_common::REJECT_RATE_MAP || NOT_OURS.contains(&name.as_str()) || name.starts_with('.'),
                 "map {name} of the object is neither pinned under an lb-common name nor a known unpinned map"
             );
         }
     }
+    assert!(
+        obj.maps.contains_key(lb_common::REJECT_RATE_MAP),
+        "no rate limiter map {}",
+        lb_common::REJECT_RATE_MAP
+    );
     assert!(
         obj.maps.contains_key(lb_common::BENCH_MAP),
         "no benchmark map {}",
@@ -159,9 +165,11 @@ fn map_layouts_of_the_object_are_lb_common_types() {
             ),
         ),
         (lb_common::BENCH_MAP, (size::<u32>(), size::<BenchFrame>())),
+        // (second, answers sent), per CPU.
+        (lb_common::REJECT_RATE_MAP, (size::<u32>(), 8)),
     ]
     .into();
-    assert_eq!(want.len(), map_name::ALL.len() + 1, "one layout per map");
+    assert_eq!(want.len(), map_name::ALL.len() + 2, "one layout per map");
     let obj = Object::parse(lb_userspace::EBPF_OBJECT).expect("parsing the eBPF object");
     for (name, (key, value)) in want {
         let m = obj
