@@ -861,8 +861,12 @@ pub mod counter {
     /// source no ICMP error may go to (RFC 1122: 0.0.0.0/8, loopback, multicast, broadcast), or
     /// a frame the kernel would not resize.
     pub const REJECT_SUPPRESSED: u32 = 51;
+    /// North-south: a new flow that keeps the client's address had its source port remapped,
+    /// because another live flow held the same four-tuple at the backend (one client port to
+    /// two frontends that share a backend), as Linux NAT remaps on such a clash.
+    pub const XDP_PORT_REMAP: u32 = 52;
     /// Number of counters (stats map size).
-    pub const COUNT: u32 = 52;
+    pub const COUNT: u32 = 53;
 
     /// Counters nothing increments any more, kept so that the stats layout does not change
     /// (every other index has an increment site in lb-ebpf; a test checks both).
@@ -922,6 +926,7 @@ pub mod counter {
         "source_range_denied",
         "reject_sent",
         "reject_suppressed",
+        "xdp_port_remap",
     ];
 }
 

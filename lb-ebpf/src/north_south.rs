@@ -158,9 +158,18 @@ fn new_flow<H: Hook>(ctx: &H, p: &Packet, key: &CtKey, len: u64) -> Result<u32, 
         proto: p.proto,
         _pad: [0; 3],
     };
+    // The source port the backend sees: for SNAT a free port of the node's; otherwise the
+    // client's own, unless another flow already holds that four-tuple at the backend (one
+    // client port to two frontends that keep the client's address and share a backend): then
+    // it is remapped, as Linux NAT does on such a clash.
     if snat {
         reply_key.dport_be =
             snat::free_port(ctx, cfg, p, &reply_key, hash, now).map_err(|snat::Exhausted| {
+                Stop::drop_other(counter::XDP_DROP_SNAT_EXHAUSTED, svc_port_id)
+            })?;
+    } else if snat::taken(&reply_key, p) {
+        reply_key.dport_be =
+            snat::remap_port(cfg, p, &reply_key, hash).map_err(|snat::Exhausted| {
                 Stop::drop_other(counter::XDP_DROP_SNAT_EXHAUSTED, svc_port_id)
             })?;
     }

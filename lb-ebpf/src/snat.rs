@@ -1,5 +1,7 @@
 //! SNAT port choice for new flows to remote backends (externalTrafficPolicy Cluster): the source
-//! port on the node address that the backend answers to, as Linux NAT chooses it.
+//! port on the node address that the backend answers to, as Linux NAT chooses it. The same
+//! search remaps the port of a flow that keeps the client's address when another flow already
+//! holds its four-tuple at the backend.
 //!
 //! The first candidate is the client's own port when it lies in the configured range (the
 //! range excludes the node's ephemeral ports, so a port of a connection the node opens later
@@ -78,6 +80,38 @@ fn held(rkey: &CtKey, p: &Packet, now: u32) -> bool {
         return false;
     }
     true
+}
+
+/// Whether an entry of another flow than `p`'s sits under the reply four-tuple `rkey`, live or
+/// not: the cheap first test of a flow that keeps the client's port (`free_port` then judges
+/// each candidate as [`held`] does, so an expired holder still gives the port back).
+#[inline(always)]
+pub fn taken(rkey: &CtKey, p: &Packet) -> bool {
+    ct::lookup(rkey).is_some_and(|(e, _)| !ct::same_flow(&e, p.saddr, p.sport, p.daddr, p.dport))
+}
+
+/// A port (network order) for a flow that keeps the client's address but whose four-tuple at
+/// the backend is [`taken`]: the first SNAT candidate that is not the client's own port, if no
+/// other flow has it (one try: such clashes are rare, two in a row rarer). Counted as
+/// `XDP_PORT_REMAP`.
+#[inline(always)]
+pub fn remap_port(cfg: &Config, p: &Packet, reply: &CtKey, hash: u32) -> Result<u16, Exhausted> {
+    if cfg.snat_port_max < cfg.snat_port_min {
+        return Err(Exhausted);
+    }
+    let client = u16::from_be(p.sport);
+    let mut port = snat_candidate(0, client, hash, cfg.snat_port_min, cfg.snat_port_max);
+    if port == client {
+        port = snat_candidate(1, client, hash, cfg.snat_port_min, cfg.snat_port_max);
+    }
+    let mut rkey = *reply;
+    rkey.dport_be = port.to_be();
+    if port == client || taken(&rkey, p) {
+        maps::count(counter::XDP_SNAT_COLLISION, 0);
+        return Err(Exhausted);
+    }
+    maps::count(counter::XDP_PORT_REMAP, 0);
+    Ok(rkey.dport_be)
 }
 
 /// The tuple of `bpf_sk_lookup_*` for IPv4 (the `ipv4` member of `struct bpf_sock_tuple`).

@@ -1,5 +1,6 @@
 //! tc egress on the node's devices: replies of local backends leave towards the client with the
-//! backend's address; translate the source back to the frontend (externalTrafficPolicy Local
+//! backend's address; translate the source back to the frontend (and the destination port back
+//! to the client's, where its flow's port was remapped) (externalTrafficPolicy Local
 //! keeps the client's address, so the backend answers the client directly through this node).
 use core::mem::offset_of;
 
@@ -84,6 +85,9 @@ pub fn try_egress(ctx: &TcContext) -> Result<i32, i64> {
         };
     let udp_no_csum = ip.proto == proto::UDP && ctx.load::<u16>(check_off)? == 0;
     let pseudo = BPF_F_PSEUDO_HDR as u64 | 4;
+    // The destination port too when the flow's client port was remapped (a four-tuple clash at
+    // the backend, north_south.rs); otherwise it is the client's already.
+    let remapped = e.nat_dport_be != key.dport_be;
     if !udp_no_csum {
         ctx.l4_csum_replace(
             check_off,
@@ -92,10 +96,16 @@ pub fn try_egress(ctx: &TcContext) -> Result<i32, i64> {
             pseudo,
         )?;
         ctx.l4_csum_replace(check_off, key.sport_be as u64, e.nat_sport_be as u64, 2)?;
+        if remapped {
+            ctx.l4_csum_replace(check_off, key.dport_be as u64, e.nat_dport_be as u64, 2)?;
+        }
     }
     ctx.l3_csum_replace(IP_CHECK_OFF, key.saddr_be as u64, e.nat_saddr_be as u64, 4)?;
     ctx.store(IP_SRC_OFF, &e.nat_saddr_be, 0)?;
     ctx.store(l4, &e.nat_sport_be, 0)?;
+    if remapped {
+        ctx.store(l4 + 2, &e.nat_dport_be, 0)?;
+    }
     maps::count(counter::TC_REPLY, ctx.len() as u64);
     Ok(TC_ACT_OK)
 }

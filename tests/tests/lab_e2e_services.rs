@@ -827,6 +827,65 @@ fn traffic_policies_and_fallback_to_terminating_endpoints(v: Variant) {
 }
 on_both_variants!(traffic_policies_and_fallback_to_terminating_endpoints: lab_e2e_traffic_policies_and_fallback_to_terminating_endpoints_plain, lab_e2e_traffic_policies_and_fallback_to_terminating_endpoints_xdp);
 
+/// Found by the rolling-update port: one client port to two frontends that keep the client's
+/// address and share a backend (web-local's load balancer address and its NodePort on node1,
+/// both to a1). The second connection would meet the first's four-tuple at a1, which would
+/// reset it; the node remaps its source port, as Linux NAT (kube-proxy) does on such a clash,
+/// and both connections work, each answered as its own frontend.
+fn one_client_port_to_two_frontends_of_one_backend(v: Variant) {
+    let Some(s) = start_example_on(v) else {
+        return;
+    };
+    const PORT: u16 = 45000;
+    s.lab.client_route("203.0.113.10/32", "node1").unwrap();
+    let mut first = s.lab.hold_from("client", "203.0.113.10:80", PORT).unwrap();
+    let seen = |e: &Exchange, what: &str| {
+        assert!(e.ok, "{what}: {e:?}");
+        assert_eq!(e.backend.as_deref(), Some("a1"), "{what}: {e:?}");
+        assert_eq!(
+            seen_ip(e),
+            CLIENT_IP,
+            "{what}: the client's address is kept"
+        );
+        e.seen_addr().unwrap().port()
+    };
+    let f = first.first.clone().unwrap();
+    assert_eq!(seen(&f, "the first connection"), PORT);
+    assert_eq!(f.peer.as_deref(), Some("203.0.113.10:80"));
+    let second = s
+        .lab
+        .run_client(
+            "client",
+            &[
+                "tcp",
+                &format!("{NODE1}:30080"),
+                "--source-port",
+                &PORT.to_string(),
+            ],
+        )
+        .unwrap();
+    assert_eq!(second.len(), 1);
+    for e in &second {
+        assert_ne!(
+            seen(e, "the second connection"),
+            PORT,
+            "remapped at the backend"
+        );
+        assert_eq!(e.peer.as_deref(), Some(&*format!("{NODE1}:30080")));
+    }
+    // The first connection is untouched and still answered as the load balancer address.
+    let again = first.exchange().unwrap();
+    assert_eq!(seen(&again, "the first connection again"), PORT);
+    assert_eq!(again.peer.as_deref(), Some("203.0.113.10:80"));
+    first.close().unwrap();
+    assert!(
+        s.stats("node1")["xdp_port_remap"] >= 1,
+        "counted as xdp_port_remap"
+    );
+}
+
+on_both_variants!(one_client_port_to_two_frontends_of_one_backend: lab_e2e_one_client_port_to_two_frontends_of_one_backend_plain, lab_e2e_one_client_port_to_two_frontends_of_one_backend_xdp);
+
 /// One UDP exchange from `at` to `target` from source port 12345, on a new socket (as
 /// upstream's `nc -u -p`), given at most 500 ms.
 fn udp_from_port_12345(s: &Running, at: &str, target: &str) -> Exchange {

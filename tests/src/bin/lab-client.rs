@@ -5,7 +5,10 @@
 //! the source `recvfrom()` reported for UDP. Exits 0 even when exchanges fail.
 //!
 //! ```text
-//! lab-client tcp IP:PORT [--count N] [--timeout-ms T]   each exchange on a new connection
+//! lab-client tcp IP:PORT [--count N] [--timeout-ms T] [--source-port P]
+//!                                                       each exchange on a new connection
+//!                                                       (from port P when given, bound with
+//!                                                       SO_REUSEADDR)
 //! lab-client udp IP:PORT [--count N] [--timeout-ms T] [--bind IP] [--source-port P]
 //!                                                       each from a new unconnected socket
 //!                                                       (bound to IP: its source address; to
@@ -16,7 +19,8 @@
 //!                                                       `agnhost connect --protocol udp`): an
 //!                                                       ICMP port unreachable fails its read
 //!                                                       with ECONNREFUSED
-//! lab-client hold IP:PORT [--timeout-ms T]              one connection: one exchange at start,
+//! lab-client hold IP:PORT [--timeout-ms T] [--source-port P]
+//!                                                       one connection: one exchange at start,
 //!                                                       one more per stdin line, until EOF
 //! lab-client hold-udp IP:PORT [--timeout-ms T]          the same on one connected UDP socket;
 //!                                                       after a failed exchange the next one
@@ -116,15 +120,40 @@ fn request(stream: &mut TcpStream, reader: &mut BufReader<TcpStream>, peer: Sock
     Ok((line.trim().to_string(), peer))
 }
 
+/// A TCP connection to `target`; from source port `source_port` when it is not 0 (bound with
+/// SO_REUSEADDR, so that connections to different targets can share it, as the kernel's own
+/// port choice lets them).
 fn connect(
     target: SocketAddr,
     timeout: Duration,
+    source_port: u16,
 ) -> Result<(TcpStream, BufReader<TcpStream>, SocketAddr), Failure> {
-    let s = step(
-        "connect",
-        None,
-        TcpStream::connect_timeout(&target, timeout),
-    )?;
+    let s = if source_port == 0 {
+        step(
+            "connect",
+            None,
+            TcpStream::connect_timeout(&target, timeout),
+        )?
+    } else {
+        let sock = step(
+            "socket",
+            None,
+            socket2::Socket::new(
+                socket2::Domain::for_address(target),
+                socket2::Type::STREAM,
+                None,
+            ),
+        )?;
+        step("setsockopt", None, sock.set_reuse_address(true))?;
+        let any: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, source_port).into();
+        step("bind", None, sock.bind(&any.into()))?;
+        step(
+            "connect",
+            None,
+            sock.connect_timeout(&target.into(), timeout),
+        )?;
+        sock.into()
+    };
     let peer = step("getpeername", None, s.peer_addr())?;
     step("setsockopt", Some(peer), s.set_read_timeout(Some(timeout)))?;
     step("setsockopt", Some(peer), s.set_write_timeout(Some(timeout)))?;
@@ -132,8 +161,8 @@ fn connect(
     Ok((s, reader, peer))
 }
 
-fn tcp_once(target: SocketAddr, timeout: Duration) -> Outcome {
-    let (mut s, mut reader, peer) = connect(target, timeout)?;
+fn tcp_once(target: SocketAddr, timeout: Duration, source_port: u16) -> Outcome {
+    let (mut s, mut reader, peer) = connect(target, timeout, source_port)?;
     request(&mut s, &mut reader, peer)
 }
 
@@ -151,9 +180,9 @@ fn udp_once(
     Ok((String::from_utf8_lossy(&buf[..n]).trim().to_string(), from))
 }
 
-fn hold(target: SocketAddr, timeout: Duration) {
+fn hold(target: SocketAddr, timeout: Duration, source_port: u16) {
     let started = Instant::now();
-    let mut conn = match connect(target, timeout) {
+    let mut conn = match connect(target, timeout, source_port) {
         Ok(c) => Some(c),
         Err(f) => {
             report(Err(f), started, timeout);
@@ -226,8 +255,8 @@ fn hold_udp(target: SocketAddr, timeout: Duration) {
 
 fn usage(why: &str) -> ! {
     eprintln!(
-        "lab-client: {why}\nusage: lab-client tcp|udp|udp-connected IP:PORT [--count N] [--timeout-ms T] [--bind IP (udp)] [--source-port P (udp)]\n       \
-         lab-client hold|hold-udp IP:PORT [--timeout-ms T]"
+        "lab-client: {why}\nusage: lab-client tcp|udp|udp-connected IP:PORT [--count N] [--timeout-ms T] [--bind IP (udp)] [--source-port P (udp, tcp)]\n       \
+         lab-client hold|hold-udp IP:PORT [--timeout-ms T] [--source-port P (hold)]"
     );
     exit(2)
 }
@@ -268,7 +297,7 @@ fn main() {
                         .unwrap_or_else(|_| usage(&format!("bad address {value}"))),
                 )
             }
-            "--source-port" if mode == "udp" => {
+            "--source-port" if ["udp", "tcp", "hold"].contains(&mode.as_str()) => {
                 source_port = value
                     .parse()
                     .unwrap_or_else(|_| usage(&format!("bad port {value}")))
@@ -285,14 +314,14 @@ fn main() {
             for _ in 0..count {
                 let started = Instant::now();
                 let outcome = match mode.as_str() {
-                    "tcp" => tcp_once(target, timeout),
+                    "tcp" => tcp_once(target, timeout, source_port),
                     "udp" => udp_once(target, timeout, bind, source_port),
                     _ => udp_connect(target, timeout).and_then(|s| udp_request(&s)),
                 };
                 report(outcome, started, timeout);
             }
         }
-        "hold" => hold(target, timeout),
+        "hold" => hold(target, timeout, source_port),
         "hold-udp" => hold_udp(target, timeout),
         other => usage(&format!("unknown mode {other}")),
     }

@@ -145,9 +145,22 @@ impl Lab {
         self.hold_as(place, "hold-udp", target)
     }
 
+    /// Like [`Lab::hold`] from source port `source_port` (bound with SO_REUSEADDR).
+    pub fn hold_from(&self, place: &str, target: &str, source_port: u16) -> Result<HeldConnection> {
+        self.hold_with(
+            place,
+            &["hold", target, "--source-port", &source_port.to_string()],
+        )
+    }
+
     fn hold_as(&self, place: &str, mode: &str, target: &str) -> Result<HeldConnection> {
+        self.hold_with(place, &[mode, target])
+    }
+
+    fn hold_with(&self, place: &str, args: &[&str]) -> Result<HeldConnection> {
+        let (mode, target) = (args[0], args[1]);
         let bin = bin_path("lab-client")?;
-        let mut cmd = self.command_at(place, &bin, [mode, target])?;
+        let mut cmd = self.command_at(place, &bin, args)?;
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
