@@ -1,6 +1,7 @@
 //! Client of the lab: exchanges with `lab-echo` servers (directly or through a Service address)
 //! and prints one JSON object per exchange (see `lb_tests::Exchange`):
 //! `{"ok":true,"backend":"a1","seen_peer":"10.244.1.10:40000","peer":"10.96.0.10:80","error":null,"elapsed_ms":1}`
+//! An IPv6 target (`[::ffff:10.96.0.10]:80`, IPv4-mapped) gets a dual-stack AF_INET6 socket.
 //! `backend` and `seen_peer` come from the reply; `peer` is `getpeername()` of the TCP socket or
 //! the source `recvfrom()` reported for UDP. Exits 0 even when exchanges fail.
 //!
@@ -20,7 +21,7 @@
 //! ```
 use std::{
     io::{self, BufRead, BufReader, Write},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     process::exit,
     time::{Duration, Instant},
 };
@@ -132,12 +133,7 @@ fn tcp_once(target: SocketAddr, timeout: Duration) -> Outcome {
     request(&mut s, &mut reader, peer)
 }
 
-fn udp_once(
-    target: SocketAddr,
-    timeout: Duration,
-    bind: std::net::IpAddr,
-    source_port: u16,
-) -> Outcome {
+fn udp_once(target: SocketAddr, timeout: Duration, bind: IpAddr, source_port: u16) -> Outcome {
     let s = step("bind", None, UdpSocket::bind((bind, source_port)))?;
     step("setsockopt", None, s.set_read_timeout(Some(timeout)))?;
     step("send", None, s.send_to(b"hello\n", target))?;
@@ -178,8 +174,16 @@ fn hold(target: SocketAddr, timeout: Duration) {
     }
 }
 
+/// The unspecified address of `target`'s family (`0.0.0.0` or `::`, IPV6_V6ONLY off by default).
+fn unspecified(target: SocketAddr) -> IpAddr {
+    match target {
+        SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    }
+}
+
 fn udp_connect(target: SocketAddr, timeout: Duration) -> Result<UdpSocket, Failure> {
-    let s = step("bind", None, UdpSocket::bind("0.0.0.0:0"))?;
+    let s = step("bind", None, UdpSocket::bind((unspecified(target), 0)))?;
     step("setsockopt", None, s.set_read_timeout(Some(timeout)))?;
     step("connect", None, s.connect(target))?;
     Ok(s)
@@ -237,7 +241,7 @@ fn main() {
         .unwrap_or_else(|_| usage(&format!("bad target {target} (IP:PORT)")));
     let mut count = 1u32;
     let mut timeout = Duration::from_millis(2000);
-    let mut bind: Option<std::net::IpAddr> = None;
+    let mut bind: Option<IpAddr> = None;
     let mut source_port = 0u16;
     let mut rest = args[2..].iter();
     while let Some(flag) = rest.next() {
@@ -274,7 +278,9 @@ fn main() {
     if bind.is_some() && mode != "udp" {
         usage("--bind is for udp only");
     }
-    let bind = bind.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    // Unbound by default, in the target's family: an IPv6 target (`[::ffff:10.96.0.10]:80`, an
+    // IPv4-mapped address) gets a dual-stack AF_INET6 socket.
+    let bind = bind.unwrap_or_else(|| unspecified(target));
     match mode.as_str() {
         "tcp" | "udp" => {
             for _ in 0..count {
