@@ -10,20 +10,22 @@
 //! source ranges, per-socket records and counters are the same code for both. Other IPv6
 //! addresses are left alone (full IPv6 is another issue).
 //!
-//! Which hook the kernel (6.18, measured by tests/tests/lab_mapped6.rs) runs for an AF_INET6
-//! socket and a mapped peer:
-//! - TCP `connect`: connect6 with the mapped address (`tcp_v6_connect` then hands over to
-//!   `tcp_v4_connect` without running connect4);
-//! - UDP `connect`: connect6 likewise (`__ip6_datagram_connect` → `__ip4_datagram_connect`);
-//! - UDP `sendto`/`sendmsg` with a mapped destination: `udpv6_sendmsg` hands the datagram to
-//!   `udp_sendmsg` with an AF_INET address before its own hook, so **sendmsg4** runs, with the
-//!   IPv4 address (sendmsg6 never sees a mapped destination); a connected socket's `send`
-//!   goes the same way, with the backend connect6 chose (no frontend: left alone);
-//! - UDP `recvfrom`/`recvmsg`: recvmsg6, with the IPv4 source as a mapped address;
-//! - `getpeername`: getpeername6, with the mapped peer.
+//! Which hook the kernel (6.18) runs for an AF_INET6 socket and a mapped peer, measured by
+//! `lab_mapped6_hooks_the_kernel_runs_for_mapped_addresses` (tests/tests/lab_mapped6.rs), which
+//! removes one link at a time:
+//! - TCP and UDP `connect`: connect6, with the mapped address; never connect4 (the kernel then
+//!   hands the socket to the IPv4 connect, `tcp_v4_connect` / `__ip4_datagram_connect`,
+//!   without running the IPv4 hook);
+//! - UDP `sendto`/`sendmsg` with a mapped destination: **sendmsg4**, with an AF_INET address
+//!   (`udpv6_sendmsg` hands the datagram to `udp_sendmsg` before its own hook runs: sendmsg6
+//!   never sees it). The socket cookie is the AF_INET6 socket's, so recvmsg6 finds the record
+//!   sendmsg4 wrote. A connected socket's `send` has the backend connect6 chose, no frontend;
+//! - UDP `recvfrom`/`recvmsg`: recvmsg6, with the IPv4 source as a mapped address; never
+//!   recvmsg4;
+//! - `getpeername`: getpeername6, with the mapped peer; never getpeername4.
 //!
-//! sendmsg6 is attached all the same, so that a kernel that runs it for a mapped destination
-//! translates too.
+//! sendmsg6 is attached all the same (a mapped destination it sees is translated like one
+//! sendmsg4 sees), for kernels that run it before the hand-over.
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},

@@ -9,6 +9,16 @@ pub fn example_manifests() -> String {
     include_str!("../../deploy/examples/lab.yaml").to_string()
 }
 
+/// The example manifests plus `fenced`, a LoadBalancer Service (ClusterIP 10.96.0.70,
+/// ingress IP 203.0.113.20, NodePort 30110, TCP and UDP port 80, externalTrafficPolicy Local)
+/// with `loadBalancerSourceRanges: RANGES` (YAML, e.g. `[10.0.0.0/8]`), served by a1.
+pub fn fenced_manifests(ranges: &str) -> String {
+    format!(
+        "{}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: fenced, namespace: default}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.70\n  externalTrafficPolicy: Local\n  loadBalancerSourceRanges: {ranges}\n  selector: {{app: fenced}}\n  ports:\n  - {{name: tcp, port: 80, targetPort: 8080, nodePort: 30110}}\n  - {{name: udp, port: 80, targetPort: 8080, nodePort: 30110, protocol: UDP}}\nstatus:\n  loadBalancer: {{ingress: [{{ip: 203.0.113.20}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: fenced-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: fenced}}\naddressType: IPv4\nports:\n- {{name: tcp, port: 8080}}\n- {{name: udp, port: 8080, protocol: UDP}}\nendpoints:\n- {{addresses: [10.244.1.10], nodeName: node1, zone: zone-a}}\n",
+        example_manifests().trim_end()
+    )
+}
+
 pub struct Running {
     pub lab: Lab,
     /// The manifests file the agents watch.

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use lb_tests::lab::{all_ok, Exchange};
-use lb_tests::scenario::{start_example as setup, Running};
+use lb_tests::scenario::{fenced_manifests, start_example as setup, Running};
 
 const ECHO: &str = "[::ffff:10.96.0.10]:80";
 /// A Service without any endpoint.
@@ -149,6 +149,53 @@ fn lab_mapped6_affinity_is_shared_with_the_pods_ipv4_sockets() {
         }
         assert_eq!(seen.len(), 1, "{proto}: {seen:?}");
     }
+}
+
+/// loadBalancerSourceRanges for AF_INET6 sockets: one bound to the pod's address as
+/// `::ffff:10.244.1.11` is judged by 10.244.1.11 (connect6 reads the socket's bound source,
+/// sendmsg4 the datagram's), an unbound one as the node's own clients (README): refused while
+/// no node address is in the ranges.
+#[test]
+fn lab_mapped6_source_ranges_judge_the_mapped_bound_source() {
+    const FENCED: &str = "[::ffff:203.0.113.20]:80";
+    let Some(mut s) = setup() else { return };
+    let from_a2 = |s: &Running, proto: &str, bind: Option<&str>| {
+        let mut args = vec![proto, FENCED, "--count", "3", "--timeout-ms", "1000"];
+        args.extend(bind.iter().flat_map(|b| ["--bind", b]));
+        s.lab.run_client("a2", &args).unwrap()
+    };
+    let refused = |ex: &[Exchange], what: &str| {
+        assert!(
+            !ex.is_empty()
+                && ex.iter().all(|e| e
+                    .error
+                    .as_deref()
+                    .is_some_and(|m| m.starts_with("PermissionDenied"))),
+            "{what}: {ex:?}"
+        );
+    };
+    // a2's own address is the range.
+    s.apply(&fenced_manifests("[10.244.1.11/32]"), 2);
+    for proto in ["tcp", "udp"] {
+        let ex = from_a2(&s, proto, Some("::ffff:10.244.1.11"));
+        all_ok(&ex, &format!("{proto} bound, in range"));
+        assert!(
+            ex.iter()
+                .all(|e| e.backend.as_deref() == Some("a1") && e.peer.as_deref() == Some(FENCED)),
+            "{ex:?}"
+        );
+        refused(&from_a2(&s, proto, None), &format!("{proto} unbound"));
+    }
+    // The range moves away from a2: its bound sockets are refused too, and counted.
+    s.apply(&fenced_manifests("[192.168.100.100/32]"), 3);
+    let before = s.stats("node1")["source_range_denied"];
+    for proto in ["tcp", "udp"] {
+        refused(
+            &from_a2(&s, proto, Some("::ffff:10.244.1.11")),
+            &format!("{proto} bound, outside"),
+        );
+    }
+    assert_eq!(s.stats("node1")["source_range_denied"] - before, 6);
 }
 
 /// The links an agent of the previous version did not pin.

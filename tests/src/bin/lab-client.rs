@@ -6,7 +6,9 @@
 //! the source `recvfrom()` reported for UDP. Exits 0 even when exchanges fail.
 //!
 //! ```text
-//! lab-client tcp IP:PORT [--count N] [--timeout-ms T]   each exchange on a new connection
+//! lab-client tcp IP:PORT [--count N] [--timeout-ms T] [--bind IP]
+//!                                                       each exchange on a new connection
+//!                                                       (from IP when given)
 //! lab-client udp IP:PORT [--count N] [--timeout-ms T] [--bind IP] [--source-port P]
 //!                                                       each from a new unconnected socket
 //!                                                       (bound to IP: its source address; to
@@ -112,15 +114,95 @@ fn request(stream: &mut TcpStream, reader: &mut BufReader<TcpStream>, peer: Sock
     Ok((line.trim().to_string(), peer))
 }
 
+/// `addr` as the kernel takes it.
+fn raw(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in and suitably aligned.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: as above, for sockaddr_in6.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+/// A TCP connection from `bind` (any port) to `target`; `timeout` bounds the connect
+/// (SO_SNDTIMEO). std's TcpStream cannot bind before it connects.
+fn connect_from(bind: IpAddr, target: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let family = match target {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor, owned (and closed) by the stream from here on.
+    let s = unsafe { TcpStream::from_raw_fd(fd) };
+    s.set_write_timeout(Some(timeout))?;
+    let (a, len) = raw(SocketAddr::new(bind, 0));
+    // SAFETY: `a` holds a socket address of `len` bytes.
+    if unsafe {
+        libc::bind(
+            s.as_raw_fd(),
+            (&a as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    let (a, len) = raw(target);
+    // SAFETY: as above.
+    if unsafe {
+        libc::connect(
+            s.as_raw_fd(),
+            (&a as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(s)
+}
+
 fn connect(
     target: SocketAddr,
     timeout: Duration,
+    bind: Option<IpAddr>,
 ) -> Result<(TcpStream, BufReader<TcpStream>, SocketAddr), Failure> {
-    let s = step(
-        "connect",
-        None,
-        TcpStream::connect_timeout(&target, timeout),
-    )?;
+    let connected = match bind {
+        Some(b) => connect_from(b, target, timeout),
+        None => TcpStream::connect_timeout(&target, timeout),
+    };
+    let s = step("connect", None, connected)?;
     let peer = step("getpeername", None, s.peer_addr())?;
     step("setsockopt", Some(peer), s.set_read_timeout(Some(timeout)))?;
     step("setsockopt", Some(peer), s.set_write_timeout(Some(timeout)))?;
@@ -128,8 +210,8 @@ fn connect(
     Ok((s, reader, peer))
 }
 
-fn tcp_once(target: SocketAddr, timeout: Duration) -> Outcome {
-    let (mut s, mut reader, peer) = connect(target, timeout)?;
+fn tcp_once(target: SocketAddr, timeout: Duration, bind: Option<IpAddr>) -> Outcome {
+    let (mut s, mut reader, peer) = connect(target, timeout, bind)?;
     request(&mut s, &mut reader, peer)
 }
 
@@ -144,7 +226,7 @@ fn udp_once(target: SocketAddr, timeout: Duration, bind: IpAddr, source_port: u1
 
 fn hold(target: SocketAddr, timeout: Duration) {
     let started = Instant::now();
-    let mut conn = match connect(target, timeout) {
+    let mut conn = match connect(target, timeout, None) {
         Ok(c) => Some(c),
         Err(f) => {
             report(Err(f), started, timeout);
@@ -225,7 +307,7 @@ fn hold_udp(target: SocketAddr, timeout: Duration) {
 
 fn usage(why: &str) -> ! {
     eprintln!(
-        "lab-client: {why}\nusage: lab-client tcp|udp IP:PORT [--count N] [--timeout-ms T] [--bind IP (udp)] [--source-port P (udp)]\n       \
+        "lab-client: {why}\nusage: lab-client tcp|udp IP:PORT [--count N] [--timeout-ms T] [--bind IP] [--source-port P (udp)]\n       \
          lab-client hold|hold-udp IP:PORT [--timeout-ms T]"
     );
     exit(2)
@@ -275,19 +357,19 @@ fn main() {
             other => usage(&format!("unknown argument {other}")),
         }
     }
-    if bind.is_some() && mode != "udp" {
-        usage("--bind is for udp only");
+    if bind.is_some() && mode != "udp" && mode != "tcp" {
+        usage("--bind is for udp and tcp only");
     }
-    // Unbound by default, in the target's family: an IPv6 target (`[::ffff:10.96.0.10]:80`, an
-    // IPv4-mapped address) gets a dual-stack AF_INET6 socket.
-    let bind = bind.unwrap_or_else(|| unspecified(target));
     match mode.as_str() {
         "tcp" | "udp" => {
             for _ in 0..count {
                 let started = Instant::now();
                 let outcome = if mode == "tcp" {
-                    tcp_once(target, timeout)
+                    tcp_once(target, timeout, bind)
                 } else {
+                    // Unbound by default, in the target's family: an IPv6 target
+                    // (`[::ffff:10.96.0.10]:80`, IPv4-mapped) gets a dual-stack AF_INET6 socket.
+                    let bind = bind.unwrap_or_else(|| unspecified(target));
                     udp_once(target, timeout, bind, source_port)
                 };
                 report(outcome, started, timeout);
