@@ -2,11 +2,22 @@
 //! manifests (deploy/examples/lab.yaml) from a file the test may rewrite.
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
-use crate::lab::{bin_path, AgentProcess, Lab, Variant, NODE_DEVICE};
+use crate::lab::{bin_path, AgentProcess, Exchange, HeldConnection, Lab, Variant, NODE_DEVICE};
 
 /// The example manifests as shipped.
 pub fn example_manifests() -> String {
     include_str!("../../deploy/examples/lab.yaml").to_string()
+}
+
+/// The example manifests without the endpoint at `addr` (both ports of its slice).
+pub fn without_endpoint(addr: &str) -> String {
+    let without: String = example_manifests()
+        .lines()
+        .filter(|l| !l.contains(&format!("addresses: [{addr}]")) || l.contains("legacy"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_ne!(without, example_manifests());
+    without
 }
 
 /// The example manifests plus `fenced`, a LoadBalancer Service (ClusterIP 10.96.0.70,
@@ -42,6 +53,32 @@ impl Running {
     /// The lab's variant (plain or XDP).
     pub fn variant(&self) -> Variant {
         self.lab.variant
+    }
+
+    /// Removes `pinned`'s endpoint from the Service (as generation 2), then exchanges on
+    /// `held` every 100 ms until one fails; every exchange before that still reaches `pinned`,
+    /// and the failure comes within 3 s. Returns the failed exchange and when it came after the
+    /// removal.
+    pub fn remove_and_wait_for_failure(
+        &mut self,
+        held: &mut HeldConnection,
+        pinned: &str,
+    ) -> (Exchange, Duration) {
+        let addr = self.lab.pod(pinned).addr.to_string();
+        self.apply(&without_endpoint(&addr), 2);
+        let removed = std::time::Instant::now();
+        loop {
+            let e = held.exchange().unwrap();
+            if !e.ok {
+                return (e, removed.elapsed());
+            }
+            assert_eq!(e.backend.as_deref(), Some(pinned), "{e:?}");
+            assert!(
+                removed.elapsed() < Duration::from_secs(3),
+                "the socket still talks to removed backend {pinned} after 3 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// `lbctl --bpffs <node's> COMMAND -o json`, parsed.

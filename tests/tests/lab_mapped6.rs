@@ -5,7 +5,7 @@
 //! kernel's hand-over of a mapped datagram, recvmsg6, getpeername6: see lb-ebpf's sock.rs).
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_tests::lab::{all_ok, Exchange};
+use lb_tests::lab::{all_ok, by_backend, Exchange};
 use lb_tests::scenario::{fenced_manifests, start_example as setup, Running};
 
 const ECHO: &str = "[::ffff:10.96.0.10]:80";
@@ -14,14 +14,6 @@ const EMPTY: &str = "[::ffff:10.96.0.30]:80";
 /// ClientIP affinity, 2 s.
 const STICKY: &str = "[::ffff:10.96.0.60]:80";
 const STICKY_V4: &str = "10.96.0.60:80";
-
-fn by_backend(ex: &[Exchange]) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for e in ex {
-        *m.entry(e.backend.clone().unwrap_or_default()).or_default() += 1;
-    }
-    m
-}
 
 /// How much each socket-level counter of node1 moved while `f` ran.
 fn deltas(s: &Running, f: impl FnOnce()) -> BTreeMap<String, u64> {
@@ -149,6 +141,32 @@ fn lab_mapped6_affinity_is_shared_with_the_pods_ipv4_sockets() {
         }
         assert_eq!(seen.len(), 1, "{proto}: {seen:?}");
     }
+}
+
+/// A connected AF_INET6 UDP socket to a mapped ClusterIP is translated once, at connect6; when
+/// its backend leaves the Service, the agent terminates it (the socket iterator matches the
+/// IPv4 peer the kernel keeps for a mapped connect), as it does AF_INET sockets.
+#[test]
+fn lab_mapped6_connected_udp_socket_to_a_removed_backend_is_terminated() {
+    let Some(mut s) = setup() else { return };
+    let mut held = s.lab.hold_udp("a1", ECHO).unwrap();
+    let first = held.first.clone().unwrap();
+    assert!(first.ok, "{first:?}");
+    let pinned = first.backend.clone().unwrap();
+    let (failed, after) = s.remove_and_wait_for_failure(&mut held, &pinned);
+    // ECONNABORTED (os error 103) when the abort is read, or no destination any more
+    // (EDESTADDRREQ, os error 89) when it was idle.
+    let err = failed.error.clone().unwrap_or_default();
+    assert!(
+        err.contains("os error 103") || err.contains("os error 89"),
+        "{failed:?}"
+    );
+    eprintln!("terminated {after:?} after removal: {err}");
+    // The application connects again and lands on a live backend.
+    let again = held.exchange().unwrap();
+    assert!(again.ok, "{again:?}");
+    assert_ne!(again.backend.as_deref(), Some(pinned.as_str()), "{again:?}");
+    assert_eq!(again.peer.as_deref(), Some(ECHO), "{again:?}");
 }
 
 /// loadBalancerSourceRanges for AF_INET6 sockets: one bound to the pod's address as

@@ -114,26 +114,33 @@ fn request(stream: &mut TcpStream, reader: &mut BufReader<TcpStream>, peer: Sock
     Ok((line.trim().to_string(), peer))
 }
 
+/// Writes a sockaddr type into `ss`; returns its length.
+fn put<T>(ss: &mut libc::sockaddr_storage, addr: T) -> libc::socklen_t {
+    // SAFETY: `T` is one of the sockaddr types, which sockaddr_storage is large and aligned
+    // enough for.
+    unsafe { std::ptr::write((ss as *mut libc::sockaddr_storage).cast(), addr) };
+    std::mem::size_of::<T>() as libc::socklen_t
+}
+
 /// `addr` as the kernel takes it.
 fn raw(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: all-zero is a valid sockaddr_storage.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let len = match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
+        SocketAddr::V4(a) => put(
+            &mut ss,
+            libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
                 sin_port: a.port().to_be(),
                 sin_addr: libc::in_addr {
                     s_addr: u32::from(*a.ip()).to_be(),
                 },
                 sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than sockaddr_in and suitably aligned.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
+            },
+        ),
+        SocketAddr::V6(a) => put(
+            &mut ss,
+            libc::sockaddr_in6 {
                 sin6_family: libc::AF_INET6 as libc::sa_family_t,
                 sin6_port: a.port().to_be(),
                 sin6_flowinfo: 0,
@@ -141,13 +148,10 @@ fn raw(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
                     s6_addr: a.ip().octets(),
                 },
                 sin6_scope_id: 0,
-            };
-            // SAFETY: as above, for sockaddr_in6.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
+            },
+        ),
     };
-    (ss, len as libc::socklen_t)
+    (ss, len)
 }
 
 /// A TCP connection from `bind` (any port) to `target`; `timeout` bounds the connect
@@ -166,29 +170,24 @@ fn connect_from(bind: IpAddr, target: SocketAddr, timeout: Duration) -> io::Resu
     // SAFETY: a fresh descriptor, owned (and closed) by the stream from here on.
     let s = unsafe { TcpStream::from_raw_fd(fd) };
     s.set_write_timeout(Some(timeout))?;
-    let (a, len) = raw(SocketAddr::new(bind, 0));
-    // SAFETY: `a` holds a socket address of `len` bytes.
-    if unsafe {
-        libc::bind(
-            s.as_raw_fd(),
-            (&a as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    } < 0
-    {
-        return Err(io::Error::last_os_error());
-    }
-    let (a, len) = raw(target);
-    // SAFETY: as above.
-    if unsafe {
-        libc::connect(
-            s.as_raw_fd(),
-            (&a as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    } < 0
-    {
-        return Err(io::Error::last_os_error());
+    type Call = unsafe extern "C" fn(i32, *const libc::sockaddr, libc::socklen_t) -> i32;
+    let calls: [(Call, SocketAddr); 2] = [
+        (libc::bind, SocketAddr::new(bind, 0)),
+        (libc::connect, target),
+    ];
+    for (call, addr) in calls {
+        let (a, len) = raw(addr);
+        // SAFETY: `a` holds a socket address of `len` bytes; the descriptor is open.
+        if unsafe {
+            call(
+                s.as_raw_fd(),
+                (&a as *const libc::sockaddr_storage).cast(),
+                len,
+            )
+        } < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
     }
     Ok(s)
 }
