@@ -70,6 +70,11 @@ pub mod program_name {
     pub const SENDMSG4: &str = "lb_sendmsg4";
     pub const RECVMSG4: &str = "lb_recvmsg4";
     pub const GETPEERNAME4: &str = "lb_getpeername4";
+    /// The same four hooks for IPv4-mapped IPv6 socket addresses (`::ffff:a.b.c.d`).
+    pub const CONNECT6: &str = "lb_connect6";
+    pub const SENDMSG6: &str = "lb_sendmsg6";
+    pub const RECVMSG6: &str = "lb_recvmsg6";
+    pub const GETPEERNAME6: &str = "lb_getpeername6";
     pub const XDP: &str = "lb_xdp";
     /// Returns XDP_PASS only (benchmark floor; lets a veth peer accept XDP_TX frames).
     pub const XDP_PASS: &str = "lb_xdp_pass";
@@ -764,19 +769,19 @@ pub mod counter {
     /// Verdicts of the XDP program.
     pub const XDP_VERDICT_PASS: u32 = 11;
     pub const XDP_VERDICT_DROP: u32 = 12;
-    /// connect4: connections translated to a backend.
+    /// connect4/connect6: connections translated to a backend.
     pub const SOCK_CONNECT_XLATE: u32 = 13;
-    /// sendmsg4: datagrams translated to a backend.
+    /// sendmsg4/sendmsg6: datagrams translated to a backend.
     pub const SOCK_SENDMSG_XLATE: u32 = 14;
-    /// connect4/sendmsg4 refused because the frontend has no backend.
+    /// connect/sendmsg refused because the frontend has no backend.
     pub const SOCK_NO_BACKEND: u32 = 15;
-    /// connect4/sendmsg4: a slot pointed at a missing backend (inconsistent maps; refused).
+    /// connect/sendmsg: a slot pointed at a missing backend (inconsistent maps; refused).
     pub const SOCK_BACKEND_MISSING: u32 = 16;
-    /// recvmsg4: source addresses translated back to the frontend.
+    /// recvmsg4/recvmsg6: source addresses translated back to the frontend.
     pub const SOCK_RECVMSG_REVNAT: u32 = 17;
-    /// getpeername4: peer addresses translated back to the frontend.
+    /// getpeername4/getpeername6: peer addresses translated back to the frontend.
     pub const SOCK_GETPEERNAME_REVNAT: u32 = 18;
-    /// sendmsg4: an unconnected UDP socket reused its earlier backend.
+    /// sendmsg4/sendmsg6: an unconnected UDP socket reused its earlier backend.
     pub const SOCK_FLOW_REUSE: u32 = 19;
     /// XDP: a new north-south flow was translated to a backend.
     pub const XDP_NEW_FLOW: u32 = 20;

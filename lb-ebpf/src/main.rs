@@ -6,7 +6,8 @@
 //! and ICMP errors about translated flows (icmp); north_south.rs runs the stages, verdict.rs
 //! says how a packet it does not translate ends. It runs as XDP (`lb_xdp`) or, where XDP
 //! cannot deliver, as tc ingress (`lb_tc_ingress`); bounds.rs and hook.rs hold what differs. The
-//! socket-level path (sock.rs) shares frontend lookup and backend selection. tc egress: tc.rs.
+//! socket-level path (sock.rs: AF_INET and IPv4-mapped IPv6 socket addresses) shares frontend
+//! lookup and backend selection. tc egress: tc.rs.
 //! Every map and counter: maps.rs.
 #![no_std]
 #![no_main]
@@ -39,35 +40,70 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 use lb_common::counter;
+use sock::{Family, Mapped6, V4};
 
+// Socket-level programs: the `*4` ones for AF_INET addresses, the `*6` ones for IPv4-mapped
+// IPv6 addresses (`::ffff:a.b.c.d`), one code path for both (sock.rs, which says which hook the
+// kernel runs where).
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
-    match sock::try_connect4(&ctx) {
-        Ok(()) => sock::ALLOW,
-        Err(refusal) => sock::refuse(&ctx, refusal),
-    }
+    connect::<V4>(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
+    connect::<Mapped6>(&ctx)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
-    match sock::try_sendmsg4(&ctx) {
-        Ok(()) => sock::ALLOW,
-        Err(refusal) => sock::refuse(&ctx, refusal),
-    }
+    sendmsg::<V4>(&ctx)
 }
 
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sendmsg::<Mapped6>(&ctx)
+}
+
+// recvmsg and getpeername programs may only return 1.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
-    // recvmsg4 may only return 1.
-    sock::recvmsg4(&ctx);
+    sock::recvmsg::<V4>(&ctx);
+    sock::ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::recvmsg::<Mapped6>(&ctx);
     sock::ALLOW
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
-    // getpeername4 may only return 1.
-    sock::getpeername4(&ctx);
+    sock::getpeername::<V4>(&ctx);
     sock::ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::getpeername::<Mapped6>(&ctx);
+    sock::ALLOW
+}
+
+#[inline(always)]
+fn connect<F: Family>(ctx: &SockAddrContext) -> i32 {
+    match sock::try_connect::<F>(ctx) {
+        Ok(()) => sock::ALLOW,
+        Err(refusal) => sock::refuse(ctx, refusal),
+    }
+}
+
+#[inline(always)]
+fn sendmsg<F: Family>(ctx: &SockAddrContext) -> i32 {
+    match sock::try_sendmsg::<F>(ctx) {
+        Ok(()) => sock::ALLOW,
+        Err(refusal) => sock::refuse(ctx, refusal),
+    }
 }
 
 #[xdp]

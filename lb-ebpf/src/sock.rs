@@ -1,7 +1,33 @@
 //! Socket-level load balancing: translate a frontend to a backend once, when a socket connects
 //! (TCP, connected UDP) or sends a datagram (unconnected UDP), and translate the backend back to
 //! the frontend where the application reads a peer address (recvmsg, getpeername).
+//!
+//! Two families of socket addresses name an IPv4 frontend ([`Family`]): AF_INET ones ([`V4`],
+//! the `*4` hooks) and IPv4-mapped IPv6 ones, `::ffff:a.b.c.d` ([`Mapped6`], the `*6` hooks),
+//! which a dual-stack AF_INET6 socket (IPV6_V6ONLY off) uses for IPv4 peers: Java does so on
+//! every host with IPv6. A mapped frontend becomes `::ffff:<backend>`, and the backend reads
+//! back as `::ffff:<frontend>`; the frontend lookup, backend choice, affinity, refusals,
+//! source ranges, per-socket records and counters are the same code for both. Other IPv6
+//! addresses are left alone (full IPv6 is another issue).
+//!
+//! Which hook the kernel (6.18) runs for an AF_INET6 socket and a mapped peer, measured by
+//! `lab_mapped6_hooks_the_kernel_runs_for_mapped_addresses` (tests/tests/lab_mapped6.rs), which
+//! removes one link at a time:
+//! - TCP and UDP `connect`: connect6, with the mapped address; never connect4 (the kernel then
+//!   hands the socket to the IPv4 connect, `tcp_v4_connect` / `__ip4_datagram_connect`,
+//!   without running the IPv4 hook);
+//! - UDP `sendto`/`sendmsg` with a mapped destination: **sendmsg4**, with an AF_INET address
+//!   (`udpv6_sendmsg` hands the datagram to `udp_sendmsg` before its own hook runs: sendmsg6
+//!   never sees it). The socket cookie is the AF_INET6 socket's, so recvmsg6 finds the record
+//!   sendmsg4 wrote. A connected socket's `send` has the backend connect6 chose, no frontend;
+//! - UDP `recvfrom`/`recvmsg`: recvmsg6, with the IPv4 source as a mapped address; never
+//!   recvmsg4;
+//! - `getpeername`: getpeername6, with the mapped peer; never getpeername4.
+//!
+//! sendmsg6 is attached all the same (a mapped destination it sees is translated like one
+//! sendmsg4 sees), for kernels that run it before the hand-over.
 use aya_ebpf::{
+    bindings::{bpf_sock, bpf_sock_addr},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
     EbpfContext,
@@ -19,10 +45,95 @@ use crate::{
 };
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 const ECONNREFUSED: i32 = 111;
 
+/// The socket addresses a program translates: both kinds name IPv4 frontends and backends.
+pub trait Family {
+    /// The IPv4 address (network order) the socket address names, when it is of this family.
+    fn ip4(sa: &bpf_sock_addr) -> Option<u32>;
+    /// Points the socket address (one [`Family::ip4`] accepted) at `addr_be`:`port_be`.
+    fn set(sa: &mut bpf_sock_addr, addr_be: u32, port_be: u16);
+    /// The IPv4 source a socket is bound to (0: not bound, or to no IPv4 address).
+    fn bound(sk: &bpf_sock) -> u32;
+    /// A datagram's IPv4 source in sendmsg: an IP_PKTINFO / IPV6_PKTINFO address, else the
+    /// socket's bound one (0: neither).
+    fn msg_source(sa: &bpf_sock_addr) -> u32;
+}
+
+/// AF_INET socket addresses (connect4, sendmsg4, recvmsg4, getpeername4).
+pub struct V4;
+
+/// IPv4-mapped IPv6 socket addresses, `::ffff:a.b.c.d` (connect6, sendmsg6, recvmsg6,
+/// getpeername6).
+pub struct Mapped6;
+
+impl Family for V4 {
+    #[inline(always)]
+    fn ip4(sa: &bpf_sock_addr) -> Option<u32> {
+        (sa.user_family == AF_INET).then_some(sa.user_ip4)
+    }
+
+    #[inline(always)]
+    fn set(sa: &mut bpf_sock_addr, addr_be: u32, port_be: u16) {
+        sa.user_ip4 = addr_be;
+        sa.user_port = port_be as u32;
+    }
+
+    #[inline(always)]
+    fn bound(sk: &bpf_sock) -> u32 {
+        sk.src_ip4
+    }
+
+    #[inline(always)]
+    fn msg_source(sa: &bpf_sock_addr) -> u32 {
+        sa.msg_src_ip4
+    }
+}
+
+/// The IPv4 address of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, network order words).
+/// The kernel accepts only 4-byte accesses to these context fields: one volatile read each.
+#[inline(always)]
+fn mapped(words: &[u32; 4]) -> Option<u32> {
+    let w = |i: usize| {
+        // SAFETY: `i` < 4, a read of a field of the context the kernel handed over.
+        unsafe { core::ptr::read_volatile(words.as_ptr().add(i)) }
+    };
+    (w(0) == 0 && w(1) == 0 && w(2) == 0x0000_ffffu32.to_be()).then(|| w(3))
+}
+
+impl Family for Mapped6 {
+    #[inline(always)]
+    fn ip4(sa: &bpf_sock_addr) -> Option<u32> {
+        if sa.user_family != AF_INET6 {
+            return None;
+        }
+        mapped(&sa.user_ip6)
+    }
+
+    /// Only the last word changes: the address stays `::ffff:` + IPv4.
+    #[inline(always)]
+    fn set(sa: &mut bpf_sock_addr, addr_be: u32, port_be: u16) {
+        // SAFETY: a 4-byte write of a field writable for connect6/sendmsg6/recvmsg6/getpeername6.
+        unsafe { core::ptr::write_volatile(&mut sa.user_ip6[3], addr_be) };
+        sa.user_port = port_be as u32;
+    }
+
+    /// A dual-stack socket bound to `::ffff:a.b.c.d` has the source a.b.c.d; one bound to `::`
+    /// (unbound) or to a real IPv6 address has no IPv4 source.
+    #[inline(always)]
+    fn bound(sk: &bpf_sock) -> u32 {
+        mapped(&sk.src_ip6).unwrap_or(0)
+    }
+
+    #[inline(always)]
+    fn msg_source(sa: &bpf_sock_addr) -> u32 {
+        mapped(&sa.msg_src_ip6).unwrap_or(0)
+    }
+}
+
 /// Verdicts of the socket programs: 1 lets the call proceed, 0 refuses it (the caller sees
-/// EPERM). recvmsg4 and getpeername4 may only return `ALLOW`.
+/// EPERM). recvmsg and getpeername programs may only return `ALLOW`.
 pub const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
 
@@ -69,31 +180,29 @@ fn source_allowed(fe: &Frontend, src_be: u32) -> Result<(), Refusal> {
 
 /// The source address a connecting socket is bound to (0: not bound yet).
 #[inline(always)]
-fn bound_source(ctx: &SockAddrContext) -> u32 {
+fn bound_source<F: Family>(ctx: &SockAddrContext) -> u32 {
     // SAFETY: the kernel hands a valid bpf_sock_addr whose `sk` is a valid socket for the
-    // program's lifetime (connect4 and sendmsg4 both have one).
+    // program's lifetime (connect and sendmsg programs have one).
     unsafe {
         let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
         if sk.is_null() {
             return 0;
         }
-        (*sk).src_ip4
+        F::bound(&*sk)
     }
 }
 
 /// The frontend a socket address names, if it is one of ours.
 #[inline(always)]
-fn frontend(ctx: &SockAddrContext) -> Option<Frontend> {
+fn frontend<F: Family>(ctx: &SockAddrContext) -> Option<Frontend> {
     // SAFETY: the kernel hands a valid bpf_sock_addr for the program's lifetime.
     let sa = unsafe { &*ctx.sock_addr };
-    if sa.user_family != AF_INET {
-        return None;
-    }
+    let addr_be = F::ip4(sa)?;
     let p = sa.protocol as u8;
     if p != proto::TCP && p != proto::UDP {
         return None;
     }
-    frontend::lookup(sa.user_ip4, sa.user_port as u16, p, scope::INTERNAL)
+    frontend::lookup(addr_be, sa.user_port as u16, p, scope::INTERNAL)
 }
 
 /// The backend for a new connection: the client's affinity record when live and usable, else a
@@ -123,7 +232,7 @@ fn choose(ctx: &SockAddrContext, fe: &Frontend) -> Result<Chosen, Refusal> {
 
 /// Rewrites the destination to the backend and remembers, per socket, which frontend it was.
 #[inline(always)]
-fn translate(ctx: &SockAddrContext, fe: &Frontend, chosen: &Chosen, cookie: u64) {
+fn translate<F: Family>(ctx: &SockAddrContext, fe: &Frontend, chosen: &Chosen, cookie: u64) {
     let be = &chosen.backend;
     let rev_key = SockKey {
         cookie,
@@ -141,11 +250,8 @@ fn translate(ctx: &SockAddrContext, fe: &Frontend, chosen: &Chosen, cookie: u64)
     };
     // A failed insert (map full) only loses the reverse view; the connection still works.
     let _ = SOCK_REV_NAT.insert(rev_key, rev, 0);
-    // SAFETY: valid context; both fields are writable for connect4/sendmsg4.
-    unsafe {
-        (*ctx.sock_addr).user_ip4 = be.addr_be;
-        (*ctx.sock_addr).user_port = be.port_be as u32;
-    }
+    // SAFETY: valid context; the address and port are writable for connect and sendmsg.
+    F::set(unsafe { &mut *ctx.sock_addr }, be.addr_be, be.port_be);
 }
 
 /// Counts a refusal and returns the verdict that refuses the call.
@@ -187,31 +293,30 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
-/// connect4: a connection to a frontend goes to a backend. `Ok` also for addresses that are no
-/// frontend of ours (left as they are).
+/// connect4/connect6: a connection to a frontend goes to a backend. `Ok` also for addresses
+/// that are no frontend of ours (left as they are).
 #[inline(always)]
-pub fn try_connect4(ctx: &SockAddrContext) -> Result<(), Refusal> {
-    let Some(fe) = frontend(ctx) else {
+pub fn try_connect<F: Family>(ctx: &SockAddrContext) -> Result<(), Refusal> {
+    let Some(fe) = frontend::<F>(ctx) else {
         return Ok(());
     };
-    source_allowed(&fe, bound_source(ctx))?;
+    source_allowed(&fe, bound_source::<F>(ctx))?;
     let chosen = choose(ctx, &fe)?;
-    translate(ctx, &fe, &chosen, cookie(ctx));
+    translate::<F>(ctx, &fe, &chosen, cookie(ctx));
     maps::count(counter::SOCK_CONNECT_XLATE, 0);
     maps::count_service(fe.master.svc_port_id, ServiceEvent::NewConnection(0));
     Ok(())
 }
 
-/// sendmsg4: a datagram of an unconnected UDP socket to a frontend goes to a backend, the same
-/// one as the socket's earlier datagrams while it keeps its slot.
+/// sendmsg4/sendmsg6: a datagram of an unconnected UDP socket to a frontend goes to a backend,
+/// the same one as the socket's earlier datagrams while it keeps its slot.
 #[inline(always)]
-pub fn try_sendmsg4(ctx: &SockAddrContext) -> Result<(), Refusal> {
-    let Some(fe) = frontend(ctx) else {
+pub fn try_sendmsg<F: Family>(ctx: &SockAddrContext) -> Result<(), Refusal> {
+    let Some(fe) = frontend::<F>(ctx) else {
         return Ok(());
     };
-    // The datagram's source: an IP_PKTINFO address, else the socket's bound one (0: unbound).
-    // SAFETY: valid context; msg_src_ip4 is readable for sendmsg4.
-    source_allowed(&fe, unsafe { (*ctx.sock_addr).msg_src_ip4 })?;
+    // SAFETY: valid context; the message source is readable for sendmsg.
+    source_allowed(&fe, F::msg_source(unsafe { &*ctx.sock_addr }))?;
     let cookie = cookie(ctx);
     let flow_key = SockKey {
         cookie,
@@ -227,7 +332,7 @@ pub fn try_sendmsg4(ctx: &SockAddrContext) -> Result<(), Refusal> {
         if flow.slot != 0 && flow.slot <= fe.master.count {
             if let Ok(chosen) = select::in_slot(&fe, flow.slot) {
                 if chosen.id == flow.backend_id {
-                    translate(ctx, &fe, &chosen, cookie);
+                    translate::<F>(ctx, &fe, &chosen, cookie);
                     maps::count(counter::SOCK_FLOW_REUSE, 0);
                     maps::count(counter::SOCK_SENDMSG_XLATE, 0);
                     return Ok(());
@@ -255,7 +360,7 @@ pub fn try_sendmsg4(ctx: &SockAddrContext) -> Result<(), Refusal> {
     };
     // A failed insert (map full) only loses the memory: the next datagram chooses again.
     let _ = SOCK_FLOW.insert(flow_key, flow, 0);
-    translate(ctx, &fe, &chosen, cookie);
+    translate::<F>(ctx, &fe, &chosen, cookie);
     maps::count(counter::SOCK_SENDMSG_XLATE, 0);
     maps::count_service(fe.master.svc_port_id, ServiceEvent::NewConnection(0));
     Ok(())
@@ -263,15 +368,15 @@ pub fn try_sendmsg4(ctx: &SockAddrContext) -> Result<(), Refusal> {
 
 /// Replaces a backend peer address with the frontend the socket asked for. Returns whether it did.
 #[inline(always)]
-fn reverse(ctx: &SockAddrContext) -> bool {
+fn reverse<F: Family>(ctx: &SockAddrContext) -> bool {
     // SAFETY: valid context.
-    let sa = unsafe { &*ctx.sock_addr };
-    if sa.user_family != AF_INET {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some(addr_be) = F::ip4(sa) else {
         return false;
-    }
+    };
     let key = SockKey {
         cookie: cookie(ctx),
-        addr_be: sa.user_ip4,
+        addr_be,
         port_be: sa.user_port as u16,
         proto: sa.protocol as u8,
         _pad: 0,
@@ -280,22 +385,21 @@ fn reverse(ctx: &SockAddrContext) -> bool {
     let Some(rev) = (unsafe { SOCK_REV_NAT.get(key).copied() }) else {
         return false;
     };
-    // SAFETY: user_ip4/user_port are writable for recvmsg4/getpeername4.
-    unsafe {
-        (*ctx.sock_addr).user_ip4 = rev.addr_be;
-        (*ctx.sock_addr).user_port = rev.port_be as u32;
-    }
+    // The address and port are writable for recvmsg and getpeername.
+    F::set(sa, rev.addr_be, rev.port_be);
     true
 }
 
-pub fn recvmsg4(ctx: &SockAddrContext) {
-    if reverse(ctx) {
+/// recvmsg4/recvmsg6: a datagram's source.
+pub fn recvmsg<F: Family>(ctx: &SockAddrContext) {
+    if reverse::<F>(ctx) {
         maps::count(counter::SOCK_RECVMSG_REVNAT, 0);
     }
 }
 
-pub fn getpeername4(ctx: &SockAddrContext) {
-    if reverse(ctx) {
+/// getpeername4/getpeername6: a connected socket's peer.
+pub fn getpeername<F: Family>(ctx: &SockAddrContext) {
+    if reverse::<F>(ctx) {
         maps::count(counter::SOCK_GETPEERNAME_REVNAT, 0);
     }
 }

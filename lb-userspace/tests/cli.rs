@@ -450,6 +450,7 @@ fn uninstall_removes_only_what_the_agent_pins() {
         "lb_backend_v1",
         "lb_svc_v2",
         "links/connect4",
+        "links/getpeername6",
         "links/tc_ingress_eth0",
     ];
     let theirs = ["other_tool_map", "links/other_tool_link", "links/xdp_"];

@@ -2,11 +2,32 @@
 //! manifests (deploy/examples/lab.yaml) from a file the test may rewrite.
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
-use crate::lab::{bin_path, AgentProcess, Lab, Variant, NODE_DEVICE};
+use crate::lab::{bin_path, AgentProcess, Exchange, HeldConnection, Lab, Variant, NODE_DEVICE};
 
 /// The example manifests as shipped.
 pub fn example_manifests() -> String {
     include_str!("../../deploy/examples/lab.yaml").to_string()
+}
+
+/// The example manifests without the endpoint at `addr` (both ports of its slice).
+pub fn without_endpoint(addr: &str) -> String {
+    let without: String = example_manifests()
+        .lines()
+        .filter(|l| !l.contains(&format!("addresses: [{addr}]")) || l.contains("legacy"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_ne!(without, example_manifests());
+    without
+}
+
+/// The example manifests plus `fenced`, a LoadBalancer Service (ClusterIP 10.96.0.70,
+/// ingress IP 203.0.113.20, NodePort 30110, TCP and UDP port 80, externalTrafficPolicy Local)
+/// with `loadBalancerSourceRanges: RANGES` (YAML, e.g. `[10.0.0.0/8]`), served by a1.
+pub fn fenced_manifests(ranges: &str) -> String {
+    format!(
+        "{}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: fenced, namespace: default}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.70\n  externalTrafficPolicy: Local\n  loadBalancerSourceRanges: {ranges}\n  selector: {{app: fenced}}\n  ports:\n  - {{name: tcp, port: 80, targetPort: 8080, nodePort: 30110}}\n  - {{name: udp, port: 80, targetPort: 8080, nodePort: 30110, protocol: UDP}}\nstatus:\n  loadBalancer: {{ingress: [{{ip: 203.0.113.20}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: fenced-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: fenced}}\naddressType: IPv4\nports:\n- {{name: tcp, port: 8080}}\n- {{name: udp, port: 8080, protocol: UDP}}\nendpoints:\n- {{addresses: [10.244.1.10], nodeName: node1, zone: zone-a}}\n",
+        example_manifests().trim_end()
+    )
 }
 
 pub struct Running {
@@ -32,6 +53,32 @@ impl Running {
     /// The lab's variant (plain or XDP).
     pub fn variant(&self) -> Variant {
         self.lab.variant
+    }
+
+    /// Removes `pinned`'s endpoint from the Service (as generation 2), then exchanges on
+    /// `held` every 100 ms until one fails; every exchange before that still reaches `pinned`,
+    /// and the failure comes within 3 s. Returns the failed exchange and when it came after the
+    /// removal.
+    pub fn remove_and_wait_for_failure(
+        &mut self,
+        held: &mut HeldConnection,
+        pinned: &str,
+    ) -> (Exchange, Duration) {
+        let addr = self.lab.pod(pinned).addr.to_string();
+        self.apply(&without_endpoint(&addr), 2);
+        let removed = std::time::Instant::now();
+        loop {
+            let e = held.exchange().unwrap();
+            if !e.ok {
+                return (e, removed.elapsed());
+            }
+            assert_eq!(e.backend.as_deref(), Some(pinned), "{e:?}");
+            assert!(
+                removed.elapsed() < Duration::from_secs(3),
+                "the socket still talks to removed backend {pinned} after 3 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// `lbctl --bpffs <node's> COMMAND -o json`, parsed.

@@ -1,32 +1,11 @@
 //! End-to-end ClusterIP load balancing in the reference lab: real agents, real sockets, real
 //! kernels. Socket-level translation for pods on a node (cgroup connect4/sendmsg4/recvmsg4/
 //! getpeername4), from deploy/examples/lab.yaml.
-use std::collections::BTreeMap;
-
-use lb_tests::lab::Exchange;
+use lb_tests::lab::by_backend;
 
 const ECHO: &str = "10.96.0.10:80";
 
-use lb_tests::scenario::{example_manifests as examples, start_example as setup};
-
-/// The example manifests without the endpoint at `addr` (both ports of its slice).
-fn without_endpoint(addr: &str) -> String {
-    let without: String = examples()
-        .lines()
-        .filter(|l| !l.contains(&format!("addresses: [{addr}]")) || l.contains("legacy"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    assert_ne!(without, examples());
-    without
-}
-
-fn by_backend(ex: &[Exchange]) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for e in ex {
-        *m.entry(e.backend.clone().unwrap_or_default()).or_default() += 1;
-    }
-    m
-}
+use lb_tests::scenario::{start_example as setup, without_endpoint};
 
 #[test]
 fn lab_clusterip_spreads_tcp_and_udp_over_four_backends() {
@@ -190,7 +169,7 @@ fn lab_clusterip_connected_udp_socket_to_a_removed_backend_is_terminated() {
     }
     // Within 3 s the socket fails: ECONNABORTED (os error 103) when the abort is read, or no
     // destination any more (EDESTADDRREQ, os error 89) when it was idle.
-    let (failed, after) = remove_and_wait_for_failure(&mut s, &mut held, &pinned);
+    let (failed, after) = s.remove_and_wait_for_failure(&mut held, &pinned);
     let err = failed.error.clone().unwrap_or_default();
     assert!(
         err.contains("os error 103") || err.contains("os error 89"),
@@ -206,31 +185,6 @@ fn lab_clusterip_connected_udp_socket_to_a_removed_backend_is_terminated() {
         .unwrap();
 }
 
-/// Removes `pinned`'s endpoint from the Service, then exchanges on `held` every 100 ms until
-/// one fails; every exchange before that still reaches `pinned`, and the failure comes within
-/// 3 s. Returns the failed exchange and when it came after the removal.
-fn remove_and_wait_for_failure(
-    s: &mut lb_tests::scenario::Running,
-    held: &mut lb_tests::HeldConnection,
-    pinned: &str,
-) -> (Exchange, std::time::Duration) {
-    let addr = s.lab.pod(pinned).addr.to_string();
-    s.apply(&without_endpoint(&addr), 2);
-    let removed = std::time::Instant::now();
-    loop {
-        let e = held.exchange().unwrap();
-        if !e.ok {
-            return (e, removed.elapsed());
-        }
-        assert_eq!(e.backend.as_deref(), Some(pinned), "{e:?}");
-        assert!(
-            removed.elapsed() < std::time::Duration::from_secs(3),
-            "the socket still talks to removed backend {pinned} after 3 s"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-}
-
 /// With `--terminate-tcp-sockets`, an established TCP connection to a backend that left the
 /// Service is terminated too (by default it may finish, as the test above shows).
 #[test]
@@ -242,7 +196,7 @@ fn lab_clusterip_tcp_connection_to_a_removed_backend_is_terminated_on_request() 
     let first = held.first.clone().unwrap();
     assert!(first.ok, "{first:?}");
     let pinned = first.backend.clone().unwrap();
-    let (failed, _) = remove_and_wait_for_failure(&mut s, &mut held, &pinned);
+    let (failed, _) = s.remove_and_wait_for_failure(&mut held, &pinned);
     // ECONNABORTED (os error 103) where the abort is read.
     let err = failed.error.clone().unwrap_or_default();
     assert!(err.contains("os error 103"), "{failed:?}");

@@ -98,19 +98,7 @@ fn lbctl_config_shows_the_hook_per_device(v: Variant) {
     all_ok(&s.lab, NODE_PORT, 5);
     // uninstall removes the device's north-south link, whichever kind it is: nothing translates
     // the NodePort any more (the programs would still run on their own maps if attached).
-    let out = s
-        .lab
-        .command_in(
-            &node.netns,
-            None,
-            bin_path("lb-agent").unwrap(),
-            ["uninstall", "--bpffs"],
-        )
-        .arg(&node.bpffs)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let removed = String::from_utf8_lossy(&out.stdout);
+    let removed = s.lab.uninstall_printing("node1");
     let pin = if hook == "tc" { "tc_ingress" } else { "xdp" };
     assert!(
         removed.contains(&format!("links/{pin}_{NODE_DEVICE}")),
@@ -228,14 +216,7 @@ fn lab_hook_change_across_restart_has_no_gap_and_uninstall_removes_both_kinds() 
 
     // uninstall removes every link, whatever the kind.
     s.agents[0].stop().unwrap();
-    let out = s
-        .lab
-        .command_in(&node.netns, None, &agent, ["uninstall", "--bpffs"])
-        .arg(&node.bpffs)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let removed = String::from_utf8_lossy(&out.stdout);
+    let removed = s.lab.uninstall_printing("node1");
     assert!(
         removed.contains(&format!("links/xdp_{NODE_DEVICE}")),
         "{removed}"

@@ -10,19 +10,12 @@
 use lb_tests::{
     lab::{all_ok, Exchange},
     on_both_variants,
-    scenario::{example_manifests, http_get, start_example_on_with},
+    scenario::{fenced_manifests, http_get, start_example_on_with},
     Variant,
 };
 
 const LB: &str = "203.0.113.20:80";
 const NODE_PORT: &str = "192.168.100.1:30110";
-
-fn manifests(ranges: &str) -> String {
-    format!(
-        "{}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: fenced, namespace: default}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.70\n  externalTrafficPolicy: Local\n  loadBalancerSourceRanges: {ranges}\n  selector: {{app: fenced}}\n  ports:\n  - {{name: tcp, port: 80, targetPort: 8080, nodePort: 30110}}\n  - {{name: udp, port: 80, targetPort: 8080, nodePort: 30110, protocol: UDP}}\nstatus:\n  loadBalancer: {{ingress: [{{ip: 203.0.113.20}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: fenced-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: fenced}}\naddressType: IPv4\nports:\n- {{name: tcp, port: 8080}}\n- {{name: udp, port: 8080, protocol: UDP}}\nendpoints:\n- {{addresses: [10.244.1.10], nodeName: node1, zone: zone-a}}\n",
-        example_manifests().trim_end()
-    )
-}
 
 fn served(ex: &[Exchange], what: &str) {
     all_ok(ex, what);
@@ -59,7 +52,7 @@ fn source_ranges_fence_the_load_balancer_ip(v: Variant) {
     };
 
     // The client's own address is the range; node1's is not.
-    s.apply(&manifests("[192.168.100.100/32]"), 2);
+    s.apply(&fenced_manifests("[192.168.100.100/32]"), 2);
     for proto in ["tcp", "udp"] {
         served(
             &client(&s, proto, LB, "10"),
@@ -110,7 +103,7 @@ fn source_ranges_fence_the_load_balancer_ip(v: Variant) {
     assert!(before >= 9, "the six host and three pod refusals: {before}");
 
     // The ranges move away from the client: dropped on the north-south path, counted.
-    s.apply(&manifests("[10.0.0.0/8, not-a-cidr]"), 3);
+    s.apply(&fenced_manifests("[10.0.0.0/8, not-a-cidr]"), 3);
     for proto in ["tcp", "udp"] {
         none_served(
             &client(&s, proto, LB, "3"),
@@ -194,7 +187,7 @@ fn source_ranges_fence_the_load_balancer_ip(v: Variant) {
     );
 
     // node1's address in the ranges (kube-proxy's allowFromNode): the host is served.
-    s.apply(&manifests("[192.168.100.0/24]"), 4);
+    s.apply(&fenced_manifests("[192.168.100.0/24]"), 4);
     for proto in ["tcp", "udp"] {
         served(
             &host(&s, proto, LB),

@@ -45,15 +45,20 @@ pub fn load(bpffs: &Path, sizes: &MapSizes) -> Result<aya::Ebpf> {
     Ok(ebpf)
 }
 
-const CGROUP_HOOKS: [(&str, &str); 4] = [
+const CGROUP_HOOKS: [(&str, &str); 8] = [
     (program_name::CONNECT4, CGROUP_LINKS[0]),
     (program_name::SENDMSG4, CGROUP_LINKS[1]),
     (program_name::RECVMSG4, CGROUP_LINKS[2]),
     (program_name::GETPEERNAME4, CGROUP_LINKS[3]),
+    (program_name::CONNECT6, CGROUP_LINKS[4]),
+    (program_name::SENDMSG6, CGROUP_LINKS[5]),
+    (program_name::RECVMSG6, CGROUP_LINKS[6]),
+    (program_name::GETPEERNAME6, CGROUP_LINKS[7]),
 ];
 
-/// Attaches the socket-level programs to `cgroup` and pins their links. A link pinned by an
-/// earlier agent is replaced only after the new one is attached, so there is no gap.
+/// Attaches the socket-level programs (every hook of [`CGROUP_LINKS`]) to `cgroup` and pins their
+/// links. A link pinned by an earlier agent is replaced only after the new one is attached, so
+/// there is no gap; a hook an earlier agent did not attach (an older version) is attached anew.
 pub fn attach_cgroup(ebpf: &mut aya::Ebpf, cgroup: &Path, bpffs: &Path) -> Result<()> {
     let cg = fs::File::open(cgroup).with_context(|| format!("open {}", cgroup.display()))?;
     for (prog, hook) in CGROUP_HOOKS {

@@ -3,7 +3,9 @@
 //!
 //! Pinned layout under `--bpffs DIR`:
 //! - `DIR/<map name>`: every map (names in `lb_common::map_name`), reused by a restarted agent;
-//! - `DIR/links/<hook>`: the cgroup links (`connect4`, `sendmsg4`, `recvmsg4`, `getpeername4`),
+//! - `DIR/links/<hook>`: the cgroup links (`connect4`, `sendmsg4`, `recvmsg4`, `getpeername4`,
+//!   and `connect6`, `sendmsg6`, `recvmsg6`, `getpeername6` for IPv4-mapped IPv6 addresses;
+//!   every agent attaches all eight, also over the pins of an older one that lacks some),
 //!   per device the north-south link `DIR/links/xdp_<device>` or `DIR/links/tc_ingress_<device>`
 //!   (see [`hook`]) and `DIR/links/tc_egress_<device>`; programs stay attached while the agent is
 //!   down.

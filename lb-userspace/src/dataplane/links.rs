@@ -93,8 +93,19 @@ pub fn other_interfaces(bpffs: &Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// Pin names of the cgroup socket-hook links.
-pub const CGROUP_LINKS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
+/// Pin names of the cgroup socket-hook links: AF_INET sockets, then IPv4-mapped addresses of
+/// AF_INET6 sockets. An agent attaches every one at start, so one started over the pins of an
+/// older agent that lacks some pins them too.
+pub const CGROUP_LINKS: [&str; 8] = [
+    "connect4",
+    "sendmsg4",
+    "recvmsg4",
+    "getpeername4",
+    "connect6",
+    "sendmsg6",
+    "recvmsg6",
+    "getpeername6",
+];
 
 /// Whether a pin under `links/` is one an agent makes: a cgroup hook, a device's XDP, tc
 /// ingress or tc egress link, an other interface's tc links, or one of those with [`NEW_SUFFIX`] (pinned a moment before it

@@ -1,14 +1,15 @@
 //! Client of the lab: exchanges with `lab-echo` servers (directly or through a Service address)
 //! and prints one JSON object per exchange (see `lb_tests::Exchange`):
 //! `{"ok":true,"backend":"a1","seen_peer":"10.244.1.10:40000","peer":"10.96.0.10:80","error":null,"elapsed_ms":1}`
+//! An IPv6 target (`[::ffff:10.96.0.10]:80`, IPv4-mapped) gets a dual-stack AF_INET6 socket.
 //! `backend` and `seen_peer` come from the reply; `peer` is `getpeername()` of the TCP socket or
 //! the source `recvfrom()` reported for UDP. Exits 0 even when exchanges fail.
 //!
 //! ```text
-//! lab-client tcp IP:PORT [--count N] [--timeout-ms T] [--source-port P]
+//! lab-client tcp IP:PORT [--count N] [--timeout-ms T] [--bind IP] [--source-port P]
 //!                                                       each exchange on a new connection
-//!                                                       (from port P when given, bound with
-//!                                                       SO_REUSEADDR)
+//!                                                       (from IP and port P when given, bound
+//!                                                       with SO_REUSEADDR)
 //! lab-client udp IP:PORT [--count N] [--timeout-ms T] [--bind IP] [--source-port P]
 //!                                                       each from a new unconnected socket
 //!                                                       (bound to IP: its source address; to
@@ -29,7 +30,7 @@
 //! ```
 use std::{
     io::{self, BufRead, BufReader, Write},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     process::exit,
     time::{Duration, Instant},
 };
@@ -120,15 +121,16 @@ fn request(stream: &mut TcpStream, reader: &mut BufReader<TcpStream>, peer: Sock
     Ok((line.trim().to_string(), peer))
 }
 
-/// A TCP connection to `target`; from source port `source_port` when it is not 0 (bound with
-/// SO_REUSEADDR, so that connections to different targets can share it, as the kernel's own
-/// port choice lets them).
+/// A TCP connection to `target`; from `bind` and from port `source_port` when given (bound
+/// with SO_REUSEADDR, so that connections to different targets can share a port, as the
+/// kernel's own port choice lets them). std's TcpStream cannot bind before it connects.
 fn connect(
     target: SocketAddr,
     timeout: Duration,
+    bind: Option<IpAddr>,
     source_port: u16,
 ) -> Result<(TcpStream, BufReader<TcpStream>, SocketAddr), Failure> {
-    let s = if source_port == 0 {
+    let s = if bind.is_none() && source_port == 0 {
         step(
             "connect",
             None,
@@ -145,8 +147,8 @@ fn connect(
             ),
         )?;
         step("setsockopt", None, sock.set_reuse_address(true))?;
-        let any: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, source_port).into();
-        step("bind", None, sock.bind(&any.into()))?;
+        let from = SocketAddr::new(bind.unwrap_or_else(|| unspecified(target)), source_port);
+        step("bind", None, sock.bind(&from.into()))?;
         step(
             "connect",
             None,
@@ -161,17 +163,17 @@ fn connect(
     Ok((s, reader, peer))
 }
 
-fn tcp_once(target: SocketAddr, timeout: Duration, source_port: u16) -> Outcome {
-    let (mut s, mut reader, peer) = connect(target, timeout, source_port)?;
+fn tcp_once(
+    target: SocketAddr,
+    timeout: Duration,
+    bind: Option<IpAddr>,
+    source_port: u16,
+) -> Outcome {
+    let (mut s, mut reader, peer) = connect(target, timeout, bind, source_port)?;
     request(&mut s, &mut reader, peer)
 }
 
-fn udp_once(
-    target: SocketAddr,
-    timeout: Duration,
-    bind: std::net::IpAddr,
-    source_port: u16,
-) -> Outcome {
+fn udp_once(target: SocketAddr, timeout: Duration, bind: IpAddr, source_port: u16) -> Outcome {
     let s = step("bind", None, UdpSocket::bind((bind, source_port)))?;
     step("setsockopt", None, s.set_read_timeout(Some(timeout)))?;
     step("send", None, s.send_to(b"hello\n", target))?;
@@ -182,7 +184,7 @@ fn udp_once(
 
 fn hold(target: SocketAddr, timeout: Duration, source_port: u16) {
     let started = Instant::now();
-    let mut conn = match connect(target, timeout, source_port) {
+    let mut conn = match connect(target, timeout, None, source_port) {
         Ok(c) => Some(c),
         Err(f) => {
             report(Err(f), started, timeout);
@@ -212,8 +214,16 @@ fn hold(target: SocketAddr, timeout: Duration, source_port: u16) {
     }
 }
 
+/// The unspecified address of `target`'s family (`0.0.0.0` or `::`, IPV6_V6ONLY off by default).
+fn unspecified(target: SocketAddr) -> IpAddr {
+    match target {
+        SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    }
+}
+
 fn udp_connect(target: SocketAddr, timeout: Duration) -> Result<UdpSocket, Failure> {
-    let s = step("bind", None, UdpSocket::bind("0.0.0.0:0"))?;
+    let s = step("bind", None, UdpSocket::bind((unspecified(target), 0)))?;
     step("setsockopt", None, s.set_read_timeout(Some(timeout)))?;
     step("connect", None, s.connect(target))?;
     Ok(s)
@@ -255,7 +265,7 @@ fn hold_udp(target: SocketAddr, timeout: Duration) {
 
 fn usage(why: &str) -> ! {
     eprintln!(
-        "lab-client: {why}\nusage: lab-client tcp|udp|udp-connected IP:PORT [--count N] [--timeout-ms T] [--bind IP (udp)] [--source-port P (udp, tcp)]\n       \
+        "lab-client: {why}\nusage: lab-client tcp|udp|udp-connected IP:PORT [--count N] [--timeout-ms T] [--bind IP] [--source-port P (udp, tcp)]\n       \
          lab-client hold|hold-udp IP:PORT [--timeout-ms T] [--source-port P (hold)]"
     );
     exit(2)
@@ -271,7 +281,7 @@ fn main() {
         .unwrap_or_else(|_| usage(&format!("bad target {target} (IP:PORT)")));
     let mut count = 1u32;
     let mut timeout = Duration::from_millis(2000);
-    let mut bind: Option<std::net::IpAddr> = None;
+    let mut bind: Option<IpAddr> = None;
     let mut source_port = 0u16;
     let mut rest = args[2..].iter();
     while let Some(flag) = rest.next() {
@@ -305,17 +315,21 @@ fn main() {
             other => usage(&format!("unknown argument {other}")),
         }
     }
-    if bind.is_some() && mode != "udp" {
-        usage("--bind is for udp only");
+    if bind.is_some() && mode != "udp" && mode != "tcp" {
+        usage("--bind is for udp and tcp only");
     }
-    let bind = bind.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
     match mode.as_str() {
         "tcp" | "udp" | "udp-connected" => {
             for _ in 0..count {
                 let started = Instant::now();
                 let outcome = match mode.as_str() {
-                    "tcp" => tcp_once(target, timeout, source_port),
-                    "udp" => udp_once(target, timeout, bind, source_port),
+                    "tcp" => tcp_once(target, timeout, bind, source_port),
+                    // Unbound by default, in the target's family: an IPv6 target
+                    // (`[::ffff:10.96.0.10]:80`, IPv4-mapped) gets a dual-stack AF_INET6 socket.
+                    "udp" => {
+                        let bind = bind.unwrap_or_else(|| unspecified(target));
+                        udp_once(target, timeout, bind, source_port)
+                    }
                     _ => udp_connect(target, timeout).and_then(|s| udp_request(&s)),
                 };
                 report(outcome, started, timeout);

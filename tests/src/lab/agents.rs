@@ -18,6 +18,24 @@ use crate::netns::{self, ManagedProcess};
 const UNINSTALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Lab {
+    /// Runs `lb-agent uninstall --bpffs <node's dir>` in the node's namespace, as an operator
+    /// would; panics unless it succeeds. Returns what it printed (a `removed PATH` line each).
+    pub fn uninstall_printing(&self, node: &str) -> String {
+        let n = self.node(node);
+        let out = self
+            .command_in(
+                &n.netns,
+                None,
+                super::bin_path("lb-agent").unwrap(),
+                ["uninstall", "--bpffs"],
+            )
+            .arg(&n.bpffs)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Starts `AGENT run --node NODE --manifests PATH --cgroup <node cgroup> --bpffs <node dir>
     /// --device eth0 [extra...]` inside the node's namespace (not inside its cgroup), with
     /// stdout and stderr going to a log file in [`Lab::tmpdir`]. The lab runs

@@ -39,7 +39,7 @@ mod topology;
 mod traffic;
 
 pub use agents::AgentProcess;
-pub use traffic::{all_ok, Exchange, HeldConnection};
+pub use traffic::{all_ok, by_backend, Exchange, HeldConnection};
 
 /// The client's address on the fabric.
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 100);

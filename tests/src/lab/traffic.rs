@@ -76,6 +76,15 @@ pub fn all_ok(ex: &[Exchange], what: &str) {
     );
 }
 
+/// How many exchanges each backend served (`""`: failed ones).
+pub fn by_backend(ex: &[Exchange]) -> std::collections::BTreeMap<String, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for e in ex {
+        *m.entry(e.backend.clone().unwrap_or_default()).or_default() += 1;
+    }
+    m
+}
+
 impl Lab {
     /// Runs `lab-client ARGS...` at a lab place (see [`Lab::command_at`]) and parses its output.
     pub fn run_client(&self, place: &str, args: &[&str]) -> Result<Vec<Exchange>> {
