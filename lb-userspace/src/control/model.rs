@@ -239,7 +239,10 @@ impl NodePortAddresses {
                     cidrs.push((Ipv4Addr::from(u32::from(a) & mask).into(), len));
                 }
                 Ok(IpAddr::V6(a)) if len <= 128 => {
-                    cidrs.push((Ipv6Addr::from(u128::from(a) & prefix_mask6(len)).into(), len));
+                    cidrs.push((
+                        Ipv6Addr::from(u128::from(a) & prefix_mask6(len)).into(),
+                        len,
+                    ));
                 }
                 _ => return Err(format!("{c:?}: not a CIDR")),
             }
@@ -626,7 +629,9 @@ fn parse_ipv6_prefix(s: &str) -> Option<(Ipv6Addr, u8)> {
 
 /// The netmask of an IPv6 prefix of `len` bits (0 for len 0).
 pub fn prefix_mask6(len: u8) -> u128 {
-    u128::MAX.checked_shl(128 - u32::from(len.min(128))).unwrap_or(0)
+    u128::MAX
+        .checked_shl(128 - u32::from(len.min(128)))
+        .unwrap_or(0)
 }
 
 /// `a.b.c.d/len` (len 0..=32, host bits cleared) as (network address, len).
@@ -1145,22 +1150,21 @@ fn families(
         vec![IpFamily::IPv4]
     };
     let two = declared.len() == 2 || cluster_ips.len() == 2;
-    let policy = match spec.ip_family_policy.as_deref() {
-        None if two => {
-            return Err(
+    let policy =
+        match spec.ip_family_policy.as_deref() {
+            None if two => return Err(
                 "ipFamilyPolicy must be PreferDualStack or RequireDualStack for two IP families"
                     .into(),
-            )
-        }
-        None | Some("SingleStack") => IpFamilyPolicy::SingleStack,
-        Some("PreferDualStack") => IpFamilyPolicy::PreferDualStack,
-        Some("RequireDualStack") => IpFamilyPolicy::RequireDualStack,
-        Some(other) => {
-            return Err(format!(
+            ),
+            None | Some("SingleStack") => IpFamilyPolicy::SingleStack,
+            Some("PreferDualStack") => IpFamilyPolicy::PreferDualStack,
+            Some("RequireDualStack") => IpFamilyPolicy::RequireDualStack,
+            Some(other) => {
+                return Err(format!(
                 "ipFamilyPolicy {other:?} is none of SingleStack, PreferDualStack, RequireDualStack"
             ))
-        }
-    };
+            }
+        };
     if policy == IpFamilyPolicy::SingleStack && two {
         return Err("ipFamilyPolicy SingleStack allows one IP family, two are given".into());
     }
@@ -1213,10 +1217,7 @@ fn merge_endpoints(slices: &[&EndpointSlice]) -> BTreeMap<(String, Protocol), Ve
             let at = index.entry(key.clone()).or_default();
             let list = out.entry(key).or_default();
             for ep in slice.endpoints.iter().flatten() {
-                let Some(Ok(addr)) = ep
-                    .addresses
-                    .first()
-                    .map(|a| endpoint_address(family, a))
+                let Some(Ok(addr)) = ep.addresses.first().map(|a| endpoint_address(family, a))
                 else {
                     continue;
                 };
@@ -1418,7 +1419,11 @@ mod tests {
         assert_eq!(m.services.len(), 2);
         assert_eq!(m.services[1].ip_families, [IpFamily::IPv6]);
         let p = crate::control::plan::plan(&m, "n1");
-        assert!(p.services.iter().all(|sp| sp.name == "s"), "{:?}", p.services);
+        assert!(
+            p.services.iter().all(|sp| sp.name == "s"),
+            "{:?}",
+            p.services
+        );
         assert_eq!(
             p.services_ipv6
                 .iter()
@@ -1842,6 +1847,141 @@ mod tests {
         assert_eq!(
             m.services[0].external_traffic_policy,
             Some(TrafficPolicy::Cluster)
+        );
+    }
+
+    /// spec.ipFamilies, ipFamilyPolicy and clusterIPs checked as the API server checks them:
+    /// each bad Service is rejected with its namespace/name and reason; the others stay.
+    #[test]
+    fn ip_family_validation_table() {
+        let svc = |spec: &str| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: bad, namespace: ns}}\nspec: {spec}\n---\n{SVC}")
+        };
+        let cases = [
+            ("{ipFamilies: [IPv4], clusterIPs: [\"fd00::1\"], ports: [{port: 80}]}", "clusterIPs[0] fd00::1 is not an IPv4 address, as ipFamilies[0] says"),
+            ("{ipFamilyPolicy: PreferDualStack, ipFamilies: [IPv6, IPv4], clusterIPs: [10.96.0.2, \"fd00::2\"], ports: [{port: 80}]}", "clusterIPs[0] 10.96.0.2 is not an IPv6 address, as ipFamilies[0] says"),
+            ("{ipFamilyPolicy: PreferDualStack, clusterIPs: [10.96.0.2, 10.96.0.3], ports: [{port: 80}]}", "are both IPv4: a dual-stack Service has one clusterIP per family"),
+            ("{ipFamilyPolicy: PreferDualStack, clusterIPs: [10.96.0.2, \"fd00::2\", 10.96.0.3], ports: [{port: 80}]}", "clusterIPs has 3 entries"),
+            ("{ipFamilyPolicy: SingleStack, clusterIPs: [10.96.0.2, \"fd00::2\"], ports: [{port: 80}]}", "ipFamilyPolicy SingleStack allows one IP family"),
+            ("{clusterIPs: [10.96.0.2, \"fd00::2\"], ports: [{port: 80}]}", "ipFamilyPolicy must be PreferDualStack or RequireDualStack"),
+            ("{ipFamilyPolicy: RequireDualStack, clusterIPs: [10.96.0.2], ports: [{port: 80}]}", "RequireDualStack needs a clusterIP of each family"),
+            ("{ipFamilyPolicy: Sometimes, clusterIPs: [10.96.0.2], ports: [{port: 80}]}", "ipFamilyPolicy \"Sometimes\" is none of"),
+            ("{ipFamilies: [IPv5], clusterIPs: [10.96.0.2], ports: [{port: 80}]}", "ipFamilies[0] \"IPv5\" is neither IPv4 nor IPv6"),
+            ("{ipFamilyPolicy: PreferDualStack, ipFamilies: [IPv4, IPv4], clusterIPs: [10.96.0.2], ports: [{port: 80}]}", "ipFamilies lists IPv4 twice"),
+            ("{clusterIP: 10.96.0.2, clusterIPs: [10.96.0.3], ports: [{port: 80}]}", "clusterIP \"10.96.0.2\" is not clusterIPs[0]"),
+            ("{clusterIPs: [\"::1\"], ports: [{port: 80}]}", "clusterIP ::1 is the loopback address"),
+            ("{clusterIPs: [\"::\"], ports: [{port: 80}]}", "clusterIP :: is the unspecified address"),
+            ("{clusterIPs: [\"fd00::zz\"], ports: [{port: 80}]}", "unparsable IPv6 address \"fd00::zz\""),
+            ("{clusterIPs: [\"::ffff:10.96.0.2\"], ports: [{port: 80}]}", "::ffff:10.96.0.2 is an IPv4-mapped IPv6 address"),
+            ("{clusterIPs: [\"fd00::2\"], externalIPs: [\"ff02::1\"], ports: [{port: 80}]}", "externalIP ff02::1 is a multicast address"),
+        ];
+        for (spec, reason) in cases {
+            let m = model(&svc(spec));
+            assert_eq!(m.rejected.len(), 1, "{spec}: {:?}", m.rejected);
+            let r = &m.rejected[0];
+            assert_eq!(
+                (r.kind.as_str(), r.namespace.as_str(), r.name.as_str()),
+                ("Service", "ns", "bad")
+            );
+            assert!(r.reason.contains(reason), "{spec}: {}", r.reason);
+            assert_eq!(
+                m.services
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>(),
+                ["s"],
+                "{spec}"
+            );
+        }
+    }
+
+    /// A dual-stack Service: both families' clusterIPs (primary first), external IPs and
+    /// source ranges per family, the endpoints of IPv4 and IPv6 slices apart; an address of the
+    /// other family in a slice is skipped with a reason; FQDN slices are left alone.
+    #[test]
+    fn dual_stack_service_model() {
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: ns}}\nspec: {{type: LoadBalancer, ipFamilyPolicy: RequireDualStack, ipFamilies: [IPv6, IPv4], clusterIPs: [\"fd00::1\", 10.96.0.1], externalIPs: [5.5.5.5, \"2001:db8::5\"], loadBalancerSourceRanges: [10.0.0.0/8, \"2001:db8::/32\"], ports: [{{name: web, port: 80, nodePort: 30080}}]}}\nstatus: {{loadBalancer: {{ingress: [{{ip: 1.2.3.4}}, {{ip: \"2001:db8::4\"}}]}}}}\n{}{}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s-fqdn, namespace: ns, labels: {{kubernetes.io/service-name: s}}}}\naddressType: FQDN\nports: [{{name: web, port: 8080}}]\nendpoints: [{{addresses: [a.example]}}]\n",
+            slice("s-v4", "kubernetes.io/service-name: s", "[{name: web, port: 8080}]", "[{addresses: [10.0.0.2]}, {addresses: [10.0.0.1]}]"),
+            slice("s-v6", "kubernetes.io/service-name: s", "[{name: web, port: 8080}]", "[{addresses: [\"fd00:244::1\"]}, {addresses: [10.0.0.3]}]")
+                .replace("addressType: IPv4", "addressType: IPv6"),
+        );
+        let m = model(&yaml);
+        assert_eq!(
+            m.rejected.iter().map(|r| (r.name.as_str(), r.reason.as_str())).collect::<Vec<_>>(),
+            [("s-v6", "endpoint 1 skipped: endpoint address 10.0.0.3 is not an IPv6 address (the slice's addressType)")]
+        );
+        let s = &m.services[0];
+        assert_eq!(s.ip_families, [IpFamily::IPv6, IpFamily::IPv4]);
+        assert_eq!(s.ip_family_policy, IpFamilyPolicy::RequireDualStack);
+        let ips = |v: &[IpAddr]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        assert_eq!(ips(&s.cluster_ips), ["fd00::1", "10.96.0.1"]);
+        assert_eq!(ips(&s.external_ips), ["5.5.5.5", "2001:db8::5"]);
+        assert_eq!(ips(&s.load_balancer_ips), ["1.2.3.4", "2001:db8::4"]);
+        assert_eq!(s.source_ranges, Some(vec![(Ipv4Addr::new(10, 0, 0, 0), 8)]));
+        assert_eq!(
+            s.source_ranges_ipv6,
+            Some(vec![("2001:db8::".parse().unwrap(), 32)])
+        );
+        let of = |v: &[Endpoint]| v.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            of(s.endpoints_of::<Ipv4Addr>("web", Protocol::TCP)),
+            ["10.0.0.1", "10.0.0.2"]
+        );
+        assert_eq!(
+            of(s.endpoints_of::<Ipv6Addr>("web", Protocol::TCP)),
+            ["fd00:244::1"]
+        );
+        // A single-stack IPv4 Service ignores its IPv6 external and ingress IPs (kube-proxy's
+        // IPv6 proxier does not see it); without ipFamilies, the clusterIP's family.
+        let m = model("apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: ns}\nspec: {type: LoadBalancer, clusterIP: 10.96.0.1, externalIPs: [\"2001:db8::5\"], ports: [{port: 80, nodePort: 30080}]}\nstatus: {loadBalancer: {ingress: [{ip: \"2001:db8::4\"}]}}\n");
+        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+        let s = &m.services[0];
+        assert_eq!(
+            (s.ip_families.as_slice(), s.ip_family_policy),
+            ([IpFamily::IPv4].as_slice(), IpFamilyPolicy::SingleStack)
+        );
+        assert!(s.external_ips.is_empty() && s.load_balancer_ips.is_empty());
+    }
+
+    /// IPv6 source ranges belong to the IPv6 firewall, IPv4 ones to the IPv4 firewall; `::/0`
+    /// opens the IPv6 one; an unparsable entry turns both on.
+    #[test]
+    fn source_ranges_per_family() {
+        let v6 = |entries: &[&str]| {
+            let v: Vec<String> = entries.iter().map(|s| s.to_string()).collect();
+            source_ranges::<Ipv6Addr>(&v).0.map(|r| {
+                r.iter()
+                    .map(|(a, l)| format!("{a}/{l}"))
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(v6(&["10.0.0.0/8"]), None);
+        assert_eq!(
+            v6(&["10.0.0.0/8", "2001:db8::1/32"]),
+            Some(vec!["2001:db8::/32".to_string()])
+        );
+        assert_eq!(v6(&["2001:db8::/32", "::/0"]), None);
+        assert_eq!(v6(&["bogus"]), Some(vec![]));
+    }
+
+    /// `--nodeport-addresses` per family: a family without CIDRs of its own serves NodePorts
+    /// on all its addresses (kube-proxy's NewNodePortAddresses); `primary` is the first of each.
+    #[test]
+    fn node_port_addresses_per_family() {
+        let v6: Vec<Ipv6Addr> = vec!["fd00::10".parse().unwrap(), "2001:db8::10".parse().unwrap()];
+        let v4 = vec![Ipv4Addr::new(10, 0, 0, 5), Ipv4Addr::new(203, 0, 113, 7)];
+        let only_v4 = NodePortAddresses::parse(&["10.0.0.0/8".into()]).unwrap();
+        assert_eq!(only_v4.select(&v4), [Ipv4Addr::new(10, 0, 0, 5)]);
+        assert_eq!(only_v4.select(&v6), v6);
+        let both =
+            NodePortAddresses::parse(&["10.0.0.0/8".into(), "2001:db8::/32".into()]).unwrap();
+        assert_eq!(both.select(&v6), [v6[1]]);
+        assert_eq!(both.to_strings(), ["10.0.0.0/8", "2001:db8::/32"]);
+        assert_eq!(NodePortAddresses::Primary.select(&v6), [v6[0]]);
+        assert!(
+            NodePortAddresses::parse(&["2001:db8::/32".into()]).is_err(),
+            "no IPv4 CIDR"
         );
     }
 

@@ -257,7 +257,10 @@ fn topology_mode(endpoints: &[Endpoint], node: &str, zone: Option<&str>) -> Topo
 }
 
 /// A family's endpoints set, each `None` when the Service port never uses that category.
-type Categories<A> = (Option<Vec<PlannedEndpoint<A>>>, Option<Vec<PlannedEndpoint<A>>>);
+type Categories<A> = (
+    Option<Vec<PlannedEndpoint<A>>>,
+    Option<Vec<PlannedEndpoint<A>>>,
+);
 
 /// kube-proxy's CategorizeEndpoints for the endpoints of one family `A` (its proxier of that
 /// family): (cluster endpoints, local endpoints), each `None` when the Service port never uses
@@ -488,6 +491,103 @@ mod tests {
     ) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
         let (c, l) = categorize(eps, itp, etp, "n1", Some("za"));
         (lasts(&c), lasts(&l))
+    }
+
+    fn dualstack(node: &str) -> Plan {
+        let mut o = crate::control::source::Objects::default();
+        crate::control::source::parse_into(
+            std::path::Path::new("dualstack.yaml"),
+            include_str!("../../tests/golden/dualstack.yaml"),
+            &mut o,
+        )
+        .unwrap();
+        plan(&crate::control::model::build(&o, node), node)
+    }
+
+    fn texts<T: std::fmt::Display>(v: impl IntoIterator<Item = T>) -> Vec<String> {
+        v.into_iter().map(|x| x.to_string()).collect()
+    }
+
+    /// kube-proxy's proxier per family: a dual-stack Service's IPv4 frontends get only the
+    /// IPv4 slices' endpoints and its IPv6 frontends only the IPv6 slices', each family
+    /// categorised on its own (local fallback, policies, hints, has_endpoints); NodePorts on
+    /// the node's addresses of the family.
+    #[test]
+    fn each_family_gets_its_own_endpoints_and_categories() {
+        let p = dualstack("node-a");
+        let v4 = |name: &str| p.services.iter().find(|s| s.name == name).unwrap();
+        let v6 = |name: &str| p.services_ipv6.iter().find(|s| s.name == name).unwrap();
+        let eps =
+            |e: &Option<Vec<PlannedEndpoint<Ipv4Addr>>>| texts(e.iter().flatten().map(|e| e.addr));
+        let eps6 =
+            |e: &Option<Vec<PlannedEndpoint<Ipv6Addr>>>| texts(e.iter().flatten().map(|e| e.addr));
+        // web: externalTrafficPolicy Local in both families; node-a's IPv6 local endpoint is
+        // terminating but serving (the fallback), its IPv4 one ready.
+        let (a, b) = (v4("web"), v6("web"));
+        assert_eq!((a.family, b.family), (IpFamily::IPv4, IpFamily::IPv6));
+        assert_eq!(
+            texts(a.frontends.iter().map(|f| f.address)),
+            ["10.96.20.1:80", "192.168.1.10:30080", "203.0.113.10:30080"]
+        );
+        assert_eq!(
+            texts(b.frontends.iter().map(|f| f.address)),
+            [
+                "[fd00:96::1]:80",
+                "[fd00:1::10]:30080",
+                "[2001:db8:1::10]:30080"
+            ]
+        );
+        assert_eq!(eps(&a.local_endpoints), ["10.244.1.5:8080"]);
+        assert_eq!(
+            eps(&a.cluster_endpoints),
+            ["10.244.1.5:8080", "10.244.2.5:8080"]
+        );
+        assert_eq!(eps6(&b.local_endpoints), ["[fd00:244:1::6]:8080"]);
+        assert_eq!(eps6(&b.cluster_endpoints), ["[fd00:244:2::5]:8080"]);
+        // api: an IPv6 external IP only, so only the IPv6 family is reachable from outside;
+        // hints on the IPv6 endpoints only.
+        let (a, b) = (v4("api"), v6("api"));
+        assert_eq!(a.external_traffic_policy, None);
+        assert_eq!(b.external_traffic_policy, Some(Cluster));
+        assert_eq!(
+            (a.topology_hints, b.topology_hints),
+            (TopologyHints::Absent, TopologyHints::Used)
+        );
+        assert_eq!(eps(&a.cluster_endpoints).len(), 2);
+        assert_eq!(eps6(&b.cluster_endpoints), ["[fd00:244:1::20]:9090"]);
+        // v6only: no IPv4 entry at all (no NodePort either); its IPv6 source range admits the
+        // node's IPv6 ExternalIP.
+        assert!(p.services.iter().all(|s| s.name != "v6only"));
+        let c = v6("v6only");
+        assert_eq!(
+            texts(
+                c.frontends
+                    .iter()
+                    .map(|f| (f.kind, f.address))
+                    .map(|(k, a)| format!("{k:?} {a}"))
+            ),
+            [
+                "ClusterIP [fd00:96::3]:443",
+                "NodePort [fd00:1::10]:30443",
+                "NodePort [2001:db8:1::10]:30443",
+                "LoadBalancer [2001:db8:ff::3]:443"
+            ]
+        );
+        assert_eq!(
+            c.source_ranges,
+            Some(vec![("2001:db8:1::".parse().unwrap(), 48)])
+        );
+        assert!(c.source_ranges_allow_node);
+        // v4only: no IPv6 entry, although an IPv6 slice names it.
+        assert!(p.services_ipv6.iter().all(|s| s.name != "v4only"));
+        assert_eq!(eps(&v4("v4only").cluster_endpoints), ["10.244.2.40:8080"]);
+        // has_endpoints per family.
+        let bare = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: ns}\nspec: {ipFamilyPolicy: PreferDualStack, clusterIPs: [10.96.0.1, \"fd00::1\"], ports: [{port: 80}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s-1, namespace: ns, labels: {kubernetes.io/service-name: s}}\naddressType: IPv6\nports: [{port: 8080}]\nendpoints: [{addresses: [\"fd00::5\"]}]\n";
+        let mut o = crate::control::source::Objects::default();
+        crate::control::source::parse_into(std::path::Path::new("t.yaml"), bare, &mut o).unwrap();
+        let p = plan(&crate::control::model::build(&o, "n1"), "n1");
+        assert!(!p.services[0].has_endpoints);
+        assert!(p.services_ipv6[0].has_endpoints);
     }
 
     #[test]
