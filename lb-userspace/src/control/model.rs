@@ -349,7 +349,9 @@ pub struct ServiceModel {
     pub source_ranges_ipv6: Option<Vec<(Ipv6Addr, u8)>>,
     pub ports: Vec<ServicePort>,
     pub internal_traffic_policy: TrafficPolicy,
-    /// `None` when the Service is not reachable from outside (no NodePort/LB/external IP).
+    /// `None` when the Service is not reachable from outside in any of its families (no
+    /// NodePort/LB/external IP); the plan narrows it per family (kube-proxy's
+    /// `ExternallyAccessible` of that family's Service port).
     pub external_traffic_policy: Option<TrafficPolicy>,
     pub session_affinity_timeout_seconds: Option<u32>,
     pub health_check_node_port: Option<u16>,

@@ -256,7 +256,8 @@ fn topology_mode(endpoints: &[Endpoint], node: &str, zone: Option<&str>) -> Topo
     }
 }
 
-/// A family's endpoints set, each `None` when the Service port never uses that category.
+/// A family's (cluster, local) endpoint sets, each `None` when the Service port never uses that
+/// category.
 type Categories<A> = (
     Option<Vec<PlannedEndpoint<A>>>,
     Option<Vec<PlannedEndpoint<A>>>,
