@@ -14,12 +14,15 @@
 //! - the render JSON has the documented shape;
 //! - the Service ports that fit in small maps (`capacity::fit`) need no more than the maps
 //!   hold, and every other one is rejected, naming the map.
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+};
 
 use lb_userspace::{
     control::{
         desired::{self, Desired},
-        model::{self, Model, Protocol, TrafficPolicy},
+        model::{self, IpFamily, Model, Protocol, TrafficPolicy},
         plan::{self, FrontendKind, Plan, PlannedEndpoint},
         source::{Objects, SourceError},
     },
@@ -313,8 +316,18 @@ fn unique(eps: &[PlannedEndpoint]) -> bool {
 fn check_plan(m: &Model, node: &str, p: &Plan) {
     assert_eq!(p.node.name, node);
     assert_eq!(p.rejected, m.rejected);
-    let ports: usize = m.services.iter().map(|s| s.ports.len()).sum();
-    assert_eq!(p.services.len(), ports);
+    // One plan per Service port per family the Service is served in (kube-proxy's proxier per
+    // family): the IPv4 family's in `services`, the IPv6 family's in `services_ipv6`.
+    let ports = |f: IpFamily| -> usize {
+        m.services
+            .iter()
+            .filter(|s| s.serves(f))
+            .map(|s| s.ports.len())
+            .sum()
+    };
+    assert_eq!(p.services.len(), ports(IpFamily::IPv4));
+    assert_eq!(p.services_ipv6.len(), ports(IpFamily::IPv6));
+    check_ipv6_plan(m, node, p);
     // No frontend belongs to two Services (model::resolve_collisions gives it to the older):
     // address frontends among themselves, NodePorts among themselves. (An external IP that is
     // a node address on another Service's nodePort is not resolved yet.)
@@ -333,7 +346,7 @@ fn check_plan(m: &Model, node: &str, p: &Plan) {
         }
     }
     let mut by_port = p.services.iter();
-    for s in &m.services {
+    for s in m.services.iter().filter(|s| s.serves(IpFamily::IPv4)) {
         for port in &s.ports {
             let sp = by_port.next().expect("one plan per Service port");
             assert_eq!(
@@ -347,7 +360,7 @@ fn check_plan(m: &Model, node: &str, p: &Plan) {
                 .unwrap_or(&empty);
             let known = |e: &PlannedEndpoint| {
                 eps.iter().any(|x| {
-                    std::net::SocketAddrV4::new(x.addr, x.port) == e.addr
+                    SocketAddr::new(x.addr, x.port) == SocketAddr::V4(e.addr)
                         && x.terminating == e.terminating
                         && (x.node_name.as_deref() == Some(node)) == e.local
                 })
@@ -385,7 +398,7 @@ fn check_plan(m: &Model, node: &str, p: &Plan) {
             for fe in &sp.frontends {
                 match fe.kind {
                     FrontendKind::ClusterIP => {
-                        assert!(s.cluster_ips.contains(fe.address.ip()));
+                        assert!(s.cluster_ips.contains(&IpAddr::V4(*fe.address.ip())));
                         assert_eq!(fe.address.port(), port.port);
                     }
                     FrontendKind::NodePort => {
@@ -393,10 +406,65 @@ fn check_plan(m: &Model, node: &str, p: &Plan) {
                         assert!(p.node.addresses.contains(fe.address.ip()));
                     }
                     FrontendKind::LoadBalancer => {
-                        assert!(s.load_balancer_ips.contains(fe.address.ip()))
+                        assert!(s.load_balancer_ips.contains(&IpAddr::V4(*fe.address.ip())))
                     }
-                    FrontendKind::ExternalIP => assert!(s.external_ips.contains(fe.address.ip())),
+                    FrontendKind::ExternalIP => {
+                        assert!(s.external_ips.contains(&IpAddr::V4(*fe.address.ip())))
+                    }
                 }
+            }
+        }
+    }
+    assert!(by_port.next().is_none());
+}
+
+/// The IPv6 family's plans: one per Service port of the Services served in IPv6, each holding
+/// only IPv6 frontends and endpoints the model has.
+fn check_ipv6_plan(m: &Model, node: &str, p: &Plan) {
+    let mut by_port = p.services_ipv6.iter();
+    for s in m.services.iter().filter(|s| s.serves(IpFamily::IPv6)) {
+        for port in &s.ports {
+            let sp = by_port.next().expect("one IPv6 plan per Service port");
+            assert_eq!(
+                (
+                    &sp.namespace,
+                    &sp.name,
+                    &sp.port_name,
+                    sp.protocol,
+                    sp.family
+                ),
+                (
+                    &s.namespace,
+                    &s.name,
+                    &port.name,
+                    port.protocol,
+                    IpFamily::IPv6
+                )
+            );
+            let eps = s.endpoints_of::<std::net::Ipv6Addr>(&port.name, port.protocol);
+            assert!(eps.iter().all(|e| e.addr.is_ipv6()), "{eps:?}");
+            for e in sp
+                .cluster_endpoints
+                .iter()
+                .chain(&sp.local_endpoints)
+                .flatten()
+            {
+                assert!(
+                    eps.iter().any(|x| x.addr == IpAddr::V6(*e.addr.ip())
+                        && x.port == e.addr.port()
+                        && (x.node_name.as_deref() == Some(node)) == e.local),
+                    "IPv6 endpoint not in the model: {sp:?}"
+                );
+            }
+            for fe in &sp.frontends {
+                let a = IpAddr::V6(*fe.address.ip());
+                let known = match fe.kind {
+                    FrontendKind::ClusterIP => s.cluster_ips.contains(&a),
+                    FrontendKind::NodePort => p.node.ipv6_addresses.contains(fe.address.ip()),
+                    FrontendKind::LoadBalancer => s.load_balancer_ips.contains(&a),
+                    FrontendKind::ExternalIP => s.external_ips.contains(&a),
+                };
+                assert!(known, "{fe:?} of {sp:?}");
             }
         }
     }
@@ -520,8 +588,13 @@ fn check_render(p: &Plan) {
     let v: serde_json::Value = serde_json::from_str(&json).expect("render is JSON");
     assert_eq!(v["node"]["name"], p.node.name.as_str());
     let services = v["services"].as_array().expect("services array");
-    assert_eq!(services.len(), p.services.len());
-    for s in services {
+    assert_eq!(services.len(), p.services.len() + p.services_ipv6.len());
+    for (i, s) in services.iter().enumerate() {
+        let family = if i < p.services.len() { "IPv4" } else { "IPv6" };
+        assert_eq!(s["family"], family, "{s}");
+        assert!(s["frontends"]
+            .as_array()
+            .is_some_and(|f| f.iter().all(|f| f["family"] == family)));
         for f in [
             "namespace",
             "name",

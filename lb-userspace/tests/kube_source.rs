@@ -670,3 +670,61 @@ fn configuration_errors_fail_at_start() {
         "unreachable API server",
     );
 }
+
+/// A dual-stack Service from the API (both families' clusterIPs, an IPv4 and an IPv6 slice, a
+/// Node with addresses of both families) reaches the model and the plan per family: each
+/// family's frontends with only that family's endpoints.
+#[test]
+fn dual_stack_objects_are_planned_per_family() {
+    use lb_userspace::control::{model, plan};
+    let cluster = Cluster::new();
+    let mut web = service("default", "web", "10.96.0.10");
+    web["spec"]["clusterIPs"] = json!(["10.96.0.10", "fd00:96::10"]);
+    web["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
+    web["spec"]["ipFamilyPolicy"] = json!("PreferDualStack");
+    cluster.apply(web);
+    cluster.apply(endpoint_slice("default", "web-v4", "web", &["10.0.1.1"]));
+    let mut v6 = endpoint_slice("default", "web-v6", "web", &["fd00:244::1"]);
+    v6["addressType"] = json!("IPv6");
+    cluster.apply(v6);
+    let mut n = node(NODE, "zone-b");
+    n["status"]["addresses"] = json!([
+        {"type": "InternalIP", "address": "192.0.2.1"},
+        {"type": "InternalIP", "address": "2001:db8::1"}
+    ]);
+    cluster.apply(n);
+    let api = FakeApi::start(&cluster, 0);
+    let mut src = source(&api);
+    let objects = wait_for(&mut src, "the dual-stack objects", |o| {
+        o.services.len() == 1 && o.endpoint_slices.len() == 2 && o.nodes.len() == 1
+    });
+    let p = plan::plan(&model::build(&objects, NODE), NODE);
+    assert!(p.rejected.is_empty(), "{:?}", p.rejected);
+    assert_eq!(
+        p.node.ipv6_addresses,
+        ["2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap()]
+    );
+    let v4: Vec<String> = p.services[0]
+        .cluster_endpoints
+        .iter()
+        .flatten()
+        .map(|e| e.addr.to_string())
+        .collect();
+    let v6: Vec<String> = p.services_ipv6[0]
+        .cluster_endpoints
+        .iter()
+        .flatten()
+        .map(|e| e.addr.to_string())
+        .collect();
+    assert_eq!(
+        (v4, v6),
+        (
+            vec!["10.0.1.1:8080".to_string()],
+            vec!["[fd00:244::1]:8080".to_string()]
+        )
+    );
+    assert_eq!(
+        p.services_ipv6[0].frontends[0].address.to_string(),
+        "[fd00:96::10]:80"
+    );
+}

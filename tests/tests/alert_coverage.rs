@@ -254,6 +254,7 @@ fn kernel_alerted_agent_metrics_move() {
         name: "web-hinted".into(),
         port_name: "http".into(),
         protocol: lb_userspace::control::model::Protocol::TCP,
+        family: lb_userspace::control::model::IpFamily::IPv4,
         frontends: Vec::new(),
         internal_traffic_policy: lb_userspace::control::model::TrafficPolicy::Cluster,
         external_traffic_policy: None,

@@ -880,7 +880,7 @@ mod tests {
         assert!(c.log_json);
         assert_eq!(
             c.nodeport_addresses,
-            NodePortAddresses::Cidrs(vec![(Ipv4Addr::new(10, 0, 0, 0), 8)])
+            NodePortAddresses::Cidrs(vec![(Ipv4Addr::new(10, 0, 0, 0).into(), 8)])
         );
         // A flag given with its default value still wins over the file.
         let c = resolve(&["--config", p, "--snat-ports", "1024-29999", "--node", "x"]).unwrap();

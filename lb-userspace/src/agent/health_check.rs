@@ -11,7 +11,7 @@ use std::{
 };
 
 use super::http::{self, Response, Work};
-use crate::control::model::{Model, TrafficPolicy};
+use crate::control::model::{IpFamily, Model, TrafficPolicy};
 
 /// What one health port reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,14 +29,16 @@ pub fn ports(model: &Model, node: &str) -> BTreeMap<u16, HealthEntry> {
         let Some(port) = s.health_check_node_port else {
             continue;
         };
-        if s.external_traffic_policy != Some(TrafficPolicy::Local) {
+        // The IPv4 family's health server (kube-proxy runs one per family, on the node's
+        // addresses of that family, counting that family's endpoints); IPv6 is not served yet.
+        if s.external_traffic_policy != Some(TrafficPolicy::Local) || !s.serves(IpFamily::IPv4) {
             continue;
         }
-        let ips: BTreeSet<Ipv4Addr> = s
+        let ips: BTreeSet<IpAddr> = s
             .endpoints
             .values()
             .flatten()
-            .filter(|e| e.ready && e.node_name.as_deref() == Some(node))
+            .filter(|e| e.ready && e.addr.is_ipv4() && e.node_name.as_deref() == Some(node))
             .map(|e| e.addr)
             .collect();
         out.insert(

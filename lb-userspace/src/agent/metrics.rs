@@ -1081,6 +1081,7 @@ mod tests {
             name: name.into(),
             port_name: "http".into(),
             protocol: Protocol::TCP,
+            family: crate::control::model::IpFamily::IPv4,
             frontends: Vec::new(),
             internal_traffic_policy: TrafficPolicy::Cluster,
             external_traffic_policy: None,

@@ -58,7 +58,8 @@ fn kind_flag(kind: FrontendKind) -> u16 {
     }
 }
 
-/// Turns a plan into map contents.
+/// Turns a plan into map contents: the IPv4 family's plan (`plan.services`, IPv4 by type)
+/// only; `plan.services_ipv6` is never read, the maps are IPv4 only for now (issue 17).
 /// - Internal scope (socket-level path, traffic from this node's pods and processes): ClusterIPs
 ///   use the internal endpoint set (internalTrafficPolicy); NodePorts, LoadBalancer IPs and
 ///   external IPs reached from inside use the cluster endpoints, as kube-proxy short-circuits them.
@@ -378,6 +379,40 @@ mod tests {
         assert!(!flagged(local, "[{addresses: [10.0.0.1], nodeName: n2}]"));
         assert!(!flagged(np, "[{addresses: [10.0.0.1], nodeName: n2}]"));
         assert!(flagged(np, "[]"));
+    }
+
+    /// The maps get the IPv4 family's plan only: a dual-stack Service with IPv6 slices, and an
+    /// IPv6-only Service, leave exactly the map contents of the IPv4 half alone.
+    #[test]
+    fn the_ipv6_family_never_reaches_the_maps() {
+        let build = |yaml: &str| {
+            let mut o = crate::control::source::Objects::default();
+            crate::control::source::parse_into(std::path::Path::new("t.yaml"), yaml, &mut o)
+                .unwrap();
+            crate::control::plan::plan(&crate::control::model::build(&o, "n1"), "n1")
+        };
+        let node = "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nstatus: {addresses: [{type: InternalIP, address: 192.168.1.10}, {type: InternalIP, address: \"fd00::10\"}]}\n";
+        let slice = |family: &str, addr: &str| {
+            format!("---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s-{family}, namespace: ns, labels: {{kubernetes.io/service-name: s}}}}\naddressType: {family}\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [\"{addr}\"], nodeName: n1}}]\n")
+        };
+        let v4 = format!(
+            "{node}---\napiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: ns}}\nspec: {{type: NodePort, clusterIP: 10.96.0.1, externalTrafficPolicy: Local, ports: [{{port: 80, nodePort: 30080}}]}}\n{}",
+            slice("IPv4", "10.244.0.5")
+        );
+        let dual = format!(
+            "{node}---\napiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: ns}}\nspec: {{type: NodePort, ipFamilyPolicy: PreferDualStack, clusterIPs: [10.96.0.1, \"fd00:96::1\"], externalIPs: [\"2001:db8::1\"], externalTrafficPolicy: Local, ports: [{{port: 80, nodePort: 30080}}]}}\n{}{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: only6, namespace: ns}}\nspec: {{type: NodePort, ipFamilies: [IPv6], clusterIPs: [\"fd00:96::2\"], ports: [{{port: 80, nodePort: 30081}}]}}\n",
+            slice("IPv4", "10.244.0.5"),
+            slice("IPv6", "fd00:244::5")
+        );
+        let (p4, pd) = (build(&v4), build(&dual));
+        assert!(pd.rejected.is_empty(), "{:?}", pd.rejected);
+        assert_eq!(pd.services_ipv6.len(), 2, "the IPv6 family is planned");
+        assert!(p4.services_ipv6.is_empty());
+        assert_eq!(desired(&pd), desired(&p4));
+        assert!(
+            desired(&pd).keys().all(|k| k.addr.port() != 30081),
+            "no IPv4 NodePort for only6"
+        );
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! namespace/name and reason, and never reach the plan or the maps.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::Ipv4Addr,
+    fmt::{Debug, Display},
+    hash::Hash,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
 };
 
 use k8s_openapi::api::{
@@ -34,6 +36,125 @@ impl Protocol {
     }
 }
 
+/// An IP family, spelled as `spec.ipFamilies` and an EndpointSlice's `addressType` spell it.
+/// kube-proxy runs one proxier per family; so does the plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum IpFamily {
+    IPv4,
+    IPv6,
+}
+
+impl IpFamily {
+    pub fn of(a: IpAddr) -> Self {
+        match a {
+            IpAddr::V4(_) => IpFamily::IPv4,
+            IpAddr::V6(_) => IpFamily::IPv6,
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "IPv4" => Some(IpFamily::IPv4),
+            "IPv6" => Some(IpFamily::IPv6),
+            _ => None,
+        }
+    }
+}
+
+/// `spec.ipFamilyPolicy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum IpFamilyPolicy {
+    SingleStack,
+    PreferDualStack,
+    RequireDualStack,
+}
+
+/// The address type of one IP family ([`Ipv4Addr`] or [`Ipv6Addr`]): what the plan is generic
+/// over, so that one family's plan holds only that family's addresses by type (the maps take
+/// the IPv4 family's; `control::desired` never sees an IPv6 address).
+pub trait FamilyAddr:
+    Copy + Eq + Ord + Hash + Debug + Display + Into<IpAddr> + Serialize + 'static
+{
+    /// The socket address of this family.
+    type Sock: Copy + Eq + Ord + Hash + Debug + Display;
+    const FAMILY: IpFamily;
+    /// The address if it is of this family.
+    fn from_ip(ip: IpAddr) -> Option<Self>;
+    fn sock(self, port: u16) -> Self::Sock;
+    /// Whether `self` lies in `net/len`.
+    fn in_prefix(self, net: Self, len: u8) -> bool;
+    /// A prefix of this family (`addr/len`, host bits cleared); `None` for anything else.
+    fn parse_prefix(s: &str) -> Option<(Self, u8)>;
+    /// The node's addresses of this family (InternalIP first).
+    fn node_addresses(node: &NodeInfo) -> &[Self];
+    /// The node's addresses of this family that serve NodePorts.
+    fn node_ports(node: &NodeInfo) -> &[Self];
+    /// The Service's loadBalancerSourceRanges of this family (see [`source_ranges`]).
+    fn source_ranges(svc: &ServiceModel) -> &Option<Vec<(Self, u8)>>;
+}
+
+impl FamilyAddr for Ipv4Addr {
+    type Sock = SocketAddrV4;
+    const FAMILY: IpFamily = IpFamily::IPv4;
+    fn from_ip(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        }
+    }
+    fn sock(self, port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(self, port)
+    }
+    fn in_prefix(self, net: Self, len: u8) -> bool {
+        let mask = prefix_mask(len.into());
+        u32::from(self) & mask == u32::from(net) & mask
+    }
+    fn parse_prefix(s: &str) -> Option<(Self, u8)> {
+        parse_ipv4_prefix(s)
+    }
+    fn node_addresses(node: &NodeInfo) -> &[Self] {
+        &node.addresses
+    }
+    fn node_ports(node: &NodeInfo) -> &[Self] {
+        node.node_ports()
+    }
+    fn source_ranges(svc: &ServiceModel) -> &Option<Vec<(Self, u8)>> {
+        &svc.source_ranges
+    }
+}
+
+impl FamilyAddr for Ipv6Addr {
+    type Sock = SocketAddrV6;
+    const FAMILY: IpFamily = IpFamily::IPv6;
+    fn from_ip(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V6(a) => Some(a),
+            IpAddr::V4(_) => None,
+        }
+    }
+    fn sock(self, port: u16) -> SocketAddrV6 {
+        SocketAddrV6::new(self, port, 0, 0)
+    }
+    fn in_prefix(self, net: Self, len: u8) -> bool {
+        let mask = prefix_mask6(len);
+        u128::from(self) & mask == u128::from(net) & mask
+    }
+    fn parse_prefix(s: &str) -> Option<(Self, u8)> {
+        parse_ipv6_prefix(s)
+    }
+    fn node_addresses(node: &NodeInfo) -> &[Self] {
+        &node.ipv6_addresses
+    }
+    fn node_ports(node: &NodeInfo) -> &[Self] {
+        node.ipv6_node_port_addresses
+            .as_deref()
+            .unwrap_or(&node.ipv6_addresses)
+    }
+    fn source_ranges(svc: &ServiceModel) -> &Option<Vec<(Self, u8)>> {
+        &svc.source_ranges_ipv6
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum TrafficPolicy {
     Cluster,
@@ -44,7 +165,12 @@ pub enum TrafficPolicy {
 pub struct NodeInfo {
     pub name: String,
     pub zone: Option<String>,
+    /// The node's IPv4 addresses (InternalIP first, then ExternalIP).
     pub addresses: Vec<Ipv4Addr>,
+    /// The node's IPv6 addresses (InternalIP first, then ExternalIP): the IPv6 family's
+    /// NodePorts are planned on them. Shown when there are any.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ipv6_addresses: Vec<Ipv6Addr>,
     /// The node's IPv4 pod CIDR (`spec.podCIDRs`, else `spec.podCIDR`): network and prefix
     /// length. A malformed one counts as none. Shown as `a.b.c.d/len`.
     #[serde(serialize_with = "cidr_text", skip_serializing_if = "Option::is_none")]
@@ -53,6 +179,9 @@ pub struct NodeInfo {
     /// `--nodeport-addresses` narrows them (`None`: all of `addresses`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_port_addresses: Option<Vec<Ipv4Addr>>,
+    /// The same for the IPv6 family (`None`: all of `ipv6_addresses`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv6_node_port_addresses: Option<Vec<Ipv6Addr>>,
 }
 
 impl NodeInfo {
@@ -72,13 +201,15 @@ pub enum NodePortAddresses {
     All,
     /// The Node's primary address (its first InternalIP, else ExternalIP): `primary`.
     Primary,
-    /// The Node's addresses inside one of these IPv4 CIDRs (network, prefix length).
-    Cidrs(Vec<(Ipv4Addr, u8)>),
+    /// The Node's addresses inside one of these CIDRs (network, prefix length). A family
+    /// without a CIDR of its own here serves NodePorts on all its addresses (kube-proxy's
+    /// `NewNodePortAddresses`: `0.0.0.0/0` or `::/0` for that family).
+    Cidrs(Vec<(IpAddr, u8)>),
 }
 
 impl NodePortAddresses {
-    /// Parses kube-proxy's list: empty, `primary` alone, or CIDRs (IPv6 ones are for another
-    /// dataplane and skipped, as long as one IPv4 CIDR remains).
+    /// Parses kube-proxy's list: empty, `primary` alone, or CIDRs (IPv6 ones are for the IPv6
+    /// family, which the maps do not serve yet: at least one IPv4 CIDR must be given).
     pub fn parse(items: &[String]) -> Result<Self, String> {
         let items: Vec<&str> = items
             .iter()
@@ -94,7 +225,7 @@ impl NodePortAddresses {
             }
             return Ok(Self::Primary);
         }
-        let mut v4 = Vec::new();
+        let mut cidrs: Vec<(IpAddr, u8)> = Vec::new();
         for c in &items {
             let (ip, len) = c
                 .split_once('/')
@@ -103,38 +234,48 @@ impl NodePortAddresses {
                 .parse()
                 .map_err(|_| format!("{c:?}: bad prefix length"))?;
             match ip.parse::<std::net::IpAddr>() {
-                Ok(std::net::IpAddr::V4(a)) if len <= 32 => {
+                Ok(IpAddr::V4(a)) if len <= 32 => {
                     let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-                    v4.push((Ipv4Addr::from(u32::from(a) & mask), len));
+                    cidrs.push((Ipv4Addr::from(u32::from(a) & mask).into(), len));
                 }
-                Ok(std::net::IpAddr::V6(_)) if len <= 128 => {}
+                Ok(IpAddr::V6(a)) if len <= 128 => {
+                    cidrs.push((
+                        Ipv6Addr::from(u128::from(a) & prefix_mask6(len)).into(),
+                        len,
+                    ));
+                }
                 _ => return Err(format!("{c:?}: not a CIDR")),
             }
         }
-        if v4.is_empty() {
+        if !cidrs.iter().any(|(a, _)| a.is_ipv4()) {
             return Err(
                 "no IPv4 CIDR: NodePorts would be served on no address of this IPv4 dataplane"
                     .into(),
             );
         }
-        Ok(Self::Cidrs(v4))
+        Ok(Self::Cidrs(cidrs))
     }
 
-    /// The addresses of `node_addresses` (InternalIP first) that serve NodePorts.
-    pub fn select(&self, node_addresses: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
+    /// The addresses of `node_addresses` (one family, InternalIP first) that serve NodePorts:
+    /// per family, as kube-proxy's proxier of that family selects them.
+    pub fn select<A: FamilyAddr>(&self, node_addresses: &[A]) -> Vec<A> {
         match self {
             Self::All => node_addresses.to_vec(),
             Self::Primary => node_addresses.iter().take(1).copied().collect(),
-            Self::Cidrs(c) => node_addresses
-                .iter()
-                .copied()
-                .filter(|a| {
-                    c.iter().any(|(net, len)| {
-                        let mask = if *len == 0 { 0 } else { u32::MAX << (32 - len) };
-                        u32::from(*a) & mask == u32::from(*net)
-                    })
-                })
-                .collect(),
+            Self::Cidrs(c) => {
+                let mine: Vec<(A, u8)> = c
+                    .iter()
+                    .filter_map(|(net, len)| A::from_ip(*net).map(|n| (n, *len)))
+                    .collect();
+                if mine.is_empty() {
+                    return node_addresses.to_vec();
+                }
+                node_addresses
+                    .iter()
+                    .copied()
+                    .filter(|a| mine.iter().any(|(net, len)| a.in_prefix(*net, *len)))
+                    .collect()
+            }
         }
     }
 
@@ -157,10 +298,11 @@ pub struct Rejected {
     pub reason: String,
 }
 
-/// One endpoint of a Service port, as kube-proxy sees it.
+/// One endpoint of a Service port, as kube-proxy sees it: of the family of its slice's
+/// `addressType`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub ready: bool,
     pub serving: bool,
@@ -186,27 +328,62 @@ pub struct ServiceModel {
     pub namespace: String,
     pub name: String,
     pub type_: String,
-    pub cluster_ips: Vec<Ipv4Addr>,
-    pub external_ips: Vec<Ipv4Addr>,
-    pub load_balancer_ips: Vec<Ipv4Addr>,
-    /// `spec.loadBalancerSourceRanges` as kube-proxy's firewall reads them (see
+    /// The families the Service is served in, primary first: those of its clusterIPs
+    /// (kube-proxy's proxier of a family skips a Service without a clusterIP of that family),
+    /// or, without clusterIPs, `spec.ipFamilies` (IPv4 when absent).
+    pub ip_families: Vec<IpFamily>,
+    /// `spec.ipFamilyPolicy` (SingleStack when absent).
+    pub ip_family_policy: IpFamilyPolicy,
+    /// `spec.clusterIPs` (the authoritative list; `clusterIP` is its first).
+    pub cluster_ips: Vec<IpAddr>,
+    /// External IPs of the families in `ip_families` (the others are not served, as kube-proxy
+    /// ignores them).
+    pub external_ips: Vec<IpAddr>,
+    /// LoadBalancer ingress IPs of the families in `ip_families`.
+    pub load_balancer_ips: Vec<IpAddr>,
+    /// `spec.loadBalancerSourceRanges` as kube-proxy's IPv4 firewall reads them (see
     /// [`source_ranges`]): `None` admits every source; `Some` only those in its IPv4 prefixes
     /// (none at all when every entry was unusable).
     pub source_ranges: Option<Vec<(Ipv4Addr, u8)>>,
+    /// The same for the IPv6 family.
+    pub source_ranges_ipv6: Option<Vec<(Ipv6Addr, u8)>>,
     pub ports: Vec<ServicePort>,
     pub internal_traffic_policy: TrafficPolicy,
-    /// `None` when the Service is not reachable from outside (no NodePort/LB/external IP).
+    /// `None` when the Service is not reachable from outside in any of its families (no
+    /// NodePort/LB/external IP); the plan narrows it per family (kube-proxy's
+    /// `ExternallyAccessible` of that family's Service port).
     pub external_traffic_policy: Option<TrafficPolicy>,
     pub session_affinity_timeout_seconds: Option<u32>,
     pub health_check_node_port: Option<u16>,
-    /// Endpoints per (port name, protocol), merged across slices, deduplicated.
+    /// Endpoints per (port name, protocol), merged across slices (IPv4 and IPv6), deduplicated,
+    /// sorted by address: each family's endpoints are contiguous, IPv4 first (see
+    /// [`ServiceModel::endpoints_of`]).
     pub endpoints: BTreeMap<(String, Protocol), Vec<Endpoint>>,
     /// `metadata.creationTimestamp` (seconds since the epoch), which decides who keeps a
     /// frontend two Services claim: the older one.
     pub created: Option<i64>,
     /// Address frontends (ClusterIP, external or load-balancer IP with a port and protocol)
     /// this Service does not get: an older Service has them (see [`resolve_collisions`]).
-    pub lost_frontends: BTreeSet<(Ipv4Addr, u16, Protocol)>,
+    pub lost_frontends: BTreeSet<(IpAddr, u16, Protocol)>,
+}
+
+impl ServiceModel {
+    /// Whether the Service is served in `family`.
+    pub fn serves(&self, family: IpFamily) -> bool {
+        self.ip_families.contains(&family)
+    }
+
+    /// The endpoints of family `A` of a Service port (a contiguous part of `endpoints`).
+    pub fn endpoints_of<A: FamilyAddr>(&self, port: &str, protocol: Protocol) -> &[Endpoint] {
+        let Some(eps) = self.endpoints.get(&(port.to_string(), protocol)) else {
+            return &[];
+        };
+        let split = eps.partition_point(|e| e.addr.is_ipv4());
+        match A::FAMILY {
+            IpFamily::IPv4 => &eps[..split],
+            IpFamily::IPv6 => &eps[split..],
+        }
+    }
 }
 
 /// Checks that depend on the cluster's configuration.
@@ -268,10 +445,43 @@ fn parse_ipv4(s: &str) -> Result<Ipv4Addr, String> {
         .map_err(|_| format!("unparsable IPv4 address {s:?}"))
 }
 
+/// An IPv4 address, or an IPv6 one when it has a colon. An IPv4-mapped IPv6 address
+/// (`::ffff:a.b.c.d`) is neither family's as the API server sees it (Go calls it IPv4): refused.
+fn parse_ip(s: &str) -> Result<IpAddr, String> {
+    if !s.contains(':') {
+        return parse_ipv4(s).map(IpAddr::V4);
+    }
+    let a = s
+        .parse::<Ipv6Addr>()
+        .map_err(|_| format!("unparsable IPv6 address {s:?}"))?;
+    if a.to_ipv4_mapped().is_some() {
+        return Err(format!(
+            "{a} is an IPv4-mapped IPv6 address (write the IPv4 address)"
+        ));
+    }
+    Ok(IpAddr::V6(a))
+}
+
 /// An address that traffic can be sent to and answered from: not loopback, unspecified,
-/// broadcast or multicast (`what` names the field in the reason).
-fn parse_unicast(what: &str, s: &str) -> Result<Ipv4Addr, String> {
-    let a = parse_ipv4(s)?;
+/// broadcast or multicast (`what` names the field in the reason); either family.
+fn parse_unicast(what: &str, s: &str) -> Result<IpAddr, String> {
+    let a = match parse_ip(s)? {
+        IpAddr::V4(a) => return parse_unicast4(what, a).map(IpAddr::V4),
+        IpAddr::V6(a) => a,
+    };
+    let kind = if a.is_loopback() {
+        "the loopback"
+    } else if a.is_unspecified() {
+        "the unspecified"
+    } else if a.is_multicast() {
+        "a multicast"
+    } else {
+        return Ok(IpAddr::V6(a));
+    };
+    Err(format!("{what} {a} is {kind} address"))
+}
+
+fn parse_unicast4(what: &str, a: Ipv4Addr) -> Result<Ipv4Addr, String> {
     let kind = if a.is_loopback() {
         "a loopback"
     } else if a.is_unspecified() {
@@ -319,14 +529,15 @@ pub fn node_info(node: &Node) -> NodeInfo {
         .and_then(|l| l.get(LABEL_ZONE))
         .cloned();
     let mut addresses = Vec::new();
+    let mut ipv6_addresses = Vec::new();
     let all = node.status.as_ref().and_then(|s| s.addresses.as_ref());
     // InternalIP first, then ExternalIP, as NodePorts listen on both.
     for wanted in ["InternalIP", "ExternalIP"] {
         for a in all.into_iter().flatten().filter(|a| a.type_ == wanted) {
-            if let Ok(ip) = a.address.parse::<Ipv4Addr>() {
-                if !addresses.contains(&ip) {
-                    addresses.push(ip);
-                }
+            match parse_ip(&a.address) {
+                Ok(IpAddr::V4(ip)) if !addresses.contains(&ip) => addresses.push(ip),
+                Ok(IpAddr::V6(ip)) if !ipv6_addresses.contains(&ip) => ipv6_addresses.push(ip),
+                _ => {}
             }
         }
     }
@@ -341,8 +552,10 @@ pub fn node_info(node: &Node) -> NodeInfo {
         name,
         zone,
         addresses,
+        ipv6_addresses,
         pod_cidr,
         node_port_addresses: None,
+        ipv6_node_port_addresses: None,
     }
 }
 
@@ -368,17 +581,18 @@ pub fn parse_ipv4_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
     ))
 }
 
-/// `spec.loadBalancerSourceRanges` as kube-proxy reads them for its IPv4 firewall: each entry
-/// trimmed of whitespace (validation lets padding through); empty entries and IPv6 prefixes
-/// skipped; a prefix of length 0 (`0.0.0.0/0`) admits any source, as no ranges do (`None`).
+/// `spec.loadBalancerSourceRanges` as kube-proxy reads them for the firewall of family `A`
+/// (its proxier of that family): each entry trimmed of whitespace (validation lets padding
+/// through); empty entries and the other family's prefixes skipped; a prefix of length 0
+/// (`0.0.0.0/0`, `::/0`) admits any source, as no ranges do (`None`).
 /// Unlike kube-proxy, which drops unparsable entries from the list (and opens the firewall when
 /// none is left), an unparsable entry here still turns the firewall on: it admits nothing, but
 /// it never opens the door for every source (`Some` with the valid prefixes, maybe none).
 /// kube-proxy reads only the field; the deprecated annotation
 /// `service.beta.kubernetes.io/load-balancer-source-ranges` is for cloud providers, and is
 /// ignored here too. The second value lists the entries skipped as unparsable.
-pub fn source_ranges(entries: &[String]) -> (Option<Vec<(Ipv4Addr, u8)>>, Vec<String>) {
-    let mut v4 = BTreeSet::new();
+pub fn source_ranges<A: FamilyAddr>(entries: &[String]) -> (Option<Vec<(A, u8)>>, Vec<String>) {
+    let mut mine = BTreeSet::new();
     let mut invalid = Vec::new();
     let mut any = false;
     for e in entries {
@@ -386,25 +600,40 @@ pub fn source_ranges(entries: &[String]) -> (Option<Vec<(Ipv4Addr, u8)>>, Vec<St
         if e.is_empty() {
             continue;
         }
-        if let Some((addr, len)) = e.split_once('/') {
-            if addr.parse::<std::net::Ipv6Addr>().is_ok()
-                && len.parse::<u8>().is_ok_and(|l| l <= 128)
-            {
-                continue; // the IPv6 family's firewall: not this dataplane's
-            }
+        let other = match A::FAMILY {
+            IpFamily::IPv4 => parse_ipv6_prefix(e).is_some(),
+            IpFamily::IPv6 => parse_ipv4_prefix(e).is_some(),
+        };
+        if other {
+            continue; // the other family's firewall
         }
-        match parse_ipv4_prefix(e) {
+        match A::parse_prefix(e) {
             Some((_, 0)) => any = true,
             Some(p) => {
-                v4.insert(p);
+                mine.insert(p);
             }
             None => invalid.push(e.to_string()),
         }
     }
-    if any || (v4.is_empty() && invalid.is_empty()) {
+    if any || (mine.is_empty() && invalid.is_empty()) {
         return (None, invalid);
     }
-    (Some(v4.into_iter().collect()), invalid)
+    (Some(mine.into_iter().collect()), invalid)
+}
+
+/// `addr/len` (an IPv6 address, len 0..=128, host bits cleared) as (network address, len).
+fn parse_ipv6_prefix(s: &str) -> Option<(Ipv6Addr, u8)> {
+    let (addr, len) = s.split_once('/')?;
+    let addr: Ipv6Addr = addr.parse().ok()?;
+    let len: u8 = len.parse().ok().filter(|l| *l <= 128)?;
+    Some((Ipv6Addr::from(u128::from(addr) & prefix_mask6(len)), len))
+}
+
+/// The netmask of an IPv6 prefix of `len` bits (0 for len 0).
+pub fn prefix_mask6(len: u8) -> u128 {
+    u128::MAX
+        .checked_shl(128 - u32::from(len.min(128)))
+        .unwrap_or(0)
 }
 
 /// `a.b.c.d/len` (len 0..=32, host bits cleared) as (network address, len).
@@ -449,6 +678,8 @@ pub fn build_with(objects: &Objects, node_name: &str, checks: &Checks) -> Model 
                 if checks.node_port_addresses != NodePortAddresses::All {
                     info.node_port_addresses =
                         Some(checks.node_port_addresses.select(&info.addresses));
+                    info.ipv6_node_port_addresses =
+                        Some(checks.node_port_addresses.select(&info.ipv6_addresses));
                 }
                 info
             }),
@@ -482,11 +713,11 @@ pub fn build_with(objects: &Objects, node_name: &str, checks: &Checks) -> Model 
             ));
             continue;
         };
-        if slice.address_type != "IPv4" {
-            continue; // IPv6 and FQDN slices are not served by this IPv4 dataplane
-        }
+        let Some(family) = IpFamily::parse(&slice.address_type) else {
+            continue; // FQDN slices: kube-proxy does not serve them either
+        };
         // What cannot be served is skipped alone (a port, an endpoint), with a reason.
-        for reason in slice_problems(slice) {
+        for reason in slice_problems(slice, family) {
             model
                 .rejected
                 .push(reject("EndpointSlice", &ns, &name, reason));
@@ -545,7 +776,7 @@ pub fn build_with(objects: &Objects, node_name: &str, checks: &Checks) -> Model 
 
 /// The ports and endpoints of a slice that cannot be served, one reason each: they are skipped
 /// (by [`merge_endpoints`]) and the rest of the slice is served.
-fn slice_problems(slice: &EndpointSlice) -> Vec<String> {
+fn slice_problems(slice: &EndpointSlice, family: IpFamily) -> Vec<String> {
     let mut out = Vec::new();
     for p in slice.ports.iter().flatten() {
         let pname = p.name.clone().unwrap_or_default();
@@ -560,13 +791,30 @@ fn slice_problems(slice: &EndpointSlice) -> Vec<String> {
         match ep.addresses.first() {
             None => out.push(format!("endpoint {i} skipped: it has no addresses")),
             Some(a) => {
-                if let Err(e) = parse_unicast("endpoint address", a) {
+                if let Err(e) = endpoint_address(family, a) {
                     out.push(format!("endpoint {i} skipped: {e}"));
                 }
             }
         }
     }
     out
+}
+
+/// The first address of an endpoint of a slice of `family` (its `addressType`), as kube-proxy
+/// reads it. The API server keeps addresses of the other family out of a slice; a manifest may
+/// not.
+fn endpoint_address(family: IpFamily, s: &str) -> Result<IpAddr, String> {
+    let a = match family {
+        // Exactly the IPv4 family's former reading (and reasons).
+        IpFamily::IPv4 => IpAddr::V4(parse_unicast4("endpoint address", parse_ipv4(s)?)?),
+        IpFamily::IPv6 => parse_unicast("endpoint address", s)?,
+    };
+    if IpFamily::of(a) != family {
+        return Err(format!(
+            "endpoint address {a} is not an {family:?} address (the slice's addressType)"
+        ));
+    }
+    Ok(a)
 }
 
 /// Removes the ports of `m` with more endpoints than a frontend can hold; returns a reason for
@@ -610,13 +858,13 @@ fn resolve_collisions(services: &mut [ServiceModel]) -> Vec<Rejected> {
     let mut rejected = Vec::new();
     // Address frontends, node ports (with protocol) and health-check ports (TCP), each with
     // its owner "namespace/name" and what it is.
-    let mut addrs: HashMap<(Ipv4Addr, u16, Protocol), (String, &'static str)> = HashMap::new();
+    let mut addrs: HashMap<(IpAddr, u16, Protocol), (String, &'static str)> = HashMap::new();
     let mut node_ports: HashMap<(u16, Protocol), (String, &'static str)> = HashMap::new();
     for i in order {
         let s = &mut services[i];
         let me = format!("{}/{}", s.namespace, s.name);
         let mut lost = Vec::new();
-        let ips: Vec<(Ipv4Addr, &'static str)> = s
+        let ips: Vec<(IpAddr, &'static str)> = s
             .cluster_ips
             .iter()
             .map(|a| (*a, "clusterIP"))
@@ -703,25 +951,17 @@ fn service_model(
     if !["ClusterIP", "NodePort", "LoadBalancer"].contains(&type_.as_str()) {
         return Err(format!("unknown type {type_:?}"));
     }
-    let mut cluster_ips = Vec::new();
-    for ip in &ips {
-        // Dual-stack Services: the IPv6 family is not served by this dataplane.
-        if ip.contains(':') {
-            continue;
+    let (ip_families, ip_family_policy, cluster_ips) = families(spec, &ips)?;
+    let served = |a: &IpAddr| ip_families.contains(&IpFamily::of(*a));
+    // Addresses of a family the Service is not served in are ignored, as kube-proxy's proxier
+    // of that family ignores the whole Service.
+    let mut external_ips = Vec::new();
+    for i in spec.external_ips.iter().flatten() {
+        let a = parse_unicast("externalIP", i)?;
+        if served(&a) {
+            external_ips.push(a);
         }
-        cluster_ips.push(parse_unicast("clusterIP", ip)?);
     }
-    if !ips.is_empty() && cluster_ips.is_empty() {
-        // An IPv6-only Service: nothing of it is for the IPv4 dataplane (no NodePort either).
-        return Ok(None);
-    }
-    let external_ips = spec
-        .external_ips
-        .iter()
-        .flatten()
-        .filter(|i| !i.contains(':'))
-        .map(|i| parse_unicast("externalIP", i))
-        .collect::<Result<Vec<_>, _>>()?;
     let mut load_balancer_ips = Vec::new();
     if type_ == "LoadBalancer" {
         let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref());
@@ -733,13 +973,18 @@ fn service_model(
             if ing.ip_mode.as_deref() == Some("Proxy") {
                 continue; // the cloud LB proxies: traffic arrives for the node, not the VIP
             }
-            if let Some(ip) = ing.ip.as_deref().filter(|i| !i.contains(':')) {
-                load_balancer_ips.push(parse_unicast("load-balancer ingress IP", ip)?);
+            if let Some(ip) = ing.ip.as_deref() {
+                let a = parse_unicast("load-balancer ingress IP", ip)?;
+                if served(&a) {
+                    load_balancer_ips.push(a);
+                }
             }
         }
     }
-    let (source_ranges, unparsable) =
-        source_ranges(spec.load_balancer_source_ranges.as_deref().unwrap_or(&[]));
+    let entries = spec.load_balancer_source_ranges.as_deref().unwrap_or(&[]);
+    // (The same entries are unparsable for either family.)
+    let (source_ranges_ipv6, _) = source_ranges::<Ipv6Addr>(entries);
+    let (source_ranges, unparsable) = source_ranges::<Ipv4Addr>(entries);
     if type_ == "LoadBalancer" && !unparsable.is_empty() {
         skipped.push(format!(
             "loadBalancerSourceRanges entries {unparsable:?} are not IPv4 or IPv6 prefixes: they \
@@ -832,10 +1077,13 @@ fn service_model(
         namespace: ns.into(),
         name: name.into(),
         type_,
+        ip_families,
+        ip_family_policy,
         cluster_ips,
         external_ips,
         load_balancer_ips,
         source_ranges,
+        source_ranges_ipv6,
         ports,
         internal_traffic_policy,
         external_traffic_policy,
@@ -845,6 +1093,90 @@ fn service_model(
         created: None,
         lost_frontends: BTreeSet::new(),
     }))
+}
+
+/// `spec.ipFamilies`, `spec.ipFamilyPolicy` and `spec.clusterIPs` (`ips`), checked as the API
+/// server checks them: the families the Service is served in (primary first), its policy, its
+/// clusterIPs.
+fn families(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    ips: &[String],
+) -> Result<(Vec<IpFamily>, IpFamilyPolicy, Vec<IpAddr>), String> {
+    let mut declared = Vec::new();
+    for (i, f) in spec.ip_families.iter().flatten().enumerate() {
+        let f = IpFamily::parse(f)
+            .ok_or_else(|| format!("ipFamilies[{i}] {f:?} is neither IPv4 nor IPv6"))?;
+        if declared.contains(&f) {
+            return Err(format!("ipFamilies lists {f:?} twice"));
+        }
+        declared.push(f);
+    }
+    if let (Some(ip), Some(first)) = (&spec.cluster_ip, ips.first()) {
+        if ip != first {
+            return Err(format!(
+                "clusterIP {ip:?} is not clusterIPs[0] {first:?} (clusterIPs is authoritative, clusterIP its first entry)"
+            ));
+        }
+    }
+    if ips.len() > 2 {
+        return Err(format!(
+            "clusterIPs has {} entries: at most one per IP family",
+            ips.len()
+        ));
+    }
+    let mut cluster_ips: Vec<IpAddr> = Vec::new();
+    for (i, ip) in ips.iter().enumerate() {
+        let a = parse_unicast("clusterIP", ip)?;
+        let family = IpFamily::of(a);
+        if cluster_ips.iter().any(|c| IpFamily::of(*c) == family) {
+            return Err(format!(
+                "clusterIPs {:?} are both {family:?}: a dual-stack Service has one clusterIP per family",
+                ips
+            ));
+        }
+        if let Some(want) = declared.get(i) {
+            if *want != family {
+                return Err(format!(
+                    "clusterIPs[{i}] {a} is not an {want:?} address, as ipFamilies[{i}] says"
+                ));
+            }
+        }
+        cluster_ips.push(a);
+    }
+    // The families served: those of the clusterIPs, else the declared ones (IPv4 when none).
+    let ip_families: Vec<IpFamily> = if !cluster_ips.is_empty() {
+        cluster_ips.iter().map(|a| IpFamily::of(*a)).collect()
+    } else if !declared.is_empty() {
+        declared.clone()
+    } else {
+        vec![IpFamily::IPv4]
+    };
+    let two = declared.len() == 2 || cluster_ips.len() == 2;
+    let policy =
+        match spec.ip_family_policy.as_deref() {
+            None if two => return Err(
+                "ipFamilyPolicy must be PreferDualStack or RequireDualStack for two IP families"
+                    .into(),
+            ),
+            None | Some("SingleStack") => IpFamilyPolicy::SingleStack,
+            Some("PreferDualStack") => IpFamilyPolicy::PreferDualStack,
+            Some("RequireDualStack") => IpFamilyPolicy::RequireDualStack,
+            Some(other) => {
+                return Err(format!(
+                "ipFamilyPolicy {other:?} is none of SingleStack, PreferDualStack, RequireDualStack"
+            ))
+            }
+        };
+    if policy == IpFamilyPolicy::SingleStack && two {
+        return Err("ipFamilyPolicy SingleStack allows one IP family, two are given".into());
+    }
+    if policy == IpFamilyPolicy::RequireDualStack && cluster_ips.len() == 1 {
+        return Err(
+            "ipFamilyPolicy RequireDualStack needs a clusterIP of each family, clusterIPs has one"
+                .into(),
+        );
+    }
+    Ok((ip_families, policy, cluster_ips))
 }
 
 fn in_node_port_range(what: &str, p: u16, checks: &Checks) -> Result<u16, String> {
@@ -870,8 +1202,11 @@ fn preference(e: &Endpoint) -> (bool, bool, bool) {
 /// first. Linear in the number of endpoints.
 fn merge_endpoints(slices: &[&EndpointSlice]) -> BTreeMap<(String, Protocol), Vec<Endpoint>> {
     let mut out: BTreeMap<(String, Protocol), Vec<Endpoint>> = BTreeMap::new();
-    let mut index: HashMap<(String, Protocol), HashMap<(Ipv4Addr, u16), usize>> = HashMap::new();
+    let mut index: HashMap<(String, Protocol), HashMap<(IpAddr, u16), usize>> = HashMap::new();
     for slice in slices {
+        let Some(family) = IpFamily::parse(&slice.address_type) else {
+            continue;
+        };
         for sp in slice.ports.iter().flatten() {
             let Some(port) = sp.port else { continue };
             let (Ok(protocol), Ok(port)) = (
@@ -884,10 +1219,7 @@ fn merge_endpoints(slices: &[&EndpointSlice]) -> BTreeMap<(String, Protocol), Ve
             let at = index.entry(key.clone()).or_default();
             let list = out.entry(key).or_default();
             for ep in slice.endpoints.iter().flatten() {
-                let Some(Ok(addr)) = ep
-                    .addresses
-                    .first()
-                    .map(|a| parse_unicast("endpoint address", a))
+                let Some(Ok(addr)) = ep.addresses.first().map(|a| endpoint_address(family, a))
                 else {
                     continue;
                 };
@@ -1056,8 +1388,8 @@ mod tests {
 
     /// What the dataplane cannot serve is skipped alone: an SCTP port of a Service (its TCP and
     /// UDP ports are served), an SCTP port or a bad endpoint of a slice (the rest of the slice
-    /// is); an IPv6-only Service is no business of the IPv4 dataplane (no frontend, no NodePort,
-    /// no rejection).
+    /// is); an IPv6-only Service is no business of the IPv4 family (no IPv4 frontend, no IPv4
+    /// NodePort, no rejection).
     #[test]
     fn what_cannot_be_served_is_skipped_alone() {
         let yaml = format!(
@@ -1084,7 +1416,23 @@ mod tests {
                 ("Service", "port \"sig\"/SCTP is not served: this dataplane translates TCP and UDP (the Service's other ports are served)"),
             ]
         );
-        assert_eq!(m.services.len(), 1, "the IPv6-only Service is skipped");
+        // The IPv6-only Service is modelled (and planned in the IPv6 family only): no IPv4
+        // frontend, not even a NodePort.
+        assert_eq!(m.services.len(), 2);
+        assert_eq!(m.services[1].ip_families, [IpFamily::IPv6]);
+        let p = crate::control::plan::plan(&m, "n1");
+        assert!(
+            p.services.iter().all(|sp| sp.name == "s"),
+            "{:?}",
+            p.services
+        );
+        assert_eq!(
+            p.services_ipv6
+                .iter()
+                .map(|sp| sp.name.as_str())
+                .collect::<Vec<_>>(),
+            ["v6"]
+        );
         let s = &m.services[0];
         assert_eq!(s.ports.len(), 1);
         assert_eq!(
@@ -1478,13 +1826,13 @@ mod tests {
         assert_eq!(node_ports(NodePortAddresses::Primary), ["10.0.0.5:30080"]);
         assert_eq!(
             node_ports(NodePortAddresses::Cidrs(vec![(
-                Ipv4Addr::new(203, 0, 113, 0),
+                Ipv4Addr::new(203, 0, 113, 0).into(),
                 24
             )])),
             ["203.0.113.7:30080"]
         );
         assert!(node_ports(NodePortAddresses::Cidrs(vec![(
-            Ipv4Addr::new(192, 168, 0, 0),
+            Ipv4Addr::new(192, 168, 0, 0).into(),
             16
         )]))
         .is_empty());
@@ -1504,13 +1852,148 @@ mod tests {
         );
     }
 
+    /// spec.ipFamilies, ipFamilyPolicy and clusterIPs checked as the API server checks them:
+    /// each bad Service is rejected with its namespace/name and reason; the others stay.
+    #[test]
+    fn ip_family_validation_table() {
+        let svc = |spec: &str| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: bad, namespace: ns}}\nspec: {spec}\n---\n{SVC}")
+        };
+        let cases = [
+            ("{ipFamilies: [IPv4], clusterIPs: [\"fd00::1\"], ports: [{port: 80}]}", "clusterIPs[0] fd00::1 is not an IPv4 address, as ipFamilies[0] says"),
+            ("{ipFamilyPolicy: PreferDualStack, ipFamilies: [IPv6, IPv4], clusterIPs: [10.96.0.2, \"fd00::2\"], ports: [{port: 80}]}", "clusterIPs[0] 10.96.0.2 is not an IPv6 address, as ipFamilies[0] says"),
+            ("{ipFamilyPolicy: PreferDualStack, clusterIPs: [10.96.0.2, 10.96.0.3], ports: [{port: 80}]}", "are both IPv4: a dual-stack Service has one clusterIP per family"),
+            ("{ipFamilyPolicy: PreferDualStack, clusterIPs: [10.96.0.2, \"fd00::2\", 10.96.0.3], ports: [{port: 80}]}", "clusterIPs has 3 entries"),
+            ("{ipFamilyPolicy: SingleStack, clusterIPs: [10.96.0.2, \"fd00::2\"], ports: [{port: 80}]}", "ipFamilyPolicy SingleStack allows one IP family"),
+            ("{clusterIPs: [10.96.0.2, \"fd00::2\"], ports: [{port: 80}]}", "ipFamilyPolicy must be PreferDualStack or RequireDualStack"),
+            ("{ipFamilyPolicy: RequireDualStack, clusterIPs: [10.96.0.2], ports: [{port: 80}]}", "RequireDualStack needs a clusterIP of each family"),
+            ("{ipFamilyPolicy: Sometimes, clusterIPs: [10.96.0.2], ports: [{port: 80}]}", "ipFamilyPolicy \"Sometimes\" is none of"),
+            ("{ipFamilies: [IPv5], clusterIPs: [10.96.0.2], ports: [{port: 80}]}", "ipFamilies[0] \"IPv5\" is neither IPv4 nor IPv6"),
+            ("{ipFamilyPolicy: PreferDualStack, ipFamilies: [IPv4, IPv4], clusterIPs: [10.96.0.2], ports: [{port: 80}]}", "ipFamilies lists IPv4 twice"),
+            ("{clusterIP: 10.96.0.2, clusterIPs: [10.96.0.3], ports: [{port: 80}]}", "clusterIP \"10.96.0.2\" is not clusterIPs[0]"),
+            ("{clusterIPs: [\"::1\"], ports: [{port: 80}]}", "clusterIP ::1 is the loopback address"),
+            ("{clusterIPs: [\"::\"], ports: [{port: 80}]}", "clusterIP :: is the unspecified address"),
+            ("{clusterIPs: [\"fd00::zz\"], ports: [{port: 80}]}", "unparsable IPv6 address \"fd00::zz\""),
+            ("{clusterIPs: [\"::ffff:10.96.0.2\"], ports: [{port: 80}]}", "::ffff:10.96.0.2 is an IPv4-mapped IPv6 address"),
+            ("{clusterIPs: [\"fd00::2\"], externalIPs: [\"ff02::1\"], ports: [{port: 80}]}", "externalIP ff02::1 is a multicast address"),
+        ];
+        for (spec, reason) in cases {
+            let m = model(&svc(spec));
+            assert_eq!(m.rejected.len(), 1, "{spec}: {:?}", m.rejected);
+            let r = &m.rejected[0];
+            assert_eq!(
+                (r.kind.as_str(), r.namespace.as_str(), r.name.as_str()),
+                ("Service", "ns", "bad")
+            );
+            assert!(r.reason.contains(reason), "{spec}: {}", r.reason);
+            assert_eq!(
+                m.services
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>(),
+                ["s"],
+                "{spec}"
+            );
+        }
+    }
+
+    /// A dual-stack Service: both families' clusterIPs (primary first), external IPs and
+    /// source ranges per family, the endpoints of IPv4 and IPv6 slices apart; an address of the
+    /// other family in a slice is skipped with a reason; FQDN slices are left alone.
+    #[test]
+    fn dual_stack_service_model() {
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: ns}}\nspec: {{type: LoadBalancer, ipFamilyPolicy: RequireDualStack, ipFamilies: [IPv6, IPv4], clusterIPs: [\"fd00::1\", 10.96.0.1], externalIPs: [5.5.5.5, \"2001:db8::5\"], loadBalancerSourceRanges: [10.0.0.0/8, \"2001:db8::/32\"], ports: [{{name: web, port: 80, nodePort: 30080}}]}}\nstatus: {{loadBalancer: {{ingress: [{{ip: 1.2.3.4}}, {{ip: \"2001:db8::4\"}}]}}}}\n{}{}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s-fqdn, namespace: ns, labels: {{kubernetes.io/service-name: s}}}}\naddressType: FQDN\nports: [{{name: web, port: 8080}}]\nendpoints: [{{addresses: [a.example]}}]\n",
+            slice("s-v4", "kubernetes.io/service-name: s", "[{name: web, port: 8080}]", "[{addresses: [10.0.0.2]}, {addresses: [10.0.0.1]}]"),
+            slice("s-v6", "kubernetes.io/service-name: s", "[{name: web, port: 8080}]", "[{addresses: [\"fd00:244::1\"]}, {addresses: [10.0.0.3]}]")
+                .replace("addressType: IPv4", "addressType: IPv6"),
+        );
+        let m = model(&yaml);
+        assert_eq!(
+            m.rejected.iter().map(|r| (r.name.as_str(), r.reason.as_str())).collect::<Vec<_>>(),
+            [("s-v6", "endpoint 1 skipped: endpoint address 10.0.0.3 is not an IPv6 address (the slice's addressType)")]
+        );
+        let s = &m.services[0];
+        assert_eq!(s.ip_families, [IpFamily::IPv6, IpFamily::IPv4]);
+        assert_eq!(s.ip_family_policy, IpFamilyPolicy::RequireDualStack);
+        let ips = |v: &[IpAddr]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        assert_eq!(ips(&s.cluster_ips), ["fd00::1", "10.96.0.1"]);
+        assert_eq!(ips(&s.external_ips), ["5.5.5.5", "2001:db8::5"]);
+        assert_eq!(ips(&s.load_balancer_ips), ["1.2.3.4", "2001:db8::4"]);
+        assert_eq!(s.source_ranges, Some(vec![(Ipv4Addr::new(10, 0, 0, 0), 8)]));
+        assert_eq!(
+            s.source_ranges_ipv6,
+            Some(vec![("2001:db8::".parse().unwrap(), 32)])
+        );
+        let of = |v: &[Endpoint]| v.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            of(s.endpoints_of::<Ipv4Addr>("web", Protocol::TCP)),
+            ["10.0.0.1", "10.0.0.2"]
+        );
+        assert_eq!(
+            of(s.endpoints_of::<Ipv6Addr>("web", Protocol::TCP)),
+            ["fd00:244::1"]
+        );
+        // A single-stack IPv4 Service ignores its IPv6 external and ingress IPs (kube-proxy's
+        // IPv6 proxier does not see it); without ipFamilies, the clusterIP's family.
+        let m = model("apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: ns}\nspec: {type: LoadBalancer, clusterIP: 10.96.0.1, externalIPs: [\"2001:db8::5\"], ports: [{port: 80, nodePort: 30080}]}\nstatus: {loadBalancer: {ingress: [{ip: \"2001:db8::4\"}]}}\n");
+        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+        let s = &m.services[0];
+        assert_eq!(
+            (s.ip_families.as_slice(), s.ip_family_policy),
+            ([IpFamily::IPv4].as_slice(), IpFamilyPolicy::SingleStack)
+        );
+        assert!(s.external_ips.is_empty() && s.load_balancer_ips.is_empty());
+    }
+
+    /// IPv6 source ranges belong to the IPv6 firewall, IPv4 ones to the IPv4 firewall; `::/0`
+    /// opens the IPv6 one; an unparsable entry turns both on.
+    #[test]
+    fn source_ranges_per_family() {
+        let v6 = |entries: &[&str]| {
+            let v: Vec<String> = entries.iter().map(|s| s.to_string()).collect();
+            source_ranges::<Ipv6Addr>(&v).0.map(|r| {
+                r.iter()
+                    .map(|(a, l)| format!("{a}/{l}"))
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(v6(&["10.0.0.0/8"]), None);
+        assert_eq!(
+            v6(&["10.0.0.0/8", "2001:db8::1/32"]),
+            Some(vec!["2001:db8::/32".to_string()])
+        );
+        assert_eq!(v6(&["2001:db8::/32", "::/0"]), None);
+        assert_eq!(v6(&["bogus"]), Some(vec![]));
+    }
+
+    /// `--nodeport-addresses` per family: a family without CIDRs of its own serves NodePorts
+    /// on all its addresses (kube-proxy's NewNodePortAddresses); `primary` is the first of each.
+    #[test]
+    fn node_port_addresses_per_family() {
+        let v6: Vec<Ipv6Addr> = vec!["fd00::10".parse().unwrap(), "2001:db8::10".parse().unwrap()];
+        let v4 = vec![Ipv4Addr::new(10, 0, 0, 5), Ipv4Addr::new(203, 0, 113, 7)];
+        let only_v4 = NodePortAddresses::parse(&["10.0.0.0/8".into()]).unwrap();
+        assert_eq!(only_v4.select(&v4), [Ipv4Addr::new(10, 0, 0, 5)]);
+        assert_eq!(only_v4.select(&v6), v6);
+        let both =
+            NodePortAddresses::parse(&["10.0.0.0/8".into(), "2001:db8::/32".into()]).unwrap();
+        assert_eq!(both.select(&v6), [v6[1]]);
+        assert_eq!(both.to_strings(), ["10.0.0.0/8", "2001:db8::/32"]);
+        assert_eq!(NodePortAddresses::Primary.select(&v6), [v6[0]]);
+        assert!(
+            NodePortAddresses::parse(&["2001:db8::/32".into()]).is_err(),
+            "no IPv4 CIDR"
+        );
+    }
+
     /// kube-proxy's reading of loadBalancerSourceRanges (IPv4 family), except that an
     /// unparsable entry never opens the firewall.
     #[test]
     fn source_ranges_table() {
         let r = |entries: &[&str]| {
             let v: Vec<String> = entries.iter().map(|s| s.to_string()).collect();
-            let (ranges, bad) = source_ranges(&v);
+            let (ranges, bad) = source_ranges::<Ipv4Addr>(&v);
             (
                 ranges.map(|r| {
                     r.iter()

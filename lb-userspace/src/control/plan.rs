@@ -2,11 +2,20 @@
 //! port it decides, exactly as kube-proxy's endpoint categorisation does, which endpoints serve
 //! traffic that originates inside the node (internal scope) and outside it (external scope).
 //! `lb-agent render` prints [`Plan`]; `control::desired` turns it into map contents.
-use std::net::{Ipv4Addr, SocketAddrV4};
+//!
+//! As kube-proxy runs one proxier per IP family, the plan is made once per family, generic over
+//! the family's address type ([`FamilyAddr`]): a family's frontends get only that family's
+//! endpoints (from the slices of that `addressType`), NodePorts sit on the node's addresses of
+//! that family. [`Plan::services`] is the IPv4 family's, the only one the maps get;
+//! [`Plan::services_ipv6`] is planned and rendered, not programmed (issue 17).
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use serde::Serialize;
+use serde::{ser::SerializeStruct, Serialize};
 
-use super::model::{Endpoint, Model, NodeInfo, Protocol, Rejected, ServiceModel, TrafficPolicy};
+use super::model::{
+    Endpoint, FamilyAddr, IpFamily, Model, NodeInfo, Protocol, Rejected, ServiceModel,
+    TrafficPolicy,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, PartialOrd, Ord)]
 pub enum FrontendKind {
@@ -16,27 +25,40 @@ pub enum FrontendKind {
     ExternalIP,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Frontend {
+/// A frontend of family `A` (rendered with its `family`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend<A: FamilyAddr = Ipv4Addr> {
     pub kind: FrontendKind,
-    #[serde(serialize_with = "ser_addr")]
-    pub address: SocketAddrV4,
+    pub address: A::Sock,
 }
 
-/// The plan of one Service port (the `render` JSON element).
+impl<A: FamilyAddr> Serialize for Frontend<A> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut st = s.serialize_struct("Frontend", 3)?;
+        st.serialize_field("kind", &self.kind)?;
+        st.serialize_field("address", &self.address.to_string())?;
+        st.serialize_field("family", &A::FAMILY)?;
+        st.end()
+    }
+}
+
+/// The plan of one Service port in one IP family (the `render` JSON element): every frontend
+/// and endpoint in it is of family `A`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct ServicePortPlan {
+pub struct ServicePortPlan<A: FamilyAddr = Ipv4Addr> {
     pub namespace: String,
     pub name: String,
     pub port_name: String,
     pub protocol: Protocol,
-    pub frontends: Vec<Frontend>,
+    /// The family of the frontends and endpoints (always `A::FAMILY`).
+    pub family: IpFamily,
+    pub frontends: Vec<Frontend<A>>,
     pub internal_traffic_policy: TrafficPolicy,
     pub external_traffic_policy: Option<TrafficPolicy>,
     #[serde(serialize_with = "ser_endpoints")]
-    pub cluster_endpoints: Option<Vec<PlannedEndpoint>>,
+    pub cluster_endpoints: Option<Vec<PlannedEndpoint<A>>>,
     #[serde(serialize_with = "ser_endpoints")]
-    pub local_endpoints: Option<Vec<PlannedEndpoint>>,
+    pub local_endpoints: Option<Vec<PlannedEndpoint<A>>>,
     pub session_affinity_timeout_seconds: Option<u32>,
     pub health_check_node_port: Option<u16>,
     /// Whether the Service port has a usable endpoint anywhere in the cluster (ready, or serving
@@ -47,12 +69,12 @@ pub struct ServicePortPlan {
     /// only when the ready endpoints carry hints; `lb_service_topology_hints_unusable`).
     #[serde(skip_serializing_if = "TopologyHints::is_absent")]
     pub topology_hints: TopologyHints,
-    /// loadBalancerSourceRanges (IPv4 prefixes, `a.b.c.d/len`) that the Service port's
-    /// LoadBalancer frontends admit, kube-proxy's firewall: `null` when they admit every
+    /// loadBalancerSourceRanges (prefixes of the family, `a.b.c.d/len`) that the Service
+    /// port's LoadBalancer frontends admit, kube-proxy's firewall: `null` when they admit every
     /// source (no ranges, `0.0.0.0/0`, or no LoadBalancer frontend); an empty list admits
     /// none. NodePorts, ClusterIPs and external IPs are never filtered.
     #[serde(serialize_with = "ser_prefixes")]
-    pub source_ranges: Option<Vec<(Ipv4Addr, u8)>>,
+    pub source_ranges: Option<Vec<(A, u8)>>,
     /// With `source_ranges`: a node address lies in them (kube-proxy's `allowFromNode`), so
     /// in-node clients whose source is a node address, and packets from the LoadBalancer IPs
     /// themselves, are admitted.
@@ -66,17 +88,52 @@ pub struct ServicePortPlan {
 
 /// An endpoint chosen by the plan, with the facts the datapath keeps about it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PlannedEndpoint {
-    pub addr: SocketAddrV4,
+pub struct PlannedEndpoint<A: FamilyAddr = Ipv4Addr> {
+    pub addr: A::Sock,
     pub local: bool,
     pub terminating: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// The plan for this node, one list per IP family.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {
     pub node: NodeInfo,
-    pub services: Vec<ServicePortPlan>,
+    /// The IPv4 family's Service ports: what the maps get (`control::desired`, capacity).
+    pub services: Vec<ServicePortPlan<Ipv4Addr>>,
+    /// The IPv6 family's Service ports: planned and rendered, not programmed (the maps and
+    /// the datapath are IPv4 only for now).
+    pub services_ipv6: Vec<ServicePortPlan<Ipv6Addr>>,
     pub rejected: Vec<Rejected>,
+}
+
+/// `render`'s JSON: `{"node", "services", "rejected"}`, where `services` lists the IPv4
+/// family's Service ports, then the IPv6 family's, each with its `family`.
+impl Serialize for Plan {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        #[serde(untagged)]
+        enum Entry<'a> {
+            V4(&'a ServicePortPlan<Ipv4Addr>),
+            V6(&'a ServicePortPlan<Ipv6Addr>),
+        }
+        struct Entries<'a>(&'a Plan);
+        impl Serialize for Entries<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_seq(
+                    self.0
+                        .services
+                        .iter()
+                        .map(Entry::V4)
+                        .chain(self.0.services_ipv6.iter().map(Entry::V6)),
+                )
+            }
+        }
+        let mut st = s.serialize_struct("Plan", 3)?;
+        st.serialize_field("node", &self.node)?;
+        st.serialize_field("services", &Entries(self))?;
+        st.serialize_field("rejected", &self.rejected)?;
+        st.end()
+    }
 }
 
 impl Plan {
@@ -90,12 +147,8 @@ impl Plan {
     }
 }
 
-fn ser_addr<S: serde::Serializer>(a: &SocketAddrV4, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(a)
-}
-
-fn ser_prefixes<S: serde::Serializer>(
-    p: &Option<Vec<(Ipv4Addr, u8)>>,
+fn ser_prefixes<A: FamilyAddr, S: serde::Serializer>(
+    p: &Option<Vec<(A, u8)>>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
     match p {
@@ -104,8 +157,8 @@ fn ser_prefixes<S: serde::Serializer>(
     }
 }
 
-fn ser_endpoints<S: serde::Serializer>(
-    eps: &Option<Vec<PlannedEndpoint>>,
+fn ser_endpoints<A: FamilyAddr, S: serde::Serializer>(
+    eps: &Option<Vec<PlannedEndpoint<A>>>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
     match eps {
@@ -114,9 +167,9 @@ fn ser_endpoints<S: serde::Serializer>(
     }
 }
 
-impl ServicePortPlan {
+impl<A: FamilyAddr> ServicePortPlan<A> {
     /// The endpoints that serve traffic from inside the node.
-    pub fn internal_endpoints(&self) -> &[PlannedEndpoint] {
+    pub fn internal_endpoints(&self) -> &[PlannedEndpoint<A>] {
         let eps = match self.internal_traffic_policy {
             TrafficPolicy::Cluster => &self.cluster_endpoints,
             TrafficPolicy::Local => &self.local_endpoints,
@@ -125,7 +178,7 @@ impl ServicePortPlan {
     }
 
     /// The endpoints that serve traffic arriving from outside the node.
-    pub fn external_endpoints(&self) -> &[PlannedEndpoint] {
+    pub fn external_endpoints(&self) -> &[PlannedEndpoint<A>] {
         let eps = match self.external_traffic_policy {
             Some(TrafficPolicy::Local) => &self.local_endpoints,
             _ => &self.cluster_endpoints,
@@ -203,20 +256,31 @@ fn topology_mode(endpoints: &[Endpoint], node: &str, zone: Option<&str>) -> Topo
     }
 }
 
-/// kube-proxy's CategorizeEndpoints: (cluster endpoints, local endpoints), each `None` when the
-/// Service port never uses that category.
-pub fn categorize(
+/// A family's (cluster, local) endpoint sets, each `None` when the Service port never uses that
+/// category.
+type Categories<A> = (
+    Option<Vec<PlannedEndpoint<A>>>,
+    Option<Vec<PlannedEndpoint<A>>>,
+);
+
+/// kube-proxy's CategorizeEndpoints for the endpoints of one family `A` (its proxier of that
+/// family): (cluster endpoints, local endpoints), each `None` when the Service port never uses
+/// that category. Endpoints of the other family are no part of the result (the caller passes
+/// one family's: [`ServiceModel::endpoints_of`]).
+pub fn categorize<A: FamilyAddr>(
     endpoints: &[Endpoint],
     itp: TrafficPolicy,
     etp: Option<TrafficPolicy>,
     node: &str,
     zone: Option<&str>,
-) -> (Option<Vec<PlannedEndpoint>>, Option<Vec<PlannedEndpoint>>) {
+) -> Categories<A> {
     let is_local = |e: &Endpoint| e.node_name.as_deref() == Some(node);
-    let planned = |e: &Endpoint| PlannedEndpoint {
-        addr: SocketAddrV4::new(e.addr, e.port),
-        local: is_local(e),
-        terminating: e.terminating,
+    let planned = |e: &Endpoint| {
+        A::from_ip(e.addr).map(|a| PlannedEndpoint {
+            addr: a.sock(e.port),
+            local: is_local(e),
+            terminating: e.terminating,
+        })
     };
     // kube-proxy's UsesClusterEndpoints: internalTrafficPolicy Cluster, or reachable from outside
     // at all (`etp` is set only then): with both policies Local, a pod on a node without a local
@@ -234,7 +298,7 @@ pub fn categorize(
         let ready: Vec<_> = endpoints
             .iter()
             .filter(|e| e.ready && fits(e))
-            .map(planned)
+            .filter_map(planned)
             .collect();
         if !ready.is_empty() {
             return ready;
@@ -242,14 +306,14 @@ pub fn categorize(
         endpoints
             .iter()
             .filter(|e| e.serving && e.terminating)
-            .map(planned)
+            .filter_map(planned)
             .collect()
     });
     let local = uses_local.then(|| {
         let ready: Vec<_> = endpoints
             .iter()
             .filter(|e| is_local(e) && e.ready)
-            .map(planned)
+            .filter_map(planned)
             .collect();
         if !ready.is_empty() {
             return ready;
@@ -257,57 +321,66 @@ pub fn categorize(
         endpoints
             .iter()
             .filter(|e| is_local(e) && e.serving && e.terminating)
-            .map(planned)
+            .filter_map(planned)
             .collect()
     });
     (cluster, local)
 }
 
-fn port_plans(svc: &ServiceModel, node: &NodeInfo) -> Vec<ServicePortPlan> {
+/// The plans of a Service's ports in family `A` (the Service is served in it).
+fn port_plans<A: FamilyAddr>(svc: &ServiceModel, node: &NodeInfo) -> Vec<ServicePortPlan<A>> {
+    let mine = |ips: &[std::net::IpAddr]| -> Vec<A> {
+        ips.iter().filter_map(|a| A::from_ip(*a)).collect()
+    };
+    let cluster_ips = mine(&svc.cluster_ips);
+    let load_balancer_ips = mine(&svc.load_balancer_ips);
+    let external_ips = mine(&svc.external_ips);
+    // kube-proxy's ExternallyAccessible, per family: a NodePort, or an external or
+    // load-balancer IP of this family.
+    let external_traffic_policy = svc.external_traffic_policy.filter(|_| {
+        svc.type_ == "NodePort"
+            || svc.type_ == "LoadBalancer"
+            || !external_ips.is_empty()
+            || !load_balancer_ips.is_empty()
+    });
     let mut out = Vec::new();
     for port in &svc.ports {
         let mut frontends = Vec::new();
-        let mut add = |kind, ips: &[Ipv4Addr], p: u16| {
+        let mut add = |kind, ips: &[A], p: u16| {
             for ip in ips {
                 if kind != FrontendKind::NodePort
-                    && svc.lost_frontends.contains(&(*ip, p, port.protocol))
+                    && svc
+                        .lost_frontends
+                        .contains(&((*ip).into(), p, port.protocol))
                 {
                     continue; // an older Service has it (model::resolve_collisions)
                 }
                 frontends.push(Frontend {
                     kind,
-                    address: SocketAddrV4::new(*ip, p),
+                    address: ip.sock(p),
                 });
             }
         };
-        add(FrontendKind::ClusterIP, &svc.cluster_ips, port.port);
+        add(FrontendKind::ClusterIP, &cluster_ips, port.port);
         if let Some(np) = port.node_port {
-            add(FrontendKind::NodePort, node.node_ports(), np);
+            add(FrontendKind::NodePort, A::node_ports(node), np);
         }
-        add(
-            FrontendKind::LoadBalancer,
-            &svc.load_balancer_ips,
-            port.port,
-        );
-        add(FrontendKind::ExternalIP, &svc.external_ips, port.port);
+        add(FrontendKind::LoadBalancer, &load_balancer_ips, port.port);
+        add(FrontendKind::ExternalIP, &external_ips, port.port);
         let has_lb = frontends
             .iter()
             .any(|f| f.kind == FrontendKind::LoadBalancer);
-        let source_ranges = svc.source_ranges.clone().filter(|_| has_lb);
+        let source_ranges = A::source_ranges(svc).clone().filter(|_| has_lb);
         let source_ranges_allow_node = source_ranges.as_ref().is_some_and(|r| {
-            node.addresses
+            A::node_addresses(node)
                 .iter()
-                .any(|a| r.iter().any(|(net, len)| in_prefix(*a, *net, *len)))
+                .any(|a| r.iter().any(|(net, len)| a.in_prefix(*net, *len)))
         });
-        let empty = Vec::new();
-        let eps = svc
-            .endpoints
-            .get(&(port.name.clone(), port.protocol))
-            .unwrap_or(&empty);
-        let (cluster, local) = categorize(
+        let eps = svc.endpoints_of::<A>(&port.name, port.protocol);
+        let (cluster, local) = categorize::<A>(
             eps,
             svc.internal_traffic_policy,
-            svc.external_traffic_policy,
+            external_traffic_policy,
             &node.name,
             node.zone.as_deref(),
         );
@@ -320,9 +393,10 @@ fn port_plans(svc: &ServiceModel, node: &NodeInfo) -> Vec<ServicePortPlan> {
             name: svc.name.clone(),
             port_name: port.name.clone(),
             protocol: port.protocol,
+            family: A::FAMILY,
             frontends,
             internal_traffic_policy: svc.internal_traffic_policy,
-            external_traffic_policy: svc.external_traffic_policy,
+            external_traffic_policy,
             cluster_endpoints: cluster,
             local_endpoints: local,
             session_affinity_timeout_seconds: svc.session_affinity_timeout_seconds,
@@ -339,8 +413,7 @@ fn port_plans(svc: &ServiceModel, node: &NodeInfo) -> Vec<ServicePortPlan> {
 
 /// Whether `a` lies in `net/len`.
 pub fn in_prefix(a: Ipv4Addr, net: Ipv4Addr, len: u8) -> bool {
-    let mask = super::model::prefix_mask(len.into());
-    u32::from(a) & mask == u32::from(net) & mask
+    a.in_prefix(net, len)
 }
 
 /// The plan for `node_name`. Without a Node object of that name the node has no zone and no
@@ -350,19 +423,30 @@ pub fn plan(model: &Model, node_name: &str) -> Plan {
         name: node_name.into(),
         zone: None,
         addresses: Vec::new(),
+        ipv6_addresses: Vec::new(),
         pod_cidr: None,
         node_port_addresses: None,
+        ipv6_node_port_addresses: None,
     });
-    let services = model
-        .services
-        .iter()
-        .flat_map(|s| port_plans(s, &node))
-        .collect();
+    let services = family_plans::<Ipv4Addr>(model, &node);
+    let services_ipv6 = family_plans::<Ipv6Addr>(model, &node);
     Plan {
         node,
         services,
+        services_ipv6,
         rejected: model.rejected.clone(),
     }
+}
+
+/// The plans of family `A`: kube-proxy's proxier of that family, which sees only the Services
+/// with a clusterIP of it (an IPv6-only Service gets no IPv4 frontend, not even a NodePort).
+fn family_plans<A: FamilyAddr>(model: &Model, node: &NodeInfo) -> Vec<ServicePortPlan<A>> {
+    model
+        .services
+        .iter()
+        .filter(|s| s.serves(A::FAMILY))
+        .flat_map(|s| port_plans::<A>(s, node))
+        .collect()
 }
 
 #[cfg(test)]
@@ -372,7 +456,7 @@ mod tests {
 
     fn ep(last: u8, node: &str) -> Endpoint {
         Endpoint {
-            addr: Ipv4Addr::new(10, 244, 0, last),
+            addr: Ipv4Addr::new(10, 244, 0, last).into(),
             port: 8080,
             ready: true,
             serving: true,
@@ -408,6 +492,103 @@ mod tests {
     ) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
         let (c, l) = categorize(eps, itp, etp, "n1", Some("za"));
         (lasts(&c), lasts(&l))
+    }
+
+    fn dualstack(node: &str) -> Plan {
+        let mut o = crate::control::source::Objects::default();
+        crate::control::source::parse_into(
+            std::path::Path::new("dualstack.yaml"),
+            include_str!("../../tests/golden/dualstack.yaml"),
+            &mut o,
+        )
+        .unwrap();
+        plan(&crate::control::model::build(&o, node), node)
+    }
+
+    fn texts<T: std::fmt::Display>(v: impl IntoIterator<Item = T>) -> Vec<String> {
+        v.into_iter().map(|x| x.to_string()).collect()
+    }
+
+    /// kube-proxy's proxier per family: a dual-stack Service's IPv4 frontends get only the
+    /// IPv4 slices' endpoints and its IPv6 frontends only the IPv6 slices', each family
+    /// categorised on its own (local fallback, policies, hints, has_endpoints); NodePorts on
+    /// the node's addresses of the family.
+    #[test]
+    fn each_family_gets_its_own_endpoints_and_categories() {
+        let p = dualstack("node-a");
+        let v4 = |name: &str| p.services.iter().find(|s| s.name == name).unwrap();
+        let v6 = |name: &str| p.services_ipv6.iter().find(|s| s.name == name).unwrap();
+        let eps =
+            |e: &Option<Vec<PlannedEndpoint<Ipv4Addr>>>| texts(e.iter().flatten().map(|e| e.addr));
+        let eps6 =
+            |e: &Option<Vec<PlannedEndpoint<Ipv6Addr>>>| texts(e.iter().flatten().map(|e| e.addr));
+        // web: externalTrafficPolicy Local in both families; node-a's IPv6 local endpoint is
+        // terminating but serving (the fallback), its IPv4 one ready.
+        let (a, b) = (v4("web"), v6("web"));
+        assert_eq!((a.family, b.family), (IpFamily::IPv4, IpFamily::IPv6));
+        assert_eq!(
+            texts(a.frontends.iter().map(|f| f.address)),
+            ["10.96.20.1:80", "192.168.1.10:30080", "203.0.113.10:30080"]
+        );
+        assert_eq!(
+            texts(b.frontends.iter().map(|f| f.address)),
+            [
+                "[fd00:96::1]:80",
+                "[fd00:1::10]:30080",
+                "[2001:db8:1::10]:30080"
+            ]
+        );
+        assert_eq!(eps(&a.local_endpoints), ["10.244.1.5:8080"]);
+        assert_eq!(
+            eps(&a.cluster_endpoints),
+            ["10.244.1.5:8080", "10.244.2.5:8080"]
+        );
+        assert_eq!(eps6(&b.local_endpoints), ["[fd00:244:1::6]:8080"]);
+        assert_eq!(eps6(&b.cluster_endpoints), ["[fd00:244:2::5]:8080"]);
+        // api: an IPv6 external IP only, so only the IPv6 family is reachable from outside;
+        // hints on the IPv6 endpoints only.
+        let (a, b) = (v4("api"), v6("api"));
+        assert_eq!(a.external_traffic_policy, None);
+        assert_eq!(b.external_traffic_policy, Some(Cluster));
+        assert_eq!(
+            (a.topology_hints, b.topology_hints),
+            (TopologyHints::Absent, TopologyHints::Used)
+        );
+        assert_eq!(eps(&a.cluster_endpoints).len(), 2);
+        assert_eq!(eps6(&b.cluster_endpoints), ["[fd00:244:1::20]:9090"]);
+        // v6only: no IPv4 entry at all (no NodePort either); its IPv6 source range admits the
+        // node's IPv6 ExternalIP.
+        assert!(p.services.iter().all(|s| s.name != "v6only"));
+        let c = v6("v6only");
+        assert_eq!(
+            texts(
+                c.frontends
+                    .iter()
+                    .map(|f| (f.kind, f.address))
+                    .map(|(k, a)| format!("{k:?} {a}"))
+            ),
+            [
+                "ClusterIP [fd00:96::3]:443",
+                "NodePort [fd00:1::10]:30443",
+                "NodePort [2001:db8:1::10]:30443",
+                "LoadBalancer [2001:db8:ff::3]:443"
+            ]
+        );
+        assert_eq!(
+            c.source_ranges,
+            Some(vec![("2001:db8:1::".parse().unwrap(), 48)])
+        );
+        assert!(c.source_ranges_allow_node);
+        // v4only: no IPv6 entry, although an IPv6 slice names it.
+        assert!(p.services_ipv6.iter().all(|s| s.name != "v4only"));
+        assert_eq!(eps(&v4("v4only").cluster_endpoints), ["10.244.2.40:8080"]);
+        // has_endpoints per family.
+        let bare = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: ns}\nspec: {ipFamilyPolicy: PreferDualStack, clusterIPs: [10.96.0.1, \"fd00::1\"], ports: [{port: 80}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s-1, namespace: ns, labels: {kubernetes.io/service-name: s}}\naddressType: IPv6\nports: [{port: 8080}]\nendpoints: [{addresses: [\"fd00::5\"]}]\n";
+        let mut o = crate::control::source::Objects::default();
+        crate::control::source::parse_into(std::path::Path::new("t.yaml"), bare, &mut o).unwrap();
+        let p = plan(&crate::control::model::build(&o, "n1"), "n1");
+        assert!(!p.services[0].has_endpoints);
+        assert!(p.services_ipv6[0].has_endpoints);
     }
 
     #[test]
