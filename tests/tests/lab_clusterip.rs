@@ -1,7 +1,7 @@
 //! End-to-end ClusterIP load balancing in the reference lab: real agents, real sockets, real
 //! kernels. Socket-level translation for pods on a node (cgroup connect4/sendmsg4/recvmsg4/
 //! getpeername4), from deploy/examples/lab.yaml.
-use lb_tests::lab::by_backend;
+use lb_tests::lab::{by_backend, socket_level_spread};
 
 const ECHO: &str = "10.96.0.10:80";
 
@@ -16,28 +16,7 @@ fn lab_clusterip_spreads_tcp_and_udp_over_four_backends() {
             .run_client("a1", &[proto, ECHO, "--count", "300"])
             .unwrap();
         assert_eq!(ex.len(), 300);
-        let failed: Vec<_> = ex.iter().filter(|e| !e.ok).collect();
-        assert!(
-            failed.is_empty(),
-            "{proto}: {} failed, first: {:?}",
-            failed.len(),
-            failed.first()
-        );
-        for e in &ex {
-            // getpeername (TCP) and the UDP reply's source show the ClusterIP, not the backend.
-            assert_eq!(e.peer.as_deref(), Some(ECHO), "{proto}: {e:?}");
-            // Socket-level translation keeps the pod's own address.
-            assert!(
-                e.seen_peer.as_deref().unwrap().starts_with("10.244.1.10:"),
-                "{e:?}"
-            );
-        }
-        let spread = by_backend(&ex);
-        assert_eq!(
-            spread.keys().cloned().collect::<Vec<_>>(),
-            ["a1", "a2", "b1", "b2"],
-            "{proto}: {spread:?}"
-        );
+        let spread = socket_level_spread(&ex, proto, ECHO);
         for (b, n) in &spread {
             assert!(
                 *n >= 45,

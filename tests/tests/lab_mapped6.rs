@@ -5,7 +5,7 @@
 //! kernel's hand-over of a mapped datagram, recvmsg6, getpeername6: see lb-ebpf's sock.rs).
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_tests::lab::{all_ok, by_backend, Exchange};
+use lb_tests::lab::{all_ok, socket_level_spread, Exchange};
 use lb_tests::scenario::{fenced_manifests, start_example as setup, Running};
 
 const ECHO: &str = "[::ffff:10.96.0.10]:80";
@@ -40,23 +40,9 @@ fn lab_mapped6_tcp_and_udp_to_a_mapped_clusterip_reach_backends_and_show_the_clu
                 .run_client("a1", &[proto, ECHO, "--count", "100"])
                 .unwrap();
             assert_eq!(ex.len(), 100);
-            all_ok(&ex, proto);
-            for e in &ex {
-                // getpeername() (TCP) and the datagram's source (recvfrom) show the mapped
-                // ClusterIP, not the backend.
-                assert_eq!(e.peer.as_deref(), Some(ECHO), "{proto}: {e:?}");
-                // The backend sees the pod's own IPv4 address.
-                assert!(
-                    e.seen_peer.as_deref().unwrap().starts_with("10.244.1.10:"),
-                    "{proto}: {e:?}"
-                );
-            }
-            let spread = by_backend(&ex);
-            assert_eq!(
-                spread.keys().cloned().collect::<Vec<_>>(),
-                ["a1", "a2", "b1", "b2"],
-                "{proto}: {spread:?}"
-            );
+            // getpeername() (TCP) and the datagram's source (recvfrom) show the mapped
+            // ClusterIP, not the backend; the backend sees the pod's own IPv4 address.
+            let spread = socket_level_spread(&ex, proto, ECHO);
             spreads.push((proto, spread));
         }
         // Connected UDP (connect6, then send/recv): one backend for the socket's life, and

@@ -1444,11 +1444,33 @@ mod tests {
         );
     }
 
+    /// Each spec, as Service ns/bad beside a good Service `s`, is rejected with a reason
+    /// containing its text, and only it: everything else keeps working.
+    fn rejected_alone(cases: &[(&str, &str)]) {
+        for (spec, reason) in cases {
+            let m = model(&format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: bad, namespace: ns}}\nspec: {spec}\n---\n{SVC}"
+            ));
+            assert_eq!(m.rejected.len(), 1, "{spec}: {:?}", m.rejected);
+            let r = &m.rejected[0];
+            assert_eq!(
+                (r.kind.as_str(), r.namespace.as_str(), r.name.as_str()),
+                ("Service", "ns", "bad")
+            );
+            assert!(r.reason.contains(reason), "{spec}: {}", r.reason);
+            assert_eq!(
+                m.services
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>(),
+                ["s"],
+                "{spec}"
+            );
+        }
+    }
+
     #[test]
     fn validation_table() {
-        let svc = |spec: &str| {
-            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: bad, namespace: ns}}\nspec: {spec}\n---\n{SVC}")
-        };
         let cases = [
             ("{clusterIP: 10.96.0.2, ports: [{port: 0}]}", "port 0 out of range"),
             ("{clusterIP: 10.96.0.2, ports: [{port: 70000}]}", "port 70000 out of range"),
@@ -1469,25 +1491,7 @@ mod tests {
             ("{type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 22}]}", "nodePort 22 outside the NodePort range 30000-32767 (--nodeport-range)"),
             ("{type: LoadBalancer, externalTrafficPolicy: Local, clusterIP: 10.96.0.2, healthCheckNodePort: 8080, ports: [{port: 80}]}", "healthCheckNodePort 8080 outside the NodePort range"),
         ];
-        for (spec, reason) in cases {
-            let m = model(&svc(spec));
-            assert_eq!(m.rejected.len(), 1, "{spec}");
-            let r = &m.rejected[0];
-            assert_eq!(
-                (r.kind.as_str(), r.namespace.as_str(), r.name.as_str()),
-                ("Service", "ns", "bad")
-            );
-            assert!(r.reason.contains(reason), "{spec}: {}", r.reason);
-            // Everything else keeps working.
-            assert_eq!(
-                m.services
-                    .iter()
-                    .map(|s| s.name.as_str())
-                    .collect::<Vec<_>>(),
-                ["s"],
-                "{spec}"
-            );
-        }
+        rejected_alone(&cases);
         // Defaults and limits that are valid.
         let m = model(&svc(
             "{clusterIP: 10.96.0.2, sessionAffinity: ClientIP, ports: [{port: 80}]}",
@@ -1856,9 +1860,6 @@ mod tests {
     /// each bad Service is rejected with its namespace/name and reason; the others stay.
     #[test]
     fn ip_family_validation_table() {
-        let svc = |spec: &str| {
-            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: bad, namespace: ns}}\nspec: {spec}\n---\n{SVC}")
-        };
         let cases = [
             ("{ipFamilies: [IPv4], clusterIPs: [\"fd00::1\"], ports: [{port: 80}]}", "clusterIPs[0] fd00::1 is not an IPv4 address, as ipFamilies[0] says"),
             ("{ipFamilyPolicy: PreferDualStack, ipFamilies: [IPv6, IPv4], clusterIPs: [10.96.0.2, \"fd00::2\"], ports: [{port: 80}]}", "clusterIPs[0] 10.96.0.2 is not an IPv6 address, as ipFamilies[0] says"),
@@ -1877,24 +1878,7 @@ mod tests {
             ("{clusterIPs: [\"::ffff:10.96.0.2\"], ports: [{port: 80}]}", "::ffff:10.96.0.2 is an IPv4-mapped IPv6 address"),
             ("{clusterIPs: [\"fd00::2\"], externalIPs: [\"ff02::1\"], ports: [{port: 80}]}", "externalIP ff02::1 is a multicast address"),
         ];
-        for (spec, reason) in cases {
-            let m = model(&svc(spec));
-            assert_eq!(m.rejected.len(), 1, "{spec}: {:?}", m.rejected);
-            let r = &m.rejected[0];
-            assert_eq!(
-                (r.kind.as_str(), r.namespace.as_str(), r.name.as_str()),
-                ("Service", "ns", "bad")
-            );
-            assert!(r.reason.contains(reason), "{spec}: {}", r.reason);
-            assert_eq!(
-                m.services
-                    .iter()
-                    .map(|s| s.name.as_str())
-                    .collect::<Vec<_>>(),
-                ["s"],
-                "{spec}"
-            );
-        }
+        rejected_alone(&cases);
     }
 
     /// A dual-stack Service: both families' clusterIPs (primary first), external IPs and

@@ -39,7 +39,7 @@ mod topology;
 mod traffic;
 
 pub use agents::AgentProcess;
-pub use traffic::{all_ok, by_backend, Exchange, HeldConnection};
+pub use traffic::{all_ok, by_backend, socket_level_spread, Exchange, HeldConnection};
 
 /// The client's address on the fabric.
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 100);

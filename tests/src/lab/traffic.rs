@@ -76,6 +76,32 @@ pub fn all_ok(ex: &[Exchange], what: &str) {
     );
 }
 
+/// Exchanges of pod a1 (10.244.1.10) with `frontend`, translated at socket level: every one
+/// served, each showing `frontend` as its peer (getpeername, or the datagram's source) while
+/// the backend saw the pod's own address, spread over all four backends of the example lab.
+/// Returns the spread.
+pub fn socket_level_spread(
+    ex: &[Exchange],
+    proto: &str,
+    frontend: &str,
+) -> std::collections::BTreeMap<String, usize> {
+    all_ok(ex, proto);
+    for e in ex {
+        assert_eq!(e.peer.as_deref(), Some(frontend), "{proto}: {e:?}");
+        assert!(
+            e.seen_peer.as_deref().unwrap().starts_with("10.244.1.10:"),
+            "{proto}: the pod's own address is kept: {e:?}"
+        );
+    }
+    let spread = by_backend(ex);
+    assert_eq!(
+        spread.keys().cloned().collect::<Vec<_>>(),
+        ["a1", "a2", "b1", "b2"],
+        "{proto}: {spread:?}"
+    );
+    spread
+}
+
 /// How many exchanges each backend served (`""`: failed ones).
 pub fn by_backend(ex: &[Exchange]) -> std::collections::BTreeMap<String, usize> {
     let mut m = std::collections::BTreeMap::new();
