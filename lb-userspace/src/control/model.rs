@@ -1444,13 +1444,18 @@ mod tests {
         );
     }
 
+    /// Service ns/bad with `spec`, beside a good Service `s`.
+    fn svc(spec: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: bad, namespace: ns}}\nspec: {spec}\n---\n{SVC}"
+        )
+    }
+
     /// Each spec, as Service ns/bad beside a good Service `s`, is rejected with a reason
     /// containing its text, and only it: everything else keeps working.
     fn rejected_alone(cases: &[(&str, &str)]) {
         for (spec, reason) in cases {
-            let m = model(&format!(
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: bad, namespace: ns}}\nspec: {spec}\n---\n{SVC}"
-            ));
+            let m = model(&svc(spec));
             assert_eq!(m.rejected.len(), 1, "{spec}: {:?}", m.rejected);
             let r = &m.rejected[0];
             assert_eq!(
