@@ -34,8 +34,12 @@ use crate::{
     bounds::Bounds,
     forward, maps, nat,
     parse::{ptr_at, Ipv4, Packet},
-    reject,
 };
+
+/// Bytes an ICMP error adds in front of the packet it quotes (reject.rs): a 20-byte IPv4 header
+/// and the 8-byte ICMP header.
+pub const ICMP_ROOM: usize = Ipv4Hdr::LEN + ICMP_HDR_LEN;
+pub const ICMP_HDR_LEN: usize = 8;
 
 /// A helper refused a write: the packet may be half written and must not leave as it is.
 pub struct WriteFailed;
@@ -49,7 +53,7 @@ pub trait Hook: Bounds {
     /// returns the verdict. `l3`'s pointers may be stale on tc (see the module doc).
     fn forward(&self, l3: &Ipv4, to_local_backend: bool) -> u32;
     /// Reshapes the frame for an ICMP error quoting the first `quote` bytes of its IPv4
-    /// packet: the Ethernet header, [`reject::ICMP_ROOM`] bytes to write, the quote, nothing
+    /// packet: the Ethernet header, [`ICMP_ROOM`] bytes to write, the quote, nothing
     /// after it; all of it directly writable. `Err`: the frame may be cut and must not leave.
     fn icmp_room(&self, quote: usize) -> Result<(), WriteFailed>;
 }
@@ -74,11 +78,11 @@ impl Hook for XdpContext {
         if len > want && unsafe { bpf_xdp_adjust_tail(self.ctx, want - len) } != 0 {
             return Err(WriteFailed);
         }
-        if unsafe { bpf_xdp_adjust_head(self.ctx, -(reject::ICMP_ROOM as i32)) } != 0 {
+        if unsafe { bpf_xdp_adjust_head(self.ctx, -(ICMP_ROOM as i32)) } != 0 {
             return Err(WriteFailed);
         }
         // The Ethernet header moves to the new front.
-        let from = ptr_at::<[u8; EthHdr::LEN], Self>(self, reject::ICMP_ROOM).ok_or(WriteFailed)?;
+        let from = ptr_at::<[u8; EthHdr::LEN], Self>(self, ICMP_ROOM).ok_or(WriteFailed)?;
         let to = ptr_at::<[u8; EthHdr::LEN], Self>(self, 0).ok_or(WriteFailed)?;
         // SAFETY: both bounds checked; the ranges do not overlap.
         unsafe { *to = *from };
@@ -138,9 +142,9 @@ impl Hook for TcContext {
             return Err(WriteFailed);
         }
         // Room between the Ethernet and the IPv4 header.
-        self.adjust_room(reject::ICMP_ROOM as i32, BPF_ADJ_ROOM_MAC, 0)
+        self.adjust_room(ICMP_ROOM as i32, BPF_ADJ_ROOM_MAC, 0)
             .map_err(|_| WriteFailed)?;
-        self.pull_data(want + reject::ICMP_ROOM as u32)
+        self.pull_data(want + ICMP_ROOM as u32)
             .map_err(|_| WriteFailed)
     }
 

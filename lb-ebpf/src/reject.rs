@@ -17,16 +17,12 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     clock,
-    hook::Hook,
+    hook::{Hook, ICMP_HDR_LEN, ICMP_ROOM},
     maps::{self, ServiceEvent, REJECT_RATE},
     parse::{self, ptr_at, Packet},
     verdict::Stop,
 };
 
-/// Bytes the answer adds in front of the quote: a 20-byte IPv4 header and the 8-byte ICMP
-/// header.
-pub const ICMP_ROOM: usize = Ipv4Hdr::LEN + ICMP_HDR_LEN;
-const ICMP_HDR_LEN: usize = 8;
 /// Longest quote: an IPv4 header with 40 bytes of options and 8 bytes of L4.
 const MAX_QUOTE: usize = 60 + 8;
 const ICMP_DEST_UNREACH: u8 = 3;
