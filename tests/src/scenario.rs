@@ -81,6 +81,29 @@ impl Running {
         }
     }
 
+    /// A connected UDP socket (`held`, pinned to `pinned`) whose backend is removed: it fails
+    /// within 3 s ([`Running::remove_and_wait_for_failure`]) with ECONNABORTED (os error 103)
+    /// when the abort is read, or no destination any more (EDESTADDRREQ, os error 89) when it
+    /// was idle; the application's next exchange connects again and lands on a live backend,
+    /// which it returns.
+    pub fn udp_socket_terminated_then_reconnects(
+        &mut self,
+        held: &mut HeldConnection,
+        pinned: &str,
+    ) -> Exchange {
+        let (failed, after) = self.remove_and_wait_for_failure(held, pinned);
+        let err = failed.error.clone().unwrap_or_default();
+        assert!(
+            err.contains("os error 103") || err.contains("os error 89"),
+            "{failed:?}"
+        );
+        eprintln!("terminated {after:?} after removal: {err}");
+        let again = held.exchange().unwrap();
+        assert!(again.ok, "{again:?}");
+        assert_ne!(again.backend.as_deref(), Some(pinned), "{again:?}");
+        again
+    }
+
     /// `lbctl --bpffs <node's> COMMAND -o json`, parsed.
     pub fn lbctl_json(&self, node: &str, command: &str) -> serde_json::Value {
         let out = std::process::Command::new(bin_path("lbctl").unwrap())

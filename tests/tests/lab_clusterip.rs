@@ -146,19 +146,7 @@ fn lab_clusterip_connected_udp_socket_to_a_removed_backend_is_terminated() {
         assert!(e.ok, "{e:?}");
         assert_eq!(e.backend.as_deref(), Some(pinned.as_str()), "{e:?}");
     }
-    // Within 3 s the socket fails: ECONNABORTED (os error 103) when the abort is read, or no
-    // destination any more (EDESTADDRREQ, os error 89) when it was idle.
-    let (failed, after) = s.remove_and_wait_for_failure(&mut held, &pinned);
-    let err = failed.error.clone().unwrap_or_default();
-    assert!(
-        err.contains("os error 103") || err.contains("os error 89"),
-        "{failed:?}"
-    );
-    eprintln!("terminated {after:?} after removal: {err}");
-    // The application connects again and lands on a live backend.
-    let again = held.exchange().unwrap();
-    assert!(again.ok, "{again:?}");
-    assert_ne!(again.backend.as_deref(), Some(pinned.as_str()), "{again:?}");
+    s.udp_socket_terminated_then_reconnects(&mut held, &pinned);
     s.agents[0]
         .wait_for_log("1 terminated", std::time::Duration::from_secs(5))
         .unwrap();
