@@ -20,11 +20,15 @@ pub mod map_name {
     pub const SOCK_REV_NAT: &str = "lb_sk_revnat_v1";
     pub const SOCK_FLOW: &str = "lb_sk_flow_v1";
     pub const STATS: &str = "lb_stats_v5";
-    pub const CONNTRACK: &str = "lb_ct_v3";
+    pub const CONNTRACK: &str = "lb_ct_v4";
     /// Conntrack of flows not confirmed yet (TCP until the client acknowledged the backend's
     /// SYN-ACK, UDP before the first reply): a flood of new flows churns this map, never the
     /// established flows'.
-    pub const CONNTRACK_NEW: &str = "lb_ct_new_v2";
+    pub const CONNTRACK_NEW: &str = "lb_ct_new_v3";
+    /// The route generation (one `u32`): the agent moves it on whenever a route, address,
+    /// link or neighbour's link-layer address changes, which makes every cached next hop
+    /// (`CtValue::nh`) stale.
+    pub const ROUTE_GEN: &str = "lb_route_gen_v1";
     /// The ports of IPv4 datagrams whose first fragment was seen, for their later fragments.
     pub const FRAGMENTS: &str = "lb_frag_v1";
     pub const MAGLEV: &str = "lb_maglev_v1";
@@ -37,7 +41,7 @@ pub mod map_name {
     /// ports whose LoadBalancer frontends only admit those sources.
     pub const SOURCE_RANGES: &str = "lb_srcrange_v1";
     /// Every map the agent pins, for `uninstall` and for `lbctl`.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         FRONTENDS,
         BACKENDS,
         REV_NAT,
@@ -54,6 +58,7 @@ pub mod map_name {
         MAGLEV,
         FRAGMENTS,
         SOURCE_RANGES,
+        ROUTE_GEN,
     ];
 
     /// Splits a pinned name into its base and layout version: `lb_ct_v2` -> (`lb_ct`, 2).
@@ -127,6 +132,10 @@ pub mod limits {
     pub const SOCK_FLOW: u32 = 262_144;
     /// Conntrack (LRU): two entries per confirmed north-south flow (original and reply direction).
     pub const CONNTRACK: u32 = 262_144;
+    /// The longest a cached next hop (`CtValue::nh`) is used without a FIB lookup, in seconds,
+    /// whatever the route generation says: changes the agent did not see (it was down) are
+    /// picked up within this bound.
+    pub const NEXT_HOP_REVALIDATE_S: u32 = 5;
     /// Conntrack of unconfirmed flows (LRU): two entries per flow between its first packet and its
     /// confirmation (TCP: the client's first ACK; UDP: the first reply).
     pub const CONNTRACK_NEW: u32 = 65_536;
@@ -459,6 +468,78 @@ pub struct CtEntry {
     /// TCP: the sequence number following the last segment this direction's sender was seen to
     /// send (a SYN and a FIN count one), host order. Valid with `ct_flags::SEQ_KNOWN`.
     pub seq_next: u32,
+}
+
+/// Value of the conntrack maps: a direction's entry, and where its translated packets went last
+/// (XDP): the FIB's answer, reused instead of a lookup per packet while it is fresh
+/// (`NextHop::stale` is 0). One cache line.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtValue {
+    pub e: CtEntry,
+    pub nh: NextHop,
+}
+
+impl CtValue {
+    /// An entry without a next hop.
+    #[inline(always)]
+    pub const fn new(e: CtEntry) -> Self {
+        CtValue {
+            e,
+            nh: NextHop::NONE,
+        }
+    }
+}
+
+/// A cached FIB answer for one direction of a flow, `CtValue::nh` (XDP only: tc hands the next
+/// hop to `bpf_redirect_neigh`). Valid while the route generation (`map_name::ROUTE_GEN`) is
+/// the one it was looked up in, the packet arrived on the same device, is no longer than one
+/// that was seen to fit the route's MTU, and the answer is younger than
+/// `limits::NEXT_HOP_REVALIDATE_S` (a bound for changes no agent reported: an agent that is
+/// down or restarting). Only answers the XDP path acts on are cached (the receiving device, or
+/// a redirect target running the XDP program); `in_ifindex` 0 means nothing is cached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NextHop {
+    pub gen: u32,
+    pub in_ifindex: u32,
+    pub out_ifindex: u32,
+    /// Seconds (as `CtEntry::last_seen_s`) of the FIB lookup this answer came from.
+    pub checked_s: u32,
+    /// The longest IPv4 packet (total length) the lookup was made for: a longer one is looked
+    /// up again (the FIB checks it against the route's MTU).
+    pub fits: u16,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+impl NextHop {
+    /// Nothing cached.
+    pub const NONE: NextHop = NextHop {
+        gen: 0,
+        in_ifindex: 0,
+        out_ifindex: 0,
+        checked_s: 0,
+        fits: 0,
+        dmac: [0; 6],
+        smac: [0; 6],
+        _pad: [0; 2],
+    };
+
+    /// Zero when this answer may be used for a packet of `tot_len` bytes that arrived on
+    /// `in_ifindex` at `now_s`, in route generation `gen` (nothing cached: `in_ifindex` 0,
+    /// never a device's). Computed without branches: the XDP program is close to the
+    /// verifier's budget, and each branch multiplies the paths it explores.
+    #[inline(always)]
+    pub fn stale(&self, gen: u32, in_ifindex: u32, tot_len: u16, now_s: u32) -> u32 {
+        // Each term is non-zero exactly when its condition fails; the age and length terms
+        // take the sign bit of a difference (ages and lengths are far below 2^31).
+        let age = now_s.wrapping_sub(self.checked_s);
+        let too_old = (limits::NEXT_HOP_REVALIDATE_S - 1).wrapping_sub(age) >> 31;
+        let too_long = (self.fits as u32).wrapping_sub(tot_len as u32) >> 31;
+        (self.gen ^ gen) | (self.in_ifindex ^ in_ifindex) | too_old | too_long
+    }
 }
 
 impl CtKey {
@@ -954,6 +1035,8 @@ const _: () = {
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<CtKey>() == 16);
     assert!(core::mem::size_of::<CtEntry>() == 32);
+    assert!(core::mem::size_of::<NextHop>() == 32);
+    assert!(core::mem::size_of::<CtValue>() == 64);
     assert!(core::mem::size_of::<FragKey>() == 12);
     assert!(core::mem::size_of::<FragPorts>() == 4);
     assert!(core::mem::size_of::<Config>() == 32 + 4 * limits::XDP_DEVICES);
@@ -974,6 +1057,7 @@ mod pod {
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragPorts {}
     unsafe impl aya::Pod for Config {}

@@ -18,10 +18,11 @@
 //! (a new flow's entries); tc egress follows the replies of local backends; the ICMP error path
 //! only looks entries up.
 use aya_ebpf::maps::LruHashMap;
-use lb_common::{counter, ct_flags, ct_state, limits, proto, CtEntry, CtKey};
+use lb_common::{counter, ct_flags, ct_state, limits, proto, CtEntry, CtKey, CtValue};
 
 use crate::{
     clock,
+    forward::NhSlot,
     maps::{self, CONNTRACK, CONNTRACK_NEW},
     parse::{seg_flags, Packet, Seg},
 };
@@ -66,14 +67,23 @@ pub fn initial(p: &Packet) -> (u8, u16, u32) {
 /// opening (the client reused its port, or retransmits): that flow's entries go, so that the new
 /// one starts alone. A SYN on an open flow is forwarded on it (as Linux conntrack does: the
 /// backend answers with a challenge ACK, the client resets, and its next SYN starts afresh).
+///
+/// With the entry comes its next-hop slot when the flow is confirmed (the entry stays where it
+/// is for the rest of the program's run; an unconfirmed flow's entry may move, and its packets
+/// look their next hop up each time).
 #[inline(always)]
-pub fn follow(key: &CtKey, p: &Packet) -> Option<CtEntry> {
-    follow_seg(key, p.proto, &p.seg)
+pub fn follow(key: &CtKey, p: &Packet) -> Option<(CtEntry, Option<NhSlot>)> {
+    follow_inner(key, p.proto, &p.seg)
 }
 
 /// `follow` for any program type: the four-tuple's key, its protocol and (TCP) its segment.
 #[inline(always)]
 pub fn follow_seg(key: &CtKey, l4: u8, seg: &Seg) -> Option<CtEntry> {
+    follow_inner(key, l4, seg).map(|(e, _)| e)
+}
+
+#[inline(always)]
+fn follow_inner(key: &CtKey, l4: u8, seg: &Seg) -> Option<(CtEntry, Option<NhSlot>)> {
     let (ptr, unconfirmed) = lookup_ptr(key)?;
     // SAFETY: the LRU value stays valid for the program's run; copied out at once.
     let e = unsafe { *ptr };
@@ -96,7 +106,7 @@ pub fn follow_seg(key: &CtKey, l4: u8, seg: &Seg) -> Option<CtEntry> {
                 set_state(key, ptr, &e, ct_state::UDP_REPLIED);
             }
         }
-        return Some(e);
+        return Some((e, slot(ptr, unconfirmed, now)));
     }
     let syn_only = seg.has(seg_flags::SYN) && !seg.has(seg_flags::ACK);
     if !reply && syn_only && !open(e.state) {
@@ -128,7 +138,22 @@ pub fn follow_seg(key: &CtKey, l4: u8, seg: &Seg) -> Option<CtEntry> {
     } else if state != e.state {
         set_state(key, ptr, &e, state);
     }
-    Some(e)
+    Some((e, slot(ptr, unconfirmed, now)))
+}
+
+/// The next-hop slot of a confirmed flow's entry (see `follow`).
+#[inline(always)]
+fn slot(ptr: *mut CtEntry, unconfirmed: bool, now: u32) -> Option<NhSlot> {
+    if unconfirmed {
+        return None;
+    }
+    // `ptr` is the `e` of a conntrack value, its first field (`repr(C)`): the value starts
+    // there.
+    let value = ptr.cast::<CtValue>();
+    // SAFETY: the LRU value stays valid for the program's run; only the field's address is
+    // taken.
+    let nh = unsafe { core::ptr::addr_of_mut!((*value).nh) };
+    Some(NhSlot { nh, now })
 }
 
 /// Whether a SYN from the client on this flow is part of it (an open connection: forwarded as
@@ -174,8 +199,7 @@ fn next_state(key: &CtKey, e: &CtEntry, seg: &Seg, reply: bool, in_window: bool)
         }
         // The client acknowledges exactly the backend's SYN-ACK.
         ct_state::TCP_SYN_RECV if !reply && seg.has(seg_flags::ACK) => {
-            let (pk, _) = partner(key, e);
-            match lookup(&pk) {
+            match lookup(&e.partner_key(key)) {
                 Some((r, _)) if r.flags & ct_flags::SEQ_KNOWN != 0 && r.seq_next == seg.ack => {
                     ct_state::TCP_ESTABLISHED
                 }
@@ -198,8 +222,7 @@ fn refused_syn(key: &CtKey, e: &CtEntry, seg: &Seg, reply: bool) -> bool {
     if !reply || e.state != ct_state::TCP_SYN_SENT || !seg.has(seg_flags::ACK) {
         return false;
     }
-    let (pk, _) = partner(key, e);
-    matches!(lookup(&pk), Some((o, _)) if o.flags & ct_flags::SEQ_KNOWN != 0 && o.seq_next == seg.ack)
+    matches!(lookup(&e.partner_key(key)), Some((o, _)) if o.flags & ct_flags::SEQ_KNOWN != 0 && o.seq_next == seg.ack)
 }
 
 /// Writes a packet's refresh into its own entry: last-seen time and the sender's sequence
@@ -226,8 +249,7 @@ fn refresh(ptr: *mut CtEntry, e: &CtEntry, now: u32, flags: u16, seq_next: u32) 
 fn set_state(key: &CtKey, ptr: *mut CtEntry, e: &CtEntry, state: u8) {
     // SAFETY: the LRU values stay valid for the program's run.
     unsafe { (*ptr).state = state };
-    let (pk, _) = partner(key, e);
-    if let Some(r) = lookup_ptr(&pk).map(|(r, _)| r) {
+    if let Some(r) = lookup_ptr(&e.partner_key(key)).map(|(r, _)| r) {
         // SAFETY: as above.
         unsafe { (*r).state = state };
     }
@@ -237,8 +259,7 @@ fn set_state(key: &CtKey, ptr: *mut CtEntry, e: &CtEntry, state: u8) {
 /// is also past it by its other entry's (each direction refreshes its own entry only).
 #[inline(always)]
 pub fn flow_expired(key: &CtKey, e: &CtEntry, now: u32) -> bool {
-    let (pk, _) = partner(key, e);
-    match lookup(&pk) {
+    match lookup(&e.partner_key(key)) {
         Some((other, _)) => e.expired(other.last_seen_s, now),
         None => true,
     }
@@ -256,13 +277,13 @@ pub fn track_new(
     reply_key: &CtKey,
     reply: &CtEntry,
 ) -> Result<(), Refused> {
-    insert(&CONNTRACK_NEW, reply_key, reply)?;
-    insert(&CONNTRACK_NEW, key, entry)
+    insert(&CONNTRACK_NEW, reply_key, &CtValue::new(*reply))?;
+    insert(&CONNTRACK_NEW, key, &CtValue::new(*entry))
 }
 
 /// Inserts an entry into one tier; a refusal is counted (`XDP_DROP_CT_FULL`) and returned.
 #[inline(always)]
-fn insert(tier: &LruHashMap<CtKey, CtEntry>, key: &CtKey, e: &CtEntry) -> Result<(), Refused> {
+fn insert(tier: &LruHashMap<CtKey, CtValue>, key: &CtKey, e: &CtValue) -> Result<(), Refused> {
     tier.insert(key, e, 0).map_err(|_| {
         maps::count(counter::XDP_DROP_CT_FULL, 0);
         Refused
@@ -276,19 +297,21 @@ pub fn lookup(key: &CtKey) -> Option<(CtEntry, bool)> {
     // SAFETY: copied out at once.
     lookup_ptr(key).map(|(p, u)| (unsafe { *p }, u))
 }
-
 #[inline(always)]
 fn lookup_ptr(key: &CtKey) -> Option<(*mut CtEntry, bool)> {
+    // The entry is the value's first field: the value's address is the entry's.
     if let Some(p) = CONNTRACK.get_ptr_mut(key) {
-        return Some((p, false));
+        return Some((p.cast::<CtEntry>(), false));
     }
-    CONNTRACK_NEW.get_ptr_mut(key).map(|p| (p, true))
+    CONNTRACK_NEW
+        .get_ptr_mut(key)
+        .map(|p| (p.cast::<CtEntry>(), true))
 }
 
 /// Removes a flow's entries (both directions, both tiers).
 #[inline(always)]
 pub fn forget(key: &CtKey, e: &CtEntry) {
-    let (pk, _) = partner(key, e);
+    let pk = e.partner_key(key);
     for k in [key, &pk] {
         // Each entry sits in one tier at most (or none, evicted): the other removal finds
         // nothing, which is no error here.
@@ -297,27 +320,21 @@ pub fn forget(key: &CtKey, e: &CtEntry) {
     }
 }
 
-/// The entry of the opposite direction (`CtEntry::partner`).
-#[inline(always)]
-fn partner(key: &CtKey, e: &CtEntry) -> (CtKey, CtEntry) {
-    e.partner(key)
-}
-
 /// Moves a confirmed flow (both directions) from the new-flow map to the established one, with
 /// `e` (the packet's own entry, its new state included) as the new value under `key`. When the
 /// established map refuses (counted by `insert`), the flow stays unconfirmed where it is and
 /// works on, in its new state; its next packet tries again.
 #[inline(always)]
 pub fn confirm(key: &CtKey, e: &CtEntry, now: u32) {
-    let (pk, computed) = partner(key, e);
+    let (pk, computed) = e.partner(key);
     // SAFETY: copied out at once.
-    let mut pv = unsafe { CONNTRACK_NEW.get(pk).copied() }.unwrap_or(computed);
+    let mut pv = unsafe { CONNTRACK_NEW.get(pk).map(|v| v.e) }.unwrap_or(computed);
     pv.last_seen_s = now;
     pv.state = e.state;
     let mut v = *e;
     v.last_seen_s = now;
-    let moved = insert(&CONNTRACK, &pk, &pv).is_ok()
-        && match insert(&CONNTRACK, key, &v) {
+    let moved = insert(&CONNTRACK, &pk, &CtValue::new(pv)).is_ok()
+        && match insert(&CONNTRACK, key, &CtValue::new(v)) {
             Ok(()) => true,
             Err(Refused) => {
                 // Undo the first move, so that the flow stays whole in the new-flow tier.
@@ -331,7 +348,7 @@ pub fn confirm(key: &CtKey, e: &CtEntry, now: u32) {
         for (k, val) in [(key, &v), (&pk, &pv)] {
             if let Some(p) = CONNTRACK_NEW.get_ptr_mut(k) {
                 // SAFETY: the LRU value stays valid for the program's run.
-                unsafe { (*p).state = val.state };
+                unsafe { (*p).e.state = val.state };
             }
         }
         return;

@@ -32,7 +32,8 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
     bounds::Bounds,
-    forward, maps, nat,
+    forward::{self, NhSlot},
+    maps, nat,
     parse::{ptr_at, Ipv4, Packet},
 };
 
@@ -52,6 +53,12 @@ pub trait Hook: Bounds {
     /// Sends a translated packet on (the stack for local backends and unknown routes);
     /// returns the verdict. `l3`'s pointers may be stale on tc (see the module doc).
     fn forward(&self, l3: &Ipv4, to_local_backend: bool) -> u32;
+    /// `forward` for a packet of a confirmed flow, with the flow's next-hop slot (forward.rs).
+    /// tc has no use for it: `bpf_redirect_neigh` resolves the next hop itself.
+    fn forward_flow(&self, l3: &Ipv4, to_local_backend: bool, slot: Option<NhSlot>) -> u32 {
+        let _ = slot;
+        self.forward(l3, to_local_backend)
+    }
     /// Reshapes the frame for an ICMP error quoting the first `quote` bytes of its IPv4
     /// packet: the Ethernet header, [`ICMP_ROOM`] bytes to write, the quote, nothing
     /// after it; all of it directly writable. `Err`: the frame may be cut and must not leave.
@@ -67,7 +74,12 @@ impl Hook for XdpContext {
 
     #[inline(always)]
     fn forward(&self, l3: &Ipv4, to_local_backend: bool) -> u32 {
-        forward::forward(self, l3, to_local_backend)
+        forward::forward(self, l3, to_local_backend, None)
+    }
+
+    #[inline(always)]
+    fn forward_flow(&self, l3: &Ipv4, to_local_backend: bool, slot: Option<NhSlot>) -> u32 {
+        forward::forward(self, l3, to_local_backend, slot)
     }
 
     #[inline(always)]

@@ -4,7 +4,7 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
-    limits, AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, FragKey,
+    limits, AffinityKey, AffinityValue, Backend, Config, Counter, CtKey, CtValue, FragKey,
     FragPorts, FrontendSlot, FrontendSlotKey, MaglevChunk, MaglevKey, MemberKey, RevNat,
     ServiceCounters, ServiceName, SockFlow, SockKey, SockRevNat, SourceRangeKey, MAGLEV_CHUNK,
 };
@@ -29,11 +29,11 @@ pub static SOCK_REV_NAT: LruHashMap<SockKey, SockRevNat> =
 #[map(name = "lb_sk_flow_v1")]
 pub static SOCK_FLOW: LruHashMap<SockKey, SockFlow> = LruHashMap::pinned(limits::SOCK_FLOW, 0);
 
-#[map(name = "lb_ct_v3")]
-pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(limits::CONNTRACK, 0);
+#[map(name = "lb_ct_v4")]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(limits::CONNTRACK, 0);
 
-#[map(name = "lb_ct_new_v2")]
-pub static CONNTRACK_NEW: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(limits::CONNTRACK_NEW, 0);
+#[map(name = "lb_ct_new_v3")]
+pub static CONNTRACK_NEW: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(limits::CONNTRACK_NEW, 0);
 
 #[map(name = "lb_frag_v1")]
 pub static FRAGMENTS: LruHashMap<FragKey, FragPorts> = LruHashMap::pinned(limits::FRAGMENTS, 0);
@@ -65,6 +65,11 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> = LpmTrie::pinned(limits:
 
 #[map(name = "lb_config_v2")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+/// The route generation (`map_name::ROUTE_GEN`), moved on by the agent whenever a route,
+/// address, link or neighbour changes: cached next hops of another generation are stale.
+#[map(name = "lb_route_gen_v1")]
+pub static ROUTE_GEN: Array<u32> = Array::pinned(1, 0);
 
 /// This CPU's ICMP port unreachable answers in the current second (reject.rs).
 #[repr(C)]
@@ -112,6 +117,13 @@ pub fn config() -> Option<&'static Config> {
     CONFIG.get(0).filter(|c| c.ready != 0)
 }
 
+/// The current route generation (0 until an agent sets one: cached next hops then only live
+/// for `limits::NEXT_HOP_REVALIDATE_S`).
+#[inline(always)]
+pub fn route_gen() -> u32 {
+    ROUTE_GEN.get(0).copied().unwrap_or(0)
+}
+
 /// Entry `hash % M` of a master's Maglev table: the backend id a new flow with this hash gets.
 #[inline(always)]
 pub fn maglev(master: &FrontendSlot, hash: u32) -> Option<u32> {
@@ -151,6 +163,19 @@ pub enum ServiceEvent {
     DropNoBackend,
     DropOther,
     DropSourceRange,
+}
+
+/// Adds a packet to the Service port's per-CPU counters when it has them already (its flow's
+/// first packet created them): one lookup and no insert path on the established path.
+#[inline(always)]
+pub fn count_service_packet(svc_port_id: u32, len: u64) {
+    if let Some(c) = SERVICE_STATS.get_ptr_mut(svc_port_id) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += len;
+        }
+    }
 }
 
 /// Adds an event to the Service port's per-CPU counters.

@@ -14,7 +14,9 @@ use lb_common::{
 };
 
 use crate::{
-    affinity, clock, ct, frag, frontend,
+    affinity, clock, ct,
+    forward::NhSlot,
+    frag, frontend,
     hook::Hook,
     icmp,
     maps::{self, ServiceEvent},
@@ -50,20 +52,27 @@ pub fn run<H: Hook>(ctx: &H) -> Result<u32, Stop> {
     };
     let key = ct::key(&p);
     let verdict = match ct::follow(&key, &p) {
-        Some(e) => {
+        Some((e, slot)) => {
             if l3.frag == Frag::First {
                 frag::remember(&l3, &p);
             }
-            known_flow(ctx, &p, &e, len)?
+            known_flow(ctx, &p, &e, slot, len)?
         }
         None => new_flow(ctx, &p, &key, len)?,
     };
     Ok(verdict)
 }
 
-/// A packet of a tracked flow, in either direction: translated with its entry.
+/// A packet of a tracked flow, in either direction: translated with its entry, forwarded with
+/// its cached next hop when the flow is confirmed.
 #[inline(always)]
-fn known_flow<H: Hook>(ctx: &H, p: &Packet, e: &CtEntry, len: u64) -> Result<u32, Stop> {
+fn known_flow<H: Hook>(
+    ctx: &H,
+    p: &Packet,
+    e: &CtEntry,
+    slot: Option<NhSlot>,
+    len: u64,
+) -> Result<u32, Stop> {
     ctx.rewrite(p, e)
         .map_err(|_| Stop::drop_other(counter::TC_ERROR, e.svc_port_id))?;
     let reply = e.flags & ct_flags::REPLY != 0;
@@ -72,8 +81,12 @@ fn known_flow<H: Hook>(ctx: &H, p: &Packet, e: &CtEntry, len: u64) -> Result<u32
     } else {
         maps::count(counter::XDP_ESTABLISHED, len);
     }
-    maps::count_service(e.svc_port_id, ServiceEvent::Packet(len));
-    Ok(ctx.forward(&p.l3, !reply && e.flags & ct_flags::LOCAL_BACKEND != 0))
+    maps::count_service_packet(e.svc_port_id, len);
+    Ok(ctx.forward_flow(
+        &p.l3,
+        !reply && e.flags & ct_flags::LOCAL_BACKEND != 0,
+        slot,
+    ))
 }
 
 /// The first packet of a flow (as far as the conntrack knows): to a frontend's backend, tracked

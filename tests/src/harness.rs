@@ -15,7 +15,8 @@ use aya::{
     Pod,
 };
 use lb_common::{
-    map_name, program_name, AffinityKey, AffinityValue, BenchFrame, Config, Counter, CtEntry, CtKey,
+    map_name, program_name, AffinityKey, AffinityValue, BenchFrame, Config, Counter, CtEntry,
+    CtKey, CtValue, NextHop,
 };
 
 use lb_userspace::{
@@ -213,8 +214,11 @@ impl XdpHarness {
                 .ebpf
                 .map(name)
                 .ok_or_else(|| anyhow!("no map {name}"))?;
-            let ct: HashMap<&MapData, CtKey, CtEntry> = HashMap::try_from(map)?;
-            Ok(ct.iter().collect::<Result<Vec<_>, _>>()?)
+            let ct: HashMap<&MapData, CtKey, CtValue> = HashMap::try_from(map)?;
+            Ok(ct
+                .iter()
+                .map(|kv| kv.map(|(k, v)| (k, v.e)))
+                .collect::<Result<Vec<_>, _>>()?)
         };
         Ok((read(map_name::CONNTRACK)?, read(map_name::CONNTRACK_NEW)?))
     }
@@ -226,7 +230,7 @@ impl XdpHarness {
                 .ebpf
                 .map_mut(name)
                 .ok_or_else(|| anyhow!("no map {name}"))?;
-            let mut ct: HashMap<&mut MapData, CtKey, CtEntry> = HashMap::try_from(map)?;
+            let mut ct: HashMap<&mut MapData, CtKey, CtValue> = HashMap::try_from(map)?;
             let _ = ct.remove(key);
         }
         Ok(())
@@ -240,11 +244,11 @@ impl XdpHarness {
                 .ebpf
                 .map_mut(name)
                 .ok_or_else(|| anyhow!("no map {name}"))?;
-            let mut ct: HashMap<&mut MapData, CtKey, CtEntry> = HashMap::try_from(map)?;
+            let mut ct: HashMap<&mut MapData, CtKey, CtValue> = HashMap::try_from(map)?;
             let all = ct.iter().collect::<Result<Vec<_>, _>>()?;
-            for (k, mut e) in all {
-                e.last_seen_s = e.last_seen_s.wrapping_sub(secs);
-                ct.insert(k, e, 0)?;
+            for (k, mut v) in all {
+                v.e.last_seen_s = v.e.last_seen_s.wrapping_sub(secs);
+                ct.insert(k, v, 0)?;
             }
         }
         Ok(())
@@ -256,8 +260,61 @@ impl XdpHarness {
             .ebpf
             .map_mut(map_name::CONNTRACK)
             .ok_or_else(|| anyhow!("no conntrack map"))?;
-        let mut ct: HashMap<&mut MapData, CtKey, CtEntry> = HashMap::try_from(map)?;
-        ct.insert(key, entry, 0)?;
+        let mut ct: HashMap<&mut MapData, CtKey, CtValue> = HashMap::try_from(map)?;
+        ct.insert(key, CtValue::new(*entry), 0)?;
+        Ok(())
+    }
+
+    /// The next hop cached in a conntrack entry (either tier).
+    pub fn conntrack_next_hop(&self, key: &CtKey) -> Result<Option<NextHop>> {
+        for name in [map_name::CONNTRACK, map_name::CONNTRACK_NEW] {
+            let map = self
+                .ebpf
+                .map(name)
+                .ok_or_else(|| anyhow!("no map {name}"))?;
+            let ct: HashMap<&MapData, CtKey, CtValue> = HashMap::try_from(map)?;
+            if let Ok(v) = ct.get(key, 0) {
+                return Ok(Some(v.nh));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Rewrites the next hop cached in a conntrack entry (either tier), e.g. to make it older.
+    pub fn conntrack_set_next_hop(&mut self, key: &CtKey, nh: NextHop) -> Result<()> {
+        for name in [map_name::CONNTRACK, map_name::CONNTRACK_NEW] {
+            let map = self
+                .ebpf
+                .map_mut(name)
+                .ok_or_else(|| anyhow!("no map {name}"))?;
+            let mut ct: HashMap<&mut MapData, CtKey, CtValue> = HashMap::try_from(map)?;
+            if let Ok(mut v) = ct.get(key, 0) {
+                v.nh = nh;
+                ct.insert(key, v, 0)?;
+                return Ok(());
+            }
+        }
+        Err(anyhow!("no conntrack entry for {key:?}"))
+    }
+
+    /// The route generation (`map_name::ROUTE_GEN`).
+    pub fn route_gen(&self) -> Result<u32> {
+        let map = self
+            .ebpf
+            .map(map_name::ROUTE_GEN)
+            .ok_or_else(|| anyhow!("no map {}", map_name::ROUTE_GEN))?;
+        let a: aya::maps::Array<&MapData, u32> = aya::maps::Array::try_from(map)?;
+        Ok(a.get(&0, 0)?)
+    }
+
+    /// Sets the route generation (`map_name::ROUTE_GEN`), as the agent's route monitor does.
+    pub fn set_route_gen(&mut self, gen: u32) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(map_name::ROUTE_GEN)
+            .ok_or_else(|| anyhow!("no map {}", map_name::ROUTE_GEN))?;
+        let mut a: aya::maps::Array<&mut MapData, u32> = aya::maps::Array::try_from(map)?;
+        a.set(0, gen, 0)?;
         Ok(())
     }
 

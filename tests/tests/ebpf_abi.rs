@@ -8,8 +8,8 @@ use std::{
 
 use aya_obj::{maps::PinningType, Object};
 use lb_common::{
-    counter, map_name, AffinityKey, AffinityValue, Backend, BenchFrame, Config, Counter, CtEntry,
-    CtKey, FrontendSlot, FrontendSlotKey, MaglevChunk, MaglevKey, MemberKey, RevNat,
+    counter, map_name, AffinityKey, AffinityValue, Backend, BenchFrame, Config, Counter, CtKey,
+    CtValue, FrontendSlot, FrontendSlotKey, MaglevChunk, MaglevKey, MemberKey, RevNat,
     ServiceCounters, ServiceName, SockFlow, SockKey, SockRevNat,
 };
 
@@ -129,11 +129,12 @@ fn map_layouts_of_the_object_are_lb_common_types() {
         ),
         (map_name::SOCK_FLOW, (size::<SockKey>(), size::<SockFlow>())),
         (map_name::STATS, (size::<u32>(), size::<Counter>())),
-        (map_name::CONNTRACK, (size::<CtKey>(), size::<CtEntry>())),
+        (map_name::CONNTRACK, (size::<CtKey>(), size::<CtValue>())),
         (
             map_name::CONNTRACK_NEW,
-            (size::<CtKey>(), size::<CtEntry>()),
+            (size::<CtKey>(), size::<CtValue>()),
         ),
+        (map_name::ROUTE_GEN, (size::<u32>(), size::<u32>())),
         (
             map_name::MAGLEV,
             (size::<MaglevKey>(), size::<MaglevChunk>()),

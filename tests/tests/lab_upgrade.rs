@@ -14,7 +14,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use lb_common::{ct_flags, ct_state, map_name, CtEntry, CtKey};
+use lb_common::{ct_flags, ct_state, map_name, CtEntry, CtKey, CtValue};
 use lb_tests::{lab::bin_path, legacy, on_both_variants, scenario::start_example_on, Variant};
 use lb_userspace::dataplane::migrate::CtEntryV2;
 
@@ -32,20 +32,24 @@ fn upgrade_from_an_older_layout_loses_nothing(v: Variant) {
 
     // The conntrack as the current layout holds it.
     let open = |name: &str| MapData::from_pin(bpffs.join(name)).unwrap();
-    let ct: HashMap<MapData, CtKey, CtEntry> =
+    let ct: HashMap<MapData, CtKey, CtValue> =
         HashMap::try_from(Map::LruHashMap(open(map_name::CONNTRACK))).unwrap();
-    let before: std::collections::HashMap<CtKey, CtEntry> =
-        ct.iter().map(|kv| kv.unwrap()).collect();
+    let before: std::collections::HashMap<CtKey, CtEntry> = ct
+        .iter()
+        .map(|kv| kv.map(|(k, v)| (k, v.e)).unwrap())
+        .collect();
     assert!(
         !before.is_empty(),
         "the held connection has conntrack entries"
     );
     drop(ct);
     // The unconfirmed tier, as it is (often empty once the held connection is confirmed).
-    let new_tier: HashMap<MapData, CtKey, CtEntry> =
+    let new_tier: HashMap<MapData, CtKey, CtValue> =
         HashMap::try_from(Map::LruHashMap(open(map_name::CONNTRACK_NEW))).unwrap();
-    let before_new: std::collections::HashMap<CtKey, CtEntry> =
-        new_tier.iter().map(|kv| kv.unwrap()).collect();
+    let before_new: std::collections::HashMap<CtKey, CtEntry> = new_tier
+        .iter()
+        .map(|kv| kv.map(|(k, v)| (k, v.e)).unwrap())
+        .collect();
     drop(new_tier);
 
     // The previous layout's pins (v2 values: no state, no sequence). The attached programs keep
@@ -148,8 +152,8 @@ fn upgrade_from_an_older_layout_loses_nothing(v: Variant) {
 
     let log = again.log();
     for (old, new) in [
-        ("lb_ct_v2", "lb_ct_v3"),
-        ("lb_ct_new_v1", "lb_ct_new_v2"),
+        ("lb_ct_v2", "lb_ct_v4"),
+        ("lb_ct_new_v1", "lb_ct_new_v3"),
         ("lb_stats_v2", "lb_stats_v5"),
     ] {
         let want =
@@ -163,16 +167,18 @@ fn upgrade_from_an_older_layout_loses_nothing(v: Variant) {
         "{log}"
     );
     let want = format!(
-        "migrated {} entries of lb_ct_v2 into lb_ct_v3",
+        "migrated {} entries of lb_ct_v2 into lb_ct_v4",
         before.len()
     );
     assert!(log.contains(&want), "expected `{want}` in\n{log}");
     // Every converted entry is in the new conntrack as it was, in the state its tier and
     // protocol give (the held TCP connection: established), without a known sequence.
-    let ct: HashMap<MapData, CtKey, CtEntry> =
+    let ct: HashMap<MapData, CtKey, CtValue> =
         HashMap::try_from(Map::LruHashMap(open(map_name::CONNTRACK))).unwrap();
-    let after: std::collections::HashMap<CtKey, CtEntry> =
-        ct.iter().map(|kv| kv.unwrap()).collect();
+    let after: std::collections::HashMap<CtKey, CtEntry> = ct
+        .iter()
+        .map(|kv| kv.map(|(k, v)| (k, v.e)).unwrap())
+        .collect();
     for (k, e) in &before {
         let got = after
             .get(k)

@@ -509,7 +509,7 @@ pub struct MapSizeArgs {
     /// Maglev table chunks: lb_maglev_v1.
     #[arg(long, env = "LB_AGENT_MAP_MAGLEV_CHUNKS", default_value_t = lb_common::limits::MAGLEV_CHUNKS, value_parser = parse_map_size)]
     pub map_maglev_chunks: u32,
-    /// Confirmed conntrack (LRU, two per north-south flow): lb_ct_v3. Default: two per flow
+    /// Confirmed conntrack (LRU, two per north-south flow): lb_ct_v4. Default: two per flow
     /// of kube-proxy's sizing, max(--conntrack-max-per-core x CPUs, --conntrack-min).
     #[arg(long, env = "LB_AGENT_MAP_CONNTRACK", value_parser = parse_map_size)]
     pub map_conntrack: Option<u32>,
@@ -520,7 +520,7 @@ pub struct MapSizeArgs {
     /// Least flows for the default --map-conntrack (kube-proxy's conntrack.min).
     #[arg(long, default_value_t = DEFAULT_CT_MIN)]
     pub conntrack_min: u32,
-    /// Unconfirmed conntrack (LRU, two per flow until confirmed): lb_ct_new_v2.
+    /// Unconfirmed conntrack (LRU, two per flow until confirmed): lb_ct_new_v3.
     #[arg(long, env = "LB_AGENT_MAP_CONNTRACK_NEW", default_value_t = lb_common::limits::CONNTRACK_NEW, value_parser = parse_map_size)]
     pub map_conntrack_new: u32,
     /// Session affinity records (LRU): lb_affinity_v1.

@@ -24,6 +24,7 @@ pub mod kube_proxy;
 pub mod lost;
 pub mod metrics;
 pub mod preflight;
+pub mod routes;
 
 use std::{
     collections::BTreeSet,
@@ -142,6 +143,9 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let mut changes = changes::ChangeTracker::default();
     let mut pending_triggers: Vec<std::time::SystemTime> = Vec::new();
     let mut deferred_before: Vec<String> = Vec::new();
+    // Cached next hops of the XDP path go stale with every routing change (routes.rs).
+    let route_gen = routes::RouteGen::open(&cfg.bpffs)?;
+    routes::spawn(route_gen.clone(), stop.clone())?;
     spawn_ct_gc(
         CtTiers::from_ebpf(&ebpf)?,
         cfg.ct_gc_interval,
@@ -337,6 +341,8 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                     if let Some(c) = dp_config.as_mut() {
                         desired::set_xdp_devices(c, &xdp_ifindexes);
                         syncer.set_config(c)?;
+                        // Redirect targets changed: cached next hops are looked up again.
+                        route_gen.bump()?;
                     }
                     ops.device_hooks(hooks.iter().map(|(d, c)| (d.as_str(), c.hook)));
                     attached = true;

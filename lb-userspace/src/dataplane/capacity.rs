@@ -37,9 +37,9 @@ pub struct MapSizes {
     pub service_ports: u32,
     /// Maglev table chunks (`lb_maglev_v1`).
     pub maglev_chunks: u32,
-    /// Confirmed conntrack (`lb_ct_v3`, LRU): two per north-south flow.
+    /// Confirmed conntrack (`lb_ct_v4`, LRU): two per north-south flow.
     pub conntrack: u32,
-    /// Unconfirmed conntrack (`lb_ct_new_v2`, LRU): two per flow before its confirmation.
+    /// Unconfirmed conntrack (`lb_ct_new_v3`, LRU): two per flow before its confirmation.
     pub conntrack_new: u32,
     /// Session affinity records (`lb_affinity_v1`, LRU).
     pub affinity: u32,
@@ -179,14 +179,14 @@ pub fn size_flags() -> [(&'static str, &'static str, usize, usize, u32); 14] {
             "--map-conntrack",
             map_name::CONNTRACK,
             sz::<CtKey>(),
-            sz::<CtEntry>(),
+            sz::<CtValue>(),
             d.conntrack,
         ),
         (
             "--map-conntrack-new",
             map_name::CONNTRACK_NEW,
             sz::<CtKey>(),
-            sz::<CtEntry>(),
+            sz::<CtValue>(),
             d.conntrack_new,
         ),
         (

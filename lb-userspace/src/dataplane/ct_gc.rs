@@ -26,7 +26,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::MapData;
-use lb_common::{map_name, proto, CtEntry, CtKey};
+use lb_common::{map_name, proto, CtEntry, CtKey, CtValue};
 
 use super::bpf_sys;
 
@@ -67,14 +67,14 @@ impl CtTiers {
 
     /// Writes an entry into one tier (tests and benchmarks stage flows with it).
     pub fn insert(&self, key: &CtKey, e: &CtEntry, t: Tier) -> Result<()> {
-        Ok(bpf_sys::update(self.fd(t), key, e, 0)?)
+        Ok(bpf_sys::update(self.fd(t), key, &CtValue::new(*e), 0)?)
     }
 
     /// Every entry of one tier.
     pub fn entries(&self, t: Tier) -> Result<Vec<(CtKey, CtEntry)>> {
         let mut out = Vec::new();
-        bpf_sys::for_each_batch::<CtKey, CtEntry>(self.fd(t), |k, v| {
-            out.extend(k.iter().copied().zip(v.iter().copied()))
+        bpf_sys::for_each_batch::<CtKey, CtValue>(self.fd(t), |k, v| {
+            out.extend(k.iter().copied().zip(v.iter().map(|v| v.e)))
         })?;
         Ok(out)
     }
@@ -86,7 +86,7 @@ impl CtTiers {
             bpf_sys::create_map(
                 bpf_sys::MAP_TYPE_LRU_HASH,
                 std::mem::size_of::<CtKey>() as u32,
-                std::mem::size_of::<CtEntry>() as u32,
+                std::mem::size_of::<CtValue>() as u32,
                 n,
                 name,
             )
@@ -122,8 +122,8 @@ impl CtTiers {
             Tier::New => Tier::Established,
         };
         for t in [first, other] {
-            if let Some(e) = bpf_sys::lookup::<CtKey, CtEntry>(self.fd(t), key)? {
-                return Ok(Some((e, t)));
+            if let Some(v) = bpf_sys::lookup::<CtKey, CtValue>(self.fd(t), key)? {
+                return Ok(Some((v.e, t)));
             }
         }
         Ok(None)
@@ -213,8 +213,8 @@ pub fn sweep(t: &CtTiers, now_s: u32) -> Result<SweepStats> {
     let mut candidates: HashMap<CtKey, (CtEntry, Tier), KeyHash> = HashMap::default();
     let mut seen = [0u64; 2];
     for (i, tier) in [Tier::Established, Tier::New].into_iter().enumerate() {
-        seen[i] = bpf_sys::for_each_batch::<CtKey, CtEntry>(t.fd(tier), |keys, values| {
-            for (k, v) in keys.iter().zip(values) {
+        seen[i] = bpf_sys::for_each_batch::<CtKey, CtValue>(t.fd(tier), |keys, values| {
+            for (k, CtValue { e: v, .. }) in keys.iter().zip(values) {
                 if v.expired(v.last_seen_s, now_s) {
                     candidates.insert(*k, (*v, tier));
                 }
@@ -259,8 +259,8 @@ pub fn sweep(t: &CtTiers, now_s: u32) -> Result<SweepStats> {
     // the delete finds no entry and starts the flow again, see the module doc.)
     let mut still: HashSet<CtKey, KeyHash> = HashSet::default();
     for tier in [Tier::Established, Tier::New] {
-        bpf_sys::for_each_batch::<CtKey, CtEntry>(t.fd(tier), |keys, values| {
-            for (k, v) in keys.iter().zip(values) {
+        bpf_sys::for_each_batch::<CtKey, CtValue>(t.fd(tier), |keys, values| {
+            for (k, CtValue { e: v, .. }) in keys.iter().zip(values) {
                 if done.contains(k) && v.expired(v.last_seen_s, now_s) {
                     still.insert(*k);
                 }
@@ -303,8 +303,8 @@ pub fn flush_udp(t: &CtTiers, gone: &BTreeSet<(u32, u32)>) -> Result<u64> {
     let mut removed = 0;
     for tier in [Tier::Established, Tier::New] {
         let mut doomed = Vec::new();
-        bpf_sys::for_each_batch::<CtKey, CtEntry>(t.fd(tier), |keys, values| {
-            for (k, v) in keys.iter().zip(values) {
+        bpf_sys::for_each_batch::<CtKey, CtValue>(t.fd(tier), |keys, values| {
+            for (k, CtValue { e: v, .. }) in keys.iter().zip(values) {
                 if k.proto == proto::UDP && gone.contains(&(v.svc_port_id, v.backend_id)) {
                     doomed.push(*k);
                 }

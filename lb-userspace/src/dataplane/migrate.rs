@@ -20,11 +20,14 @@
 //!   `V2_CLOSED_FAST`). Converted to v3 (`lb_ct_v3`, `lb_ct_new_v2`) with a state derived from
 //!   the tier, the protocol and the reply entry's flags (see [`state_of_v2`]), the same on both
 //!   entries of a flow; no sequence number is known yet (`seq_next` 0, no `SEQ_KNOWN`).
+//! - `lb_ct_v3` (established) and `lb_ct_new_v2` (unconfirmed): the v3 value is today's
+//!   `CtEntry` alone; v4 (`lb_ct_v4`, `lb_ct_new_v3`) adds the cached next hop (`CtValue`), which
+//!   starts empty (the flow's next packet looks it up). v1 and v2 entries go through v3.
 use std::{collections::HashMap, fs, path::Path};
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use lb_common::{ct_flags, ct_state, map_name, proto, CtEntry, CtKey};
+use lb_common::{ct_flags, ct_state, map_name, proto, CtEntry, CtKey, CtValue};
 
 use super::{
     ct_gc::Tier,
@@ -82,17 +85,27 @@ pub struct Copied {
 const BPF_NOEXIST: u64 = 1;
 
 /// The old conntrack maps this module converts: (pinned name, layout, tier it goes to).
-const KNOWN: [(&str, u8, Tier); 3] = [
+const KNOWN: [(&str, u8, Tier); 5] = [
     ("lb_ct_v1", 1, Tier::Established),
     ("lb_ct_v2", 2, Tier::Established),
     ("lb_ct_new_v1", 2, Tier::New),
+    ("lb_ct_v3", 3, Tier::Established),
+    ("lb_ct_new_v2", 3, Tier::New),
 ];
 
-/// The entries of one old conntrack map, in the v2 layout.
-type OldEntries = Vec<(CtKey, CtEntryV2)>;
+/// An old conntrack value: v1 and v2 in the v2 layout (their flow state is derived when they
+/// are written), v3 as it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OldEntry {
+    V2(CtEntryV2),
+    V3(CtEntry),
+}
 
-/// What earlier passes copied: (old map, key) -> the old value (in the v2 layout).
-pub type Seen = HashMap<(String, CtKey), CtEntryV2>;
+/// The entries of one old conntrack map.
+type OldEntries = Vec<(CtKey, OldEntry)>;
+
+/// What earlier passes copied: (old map, key) -> the old value.
+pub type Seen = HashMap<(String, CtKey), OldEntry>;
 
 /// Converts the state of every old map this module knows into its current map under `bpffs`.
 /// `svc_port_of_rev_nat` maps a (rev-NAT id, protocol) to its Service-port id, from the synced
@@ -122,29 +135,51 @@ pub fn copy_state(
                 o.path.display()
             )
         };
-        let entries: Vec<(CtKey, CtEntryV2)> = if *layout == 1 {
-            let from: BpfHashMap<MapData, CtKey, CtEntryV1> =
-                BpfHashMap::try_from(Map::LruHashMap(data)).with_context(bad)?;
-            from.iter()
-                .map(|kv| kv.map(|(k, v)| (k, convert_ct_v1(&v, k.proto, svc_port_of_rev_nat))))
-                .collect::<Result<_, _>>()?
-        } else {
-            let from: BpfHashMap<MapData, CtKey, CtEntryV2> =
-                BpfHashMap::try_from(Map::LruHashMap(data)).with_context(bad)?;
-            from.iter().collect::<Result<_, _>>()?
+        let entries: OldEntries = match *layout {
+            1 => {
+                let from: BpfHashMap<MapData, CtKey, CtEntryV1> =
+                    BpfHashMap::try_from(Map::LruHashMap(data)).with_context(bad)?;
+                from.iter()
+                    .map(|kv| {
+                        kv.map(|(k, v)| {
+                            let v2 = convert_ct_v1(&v, k.proto, svc_port_of_rev_nat);
+                            (k, OldEntry::V2(v2))
+                        })
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+            2 => {
+                let from: BpfHashMap<MapData, CtKey, CtEntryV2> =
+                    BpfHashMap::try_from(Map::LruHashMap(data)).with_context(bad)?;
+                from.iter()
+                    .map(|kv| kv.map(|(k, v)| (k, OldEntry::V2(v))))
+                    .collect::<Result<_, _>>()?
+            }
+            _ => {
+                let from: BpfHashMap<MapData, CtKey, CtEntry> =
+                    BpfHashMap::try_from(Map::LruHashMap(data)).with_context(bad)?;
+                from.iter()
+                    .map(|kv| kv.map(|(k, v)| (k, OldEntry::V3(v))))
+                    .collect::<Result<_, _>>()?
+            }
         };
         olds.push((o, *tier, entries));
     }
     if olds.is_empty() {
         return Ok(Vec::new());
     }
+    // The v2 entries of every old map: a v2 flow's state comes from its reply entry.
     let all: HashMap<CtKey, CtEntryV2> = olds
         .iter()
-        .flat_map(|(_, _, e)| e.iter().copied())
+        .flat_map(|(_, _, e)| e.iter())
+        .filter_map(|(k, v)| match v {
+            OldEntry::V2(v) => Some((*k, *v)),
+            OldEntry::V3(_) => None,
+        })
         .collect();
-    let mut est: BpfHashMap<MapData, CtKey, CtEntry> =
+    let mut est: BpfHashMap<MapData, CtKey, CtValue> =
         BpfHashMap::try_from(Map::LruHashMap(open_pinned(bpffs, map_name::CONNTRACK)?))?;
-    let mut new: BpfHashMap<MapData, CtKey, CtEntry> = BpfHashMap::try_from(Map::LruHashMap(
+    let mut new: BpfHashMap<MapData, CtKey, CtValue> = BpfHashMap::try_from(Map::LruHashMap(
         open_pinned(bpffs, map_name::CONNTRACK_NEW)?,
     ))?;
     let mut out = Vec::new();
@@ -159,18 +194,23 @@ pub fn copy_state(
                 kept += 1;
                 continue;
             }
-            let reply_flags = if v.flags & ct_flags::REPLY != 0 {
-                v.flags
-            } else {
-                all.get(&partner_key_v2(&k, &v))
-                    .map_or(v.flags, |p| p.flags)
+            let e = match v {
+                OldEntry::V3(e) => e,
+                OldEntry::V2(v) => {
+                    let reply_flags = if v.flags & ct_flags::REPLY != 0 {
+                        v.flags
+                    } else {
+                        all.get(&partner_key_v2(&k, &v))
+                            .map_or(v.flags, |p| p.flags)
+                    };
+                    convert_ct_v2(&v, state_of_v2(k.proto, tier, reply_flags))
+                }
             };
-            let e = convert_ct_v2(&v, state_of_v2(k.proto, tier, reply_flags));
             let to = match tier {
                 Tier::Established => &mut est,
                 Tier::New => &mut new,
             };
-            match to.insert(k, e, BPF_NOEXIST) {
+            match to.insert(k, CtValue::new(e), BPF_NOEXIST) {
                 Ok(()) => copied += 1,
                 Err(_) => kept += 1,
             }

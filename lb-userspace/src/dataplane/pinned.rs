@@ -62,7 +62,7 @@ pub struct OtherVersion {
     pub path: PathBuf,
     /// Its pinned name, e.g. `lb_ct_v1`.
     pub name: String,
-    /// This agent's name for the same map, e.g. `lb_ct_v3`.
+    /// This agent's name for the same map, e.g. `lb_ct_v4`.
     pub current: &'static str,
 }
 
@@ -291,8 +291,8 @@ mod tests {
         assert_eq!(
             found,
             vec![
-                ("lb_ct_v1".into(), "lb_ct_v3"),
-                ("lb_ct_v2".into(), "lb_ct_v3"),
+                ("lb_ct_v1".into(), "lb_ct_v4"),
+                ("lb_ct_v2".into(), "lb_ct_v4"),
                 ("lb_stats_v1".into(), "lb_stats_v5"),
                 ("lb_svc_v2".into(), "lb_svc_v3")
             ]

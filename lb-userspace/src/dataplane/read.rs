@@ -162,12 +162,16 @@ pub fn map_occupancy(bpffs: &Path) -> Result<Vec<MapOccupancy>> {
         },
         MapOccupancy {
             map: "conntrack",
-            entries: count_entries::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK, true)?,
+            entries: count_entries::<CtKey, lb_common::CtValue>(bpffs, map_name::CONNTRACK, true)?,
             capacity: sizes.conntrack as u64,
         },
         MapOccupancy {
             map: "conntrack_new",
-            entries: count_entries::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK_NEW, true)?,
+            entries: count_entries::<CtKey, lb_common::CtValue>(
+                bpffs,
+                map_name::CONNTRACK_NEW,
+                true,
+            )?,
             capacity: sizes.conntrack_new as u64,
         },
         MapOccupancy {
@@ -234,15 +238,15 @@ pub(crate) fn typed<K: aya::Pod, V: aya::Pod>(
 pub(crate) fn conntrack_all(
     bpffs: &Path,
 ) -> Result<Vec<(lb_common::CtKey, lb_common::CtEntry, &'static str)>> {
-    use lb_common::{CtEntry, CtKey};
-    let mut v: Vec<_> = typed::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK, true)?
+    use lb_common::{CtKey, CtValue};
+    let mut v: Vec<_> = typed::<CtKey, CtValue>(bpffs, map_name::CONNTRACK, true)?
         .into_iter()
-        .map(|(k, e)| (k, e, "established"))
+        .map(|(k, v)| (k, v.e, "established"))
         .collect();
     v.extend(
-        typed::<CtKey, CtEntry>(bpffs, map_name::CONNTRACK_NEW, true)?
+        typed::<CtKey, CtValue>(bpffs, map_name::CONNTRACK_NEW, true)?
             .into_iter()
-            .map(|(k, e)| (k, e, "new")),
+            .map(|(k, v)| (k, v.e, "new")),
     );
     Ok(v)
 }

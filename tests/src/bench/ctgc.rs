@@ -85,7 +85,8 @@ pub fn ct_gc_bench(scale: f64) -> Result<CtGcBench> {
     let mut n = 0u64;
     for tier in [Tier::Established, Tier::New] {
         let data: MapData = t.map_data(tier)?;
-        let m: HashMap<MapData, CtKey, CtEntry> = HashMap::try_from(Map::LruHashMap(data))?;
+        let m: HashMap<MapData, CtKey, lb_common::CtValue> =
+            HashMap::try_from(Map::LruHashMap(data))?;
         for kv in m.iter() {
             kv?;
             n += 1;

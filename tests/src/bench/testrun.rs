@@ -92,12 +92,17 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// A network namespace for the run, removed on drop.
-struct BenchNetns(String);
+/// A network namespace for the run, removed on drop: device `bench0` (192.168.100.1/24, a
+/// veth), routes to 10.244.0.0/16 (backends) and 198.18.0.0/15 (clients) via 192.168.100.2,
+/// a permanent neighbour entry 02:00:00:00:00:02 for it, forwarding on.
+pub struct BenchNetns(pub String);
 
 impl BenchNetns {
-    fn new() -> Result<Self> {
-        let name = format!("lbbench{}", std::process::id());
+    pub fn new() -> Result<Self> {
+        // One per call: tests of one process may each make one.
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("lbbench{}_{n}", std::process::id());
         let _ = crate::netns::run("ip", &["netns", "del", &name]);
         crate::netns::run("ip", &["netns", "add", &name])?;
         let ns = Self(name);
@@ -166,17 +171,27 @@ impl Drop for BenchNetns {
 /// Runs the whole measurement on a thread that entered the bench namespace.
 pub fn testrun_bench(repeats: u32, runs: usize) -> Result<TestRunBench> {
     let ns = BenchNetns::new()?;
-    let path = format!("/run/netns/{}", ns.0);
-    std::thread::spawn(move || -> Result<TestRunBench> {
-        let f = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
-        // SAFETY: setns on this thread only; the thread ends with the measurement.
-        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns {path}: {}", std::io::Error::last_os_error());
-        }
-        measure(repeats, runs)
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("benchmark thread panicked"))?
+    ns.run(move || measure(repeats, runs))
+}
+
+impl BenchNetns {
+    /// Runs `f` on a thread that entered this namespace (and ends with `f`).
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::spawn(move || -> Result<T> {
+            let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
+            // SAFETY: setns on this thread only; the thread ends with `f`.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns {path}: {}", std::io::Error::last_os_error());
+            }
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in the bench namespace panicked"))?
+    }
 }
 
 fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
@@ -233,7 +248,7 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
     };
     h.program(&Desired::from([(fe, d)]))?;
 
-    let ctx = xdp_md(ifindex);
+    let ctx = xdp_md(ifindex, BENCH_FRAME_LEN);
     // An established flow and its reply, created through the real program.
     let client = (CLIENT, 40000);
     // The handshake: SYN, the backend's SYN-ACK (sequence 4999, to the SNAT address), and the
@@ -323,6 +338,27 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
             verdicts[i] = verdict;
         }
     }
+    // A path that did not end as it should is reported with the counters that say why (the
+    // figures are then not what the path's description claims).
+    for (i, (name, _, _, _)) in cases.iter().enumerate() {
+        let want = if i < 2 { 2 } else { 3 };
+        if verdicts[i] != want {
+            let c = h.counters()?;
+            let why: Vec<String> = c
+                .iter()
+                .filter(|(n, v)| {
+                    v.packets > 0
+                        && (n.contains("drop") || n.contains("exhausted") || n.contains("full"))
+                })
+                .map(|(n, v)| format!("{n}={}", v.packets))
+                .collect();
+            eprintln!(
+                "lb-bench: {name} ended {}: {}",
+                XDP_NAMES.get(verdicts[i] as usize).copied().unwrap_or("?"),
+                why.join(" ")
+            );
+        }
+    }
     let floor = median(&mut floor_runs.clone());
     let paths: Vec<PathTiming> = cases
         .iter()
@@ -379,10 +415,10 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
     })
 }
 
-/// An `xdp_md` context naming `ifindex` as the ingress device.
-fn xdp_md(ifindex: u32) -> [u8; 24] {
+/// An `xdp_md` context naming `ifindex` as the ingress device, for a frame of `len` bytes.
+pub fn xdp_md(ifindex: u32, len: usize) -> [u8; 24] {
     let mut c = [0u8; 24];
-    c[4..8].copy_from_slice(&(BENCH_FRAME_LEN as u32).to_ne_bytes()); // data_end
+    c[4..8].copy_from_slice(&(len as u32).to_ne_bytes()); // data_end
     c[12..16].copy_from_slice(&ifindex.to_ne_bytes()); // ingress_ifindex
     c
 }
