@@ -17,6 +17,7 @@ use lb_common::{
 pub mod bpf_sys;
 pub mod capacity;
 pub mod crash;
+pub mod cycle;
 pub mod ct_gc;
 pub mod fake;
 mod ids;

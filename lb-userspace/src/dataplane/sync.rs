@@ -106,6 +106,9 @@ pub struct Syncer<D: Dataplane> {
     departed: BTreeSet<(u32, u32)>,
     /// The next sync compares everything (the first one after adoption).
     full_pass: bool,
+    /// Frontends the last sync left as they were for want of room (compared again by the next
+    /// [`Syncer::sync_touched`] whatever it is told).
+    waiting: BTreeSet<FrontendKey>,
     /// Total map writes since start.
     pub total_writes: u64,
     /// What the maps can hold.
@@ -153,6 +156,7 @@ impl<D: Dataplane> Syncer<D> {
             maybe_unused: Vec::new(),
             departed: BTreeSet::new(),
             full_pass: true,
+            waiting: BTreeSet::new(),
             total_writes: 0,
             sizes: MapSizes::default(),
             ranges: BTreeMap::new(),
@@ -386,12 +390,42 @@ impl<D: Dataplane> Syncer<D> {
     /// reported in [`SyncStats::deferred`] and tried again by the next sync: one frontend
     /// without room never stops the others.
     pub fn sync(&mut self, desired: &Desired) -> Result<SyncStats> {
+        self.sync_some(desired, None)
+    }
+
+    /// [`Syncer::sync`] when the caller knows which frontends' desired state may have changed
+    /// since the last sync (`touched`: `control::memo::Update::touched`): only those are
+    /// compared, so the pass costs what changed, not the cluster. The frontends left waiting for
+    /// room by the last sync are compared too; the first sync after adoption compares
+    /// everything anyway.
+    pub fn sync_touched(
+        &mut self,
+        desired: &Desired,
+        touched: &BTreeSet<FrontendKey>,
+    ) -> Result<SyncStats> {
+        self.sync_some(desired, Some(touched))
+    }
+
+    fn sync_some(
+        &mut self,
+        desired: &Desired,
+        touched: Option<&BTreeSet<FrontendKey>>,
+    ) -> Result<SyncStats> {
         let before = self.total_writes;
         let full = self.full_pass;
+        let waiting = std::mem::take(&mut self.waiting);
+        let touched: Option<BTreeSet<FrontendKey>> =
+            touched.filter(|_| !full).map(|t| t.iter().chain(&waiting).copied().collect());
         // Frontends to (re)apply: all of them on a full pass, else those whose desired state
         // changed since it was applied.
         let changed: Vec<(FrontendKey, &DesiredFrontend)> = if full {
             desired.iter().map(|(k, d)| (*k, d)).collect()
+        } else if let Some(t) = &touched {
+            t.iter()
+                .filter_map(|k| desired.get_key_value(k))
+                .filter(|(k, d)| self.applied.get(*k) != Some(*d))
+                .map(|(k, d)| (*k, d))
+                .collect()
         } else {
             desired
                 .iter()
@@ -399,16 +433,20 @@ impl<D: Dataplane> Syncer<D> {
                 .map(|(k, d)| (*k, d))
                 .collect()
         };
-        let gone: Vec<FrontendKey> =
-            if full || desired.len() != self.applied.len() || !changed.is_empty() {
-                self.frontends
-                    .keys()
-                    .filter(|k| !desired.contains_key(k))
-                    .copied()
-                    .collect()
-            } else {
-                Vec::new()
-            };
+        let gone: Vec<FrontendKey> = if let Some(t) = &touched {
+            t.iter()
+                .filter(|k| !desired.contains_key(k) && self.frontends.contains_key(k))
+                .copied()
+                .collect()
+        } else if full || desired.len() != self.applied.len() || !changed.is_empty() {
+            self.frontends
+                .keys()
+                .filter(|k| !desired.contains_key(k))
+                .copied()
+                .collect()
+        } else {
+            Vec::new()
+        };
         // Backends and names the changed frontends want stay while the others are freed.
         let wanted: HashSet<BackendKey> = changed
             .iter()
@@ -524,6 +562,7 @@ impl<D: Dataplane> Syncer<D> {
         self.free_ranges()?;
         let udp_flows_flushed = self.flush_departed()?;
         self.full_pass = false;
+        self.waiting = deferred.iter().map(|(fe, _, _)| *fe).collect();
         Ok(SyncStats {
             writes: self.total_writes - before,
             udp_flows_flushed,
