@@ -165,8 +165,17 @@ fn uncount(rejected: &mut BTreeMap<Rejected, usize>, gone: &[Rejected]) {
 
 /// Positions in `new` matched to positions in `old` by identity (the n-th object of an identity
 /// to the n-th), or `None` when the identities are the same position by position.
-fn matched<T>(old: &[T], new: &[T], meta: impl Fn(&T) -> &ObjectMeta) -> Option<Vec<Option<usize>>> {
-    if old.len() == new.len() && old.iter().zip(new).all(|(a, b)| ident(meta(a)) == ident(meta(b))) {
+fn matched<T>(
+    old: &[T],
+    new: &[T],
+    meta: impl Fn(&T) -> &ObjectMeta,
+) -> Option<Vec<Option<usize>>> {
+    if old.len() == new.len()
+        && old
+            .iter()
+            .zip(new)
+            .all(|(a, b)| ident(meta(a)) == ident(meta(b)))
+    {
         return None;
     }
     let mut by: HashMap<(Option<&str>, Option<&str>), VecDeque<usize>> = HashMap::new();
@@ -222,7 +231,8 @@ impl Memo {
                         continue;
                     }
                     let (group, rejected) = slice_verdict(b, &self.checks);
-                    let before = std::mem::replace(&mut self.slices[i], SliceEntry { group, rejected });
+                    let before =
+                        std::mem::replace(&mut self.slices[i], SliceEntry { group, rejected });
                     uncount(&mut self.rejected, &before.rejected);
                     count(&mut self.rejected, &self.slices[i].rejected);
                     if before.group != self.slices[i].group {
@@ -242,8 +252,10 @@ impl Memo {
                 }
             }
             Some(m) => {
-                let mut before: Vec<Option<SliceEntry>> =
-                    std::mem::take(&mut self.slices).into_iter().map(Some).collect();
+                let mut before: Vec<Option<SliceEntry>> = std::mem::take(&mut self.slices)
+                    .into_iter()
+                    .map(Some)
+                    .collect();
                 let mut slices = Vec::with_capacity(new_slices.len());
                 for (b, at) in new_slices.iter().zip(&m) {
                     let kept = at.and_then(|i| {
@@ -372,7 +384,10 @@ impl Memo {
             self.work.modelled += 1;
             let new_claims = base.as_ref().map(claims).unwrap_or_default();
             count(&mut self.rejected, &base_rejected);
-            let e = self.services.get_mut(k).expect("a dirty Service is in the snapshot");
+            let e = self
+                .services
+                .get_mut(k)
+                .expect("a dirty Service is in the snapshot");
             uncount(&mut self.rejected, &e.base_rejected);
             for c in &e.claims {
                 if let Some(s) = self.claimants.get_mut(c) {
@@ -383,7 +398,10 @@ impl Memo {
                 }
             }
             for c in &new_claims {
-                self.claimants.entry(c.clone()).or_default().insert(k.clone());
+                self.claimants
+                    .entry(c.clone())
+                    .or_default()
+                    .insert(k.clone());
             }
             changed_claims.extend(std::mem::take(&mut e.claims));
             changed_claims.extend(new_claims.iter().cloned());
@@ -416,14 +434,17 @@ impl Memo {
         for (i, r) in resolve_collisions_of(&mut models) {
             lost[i].push(r);
         }
-        let mut settled: HashMap<&ServiceKey, (ServiceModel, Vec<Rejected>)> = keys
-            .into_iter()
-            .zip(models.into_iter().zip(lost))
-            .collect();
+        let mut settled: HashMap<&ServiceKey, (ServiceModel, Vec<Rejected>)> =
+            keys.into_iter().zip(models.into_iter().zip(lost)).collect();
         let mut replan: Vec<ServiceKey> = Vec::new();
         for k in &settle {
-            let (model, lost) = settled.remove(k).map_or((None, Vec::new()), |(m, l)| (Some(m), l));
-            let e = self.services.get_mut(k).expect("settled Services are in the snapshot");
+            let (model, lost) = settled
+                .remove(k)
+                .map_or((None, Vec::new()), |(m, l)| (Some(m), l));
+            let e = self
+                .services
+                .get_mut(k)
+                .expect("settled Services are in the snapshot");
             self.work.settled += 1;
             uncount(&mut self.rejected, &e.lost);
             count(&mut self.rejected, &lost);
@@ -454,7 +475,10 @@ impl Memo {
             }
         }
         for k in replan {
-            let e = self.services.get_mut(&k).expect("replanned Services are in the snapshot");
+            let e = self
+                .services
+                .get_mut(&k)
+                .expect("replanned Services are in the snapshot");
             let (plan, plan_ipv6) = match &e.model {
                 Some(m) => (
                     if m.serves(IpFamily::IPv4) {
@@ -490,18 +514,14 @@ impl Memo {
             update.planned.push(k);
         }
         for fe in &touched {
-            let winner = self
-                .owners
-                .get(fe)
-                .and_then(|o| o.last())
-                .and_then(|k| {
-                    self.services[k]
-                        .frontends
-                        .iter()
-                        .flatten()
-                        .rev()
-                        .find(|(f, _)| f == fe)
-                });
+            let winner = self.owners.get(fe).and_then(|o| o.last()).and_then(|k| {
+                self.services[k]
+                    .frontends
+                    .iter()
+                    .flatten()
+                    .rev()
+                    .find(|(f, _)| f == fe)
+            });
             match winner {
                 Some((_, d)) => {
                     self.desired.insert(*fe, d.clone());
@@ -745,10 +765,11 @@ mod tests {
                 o.services.insert(at, s);
                 let mut sl = slice(ns, i % 250, 2);
                 sl.metadata.name = Some(format!("s{i}-x"));
-                sl.metadata.labels.as_mut().unwrap().insert(
-                    "kubernetes.io/service-name".into(),
-                    format!("s{i}"),
-                );
+                sl.metadata
+                    .labels
+                    .as_mut()
+                    .unwrap()
+                    .insert("kubernetes.io/service-name".into(), format!("s{i}"));
                 bump(&mut sl.metadata, rv);
                 o.endpoint_slices.push(sl);
                 format!("Service s{i} added")
@@ -775,7 +796,13 @@ mod tests {
                 // nodePort another's; then flip who is older.
                 let a = r.below(o.services.len());
                 let b = r.below(o.services.len());
-                let ip = o.services[b].spec.as_ref().unwrap().cluster_ip.clone().unwrap();
+                let ip = o.services[b]
+                    .spec
+                    .as_ref()
+                    .unwrap()
+                    .cluster_ip
+                    .clone()
+                    .unwrap();
                 let older = o.services[b].metadata.creation_timestamp.clone();
                 let s = &mut o.services[a];
                 let spec = s.spec.as_mut().unwrap();
@@ -805,9 +832,17 @@ mod tests {
                 // A slice moves to another Service, or goes.
                 let i = r.below(o.endpoint_slices.len());
                 if r.below(2) == 0 {
-                    let to = o.services[r.below(o.services.len())].metadata.name.clone().unwrap();
+                    let to = o.services[r.below(o.services.len())]
+                        .metadata
+                        .name
+                        .clone()
+                        .unwrap();
                     let s = &mut o.endpoint_slices[i];
-                    s.metadata.labels.as_mut().unwrap().insert("kubernetes.io/service-name".into(), to);
+                    s.metadata
+                        .labels
+                        .as_mut()
+                        .unwrap()
+                        .insert("kubernetes.io/service-name".into(), to);
                     bump(&mut s.metadata, rv);
                     format!("slice {i} moved")
                 } else {
@@ -852,8 +887,15 @@ mod tests {
         for step in 0..150 {
             let what = change(&mut o, &mut r, &mut rv, &mut next);
             memo.update(o.clone());
-            check(&memo, &o, &checks, &format!("seed {seed} step {step}: {what}"));
-            collided |= memo.rejected().any(|r| r.reason.contains("an older Service"));
+            check(
+                &memo,
+                &o,
+                &checks,
+                &format!("seed {seed} step {step}: {what}"),
+            );
+            collided |= memo
+                .rejected()
+                .any(|r| r.reason.contains("an older Service"));
         }
         assert!(collided, "seed {seed}: no collision was replayed");
     }
@@ -904,7 +946,11 @@ mod tests {
             assert_eq!(memo.work.settled - before.settled, 1, "at {n} Services");
             assert_eq!(memo.work.planned - before.planned, 1, "at {n} Services");
             // s<n/2> has a ClusterIP, maybe a NodePort and an external IP, in up to two scopes.
-            assert!(!u.touched.is_empty() && u.touched.len() <= 4, "{:?}", u.touched);
+            assert!(
+                !u.touched.is_empty() && u.touched.len() <= 4,
+                "{:?}",
+                u.touched
+            );
             check(&memo, &o, &Checks::default(), &format!("{n} Services"));
         }
     }

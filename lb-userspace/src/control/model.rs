@@ -685,7 +685,8 @@ pub fn build_with(objects: &Objects, node_name: &str, checks: &Checks) -> Model 
     for svc in &objects.services {
         let (ns, name) = service_key(svc);
         let slices = by_service.get(&(ns, name));
-        let (m, rejected) = service_verdict(svc, slices.map(|v| v.as_slice()).unwrap_or(&[]), checks);
+        let (m, rejected) =
+            service_verdict(svc, slices.map(|v| v.as_slice()).unwrap_or(&[]), checks);
         model.rejected.extend(rejected);
         model.services.extend(m);
     }
@@ -745,7 +746,10 @@ pub fn slice_verdict(
         return (None, Vec::new());
     }
     if name.is_empty() {
-        return (None, vec![reject("EndpointSlice", &ns, &name, MISSING_NAME)]);
+        return (
+            None,
+            vec![reject("EndpointSlice", &ns, &name, MISSING_NAME)],
+        );
     }
     let Some(svc) = labels.get(LABEL_SERVICE_NAME) else {
         return (

@@ -170,7 +170,12 @@ mod tests {
                 "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-x, namespace: ns, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: p, port: 8080}}]\nendpoints:\n"
             );
             for e in 0..endpoints {
-                text += &format!("- {{addresses: [10.{}.{}.{}], nodeName: n2}}\n", 40 + i / 250, i % 250, e + 1);
+                text += &format!(
+                    "- {{addresses: [10.{}.{}.{}], nodeName: n2}}\n",
+                    40 + i / 250,
+                    i % 250,
+                    e + 1
+                );
             }
         }
         let mut o = Objects::default();

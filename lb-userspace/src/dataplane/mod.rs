@@ -17,8 +17,8 @@ use lb_common::{
 pub mod bpf_sys;
 pub mod capacity;
 pub mod crash;
-pub mod cycle;
 pub mod ct_gc;
+pub mod cycle;
 pub mod fake;
 mod ids;
 pub mod links;

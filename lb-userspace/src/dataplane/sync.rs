@@ -73,6 +73,8 @@ pub struct Syncer<D: Dataplane> {
     dp: D,
     frontends: BTreeMap<FrontendKey, ProgrammedFrontend>,
     backends: HashMap<BackendKey, (u32, Backend)>,
+    /// The key of each backend id in `backends`.
+    backend_keys: HashMap<u32, BackendKey>,
     backend_refs: HashMap<u32, u32>,
     backend_ids: IdAllocator,
     rev_nat: HashMap<SocketAddrV4, (u32, u32)>, // frontend address -> (id, references)
@@ -104,6 +106,8 @@ pub struct Syncer<D: Dataplane> {
     /// (Service-port id, backend id) of UDP frontends' backends that left a frontend in this
     /// sync: their conntrack flows are flushed unless the backend still serves the Service port.
     departed: BTreeSet<(u32, u32)>,
+    /// Counts the changes of `svc_port_ids` ([`Syncer::names_version`]).
+    names_version: u64,
     /// The next sync compares everything (the first one after adoption).
     full_pass: bool,
     /// Frontends the last sync left as they were for want of room (compared again by the next
@@ -130,6 +134,7 @@ impl<D: Dataplane> Syncer<D> {
             dp,
             frontends: BTreeMap::new(),
             backends: HashMap::new(),
+            backend_keys: HashMap::new(),
             backend_refs: HashMap::new(),
             backend_ids: IdAllocator::with_used(found.backends.keys().copied()),
             rev_nat: HashMap::new(),
@@ -155,6 +160,7 @@ impl<D: Dataplane> Syncer<D> {
             name_refs: HashMap::new(),
             maybe_unused: Vec::new(),
             departed: BTreeSet::new(),
+            names_version: 0,
             full_pass: true,
             waiting: BTreeSet::new(),
             total_writes: 0,
@@ -183,6 +189,7 @@ impl<D: Dataplane> Syncer<D> {
                 Entry::Occupied(_) => self.stray_backends.push(*id),
                 Entry::Vacant(v) => {
                     v.insert((*id, *b));
+                    self.backend_keys.insert(*id, key);
                 }
             }
         }
@@ -370,6 +377,12 @@ impl<D: Dataplane> Syncer<D> {
             .collect()
     }
 
+    /// Changes whenever [`Syncer::service_ports`] does (so a caller that copies them need not
+    /// copy them after every sync).
+    pub fn names_version(&self) -> u64 {
+        self.names_version
+    }
+
     /// Service port (`namespace/name:port/PROTO`) -> its id in the maps.
     pub fn service_ports(&self) -> &HashMap<String, u32> {
         &self.svc_port_ids
@@ -414,8 +427,9 @@ impl<D: Dataplane> Syncer<D> {
         let before = self.total_writes;
         let full = self.full_pass;
         let waiting = std::mem::take(&mut self.waiting);
-        let touched: Option<BTreeSet<FrontendKey>> =
-            touched.filter(|_| !full).map(|t| t.iter().chain(&waiting).copied().collect());
+        let touched: Option<BTreeSet<FrontendKey>> = touched
+            .filter(|_| !full)
+            .map(|t| t.iter().chain(&waiting).copied().collect());
         // Frontends to (re)apply: all of them on a full pass, else those whose desired state
         // changed since it was applied.
         let changed: Vec<(FrontendKey, &DesiredFrontend)> = if full {
@@ -594,6 +608,7 @@ impl<D: Dataplane> Syncer<D> {
                     let id = self.backend_ids.alloc();
                     self.write(|dp| dp.put_backend(id, &value))?;
                     self.backends.insert(k, (id, value));
+                    self.backend_keys.insert(id, k);
                 }
             }
         }
@@ -602,6 +617,7 @@ impl<D: Dataplane> Syncer<D> {
             let id = self.svc_port_alloc.alloc();
             self.write(|dp| dp.put_service_name(id, &d.service_port))?;
             self.svc_port_ids.insert(d.service_port.clone(), id);
+            self.names_version += 1;
         }
         // The source ranges before a master that names them (a master whose flag finds no
         // entry admits nobody: never more than the ranges say).
@@ -801,12 +817,10 @@ impl<D: Dataplane> Syncer<D> {
         let by_id: HashMap<u32, BackendKey> = if all {
             self.backends.iter().map(|(k, (id, _))| (*id, *k)).collect()
         } else {
-            // Few candidates: find their keys without indexing every backend.
-            let want: BTreeSet<u32> = candidates.iter().copied().collect();
-            self.backends
+            // Few candidates: their keys by id.
+            candidates
                 .iter()
-                .filter(|(_, (id, _))| want.contains(id))
-                .map(|(k, (id, _))| (*id, *k))
+                .filter_map(|id| Some((*id, *self.backend_keys.get(id)?)))
                 .collect()
         };
         let named = self.still_named();
@@ -826,6 +840,7 @@ impl<D: Dataplane> Syncer<D> {
         for (k, id) in unused {
             self.write(|dp| dp.del_backend(id))?;
             self.backends.remove(&k);
+            self.backend_keys.remove(&id);
             self.backend_refs.remove(&id);
             self.backend_ids.release(id);
         }
@@ -860,6 +875,7 @@ impl<D: Dataplane> Syncer<D> {
                 continue;
             }
             if let Some(id) = self.svc_port_ids.remove(&k) {
+                self.names_version += 1;
                 self.write(|dp| dp.del_service_name(id))?;
                 self.svc_port_alloc.release(id);
             }
