@@ -259,7 +259,15 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 ops.node_eligible(health_check::node_eligible(&objects, &cfg.node));
                 ops.queued();
                 started = Instant::now();
-                control.update(objects);
+                let replaced = control.update(objects);
+                // Freeing a snapshot of 100,000 Services takes tens of milliseconds: not on
+                // the loop's thread.
+                if let Err(e) = std::thread::Builder::new()
+                    .name("free-snapshot".into())
+                    .spawn(move || drop(replaced))
+                {
+                    log::debug!("freeing the last snapshot on this thread: {e}");
+                }
                 have_snapshot = true;
             } else {
                 ops.queued();

@@ -104,6 +104,9 @@ pub struct Update {
     pub planned: Vec<ServiceKey>,
     /// Their Service ports' frontends before, and those of Services that left.
     pub gone: Vec<PortFrontends>,
+    /// The snapshot this one replaced: freeing a large one takes a while, so the caller picks
+    /// when and where (the agent frees it off its loop).
+    pub replaced: Objects,
 }
 
 /// The control plane of one node, kept between snapshots (see the module documentation).
@@ -532,6 +535,7 @@ impl Memo {
             }
         }
         update.touched = touched;
+        update.replaced = old;
         self.built = true;
         update
     }
@@ -656,11 +660,11 @@ mod tests {
             "clusterIP": format!("10.96.{}.{}", i / 250, i % 250 + 1),
             "ports": [{"name": "p", "port": 80, "targetPort": 8080}],
         });
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             spec["type"] = json!("NodePort");
             spec["ports"][0]["nodePort"] = json!(30000 + i % 2700);
         }
-        if i % 5 == 0 {
+        if i.is_multiple_of(5) {
             spec["externalIPs"] = json!([format!("192.0.{}.{}", i / 250, i % 250 + 1)]);
             spec["externalTrafficPolicy"] = json!("Local");
         }
@@ -757,7 +761,7 @@ mod tests {
             2 => {
                 let i = *next;
                 *next += 1;
-                let ns = if i % 2 == 0 { "a" } else { "b" };
+                let ns = if i.is_multiple_of(2) { "a" } else { "b" };
                 let mut s = service(ns, i % 250);
                 s.metadata.name = Some(format!("s{i}"));
                 bump(&mut s.metadata, rv);
@@ -814,9 +818,9 @@ mod tests {
                 }
                 if r.below(2) == 0 {
                     s.metadata.creation_timestamp = older;
-                    s.metadata.creation_timestamp.as_mut().map(|t| {
-                        t.0 = t.0.checked_sub(jiff::SignedDuration::from_secs(1)).unwrap()
-                    });
+                    if let Some(t) = s.metadata.creation_timestamp.as_mut() {
+                        t.0 = t.0.checked_sub(jiff::SignedDuration::from_secs(1)).unwrap();
+                    }
                 }
                 bump(&mut s.metadata, rv);
                 format!("Service {a} collides with {b}")

@@ -48,8 +48,11 @@ impl ControlPlane {
     }
 
     /// Takes the next snapshot: recomputes what it changed and which Service ports fit.
-    pub fn update(&mut self, objects: Objects) {
-        let u = self.memo.update(objects);
+    /// Returns the snapshot it replaced, for the caller to free when it suits it.
+    #[must_use = "the replaced snapshot: free it (off the loop's thread when large)"]
+    pub fn update(&mut self, objects: Objects) -> Objects {
+        let mut u = self.memo.update(objects);
+        let replaced = std::mem::take(&mut u.replaced);
         if u.everything {
             self.tally = Tally::default();
             for port in self.memo.all_frontends() {
@@ -79,6 +82,7 @@ impl ControlPlane {
             self.not_fitting = not_fitting;
             self.compare_all = true;
         }
+        replaced
     }
 
     /// Brings the maps to [`ControlPlane::desired`]: only the frontends that may have changed
@@ -189,14 +193,16 @@ mod tests {
     #[test]
     fn fits_and_syncs_like_from_scratch() {
         let mut o = cluster(30, 3);
-        let mut sizes = MapSizes::default();
         // Room for 20 Service ports' backends (3 each), not for 30.
-        sizes.backends = 62;
+        let sizes = MapSizes {
+            backends: 62,
+            ..MapSizes::default()
+        };
         let mut cp = ControlPlane::new("n1", Checks::default(), sizes);
         let mut syncer = Syncer::adopt(FakeDataplane::default()).unwrap();
         syncer.set_sizes(sizes);
         let mut check = |cp: &mut ControlPlane, o: &Objects, step: &str| {
-            cp.update(o.clone());
+            drop(cp.update(o.clone()));
             let m = model::build(o, "n1");
             let mut p = plan::plan(&m, "n1");
             let rejected = fit(&mut p, &sizes);

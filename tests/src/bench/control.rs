@@ -153,14 +153,17 @@ fn ms(d: Duration) -> f64 {
 /// Map sizes (as the `--map-*` flags set them) for `n` Services of `e` endpoints: the defaults,
 /// or powers of two with room for every frontend slot and backend.
 pub fn map_sizes_for(n: usize, e: usize) -> MapSizes {
-    let mut s = MapSizes::default();
+    let d = MapSizes::default();
     let at_least = |have: u32, need: usize| have.max((need as u32).next_power_of_two());
-    // A ClusterIP Service port: a master and a slot per backend, in each scope it has.
-    s.frontend_slots = at_least(s.frontend_slots, n * (e + 1) + n / 4);
-    s.backends = at_least(s.backends, n * e + e + 16);
-    s.rev_nat = at_least(s.rev_nat, n + 16);
-    s.service_ports = at_least(s.service_ports, n + 16);
-    s
+    MapSizes {
+        // A ClusterIP Service port: a master and a slot per backend (the NodePort Service has
+        // a few more frontends).
+        frontend_slots: at_least(d.frontend_slots, n * (e + 1) + n / 4),
+        backends: at_least(d.backends, n * e + e + 16),
+        rev_nat: at_least(d.rev_nat, n + 16),
+        service_ports: at_least(d.service_ports, n + 16),
+        ..d
+    }
 }
 
 /// One generation as the agent runs it (`ControlPlane::update` and `ControlPlane::sync` on a
@@ -174,14 +177,15 @@ fn cycle(
     let snapshot = o.clone();
     let modelled = cp.memo().work.modelled;
     let t = Instant::now();
-    cp.update(snapshot);
+    let replaced = cp.update(snapshot);
     if let Some(r) = cp.memo().rejected().next().or(cp.not_fitting().first()) {
         bail!("benchmark objects rejected: {r:?}");
     }
     let s = Instant::now();
     let st = cp.sync(&mut h.syncer)?;
     let (c, sy) = (t.elapsed(), s.elapsed());
-    // The snapshot replaced goes after the timing (as the agent's loop drops it after the sync).
+    // The replaced snapshot is freed after the timing (the agent frees it off its loop).
+    drop(replaced);
     Ok((c, sy, st.writes, cp.memo().work.modelled - modelled))
 }
 
