@@ -61,6 +61,7 @@ fuzz_target!(|data: &[u8]| {
         nodes: nodes.into_values().collect(),
         services: services.into_values().collect(),
         endpoint_slices: slices.into_values().collect(),
+        versioned: false,
     };
     let list = serde_json::json!({
         "apiVersion": "v1",

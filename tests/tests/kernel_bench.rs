@@ -36,8 +36,8 @@ fn kernel_bench_endpoint_change_writes_do_not_grow_with_the_cluster() {
     let Some(()) = lb_tests::require_privileges() else {
         return;
     };
-    let small = control::control_bench(100, 10, 3).unwrap();
-    let large = control::control_bench(2_000, 10, 3).unwrap();
+    let small = control::control_bench(100, 10, 3, &[]).unwrap();
+    let large = control::control_bench(2_000, 10, 3, &[]).unwrap();
     let writes = |c: &control::ControlBench| {
         c.changes
             .iter()
@@ -45,6 +45,10 @@ fn kernel_bench_endpoint_change_writes_do_not_grow_with_the_cluster() {
             .collect::<Vec<_>>()
     };
     assert_eq!(writes(&small), writes(&large));
+    // One Service is recomputed per change, whatever the cluster's size (control::memo).
+    for c in small.changes.iter().chain(&large.changes) {
+        assert_eq!(c.services_recomputed, 1, "{c:?}");
+    }
     // The exact counts are the sync tests' business; here only that they are small.
     assert!(
         large.changes.iter().all(|c| c.writes > 0 && c.writes < 32),

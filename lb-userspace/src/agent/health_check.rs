@@ -11,7 +11,7 @@ use std::{
 };
 
 use super::http::{self, Response, Work};
-use crate::control::model::{IpFamily, Model, TrafficPolicy};
+use crate::control::model::{IpFamily, ServiceModel, TrafficPolicy};
 
 /// What one health port reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,9 +23,12 @@ pub struct HealthEntry {
 }
 
 /// The health ports a model asks for on `node`, with what each reports.
-pub fn ports(model: &Model, node: &str) -> BTreeMap<u16, HealthEntry> {
+pub fn ports<'a>(
+    services: impl IntoIterator<Item = &'a ServiceModel>,
+    node: &str,
+) -> BTreeMap<u16, HealthEntry> {
     let mut out = BTreeMap::new();
-    for s in &model.services {
+    for s in services {
         let Some(port) = s.health_check_node_port else {
             continue;
         };
@@ -434,12 +437,12 @@ mod tests {
         )))
         .unwrap();
         let m = crate::control::model::build(&objects, "node-b");
-        let d = ports(&m, "node-b");
+        let d = ports(&m.services, "node-b");
         // web-preserve-source-ip: 10.244.2.5 and .6 serve both http and https: 2, not 4.
         assert_eq!(d[&32000].local_endpoints, 2);
         assert_eq!(d[&32001].local_endpoints, 1);
         let m = crate::control::model::build(&objects, "node-a");
-        let d = ports(&m, "node-a");
+        let d = ports(&m.services, "node-a");
         assert_eq!(d[&32000].local_endpoints, 1);
         assert_eq!(
             d[&32001].local_endpoints, 0,

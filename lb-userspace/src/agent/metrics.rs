@@ -704,7 +704,10 @@ impl Ops {
 
     /// Per Service port of the plan whose endpoints carry topology hints: whether this node can
     /// use them (Service ports without hints have no series).
-    pub fn topology_hints(&self, services: &[crate::control::plan::ServicePortPlan]) {
+    pub fn topology_hints<'a>(
+        &self,
+        services: impl IntoIterator<Item = &'a crate::control::plan::ServicePortPlan>,
+    ) {
         use crate::control::plan::TopologyHints;
         let mut now = BTreeMap::new();
         for sp in services {

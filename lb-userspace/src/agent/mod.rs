@@ -42,12 +42,13 @@ use crate::{
     control::{
         desired::{self, datapath_config},
         kube_source::{KubeConfigChoice, KubeSource},
-        model, plan,
-        source::{ManifestsSource, Objects, Source},
+        model,
+        source::{ManifestsSource, Source},
     },
     dataplane::{
         bpf_sys, capacity,
         ct_gc::{self, CtTiers},
+        cycle::ControlPlane,
         pinned::{other_versions, AyaDataplane},
         read::{boot_seconds, pinned_sizes},
         sock_term::{self, Serving, SockTerminator},
@@ -76,8 +77,7 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
         ),
     };
     let ops = Arc::new(Ops::new(cfg.bpffs.clone()));
-    // The last snapshot, re-planned after a failed sync.
-    let mut last: Option<Objects> = None;
+    // Synced again without a new snapshot after a failed sync, or when a sync freed room.
     let mut retry = false;
     // One agent per pin directory, taken before anything is loaded or pinned (and after the
     // checks above, so that an agent that cannot start creates nothing). Held until the agent
@@ -136,6 +136,20 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let dp = AyaDataplane::from_ebpf(&mut ebpf)?;
     let mut syncer = Syncer::adopt(dp)?;
     syncer.set_sizes(sizes);
+    // The model, plan and map contents of every Service, kept between snapshots: a cycle
+    // recomputes and syncs what the snapshot changed.
+    let mut control = ControlPlane::new(
+        &cfg.node,
+        model::Checks {
+            node_port_range: cfg.nodeport_range,
+            service_proxy_name: cfg.service_proxy_name.clone(),
+            node_port_addresses: cfg.nodeport_addresses.clone(),
+        },
+        sizes,
+    );
+    let mut have_snapshot = false;
+    // The version of the Service-port names last handed to the metrics.
+    let mut names_seen: Option<u64> = None;
     // What was rejected at the last sync (logged when a verdict changes, not on every sync).
     let mut rejected_before: BTreeSet<model::Rejected> = BTreeSet::new();
     // Services and EndpointSlices changed since the last snapshot (kube-proxy's change metrics),
@@ -230,151 +244,163 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
             l.flush();
         }
         ops.watch_restarts(source.watch_restarts());
-        let polled = match source.poll() {
-            Ok(Some(o)) => Ok(Some(o)),
-            Ok(None) if retry => Ok(last.clone()),
-            other => other,
+        let fresh = match source.poll() {
+            Ok(o) => o,
+            Err(e) => {
+                log::error!("reading objects: {e}; keeping the last good state");
+                None
+            }
         };
+        let again = retry && have_snapshot && fresh.is_none();
         retry = false;
-        match polled {
-            Ok(Some(objects)) => {
-                last = Some(objects.clone());
-                generation += 1;
+        if fresh.is_some() || again {
+            generation += 1;
+            let started;
+            if let Some(objects) = fresh {
                 let seen = changes.observe(&objects);
                 ops.changes_seen(seen.services, seen.endpoint_slices);
                 pending_triggers.extend(seen.trigger_times);
-                ops.queued();
                 ops.node_eligible(health_check::node_eligible(&objects, &cfg.node));
-                let started = Instant::now();
-                let m = model::build_with(
-                    &objects,
-                    &cfg.node,
-                    &model::Checks {
-                        node_port_range: cfg.nodeport_range,
-                        service_proxy_name: cfg.service_proxy_name.clone(),
-                        node_port_addresses: cfg.nodeport_addresses.clone(),
-                    },
-                );
-                let mut p = plan::plan(&m, &cfg.node);
-                ops.topology_hints(&p.services);
-                // Service ports the maps have no room for (oldest Services first).
-                let (desired, not_fitting) = capacity::fit_desired(&mut p, &sizes);
-                ops.not_fitting(&not_fitting);
-                log_verdicts(&mut rejected_before, m.rejected.iter().chain(&not_fitting));
-                let config = datapath_config(
-                    &p.node,
-                    cfg.snat_ports,
-                    ifaces.masquerade_local,
-                    &xdp_ifindexes,
-                    p.cluster_ips(),
-                );
-                dp_config = Some(config);
-                let synced = syncer
-                    .set_config(&config)
-                    .and_then(|_| syncer.sync(&desired));
-                let health_ports = health_check::ports(&m, &cfg.node);
-                ops.local_endpoints(&health_ports);
-                // On the addresses NodePorts are served on (`--nodeport-addresses`); when they
-                // leave none, nowhere (an empty list would mean every address).
-                let nowhere =
-                    p.node.node_ports().is_empty() && p.node.node_port_addresses.is_some();
-                let none = Default::default();
-                let serve = if nowhere { &none } else { &health_ports };
-                for (port, err) in health_checks.update(serve, p.node.node_ports()) {
-                    log::warn!("healthCheckNodePort {port}: cannot listen: {err}");
+                ops.queued();
+                started = Instant::now();
+                let replaced = control.update(objects);
+                // Freeing a snapshot of 100,000 Services takes tens of milliseconds: not on
+                // the loop's thread.
+                if let Err(e) = std::thread::Builder::new()
+                    .name("free-snapshot".into())
+                    .spawn(move || drop(replaced))
+                {
+                    log::debug!("freeing the last snapshot on this thread: {e}");
                 }
+                have_snapshot = true;
+            } else {
+                ops.queued();
+                started = Instant::now();
+            }
+            let node = control.node().clone();
+            ops.topology_hints(control.port_plans());
+            // Service ports the maps have no room for (oldest Services first).
+            let not_fitting = control.not_fitting().to_vec();
+            ops.not_fitting(&not_fitting);
+            log_verdicts(
+                &mut rejected_before,
+                control.memo().rejected().chain(&not_fitting),
+            );
+            let config = datapath_config(
+                &node,
+                cfg.snat_ports,
+                ifaces.masquerade_local,
+                &xdp_ifindexes,
+                control.cluster_ips(),
+            );
+            dp_config = Some(config);
+            let synced = syncer
+                .set_config(&config)
+                .and_then(|_| control.sync(&mut syncer));
+            let desired = control.desired();
+            let health_ports = health_check::ports(control.memo().services(), &cfg.node);
+            ops.local_endpoints(&health_ports);
+            // On the addresses NodePorts are served on (`--nodeport-addresses`); when they
+            // leave none, nowhere (an empty list would mean every address).
+            let nowhere = node.node_ports().is_empty() && node.node_port_addresses.is_some();
+            let none = Default::default();
+            let serve = if nowhere { &none } else { &health_ports };
+            for (port, err) in health_checks.update(serve, node.node_ports()) {
+                log::warn!("healthCheckNodePort {port}: cannot listen: {err}");
+            }
+            // (Copied only when they changed: at 100,000 Service ports, a copy per cycle
+            // costs more than the rest of the cycle.)
+            if names_seen != Some(syncer.names_version()) {
                 ops.service_ports(syncer.service_ports());
-                if let (Ok(_), Some(tx)) = (&synced, &sock_term) {
-                    let now = Arc::new(sock_term::serving(&desired));
-                    // A pair that left (or the first sync: backends may have left while the
-                    // agent was down) sends the socket walk off.
-                    let left = served.as_ref().is_none_or(|before| {
-                        before
-                            .iter()
-                            .any(|p| protos.contains(&p.1) && !now.contains(p))
-                    });
-                    if left {
-                        // The walker keeps only the newest; a closed channel means it stopped.
-                        let _ = tx.send(now.clone());
-                    }
-                    served = Some(now);
-                }
-                match &synced {
-                    Ok(st) => {
-                        ops.synced(started.elapsed(), st.writes);
-                        ops.changes_applied(
-                            std::time::SystemTime::now(),
-                            &std::mem::take(&mut pending_triggers),
-                        );
-                        ops.udp_flows_flushed(st.udp_flows_flushed);
-                        ops.deferred(st.deferred.len());
-                        let now: Vec<String> = st
-                            .deferred
-                            .iter()
-                            .map(|(fe, port, why)| format!("{port} frontend {}: {why}", fe.addr))
-                            .collect();
-                        if now != deferred_before {
-                            for d in now.iter().filter(|d| !deferred_before.contains(d)) {
-                                log::warn!("not programmed yet, the maps have no room: {d}");
-                            }
-                            deferred_before = now;
-                        }
-                        // Entries freed by this sync may make room: try again at once.
-                        if !st.deferred.is_empty() && st.writes > 0 {
-                            retry = true;
-                        }
-                    }
-                    Err(_) => ops.sync_failed(),
-                }
-                if synced.is_ok() && !attached {
-                    // `--device auto` (or no --device): resolved once, now that the node's
-                    // addresses are known.
-                    let cfg = &devices::resolve(cfg, &p.node.addresses);
-                    let hooks = choose_hooks(&mut ebpf, cfg);
-                    attach_all(&mut ebpf, cfg, &syncer, &old_versions, &hooks)?;
-                    attached_devices = cfg.devices.clone();
-                    xdp_ifindexes = hooks
+                names_seen = Some(syncer.names_version());
+            }
+            if let (Ok(_), Some(tx)) = (&synced, &sock_term) {
+                let now = Arc::new(sock_term::serving(desired));
+                // A pair that left (or the first sync: backends may have left while the
+                // agent was down) sends the socket walk off.
+                let left = served.as_ref().is_none_or(|before| {
+                    before
                         .iter()
-                        .filter(|(_, c)| c.hook == crate::dataplane::links::Hook::Xdp)
-                        .filter_map(|(d, _)| interfaces::ifindex(d))
-                        .collect();
-                    if let Some(c) = dp_config.as_mut() {
-                        desired::set_xdp_devices(c, &xdp_ifindexes);
-                        syncer.set_config(c)?;
-                        // Redirect targets changed: cached next hops are looked up again.
-                        route_gen.bump()?;
-                    }
-                    ops.device_hooks(hooks.iter().map(|(d, c)| (d.as_str(), c.hook)));
-                    attached = true;
-                    ops.attached();
+                        .any(|p| protos.contains(&p.1) && !now.contains(p))
+                });
+                if left {
+                    // The walker keeps only the newest; a closed channel means it stopped.
+                    let _ = tx.send(now.clone());
                 }
-                match synced {
-                    Ok(st) => log::info!(
-                        "sync generation {generation}: {} frontends, {} map writes{} in {:?}",
-                        desired.len(),
-                        st.writes,
-                        if st.udp_flows_flushed > 0 {
-                            format!(
-                                ", {} UDP conntrack entries of removed backends flushed",
-                                st.udp_flows_flushed
-                            )
-                        } else {
-                            String::new()
-                        },
-                        started.elapsed()
-                    ),
-                    Err(e) => {
-                        log::error!(
-                            "sync generation {generation} failed: {e:#}; re-reading the maps"
-                        );
-                        syncer = Syncer::adopt(AyaDataplane::from_pins(&cfg.bpffs)?)?;
-                        syncer.set_sizes(sizes);
+                served = Some(now);
+            }
+            match &synced {
+                Ok(st) => {
+                    ops.synced(started.elapsed(), st.writes);
+                    ops.changes_applied(
+                        std::time::SystemTime::now(),
+                        &std::mem::take(&mut pending_triggers),
+                    );
+                    ops.udp_flows_flushed(st.udp_flows_flushed);
+                    ops.deferred(st.deferred.len());
+                    let now: Vec<String> = st
+                        .deferred
+                        .iter()
+                        .map(|(fe, port, why)| format!("{port} frontend {}: {why}", fe.addr))
+                        .collect();
+                    if now != deferred_before {
+                        for d in now.iter().filter(|d| !deferred_before.contains(d)) {
+                            log::warn!("not programmed yet, the maps have no room: {d}");
+                        }
+                        deferred_before = now;
+                    }
+                    // Entries freed by this sync may make room: try again at once.
+                    if !st.deferred.is_empty() && st.writes > 0 {
                         retry = true;
                     }
                 }
+                Err(_) => ops.sync_failed(),
             }
-            Ok(None) => {}
-            Err(e) => log::error!("reading objects: {e}; keeping the last good state"),
+            if synced.is_ok() && !attached {
+                // `--device auto` (or no --device): resolved once, now that the node's
+                // addresses are known.
+                let cfg = &devices::resolve(cfg, &node.addresses);
+                let hooks = choose_hooks(&mut ebpf, cfg);
+                attach_all(&mut ebpf, cfg, &syncer, &old_versions, &hooks)?;
+                attached_devices = cfg.devices.clone();
+                xdp_ifindexes = hooks
+                    .iter()
+                    .filter(|(_, c)| c.hook == crate::dataplane::links::Hook::Xdp)
+                    .filter_map(|(d, _)| interfaces::ifindex(d))
+                    .collect();
+                if let Some(c) = dp_config.as_mut() {
+                    desired::set_xdp_devices(c, &xdp_ifindexes);
+                    syncer.set_config(c)?;
+                    // Redirect targets changed: cached next hops are looked up again.
+                    route_gen.bump()?;
+                }
+                ops.device_hooks(hooks.iter().map(|(d, c)| (d.as_str(), c.hook)));
+                attached = true;
+                ops.attached();
+            }
+            match synced {
+                Ok(st) => log::info!(
+                    "sync generation {generation}: {} frontends, {} map writes{} in {:?}",
+                    desired.len(),
+                    st.writes,
+                    if st.udp_flows_flushed > 0 {
+                        format!(
+                            ", {} UDP conntrack entries of removed backends flushed",
+                            st.udp_flows_flushed
+                        )
+                    } else {
+                        String::new()
+                    },
+                    started.elapsed()
+                ),
+                Err(e) => {
+                    log::error!("sync generation {generation} failed: {e:#}; re-reading the maps");
+                    syncer = Syncer::adopt(AyaDataplane::from_pins(&cfg.bpffs)?)?;
+                    syncer.set_sizes(sizes);
+                    names_seen = None;
+                    retry = true;
+                }
+            }
         }
         if attached && Instant::now() >= next_scan {
             let first = !scanned;

@@ -111,6 +111,7 @@ impl StoreObjects {
                 .iter()
                 .map(|s| EndpointSlice::clone(s))
                 .collect(),
+            versioned: true,
         };
         objects.services.iter_mut().for_each(default_service);
         objects

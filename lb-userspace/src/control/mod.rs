@@ -5,6 +5,7 @@
 //! from (a manifests path or the Kubernetes API); the dataplane only ever sees [`desired::Desired`].
 pub mod desired;
 pub mod kube_source;
+pub mod memo;
 pub mod model;
 pub mod plan;
 pub mod source;

@@ -669,101 +669,26 @@ pub fn build(objects: &Objects, node_name: &str) -> Model {
 /// [`build`] with the cluster's configuration for the checks that depend on it.
 pub fn build_with(objects: &Objects, node_name: &str, checks: &Checks) -> Model {
     let mut model = Model {
-        node: objects
-            .nodes
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(node_name))
-            .map(|n| {
-                let mut info = node_info(n);
-                if checks.node_port_addresses != NodePortAddresses::All {
-                    info.node_port_addresses =
-                        Some(checks.node_port_addresses.select(&info.addresses));
-                    info.ipv6_node_port_addresses =
-                        Some(checks.node_port_addresses.select(&info.ipv6_addresses));
-                }
-                info
-            }),
+        node: node_of(objects, node_name, checks),
         ..Model::default()
     };
 
     let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in &objects.endpoint_slices {
-        let ns = slice
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let name = slice.metadata.name.clone().unwrap_or_default();
-        let labels = slice.metadata.labels.clone().unwrap_or_default();
-        if !checks.proxied_by_us(&labels) || labels.contains_key(LABEL_HEADLESS) {
-            continue;
+        let (group, rejected) = slice_verdict(slice, checks);
+        model.rejected.extend(rejected);
+        if let Some(g) = group {
+            by_service.entry(g).or_default().push(slice);
         }
-        if name.is_empty() {
-            model
-                .rejected
-                .push(reject("EndpointSlice", &ns, &name, MISSING_NAME));
-            continue;
-        }
-        let Some(svc) = labels.get(LABEL_SERVICE_NAME) else {
-            model.rejected.push(reject(
-                "EndpointSlice",
-                &ns,
-                &name,
-                format!("missing label {LABEL_SERVICE_NAME}"),
-            ));
-            continue;
-        };
-        let Some(family) = IpFamily::parse(&slice.address_type) else {
-            continue; // FQDN slices: kube-proxy does not serve them either
-        };
-        // What cannot be served is skipped alone (a port, an endpoint), with a reason.
-        for reason in slice_problems(slice, family) {
-            model
-                .rejected
-                .push(reject("EndpointSlice", &ns, &name, reason));
-        }
-        by_service.entry((ns, svc.clone())).or_default().push(slice);
     }
 
     for svc in &objects.services {
-        let ns = svc
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let name = svc.metadata.name.clone().unwrap_or_default();
-        let labels = svc.metadata.labels.clone().unwrap_or_default();
-        if !checks.proxied_by_us(&labels) {
-            continue;
-        }
-        if name.is_empty() {
-            model
-                .rejected
-                .push(reject("Service", &ns, &name, MISSING_NAME));
-            continue;
-        }
-        let mut skipped = Vec::new();
-        let verdict = service_model(svc, &ns, &name, checks, &mut skipped);
-        for reason in skipped {
-            model.rejected.push(reject("Service", &ns, &name, reason));
-        }
-        match verdict {
-            Ok(Some(mut m)) => {
-                let slices = by_service.get(&(ns.clone(), name.clone()));
-                m.endpoints = merge_endpoints(slices.map(|v| v.as_slice()).unwrap_or(&[]));
-                m.created = svc
-                    .metadata
-                    .creation_timestamp
-                    .as_ref()
-                    .map(|t| t.0.as_second());
-                for p in too_many_endpoints(&mut m) {
-                    model.rejected.push(reject("Service", &ns, &name, p));
-                }
-                model.services.push(m);
-            }
-            Ok(None) => {}
-            Err(reason) => model.rejected.push(reject("Service", &ns, &name, reason)),
-        }
+        let (ns, name) = service_key(svc);
+        let slices = by_service.get(&(ns, name));
+        let (m, rejected) =
+            service_verdict(svc, slices.map(|v| v.as_slice()).unwrap_or(&[]), checks);
+        model.rejected.extend(rejected);
+        model.services.extend(m);
     }
     model
         .services
@@ -772,6 +697,124 @@ pub fn build_with(objects: &Objects, node_name: &str, checks: &Checks) -> Model 
     model.rejected.extend(lost);
     model.rejected.sort();
     model
+}
+
+/// This node's view (`node_name`'s Node object, if any), narrowed by `--nodeport-addresses`.
+pub fn node_of(objects: &Objects, node_name: &str, checks: &Checks) -> Option<NodeInfo> {
+    objects
+        .nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(node_name))
+        .map(|n| {
+            let mut info = node_info(n);
+            if checks.node_port_addresses != NodePortAddresses::All {
+                info.node_port_addresses = Some(checks.node_port_addresses.select(&info.addresses));
+                info.ipv6_node_port_addresses =
+                    Some(checks.node_port_addresses.select(&info.ipv6_addresses));
+            }
+            info
+        })
+}
+
+/// A Service's namespace ("default" when absent) and name ("" when absent).
+pub fn service_key(svc: &Service) -> (String, String) {
+    (
+        svc.metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        svc.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// What one EndpointSlice is on its own: the Service (namespace, name) whose endpoints it
+/// holds, when it is ours to serve, and what in it is rejected. It depends on nothing else, so
+/// it can be kept between snapshots while the slice stays the same.
+pub fn slice_verdict(
+    slice: &EndpointSlice,
+    checks: &Checks,
+) -> (Option<(String, String)>, Vec<Rejected>) {
+    let ns = slice
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let name = slice.metadata.name.clone().unwrap_or_default();
+    let no_labels = BTreeMap::new();
+    let labels = slice.metadata.labels.as_ref().unwrap_or(&no_labels);
+    if !checks.proxied_by_us(labels) || labels.contains_key(LABEL_HEADLESS) {
+        return (None, Vec::new());
+    }
+    if name.is_empty() {
+        return (
+            None,
+            vec![reject("EndpointSlice", &ns, &name, MISSING_NAME)],
+        );
+    }
+    let Some(svc) = labels.get(LABEL_SERVICE_NAME) else {
+        return (
+            None,
+            vec![reject(
+                "EndpointSlice",
+                &ns,
+                &name,
+                format!("missing label {LABEL_SERVICE_NAME}"),
+            )],
+        );
+    };
+    let Some(family) = IpFamily::parse(&slice.address_type) else {
+        return (None, Vec::new()); // FQDN slices: kube-proxy does not serve them either
+    };
+    // What cannot be served is skipped alone (a port, an endpoint), with a reason.
+    let rejected = slice_problems(slice, family)
+        .into_iter()
+        .map(|reason| reject("EndpointSlice", &ns, &name, reason))
+        .collect();
+    (Some((ns, svc.clone())), rejected)
+}
+
+/// One Service with the slices of its endpoints (in snapshot order), before frontends claimed
+/// by two Services are settled ([`resolve_collisions`]): its model when it is served, and what
+/// is rejected of it. Depends only on the Service, those slices and `checks`.
+pub fn service_verdict(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    checks: &Checks,
+) -> (Option<ServiceModel>, Vec<Rejected>) {
+    let (ns, name) = service_key(svc);
+    let mut rejected = Vec::new();
+    let no_labels = BTreeMap::new();
+    if !checks.proxied_by_us(svc.metadata.labels.as_ref().unwrap_or(&no_labels)) {
+        return (None, rejected);
+    }
+    if name.is_empty() {
+        rejected.push(reject("Service", &ns, &name, MISSING_NAME));
+        return (None, rejected);
+    }
+    let mut skipped = Vec::new();
+    let verdict = service_model(svc, &ns, &name, checks, &mut skipped);
+    for reason in skipped {
+        rejected.push(reject("Service", &ns, &name, reason));
+    }
+    match verdict {
+        Ok(Some(mut m)) => {
+            m.endpoints = merge_endpoints(slices);
+            m.created = svc
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_second());
+            for p in too_many_endpoints(&mut m) {
+                rejected.push(reject("Service", &ns, &name, p));
+            }
+            (Some(m), rejected)
+        }
+        Ok(None) => (None, rejected),
+        Err(reason) => {
+            rejected.push(reject("Service", &ns, &name, reason));
+            (None, rejected)
+        }
+    }
 }
 
 /// The ports and endpoints of a slice that cannot be served, one reason each: they are skipped
@@ -853,6 +896,46 @@ fn seniority(s: &ServiceModel) -> (bool, i64, String, String) {
 /// healthCheckNodePort): the older Service keeps each, the other loses that frontend only and is
 /// reported. Deterministic whatever the order the objects came in.
 fn resolve_collisions(services: &mut [ServiceModel]) -> Vec<Rejected> {
+    resolve_collisions_of(services)
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect()
+}
+
+/// What two Services can both claim: an address frontend (address, port, protocol), or a node
+/// port (nodePort with its protocol, healthCheckNodePort as TCP).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Claim {
+    Address(IpAddr, u16, Protocol),
+    NodePort(u16, Protocol),
+}
+
+/// Everything `s` claims before collisions are settled. Who keeps a claim depends only on the
+/// Services that make it, so settling the collisions of a few Services needs only them and the
+/// other claimants of their claims.
+pub fn claims(s: &ServiceModel) -> BTreeSet<Claim> {
+    let mut out = BTreeSet::new();
+    for p in &s.ports {
+        for ip in s
+            .cluster_ips
+            .iter()
+            .chain(&s.external_ips)
+            .chain(&s.load_balancer_ips)
+        {
+            out.insert(Claim::Address(*ip, p.port, p.protocol));
+        }
+        if let Some(np) = p.node_port {
+            out.insert(Claim::NodePort(np, p.protocol));
+        }
+    }
+    if let Some(hc) = s.health_check_node_port {
+        out.insert(Claim::NodePort(hc, Protocol::TCP));
+    }
+    out
+}
+
+/// [`resolve_collisions`], each rejection with the index of its Service in `services`.
+pub fn resolve_collisions_of(services: &mut [ServiceModel]) -> Vec<(usize, Rejected)> {
     let mut order: Vec<usize> = (0..services.len()).collect();
     order.sort_by_key(|i| seniority(&services[*i]));
     let mut rejected = Vec::new();
@@ -919,7 +1002,7 @@ fn resolve_collisions(services: &mut [ServiceModel]) -> Vec<Rejected> {
             }
         }
         for reason in lost {
-            rejected.push(reject("Service", &s.namespace, &s.name, reason));
+            rejected.push((i, reject("Service", &s.namespace, &s.name, reason)));
         }
     }
     rejected

@@ -328,7 +328,7 @@ pub fn categorize<A: FamilyAddr>(
 }
 
 /// The plans of a Service's ports in family `A` (the Service is served in it).
-fn port_plans<A: FamilyAddr>(svc: &ServiceModel, node: &NodeInfo) -> Vec<ServicePortPlan<A>> {
+pub fn port_plans<A: FamilyAddr>(svc: &ServiceModel, node: &NodeInfo) -> Vec<ServicePortPlan<A>> {
     let mine = |ips: &[std::net::IpAddr]| -> Vec<A> {
         ips.iter().filter_map(|a| A::from_ip(*a)).collect()
     };
@@ -419,15 +419,7 @@ pub fn in_prefix(a: Ipv4Addr, net: Ipv4Addr, len: u8) -> bool {
 /// The plan for `node_name`. Without a Node object of that name the node has no zone and no
 /// addresses (so no NodePort frontends), as a proxy on an unregistered node would see it.
 pub fn plan(model: &Model, node_name: &str) -> Plan {
-    let node = model.node.clone().unwrap_or_else(|| NodeInfo {
-        name: node_name.into(),
-        zone: None,
-        addresses: Vec::new(),
-        ipv6_addresses: Vec::new(),
-        pod_cidr: None,
-        node_port_addresses: None,
-        ipv6_node_port_addresses: None,
-    });
+    let node = plan_node(model.node.as_ref(), node_name);
     let services = family_plans::<Ipv4Addr>(model, &node);
     let services_ipv6 = family_plans::<Ipv6Addr>(model, &node);
     Plan {
@@ -436,6 +428,20 @@ pub fn plan(model: &Model, node_name: &str) -> Plan {
         services_ipv6,
         rejected: model.rejected.clone(),
     }
+}
+
+/// The node the plan is made for: the model's, else one of that name that has no zone and no
+/// addresses.
+pub fn plan_node(node: Option<&NodeInfo>, node_name: &str) -> NodeInfo {
+    node.cloned().unwrap_or_else(|| NodeInfo {
+        name: node_name.into(),
+        zone: None,
+        addresses: Vec::new(),
+        ipv6_addresses: Vec::new(),
+        pod_cidr: None,
+        node_port_addresses: None,
+        ipv6_node_port_addresses: None,
+    })
 }
 
 /// The plans of family `A`: kube-proxy's proxier of that family, which sees only the Services

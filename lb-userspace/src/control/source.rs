@@ -20,6 +20,11 @@ pub struct Objects {
     pub nodes: Vec<Node>,
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
+    /// Whether an object's `metadata.resourceVersion` changes whenever the object does (the
+    /// API server's objects): then an object of the same uid and resourceVersion as in an
+    /// earlier snapshot is the same object, and `control::memo` need not compare contents.
+    /// Manifests may keep a resourceVersion through edits: false there.
+    pub versioned: bool,
 }
 
 /// A source of snapshots.

@@ -10,7 +10,8 @@
 //!
 //! Pure (no aya): `render` runs it without a kernel, the agent with the sizes of its maps.
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
+    hash::Hash,
     net::SocketAddrV4,
 };
 
@@ -404,6 +405,110 @@ impl Held {
         self.rev_nat.extend(n.rev_nat);
         self.names.extend(n.names);
         self.tables.extend(n.tables);
+    }
+}
+
+/// What every Service port together needs of the maps, kept up to date one Service port at a
+/// time: shared entries (a backend, a rev-NAT address, a Service-port name, a Maglev table) are
+/// counted by how many Service ports use them. When the total fits, [`fit`] keeps every Service
+/// port (each one's admission only adds to a total that stays below it), so a cycle need not
+/// run it.
+#[derive(Default)]
+pub struct Tally {
+    slots: u64,
+    members: u64,
+    source_ranges: u64,
+    maglev_chunks: u64,
+    backends: HashMap<BackendKey, u32>,
+    rev_nat: HashMap<SocketAddrV4, u32>,
+    names: HashMap<String, u32>,
+    tables: HashMap<Vec<BackendKey>, u32>,
+}
+
+fn refer<K: Hash + Eq>(m: &mut HashMap<K, u32>, k: K) -> bool {
+    let n = m.entry(k).or_default();
+    *n += 1;
+    *n == 1
+}
+
+fn unrefer<K: Hash + Eq>(m: &mut HashMap<K, u32>, k: &K) -> bool {
+    match m.get_mut(k) {
+        Some(n) if *n > 1 => {
+            *n -= 1;
+            false
+        }
+        Some(_) => {
+            m.remove(k);
+            true
+        }
+        None => false,
+    }
+}
+
+impl Tally {
+    /// Counts the frontends of one Service port (`desired::service_port_frontends`).
+    pub fn add(&mut self, fes: &[(FrontendKey, DesiredFrontend)]) {
+        let (e, n) = Held::default().needs(fes);
+        self.slots += e.slots;
+        self.members += e.members;
+        self.source_ranges += e.source_ranges;
+        for b in n.backends {
+            refer(&mut self.backends, b);
+        }
+        for a in n.rev_nat {
+            refer(&mut self.rev_nat, a);
+        }
+        for name in n.names {
+            refer(&mut self.names, name);
+        }
+        for t in n.tables {
+            let chunks = table_chunks(t.len());
+            if refer(&mut self.tables, t) {
+                self.maglev_chunks += chunks;
+            }
+        }
+    }
+
+    /// Forgets the frontends of one Service port counted by [`Tally::add`].
+    pub fn remove(&mut self, fes: &[(FrontendKey, DesiredFrontend)]) {
+        let (e, n) = Held::default().needs(fes);
+        self.slots -= e.slots;
+        self.members -= e.members;
+        self.source_ranges -= e.source_ranges;
+        for b in &n.backends {
+            unrefer(&mut self.backends, b);
+        }
+        for a in &n.rev_nat {
+            unrefer(&mut self.rev_nat, a);
+        }
+        for name in &n.names {
+            unrefer(&mut self.names, name);
+        }
+        for t in &n.tables {
+            if unrefer(&mut self.tables, t) {
+                self.maglev_chunks -= table_chunks(t.len());
+            }
+        }
+    }
+
+    /// What every Service port counted needs.
+    pub fn entries(&self) -> Entries {
+        Entries {
+            slots: self.slots,
+            members: self.members,
+            backends: self.backends.len() as u64,
+            rev_nat: self.rev_nat.len() as u64,
+            service_ports: self.names.len() as u64,
+            maglev_chunks: self.maglev_chunks,
+            source_ranges: self.source_ranges,
+        }
+    }
+
+    /// Whether maps of `sizes` hold every Service port counted.
+    pub fn fits(&self, sizes: &MapSizes) -> bool {
+        Entries::default()
+            .overflow(&self.entries(), sizes)
+            .is_none()
     }
 }
 

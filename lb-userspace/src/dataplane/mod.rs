@@ -18,6 +18,7 @@ pub mod bpf_sys;
 pub mod capacity;
 pub mod crash;
 pub mod ct_gc;
+pub mod cycle;
 pub mod fake;
 mod ids;
 pub mod links;

@@ -73,6 +73,8 @@ pub struct Syncer<D: Dataplane> {
     dp: D,
     frontends: BTreeMap<FrontendKey, ProgrammedFrontend>,
     backends: HashMap<BackendKey, (u32, Backend)>,
+    /// The key of each backend id in `backends`.
+    backend_keys: HashMap<u32, BackendKey>,
     backend_refs: HashMap<u32, u32>,
     backend_ids: IdAllocator,
     rev_nat: HashMap<SocketAddrV4, (u32, u32)>, // frontend address -> (id, references)
@@ -104,8 +106,13 @@ pub struct Syncer<D: Dataplane> {
     /// (Service-port id, backend id) of UDP frontends' backends that left a frontend in this
     /// sync: their conntrack flows are flushed unless the backend still serves the Service port.
     departed: BTreeSet<(u32, u32)>,
+    /// Counts the changes of `svc_port_ids` ([`Syncer::names_version`]).
+    names_version: u64,
     /// The next sync compares everything (the first one after adoption).
     full_pass: bool,
+    /// Frontends the last sync left as they were for want of room (compared again by the next
+    /// [`Syncer::sync_touched`] whatever it is told).
+    waiting: BTreeSet<FrontendKey>,
     /// Total map writes since start.
     pub total_writes: u64,
     /// What the maps can hold.
@@ -127,6 +134,7 @@ impl<D: Dataplane> Syncer<D> {
             dp,
             frontends: BTreeMap::new(),
             backends: HashMap::new(),
+            backend_keys: HashMap::new(),
             backend_refs: HashMap::new(),
             backend_ids: IdAllocator::with_used(found.backends.keys().copied()),
             rev_nat: HashMap::new(),
@@ -152,7 +160,9 @@ impl<D: Dataplane> Syncer<D> {
             name_refs: HashMap::new(),
             maybe_unused: Vec::new(),
             departed: BTreeSet::new(),
+            names_version: 0,
             full_pass: true,
+            waiting: BTreeSet::new(),
             total_writes: 0,
             sizes: MapSizes::default(),
             ranges: BTreeMap::new(),
@@ -179,6 +189,7 @@ impl<D: Dataplane> Syncer<D> {
                 Entry::Occupied(_) => self.stray_backends.push(*id),
                 Entry::Vacant(v) => {
                     v.insert((*id, *b));
+                    self.backend_keys.insert(*id, key);
                 }
             }
         }
@@ -366,6 +377,12 @@ impl<D: Dataplane> Syncer<D> {
             .collect()
     }
 
+    /// Changes whenever [`Syncer::service_ports`] does (so a caller that copies them need not
+    /// copy them after every sync).
+    pub fn names_version(&self) -> u64 {
+        self.names_version
+    }
+
     /// Service port (`namespace/name:port/PROTO`) -> its id in the maps.
     pub fn service_ports(&self) -> &HashMap<String, u32> {
         &self.svc_port_ids
@@ -386,12 +403,43 @@ impl<D: Dataplane> Syncer<D> {
     /// reported in [`SyncStats::deferred`] and tried again by the next sync: one frontend
     /// without room never stops the others.
     pub fn sync(&mut self, desired: &Desired) -> Result<SyncStats> {
+        self.sync_some(desired, None)
+    }
+
+    /// [`Syncer::sync`] when the caller knows which frontends' desired state may have changed
+    /// since the last sync (`touched`: `control::memo::Update::touched`): only those are
+    /// compared, so the pass costs what changed, not the cluster. The frontends left waiting for
+    /// room by the last sync are compared too; the first sync after adoption compares
+    /// everything anyway.
+    pub fn sync_touched(
+        &mut self,
+        desired: &Desired,
+        touched: &BTreeSet<FrontendKey>,
+    ) -> Result<SyncStats> {
+        self.sync_some(desired, Some(touched))
+    }
+
+    fn sync_some(
+        &mut self,
+        desired: &Desired,
+        touched: Option<&BTreeSet<FrontendKey>>,
+    ) -> Result<SyncStats> {
         let before = self.total_writes;
         let full = self.full_pass;
+        let waiting = std::mem::take(&mut self.waiting);
+        let touched: Option<BTreeSet<FrontendKey>> = touched
+            .filter(|_| !full)
+            .map(|t| t.iter().chain(&waiting).copied().collect());
         // Frontends to (re)apply: all of them on a full pass, else those whose desired state
         // changed since it was applied.
         let changed: Vec<(FrontendKey, &DesiredFrontend)> = if full {
             desired.iter().map(|(k, d)| (*k, d)).collect()
+        } else if let Some(t) = &touched {
+            t.iter()
+                .filter_map(|k| desired.get_key_value(k))
+                .filter(|(k, d)| self.applied.get(*k) != Some(*d))
+                .map(|(k, d)| (*k, d))
+                .collect()
         } else {
             desired
                 .iter()
@@ -399,16 +447,20 @@ impl<D: Dataplane> Syncer<D> {
                 .map(|(k, d)| (*k, d))
                 .collect()
         };
-        let gone: Vec<FrontendKey> =
-            if full || desired.len() != self.applied.len() || !changed.is_empty() {
-                self.frontends
-                    .keys()
-                    .filter(|k| !desired.contains_key(k))
-                    .copied()
-                    .collect()
-            } else {
-                Vec::new()
-            };
+        let gone: Vec<FrontendKey> = if let Some(t) = &touched {
+            t.iter()
+                .filter(|k| !desired.contains_key(k) && self.frontends.contains_key(k))
+                .copied()
+                .collect()
+        } else if full || desired.len() != self.applied.len() || !changed.is_empty() {
+            self.frontends
+                .keys()
+                .filter(|k| !desired.contains_key(k))
+                .copied()
+                .collect()
+        } else {
+            Vec::new()
+        };
         // Backends and names the changed frontends want stay while the others are freed.
         let wanted: HashSet<BackendKey> = changed
             .iter()
@@ -524,6 +576,7 @@ impl<D: Dataplane> Syncer<D> {
         self.free_ranges()?;
         let udp_flows_flushed = self.flush_departed()?;
         self.full_pass = false;
+        self.waiting = deferred.iter().map(|(fe, _, _)| *fe).collect();
         Ok(SyncStats {
             writes: self.total_writes - before,
             udp_flows_flushed,
@@ -555,6 +608,7 @@ impl<D: Dataplane> Syncer<D> {
                     let id = self.backend_ids.alloc();
                     self.write(|dp| dp.put_backend(id, &value))?;
                     self.backends.insert(k, (id, value));
+                    self.backend_keys.insert(id, k);
                 }
             }
         }
@@ -563,6 +617,7 @@ impl<D: Dataplane> Syncer<D> {
             let id = self.svc_port_alloc.alloc();
             self.write(|dp| dp.put_service_name(id, &d.service_port))?;
             self.svc_port_ids.insert(d.service_port.clone(), id);
+            self.names_version += 1;
         }
         // The source ranges before a master that names them (a master whose flag finds no
         // entry admits nobody: never more than the ranges say).
@@ -762,12 +817,10 @@ impl<D: Dataplane> Syncer<D> {
         let by_id: HashMap<u32, BackendKey> = if all {
             self.backends.iter().map(|(k, (id, _))| (*id, *k)).collect()
         } else {
-            // Few candidates: find their keys without indexing every backend.
-            let want: BTreeSet<u32> = candidates.iter().copied().collect();
-            self.backends
+            // Few candidates: their keys by id.
+            candidates
                 .iter()
-                .filter(|(_, (id, _))| want.contains(id))
-                .map(|(k, (id, _))| (*id, *k))
+                .filter_map(|id| Some((*id, *self.backend_keys.get(id)?)))
                 .collect()
         };
         let named = self.still_named();
@@ -787,6 +840,7 @@ impl<D: Dataplane> Syncer<D> {
         for (k, id) in unused {
             self.write(|dp| dp.del_backend(id))?;
             self.backends.remove(&k);
+            self.backend_keys.remove(&id);
             self.backend_refs.remove(&id);
             self.backend_ids.release(id);
         }
@@ -821,6 +875,7 @@ impl<D: Dataplane> Syncer<D> {
                 continue;
             }
             if let Some(id) = self.svc_port_ids.remove(&k) {
+                self.names_version += 1;
                 self.write(|dp| dp.del_service_name(id))?;
                 self.svc_port_alloc.release(id);
             }

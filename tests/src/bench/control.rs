@@ -9,7 +9,11 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use lb_userspace::control::{desired, model, plan, source::Objects};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use lb_userspace::{
+    control::{model, source::Objects},
+    dataplane::{capacity::MapSizes, cycle::ControlPlane},
+};
 use serde::Serialize;
 
 use super::gen;
@@ -40,10 +44,40 @@ pub fn cluster_manifests(n: usize, e: usize) -> String {
     )
 }
 
+/// The benchmark's snapshot, as the Kubernetes source hands it over: every object with a uid
+/// and a resourceVersion, bumped on each change ([`bump`]).
 fn objects(text: &str) -> Result<Objects> {
     let mut o = Objects::default();
     lb_userspace::control::source::parse_into(Path::new("bench.yaml"), text, &mut o)?;
+    let stamp = |m: &mut ObjectMeta, kind: &str| {
+        m.uid = Some(format!(
+            "{kind}/{}/{}",
+            m.namespace.as_deref().unwrap_or(""),
+            m.name.as_deref().unwrap_or("")
+        ));
+        m.resource_version = Some("1".into());
+    };
+    o.services
+        .iter_mut()
+        .for_each(|s| stamp(&mut s.metadata, "svc"));
+    o.endpoint_slices
+        .iter_mut()
+        .for_each(|s| stamp(&mut s.metadata, "slice"));
+    o.nodes
+        .iter_mut()
+        .for_each(|n| stamp(&mut n.metadata, "node"));
+    o.versioned = true;
     Ok(o)
+}
+
+/// A changed object's next resourceVersion, as the API server gives it.
+fn bump(m: &mut ObjectMeta) {
+    let v: u64 = m
+        .resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    m.resource_version = Some((v + 1).to_string());
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -55,6 +89,8 @@ pub struct Change {
     pub sync_ms: f64,
     /// Map writes (the same every repetition).
     pub writes: u64,
+    /// Services whose model was rebuilt per change (the most of any repetition).
+    pub services_recomputed: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -64,6 +100,17 @@ pub struct MapMemory {
     pub capacity: u64,
     /// The kernel's own figure (`memlock` in /proc/self/fdinfo).
     pub kernel_bytes: u64,
+}
+
+/// Programming and changes at one cluster size.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScalePoint {
+    pub services: usize,
+    pub endpoints_per_service: usize,
+    pub parse_ms: f64,
+    pub program_from_scratch_ms: f64,
+    pub program_from_scratch_writes: u64,
+    pub changes: Vec<Change>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -79,6 +126,10 @@ pub struct ControlBench {
     /// Target: one endpoint change in under 5 ms with a number of writes that does not grow with
     /// the cluster.
     pub endpoint_change_target_ms: f64,
+    /// Target: the largest cluster programmed from scratch within this many seconds.
+    pub program_from_scratch_target_s: f64,
+    /// The same measurements at larger clusters (maps sized for them by the size flags).
+    pub at_scale: Vec<ScalePoint>,
     pub maps: Vec<MapMemory>,
     /// Kernel memory of every map together.
     pub maps_total_bytes: u64,
@@ -99,18 +150,43 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-/// One generation as the agent runs it; returns (cycle, sync, writes).
-fn cycle(h: &mut XdpHarness, o: &Objects) -> Result<(Duration, Duration, u64)> {
-    let t = Instant::now();
-    let m = model::build(o, NODE);
-    if !m.rejected.is_empty() {
-        bail!("benchmark objects rejected: {:?}", m.rejected.first());
+/// Map sizes (as the `--map-*` flags set them) for `n` Services of `e` endpoints: the defaults,
+/// or powers of two with room for every frontend slot and backend.
+pub fn map_sizes_for(n: usize, e: usize) -> MapSizes {
+    let d = MapSizes::default();
+    let at_least = |have: u32, need: usize| have.max((need as u32).next_power_of_two());
+    MapSizes {
+        // A ClusterIP Service port: a master and a slot per backend (the NodePort Service has
+        // a few more frontends).
+        frontend_slots: at_least(d.frontend_slots, n * (e + 1) + n / 4),
+        backends: at_least(d.backends, n * e + e + 16),
+        rev_nat: at_least(d.rev_nat, n + 16),
+        service_ports: at_least(d.service_ports, n + 16),
+        ..d
     }
-    let p = plan::plan(&m, NODE);
-    let d = desired::desired(&p);
+}
+
+/// One generation as the agent runs it (`ControlPlane::update` and `ControlPlane::sync` on a
+/// new snapshot, taken outside the timing as a source hands it over); returns (cycle, sync,
+/// writes, Services recomputed).
+fn cycle(
+    h: &mut XdpHarness,
+    cp: &mut ControlPlane,
+    o: &Objects,
+) -> Result<(Duration, Duration, u64, u64)> {
+    let snapshot = o.clone();
+    let modelled = cp.memo().work.modelled;
+    let t = Instant::now();
+    let replaced = cp.update(snapshot);
+    if let Some(r) = cp.memo().rejected().next().or(cp.not_fitting().first()) {
+        bail!("benchmark objects rejected: {r:?}");
+    }
     let s = Instant::now();
-    let writes = h.program(&d)?;
-    Ok((t.elapsed(), s.elapsed(), writes))
+    let st = cp.sync(&mut h.syncer)?;
+    let (c, sy) = (t.elapsed(), s.elapsed());
+    // The replaced snapshot is freed after the timing (the agent frees it off its loop).
+    drop(replaced);
+    Ok((c, sy, st.writes, cp.memo().work.modelled - modelled))
 }
 
 /// Replaces endpoint `which` of the slice of Service `name` with `addr`.
@@ -128,14 +204,20 @@ fn replace_endpoint(o: &mut Objects, name: &str, which: usize, addr: &str) {
         })
         .expect("slice of the Service");
     s.endpoints.as_mut().expect("endpoints")[which].addresses = vec![addr.to_string()];
+    bump(&mut s.metadata);
 }
 
-pub fn control_bench(n: usize, e: usize, repeats: usize) -> Result<ControlBench> {
+/// Programs `n` Services of `e` endpoints from scratch into maps sized for them, then applies
+/// endpoint changes, `repeats` times each.
+fn measure(n: usize, e: usize, repeats: usize) -> Result<(ScalePoint, XdpHarness, Vec<MapMemory>)> {
     let text = cluster_manifests(n, e);
     let t = Instant::now();
     let mut o = objects(&text)?;
     let parse_ms = ms(t.elapsed());
-    let mut h = XdpHarness::with_map_sizes(&[])?;
+    drop(text);
+    let sizes = map_sizes_for(n, e);
+    let mut h = XdpHarness::with_map_sizes(&sizes.per_map())?;
+    h.syncer.set_sizes(sizes);
     let empty = map_memory(h.pin_dir())?;
     h.set_config(&lb_common::Config {
         node_addr_be: u32::from_ne_bytes([192, 168, 100, 1]),
@@ -144,7 +226,8 @@ pub fn control_bench(n: usize, e: usize, repeats: usize) -> Result<ControlBench>
         ready: 1,
         ..Default::default()
     })?;
-    let (full, _, full_writes) = cycle(&mut h, &o)?;
+    let mut cp = ControlPlane::new(NODE, model::Checks::default(), sizes);
+    let (full, _, full_writes, _) = cycle(&mut h, &mut cp, &o)?;
 
     let mut changes = Vec::new();
     for (what, svc) in [
@@ -157,7 +240,7 @@ pub fn control_bench(n: usize, e: usize, repeats: usize) -> Result<ControlBench>
             "web".to_string(),
         ),
     ] {
-        let (mut cycles, mut syncs, mut writes) = (Vec::new(), Vec::new(), 0);
+        let (mut cycles, mut syncs, mut writes, mut recomputed) = (Vec::new(), Vec::new(), 0, 0);
         for r in 0..repeats {
             replace_endpoint(
                 &mut o,
@@ -165,21 +248,23 @@ pub fn control_bench(n: usize, e: usize, repeats: usize) -> Result<ControlBench>
                 3,
                 &format!("10.252.{}.{}", r / 200, r % 200 + 1),
             );
-            let (c, s, w) = cycle(&mut h, &o)?;
+            let (c, s, w, m) = cycle(&mut h, &mut cp, &o)?;
             cycles.push(ms(c));
             syncs.push(ms(s));
             writes = w;
+            recomputed = recomputed.max(m);
         }
         changes.push(Change {
             what,
             cycle_ms: median(cycles),
             sync_ms: median(syncs),
             writes,
+            services_recomputed: recomputed,
         });
     }
     // Add and remove one endpoint too.
     {
-        let (mut cycles, mut syncs, mut writes) = (Vec::new(), Vec::new(), 0);
+        let (mut cycles, mut syncs, mut writes, mut recomputed) = (Vec::new(), Vec::new(), 0, 0);
         let svc = format!("fill-{}", n / 3);
         for r in 0..repeats {
             let s = o
@@ -201,19 +286,39 @@ pub fn control_bench(n: usize, e: usize, repeats: usize) -> Result<ControlBench>
             } else {
                 s.endpoints.as_mut().expect("endpoints").pop();
             }
-            let (c, sy, w) = cycle(&mut h, &o)?;
+            bump(&mut s.metadata);
+            let (c, sy, w, m) = cycle(&mut h, &mut cp, &o)?;
             cycles.push(ms(c));
             syncs.push(ms(sy));
             writes = writes.max(w);
+            recomputed = recomputed.max(m);
         }
         changes.push(Change {
             what: "one endpoint of a ClusterIP Service added or removed (most writes of either)",
             cycle_ms: median(cycles),
             sync_ms: median(syncs),
             writes,
+            services_recomputed: recomputed,
         });
     }
+    Ok((
+        ScalePoint {
+            services: n,
+            endpoints_per_service: e,
+            parse_ms,
+            program_from_scratch_ms: ms(full),
+            program_from_scratch_writes: full_writes,
+            changes,
+        },
+        h,
+        empty,
+    ))
+}
 
+/// The control-plane benchmark at `n` Services of `e` endpoints (with the maps' memory), and
+/// at each of `larger` cluster sizes.
+pub fn control_bench(n: usize, e: usize, repeats: usize, larger: &[usize]) -> Result<ControlBench> {
+    let (point, h, empty) = measure(n, e, repeats)?;
     let maps = map_memory(h.pin_dir())?;
     let total: u64 = maps.iter().map(|m| m.kernel_bytes).sum();
     let per_entry = |name: &str| -> f64 {
@@ -248,14 +353,21 @@ pub fn control_bench(n: usize, e: usize, repeats: usize) -> Result<ControlBench>
     };
     let chunks = lb_userspace::dataplane::maglev::table_size(e).div_ceil(lb_common::MAGLEV_CHUNK);
     let bytes_per_maglev_table = per_chunk * chunks as f64;
+    drop(h);
+    let mut at_scale = Vec::new();
+    for big in larger {
+        at_scale.push(measure(*big, e, repeats)?.0);
+    }
     Ok(ControlBench {
         services: n,
         endpoints_per_service: e,
-        parse_ms,
-        program_from_scratch_ms: ms(full),
-        program_from_scratch_writes: full_writes,
-        changes,
+        parse_ms: point.parse_ms,
+        program_from_scratch_ms: point.program_from_scratch_ms,
+        program_from_scratch_writes: point.program_from_scratch_writes,
+        changes: point.changes,
         endpoint_change_target_ms: 5.0,
+        program_from_scratch_target_s: 10.0,
+        at_scale,
         maps,
         maps_total_bytes: total,
         bytes_per_service,

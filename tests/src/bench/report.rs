@@ -256,6 +256,26 @@ pub fn markdown(r: &Results) -> String {
                     ch.what, ch.sync_ms, ch.writes, ch.cycle_ms
                 );
             }
+            for p in &c.at_scale {
+                let _ = writeln!(
+                    md,
+                    "\n{} Services × {} endpoints (maps sized by the size flags): parse {} ms, program from scratch {} ms ({} map writes; target {} s).\n",
+                    thousands(p.services as f64),
+                    p.endpoints_per_service,
+                    p.parse_ms,
+                    p.program_from_scratch_ms,
+                    thousands(p.program_from_scratch_writes as f64),
+                    c.program_from_scratch_target_s
+                );
+                let _ = writeln!(md, "| Change | map update ms | writes | whole cycle ms (model + plan + update) |\n|---|---:|---:|---:|");
+                for ch in &p.changes {
+                    let _ = writeln!(
+                        md,
+                        "| {} | {} | {} | {} |",
+                        ch.what, ch.sync_ms, ch.writes, ch.cycle_ms
+                    );
+                }
+            }
         }
         Err(e) => {
             let _ = writeln!(md, "Not measured: {e}");

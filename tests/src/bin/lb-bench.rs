@@ -83,7 +83,9 @@ fn main() {
     };
     let control = if wants("control") {
         step("control plane and map memory");
-        control::control_bench(services, 10, if quick { 5 } else { 21 }).map_err(err)
+        // The full run also programs 100,000 Services (maps sized for them).
+        let larger: &[usize] = if quick { &[] } else { &[100_000] };
+        control::control_bench(services, 10, if quick { 5 } else { 21 }, larger).map_err(err)
     } else {
         skipped()
     };
