@@ -377,6 +377,8 @@ pub fn agent_memory(agent_bin: &Path, n: usize, e: usize) -> Result<AgentMemory>
                 "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
             ],
         )?;
+        // The agent serves its metrics and health on loopback by default.
+        crate::netns::ip(&tag, &["link", "set", "lo", "up"])?;
         crate::netns::ip(&tag, &["link", "set", "eth0", "up"])?;
         crate::netns::ip(&tag, &["link", "set", "eth1", "up"])?;
         crate::netns::ip(&tag, &["addr", "add", "192.168.100.1/24", "dev", "eth0"])?;
