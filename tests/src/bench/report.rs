@@ -947,7 +947,7 @@ fn line_panel(
     targets: &[(String, f64, &'static str)],
 ) -> f64 {
     title(s, y0 + 18.0, heading);
-    let (top, h) = (y0 + 34.0, 220.0);
+    let (top, h) = (y0 + 46.0, 220.0);
     let counts: Vec<usize> = {
         let mut c: Vec<usize> = series
             .iter()
@@ -993,7 +993,7 @@ fn line_panel(
         );
         note(s, PLOT_X - 6.0, y + 4.0, "end", "#444", &thousands(v));
     }
-    note(s, PLOT_X - 60.0, top - 6.0, "start", "#444", unit);
+    note(s, PLOT_X - 6.0, top - 12.0, "end", "#444", unit);
     for &n in &counts {
         let x = x_of(n);
         let _ = writeln!(
