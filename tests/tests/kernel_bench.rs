@@ -102,3 +102,73 @@ fn kernel_bench_ct_gc_sweeps_full_maps() {
     assert!(g.removed.abs_diff(g.entries / 2) <= 4, "{g:?}");
     assert!(g.sweep_entries_per_s > 0.0 && g.aya_iter_entries_per_s > 0.0);
 }
+
+/// The quick report end to end, as CI runs it so that a change that breaks the bench or its
+/// report shows: the per-packet paths and the control plane at a small size (no lab), written
+/// into a temporary directory; every file is there and well-formed and the targets table has
+/// every row. No figure is judged: that is the full run's business.
+#[test]
+fn kernel_bench_quick_report_is_written_and_well_formed() {
+    let Some(()) = lb_tests::require_privileges() else {
+        return;
+    };
+    let r = report::Results {
+        machine: report::Machine::read(),
+        quick: true,
+        testrun: Ok(testrun::testrun_bench(10_000, 3).unwrap()),
+        lab: Err("not run here".into()),
+        nat: Err("not run here".into()),
+        control: Ok(control::control_bench(200, 10, 3).unwrap()),
+        kube_proxy_restore: Err("not run here".into()),
+        agent_memory: Err("not run here".into()),
+        ct_gc: Err("not run here".into()),
+    };
+    let dir = std::env::temp_dir().join(format!("lbbenchquick{}", std::process::id()));
+    report::write(&dir, &r).unwrap();
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    let (json, md, chart) = (read("results.json"), read("results.md"), read("chart.svg"));
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let json: serde_json::Value = serde_json::from_str(&json).expect("results.json parses");
+    let ids: Vec<&str> = json["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, report::TARGET_IDS);
+    assert!(json["testrun"]["Ok"]["paths"].as_array().unwrap().len() >= 5);
+    assert_eq!(json["control"]["Ok"]["services"], 200);
+
+    // Every target is a row of the markdown table, the measured ones with a verdict.
+    for t in report::targets(&r) {
+        assert!(
+            md.contains(&format!("| {} | {} |", t.target, t.measured)),
+            "{} missing:\n{md}",
+            t.id
+        );
+        if t.id.starts_with("per_packet_") {
+            assert!(t.met.is_some(), "{t:?}");
+        }
+    }
+
+    let doc = roxmltree::Document::parse(&chart).expect("chart.svg parses as XML");
+    assert!(doc.root_element().has_tag_name("svg"));
+    let texts: Vec<&str> = doc.descendants().filter_map(|n| n.text()).collect();
+    for path in [
+        "floor",
+        "unknown_frontend",
+        "new_flow",
+        "established",
+        "reply",
+    ] {
+        assert!(
+            texts.iter().any(|t| t.starts_with(&format!("{path} ("))),
+            "no bar for {path}: {texts:?}"
+        );
+    }
+    assert!(
+        texts.iter().any(|t| t.starts_with("program from scratch")),
+        "{texts:?}"
+    );
+}

@@ -142,10 +142,16 @@ fn lab_kubeproxy_rule_errors_name_the_line() {
 #[test]
 fn lab_kubeproxy_bench_smoke() {
     let Some(_serial) = ready() else { return };
-    let points = labbench::lab_bench(&[1, 100], Duration::from_secs(1)).unwrap();
-    assert_eq!(points.len(), 6, "{points:#?}");
+    let points = labbench::lab_bench(&[1, 100], Duration::from_secs(1), 2).unwrap();
+    assert_eq!(points.len(), 2 * labbench::MODES.len(), "{points:#?}");
     for p in &points {
         assert!(p.rps > 0.0 && p.pps > 0.0, "{p:#?}");
+        // Two runs each, the point's figure their median.
+        assert_eq!(p.rps_spread.runs.len(), 2, "{p:#?}");
+        assert!(
+            p.rps_spread.min <= p.rps && p.rps <= p.rps_spread.max,
+            "{p:#?}"
+        );
     }
     let seen: BTreeSet<(String, usize)> = points
         .iter()

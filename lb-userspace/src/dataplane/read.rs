@@ -96,23 +96,42 @@ fn count_entries<K: aya::Pod, V: aya::Pod>(bpffs: &Path, name: &str, lru: bool) 
     Ok(m.keys().count() as u64)
 }
 
+/// What the kernel says of one open map in `/proc/self/fdinfo`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelMapInfo {
+    /// The memory the kernel charges for the map (`memlock`), in bytes.
+    pub memlock: u64,
+    /// Its capacity (`max_entries`).
+    pub max_entries: u64,
+}
+
+/// [`KernelMapInfo`] of an open map (the bench's memory table reads it too).
+pub fn kernel_map_info(data: &MapData) -> Result<KernelMapInfo> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let fd = data.fd().as_fd().as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+        .context("reading the map's fdinfo")?;
+    let field = |k: &str| -> Result<u64> {
+        info.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no {k} line in the map's fdinfo"))
+    };
+    Ok(KernelMapInfo {
+        memlock: field("memlock:")?,
+        max_entries: field("max_entries:")?,
+    })
+}
+
 /// The kernel memory of every map pinned under `bpffs` (the `memlock` the kernel charges for
 /// it, from `/proc/self/fdinfo`), by pinned name.
 pub fn map_memory(bpffs: &Path) -> Result<Vec<(&'static str, u64)>> {
-    use std::os::fd::{AsFd, AsRawFd};
     check_dir(bpffs)?;
     let mut out = Vec::new();
     for name in map_name::ALL {
         let data = open_pinned(bpffs, name)?;
-        let fd = data.fd().as_fd().as_raw_fd();
-        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
-            .with_context(|| format!("reading the fdinfo of {name}"))?;
-        let bytes = info
-            .lines()
-            .find_map(|l| l.strip_prefix("memlock:"))
-            .and_then(|v| v.trim().parse().ok())
-            .with_context(|| format!("no memlock line in the fdinfo of {name}"))?;
-        out.push((name, bytes));
+        let info = kernel_map_info(&data).with_context(|| format!("map {name}"))?;
+        out.push((name, info.memlock));
     }
     Ok(out)
 }

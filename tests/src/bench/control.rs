@@ -98,7 +98,8 @@ pub struct MapMemory {
     pub map: String,
     pub entries: u64,
     pub capacity: u64,
-    /// The kernel's own figure (`memlock` in /proc/self/fdinfo).
+    /// The kernel's own figure (`memlock` in /proc/self/fdinfo, as the agent's
+    /// `lb_map_memory_bytes` reads it: `dataplane::read::kernel_map_info`).
     pub kernel_bytes: u64,
 }
 
@@ -391,16 +392,9 @@ pub fn map_memory(dir: &Path) -> Result<Vec<MapMemory>> {
         }
         let data = aya::maps::MapData::from_pin(&path)
             .with_context(|| format!("open {}", path.display()))?;
-        use std::os::fd::{AsFd, AsRawFd};
-        let fd = data.fd().as_fd().as_raw_fd();
-        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
-        let field = |k: &str| -> u64 {
-            info.lines()
-                .find_map(|l| l.strip_prefix(k))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0)
-        };
-        let (capacity, kernel_bytes) = (field("max_entries:"), field("memlock:"));
+        let info = lb_userspace::dataplane::read::kernel_map_info(&data)
+            .with_context(|| format!("map {name}"))?;
+        let (capacity, kernel_bytes) = (info.max_entries, info.memlock);
         let entries = count_keys(&data)?;
         out.push(MapMemory {
             map: name,
@@ -495,6 +489,8 @@ pub fn agent_memory(agent_bin: &Path, n: usize, e: usize) -> Result<AgentMemory>
                 "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
             ],
         )?;
+        // The agent serves its metrics and health on loopback by default.
+        crate::netns::ip(&tag, &["link", "set", "lo", "up"])?;
         crate::netns::ip(&tag, &["link", "set", "eth0", "up"])?;
         crate::netns::ip(&tag, &["link", "set", "eth1", "up"])?;
         crate::netns::ip(&tag, &["addr", "add", "192.168.100.1/24", "dev", "eth0"])?;

@@ -4,6 +4,12 @@
 //!
 //! Each (Service count, mode) point gets a fresh [`Lab`], so nothing of one mode (agent, pinned
 //! maps, rules, conntrack entries) is present while another is measured:
+//! - `no-lb`: the reference without a load balancer: no agent and no rules; the client sends
+//!   straight to the pods b1 and b2 (port [`TARGET_PORT`]), routed through node1's stack both
+//!   ways (the routes of [`super::nat`]'s no-LB path), as every other mode's packets go, so the
+//!   only difference is the Service translation. The Service count
+//!   does not change this path; it is measured at every count all the same, which shows how much
+//!   the machine itself drifts during a run.
 //! - `xdp`: `lb-agent run` on node1 only, with `--device eth0` (as [`Lab::spawn_agent`] starts
 //!   it) and [`XDP_AGENT_ARGS`], on manifests holding the lab's Node objects, the measured
 //!   Service and the fillers.
@@ -22,7 +28,10 @@
 //! Service ports.
 //!
 //! The load comes from `lab-load` (src/bin/lab-load.rs) in the client namespace; see
-//! [`LabPoint::rps`] and [`LabPoint::pps`] for exactly what is counted. The client namespace gets
+//! [`LabPoint::rps`] and [`LabPoint::pps`] for exactly what is counted. Each point runs the TCP
+//! and the UDP load `repeats` times, alternating, on the same programmed lab; the point's figure
+//! is the median of the runs, and [`Spread`] keeps every run with the minimum, maximum and
+//! standard deviation. The client namespace gets
 //! `net.ipv4.tcp_tw_reuse=1` so that its TIME_WAIT sockets do not run it out of source ports.
 use std::{
     collections::BTreeMap,
@@ -67,24 +76,68 @@ pub const XDP_AGENT_ARGS: &[&str] = &[];
 /// How long the agent may take for its first sync (10,000 Services included).
 const AGENT_SYNC_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// The runs of one figure and how far apart they are.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Spread {
+    /// Every run's figure, in the order they ran.
+    pub runs: Vec<f64>,
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    /// Population standard deviation of the runs (0 for a single run).
+    pub stddev: f64,
+}
+
+impl Spread {
+    pub fn of(runs: Vec<f64>) -> Self {
+        if runs.is_empty() {
+            return Self::default();
+        }
+        let mut sorted = runs.clone();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len();
+        let median = if n % 2 == 1 {
+            sorted[n / 2]
+        } else {
+            (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+        };
+        let mean = sorted.iter().sum::<f64>() / n as f64;
+        let var = sorted.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n as f64;
+        Self {
+            median,
+            min: sorted[0],
+            max: sorted[n - 1],
+            stddev: var.sqrt(),
+            runs,
+        }
+    }
+}
+
 /// One measurement: one mode, one Service count.
 #[derive(Debug, Clone, Serialize)]
 pub struct LabPoint {
-    /// `xdp`, `iptables` or `nftables`.
+    /// `no-lb`, `xdp`, `iptables` or `nftables`.
     pub mode: String,
     /// Services present: the measured one and `services - 1` fillers.
     pub services: usize,
     /// Completed TCP requests per second: each request is a NEW connection from the client to
     /// node1's NodePort (connect, send one line, read the echo's one-line reply naming b1 or b2,
     /// close), by [`TCP_WORKERS`] concurrent clients. Only requests whose reply arrived count;
-    /// divided by the measured wall time of the run.
+    /// divided by the measured wall time of the run. The median of [`LabPoint::rps_spread`].
     pub rps: f64,
     /// UDP replies received per second through the NodePort: [`UDP_WORKERS`] x
     /// [`UDP_FLOWS_PER_WORKER`] connected sockets (distinct source ports), each sending its next
     /// datagram as soon as the reply to the previous one arrived. Each reply is a datagram that
-    /// went client -> node1 -> b1/b2 and back; node1 forwards twice this many packets.
+    /// went client -> node1 -> b1/b2 and back; node1 forwards twice this many packets. The
+    /// median of [`LabPoint::pps_spread`].
     pub pps: f64,
-    /// `tcp_errors + udp_errors`.
+    /// TCP and UDP runs of this point.
+    pub repeats: usize,
+    /// Requests/s of each TCP run.
+    pub rps_spread: Spread,
+    /// Replies/s of each UDP run.
+    pub pps_spread: Spread,
+    /// `tcp_errors + udp_errors` (all runs).
     pub errors: u64,
     pub tcp_requests: u64,
     /// TCP requests that failed (connect refused or timed out, reset, no or bad reply).
@@ -96,7 +149,7 @@ pub struct LabPoint {
     /// UDP datagrams without a reply within [`UDP_TIMEOUT`], plus socket errors.
     pub udp_errors: u64,
     pub udp_backends: BTreeMap<String, u64>,
-    /// Measured wall time of the TCP and the UDP run.
+    /// Measured wall time of the TCP and of the UDP runs (all runs together).
     pub tcp_seconds: f64,
     pub udp_seconds: f64,
     /// Time to program the Services: agent start until its first sync is logged (`xdp`), or the
@@ -198,18 +251,20 @@ pub fn agent_manifests(services: &[BenchService]) -> String {
     format!("{}\n{}", nodes.join("\n---\n"), gen::to_manifests(services))
 }
 
-/// The modes [`lab_bench`] measures, in order.
-pub const MODES: [&str; 3] = ["xdp", "iptables", "nftables"];
+/// The modes [`lab_bench`] measures, in order: the no-load-balancer reference, ours, and
+/// kube-proxy's two rule sets.
+pub const MODES: [&str; 4] = ["no-lb", "xdp", "iptables", "nftables"];
 
 /// For each count in `services` and each mode of [`MODES`]: a fresh lab, the Services
-/// programmed, a TCP run and a UDP run of `duration` each (see [`LabPoint`]), everything removed
-/// again. Points come out in that order. Request errors do not fail the run (they are counted);
-/// a mode that cannot be set up, or whose Service answers none of a few first requests, does.
-pub fn lab_bench(services: &[usize], duration: Duration) -> Result<Vec<LabPoint>> {
+/// programmed, `repeats` TCP and UDP runs of `duration` each (see [`LabPoint`]), everything
+/// removed again. Points come out in that order. Request errors do not fail the run (they are
+/// counted); a mode that cannot be set up, or whose Service answers none of a few first
+/// requests, does.
+pub fn lab_bench(services: &[usize], duration: Duration, repeats: usize) -> Result<Vec<LabPoint>> {
     let mut points = Vec::new();
     for &n in services {
         for mode in MODES {
-            let p = lab_point(mode, n, duration)
+            let p = lab_point(mode, n, duration, repeats)
                 .with_context(|| format!("lab bench: {mode} with {n} Services"))?;
             points.push(p);
         }
@@ -218,10 +273,16 @@ pub fn lab_bench(services: &[usize], duration: Duration) -> Result<Vec<LabPoint>
 }
 
 /// One point of [`lab_bench`].
-pub fn lab_point(mode: &str, services: usize, duration: Duration) -> Result<LabPoint> {
+pub fn lab_point(
+    mode: &str,
+    services: usize,
+    duration: Duration,
+    repeats: usize,
+) -> Result<LabPoint> {
     if !MODES.contains(&mode) {
         bail!("unknown mode {mode} (one of {MODES:?})");
     }
+    let repeats = repeats.max(1);
     let lab = Lab::new()?;
     netns::exec_in(
         &lab.client_netns,
@@ -235,6 +296,23 @@ pub fn lab_point(mode: &str, services: usize, duration: Duration) -> Result<LabP
     let mut rule_lines = 0;
     let mut agent = None;
     match mode {
+        "no-lb" => {
+            // Both directions routed through node1, as the NAT bench's no-LB path is.
+            let node2 = lab.node("node2").clone();
+            lab.client_route(&node2.pod_cidr, "node1")?;
+            netns::ip(
+                &node2.netns,
+                &[
+                    "route",
+                    "add",
+                    &format!("{}/32", crate::lab::CLIENT_ADDR),
+                    "via",
+                    &node1.addr.to_string(),
+                    "dev",
+                    crate::lab::NODE_DEVICE,
+                ],
+            )?;
+        }
         "xdp" => {
             let manifests = lab.tmpdir().join("bench-manifests.yaml");
             fs::write(&manifests, agent_manifests(&svcs))?;
@@ -256,25 +334,51 @@ pub fn lab_point(mode: &str, services: usize, duration: Duration) -> Result<LabP
             )?
             .lines;
         }
-        _ => {
+        "nftables" => {
             rule_lines =
                 kubeproxy::nft_apply_in(&node1.netns, &kubeproxy::nft_full_transaction(&svcs))?
                     .lines;
         }
+        other => bail!("mode {other} has no setup"),
     }
     let program_ms = started.elapsed().as_secs_f64() * 1000.0;
 
-    let tcp_target = format!("{}:{NODE_PORT_TCP}", node1.addr);
-    let udp_target = format!("{}:{NODE_PORT_UDP}", node1.addr);
-    // The Service must answer before it is measured.
-    for (proto, target) in [("tcp", &tcp_target), ("udp", &udp_target)] {
-        let ex = lab.run_client("client", &[proto, target, "--count", "4"])?;
-        if !ex.iter().any(|e| e.ok) {
-            bail!("{mode}: no answer from {proto} {target} before the run: {ex:?}");
+    let (tcp_target, udp_target) = if mode == "no-lb" {
+        // Straight to the pods: one target per worker, in turn (lab-load).
+        let pods: Vec<String> = lab
+            .pods_of("node2")
+            .iter()
+            .map(|p| format!("{}:{TARGET_PORT}", p.addr))
+            .collect();
+        (pods.join(","), pods.join(","))
+    } else {
+        (
+            format!("{}:{NODE_PORT_TCP}", node1.addr),
+            format!("{}:{NODE_PORT_UDP}", node1.addr),
+        )
+    };
+    // The Service (or the pods) must answer before it is measured.
+    for (proto, targets) in [("tcp", &tcp_target), ("udp", &udp_target)] {
+        for target in targets.split(',') {
+            let ex = lab.run_client("client", &[proto, target, "--count", "4"])?;
+            if !ex.iter().any(|e| e.ok) {
+                bail!("{mode}: no answer from {proto} {target} before the run: {ex:?}");
+            }
         }
     }
-    let tcp = run_load(&lab, "tcp", &tcp_target, duration)?;
-    let udp = run_load(&lab, "udp", &udp_target, duration)?;
+    let (mut tcp, mut udp) = (LoadReport::default(), LoadReport::default());
+    let (mut rps_runs, mut pps_runs) = (Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        let t = run_load(&lab, "tcp", &tcp_target, duration)?;
+        rps_runs.push(rate(t.ok, t.elapsed_s));
+        tcp.elapsed_s += t.elapsed_s;
+        tcp.merge(t);
+        let u = run_load(&lab, "udp", &udp_target, duration)?;
+        pps_runs.push(rate(u.ok, u.elapsed_s));
+        udp.elapsed_s += u.elapsed_s;
+        udp.merge(u);
+    }
+    let (rps_spread, pps_spread) = (Spread::of(rps_runs), Spread::of(pps_runs));
 
     let mut xdp_counters = BTreeMap::new();
     if let Some(mut a) = agent {
@@ -284,7 +388,7 @@ pub fn lab_point(mode: &str, services: usize, duration: Duration) -> Result<LabP
         uninstall_agent(&lab, "node1")?;
     } else if mode == "iptables" {
         kubeproxy::iptables_flush_in(&node1.netns)?;
-    } else {
+    } else if mode == "nftables" {
         kubeproxy::nft_flush_in(&node1.netns)?;
     }
     drop(lab);
@@ -298,8 +402,11 @@ pub fn lab_point(mode: &str, services: usize, duration: Duration) -> Result<LabP
     Ok(LabPoint {
         mode: mode.into(),
         services,
-        rps: rate(tcp.ok, tcp.elapsed_s),
-        pps: rate(udp.ok, udp.elapsed_s),
+        rps: rps_spread.median,
+        pps: pps_spread.median,
+        repeats,
+        rps_spread,
+        pps_spread,
         errors: tcp.errors + udp.errors,
         tcp_requests: tcp.sent,
         tcp_errors: tcp.errors,

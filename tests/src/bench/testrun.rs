@@ -27,6 +27,9 @@ const NODE: [u8; 4] = [192, 168, 100, 1];
 const CLIENT: [u8; 4] = [198, 18, 0, 1];
 const LB_IP: [u8; 4] = [203, 0, 113, 9];
 const TCP: u8 = 6;
+/// Issue 16: an established packet costs at most this many times the floor (the report holds
+/// the other paths' targets).
+pub const ESTABLISHED_RATIO_TARGET: f64 = 5.0;
 const XDP_NAMES: [&str; 5] = ["aborted", "drop", "pass", "tx", "redirect"];
 
 #[derive(Debug, Clone, Serialize)]
@@ -53,7 +56,7 @@ pub struct TestRunBench {
     pub restore_ns: f64,
     pub restore_new_source_ns: f64,
     pub paths: Vec<PathTiming>,
-    /// Target: an established flow costs at most 2.5 times the floor.
+    /// Target: an established flow costs at most [`ESTABLISHED_RATIO_TARGET`] times the floor.
     pub established_ratio_target: f64,
     pub established_ratio_met: bool,
 }
@@ -410,8 +413,8 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
         restore_ns: median(&mut restore_runs.clone()) - floor,
         restore_new_source_ns: median(&mut restore_vary_runs.clone()) - floor,
         paths: all,
-        established_ratio_target: 2.5,
-        established_ratio_met: est <= 2.5,
+        established_ratio_target: ESTABLISHED_RATIO_TARGET,
+        established_ratio_met: est <= ESTABLISHED_RATIO_TARGET,
     })
 }
 

@@ -7,10 +7,11 @@
 //!     W threads, each in a loop: open a NEW connection, send one line, read the one-line reply
 //!     (`NAME IP:PORT`), close. `ok` counts requests whose reply arrived. With several targets,
 //!     worker i connects to target i mod (number of targets).
-//! lab-load udp IP:PORT --duration-ms D [--workers W] [--flows F] [--timeout-ms T]
+//! lab-load udp IP:PORT[,IP:PORT...] --duration-ms D [--workers W] [--flows F] [--timeout-ms T]
 //!     W threads with F connected sockets each (distinct source ports); every socket keeps one
 //!     datagram in flight and sends the next as soon as the reply arrives, or after T without
-//!     one (counted as an error). `ok` counts replies received.
+//!     one (counted as an error). `ok` counts replies received. With several targets, worker i
+//!     sends to target i mod (number of targets).
 //! lab-load udp-flows IP:PORT --flows N --first-port P [--window W] [--timeout-ms T] [--tries R]
 //!     N flows, one per source port P..P+N-1 (bound explicitly, so every flow is a distinct
 //!     four-tuple): each sends one datagram and waits for the reply, sending it again after T
@@ -80,8 +81,8 @@ fn parse_args() -> Args {
                 .unwrap_or_else(|_| usage(&format!("bad target {t} (IP:PORT)")))
         })
         .collect();
-    if targets.len() > 1 && proto != "tcp" {
-        usage("several targets only for tcp");
+    if targets.len() > 1 && proto != "tcp" && proto != "udp" {
+        usage("several targets only for tcp and udp");
     }
     let mut a = Args {
         proto: proto.clone(),

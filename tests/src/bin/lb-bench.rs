@@ -1,4 +1,4 @@
-//! `lb-bench [--quick] [--out DIR] [--skip-lab] [--only PART] [--lab-services N,N] [--lab-modes M,M]`: runs every
+//! `lb-bench [--quick] [--out DIR] [--skip-lab] [--only PART] [--lab-services N,N] [--lab-modes M,M] [--lab-repeats N]`: runs every
 //! benchmark of issue 7 and the NAT targets of issue 12 (or one PART: testrun, control, restore,
 //! agent, lab; `lab` includes the NAT targets) and writes
 //! DIR/results.json, DIR/results.md and DIR/chart.svg (DIR defaults to `bench`). `cargo xtask
@@ -15,6 +15,7 @@ fn main() {
     let mut only: Option<String> = None;
     let mut lab_override: Option<Vec<usize>> = None;
     let mut lab_modes: Option<Vec<String>> = None;
+    let mut lab_repeats = LAB_REPEATS;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -39,8 +40,17 @@ fn main() {
             "--lab-modes" => {
                 let v = args
                     .next()
-                    .unwrap_or_else(|| usage("--lab-modes needs xdp,iptables,nftables"));
+                    .unwrap_or_else(|| usage("--lab-modes needs no-lb,xdp,iptables,nftables"));
                 lab_modes = Some(v.split(',').map(str::to_string).collect());
+            }
+            "--lab-repeats" => {
+                let v = args
+                    .next()
+                    .unwrap_or_else(|| usage("--lab-repeats needs a number"));
+                lab_repeats =
+                    v.parse().ok().filter(|n| *n > 0).unwrap_or_else(|| {
+                        usage(&format!("--lab-repeats {v}: not a positive number"))
+                    });
             }
             "--lab-services" => {
                 let v = args
@@ -52,7 +62,7 @@ fn main() {
                 }));
             }
             "-h" | "--help" => {
-                println!("usage: lb-bench [--quick] [--out DIR] [--skip-lab] [--only testrun|control|restore|agent|lab|ctgc] [--lab-services N,N] [--lab-modes xdp,iptables,nftables]");
+                println!("usage: lb-bench [--quick] [--out DIR] [--skip-lab] [--only testrun|control|restore|agent|lab|ctgc] [--lab-services N,N] [--lab-modes no-lb,xdp,iptables,nftables] [--lab-repeats N (default {LAB_REPEATS})]");
                 return;
             }
             other => usage(&format!("unknown argument {other:?}")),
@@ -114,15 +124,16 @@ fn main() {
     } else if !wants("lab") {
         skipped()
     } else {
-        step("lab: NodePort through XDP, iptables and nftables");
+        step("lab: NodePort without a load balancer, through XDP, iptables and nftables");
+        let duration = Duration::from_secs(lab_secs);
         match &lab_modes {
-            None => labbench::lab_bench(&lab_services, Duration::from_secs(lab_secs)).map_err(err),
+            None => labbench::lab_bench(&lab_services, duration, lab_repeats).map_err(err),
             Some(modes) => {
                 let mut points = Vec::new();
                 let mut failure = None;
                 for n in &lab_services {
                     for m in modes {
-                        match labbench::lab_point(m, *n, Duration::from_secs(lab_secs)) {
+                        match labbench::lab_point(m, *n, duration, lab_repeats) {
                             Ok(p) => points.push(p),
                             Err(e) => failure = Some(err(e)),
                         }
@@ -157,7 +168,7 @@ fn main() {
         agent_memory,
         ct_gc,
     };
-    if let Err(e) = write(&out, &results) {
+    if let Err(e) = report::write(&out, &results) {
         eprintln!("lb-bench: error: writing {}: {e}", out.display());
         std::process::exit(1);
     }
@@ -182,18 +193,10 @@ fn main() {
     }
 }
 
-fn write(out: &std::path::Path, r: &report::Results) -> std::io::Result<()> {
-    std::fs::create_dir_all(out)?;
-    std::fs::write(
-        out.join("results.json"),
-        serde_json::to_string_pretty(r).expect("serializable") + "\n",
-    )?;
-    std::fs::write(out.join("results.md"), report::markdown(r))?;
-    std::fs::write(out.join("chart.svg"), report::svg(r))?;
-    Ok(())
-}
+/// TCP and UDP runs per lab point (each point's spread comes from these).
+const LAB_REPEATS: usize = 3;
 
 fn usage(msg: &str) -> ! {
-    eprintln!("lb-bench: error: {msg}\nusage: lb-bench [--quick] [--out DIR] [--skip-lab] [--only PART] [--lab-services N,N] [--lab-modes M,M]");
+    eprintln!("lb-bench: error: {msg}\nusage: lb-bench [--quick] [--out DIR] [--skip-lab] [--only PART] [--lab-services N,N] [--lab-modes M,M] [--lab-repeats N]");
     std::process::exit(2);
 }
