@@ -118,7 +118,7 @@ fn kernel_bench_quick_report_is_written_and_well_formed() {
         testrun: Ok(testrun::testrun_bench(10_000, 3).unwrap()),
         lab: Err("not run here".into()),
         nat: Err("not run here".into()),
-        control: Ok(control::control_bench(200, 10, 3).unwrap()),
+        control: Ok(control::control_bench(200, 10, 3, &[]).unwrap()),
         kube_proxy_restore: Err("not run here".into()),
         agent_memory: Err("not run here".into()),
         ct_gc: Err("not run here".into()),

@@ -223,6 +223,25 @@ fn control_figures(r: &Results) -> ControlFigures {
             (c.services, c.endpoints_per_service),
             c.program_from_scratch_ms,
         );
+        // The larger clusters measured the same way (100,000 Services in a full run).
+        for p in &c.at_scale {
+            let worst = |v: &dyn Fn(&super::control::Change) -> f64| {
+                p.changes
+                    .iter()
+                    .map(v)
+                    .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))))
+            };
+            if let Some(ms) = worst(&|ch| ch.cycle_ms) {
+                f.cycle_ms.insert(p.services, ms);
+            }
+            if let Some(ms) = worst(&|ch| ch.sync_ms) {
+                f.sync_ms.insert(p.services, ms);
+            }
+            f.from_scratch_ms.insert(
+                (p.services, p.endpoints_per_service),
+                p.program_from_scratch_ms,
+            );
+        }
     }
     f
 }
