@@ -266,22 +266,23 @@ impl XdpHarness {
     }
 
     /// The next hop cached in a conntrack entry (either tier).
-    pub fn conntrack_next_hop(&self, key: &CtKey) -> Result<Option<NextHop>> {
-        for name in [map_name::CONNTRACK, map_name::CONNTRACK_NEW] {
-            let map = self
-                .ebpf
-                .map(name)
-                .ok_or_else(|| anyhow!("no map {name}"))?;
-            let ct: HashMap<&MapData, CtKey, CtValue> = HashMap::try_from(map)?;
-            if let Ok(v) = ct.get(key, 0) {
-                return Ok(Some(v.nh));
-            }
-        }
-        Ok(None)
+    pub fn conntrack_next_hop(&mut self, key: &CtKey) -> Result<Option<NextHop>> {
+        self.conntrack_value(key, |v| v.nh)
     }
 
     /// Rewrites the next hop cached in a conntrack entry (either tier), e.g. to make it older.
     pub fn conntrack_set_next_hop(&mut self, key: &CtKey, nh: NextHop) -> Result<()> {
+        self.conntrack_value(key, |v| v.nh = nh)?
+            .ok_or_else(|| anyhow!("no conntrack entry for {key:?}"))
+    }
+
+    /// Applies `f` to the conntrack value under `key` in whichever tier holds it, writing the
+    /// value back; `None` when neither does.
+    fn conntrack_value<T>(
+        &mut self,
+        key: &CtKey,
+        f: impl FnOnce(&mut CtValue) -> T,
+    ) -> Result<Option<T>> {
         for name in [map_name::CONNTRACK, map_name::CONNTRACK_NEW] {
             let map = self
                 .ebpf
@@ -289,12 +290,12 @@ impl XdpHarness {
                 .ok_or_else(|| anyhow!("no map {name}"))?;
             let mut ct: HashMap<&mut MapData, CtKey, CtValue> = HashMap::try_from(map)?;
             if let Ok(mut v) = ct.get(key, 0) {
-                v.nh = nh;
+                let out = f(&mut v);
                 ct.insert(key, v, 0)?;
-                return Ok(());
+                return Ok(Some(out));
             }
         }
-        Err(anyhow!("no conntrack entry for {key:?}"))
+        Ok(None)
     }
 
     /// The route generation (`map_name::ROUTE_GEN`).

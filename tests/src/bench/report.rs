@@ -207,43 +207,50 @@ struct ControlFigures {
 fn control_figures(r: &Results) -> ControlFigures {
     let mut f = ControlFigures::default();
     if let Ok(c) = &r.control {
-        let worst = |v: &dyn Fn(&super::control::Change) -> f64| {
-            c.changes
-                .iter()
-                .map(v)
-                .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))))
-        };
-        if let Some(ms) = worst(&|ch| ch.cycle_ms) {
-            f.cycle_ms.insert(c.services, ms);
-        }
-        if let Some(ms) = worst(&|ch| ch.sync_ms) {
-            f.sync_ms.insert(c.services, ms);
-        }
-        f.from_scratch_ms.insert(
-            (c.services, c.endpoints_per_service),
+        f.add(
+            c.services,
+            c.endpoints_per_service,
             c.program_from_scratch_ms,
+            &c.changes,
         );
         // The larger clusters measured the same way (100,000 Services in a full run).
         for p in &c.at_scale {
-            let worst = |v: &dyn Fn(&super::control::Change) -> f64| {
-                p.changes
-                    .iter()
-                    .map(v)
-                    .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))))
-            };
-            if let Some(ms) = worst(&|ch| ch.cycle_ms) {
-                f.cycle_ms.insert(p.services, ms);
-            }
-            if let Some(ms) = worst(&|ch| ch.sync_ms) {
-                f.sync_ms.insert(p.services, ms);
-            }
-            f.from_scratch_ms.insert(
-                (p.services, p.endpoints_per_service),
+            f.add(
+                p.services,
+                p.endpoints_per_service,
                 p.program_from_scratch_ms,
+                &p.changes,
             );
         }
     }
     f
+}
+
+impl ControlFigures {
+    /// One cluster size's figures: the slowest change's cycle and map update, and programming
+    /// from scratch.
+    fn add(
+        &mut self,
+        services: usize,
+        endpoints: usize,
+        from_scratch_ms: f64,
+        changes: &[super::control::Change],
+    ) {
+        let worst = |v: fn(&super::control::Change) -> f64| {
+            changes
+                .iter()
+                .map(v)
+                .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))))
+        };
+        if let Some(ms) = worst(|ch| ch.cycle_ms) {
+            self.cycle_ms.insert(services, ms);
+        }
+        if let Some(ms) = worst(|ch| ch.sync_ms) {
+            self.sync_ms.insert(services, ms);
+        }
+        self.from_scratch_ms
+            .insert((services, endpoints), from_scratch_ms);
+    }
 }
 
 /// The ratio `a / b` (infinite when `b` is 0).
