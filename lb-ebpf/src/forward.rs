@@ -4,7 +4,7 @@
 //! device running the XDP program; the stack when the route is unknown, leaves by another
 //! interface (a bridge towards pods, a tc device) or the TTL runs out.
 //!
-//! A confirmed flow keeps the FIB's answer in its conntrack entry (`CtEntry::nh`) and reuses it
+//! A confirmed flow keeps the FIB's answer in its conntrack value (`CtValue::nh`) and reuses it
 //! instead of a lookup per packet while it is fresh (`NextHop::stale` is 0: the same route
 //! generation, which the agent moves on whenever a route, address, link or neighbour changes;
 //! the same receiving device; a packet no longer than one the route's MTU was checked for; and
@@ -23,7 +23,7 @@ use crate::{csum, maps, parse::Ipv4};
 
 const AF_INET: u8 = 2;
 
-/// Where a confirmed flow's direction keeps its next hop (its conntrack entry's `nh`), and the
+/// Where a confirmed flow's direction keeps its next hop (its conntrack value's `nh`), and the
 /// packet's time (seconds, as the entry's).
 pub struct NhSlot {
     pub nh: *mut NextHop,
