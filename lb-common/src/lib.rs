@@ -108,8 +108,9 @@ pub const BENCH_FRAME_LEN: usize = 64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BenchFrame {
     pub bytes: [u8; BENCH_FRAME_LEN],
-    /// Non-zero: each iteration gets a new IPv4 source address (`base + seq`), checksums fixed,
-    /// so that every iteration is a new flow.
+    /// Non-zero: each iteration gets a new IPv4 source address (`base + seq`) and a source port
+    /// in 32768..=49151 derived from `seq`, checksums fixed, so that every iteration is a new
+    /// flow from a client with an ephemeral port.
     pub vary_source: u32,
     /// Iterations so far (the next source offset).
     pub seq: u32,

@@ -2,7 +2,7 @@
 //!
 //! BPF_PROG_TEST_RUN with `repeat` > 1 hands each iteration the packet the previous one wrote.
 //! To time a path that rewrites packets, every iteration first restores the original frame from
-//! the `lb_bench` map (and, for new flows, gives it a fresh source address). `lb_bench_restore`
+//! the `lb_bench` map (and, for new flows, gives it a fresh source address and port). `lb_bench_restore`
 //! does exactly that work and returns XDP_PASS, so its cost minus the floor's is the restore's
 //! own, which the benchmark subtracts.
 use core::mem::offset_of;
@@ -22,6 +22,8 @@ const IP_CHECK: usize = EthHdr::LEN + offset_of!(Ipv4Hdr, check);
 const IP_SRC: usize = EthHdr::LEN + offset_of!(Ipv4Hdr, src_addr);
 const IP_PROTO: usize = EthHdr::LEN + offset_of!(Ipv4Hdr, proto);
 const L4: usize = EthHdr::LEN + Ipv4Hdr::LEN;
+/// The lowest source port a varied frame gets (Linux's default ephemeral range starts here).
+const EPHEMERAL_BASE: u16 = 32768;
 
 /// Restores the frame; false when the packet is not a benchmark frame.
 #[inline(always)]
@@ -55,8 +57,14 @@ pub fn restore(ctx: &XdpContext) -> bool {
             } else {
                 L4 + offset_of!(UdpHdr, check)
             };
+            // And a source port as a client's ephemeral port would be: spread over
+            // 32768..=49151 (inside the default SNAT range, so the port is kept when free).
+            let old_port = core::ptr::read_unaligned(p.add(L4) as *const u16);
+            let new_port = (EPHEMERAL_BASE | (seq.wrapping_mul(40503) as u16 & 0x3fff)).to_be();
+            core::ptr::write_unaligned(p.add(L4) as *mut u16, new_port);
             let c = core::ptr::read_unaligned(p.add(l4c) as *const u16);
-            core::ptr::write_unaligned(p.add(l4c) as *mut u16, csum::replace4(c, old, new));
+            let c = csum::replace2(csum::replace4(c, old, new), old_port, new_port);
+            core::ptr::write_unaligned(p.add(l4c) as *mut u16, c);
         }
     }
     true

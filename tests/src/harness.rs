@@ -236,6 +236,25 @@ impl XdpHarness {
         Ok(())
     }
 
+    /// Removes every conntrack entry of both tiers except those under `keep`; returns how many
+    /// it removed.
+    pub fn conntrack_clear_except(&mut self, keep: &[CtKey]) -> Result<usize> {
+        let mut n = 0;
+        for name in [map_name::CONNTRACK, map_name::CONNTRACK_NEW] {
+            let map = self
+                .ebpf
+                .map_mut(name)
+                .ok_or_else(|| anyhow!("no map {name}"))?;
+            let mut ct: HashMap<&mut MapData, CtKey, CtValue> = HashMap::try_from(map)?;
+            let keys = ct.keys().collect::<Result<Vec<_>, _>>()?;
+            for k in keys.iter().filter(|k| !keep.contains(k)) {
+                ct.remove(k)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Makes every conntrack entry (both tiers) `secs` seconds older, as if the flows had been
     /// idle that much longer (to stage expiry without waiting).
     pub fn conntrack_age(&mut self, secs: u32) -> Result<()> {

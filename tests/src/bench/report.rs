@@ -463,8 +463,9 @@ pub fn markdown(r: &Results) -> String {
         Ok(t) => {
             let _ = writeln!(
                 md,
-                "{} repeats per run, median of {} runs; the frame-restore wrapper's own cost ({} ns, {} ns with a fresh source address) is subtracted.\n",
+                "{} repeats per run ({} for new flows, each call from an empty conntrack: no flow expires inside a test run, so more would time a node whose SNAT ports are nearly all held), median of {} runs; the frame-restore wrapper's own cost ({} ns, {} ns with a fresh source address and port) is subtracted.\n",
                 thousands(t.repeats as f64),
+                thousands(t.new_flow_repeats as f64),
                 t.runs,
                 f1(t.restore_ns),
                 f1(t.restore_new_source_ns)
