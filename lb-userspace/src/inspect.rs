@@ -146,17 +146,73 @@ pub struct ConntrackView {
     /// "established" (confirmed flows) or "new" (TCP before the handshake completed, UDP before
     /// a reply).
     pub tier: &'static str,
+    /// The XDP path's cached next hop for this direction (output device and MAC addresses,
+    /// `dev eth0 to 02:..:02 from 02:..:01`), "-" when none is cached (unconfirmed flows, tc,
+    /// traffic the stack forwards).
+    pub next_hop: Option<String>,
+    /// Whether the XDP path would use that next hop for the flow's next packet now (same route
+    /// generation, younger than `limits::NEXT_HOP_REVALIDATE_S`; the device and size checks
+    /// depend on the packet); "-" when none is cached.
+    pub next_hop_fresh: Option<bool>,
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+fn mac(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A device's name by index, or `if<N>` when it has none (gone, or in another namespace).
+fn device_name(ifindex: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` holds IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return format!("if{ifindex}");
+    }
+    // SAFETY: on success the name is NUL-terminated inside `buf`.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The next-hop columns of a conntrack value: its text and whether it is fresh at `now` in
+/// route generation `gen`.
+fn next_hop_view(
+    nh: &lb_common::NextHop,
+    gen: Option<u32>,
+    now: u32,
+) -> (Option<String>, Option<bool>) {
+    if nh.in_ifindex == 0 {
+        return (None, None);
+    }
+    let text = format!(
+        "dev {} to {} from {}",
+        device_name(nh.out_ifindex),
+        mac(nh.dmac),
+        mac(nh.smac)
+    );
+    let fresh = gen == Some(nh.gen)
+        && now.wrapping_sub(nh.checked_s) < lb_common::limits::NEXT_HOP_REVALIDATE_S;
+    (Some(text), Some(fresh))
 }
 
 pub fn conntrack(bpffs: &Path) -> Result<Vec<ConntrackView>> {
     use lb_common::{ct_flags, ct_state};
     let now = boot_seconds();
     let all = conntrack_all(bpffs)?;
+    // An agent older than the next-hop cache pinned no generation map: every next hop shows as
+    // not fresh then.
+    let gen = crate::dataplane::read::route_gen(bpffs).ok();
     let last_seen: std::collections::HashMap<lb_common::CtKey, u32> =
-        all.iter().map(|(k, e, _)| (*k, e.last_seen_s)).collect();
+        all.iter().map(|(k, v, _)| (*k, v.e.last_seen_s)).collect();
     let mut v: Vec<ConntrackView> = all
         .into_iter()
-        .map(|(k, e, tier)| {
+        .map(|(k, v, tier)| {
+            let e = v.e;
+            let (next_hop, next_hop_fresh) = next_hop_view(&v.nh, gen, now);
             let partner = last_seen.get(&e.partner_key(&k)).copied();
             let last = partner.map_or(e.last_seen_s, |p| ct_gc::latest(e.last_seen_s, p));
             let lifetime = ct_state::lifetime_s(e.state);
@@ -184,6 +240,8 @@ pub fn conntrack(bpffs: &Path) -> Result<Vec<ConntrackView>> {
                 local_backend: e.flags & ct_flags::LOCAL_BACKEND != 0,
                 backend_id: e.backend_id,
                 idle_seconds: now.saturating_sub(e.last_seen_s),
+                next_hop,
+                next_hop_fresh,
             }
         })
         .collect();
@@ -363,9 +421,9 @@ pub fn lookup(
             proto,
             _pad: [0; 3],
         };
-        if let Some((_, e, _)) = conntrack_all(bpffs)?
+        if let Some(e) = conntrack_all(bpffs)?
             .into_iter()
-            .find(|(k, _, _)| *k == key)
+            .find_map(|(k, v, _)| (k == key).then_some(v.e))
         {
             out.reason = "conntrack";
             out.backend = Some(addr(e.nat_daddr_be, e.nat_dport_be).to_string());

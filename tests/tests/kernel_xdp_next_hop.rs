@@ -163,11 +163,39 @@ fn scenario(ns: &str) -> Result<()> {
         "the packet's IPv4 total length"
     );
 
+    // lbctl conntrack shows it, fresh; the reply direction has none yet.
+    let shown = |h: &XdpHarness| -> Result<Vec<(String, Option<String>, Option<bool>)>> {
+        Ok(lb_userspace::inspect::conntrack(h.pin_dir())?
+            .into_iter()
+            .map(|c| (c.direction.to_string(), c.next_hop, c.next_hop_fresh))
+            .collect())
+    };
+    let cached = Some("dev bench0 to 02:00:00:00:00:02 from ".to_string());
+    let rows = shown(&h)?;
+    assert!(
+        rows.iter().any(|(d, n, f)| d == "original"
+            && n.as_ref()
+                .is_some_and(|n| n.starts_with(cached.as_deref().unwrap()))
+            && *f == Some(true)),
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter()
+            .any(|(d, n, f)| d == "reply" && n.is_none() && f.is_none()),
+        "{rows:?}"
+    );
+
     // The neighbour's address changes and nobody says so: the cached answer is used.
     neighbour(ns, "02:00:00:00:00:03")?;
     assert_eq!(segment(&h, 10)?, (XDP_TX, mac(2)), "the cache is used");
     // The route generation moves (as the agent's monitor does): looked up again.
     h.set_route_gen(nh.gen.wrapping_add(1))?;
+    let rows = shown(&h)?;
+    assert!(
+        rows.iter()
+            .any(|(d, n, f)| d == "original" && n.is_some() && *f == Some(false)),
+        "another generation: not fresh: {rows:?}"
+    );
     assert_eq!(segment(&h, 10)?, (XDP_TX, mac(3)), "a new generation");
     assert_eq!(
         h.conntrack_next_hop(&key)?.context("entry")?.gen,

@@ -253,21 +253,29 @@ pub(crate) fn typed<K: aya::Pod, V: aya::Pod>(
     Ok(m.iter().collect::<Result<Vec<_>, _>>()?)
 }
 
-/// Both conntrack tiers, each entry with its state name.
+/// Both conntrack tiers, each value (entry and cached next hop) with its tier's name.
 pub(crate) fn conntrack_all(
     bpffs: &Path,
-) -> Result<Vec<(lb_common::CtKey, lb_common::CtEntry, &'static str)>> {
+) -> Result<Vec<(lb_common::CtKey, lb_common::CtValue, &'static str)>> {
     use lb_common::{CtKey, CtValue};
     let mut v: Vec<_> = typed::<CtKey, CtValue>(bpffs, map_name::CONNTRACK, true)?
         .into_iter()
-        .map(|(k, v)| (k, v.e, "established"))
+        .map(|(k, v)| (k, v, "established"))
         .collect();
     v.extend(
         typed::<CtKey, CtValue>(bpffs, map_name::CONNTRACK_NEW, true)?
             .into_iter()
-            .map(|(k, v)| (k, v.e, "new")),
+            .map(|(k, v)| (k, v, "new")),
     );
     Ok(v)
+}
+
+/// The route generation the datapath's cached next hops are checked against
+/// (`lb_route_gen_v1`).
+pub fn route_gen(bpffs: &Path) -> Result<u32> {
+    let data = open_pinned(bpffs, map_name::ROUTE_GEN)?;
+    let m: aya::maps::Array<MapData, u32> = aya::maps::Array::try_from(Map::Array(data))?;
+    Ok(m.get(&0, 0)?)
 }
 
 /// Per-Service-port counters summed over CPUs, by Service-port id.
