@@ -164,7 +164,8 @@ fn scenario(ns: &str) -> Result<()> {
     );
 
     // lbctl conntrack shows it, fresh; the reply direction has none yet.
-    let shown = |h: &XdpHarness| -> Result<Vec<(String, Option<String>, Option<bool>)>> {
+    type Shown = Vec<(String, Option<String>, Option<bool>)>;
+    let shown = |h: &XdpHarness| -> Result<Shown> {
         Ok(lb_userspace::inspect::conntrack(h.pin_dir())?
             .into_iter()
             .map(|c| (c.direction.to_string(), c.next_hop, c.next_hop_fresh))
