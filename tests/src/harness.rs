@@ -223,16 +223,31 @@ impl XdpHarness {
         Ok((read(map_name::CONNTRACK)?, read(map_name::CONNTRACK_NEW)?))
     }
 
-    /// Removes a conntrack entry from both tiers (to stage an eviction).
-    pub fn conntrack_remove(&mut self, key: &CtKey) -> Result<()> {
+    /// Runs `f` on each conntrack tier (established, then new), writable; stops at the first
+    /// `Some` it returns.
+    fn each_tier<T>(
+        &mut self,
+        mut f: impl FnMut(&mut HashMap<&mut MapData, CtKey, CtValue>) -> Result<Option<T>>,
+    ) -> Result<Option<T>> {
         for name in [map_name::CONNTRACK, map_name::CONNTRACK_NEW] {
             let map = self
                 .ebpf
                 .map_mut(name)
                 .ok_or_else(|| anyhow!("no map {name}"))?;
             let mut ct: HashMap<&mut MapData, CtKey, CtValue> = HashMap::try_from(map)?;
-            let _ = ct.remove(key);
+            if let Some(out) = f(&mut ct)? {
+                return Ok(Some(out));
+            }
         }
+        Ok(None)
+    }
+
+    /// Removes a conntrack entry from both tiers (to stage an eviction).
+    pub fn conntrack_remove(&mut self, key: &CtKey) -> Result<()> {
+        self.each_tier(|ct| {
+            let _ = ct.remove(key);
+            Ok(None::<()>)
+        })?;
         Ok(())
     }
 
@@ -240,36 +255,28 @@ impl XdpHarness {
     /// it removed.
     pub fn conntrack_clear_except(&mut self, keep: &[CtKey]) -> Result<usize> {
         let mut n = 0;
-        for name in [map_name::CONNTRACK, map_name::CONNTRACK_NEW] {
-            let map = self
-                .ebpf
-                .map_mut(name)
-                .ok_or_else(|| anyhow!("no map {name}"))?;
-            let mut ct: HashMap<&mut MapData, CtKey, CtValue> = HashMap::try_from(map)?;
+        self.each_tier(|ct| {
             let keys = ct.keys().collect::<Result<Vec<_>, _>>()?;
             for k in keys.iter().filter(|k| !keep.contains(k)) {
                 ct.remove(k)?;
                 n += 1;
             }
-        }
+            Ok(None::<()>)
+        })?;
         Ok(n)
     }
 
     /// Makes every conntrack entry (both tiers) `secs` seconds older, as if the flows had been
     /// idle that much longer (to stage expiry without waiting).
     pub fn conntrack_age(&mut self, secs: u32) -> Result<()> {
-        for name in [map_name::CONNTRACK, map_name::CONNTRACK_NEW] {
-            let map = self
-                .ebpf
-                .map_mut(name)
-                .ok_or_else(|| anyhow!("no map {name}"))?;
-            let mut ct: HashMap<&mut MapData, CtKey, CtValue> = HashMap::try_from(map)?;
+        self.each_tier(|ct| {
             let all = ct.iter().collect::<Result<Vec<_>, _>>()?;
             for (k, mut v) in all {
                 v.e.last_seen_s = v.e.last_seen_s.wrapping_sub(secs);
                 ct.insert(k, v, 0)?;
             }
-        }
+            Ok(None::<()>)
+        })?;
         Ok(())
     }
 
@@ -302,19 +309,15 @@ impl XdpHarness {
         key: &CtKey,
         f: impl FnOnce(&mut CtValue) -> T,
     ) -> Result<Option<T>> {
-        for name in [map_name::CONNTRACK, map_name::CONNTRACK_NEW] {
-            let map = self
-                .ebpf
-                .map_mut(name)
-                .ok_or_else(|| anyhow!("no map {name}"))?;
-            let mut ct: HashMap<&mut MapData, CtKey, CtValue> = HashMap::try_from(map)?;
-            if let Ok(mut v) = ct.get(key, 0) {
-                let out = f(&mut v);
-                ct.insert(key, v, 0)?;
-                return Ok(Some(out));
-            }
-        }
-        Ok(None)
+        let mut f = Some(f);
+        self.each_tier(|ct| {
+            let Ok(mut v) = ct.get(key, 0) else {
+                return Ok(None);
+            };
+            let out = f.take().map(|f| f(&mut v));
+            ct.insert(key, v, 0)?;
+            Ok(out)
+        })
     }
 
     /// The route generation (`map_name::ROUTE_GEN`).
