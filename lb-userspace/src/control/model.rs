@@ -1353,6 +1353,10 @@ fn merge_endpoints(slices: &[&EndpointSlice]) -> BTreeMap<(String, Protocol), Ve
     }
     for list in out.values_mut() {
         list.sort_by_key(|e| (e.addr, e.port));
+        // The model keeps these for as long as the Service is unchanged: without the room
+        // that pushing left (10 endpoints take room for 16), 7 MB less resident at 10,000
+        // Services of 10 endpoints.
+        list.shrink_to_fit();
     }
     out
 }
