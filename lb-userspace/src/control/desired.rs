@@ -166,6 +166,8 @@ pub fn service_port_frontends(sp: &ServicePortPlan) -> Vec<(FrontendKey, Desired
             out.push((key(lb_common::scope::EXTERNAL), external));
         }
     }
+    // The memo keeps these: without the room pushing left.
+    out.shrink_to_fit();
     out
 }
 

@@ -17,6 +17,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     net::{Ipv4Addr, Ipv6Addr},
+    sync::Arc,
 };
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -41,16 +42,59 @@ type Group = (String, String);
 /// The frontends of one Service port as the maps get them.
 pub type PortFrontends = Vec<(FrontendKey, DesiredFrontend)>;
 
+/// An ordered set of Service keys, as a sorted vector. Nearly every frontend and claim has
+/// one Service: a `BTreeSet` of one key allocates a whole node (over 600 bytes), and at
+/// 10,000 Services the `claimants` and `owners` maps held two such sets per Service port,
+/// 12 MB resident. Lookups and changes are by binary search; order and contents are those
+/// of the `BTreeSet` it replaces.
+#[derive(Debug, Default)]
+struct KeySet(Vec<ServiceKey>);
+
+impl KeySet {
+    fn insert(&mut self, k: ServiceKey) {
+        if let Err(i) = self.0.binary_search(&k) {
+            // Room for one more, not for the usual doubling: most sets keep one key.
+            self.0.reserve_exact(1);
+            self.0.insert(i, k);
+        }
+    }
+
+    fn remove(&mut self, k: &ServiceKey) {
+        if let Ok(i) = self.0.binary_search(k) {
+            self.0.remove(i);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn last(&self) -> Option<&ServiceKey> {
+        self.0.last()
+    }
+}
+
+impl<'a> IntoIterator for &'a KeySet {
+    type Item = &'a ServiceKey;
+    type IntoIter = std::slice::Iter<'a, ServiceKey>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 /// What the memo keeps of one Service.
 struct Entry {
     /// Its position in the snapshot's Services.
     index: usize,
     /// Its model before collisions with other Services are settled, and its rejections then.
-    base: Option<ServiceModel>,
+    /// `base` and `model` are one shared model when settling changed nothing (nearly always):
+    /// two copies of every model were over 10 MB resident at 10,000 Services.
+    base: Option<Arc<ServiceModel>>,
     base_rejected: Vec<Rejected>,
     claims: BTreeSet<Claim>,
     /// Its model once collisions are settled, and what it lost to older Services.
-    model: Option<ServiceModel>,
+    model: Option<Arc<ServiceModel>>,
     lost: Vec<Rejected>,
     plan: Vec<ServicePortPlan<Ipv4Addr>>,
     plan_ipv6: Vec<ServicePortPlan<Ipv6Addr>>,
@@ -124,13 +168,13 @@ pub struct Memo {
     /// Positions of the slices of each Service, in snapshot order.
     slices_of: HashMap<Group, Vec<usize>>,
     /// Who claims each address frontend and node port (before collisions are settled).
-    claimants: HashMap<Claim, BTreeSet<ServiceKey>>,
+    claimants: HashMap<Claim, KeySet>,
     /// Every rejection with its count (the model's sorted list, duplicates included).
     rejected: BTreeMap<Rejected, usize>,
     desired: Desired,
     /// The Services whose frontends include each frontend: the last in the model's order wins,
     /// as in `desired::desired`.
-    owners: HashMap<FrontendKey, BTreeSet<ServiceKey>>,
+    owners: HashMap<FrontendKey, KeySet>,
     built: bool,
     pub work: Work,
 }
@@ -408,7 +452,7 @@ impl Memo {
             }
             changed_claims.extend(std::mem::take(&mut e.claims));
             changed_claims.extend(new_claims.iter().cloned());
-            e.base = base;
+            e.base = base.map(Arc::new);
             e.base_rejected = base_rejected;
             e.claims = new_claims;
         }
@@ -431,7 +475,7 @@ impl Memo {
             .collect();
         let mut models: Vec<ServiceModel> = keys
             .iter()
-            .map(|k| self.services[*k].base.clone().expect("filtered"))
+            .map(|k| ServiceModel::clone(self.services[*k].base.as_deref().expect("filtered")))
             .collect();
         let mut lost: Vec<Vec<Rejected>> = vec![Vec::new(); models.len()];
         for (i, r) in resolve_collisions_of(&mut models) {
@@ -452,11 +496,16 @@ impl Memo {
             uncount(&mut self.rejected, &e.lost);
             count(&mut self.rejected, &lost);
             e.lost = lost;
+            let model = model.map(|m| match &e.base {
+                Some(b) if **b == m => b.clone(),
+                _ => Arc::new(m),
+            });
             // The plan depends on the model and the node only.
             if e.model != model {
-                e.model = model;
                 replan.push(k.clone());
             }
+            // (Also when equal: then it shares the new `base`.)
+            e.model = model;
         }
         if everything {
             replan = self.services.keys().cloned().collect();
@@ -482,7 +531,7 @@ impl Memo {
                 .services
                 .get_mut(&k)
                 .expect("replanned Services are in the snapshot");
-            let (plan, plan_ipv6) = match &e.model {
+            let (plan, plan_ipv6) = match e.model.as_deref() {
                 Some(m) => (
                     if m.serves(IpFamily::IPv4) {
                         port_plans::<Ipv4Addr>(m, &self.plan_node)
@@ -561,7 +610,7 @@ impl Memo {
 
     /// The models of the served Services, in the model's order.
     pub fn services(&self) -> impl Iterator<Item = &ServiceModel> {
-        self.services.values().filter_map(|e| e.model.as_ref())
+        self.services.values().filter_map(|e| e.model.as_deref())
     }
 
     /// Every rejection, sorted (as `Model::rejected`).

@@ -343,7 +343,9 @@ pub fn port_plans<A: FamilyAddr>(svc: &ServiceModel, node: &NodeInfo) -> Vec<Ser
             || !external_ips.is_empty()
             || !load_balancer_ips.is_empty()
     });
-    let mut out = Vec::new();
+    // Exactly one plan per port: the memo keeps these, and the room pushing leaves (four for
+    // one) was 6 MB resident at 10,000 Services.
+    let mut out = Vec::with_capacity(svc.ports.len());
     for port in &svc.ports {
         let mut frontends = Vec::new();
         let mut add = |kind, ips: &[A], p: u16| {

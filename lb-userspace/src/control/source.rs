@@ -95,9 +95,13 @@ pub struct ManifestsSource {
     pending: Option<Vec<Stamp>>,
     /// Whether `read` can stand for the contents (no file changed in the last seconds).
     trusted: bool,
-    last: Option<Vec<(PathBuf, Vec<u8>)>>,
-    /// Contents that failed to parse (reported once).
-    failed: Option<Vec<(PathBuf, Vec<u8>)>>,
+    /// The contents last applied, as a SHA-256 digest per file: the agent keeps this source
+    /// for its lifetime, and 10,000 Services of manifests are over 12 MB, kept resident for
+    /// nothing but this comparison. Two different contents with one digest (a SHA-256
+    /// collision) are not a practical concern.
+    last: Option<Vec<(PathBuf, Digest)>>,
+    /// Contents that failed to parse (reported once), as digests too.
+    failed: Option<Vec<(PathBuf, Digest)>>,
 }
 
 impl ManifestsSource {
@@ -216,21 +220,33 @@ impl Source for ManifestsSource {
             })?;
             contents.push((f, bytes));
         }
-        if self.last.as_ref() == Some(&contents) || self.failed.as_ref() == Some(&contents) {
+        let digests: Vec<(PathBuf, Digest)> = contents
+            .iter()
+            .map(|(p, bytes)| (p.clone(), digest(bytes)))
+            .collect();
+        if self.last.as_ref() == Some(&digests) || self.failed.as_ref() == Some(&digests) {
             return Ok(None);
         }
         let mut objects = Objects::default();
         for (path, bytes) in &contents {
             let text = String::from_utf8_lossy(bytes);
             if let Err(e) = parse_into(path, &text, &mut objects) {
-                self.failed = Some(contents);
+                self.failed = Some(digests);
                 return Err(e);
             }
         }
         self.failed = None;
-        self.last = Some(contents);
+        self.last = Some(digests);
         Ok(Some(objects))
     }
+}
+
+/// The SHA-256 digest of a manifest file's contents.
+type Digest = [u8; 32];
+
+fn digest(bytes: &[u8]) -> Digest {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).into()
 }
 
 /// Reads every manifest below `path` once.
