@@ -1104,7 +1104,12 @@ fn line_panel(
     }
     // Targets at the largest count.
     let xt = x_of(counts[counts.len() - 1]);
-    for (label, v, colour) in targets {
+    // Labels top to bottom, each at least a line below the one above (two targets can land
+    // on nearly the same value).
+    let mut order: Vec<&(String, f64, &'static str)> = targets.iter().collect();
+    order.sort_by(|a, b| y_of(a.1).total_cmp(&y_of(b.1)));
+    let mut last_label_y = f64::NEG_INFINITY;
+    for (label, v, colour) in order {
         let y = y_of(*v);
         let _ = writeln!(
             s,
@@ -1112,7 +1117,9 @@ fn line_panel(
             xt - 30.0,
             xt + 30.0
         );
-        note(s, PLOT_X + PLOT_W + 10.0, y + 4.0, "start", colour, label);
+        let label_y = (y + 4.0).max(last_label_y + 14.0);
+        last_label_y = label_y;
+        note(s, PLOT_X + PLOT_W + 10.0, label_y, "start", colour, label);
     }
     // Legend, left of the plot.
     for (i, (mode, _)) in series.iter().enumerate() {
@@ -1346,44 +1353,43 @@ pub fn svg(r: &Results) -> String {
     );
 
     let mut bars = Vec::new();
-    if let Ok(c) = &r.control {
+    if r.control.is_ok() {
+        // Every cluster size measured (10,000 Services; 100,000 too in a full run), each with
+        // its own bars; the from-scratch target sits on the bar of the size it names.
         let cf = control_figures(r);
-        let n = c.services;
-        if let Some(ms) = cf.sync_ms.get(&n) {
-            bars.push((
-                "endpoint change: map update".into(),
-                *ms,
-                "#2a7",
-                Some((
-                    Some(CYCLE_TARGET_MS),
-                    format!("target < {CYCLE_TARGET_MS} ms (dashed)"),
-                )),
-            ));
-        }
-        if let Some(ms) = cf.cycle_ms.get(&n) {
-            bars.push((
-                "endpoint change: agent cycle".into(),
-                *ms,
-                "#6b9",
-                Some((
-                    Some(CYCLE_TARGET_MS),
-                    format!("target < {CYCLE_TARGET_MS} ms (dashed)"),
-                )),
-            ));
-        }
         let (tn, te, ts) = FROM_SCRATCH_TARGET;
-        bars.push((
-            "program from scratch (ours)".into(),
-            c.program_from_scratch_ms,
-            "#2a7",
-            Some((
-                Some(ts * 1000.0),
-                format!(
-                    "target < {ts} s at {} × {te} (dashed)",
-                    thousands(tn as f64)
-                ),
-            )),
-        ));
+        let sizes: Vec<(usize, usize)> = cf.from_scratch_ms.keys().copied().collect();
+        for (n, e) in sizes {
+            let at = format!("at {}", thousands(n as f64));
+            let change_target = Some((
+                Some(CYCLE_TARGET_MS),
+                format!("target < {CYCLE_TARGET_MS} ms (dashed)"),
+            ));
+            if let Some(ms) = cf.sync_ms.get(&n) {
+                bars.push((
+                    format!("endpoint change {at}: map update"),
+                    *ms,
+                    "#2a7",
+                    change_target.clone(),
+                ));
+            }
+            if let Some(ms) = cf.cycle_ms.get(&n) {
+                bars.push((
+                    format!("endpoint change {at}: agent cycle"),
+                    *ms,
+                    "#6b9",
+                    change_target,
+                ));
+            }
+            let scratch_target = ((n, e) == (tn, te))
+                .then(|| (Some(ts * 1000.0), format!("target < {ts} s (dashed)")));
+            bars.push((
+                format!("program from scratch {at} (ours)"),
+                cf.from_scratch_ms[&(n, e)],
+                "#2a7",
+                scratch_target,
+            ));
+        }
     }
     if let Ok(k) = &r.kube_proxy_restore {
         bars.push((
@@ -1401,13 +1407,17 @@ pub fn svg(r: &Results) -> String {
         bars.push(("nft -f: one change".into(), k.nft_partial_ms, "#d93", None));
         bars.push(("nft -f: everything".into(), k.nft_full_ms, "#d93", None));
     }
-    let heading = match &r.control {
-        Ok(c) => format!(
-            "Control plane, {} Services × {} endpoints (log scale)",
-            thousands(c.services as f64),
+    let heading = match (&r.control, &r.kube_proxy_restore) {
+        (Ok(c), Ok(_)) => format!(
+            "Control plane, Services × {} endpoints (log scale; kube-proxy's rules at {} Services)",
+            c.endpoints_per_service,
+            thousands(c.services as f64)
+        ),
+        (Ok(c), Err(_)) => format!(
+            "Control plane, Services × {} endpoints (log scale)",
             c.endpoints_per_service
         ),
-        Err(_) => "Control plane (log scale)".to_string(),
+        (Err(_), _) => "Control plane (log scale)".to_string(),
     };
     y = bar_panel(&mut body, y, &heading, &bars, true, &ms_text, None);
 
