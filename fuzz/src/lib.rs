@@ -283,7 +283,7 @@ fn check_model(objects: &Objects, node: &str, m: &Model) {
             assert!(p.node_port.is_none() || s.type_ != "ClusterIP");
             assert!(p.node_port != Some(0));
         }
-        for (key, eps) in &s.endpoints {
+        for (key, eps) in s.endpoints.iter() {
             assert!(
                 eps.windows(2)
                     .all(|w| (w[0].addr, w[0].port) < (w[1].addr, w[1].port)),
