@@ -194,8 +194,8 @@ fn next_hop_view(
         mac(nh.dmac),
         mac(nh.smac)
     );
-    let fresh = gen == Some(nh.gen)
-        && now.wrapping_sub(nh.checked_s) < lb_common::limits::NEXT_HOP_REVALIDATE_S;
+    // The datapath's own test, with the packet-dependent parts (device, size) taken as met.
+    let fresh = gen.is_some_and(|g| nh.stale(g, nh.in_ifindex, nh.fits, now) == 0);
     (Some(text), Some(fresh))
 }
 
