@@ -58,7 +58,9 @@ pub fn restore(ctx: &XdpContext) -> bool {
                 L4 + offset_of!(UdpHdr, check)
             };
             // And a source port as a client's ephemeral port would be: spread over
-            // 32768..=49151 (inside the default SNAT range, so the port is kept when free).
+            // 32768..=49151 (inside the SNAT range the per-packet bench configures,
+            // 32768-60999, so the port is kept when free; the agent's default range,
+            // 1024-29999, would fold it instead).
             let old_port = core::ptr::read_unaligned(p.add(L4) as *const u16);
             let new_port = (EPHEMERAL_BASE | (seq.wrapping_mul(40503) as u16 & 0x3fff)).to_be();
             core::ptr::write_unaligned(p.add(L4) as *mut u16, new_port);
