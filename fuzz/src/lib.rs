@@ -478,7 +478,15 @@ fn check_desired(p: &Plan, d: &Desired) {
     for sp in &p.services {
         for fe in &sp.frontends {
             planned
-                .entry((fe.address, sp.protocol.number()))
+                .entry((std::net::SocketAddr::from(fe.address), sp.protocol.number()))
+                .or_default()
+                .push((fe.kind, sp.session_affinity_timeout_seconds));
+        }
+    }
+    for sp in &p.services_ipv6 {
+        for fe in &sp.frontends {
+            planned
+                .entry((std::net::SocketAddr::from(fe.address), sp.protocol.number()))
                 .or_default()
                 .push((fe.kind, sp.session_affinity_timeout_seconds));
         }
@@ -505,6 +513,8 @@ fn check_desired(p: &Plan, d: &Desired) {
         );
         for (b, flags) in &fe.backends {
             assert_eq!(b.proto, key.proto, "{key:?}: {fe:?}");
+            // Each family's frontends get that family's endpoints only.
+            assert_eq!(b.addr.is_ipv4(), key.addr.is_ipv4(), "{key:?}: {fe:?}");
             assert_ne!(b.addr.port(), 0);
             assert_eq!(
                 flags & !(backend_flags::LOCAL | backend_flags::TERMINATING),
@@ -549,7 +559,10 @@ fn check_desired(p: &Plan, d: &Desired) {
         );
         if let Some(r) = &fe.source_ranges {
             assert!(
-                r.iter().all(|(_, len)| (1..=32).contains(len)),
+                r.iter().all(|(net, len)| {
+                    net.is_ipv4() == key.addr.is_ipv4()
+                        && (1..=if net.is_ipv4() { 32 } else { 128 }).contains(len)
+                }),
                 "{key:?}: {fe:?}"
             );
         }

@@ -40,8 +40,18 @@ pub mod map_name {
     /// loadBalancerSourceRanges (LPM trie): (Service-port id, source prefix) of the Service
     /// ports whose LoadBalancer frontends only admit those sources.
     pub const SOURCE_RANGES: &str = "lb_srcrange_v1";
+    /// loadBalancerSourceRanges of IPv6 frontends (LPM trie, [`crate::SourceRangeKey6`]).
+    pub const SOURCE_RANGES6: &str = "lb_srcrange6_v1";
+    /// IPv6 address -> its handle ([`crate::Addr6`] -> `u32`): every IPv6 address the service
+    /// maps mention (frontends, backends) is interned as a 32-bit handle, which stands for it
+    /// in the IPv4-sized keys and values of the frontends, backends and rev-NAT maps.
+    pub const ADDR6: &str = "lb_addr6_v1";
+    /// Handle -> IPv6 address, the other way round.
+    pub const ADDR6_IDS: &str = "lb_addr6_id_v1";
+    /// The socket rev-NAT map of IPv6 sockets ([`crate::SockKey6`] -> [`crate::SockRevNat6`]).
+    pub const SOCK_REV_NAT6: &str = "lb_sk_revnat6_v1";
     /// Every map the agent pins, for `uninstall` and for `lbctl`.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 21] = [
         FRONTENDS,
         BACKENDS,
         REV_NAT,
@@ -59,6 +69,10 @@ pub mod map_name {
         FRAGMENTS,
         SOURCE_RANGES,
         ROUTE_GEN,
+        SOURCE_RANGES6,
+        ADDR6,
+        ADDR6_IDS,
+        SOCK_REV_NAT6,
     ];
 
     /// Splits a pinned name into its base and layout version: `lb_ct_v2` -> (`lb_ct`, 2).
@@ -129,6 +143,13 @@ pub mod limits {
     pub const REV_NAT: u32 = 65_536;
     /// Socket rev-NAT (LRU): one per translated socket and backend, for recvmsg/getpeername.
     pub const SOCK_REV_NAT: u32 = 262_144;
+    /// Socket rev-NAT of IPv6 sockets (LRU): one per translated IPv6 socket and backend.
+    pub const SOCK_REV_NAT6: u32 = SOCK_REV_NAT / 4;
+    /// loadBalancerSourceRanges entries of IPv6 Service ports.
+    pub const SOURCE_RANGES6: u32 = 16_384;
+    /// Largest IPv6 address handle (`map_name::ADDR6`): handles are `1..=ADDR6_HANDLE_MAX`, so
+    /// as IPv4 addresses they lie in 0.0.0.0/8, which no packet or socket is addressed to.
+    pub const ADDR6_HANDLE_MAX: u32 = (1 << 24) - 1;
     /// Per-socket UDP flow choice (LRU), so an unconnected UDP socket keeps its backend.
     pub const SOCK_FLOW: u32 = 262_144;
     /// Conntrack (LRU): two entries per confirmed north-south flow (original and reply direction).
@@ -178,6 +199,11 @@ pub mod scope {
     pub const INTERNAL: u8 = 0;
     /// Traffic arriving on the node's devices (XDP path).
     pub const EXTERNAL: u8 = 1;
+    /// Added to the scope of an IPv6 frontend's keys (whose address is an IPv6 handle,
+    /// `map_name::ADDR6`): an IPv4 lookup never finds an IPv6 frontend.
+    pub const IPV6: u8 = 2;
+    pub const INTERNAL6: u8 = INTERNAL | IPV6;
+    pub const EXTERNAL6: u8 = EXTERNAL | IPV6;
 }
 
 /// IP protocol numbers as they appear in the IPv4 header and in `bpf_sock_addr.protocol`.
@@ -218,6 +244,49 @@ pub mod backend_flags {
     pub const LOCAL: u8 = 1 << 0;
     /// The endpoint is terminating (serving-terminating fallback).
     pub const TERMINATING: u8 = 1 << 1;
+    /// The backend's `addr_be` is an IPv6 address handle (`map_name::ADDR6_IDS`).
+    pub const IPV6: u8 = 1 << 2;
+}
+
+/// Flags of a rev-NAT entry.
+pub mod rev_nat_flags {
+    /// The entry's `addr_be` is an IPv6 address handle (`map_name::ADDR6_IDS`).
+    pub const IPV6: u16 = 1 << 0;
+}
+
+/// An IPv6 address as the maps hold it: four words whose in-memory bytes are the wire bytes
+/// (as `bpf_sock_addr.user_ip6`).
+pub type Addr6 = [u32; 4];
+
+/// Key data of the IPv6 source-ranges LPM trie: the Service port's id (matched whole), then
+/// the source address. An entry for `addr/len` has prefix length `32 + len`; a lookup uses 160.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRangeKey6 {
+    pub svc_port_id: u32,
+    pub addr: Addr6,
+}
+
+/// Key of the IPv6 socket rev-NAT map: the socket cookie and the backend's address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey6 {
+    pub cookie: u64,
+    pub addr: Addr6,
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    pub _pad2: u32,
+}
+
+/// Value of the IPv6 socket rev-NAT map: the frontend the socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevNat6 {
+    pub addr: Addr6,
+    pub port_be: u16,
+    pub _pad: u16,
+    pub rev_nat_id: u32,
 }
 
 /// Key of the frontends map ([`map_name::FRONTENDS`]). Slot 0 holds the master entry of a frontend, slots `1..=count` point
@@ -399,7 +468,8 @@ pub struct Backend {
 pub struct RevNat {
     pub addr_be: u32,
     pub port_be: u16,
-    pub _pad: u16,
+    /// `rev_nat_flags` (0 in entries written before IPv6: an IPv4 address).
+    pub flags: u16,
 }
 
 /// Key of the per-socket maps: the socket cookie and an address (the backend for the socket
@@ -1033,6 +1103,9 @@ const _: () = {
     assert!(core::mem::size_of::<SockKey>() == 16);
     assert!(core::mem::size_of::<SockRevNat>() == 16);
     assert!(core::mem::size_of::<SockFlow>() == 8);
+    assert!(core::mem::size_of::<SockKey6>() == 32);
+    assert!(core::mem::size_of::<SockRevNat6>() == 24);
+    assert!(core::mem::size_of::<SourceRangeKey6>() == 20);
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<CtKey>() == 16);
     assert!(core::mem::size_of::<CtEntry>() == 32);
@@ -1055,6 +1128,9 @@ mod pod {
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for SockRevNat {}
     unsafe impl aya::Pod for SockFlow {}
+    unsafe impl aya::Pod for SockKey6 {}
+    unsafe impl aya::Pod for SockRevNat6 {}
+    unsafe impl aya::Pod for SourceRangeKey6 {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}

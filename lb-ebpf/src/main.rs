@@ -6,7 +6,7 @@
 //! and ICMP errors about translated flows (icmp); north_south.rs runs the stages, verdict.rs
 //! says how a packet it does not translate ends. It runs as XDP (`lb_xdp`) or, where XDP
 //! cannot deliver, as tc ingress (`lb_tc_ingress`); bounds.rs and hook.rs hold what differs. The
-//! socket-level path (sock.rs: AF_INET and IPv4-mapped IPv6 socket addresses) shares frontend
+//! socket-level path (sock.rs: AF_INET, IPv4-mapped IPv6 and IPv6 socket addresses) shares frontend
 //! lookup and backend selection. tc egress: tc.rs.
 //! Every map and counter: maps.rs.
 #![no_std]
@@ -40,10 +40,10 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 use lb_common::counter;
-use sock::{Family, Mapped6, V4};
+use sock::{Family, Mapped6, V4, V6};
 
 // Socket-level programs: the `*4` ones for AF_INET addresses, the `*6` ones for IPv4-mapped
-// IPv6 addresses (`::ffff:a.b.c.d`), one code path for both (sock.rs, which says which hook the
+// IPv6 addresses (`::ffff:a.b.c.d`) and IPv6 ones, one code path for all three (sock.rs, which says which hook the
 // kernel runs where).
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
@@ -52,7 +52,11 @@ pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
-    connect::<Mapped6>(&ctx)
+    if sock::is_mapped(&ctx) {
+        connect::<Mapped6>(&ctx)
+    } else {
+        connect::<V6>(&ctx)
+    }
 }
 
 #[cgroup_sock_addr(sendmsg4)]
@@ -62,7 +66,11 @@ pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
-    sendmsg::<Mapped6>(&ctx)
+    if sock::is_mapped(&ctx) {
+        sendmsg::<Mapped6>(&ctx)
+    } else {
+        sendmsg::<V6>(&ctx)
+    }
 }
 
 // recvmsg and getpeername programs may only return 1.
@@ -74,7 +82,11 @@ pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
-    sock::recvmsg::<Mapped6>(&ctx);
+    if sock::is_mapped(&ctx) {
+        sock::recvmsg::<Mapped6>(&ctx);
+    } else {
+        sock::recvmsg::<V6>(&ctx);
+    }
     sock::ALLOW
 }
 
@@ -86,7 +98,11 @@ pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
-    sock::getpeername::<Mapped6>(&ctx);
+    if sock::is_mapped(&ctx) {
+        sock::getpeername::<Mapped6>(&ctx);
+    } else {
+        sock::getpeername::<V6>(&ctx);
+    }
     sock::ALLOW
 }
 

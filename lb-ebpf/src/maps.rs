@@ -6,7 +6,8 @@ use aya_ebpf::{
 use lb_common::{
     limits, AffinityKey, AffinityValue, Backend, Config, Counter, CtKey, CtValue, FragKey,
     FragPorts, FrontendSlot, FrontendSlotKey, MaglevChunk, MaglevKey, MemberKey, RevNat,
-    ServiceCounters, ServiceName, SockFlow, SockKey, SockRevNat, SourceRangeKey, MAGLEV_CHUNK,
+    ServiceCounters, ServiceName, SockFlow, SockKey, SockKey6, SockRevNat, SockRevNat6,
+    SourceRangeKey, SourceRangeKey6, Addr6, MAGLEV_CHUNK,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are allocated when written (Maglev chunks are 1 KiB each).
@@ -25,6 +26,20 @@ pub static REV_NAT: HashMap<u32, RevNat> = HashMap::pinned(limits::REV_NAT, 0);
 #[map(name = "lb_sk_revnat_v1")]
 pub static SOCK_REV_NAT: LruHashMap<SockKey, SockRevNat> =
     LruHashMap::pinned(limits::SOCK_REV_NAT, 0);
+
+/// IPv6 address -> handle, and back (`map_name::ADDR6`): allocated on use, as a cluster without
+/// IPv6 has none. Room for every backend and frontend address (the agent sizes them so).
+#[map(name = "lb_addr6_v1")]
+pub static ADDR6: HashMap<Addr6, u32> =
+    HashMap::pinned(limits::BACKENDS + limits::REV_NAT, NO_PREALLOC);
+
+#[map(name = "lb_addr6_id_v1")]
+pub static ADDR6_IDS: HashMap<u32, Addr6> =
+    HashMap::pinned(limits::BACKENDS + limits::REV_NAT, NO_PREALLOC);
+
+#[map(name = "lb_sk_revnat6_v1")]
+pub static SOCK_REV_NAT6: LruHashMap<SockKey6, SockRevNat6> =
+    LruHashMap::pinned(limits::SOCK_REV_NAT6, 0);
 
 #[map(name = "lb_sk_flow_v1")]
 pub static SOCK_FLOW: LruHashMap<SockKey, SockFlow> = LruHashMap::pinned(limits::SOCK_FLOW, 0);
@@ -62,6 +77,11 @@ pub static SERVICE_NAMES: HashMap<u32, ServiceName> = HashMap::pinned(limits::SE
 /// requires).
 #[map(name = "lb_srcrange_v1")]
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> = LpmTrie::pinned(limits::SOURCE_RANGES, 0);
+
+/// loadBalancerSourceRanges of IPv6 frontends.
+#[map(name = "lb_srcrange6_v1")]
+pub static SOURCE_RANGES6: LpmTrie<SourceRangeKey6, u32> =
+    LpmTrie::pinned(limits::SOURCE_RANGES6, 0);
 
 #[map(name = "lb_config_v2")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
@@ -153,6 +173,33 @@ pub fn source_in_ranges(svc_port_id: u32, saddr_be: u32) -> bool {
         },
     );
     SOURCE_RANGES.get(&key).is_some()
+}
+
+/// Whether an IPv6 source lies in a Service port's IPv6 loadBalancerSourceRanges.
+#[inline(always)]
+pub fn source_in_ranges6(svc_port_id: u32, saddr: &Addr6) -> bool {
+    let key = Key::new(
+        SourceRangeKey::ID_BITS + 128,
+        SourceRangeKey6 {
+            svc_port_id,
+            addr: *saddr,
+        },
+    );
+    SOURCE_RANGES6.get(&key).is_some()
+}
+
+/// The handle of an IPv6 address the service maps mention (`map_name::ADDR6`).
+#[inline(always)]
+pub fn addr6_handle(addr: &Addr6) -> Option<u32> {
+    // SAFETY: the value is copied out at once.
+    unsafe { ADDR6.get(addr).copied() }
+}
+
+/// The IPv6 address of a handle.
+#[inline(always)]
+pub fn addr6_of(handle: u32) -> Option<Addr6> {
+    // SAFETY: as above.
+    unsafe { ADDR6_IDS.get(handle).copied() }
 }
 
 /// What a per-Service counter update adds.

@@ -2,7 +2,10 @@
 //! affinity entries, the datapath config, and `lookup`, which explains the backend a flow has or
 //! would get. Counters and occupancy come from `dataplane::read`, shared with the metrics. Works
 //! while the agent is down.
-use std::{net::SocketAddrV4, path::Path};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4, SocketAddrV6},
+    path::Path,
+};
 
 use anyhow::Result;
 use lb_common::{map_name, service_flags};
@@ -22,6 +25,8 @@ pub struct FrontendView {
     pub frontend: String,
     pub protocol: &'static str,
     pub scope: &'static str,
+    /// `IPv4` or `IPv6`.
+    pub family: &'static str,
     pub flags: u16,
     pub rev_nat_id: u32,
     pub affinity_timeout_s: u32,
@@ -33,6 +38,7 @@ pub struct BackendView {
     pub id: u32,
     pub address: String,
     pub protocol: &'static str,
+    pub family: &'static str,
     pub flags: u8,
 }
 
@@ -46,6 +52,38 @@ fn proto_name(p: u8) -> &'static str {
 
 fn addr(addr_be: u32, port_be: u16) -> SocketAddrV4 {
     SocketAddrV4::new(addr_be.to_ne_bytes().into(), u16::from_be(port_be))
+}
+
+/// An address and port of the service maps as they read: an IPv6 one (`v6`) is held as its
+/// handle, resolved through the address table.
+fn sock(s: &MapContents, addr_be: u32, port_be: u16, v6: bool) -> String {
+    if !v6 {
+        return addr(addr_be, port_be).to_string();
+    }
+    let port = u16::from_be(port_be);
+    match s.addr6_ids.get(&addr_be) {
+        Some(a) => SocketAddrV6::new(*a, port, 0, 0).to_string(),
+        None => format!(
+            "<IPv6 handle {} not interned>:{port}",
+            Ipv4Addr::from(addr_be.to_ne_bytes())
+        ),
+    }
+}
+
+fn backend_addr(s: &MapContents, b: &lb_common::Backend) -> String {
+    sock(s, b.addr_be, b.port_be, is_v6_backend(b))
+}
+
+fn is_v6_backend(b: &lb_common::Backend) -> bool {
+    b.flags & lb_common::backend_flags::IPV6 != 0
+}
+
+fn family(v6: bool) -> &'static str {
+    if v6 {
+        "IPv6"
+    } else {
+        "IPv4"
+    }
 }
 
 /// What the service maps pinned under `bpffs` hold.
@@ -64,20 +102,22 @@ pub fn frontends(s: &MapContents) -> Vec<FrontendView> {
                     .get(&lb_common::FrontendSlotKey { slot, ..*k })
                     .map(|e| e.backend_id);
                 match id.and_then(|id| s.backends.get(&id)) {
-                    Some(b) => addr(b.addr_be, b.port_be).to_string(),
+                    Some(b) => backend_addr(s, b),
                     None => format!("<missing slot {slot}>"),
                 }
             })
             .collect();
+        let v6 = k.scope & lb_common::scope::IPV6 != 0;
         out.push(FrontendView {
             service: s.service_names.get(&v.svc_port_id).cloned(),
-            frontend: addr(k.addr_be, k.port_be).to_string(),
+            frontend: sock(s, k.addr_be, k.port_be, v6),
             protocol: proto_name(k.proto),
-            scope: if k.scope == lb_common::scope::INTERNAL {
+            scope: if k.scope & !lb_common::scope::IPV6 == lb_common::scope::INTERNAL {
                 "internal"
             } else {
                 "external"
             },
+            family: family(v6),
             flags: v.flags,
             rev_nat_id: v.rev_nat_id,
             affinity_timeout_s: v.affinity_timeout_s,
@@ -92,8 +132,9 @@ pub fn backends(s: &MapContents) -> Vec<BackendView> {
         .iter()
         .map(|(id, b)| BackendView {
             id: *id,
-            address: addr(b.addr_be, b.port_be).to_string(),
+            address: backend_addr(s, b),
             protocol: proto_name(b.proto),
+            family: family(is_v6_backend(b)),
             flags: b.flags,
         })
         .collect()
@@ -284,7 +325,7 @@ pub fn affinity(bpffs: &Path) -> Result<Vec<AffinityView>> {
                     backend: s
                         .backends
                         .get(&r.backend_id)
-                        .map_or("<gone>".into(), |b| addr(b.addr_be, b.port_be).to_string()),
+                        .map_or("<gone>".into(), |b| backend_addr(&s, b)),
                     backend_id: r.backend_id,
                     idle_seconds: idle,
                     timeout_seconds: timeout,
@@ -434,7 +475,8 @@ pub fn lookup(
     if scope_name == "external"
         && master.flags & service_flags::SOURCE_RANGES != 0
         && !s.source_ranges.iter().any(|(id, net, len)| {
-            *id == master.svc_port_id && crate::control::plan::in_prefix(client, *net, *len)
+            *id == master.svc_port_id
+                && matches!(net, std::net::IpAddr::V4(n) if crate::control::plan::in_prefix(client, *n, *len))
         })
     {
         out.reason = "source range denied";

@@ -235,7 +235,7 @@ fn kernel_alerted_agent_metrics_move() {
     // The Local Service port without a local endpoint, named as the plan names Service ports
     // (the per-Service metrics' labels).
     let no_local = lb_userspace::control::desired::FrontendKey {
-        addr: std::net::SocketAddrV4::new(LB_IP.into(), 81),
+        addr: std::net::SocketAddr::V4(std::net::SocketAddrV4::new(LB_IP.into(), 81)),
         proto: lb_common::proto::TCP,
         scope: lb_common::scope::EXTERNAL,
     };

@@ -99,10 +99,10 @@ fn kernel_full_maps_keep_serving_what_fits_and_apply_changes_in_one_sync() {
                 .backends
                 .iter()
                 .map(|(b, _)| {
-                    (
-                        u32::from_ne_bytes(b.addr.ip().octets()),
-                        b.addr.port().to_be(),
-                    )
+                    let std::net::IpAddr::V4(ip) = b.addr.ip() else {
+                        panic!("{b:?}: IPv4 only");
+                    };
+                    (u32::from_ne_bytes(ip.octets()), b.addr.port().to_be())
                 })
                 .collect();
             assert_eq!(got[&key], addrs, "{fe:?}");

@@ -19,7 +19,7 @@ const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
 
 fn fe(port: u16, p: u8) -> FrontendKey {
     FrontendKey {
-        addr: SocketAddrV4::new(NODE, port),
+        addr: std::net::SocketAddr::V4(SocketAddrV4::new(NODE, port)),
         proto: p,
         scope: scope::EXTERNAL,
     }
@@ -27,7 +27,7 @@ fn fe(port: u16, p: u8) -> FrontendKey {
 
 fn be(last: u8, p: u8) -> BackendKey {
     BackendKey {
-        addr: SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, last), 53),
+        addr: std::net::SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, last), 53)),
         proto: p,
     }
 }
@@ -53,7 +53,7 @@ fn flow(
     let ip = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
     let key = CtKey {
         saddr_be: ip(Ipv4Addr::new(10, 0, 0, n)),
-        daddr_be: ip(*frontend.addr.ip()),
+        daddr_be: ip(v4(frontend.addr)),
         sport_be: (4000 + n as u16).to_be(),
         dport_be: frontend.addr.port().to_be(),
         proto: protocol,
@@ -61,7 +61,7 @@ fn flow(
     };
     let e = CtEntry {
         nat_saddr_be: ip(NODE),
-        nat_daddr_be: ip(*backend.0.addr.ip()),
+        nat_daddr_be: ip(v4(backend.0.addr)),
         nat_sport_be: (20000 + n as u16).to_be(),
         nat_dport_be: backend.0.addr.port().to_be(),
         svc_port_id,
@@ -108,7 +108,7 @@ fn kernel_sync_flushes_the_udp_flows_of_a_removed_backend() {
             .backends
             .iter()
             .find(|(_, v)| {
-                v.addr_be == u32::from_ne_bytes(b.addr.ip().octets()) && v.proto == b.proto
+                v.addr_be == u32::from_ne_bytes(v4(b.addr).octets()) && v.proto == b.proto
             })
             .map(|(id, _)| *id)
             .unwrap()
@@ -187,4 +187,12 @@ fn kernel_sync_flushes_the_udp_flows_of_a_removed_backend() {
     d.insert(other_udp, front("default/other:53/UDP", &[]));
     let st = h.syncer.sync(&d).unwrap();
     assert_eq!(st.udp_flows_flushed, 2 * 3 * 2);
+}
+
+/// The IPv4 address of a socket address of these IPv4-only tests.
+fn v4(a: std::net::SocketAddr) -> Ipv4Addr {
+    match a.ip() {
+        std::net::IpAddr::V4(a) => a,
+        std::net::IpAddr::V6(a) => panic!("{a}: IPv4 only"),
+    }
 }

@@ -25,14 +25,14 @@ fn sa(ip: [u8; 4], port: u16) -> SocketAddrV4 {
 
 fn backend(i: u8) -> BackendKey {
     BackendKey {
-        addr: sa([10, 244, 2, 10 + i], 8080),
+        addr: std::net::SocketAddr::V4(sa([10, 244, 2, 10 + i], 8080)),
         proto: TCP,
     }
 }
 
 fn frontend() -> FrontendKey {
     FrontendKey {
-        addr: sa(LB_IP, 80),
+        addr: std::net::SocketAddr::V4(sa(LB_IP, 80)),
         proto: TCP,
         scope: lb_common::scope::EXTERNAL,
     }
@@ -159,12 +159,12 @@ fn kernel_maglev_nodes_choose_alike_and_a_removal_moves_few_flows() {
         .unwrap();
     let mut b = harness(&[]);
     let other = FrontendKey {
-        addr: sa(LB_IP, 81),
+        addr: std::net::SocketAddr::V4(sa(LB_IP, 81)),
         ..frontend()
     };
     let decoys: Vec<BackendKey> = (0..7)
         .map(|i| BackendKey {
-            addr: sa([10, 244, 9, i], 80),
+            addr: std::net::SocketAddr::V4(sa([10, 244, 9, i], 80)),
             proto: TCP,
         })
         .collect();
@@ -225,8 +225,11 @@ fn kernel_maglev_nodes_choose_alike_and_a_removal_moves_few_flows() {
 
     // Remove one backend: its flows move, the others stay (fresh SYNs on the same tuples choose
     // again through the table).
-    let gone = backend(4).addr;
-    let rest: Vec<BackendKey> = all.iter().copied().filter(|k| k.addr != gone).collect();
+    let gone = match backend(4).addr {
+        std::net::SocketAddr::V4(a) => a,
+        std::net::SocketAddr::V6(_) => unreachable!("IPv4 backends"),
+    };
+    let rest: Vec<BackendKey> = all.iter().copied().filter(|k| k.addr != std::net::SocketAddr::V4(gone)).collect();
     a.program(&Desired::from([(frontend(), service(&rest))]))
         .unwrap();
     let after: Vec<SocketAddrV4> = (0..FLOWS).map(|i| choose(&a, i)).collect();

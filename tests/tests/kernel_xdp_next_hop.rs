@@ -94,7 +94,7 @@ fn scenario(ns: &str) -> Result<()> {
         ..Default::default()
     })?;
     let fe = FrontendKey {
-        addr: SocketAddrV4::new(Ipv4Addr::from(LB_IP), 80),
+        addr: std::net::SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(LB_IP), 80)),
         proto: 6,
         scope: lb_common::scope::EXTERNAL,
     };
@@ -105,7 +105,7 @@ fn scenario(ns: &str) -> Result<()> {
         source_ranges: None,
         backends: vec![(
             BackendKey {
-                addr: SocketAddrV4::new(Ipv4Addr::from(BACKEND), 8080),
+                addr: std::net::SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(BACKEND), 8080)),
                 proto: 6,
             },
             0,

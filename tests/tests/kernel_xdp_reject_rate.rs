@@ -31,7 +31,7 @@ fn kernel_xdp_reject_is_rate_limited_per_cpu_and_second() {
     h.set_config(&config(61000, 65535)).unwrap();
     let desired: Desired = [(
         FrontendKey {
-            addr: sa(NODE, 30090),
+            addr: std::net::SocketAddr::V4(sa(NODE, 30090)),
             proto: TCP,
             scope: scope::EXTERNAL,
         },

@@ -78,6 +78,9 @@ struct ServicePortLabel {
     name: String,
     port: String,
     protocol: String,
+    /// `IPv4` or `IPv6`: each family's Service port counts apart, as kube-proxy's proxier per
+    /// family does.
+    ip_family: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -86,11 +89,17 @@ struct ServiceDropLabel {
     name: String,
     port: String,
     protocol: String,
+    ip_family: String,
     reason: String,
 }
 
-/// Splits `namespace/name:port/PROTO` (the plan's Service-port identity) into labels.
+/// Splits `namespace/name:port/PROTO` (the plan's Service-port identity, with `/IPv6` after it
+/// for the IPv6 family's) into labels.
 fn service_port_label(s: &str) -> Option<ServicePortLabel> {
+    let (s, ip_family) = match s.strip_suffix(crate::control::desired::IPV6_SUFFIX) {
+        Some(s) => (s, "IPv6"),
+        None => (s, "IPv4"),
+    };
     let (namespace, rest) = s.split_once('/')?;
     let (name_port, protocol) = rest.rsplit_once('/')?;
     let (name, port) = name_port.split_once(':')?;
@@ -99,6 +108,7 @@ fn service_port_label(s: &str) -> Option<ServicePortLabel> {
         name: name.into(),
         port: port.into(),
         protocol: protocol.into(),
+        ip_family: ip_family.into(),
     })
 }
 
@@ -721,6 +731,7 @@ impl Ops {
                 name: sp.name.clone(),
                 port: sp.port_name.clone(),
                 protocol: format!("{:?}", sp.protocol),
+                ip_family: "IPv4".into(),
             };
             now.insert(l, unusable);
         }
@@ -767,6 +778,7 @@ impl Ops {
                     name: l.name.clone(),
                     port: l.port.clone(),
                     protocol: l.protocol.clone(),
+                    ip_family: l.ip_family.clone(),
                     reason: reason.into(),
                 };
                 let mut bump = |field: u8, now: u64, counter: &Counter| {
@@ -1002,6 +1014,24 @@ mod tests {
         Work,
     };
 
+    /// A Service port's identity in the maps names its family's series: the IPv6 family's
+    /// (`/IPv6` after it) counts apart from the IPv4 one's, with the same other labels.
+    #[test]
+    fn each_family_of_a_service_port_has_its_own_series() {
+        let v4 = service_port_label("shop/web:http/TCP").unwrap();
+        let v6 = service_port_label("shop/web:http/TCP/IPv6").unwrap();
+        assert_eq!(
+            (v4.namespace.as_str(), v4.name.as_str(), v4.port.as_str(), v4.protocol.as_str()),
+            ("shop", "web", "http", "TCP")
+        );
+        assert_eq!(
+            (v6.namespace, v6.name, v6.port, v6.protocol),
+            (v4.namespace.clone(), v4.name.clone(), v4.port.clone(), v4.protocol.clone())
+        );
+        assert_eq!((v4.ip_family.as_str(), v6.ip_family.as_str()), ("IPv4", "IPv6"));
+        assert!(service_port_label("garbage").is_none());
+    }
+
     fn code(r: Option<Response>) -> u16 {
         r.expect("routed").code()
     }
@@ -1121,8 +1151,8 @@ mod tests {
         assert_eq!(
             got,
             [
-                r#"lb_service_topology_hints_unusable{namespace="default",name="a",port="http",protocol="TCP"} 0"#,
-                r#"lb_service_topology_hints_unusable{namespace="default",name="b",port="http",protocol="TCP"} 1"#,
+                r#"lb_service_topology_hints_unusable{namespace="default",name="a",port="http",protocol="TCP",ip_family="IPv4"} 0"#,
+                r#"lb_service_topology_hints_unusable{namespace="default",name="b",port="http",protocol="TCP",ip_family="IPv4"} 1"#,
             ]
         );
         ops.topology_hints(&[
@@ -1132,7 +1162,7 @@ mod tests {
         assert_eq!(
             series(&ops),
             [
-                r#"lb_service_topology_hints_unusable{namespace="default",name="a",port="http",protocol="TCP"} 1"#
+                r#"lb_service_topology_hints_unusable{namespace="default",name="a",port="http",protocol="TCP",ip_family="IPv4"} 1"#
             ]
         );
     }

@@ -169,6 +169,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 // NAMESPACE/NAME matches every port; NAMESPACE/NAME:PORT one port name.
                 v.retain(|x| {
                     x.service.as_deref().is_some_and(|s| {
+                        let s = s
+                            .strip_suffix(lb_userspace::control::desired::IPV6_SUFFIX)
+                            .unwrap_or(s);
                         let (svc, _proto) = s.rsplit_once('/').unwrap_or((s, ""));
                         svc == want || svc.split_once(':').is_some_and(|(n, _)| n == want)
                     })

@@ -3,20 +3,22 @@
 //! config for this node. Pure: the dataplane's sync writes it, `lbctl` and tests compare with it.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
 };
 
 use lb_common::{Backend, FrontendSlotKey};
 
 use super::{
-    model::{prefix_mask, NodeInfo, TrafficPolicy},
+    model::{prefix_mask, FamilyAddr, IpFamily, NodeInfo, TrafficPolicy},
     plan::{FrontendKind, Plan, PlannedEndpoint, ServicePortPlan},
 };
 
-/// A frontend as the maps key it: address, port, protocol, scope.
+/// A frontend as the maps key it: address, port, protocol, scope (`scope::INTERNAL` or
+/// `scope::EXTERNAL`; an IPv6 frontend's map keys add `scope::IPV6` and hold its address's
+/// handle, see `dataplane::addr6`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FrontendKey {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub proto: u8,
     pub scope: u8,
 }
@@ -24,7 +26,7 @@ pub struct FrontendKey {
 /// A backend as the maps key it (one id per distinct address, port, protocol).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendKey {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub proto: u8,
 }
 
@@ -42,7 +44,7 @@ pub struct DesiredFrontend {
     /// of the port as a /32 when a node address lies in them (kube-proxy's `allowFromNode`).
     /// Every frontend of a Service port that has them holds the same set; the maps hold it
     /// once, under the Service-port id.
-    pub source_ranges: Option<BTreeSet<(Ipv4Addr, u8)>>,
+    pub source_ranges: Option<BTreeSet<(IpAddr, u8)>>,
 }
 
 /// The desired contents of the maps, keyed by frontend.
@@ -58,8 +60,8 @@ fn kind_flag(kind: FrontendKind) -> u16 {
     }
 }
 
-/// Turns a plan into map contents: the IPv4 family's plan (`plan.services`, IPv4 by type)
-/// only; `plan.services_ipv6` is never read, the maps are IPv4 only for now (issue 17).
+/// Turns a plan into map contents: the IPv4 family's Service ports (`plan.services`), then the
+/// IPv6 family's (`plan.services_ipv6`), each family's frontends with that family's backends.
 /// - Internal scope (socket-level path, traffic from this node's pods and processes): ClusterIPs
 ///   use the internal endpoint set (internalTrafficPolicy); NodePorts, LoadBalancer IPs and
 ///   external IPs reached from inside use the cluster endpoints, as kube-proxy short-circuits them.
@@ -70,11 +72,33 @@ pub fn desired(plan: &Plan) -> Desired {
     for sp in &plan.services {
         out.extend(service_port_frontends(sp));
     }
+    for sp in &plan.services_ipv6 {
+        out.extend(service_port_frontends(sp));
+    }
     out
 }
 
+/// The identity of a Service port of a family in the maps (`DesiredFrontend::service_port`):
+/// `namespace/name:port/PROTO` for IPv4, with `/IPv6` added for IPv6: kube-proxy's proxier per
+/// family keeps each family's session affinity and counters apart, and so do the maps.
+pub fn service_port_name<A: FamilyAddr>(sp: &ServicePortPlan<A>) -> String {
+    let base = format!(
+        "{}/{}:{}/{:?}",
+        sp.namespace, sp.name, sp.port_name, sp.protocol
+    );
+    match A::FAMILY {
+        IpFamily::IPv4 => base,
+        IpFamily::IPv6 => base + IPV6_SUFFIX,
+    }
+}
+
+/// The suffix of an IPv6 Service port's identity ([`service_port_name`]).
+pub const IPV6_SUFFIX: &str = "/IPv6";
+
 /// The frontends of one Service port, as [`desired`] puts them in the maps.
-pub fn service_port_frontends(sp: &ServicePortPlan) -> Vec<(FrontendKey, DesiredFrontend)> {
+pub fn service_port_frontends<A: FamilyAddr>(
+    sp: &ServicePortPlan<A>,
+) -> Vec<(FrontendKey, DesiredFrontend)> {
     let mut out = Vec::new();
     let proto = sp.protocol.number();
     let mut flags = 0;
@@ -84,7 +108,7 @@ pub fn service_port_frontends(sp: &ServicePortPlan) -> Vec<(FrontendKey, Desired
     if !sp.has_endpoints {
         flags |= lb_common::service_flags::NO_ENDPOINTS;
     }
-    let backends = |eps: &[PlannedEndpoint]| {
+    let backends = |eps: &[PlannedEndpoint<A>]| {
         eps.iter()
             .map(|e| {
                 let mut bf = 0;
@@ -96,7 +120,7 @@ pub fn service_port_frontends(sp: &ServicePortPlan) -> Vec<(FrontendKey, Desired
                 }
                 (
                     BackendKey {
-                        addr: e.addr,
+                        addr: e.addr.into(),
                         proto,
                     },
                     bf,
@@ -106,7 +130,7 @@ pub fn service_port_frontends(sp: &ServicePortPlan) -> Vec<(FrontendKey, Desired
     };
     // kube-proxy's firewall: for LoadBalancer IPs only, the same set for each of them.
     let source_ranges = sp.source_ranges.as_ref().map(|r| {
-        let mut set: BTreeSet<(Ipv4Addr, u8)> = r.iter().copied().collect();
+        let mut set: BTreeSet<(IpAddr, u8)> = r.iter().map(|(a, l)| ((*a).into(), *l)).collect();
         if sp.source_ranges_allow_node {
             // A request from this node to a LoadBalancer IP that is a local address of it
             // loops back with that IP as its source (kube-proxy admits it the same way).
@@ -114,7 +138,10 @@ pub fn service_port_frontends(sp: &ServicePortPlan) -> Vec<(FrontendKey, Desired
                 sp.frontends
                     .iter()
                     .filter(|f| f.kind == FrontendKind::LoadBalancer)
-                    .map(|f| (*f.address.ip(), 32)),
+                    .map(|f| {
+                        let ip = Into::<SocketAddr>::into(f.address).ip();
+                        (ip, if ip.is_ipv4() { 32 } else { 128 })
+                    }),
             );
         }
         set
@@ -124,19 +151,17 @@ pub fn service_port_frontends(sp: &ServicePortPlan) -> Vec<(FrontendKey, Desired
         .as_deref()
         .or(sp.local_endpoints.as_deref())
         .unwrap_or(&[]);
+    let service_port = service_port_name(sp);
     for fe in &sp.frontends {
-        let entry = |eps: &[PlannedEndpoint]| DesiredFrontend {
-            service_port: format!(
-                "{}/{}:{}/{:?}",
-                sp.namespace, sp.name, sp.port_name, sp.protocol
-            ),
+        let entry = |eps: &[PlannedEndpoint<A>]| DesiredFrontend {
+            service_port: service_port.clone(),
             flags: flags | kind_flag(fe.kind),
             affinity_timeout_s: sp.session_affinity_timeout_seconds.unwrap_or(0),
             backends: backends(eps),
             source_ranges: None,
         };
         let key = |scope| FrontendKey {
-            addr: fe.address,
+            addr: fe.address.into(),
             proto,
             scope,
         };
@@ -171,37 +196,77 @@ pub fn service_port_frontends(sp: &ServicePortPlan) -> Vec<(FrontendKey, Desired
     out
 }
 
-/// An address and port as the maps hold them (network order).
+/// An IPv4 address and port as the maps hold them (network order).
 pub(crate) fn be_addr(a: SocketAddrV4) -> (u32, u16) {
     (u32::from_ne_bytes(a.ip().octets()), a.port().to_be())
 }
 
-/// An address and port the maps hold (network order) as a socket address.
+/// An IPv4 address and port the maps hold (network order) as a socket address.
+#[cfg(test)]
 pub(crate) fn sock_addr(addr_be: u32, port_be: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(addr_be.to_ne_bytes()), u16::from_be(port_be))
 }
 
-/// The services-map key of slot `slot` of a frontend (slot 0: its master entry).
-pub fn service_key(fe: &FrontendKey, slot: u16) -> FrontendSlotKey {
-    let (addr_be, port_be) = be_addr(fe.addr);
+/// How the maps spell an address: an IPv4 one as itself, an IPv6 one as its handle
+/// (`dataplane::addr6::Addr6Table`; `None` when it has none).
+pub trait MapAddrs {
+    fn map_sock(&self, a: SocketAddr) -> Option<(u32, u16)>;
+}
+
+/// The spelling of IPv4 addresses (IPv6 ones have none).
+pub struct Ipv4Only;
+
+impl MapAddrs for Ipv4Only {
+    fn map_sock(&self, a: SocketAddr) -> Option<(u32, u16)> {
+        match a {
+            SocketAddr::V4(a) => Some(be_addr(a)),
+            SocketAddr::V6(_) => None,
+        }
+    }
+}
+
+/// The services-map key of slot `slot` of a frontend (slot 0: its master entry), as `addrs`
+/// spells its address. Panics when its IPv6 address has no handle (the sync interns an
+/// address before it writes anything that names it).
+pub fn service_key_in(fe: &FrontendKey, slot: u16, addrs: &impl MapAddrs) -> FrontendSlotKey {
+    let (addr_be, port_be) = addrs
+        .map_sock(fe.addr)
+        .unwrap_or_else(|| panic!("{} has no handle", fe.addr));
+    let family = if fe.addr.is_ipv6() {
+        lb_common::scope::IPV6
+    } else {
+        0
+    };
     FrontendSlotKey {
         addr_be,
         port_be,
         proto: fe.proto,
-        scope: fe.scope,
+        scope: fe.scope | family,
         slot,
         _pad: 0,
     }
 }
 
-/// The backends-map value of a backend with its flags.
-pub(crate) fn backend_value(k: &BackendKey, flags: u8) -> Backend {
-    let (addr_be, port_be) = be_addr(k.addr);
+/// [`service_key_in`] of an IPv4 frontend.
+pub fn service_key(fe: &FrontendKey, slot: u16) -> FrontendSlotKey {
+    service_key_in(fe, slot, &Ipv4Only)
+}
+
+/// The backends-map value of a backend with its flags, as `addrs` spells its address.
+pub(crate) fn backend_value(k: &BackendKey, flags: u8, addrs: &impl MapAddrs) -> Backend {
+    let (addr_be, port_be) = addrs
+        .map_sock(k.addr)
+        .unwrap_or_else(|| panic!("{} has no handle", k.addr));
+    let family = if k.addr.is_ipv6() {
+        lb_common::backend_flags::IPV6
+    } else {
+        0
+    };
     Backend {
         addr_be,
         port_be,
         proto: k.proto,
-        flags,
+        flags: flags | family,
         zone: 0,
         _pad: [0; 3],
     }
@@ -305,7 +370,7 @@ mod tests {
         let set = |v: &[(&str, u8)]| {
             Some(
                 v.iter()
-                    .map(|(a, l)| (a.parse::<Ipv4Addr>().unwrap(), *l))
+                    .map(|(a, l)| (IpAddr::V4(a.parse::<Ipv4Addr>().unwrap()), *l))
                     .collect::<BTreeSet<_>>(),
             )
         };
@@ -383,10 +448,12 @@ mod tests {
         assert!(flagged(np, "[]"));
     }
 
-    /// The maps get the IPv4 family's plan only: a dual-stack Service with IPv6 slices, and an
-    /// IPv6-only Service, leave exactly the map contents of the IPv4 half alone.
+    /// Each family's frontends reach the maps with that family's backends only, under a
+    /// Service-port identity of their own: a dual-stack Service's IPv4 half is exactly what the
+    /// IPv4-only Service gives, and its IPv6 half (ClusterIP, external IP, NodePorts on the
+    /// node's IPv6 address) and an IPv6-only Service (no IPv4 NodePort) add only IPv6 entries.
     #[test]
-    fn the_ipv6_family_never_reaches_the_maps() {
+    fn each_family_reaches_the_maps_with_its_own_backends() {
         let build = |yaml: &str| {
             let mut o = crate::control::source::Objects::default();
             crate::control::source::parse_into(std::path::Path::new("t.yaml"), yaml, &mut o)
@@ -410,11 +477,58 @@ mod tests {
         assert!(pd.rejected.is_empty(), "{:?}", pd.rejected);
         assert_eq!(pd.services_ipv6.len(), 2, "the IPv6 family is planned");
         assert!(p4.services_ipv6.is_empty());
-        assert_eq!(desired(&pd), desired(&p4));
+        let (d4, dd) = (desired(&p4), desired(&pd));
+        let half4: Desired = dd
+            .iter()
+            .filter(|(k, _)| k.addr.is_ipv4())
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        assert_eq!(half4, d4);
         assert!(
-            desired(&pd).keys().all(|k| k.addr.port() != 30081),
+            dd.keys().all(|k| k.addr.is_ipv6() || k.addr.port() != 30081),
             "no IPv4 NodePort for only6"
         );
+        let half6: Vec<_> = dd.iter().filter(|(k, _)| k.addr.is_ipv6()).collect();
+        let addrs: BTreeSet<String> = half6
+            .iter()
+            .map(|(k, _)| format!("{}/{}", k.addr, k.scope))
+            .collect();
+        let want: BTreeSet<String> = [
+            "[fd00:96::1]:80/0",
+            "[2001:db8::1]:80/0",
+            "[2001:db8::1]:80/1",
+            "[fd00::10]:30080/0",
+            "[fd00::10]:30080/1",
+            "[fd00:96::2]:80/0",
+            "[fd00::10]:30081/0",
+            "[fd00::10]:30081/1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(addrs, want);
+        for (k, v) in &half6 {
+            assert!(v.service_port.ends_with(IPV6_SUFFIX), "{k:?}: {}", v.service_port);
+            assert!(v.backends.iter().all(|(b, _)| b.addr.is_ipv6()), "{k:?}");
+        }
+        let s6 = &dd[&FrontendKey {
+            addr: "[fd00:96::1]:80".parse().unwrap(),
+            proto: 6,
+            scope: 0,
+        }];
+        assert_eq!(s6.service_port, "ns/s:/TCP/IPv6");
+        assert_eq!(
+            s6.backends.iter().map(|(b, _)| b.addr.to_string()).collect::<Vec<_>>(),
+            ["[fd00:244::5]:8080"]
+        );
+        // No endpoints in its family: rejected as kube-proxy does.
+        let only6 = &dd[&FrontendKey {
+            addr: "[fd00:96::2]:80".parse().unwrap(),
+            proto: 6,
+            scope: 0,
+        }];
+        assert!(only6.backends.is_empty());
+        assert_ne!(only6.flags & lb_common::service_flags::NO_ENDPOINTS, 0);
     }
 
     #[test]

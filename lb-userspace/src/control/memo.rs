@@ -98,7 +98,7 @@ struct Entry {
     lost: Vec<Rejected>,
     plan: Vec<ServicePortPlan<Ipv4Addr>>,
     plan_ipv6: Vec<ServicePortPlan<Ipv6Addr>>,
-    /// Per entry of `plan`, its frontends.
+    /// Per entry of `plan`, then of `plan_ipv6`, its frontends.
     frontends: Vec<PortFrontends>,
 }
 
@@ -547,7 +547,11 @@ impl Memo {
                 None => (Vec::new(), Vec::new()),
             };
             self.work.planned += 1;
-            let frontends: Vec<PortFrontends> = plan.iter().map(service_port_frontends).collect();
+            let frontends: Vec<PortFrontends> = plan
+                .iter()
+                .map(service_port_frontends)
+                .chain(plan_ipv6.iter().map(service_port_frontends))
+                .collect();
             e.plan = plan;
             e.plan_ipv6 = plan_ipv6;
             let before = std::mem::replace(&mut e.frontends, frontends);
@@ -625,7 +629,7 @@ impl Memo {
         self.services.values().flat_map(|e| &e.plan)
     }
 
-    /// The frontends of each IPv4 Service port of a Service (empty when it is gone).
+    /// The frontends of each Service port of a Service, IPv4 then IPv6 (empty when it is gone).
     pub fn frontends_of(&self, k: &ServiceKey) -> &[PortFrontends] {
         self.services.get(k).map_or(&[], |e| &e.frontends)
     }

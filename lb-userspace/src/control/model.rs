@@ -5,7 +5,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt::{Debug, Display},
     hash::Hash,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     sync::Arc,
 };
 
@@ -77,7 +77,7 @@ pub trait FamilyAddr:
     Copy + Eq + Ord + Hash + Debug + Display + Into<IpAddr> + Serialize + 'static
 {
     /// The socket address of this family.
-    type Sock: Copy + Eq + Ord + Hash + Debug + Display;
+    type Sock: Copy + Eq + Ord + Hash + Debug + Display + Into<SocketAddr>;
     const FAMILY: IpFamily;
     /// The address if it is of this family.
     fn from_ip(ip: IpAddr) -> Option<Self>;

@@ -12,7 +12,7 @@
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     hash::Hash,
-    net::SocketAddrV4,
+    net::SocketAddr,
 };
 
 use lb_common::{limits, map_name};
@@ -78,7 +78,7 @@ pub const SIZE_RANGE: (u32, u32) = (16, 1 << 24);
 
 impl MapSizes {
     /// (pinned map name, entries) of every map these sizes set.
-    pub fn per_map(&self) -> [(&'static str, u32); 14] {
+    pub fn per_map(&self) -> [(&'static str, u32); 18] {
         [
             (map_name::FRONTENDS, self.frontend_slots),
             (map_name::MEMBERS, self.frontend_slots),
@@ -94,7 +94,24 @@ impl MapSizes {
             (map_name::SOCK_FLOW, self.sock_flow),
             (map_name::FRAGMENTS, self.fragments),
             (map_name::SOURCE_RANGES, self.source_ranges),
+            // Sized with others: an interned IPv6 address per backend or frontend address at
+            // most, so the address tables never fill before those maps do.
+            (map_name::ADDR6, self.addr6()),
+            (map_name::ADDR6_IDS, self.addr6()),
+            (map_name::SOURCE_RANGES6, self.source_ranges),
+            (map_name::SOCK_REV_NAT6, self.sock_rev_nat6()),
         ]
+    }
+
+    /// Entries of each IPv6 address table (`lb_addr6_v1`, `lb_addr6_id_v1`).
+    pub fn addr6(&self) -> u32 {
+        self.backends.saturating_add(self.rev_nat)
+    }
+
+    /// Entries of the IPv6 socket rev-NAT map (`lb_sk_revnat6_v1`, LRU): a quarter of the IPv4
+    /// one's (its entries are twice the size), at least the smallest map size.
+    pub fn sock_rev_nat6(&self) -> u32 {
+        (self.sock_rev_nat / 4).max(SIZE_RANGE.0)
     }
 
     /// Sets the size of `map` (a pinned map name), as found on a pinned map.
@@ -356,7 +373,7 @@ pub fn table_chunks(backends: usize) -> u64 {
 struct Held {
     entries: Entries,
     backends: HashSet<BackendKey>,
-    rev_nat: HashSet<SocketAddrV4>,
+    rev_nat: HashSet<SocketAddr>,
     names: HashSet<String>,
     tables: HashSet<Vec<BackendKey>>,
     /// Service ports whose source ranges are counted.
@@ -420,7 +437,7 @@ pub struct Tally {
     source_ranges: u64,
     maglev_chunks: u64,
     backends: HashMap<BackendKey, u32>,
-    rev_nat: HashMap<SocketAddrV4, u32>,
+    rev_nat: HashMap<SocketAddr, u32>,
     names: HashMap<String, u32>,
     tables: HashMap<Vec<BackendKey>, u32>,
 }
@@ -521,62 +538,105 @@ pub fn fit(plan: &mut Plan, sizes: &MapSizes) -> Vec<Rejected> {
 /// [`fit`], also returning the map contents of what it kept: `desired::desired` of the fitted
 /// plan, from the frontends `fit` builds anyway (the agent would build them twice otherwise).
 pub fn fit_desired(plan: &mut Plan, sizes: &MapSizes) -> (Desired, Vec<Rejected>) {
-    let mut order: Vec<usize> = (0..plan.services.len()).collect();
-    order.sort_by_key(|i| {
-        let s = &plan.services[*i];
-        (
-            s.created.is_none(),
-            s.created.unwrap_or(0),
-            s.namespace.clone(),
-            s.name.clone(),
-            s.port_name.clone(),
-            s.protocol.number(),
+    // Both families' Service ports, oldest Service first (a Service's IPv4 ports before its
+    // IPv6 ones), each with its frontends.
+    let mut ports: Vec<FitPort> = plan
+        .services
+        .iter()
+        .enumerate()
+        .map(|(i, sp)| FitPort::of(sp, 0, i))
+        .chain(
+            plan.services_ipv6
+                .iter()
+                .enumerate()
+                .map(|(i, sp)| FitPort::of(sp, 1, i)),
         )
-    });
+        .collect();
+    let mut order: Vec<usize> = (0..ports.len()).collect();
+    order.sort_by(|a, b| ports[*a].order.cmp(&ports[*b].order));
     let mut held = Held::default();
-    let mut keep = vec![true; plan.services.len()];
-    let mut frontends: Vec<Vec<(FrontendKey, DesiredFrontend)>> =
-        vec![Vec::new(); plan.services.len()];
+    let mut keep = [
+        vec![true; plan.services.len()],
+        vec![true; plan.services_ipv6.len()],
+    ];
     let mut rejected = Vec::new();
     for i in order {
-        let sp = &plan.services[i];
-        let fes = service_port_frontends(sp);
-        let (needs, identities) = held.needs(&fes);
+        let p = &mut ports[i];
+        let (needs, identities) = held.needs(&p.fes);
         match held.entries.overflow(&needs, sizes) {
-            None => {
-                held.take(identities);
-                frontends[i] = fes;
-            }
+            None => held.take(identities),
             Some(short) => {
-                keep[i] = false;
-                let port = if sp.port_name.is_empty() {
-                    sp.frontends
-                        .first()
-                        .map_or_else(String::new, |f| f.address.port().to_string())
-                } else {
-                    sp.port_name.clone()
-                };
+                keep[p.family][p.index] = false;
+                p.fes.clear();
                 rejected.push(Rejected {
                     kind: "Service".into(),
-                    namespace: sp.namespace.clone(),
-                    name: sp.name.clone(),
+                    namespace: p.order.2.clone(),
+                    name: p.order.3.clone(),
                     reason: format!(
-                        "port {port}/{:?} is not served: {short}; older Service ports keep \
+                        "port {}/{:?}{} is not served: {short}; older Service ports keep \
                          theirs (raise the map's size flag of lb-agent run, see the README)",
-                        sp.protocol
+                        p.port,
+                        p.protocol,
+                        if p.family == 1 { " (IPv6)" } else { "" }
                     ),
                 });
             }
         }
     }
-    let mut k = keep.into_iter();
+    let [mut k4, mut k6] = keep.map(|k| k.into_iter());
     plan.services
-        .retain(|_| k.next().expect("one flag per port"));
+        .retain(|_| k4.next().expect("one flag per port"));
+    plan.services_ipv6
+        .retain(|_| k6.next().expect("one flag per port"));
     plan.rejected.extend(rejected.iter().cloned());
     plan.rejected.sort();
     // In plan order, as `desired::desired` builds it.
-    let desired = frontends.into_iter().flatten().collect();
+    let desired = ports.into_iter().flat_map(|p| p.fes).collect();
     (desired, rejected)
+}
+
+/// A Service port of either family, as [`fit_desired`] weighs it.
+struct FitPort {
+    /// Age (no creation time last), namespace, name, port name, protocol, family.
+    order: (bool, i64, String, String, String, u8, usize),
+    family: usize,
+    index: usize,
+    /// Its name, else its first frontend's port.
+    port: String,
+    protocol: crate::control::model::Protocol,
+    fes: Vec<(FrontendKey, DesiredFrontend)>,
+}
+
+impl FitPort {
+    fn of<A: crate::control::model::FamilyAddr>(
+        sp: &crate::control::plan::ServicePortPlan<A>,
+        family: usize,
+        index: usize,
+    ) -> Self {
+        let port = if sp.port_name.is_empty() {
+            sp.frontends.first().map_or_else(String::new, |f| {
+                Into::<std::net::SocketAddr>::into(f.address).port().to_string()
+            })
+        } else {
+            sp.port_name.clone()
+        };
+        FitPort {
+            order: (
+                sp.created.is_none(),
+                sp.created.unwrap_or(0),
+                sp.namespace.clone(),
+                sp.name.clone(),
+                sp.port_name.clone(),
+                sp.protocol.number(),
+                family,
+            ),
+            family,
+            index,
+            port,
+            protocol: sp.protocol,
+            fes: service_port_frontends(sp),
+        }
+    }
 }
 
 /// The map a [`fit`] rejection names (for the metric), when it is one.
@@ -588,7 +648,10 @@ pub fn rejected_map(r: &Rejected) -> Option<&'static str> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::{BTreeMap, BTreeSet};
+    use std::{
+        collections::{BTreeMap, BTreeSet},
+        net::SocketAddrV4,
+    };
 
     use super::*;
     use crate::{
@@ -652,11 +715,15 @@ mod tests {
     fn wanted(
         d: &crate::control::desired::Desired,
     ) -> BTreeMap<(SocketAddrV4, u8), BTreeSet<SocketAddrV4>> {
+        let v4 = |a: std::net::SocketAddr| match a {
+            std::net::SocketAddr::V4(a) => a,
+            std::net::SocketAddr::V6(_) => panic!("IPv4 only"),
+        };
         d.iter()
             .map(|(k, v)| {
                 (
-                    (k.addr, k.scope),
-                    v.backends.iter().map(|(b, _)| b.addr).collect(),
+                    (v4(k.addr), k.scope),
+                    v.backends.iter().map(|(b, _)| v4(b.addr)).collect(),
                 )
             })
             .collect()

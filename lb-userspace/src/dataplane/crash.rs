@@ -122,6 +122,18 @@ impl<D: Dataplane> Dataplane for CrashAfter<D> {
     fn put_config(&mut self, v: &Config) -> Result<()> {
         self.step(|| "put_config".into(), |d| d.put_config(v))
     }
+    fn put_addr6_id(&mut self, h: u32, a: std::net::Ipv6Addr) -> Result<()> {
+        self.step(|| format!("put_addr6_id {h} {a}"), |d| d.put_addr6_id(h, a))
+    }
+    fn del_addr6_id(&mut self, h: u32) -> Result<()> {
+        self.step(|| format!("del_addr6_id {h}"), |d| d.del_addr6_id(h))
+    }
+    fn put_addr6(&mut self, a: std::net::Ipv6Addr, h: u32) -> Result<()> {
+        self.step(|| format!("put_addr6 {a}"), |d| d.put_addr6(a, h))
+    }
+    fn del_addr6(&mut self, a: std::net::Ipv6Addr) -> Result<()> {
+        self.step(|| format!("del_addr6 {a}"), |d| d.del_addr6(a))
+    }
     fn put_member(&mut self, k: &MemberKey, slot: u32) -> Result<()> {
         self.step(
             || format!("put_member {} {}", svc_key_str(&k.frontend), k.backend_id),
@@ -199,14 +211,27 @@ pub fn live_problems(st: &MapContents) -> Vec<String> {
             )),
             None => out.push(format!("{fe}: rev-NAT {} missing", v.rev_nat_id)),
         }
+        let v6 = k.scope & lb_common::scope::IPV6 != 0;
+        if v6 && !interned(st, k.addr_be) {
+            out.push(format!("{fe}: IPv6 handle not interned both ways"));
+        }
         for slot in 1..=v.count {
             match st.services.get(&FrontendSlotKey { slot, ..*k }) {
                 None => out.push(format!("{fe}: counted slot {slot} of {} missing", v.count)),
-                Some(s) if !st.backends.contains_key(&s.backend_id) => out.push(format!(
-                    "{fe}: slot {slot} names missing backend {}",
-                    s.backend_id
-                )),
-                Some(_) => {}
+                Some(s) => match st.backends.get(&s.backend_id) {
+                    None => out.push(format!(
+                        "{fe}: slot {slot} names missing backend {}",
+                        s.backend_id
+                    )),
+                    Some(b) => {
+                        let b6 = b.flags & lb_common::backend_flags::IPV6 != 0;
+                        if b6 != v6 {
+                            out.push(format!("{fe}: slot {slot} names a backend of the other family"));
+                        } else if b6 && !interned(st, b.addr_be) {
+                            out.push(format!("{fe}: slot {slot}'s IPv6 backend not interned"));
+                        }
+                    }
+                },
             }
         }
         if v.maglev_id != 0 && v.count > 0 {
@@ -238,6 +263,13 @@ pub fn live_problems(st: &MapContents) -> Vec<String> {
         }
     }
     out
+}
+
+/// Whether an IPv6 handle's address is in both directions of the table.
+fn interned(st: &MapContents, handle_be: u32) -> bool {
+    st.addr6_ids
+        .get(&handle_be)
+        .is_some_and(|a| st.addr6.get(a) == Some(&handle_be))
 }
 
 /// The used entries of each chunk of the table a master points at (`None`: chunk missing).
@@ -338,6 +370,34 @@ pub fn leftover_problems(st: &MapContents) -> Vec<String> {
     for k in st.maglev.keys().filter(|k| !chunks.contains(k)) {
         out.push(format!("Maglev chunk {}/{} unused", k.table_id, k.chunk));
     }
+    // Every interned address is named by a backend or rev-NAT entry, in both directions.
+    let named: BTreeSet<u32> = st
+        .backends
+        .values()
+        .filter(|b| b.flags & lb_common::backend_flags::IPV6 != 0)
+        .map(|b| b.addr_be)
+        .chain(
+            st.rev_nat
+                .values()
+                .filter(|r| r.flags & lb_common::rev_nat_flags::IPV6 != 0)
+                .map(|r| r.addr_be),
+        )
+        .collect();
+    for (h, a) in &st.addr6_ids {
+        if !named.contains(h) {
+            out.push(format!("IPv6 address {a} (handle {h}) unused"));
+        }
+        if st.addr6.get(a) != Some(h) {
+            out.push(format!("IPv6 address {a}: the tables disagree"));
+        }
+    }
+    if st.addr6.len() != st.addr6_ids.len() {
+        out.push(format!(
+            "IPv6 address tables of {} and {} entries",
+            st.addr6.len(),
+            st.addr6_ids.len()
+        ));
+    }
     for (id, net, len) in &st.source_ranges {
         if !masters
             .values()
@@ -356,13 +416,34 @@ pub fn leftover_problems(st: &MapContents) -> Vec<String> {
 /// (sorted), its membership entries as backends, and its Maglev table as backends; and how many
 /// entries each map holds.
 pub fn canonical(st: &MapContents) -> BTreeMap<String, String> {
+    // IPv6 handles are ids too: each is spelt as its address.
+    let ip = |addr_be: u32, v6: bool| {
+        if v6 {
+            st.addr6_ids
+                .get(&addr_be)
+                .map_or_else(|| format!("handle {addr_be} not interned"), |a| a.to_string())
+        } else {
+            std::net::Ipv4Addr::from(addr_be.to_ne_bytes()).to_string()
+        }
+    };
     let backend = |id: &u32| {
-        st.backends
-            .get(id)
-            .map_or_else(|| format!("missing {id}"), |b| format!("{b:?}"))
+        st.backends.get(id).map_or_else(
+            || format!("missing {id}"),
+            |b| {
+                let v6 = b.flags & lb_common::backend_flags::IPV6 != 0;
+                format!(
+                    "{}:{} proto {} flags {:#x}",
+                    ip(b.addr_be, v6),
+                    u16::from_be(b.port_be),
+                    b.proto,
+                    b.flags
+                )
+            },
+        )
     };
     let mut out = BTreeMap::new();
     for (k, v) in st.services.iter().filter(|(k, _)| k.slot == 0) {
+        let v6 = k.scope & lb_common::scope::IPV6 != 0;
         let mut slots: Vec<String> = (1..=v.count)
             .map(|slot| {
                 st.services
@@ -399,15 +480,24 @@ pub fn canonical(st: &MapContents) -> BTreeMap<String, String> {
             .filter(|(id, _, _)| *id == v.svc_port_id)
             .map(|(_, net, len)| format!("{net}/{len}"))
             .collect();
+        let rev_nat = st.rev_nat.get(&v.rev_nat_id).map(|r| {
+            let r6 = r.flags & lb_common::rev_nat_flags::IPV6 != 0;
+            format!("{}:{} flags {}", ip(r.addr_be, r6), u16::from_be(r.port_be), r.flags)
+        });
         out.insert(
-            svc_key_str(k),
             format!(
-                "count {} flags {:#x} affinity {} m {} rev-NAT {:?} name {:?} slots {slots:?} members {members:?} table {table} source ranges {ranges:?}",
+                "{}:{}/{}/{}",
+                ip(k.addr_be, v6),
+                u16::from_be(k.port_be),
+                k.proto,
+                k.scope
+            ),
+            format!(
+                "count {} flags {:#x} affinity {} m {} rev-NAT {rev_nat:?} name {:?} slots {slots:?} members {members:?} table {table} source ranges {ranges:?}",
                 v.count,
                 v.flags,
                 v.affinity_timeout_s,
                 v.maglev_m,
-                st.rev_nat.get(&v.rev_nat_id),
                 st.service_names.get(&v.svc_port_id),
             ),
         );
@@ -415,14 +505,15 @@ pub fn canonical(st: &MapContents) -> BTreeMap<String, String> {
     out.insert(
         "entries".into(),
         format!(
-            "services {} backends {} rev-NAT {} members {} names {} Maglev chunks {} source ranges {}",
+            "services {} backends {} rev-NAT {} members {} names {} Maglev chunks {} source ranges {} IPv6 addresses {:?}",
             st.services.len(),
             st.backends.len(),
             st.rev_nat.len(),
             st.members.len(),
             st.service_names.len(),
             st.maglev.len(),
-            st.source_ranges.len()
+            st.source_ranges.len(),
+            st.addr6.keys().collect::<Vec<_>>(),
         ),
     );
     out
@@ -474,6 +565,22 @@ pub fn restore<D: Dataplane>(dp: &mut D, want: &MapContents) -> Result<()> {
         .filter(|k| !want.service_names.contains_key(k))
     {
         dp.del_service_name(*k)?;
+    }
+    for a in have.addr6.keys().filter(|a| !want.addr6.contains_key(a)) {
+        dp.del_addr6(*a)?;
+    }
+    for h in have.addr6_ids.keys().filter(|h| !want.addr6_ids.contains_key(h)) {
+        dp.del_addr6_id(*h)?;
+    }
+    for (h, a) in &want.addr6_ids {
+        if have.addr6_ids.get(h) != Some(a) {
+            dp.put_addr6_id(*h, *a)?;
+        }
+    }
+    for (a, h) in &want.addr6 {
+        if have.addr6.get(a) != Some(h) {
+            dp.put_addr6(*a, *h)?;
+        }
     }
     for (k, v) in &want.backends {
         if have.backends.get(k) != Some(v) {
@@ -712,7 +819,9 @@ fn ensure_clean(st: &MapContents, clean: &BTreeMap<String, String>, at: &str) ->
 /// a UDP and a TCP port, a session-affinity Service and a single-endpoint one; then endpoints
 /// added, replaced, terminating, removed, scaled to zero and back, Services removed and added
 /// again, a traffic policy and an affinity timeout changed, loadBalancerSourceRanges set,
-/// changed and dropped with their LoadBalancer IP, and finally nothing.
+/// changed and dropped with their LoadBalancer IP, the IPv6 half of a dual-stack Service
+/// (interned addresses) scaled, rolled, fenced with IPv6 source ranges and removed, and finally
+/// nothing.
 pub fn change_sequence() -> Vec<Desired> {
     use lb_common::{backend_flags as bf, proto, scope, service_flags as sf};
     use std::net::{Ipv4Addr, SocketAddrV4};
@@ -720,12 +829,12 @@ pub fn change_sequence() -> Vec<Desired> {
     use crate::control::desired::{BackendKey, DesiredFrontend, FrontendKey};
 
     let fe = |a: [u8; 4], port: u16, p: u8, s: u8| FrontendKey {
-        addr: SocketAddrV4::new(Ipv4Addr::from(a), port),
+        addr: SocketAddrV4::new(Ipv4Addr::from(a), port).into(),
         proto: p,
         scope: s,
     };
     let be = |node: u8, pod: u8, port: u16, p: u8| BackendKey {
-        addr: SocketAddrV4::new(Ipv4Addr::new(10, 244, node, pod), port),
+        addr: SocketAddrV4::new(Ipv4Addr::new(10, 244, node, pod), port).into(),
         proto: p,
     };
     let front =
@@ -819,9 +928,50 @@ pub fn change_sequence() -> Vec<Desired> {
         v.source_ranges = Some(
             ranges
                 .iter()
-                .map(|(a, l)| (Ipv4Addr::from(*a), *l))
+                .map(|(a, l)| (Ipv4Addr::from(*a).into(), *l))
                 .collect(),
         );
+    };
+    // The IPv6 half of a dual-stack web Service: its frontends' keys and backends hold
+    // interned handles; a LoadBalancer IP with IPv6 source ranges.
+    let web6 = |d: &mut Desired, pods: &[(u8, u8)], ranges: Option<&[&str]>| {
+        let be6 = |node: u8, pod: u8| BackendKey {
+            addr: std::net::SocketAddr::new(
+                std::net::Ipv6Addr::new(0xfd00, 0x244, node.into(), 0, 0, 0, 0, pod.into())
+                    .into(),
+                8080,
+            ),
+            proto: proto::TCP,
+        };
+        let fe6 = |a: &str, port: u16, s: u8| FrontendKey {
+            addr: std::net::SocketAddr::new(a.parse().expect("an IPv6 address"), port),
+            proto: proto::TCP,
+            scope: s,
+        };
+        let all: Vec<(BackendKey, u8)> = pods.iter().map(|(n, p)| (be6(*n, *p), 0)).collect();
+        let name = "default/web:80/TCP/IPv6";
+        d.insert(
+            fe6("fd00:96::10", 80, scope::INTERNAL),
+            front(name, sf::CLUSTER_IP, 0, all.clone()),
+        );
+        for s in [scope::INTERNAL, scope::EXTERNAL] {
+            d.insert(
+                fe6("fd00:100::1", 30080, s),
+                front(name, sf::NODE_PORT, 0, all.clone()),
+            );
+        }
+        if let Some(r) = ranges {
+            let mut v = front(name, sf::LOAD_BALANCER | sf::SOURCE_RANGES, 0, all);
+            v.source_ranges = Some(
+                r.iter()
+                    .map(|p| {
+                        let (a, l) = p.split_once('/').expect("a prefix");
+                        (a.parse().expect("an address"), l.parse().expect("a length"))
+                    })
+                    .collect(),
+            );
+            d.insert(fe6("2001:db8::10", 80, scope::EXTERNAL), v);
+        }
     };
     let l = bf::LOCAL;
     let mut out = Vec::new();
@@ -836,6 +986,7 @@ pub fn change_sequence() -> Vec<Desired> {
         80,
         &[([10, 0, 0, 0], 8), ([192, 168, 0, 0], 16)],
     );
+    web6(&mut d, &[(1, 1), (2, 2)], Some(&["fd00::/8"]));
     out.push(d);
     // 1: web scales up and changes its source ranges, the session-affinity Service arrives, a
     // DNS pod is replaced.
@@ -855,6 +1006,11 @@ pub fn change_sequence() -> Vec<Desired> {
         80,
         &[([10, 0, 0, 0], 8), ([172, 16, 0, 0], 12)],
     );
+    web6(
+        &mut d,
+        &[(1, 1), (2, 2), (1, 4)],
+        Some(&["fd00::/8", "2001:db8:1::/48"]),
+    );
     out.push(d);
     // 2: a web pod terminates, another is gone; the cart scales to zero; the API Service goes.
     let mut d = Desired::new();
@@ -872,6 +1028,7 @@ pub fn change_sequence() -> Vec<Desired> {
         80,
         &[([10, 0, 0, 0], 8), ([172, 16, 0, 0], 12)],
     );
+    web6(&mut d, &[(1, 1), (1, 4)], None);
     out.push(d);
     // 3: web rolls to new pods; the cart comes back on new pods; the API Service is back; DNS
     // goes.
@@ -886,6 +1043,7 @@ pub fn change_sequence() -> Vec<Desired> {
         &[([10, 0, 0, 0], 8), ([172, 16, 0, 0], 12)],
     );
     fence(&mut d, [172, 18, 0, 20], 443, &[([10, 1, 0, 0], 16)]);
+    web6(&mut d, &[(1, 5), (2, 6)], Some(&["2001:db8:1::/48"]));
     out.push(d);
     // 4: web loses its LoadBalancer IP and turns to externalTrafficPolicy Local; the cart's
     // affinity timeout changes.

@@ -192,6 +192,30 @@ impl Dataplane for FakeDataplane {
         self.written();
         Ok(())
     }
+    fn put_addr6_id(&mut self, handle_be: u32, addr: std::net::Ipv6Addr) -> Result<()> {
+        self.log.push(format!("put_addr6_id {} {addr}", std::net::Ipv4Addr::from(handle_be.to_ne_bytes())));
+        self.state.addr6_ids.insert(handle_be, addr);
+        self.written();
+        Ok(())
+    }
+    fn del_addr6_id(&mut self, handle_be: u32) -> Result<()> {
+        self.log.push(format!("del_addr6_id {}", std::net::Ipv4Addr::from(handle_be.to_ne_bytes())));
+        self.state.addr6_ids.remove(&handle_be);
+        self.written();
+        Ok(())
+    }
+    fn put_addr6(&mut self, addr: std::net::Ipv6Addr, handle_be: u32) -> Result<()> {
+        self.log.push(format!("put_addr6 {addr}"));
+        self.state.addr6.insert(addr, handle_be);
+        self.written();
+        Ok(())
+    }
+    fn del_addr6(&mut self, addr: std::net::Ipv6Addr) -> Result<()> {
+        self.log.push(format!("del_addr6 {addr}"));
+        self.state.addr6.remove(&addr);
+        self.written();
+        Ok(())
+    }
     fn put_config(&mut self, value: &Config) -> Result<()> {
         self.log.push("put_config".into());
         self.state.config = *value;

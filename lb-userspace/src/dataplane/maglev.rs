@@ -10,7 +10,7 @@
 //!
 //! M is the smallest prime of [`SIZES`] that is at least 100 times the number of backends (the
 //! paper's bound for an imbalance under about 1 %), capped at 65,521.
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use lb_common::{MaglevChunk, MAGLEV_CHUNK};
 
@@ -27,7 +27,7 @@ pub fn table_size(n: usize) -> u32 {
 }
 
 /// A backend's identity as every node spells it.
-pub fn identity(addr: SocketAddrV4, proto: u8) -> String {
+pub fn identity(addr: SocketAddr, proto: u8) -> String {
     format!("{addr}/{proto}")
 }
 
@@ -83,7 +83,7 @@ pub fn populate(names: &[String], m: u32) -> Vec<usize> {
 }
 
 /// The table as backend ids, for backends given as (address, protocol, id).
-pub fn table(backends: &[(SocketAddrV4, u8, u32)]) -> (u32, Vec<u32>) {
+pub fn table(backends: &[(SocketAddr, u8, u32)]) -> (u32, Vec<u32>) {
     let m = table_size(backends.len());
     let names: Vec<String> = backends.iter().map(|(a, p, _)| identity(*a, *p)).collect();
     let t = populate(&names, m)
@@ -110,7 +110,10 @@ pub fn chunks(table: &[u32]) -> Vec<MaglevChunk> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::{collections::HashMap, net::Ipv4Addr};
+    use std::{
+        collections::HashMap,
+        net::{Ipv4Addr, SocketAddrV4},
+    };
 
     fn names(n: usize) -> Vec<String> {
         (0..n)
@@ -119,7 +122,8 @@ mod tests {
                     SocketAddrV4::new(
                         Ipv4Addr::new(10, 244, (i / 250) as u8, (i % 250) as u8 + 1),
                         8080,
-                    ),
+                    )
+                    .into(),
                     6,
                 )
             })
@@ -172,8 +176,8 @@ mod tests {
             .collect();
         assert_eq!(a, b);
         // Two nodes with different backend ids produce the same table of addresses.
-        let addrs: Vec<SocketAddrV4> = (0..10)
-            .map(|i| SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, i), 80))
+        let addrs: Vec<SocketAddr> = (0..10)
+            .map(|i| SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, i), 80).into())
             .collect();
         let node_a: Vec<_> = addrs
             .iter()
@@ -186,9 +190,9 @@ mod tests {
             .rev()
             .map(|(i, a)| (*a, 6u8, 100 + i as u32))
             .collect();
-        let by_id_a: HashMap<u32, SocketAddrV4> =
+        let by_id_a: HashMap<u32, SocketAddr> =
             node_a.iter().map(|(a, _, id)| (*id, *a)).collect();
-        let by_id_b: HashMap<u32, SocketAddrV4> =
+        let by_id_b: HashMap<u32, SocketAddr> =
             node_b.iter().map(|(a, _, id)| (*id, *a)).collect();
         let (ma, ta) = table(&node_a);
         let (mb, tb) = table(&node_b);
@@ -234,8 +238,8 @@ mod tests {
     #[test]
     fn chunks_cover_the_table() {
         let (m, t) = table(&[
-            (SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1), 6, 7),
-            (SocketAddrV4::new(Ipv4Addr::LOCALHOST, 2), 6, 9),
+            (SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1).into(), 6, 7),
+            (SocketAddrV4::new(Ipv4Addr::LOCALHOST, 2).into(), 6, 9),
         ]);
         let c = chunks(&t);
         assert_eq!(c.len(), (m as usize).div_ceil(MAGLEV_CHUNK as usize));

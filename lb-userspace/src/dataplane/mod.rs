@@ -7,13 +7,17 @@
 //! after each of its writes and checks that a restarted agent recovers (for tests).
 //!
 //! It takes the desired map contents from `control` and never imports `agent`.
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use anyhow::Result;
 use lb_common::{
     Backend, Config, FrontendSlot, FrontendSlotKey, MaglevChunk, MaglevKey, MemberKey, RevNat,
 };
 
+pub mod addr6;
 pub mod bpf_sys;
 pub mod capacity;
 pub mod crash;
@@ -42,17 +46,25 @@ pub struct MapContents {
     pub service_names: BTreeMap<u32, String>,
     /// Maglev table chunks.
     pub maglev: BTreeMap<MaglevKey, MaglevChunk>,
-    /// loadBalancerSourceRanges entries: (Service-port id, network, prefix length).
+    /// loadBalancerSourceRanges entries: (Service-port id, network, prefix length), of both
+    /// families (two maps).
     pub source_ranges: BTreeSet<SourceRange>,
+    /// The IPv6 addresses the maps mention, by handle (as the maps hold it, network order: the
+    /// handle's address in 0.0.0.0/8): `map_name::ADDR6_IDS`.
+    pub addr6_ids: BTreeMap<u32, Ipv6Addr>,
+    /// The other direction, `map_name::ADDR6`.
+    pub addr6: BTreeMap<Ipv6Addr, u32>,
     pub config: Config,
 }
 
-/// An entry of the source-ranges map: a prefix a Service port's LoadBalancer frontends admit.
-pub type SourceRange = (u32, std::net::Ipv4Addr, u8);
+/// An entry of the source-ranges maps: a prefix a Service port's LoadBalancer frontends admit.
+pub type SourceRange = (u32, IpAddr, u8);
 
-/// The source-ranges map's key of an entry (LPM: the id's 32 bits, then the prefix's).
+/// The IPv4 source-ranges map's key of an entry (LPM: the id's 32 bits, then the prefix's).
 pub fn source_range_key(
-    (id, net, len): SourceRange,
+    id: u32,
+    net: Ipv4Addr,
+    len: u8,
 ) -> aya::maps::lpm_trie::Key<lb_common::SourceRangeKey> {
     aya::maps::lpm_trie::Key::new(
         lb_common::SourceRangeKey::ID_BITS + u32::from(len),
@@ -61,6 +73,36 @@ pub fn source_range_key(
             addr_be: u32::from_ne_bytes(net.octets()),
         },
     )
+}
+
+/// The IPv6 source-ranges map's key of an entry.
+pub fn source_range_key6(
+    id: u32,
+    net: Ipv6Addr,
+    len: u8,
+) -> aya::maps::lpm_trie::Key<lb_common::SourceRangeKey6> {
+    aya::maps::lpm_trie::Key::new(
+        lb_common::SourceRangeKey::ID_BITS + u32::from(len),
+        lb_common::SourceRangeKey6 {
+            svc_port_id: id,
+            addr: addr6_words(net),
+        },
+    )
+}
+
+/// An IPv6 address as the maps hold it ([`lb_common::Addr6`]).
+pub fn addr6_words(a: Ipv6Addr) -> lb_common::Addr6 {
+    let o = a.octets();
+    core::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+}
+
+/// The IPv6 address of an [`lb_common::Addr6`].
+pub fn addr6_from_words(w: &lb_common::Addr6) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, v) in w.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    Ipv6Addr::from(o)
 }
 
 /// The writes the sync makes, one map entry each, and the read-back that adoption starts from.
@@ -80,6 +122,12 @@ pub trait Dataplane {
     fn del_maglev(&mut self, key: &MaglevKey) -> Result<()>;
     fn put_source_range(&mut self, r: SourceRange) -> Result<()>;
     fn del_source_range(&mut self, r: SourceRange) -> Result<()>;
+    /// Handle -> IPv6 address (`map_name::ADDR6_IDS`).
+    fn put_addr6_id(&mut self, handle_be: u32, addr: Ipv6Addr) -> Result<()>;
+    fn del_addr6_id(&mut self, handle_be: u32) -> Result<()>;
+    /// IPv6 address -> handle (`map_name::ADDR6`).
+    fn put_addr6(&mut self, addr: Ipv6Addr, handle_be: u32) -> Result<()>;
+    fn del_addr6(&mut self, addr: Ipv6Addr) -> Result<()>;
     /// Reads back every entry (used once, at start, to adopt pinned state).
     fn contents(&self) -> Result<MapContents>;
     /// Removes the UDP conntrack flows (both directions, both tiers) of each (Service-port id,

@@ -1,16 +1,24 @@
 //! The maps pinned under `--bpffs`: the aya [`Dataplane`] on them, opening one by name (saying
 //! so when only another layout version of it is there), and finding our maps pinned at other
 //! layout versions (the `_vN` suffix of every map name; upgrades across them are `migrate`'s).
-use std::{fs, net::Ipv4Addr, path::Path, path::PathBuf};
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+    path::PathBuf,
+};
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError};
 use lb_common::{
     map_name, Backend, Config, FrontendSlot, FrontendSlotKey, MaglevChunk, MaglevKey, MemberKey,
-    RevNat, ServiceName, SourceRangeKey,
+    Addr6, RevNat, ServiceName, SourceRangeKey, SourceRangeKey6,
 };
 
-use super::{ct_gc::CtTiers, source_range_key, Dataplane, MapContents, SourceRange};
+use super::{
+    addr6_from_words, addr6_words, ct_gc::CtTiers, source_range_key, source_range_key6, Dataplane,
+    MapContents, SourceRange,
+};
 use crate::error::UsageError;
 
 /// Fails with a [`UsageError`] when `bpffs` is not a directory.
@@ -129,6 +137,9 @@ pub struct AyaDataplane {
     names: HashMap<MapData, u32, ServiceName>,
     maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
+    source_ranges6: LpmTrie<MapData, SourceRangeKey6, u32>,
+    addr6: HashMap<MapData, Addr6, u32>,
+    addr6_ids: HashMap<MapData, u32, Addr6>,
     config: Array<MapData, Config>,
     /// The conntrack tiers, for flushing the UDP flows of removed backends.
     conntrack: CtTiers,
@@ -149,6 +160,9 @@ impl AyaDataplane {
             names: HashMap::try_from(take(map_name::SERVICE_NAMES)?)?,
             maglev: HashMap::try_from(take(map_name::MAGLEV)?)?,
             source_ranges: LpmTrie::try_from(take(map_name::SOURCE_RANGES)?)?,
+            source_ranges6: LpmTrie::try_from(take(map_name::SOURCE_RANGES6)?)?,
+            addr6: HashMap::try_from(take(map_name::ADDR6)?)?,
+            addr6_ids: HashMap::try_from(take(map_name::ADDR6_IDS)?)?,
             config: Array::try_from(take(map_name::CONFIG)?)?,
             conntrack: CtTiers::from_ebpf(ebpf)?,
         })
@@ -166,6 +180,9 @@ impl AyaDataplane {
             names: HashMap::try_from(open(map_name::SERVICE_NAMES)?)?,
             maglev: HashMap::try_from(open(map_name::MAGLEV)?)?,
             source_ranges: LpmTrie::try_from(Map::LpmTrie(open_data(map_name::SOURCE_RANGES)?))?,
+            source_ranges6: LpmTrie::try_from(Map::LpmTrie(open_data(map_name::SOURCE_RANGES6)?))?,
+            addr6: HashMap::try_from(open(map_name::ADDR6)?)?,
+            addr6_ids: HashMap::try_from(open(map_name::ADDR6_IDS)?)?,
             config: Array::try_from(Map::Array(open_data(map_name::CONFIG)?))?,
             conntrack: open_conntrack(dir)?,
         })
@@ -212,11 +229,31 @@ impl Dataplane for AyaDataplane {
     fn del_maglev(&mut self, key: &MaglevKey) -> Result<()> {
         deleted(self.maglev.remove(key))
     }
-    fn put_source_range(&mut self, r: SourceRange) -> Result<()> {
-        Ok(self.source_ranges.insert(&source_range_key(r), 1, 0)?)
+    fn put_source_range(&mut self, (id, net, len): SourceRange) -> Result<()> {
+        match net {
+            IpAddr::V4(n) => Ok(self.source_ranges.insert(&source_range_key(id, n, len), 1, 0)?),
+            IpAddr::V6(n) => Ok(self
+                .source_ranges6
+                .insert(&source_range_key6(id, n, len), 1, 0)?),
+        }
     }
-    fn del_source_range(&mut self, r: SourceRange) -> Result<()> {
-        deleted(self.source_ranges.remove(&source_range_key(r)))
+    fn del_source_range(&mut self, (id, net, len): SourceRange) -> Result<()> {
+        match net {
+            IpAddr::V4(n) => deleted(self.source_ranges.remove(&source_range_key(id, n, len))),
+            IpAddr::V6(n) => deleted(self.source_ranges6.remove(&source_range_key6(id, n, len))),
+        }
+    }
+    fn put_addr6_id(&mut self, handle_be: u32, addr: Ipv6Addr) -> Result<()> {
+        Ok(self.addr6_ids.insert(handle_be, addr6_words(addr), 0)?)
+    }
+    fn del_addr6_id(&mut self, handle_be: u32) -> Result<()> {
+        deleted(self.addr6_ids.remove(&handle_be))
+    }
+    fn put_addr6(&mut self, addr: Ipv6Addr, handle_be: u32) -> Result<()> {
+        Ok(self.addr6.insert(addr6_words(addr), handle_be, 0)?)
+    }
+    fn del_addr6(&mut self, addr: Ipv6Addr) -> Result<()> {
+        deleted(self.addr6.remove(&addr6_words(addr)))
     }
     fn contents(&self) -> Result<MapContents> {
         let mut s = MapContents {
@@ -253,9 +290,27 @@ impl Dataplane for AyaDataplane {
             let len = k.prefix_len().saturating_sub(SourceRangeKey::ID_BITS) as u8;
             s.source_ranges.insert((
                 data.svc_port_id,
-                Ipv4Addr::from(data.addr_be.to_ne_bytes()),
+                IpAddr::V4(Ipv4Addr::from(data.addr_be.to_ne_bytes())),
                 len,
             ));
+        }
+        for k in self.source_ranges6.keys() {
+            let k = k?;
+            let data = k.data();
+            let len = k.prefix_len().saturating_sub(SourceRangeKey::ID_BITS) as u8;
+            s.source_ranges.insert((
+                data.svc_port_id,
+                IpAddr::V6(addr6_from_words(&data.addr)),
+                len,
+            ));
+        }
+        for kv in self.addr6_ids.iter() {
+            let (k, v) = kv?;
+            s.addr6_ids.insert(k, addr6_from_words(&v));
+        }
+        for kv in self.addr6.iter() {
+            let (k, v) = kv?;
+            s.addr6.insert(addr6_from_words(&k), v);
         }
         Ok(s)
     }

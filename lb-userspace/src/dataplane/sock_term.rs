@@ -20,7 +20,7 @@
 use std::{
     collections::{BTreeSet, HashSet},
     fs, io,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     os::{
         fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
         unix::fs::MetadataExt,
@@ -382,7 +382,7 @@ pub fn namespaces(proc_root: &Path) -> Vec<PathBuf> {
 
 /// The (frontend, protocol, backend) pairs the socket-level path serves: a socket connected
 /// through a frontend to a backend outside this set is stale.
-pub type Serving = HashSet<(SocketAddrV4, u8, SocketAddrV4)>;
+pub type Serving = HashSet<(SocketAddr, u8, SocketAddr)>;
 
 /// The sockets of `lb_sk_revnat_v1` (fd `rev_nat`) whose backend no longer serves their
 /// frontend, for the protocols in `protos`, with their map keys.
@@ -405,7 +405,7 @@ pub fn stale(
                 Ipv4Addr::from(u32::from_be(v.addr_be)),
                 u16::from_be(v.port_be),
             );
-            if !serving.contains(&(frontend, k.proto, backend)) {
+            if !serving.contains(&(frontend.into(), k.proto, backend.into())) {
                 out.push((
                     *k,
                     Target {

@@ -29,13 +29,14 @@
 //! of its writes to check all of this.
 use std::{
     collections::{hash_map::Entry, BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
 };
 
 use anyhow::Result;
 use lb_common::{Backend, Config, FrontendSlot, FrontendSlotKey, MaglevKey, MemberKey, RevNat};
 
 use super::{
+    addr6::{Addr6Table, Change, Strays},
     capacity::{table_chunks, Entries, MapSizes, Shortfall},
     ids::IdAllocator,
     maglev,
@@ -43,8 +44,7 @@ use super::{
     Dataplane, MapContents,
 };
 use crate::control::desired::{
-    backend_value, be_addr, service_key, sock_addr, BackendKey, Desired, DesiredFrontend,
-    FrontendKey,
+    backend_value, service_key_in, BackendKey, Desired, DesiredFrontend, FrontendKey,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,7 +77,7 @@ pub struct Syncer<D: Dataplane> {
     backend_keys: HashMap<u32, BackendKey>,
     backend_refs: HashMap<u32, u32>,
     backend_ids: IdAllocator,
-    rev_nat: HashMap<SocketAddrV4, (u32, u32)>, // frontend address -> (id, references)
+    rev_nat: HashMap<SocketAddr, (u32, u32)>, // frontend address -> (id, references)
     rev_nat_ids: IdAllocator,
     /// Entries found at adoption that no desired state explains (removed on the next sync).
     stray_services: Vec<FrontendSlotKey>,
@@ -118,7 +118,11 @@ pub struct Syncer<D: Dataplane> {
     /// What the maps can hold.
     sizes: MapSizes,
     /// Programmed loadBalancerSourceRanges prefixes by Service-port id.
-    ranges: BTreeMap<u32, BTreeSet<(Ipv4Addr, u8)>>,
+    ranges: BTreeMap<u32, BTreeSet<(IpAddr, u8)>>,
+    /// The IPv6 addresses the maps mention, with their handles.
+    addrs: Addr6Table,
+    /// Entries of the address tables found at adoption that form no pair.
+    stray_addrs: Strays,
 }
 
 impl<D: Dataplane> Syncer<D> {
@@ -130,6 +134,7 @@ impl<D: Dataplane> Syncer<D> {
     /// once the masters are right (see the module documentation).
     pub fn adopt(dp: D) -> Result<Self> {
         let found = dp.contents()?;
+        let (addrs, stray_addrs) = Addr6Table::adopt(&found.addr6_ids, &found.addr6);
         let mut s = Self {
             dp,
             frontends: BTreeMap::new(),
@@ -166,6 +171,8 @@ impl<D: Dataplane> Syncer<D> {
             total_writes: 0,
             sizes: MapSizes::default(),
             ranges: BTreeMap::new(),
+            addrs,
+            stray_addrs,
         };
         for (id, net, len) in &found.source_ranges {
             s.ranges.entry(*id).or_default().insert((*net, *len));
@@ -180,8 +187,14 @@ impl<D: Dataplane> Syncer<D> {
 
     fn load(&mut self, found: MapContents) {
         for (id, b) in &found.backends {
+            let v6 = b.flags & lb_common::backend_flags::IPV6 != 0;
+            // An IPv6 backend whose handle is not interned names nothing: a stray.
+            let Some(addr) = self.sock_of(b.addr_be, b.port_be, v6) else {
+                self.stray_backends.push(*id);
+                continue;
+            };
             let key = BackendKey {
-                addr: sock_addr(b.addr_be, b.port_be),
+                addr,
                 proto: b.proto,
             };
             match self.backends.entry(key) {
@@ -190,17 +203,23 @@ impl<D: Dataplane> Syncer<D> {
                 Entry::Vacant(v) => {
                     v.insert((*id, *b));
                     self.backend_keys.insert(*id, key);
+                    self.addrs.refer(addr.ip());
                 }
             }
         }
         let mut rev_by_id = HashMap::new();
         for (id, r) in &found.rev_nat {
-            let addr = sock_addr(r.addr_be, r.port_be);
+            let v6 = r.flags & lb_common::rev_nat_flags::IPV6 != 0;
+            let Some(addr) = self.sock_of(r.addr_be, r.port_be, v6) else {
+                self.stray_rev_nat.push(*id);
+                continue;
+            };
             match self.rev_nat.entry(addr) {
                 Entry::Occupied(_) => self.stray_rev_nat.push(*id),
                 Entry::Vacant(v) => {
                     v.insert((*id, 0));
                     rev_by_id.insert(*id, addr);
+                    self.addrs.refer(addr.ip());
                 }
             }
         }
@@ -209,16 +228,15 @@ impl<D: Dataplane> Syncer<D> {
         let live: std::collections::HashSet<u32> =
             self.backends.values().map(|(id, _)| *id).collect();
         for (k, v) in found.services.iter().filter(|(k, _)| k.slot == 0) {
-            let fe = FrontendKey {
-                addr: sock_addr(k.addr_be, k.port_be),
-                proto: k.proto,
-                scope: k.scope,
+            let Some(fe) = self.frontend_of(k) else {
+                self.stray_services.push(*k);
+                continue;
             };
             let slots = (1..=v.count)
                 .map(|slot| {
                     let id = found
                         .services
-                        .get(&service_key(&fe, slot))
+                        .get(&FrontendSlotKey { slot, ..*k })
                         .map_or(0, |s| s.backend_id);
                     if live.contains(&id) {
                         id
@@ -246,15 +264,11 @@ impl<D: Dataplane> Syncer<D> {
         }
         self.adopt_tables(&found);
         for (k, _) in found.services.iter().filter(|(k, _)| k.slot != 0) {
-            let fe = FrontendKey {
-                addr: sock_addr(k.addr_be, k.port_be),
-                proto: k.proto,
-                scope: k.scope,
-            };
-            let in_use = self
-                .frontends
-                .get(&fe)
-                .is_some_and(|p| (k.slot as usize) <= p.slots.len());
+            let in_use = self.frontend_of(k).is_some_and(|fe| {
+                self.frontends
+                    .get(&fe)
+                    .is_some_and(|p| (k.slot as usize) <= p.slots.len())
+            });
             if !in_use {
                 self.stray_services.push(*k);
             }
@@ -268,6 +282,46 @@ impl<D: Dataplane> Syncer<D> {
             let addr = rev_by_id[&p.rev_nat_id];
             self.rev_nat.get_mut(&addr).expect("loaded above").1 += 1;
         }
+    }
+
+    /// The socket address a map entry holds (an IPv6 one as its handle when `v6`; `None` when
+    /// the handle is not interned).
+    fn sock_of(&self, addr_be: u32, port_be: u16, v6: bool) -> Option<SocketAddr> {
+        let ip = self.addrs.ip_of(addr_be, v6)?;
+        Some(SocketAddr::new(ip, u16::from_be(port_be)))
+    }
+
+    /// The frontend a services-map key belongs to (`None`: an IPv6 handle not interned).
+    fn frontend_of(&self, k: &FrontendSlotKey) -> Option<FrontendKey> {
+        let v6 = k.scope & lb_common::scope::IPV6 != 0;
+        Some(FrontendKey {
+            addr: self.sock_of(k.addr_be, k.port_be, v6)?,
+            proto: k.proto,
+            scope: k.scope & !lb_common::scope::IPV6,
+        })
+    }
+
+    /// The services-map key of a frontend's slot.
+    fn key(&self, fe: &FrontendKey, slot: u16) -> FrontendSlotKey {
+        service_key_in(fe, slot, &self.addrs)
+    }
+
+    /// One more entry names `ip`: an IPv6 address new to the maps is interned first.
+    fn refer_addr(&mut self, ip: IpAddr) -> Result<()> {
+        if let Change::Put(h, a) = self.addrs.refer(ip) {
+            self.write(|dp| dp.put_addr6_id(h, a))?;
+            self.write(|dp| dp.put_addr6(a, h))?;
+        }
+        Ok(())
+    }
+
+    /// An entry naming `ip` was deleted: the last one takes the address out of the tables.
+    fn release_addr(&mut self, ip: IpAddr) -> Result<()> {
+        if let Change::Del(h, a) = self.addrs.release(ip) {
+            self.write(|dp| dp.del_addr6(a))?;
+            self.write(|dp| dp.del_addr6_id(h))?;
+        }
+        Ok(())
     }
 
     /// Keeps the Maglev tables that are exactly what this agent would write for their frontends;
@@ -350,6 +404,9 @@ impl<D: Dataplane> Syncer<D> {
             self.write(|dp| dp.del_maglev(&key))?;
         }
         self.tables.release(id);
+        // What the table named when it was found at adoption goes with it: its id may be
+        // handed out again, to a table naming other backends.
+        self.stale_tables.remove(&id);
         Ok(())
     }
 
@@ -485,12 +542,8 @@ impl<D: Dataplane> Syncer<D> {
                 .members
                 .keys()
                 .filter(|m| {
-                    let fe = FrontendKey {
-                        addr: sock_addr(m.frontend.addr_be, m.frontend.port_be),
-                        proto: m.frontend.proto,
-                        scope: m.frontend.scope,
-                    };
-                    !self.frontends.contains_key(&fe)
+                    self.frontend_of(&m.frontend)
+                        .is_none_or(|fe| !self.frontends.contains_key(&fe))
                 })
                 .copied()
                 .collect();
@@ -502,11 +555,23 @@ impl<D: Dataplane> Syncer<D> {
         for k in self.take_stray_services() {
             self.write(|dp| dp.del_service(&k))?;
         }
+        // Address-table entries that form no pair name nothing (an entry naming their handle
+        // was a stray); gone before any handle is handed out, which could be theirs.
+        let strays = std::mem::take(&mut self.stray_addrs);
+        for a in strays.addrs {
+            self.write(|dp| dp.del_addr6(a))?;
+        }
+        for h in strays.ids {
+            self.write(|dp| dp.del_addr6_id(h))?;
+        }
         for k in self.take_stray_maglev() {
             self.write(|dp| dp.del_maglev(&k))?;
         }
-        for id in self.take_stray_rev_nat(full) {
+        for (id, addr) in self.take_stray_rev_nat(full) {
             self.write(|dp| dp.del_rev_nat(id))?;
+            if let Some(addr) = addr {
+                self.release_addr(addr.ip())?;
+            }
         }
         for id in std::mem::take(&mut self.stray_backends) {
             self.write(|dp| dp.del_backend(id))?;
@@ -574,6 +639,9 @@ impl<D: Dataplane> Syncer<D> {
         self.free_names(dead_names)?;
         self.maybe_unused.clear();
         self.free_ranges()?;
+        if full {
+            self.free_unreferenced_addrs()?;
+        }
         let udp_flows_flushed = self.flush_departed()?;
         self.full_pass = false;
         self.waiting = deferred.iter().map(|(fe, _, _)| *fe).collect();
@@ -596,11 +664,14 @@ impl<D: Dataplane> Syncer<D> {
         keys.sort();
         keys.dedup_by_key(|(k, _)| *k);
         for (k, flags) in keys {
-            let value = backend_value(&k, flags);
-            match self.backends.get(&k) {
-                Some((_, v)) if *v == value => {}
+            let known = self.backends.get(&k).copied();
+            if known.is_none() {
+                self.refer_addr(k.addr.ip())?;
+            }
+            let value = backend_value(&k, flags, &self.addrs);
+            match known {
+                Some((_, v)) if v == value => {}
                 Some((id, _)) => {
-                    let id = *id;
                     self.write(|dp| dp.put_backend(id, &value))?;
                     self.backends.insert(k, (id, value));
                 }
@@ -732,7 +803,7 @@ impl<D: Dataplane> Syncer<D> {
 
     /// Makes Service port `id`'s source ranges exactly `want`: the new prefixes first, then
     /// those it no longer has.
-    fn sync_ranges(&mut self, id: u32, want: &BTreeSet<(Ipv4Addr, u8)>) -> Result<()> {
+    fn sync_ranges(&mut self, id: u32, want: &BTreeSet<(IpAddr, u8)>) -> Result<()> {
         let have = self.ranges.get(&id).cloned().unwrap_or_default();
         for (net, len) in want.difference(&have) {
             let r = (id, *net, *len);
@@ -784,9 +855,11 @@ impl<D: Dataplane> Syncer<D> {
         let Some(p) = self.frontends.remove(fe) else {
             return Ok(());
         };
-        self.write(|dp| dp.del_service(&service_key(fe, 0)))?;
+        let master = self.key(fe, 0);
+        self.write(|dp| dp.del_service(&master))?;
         for (i, id) in p.slots.iter().enumerate() {
-            self.write(|dp| dp.del_service(&service_key(fe, i as u16 + 1)))?;
+            let k = self.key(fe, i as u16 + 1);
+            self.write(|dp| dp.del_service(&k))?;
             self.unref_backend(*id);
         }
         self.sync_members(fe, &[], false)?;
@@ -843,6 +916,7 @@ impl<D: Dataplane> Syncer<D> {
             self.backend_keys.remove(&id);
             self.backend_refs.remove(&id);
             self.backend_ids.release(id);
+            self.release_addr(k.addr.ip())?;
         }
         Ok(())
     }
@@ -955,14 +1029,11 @@ impl<D: Dataplane> Syncer<D> {
     fn take_stray_services(&mut self) -> Vec<FrontendSlotKey> {
         let mut strays = std::mem::take(&mut self.stray_services);
         strays.retain(|k| {
-            let fe = FrontendKey {
-                addr: sock_addr(k.addr_be, k.port_be),
-                proto: k.proto,
-                scope: k.scope,
-            };
-            self.frontends
-                .get(&fe)
-                .is_none_or(|p| k.slot as usize > p.slots.len())
+            self.frontend_of(k).is_none_or(|fe| {
+                self.frontends
+                    .get(&fe)
+                    .is_none_or(|p| k.slot as usize > p.slots.len())
+            })
         });
         strays
     }
@@ -990,10 +1061,14 @@ impl<D: Dataplane> Syncer<D> {
     /// Rev-NAT entries to delete: duplicates found at adoption and, on the first sync after it,
     /// those no frontend uses (a killed sync wrote one before its frontend's master, or had
     /// removed the master and not yet the entry).
-    fn take_stray_rev_nat(&mut self, full: bool) -> Vec<u32> {
-        let mut out = std::mem::take(&mut self.stray_rev_nat);
+    /// Each comes with the address whose reference it held (to be dropped once it is deleted).
+    fn take_stray_rev_nat(&mut self, full: bool) -> Vec<(u32, Option<SocketAddr>)> {
+        let mut out: Vec<(u32, Option<SocketAddr>)> = std::mem::take(&mut self.stray_rev_nat)
+            .into_iter()
+            .map(|id| (id, None))
+            .collect();
         if full {
-            let unused: Vec<SocketAddrV4> = self
+            let unused: Vec<SocketAddr> = self
                 .rev_nat
                 .iter()
                 .filter(|(_, (_, refs))| *refs == 0)
@@ -1002,11 +1077,22 @@ impl<D: Dataplane> Syncer<D> {
             for addr in unused {
                 let (id, _) = self.rev_nat.remove(&addr).expect("listed above");
                 self.rev_nat_ids.release(id);
-                out.push(id);
+                out.push((id, Some(addr)));
             }
             out.sort();
         }
         out
+    }
+
+    /// At the end of the first sync following adoption: interned addresses nothing names any
+    /// more (a killed sync left them).
+    fn free_unreferenced_addrs(&mut self) -> Result<()> {
+        for a in self.addrs.unreferenced() {
+            // An adopted address without references: one release deletes it.
+            self.addrs.refer(IpAddr::V6(a));
+            self.release_addr(IpAddr::V6(a))?;
+        }
+        Ok(())
     }
 
     /// Flushes the UDP conntrack flows of backends that left a UDP frontend in this sync and no
@@ -1062,7 +1148,7 @@ impl<D: Dataplane> Syncer<D> {
         }
     }
 
-    fn unref_rev_nat(&mut self, addr: SocketAddrV4) -> Result<()> {
+    fn unref_rev_nat(&mut self, addr: SocketAddr) -> Result<()> {
         let Some((id, refs)) = self.rev_nat.get_mut(&addr) else {
             return Ok(());
         };
@@ -1072,6 +1158,7 @@ impl<D: Dataplane> Syncer<D> {
             self.rev_nat.remove(&addr);
             self.write(|dp| dp.del_rev_nat(id))?;
             self.rev_nat_ids.release(id);
+            self.release_addr(addr.ip())?;
         }
         Ok(())
     }
@@ -1091,7 +1178,8 @@ impl<D: Dataplane> Syncer<D> {
                     backend_id: *id,
                     ..Default::default()
                 };
-                self.write(|dp| dp.put_service(&service_key(fe, i as u16 + 1), &v))?;
+                let k = self.key(fe, i as u16 + 1);
+                self.write(|dp| dp.put_service(&k, &v))?;
             }
         }
         let svc_port_id = self.svc_port_ids[&d.service_port];
@@ -1138,13 +1226,15 @@ impl<D: Dataplane> Syncer<D> {
                 maglev_m: maglev.1,
                 _pad: 0,
             };
-            self.write(|dp| dp.put_service(&service_key(fe, 0), &v))?;
+            let k = self.key(fe, 0);
+            self.write(|dp| dp.put_service(&k, &v))?;
         }
         if old_table.0 != 0 && old_table != maglev {
             self.unref_table(old_table.0)?;
         }
         for i in slots.len()..old_slots.len() {
-            self.write(|dp| dp.del_service(&service_key(fe, i as u16 + 1)))?;
+            let k = self.key(fe, i as u16 + 1);
+            self.write(|dp| dp.del_service(&k))?;
         }
         // Backends that left the frontend stop being members only after the master shrank.
         self.sync_members(fe, &slots, false)?;
@@ -1176,7 +1266,7 @@ impl<D: Dataplane> Syncer<D> {
     /// Brings the membership entries of `fe` in line with `slots`: with `adding`, writes the
     /// entries that are new or moved; without, deletes the ones no longer wanted.
     fn sync_members(&mut self, fe: &FrontendKey, slots: &[u32], adding: bool) -> Result<()> {
-        let master = service_key(fe, 0);
+        let master = self.key(fe, 0);
         let want: BTreeMap<MemberKey, u32> = slots
             .iter()
             .enumerate()
@@ -1217,17 +1307,22 @@ impl<D: Dataplane> Syncer<D> {
         Ok(())
     }
 
-    fn ref_rev_nat(&mut self, addr: SocketAddrV4) -> Result<u32> {
+    fn ref_rev_nat(&mut self, addr: SocketAddr) -> Result<u32> {
         if let Some((id, refs)) = self.rev_nat.get_mut(&addr) {
             *refs += 1;
             return Ok(*id);
         }
+        self.refer_addr(addr.ip())?;
         let id = self.rev_nat_ids.alloc();
-        let (addr_be, port_be) = be_addr(addr);
+        let (addr_be, port_be) = self.addrs.map_sock(addr).expect("interned just now");
         let v = RevNat {
             addr_be,
             port_be,
-            _pad: 0,
+            flags: if addr.is_ipv6() {
+                lb_common::rev_nat_flags::IPV6
+            } else {
+                0
+            },
         };
         self.write(|dp| dp.put_rev_nat(id, &v))?;
         self.rev_nat.insert(addr, (id, 1));
@@ -1280,7 +1375,9 @@ fn next_slots(old: &[u32], new_ids: &[u32]) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use crate::control::desired::{service_key, sock_addr};
 
     use lb_common::{scope, MAGLEV_CHUNK};
 
@@ -1292,14 +1389,14 @@ mod tests {
 
     fn fe(i: u32) -> FrontendKey {
         FrontendKey {
-            addr: SocketAddrV4::new(Ipv4Addr::from(0x0a60_0000 + i), 80),
+            addr: SocketAddrV4::new(Ipv4Addr::from(0x0a60_0000 + i), 80).into(),
             proto: 6,
             scope: 0,
         }
     }
     fn be(i: u32) -> BackendKey {
         BackendKey {
-            addr: SocketAddrV4::new(Ipv4Addr::from(0x0af4_0000 + i), 8080),
+            addr: SocketAddrV4::new(Ipv4Addr::from(0x0af4_0000 + i), 8080).into(),
             proto: 6,
         }
     }
@@ -1411,8 +1508,8 @@ mod tests {
     #[test]
     fn source_ranges_follow_their_service_port() {
         use lb_common::service_flags::SOURCE_RANGES;
-        let net = |a: &str, l: u8| (a.parse::<Ipv4Addr>().unwrap(), l);
-        let fence = |d: &mut Desired, i: u32, r: &[(Ipv4Addr, u8)]| {
+        let net = |a: &str, l: u8| (IpAddr::V4(a.parse::<Ipv4Addr>().unwrap()), l);
+        let fence = |d: &mut Desired, i: u32, r: &[(IpAddr, u8)]| {
             let v = d.get_mut(&fe(i)).unwrap();
             v.flags |= SOURCE_RANGES;
             v.source_ranges = Some(r.iter().copied().collect());
@@ -1488,7 +1585,9 @@ mod tests {
             ..MapSizes::default()
         });
         let mut d = desired(3, 2);
-        let many: Vec<(Ipv4Addr, u8)> = (0..10u32).map(|i| (Ipv4Addr::from(i << 24), 8)).collect();
+        let many: Vec<(IpAddr, u8)> = (0..10u32)
+            .map(|i| (IpAddr::V4(Ipv4Addr::from(i << 24)), 8))
+            .collect();
         fence(&mut d, 0, &many);
         fence(&mut d, 2, &many);
         let st = s.sync(&d).unwrap();
@@ -1553,7 +1652,10 @@ mod tests {
                 ..Default::default()
             },
         );
-        state.backends.insert(77, backend_value(&be(77), 0));
+        state.backends.insert(
+            77,
+            backend_value(&be(77), 0, &crate::control::desired::Ipv4Only),
+        );
         let mut again = Syncer::adopt(FakeDataplane {
             state,
             ..Default::default()
@@ -1939,6 +2041,18 @@ mod tests {
             }
             fn del_source_range(&mut self, r: crate::dataplane::SourceRange) -> Result<()> {
                 self.inner.del_source_range(r)
+            }
+            fn put_addr6_id(&mut self, h: u32, a: std::net::Ipv6Addr) -> Result<()> {
+                self.inner.put_addr6_id(h, a)
+            }
+            fn del_addr6_id(&mut self, h: u32) -> Result<()> {
+                self.inner.del_addr6_id(h)
+            }
+            fn put_addr6(&mut self, a: std::net::Ipv6Addr, h: u32) -> Result<()> {
+                self.inner.put_addr6(a, h)
+            }
+            fn del_addr6(&mut self, a: std::net::Ipv6Addr) -> Result<()> {
+                self.inner.del_addr6(a)
             }
             fn contents(&self) -> Result<MapContents> {
                 self.inner.contents()

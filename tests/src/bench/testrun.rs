@@ -241,7 +241,7 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
         .map(|i| {
             (
                 BackendKey {
-                    addr: SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 10 + i), 8080),
+                    addr: std::net::SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 10 + i), 8080)),
                     proto: TCP,
                 },
                 0,
@@ -249,7 +249,7 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
         })
         .collect();
     let fe = FrontendKey {
-        addr: SocketAddrV4::new(Ipv4Addr::from(LB_IP), 80),
+        addr: std::net::SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(LB_IP), 80)),
         proto: TCP,
         scope: lb_common::scope::EXTERNAL,
     };
