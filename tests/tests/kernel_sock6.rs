@@ -1,0 +1,367 @@
+//! IPv6 Services at socket level on the real kernel: the real agent (`--device none`, its
+//! default flags otherwise) programs a dual-stack and an IPv6-only Service from real manifests
+//! into real maps, and its cgroup programs translate real AF_INET6 sockets of a process in its
+//! cgroup: connect6 to an IPv6 ClusterIP reaches every backend, getpeername6 and recvmsg6 show
+//! the ClusterIP, sendmsg6 balances unconnected UDP, ClientIP affinity pins a client, a Service
+//! without endpoints is refused with ECONNREFUSED, and the same Service's IPv4 ClusterIP still
+//! works. `lbctl` shows the IPv6 frontends and backends. Everything lives in a network namespace
+//! the test creates (backends on its loopback), in a cgroup and bpffs directory of its own.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener, UdpSocket},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    lab::{bin_path, Exchange},
+    netns::{self, ManagedProcess, ScratchNetns},
+};
+
+const MANIFESTS: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+status:
+  addresses:
+  - {type: InternalIP, address: 192.168.200.1}
+  - {type: InternalIP, address: "fd00:200::1"}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: ClusterIP
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIPs: [10.96.0.10, "fd00:96::10"]
+  ports:
+  - {name: tcp, port: 80, targetPort: 8080, protocol: TCP}
+  - {name: udp, port: 80, targetPort: 8080, protocol: UDP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports:
+- {name: tcp, port: 8080, protocol: TCP}
+- {name: udp, port: 8080, protocol: UDP}
+endpoints:
+- {addresses: ["fd00:244::1"], nodeName: n1}
+- {addresses: ["fd00:244::2"], nodeName: n1}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v4, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {name: tcp, port: 8080, protocol: TCP}
+- {name: udp, port: 8080, protocol: UDP}
+endpoints:
+- {addresses: [10.244.0.1], nodeName: n1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: default}
+spec:
+  type: ClusterIP
+  ipFamilies: [IPv6]
+  clusterIPs: ["fd00:96::60"]
+  sessionAffinity: ClientIP
+  ports: [{name: tcp, port: 80, targetPort: 8080, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: sticky-v6, namespace: default, labels: {kubernetes.io/service-name: sticky}}
+addressType: IPv6
+ports: [{name: tcp, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: ["fd00:244::1"], nodeName: n1}
+- {addresses: ["fd00:244::2"], nodeName: n1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: default}
+spec:
+  type: ClusterIP
+  ipFamilies: [IPv6]
+  clusterIPs: ["fd00:96::30"]
+  ports: [{name: tcp, port: 80, targetPort: 8080, protocol: TCP}]
+"#;
+
+/// Backends: (name, address) on the namespace's loopback.
+const BACKENDS: [(&str, &str); 3] = [
+    ("b1", "fd00:244::1"),
+    ("b2", "fd00:244::2"),
+    ("v4", "10.244.0.1"),
+];
+
+/// Enters `ns` on the calling thread only (setns acts per thread).
+fn enter(ns: &Path) {
+    let f = fs::File::open(ns).unwrap();
+    // SAFETY: setns with a valid namespace fd.
+    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+/// TCP and UDP echo servers answering `NAME PEER\n` (as lab-echo does), bound in `ns`.
+fn start_echo(ns: &Path, name: &'static str, addr: &str) {
+    let at: SocketAddr = SocketAddr::new(addr.parse().unwrap(), 8080);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ns_tcp = ns.to_path_buf();
+    let tx2 = tx.clone();
+    thread::spawn(move || {
+        enter(&ns_tcp);
+        let l = TcpListener::bind(at).unwrap();
+        tx2.send(()).unwrap();
+        for c in l.incoming().flatten() {
+            thread::spawn(move || {
+                let peer = c.peer_addr().unwrap();
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                let mut w = c;
+                let mut line = String::new();
+                while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+                    if w.write_all(format!("{name} {peer}\n").as_bytes()).is_err() {
+                        break;
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    let ns_udp = ns.to_path_buf();
+    thread::spawn(move || {
+        enter(&ns_udp);
+        let u = UdpSocket::bind(at).unwrap();
+        tx.send(()).unwrap();
+        let mut buf = [0u8; 1500];
+        while let Ok((_, from)) = u.recv_from(&mut buf) {
+            let _ = u.send_to(format!("{name} {from}\n").as_bytes(), from);
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+}
+
+struct Setup {
+    ns: ScratchNetns,
+    cgroup: PathBuf,
+    bpffs: PathBuf,
+    agent: ManagedProcess,
+    log: PathBuf,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = self.agent.stop();
+        if let Ok(bin) = bin_path("lb-agent") {
+            let _ = Command::new(bin)
+                .args(["uninstall", "--bpffs"])
+                .arg(&self.bpffs)
+                .status();
+        }
+        let _ = fs::remove_dir(&self.cgroup);
+        let _ = fs::remove_dir_all(&self.bpffs);
+        let _ = fs::remove_file(&self.log);
+    }
+}
+
+impl Setup {
+    fn lbctl(&self, args: &[&str]) -> String {
+        let out = Command::new(bin_path("lbctl").unwrap())
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "lbctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// `lab-client ARGS` in the namespace and the agent's cgroup.
+    fn client(&self, args: &[&str]) -> Vec<Exchange> {
+        let mut cmd = netns::command_in(
+            &self.ns.name,
+            Some(&self.cgroup),
+            bin_path("lab-client").unwrap(),
+        );
+        cmd.args(args).stdin(Stdio::null());
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "lab-client {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Exchange::parse_lines(&String::from_utf8_lossy(&out.stdout)).unwrap()
+    }
+
+    fn agent_log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn setup() -> Option<Setup> {
+    lb_tests::require_privileges()?;
+    let ns = ScratchNetns::new("lbs6").unwrap();
+    for (_, a) in BACKENDS {
+        let len = if a.contains(':') { "128" } else { "32" };
+        netns::ip(&ns.name, &["addr", "add", &format!("{a}/{len}"), "dev", "lo", "nodad"])
+            .or_else(|_| netns::ip(&ns.name, &["addr", "add", &format!("{a}/{len}"), "dev", "lo"]))
+            .unwrap();
+    }
+    for (name, a) in BACKENDS {
+        start_echo(&ns.path(), name, a);
+    }
+    let root = netns::mount_point("cgroup2").expect("a cgroup2 mount (see /proc/mounts)");
+    let cgroup = root.join(format!("lbs6-{}", std::process::id()));
+    fs::create_dir_all(&cgroup).unwrap();
+    let bpffs = netns::ensure_bpffs()
+        .unwrap()
+        .join(format!("lbs6-{}", std::process::id()));
+    fs::create_dir_all(&bpffs).unwrap();
+    let dir = std::env::temp_dir().join(format!("lbs6-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let manifests = dir.join("cluster.yaml");
+    fs::write(&manifests, MANIFESTS).unwrap();
+    let log = dir.join("agent.log");
+    let mut cmd = netns::command_in(&ns.name, None, bin_path("lb-agent").unwrap());
+    cmd.args(["run", "--node", "n1", "--manifests"])
+        .arg(&manifests)
+        .arg("--cgroup")
+        .arg(&cgroup)
+        .arg("--bpffs")
+        .arg(&bpffs)
+        .args(["--device", "none"])
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&log).unwrap())
+        .stderr(fs::File::create(&log).unwrap());
+    let agent = ManagedProcess::spawn("agent", cmd).unwrap();
+    let mut s = Setup {
+        ns,
+        cgroup,
+        bpffs,
+        agent,
+        log,
+    };
+    // Programmed: every IPv6 frontend in the maps (as lbctl reads them).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = s.bpffs.join(lb_common::map_name::ADDR6).exists() && {
+            let out = Command::new(bin_path("lbctl").unwrap())
+                .arg("--bpffs")
+                .arg(&s.bpffs)
+                .args(["services", "-o", "json"])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            ["[fd00:96::10]:80", "[fd00:96::60]:80", "[fd00:96::30]:80"]
+                .iter()
+                .all(|f| text.contains(f))
+        };
+        if ok {
+            break;
+        }
+        assert!(
+            s.agent.is_running() && Instant::now() < deadline,
+            "the agent did not program the IPv6 frontends: {}",
+            s.agent_log()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    Some(s)
+}
+
+fn counts(ex: &[Exchange]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for e in ex {
+        *m.entry(e.backend.clone().unwrap_or_default()).or_default() += 1;
+    }
+    m
+}
+
+#[test]
+fn kernel_sock6_ipv6_cluster_ips_are_translated_both_ways_at_socket_level() {
+    let Some(s) = setup() else { return };
+    let cip = "[fd00:96::10]:80";
+    for proto in ["tcp", "udp"] {
+        let ex = s.client(&[proto, cip, "--count", "60"]);
+        assert_eq!(ex.len(), 60);
+        for e in &ex {
+            assert!(e.ok, "{proto}: {e:?}\n{}", s.agent_log());
+            // getpeername6 (TCP) and recvmsg6 (UDP) show the ClusterIP, not the backend.
+            assert_eq!(e.peer.as_deref(), Some(cip), "{proto}: {e:?}");
+            // The backend sees the client's own IPv6 address: no SNAT at socket level.
+            assert!(
+                e.seen_addr().is_some_and(|a| a.is_ipv6()),
+                "{proto}: {e:?}"
+            );
+        }
+        let by = counts(&ex);
+        assert_eq!(
+            by.keys().cloned().collect::<BTreeSet<_>>(),
+            ["b1".to_string(), "b2".to_string()].into(),
+            "{proto}: both IPv6 backends and only them: {by:?}"
+        );
+    }
+    // A connected UDP socket (connect6) keeps its backend and reads the ClusterIP as its peer.
+    let ex = s.client(&["udp-connected", cip, "--count", "20"]);
+    assert!(ex.iter().all(|e| e.ok && e.peer.as_deref() == Some(cip)), "{ex:?}");
+    // The dual-stack Service's IPv4 ClusterIP goes to its IPv4 endpoint only.
+    let ex = s.client(&["tcp", "10.96.0.10:80", "--count", "10"]);
+    assert!(ex.iter().all(|e| e.ok && e.backend.as_deref() == Some("v4")), "{ex:?}");
+    // ClientIP affinity: every new connection of this client goes to one backend.
+    let ex = s.client(&["tcp", "[fd00:96::60]:80", "--count", "30"]);
+    assert!(ex.iter().all(|e| e.ok), "{ex:?}");
+    assert_eq!(counts(&ex).len(), 1, "pinned: {:?}", counts(&ex));
+    // No endpoint: refused as kube-proxy's REJECT does, at once.
+    let ex = s.client(&["tcp", "[fd00:96::30]:80", "--count", "3", "--timeout-ms", "3000"]);
+    for e in &ex {
+        assert!(
+            e.error.as_deref().is_some_and(|m| m.starts_with("ConnectionRefused")),
+            "{e:?}"
+        );
+    }
+    // Another IPv6 address is left alone (a backend reached directly).
+    let ex = s.client(&["tcp", "[fd00:244::2]:8080", "--count", "3"]);
+    assert!(
+        ex.iter()
+            .all(|e| e.ok && e.backend.as_deref() == Some("b2") && e.peer.as_deref() == Some("[fd00:244::2]:8080")),
+        "{ex:?}"
+    );
+    // lbctl shows the IPv6 frontends with their family, resolved backends and the Service port's
+    // own identity; the backends list the IPv6 ones.
+    let services = s.lbctl(&["services", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&services).unwrap();
+    let fe = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["frontend"] == cip && f["protocol"] == "TCP")
+        .unwrap_or_else(|| panic!("{services}"));
+    assert_eq!(fe["family"], "IPv6", "{fe}");
+    assert_eq!(fe["scope"], "internal", "{fe}");
+    assert_eq!(fe["service"], "default/web:tcp/TCP/IPv6", "{fe}");
+    let mut b: Vec<&str> = fe["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap())
+        .collect();
+    b.sort();
+    assert_eq!(b, ["[fd00:244::1]:8080", "[fd00:244::2]:8080"], "{fe}");
+    let table = s.lbctl(&["services", "--service", "default/web"]);
+    assert!(table.contains(cip) && table.contains("10.96.0.10:80"), "{table}");
+    let backends = s.lbctl(&["backends"]);
+    assert!(backends.contains("[fd00:244::1]:8080"), "{backends}");
+    let aff = s.lbctl(&["affinity"]);
+    assert!(aff.contains("[fd00:244::"), "the pinned IPv6 backend: {aff}");
+}
