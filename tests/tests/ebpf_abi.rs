@@ -165,6 +165,22 @@ fn map_layouts_of_the_object_are_lb_common_types() {
                 size::<u32>(),
             ),
         ),
+        (
+            map_name::SOURCE_RANGES6,
+            (
+                size::<u32>() + size::<lb_common::SourceRangeKey6>(),
+                size::<u32>(),
+            ),
+        ),
+        (map_name::ADDR6, (size::<lb_common::Addr6>(), size::<u32>())),
+        (map_name::ADDR6_IDS, (size::<u32>(), size::<lb_common::Addr6>())),
+        (
+            map_name::SOCK_REV_NAT6,
+            (
+                size::<lb_common::SockKey6>(),
+                size::<lb_common::SockRevNat6>(),
+            ),
+        ),
         (lb_common::BENCH_MAP, (size::<u32>(), size::<BenchFrame>())),
         // (second, answers sent), per CPU.
         (lb_common::REJECT_RATE_MAP, (size::<u32>(), 8)),

@@ -25,7 +25,7 @@ fn kernel_map_memory_metric_covers_every_pinned_map() {
         return;
     };
     let h = XdpHarness::new().expect("loading the XDP program into the kernel");
-    // The source-range trie is allocated on use and weighs nothing while empty: one prefix.
+    // The source-range tries are allocated on use and weighs nothing while empty: one prefix.
     {
         use aya::maps::{lpm_trie::Key, LpmTrie, Map, MapData};
         let data = MapData::from_pin(h.pin_dir().join(map_name::SOURCE_RANGES)).unwrap();
@@ -37,6 +37,23 @@ fn kernel_map_memory_metric_covers_every_pinned_map() {
         };
         trie.insert(
             &Key::new(lb_common::SourceRangeKey::ID_BITS + 24, key),
+            1,
+            0,
+        )
+        .unwrap();
+    }
+    // Its IPv6 twin likewise.
+    {
+        use aya::maps::{lpm_trie::Key, LpmTrie, Map, MapData};
+        let data = MapData::from_pin(h.pin_dir().join(map_name::SOURCE_RANGES6)).unwrap();
+        let mut trie: LpmTrie<MapData, lb_common::SourceRangeKey6, u32> =
+            LpmTrie::try_from(Map::LpmTrie(data)).unwrap();
+        let key = lb_common::SourceRangeKey6 {
+            svc_port_id: 7u32.to_be(),
+            addr: lb_userspace::dataplane::addr6_words("2001:db8::".parse().unwrap()),
+        };
+        trie.insert(
+            &Key::new(lb_common::SourceRangeKey::ID_BITS + 32, key),
             1,
             0,
         )
