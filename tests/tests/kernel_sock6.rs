@@ -92,6 +92,26 @@ spec:
   ipFamilies: [IPv6]
   clusterIPs: ["fd00:96::30"]
   ports: [{name: tcp, port: 80, targetPort: 8080, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: fenced, namespace: default}
+spec:
+  type: LoadBalancer
+  ipFamilies: [IPv6]
+  clusterIPs: ["fd00:96::70"]
+  loadBalancerSourceRanges: ["fd00:244::1/128"]
+  ports: [{name: tcp, port: 80, targetPort: 8080, nodePort: 30110, protocol: TCP}]
+status:
+  loadBalancer: {ingress: [{ip: "2001:db8::70"}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: fenced-v6, namespace: default, labels: {kubernetes.io/service-name: fenced}}
+addressType: IPv6
+ports: [{name: tcp, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: ["fd00:244::2"], nodeName: n1}
 "#;
 
 /// Backends: (name, address) on the namespace's loopback.
@@ -263,7 +283,12 @@ fn setup() -> Option<Setup> {
                 .output()
                 .unwrap();
             let text = String::from_utf8_lossy(&out.stdout);
-            ["[fd00:96::10]:80", "[fd00:96::60]:80", "[fd00:96::30]:80"]
+            [
+                "[fd00:96::10]:80",
+                "[fd00:96::60]:80",
+                "[fd00:96::30]:80",
+                "[2001:db8::70]:80",
+            ]
                 .iter()
                 .all(|f| text.contains(f))
         };
@@ -328,6 +353,24 @@ fn kernel_sock6_ipv6_cluster_ips_are_translated_both_ways_at_socket_level() {
         assert!(
             e.error.as_deref().is_some_and(|m| m.starts_with("ConnectionRefused")),
             "{e:?}"
+        );
+    }
+    // loadBalancerSourceRanges on an IPv6 LoadBalancer IP (one LPM lookup in the IPv6 trie): a
+    // socket bound to a source inside the ranges is admitted; an unbound one (its source will
+    // be a node address, none of which is in the ranges) and one bound outside are refused.
+    let lb = "[2001:db8::70]:80";
+    let ex = s.client(&["tcp", lb, "--count", "3", "--bind", "fd00:244::1"]);
+    assert!(ex.iter().all(|e| e.ok && e.backend.as_deref() == Some("b2")), "{ex:?}");
+    for bind in [None, Some("fd00:244::2")] {
+        let mut args = vec!["tcp", lb, "--count", "2", "--timeout-ms", "2000"];
+        if let Some(b) = bind {
+            args.extend(["--bind", b]);
+        }
+        let ex = s.client(&args);
+        assert!(
+            ex.iter().all(|e| !e.ok
+                && e.error.as_deref().is_some_and(|m| m.starts_with("PermissionDenied"))),
+            "{bind:?}: {ex:?}"
         );
     }
     // Another IPv6 address is left alone (a backend reached directly).
