@@ -1,8 +1,17 @@
 //! Topology-aware routing end to end: EndpointSlice zone hints keep node1's clients in zone-a;
 //! when zone-a's endpoints go away the fallback sends them to zone-b, without a failed connection.
-use std::{collections::BTreeMap, time::Duration};
+//!
+//! And the lab's IPv6 side (tests/src/lab/mod.rs): pods, nodes and the client reach each other
+//! over IPv6 through the same routes as over IPv4, without agents and with agents on both nodes,
+//! whose north-south and pod-bridge programs must pass IPv6 (and its neighbour discovery)
+//! untouched. On both lab variants.
+use std::{collections::BTreeMap, net::Ipv6Addr, time::Duration};
 
-use lb_tests::lab::{bin_path, Exchange, Lab};
+use lb_tests::{
+    lab::{all_ok, bin_path, Exchange, Lab, CLIENT_ADDR6},
+    netns::ip,
+    on_both_variants, Variant,
+};
 
 const ZONED: &str = "10.96.0.50:80";
 
@@ -119,3 +128,190 @@ fn lab_zone_hints_keep_traffic_in_zone_and_fall_back_without_failures() {
     let s = spread(&ex);
     assert_eq!(s.keys().cloned().collect::<Vec<_>>(), ["b1", "b2"], "{s:?}");
 }
+
+/// `[addr]:port`.
+fn at(addr: Ipv6Addr, port: u16) -> String {
+    std::net::SocketAddr::from((addr, port)).to_string()
+}
+
+/// `count` exchanges of `proto` from `place` to `target`: all answered by `backend`, which saw
+/// the source `seen` (no translation on the way), the reply coming from `target`.
+fn echo6(lab: &Lab, place: &str, proto: &str, target: &str, backend: &str, seen: Ipv6Addr) {
+    let ex = lab
+        .run_client(place, &[proto, target, "--count", "5"])
+        .unwrap();
+    assert_eq!(ex.len(), 5);
+    let what = format!("{proto} {place} -> {target}");
+    all_ok(&ex, &what);
+    for e in &ex {
+        assert_eq!(e.backend.as_deref(), Some(backend), "{what}: {e:?}");
+        assert_eq!(e.seen_ip(), Some(seen.into()), "{what}: {e:?}");
+        assert_eq!(e.peer.as_deref(), Some(target), "{what}: {e:?}");
+    }
+}
+
+/// Every IPv6 path of the lab: pod to pod on one node and across nodes, node to a pod of the
+/// other node, the client to a node (a closed port answers with a reset, a closed UDP port with
+/// an ICMPv6 port unreachable: the node is reached) and the client to pods of both nodes through
+/// routes via node1 (for node2's pods: client -> node1 -> node2 -> pod, the reply straight back
+/// from node2), over TCP and UDP on both echo ports. IPv4 keeps working next to it.
+fn check_ipv6(lab: &Lab) {
+    let a1 = lab.pod_addr6("a1");
+    for port in lb_tests::lab::ECHO_PORTS {
+        for proto in ["tcp", "udp"] {
+            echo6(lab, "a1", proto, &at(lab.pod_addr6("b1"), port), "b1", a1);
+            echo6(lab, "a1", proto, &at(lab.pod_addr6("a2"), port), "a2", a1);
+            echo6(lab, "b2", proto, &at(a1, port), "a1", lab.pod_addr6("b2"));
+            echo6(
+                lab,
+                "node1",
+                proto,
+                &at(lab.pod_addr6("b2"), port),
+                "b2",
+                lab.node("node1").addr6,
+            );
+        }
+    }
+    // The client reaches the nodes: refused, not timed out.
+    for node in ["node1", "node2"] {
+        let target = at(lab.node(node).addr6, 7);
+        for proto in ["tcp", "udp-connected"] {
+            let ex = lab.all_fail("client", proto, &target, 1, 2000);
+            let err = ex[0].error.as_deref().unwrap_or_default();
+            assert!(
+                err.starts_with("ConnectionRefused"),
+                "{proto} {target}: {ex:?}"
+            );
+        }
+    }
+    // And the pods, through routes via node1.
+    lab.client_route(&lab.node("node1").pod_cidr6, "node1")
+        .unwrap();
+    lab.client_route(&lab.node("node2").pod_cidr6, "node1")
+        .unwrap();
+    for pod in ["a1", "b1"] {
+        for proto in ["tcp", "udp"] {
+            let target = at(lab.pod_addr6(pod), 9090);
+            echo6(lab, "client", proto, &target, pod, CLIENT_ADDR6);
+        }
+    }
+    // IPv4 next to it: the echo servers' IPv4 sockets still see IPv4 peers.
+    let ex = lab.tcp("a1", "10.244.2.10:8080", 3).unwrap();
+    all_ok(&ex, "tcp a1 -> b1 over IPv4");
+    assert!(
+        ex.iter()
+            .all(|e| e.seen_peer.as_deref().unwrap().starts_with("10.244.1.10:")),
+        "{ex:?}"
+    );
+}
+
+fn ipv6_paths(v: Variant) {
+    let Some(()) = lb_tests::require_privileges() else {
+        return;
+    };
+    let lab = Lab::new_variant(v).unwrap();
+    check_ipv6(&lab);
+}
+on_both_variants!(ipv6_paths: lab_ipv6_paths_plain, lab_ipv6_paths_xdp);
+
+/// `ip -6 neigh show ADDR dev DEV` in `ns`: (MAC, state), `None` without an entry.
+fn neighbour(ns: &str, addr: Ipv6Addr, dev: &str) -> Option<(String, String)> {
+    let out = ip(ns, &["-6", "neigh", "show", &addr.to_string(), "dev", dev]).unwrap();
+    let words: Vec<&str> = out.split_whitespace().collect();
+    let mac = words
+        .iter()
+        .position(|w| *w == "lladdr")
+        .and_then(|i| words.get(i + 1))?;
+    Some((mac.to_string(), words.last()?.to_string()))
+}
+
+fn mac(ns: &str, dev: &str) -> String {
+    let out = ip(ns, &["-o", "link", "show", "dev", dev]).unwrap();
+    let words: Vec<&str> = out.split_whitespace().collect();
+    let i = words.iter().position(|w| *w == "link/ether").unwrap();
+    words[i + 1].to_string()
+}
+
+/// With agents on both nodes (north-south program on eth0: tc on the plain lab, XDP on the XDP
+/// one; tc on cni0), IPv6 still flows on every path, and neighbour discovery through node1's
+/// eth0 and cni0 works: the lab's permanent IPv6 neighbour entries between the client and node1
+/// and the dynamic ones between node1 and a1 are removed, then traffic from the client to a1
+/// must resolve them again. The programs saw the IPv6 frames (their `xdp_non_ipv4` counter
+/// grows by at least as many as the exchanges need) and passed them.
+fn ipv6_passes_through_agents(v: Variant) {
+    let Some(s) = lb_tests::scenario::start_example_on(v) else {
+        return;
+    };
+    let lab = &s.lab;
+    check_ipv6(lab);
+
+    let client = lab.netns("client");
+    let node1 = lab.node("node1");
+    let a1 = lab.pod("a1");
+    ip(
+        &client,
+        &[
+            "-6",
+            "neigh",
+            "del",
+            &node1.addr6.to_string(),
+            "dev",
+            "eth0",
+        ],
+    )
+    .unwrap();
+    ip(
+        &node1.netns,
+        &[
+            "-6",
+            "neigh",
+            "del",
+            &CLIENT_ADDR6.to_string(),
+            "dev",
+            "eth0",
+        ],
+    )
+    .unwrap();
+    ip(&node1.netns, &["-6", "neigh", "flush", "dev", "cni0"]).unwrap();
+    ip(&a1.netns, &["-6", "neigh", "flush", "dev", "eth0"]).unwrap();
+    assert_eq!(neighbour(&client, node1.addr6, "eth0"), None);
+    assert_eq!(neighbour(&a1.netns, node1.gateway6, "eth0"), None);
+
+    let before = s.stats("node1");
+    let target = at(a1.addr6, 8080);
+    echo6(lab, "client", "tcp", &target, "a1", CLIENT_ADDR6);
+    echo6(lab, "client", "udp", &target, "a1", CLIENT_ADDR6);
+    let after = s.stats("node1");
+
+    let resolved = [
+        (&client, node1.addr6, "eth0", mac(&node1.netns, "eth0")),
+        (&node1.netns, CLIENT_ADDR6, "eth0", mac(&client, "eth0")),
+        (&node1.netns, a1.addr6, "cni0", mac(&a1.netns, "eth0")),
+        (&a1.netns, node1.gateway6, "eth0", mac(&node1.netns, "cni0")),
+    ];
+    for (ns, addr, dev, want) in resolved {
+        let (got, state) = neighbour(ns, addr, dev)
+            .unwrap_or_else(|| panic!("{ns}: no neighbour entry for {addr} on {dev}"));
+        assert_eq!(got, want, "{ns}: {addr} on {dev} ({state})");
+        assert!(
+            ["REACHABLE", "STALE", "DELAY", "PROBE"].contains(&state.as_str()),
+            "{ns}: {addr} on {dev}: {state}"
+        );
+    }
+    // 5 TCP connections (at least SYN, ACK, data, FIN, ACK in each direction through eth0:
+    // the client's half comes in on eth0) and 5 UDP requests, plus the neighbour solicitations
+    // and advertisements, all went through node1's programs as non-IPv4 frames and passed.
+    let passed = after["xdp_non_ipv4"] - before["xdp_non_ipv4"];
+    eprintln!("{}: node1 passed {passed} non-IPv4 frames", v.name());
+    assert!(passed >= 5 * 4 + 5, "{passed}: {before:?} {after:?}");
+    // None of them was translated: the IPv4 translation counters stayed where they were.
+    for c in [
+        "xdp_new_flow",
+        "xdp_translated_pass",
+        "xdp_reply",
+        "tc_reply",
+    ] {
+        assert_eq!(before.get(c), after.get(c), "{c}");
+    }
+}
+on_both_variants!(ipv6_passes_through_agents: lab_ipv6_passes_through_agents_plain, lab_ipv6_passes_through_agents_xdp);

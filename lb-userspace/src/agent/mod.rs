@@ -28,6 +28,7 @@ pub mod routes;
 
 use std::{
     collections::BTreeSet,
+    net::IpAddr,
     os::fd::AsFd,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -42,7 +43,7 @@ use crate::{
     control::{
         desired::{self, datapath_config},
         kube_source::{KubeConfigChoice, KubeSource},
-        model,
+        model::{self, IpFamily},
         source::{ManifestsSource, Source},
     },
     dataplane::{
@@ -194,10 +195,14 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     };
     // The frontend/backend pairs the socket-level path served at the last sync.
     let mut served: Option<Arc<Serving>> = None;
-    let mut health_checks = HealthServers::new(http_server.clone(), {
+    // kube-proxy's healthCheckNodePort servers, one set per IP family.
+    let proxy_healthy: health_check::ProxyHealthy = {
         let ops = ops.clone();
         Arc::new(move || ops.proxy_healthy())
-    });
+    };
+    let mut health_checks =
+        HealthServers::new(http_server.clone(), proxy_healthy.clone(), IpFamily::IPv4);
+    let mut health_checks6 = HealthServers::new(http_server.clone(), proxy_healthy, IpFamily::IPv6);
     // Maps of another layout version (an upgrade): replaced once the new ones are filled.
     let old_versions = other_versions(&cfg.bpffs);
     for o in &old_versions {
@@ -298,15 +303,50 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 .set_config(&config)
                 .and_then(|_| control.sync(&mut syncer));
             let desired = control.desired();
-            let health_ports = health_check::ports(control.memo().services(), &cfg.node);
-            ops.local_endpoints(&health_ports);
-            // On the addresses NodePorts are served on (`--nodeport-addresses`); when they
-            // leave none, nowhere (an empty list would mean every address).
-            let nowhere = node.node_ports().is_empty() && node.node_port_addresses.is_some();
+            let health_ports =
+                health_check::ports(control.memo().services(), &cfg.node, IpFamily::IPv4);
+            let health_ports6 =
+                health_check::ports(control.memo().services(), &cfg.node, IpFamily::IPv6);
+            // The metric has one series per Service: the IPv4 family's count, the IPv6
+            // family's for an IPv6-only Service.
+            let mut local = health_ports6.clone();
+            local.extend(health_ports.clone());
+            ops.local_endpoints(&local);
+            // Each family on its addresses NodePorts are served on (`--nodeport-addresses`);
+            // when they leave none, nowhere (an empty list would mean every address of the
+            // family).
+            let node_ports6 = node
+                .ipv6_node_port_addresses
+                .as_deref()
+                .unwrap_or(&node.ipv6_addresses);
             let none = Default::default();
-            let serve = if nowhere { &none } else { &health_ports };
-            for (port, err) in health_checks.update(serve, node.node_ports()) {
-                log::warn!("healthCheckNodePort {port}: cannot listen: {err}");
+            for (family, servers, want, addrs, narrowed) in [
+                (
+                    IpFamily::IPv4,
+                    &mut health_checks,
+                    &health_ports,
+                    node.node_ports().iter().map(|a| IpAddr::V4(*a)).collect(),
+                    node.node_port_addresses.is_some(),
+                ),
+                (
+                    IpFamily::IPv6,
+                    &mut health_checks6,
+                    &health_ports6,
+                    node_ports6
+                        .iter()
+                        .map(|a| IpAddr::V6(*a))
+                        .collect::<Vec<_>>(),
+                    node.ipv6_node_port_addresses.is_some(),
+                ),
+            ] {
+                let serve = if addrs.is_empty() && narrowed {
+                    &none
+                } else {
+                    want
+                };
+                for (port, err) in servers.update(serve, &addrs) {
+                    log::warn!("healthCheckNodePort {port} ({family:?}): cannot listen: {err}");
+                }
             }
             // (Copied only when they changed: at 100,000 Service ports, a copy per cycle
             // costs more than the rest of the cycle.)

@@ -1,7 +1,9 @@
 //! Client of the lab: exchanges with `lab-echo` servers (directly or through a Service address)
 //! and prints one JSON object per exchange (see `lb_tests::Exchange`):
 //! `{"ok":true,"backend":"a1","seen_peer":"10.244.1.10:40000","peer":"10.96.0.10:80","error":null,"elapsed_ms":1}`
-//! An IPv6 target (`[::ffff:10.96.0.10]:80`, IPv4-mapped) gets a dual-stack AF_INET6 socket.
+//! An IPv6 target gets an AF_INET6 socket: a pod's IPv6 address in the dual-stack lab
+//! (`[fd00:244:1::10]:8080`), or an IPv4-mapped one (`[::ffff:10.96.0.10]:80`), which the
+//! dual-stack socket (IPV6_V6ONLY off) sends as IPv4.
 //! `backend` and `seen_peer` come from the reply; `peer` is `getpeername()` of the TCP socket or
 //! the source `recvfrom()` reported for UDP. Exits 0 even when exchanges fail.
 //!

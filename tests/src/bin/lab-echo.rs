@@ -1,12 +1,14 @@
 //! Echo server of the lab's pods.
 //!
-//! `lab-echo --name NAME --port P [--port P ...]` binds 0.0.0.0:P for TCP and UDP for each port.
+//! `lab-echo --name NAME --port P [--port P ...]` binds 0.0.0.0:P and [::]:P for TCP and UDP for
+//! each port; the IPv6 sockets are IPV6_V6ONLY, so an IPv4 peer still shows as `a.b.c.d:port`
+//! (not `[::ffff:a.b.c.d]:port`) and an IPv6 peer as `[addr]:port`.
 //! For every TCP line and every UDP datagram it answers `NAME PEER_IP:PEER_PORT\n`, the peer as
 //! `accept()` / `recvfrom()` saw it, so a client learns which backend served it and which source
 //! address reached the backend. Prints `ready` on stdout once every socket is bound.
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{TcpListener, TcpStream, UdpSocket},
+    net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     process::exit,
     thread,
 };
@@ -47,6 +49,8 @@ fn main() {
         let udp = UdpSocket::bind(("0.0.0.0", port))
             .unwrap_or_else(|e| fail(&format!("cannot bind UDP 0.0.0.0:{port}: {e}")));
         sockets.push((tcp, udp));
+        let (tcp, udp) = bind6(port).unwrap_or_else(|e| fail(&format!("[::]:{port}: {e}")));
+        sockets.push((tcp, udp));
     }
     let mut threads = Vec::new();
     for (tcp, udp) in sockets {
@@ -63,6 +67,23 @@ fn main() {
     for t in threads {
         let _ = t.join();
     }
+}
+
+/// TCP and UDP sockets on `[::]:port` that take IPv6 peers only (IPV6_V6ONLY).
+fn bind6(port: u16) -> std::io::Result<(TcpListener, UdpSocket)> {
+    use socket2::{Domain, Socket, Type};
+    let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into();
+    let tcp = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+    tcp.set_only_v6(true)?;
+    tcp.set_reuse_address(true)?;
+    tcp.bind(&addr)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot bind TCP: {e}")))?;
+    tcp.listen(1024)?;
+    let udp = Socket::new(Domain::IPV6, Type::DGRAM, None)?;
+    udp.set_only_v6(true)?;
+    udp.bind(&addr)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot bind UDP: {e}")))?;
+    Ok((tcp.into(), udp.into()))
 }
 
 fn fail(msg: &str) -> ! {

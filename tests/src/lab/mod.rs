@@ -1,12 +1,27 @@
 //! The reference lab: a small cluster in network namespaces (shared/LAB.md).
 //!
 //! ```text
-//!             ┌──────────── fabric: bridge br0, 192.168.100.0/24 ─────────┐
-//!    client .100                node1 .1 (zone-a)                 node2 .2 (zone-b)
-//!                               eth0, cni0 10.244.1.1/24          eth0, cni0 10.244.2.1/24
-//!                                ├─ a1 10.244.1.10                 ├─ b1 10.244.2.10
-//!                                └─ a2 10.244.1.11                 └─ b2 10.244.2.11
+//!             ┌──────────── fabric: bridge br0, 192.168.100.0/24, fd00:100::/64 ──────────────┐
+//!    client .100, ::100          node1 .1, ::1 (zone-a)               node2 .2, ::2 (zone-b)
+//!                                eth0                                 eth0
+//!                                cni0 10.244.1.1/24                   cni0 10.244.2.1/24
+//!                                     fd00:244:1::1/64                     fd00:244:2::1/64
+//!                                 ├─ a1 10.244.1.10, fd00:244:1::10    ├─ b1 10.244.2.10, fd00:244:2::10
+//!                                 └─ a2 10.244.1.11, fd00:244:1::11    └─ b2 10.244.2.11, fd00:244:2::11
 //! ```
+//!
+//! The lab is dual-stack: every fabric host, node bridge and pod has an IPv6 address next to
+//! its IPv4 one ([`CLIENT_ADDR6`], [`Node::addr6`], [`Node::gateway6`], [`Pod::addr6`]). The
+//! IPv6 side mirrors the IPv4 one: the nodes forward IPv6 and route each other's pod subnet
+//! (`fd00:244:N::/64`) via the other's fabric address, the fabric hosts have permanent
+//! neighbour entries for each other's IPv6 addresses (as for IPv4), pods resolve their gateway
+//! by neighbour discovery, the client reaches pod subnets through [`Lab::client_route`], and
+//! every echo server answers on IPv6 too (separate IPV6_V6ONLY sockets, so IPv4 peers still
+//! show as IPv4). Addresses are added without duplicate address detection, and DAD, router
+//! solicitations and router advertisements are off, so an address works as soon as it is
+//! added. IPv6 is enabled only on the interfaces that carry it (the fabric bridge, its ports
+//! and the `cni0` ports stay without), which keeps the wire's own IPv6 traffic to the multicast
+//! listener reports of interface setup; the datapath programs pass IPv6 untouched.
 //!
 //! Every name the lab creates (network namespaces, cgroup and bpffs directories, the temp dir)
 //! starts with a prefix unique to the lab (`lb<pid>x<n>`), so several labs can coexist.
@@ -23,7 +38,7 @@
 use std::{
     env,
     ffi::OsStr,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::Command,
     sync::{atomic::AtomicU32, Arc, Mutex, MutexGuard},
@@ -43,10 +58,14 @@ pub use traffic::{all_ok, by_backend, socket_level_spread, Exchange, HeldConnect
 
 /// The client's address on the fabric.
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 100);
+/// The client's IPv6 address on the fabric (`fd00:100::/64`).
+pub const CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 0x100);
 /// Ports every pod's echo server listens on, for TCP and UDP.
 pub const ECHO_PORTS: [u16; 2] = [8080, 9090];
 /// The cluster's pod network (both nodes' pod CIDRs).
 pub const CLUSTER_POD_CIDR: &str = "10.244.0.0/16";
+/// The cluster's IPv6 pod network (both nodes' `fd00:244:N::/64`).
+pub const CLUSTER_POD_CIDR6: &str = "fd00:244::/32";
 /// The device the agents attach to on each node (its fabric interface).
 pub const NODE_DEVICE: &str = "eth0";
 
@@ -92,6 +111,8 @@ pub struct Node {
     pub netns: String,
     /// Fabric (InternalIP) address, on `eth0`.
     pub addr: Ipv4Addr,
+    /// Fabric IPv6 address (`fd00:100::N`), on `eth0`.
+    pub addr6: Ipv6Addr,
     /// `topology.kubernetes.io/zone`.
     pub zone: String,
     /// The node's cgroup v2 directory: its pods' and host processes run here, its agent
@@ -103,6 +124,10 @@ pub struct Node {
     pub pod_cidr: String,
     /// `10.244.N.1`, the node's address on `cni0` and its pods' default gateway.
     pub gateway: Ipv4Addr,
+    /// `fd00:244:N::/64`.
+    pub pod_cidr6: String,
+    /// `fd00:244:N::1`, the node's IPv6 address on `cni0` and its pods' IPv6 default gateway.
+    pub gateway6: Ipv6Addr,
 }
 
 /// A pod of the lab: a network namespace behind its node's `cni0` running `lab-echo`.
@@ -115,6 +140,8 @@ pub struct Pod {
     /// Full network namespace name.
     pub netns: String,
     pub addr: Ipv4Addr,
+    /// The pod's IPv6 address (`fd00:244:N::10`, `::11`).
+    pub addr6: Ipv6Addr,
 }
 
 /// Locates a binary of the workspace: `$LB_BIN_DIR/NAME` when LB_BIN_DIR is set, else next to
@@ -233,8 +260,17 @@ impl Lab {
         self.pods.iter().filter(|p| &p.node == node).collect()
     }
 
+    /// A pod's IPv6 address. Panics on an unknown pod.
+    pub fn pod_addr6(&self, pod: &str) -> Ipv6Addr {
+        self.pod(pod).addr6
+    }
+
     pub fn client_addr(&self) -> Ipv4Addr {
         CLIENT_ADDR
+    }
+
+    pub fn client_addr6(&self) -> Ipv6Addr {
+        CLIENT_ADDR6
     }
 
     /// Full network namespace name of a lab place (`client`, `fabric`, a node or a pod); any

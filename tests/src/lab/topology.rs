@@ -5,7 +5,7 @@ use std::{
     env,
     fs::{self, File},
     io::{BufRead, BufReader},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::Path,
     process::Stdio,
     sync::{
@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use super::{bin_path, Lab, Node, Pod, Variant, CLIENT_ADDR, ECHO_PORTS};
+use super::{bin_path, Lab, Node, Pod, Variant, CLIENT_ADDR, CLIENT_ADDR6, ECHO_PORTS};
 use crate::netns::{self, ip, ManagedProcess};
 
 /// How long [`Lab::new`] waits for an echo server to say `ready`.
@@ -27,8 +27,9 @@ const ECHO_READY_TIMEOUT: Duration = Duration::from_secs(10);
 struct NodeSpec {
     name: &'static str,
     addr: Ipv4Addr,
+    addr6: Ipv6Addr,
     zone: &'static str,
-    /// N in 10.244.N.0/24.
+    /// N in 10.244.N.0/24 and fd00:244:N::/64.
     subnet: u8,
 }
 
@@ -36,23 +37,31 @@ const NODE_SPECS: [NodeSpec; 2] = [
     NodeSpec {
         name: "node1",
         addr: Ipv4Addr::new(192, 168, 100, 1),
+        addr6: Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1),
         zone: "zone-a",
         subnet: 1,
     },
     NodeSpec {
         name: "node2",
         addr: Ipv4Addr::new(192, 168, 100, 2),
+        addr6: Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 2),
         zone: "zone-b",
         subnet: 2,
     },
 ];
 
-const POD_SPECS: [(&str, &str, Ipv4Addr); 4] = [
-    ("a1", "node1", Ipv4Addr::new(10, 244, 1, 10)),
-    ("a2", "node1", Ipv4Addr::new(10, 244, 1, 11)),
-    ("b1", "node2", Ipv4Addr::new(10, 244, 2, 10)),
-    ("b2", "node2", Ipv4Addr::new(10, 244, 2, 11)),
+const POD_SPECS: [(&str, &str, Ipv4Addr, Ipv6Addr); 4] = [
+    ("a1", "node1", Ipv4Addr::new(10, 244, 1, 10), pod6(1, 0x10)),
+    ("a2", "node1", Ipv4Addr::new(10, 244, 1, 11), pod6(1, 0x11)),
+    ("b1", "node2", Ipv4Addr::new(10, 244, 2, 10), pod6(2, 0x10)),
+    ("b2", "node2", Ipv4Addr::new(10, 244, 2, 11), pod6(2, 0x11)),
 ];
+
+/// `fd00:244:N::HOST`, an address in node N's IPv6 pod subnet (`HOST` in hex digits, as the
+/// IPv4 address's last byte in decimal: `fd00:244:1::10` is the IPv6 twin of 10.244.1.10).
+const fn pod6(subnet: u8, host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x244, subnet as u16, 0, 0, 0, 0, host)
+}
 
 static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -95,20 +104,24 @@ impl Lab {
                 name: s.name.into(),
                 netns: format!("{prefix}-{}", s.name),
                 addr: s.addr,
+                addr6: s.addr6,
                 zone: s.zone.into(),
                 cgroup: cgroup_root.join(format!("{prefix}-{}", s.name)),
                 bpffs: bpffs_root.join(format!("{prefix}-{}", s.name)),
                 pod_cidr: format!("10.244.{}.0/24", s.subnet),
                 gateway: Ipv4Addr::new(10, 244, s.subnet, 1),
+                pod_cidr6: format!("fd00:244:{}::/64", s.subnet),
+                gateway6: pod6(s.subnet, 1),
             })
             .collect();
         let pods = POD_SPECS
             .iter()
-            .map(|(name, node, addr)| Pod {
+            .map(|(name, node, addr, addr6)| Pod {
                 name: (*name).into(),
                 node: (*node).into(),
                 netns: format!("{prefix}-{name}"),
                 addr: *addr,
+                addr6: *addr6,
             })
             .collect();
 
@@ -149,13 +162,21 @@ impl Lab {
             netns::run("ip", &["netns", "add", ns])?;
             self.created_netns.push(ns.clone());
             // Set before any interface exists so that every interface inherits `default`.
-            // IPv6 is off to keep the wire quiet (no router solicitations, ND, MLD), so packet
-            // and counter assertions only see the test's own traffic.
+            // IPv6 is off except on the interfaces that carry the lab's IPv6 addresses
+            // (`enable_ipv6`), to keep the wire quiet, so packet and counter assertions only see
+            // the test's own traffic. Where it is on, addresses work at once (no duplicate
+            // address detection) and no host solicits or accepts router advertisements.
             sysctl(
                 ns,
                 &[
                     "net.ipv6.conf.all.disable_ipv6=1",
                     "net.ipv6.conf.default.disable_ipv6=1",
+                    "net.ipv6.conf.all.accept_dad=0",
+                    "net.ipv6.conf.default.accept_dad=0",
+                    "net.ipv6.conf.all.router_solicitations=0",
+                    "net.ipv6.conf.default.router_solicitations=0",
+                    "net.ipv6.conf.all.accept_ra=0",
+                    "net.ipv6.conf.default.accept_ra=0",
                     "net.ipv4.conf.all.rp_filter=0",
                     "net.ipv4.conf.default.rp_filter=0",
                 ],
@@ -178,18 +199,19 @@ impl Lab {
             ],
         )?;
         ip(&fabric, &["link", "set", "br0", "up"])?;
-        let mut fabric_hosts = vec![("client", client.clone(), CLIENT_ADDR)];
+        let mut fabric_hosts = vec![("client", client.clone(), CLIENT_ADDR, CLIENT_ADDR6)];
         fabric_hosts.extend(
             nodes
                 .iter()
-                .map(|n| (n.name.as_str(), n.netns.clone(), n.addr)),
+                .map(|n| (n.name.as_str(), n.netns.clone(), n.addr, n.addr6)),
         );
-        for (port, ns, addr) in &fabric_hosts {
+        for (port, ns, addr, addr6) in &fabric_hosts {
             veth(ns, "eth0", &fabric, port)?;
             ip(&fabric, &["link", "set", port, "master", "br0", "up"])?;
             ethtool(&fabric, port, &["tx", "off"])?;
             ethtool(ns, "eth0", &["tx", "off"])?;
             ip(ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+            enable_ipv6(ns, "eth0", &format!("{addr6}/64"))?;
             ip(ns, &["link", "set", "eth0", "up"])?;
         }
         // Permanent neighbour entries between the fabric hosts: the datapath's bpf_fib_lookup()
@@ -199,8 +221,9 @@ impl Lab {
         // Static FDB entries on the bridge for the same MACs: with no ARP, the bridge would never
         // learn a node's MAC before that node sends something, and would flood traffic for it to
         // every port, where another node's XDP program would see (and might translate) a copy.
+        // The same for IPv6 (neighbour discovery instead of ARP).
         let mut macs = Vec::new();
-        for (port, ns, addr) in &fabric_hosts {
+        for (port, ns, addr, addr6) in &fabric_hosts {
             let mac = mac_of(ns, "eth0")?;
             netns::run(
                 "bridge",
@@ -208,24 +231,26 @@ impl Lab {
                     "-n", &fabric, "fdb", "replace", &mac, "dev", port, "master", "static",
                 ],
             )?;
-            macs.push((ns.clone(), *addr, mac));
+            macs.push((ns.clone(), *addr, *addr6, mac));
         }
-        for (ns, _, _) in &macs {
-            for (_, addr, mac) in macs.iter().filter(|(o, _, _)| o != ns) {
-                ip(
-                    ns,
-                    &[
-                        "neigh",
-                        "replace",
-                        &addr.to_string(),
-                        "lladdr",
-                        mac,
-                        "dev",
-                        "eth0",
-                        "nud",
-                        "permanent",
-                    ],
-                )?;
+        for (ns, _, _, _) in &macs {
+            for (_, addr, addr6, mac) in macs.iter().filter(|(o, _, _, _)| o != ns) {
+                for a in [addr.to_string(), addr6.to_string()] {
+                    ip(
+                        ns,
+                        &[
+                            "neigh",
+                            "replace",
+                            &a,
+                            "lladdr",
+                            mac,
+                            "dev",
+                            "eth0",
+                            "nud",
+                            "permanent",
+                        ],
+                    )?;
+                }
             }
         }
         // XDP variant: a node's XDP_TX out of eth0 lands on its fabric port, which only drains
@@ -243,6 +268,8 @@ impl Lab {
             &[
                 "net.ipv4.conf.all.accept_redirects=0",
                 "net.ipv4.conf.eth0.accept_redirects=0",
+                "net.ipv6.conf.all.accept_redirects=0",
+                "net.ipv6.conf.eth0.accept_redirects=0",
             ],
         )?;
 
@@ -252,6 +279,8 @@ impl Lab {
                 ns,
                 &[
                     "net.ipv4.ip_forward=1",
+                    // IPv6 has no send_redirects switch: the client ignores them instead.
+                    "net.ipv6.conf.all.forwarding=1",
                     // Forwarding client -> node1 -> node2 leaves by the interface it came in on;
                     // no redirects, so the path a test chose stays the path.
                     "net.ipv4.conf.all.send_redirects=0",
@@ -282,6 +311,7 @@ impl Lab {
                     "cni0",
                 ],
             )?;
+            enable_ipv6(ns, "cni0", &format!("{}/64", node.gateway6))?;
             ip(ns, &["link", "set", "cni0", "up"])?;
             for pod in pods.iter().filter(|p| p.node == node.name) {
                 let port = format!("veth-{}", pod.name);
@@ -293,10 +323,24 @@ impl Lab {
                     &pod.netns,
                     &["addr", "add", &format!("{}/24", pod.addr), "dev", "eth0"],
                 )?;
+                enable_ipv6(&pod.netns, "eth0", &format!("{}/64", pod.addr6))?;
                 ip(&pod.netns, &["link", "set", "eth0", "up"])?;
                 ip(
                     &pod.netns,
                     &["route", "add", "default", "via", &node.gateway.to_string()],
+                )?;
+                ip(
+                    &pod.netns,
+                    &[
+                        "-6",
+                        "route",
+                        "add",
+                        "default",
+                        "via",
+                        &node.gateway6.to_string(),
+                        "dev",
+                        "eth0",
+                    ],
                 )?;
             }
             for other in nodes.iter().filter(|o| o.name != node.name) {
@@ -308,6 +352,19 @@ impl Lab {
                         &other.pod_cidr,
                         "via",
                         &other.addr.to_string(),
+                        "dev",
+                        "eth0",
+                    ],
+                )?;
+                ip(
+                    ns,
+                    &[
+                        "-6",
+                        "route",
+                        "add",
+                        &other.pod_cidr6,
+                        "via",
+                        &other.addr6.to_string(),
                         "dev",
                         "eth0",
                     ],
@@ -391,15 +448,21 @@ impl Lab {
         Ok(())
     }
 
-    /// Routes `dest` (a CIDR or a single address) from the client via `node`'s fabric address,
-    /// replacing an existing route to `dest` — as a cloud load balancer picks a node.
+    /// Routes `dest` (a CIDR or a single address) from the client via `node`'s fabric address
+    /// (its IPv6 one for an IPv6 `dest`), replacing an existing route to `dest` — as a cloud
+    /// load balancer picks a node.
     pub fn client_route(&self, dest: &str, node: &str) -> Result<()> {
-        let via = self.find_node(node)?.addr.to_string();
+        let node = self.find_node(node)?;
+        let via = if dest.contains(':') {
+            node.addr6.to_string()
+        } else {
+            node.addr.to_string()
+        };
         ip(
             &self.netns("client"),
             &["route", "replace", dest, "via", &via, "dev", "eth0"],
         )
-        .with_context(|| format!("client route {dest} via {node}"))?;
+        .with_context(|| format!("client route {dest} via {}", node.name))?;
         Ok(())
     }
 }
@@ -411,6 +474,21 @@ fn veth(ns: &str, name: &str, peer_ns: &str, peer_name: &str) -> Result<()> {
             "link", "add", name, "type", "veth", "peer", "name", peer_name, "netns", peer_ns,
         ],
     )?;
+    Ok(())
+}
+
+/// Turns IPv6 on for `dev` and `lo` in `ns` (off by default in the lab's namespaces; local
+/// delivery of IPv6 goes through `lo`) and adds `cidr` to `dev` without duplicate address
+/// detection, so it is usable at once.
+fn enable_ipv6(ns: &str, dev: &str, cidr: &str) -> Result<()> {
+    sysctl(
+        ns,
+        &[
+            "net.ipv6.conf.lo.disable_ipv6=0",
+            &format!("net.ipv6.conf.{dev}.disable_ipv6=0"),
+        ],
+    )?;
+    ip(ns, &["-6", "addr", "add", cidr, "dev", dev, "nodad"])?;
     Ok(())
 }
 
