@@ -9,11 +9,16 @@ pub fn example_manifests() -> String {
     include_str!("../../deploy/examples/lab.yaml").to_string()
 }
 
-/// The example manifests without the endpoint at `addr` (both ports of its slice).
+/// The example manifests without the endpoint at `addr`, an IPv4 or IPv6 address (both ports
+/// of every slice that lists it).
 pub fn without_endpoint(addr: &str) -> String {
     let without: String = example_manifests()
         .lines()
-        .filter(|l| !l.contains(&format!("addresses: [{addr}]")) || l.contains("legacy"))
+        .filter(|l| {
+            !(l.contains(&format!("addresses: [{addr}]"))
+                || l.contains(&format!("addresses: [\"{addr}\"]")))
+                || l.contains("legacy")
+        })
         .collect::<Vec<_>>()
         .join("\n");
     assert_ne!(without, example_manifests());

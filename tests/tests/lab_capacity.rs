@@ -58,8 +58,9 @@ fn lab_maps_too_small_serve_what_fits_and_report_the_rest() {
     };
     assert_eq!(
         metric(&s, "lb_service_ports_not_fitting{map=\"lb_svc_v3\"}").as_deref(),
-        Some("6"),
-        "sticky, web-cluster and web-local, TCP and UDP"
+        Some("8"),
+        "sticky, web-cluster and web-local, TCP and UDP, and dual-stack/echo's UDP port in both \
+         families (its TCP port fits in both)"
     );
     assert_eq!(
         metric(&s, "lb_map_capacity{map=\"services\"}").as_deref(),

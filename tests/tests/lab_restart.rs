@@ -1,7 +1,8 @@
 //! Restart without loss: programs stay attached through pinned links while the agent is down
 //! (SIGKILL included); established and new connections keep working; the restarted agent adopts
-//! the pinned state without rewriting it (and the same north-south hook). Runs on both lab
-//! variants (`_plain`: tc ingress, `_xdp`: XDP).
+//! the pinned state without rewriting it (and the same north-south hook), IPv6 frontends and
+//! their interned addresses included. Runs on both lab variants (`_plain`: tc ingress, `_xdp`:
+//! XDP).
 use std::time::Duration;
 
 use lb_tests::{lab::bin_path, on_both_variants, scenario::start_example_on, Variant};
@@ -14,15 +15,23 @@ fn agent_sigkill_and_restart_lose_nothing(v: Variant) {
     // Held connections on both paths: north-south through XDP with SNAT, ClusterIP from a pod.
     let mut ns = s.lab.hold("client", "203.0.113.11:80").unwrap();
     let mut ew = s.lab.hold("a1", "10.96.0.10:80").unwrap();
+    // And its IPv6 twin: a pod's connection to the dual-stack Service's IPv6 ClusterIP.
+    let mut ew6 = s.lab.hold("a1", "[fd00:96::110]:80").unwrap();
     assert!(ns.first.as_ref().unwrap().ok && ew.first.as_ref().unwrap().ok);
+    assert!(ew6.first.as_ref().unwrap().ok, "{:?}", ew6.first);
 
     let status = s.agents[0].stop_with(libc::SIGKILL).unwrap();
     assert!(!status.success(), "killed");
     for _ in 0..3 {
         assert!(ns.exchange().unwrap().ok);
         assert!(ew.exchange().unwrap().ok);
+        assert!(ew6.exchange().unwrap().ok);
     }
-    for (at, target) in [("client", "203.0.113.11:80"), ("a1", "10.96.0.10:80")] {
+    for (at, target) in [
+        ("client", "203.0.113.11:80"),
+        ("a1", "10.96.0.10:80"),
+        ("a1", "[fd00:96::110]:80"),
+    ] {
         let ex = s
             .lab
             .run_client(at, &["tcp", target, "--count", "20"])
@@ -60,8 +69,13 @@ fn agent_sigkill_and_restart_lose_nothing(v: Variant) {
     for _ in 0..3 {
         assert!(ns.exchange().unwrap().ok);
         assert!(ew.exchange().unwrap().ok);
+        assert!(ew6.exchange().unwrap().ok);
     }
-    for (at, target) in [("client", "203.0.113.11:80"), ("a1", "10.96.0.10:80")] {
+    for (at, target) in [
+        ("client", "203.0.113.11:80"),
+        ("a1", "10.96.0.10:80"),
+        ("a1", "[fd00:96::110]:80"),
+    ] {
         let ex = s
             .lab
             .run_client(at, &["tcp", target, "--count", "20"])
@@ -69,14 +83,28 @@ fn agent_sigkill_and_restart_lose_nothing(v: Variant) {
         assert!(ex.iter().all(|e| e.ok), "after restart ({target}): {ex:?}");
     }
     // And it still applies changes.
-    let text = lb_tests::scenario::example_manifests().replace(
-        "- {addresses: [10.244.2.11], nodeName: node2, zone: zone-b}\n",
-        "",
-    );
+    let text = lb_tests::scenario::example_manifests()
+        .replace(
+            "- {addresses: [10.244.2.11], nodeName: node2, zone: zone-b}\n",
+            "",
+        )
+        .replace(
+            "- {addresses: [\"fd00:244:2::11\"], nodeName: node2, zone: zone-b}\n",
+            "",
+        );
     std::fs::write(&s.manifests, text).unwrap();
     again
         .wait_for_log("sync generation 2:", Duration::from_secs(20))
         .unwrap();
+    // The IPv6 endpoint's removal reached the maps the restarted agent adopted.
+    let ex = s
+        .lab
+        .run_client("a1", &["tcp", "[fd00:96::110]:80", "--count", "40"])
+        .unwrap();
+    assert!(
+        ex.iter().all(|e| e.ok && e.backend.as_deref() != Some("b2")),
+        "{ex:?}"
+    );
     s.agents.push(again);
 }
 on_both_variants!(

@@ -78,7 +78,8 @@ pub fn all_ok(ex: &[Exchange], what: &str) {
 
 /// Exchanges of pod a1 (10.244.1.10) with `frontend`, translated at socket level: every one
 /// served, each showing `frontend` as its peer (getpeername, or the datagram's source) while
-/// the backend saw the pod's own address, spread over all four backends of the example lab.
+/// the backend saw the pod's own address (of the frontend's family), spread over all four
+/// backends of the example lab.
 /// Returns the spread.
 pub fn socket_level_spread(
     ex: &[Exchange],
@@ -86,10 +87,16 @@ pub fn socket_level_spread(
     frontend: &str,
 ) -> std::collections::BTreeMap<String, usize> {
     all_ok(ex, proto);
+    // a1's own address of the frontend's family (an IPv4-mapped frontend is IPv4).
+    let own = if frontend.starts_with('[') && !frontend.starts_with("[::ffff:") {
+        "[fd00:244:1::10]:"
+    } else {
+        "10.244.1.10:"
+    };
     for e in ex {
         assert_eq!(e.peer.as_deref(), Some(frontend), "{proto}: {e:?}");
         assert!(
-            e.seen_peer.as_deref().unwrap().starts_with("10.244.1.10:"),
+            e.seen_peer.as_deref().unwrap().starts_with(own),
             "{proto}: the pod's own address is kept: {e:?}"
         );
     }
