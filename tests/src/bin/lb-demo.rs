@@ -84,7 +84,7 @@ fn run() -> Result<()> {
     println!("{requests} requests per frontend, each on a new connection (TCP) or socket (UDP):");
     println!();
     let header = [
-        "SERVICE", "PORT", "KIND", "FRONTEND", "FROM", "BACKEND", "REQUESTS",
+        "SERVICE", "PORT", "FAMILY", "KIND", "FRONTEND", "FROM", "BACKEND", "REQUESTS",
     ];
     let mut rows: Vec<Vec<String>> = Vec::new();
     for svc in plan["services"].as_array().into_iter().flatten() {
@@ -98,6 +98,7 @@ fn run() -> Result<()> {
             svc["port_name"].as_str().unwrap_or(""),
             svc["protocol"].as_str().unwrap_or("")
         );
+        let family = svc["family"].as_str().unwrap_or("IPv4").to_string();
         let proto = if svc["protocol"] == "UDP" {
             "udp"
         } else {
@@ -113,6 +114,20 @@ fn run() -> Result<()> {
             } else {
                 "client"
             };
+            if kind != "ClusterIP" && family == "IPv6" {
+                // The north-south path does not serve IPv6 yet (issue 17): said, not sent.
+                rows.push(vec![
+                    name.clone(),
+                    port.clone(),
+                    family.clone(),
+                    kind.into(),
+                    addr.into(),
+                    "client".into(),
+                    "(IPv6 from outside the node: not served yet)".into(),
+                    "-".into(),
+                ]);
+                continue;
+            }
             if kind != "ClusterIP" {
                 let ip = addr.split(':').next().unwrap_or("");
                 lab.client_route(&format!("{ip}/32"), "node1")?;
@@ -142,6 +157,7 @@ fn run() -> Result<()> {
                 rows.push(vec![
                     name.clone(),
                     port.clone(),
+                    family.clone(),
                     kind.into(),
                     addr.into(),
                     from.into(),
