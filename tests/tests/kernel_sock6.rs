@@ -234,9 +234,17 @@ fn setup() -> Option<Setup> {
     let ns = ScratchNetns::new("lbs6").unwrap();
     for (_, a) in BACKENDS {
         let len = if a.contains(':') { "128" } else { "32" };
-        netns::ip(&ns.name, &["addr", "add", &format!("{a}/{len}"), "dev", "lo", "nodad"])
-            .or_else(|_| netns::ip(&ns.name, &["addr", "add", &format!("{a}/{len}"), "dev", "lo"]))
-            .unwrap();
+        netns::ip(
+            &ns.name,
+            &["addr", "add", &format!("{a}/{len}"), "dev", "lo", "nodad"],
+        )
+        .or_else(|_| {
+            netns::ip(
+                &ns.name,
+                &["addr", "add", &format!("{a}/{len}"), "dev", "lo"],
+            )
+        })
+        .unwrap();
     }
     for (name, a) in BACKENDS {
         start_echo(&ns.path(), name, a);
@@ -289,8 +297,8 @@ fn setup() -> Option<Setup> {
                 "[fd00:96::30]:80",
                 "[2001:db8::70]:80",
             ]
-                .iter()
-                .all(|f| text.contains(f))
+            .iter()
+            .all(|f| text.contains(f))
         };
         if ok {
             break;
@@ -325,10 +333,7 @@ fn kernel_sock6_ipv6_cluster_ips_are_translated_both_ways_at_socket_level() {
             // getpeername6 (TCP) and recvmsg6 (UDP) show the ClusterIP, not the backend.
             assert_eq!(e.peer.as_deref(), Some(cip), "{proto}: {e:?}");
             // The backend sees the client's own IPv6 address: no SNAT at socket level.
-            assert!(
-                e.seen_addr().is_some_and(|a| a.is_ipv6()),
-                "{proto}: {e:?}"
-            );
+            assert!(e.seen_addr().is_some_and(|a| a.is_ipv6()), "{proto}: {e:?}");
         }
         let by = counts(&ex);
         assert_eq!(
@@ -339,19 +344,35 @@ fn kernel_sock6_ipv6_cluster_ips_are_translated_both_ways_at_socket_level() {
     }
     // A connected UDP socket (connect6) keeps its backend and reads the ClusterIP as its peer.
     let ex = s.client(&["udp-connected", cip, "--count", "20"]);
-    assert!(ex.iter().all(|e| e.ok && e.peer.as_deref() == Some(cip)), "{ex:?}");
+    assert!(
+        ex.iter().all(|e| e.ok && e.peer.as_deref() == Some(cip)),
+        "{ex:?}"
+    );
     // The dual-stack Service's IPv4 ClusterIP goes to its IPv4 endpoint only.
     let ex = s.client(&["tcp", "10.96.0.10:80", "--count", "10"]);
-    assert!(ex.iter().all(|e| e.ok && e.backend.as_deref() == Some("v4")), "{ex:?}");
+    assert!(
+        ex.iter()
+            .all(|e| e.ok && e.backend.as_deref() == Some("v4")),
+        "{ex:?}"
+    );
     // ClientIP affinity: every new connection of this client goes to one backend.
     let ex = s.client(&["tcp", "[fd00:96::60]:80", "--count", "30"]);
     assert!(ex.iter().all(|e| e.ok), "{ex:?}");
     assert_eq!(counts(&ex).len(), 1, "pinned: {:?}", counts(&ex));
     // No endpoint: refused as kube-proxy's REJECT does, at once.
-    let ex = s.client(&["tcp", "[fd00:96::30]:80", "--count", "3", "--timeout-ms", "3000"]);
+    let ex = s.client(&[
+        "tcp",
+        "[fd00:96::30]:80",
+        "--count",
+        "3",
+        "--timeout-ms",
+        "3000",
+    ]);
     for e in &ex {
         assert!(
-            e.error.as_deref().is_some_and(|m| m.starts_with("ConnectionRefused")),
+            e.error
+                .as_deref()
+                .is_some_and(|m| m.starts_with("ConnectionRefused")),
             "{e:?}"
         );
     }
@@ -360,7 +381,11 @@ fn kernel_sock6_ipv6_cluster_ips_are_translated_both_ways_at_socket_level() {
     // be a node address, none of which is in the ranges) and one bound outside are refused.
     let lb = "[2001:db8::70]:80";
     let ex = s.client(&["tcp", lb, "--count", "3", "--bind", "fd00:244::1"]);
-    assert!(ex.iter().all(|e| e.ok && e.backend.as_deref() == Some("b2")), "{ex:?}");
+    assert!(
+        ex.iter()
+            .all(|e| e.ok && e.backend.as_deref() == Some("b2")),
+        "{ex:?}"
+    );
     for bind in [None, Some("fd00:244::2")] {
         let mut args = vec!["tcp", lb, "--count", "2", "--timeout-ms", "2000"];
         if let Some(b) = bind {
@@ -369,15 +394,18 @@ fn kernel_sock6_ipv6_cluster_ips_are_translated_both_ways_at_socket_level() {
         let ex = s.client(&args);
         assert!(
             ex.iter().all(|e| !e.ok
-                && e.error.as_deref().is_some_and(|m| m.starts_with("PermissionDenied"))),
+                && e.error
+                    .as_deref()
+                    .is_some_and(|m| m.starts_with("PermissionDenied"))),
             "{bind:?}: {ex:?}"
         );
     }
     // Another IPv6 address is left alone (a backend reached directly).
     let ex = s.client(&["tcp", "[fd00:244::2]:8080", "--count", "3"]);
     assert!(
-        ex.iter()
-            .all(|e| e.ok && e.backend.as_deref() == Some("b2") && e.peer.as_deref() == Some("[fd00:244::2]:8080")),
+        ex.iter().all(|e| e.ok
+            && e.backend.as_deref() == Some("b2")
+            && e.peer.as_deref() == Some("[fd00:244::2]:8080")),
         "{ex:?}"
     );
     // lbctl shows the IPv6 frontends with their family, resolved backends and the Service port's
@@ -402,9 +430,15 @@ fn kernel_sock6_ipv6_cluster_ips_are_translated_both_ways_at_socket_level() {
     b.sort();
     assert_eq!(b, ["[fd00:244::1]:8080", "[fd00:244::2]:8080"], "{fe}");
     let table = s.lbctl(&["services", "--service", "default/web"]);
-    assert!(table.contains(cip) && table.contains("10.96.0.10:80"), "{table}");
+    assert!(
+        table.contains(cip) && table.contains("10.96.0.10:80"),
+        "{table}"
+    );
     let backends = s.lbctl(&["backends"]);
     assert!(backends.contains("[fd00:244::1]:8080"), "{backends}");
     let aff = s.lbctl(&["affinity"]);
-    assert!(aff.contains("[fd00:244::"), "the pinned IPv6 backend: {aff}");
+    assert!(
+        aff.contains("[fd00:244::"),
+        "the pinned IPv6 backend: {aff}"
+    );
 }

@@ -105,7 +105,10 @@ fn lab_clusterip6_spreads_tcp_and_udp_over_four_ipv6_backends() {
     );
     let mut held = s.lab.hold_udp("a1", ECHO6).unwrap();
     let first = held.first.clone().unwrap();
-    assert!(first.ok && first.peer.as_deref() == Some(ECHO6), "{first:?}");
+    assert!(
+        first.ok && first.peer.as_deref() == Some(ECHO6),
+        "{first:?}"
+    );
     for _ in 0..3 {
         let e = held.exchange().unwrap();
         assert!(e.ok && e.backend == first.backend, "{e:?}");
@@ -227,10 +230,9 @@ fn lab_clusterip6_without_endpoints_is_refused_fast_and_affinity_pins_a_pod() {
     assert!(seen.len() > 1, "the record never expired: {seen:?}");
     let aff = s.lbctl_json("node1", "affinity");
     assert!(
-        aff.as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["backend"].as_str().is_some_and(|b| b.starts_with("[fd00:244:"))),
+        aff.as_array().unwrap().iter().any(|r| r["backend"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("[fd00:244:"))),
         "{aff}"
     );
 }

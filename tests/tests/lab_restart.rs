@@ -102,7 +102,8 @@ fn agent_sigkill_and_restart_lose_nothing(v: Variant) {
         .run_client("a1", &["tcp", "[fd00:96::110]:80", "--count", "40"])
         .unwrap();
     assert!(
-        ex.iter().all(|e| e.ok && e.backend.as_deref() != Some("b2")),
+        ex.iter()
+            .all(|e| e.ok && e.backend.as_deref() != Some("b2")),
         "{ex:?}"
     );
     s.agents.push(again);
