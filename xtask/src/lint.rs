@@ -1,6 +1,6 @@
 //! `cargo xtask lint` (and the first step of `cargo xtask test`): formatting and clippy with every
 //! warning an error, on the host workspace, the kernel crate (built for the BPF target by
-//! nightly clippy) and the fuzz workspace.
+//! nightly clippy) and the fuzz workspace (formatted and type-checked).
 
 use crate::util;
 use anyhow::{Context, Result};
@@ -24,7 +24,29 @@ pub fn lint() -> Result<()> {
 
     // The kernel crate: nightly clippy for the BPF target, as aya-build builds it (core only).
     check(&mut kernel_clippy())?;
+
+    // The fuzz workspace: type-checked (nightly, as cargo-fuzz builds it), so that a change of
+    // the crates it calls breaks here in a minute, not after the whole test run.
+    check(&mut fuzz_check())?;
     Ok(())
+}
+
+/// `cargo +nightly check` of the fuzz workspace, in fuzz/ (its own target directory).
+fn fuzz_check() -> Command {
+    let root = util::workspace_root();
+    let mut cmd = Command::new("rustup");
+    cmd.current_dir(root.join("fuzz"))
+        .args(["run", "nightly", "cargo", "check", "--all-targets"]);
+    for var in [
+        "RUSTC",
+        "RUSTDOC",
+        "RUSTC_WRAPPER",
+        "CARGO",
+        "RUSTUP_TOOLCHAIN",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
 }
 
 /// `cargo +nightly clippy` for lb-ebpf on `bpfel-unknown-none` with `-Z build-std=core`, run in
