@@ -210,17 +210,47 @@ fn render_with_small_maps_rejects_what_does_not_fit() {
     ]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let served: Vec<&str> = v["services"]
+    // Each served Service port as its rejection would name it: namespace/name, then
+    // "port NAME/PROTO", with " (IPv6)" for the IPv6 family's.
+    let served: Vec<(String, String)> = v["services"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| s["name"].as_str().unwrap())
+        .map(|s| {
+            (
+                format!(
+                    "{}/{}",
+                    s["namespace"].as_str().unwrap(),
+                    s["name"].as_str().unwrap()
+                ),
+                format!(
+                    "port {}/{}{} is not served",
+                    s["port_name"].as_str().unwrap(),
+                    s["protocol"].as_str().unwrap(),
+                    if s["family"] == "IPv6" { " (IPv6)" } else { "" }
+                ),
+            )
+        })
         .collect();
-    assert!(served.contains(&"echo"), "{served:?}");
+    assert!(
+        served.iter().any(|(n, _)| n == "default/echo"),
+        "{served:?}"
+    );
     let rejected = v["rejected"].as_array().unwrap();
     assert!(!rejected.is_empty());
     for r in rejected {
-        assert!(!served.contains(&r["name"].as_str().unwrap()), "{r}");
+        let name = format!(
+            "{}/{}",
+            r["namespace"].as_str().unwrap(),
+            r["name"].as_str().unwrap()
+        );
+        let reason = r["reason"].as_str().unwrap();
+        assert!(
+            !served
+                .iter()
+                .any(|(n, port)| *n == name && reason.starts_with(port.as_str())),
+            "{r}"
+        );
         assert!(
             r["reason"]
                 .as_str()

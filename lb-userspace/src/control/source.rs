@@ -444,6 +444,19 @@ fn add_value(value: serde_json::Value, out: &mut Objects) -> Result<(), String> 
             out.endpoint_slices.push(slice);
         }
         ("", _) => return Err("object without `kind`".into()),
+        // A kind this agent reads, of an API version it does not (none, or a removed beta):
+        // said, rather than left out without a word.
+        ("Node" | "Service", v) => {
+            return Err(format!(
+                "{kind} with apiVersion {v:?}: a {kind} must be apiVersion: v1"
+            ))
+        }
+        ("EndpointSlice", v) => {
+            return Err(format!(
+                "EndpointSlice with apiVersion {v:?}: an EndpointSlice must be apiVersion: \
+                 discovery.k8s.io/v1"
+            ))
+        }
         _ => {}
     }
     Ok(())
@@ -513,6 +526,37 @@ mod tests {
     /// Deeply nested flow collections are refused in one linear pass, naming the document and
     /// line, before the parser's quadratic scan; brackets in quotes and comments do not count,
     /// and a normal manifest with some passes.
+    /// A kind the agent reads with an API version it does not is an error naming the fix,
+    /// never an object silently left out (a Node without `apiVersion` once was).
+    #[test]
+    fn a_known_kind_of_another_api_version_is_an_error() {
+        for (doc, want) in [
+            ("kind: Node\nmetadata: {name: n1}\n", "a Node must be apiVersion: v1"),
+            (
+                "apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: e}\naddressType: IPv4\nendpoints: []\n",
+                "must be apiVersion: discovery.k8s.io/v1",
+            ),
+            (
+                "apiVersion: v2\nkind: Service\nmetadata: {name: s}\n",
+                "Service with apiVersion \"v2\"",
+            ),
+        ] {
+            let mut o = Objects::default();
+            let e = parse_into(Path::new("x.yaml"), doc, &mut o)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        // Other kinds stay ignored, whatever their version.
+        let mut o = Objects::default();
+        parse_into(
+            Path::new("x.yaml"),
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n",
+            &mut o,
+        )
+        .unwrap();
+    }
+
     #[test]
     fn deep_nesting_is_refused_at_once() {
         let mut o = Objects::default();
