@@ -175,6 +175,36 @@ fn is_v6(be: &Backend) -> bool {
     be.flags & backend_flags::IPV6 != 0
 }
 
+/// The methods [`V4`] and [`Mapped6`] share: IPv4 backends, the IPv4 source-ranges trie and
+/// the per-socket record keyed on IPv4.
+macro_rules! ipv4_side {
+    () => {
+        #[inline(always)]
+        fn set_backend(sa: &mut bpf_sock_addr, be: &Backend) -> bool {
+            if is_v6(be) {
+                return false;
+            }
+            Self::set(sa, &be.addr_be, be.port_be);
+            true
+        }
+
+        #[inline(always)]
+        fn in_ranges(svc_port_id: u32, src: &u32) -> bool {
+            maps::source_in_ranges(svc_port_id, *src)
+        }
+
+        #[inline(always)]
+        fn remember(cookie: u64, proto: u8, front: (u32, u16), back: (u32, u16), rev_nat_id: u32) {
+            remember4(cookie, proto, front, back, rev_nat_id)
+        }
+
+        #[inline(always)]
+        fn recall(cookie: u64, proto: u8, peer: (u32, u16)) -> Option<(u32, u16)> {
+            recall4(cookie, proto, peer)
+        }
+    };
+}
+
 impl Family for V4 {
     const SCOPE: u8 = scope::INTERNAL;
     type Addr = u32;
@@ -187,15 +217,6 @@ impl Family for V4 {
     #[inline(always)]
     fn user_addr(sa: &bpf_sock_addr) -> u32 {
         sa.user_ip4
-    }
-
-    #[inline(always)]
-    fn set_backend(sa: &mut bpf_sock_addr, be: &Backend) -> bool {
-        if is_v6(be) {
-            return false;
-        }
-        Self::set(sa, &be.addr_be, be.port_be);
-        true
     }
 
     #[inline(always)]
@@ -214,20 +235,7 @@ impl Family for V4 {
         Some(sa.msg_src_ip4).filter(|a| *a != 0)
     }
 
-    #[inline(always)]
-    fn in_ranges(svc_port_id: u32, src: &u32) -> bool {
-        maps::source_in_ranges(svc_port_id, *src)
-    }
-
-    #[inline(always)]
-    fn remember(cookie: u64, proto: u8, front: (u32, u16), back: (u32, u16), rev_nat_id: u32) {
-        remember4(cookie, proto, front, back, rev_nat_id)
-    }
-
-    #[inline(always)]
-    fn recall(cookie: u64, proto: u8, peer: (u32, u16)) -> Option<(u32, u16)> {
-        recall4(cookie, proto, peer)
-    }
+    ipv4_side!();
 }
 
 impl Family for Mapped6 {
@@ -246,15 +254,6 @@ impl Family for Mapped6 {
     fn user_addr(sa: &bpf_sock_addr) -> u32 {
         // SAFETY: a 4-byte read of a field of the context.
         unsafe { core::ptr::read_volatile(&sa.user_ip6[3]) }
-    }
-
-    #[inline(always)]
-    fn set_backend(sa: &mut bpf_sock_addr, be: &Backend) -> bool {
-        if is_v6(be) {
-            return false;
-        }
-        Self::set(sa, &be.addr_be, be.port_be);
-        true
     }
 
     /// Only the last word changes: the address stays `::ffff:` + IPv4.
@@ -277,20 +276,7 @@ impl Family for Mapped6 {
         mapped(&sa.msg_src_ip6).filter(|a| *a != 0)
     }
 
-    #[inline(always)]
-    fn in_ranges(svc_port_id: u32, src: &u32) -> bool {
-        maps::source_in_ranges(svc_port_id, *src)
-    }
-
-    #[inline(always)]
-    fn remember(cookie: u64, proto: u8, front: (u32, u16), back: (u32, u16), rev_nat_id: u32) {
-        remember4(cookie, proto, front, back, rev_nat_id)
-    }
-
-    #[inline(always)]
-    fn recall(cookie: u64, proto: u8, peer: (u32, u16)) -> Option<(u32, u16)> {
-        recall4(cookie, proto, peer)
-    }
+    ipv4_side!();
 }
 
 impl Family for V6 {

@@ -33,10 +33,17 @@ pub fn lint() -> Result<()> {
 
 /// `cargo +nightly check` of the fuzz workspace, in fuzz/ (its own target directory).
 fn fuzz_check() -> Command {
-    let root = util::workspace_root();
+    let mut cmd = nightly_cargo("fuzz");
+    cmd.args(["check", "--all-targets"]);
+    cmd
+}
+
+/// `rustup run nightly cargo` in `dir` (relative to the workspace root), without the variables
+/// of the outer `cargo run` (stable), which must not leak into the nightly cargo.
+fn nightly_cargo(dir: &str) -> Command {
     let mut cmd = Command::new("rustup");
-    cmd.current_dir(root.join("fuzz"))
-        .args(["run", "nightly", "cargo", "check", "--all-targets"]);
+    cmd.current_dir(util::workspace_root().join(dir))
+        .args(["run", "nightly", "cargo"]);
     for var in [
         "RUSTC",
         "RUSTDOC",
@@ -54,24 +61,13 @@ fn fuzz_check() -> Command {
 /// directory so that it never invalidates the host build.
 fn kernel_clippy() -> Command {
     let root = util::workspace_root();
-    let mut cmd = Command::new("rustup");
-    cmd.current_dir(root.join("lb-ebpf"))
-        .args(["run", "nightly", "cargo", "clippy"])
+    let mut cmd = nightly_cargo("lb-ebpf");
+    cmd.arg("clippy")
         .args(["--package", "lb-ebpf", "--target", "bpfel-unknown-none"])
         .args(["-Z", "build-std=core"])
         .arg("--target-dir")
         .arg(root.join("target").join("clippy-bpf"))
         .args(["--", "-D", "warnings"]);
-    // Variables of the outer `cargo run` (stable) must not leak into the nightly cargo.
-    for var in [
-        "RUSTC",
-        "RUSTDOC",
-        "RUSTC_WRAPPER",
-        "CARGO",
-        "RUSTUP_TOOLCHAIN",
-    ] {
-        cmd.env_remove(var);
-    }
     cmd
 }
 
