@@ -292,16 +292,27 @@ fn sock_destroy_terminates_ipv6_sockets_connected_to_their_ipv6_backend() {
     assert_eq!((again.terminated, again.gone), (0, 1), "{again:?}");
 }
 
+/// A TCP connection from `local` to `remote` (bound first).
+fn tcp_from(local: &str, remote: SocketAddr) -> TcpStream {
+    let local: SocketAddr = local.parse().unwrap();
+    let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+    s.bind(&local.into()).unwrap();
+    s.connect(&remote.into()).unwrap();
+    s.into()
+}
+
 #[test]
 fn sock_destroy_reaches_ipv6_sockets_of_other_namespaces() {
     let term = SockTerminator::new().expect("socket termination needs Linux >= 6.5 with BTF");
     let ns = ScratchNetns::new("lbst6").unwrap();
-    lb_tests::netns::ip(&ns.name, &["addr", "add", "fd00:5e::1/128", "dev", "lo", "nodad"])
-        .unwrap();
+    for a in ["fd00:5e::1/128", "fd00:5e::2/128"] {
+        lb_tests::netns::ip(&ns.name, &["addr", "add", a, "dev", "lo", "nodad"]).unwrap();
+    }
     let path = ns.path();
 
-    // Sockets made by a thread that entered the namespace, on its ULA: a connected UDP
-    // socket and a TCP connection, each with a bystander to the same backend.
+    // Sockets made by a thread that entered the namespace, on its ULAs (backends on ::1,
+    // clients on ::2, so that the peer address differs from the socket's own): a connected
+    // UDP socket and a TCP connection, each with a bystander to the same backend.
     let (server, client, udp_bystander, listener, tcp, tcp_peer, tcp_bystander, tcp_by_peer) =
         std::thread::scope(|s| {
             s.spawn(|| {
@@ -309,14 +320,14 @@ fn sock_destroy_reaches_ipv6_sockets_of_other_namespaces() {
                 // SAFETY: setns with a valid namespace fd moves this thread only.
                 assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
                 let server = UdpSocket::bind("[fd00:5e::1]:0").unwrap();
-                let client = UdpSocket::bind("[fd00:5e::1]:0").unwrap();
+                let client = UdpSocket::bind("[fd00:5e::2]:0").unwrap();
                 client.connect(server.local_addr().unwrap()).unwrap();
-                let bystander = UdpSocket::bind("[fd00:5e::1]:0").unwrap();
+                let bystander = UdpSocket::bind("[fd00:5e::2]:0").unwrap();
                 bystander.connect(server.local_addr().unwrap()).unwrap();
                 let listener = TcpListener::bind("[fd00:5e::1]:0").unwrap();
-                let tcp = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+                let tcp = tcp_from("[fd00:5e::2]:0", listener.local_addr().unwrap());
                 let (peer, _) = listener.accept().unwrap();
-                let tcp_bystander = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+                let tcp_bystander = tcp_from("[fd00:5e::2]:0", listener.local_addr().unwrap());
                 let (by_peer, _) = listener.accept().unwrap();
                 (
                     server,
