@@ -12,12 +12,12 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     io::{BufRead, BufReader, Write},
-    process::ChildStdin,
-    sync::mpsc,
     net::{SocketAddr, TcpListener, UdpSocket},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
+    process::ChildStdin,
     process::{Command, Stdio},
+    sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
@@ -246,9 +246,17 @@ fn setup(tag: &str) -> Option<Setup> {
     let ns = ScratchNetns::new(&name).unwrap();
     for (_, a) in BACKENDS {
         let len = if a.contains(':') { "128" } else { "32" };
-        netns::ip(&ns.name, &["addr", "add", &format!("{a}/{len}"), "dev", "lo", "nodad"])
-            .or_else(|_| netns::ip(&ns.name, &["addr", "add", &format!("{a}/{len}"), "dev", "lo"]))
-            .unwrap();
+        netns::ip(
+            &ns.name,
+            &["addr", "add", &format!("{a}/{len}"), "dev", "lo", "nodad"],
+        )
+        .or_else(|_| {
+            netns::ip(
+                &ns.name,
+                &["addr", "add", &format!("{a}/{len}"), "dev", "lo"],
+            )
+        })
+        .unwrap();
     }
     for (name, a) in BACKENDS {
         start_echo(&ns.path(), name, a);
@@ -302,8 +310,8 @@ fn setup(tag: &str) -> Option<Setup> {
                 "[fd00:96::30]:80",
                 "[2001:db8::70]:80",
             ]
-                .iter()
-                .all(|f| text.contains(f))
+            .iter()
+            .all(|f| text.contains(f))
         };
         if ok {
             break;
@@ -338,10 +346,7 @@ fn kernel_sock6_ipv6_cluster_ips_are_translated_both_ways_at_socket_level() {
             // getpeername6 (TCP) and recvmsg6 (UDP) show the ClusterIP, not the backend.
             assert_eq!(e.peer.as_deref(), Some(cip), "{proto}: {e:?}");
             // The backend sees the client's own IPv6 address: no SNAT at socket level.
-            assert!(
-                e.seen_addr().is_some_and(|a| a.is_ipv6()),
-                "{proto}: {e:?}"
-            );
+            assert!(e.seen_addr().is_some_and(|a| a.is_ipv6()), "{proto}: {e:?}");
         }
         let by = counts(&ex);
         assert_eq!(
@@ -352,19 +357,35 @@ fn kernel_sock6_ipv6_cluster_ips_are_translated_both_ways_at_socket_level() {
     }
     // A connected UDP socket (connect6) keeps its backend and reads the ClusterIP as its peer.
     let ex = s.client(&["udp-connected", cip, "--count", "20"]);
-    assert!(ex.iter().all(|e| e.ok && e.peer.as_deref() == Some(cip)), "{ex:?}");
+    assert!(
+        ex.iter().all(|e| e.ok && e.peer.as_deref() == Some(cip)),
+        "{ex:?}"
+    );
     // The dual-stack Service's IPv4 ClusterIP goes to its IPv4 endpoint only.
     let ex = s.client(&["tcp", "10.96.0.10:80", "--count", "10"]);
-    assert!(ex.iter().all(|e| e.ok && e.backend.as_deref() == Some("v4")), "{ex:?}");
+    assert!(
+        ex.iter()
+            .all(|e| e.ok && e.backend.as_deref() == Some("v4")),
+        "{ex:?}"
+    );
     // ClientIP affinity: every new connection of this client goes to one backend.
     let ex = s.client(&["tcp", "[fd00:96::60]:80", "--count", "30"]);
     assert!(ex.iter().all(|e| e.ok), "{ex:?}");
     assert_eq!(counts(&ex).len(), 1, "pinned: {:?}", counts(&ex));
     // No endpoint: refused as kube-proxy's REJECT does, at once.
-    let ex = s.client(&["tcp", "[fd00:96::30]:80", "--count", "3", "--timeout-ms", "3000"]);
+    let ex = s.client(&[
+        "tcp",
+        "[fd00:96::30]:80",
+        "--count",
+        "3",
+        "--timeout-ms",
+        "3000",
+    ]);
     for e in &ex {
         assert!(
-            e.error.as_deref().is_some_and(|m| m.starts_with("ConnectionRefused")),
+            e.error
+                .as_deref()
+                .is_some_and(|m| m.starts_with("ConnectionRefused")),
             "{e:?}"
         );
     }
@@ -373,7 +394,11 @@ fn kernel_sock6_ipv6_cluster_ips_are_translated_both_ways_at_socket_level() {
     // be a node address, none of which is in the ranges) and one bound outside are refused.
     let lb = "[2001:db8::70]:80";
     let ex = s.client(&["tcp", lb, "--count", "3", "--bind", "fd00:244::1"]);
-    assert!(ex.iter().all(|e| e.ok && e.backend.as_deref() == Some("b2")), "{ex:?}");
+    assert!(
+        ex.iter()
+            .all(|e| e.ok && e.backend.as_deref() == Some("b2")),
+        "{ex:?}"
+    );
     for bind in [None, Some("fd00:244::2")] {
         let mut args = vec!["tcp", lb, "--count", "2", "--timeout-ms", "2000"];
         if let Some(b) = bind {
@@ -382,15 +407,18 @@ fn kernel_sock6_ipv6_cluster_ips_are_translated_both_ways_at_socket_level() {
         let ex = s.client(&args);
         assert!(
             ex.iter().all(|e| !e.ok
-                && e.error.as_deref().is_some_and(|m| m.starts_with("PermissionDenied"))),
+                && e.error
+                    .as_deref()
+                    .is_some_and(|m| m.starts_with("PermissionDenied"))),
             "{bind:?}: {ex:?}"
         );
     }
     // Another IPv6 address is left alone (a backend reached directly).
     let ex = s.client(&["tcp", "[fd00:244::2]:8080", "--count", "3"]);
     assert!(
-        ex.iter()
-            .all(|e| e.ok && e.backend.as_deref() == Some("b2") && e.peer.as_deref() == Some("[fd00:244::2]:8080")),
+        ex.iter().all(|e| e.ok
+            && e.backend.as_deref() == Some("b2")
+            && e.peer.as_deref() == Some("[fd00:244::2]:8080")),
         "{ex:?}"
     );
     // lbctl shows the IPv6 frontends with their family, resolved backends and the Service port's
@@ -415,11 +443,17 @@ fn kernel_sock6_ipv6_cluster_ips_are_translated_both_ways_at_socket_level() {
     b.sort();
     assert_eq!(b, ["[fd00:244::1]:8080", "[fd00:244::2]:8080"], "{fe}");
     let table = s.lbctl(&["services", "--service", "default/web"]);
-    assert!(table.contains(cip) && table.contains("10.96.0.10:80"), "{table}");
+    assert!(
+        table.contains(cip) && table.contains("10.96.0.10:80"),
+        "{table}"
+    );
     let backends = s.lbctl(&["backends"]);
     assert!(backends.contains("[fd00:244::1]:8080"), "{backends}");
     let aff = s.lbctl(&["affinity"]);
-    assert!(aff.contains("[fd00:244::"), "the pinned IPv6 backend: {aff}");
+    assert!(
+        aff.contains("[fd00:244::"),
+        "the pinned IPv6 backend: {aff}"
+    );
 }
 
 /// One connected UDP socket kept by `lab-client hold-udp` in the namespace and the agent's
@@ -433,11 +467,8 @@ struct Held {
 
 impl Held {
     fn open(s: &Setup, target: &str) -> (Self, Exchange) {
-        let mut cmd = netns::command_in(
-            &s.ns.name,
-            Some(&s.cgroup),
-            bin_path("lab-client").unwrap(),
-        );
+        let mut cmd =
+            netns::command_in(&s.ns.name, Some(&s.cgroup), bin_path("lab-client").unwrap());
         cmd.args(["hold-udp", target, "--timeout-ms", "1000"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
@@ -514,7 +545,10 @@ fn kernel_sock6_connected_udp_socket_to_a_removed_ipv6_backend_is_terminated() {
     }
     assert_eq!(held.len(), 2, "both backends: {:?}", held.keys());
     let (mut v4, first) = Held::open(&s, "10.96.0.10:80");
-    assert!(first.ok && first.backend.as_deref() == Some("v4"), "{first:?}");
+    assert!(
+        first.ok && first.backend.as_deref() == Some("v4"),
+        "{first:?}"
+    );
     let mut doomed = held.remove("b1").unwrap();
     let mut stays = held.remove("b2").unwrap();
     // Each socket keeps its backend while the Service does not change.
@@ -549,7 +583,10 @@ fn kernel_sock6_connected_udp_socket_to_a_removed_ipv6_backend_is_terminated() {
         err.contains("os error 103") || err.contains("os error 89"),
         "{failed:?}"
     );
-    eprintln!("terminated {:?} after the removal: {err}", removed.elapsed());
+    eprintln!(
+        "terminated {:?} after the removal: {err}",
+        removed.elapsed()
+    );
     // The application connects again, to the live backend, still through the ClusterIP.
     let again = doomed.exchange();
     assert!(

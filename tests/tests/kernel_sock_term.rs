@@ -223,7 +223,10 @@ fn sock_destroy_terminates_ipv6_sockets_connected_to_their_ipv6_backend() {
     let server4 = udp("127.0.0.1:0");
     let v4 = udp("127.0.0.1:0");
     v4.connect(server4.local_addr().unwrap()).unwrap();
-    let v4_as_v6 = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), server4.local_addr().unwrap().port());
+    let v4_as_v6 = SocketAddr::new(
+        Ipv6Addr::UNSPECIFIED.into(),
+        server4.local_addr().unwrap().port(),
+    );
 
     // An AF_INET6 socket with an IPv4-mapped peer, listed with the IPv4 backend (as the
     // IPv4 socket records list it): destroyed through skc_daddr, as before.
@@ -272,7 +275,10 @@ fn sock_destroy_terminates_ipv6_sockets_connected_to_their_ipv6_backend() {
 
     udp_aborted(&doomed);
     udp_aborted(&mapped);
-    assert!(udp_works(&moved, &other), "a socket connected elsewhere stays");
+    assert!(
+        udp_works(&moved, &other),
+        "a socket connected elsewhere stays"
+    );
     assert!(
         udp_works(&other_port, &server),
         "a socket connected to another port stays"
@@ -371,7 +377,10 @@ fn sock_destroy_reaches_ipv6_sockets_of_other_namespaces() {
     assert_eq!((out.terminated, out.failed), (2, 0), "{out:?}");
     udp_aborted(&client);
     tcp_aborted(&mut tcp, &mut tcp_peer);
-    assert!(udp_works(&udp_bystander, &server), "an unlisted socket stays");
+    assert!(
+        udp_works(&udp_bystander, &server),
+        "an unlisted socket stays"
+    );
     let mut buf = [0u8; 4];
     tcp_bystander.write_all(b"hi").unwrap();
     assert_eq!(tcp_by_peer.read(&mut buf).unwrap(), 2);

@@ -217,7 +217,8 @@ fn program(doomed_fd: i32, sock_destroy_btf_id: u32) -> Vec<u64> {
         /* 16 */ insn(JNE_X, 2, 3, to(OUT, 16), 0),
         /* 17 */ insn(JA, 0, 0, to(PORT, 17), 0),
         // V6 (18): an IPv6 backend: an AF_INET6 socket whose skc_v6_daddr is the backend.
-        /* 18 */ insn(LDX_H, 2, 6, SKC_FAMILY, 0),
+        /* 18 */
+        insn(LDX_H, 2, 6, SKC_FAMILY, 0),
         /* 19 */ insn(JNE_K, 2, 0, to(OUT, 19), AF_INET6 as i32),
     ];
     // 20..=31: the four words of the address.
@@ -661,16 +662,34 @@ mod tests {
         let both: BTreeSet<u8> = [proto::UDP, proto::TCP].into();
         let v6 = [
             // Still served.
-            (key6(1, "[fd00:10::1]:5353", proto::UDP), rev6("[fd00:96::1]:53")),
+            (
+                key6(1, "[fd00:10::1]:5353", proto::UDP),
+                rev6("[fd00:96::1]:53"),
+            ),
             // Its backend left the frontend (still serves another one).
-            (key6(2, "[fd00:10::2]:5353", proto::UDP), rev6("[fd00:96::1]:53")),
+            (
+                key6(2, "[fd00:10::2]:5353", proto::UDP),
+                rev6("[fd00:96::1]:53"),
+            ),
             // Another port of the backend.
-            (key6(3, "[fd00:10::1]:5354", proto::UDP), rev6("[fd00:96::1]:53")),
+            (
+                key6(3, "[fd00:10::1]:5354", proto::UDP),
+                rev6("[fd00:96::1]:53"),
+            ),
             // TCP: a backend that left, a backend that serves.
-            (key6(4, "[fd00:10::2]:8080", proto::TCP), rev6("[fd00:96::1]:80")),
-            (key6(5, "[fd00:10::1]:8080", proto::TCP), rev6("[fd00:96::1]:80")),
+            (
+                key6(4, "[fd00:10::2]:8080", proto::TCP),
+                rev6("[fd00:96::1]:80"),
+            ),
+            (
+                key6(5, "[fd00:10::1]:8080", proto::TCP),
+                rev6("[fd00:96::1]:80"),
+            ),
             // The frontend is gone.
-            (key6(6, "[fd00:10::1]:5353", proto::UDP), rev6("[fd00:96::2]:53")),
+            (
+                key6(6, "[fd00:10::1]:5353", proto::UDP),
+                rev6("[fd00:96::2]:53"),
+            ),
         ];
         let pick = |protos: &BTreeSet<u8>| -> Vec<(u64, SocketAddr)> {
             pick_stale(
