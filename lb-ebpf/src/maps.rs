@@ -4,10 +4,10 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
-    limits, AffinityKey, AffinityValue, Backend, Config, Counter, CtKey, CtValue, FragKey,
+    limits, Addr6, AffinityKey, AffinityValue, Backend, Config, Counter, CtKey, CtValue, FragKey,
     FragPorts, FrontendSlot, FrontendSlotKey, MaglevChunk, MaglevKey, MemberKey, RevNat,
     ServiceCounters, ServiceName, SockFlow, SockKey, SockKey6, SockRevNat, SockRevNat6,
-    SourceRangeKey, SourceRangeKey6, Addr6, MAGLEV_CHUNK,
+    SourceRangeKey, SourceRangeKey6, MAGLEV_CHUNK,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are allocated when written (Maglev chunks are 1 KiB each).

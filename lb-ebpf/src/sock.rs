@@ -77,7 +77,13 @@ pub trait Family {
     /// Whether `src` lies in a Service port's loadBalancerSourceRanges.
     fn in_ranges(svc_port_id: u32, src: &Self::Addr) -> bool;
     /// Remembers, for the socket `cookie`, that backend `back` stands for frontend `front`.
-    fn remember(cookie: u64, proto: u8, front: (Self::Addr, u16), back: (Self::Addr, u16), rev_nat_id: u32);
+    fn remember(
+        cookie: u64,
+        proto: u8,
+        front: (Self::Addr, u16),
+        back: (Self::Addr, u16),
+        rev_nat_id: u32,
+    );
     /// The frontend a socket's backend peer `peer` stands for.
     fn recall(cookie: u64, proto: u8, peer: (Self::Addr, u16)) -> Option<(Self::Addr, u16)>;
 }

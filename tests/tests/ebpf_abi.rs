@@ -173,7 +173,10 @@ fn map_layouts_of_the_object_are_lb_common_types() {
             ),
         ),
         (map_name::ADDR6, (size::<lb_common::Addr6>(), size::<u32>())),
-        (map_name::ADDR6_IDS, (size::<u32>(), size::<lb_common::Addr6>())),
+        (
+            map_name::ADDR6_IDS,
+            (size::<u32>(), size::<lb_common::Addr6>()),
+        ),
         (
             map_name::SOCK_REV_NAT6,
             (

@@ -55,7 +55,10 @@ fn desired() -> Desired {
     let be = |last: u8, port: u16, proto: u8, flags: u8| {
         (
             BackendKey {
-                addr: std::net::SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 244, 1 + last % 2, last), port)),
+                addr: std::net::SocketAddr::V4(SocketAddrV4::new(
+                    Ipv4Addr::new(10, 244, 1 + last % 2, last),
+                    port,
+                )),
                 proto,
             },
             flags,

@@ -229,7 +229,11 @@ fn kernel_maglev_nodes_choose_alike_and_a_removal_moves_few_flows() {
         std::net::SocketAddr::V4(a) => a,
         std::net::SocketAddr::V6(_) => unreachable!("IPv4 backends"),
     };
-    let rest: Vec<BackendKey> = all.iter().copied().filter(|k| k.addr != std::net::SocketAddr::V4(gone)).collect();
+    let rest: Vec<BackendKey> = all
+        .iter()
+        .copied()
+        .filter(|k| k.addr != std::net::SocketAddr::V4(gone))
+        .collect();
     a.program(&Desired::from([(frontend(), service(&rest))]))
         .unwrap();
     let after: Vec<SocketAddrV4> = (0..FLOWS).map(|i| choose(&a, i)).collect();

@@ -1021,14 +1021,27 @@ mod tests {
         let v4 = service_port_label("shop/web:http/TCP").unwrap();
         let v6 = service_port_label("shop/web:http/TCP/IPv6").unwrap();
         assert_eq!(
-            (v4.namespace.as_str(), v4.name.as_str(), v4.port.as_str(), v4.protocol.as_str()),
+            (
+                v4.namespace.as_str(),
+                v4.name.as_str(),
+                v4.port.as_str(),
+                v4.protocol.as_str()
+            ),
             ("shop", "web", "http", "TCP")
         );
         assert_eq!(
             (v6.namespace, v6.name, v6.port, v6.protocol),
-            (v4.namespace.clone(), v4.name.clone(), v4.port.clone(), v4.protocol.clone())
+            (
+                v4.namespace.clone(),
+                v4.name.clone(),
+                v4.port.clone(),
+                v4.protocol.clone()
+            )
         );
-        assert_eq!((v4.ip_family.as_str(), v6.ip_family.as_str()), ("IPv4", "IPv6"));
+        assert_eq!(
+            (v4.ip_family.as_str(), v6.ip_family.as_str()),
+            ("IPv4", "IPv6")
+        );
         assert!(service_port_label("garbage").is_none());
     }
 

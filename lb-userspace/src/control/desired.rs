@@ -485,7 +485,8 @@ mod tests {
             .collect();
         assert_eq!(half4, d4);
         assert!(
-            dd.keys().all(|k| k.addr.is_ipv6() || k.addr.port() != 30081),
+            dd.keys()
+                .all(|k| k.addr.is_ipv6() || k.addr.port() != 30081),
             "no IPv4 NodePort for only6"
         );
         let half6: Vec<_> = dd.iter().filter(|(k, _)| k.addr.is_ipv6()).collect();
@@ -508,7 +509,11 @@ mod tests {
         .collect();
         assert_eq!(addrs, want);
         for (k, v) in &half6 {
-            assert!(v.service_port.ends_with(IPV6_SUFFIX), "{k:?}: {}", v.service_port);
+            assert!(
+                v.service_port.ends_with(IPV6_SUFFIX),
+                "{k:?}: {}",
+                v.service_port
+            );
             assert!(v.backends.iter().all(|(b, _)| b.addr.is_ipv6()), "{k:?}");
         }
         let s6 = &dd[&FrontendKey {
@@ -518,7 +523,10 @@ mod tests {
         }];
         assert_eq!(s6.service_port, "ns/s:/TCP/IPv6");
         assert_eq!(
-            s6.backends.iter().map(|(b, _)| b.addr.to_string()).collect::<Vec<_>>(),
+            s6.backends
+                .iter()
+                .map(|(b, _)| b.addr.to_string())
+                .collect::<Vec<_>>(),
             ["[fd00:244::5]:8080"]
         );
         // No endpoints in its family: rejected as kube-proxy does.

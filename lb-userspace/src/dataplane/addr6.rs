@@ -194,7 +194,10 @@ mod tests {
         assert_eq!(Ipv4Addr::from(h1.to_ne_bytes()), Ipv4Addr::new(0, 0, 0, 1));
         assert_eq!(t.ip_of(h1, true), Some(v6(1)));
         assert_eq!(t.release(v6(1)), Change::None);
-        assert_eq!(t.release(v6(1)), Change::Del(h1, Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1)));
+        assert_eq!(
+            t.release(v6(1)),
+            Change::Del(h1, Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1))
+        );
         let Change::Put(h2, _) = t.refer(v6(2)) else {
             panic!()
         };
@@ -224,7 +227,10 @@ mod tests {
         want.sort();
         assert_eq!(strays.ids, want);
         assert_eq!(strays.addrs, vec![a6, a8]);
-        assert_eq!(t.map_ip("fd00::7".parse().unwrap()), Some(Ipv4Addr::from(7)));
+        assert_eq!(
+            t.map_ip("fd00::7".parse().unwrap()),
+            Some(Ipv4Addr::from(7))
+        );
         assert_eq!(t.unreferenced().len(), 1);
         let Change::Put(h, _) = t.refer("fd00::9".parse().unwrap()) else {
             panic!()

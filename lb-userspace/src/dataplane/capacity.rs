@@ -615,7 +615,9 @@ impl FitPort {
     ) -> Self {
         let port = if sp.port_name.is_empty() {
             sp.frontends.first().map_or_else(String::new, |f| {
-                Into::<std::net::SocketAddr>::into(f.address).port().to_string()
+                Into::<std::net::SocketAddr>::into(f.address)
+                    .port()
+                    .to_string()
             })
         } else {
             sp.port_name.clone()

@@ -226,7 +226,9 @@ pub fn live_problems(st: &MapContents) -> Vec<String> {
                     Some(b) => {
                         let b6 = b.flags & lb_common::backend_flags::IPV6 != 0;
                         if b6 != v6 {
-                            out.push(format!("{fe}: slot {slot} names a backend of the other family"));
+                            out.push(format!(
+                                "{fe}: slot {slot} names a backend of the other family"
+                            ));
                         } else if b6 && !interned(st, b.addr_be) {
                             out.push(format!("{fe}: slot {slot}'s IPv6 backend not interned"));
                         }
@@ -419,9 +421,10 @@ pub fn canonical(st: &MapContents) -> BTreeMap<String, String> {
     // IPv6 handles are ids too: each is spelt as its address.
     let ip = |addr_be: u32, v6: bool| {
         if v6 {
-            st.addr6_ids
-                .get(&addr_be)
-                .map_or_else(|| format!("handle {addr_be} not interned"), |a| a.to_string())
+            st.addr6_ids.get(&addr_be).map_or_else(
+                || format!("handle {addr_be} not interned"),
+                |a| a.to_string(),
+            )
         } else {
             std::net::Ipv4Addr::from(addr_be.to_ne_bytes()).to_string()
         }
@@ -482,7 +485,12 @@ pub fn canonical(st: &MapContents) -> BTreeMap<String, String> {
             .collect();
         let rev_nat = st.rev_nat.get(&v.rev_nat_id).map(|r| {
             let r6 = r.flags & lb_common::rev_nat_flags::IPV6 != 0;
-            format!("{}:{} flags {}", ip(r.addr_be, r6), u16::from_be(r.port_be), r.flags)
+            format!(
+                "{}:{} flags {}",
+                ip(r.addr_be, r6),
+                u16::from_be(r.port_be),
+                r.flags
+            )
         });
         out.insert(
             format!(
@@ -569,7 +577,11 @@ pub fn restore<D: Dataplane>(dp: &mut D, want: &MapContents) -> Result<()> {
     for a in have.addr6.keys().filter(|a| !want.addr6.contains_key(a)) {
         dp.del_addr6(*a)?;
     }
-    for h in have.addr6_ids.keys().filter(|h| !want.addr6_ids.contains_key(h)) {
+    for h in have
+        .addr6_ids
+        .keys()
+        .filter(|h| !want.addr6_ids.contains_key(h))
+    {
         dp.del_addr6_id(*h)?;
     }
     for (h, a) in &want.addr6_ids {
@@ -937,8 +949,7 @@ pub fn change_sequence() -> Vec<Desired> {
     let web6 = |d: &mut Desired, pods: &[(u8, u8)], ranges: Option<&[&str]>| {
         let be6 = |node: u8, pod: u8| BackendKey {
             addr: std::net::SocketAddr::new(
-                std::net::Ipv6Addr::new(0xfd00, 0x244, node.into(), 0, 0, 0, 0, pod.into())
-                    .into(),
+                std::net::Ipv6Addr::new(0xfd00, 0x244, node.into(), 0, 0, 0, 0, pod.into()).into(),
                 8080,
             ),
             proto: proto::TCP,

@@ -193,13 +193,19 @@ impl Dataplane for FakeDataplane {
         Ok(())
     }
     fn put_addr6_id(&mut self, handle_be: u32, addr: std::net::Ipv6Addr) -> Result<()> {
-        self.log.push(format!("put_addr6_id {} {addr}", std::net::Ipv4Addr::from(handle_be.to_ne_bytes())));
+        self.log.push(format!(
+            "put_addr6_id {} {addr}",
+            std::net::Ipv4Addr::from(handle_be.to_ne_bytes())
+        ));
         self.state.addr6_ids.insert(handle_be, addr);
         self.written();
         Ok(())
     }
     fn del_addr6_id(&mut self, handle_be: u32) -> Result<()> {
-        self.log.push(format!("del_addr6_id {}", std::net::Ipv4Addr::from(handle_be.to_ne_bytes())));
+        self.log.push(format!(
+            "del_addr6_id {}",
+            std::net::Ipv4Addr::from(handle_be.to_ne_bytes())
+        ));
         self.state.addr6_ids.remove(&handle_be);
         self.written();
         Ok(())

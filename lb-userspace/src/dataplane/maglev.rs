@@ -190,10 +190,8 @@ mod tests {
             .rev()
             .map(|(i, a)| (*a, 6u8, 100 + i as u32))
             .collect();
-        let by_id_a: HashMap<u32, SocketAddr> =
-            node_a.iter().map(|(a, _, id)| (*id, *a)).collect();
-        let by_id_b: HashMap<u32, SocketAddr> =
-            node_b.iter().map(|(a, _, id)| (*id, *a)).collect();
+        let by_id_a: HashMap<u32, SocketAddr> = node_a.iter().map(|(a, _, id)| (*id, *a)).collect();
+        let by_id_b: HashMap<u32, SocketAddr> = node_b.iter().map(|(a, _, id)| (*id, *a)).collect();
         let (ma, ta) = table(&node_a);
         let (mb, tb) = table(&node_b);
         assert_eq!(ma, mb);

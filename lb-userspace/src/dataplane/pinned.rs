@@ -11,8 +11,8 @@ use std::{
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError};
 use lb_common::{
-    map_name, Backend, Config, FrontendSlot, FrontendSlotKey, MaglevChunk, MaglevKey, MemberKey,
-    Addr6, RevNat, ServiceName, SourceRangeKey, SourceRangeKey6,
+    map_name, Addr6, Backend, Config, FrontendSlot, FrontendSlotKey, MaglevChunk, MaglevKey,
+    MemberKey, RevNat, ServiceName, SourceRangeKey, SourceRangeKey6,
 };
 
 use super::{
@@ -231,10 +231,14 @@ impl Dataplane for AyaDataplane {
     }
     fn put_source_range(&mut self, (id, net, len): SourceRange) -> Result<()> {
         match net {
-            IpAddr::V4(n) => Ok(self.source_ranges.insert(&source_range_key(id, n, len), 1, 0)?),
-            IpAddr::V6(n) => Ok(self
-                .source_ranges6
-                .insert(&source_range_key6(id, n, len), 1, 0)?),
+            IpAddr::V4(n) => Ok(self
+                .source_ranges
+                .insert(&source_range_key(id, n, len), 1, 0)?),
+            IpAddr::V6(n) => {
+                Ok(self
+                    .source_ranges6
+                    .insert(&source_range_key6(id, n, len), 1, 0)?)
+            }
         }
     }
     fn del_source_range(&mut self, (id, net, len): SourceRange) -> Result<()> {

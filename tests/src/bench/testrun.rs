@@ -241,7 +241,10 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
         .map(|i| {
             (
                 BackendKey {
-                    addr: std::net::SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 10 + i), 8080)),
+                    addr: std::net::SocketAddr::V4(SocketAddrV4::new(
+                        Ipv4Addr::new(10, 244, 2, 10 + i),
+                        8080,
+                    )),
                     proto: TCP,
                 },
                 0,
