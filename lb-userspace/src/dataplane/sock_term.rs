@@ -13,8 +13,9 @@
 //! `lb_sk_revnat6_v1` for AF_INET6 sockets with IPv6 peers. They destroy a socket whose cookie
 //! is listed and which is still connected to the listed backend: `skc_daddr`/`skc_dport` for
 //! an IPv4 backend (an AF_INET6 socket with a mapped peer has its IPv4 address there too),
-//! `skc_family` AF_INET6 and `skc_v6_daddr`/`skc_dport` for an IPv6 one. An iterator walks the sockets of the network namespace of the thread that
-//! starts it, so the agent starts one in every namespace of the node (pods and host).
+//! `skc_family` AF_INET6 and `skc_v6_daddr`/`skc_dport` for an IPv6 one. An iterator walks
+//! the sockets of the network namespace of the thread that starts it, so the agent starts one
+//! in every namespace of the node (pods and host).
 //!
 //! Which sockets: UDP sockets by default (as Cilium does; kube-proxy clears conntrack for
 //! removed UDP endpoints, whose socket-level equivalent this is). TCP sockets only with
@@ -163,12 +164,28 @@ const HELPER_GET_SOCKET_COOKIE: i32 = 46;
 /// against the running kernel's BTF): `skc_daddr` and `skc_dport`.
 const SKC_DADDR: i16 = 0;
 const SKC_DPORT: i16 = 12;
-/// `skc_family` (unsigned short, after the address, hash and port pairs) and `skc_v6_daddr`
-/// (struct in6_addr, after `skc_bound_dev_if` (20), the bind-node union (24, 16 bytes),
-/// `skc_prot` (40) and `skc_net` (48): 56 on a 64-bit kernel with network namespaces and
-/// IPv6, as since Linux 4.0; `kernel_sock_term` checks it on the running kernel).
-const SKC_FAMILY: i16 = 16;
-const SKC_V6_DADDR: i16 = 56;
+
+/// Where `struct sock_common` keeps `skc_family` and `skc_v6_daddr`: read from the running
+/// kernel's BTF ([`sock_common_layout`]), [`SockCommon::USUAL`] when it does not say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockCommon {
+    pub family: i16,
+    pub v6_daddr: i16,
+}
+
+impl SockCommon {
+    /// `skc_family` (unsigned short, after the address, hash and port pairs) at 16;
+    /// `skc_v6_daddr` (struct in6_addr, after `skc_bound_dev_if` (20), the bind-node union
+    /// (24, 16 bytes), `skc_prot` (40) and `skc_net` (48)) at 56 on a 64-bit kernel with
+    /// network namespaces and IPv6. `kernel_sock_term` checks the offsets in use on the running
+    /// kernel, with peers that differ from the sockets' own addresses (`skc_v6_rcv_saddr`,
+    /// which follows). A wrong offset could only spare a listed socket (counted `gone`): its
+    /// cookie must match first.
+    pub const USUAL: SockCommon = SockCommon {
+        family: 16,
+        v6_daddr: 56,
+    };
+}
 /// Offsets in [`Doomed`].
 const DOOMED_ADDR: i16 = 0;
 const DOOMED_PORT: i16 = 4;
@@ -191,7 +208,7 @@ fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
 /// and whose peer is still the listed backend (an IPv4 entry: `skc_daddr`; an IPv6 one: an
 /// AF_INET6 socket's `skc_v6_daddr`; both: `skc_dport`): `bpf_sock_destroy`, result and hit
 /// count written back into the entry. Returns 0 (the walk goes on).
-fn program(doomed_fd: i32, sock_destroy_btf_id: u32) -> Vec<u64> {
+fn program(doomed_fd: i32, sock_destroy_btf_id: u32, skc: SockCommon) -> Vec<u64> {
     const V6: i16 = 18;
     const PORT: i16 = 32;
     const OUT: i16 = 41;
@@ -218,13 +235,13 @@ fn program(doomed_fd: i32, sock_destroy_btf_id: u32) -> Vec<u64> {
         /* 17 */ insn(JA, 0, 0, to(PORT, 17), 0),
         // V6 (18): an IPv6 backend: an AF_INET6 socket whose skc_v6_daddr is the backend.
         /* 18 */
-        insn(LDX_H, 2, 6, SKC_FAMILY, 0),
+        insn(LDX_H, 2, 6, skc.family, 0),
         /* 19 */ insn(JNE_K, 2, 0, to(OUT, 19), AF_INET6 as i32),
     ];
     // 20..=31: the four words of the address.
     for w in 0..4i16 {
         let at = 20 + 3 * w;
-        p.push(insn(LDX_W, 2, 6, SKC_V6_DADDR + 4 * w, 0));
+        p.push(insn(LDX_W, 2, 6, skc.v6_daddr + 4 * w, 0));
         p.push(insn(LDX_W, 3, 7, DOOMED_ADDR6 + 4 * w, 0));
         p.push(insn(JNE_X, 2, 3, to(OUT, at + 2), 0));
     }
@@ -274,7 +291,16 @@ impl SockTerminator {
             "lb_sk_doomed",
         )
         .map_err(|e| Unsupported(format!("creating the doomed-socket map: {e}")))?;
-        let insns = program(doomed.as_raw_fd(), destroy);
+        let skc = fs::read("/sys/kernel/btf/vmlinux")
+            .ok()
+            .and_then(|raw| sock_common_layout(&raw))
+            .unwrap_or(SockCommon::USUAL);
+        if skc != SockCommon::USUAL {
+            log::info!(
+                "socket termination: struct sock_common as the kernel's BTF has it: {skc:?}"
+            );
+        }
+        let insns = program(doomed.as_raw_fd(), destroy, skc);
         let iter = |target: u32, name: &str| -> Result<Iterator, Unsupported> {
             let prog = bpf_sys::load_iter_program(&insns, target, name)
                 .map_err(|e| Unsupported(format!("loading {name}: {e}")))?;
@@ -402,6 +428,62 @@ fn settled_keys<K: Copy>(stale: &[(K, Target)], settled: &HashSet<u64>) -> Vec<K
         .filter(|(_, t)| settled.contains(&t.cookie))
         .map(|(k, _)| *k)
         .collect()
+}
+
+/// The offsets of `skc_family` and `skc_v6_daddr` in `struct sock_common` of raw BTF (as
+/// `/sys/kernel/btf/vmlinux`, host byte order), `None` when it has no such struct or members
+/// (a kernel without IPv6) or cannot be read.
+pub fn sock_common_layout(raw: &[u8]) -> Option<SockCommon> {
+    let u16_at = |o: usize| Some(u16::from_ne_bytes(raw.get(o..o + 2)?.try_into().ok()?));
+    let u32_at = |o: usize| Some(u32::from_ne_bytes(raw.get(o..o + 4)?.try_into().ok()?));
+    // struct btf_header: magic, version, flags, hdr_len, type_off, type_len, str_off, str_len.
+    if u16_at(0)? != 0xeb9f {
+        return None;
+    }
+    let hdr_len = u32_at(4)? as usize;
+    let (type_off, type_len) = (u32_at(8)? as usize, u32_at(12)? as usize);
+    let str_off = u32_at(16)? as usize;
+    let types = hdr_len + type_off;
+    let strings = hdr_len + str_off;
+    let name = |off: u32| -> Option<&[u8]> {
+        let from = raw.get(strings + off as usize..)?;
+        Some(&from[..from.iter().position(|b| *b == 0)?])
+    };
+    let mut at = types;
+    while at < types + type_len {
+        // struct btf_type: name_off, info (vlen: bits 0-15, kind: 24-28, kind_flag: 31), size.
+        let (name_off, info) = (u32_at(at)?, u32_at(at + 4)?);
+        let (vlen, kind) = ((info & 0xffff) as usize, (info >> 24) & 0x1f);
+        at += 12;
+        let extra = match kind {
+            1 | 14 | 17 => 4,             // INT, VAR, DECL_TAG
+            3 => 12,                      // ARRAY
+            4 | 5 | 15 | 19 => 12 * vlen, // STRUCT, UNION, DATASEC, ENUM64
+            6 | 13 => 8 * vlen,           // ENUM, FUNC_PROTO
+            2 | 7..=12 | 16 | 18 => 0,    // PTR, FWD, TYPEDEF, qualifiers, FUNC, FLOAT, TYPE_TAG
+            _ => return None,
+        };
+        if kind == 4 && name(name_off)? == b"sock_common" {
+            let (mut family, mut v6_daddr) = (None, None);
+            for m in 0..vlen {
+                // struct btf_member: name_off, type, offset (bits; with kind_flag, the low 24).
+                let m_at = at + 12 * m;
+                let bits = u32_at(m_at + 8)? & if info >> 31 == 1 { 0xff_ffff } else { !0 };
+                let byte = i16::try_from(bits / 8).ok()?;
+                match name(u32_at(m_at)?)? {
+                    b"skc_family" => family = Some(byte),
+                    b"skc_v6_daddr" => v6_daddr = Some(byte),
+                    _ => {}
+                }
+            }
+            return Some(SockCommon {
+                family: family?,
+                v6_daddr: v6_daddr?,
+            });
+        }
+        at += extra;
+    }
+    None
 }
 
 fn log_refused(t: &Target, result: i32) {
@@ -573,7 +655,7 @@ mod tests {
             insn(CALL, 0, PSEUDO_KFUNC_CALL, 0, 0x1234).to_le_bytes(),
             [0x85, 0x20, 0, 0, 0x34, 0x12, 0, 0]
         );
-        let p = program(7, 99);
+        let p = program(7, 99, SockCommon::USUAL);
         assert_eq!(p.len(), 43);
         // Every jump lands on the `r0 = 0; exit` tail, but the family branch (to the IPv6
         // address check) and the IPv4 check's jump over it (to the port check).
@@ -602,6 +684,20 @@ mod tests {
         // The IPv4 check is the one before IPv6: skc_daddr against entry.addr_be.
         assert_eq!(at(14)[..4], [LDX_W, 0x62, 0, 0]);
         assert_eq!(at(15)[..4], [LDX_W, 0x73, 0, 0]);
+    }
+
+    /// The running kernel's BTF (where there is one) has `skc_family` and `skc_v6_daddr` at
+    /// the usual offsets (a 64-bit kernel with network namespaces and IPv6), and the reader
+    /// finds them; a cut or foreign blob says nothing.
+    #[test]
+    fn sock_common_layout_is_read_from_btf() {
+        let Ok(raw) = fs::read("/sys/kernel/btf/vmlinux") else {
+            eprintln!("no /sys/kernel/btf/vmlinux: skipped");
+            return;
+        };
+        assert_eq!(sock_common_layout(&raw), Some(SockCommon::USUAL));
+        assert_eq!(sock_common_layout(&raw[..raw.len() / 2]), None);
+        assert_eq!(sock_common_layout(b"not btf at all"), None);
     }
 
     #[test]
