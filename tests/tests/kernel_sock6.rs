@@ -4,7 +4,9 @@
 //! cgroup: connect6 to an IPv6 ClusterIP reaches every backend, getpeername6 and recvmsg6 show
 //! the ClusterIP, sendmsg6 balances unconnected UDP, ClientIP affinity pins a client, a Service
 //! without endpoints is refused with ECONNREFUSED, and the same Service's IPv4 ClusterIP still
-//! works. `lbctl` shows the IPv6 frontends and backends. Everything lives in a network namespace
+//! works. `lbctl` shows the IPv6 frontends and backends. A connected UDP socket to an IPv6
+//! ClusterIP whose backend leaves the Service is terminated (ECONNABORTED) by the agent's
+//! socket walk, and connects again to a live backend. Everything lives in a network namespace
 //! the test creates (backends on its loopback), in a cgroup and bpffs directory of its own.
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -13,7 +15,9 @@ use std::{
     net::{SocketAddr, TcpListener, UdpSocket},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
+    process::ChildStdin,
     process::{Command, Stdio},
+    sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
@@ -174,6 +178,7 @@ struct Setup {
     bpffs: PathBuf,
     agent: ManagedProcess,
     log: PathBuf,
+    manifests: PathBuf,
 }
 
 impl Drop for Setup {
@@ -183,11 +188,15 @@ impl Drop for Setup {
             let _ = Command::new(bin)
                 .args(["uninstall", "--bpffs"])
                 .arg(&self.bpffs)
-                .status();
+                .output();
         }
         let _ = fs::remove_dir(&self.cgroup);
         let _ = fs::remove_dir_all(&self.bpffs);
         let _ = fs::remove_file(&self.log);
+        let _ = fs::remove_file(&self.manifests);
+        if let Some(dir) = self.manifests.parent() {
+            let _ = fs::remove_dir(dir);
+        }
     }
 }
 
@@ -229,9 +238,12 @@ impl Setup {
     }
 }
 
-fn setup() -> Option<Setup> {
+/// The scratch namespace, cgroup, bpffs and files of one test are named `lbs6TAG` + the
+/// process id: tests of this file run in parallel threads of one process.
+fn setup(tag: &str) -> Option<Setup> {
     lb_tests::require_privileges()?;
-    let ns = ScratchNetns::new("lbs6").unwrap();
+    let name = format!("lbs6{tag}");
+    let ns = ScratchNetns::new(&name).unwrap();
     for (_, a) in BACKENDS {
         let len = if a.contains(':') { "128" } else { "32" };
         netns::ip(
@@ -250,13 +262,13 @@ fn setup() -> Option<Setup> {
         start_echo(&ns.path(), name, a);
     }
     let root = netns::mount_point("cgroup2").expect("a cgroup2 mount (see /proc/mounts)");
-    let cgroup = root.join(format!("lbs6-{}", std::process::id()));
+    let cgroup = root.join(format!("{name}-{}", std::process::id()));
     fs::create_dir_all(&cgroup).unwrap();
     let bpffs = netns::ensure_bpffs()
         .unwrap()
-        .join(format!("lbs6-{}", std::process::id()));
+        .join(format!("{name}-{}", std::process::id()));
     fs::create_dir_all(&bpffs).unwrap();
-    let dir = std::env::temp_dir().join(format!("lbs6-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     let manifests = dir.join("cluster.yaml");
     fs::write(&manifests, MANIFESTS).unwrap();
@@ -279,6 +291,7 @@ fn setup() -> Option<Setup> {
         bpffs,
         agent,
         log,
+        manifests,
     };
     // Programmed: every IPv6 frontend in the maps (as lbctl reads them).
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -323,7 +336,7 @@ fn counts(ex: &[Exchange]) -> BTreeMap<String, usize> {
 
 #[test]
 fn kernel_sock6_ipv6_cluster_ips_are_translated_both_ways_at_socket_level() {
-    let Some(s) = setup() else { return };
+    let Some(s) = setup("") else { return };
     let cip = "[fd00:96::10]:80";
     for proto in ["tcp", "udp"] {
         let ex = s.client(&[proto, cip, "--count", "60"]);
@@ -440,5 +453,154 @@ fn kernel_sock6_ipv6_cluster_ips_are_translated_both_ways_at_socket_level() {
     assert!(
         aff.contains("[fd00:244::"),
         "the pinned IPv6 backend: {aff}"
+    );
+}
+
+/// One connected UDP socket kept by `lab-client hold-udp` in the namespace and the agent's
+/// cgroup: one exchange at start, one more per [`Held::exchange`]; after a failed exchange the
+/// next one connects a new socket (as an application does after ECONNABORTED).
+struct Held {
+    _process: ManagedProcess,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Held {
+    fn open(s: &Setup, target: &str) -> (Self, Exchange) {
+        let mut cmd =
+            netns::command_in(&s.ns.name, Some(&s.cgroup), bin_path("lab-client").unwrap());
+        cmd.args(["hold-udp", target, "--timeout-ms", "1000"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut process = ManagedProcess::spawn(format!("hold-udp {target}"), cmd).unwrap();
+        let stdin = process.child_mut().stdin.take().unwrap();
+        let stdout = process.child_mut().stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut h = Held {
+            _process: process,
+            stdin,
+            lines,
+        };
+        let first = h.next();
+        (h, first)
+    }
+
+    fn next(&mut self) -> Exchange {
+        let line = self
+            .lines
+            .recv_timeout(Duration::from_secs(5))
+            .expect("a lab-client line");
+        Exchange::parse_lines(&line).unwrap().remove(0)
+    }
+
+    fn exchange(&mut self) -> Exchange {
+        self.stdin.write_all(b"next\n").unwrap();
+        self.stdin.flush().unwrap();
+        self.next()
+    }
+}
+
+/// The manifests without endpoint `addr` in EndpointSlice `slice`.
+fn without_endpoint(manifests: &str, slice: &str, addr: &str) -> String {
+    let docs: Vec<String> = manifests
+        .split("\n---\n")
+        .map(|d| {
+            if d.contains(&format!("metadata: {{name: {slice},")) {
+                let line = format!("- {{addresses: [\"{addr}\"], nodeName: n1}}");
+                assert!(d.contains(&line), "{d}");
+                d.lines()
+                    .filter(|l| *l != line)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            } else {
+                d.to_string()
+            }
+        })
+        .collect();
+    docs.join("\n---\n")
+}
+
+#[test]
+fn kernel_sock6_connected_udp_socket_to_a_removed_ipv6_backend_is_terminated() {
+    let Some(s) = setup("t") else { return };
+    let cip = "[fd00:96::10]:80";
+    // Connected UDP sockets to the IPv6 ClusterIP until both backends hold one (connect6
+    // picks at random), and one to the IPv4 ClusterIP of the same Service.
+    let mut held: BTreeMap<String, Held> = BTreeMap::new();
+    for _ in 0..40 {
+        let (h, first) = Held::open(&s, cip);
+        assert!(first.ok, "{first:?}\n{}", s.agent_log());
+        assert_eq!(first.peer.as_deref(), Some(cip), "{first:?}");
+        held.entry(first.backend.unwrap()).or_insert(h);
+        if held.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(held.len(), 2, "both backends: {:?}", held.keys());
+    let (mut v4, first) = Held::open(&s, "10.96.0.10:80");
+    assert!(
+        first.ok && first.backend.as_deref() == Some("v4"),
+        "{first:?}"
+    );
+    let mut doomed = held.remove("b1").unwrap();
+    let mut stays = held.remove("b2").unwrap();
+    // Each socket keeps its backend while the Service does not change.
+    for (h, b) in [(&mut doomed, "b1"), (&mut stays, "b2"), (&mut v4, "v4")] {
+        let e = h.exchange();
+        assert!(e.ok && e.backend.as_deref() == Some(b), "{e:?}");
+    }
+
+    // fd00:244::1 leaves the Service (its echo server still answers: a socket still connected
+    // to it would go on working).
+    let tmp = s.manifests.with_extension("new");
+    fs::write(&tmp, without_endpoint(MANIFESTS, "web-v6", "fd00:244::1")).unwrap();
+    fs::rename(&tmp, &s.manifests).unwrap();
+    let removed = Instant::now();
+    let failed = loop {
+        let e = doomed.exchange();
+        if !e.ok {
+            break e;
+        }
+        assert_eq!(e.backend.as_deref(), Some("b1"), "{e:?}");
+        assert!(
+            removed.elapsed() < Duration::from_secs(5),
+            "the socket to the removed backend was not terminated: {}",
+            s.agent_log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    // ECONNABORTED (os error 103) when the abort is read; EDESTADDRREQ (os error 89) when
+    // the socket was idle and lost its peer.
+    let err = failed.error.clone().unwrap_or_default();
+    assert!(
+        err.contains("os error 103") || err.contains("os error 89"),
+        "{failed:?}"
+    );
+    eprintln!(
+        "terminated {:?} after the removal: {err}",
+        removed.elapsed()
+    );
+    // The application connects again, to the live backend, still through the ClusterIP.
+    let again = doomed.exchange();
+    assert!(
+        again.ok && again.backend.as_deref() == Some("b2") && again.peer.as_deref() == Some(cip),
+        "{again:?}"
+    );
+    // The socket on the other IPv6 backend and the IPv4 one are left alone.
+    for (h, b) in [(&mut stays, "b2"), (&mut v4, "v4")] {
+        let e = h.exchange();
+        assert!(e.ok && e.backend.as_deref() == Some(b), "{e:?}");
+    }
+    let log = s.agent_log();
+    assert!(
+        log.contains("sockets connected to removed backends: 1 terminated"),
+        "{log}"
     );
 }

@@ -178,6 +178,7 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
             Some(spawn_sock_term(
                 t,
                 bpf_sys::object_map_fd(&ebpf, lb_common::map_name::SOCK_REV_NAT)?,
+                bpf_sys::object_map_fd(&ebpf, lb_common::map_name::SOCK_REV_NAT6)?,
                 protos.clone(),
                 cfg.proc.clone(),
                 ops.clone(),
@@ -536,6 +537,7 @@ fn verdict_changes(
 fn spawn_sock_term(
     term: SockTerminator,
     rev_nat: std::os::fd::OwnedFd,
+    rev_nat6: std::os::fd::OwnedFd,
     protos: BTreeSet<u8>,
     proc: std::path::PathBuf,
     ops: Arc<Ops>,
@@ -552,7 +554,13 @@ fn spawn_sock_term(
                 while let Ok(newer) = rx.try_recv() {
                     serving = newer;
                 }
-                match term.terminate_stale(rev_nat.as_fd(), &serving, &protos, &proc) {
+                match term.terminate_stale(
+                    rev_nat.as_fd(),
+                    rev_nat6.as_fd(),
+                    &serving,
+                    &protos,
+                    &proc,
+                ) {
                     Ok(None) => {}
                     Ok(Some(out)) => {
                         ops.sockets_terminated(&out);
