@@ -97,7 +97,7 @@ fn lab_metrics_move_with_real_traffic_and_health_follows_the_dataplane() {
     );
     assert!(get("lb_last_sync_timestamp_seconds") > 1.0e9);
     // Per Service port: XDP flows with their packets and bytes, socket-level connections, drops.
-    let web = r#"namespace="default",name="web-local",port="tcp",protocol="TCP""#;
+    let web = r#"namespace="default",name="web-local",port="tcp",protocol="TCP",ip_family="IPv4""#;
     assert!(
         get(&format!("lb_service_new_connections_total{{{web}}}")) >= 25.0,
         "{body}"
@@ -111,12 +111,13 @@ fn lab_metrics_move_with_real_traffic_and_health_follows_the_dataplane() {
         get(&format!("lb_service_bytes_total{{{web}}}")) >= 100.0 * 54.0,
         "{body}"
     );
-    let echo = r#"namespace="default",name="echo",port="tcp",protocol="TCP""#;
+    let echo = r#"namespace="default",name="echo",port="tcp",protocol="TCP",ip_family="IPv4""#;
     assert!(
         get(&format!("lb_service_new_connections_total{{{echo}}}")) >= 25.0,
         "{body}"
     );
-    let unready = r#"namespace="default",name="unready",port="tcp",protocol="TCP""#;
+    let unready =
+        r#"namespace="default",name="unready",port="tcp",protocol="TCP",ip_family="IPv4""#;
     assert_eq!(
         get(&format!(
             r#"lb_service_drops_total{{{unready},reason="no_backend"}}"#
