@@ -122,7 +122,11 @@ fn check_fit(p: &Plan) {
     };
     let mut kept = p.clone();
     let rejected = capacity::fit(&mut kept, &sizes);
-    assert_eq!(kept.services.len() + rejected.len(), p.services.len());
+    // Both families' Service ports are weighed together.
+    assert_eq!(
+        kept.services.len() + kept.services_ipv6.len() + rejected.len(),
+        p.services.len() + p.services_ipv6.len()
+    );
     for r in &rejected {
         assert!(capacity::rejected_map(r).is_some(), "{r:?}");
         assert!(kept.rejected.contains(r));
@@ -592,7 +596,18 @@ fn check_desired(p: &Plan, d: &Desired) {
             lb_common::proto::UDP => Protocol::UDP,
             other => panic!("protocol {other} in {key:?}"),
         };
-        assert!(fe.service_port.ends_with(&format!("/{proto:?}")), "{fe:?}");
+        // `ns/name:port/PROTO`, with `/IPv6` after it for the IPv6 family's Service ports.
+        let family_free = match fe.service_port.strip_suffix(desired::IPV6_SUFFIX) {
+            Some(rest) => {
+                assert!(key.addr.is_ipv6(), "{key:?}: {fe:?}");
+                rest
+            }
+            None => {
+                assert!(key.addr.is_ipv4(), "{key:?}: {fe:?}");
+                fe.service_port.as_str()
+            }
+        };
+        assert!(family_free.ends_with(&format!("/{proto:?}")), "{fe:?}");
     }
 }
 
