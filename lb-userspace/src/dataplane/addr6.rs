@@ -137,22 +137,22 @@ impl Addr6Table {
         Change::Del(handle_be(h), a)
     }
 
-    /// Interned addresses no map entry names (after adoption: what a killed sync left).
-    pub fn unreferenced(&self) -> Vec<Ipv6Addr> {
-        self.by_addr
+    /// Takes the interned addresses no map entry names out of the table (after adoption: what
+    /// a killed sync left), returning the pairs to delete from the maps.
+    pub fn take_unreferenced(&mut self) -> Vec<Change> {
+        let gone: Vec<(Ipv6Addr, Ipv4Addr)> = self
+            .by_addr
             .iter()
             .filter(|(_, (_, r))| *r == 0)
-            .map(|(a, _)| *a)
+            .map(|(a, (h, _))| (*a, *h))
+            .collect();
+        gone.into_iter()
+            .map(|(a, h)| {
+                self.by_addr.remove(&a);
+                self.by_handle.remove(&h);
+                Change::Del(handle_be(h), a)
+            })
             .collect()
-    }
-
-    /// Interned addresses.
-    pub fn len(&self) -> usize {
-        self.by_addr.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_addr.is_empty()
     }
 
     fn alloc(&mut self) -> Ipv4Addr {
@@ -204,7 +204,7 @@ mod tests {
         assert_ne!(h1, h2, "a freed handle is not handed out again at once");
         // IPv4 addresses are their own map address and take no entry.
         assert_eq!(t.refer("10.0.0.1".parse().unwrap()), Change::None);
-        assert_eq!(t.len(), 1);
+        assert_eq!(t.by_addr.len(), 1);
     }
 
     #[test]
@@ -231,7 +231,12 @@ mod tests {
             t.map_ip("fd00::7".parse().unwrap()),
             Some(Ipv4Addr::from(7))
         );
-        assert_eq!(t.unreferenced().len(), 1);
+        assert_eq!(
+            t.take_unreferenced(),
+            vec![Change::Del(h(7), a7)],
+            "adopted, named by nothing"
+        );
+        assert_eq!(t.map_ip(a7.into()), None);
         let Change::Put(h, _) = t.refer("fd00::9".parse().unwrap()) else {
             panic!()
         };

@@ -308,18 +308,28 @@ impl<D: Dataplane> Syncer<D> {
 
     /// One more entry names `ip`: an IPv6 address new to the maps is interned first.
     fn refer_addr(&mut self, ip: IpAddr) -> Result<()> {
-        if let Change::Put(h, a) = self.addrs.refer(ip) {
-            self.write(|dp| dp.put_addr6_id(h, a))?;
-            self.write(|dp| dp.put_addr6(a, h))?;
-        }
-        Ok(())
+        let change = self.addrs.refer(ip);
+        self.apply_addr(change)
     }
 
     /// An entry naming `ip` was deleted: the last one takes the address out of the tables.
     fn release_addr(&mut self, ip: IpAddr) -> Result<()> {
-        if let Change::Del(h, a) = self.addrs.release(ip) {
-            self.write(|dp| dp.del_addr6(a))?;
-            self.write(|dp| dp.del_addr6_id(h))?;
+        let change = self.addrs.release(ip);
+        self.apply_addr(change)
+    }
+
+    /// Writes what the address table asks for, in the order [`Change`] gives.
+    fn apply_addr(&mut self, change: Change) -> Result<()> {
+        match change {
+            Change::None => {}
+            Change::Put(h, a) => {
+                self.write(|dp| dp.put_addr6_id(h, a))?;
+                self.write(|dp| dp.put_addr6(a, h))?;
+            }
+            Change::Del(h, a) => {
+                self.write(|dp| dp.del_addr6(a))?;
+                self.write(|dp| dp.del_addr6_id(h))?;
+            }
         }
         Ok(())
     }
@@ -1087,10 +1097,8 @@ impl<D: Dataplane> Syncer<D> {
     /// At the end of the first sync following adoption: interned addresses nothing names any
     /// more (a killed sync left them).
     fn free_unreferenced_addrs(&mut self) -> Result<()> {
-        for a in self.addrs.unreferenced() {
-            // An adopted address without references: one release deletes it.
-            self.addrs.refer(IpAddr::V6(a));
-            self.release_addr(IpAddr::V6(a))?;
+        for change in self.addrs.take_unreferenced() {
+            self.apply_addr(change)?;
         }
         Ok(())
     }
