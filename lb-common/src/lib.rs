@@ -19,7 +19,7 @@ pub mod map_name {
     pub const REV_NAT: &str = "lb_revnat_v1";
     pub const SOCK_REV_NAT: &str = "lb_sk_revnat_v1";
     pub const SOCK_FLOW: &str = "lb_sk_flow_v1";
-    pub const STATS: &str = "lb_stats_v5";
+    pub const STATS: &str = "lb_stats_v6";
     pub const CONNTRACK: &str = "lb_ct_v4";
     /// Conntrack of flows not confirmed yet (TCP until the client acknowledged the backend's
     /// SYN-ACK, UDP before the first reply): a flood of new flows churns this map, never the
@@ -50,8 +50,20 @@ pub mod map_name {
     pub const ADDR6_IDS: &str = "lb_addr6_id_v1";
     /// The socket rev-NAT map of IPv6 sockets ([`crate::SockKey6`] -> [`crate::SockRevNat6`]).
     pub const SOCK_REV_NAT6: &str = "lb_sk_revnat6_v1";
+    /// The IPv6 north-south conntrack ([`crate::CtKey6`] -> [`crate::CtValue6`]), confirmed
+    /// flows, and its new-flow tier: the IPv4 pair's twins.
+    pub const CONNTRACK6: &str = "lb_ct6_v1";
+    pub const CONNTRACK6_NEW: &str = "lb_ct6_new_v1";
+    /// The IPv6 half of the node's configuration ([`crate::Config6`]).
+    pub const CONFIG6: &str = "lb_config6_v1";
+    /// Program arrays through which the XDP and tc ingress programs hand IPv6 frames to their
+    /// IPv6 twins (`program_name::XDP6`, `program_name::TC_INGRESS6`) with a tail call: the
+    /// IPv4 program stays within the verifier's budget, and each family's path is verified
+    /// alone. Pinned, so that an agent that is down leaves them filled.
+    pub const XDP6_PROG: &str = "lb_xdp6_prog_v1";
+    pub const TC6_PROG: &str = "lb_tc6_prog_v1";
     /// Every map the agent pins, for `uninstall` and for `lbctl`.
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 26] = [
         FRONTENDS,
         BACKENDS,
         REV_NAT,
@@ -73,6 +85,11 @@ pub mod map_name {
         ADDR6,
         ADDR6_IDS,
         SOCK_REV_NAT6,
+        CONNTRACK6,
+        CONNTRACK6_NEW,
+        CONFIG6,
+        XDP6_PROG,
+        TC6_PROG,
     ];
 
     /// Splits a pinned name into its base and layout version: `lb_ct_v2` -> (`lb_ct`, 2).
@@ -100,6 +117,10 @@ pub mod program_name {
     pub const TC_EGRESS: &str = "lb_tc_egress";
     /// The north-south path at tc (TCX) ingress, for devices where XDP cannot deliver.
     pub const TC_INGRESS: &str = "lb_tc_ingress";
+    /// The IPv6 north-south path, tail-called by `lb_xdp` and `lb_tc_ingress` for IPv6 frames
+    /// (`map_name::XDP6_PROG`, `map_name::TC6_PROG`); never attached by itself.
+    pub const XDP6: &str = "lb_xdp6";
+    pub const TC_INGRESS6: &str = "lb_tc_ingress6";
     /// Benchmark only (never attached by the agent): restores the frame of `lb_bench` before
     /// every BPF_PROG_TEST_RUN iteration, then runs the XDP path.
     pub const BENCH_XDP: &str = "lb_bench_xdp";
@@ -370,6 +391,24 @@ pub const fn flow_hash(
     mix32(saddr_be ^ mix32(daddr_be ^ mix32(ports ^ mix32(proto as u32 ^ 0x9e37_79b9))))
 }
 
+/// [`flow_hash`] of an IPv6 packet: each address folded to 32 bits first (every bit counts).
+#[inline(always)]
+pub const fn flow_hash6(
+    saddr: &Addr6,
+    daddr: &Addr6,
+    sport_be: u16,
+    dport_be: u16,
+    proto: u8,
+) -> u32 {
+    flow_hash(fold6(saddr), fold6(daddr), sport_be, dport_be, proto)
+}
+
+/// An IPv6 address folded to 32 bits, for hashes and the affinity key.
+#[inline(always)]
+pub const fn fold6(a: &Addr6) -> u32 {
+    mix32(a[0] ^ mix32(a[1] ^ mix32(a[2] ^ mix32(a[3]))))
+}
+
 /// SNAT port candidate `i` (host order) for a new flow from client port `client_port` (host
 /// order) with flow hash `hash`, in the range `min..=max` (not empty). Candidate 0 is the
 /// client's port when it lies in the range, else the client's port folded into it (distinct
@@ -412,6 +451,15 @@ pub mod affinity_client {
     /// Keyed on the client's network namespace (socket level, where the address is not known
     /// at connect time): one pod, one client.
     pub const NETNS: u32 = 2;
+    /// Keyed on an IPv6 client's address (north-south), folded to 64 bits by [`client6`].
+    pub const ADDR6: u32 = 3;
+
+    /// The `AffinityKey::client` of an IPv6 client address: its two halves XORed (two clients
+    /// share a record only when their halves XOR alike, which no prefix assignment produces).
+    #[inline(always)]
+    pub const fn client6(a: &crate::Addr6) -> u64 {
+        (((a[0] ^ a[2]) as u64) << 32) | (a[1] ^ a[3]) as u64
+    }
 }
 
 /// Value of the affinity map.
@@ -505,26 +553,33 @@ pub struct SockFlow {
     pub _pad: u16,
 }
 
-/// Key of the conntrack map: a packet's addresses as seen on the wire.
+/// Key of the conntrack maps: a packet's addresses as seen on the wire. Generic over the
+/// address (`u32` for IPv4, [`Addr6`] for IPv6): both families' conntracks share one layout
+/// and one state machine.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct CtKey {
-    pub saddr_be: u32,
-    pub daddr_be: u32,
+pub struct CtKeyOf<A> {
+    pub saddr_be: A,
+    pub daddr_be: A,
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
     pub _pad: [u8; 3],
 }
 
+/// The IPv4 conntrack's key ([`map_name::CONNTRACK`]).
+pub type CtKey = CtKeyOf<u32>;
+/// The IPv6 conntrack's key ([`map_name::CONNTRACK6`]).
+pub type CtKey6 = CtKeyOf<Addr6>;
+
 /// Value of the conntrack map: the addresses to write into a packet that matches the key. The
 /// original direction (client -> frontend) becomes (client or SNAT address -> backend); the reply
 /// direction (backend -> client or SNAT address) becomes (frontend -> client).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct CtEntry {
-    pub nat_saddr_be: u32,
-    pub nat_daddr_be: u32,
+pub struct CtEntryOf<A> {
+    pub nat_saddr_be: A,
+    pub nat_daddr_be: A,
     pub nat_sport_be: u16,
     pub nat_dport_be: u16,
     /// The Service port of the flow (for per-Service counters).
@@ -541,21 +596,27 @@ pub struct CtEntry {
     pub seq_next: u32,
 }
 
+pub type CtEntry = CtEntryOf<u32>;
+pub type CtEntry6 = CtEntryOf<Addr6>;
+
 /// Value of the conntrack maps: a direction's entry, and where its translated packets went last
 /// (XDP): the FIB's answer, reused instead of a lookup per packet while it is fresh
 /// (`NextHop::stale` is 0). One cache line.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct CtValue {
-    pub e: CtEntry,
+pub struct CtValueOf<A> {
+    pub e: CtEntryOf<A>,
     pub nh: NextHop,
 }
 
-impl CtValue {
+pub type CtValue = CtValueOf<u32>;
+pub type CtValue6 = CtValueOf<Addr6>;
+
+impl<A: Copy> CtValueOf<A> {
     /// An entry without a next hop.
     #[inline(always)]
-    pub const fn new(e: CtEntry) -> Self {
-        CtValue {
+    pub const fn new(e: CtEntryOf<A>) -> Self {
+        CtValueOf {
             e,
             nh: NextHop::NONE,
         }
@@ -613,19 +674,19 @@ impl NextHop {
     }
 }
 
-impl CtKey {
+impl<A: Copy> CtKeyOf<A> {
     /// The key of a flow's other direction, when this direction's packets are rewritten to
     /// (`nat_saddr_be`, `nat_daddr_be`, `nat_sport_be`, `nat_dport_be`): the other direction
     /// arrives as (nat_d -> nat_s).
     #[inline(always)]
     pub const fn reverse(
         &self,
-        nat_saddr_be: u32,
-        nat_daddr_be: u32,
+        nat_saddr_be: A,
+        nat_daddr_be: A,
         nat_sport_be: u16,
         nat_dport_be: u16,
-    ) -> CtKey {
-        CtKey {
+    ) -> CtKeyOf<A> {
+        CtKeyOf {
             saddr_be: nat_daddr_be,
             daddr_be: nat_saddr_be,
             sport_be: nat_dport_be,
@@ -636,10 +697,10 @@ impl CtKey {
     }
 }
 
-impl CtEntry {
+impl<A: Copy> CtEntryOf<A> {
     /// The key of the other direction's entry of the flow whose entry under `key` this is.
     #[inline(always)]
-    pub const fn partner_key(&self, key: &CtKey) -> CtKey {
+    pub const fn partner_key(&self, key: &CtKeyOf<A>) -> CtKeyOf<A> {
         key.reverse(
             self.nat_saddr_be,
             self.nat_daddr_be,
@@ -652,8 +713,8 @@ impl CtEntry {
     /// direction is rewritten back to (key's destination -> key's source). The computed entry
     /// has the flow's state and no sequence tracking.
     #[inline(always)]
-    pub const fn partner(&self, key: &CtKey) -> (CtKey, CtEntry) {
-        let v = CtEntry {
+    pub const fn partner(&self, key: &CtKeyOf<A>) -> (CtKeyOf<A>, CtEntryOf<A>) {
+        let v = CtEntryOf {
             nat_saddr_be: key.daddr_be,
             nat_daddr_be: key.saddr_be,
             nat_sport_be: key.dport_be,
@@ -816,6 +877,18 @@ pub struct Config {
     /// destinations inside it, so other traffic pays no second lookup.
     pub cluster_ip_net_be: u32,
     pub cluster_ip_mask_be: u32,
+}
+
+/// The IPv6 half of the node's configuration (`map_name::CONFIG6`), written by the agent when
+/// the node has an IPv6 address; the SNAT port range and flags are [`Config`]'s.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config6 {
+    /// The node's IPv6 address translated flows leave from (its first IPv6 InternalIP).
+    pub node_addr: Addr6,
+    /// Non-zero once written.
+    pub ready: u32,
+    pub _pad: u32,
 }
 
 /// Flags of [`Config`].
@@ -1022,8 +1095,22 @@ pub mod counter {
     /// because another live flow held the same four-tuple at the backend (one client port to
     /// two frontends that share a backend), as Linux NAT remaps on such a clash.
     pub const XDP_PORT_REMAP: u32 = 52;
+    /// IPv6 frames handed to the IPv6 north-south path (`lb_xdp6`, `lb_tc_ingress6`); its
+    /// other counters are the `xdp_*` ones, shared with IPv4.
+    pub const XDP_IPV6: u32 = 53;
+    /// IPv6 packets whose next header is an extension header (hop-by-hop, routing, fragment,
+    /// destination options, ...): passed untranslated.
+    pub const XDP_IPV6_EXT_HDR: u32 = 54;
+    /// ICMPv6 packets that are not an error about a translated flow (neighbour discovery,
+    /// echo, ...): passed untouched.
+    pub const XDP_ICMPV6_PASS: u32 = 55;
+    /// IPv6 header cut short or not version 6 (passed).
+    pub const XDP_BAD_IPV6: u32 = 56;
+    /// The IPv6 path found no usable IPv6 configuration (the node has no IPv6 address, or the
+    /// agent has not written it): IPv6 frames to a frontend are passed untranslated.
+    pub const XDP_NO_CONFIG6: u32 = 57;
     /// Number of counters (stats map size).
-    pub const COUNT: u32 = 53;
+    pub const COUNT: u32 = 58;
 
     /// Counters nothing increments any more, kept so that the stats layout does not change
     /// (every other index has an increment site in lb-ebpf; a test checks both).
@@ -1084,6 +1171,11 @@ pub mod counter {
         "reject_sent",
         "reject_suppressed",
         "xdp_port_remap",
+        "xdp_ipv6",
+        "xdp_ipv6_ext_hdr",
+        "xdp_icmpv6_pass",
+        "xdp_bad_ipv6",
+        "xdp_no_config6",
     ];
 }
 
@@ -1108,6 +1200,10 @@ const _: () = {
     assert!(core::mem::size_of::<SourceRangeKey6>() == 20);
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<CtKey>() == 16);
+    assert!(core::mem::size_of::<CtKey6>() == 40);
+    assert!(core::mem::size_of::<CtEntry6>() == 56);
+    assert!(core::mem::size_of::<CtValue6>() == 88);
+    assert!(core::mem::size_of::<Config6>() == 24);
     assert!(core::mem::size_of::<CtEntry>() == 32);
     assert!(core::mem::size_of::<NextHop>() == 32);
     assert!(core::mem::size_of::<CtValue>() == 64);
@@ -1135,6 +1231,10 @@ mod pod {
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for CtKey6 {}
+    unsafe impl aya::Pod for CtEntry6 {}
+    unsafe impl aya::Pod for CtValue6 {}
+    unsafe impl aya::Pod for Config6 {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragPorts {}
     unsafe impl aya::Pod for Config {}

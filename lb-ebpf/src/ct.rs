@@ -18,14 +18,82 @@
 //! (a new flow's entries); tc egress follows the replies of local backends; the ICMP error path
 //! only looks entries up.
 use aya_ebpf::maps::LruHashMap;
-use lb_common::{counter, ct_flags, ct_state, limits, proto, CtEntry, CtKey, CtValue};
+use lb_common::{
+    counter, ct_flags, ct_state, limits, proto, Addr6, CtEntryOf, CtKeyOf, CtValueOf, NextHop,
+};
 
 use crate::{
     clock,
     forward::NhSlot,
-    maps::{self, CONNTRACK, CONNTRACK_NEW},
-    parse::{seg_flags, Packet, Seg},
+    maps::{self, CONNTRACK, CONNTRACK6, CONNTRACK6_NEW, CONNTRACK_NEW},
+    parse::{seg_flags, Seg},
 };
+
+/// An address family's conntrack: its address type and its two tiers. IPv4 (`u32`) and IPv6
+/// ([`Addr6`]) flows run the same states and lifetimes in maps of their own.
+pub trait CtAddr: Copy + PartialEq + 'static {
+    /// Confirmed flows.
+    fn established() -> &'static LruHashMap<CtKeyOf<Self>, CtValueOf<Self>>;
+    /// Flows not confirmed yet.
+    fn fresh() -> &'static LruHashMap<CtKeyOf<Self>, CtValueOf<Self>>;
+    /// [`confirm`], with the family's buffers for [`confirm_with`].
+    fn confirm(key: &CtKeyOf<Self>, e: &CtEntryOf<Self>, now: u32);
+}
+
+impl CtAddr for u32 {
+    #[inline(always)]
+    fn established() -> &'static LruHashMap<CtKeyOf<u32>, CtValueOf<u32>> {
+        &CONNTRACK
+    }
+    #[inline(always)]
+    fn fresh() -> &'static LruHashMap<CtKeyOf<u32>, CtValueOf<u32>> {
+        &CONNTRACK_NEW
+    }
+    #[inline(always)]
+    fn confirm(key: &CtKeyOf<u32>, e: &CtEntryOf<u32>, now: u32) {
+        confirm_on_stack(key, e, now)
+    }
+}
+
+impl CtAddr for Addr6 {
+    #[inline(always)]
+    fn established() -> &'static LruHashMap<CtKeyOf<Addr6>, CtValueOf<Addr6>> {
+        &CONNTRACK6
+    }
+    #[inline(always)]
+    fn fresh() -> &'static LruHashMap<CtKeyOf<Addr6>, CtValueOf<Addr6>> {
+        &CONNTRACK6_NEW
+    }
+    #[inline(always)]
+    fn confirm(key: &CtKeyOf<Addr6>, e: &CtEntryOf<Addr6>, now: u32) {
+        // The IPv6 values are built in the per-CPU scratch (its new-flow fields are free on a
+        // known flow's path).
+        let Some(s) = maps::NEW_FLOW6.get_ptr_mut(0) else {
+            return;
+        };
+        // SAFETY: per-CPU value, no concurrent user on this CPU.
+        let s = unsafe { &mut *s };
+        s.reply_key = e.partner_key(key);
+        s.reply.e = e.partner(key).1;
+        s.reply.nh = NextHop::NONE;
+        s.entry.nh = NextHop::NONE;
+        confirm_with(key, e, now, &s.reply_key, &mut s.reply, &mut s.entry);
+    }
+}
+
+/// What the conntrack reads of a TCP or UDP packet, of either family: its four-tuple as on the
+/// wire, its protocol, and (TCP) its segment.
+pub trait Tuple {
+    type A: CtAddr;
+    fn saddr(&self) -> Self::A;
+    fn daddr(&self) -> Self::A;
+    fn sport(&self) -> u16;
+    fn dport(&self) -> u16;
+    fn proto(&self) -> u8;
+    /// A TCP SYN without ACK.
+    fn syn_only(&self) -> bool;
+    fn seg(&self) -> &Seg;
+}
 
 /// A conntrack map refused an insert: an LRU map that found no entry to evict, or a bucket
 /// busy on another CPU (never a collision: an insert replaces). The only way an LRU conntrack
@@ -34,27 +102,27 @@ pub struct Refused;
 
 /// The key of a packet's own direction.
 #[inline(always)]
-pub fn key(p: &Packet) -> CtKey {
-    CtKey {
-        saddr_be: p.saddr,
-        daddr_be: p.daddr,
-        sport_be: p.sport,
-        dport_be: p.dport,
-        proto: p.proto,
+pub fn key<P: Tuple>(p: &P) -> CtKeyOf<P::A> {
+    CtKeyOf {
+        saddr_be: p.saddr(),
+        daddr_be: p.daddr(),
+        sport_be: p.sport(),
+        dport_be: p.dport(),
+        proto: p.proto(),
         _pad: [0; 3],
     }
 }
 
 /// The state a new flow starts in, and its first entry's sequence tracking.
 #[inline(always)]
-pub fn initial(p: &Packet) -> (u8, u16, u32) {
-    if p.proto == proto::TCP {
-        let state = if p.syn_only {
+pub fn initial<P: Tuple>(p: &P) -> (u8, u16, u32) {
+    if p.proto() == proto::TCP {
+        let state = if p.syn_only() {
             ct_state::TCP_SYN_SENT
         } else {
             ct_state::TCP_PICKUP
         };
-        (state, ct_flags::SEQ_KNOWN, p.seg.end())
+        (state, ct_flags::SEQ_KNOWN, p.seg().end())
     } else {
         (ct_state::UDP_UNREPLIED, 0, 0)
     }
@@ -72,18 +140,18 @@ pub fn initial(p: &Packet) -> (u8, u16, u32) {
 /// is for the rest of the program's run; an unconfirmed flow's entry may move, and its packets
 /// look their next hop up each time).
 #[inline(always)]
-pub fn follow(key: &CtKey, p: &Packet) -> Option<(CtEntry, Option<NhSlot>)> {
-    follow_inner(key, p.proto, &p.seg)
+pub fn follow<P: Tuple>(key: &CtKeyOf<P::A>, p: &P) -> Option<(CtEntryOf<P::A>, NhSlot)> {
+    follow_inner(key, p.proto(), p.seg())
 }
 
 /// `follow` for any program type: the four-tuple's key, its protocol and (TCP) its segment.
 #[inline(always)]
-pub fn follow_seg(key: &CtKey, l4: u8, seg: &Seg) -> Option<CtEntry> {
+pub fn follow_seg<A: CtAddr>(key: &CtKeyOf<A>, l4: u8, seg: &Seg) -> Option<CtEntryOf<A>> {
     follow_inner(key, l4, seg).map(|(e, _)| e)
 }
 
 #[inline(always)]
-fn follow_inner(key: &CtKey, l4: u8, seg: &Seg) -> Option<(CtEntry, Option<NhSlot>)> {
+fn follow_inner<A: CtAddr>(key: &CtKeyOf<A>, l4: u8, seg: &Seg) -> Option<(CtEntryOf<A>, NhSlot)> {
     let (ptr, unconfirmed) = lookup_ptr(key)?;
     // SAFETY: the LRU value stays valid for the program's run; copied out at once.
     let e = unsafe { *ptr };
@@ -143,17 +211,17 @@ fn follow_inner(key: &CtKey, l4: u8, seg: &Seg) -> Option<(CtEntry, Option<NhSlo
 
 /// The next-hop slot of a confirmed flow's entry (see `follow`).
 #[inline(always)]
-fn slot(ptr: *mut CtEntry, unconfirmed: bool, now: u32) -> Option<NhSlot> {
+fn slot<A: CtAddr>(ptr: *mut CtEntryOf<A>, unconfirmed: bool, now: u32) -> NhSlot {
     if unconfirmed {
-        return None;
+        return NhSlot::NONE;
     }
     // `ptr` is the `e` of a conntrack value, its first field (`repr(C)`): the value starts
     // there.
-    let value = ptr.cast::<CtValue>();
+    let value = ptr.cast::<CtValueOf<A>>();
     // SAFETY: the LRU value stays valid for the program's run; only the field's address is
     // taken.
     let nh = unsafe { core::ptr::addr_of_mut!((*value).nh) };
-    Some(NhSlot { nh, now })
+    NhSlot { nh, now }
 }
 
 /// Whether a SYN from the client on this flow is part of it (an open connection: forwarded as
@@ -169,7 +237,13 @@ fn open(state: u8) -> bool {
 /// A TCP flow's next state after segment `seg` of the original (client) or reply (backend)
 /// direction.
 #[inline(always)]
-fn next_state(key: &CtKey, e: &CtEntry, seg: &Seg, reply: bool, in_window: bool) -> u8 {
+fn next_state<A: CtAddr>(
+    key: &CtKeyOf<A>,
+    e: &CtEntryOf<A>,
+    seg: &Seg,
+    reply: bool,
+    in_window: bool,
+) -> u8 {
     let s = e.state;
     if seg.has(seg_flags::RST) {
         if in_window || refused_syn(key, e, seg, reply) {
@@ -218,7 +292,7 @@ fn next_state(key: &CtKey, e: &CtEntry, seg: &Seg, reply: bool, in_window: bool)
 /// A backend's reset refusing the client's SYN (nothing listens): it acknowledges exactly the
 /// SYN (its own sequence number is 0 and says nothing).
 #[inline(always)]
-fn refused_syn(key: &CtKey, e: &CtEntry, seg: &Seg, reply: bool) -> bool {
+fn refused_syn<A: CtAddr>(key: &CtKeyOf<A>, e: &CtEntryOf<A>, seg: &Seg, reply: bool) -> bool {
     if !reply || e.state != ct_state::TCP_SYN_SENT || !seg.has(seg_flags::ACK) {
         return false;
     }
@@ -229,7 +303,13 @@ fn refused_syn(key: &CtKey, e: &CtEntry, seg: &Seg, reply: bool) -> bool {
 /// tracking, each only when it changed (a store dirties the entry's cache line on every CPU
 /// that reads it).
 #[inline(always)]
-fn refresh(ptr: *mut CtEntry, e: &CtEntry, now: u32, flags: u16, seq_next: u32) {
+fn refresh<A: CtAddr>(
+    ptr: *mut CtEntryOf<A>,
+    e: &CtEntryOf<A>,
+    now: u32,
+    flags: u16,
+    seq_next: u32,
+) {
     // SAFETY: the LRU value stays valid for the program's run.
     unsafe {
         if e.last_seen_s != now {
@@ -246,7 +326,7 @@ fn refresh(ptr: *mut CtEntry, e: &CtEntry, now: u32, flags: u16, seq_next: u32) 
 
 /// Sets a flow's state on both of its entries (`ptr` is the packet's own, `e` its old value).
 #[inline(always)]
-fn set_state(key: &CtKey, ptr: *mut CtEntry, e: &CtEntry, state: u8) {
+fn set_state<A: CtAddr>(key: &CtKeyOf<A>, ptr: *mut CtEntryOf<A>, e: &CtEntryOf<A>, state: u8) {
     // SAFETY: the LRU values stay valid for the program's run.
     unsafe { (*ptr).state = state };
     if let Some(r) = lookup_ptr(&e.partner_key(key)).map(|(r, _)| r) {
@@ -258,7 +338,7 @@ fn set_state(key: &CtKey, ptr: *mut CtEntry, e: &CtEntry, state: u8) {
 /// Whether a flow whose entry `e` (under `key`) is past its lifetime by its own last-seen time
 /// is also past it by its other entry's (each direction refreshes its own entry only).
 #[inline(always)]
-pub fn flow_expired(key: &CtKey, e: &CtEntry, now: u32) -> bool {
+pub fn flow_expired<A: CtAddr>(key: &CtKeyOf<A>, e: &CtEntryOf<A>, now: u32) -> bool {
     match lookup(&e.partner_key(key)) {
         Some((other, _)) => e.expired(other.last_seen_s, now),
         None => true,
@@ -271,19 +351,35 @@ pub fn flow_expired(key: &CtKey, e: &CtEntry, now: u32) -> bool {
 /// as after an eviction of the other half (the flow's next packet rebuilds it, and
 /// `snat::free_port` sees the port as the flow's own). The packet is translated all the same.
 #[inline(always)]
-pub fn track_new(
-    key: &CtKey,
-    entry: &CtEntry,
-    reply_key: &CtKey,
-    reply: &CtEntry,
+pub fn track_new<A: CtAddr>(
+    key: &CtKeyOf<A>,
+    entry: &CtEntryOf<A>,
+    reply_key: &CtKeyOf<A>,
+    reply: &CtEntryOf<A>,
 ) -> Result<(), Refused> {
-    insert(&CONNTRACK_NEW, reply_key, &CtValue::new(*reply))?;
-    insert(&CONNTRACK_NEW, key, &CtValue::new(*entry))
+    insert(A::fresh(), reply_key, &CtValueOf::new(*reply))?;
+    insert(A::fresh(), key, &CtValueOf::new(*entry))
+}
+
+/// `track_new` with the values built in place (the IPv6 path builds them in a scratch map).
+#[inline(always)]
+pub fn track_new_values<A: CtAddr>(
+    key: &CtKeyOf<A>,
+    entry: &CtValueOf<A>,
+    reply_key: &CtKeyOf<A>,
+    reply: &CtValueOf<A>,
+) -> Result<(), Refused> {
+    insert(A::fresh(), reply_key, reply)?;
+    insert(A::fresh(), key, entry)
 }
 
 /// Inserts an entry into one tier; a refusal is counted (`XDP_DROP_CT_FULL`) and returned.
 #[inline(always)]
-fn insert(tier: &LruHashMap<CtKey, CtValue>, key: &CtKey, e: &CtValue) -> Result<(), Refused> {
+fn insert<A: CtAddr>(
+    tier: &LruHashMap<CtKeyOf<A>, CtValueOf<A>>,
+    key: &CtKeyOf<A>,
+    e: &CtValueOf<A>,
+) -> Result<(), Refused> {
     tier.insert(key, e, 0).map_err(|_| {
         maps::count(counter::XDP_DROP_CT_FULL, 0);
         Refused
@@ -293,30 +389,30 @@ fn insert(tier: &LruHashMap<CtKey, CtValue>, key: &CtKey, e: &CtValue) -> Result
 /// The entry for `key` and whether it is still unconfirmed (expired entries included: the
 /// callers that translate check the lifetime).
 #[inline(always)]
-pub fn lookup(key: &CtKey) -> Option<(CtEntry, bool)> {
+pub fn lookup<A: CtAddr>(key: &CtKeyOf<A>) -> Option<(CtEntryOf<A>, bool)> {
     // SAFETY: copied out at once.
     lookup_ptr(key).map(|(p, u)| (unsafe { *p }, u))
 }
 #[inline(always)]
-fn lookup_ptr(key: &CtKey) -> Option<(*mut CtEntry, bool)> {
+fn lookup_ptr<A: CtAddr>(key: &CtKeyOf<A>) -> Option<(*mut CtEntryOf<A>, bool)> {
     // The entry is the value's first field: the value's address is the entry's.
-    if let Some(p) = CONNTRACK.get_ptr_mut(key) {
-        return Some((p.cast::<CtEntry>(), false));
+    if let Some(p) = A::established().get_ptr_mut(key) {
+        return Some((p.cast::<CtEntryOf<A>>(), false));
     }
-    CONNTRACK_NEW
+    A::fresh()
         .get_ptr_mut(key)
-        .map(|p| (p.cast::<CtEntry>(), true))
+        .map(|p| (p.cast::<CtEntryOf<A>>(), true))
 }
 
 /// Removes a flow's entries (both directions, both tiers).
 #[inline(always)]
-pub fn forget(key: &CtKey, e: &CtEntry) {
+pub fn forget<A: CtAddr>(key: &CtKeyOf<A>, e: &CtEntryOf<A>) {
     let pk = e.partner_key(key);
     for k in [key, &pk] {
         // Each entry sits in one tier at most (or none, evicted): the other removal finds
         // nothing, which is no error here.
-        let _ = CONNTRACK.remove(k);
-        let _ = CONNTRACK_NEW.remove(k);
+        let _ = A::established().remove(k);
+        let _ = A::fresh().remove(k);
     }
 }
 
@@ -325,7 +421,13 @@ pub fn forget(key: &CtKey, e: &CtEntry) {
 /// established map refuses (counted by `insert`), the flow stays unconfirmed where it is and
 /// works on, in its new state; its next packet tries again.
 #[inline(always)]
-pub fn confirm(key: &CtKey, e: &CtEntry, now: u32) {
+pub fn confirm<A: CtAddr>(key: &CtKeyOf<A>, e: &CtEntryOf<A>, now: u32) {
+    A::confirm(key, e, now)
+}
+
+/// `confirm` with its values on the stack (IPv4: the layout the XDP program was verified with).
+#[inline(always)]
+fn confirm_on_stack(key: &CtKeyOf<u32>, e: &CtEntryOf<u32>, now: u32) {
     let (pk, computed) = e.partner(key);
     // SAFETY: copied out at once.
     let mut pv = unsafe { CONNTRACK_NEW.get(pk).map(|v| v.e) }.unwrap_or(computed);
@@ -333,8 +435,8 @@ pub fn confirm(key: &CtKey, e: &CtEntry, now: u32) {
     pv.state = e.state;
     let mut v = *e;
     v.last_seen_s = now;
-    let moved = insert(&CONNTRACK, &pk, &CtValue::new(pv)).is_ok()
-        && match insert(&CONNTRACK, key, &CtValue::new(v)) {
+    let moved = insert(&CONNTRACK, &pk, &CtValueOf::new(pv)).is_ok()
+        && match insert(&CONNTRACK, key, &CtValueOf::new(v)) {
             Ok(()) => true,
             Err(Refused) => {
                 // Undo the first move, so that the flow stays whole in the new-flow tier.
@@ -359,14 +461,61 @@ pub fn confirm(key: &CtKey, e: &CtEntry, now: u32) {
     maps::count(counter::CT_CONFIRMED, 0);
 }
 
+/// `confirm` with its three values in buffers the family provides (the IPv4 family's stack,
+/// the IPv6 family's per-CPU scratch): `pk` holds the other direction's key and `pv` its
+/// entry as computed from `e` (the new-flow tier's copy replaces it when there is one); `v`
+/// is written here.
+#[inline(always)]
+pub fn confirm_with<A: CtAddr>(
+    key: &CtKeyOf<A>,
+    e: &CtEntryOf<A>,
+    now: u32,
+    pk: &CtKeyOf<A>,
+    pv: &mut CtValueOf<A>,
+    v: &mut CtValueOf<A>,
+) {
+    if let Some(found) = A::fresh().get_ptr_mut(pk) {
+        // SAFETY: the LRU value stays valid for the program's run; copied at once.
+        pv.e = unsafe { (*found).e };
+    }
+    pv.e.last_seen_s = now;
+    pv.e.state = e.state;
+    v.e = *e;
+    v.e.last_seen_s = now;
+    let moved = insert(A::established(), pk, pv).is_ok()
+        && match insert(A::established(), key, v) {
+            Ok(()) => true,
+            Err(Refused) => {
+                // Undo the first move, so that the flow stays whole in the new-flow tier.
+                // (Nothing to undo if the LRU evicted it meanwhile.)
+                let _ = A::established().remove(pk);
+                false
+            }
+        };
+    if !moved {
+        // The state moves on in the new-flow tier.
+        for (k, state) in [(key, v.e.state), (pk, pv.e.state)] {
+            if let Some(p) = A::fresh().get_ptr_mut(k) {
+                // SAFETY: the LRU value stays valid for the program's run.
+                unsafe { (*p).e.state = state };
+            }
+        }
+        return;
+    }
+    // The new-flow tier's copies go; either may have been evicted already.
+    let _ = A::fresh().remove(pk);
+    let _ = A::fresh().remove(key);
+    maps::count(counter::CT_CONFIRMED, 0);
+}
+
 /// Whether the entry found for a SNAT candidate belongs to the same client flow (a flow whose
 /// other entry was evicted): then the candidate is the flow's own and may be reused.
 #[inline(always)]
-pub fn same_flow(
-    existing: &CtEntry,
-    client_addr: u32,
+pub fn same_flow<A: CtAddr>(
+    existing: &CtEntryOf<A>,
+    client_addr: A,
     client_port: u16,
-    frontend_addr: u32,
+    frontend_addr: A,
     frontend_port: u16,
 ) -> bool {
     existing.nat_daddr_be == client_addr

@@ -23,11 +23,21 @@ use crate::{csum, maps, parse::Ipv4};
 
 const AF_INET: u8 = 2;
 
-/// Where a confirmed flow's direction keeps its next hop (its conntrack value's `nh`), and the
-/// packet's time (seconds, as the entry's).
+/// Where a confirmed flow's direction keeps its next hop (its conntrack value's `nh`; null:
+/// nowhere, the flow is not confirmed), and the packet's time (seconds, as the entry's). A
+/// null pointer rather than an `Option`: `None` would leave `now` undefined, and LLVM may spill
+/// an undefined register, which the verifier refuses to read.
 pub struct NhSlot {
     pub nh: *mut NextHop,
     pub now: u32,
+}
+
+impl NhSlot {
+    /// No slot.
+    pub const NONE: NhSlot = NhSlot {
+        nh: core::ptr::null_mut(),
+        now: 0,
+    };
 }
 
 /// Sends a translated packet on and counts how (`XDP_TRANSLATED_PASS`, `XDP_TX`,
@@ -37,7 +47,7 @@ pub struct NhSlot {
 /// (The XDP program is close to the verifier's budget of instructions it explores: every
 /// branch here multiplies the paths after it, so the cache check is one branch.)
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, l3: &Ipv4, to_local_backend: bool, slot: Option<NhSlot>) -> u32 {
+pub fn forward(ctx: &XdpContext, l3: &Ipv4, to_local_backend: bool, slot: NhSlot) -> u32 {
     if to_local_backend {
         maps::count(counter::XDP_TRANSLATED_PASS, 0);
         return xdp_action::XDP_PASS;
@@ -52,15 +62,17 @@ pub fn forward(ctx: &XdpContext, l3: &Ipv4, to_local_backend: bool, slot: Option
     // SAFETY: XDP context, 64-byte ingress_ifindex read.
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
     let gen = maps::route_gen();
+    let cached = !slot.nh.is_null();
     let (out, dmac, smac) = match &slot {
         // SAFETY: the slot points into a conntrack value, valid for the program's run; read in
         // place.
-        Some(s) if unsafe { (*s.nh).stale(gen, ingress, tot_len, s.now) } == 0 => unsafe {
+        s if cached && unsafe { (*s.nh).stale(gen, ingress, tot_len, s.now) } == 0 => unsafe {
             ((*s.nh).out_ifindex, (*s.nh).dmac, (*s.nh).smac)
         },
         _ => match lookup(ctx, ip, ingress, tot_len) {
             Some(fib) => {
-                if let Some(s) = &slot {
+                if cached {
+                    let s = &slot;
                     // Kept for this flow's next packets. A packet looked up again only for its
                     // size (the rest was fresh) is longer than the old `fits`: `fits` only
                     // grows until the answer goes stale.

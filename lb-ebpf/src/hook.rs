@@ -55,7 +55,7 @@ pub trait Hook: Bounds {
     fn forward(&self, l3: &Ipv4, to_local_backend: bool) -> u32;
     /// `forward` for a packet of a confirmed flow, with the flow's next-hop slot (forward.rs).
     /// tc has no use for it: `bpf_redirect_neigh` resolves the next hop itself.
-    fn forward_flow(&self, l3: &Ipv4, to_local_backend: bool, slot: Option<NhSlot>) -> u32 {
+    fn forward_flow(&self, l3: &Ipv4, to_local_backend: bool, slot: NhSlot) -> u32 {
         let _ = slot;
         self.forward(l3, to_local_backend)
     }
@@ -74,11 +74,11 @@ impl Hook for XdpContext {
 
     #[inline(always)]
     fn forward(&self, l3: &Ipv4, to_local_backend: bool) -> u32 {
-        forward::forward(self, l3, to_local_backend, None)
+        forward::forward(self, l3, to_local_backend, NhSlot::NONE)
     }
 
     #[inline(always)]
-    fn forward_flow(&self, l3: &Ipv4, to_local_backend: bool, slot: Option<NhSlot>) -> u32 {
+    fn forward_flow(&self, l3: &Ipv4, to_local_backend: bool, slot: NhSlot) -> u32 {
         forward::forward(self, l3, to_local_backend, slot)
     }
 

@@ -22,11 +22,14 @@ mod forward;
 mod frag;
 mod frontend;
 mod hook;
+mod hook6;
 mod icmp;
 mod maps;
 mod nat;
 mod north_south;
+mod north_south6;
 mod parse;
+mod parse6;
 mod reject;
 mod select;
 mod snat;
@@ -124,6 +127,11 @@ fn sendmsg<F: Family>(ctx: &SockAddrContext) -> i32 {
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    if is_ipv6(&ctx) {
+        // SAFETY: a tail call does not return when it succeeds; with the slot empty (no agent
+        // filled it yet) the frame goes on here and is passed as not IPv4.
+        unsafe { maps::XDP6_PROG.tail_call(&ctx, 0) };
+    }
     let verdict = match north_south::run(&ctx) {
         Ok(verdict) => verdict,
         Err(stop) => stop.act(&ctx),
@@ -167,10 +175,55 @@ pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
         maps::count(lb_common::counter::TC_ERROR, ctx.len() as u64);
         return TC_ACT_OK;
     }
+    if is_ipv6(&ctx) {
+        // SAFETY: as in `lb_xdp`.
+        unsafe { maps::TC6_PROG.tail_call(&ctx, 0) };
+    }
     let verdict = match north_south::run(&ctx) {
         Ok(verdict) => verdict,
         Err(stop) => stop.act(&ctx),
     };
+    tc_verdict(verdict)
+}
+
+/// The IPv6 north-south path at XDP (north_south6.rs), tail-called by `lb_xdp` for IPv6
+/// frames.
+#[xdp]
+pub fn lb_xdp6(ctx: XdpContext) -> u32 {
+    let verdict = north_south6::run(&ctx);
+    match verdict {
+        xdp_action::XDP_DROP => maps::count(counter::XDP_VERDICT_DROP, 0),
+        xdp_action::XDP_PASS => maps::count(counter::XDP_VERDICT_PASS, 0),
+        _ => {}
+    }
+    verdict
+}
+
+/// The IPv6 north-south path at tc ingress, tail-called by `lb_tc_ingress` for IPv6 frames
+/// (which already pulled the headers in).
+#[classifier]
+pub fn lb_tc_ingress6(ctx: TcContext) -> i32 {
+    let want = ctx.len().min(tc::INGRESS_PULL);
+    if ctx.pull_data(want).is_err() {
+        maps::count(lb_common::counter::TC_ERROR, ctx.len() as u64);
+        return TC_ACT_OK;
+    }
+    tc_verdict(north_south6::run(&ctx))
+}
+
+/// Whether a frame is IPv6 (for the tail call to the IPv6 path).
+#[inline(always)]
+fn is_ipv6<B: bounds::Bounds>(ctx: &B) -> bool {
+    match parse::ptr_at::<network_types::eth::EthHdr, B>(ctx, 0) {
+        // SAFETY: bounds checked by ptr_at.
+        Some(eth) => unsafe { (*eth).ether_type == network_types::eth::EtherType::Ipv6 as u16 },
+        None => false,
+    }
+}
+
+/// Counts a tc north-south verdict as `lb_xdp` counts its own.
+#[inline(always)]
+fn tc_verdict(verdict: u32) -> i32 {
     match verdict {
         v if v == TC_ACT_SHOT as u32 => maps::count(counter::XDP_VERDICT_DROP, 0),
         v if v == TC_ACT_OK as u32 => maps::count(counter::XDP_VERDICT_PASS, 0),

@@ -1,13 +1,16 @@
 //! Every map of the kernel side, in one place. Names and layouts come from `lb-common`.
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{
+        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap,
+        ProgramArray,
+    },
 };
 use lb_common::{
-    limits, Addr6, AffinityKey, AffinityValue, Backend, Config, Counter, CtKey, CtValue, FragKey,
-    FragPorts, FrontendSlot, FrontendSlotKey, MaglevChunk, MaglevKey, MemberKey, RevNat,
-    ServiceCounters, ServiceName, SockFlow, SockKey, SockKey6, SockRevNat, SockRevNat6,
-    SourceRangeKey, SourceRangeKey6, MAGLEV_CHUNK,
+    limits, Addr6, AffinityKey, AffinityValue, Backend, Config, Config6, Counter, CtKey, CtKey6,
+    CtValue, CtValue6, FragKey, FragPorts, FrontendSlot, FrontendSlotKey, MaglevChunk, MaglevKey,
+    MemberKey, RevNat, ServiceCounters, ServiceName, SockFlow, SockKey, SockKey6, SockRevNat,
+    SockRevNat6, SourceRangeKey, SourceRangeKey6, MAGLEV_CHUNK,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are allocated when written (Maglev chunks are 1 KiB each).
@@ -50,6 +53,66 @@ pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(limits::CO
 #[map(name = "lb_ct_new_v3")]
 pub static CONNTRACK_NEW: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(limits::CONNTRACK_NEW, 0);
 
+/// The IPv6 conntrack's two tiers (the agent sizes them as the IPv4 ones).
+#[map(name = "lb_ct6_v1")]
+pub static CONNTRACK6: LruHashMap<CtKey6, CtValue6> = LruHashMap::pinned(limits::CONNTRACK, 0);
+
+#[map(name = "lb_ct6_new_v1")]
+pub static CONNTRACK6_NEW: LruHashMap<CtKey6, CtValue6> =
+    LruHashMap::pinned(limits::CONNTRACK_NEW, 0);
+
+/// A new IPv6 flow's conntrack entries while the IPv6 path builds them: too big for the
+/// program's 512-byte stack beside everything else the path holds. Not pinned (scratch).
+#[repr(C)]
+pub struct NewFlow6 {
+    /// The socket lookup's tuple of an SNAT candidate.
+    pub sock: crate::snat::Tuple6,
+    pub reply_key: CtKey6,
+    pub choice: Choice6,
+    pub entry: CtValue6,
+    pub reply: CtValue6,
+}
+
+/// A new IPv6 flow's frontend and backend, as `north_south6::choose` left them.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Choice6 {
+    pub svc_port_id: u32,
+    pub backend_id: u32,
+    pub hash: u32,
+    pub now: u32,
+    pub flags: u16,
+    pub snat: u8,
+    pub _pad: u8,
+}
+
+#[map(name = "lb_newflow6")]
+pub static NEW_FLOW6: PerCpuArray<NewFlow6> = PerCpuArray::with_max_entries(1, 0);
+
+/// The IPv6 packet being translated and its conntrack key (parse6.rs), scratch like
+/// [`NEW_FLOW6`].
+#[repr(C)]
+pub struct Packet6Scratch {
+    pub p: crate::parse6::Packet6,
+    pub key: CtKey6,
+}
+
+#[map(name = "lb_packet6")]
+pub static PACKET6: PerCpuArray<Packet6Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// The IPv6 path's FIB lookup parameters (hook6.rs), scratch like [`NEW_FLOW6`].
+#[map(name = "lb_fib6")]
+pub static FIB6: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =
+    PerCpuArray::with_max_entries(1, 0);
+
+/// Where `lb_xdp` and `lb_tc_ingress` hand IPv6 frames on (`map_name::XDP6_PROG`): slot 0
+/// holds the IPv6 program, filled by the agent.
+#[map(name = "lb_xdp6_prog_v1")]
+pub static XDP6_PROG: ProgramArray = ProgramArray::pinned(1, 0);
+
+#[map(name = "lb_tc6_prog_v1")]
+pub static TC6_PROG: ProgramArray = ProgramArray::pinned(1, 0);
+
 #[map(name = "lb_frag_v1")]
 pub static FRAGMENTS: LruHashMap<FragKey, FragPorts> = LruHashMap::pinned(limits::FRAGMENTS, 0);
 
@@ -86,6 +149,9 @@ pub static SOURCE_RANGES6: LpmTrie<SourceRangeKey6, u32> =
 #[map(name = "lb_config_v2")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
+#[map(name = "lb_config6_v1")]
+pub static CONFIG6: Array<Config6> = Array::pinned(1, 0);
+
 /// The route generation (`map_name::ROUTE_GEN`), moved on by the agent whenever a route,
 /// address, link or neighbour changes: cached next hops of another generation are stale.
 #[map(name = "lb_route_gen_v1")]
@@ -103,7 +169,7 @@ pub struct RejectWindow {
 #[map(name = "lb_reject_rate")]
 pub static REJECT_RATE: PerCpuArray<RejectWindow> = PerCpuArray::with_max_entries(1, 0);
 
-#[map(name = "lb_stats_v5")]
+#[map(name = "lb_stats_v6")]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::pinned(lb_common::counter::COUNT, 0);
 
 /// Adds one event of `bytes` bytes to counter `idx`.
@@ -135,6 +201,12 @@ pub fn backend(id: u32) -> Option<Backend> {
 pub fn config() -> Option<&'static Config> {
     // An array map's value lives as long as the map: a reference, not a copy on the stack.
     CONFIG.get(0).filter(|c| c.ready != 0)
+}
+
+/// The IPv6 half of the node's configuration, once the agent wrote it.
+#[inline(always)]
+pub fn config6() -> Option<&'static Config6> {
+    CONFIG6.get(0).filter(|c| c.ready != 0)
 }
 
 /// The current route generation (0 until an agent sets one: cached next hops then only live

@@ -70,7 +70,7 @@ fn known_flow<H: Hook>(
     ctx: &H,
     p: &Packet,
     e: &CtEntry,
-    slot: Option<NhSlot>,
+    slot: NhSlot,
     len: u64,
 ) -> Result<u32, Stop> {
     ctx.rewrite(p, e)
@@ -176,8 +176,8 @@ fn new_flow<H: Hook>(ctx: &H, p: &Packet, key: &CtKey, len: u64) -> Result<u32, 
     // client port to two frontends that keep the client's address and share a backend): then
     // it is remapped, as Linux NAT does on such a clash.
     if snat {
-        reply_key.dport_be =
-            snat::free_port(ctx, cfg, p, &reply_key, hash, now).map_err(|snat::Exhausted| {
+        reply_key.dport_be = snat::free_port(ctx, cfg, p, &mut reply_key.clone(), hash, now)
+            .map_err(|snat::Exhausted| {
                 Stop::drop_other(counter::XDP_DROP_SNAT_EXHAUSTED, svc_port_id)
             })?;
     } else if snat::taken(&reply_key, p) {

@@ -219,3 +219,35 @@ fn packet(l3: Ipv4, l4: L4, sport: [u8; 2], dport: [u8; 2], syn_only: bool) -> P
         seg: Seg::default(),
     }
 }
+
+impl crate::ct::Tuple for Packet {
+    type A = u32;
+    #[inline(always)]
+    fn saddr(&self) -> u32 {
+        self.saddr
+    }
+    #[inline(always)]
+    fn daddr(&self) -> u32 {
+        self.daddr
+    }
+    #[inline(always)]
+    fn sport(&self) -> u16 {
+        self.sport
+    }
+    #[inline(always)]
+    fn dport(&self) -> u16 {
+        self.dport
+    }
+    #[inline(always)]
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+    #[inline(always)]
+    fn syn_only(&self) -> bool {
+        self.syn_only
+    }
+    #[inline(always)]
+    fn seg(&self) -> &Seg {
+        &self.seg
+    }
+}

@@ -163,6 +163,9 @@ impl XdpHarness {
             .ok_or_else(|| anyhow!("no XDP program"))?
             .try_into()?;
         xdp.load().context("loading the XDP program (verifier)")?;
+        // The IPv6 north-south programs, in the program arrays `lb_xdp` and `lb_tc_ingress`
+        // tail-call for IPv6 frames, as the agent puts them there.
+        lb_userspace::agent::attach::load_ipv6_north_south(&mut ebpf)?;
         for (name, id) in ids {
             let data = match ebpf.map(name) {
                 Some(
@@ -197,6 +200,12 @@ impl XdpHarness {
     /// Writes the datapath config through the real sync code.
     pub fn set_config(&mut self, config: &Config) -> Result<()> {
         self.syncer.set_config(config)?;
+        Ok(())
+    }
+
+    /// Writes the IPv6 half of the datapath config through the real sync code.
+    pub fn set_config6(&mut self, config: &lb_common::Config6) -> Result<()> {
+        self.syncer.set_config6(config)?;
         Ok(())
     }
 

@@ -154,7 +154,7 @@ fn upgrade_from_an_older_layout_loses_nothing(v: Variant) {
     for (old, new) in [
         ("lb_ct_v2", "lb_ct_v4"),
         ("lb_ct_new_v1", "lb_ct_new_v3"),
-        ("lb_stats_v2", "lb_stats_v5"),
+        ("lb_stats_v2", "lb_stats_v6"),
     ] {
         let want =
             format!("{old} was pinned by an agent of another layout version: {new} replaces it");

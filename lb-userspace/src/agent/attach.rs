@@ -8,11 +8,12 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
+use aya::maps::ProgramArray;
 use aya::programs::{
     links::{FdLink, PinnedLink},
     CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
 };
-use lb_common::program_name;
+use lb_common::{map_name, program_name};
 
 use super::{
     config::RunConfig,
@@ -328,6 +329,45 @@ pub(super) fn load_programs(ebpf: &mut aya::Ebpf) -> Result<()> {
             .try_into()?;
         p.load()
             .with_context(|| format!("loading the {what} program (verifier)"))?;
+    }
+    load_ipv6_north_south(ebpf)
+}
+
+/// Loads the IPv6 north-south programs (`lb_xdp6`, `lb_tc_ingress6`) and puts them in the
+/// program arrays through which `lb_xdp` and `lb_tc_ingress` tail-call them for IPv6 frames
+/// (`map_name::XDP6_PROG`, `map_name::TC6_PROG`; pinned, so the programs stay in place while
+/// the agent is down, and a new agent's replace the old ones in one write).
+pub fn load_ipv6_north_south(ebpf: &mut aya::Ebpf) -> Result<()> {
+    let xdp6 = {
+        let p: &mut Xdp = ebpf
+            .program_mut(program_name::XDP6)
+            .ok_or_else(|| anyhow!("program {} missing", program_name::XDP6))?
+            .try_into()?;
+        if p.fd().is_err() {
+            p.load()
+                .context("loading the IPv6 XDP program (verifier)")?;
+        }
+        p.fd()?.try_clone()?
+    };
+    let tc6 = {
+        let p: &mut SchedClassifier = ebpf
+            .program_mut(program_name::TC_INGRESS6)
+            .ok_or_else(|| anyhow!("program {} missing", program_name::TC_INGRESS6))?
+            .try_into()?;
+        if p.fd().is_err() {
+            p.load()
+                .context("loading the IPv6 tc ingress program (verifier)")?;
+        }
+        p.fd()?.try_clone()?
+    };
+    for (map, fd) in [(map_name::XDP6_PROG, &xdp6), (map_name::TC6_PROG, &tc6)] {
+        let mut array: ProgramArray<_> = ebpf
+            .map_mut(map)
+            .ok_or_else(|| anyhow!("map {map} missing from the object"))?
+            .try_into()?;
+        array
+            .set(0, fd, 0)
+            .with_context(|| format!("setting the IPv6 program in {map}"))?;
     }
     Ok(())
 }

@@ -302,6 +302,7 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
             dp_config = Some(config);
             let synced = syncer
                 .set_config(&config)
+                .and_then(|_| syncer.set_config6(&desired::datapath_config6(&node)))
                 .and_then(|_| control.sync(&mut syncer));
             let desired = control.desired();
             let health_ports =

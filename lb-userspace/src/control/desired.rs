@@ -317,6 +317,20 @@ pub fn datapath_config(
     c
 }
 
+/// The IPv6 half of the datapath config: the node's first IPv6 address as the SNAT source of
+/// IPv6 flows. Without one the IPv6 path translates no flow that needs it
+/// (`xdp_no_config6`).
+pub fn datapath_config6(node: &NodeInfo) -> lb_common::Config6 {
+    match node.ipv6_addresses.first() {
+        Some(a) => lb_common::Config6 {
+            node_addr: crate::dataplane::addr6_words(*a),
+            ready: 1,
+            _pad: 0,
+        },
+        None => lb_common::Config6::default(),
+    }
+}
+
 /// Sets or clears `config_flags::MASQUERADE_LOCAL` (what the agent's interface scan decides).
 pub fn set_masquerade_local(c: &mut lb_common::Config, on: bool) {
     if on {

@@ -78,7 +78,7 @@ pub const SIZE_RANGE: (u32, u32) = (16, 1 << 24);
 
 impl MapSizes {
     /// (pinned map name, entries) of every map these sizes set.
-    pub fn per_map(&self) -> [(&'static str, u32); 18] {
+    pub fn per_map(&self) -> [(&'static str, u32); 20] {
         [
             (map_name::FRONTENDS, self.frontend_slots),
             (map_name::MEMBERS, self.frontend_slots),
@@ -100,6 +100,8 @@ impl MapSizes {
             (map_name::ADDR6_IDS, self.addr6()),
             (map_name::SOURCE_RANGES6, self.source_ranges),
             (map_name::SOCK_REV_NAT6, self.sock_rev_nat6()),
+            (map_name::CONNTRACK6, Self::quarter(self.conntrack)),
+            (map_name::CONNTRACK6_NEW, Self::quarter(self.conntrack_new)),
         ]
     }
 
@@ -111,7 +113,14 @@ impl MapSizes {
     /// Entries of the IPv6 socket rev-NAT map (`lb_sk_revnat6_v1`, LRU): a quarter of the IPv4
     /// one's (its entries are twice the size), at least the smallest map size.
     pub fn sock_rev_nat6(&self) -> u32 {
-        (self.sock_rev_nat / 4).max(SIZE_RANGE.0)
+        Self::quarter(self.sock_rev_nat)
+    }
+
+    /// An IPv6 twin's entries: a quarter of its IPv4 map's (its entries are about twice the
+    /// size), at least the smallest map size. The IPv6 conntrack tiers (`lb_ct6_v1`,
+    /// `lb_ct6_new_v1`) follow `--map-conntrack` and `--map-conntrack-new` so.
+    pub fn quarter(entries: u32) -> u32 {
+        (entries / 4).max(SIZE_RANGE.0)
     }
 
     /// Sets the size of `map` (a pinned map name), as found on a pinned map.

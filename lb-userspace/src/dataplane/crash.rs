@@ -122,6 +122,9 @@ impl<D: Dataplane> Dataplane for CrashAfter<D> {
     fn put_config(&mut self, v: &Config) -> Result<()> {
         self.step(|| "put_config".into(), |d| d.put_config(v))
     }
+    fn put_config6(&mut self, v: &lb_common::Config6) -> Result<()> {
+        self.step(|| "put_config6".into(), |d| d.put_config6(v))
+    }
     fn put_addr6_id(&mut self, h: u32, a: std::net::Ipv6Addr) -> Result<()> {
         self.step(|| format!("put_addr6_id {h} {a}"), |d| d.put_addr6_id(h, a))
     }

@@ -227,6 +227,11 @@ impl Dataplane for FakeDataplane {
         self.state.config = *value;
         Ok(())
     }
+    fn put_config6(&mut self, value: &lb_common::Config6) -> Result<()> {
+        self.log.push("put_config6".into());
+        self.state.config6 = *value;
+        Ok(())
+    }
     fn contents(&self) -> Result<MapContents> {
         Ok(self.state.clone())
     }

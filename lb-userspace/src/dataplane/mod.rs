@@ -55,6 +55,7 @@ pub struct MapContents {
     /// The other direction, `map_name::ADDR6`.
     pub addr6: BTreeMap<Ipv6Addr, u32>,
     pub config: Config,
+    pub config6: lb_common::Config6,
 }
 
 /// An entry of the source-ranges maps: a prefix a Service port's LoadBalancer frontends admit.
@@ -116,6 +117,8 @@ pub trait Dataplane {
     fn put_rev_nat(&mut self, id: u32, value: &RevNat) -> Result<()>;
     fn del_rev_nat(&mut self, id: u32) -> Result<()>;
     fn put_config(&mut self, value: &Config) -> Result<()>;
+    /// Writes the IPv6 half of the config (`map_name::CONFIG6`).
+    fn put_config6(&mut self, value: &lb_common::Config6) -> Result<()>;
     fn put_member(&mut self, key: &MemberKey, slot: u32) -> Result<()>;
     fn del_member(&mut self, key: &MemberKey) -> Result<()>;
     fn put_service_name(&mut self, id: u32, name: &str) -> Result<()>;

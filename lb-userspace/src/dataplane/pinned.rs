@@ -141,6 +141,7 @@ pub struct AyaDataplane {
     addr6: HashMap<MapData, Addr6, u32>,
     addr6_ids: HashMap<MapData, u32, Addr6>,
     config: Array<MapData, Config>,
+    config6: Array<MapData, lb_common::Config6>,
     /// The conntrack tiers, for flushing the UDP flows of removed backends.
     conntrack: CtTiers,
 }
@@ -164,6 +165,7 @@ impl AyaDataplane {
             addr6: HashMap::try_from(take(map_name::ADDR6)?)?,
             addr6_ids: HashMap::try_from(take(map_name::ADDR6_IDS)?)?,
             config: Array::try_from(take(map_name::CONFIG)?)?,
+            config6: Array::try_from(take(map_name::CONFIG6)?)?,
             conntrack: CtTiers::from_ebpf(ebpf)?,
         })
     }
@@ -184,6 +186,7 @@ impl AyaDataplane {
             addr6: HashMap::try_from(open(map_name::ADDR6)?)?,
             addr6_ids: HashMap::try_from(open(map_name::ADDR6_IDS)?)?,
             config: Array::try_from(Map::Array(open_data(map_name::CONFIG)?))?,
+            config6: Array::try_from(Map::Array(open_data(map_name::CONFIG6)?))?,
             conntrack: open_conntrack(dir)?,
         })
     }
@@ -210,6 +213,9 @@ impl Dataplane for AyaDataplane {
     }
     fn put_config(&mut self, value: &Config) -> Result<()> {
         Ok(self.config.set(0, value, 0)?)
+    }
+    fn put_config6(&mut self, value: &lb_common::Config6) -> Result<()> {
+        Ok(self.config6.set(0, value, 0)?)
     }
     fn put_member(&mut self, key: &MemberKey, slot: u32) -> Result<()> {
         Ok(self.members.insert(key, slot, 0)?)
@@ -262,6 +268,7 @@ impl Dataplane for AyaDataplane {
     fn contents(&self) -> Result<MapContents> {
         let mut s = MapContents {
             config: self.config.get(&0, 0)?,
+            config6: self.config6.get(&0, 0)?,
             ..Default::default()
         };
         for kv in self.services.iter() {
@@ -352,7 +359,7 @@ mod tests {
             vec![
                 ("lb_ct_v1".into(), "lb_ct_v4"),
                 ("lb_ct_v2".into(), "lb_ct_v4"),
-                ("lb_stats_v1".into(), "lb_stats_v5"),
+                ("lb_stats_v1".into(), "lb_stats_v6"),
                 ("lb_svc_v2".into(), "lb_svc_v3")
             ]
         );

@@ -84,6 +84,7 @@ pub struct Syncer<D: Dataplane> {
     stray_backends: Vec<u32>,
     stray_rev_nat: Vec<u32>,
     config: Config,
+    config6: lb_common::Config6,
     /// Service port (see `DesiredFrontend::service_port`) -> id shared by its frontends.
     svc_port_ids: HashMap<String, u32>,
     svc_port_alloc: IdAllocator,
@@ -148,6 +149,7 @@ impl<D: Dataplane> Syncer<D> {
             stray_backends: Vec::new(),
             stray_rev_nat: Vec::new(),
             config: found.config,
+            config6: found.config6,
             svc_port_ids: HashMap::new(),
             svc_port_alloc: IdAllocator::with_used(
                 found
@@ -432,6 +434,16 @@ impl<D: Dataplane> Syncer<D> {
         }
         self.write(|dp| dp.put_config(config))?;
         self.config = *config;
+        Ok(1)
+    }
+
+    /// Writes the IPv6 half of the datapath config (the node's IPv6 address) when it changed.
+    pub fn set_config6(&mut self, config: &lb_common::Config6) -> Result<u64> {
+        if self.config6 == *config {
+            return Ok(0);
+        }
+        self.write(|dp| dp.put_config6(config))?;
+        self.config6 = *config;
         Ok(1)
     }
 
@@ -2021,6 +2033,9 @@ mod tests {
             }
             fn put_config(&mut self, v: &Config) -> Result<()> {
                 self.inner.put_config(v)
+            }
+            fn put_config6(&mut self, v: &lb_common::Config6) -> Result<()> {
+                self.inner.put_config6(v)
             }
             fn put_member(&mut self, k: &MemberKey, slot: u32) -> Result<()> {
                 self.inner.put_member(k, slot)

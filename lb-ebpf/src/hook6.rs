@@ -1,0 +1,276 @@
+//! What the IPv6 north-south path (north_south6.rs) needs from the program it runs in: writing a
+//! translated packet and forwarding it, for XDP and for tc (the IPv4 twins are in hook.rs and
+//! forward.rs; the differences between the two programs are the same).
+//!
+//! IPv6 has no header checksum: a translation changes the L4 checksum only, through its
+//! pseudo-header (both 128-bit addresses) and the ports. Forwarding decrements the hop limit.
+use core::mem::offset_of;
+
+use aya_ebpf::{
+    bindings::{
+        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK,
+    },
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    programs::{TcContext, XdpContext},
+    EbpfContext,
+};
+use lb_common::{counter, proto, Addr6, CtEntry6};
+use network_types::{eth::EthHdr, ip::Ipv6Hdr, tcp::TcpHdr, udp::UdpHdr};
+
+use crate::{
+    bounds::Bounds,
+    csum,
+    hook::WriteFailed,
+    maps,
+    parse::{ptr_at, L4},
+    parse6::{self, Packet6},
+};
+
+const AF_INET6: u8 = 10;
+const IP_OFF: usize = EthHdr::LEN;
+const IP_SRC_OFF: usize = IP_OFF + offset_of!(Ipv6Hdr, src_addr);
+const IP_DST_OFF: usize = IP_OFF + offset_of!(Ipv6Hdr, dst_addr);
+const IP_HOP_OFF: usize = IP_OFF + offset_of!(Ipv6Hdr, hop_limit);
+const L4_OFF: usize = parse6::L4_OFF;
+
+/// The IPv6 path's writes and forwarding in the program it runs in.
+pub trait Hook6: Bounds {
+    /// Writes `e`'s addresses and ports into `p`, with the L4 checksum.
+    fn rewrite6(&self, p: &Packet6, e: &CtEntry6) -> Result<(), WriteFailed>;
+    /// Sends a translated packet on (the stack for local backends and routes this program
+    /// cannot act on); returns the verdict. `p`'s pointers may be stale on tc.
+    fn forward6(&self, p: &Packet6, to_local_backend: bool) -> u32;
+}
+
+/// An address as the 16 bytes of the header.
+#[inline(always)]
+fn bytes(a: &Addr6) -> [u8; 16] {
+    // SAFETY: four `u32` are sixteen bytes, in memory order (the wire's).
+    unsafe { core::mem::transmute::<Addr6, [u8; 16]>(*a) }
+}
+
+/// The L4 checksum after the rewrite: the pseudo-header's addresses and the ports change.
+#[inline(always)]
+fn l4_check(old: u16, p: &Packet6, e: &CtEntry6) -> u16 {
+    let mut c = old;
+    let mut i = 0;
+    while i < 4 {
+        c = csum::replace4(c, p.saddr[i], e.nat_saddr_be[i]);
+        c = csum::replace4(c, p.daddr[i], e.nat_daddr_be[i]);
+        i += 1;
+    }
+    c = csum::replace2(c, p.sport, e.nat_sport_be);
+    csum::replace2(c, p.dport, e.nat_dport_be)
+}
+
+/// Looks the route of an IPv6 packet up: the FIB's parameters are built in a per-CPU scratch
+/// value (`maps::FIB6`; the IPv6 path's stack is full) from the packet's addresses as they are
+/// now (translated), which `ip6` points at. The answer (`None`: no scratch) and the helper's
+/// return code.
+#[inline(always)]
+fn fib_lookup6(
+    ctx: &impl EbpfContext,
+    ip6: *const Ipv6Hdr,
+    from_skb: bool,
+    ifindex: u32,
+) -> Option<(&'static mut FibParams, i64)> {
+    let fib = maps::FIB6.get_ptr_mut(0)?;
+    // SAFETY: per-CPU value, no concurrent user on this CPU.
+    let fib = unsafe { &mut *fib };
+    // SAFETY: zeroed plain-data struct.
+    *fib = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET6;
+    fib.ifindex = ifindex;
+    // SAFETY: `ip6` is a bounds-checked header (XDP) or a copy on the stack (tc); the union
+    // fields written are the IPv6 members.
+    unsafe {
+        fib.l4_protocol = (*ip6).next_hdr;
+        fib.__bindgen_anon_1.tot_len =
+            u16::from_be_bytes((*ip6).payload_len).wrapping_add(Ipv6Hdr::LEN as u16);
+        fib.__bindgen_anon_3.ipv6_src =
+            core::ptr::read_unaligned(core::ptr::addr_of!((*ip6).src_addr) as *const Addr6);
+        fib.__bindgen_anon_4.ipv6_dst =
+            core::ptr::read_unaligned(core::ptr::addr_of!((*ip6).dst_addr) as *const Addr6);
+    }
+    let _ = from_skb;
+    // SAFETY: valid context and params.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            fib as *mut FibParams,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    Some((fib, rc))
+}
+
+impl Hook6 for XdpContext {
+    #[inline(always)]
+    fn rewrite6(&self, p: &Packet6, e: &CtEntry6) -> Result<(), WriteFailed> {
+        let (_, ip) = parse6::headers(self).ok_or(WriteFailed)?;
+        // Read once (see `parse6::headers`).
+        // SAFETY: a plain read of the scratch value.
+        let l4_proto = unsafe { core::ptr::read_volatile(&p.proto) };
+        let l4 = if l4_proto == proto::TCP {
+            L4::Tcp(ptr_at::<TcpHdr, Self>(self, L4_OFF).ok_or(WriteFailed)?)
+        } else {
+            L4::Udp(ptr_at::<UdpHdr, Self>(self, L4_OFF).ok_or(WriteFailed)?)
+        };
+        // SAFETY: `ip` and the L4 header were bounds checked just above.
+        unsafe {
+            (*ip).src_addr = bytes(&e.nat_saddr_be);
+            (*ip).dst_addr = bytes(&e.nat_daddr_be);
+            let sport = e.nat_sport_be.to_ne_bytes();
+            let dport = e.nat_dport_be.to_ne_bytes();
+            match l4 {
+                L4::Tcp(tcp) => {
+                    (*tcp).check = l4_check(u16::from_ne_bytes((*tcp).check), p, e).to_ne_bytes();
+                    (*tcp).source = sport;
+                    (*tcp).dest = dport;
+                }
+                L4::Udp(udp) => {
+                    let old = u16::from_ne_bytes((*udp).check);
+                    // 0 (no checksum) is left so; a computed 0 is sent as 0xffff.
+                    if old != 0 {
+                        let c = l4_check(old, p, e);
+                        (*udp).check = if c == 0 { 0xffff } else { c }.to_ne_bytes();
+                    }
+                    (*udp).src = sport;
+                    (*udp).dst = dport;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn forward6(&self, p: &Packet6, to_local_backend: bool) -> u32 {
+        if to_local_backend {
+            maps::count(counter::XDP_TRANSLATED_PASS, 0);
+            return xdp_action::XDP_PASS;
+        }
+        let Some((eth, ip)) = parse6::headers(self) else {
+            maps::count(counter::XDP_TRANSLATED_PASS, 0);
+            return xdp_action::XDP_PASS;
+        };
+        // SAFETY: `ip` was bounds checked by `headers` (the rewrite wrote in place).
+        let hop = unsafe { (*ip).hop_limit };
+        // SAFETY: the context's metadata, valid for the program's run.
+        let ingress = unsafe { (*self.ctx).ingress_ifindex };
+        if hop <= 1 {
+            // The stack answers with Time Exceeded.
+            maps::count(counter::XDP_TRANSLATED_PASS, 0);
+            return xdp_action::XDP_PASS;
+        }
+        let Some((fib, rc)) = fib_lookup6(self, ip, false, ingress) else {
+            maps::count(counter::XDP_TRANSLATED_PASS, 0);
+            return xdp_action::XDP_PASS;
+        };
+        let out = fib.ifindex;
+        let deliverable = out == ingress || maps::config().is_some_and(|c| c.xdp_device(out));
+        if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 || !deliverable {
+            maps::count(counter::XDP_TRANSLATED_PASS, 0);
+            return xdp_action::XDP_PASS;
+        }
+        // SAFETY: `ip` and `eth` were bounds checked by the parse stage.
+        unsafe {
+            (*ip).hop_limit = hop - 1;
+            (*eth).dst_addr = fib.dmac;
+            (*eth).src_addr = fib.smac;
+        }
+        if out == ingress {
+            maps::count(counter::XDP_TX, 0);
+            xdp_action::XDP_TX
+        } else {
+            maps::count(counter::XDP_REDIRECT, 0);
+            // SAFETY: helper without preconditions.
+            unsafe { bpf_redirect(out, 0) as u32 }
+        }
+    }
+}
+
+impl Hook6 for TcContext {
+    #[inline(always)]
+    fn rewrite6(&self, p: &Packet6, e: &CtEntry6) -> Result<(), WriteFailed> {
+        let (check_off, mangled) = if p.proto == proto::TCP {
+            (L4_OFF + offset_of!(TcpHdr, check), 0)
+        } else {
+            // A UDP checksum of 0 stays 0; a computed 0 is sent as 0xffff.
+            (
+                L4_OFF + offset_of!(UdpHdr, check),
+                BPF_F_MARK_MANGLED_0 as u64,
+            )
+        };
+        let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled;
+        let w = |r: Result<(), i64>| r.map_err(|_| WriteFailed);
+        let mut i = 0;
+        while i < 4 {
+            w(self.l4_csum_replace(
+                check_off,
+                p.saddr[i] as u64,
+                e.nat_saddr_be[i] as u64,
+                pseudo | 4,
+            ))?;
+            w(self.l4_csum_replace(
+                check_off,
+                p.daddr[i] as u64,
+                e.nat_daddr_be[i] as u64,
+                pseudo | 4,
+            ))?;
+            i += 1;
+        }
+        w(self.l4_csum_replace(
+            check_off,
+            p.sport as u64,
+            e.nat_sport_be as u64,
+            mangled | 2,
+        ))?;
+        w(self.l4_csum_replace(
+            check_off,
+            p.dport as u64,
+            e.nat_dport_be as u64,
+            mangled | 2,
+        ))?;
+        w(self.store(IP_SRC_OFF, &bytes(&e.nat_saddr_be), 0))?;
+        w(self.store(IP_DST_OFF, &bytes(&e.nat_daddr_be), 0))?;
+        // Source and destination ports: the first four bytes of TCP and UDP headers alike.
+        w(self.store(L4_OFF, &e.nat_sport_be, 0))?;
+        w(self.store(L4_OFF + 2, &e.nat_dport_be, 0))?;
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn forward6(&self, _p: &Packet6, to_local_backend: bool) -> u32 {
+        if !to_local_backend {
+            if let Ok(v) = tc_forward6(self) {
+                return v;
+            }
+        }
+        maps::count(counter::XDP_TRANSLATED_PASS, 0);
+        TC_ACT_OK as u32
+    }
+}
+
+/// tc: the FIB names the device towards the (translated) destination; the packet goes out
+/// there with its hop limit decremented, and `bpf_redirect_neigh` fills in the next hop's
+/// address. `Err`: the stack routes it.
+#[inline(always)]
+fn tc_forward6(ctx: &TcContext) -> Result<u32, ()> {
+    let ip: Ipv6Hdr = ctx.load(IP_OFF).map_err(|_| ())?;
+    if ip.hop_limit <= 1 {
+        return Err(()); // the stack answers with Time Exceeded
+    }
+    // SAFETY: the context's socket buffer, valid for the program's run.
+    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    let (fib, rc) = fib_lookup6(ctx, &ip, true, ingress).ok_or(())?;
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 && rc != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        return Err(());
+    }
+    ctx.store(IP_HOP_OFF, &(ip.hop_limit - 1), 0)
+        .map_err(|_| ())?;
+    maps::count(counter::XDP_REDIRECT, 0);
+    // SAFETY: helper without preconditions; no next-hop parameters (the kernel looks it up).
+    Ok(unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) } as u32)
+}

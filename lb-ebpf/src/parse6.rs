@@ -1,0 +1,158 @@
+//! Parse stage of the IPv6 north-south path (`north_south6.rs`): the Ethernet and fixed IPv6
+//! headers, then TCP or UDP, bounds checked once as in parse.rs. A packet whose next header is
+//! an extension header (hop-by-hop, routing, fragment, destination options, ...) is passed
+//! untranslated and counted; ICMPv6 (neighbour discovery above all) is passed untouched.
+use lb_common::{counter, proto, Addr6};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv6Hdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+
+use crate::{
+    bounds::Bounds,
+    ct::Tuple,
+    parse::{ptr_at, Seg},
+    verdict::Stop,
+};
+
+/// ICMPv6's next-header number.
+pub const ICMPV6: u8 = 58;
+
+/// A TCP or UDP packet over IPv6 without extension headers: what the stages read (addresses
+/// and ports as on the wire). It holds no packet pointer: it lives in a per-CPU scratch value
+/// (`maps::PACKET6`; 128-bit addresses do not fit the program's stack beside the rest), and
+/// the stages that write find the headers again at their fixed offsets ([`headers`]).
+#[derive(Clone, Copy)]
+pub struct Packet6 {
+    pub proto: u8,
+    pub saddr: Addr6,
+    pub daddr: Addr6,
+    pub sport: u16,
+    pub dport: u16,
+    /// A TCP SYN without ACK: the start of a new connection.
+    pub syn_only: bool,
+    /// TCP: the segment's numbers and flags (all zero for UDP).
+    pub seg: Seg,
+}
+
+/// Whether a next-header value names an IPv6 extension header (RFC 8200 and the IANA
+/// registry's list), rather than an upper-layer protocol.
+#[inline(always)]
+fn extension_header(next: u8) -> bool {
+    matches!(next, 0 | 43 | 44 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
+}
+
+/// Reads an address field of the IPv6 header as the maps hold addresses.
+#[inline(always)]
+fn addr(field: *const [u8; 16]) -> Addr6 {
+    // SAFETY: the field lies inside the bounds-checked header; read without alignment.
+    unsafe { core::ptr::read_unaligned(field as *const Addr6) }
+}
+
+/// Offset of the L4 header (no extension headers).
+pub const L4_OFF: usize = EthHdr::LEN + Ipv6Hdr::LEN;
+
+/// The Ethernet and IPv6 headers of a packet [`packet`] parsed, bounds checked again (the
+/// check cannot fail: the packet's length has not changed since). The L4 header is checked
+/// where it is written, in the branch of its protocol (a pointer whose type depends on a value
+/// read twice from the scratch map is one the verifier cannot follow).
+#[inline(always)]
+pub fn headers<H: Bounds>(ctx: &H) -> Option<(*mut EthHdr, *mut Ipv6Hdr)> {
+    let eth = ptr_at::<EthHdr, H>(ctx, 0)?;
+    let ip = ptr_at::<Ipv6Hdr, H>(ctx, EthHdr::LEN)?;
+    Some((eth, ip))
+}
+
+/// Parses an IPv6 frame down to its TCP or UDP header into `p`; the error says why it is
+/// passed untouched.
+#[inline(always)]
+pub fn packet<H: Bounds>(ctx: &H, p: &mut Packet6) -> Result<(), Stop> {
+    let eth = ptr_at::<EthHdr, H>(ctx, 0).ok_or(Stop::Pass(counter::XDP_TRUNCATED_ETH))?;
+    // SAFETY: bounds checked by ptr_at.
+    if unsafe { (*eth).ether_type } != EtherType::Ipv6 as u16 {
+        return Err(Stop::Pass(counter::XDP_NON_IPV4));
+    }
+    let ip = ptr_at::<Ipv6Hdr, H>(ctx, EthHdr::LEN).ok_or(Stop::Pass(counter::XDP_BAD_IPV6))?;
+    // SAFETY: bounds checked by ptr_at.
+    let hdr = unsafe { &*ip };
+    if hdr.version() != 6 {
+        return Err(Stop::Pass(counter::XDP_BAD_IPV6));
+    }
+    let next = hdr.next_hdr;
+    let payload_len = u16::from_be_bytes(hdr.payload_len);
+    let off = EthHdr::LEN + Ipv6Hdr::LEN;
+    // SAFETY: `ip` is bounds checked; only field addresses are taken.
+    let (saddr, daddr) = unsafe {
+        (
+            addr(core::ptr::addr_of!((*ip).src_addr)),
+            addr(core::ptr::addr_of!((*ip).dst_addr)),
+        )
+    };
+    p.proto = next;
+    p.saddr = saddr;
+    p.daddr = daddr;
+    p.syn_only = false;
+    p.seg = Seg::default();
+    match next {
+        proto::TCP => {
+            let tcp = ptr_at::<TcpHdr, H>(ctx, off).ok_or(Stop::Pass(counter::XDP_TRUNCATED_L4))?;
+            // SAFETY: bounds checked by ptr_at.
+            let h = unsafe { &*tcp };
+            p.sport = u16::from_ne_bytes(h.source);
+            p.dport = u16::from_ne_bytes(h.dest);
+            p.syn_only = h.syn() != 0 && h.ack() == 0;
+            // The IPv4 arithmetic with a 40-byte header: the payload is what the payload
+            // length leaves after the TCP header.
+            p.seg = Seg::of(
+                h,
+                payload_len.wrapping_add(Ipv6Hdr::LEN as u16),
+                Ipv6Hdr::LEN as u16,
+            );
+        }
+        proto::UDP => {
+            let udp = ptr_at::<UdpHdr, H>(ctx, off).ok_or(Stop::Pass(counter::XDP_TRUNCATED_L4))?;
+            // SAFETY: bounds checked by ptr_at.
+            let h = unsafe { &*udp };
+            p.sport = u16::from_ne_bytes(h.src);
+            p.dport = u16::from_ne_bytes(h.dst);
+        }
+        ICMPV6 => return Err(Stop::Pass(counter::XDP_ICMPV6_PASS)),
+        n if extension_header(n) => return Err(Stop::Pass(counter::XDP_IPV6_EXT_HDR)),
+        _ => return Err(Stop::Pass(counter::XDP_NOT_TCP_UDP)),
+    }
+    Ok(())
+}
+
+impl Tuple for Packet6 {
+    type A = Addr6;
+    #[inline(always)]
+    fn saddr(&self) -> Addr6 {
+        self.saddr
+    }
+    #[inline(always)]
+    fn daddr(&self) -> Addr6 {
+        self.daddr
+    }
+    #[inline(always)]
+    fn sport(&self) -> u16 {
+        self.sport
+    }
+    #[inline(always)]
+    fn dport(&self) -> u16 {
+        self.dport
+    }
+    #[inline(always)]
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+    #[inline(always)]
+    fn syn_only(&self) -> bool {
+        self.syn_only
+    }
+    #[inline(always)]
+    fn seg(&self) -> &Seg {
+        &self.seg
+    }
+}
