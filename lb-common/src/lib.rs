@@ -128,6 +128,10 @@ pub mod program_name {
     pub const BENCH_RESTORE: &str = "lb_bench_restore";
 }
 
+/// Per-CPU scratch maps of the IPv6 north-south path (its packet and conntrack key, a new
+/// flow's entries, the FIB lookup's parameters): kernel-internal, not pinned.
+pub const SCRATCH_MAPS: [&str; 3] = ["lb_packet6", "lb_newflow6", "lb_fib6"];
+
 /// Name of the benchmark map (one [`BenchFrame`]); not pinned.
 pub const BENCH_MAP: &str = "lb_bench";
 

@@ -83,7 +83,7 @@ fn map_names_of_the_object_are_lb_common_constants_both_ways() {
     for (name, m) in &obj.maps {
         if m.pinning() != PinningType::ByName {
             assert!(
-                name == lb_common::BENCH_MAP || name == lb_common::REJECT_RATE_MAP || NOT_OURS.contains(&name.as_str()) || name.starts_with('.'),
+                name == lb_common::BENCH_MAP || name == lb_common::REJECT_RATE_MAP || lb_common::SCRATCH_MAPS.contains(&name.as_str()) || NOT_OURS.contains(&name.as_str()) || name.starts_with('.'),
                 "map {name} of the object is neither pinned under an lb-common name nor a known unpinned map"
             );
         }
@@ -184,6 +184,18 @@ fn map_layouts_of_the_object_are_lb_common_types() {
                 size::<lb_common::SockRevNat6>(),
             ),
         ),
+        (
+            map_name::CONNTRACK6,
+            (size::<lb_common::CtKey6>(), size::<lb_common::CtValue6>()),
+        ),
+        (
+            map_name::CONNTRACK6_NEW,
+            (size::<lb_common::CtKey6>(), size::<lb_common::CtValue6>()),
+        ),
+        (map_name::CONFIG6, (size::<u32>(), size::<lb_common::Config6>())),
+        // Program arrays: index -> program fd.
+        (map_name::XDP6_PROG, (size::<u32>(), size::<u32>())),
+        (map_name::TC6_PROG, (size::<u32>(), size::<u32>())),
         (lb_common::BENCH_MAP, (size::<u32>(), size::<BenchFrame>())),
         // (second, answers sent), per CPU.
         (lb_common::REJECT_RATE_MAP, (size::<u32>(), 8)),
