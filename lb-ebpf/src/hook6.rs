@@ -72,7 +72,6 @@ fn l4_check(old: u16, p: &Packet6, e: &CtEntry6) -> u16 {
 fn fib_lookup6(
     ctx: &impl EbpfContext,
     ip6: *const Ipv6Hdr,
-    from_skb: bool,
     ifindex: u32,
 ) -> Option<(&'static mut FibParams, i64)> {
     let fib = maps::FIB6.get_ptr_mut(0)?;
@@ -93,7 +92,6 @@ fn fib_lookup6(
         fib.__bindgen_anon_4.ipv6_dst =
             core::ptr::read_unaligned(core::ptr::addr_of!((*ip6).dst_addr) as *const Addr6);
     }
-    let _ = from_skb;
     // SAFETY: valid context and params.
     let rc = unsafe {
         bpf_fib_lookup(
@@ -146,7 +144,7 @@ impl Hook6 for XdpContext {
     }
 
     #[inline(always)]
-    fn forward6(&self, p: &Packet6, to_local_backend: bool) -> u32 {
+    fn forward6(&self, _p: &Packet6, to_local_backend: bool) -> u32 {
         if to_local_backend {
             maps::count(counter::XDP_TRANSLATED_PASS, 0);
             return xdp_action::XDP_PASS;
@@ -164,7 +162,7 @@ impl Hook6 for XdpContext {
             maps::count(counter::XDP_TRANSLATED_PASS, 0);
             return xdp_action::XDP_PASS;
         }
-        let Some((fib, rc)) = fib_lookup6(self, ip, false, ingress) else {
+        let Some((fib, rc)) = fib_lookup6(self, ip, ingress) else {
             maps::count(counter::XDP_TRANSLATED_PASS, 0);
             return xdp_action::XDP_PASS;
         };
@@ -264,7 +262,7 @@ fn tc_forward6(ctx: &TcContext) -> Result<u32, ()> {
     }
     // SAFETY: the context's socket buffer, valid for the program's run.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    let (fib, rc) = fib_lookup6(ctx, &ip, true, ingress).ok_or(())?;
+    let (fib, rc) = fib_lookup6(ctx, &ip, ingress).ok_or(())?;
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 && rc != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         return Err(());
     }

@@ -192,7 +192,10 @@ fn map_layouts_of_the_object_are_lb_common_types() {
             map_name::CONNTRACK6_NEW,
             (size::<lb_common::CtKey6>(), size::<lb_common::CtValue6>()),
         ),
-        (map_name::CONFIG6, (size::<u32>(), size::<lb_common::Config6>())),
+        (
+            map_name::CONFIG6,
+            (size::<u32>(), size::<lb_common::Config6>()),
+        ),
         // Program arrays: index -> program fd.
         (map_name::XDP6_PROG, (size::<u32>(), size::<u32>())),
         (map_name::TC6_PROG, (size::<u32>(), size::<u32>())),
