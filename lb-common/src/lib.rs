@@ -62,8 +62,10 @@ pub mod map_name {
     /// alone. Pinned, so that an agent that is down leaves them filled.
     pub const XDP6_PROG: &str = "lb_xdp6_prog_v1";
     pub const TC6_PROG: &str = "lb_tc6_prog_v1";
+    /// The same for `lb_tc_egress` and `program_name::TC_EGRESS6`.
+    pub const TCE6_PROG: &str = "lb_tce6_prog_v1";
     /// Every map the agent pins, for `uninstall` and for `lbctl`.
-    pub const ALL: [&str; 26] = [
+    pub const ALL: [&str; 27] = [
         FRONTENDS,
         BACKENDS,
         REV_NAT,
@@ -90,6 +92,7 @@ pub mod map_name {
         CONFIG6,
         XDP6_PROG,
         TC6_PROG,
+        TCE6_PROG,
     ];
 
     /// Splits a pinned name into its base and layout version: `lb_ct_v2` -> (`lb_ct`, 2).
@@ -121,6 +124,8 @@ pub mod program_name {
     /// (`map_name::XDP6_PROG`, `map_name::TC6_PROG`); never attached by itself.
     pub const XDP6: &str = "lb_xdp6";
     pub const TC_INGRESS6: &str = "lb_tc_ingress6";
+    /// tc egress for IPv6 frames, tail-called by `lb_tc_egress` (`map_name::TCE6_PROG`).
+    pub const TC_EGRESS6: &str = "lb_tc_egress6";
     /// Benchmark only (never attached by the agent): restores the frame of `lb_bench` before
     /// every BPF_PROG_TEST_RUN iteration, then runs the XDP path.
     pub const BENCH_XDP: &str = "lb_bench_xdp";

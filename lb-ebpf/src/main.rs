@@ -211,6 +211,18 @@ pub fn lb_tc_ingress6(ctx: TcContext) -> i32 {
     tc_verdict(north_south6::run(&ctx))
 }
 
+/// tc egress for IPv6 frames, tail-called by `lb_tc_egress` (tc.rs).
+#[classifier]
+pub fn lb_tc_egress6(ctx: TcContext) -> i32 {
+    match tc::try_egress6(&ctx) {
+        Ok(action) => action,
+        Err(_) => {
+            maps::count(lb_common::counter::TC_ERROR, ctx.len() as u64);
+            TC_ACT_OK
+        }
+    }
+}
+
 /// Whether a frame is IPv6 (for the tail call to the IPv6 path).
 #[inline(always)]
 fn is_ipv6<B: bounds::Bounds>(ctx: &B) -> bool {

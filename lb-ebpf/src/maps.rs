@@ -113,6 +113,10 @@ pub static XDP6_PROG: ProgramArray = ProgramArray::pinned(1, 0);
 #[map(name = "lb_tc6_prog_v1")]
 pub static TC6_PROG: ProgramArray = ProgramArray::pinned(1, 0);
 
+/// Where `lb_tc_egress` hands IPv6 frames on (`map_name::TCE6_PROG`).
+#[map(name = "lb_tce6_prog_v1")]
+pub static TCE6_PROG: ProgramArray = ProgramArray::pinned(1, 0);
+
 #[map(name = "lb_frag_v1")]
 pub static FRAGMENTS: LruHashMap<FragKey, FragPorts> = LruHashMap::pinned(limits::FRAGMENTS, 0);
 

@@ -8,10 +8,10 @@ use aya_ebpf::{
     bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK},
     programs::TcContext,
 };
-use lb_common::{counter, ct_flags, proto, CtKey};
+use lb_common::{counter, ct_flags, proto, Addr6, CtKey, CtKey6};
 use network_types::{
     eth::{EthHdr, EtherType},
-    ip::Ipv4Hdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
     tcp::TcpHdr,
     udp::UdpHdr,
 };
@@ -33,6 +33,12 @@ pub const INGRESS_PULL: u32 = (EthHdr::LEN + 60 + 8 + 60 + 8) as u32;
 pub fn try_egress(ctx: &TcContext) -> Result<i32, i64> {
     maps::count(counter::TC_SEEN, 0);
     let eth: EthHdr = ctx.load(0)?;
+    if eth.ether_type == EtherType::Ipv6 as u16 {
+        // SAFETY: a tail call does not return when it succeeds; with the slot empty the
+        // frame leaves untouched.
+        unsafe { maps::TCE6_PROG.tail_call(ctx, 0) };
+        return Ok(TC_ACT_OK);
+    }
     if eth.ether_type != EtherType::Ipv4 as u16 {
         return Ok(TC_ACT_OK);
     }
@@ -105,6 +111,95 @@ pub fn try_egress(ctx: &TcContext) -> Result<i32, i64> {
     ctx.store(l4, &e.nat_sport_be, 0)?;
     if remapped {
         ctx.store(l4 + 2, &e.nat_dport_be, 0)?;
+    }
+    maps::count(counter::TC_REPLY, ctx.len() as u64);
+    Ok(TC_ACT_OK)
+}
+
+const IP6_SRC_OFF: usize = EthHdr::LEN + offset_of!(Ipv6Hdr, src_addr);
+const L4_OFF6: usize = EthHdr::LEN + Ipv6Hdr::LEN;
+
+/// The IPv6 egress program (`lb_tc_egress6`, tail-called by `lb_tc_egress` for IPv6 frames):
+/// the replies of local backends to IPv6 clients, translated back as [`try_egress`] does for
+/// IPv4 (no header checksum; the pseudo-header's 128-bit source in the L4 checksum). Packets
+/// with extension headers leave untouched, as the ingress path passes them.
+#[inline(always)]
+pub fn try_egress6(ctx: &TcContext) -> Result<i32, i64> {
+    let ip: Ipv6Hdr = ctx.load(EthHdr::LEN)?;
+    if ip.version() != 6 || (ip.next_hdr != proto::TCP && ip.next_hdr != proto::UDP) {
+        return Ok(TC_ACT_OK);
+    }
+    let l4 = ip.next_hdr;
+    let ports: [u8; 4] = ctx.load(L4_OFF6)?;
+    // The key in the IPv6 path's per-CPU scratch (the stack is too small for its copies).
+    let Some(s) = maps::PACKET6.get_ptr_mut(0) else {
+        return Ok(TC_ACT_OK);
+    };
+    // SAFETY: per-CPU value, no concurrent user on this CPU.
+    let key = unsafe { &mut (*s).key };
+    // SAFETY: `[u8; 16]` and `Addr6` have the same size; read without alignment.
+    unsafe {
+        key.saddr_be = core::ptr::read_unaligned(ip.src_addr.as_ptr() as *const Addr6);
+        key.daddr_be = core::ptr::read_unaligned(ip.dst_addr.as_ptr() as *const Addr6);
+    }
+    key.sport_be = u16::from_ne_bytes([ports[0], ports[1]]);
+    key.dport_be = u16::from_ne_bytes([ports[2], ports[3]]);
+    key.proto = l4;
+    key._pad = [0; 3];
+    let key: &CtKey6 = key;
+    let Some((found, _)) = ct::lookup(key) else {
+        return Ok(TC_ACT_OK);
+    };
+    if found.flags & ct_flags::REPLY == 0
+        || found.flags & ct_flags::LOCAL_BACKEND == 0
+        || found.flags & ct_flags::SNAT != 0
+    {
+        return Ok(TC_ACT_OK);
+    }
+    let seg = if l4 == proto::TCP {
+        let h: TcpHdr = ctx.load(L4_OFF6)?;
+        Seg::of(
+            &h,
+            u16::from_be_bytes(ip.payload_len).wrapping_add(Ipv6Hdr::LEN as u16),
+            Ipv6Hdr::LEN as u16,
+        )
+    } else {
+        Seg::default()
+    };
+    let Some(e) = ct::follow_seg(key, l4, &seg) else {
+        return Ok(TC_ACT_OK);
+    };
+    let check_off = L4_OFF6
+        + if l4 == proto::TCP {
+            offset_of!(TcpHdr, check)
+        } else {
+            offset_of!(UdpHdr, check)
+        };
+    let udp_no_csum = l4 == proto::UDP && ctx.load::<u16>(check_off)? == 0;
+    let pseudo = BPF_F_PSEUDO_HDR as u64 | 4;
+    let remapped = e.nat_dport_be != key.dport_be;
+    if !udp_no_csum {
+        let mut i = 0;
+        while i < 4 {
+            ctx.l4_csum_replace(
+                check_off,
+                key.saddr_be[i] as u64,
+                e.nat_saddr_be[i] as u64,
+                pseudo,
+            )?;
+            i += 1;
+        }
+        ctx.l4_csum_replace(check_off, key.sport_be as u64, e.nat_sport_be as u64, 2)?;
+        if remapped {
+            ctx.l4_csum_replace(check_off, key.dport_be as u64, e.nat_dport_be as u64, 2)?;
+        }
+    }
+    // SAFETY: four `u32` are sixteen bytes, in memory order (the wire's).
+    let src = unsafe { core::mem::transmute::<Addr6, [u8; 16]>(e.nat_saddr_be) };
+    ctx.store(IP6_SRC_OFF, &src, 0)?;
+    ctx.store(L4_OFF6, &e.nat_sport_be, 0)?;
+    if remapped {
+        ctx.store(L4_OFF6 + 2, &e.nat_dport_be, 0)?;
     }
     maps::count(counter::TC_REPLY, ctx.len() as u64);
     Ok(TC_ACT_OK)

@@ -199,6 +199,7 @@ fn map_layouts_of_the_object_are_lb_common_types() {
         // Program arrays: index -> program fd.
         (map_name::XDP6_PROG, (size::<u32>(), size::<u32>())),
         (map_name::TC6_PROG, (size::<u32>(), size::<u32>())),
+        (map_name::TCE6_PROG, (size::<u32>(), size::<u32>())),
         (lb_common::BENCH_MAP, (size::<u32>(), size::<BenchFrame>())),
         // (second, answers sent), per CPU.
         (lb_common::REJECT_RATE_MAP, (size::<u32>(), 8)),

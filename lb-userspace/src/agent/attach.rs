@@ -333,9 +333,9 @@ pub(super) fn load_programs(ebpf: &mut aya::Ebpf) -> Result<()> {
     load_ipv6_north_south(ebpf)
 }
 
-/// Loads the IPv6 north-south programs (`lb_xdp6`, `lb_tc_ingress6`) and puts them in the
-/// program arrays through which `lb_xdp` and `lb_tc_ingress` tail-call them for IPv6 frames
-/// (`map_name::XDP6_PROG`, `map_name::TC6_PROG`; pinned, so the programs stay in place while
+/// Loads the IPv6 programs (`lb_xdp6`, `lb_tc_ingress6`, `lb_tc_egress6`) and puts them in the
+/// program arrays through which `lb_xdp`, `lb_tc_ingress` and `lb_tc_egress` tail-call them for
+/// IPv6 frames (`map_name::XDP6_PROG`, `map_name::TC6_PROG`, `map_name::TCE6_PROG`; pinned, so the programs stay in place while
 /// the agent is down, and a new agent's replace the old ones in one write).
 pub fn load_ipv6_north_south(ebpf: &mut aya::Ebpf) -> Result<()> {
     let xdp6 = {
@@ -349,18 +349,13 @@ pub fn load_ipv6_north_south(ebpf: &mut aya::Ebpf) -> Result<()> {
         }
         p.fd()?.try_clone()?
     };
-    let tc6 = {
-        let p: &mut SchedClassifier = ebpf
-            .program_mut(program_name::TC_INGRESS6)
-            .ok_or_else(|| anyhow!("program {} missing", program_name::TC_INGRESS6))?
-            .try_into()?;
-        if p.fd().is_err() {
-            p.load()
-                .context("loading the IPv6 tc ingress program (verifier)")?;
-        }
-        p.fd()?.try_clone()?
-    };
-    for (map, fd) in [(map_name::XDP6_PROG, &xdp6), (map_name::TC6_PROG, &tc6)] {
+    let tc6 = load_classifier(ebpf, program_name::TC_INGRESS6)?;
+    let tce6 = load_classifier(ebpf, program_name::TC_EGRESS6)?;
+    for (map, fd) in [
+        (map_name::XDP6_PROG, &xdp6),
+        (map_name::TC6_PROG, &tc6),
+        (map_name::TCE6_PROG, &tce6),
+    ] {
         let mut array: ProgramArray<_> = ebpf
             .map_mut(map)
             .ok_or_else(|| anyhow!("map {map} missing from the object"))?
@@ -370,6 +365,19 @@ pub fn load_ipv6_north_south(ebpf: &mut aya::Ebpf) -> Result<()> {
             .with_context(|| format!("setting the IPv6 program in {map}"))?;
     }
     Ok(())
+}
+
+/// Loads the tc program `name` (when not loaded yet) and returns a descriptor of it.
+fn load_classifier(ebpf: &mut aya::Ebpf, name: &str) -> Result<aya::programs::ProgramFd> {
+    let p: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing"))?
+        .try_into()?;
+    if p.fd().is_err() {
+        p.load()
+            .with_context(|| format!("loading {name} (verifier)"))?;
+    }
+    Ok(p.fd()?.try_clone()?)
 }
 
 /// Picks the north-south hook of every `--device` (see [`hook`]) and logs each choice with its
