@@ -232,6 +232,24 @@ impl XdpHarness {
         Ok((read(map_name::CONNTRACK)?, read(map_name::CONNTRACK_NEW)?))
     }
 
+    /// Every IPv6 conntrack entry, confirmed and unconfirmed (`lb_ct6_v1`, `lb_ct6_new_v1`).
+    pub fn conntrack6_entries(&self) -> Result<Vec<(lb_common::CtKey6, lb_common::CtEntry6)>> {
+        let mut all = Vec::new();
+        for name in [map_name::CONNTRACK6, map_name::CONNTRACK6_NEW] {
+            let map = self
+                .ebpf
+                .map(name)
+                .ok_or_else(|| anyhow!("no map {name}"))?;
+            let ct: HashMap<&MapData, lb_common::CtKey6, lb_common::CtValue6> =
+                HashMap::try_from(map)?;
+            for kv in ct.iter() {
+                let (k, v) = kv?;
+                all.push((k, v.e));
+            }
+        }
+        Ok(all)
+    }
+
     /// Runs `f` on each conntrack tier (established, then new), writable; stops at the first
     /// `Some` it returns.
     fn each_tier<T>(

@@ -5,10 +5,13 @@
 //! - checksums that were valid on input are valid on output;
 //! - the verdict is PASS, DROP or TX, and the counters add up at the end.
 //!
+//! IPv4 and IPv6 alike: IPv6 frames (random, valid, mutated, of tracked flows) go through the
+//! tail call into the IPv6 path (`lb_xdp6`, `lb_tc_ingress6`) with the same invariants.
+//!
 //! `LB_GARBAGE_FRAMES` (default 1,000,000) and `LB_GARBAGE_SEED` run it longer or replay a run.
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
 };
 
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
@@ -22,6 +25,7 @@ struct Ran {
 use lb_userspace::control::desired::{BackendKey, Desired, DesiredFrontend, FrontendKey};
 
 const NODE: [u8; 4] = [192, 168, 100, 1];
+const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
 
 struct Rng(u64);
 
@@ -64,6 +68,46 @@ fn desired() -> Desired {
             flags,
         )
     };
+    let be6 = |last: u16, port: u16, proto: u8, flags: u8| {
+        (
+            BackendKey {
+                addr: SocketAddr::new(
+                    Ipv6Addr::new(0xfd00, 0x244, 1 + last % 2, 0, 0, 0, 0, last).into(),
+                    port,
+                ),
+                proto,
+            },
+            flags,
+        )
+    };
+    let v6 = frontends6()
+        .into_iter()
+        .enumerate()
+        .map(move |(i, (addr, proto))| {
+            (
+                FrontendKey {
+                    addr,
+                    proto,
+                    scope: lb_common::scope::EXTERNAL,
+                },
+                DesiredFrontend {
+                    service_port: format!("ns/v6s{i}:p/{proto}/IPv6"),
+                    flags: service_flags::NODE_PORT
+                        | if i == 0 {
+                            service_flags::SESSION_AFFINITY
+                        } else {
+                            0
+                        },
+                    affinity_timeout_s: 30,
+                    source_ranges: None,
+                    backends: vec![
+                        be6(0x10, 8080, proto, backend_flags::LOCAL),
+                        be6(0x11, 8080, proto, 0),
+                        be6(0x12, 9090, proto, 0),
+                    ],
+                },
+            )
+        });
     frontends()
         .into_iter()
         .enumerate()
@@ -94,7 +138,99 @@ fn desired() -> Desired {
                 },
             )
         })
+        .chain(v6)
         .collect()
+}
+
+/// IPv6 frontends programmed for the run.
+fn frontends6() -> Vec<(SocketAddr, u8)> {
+    vec![
+        (SocketAddr::new(NODE6.into(), 30080), 6),
+        (SocketAddr::new(NODE6.into(), 30081), 17),
+        (
+            SocketAddr::new(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7).into(), 80),
+            6,
+        ),
+    ]
+}
+
+/// A well-formed IPv6 frame, sometimes to a frontend, sometimes not.
+fn valid_frame6(r: &mut Rng) -> Vec<u8> {
+    let fes = frontends6();
+    let (dst, port, proto) = if r.below(3) > 0 {
+        let (a, p) = r.pick(&fes);
+        let IpAddr::V6(ip) = a.ip() else {
+            unreachable!()
+        };
+        (ip.octets(), a.port(), p)
+    } else {
+        (
+            Ipv6Addr::new(
+                0xfd00,
+                0x244,
+                r.below(4) as u16,
+                0,
+                0,
+                0,
+                0,
+                r.below(250) as u16,
+            )
+            .octets(),
+            r.below(65535) as u16 + 1,
+            if r.below(2) == 0 { 6 } else { 17 },
+        )
+    };
+    let src = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 0x100 + r.below(4) as u16).octets();
+    let sport = 1024 + r.below(200) as u16;
+    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv6(src, dst, 64);
+    let payload: Vec<u8> = (0..r.below(40)).map(|_| r.next() as u8).collect();
+    let mut v = Vec::new();
+    match (proto, r.below(3)) {
+        (6, 0) => b
+            .tcp(sport, port, r.next() as u32, 1000)
+            .syn()
+            .write(&mut v, &payload)
+            .unwrap(),
+        (6, _) => b
+            .tcp(sport, port, r.next() as u32, 1000)
+            .ack(1)
+            .write(&mut v, &payload)
+            .unwrap(),
+        _ => b.udp(sport, port).write(&mut v, &payload).unwrap(),
+    }
+    v
+}
+
+/// A frame of a tracked IPv6 flow (either direction).
+fn tracked_frame6(r: &mut Rng, k: &lb_common::CtKey6) -> Vec<u8> {
+    let o = |a: lb_common::Addr6| lb_userspace::dataplane::addr6_from_words(&a).octets();
+    let (src, dst) = (o(k.saddr_be), o(k.daddr_be));
+    let (sp, dp) = (u16::from_be(k.sport_be), u16::from_be(k.dport_be));
+    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv6(src, dst, 64);
+    let payload: Vec<u8> = (0..r.below(30)).map(|_| r.next() as u8).collect();
+    let mut v = Vec::new();
+    if k.proto == 6 {
+        b.tcp(sp, dp, r.next() as u32, 1000)
+            .ack(1)
+            .write(&mut v, &payload)
+            .unwrap();
+    } else {
+        b.udp(sp, dp).write(&mut v, &payload).unwrap();
+    }
+    v
+}
+
+/// Flips one to three bits past the Ethernet header, and sometimes cuts the frame short.
+fn mutate(r: &mut Rng, mut v: Vec<u8>) -> Vec<u8> {
+    for _ in 0..1 + r.below(3) {
+        let i = 14 + r.below(v.len() as u64 - 14) as usize;
+        v[i] ^= 1 << r.below(8);
+    }
+    if r.below(4) == 0 {
+        let keep = 14 + r.below(v.len() as u64 - 13) as usize;
+        v.truncate(keep);
+    }
+    v
 }
 
 /// A well-formed frame, sometimes to a frontend, sometimes not.
@@ -169,7 +305,16 @@ fn tracked_frame(r: &mut Rng, k: &lb_common::CtKey) -> Vec<u8> {
     v
 }
 
-fn frame(r: &mut Rng, known: &[lb_common::CtKey]) -> Vec<u8> {
+fn frame(r: &mut Rng, known: &[lb_common::CtKey], known6: &[lb_common::CtKey6]) -> Vec<u8> {
+    if !known6.is_empty() && r.below(8) == 0 {
+        let k = known6[r.below(known6.len() as u64) as usize];
+        let mut v = tracked_frame6(r, &k);
+        if r.below(3) == 0 {
+            let i = 14 + r.below(v.len() as u64 - 14) as usize;
+            v[i] ^= 1 << r.below(8);
+        }
+        return v;
+    }
     if !known.is_empty() && r.below(4) == 0 {
         let k = known[r.below(known.len() as u64) as usize];
         let mut v = tracked_frame(r, &k);
@@ -179,7 +324,7 @@ fn frame(r: &mut Rng, known: &[lb_common::CtKey]) -> Vec<u8> {
         }
         return v;
     }
-    match r.below(10) {
+    match r.below(16) {
         // Random bytes (at least an Ethernet header, which the kernel's test run requires).
         0 => (0..14 + r.below(120)).map(|_| r.next() as u8).collect(),
         // Random bytes behind an IPv4 EtherType.
@@ -188,45 +333,93 @@ fn frame(r: &mut Rng, known: &[lb_common::CtKey]) -> Vec<u8> {
             v.extend((0..r.below(100)).map(|_| r.next() as u8));
             v
         }
-        // Valid frames, untouched.
-        2..=4 => valid_frame(r),
-        // Valid frames with a few bytes flipped past the Ethernet header, or cut short.
-        _ => {
-            let mut v = valid_frame(r);
-            for _ in 0..1 + r.below(3) {
-                let i = 14 + r.below(v.len() as u64 - 14) as usize;
-                v[i] ^= 1 << r.below(8);
-            }
-            if r.below(4) == 0 {
-                let keep = 14 + r.below(v.len() as u64 - 13) as usize;
-                v.truncate(keep);
+        // Random bytes behind an IPv6 EtherType, mostly with version 6 and a next header of
+        // interest (ICMPv6, hop-by-hop, routing, fragment, destination options, TCP, UDP).
+        2 => {
+            let mut v = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x86, 0xdd];
+            v.extend((0..r.below(100)).map(|_| r.next() as u8));
+            if v.len() > 20 && r.below(8) > 0 {
+                v[14] = 0x60 | (v[14] & 0x0f);
+                v[20] = r.pick(&[58, 0, 43, 44, 60, 6, 17]);
             }
             v
+        }
+        // Valid frames, untouched.
+        3..=5 => valid_frame(r),
+        6..=7 => valid_frame6(r),
+        // Valid frames with a few bytes flipped past the Ethernet header, or cut short.
+        8..=11 => {
+            let v = valid_frame(r);
+            mutate(r, v)
+        }
+        _ => {
+            let v = valid_frame6(r);
+            mutate(r, v)
         }
     }
 }
 
-/// (destination, port, protocol, ICMP) of an IPv4 TCP/UDP frame, when it parses as one.
-fn dest(f: &[u8]) -> Option<(SocketAddrV4, u8)> {
+/// (destination, port, protocol) of an IPv4 or IPv6 TCP/UDP frame, when it parses as one.
+fn dest(f: &[u8]) -> Option<(SocketAddr, u8)> {
     let p = SlicedPacket::from_ethernet(f).ok()?;
-    let ip = match p.net? {
-        etherparse::NetSlice::Ipv4(ip) => ip,
+    let dst: IpAddr = match p.net? {
+        etherparse::NetSlice::Ipv4(ip) => ip.header().destination_addr().into(),
+        etherparse::NetSlice::Ipv6(ip) => ip.header().destination_addr().into(),
         _ => return None,
     };
-    let dst = ip.header().destination_addr();
     match p.transport? {
-        TransportSlice::Tcp(t) => Some((SocketAddrV4::new(dst, t.destination_port()), 6)),
-        TransportSlice::Udp(u) => Some((SocketAddrV4::new(dst, u.destination_port()), 17)),
+        TransportSlice::Tcp(t) => Some((SocketAddr::new(dst, t.destination_port()), 6)),
+        TransportSlice::Udp(u) => Some((SocketAddr::new(dst, u.destination_port()), 17)),
         _ => None,
     }
+}
+
+/// (source, destination, source port, destination port) of a TCP/UDP frame `dest` parsed.
+fn four_tuple(f: &[u8]) -> (IpAddr, IpAddr, u16, u16) {
+    let p = SlicedPacket::from_ethernet(f).unwrap();
+    let (s, d): (IpAddr, IpAddr) = match p.net.unwrap() {
+        etherparse::NetSlice::Ipv4(ip) => (
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+        ),
+        etherparse::NetSlice::Ipv6(ip) => (
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+        ),
+        _ => unreachable!(),
+    };
+    let (sp, dp) = match p.transport.unwrap() {
+        TransportSlice::Tcp(t) => (t.source_port(), t.destination_port()),
+        TransportSlice::Udp(u) => (u.source_port(), u.destination_port()),
+        _ => unreachable!(),
+    };
+    (s, d, sp, dp)
 }
 
 /// Whether the IPv4 header checksum and the TCP/UDP checksum (over a complete segment) hold.
 /// `None` when the frame is not a complete IPv4 TCP/UDP packet.
 fn checksums_ok(f: &[u8]) -> Option<bool> {
     let p = SlicedPacket::from_ethernet(f).ok()?;
-    let etherparse::NetSlice::Ipv4(ip) = p.net? else {
-        return None;
+    let ip = match p.net? {
+        etherparse::NetSlice::Ipv4(ip) => ip,
+        etherparse::NetSlice::Ipv6(ip) => {
+            // No header checksum; the L4 one over the IPv6 pseudo-header (a complete
+            // segment: the payload length covers it, no extension headers).
+            let h = ip.header().to_header();
+            if !ip.extensions().is_empty() {
+                return None;
+            }
+            return Some(match p.transport? {
+                TransportSlice::Tcp(t) => {
+                    t.to_header().calc_checksum_ipv6(&h, t.payload()).ok()? == t.checksum()
+                }
+                TransportSlice::Udp(u) => {
+                    u.to_header().calc_checksum_ipv6(&h, u.payload()).ok()? == u.checksum()
+                }
+                _ => return None,
+            });
+        }
+        _ => return None,
     };
     let h = ip.header().to_header();
     if h.header_checksum != h.calc_header_checksum() {
@@ -275,6 +468,12 @@ fn garbage_in(on_tc: bool, default_frames: u64) {
         ..Default::default()
     })
     .unwrap();
+    h.set_config6(&lb_common::Config6 {
+        node_addr: lb_userspace::dataplane::addr6_words(NODE6),
+        ready: 1,
+        _pad: 0,
+    })
+    .unwrap();
     h.program(&desired()).unwrap();
     let frames: u64 = std::env::var("LB_GARBAGE_FRAMES")
         .ok()
@@ -285,13 +484,39 @@ fn garbage_in(on_tc: bool, default_frames: u64) {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0x5e_ed1b);
     eprintln!("{frames} frames, seed {seed} (LB_GARBAGE_SEED to replay)");
-    let fes: BTreeSet<(SocketAddrV4, u8)> = frontends().into_iter().collect();
+    let fes: BTreeSet<(SocketAddr, u8)> = frontends()
+        .into_iter()
+        .map(|(a, p)| (SocketAddr::V4(a), p))
+        .chain(frontends6())
+        .collect();
     let mut r = Rng(seed | 1);
     let (mut rewritten, mut dropped, mut ran) = (0u64, 0u64, 0u64);
     // (saddr, daddr, sport, dport, proto) of the flows the program is tracking.
-    type Tuple = (u32, u32, u16, u16, u8);
+    type Tuple = (IpAddr, IpAddr, u16, u16, u8);
     let mut tracked: Option<BTreeSet<Tuple>> = None;
+    let read_tracked = |h: &XdpHarness| -> BTreeSet<Tuple> {
+        let v4 = h.conntrack_entries().unwrap().into_iter().map(|(k, _)| {
+            (
+                IpAddr::from(k.saddr_be.to_ne_bytes()),
+                IpAddr::from(k.daddr_be.to_ne_bytes()),
+                u16::from_be(k.sport_be),
+                u16::from_be(k.dport_be),
+                k.proto,
+            )
+        });
+        let v6 = h.conntrack6_entries().unwrap().into_iter().map(|(k, _)| {
+            (
+                IpAddr::from(lb_userspace::dataplane::addr6_from_words(&k.saddr_be)),
+                IpAddr::from(lb_userspace::dataplane::addr6_from_words(&k.daddr_be)),
+                u16::from_be(k.sport_be),
+                u16::from_be(k.dport_be),
+                k.proto,
+            )
+        });
+        v4.chain(v6).collect()
+    };
     let mut known: Vec<lb_common::CtKey> = Vec::new();
+    let mut known6: Vec<lb_common::CtKey6> = Vec::new();
     let tc = on_tc.then(|| {
         TcProgram::load_named(h.pin_dir(), &[], lb_common::program_name::TC_INGRESS).unwrap()
     });
@@ -310,14 +535,31 @@ fn garbage_in(on_tc: bool, default_frames: u64) {
                 .map(|(k, _)| k)
                 .take(2000)
                 .collect();
+            known6 = h
+                .conntrack6_entries()
+                .unwrap()
+                .into_iter()
+                .map(|(k, _)| k)
+                .take(2000)
+                .collect();
         }
-        let input = frame(&mut r, &known);
+        let input = frame(&mut r, &known, &known6);
         let (verdict, output) = match &tc {
             Some(tc) => match tc.run(&input) {
                 Ok(r) => r,
                 // BPF_PROG_TEST_RUN builds no socket buffer from a frame too short for the
-                // header its EtherType names: such a frame never reaches the program here.
-                Err(_) if input.len() < 14 + 20 => continue,
+                // header its EtherType names (IPv4: 20 bytes, IPv6: 40): such a frame never
+                // reaches the program here.
+                Err(_)
+                    if input.len()
+                        < 14 + if input[12..14] == [0x86, 0xdd] {
+                            40
+                        } else {
+                            20
+                        } =>
+                {
+                    continue
+                }
                 Err(e) => panic!("frame {n}: {e:#}"),
             },
             None => {
@@ -342,32 +584,11 @@ fn garbage_in(on_tc: bool, default_frames: u64) {
         // Rewritten: addressed to a frontend, or part of a tracked flow, or an ICMP error.
         if let Some(d) = dest(&input) {
             if !fes.contains(&d) {
-                let p = SlicedPacket::from_ethernet(&input).unwrap();
-                let etherparse::NetSlice::Ipv4(ip) = p.net.unwrap() else {
-                    unreachable!()
-                };
-                let (s, dd) = (ip.header().source_addr(), ip.header().destination_addr());
-                let (sp, dp) = match p.transport.unwrap() {
-                    TransportSlice::Tcp(t) => (t.source_port(), t.destination_port()),
-                    TransportSlice::Udp(u) => (u.source_port(), u.destination_port()),
-                    _ => unreachable!(),
-                };
+                let (src, dst, sp, dp) = four_tuple(&input);
                 // Consult conntrack as it was (re-read lazily, it only grows here).
-                let key = (
-                    u32::from_ne_bytes(s.octets()),
-                    u32::from_ne_bytes(dd.octets()),
-                    sp.to_be(),
-                    dp.to_be(),
-                    d.1,
-                );
+                let key = (src, dst, sp, dp, d.1);
                 if !tracked.as_ref().is_some_and(|t| t.contains(&key)) {
-                    tracked = Some(
-                        h.conntrack_entries()
-                            .unwrap()
-                            .iter()
-                            .map(|(k, _)| (k.saddr_be, k.daddr_be, k.sport_be, k.dport_be, k.proto))
-                            .collect(),
-                    );
+                    tracked = Some(read_tracked(&h));
                 }
                 assert!(
                     tracked.as_ref().unwrap().contains(&key),
@@ -404,6 +625,9 @@ fn garbage_in(on_tc: bool, default_frames: u64) {
         "xdp_established",
         "xdp_reply",
         "xdp_icmp_error_xlate",
+        "xdp_ipv6",
+        "xdp_icmpv6_pass",
+        "xdp_ipv6_ext_hdr",
     ] {
         assert!(c[path].packets > 0, "the run exercised {path}");
     }
