@@ -256,18 +256,21 @@ impl Hook6 for TcContext {
 /// address. `Err`: the stack routes it.
 #[inline(always)]
 fn tc_forward6(ctx: &TcContext) -> Result<u32, ()> {
-    let ip: Ipv6Hdr = ctx.load(IP_OFF).map_err(|_| ())?;
-    if ip.hop_limit <= 1 {
+    // The header in place (checked again: the rewrite's helpers invalidated every packet
+    // pointer), not a copy on the stack.
+    let ip = ptr_at::<Ipv6Hdr, TcContext>(ctx, IP_OFF).ok_or(())?;
+    // SAFETY: bounds checked just above.
+    let hop = unsafe { (*ip).hop_limit };
+    if hop <= 1 {
         return Err(()); // the stack answers with Time Exceeded
     }
     // SAFETY: the context's socket buffer, valid for the program's run.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    let (fib, rc) = fib_lookup6(ctx, &ip, ingress).ok_or(())?;
+    let (fib, rc) = fib_lookup6(ctx, ip, ingress).ok_or(())?;
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 && rc != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         return Err(());
     }
-    ctx.store(IP_HOP_OFF, &(ip.hop_limit - 1), 0)
-        .map_err(|_| ())?;
+    ctx.store(IP_HOP_OFF, &(hop - 1), 0).map_err(|_| ())?;
     maps::count(counter::XDP_REDIRECT, 0);
     // SAFETY: helper without preconditions; no next-hop parameters (the kernel looks it up).
     Ok(unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) } as u32)

@@ -24,6 +24,7 @@ mod frontend;
 mod hook;
 mod hook6;
 mod icmp;
+mod icmp6;
 mod maps;
 mod nat;
 mod north_south;

@@ -44,6 +44,12 @@ pub fn run<H: Hook6>(ctx: &H) -> u32 {
     // stages read before they read it.
     let s = unsafe { &mut *s };
     if let Err(stop) = parse6::packet(ctx, &mut s.p) {
+        // An ICMPv6 error about a translated flow is translated too (icmp6.rs).
+        if let Stop::Pass(counter::XDP_ICMPV6_PASS) = stop {
+            if let Some(verdict) = crate::icmp6::translate_error(ctx) {
+                return verdict;
+            }
+        }
         return stop.act(ctx);
     }
     s.key = ct::key(&s.p);
