@@ -251,3 +251,57 @@ fn kernel_lbctl_views_show_ipv6_conntrack_and_config() {
     assert_eq!(c.node_address, "192.168.100.1");
     assert_eq!(c.node_address6.as_deref(), Some("fd00:100::1"));
 }
+
+/// The IPv6 path keeps a confirmed flow's next hop in its conntrack value and reuses it while
+/// it is fresh, as the IPv4 path does: in a namespace with a route to the backends (the
+/// bench's), an established packet leaves with XDP_TX and its entry holds the FIB's answer; a
+/// planted answer is used as it is (no lookup); a new route generation makes the next packet
+/// look the route up again.
+#[test]
+fn kernel_xdp6_caches_the_next_hop_of_a_confirmed_flow() {
+    let Some(()) = lb_tests::require_privileges() else {
+        return;
+    };
+    let ns = lb_tests::bench::testrun::BenchNetns::new().unwrap();
+    ns.run(|| {
+        let ifindex = {
+            let c = std::ffi::CString::new("bench0").unwrap();
+            // SAFETY: plain libc call on a valid C string.
+            unsafe { libc::if_nametoindex(c.as_ptr()) }
+        };
+        assert_ne!(ifindex, 0);
+        let mut h = harness();
+        handshake6(&h, 40001);
+        let ack = frame6(Kind::Ack, (CLIENT6, 40001), (NODE6, 30081));
+        let ctx = lb_tests::bench::testrun::xdp_md(ifindex, ack.len());
+        let send = |h: &XdpHarness| {
+            let r = h.run_ctx(lb_common::program_name::XDP, &ack, &ctx).unwrap();
+            assert_eq!(r.verdict, 3, "XDP_TX");
+            <[u8; 6]>::try_from(&r.output[0..6]).unwrap()
+        };
+        let key = lb_tests::fixture::frames::ct_key6((CLIENT6, 40001), (NODE6, 30081), TCP);
+        let data = open_pinned(h.pin_dir(), map_name::CONNTRACK6).unwrap();
+        let mut m: aya::maps::HashMap<_, lb_common::CtKey6, lb_common::CtValue6> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).unwrap();
+        let neighbour = [2, 0, 0, 0, 0, 2];
+        assert_eq!(send(&h), neighbour, "the FIB's next hop");
+        let v = m.get(&key, 0).unwrap();
+        assert_eq!(
+            (v.nh.in_ifindex, v.nh.out_ifindex, v.nh.dmac),
+            (ifindex, ifindex, neighbour),
+            "{v:?}"
+        );
+        // A planted answer is what the next packet uses: no lookup while it is fresh.
+        let planted = [2, 0, 0, 0, 0, 0x99];
+        let mut p = v;
+        p.nh.dmac = planted;
+        m.insert(key, p, 0).unwrap();
+        assert_eq!(send(&h), planted);
+        // A routing change (a new generation): looked up again, and kept.
+        h.set_route_gen(h.route_gen().unwrap() + 1).unwrap();
+        assert_eq!(send(&h), neighbour);
+        assert_eq!(m.get(&key, 0).unwrap().nh.dmac, neighbour);
+        Ok(())
+    })
+    .unwrap();
+}
