@@ -144,8 +144,9 @@ pub const BENCH_MAP: &str = "lb_bench";
 /// (`limits::REJECTS_PER_SECOND`); not pinned: it may start over whenever the programs load.
 pub const REJECT_RATE_MAP: &str = "lb_reject_rate";
 
-/// Length of a benchmark frame (frames are padded to it).
-pub const BENCH_FRAME_LEN: usize = 64;
+/// Length of a benchmark frame (frames are padded to it): room for an IPv6 TCP segment with a
+/// byte of payload (75 bytes), a multiple of 8 (the restore copies words).
+pub const BENCH_FRAME_LEN: usize = 80;
 
 /// What the benchmark programs write into the packet before each iteration.
 #[repr(C)]
@@ -154,7 +155,8 @@ pub struct BenchFrame {
     pub bytes: [u8; BENCH_FRAME_LEN],
     /// Non-zero: each iteration gets a new IPv4 source address (`base + seq`) and a source port
     /// in 32768..=49151 derived from `seq`, checksums fixed, so that every iteration is a new
-    /// flow from a client with an ephemeral port.
+    /// flow from a client with an ephemeral port. IPv4 frames only (IPv6 ones are restored as
+    /// they are).
     pub vary_source: u32,
     /// Iterations so far (the next source offset).
     pub seq: u32,
@@ -1219,7 +1221,7 @@ const _: () = {
     assert!(core::mem::size_of::<FragKey>() == 12);
     assert!(core::mem::size_of::<FragPorts>() == 4);
     assert!(core::mem::size_of::<Config>() == 32 + 4 * limits::XDP_DEVICES);
-    assert!(core::mem::size_of::<BenchFrame>() == 72);
+    assert!(core::mem::size_of::<BenchFrame>() == 88);
 };
 
 #[cfg(feature = "user")]

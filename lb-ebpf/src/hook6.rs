@@ -15,12 +15,13 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
-use lb_common::{counter, proto, Addr6, CtEntry6};
+use lb_common::{counter, proto, Addr6, CtEntry6, NextHop};
 use network_types::{eth::EthHdr, ip::Ipv6Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
     bounds::Bounds,
     csum,
+    forward::NhSlot,
     hook::WriteFailed,
     maps,
     parse::{ptr_at, L4},
@@ -39,8 +40,10 @@ pub trait Hook6: Bounds {
     /// Writes `e`'s addresses and ports into `p`, with the L4 checksum.
     fn rewrite6(&self, p: &Packet6, e: &CtEntry6) -> Result<(), WriteFailed>;
     /// Sends a translated packet on (the stack for local backends and routes this program
-    /// cannot act on); returns the verdict. `p`'s pointers may be stale on tc.
-    fn forward6(&self, p: &Packet6, to_local_backend: bool) -> u32;
+    /// cannot act on); returns the verdict. `p`'s pointers may be stale on tc. With a slot
+    /// (a confirmed flow, XDP), its cached next hop is used when fresh and a new answer is
+    /// kept in it, as the IPv4 path does (forward.rs).
+    fn forward6(&self, p: &Packet6, to_local_backend: bool, slot: NhSlot) -> u32;
 }
 
 /// An address as the 16 bytes of the header.
@@ -144,7 +147,7 @@ impl Hook6 for XdpContext {
     }
 
     #[inline(always)]
-    fn forward6(&self, _p: &Packet6, to_local_backend: bool) -> u32 {
+    fn forward6(&self, _p: &Packet6, to_local_backend: bool, slot: NhSlot) -> u32 {
         if to_local_backend {
             maps::count(counter::XDP_TRANSLATED_PASS, 0);
             return xdp_action::XDP_PASS;
@@ -154,7 +157,12 @@ impl Hook6 for XdpContext {
             return xdp_action::XDP_PASS;
         };
         // SAFETY: `ip` was bounds checked by `headers` (the rewrite wrote in place).
-        let hop = unsafe { (*ip).hop_limit };
+        let (hop, tot_len) = unsafe {
+            (
+                (*ip).hop_limit,
+                u16::from_be_bytes((*ip).payload_len).wrapping_add(Ipv6Hdr::LEN as u16),
+            )
+        };
         // SAFETY: the context's metadata, valid for the program's run.
         let ingress = unsafe { (*self.ctx).ingress_ifindex };
         if hop <= 1 {
@@ -162,21 +170,50 @@ impl Hook6 for XdpContext {
             maps::count(counter::XDP_TRANSLATED_PASS, 0);
             return xdp_action::XDP_PASS;
         }
-        let Some((fib, rc)) = fib_lookup6(self, ip, ingress) else {
-            maps::count(counter::XDP_TRANSLATED_PASS, 0);
-            return xdp_action::XDP_PASS;
+        let gen = maps::route_gen();
+        let cached = !slot.nh.is_null();
+        // SAFETY: the slot points into a conntrack value, valid for the program's run; read
+        // in place.
+        let (out, dmac, smac) = if cached
+            && unsafe { (*slot.nh).stale(gen, ingress, tot_len, slot.now) } == 0
+        {
+            // SAFETY: as above.
+            unsafe { ((*slot.nh).out_ifindex, (*slot.nh).dmac, (*slot.nh).smac) }
+        } else {
+            let Some((fib, rc)) = fib_lookup6(self, ip, ingress) else {
+                maps::count(counter::XDP_TRANSLATED_PASS, 0);
+                return xdp_action::XDP_PASS;
+            };
+            let out = fib.ifindex;
+            let deliverable = out == ingress || maps::config().is_some_and(|c| c.xdp_device(out));
+            if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 || !deliverable {
+                maps::count(counter::XDP_TRANSLATED_PASS, 0);
+                return xdp_action::XDP_PASS;
+            }
+            if cached {
+                // Kept for this flow's next packets (see forward.rs: `fits` only grows until
+                // the answer goes stale).
+                // SAFETY: as above.
+                unsafe {
+                    *slot.nh = NextHop {
+                        gen,
+                        in_ifindex: ingress,
+                        out_ifindex: out,
+                        checked_s: slot.now,
+                        fits: tot_len,
+                        dmac: fib.dmac,
+                        smac: fib.smac,
+                        _pad: [0; 2],
+                    }
+                };
+            }
+            (out, fib.dmac, fib.smac)
         };
-        let out = fib.ifindex;
-        let deliverable = out == ingress || maps::config().is_some_and(|c| c.xdp_device(out));
-        if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 || !deliverable {
-            maps::count(counter::XDP_TRANSLATED_PASS, 0);
-            return xdp_action::XDP_PASS;
-        }
         // SAFETY: `ip` and `eth` were bounds checked by the parse stage.
         unsafe {
             (*ip).hop_limit = hop - 1;
-            (*eth).dst_addr = fib.dmac;
-            (*eth).src_addr = fib.smac;
+            (*eth).dst_addr = dmac;
+            (*eth).src_addr = smac;
         }
         if out == ingress {
             maps::count(counter::XDP_TX, 0);
@@ -240,7 +277,7 @@ impl Hook6 for TcContext {
     }
 
     #[inline(always)]
-    fn forward6(&self, _p: &Packet6, to_local_backend: bool) -> u32 {
+    fn forward6(&self, _p: &Packet6, to_local_backend: bool, _slot: NhSlot) -> u32 {
         if !to_local_backend {
             if let Ok(v) = tc_forward6(self) {
                 return v;

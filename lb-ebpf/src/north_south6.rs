@@ -18,6 +18,7 @@ use lb_common::{
 
 use crate::{
     affinity, clock, ct,
+    forward::NhSlot,
     hook6::Hook6,
     maps::{self, Choice6, ServiceEvent},
     parse6::{self, Packet6},
@@ -71,17 +72,23 @@ pub fn run<H: Hook6>(ctx: &H) -> u32 {
 /// A packet of a tracked flow, in either direction: its verdict, or [`NEW_FLOW`].
 #[inline(never)]
 fn tracked<H: Hook6>(ctx: &H, p: &Packet6, key: &CtKey6) -> u32 {
-    let Some((e, _)) = ct::follow(key, p) else {
+    let Some((e, slot)) = ct::follow(key, p) else {
         return NEW_FLOW;
     };
-    match known_flow(ctx, p, &e, ctx.frame_len()) {
+    match known_flow(ctx, p, &e, slot, ctx.frame_len()) {
         Ok(v) => v,
         Err(stop) => stop.act(ctx),
     }
 }
 
 #[inline(always)]
-fn known_flow<H: Hook6>(ctx: &H, p: &Packet6, e: &CtEntry6, len: u64) -> Result<u32, Stop> {
+fn known_flow<H: Hook6>(
+    ctx: &H,
+    p: &Packet6,
+    e: &CtEntry6,
+    slot: NhSlot,
+    len: u64,
+) -> Result<u32, Stop> {
     ctx.rewrite6(p, e)
         .map_err(|_| Stop::drop_other(counter::TC_ERROR, e.svc_port_id))?;
     let reply = e.flags & ct_flags::REPLY != 0;
@@ -91,7 +98,7 @@ fn known_flow<H: Hook6>(ctx: &H, p: &Packet6, e: &CtEntry6, len: u64) -> Result<
         maps::count(counter::XDP_ESTABLISHED, len);
     }
     maps::count_service_packet(e.svc_port_id, len);
-    Ok(ctx.forward6(p, !reply && e.flags & ct_flags::LOCAL_BACKEND != 0))
+    Ok(ctx.forward6(p, !reply && e.flags & ct_flags::LOCAL_BACKEND != 0, slot))
 }
 
 /// The first packet of a flow, first half: its IPv6 external frontend and the backend, left in
@@ -245,5 +252,5 @@ fn establish<H: Hook6>(ctx: &H, p: &Packet6, key: &CtKey6, len: u64) -> Result<u
         .map_err(|_| Stop::drop_other(counter::TC_ERROR, svc_port_id))?;
     maps::count(counter::XDP_NEW_FLOW, len);
     maps::count_service(svc_port_id, ServiceEvent::NewConnection(len));
-    Ok(ctx.forward6(p, flags & ct_flags::LOCAL_BACKEND != 0))
+    Ok(ctx.forward6(p, flags & ct_flags::LOCAL_BACKEND != 0, NhSlot::NONE))
 }

@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::dataplane::{
     ct_gc,
     pinned::{check_dir, AyaDataplane},
-    read::{boot_seconds, conntrack_all, typed},
+    read::{boot_seconds, conntrack_all, conntrack_tiers, typed},
     Dataplane, MapContents,
 };
 
@@ -195,6 +195,8 @@ pub struct ConntrackView {
     /// generation, younger than `limits::NEXT_HOP_REVALIDATE_S`; the device and size checks
     /// depend on the packet); "-" when none is cached.
     pub next_hop_fresh: Option<bool>,
+    /// `IPv4` (`lb_ct_*`) or `IPv6` (`lb_ct6_*`).
+    pub family: &'static str,
 }
 
 /// `aa:bb:cc:dd:ee:ff`.
@@ -240,16 +242,39 @@ fn next_hop_view(
     (Some(text), Some(fresh))
 }
 
+/// An address and port of a conntrack entry as they read (`[2001:db8::1]:80` for IPv6).
+fn ct_sock<A: ct_gc::CtAddr>(a: A, port_be: u16) -> String {
+    std::net::SocketAddr::new(a.ip(), u16::from_be(port_be)).to_string()
+}
+
+/// Both families' conntrack entries (both tiers each), sorted by flow.
 pub fn conntrack(bpffs: &Path) -> Result<Vec<ConntrackView>> {
-    use lb_common::{ct_flags, ct_state};
     let now = boot_seconds();
-    let all = conntrack_all(bpffs)?;
     // An agent older than the next-hop cache pinned no generation map: every next hop shows as
     // not fresh then.
     let gen = crate::dataplane::read::route_gen(bpffs).ok();
-    let last_seen: std::collections::HashMap<lb_common::CtKey, u32> =
+    let mut v = conntrack_views::<u32>(bpffs, now, gen)?;
+    v.extend(conntrack_views::<lb_common::Addr6>(bpffs, now, gen)?);
+    v.sort_by(|a, b| a.flow.cmp(&b.flow));
+    Ok(v)
+}
+
+/// One family's conntrack entries at `now`, with next hops checked against route
+/// generation `gen`.
+fn conntrack_views<A: ct_gc::CtAddr>(
+    bpffs: &Path,
+    now: u32,
+    gen: Option<u32>,
+) -> Result<Vec<ConntrackView>>
+where
+    lb_common::CtKeyOf<A>: aya::Pod,
+    lb_common::CtValueOf<A>: aya::Pod,
+{
+    use lb_common::{ct_flags, ct_state};
+    let all = conntrack_tiers::<A>(bpffs)?;
+    let last_seen: std::collections::HashMap<lb_common::CtKeyOf<A>, u32> =
         all.iter().map(|(k, v, _)| (*k, v.e.last_seen_s)).collect();
-    let mut v: Vec<ConntrackView> = all
+    Ok(all
         .into_iter()
         .map(|(k, v, tier)| {
             let e = v.e;
@@ -263,14 +288,14 @@ pub fn conntrack(bpffs: &Path) -> Result<Vec<ConntrackView>> {
                 expires_in_seconds: lifetime.saturating_sub(now.saturating_sub(last)),
                 flow: format!(
                     "{} -> {}",
-                    addr(k.saddr_be, k.sport_be),
-                    addr(k.daddr_be, k.dport_be)
+                    ct_sock(k.saddr_be, k.sport_be),
+                    ct_sock(k.daddr_be, k.dport_be)
                 ),
                 protocol: proto_name(k.proto),
                 translated: format!(
                     "{} -> {}",
-                    addr(e.nat_saddr_be, e.nat_sport_be),
-                    addr(e.nat_daddr_be, e.nat_dport_be)
+                    ct_sock(e.nat_saddr_be, e.nat_sport_be),
+                    ct_sock(e.nat_daddr_be, e.nat_dport_be)
                 ),
                 direction: if e.flags & ct_flags::REPLY != 0 {
                     "reply"
@@ -283,11 +308,10 @@ pub fn conntrack(bpffs: &Path) -> Result<Vec<ConntrackView>> {
                 idle_seconds: now.saturating_sub(e.last_seen_s),
                 next_hop,
                 next_hop_fresh,
+                family: A::FAMILY,
             }
         })
-        .collect();
-    v.sort_by(|a, b| a.flow.cmp(&b.flow));
-    Ok(v)
+        .collect())
 }
 
 #[derive(Debug, Serialize)]
@@ -340,6 +364,10 @@ pub fn affinity(bpffs: &Path) -> Result<Vec<AffinityView>> {
 #[derive(Debug, Serialize)]
 pub struct ConfigView {
     pub node_address: String,
+    /// The node's IPv6 address translated IPv6 flows leave from (`lb_config6_v1`; `null`
+    /// while the agent wrote none: the node has no IPv6 address, or an older agent pinned no
+    /// such map).
+    pub node_address6: Option<String>,
     pub snat_ports: String,
     pub ready: bool,
     /// The north-south hook of each device (`xdp` or `tc`), from the pinned links' names
@@ -368,10 +396,23 @@ impl ConfigView {
     }
 }
 
+/// The node's IPv6 address from `lb_config6_v1`, when the agent wrote one.
+fn node_address6(bpffs: &Path) -> Result<Option<String>> {
+    if !bpffs.join(map_name::CONFIG6).exists() {
+        return Ok(None);
+    }
+    let data = crate::dataplane::pinned::open_pinned(bpffs, map_name::CONFIG6)?;
+    let m: aya::maps::Array<aya::maps::MapData, lb_common::Config6> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data))?;
+    let c = m.get(&0, 0)?;
+    Ok((c.ready != 0).then(|| ct_gc::CtAddr::ip(c.node_addr).to_string()))
+}
+
 pub fn config(bpffs: &Path) -> Result<ConfigView> {
     let c = map_contents(bpffs)?.config;
     Ok(ConfigView {
         node_address: std::net::Ipv4Addr::from(c.node_addr_be.to_ne_bytes()).to_string(),
+        node_address6: node_address6(bpffs)?,
         snat_ports: format!("{}-{}", c.snat_port_min, c.snat_port_max),
         ready: c.ready != 0,
         devices: crate::dataplane::links::device_hooks(bpffs)?,

@@ -23,6 +23,14 @@ fn kernel_bench_paths_take_their_verdicts() {
     assert_eq!(verdict("new_flow"), "tx");
     assert_eq!(verdict("established"), "tx");
     assert_eq!(verdict("reply"), "tx");
+    // The IPv6 established packet, through the tail call into lb_xdp6, translated and sent
+    // back out too; its ratio to the IPv4 one is computed from the same run.
+    assert_eq!(verdict("established_ipv6"), "tx");
+    let ns = |p: &str| t.paths.iter().find(|x| x.path == p).unwrap().ns_per_packet;
+    assert_eq!(
+        t.ipv6_established_ratio,
+        ns("established_ipv6") / ns("established")
+    );
     assert!(
         t.paths
             .iter()
@@ -137,7 +145,15 @@ fn kernel_bench_quick_report_is_written_and_well_formed() {
         .map(|t| t["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, report::TARGET_IDS);
-    assert!(json["testrun"]["Ok"]["paths"].as_array().unwrap().len() >= 5);
+    assert!(json["testrun"]["Ok"]["paths"].as_array().unwrap().len() >= 6);
+    // The IPv6 figure is in the report, measured: a row of the targets table and of the
+    // per-packet table.
+    let v6 = report::targets(&r)
+        .into_iter()
+        .find(|t| t.id == "per_packet_established_ipv6")
+        .unwrap();
+    assert!(v6.measured.contains("× the IPv4"), "{v6:?}");
+    assert!(md.contains("| established_ipv6 | "), "{md}");
     assert_eq!(json["control"]["Ok"]["services"], 200);
 
     // Every target is a row of the markdown table, the measured ones with a verdict.
@@ -161,6 +177,7 @@ fn kernel_bench_quick_report_is_written_and_well_formed() {
         "new_flow",
         "established",
         "reply",
+        "established_ipv6",
     ] {
         assert!(
             texts.iter().any(|t| t.starts_with(&format!("{path} ("))),

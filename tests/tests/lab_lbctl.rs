@@ -99,10 +99,17 @@ fn lab_lbctl_reads_the_live_maps_with_the_agent_down() {
         dirs.contains(&"original") && dirs.contains(&"reply"),
         "{ct}"
     );
+    // An IPv4 client's flow, in the IPv4 tiers.
+    assert!(
+        ct.as_array().unwrap().iter().all(|e| e["family"] == "IPv4"),
+        "{ct}"
+    );
 
     let cfg = json(&bpffs, &["config"]);
     assert_eq!(cfg[0]["node_address"], "192.168.100.1");
     assert_eq!(cfg[0]["ready"], true);
+    // The IPv6 address field is there (null on a node without one).
+    assert!(cfg[0].get("node_address6").is_some(), "{cfg}");
 
     let aff = json(&bpffs, &["affinity"]);
     let rec = aff

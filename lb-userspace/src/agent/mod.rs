@@ -163,6 +163,7 @@ pub fn run(cfg: &RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     routes::spawn(route_gen.clone(), stop.clone())?;
     spawn_ct_gc(
         CtTiers::from_ebpf(&ebpf)?,
+        CtTiers::from_ebpf(&ebpf)?,
         cfg.ct_gc_interval,
         ops.clone(),
         stop.clone(),
@@ -596,8 +597,15 @@ fn spawn_sock_term(
 /// Runs a conntrack sweep every `interval` on a thread of its own, so that a long sweep never
 /// delays a sync or the metrics and health answers. A sweep that takes longer than the interval
 /// is followed by the next one at once (`lb_conntrack_gc_last_duration_seconds` above
-/// `lb_conntrack_gc_interval_seconds` says so).
-fn spawn_ct_gc(tiers: CtTiers, interval: Duration, ops: Arc<Ops>, stop: Arc<AtomicBool>) {
+/// `lb_conntrack_gc_interval_seconds` says so). Each sweep covers both families' tiers (IPv4,
+/// then IPv6); the metrics count them together.
+fn spawn_ct_gc(
+    tiers: CtTiers,
+    tiers6: CtTiers<lb_common::Addr6>,
+    interval: Duration,
+    ops: Arc<Ops>,
+    stop: Arc<AtomicBool>,
+) {
     ops.ct_gc_started(interval);
     std::thread::Builder::new()
         .name("conntrack-gc".into())
@@ -610,7 +618,10 @@ fn spawn_ct_gc(tiers: CtTiers, interval: Duration, ops: Arc<Ops>, stop: Arc<Atom
                     continue;
                 }
                 next = now + interval;
-                match ct_gc::sweep(&tiers, boot_seconds()) {
+                let now_s = boot_seconds();
+                let swept = ct_gc::sweep(&tiers, now_s)
+                    .and_then(|st| Ok(st.and(ct_gc::sweep(&tiers6, now_s)?)));
+                match swept {
                     Ok(st) => {
                         ops.ct_swept(&st);
                         if st.removed > 0 {

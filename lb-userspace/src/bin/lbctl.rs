@@ -277,6 +277,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     },
                     c.pod_cidr.clone().unwrap_or_else(|| "-".into()),
                     c.masquerade_local_backends.to_string(),
+                    c.node_address6.clone().unwrap_or_else(|| "-".into()),
                 ];
                 print!(
                     "{}",
@@ -288,7 +289,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                             "HOOKS",
                             "INTERFACES",
                             "POD_CIDR",
-                            "MASQ_LOCAL"
+                            "MASQ_LOCAL",
+                            "NODE_ADDRESS6"
                         ],
                         &[row]
                     )

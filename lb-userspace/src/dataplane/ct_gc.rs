@@ -1,5 +1,7 @@
 //! Conntrack garbage collection and flushes, on both tiers (`CONNTRACK`, established flows, and
-//! `CONNTRACK_NEW`, unconfirmed ones).
+//! `CONNTRACK_NEW`, unconfirmed ones), of either family: [`CtTiers`] is generic over the
+//! address ([`CtAddr`]: `u32` for the IPv4 maps, [`Addr6`] for `CONNTRACK6`/`CONNTRACK6_NEW`),
+//! as the datapath's conntrack is.
 //!
 //! The datapath treats an entry past its state's lifetime as a miss (`CtEntry::expired`), but
 //! only when a packet looks it up; [`sweep`] removes the flows no packet comes back for, so their
@@ -26,14 +28,47 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::MapData;
-use lb_common::{map_name, proto, CtEntry, CtKey, CtValue};
+use lb_common::{map_name, proto, Addr6, CtEntryOf, CtKeyOf, CtValueOf};
 
 use super::bpf_sys;
 
-/// The two conntrack tiers.
-pub struct CtTiers {
+/// The address of a conntrack family: `u32` (IPv4, network order) or [`Addr6`] (IPv6, the
+/// wire bytes). Generic code over it also bounds `CtKeyOf<A>` and `CtValueOf<A>` by
+/// `aya::Pod`, which both families' types are.
+pub trait CtAddr: Copy + Eq + std::hash::Hash + std::fmt::Debug + Send + 'static {
+    /// The family's tiers: (established, new).
+    const MAPS: (&'static str, &'static str);
+    /// `IPv4` or `IPv6`.
+    const FAMILY: &'static str;
+    /// The address as it reads.
+    fn ip(self) -> std::net::IpAddr;
+}
+
+impl CtAddr for u32 {
+    const MAPS: (&'static str, &'static str) = (map_name::CONNTRACK, map_name::CONNTRACK_NEW);
+    const FAMILY: &'static str = "IPv4";
+    fn ip(self) -> std::net::IpAddr {
+        std::net::Ipv4Addr::from(self.to_ne_bytes()).into()
+    }
+}
+
+impl CtAddr for Addr6 {
+    const MAPS: (&'static str, &'static str) = (map_name::CONNTRACK6, map_name::CONNTRACK6_NEW);
+    const FAMILY: &'static str = "IPv6";
+    fn ip(self) -> std::net::IpAddr {
+        let mut b = [0u8; 16];
+        for (i, w) in self.iter().enumerate() {
+            b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        std::net::Ipv6Addr::from(b).into()
+    }
+}
+
+/// The two conntrack tiers of one family (IPv4 unless said otherwise).
+pub struct CtTiers<A = u32> {
     established: MapData,
     new: MapData,
+    family: std::marker::PhantomData<A>,
 }
 
 /// Which tier an entry sits in.
@@ -43,37 +78,45 @@ pub enum Tier {
     New,
 }
 
-impl CtTiers {
+impl<A: CtAddr> CtTiers<A>
+where
+    CtKeyOf<A>: aya::Pod,
+    CtValueOf<A>: aya::Pod,
+{
     /// The tiers from their maps (`pinned::open_conntrack` opens the pinned ones).
     pub fn from_maps(established: MapData, new: MapData) -> Self {
-        Self { established, new }
+        Self {
+            established,
+            new,
+            family: std::marker::PhantomData,
+        }
     }
 
     /// The tiers of a loaded object (their fds duplicated: the object keeps its maps).
     pub fn from_ebpf(ebpf: &aya::Ebpf) -> Result<Self> {
         Self::from_fds(
-            bpf_sys::object_map_fd(ebpf, map_name::CONNTRACK)?,
-            bpf_sys::object_map_fd(ebpf, map_name::CONNTRACK_NEW)?,
+            bpf_sys::object_map_fd(ebpf, A::MAPS.0)?,
+            bpf_sys::object_map_fd(ebpf, A::MAPS.1)?,
         )
     }
 
     /// Tiers from map fds (maps taken from a loaded object, or created by a test).
     pub fn from_fds(established: OwnedFd, new: OwnedFd) -> Result<Self> {
-        Ok(Self {
-            established: MapData::from_fd(established).context("conntrack map")?,
-            new: MapData::from_fd(new).context("new-flow conntrack map")?,
-        })
+        Ok(Self::from_maps(
+            MapData::from_fd(established).context("conntrack map")?,
+            MapData::from_fd(new).context("new-flow conntrack map")?,
+        ))
     }
 
     /// Writes an entry into one tier (tests and benchmarks stage flows with it).
-    pub fn insert(&self, key: &CtKey, e: &CtEntry, t: Tier) -> Result<()> {
-        Ok(bpf_sys::update(self.fd(t), key, &CtValue::new(*e), 0)?)
+    pub fn insert(&self, key: &CtKeyOf<A>, e: &CtEntryOf<A>, t: Tier) -> Result<()> {
+        Ok(bpf_sys::update(self.fd(t), key, &CtValueOf::new(*e), 0)?)
     }
 
     /// Every entry of one tier.
-    pub fn entries(&self, t: Tier) -> Result<Vec<(CtKey, CtEntry)>> {
+    pub fn entries(&self, t: Tier) -> Result<Vec<(CtKeyOf<A>, CtEntryOf<A>)>> {
         let mut out = Vec::new();
-        bpf_sys::for_each_batch::<CtKey, CtValue>(self.fd(t), |k, v| {
+        bpf_sys::for_each_batch::<CtKeyOf<A>, CtValueOf<A>>(self.fd(t), |k, v| {
             out.extend(k.iter().copied().zip(v.iter().map(|v| v.e)))
         })?;
         Ok(out)
@@ -85,8 +128,8 @@ impl CtTiers {
         let make = |n: u32, name: &str| {
             bpf_sys::create_map(
                 bpf_sys::MAP_TYPE_LRU_HASH,
-                std::mem::size_of::<CtKey>() as u32,
-                std::mem::size_of::<CtValue>() as u32,
+                std::mem::size_of::<CtKeyOf<A>>() as u32,
+                std::mem::size_of::<CtValueOf<A>>() as u32,
                 n,
                 name,
             )
@@ -111,18 +154,18 @@ impl CtTiers {
     }
 
     /// The entry for `key` in either tier (established first, as the datapath looks).
-    pub fn get(&self, key: &CtKey) -> Result<Option<(CtEntry, Tier)>> {
+    pub fn get(&self, key: &CtKeyOf<A>) -> Result<Option<(CtEntryOf<A>, Tier)>> {
         self.get_from(key, Tier::Established)
     }
 
     /// The entry for `key` in either tier, looking in `first` first (where it was last seen).
-    fn get_from(&self, key: &CtKey, first: Tier) -> Result<Option<(CtEntry, Tier)>> {
+    fn get_from(&self, key: &CtKeyOf<A>, first: Tier) -> Result<Option<(CtEntryOf<A>, Tier)>> {
         let other = match first {
             Tier::Established => Tier::New,
             Tier::New => Tier::Established,
         };
         for t in [first, other] {
-            if let Some(v) = bpf_sys::lookup::<CtKey, CtValue>(self.fd(t), key)? {
+            if let Some(v) = bpf_sys::lookup::<CtKeyOf<A>, CtValueOf<A>>(self.fd(t), key)? {
                 return Ok(Some((v.e, t)));
             }
         }
@@ -203,30 +246,52 @@ pub struct SweepStats {
     pub duration: Duration,
 }
 
+impl SweepStats {
+    /// One sweep's figures for two families' sweeps (`self` then `other`, one after the
+    /// other): counts add up, durations too.
+    pub fn and(self, other: SweepStats) -> SweepStats {
+        SweepStats {
+            examined: self.examined + other.examined,
+            removed: self.removed + other.removed,
+            established_entries: self.established_entries + other.established_entries,
+            new_entries: self.new_entries + other.new_entries,
+            walk: self.walk + other.walk,
+            recheck: self.recheck + other.recheck,
+            delete: self.delete + other.delete,
+            duration: self.duration + other.duration,
+        }
+    }
+}
+
 /// Removes every flow expired at `now_s` (seconds of CLOCK_MONOTONIC_COARSE, as
 /// `read::boot_seconds`) from both tiers: both entries of it, whichever tier each is in.
-pub fn sweep(t: &CtTiers, now_s: u32) -> Result<SweepStats> {
+pub fn sweep<A: CtAddr>(t: &CtTiers<A>, now_s: u32) -> Result<SweepStats>
+where
+    CtKeyOf<A>: aya::Pod,
+    CtValueOf<A>: aya::Pod,
+{
     let started = Instant::now();
     let mut st = SweepStats::default();
     // Entries expired by their own stamp: a flow can only be expired if each of its entries is
     // (the flow's stamp is the later of the two), so only these are looked at again.
-    let mut candidates: HashMap<CtKey, (CtEntry, Tier), KeyHash> = HashMap::default();
+    let mut candidates: HashMap<CtKeyOf<A>, (CtEntryOf<A>, Tier), KeyHash> = HashMap::default();
     let mut seen = [0u64; 2];
     for (i, tier) in [Tier::Established, Tier::New].into_iter().enumerate() {
-        seen[i] = bpf_sys::for_each_batch::<CtKey, CtValue>(t.fd(tier), |keys, values| {
-            for (k, CtValue { e: v, .. }) in keys.iter().zip(values) {
-                if v.expired(v.last_seen_s, now_s) {
-                    candidates.insert(*k, (*v, tier));
+        seen[i] =
+            bpf_sys::for_each_batch::<CtKeyOf<A>, CtValueOf<A>>(t.fd(tier), |keys, values| {
+                for (k, CtValueOf { e: v, .. }) in keys.iter().zip(values) {
+                    if v.expired(v.last_seen_s, now_s) {
+                        candidates.insert(*k, (*v, tier));
+                    }
                 }
-            }
-        })
-        .with_context(|| format!("reading the {tier:?} conntrack tier"))?;
+            })
+            .with_context(|| format!("reading the {tier:?} conntrack tier"))?;
     }
     st.walk = started.elapsed();
     st.examined = seen[0] + seen[1];
     // The flows whose entries (both, where both exist) are expired by the later stamp.
-    let mut doomed: [Vec<CtKey>; 2] = [Vec::new(), Vec::new()];
-    let mut done: HashSet<CtKey, KeyHash> = HashSet::default();
+    let mut doomed: [Vec<CtKeyOf<A>>; 2] = [Vec::new(), Vec::new()];
+    let mut done: HashSet<CtKeyOf<A>, KeyHash> = HashSet::default();
     for (k, (e, tier)) in &candidates {
         if done.contains(k) {
             continue;
@@ -257,10 +322,10 @@ pub fn sweep(t: &CtTiers, now_s: u32) -> Result<SweepStats> {
     // batched walk costs far less than a lookup per entry; what stays expired goes, in
     // batches. (The kernel has no conditional delete: a packet landing between this walk and
     // the delete finds no entry and starts the flow again, see the module doc.)
-    let mut still: HashSet<CtKey, KeyHash> = HashSet::default();
+    let mut still: HashSet<CtKeyOf<A>, KeyHash> = HashSet::default();
     for tier in [Tier::Established, Tier::New] {
-        bpf_sys::for_each_batch::<CtKey, CtValue>(t.fd(tier), |keys, values| {
-            for (k, CtValue { e: v, .. }) in keys.iter().zip(values) {
+        bpf_sys::for_each_batch::<CtKeyOf<A>, CtValueOf<A>>(t.fd(tier), |keys, values| {
+            for (k, CtValueOf { e: v, .. }) in keys.iter().zip(values) {
                 if done.contains(k) && v.expired(v.last_seen_s, now_s) {
                     still.insert(*k);
                 }
@@ -271,7 +336,7 @@ pub fn sweep(t: &CtTiers, now_s: u32) -> Result<SweepStats> {
     st.recheck = started.elapsed() - st.walk;
     let mut removed = [0u64; 2];
     for (i, tier) in [Tier::Established, Tier::New].into_iter().enumerate() {
-        let keys: Vec<CtKey> = doomed[i]
+        let keys: Vec<CtKeyOf<A>> = doomed[i]
             .iter()
             .filter(|k| {
                 // Both entries of the flow must still be expired (or the partner absent).
@@ -296,15 +361,19 @@ pub fn sweep(t: &CtTiers, now_s: u32) -> Result<SweepStats> {
 
 /// Removes the UDP entries (both directions, both tiers) whose (Service-port id, backend id) is
 /// in `gone`. Returns the number of entries removed.
-pub fn flush_udp(t: &CtTiers, gone: &BTreeSet<(u32, u32)>) -> Result<u64> {
+pub fn flush_udp<A: CtAddr>(t: &CtTiers<A>, gone: &BTreeSet<(u32, u32)>) -> Result<u64>
+where
+    CtKeyOf<A>: aya::Pod,
+    CtValueOf<A>: aya::Pod,
+{
     if gone.is_empty() {
         return Ok(0);
     }
     let mut removed = 0;
     for tier in [Tier::Established, Tier::New] {
         let mut doomed = Vec::new();
-        bpf_sys::for_each_batch::<CtKey, CtValue>(t.fd(tier), |keys, values| {
-            for (k, CtValue { e: v, .. }) in keys.iter().zip(values) {
+        bpf_sys::for_each_batch::<CtKeyOf<A>, CtValueOf<A>>(t.fd(tier), |keys, values| {
+            for (k, CtValueOf { e: v, .. }) in keys.iter().zip(values) {
                 if k.proto == proto::UDP && gone.contains(&(v.svc_port_id, v.backend_id)) {
                     doomed.push(*k);
                 }
@@ -318,6 +387,7 @@ pub fn flush_udp(t: &CtTiers, gone: &BTreeSet<(u32, u32)>) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_common::{CtEntry, CtKey};
 
     #[test]
     fn partner_of_partner_is_the_key() {
@@ -356,6 +426,21 @@ mod tests {
             ..e
         };
         assert_eq!(pe.partner_key(&pk), k);
+    }
+
+    #[test]
+    fn addresses_read_as_their_wire_bytes() {
+        let v6: Addr6 = [
+            u32::from_ne_bytes([0x20, 0x01, 0x0d, 0xb8]),
+            0,
+            0,
+            u32::from_ne_bytes([0, 0, 0, 0x01]),
+        ];
+        assert_eq!(v6.ip().to_string(), "2001:db8::1");
+        assert_eq!(
+            u32::from_ne_bytes([10, 0, 0, 1]).ip().to_string(),
+            "10.0.0.1"
+        );
     }
 
     #[test]

@@ -253,20 +253,34 @@ pub(crate) fn typed<K: aya::Pod, V: aya::Pod>(
     Ok(m.iter().collect::<Result<Vec<_>, _>>()?)
 }
 
-/// Both conntrack tiers, each value (entry and cached next hop) with its tier's name.
+/// Both IPv4 conntrack tiers, each value (entry and cached next hop) with its tier's name.
 pub(crate) fn conntrack_all(
     bpffs: &Path,
 ) -> Result<Vec<(lb_common::CtKey, lb_common::CtValue, &'static str)>> {
-    use lb_common::{CtKey, CtValue};
-    let mut v: Vec<_> = typed::<CtKey, CtValue>(bpffs, map_name::CONNTRACK, true)?
-        .into_iter()
-        .map(|(k, v)| (k, v, "established"))
-        .collect();
-    v.extend(
-        typed::<CtKey, CtValue>(bpffs, map_name::CONNTRACK_NEW, true)?
-            .into_iter()
-            .map(|(k, v)| (k, v, "new")),
-    );
+    conntrack_tiers::<u32>(bpffs)
+}
+
+/// A conntrack entry of family `A` with its tier's name.
+pub(crate) type TieredEntry<A> = (lb_common::CtKeyOf<A>, lb_common::CtValueOf<A>, &'static str);
+
+/// Both conntrack tiers of one family (`A`: `u32` or `Addr6`), each value with its tier's
+/// name. An IPv6 tier an older agent did not pin reads as empty.
+pub(crate) fn conntrack_tiers<A: super::ct_gc::CtAddr>(bpffs: &Path) -> Result<Vec<TieredEntry<A>>>
+where
+    lb_common::CtKeyOf<A>: aya::Pod,
+    lb_common::CtValueOf<A>: aya::Pod,
+{
+    let mut v = Vec::new();
+    for (name, tier) in [(A::MAPS.0, "established"), (A::MAPS.1, "new")] {
+        if A::FAMILY == "IPv6" && !bpffs.join(name).exists() {
+            continue;
+        }
+        v.extend(
+            typed::<lb_common::CtKeyOf<A>, lb_common::CtValueOf<A>>(bpffs, name, true)?
+                .into_iter()
+                .map(|(k, v)| (k, v, tier)),
+        );
+    }
     Ok(v)
 }
 

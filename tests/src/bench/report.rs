@@ -131,11 +131,12 @@ pub const AGENT_RSS_TARGET: (usize, usize, f64) = (10_000, 10, 100.0);
 
 /// Every row of the targets table, by id, in the order the table lists them. Each appears
 /// whether or not this run measured it.
-pub const TARGET_IDS: [&str; 15] = [
+pub const TARGET_IDS: [&str; 16] = [
     "per_packet_established",
     "per_packet_reply",
     "per_packet_unknown_frontend",
     "per_packet_new_flow",
+    "per_packet_established_ipv6",
     "nodeport_tcp_vs_no_lb",
     "nodeport_tcp_vs_iptables",
     "endpoint_change_cycle_10000",
@@ -299,6 +300,35 @@ pub fn targets(r: &Results) -> Vec<TargetRow> {
             Err(e) => row.not_measured(e),
         });
     }
+    // IPv6: relative to the IPv4 established packet of the same run.
+    let want = super::testrun::IPV6_ESTABLISHED_RATIO_TARGET;
+    let row = TargetRow::new(
+        "per_packet_established_ipv6",
+        format!("established_ipv6 ≤ {want} × established (IPv4, same run; per packet)"),
+    );
+    rows.push(match &r.testrun {
+        Ok(t) => {
+            let ns = |name: &str| {
+                t.paths
+                    .iter()
+                    .find(|p| p.path == name)
+                    .map(|p| p.ns_per_packet)
+            };
+            match (ns("established_ipv6"), ns("established")) {
+                (Some(v6), Some(v4)) => row.measured(
+                    format!(
+                        "{} ns = {:.2} × the IPv4 {} ns",
+                        f1(v6),
+                        ratio(v6, v4),
+                        f1(v4)
+                    ),
+                    ratio(v6, v4) <= want,
+                ),
+                _ => row.not_measured("the path is missing from the run"),
+            }
+        }
+        Err(e) => row.not_measured(e),
+    });
     let n = LAB_TARGET_SERVICES;
     for (id, reference, want) in [
         ("nodeport_tcp_vs_no_lb", "no-lb", NO_LB_RATIO_TARGET),

@@ -16,8 +16,14 @@
 //! The runs happen in a private network namespace whose device `bench0` is the packets' ingress
 //! device (a veth), with a route and a permanent neighbour towards the backends: the FIB lookup succeeds
 //! and translated packets leave with XDP_TX, as on a node.
+//!
+//! IPv6: an established IPv6 flow through the same frontend kind (a LoadBalancer IP, ten
+//! backends, SNAT to the node's IPv6 address), measured in the same run as the IPv4 paths; it
+//! enters `lb_bench_xdp` like the others and goes on in `lb_xdp6` through the tail call
+//! `lb_xdp` makes. Its target is relative to the IPv4 established packet
+//! ([`IPV6_ESTABLISHED_RATIO_TARGET`]).
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
     os::fd::AsRawFd,
 };
 
@@ -33,6 +39,14 @@ const NODE: [u8; 4] = [192, 168, 100, 1];
 const CLIENT: [u8; 4] = [198, 18, 0, 1];
 const LB_IP: [u8; 4] = [203, 0, 113, 9];
 const TCP: u8 = 6;
+/// IPv6: the node (`bench0`'s address), a client, the LoadBalancer IP and the backends'
+/// prefix (`fd00:244:2::/48`, routed via `fd00:100::2`).
+const NODE6: [u8; 16] = [0xfd, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const CLIENT6: [u8; 16] = [0x20, 1, 0x0d, 0xb8, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const LB_IP6: [u8; 16] = [0x20, 1, 0x0d, 0xb8, 1, 0x13, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+/// An established IPv6 packet costs at most this many times the IPv4 one (measured in the same
+/// run).
+pub const IPV6_ESTABLISHED_RATIO_TARGET: f64 = 1.2;
 /// Issue 16: an established packet costs at most this many times the floor (the report holds
 /// the other paths' targets).
 pub const ESTABLISHED_RATIO_TARGET: f64 = 5.0;
@@ -70,6 +84,11 @@ pub struct TestRunBench {
     /// Target: an established flow costs at most [`ESTABLISHED_RATIO_TARGET`] times the floor.
     pub established_ratio_target: f64,
     pub established_ratio_met: bool,
+    /// `established_ipv6 / established` (ns per packet, both corrected the same way).
+    pub ipv6_established_ratio: f64,
+    /// Target: [`IPV6_ESTABLISHED_RATIO_TARGET`].
+    pub ipv6_established_ratio_target: f64,
+    pub ipv6_established_ratio_met: bool,
 }
 
 fn pad(mut v: Vec<u8>) -> Vec<u8> {
@@ -96,6 +115,40 @@ fn tcp(syn: bool, src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Vec<u8> {
     pad(v)
 }
 
+/// An IPv6 TCP segment as [`tcp`] builds an IPv4 one (a SYN, or an ACK with one byte).
+fn tcp6(syn: bool, src: ([u8; 16], u16), dst: ([u8; 16], u16)) -> Vec<u8> {
+    tcp6_seq(
+        syn,
+        src,
+        dst,
+        if syn { 1000 } else { 1001 },
+        (!syn).then_some(5000),
+    )
+}
+
+/// An IPv6 TCP segment with sequence number `seq` and, when given, an ACK of `ack`.
+fn tcp6_seq(
+    syn: bool,
+    src: ([u8; 16], u16),
+    dst: ([u8; 16], u16),
+    seq: u32,
+    ack: Option<u32>,
+) -> Vec<u8> {
+    let mut b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv6(src.0, dst.0, 64)
+        .tcp(src.1, dst.1, seq, 64000);
+    if syn {
+        b = b.syn();
+    }
+    if let Some(a) = ack {
+        b = b.ack(a);
+    }
+    let payload: &[u8] = if syn { &[] } else { b"x" };
+    let mut v = Vec::new();
+    b.write(&mut v, payload).expect("frame");
+    pad(v)
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     let n = v.len();
@@ -108,7 +161,8 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// A network namespace for the run, removed on drop: device `bench0` (192.168.100.1/24, a
 /// veth), routes to 10.244.0.0/16 (backends) and 198.18.0.0/15 (clients) via 192.168.100.2,
-/// a permanent neighbour entry 02:00:00:00:00:02 for it, forwarding on.
+/// a permanent neighbour entry 02:00:00:00:00:02 for it, forwarding on; the same for IPv6
+/// (fd00:1::1 and fd00:100::1/64, fd00:244::/32 and 2001:db8::/32 via fd00:100::2).
 pub struct BenchNetns(pub String);
 
 impl BenchNetns {
@@ -130,6 +184,17 @@ impl BenchNetns {
                 "sysctl",
                 "-qw",
                 "net.ipv4.ip_forward=1",
+            ],
+        )?;
+        crate::netns::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns.0,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.forwarding=1",
             ],
         )?;
         for args in [
@@ -162,6 +227,39 @@ impl BenchNetns {
                 "neigh",
                 "add",
                 "192.168.100.2",
+                "lladdr",
+                "02:00:00:00:00:02",
+                "dev",
+                "bench0",
+                "nud",
+                "permanent",
+            ],
+            // IPv6: the node's address (no duplicate address detection: usable at once), the
+            // backends' and clients' prefixes via fd00:100::2, its permanent neighbour entry.
+            vec!["addr", "add", "fd00:1::1/64", "dev", "bench0", "nodad"],
+            vec!["addr", "add", "fd00:100::1/64", "dev", "bench0", "nodad"],
+            vec![
+                "route",
+                "add",
+                "fd00:244::/32",
+                "via",
+                "fd00:100::2",
+                "dev",
+                "bench0",
+            ],
+            vec![
+                "route",
+                "add",
+                "2001:db8::/32",
+                "via",
+                "fd00:100::2",
+                "dev",
+                "bench0",
+            ],
+            vec![
+                "neigh",
+                "add",
+                "fd00:100::2",
                 "lladdr",
                 "02:00:00:00:00:02",
                 "dev",
@@ -263,7 +361,42 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
         source_ranges: None,
         backends,
     };
-    h.program(&Desired::from([(fe, d)]))?;
+    // The same Service's IPv6 family: a LoadBalancer IPv6 address, ten IPv6 backends.
+    h.set_config6(&lb_common::Config6 {
+        node_addr: lb_userspace::dataplane::addr6_words(NODE6.into()),
+        ready: 1,
+        _pad: 0,
+    })?;
+    let backends6: Vec<(BackendKey, u8)> = (0..10)
+        .map(|i| {
+            (
+                BackendKey {
+                    addr: std::net::SocketAddr::V6(SocketAddrV6::new(
+                        Ipv6Addr::new(0xfd00, 0x244, 2, 0, 0, 0, 0, 0x10 + i),
+                        8080,
+                        0,
+                        0,
+                    )),
+                    proto: TCP,
+                },
+                0,
+            )
+        })
+        .collect();
+    let fe6 = FrontendKey {
+        addr: std::net::SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(LB_IP6), 80, 0, 0)),
+        proto: TCP,
+        scope: lb_common::scope::EXTERNAL,
+    };
+    let d6 = DesiredFrontend {
+        service_port: format!(
+            "bench/web:http/TCP{}",
+            lb_userspace::control::desired::IPV6_SUFFIX
+        ),
+        backends: backends6,
+        ..d.clone()
+    };
+    h.program(&Desired::from([(fe, d), (fe6, d6)]))?;
 
     let ctx = xdp_md(ifindex, BENCH_FRAME_LEN);
     // An established flow and its reply, created through the real program.
@@ -299,6 +432,38 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
     anyhow::ensure!(
         confirmed == 1,
         "the measured flow is not confirmed ({confirmed} confirmations)"
+    );
+    // The IPv6 flow's handshake, the same way.
+    let client6 = (CLIENT6, 40000);
+    let syn6 = h.run_ctx(program_name::XDP, &tcp6(true, client6, (LB_IP6, 80)), &ctx)?;
+    let out6 = &syn6.output;
+    anyhow::ensure!(
+        syn6.verdict == 3,
+        "the IPv6 SYN ended {} (is the IPv6 path loaded and routed?)",
+        XDP_NAMES.get(syn6.verdict as usize).copied().unwrap_or("?")
+    );
+    let a6 = |at: usize| -> [u8; 16] { out6[at..at + 16].try_into().expect("16 bytes") };
+    let port6 = |at: usize| u16::from_be_bytes([out6[at], out6[at + 1]]);
+    // Source (SNAT address and port) at 22 and 54, destination (backend) at 38 and 56.
+    let syn_ack6 = {
+        let mut v = tcp6_seq(
+            true,
+            (a6(38), port6(56)),
+            (a6(22), port6(54)),
+            4999,
+            Some(1001),
+        );
+        v[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+        v[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+        v
+    };
+    h.run_ctx(program_name::XDP, &syn_ack6, &ctx)?;
+    let ack6 = tcp6(false, client6, (LB_IP6, 80));
+    h.run_ctx(program_name::XDP, &ack6, &ctx)?;
+    let confirmed = h.counters()?.get("ct_confirmed").map_or(0, |c| c.packets);
+    anyhow::ensure!(
+        confirmed == 2,
+        "the measured IPv6 flow is not confirmed ({confirmed} confirmations in all)"
     );
     let (snat, backend) = (
         (
@@ -343,15 +508,16 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
     let mut floor_runs = Vec::new();
     let mut restore_runs = Vec::new();
     let mut restore_vary_runs = Vec::new();
-    let cases: [(&str, &str, &[u8], bool); 5] = [
+    let cases: [(&str, &str, &[u8], bool); 6] = [
         ("unknown_frontend", "TCP to an address that is no frontend: parsed, looked up, passed", &unknown, false),
         ("unknown_in_cluster_ip_range", "TCP to an address inside the ClusterIP range that is no frontend: two lookups (external, then ClusterIP), passed", &unknown_cip, false),
         ("new_flow", "SYN of a new flow (a fresh client address and ephemeral port; `new_flow_repeats` of them per call, from an empty conntrack): Maglev choice, SNAT port, two conntrack inserts, DNAT/SNAT, FIB, XDP_TX", &new_flow, true),
         ("established", "segment of a confirmed flow: conntrack hit, DNAT/SNAT, FIB, XDP_TX", &ack, false),
         ("reply", "reply of a confirmed flow translated back to the frontend, FIB, XDP_TX", &reply, false),
+        ("established_ipv6", "IPv6 segment of a confirmed flow: tail call to lb_xdp6, conntrack hit, DNAT/SNAT, FIB, XDP_TX", &ack6, false),
     ];
     let mut raw: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
-    let mut verdicts = [0u32; 5];
+    let mut verdicts = [0u32; 6];
     for _ in 0..runs {
         floor_runs.push(
             h.run_program_ctx(program_name::XDP_PASS, &ack, repeats, &ctx)?
@@ -416,11 +582,9 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
             }
         })
         .collect();
-    let est = paths
-        .iter()
-        .find(|p| p.path == "established")
-        .expect("measured")
-        .ratio_to_floor;
+    let path = |name: &str| paths.iter().find(|p| p.path == name).expect("measured");
+    let est = path("established").ratio_to_floor;
+    let ipv6_ratio = path("established_ipv6").ns_per_packet / path("established").ns_per_packet;
     let mut all = vec![PathTiming {
         path: "floor",
         what: "an XDP program that only returns XDP_PASS",
@@ -440,6 +604,9 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
         paths: all,
         established_ratio_target: ESTABLISHED_RATIO_TARGET,
         established_ratio_met: est <= ESTABLISHED_RATIO_TARGET,
+        ipv6_established_ratio: ipv6_ratio,
+        ipv6_established_ratio_target: IPV6_ESTABLISHED_RATIO_TARGET,
+        ipv6_established_ratio_met: ipv6_ratio <= IPV6_ESTABLISHED_RATIO_TARGET,
     })
 }
 

@@ -1,0 +1,307 @@
+//! The IPv6 conntrack tiers (`lb_ct6_v1`, `lb_ct6_new_v1`) outside the datapath, on entries the
+//! real IPv6 path wrote through BPF_PROG_TEST_RUN: the agent's sweep
+//! (`ct_gc::sweep` over `CtTiers<Addr6>`) removes exactly the expired IPv6 flows and leaves the
+//! IPv4 tiers alone, and `lbctl`'s views show IPv6 entries (`family`, IPv6 addresses) and the
+//! node's IPv6 address.
+use lb_common::{ct_state, map_name, scope, service_flags, Addr6};
+use lb_tests::{
+    fixture::frames::{
+        config, config6, frame, frame6, Kind, CLIENT, CLIENT6, NODE, NODE6, REMOTE_POD,
+        REMOTE_POD6, TCP,
+    },
+    harness::XdpHarness,
+};
+use lb_userspace::{
+    control::desired::{BackendKey, Desired, DesiredFrontend, FrontendKey},
+    dataplane::{
+        ct_gc::{sweep, CtTiers, Tier},
+        pinned::open_pinned,
+        read::boot_seconds,
+    },
+    inspect,
+};
+
+/// A harness with an IPv6 NodePort (`[NODE6]:30081` -> `[REMOTE_POD6]:8080`, SNAT to the
+/// node's IPv6 address) and an IPv4 one (`NODE:30081` -> `REMOTE_POD:8080`).
+fn harness() -> XdpHarness {
+    let mut h = XdpHarness::new().unwrap();
+    h.set_config(&config(61000, 65535)).unwrap();
+    h.set_config6(&config6()).unwrap();
+    let fe = |addr: std::net::IpAddr| FrontendKey {
+        addr: std::net::SocketAddr::new(addr, 30081),
+        proto: TCP,
+        scope: scope::EXTERNAL,
+    };
+    let entry = |name: &str, backend: std::net::IpAddr| DesiredFrontend {
+        service_port: name.into(),
+        flags: service_flags::NODE_PORT,
+        affinity_timeout_s: 0,
+        source_ranges: None,
+        backends: vec![(
+            BackendKey {
+                addr: std::net::SocketAddr::new(backend, 8080),
+                proto: TCP,
+            },
+            0,
+        )],
+    };
+    let desired: Desired = [
+        (
+            fe(std::net::Ipv6Addr::from(NODE6).into()),
+            entry(
+                "default/web:http/TCP/IPv6",
+                std::net::Ipv6Addr::from(REMOTE_POD6).into(),
+            ),
+        ),
+        (
+            fe(std::net::Ipv4Addr::from(NODE).into()),
+            entry(
+                "default/web:http/TCP",
+                std::net::Ipv4Addr::from(REMOTE_POD).into(),
+            ),
+        ),
+    ]
+    .into();
+    h.program(&desired).unwrap();
+    h
+}
+
+/// The IPv6 tiers as the agent's sweep opens them (pinned by name in the harness's directory).
+fn tiers6(h: &XdpHarness) -> CtTiers<Addr6> {
+    CtTiers::from_maps(
+        open_pinned(h.pin_dir(), map_name::CONNTRACK6).unwrap(),
+        open_pinned(h.pin_dir(), map_name::CONNTRACK6_NEW).unwrap(),
+    )
+}
+
+fn tiers4(h: &XdpHarness) -> CtTiers {
+    CtTiers::from_maps(
+        open_pinned(h.pin_dir(), map_name::CONNTRACK).unwrap(),
+        open_pinned(h.pin_dir(), map_name::CONNTRACK_NEW).unwrap(),
+    )
+}
+
+/// (established, new) entry counts of a family's tiers.
+fn counts<A: lb_userspace::dataplane::ct_gc::CtAddr>(t: &CtTiers<A>) -> (usize, usize)
+where
+    lb_common::CtKeyOf<A>: aya::Pod,
+    lb_common::CtValueOf<A>: aya::Pod,
+{
+    (
+        t.entries(Tier::Established).unwrap().len(),
+        t.entries(Tier::New).unwrap().len(),
+    )
+}
+
+/// A SYN of the IPv6 client from `port` to the IPv6 NodePort; returns the SNAT port it got.
+fn syn6(h: &XdpHarness, port: u16) -> u16 {
+    let out = h
+        .run(&frame6(Kind::Syn, (CLIENT6, port), (NODE6, 30081)))
+        .unwrap()
+        .output;
+    // Translated: from the node's IPv6 address to the backend.
+    assert_eq!(out[22..38], NODE6, "source of the translated SYN");
+    assert_eq!(
+        out[38..54],
+        REMOTE_POD6,
+        "destination of the translated SYN"
+    );
+    u16::from_be_bytes([out[54], out[55]])
+}
+
+/// A whole IPv6 handshake from `port`: SYN, the backend's SYN-ACK, the client's ACK.
+fn handshake6(h: &XdpHarness, port: u16) {
+    let snat_port = syn6(h, port);
+    h.run(&frame6(
+        Kind::SynAck,
+        (REMOTE_POD6, 8080),
+        (NODE6, snat_port),
+    ))
+    .unwrap();
+    h.run(&frame6(Kind::Ack, (CLIENT6, port), (NODE6, 30081)))
+        .unwrap();
+}
+
+#[test]
+fn kernel_ct_gc_sweeps_the_ipv6_tiers() {
+    let Some(()) = lb_tests::require_privileges() else {
+        return;
+    };
+    let h = harness();
+    // One IPv6 flow that stays unconfirmed (a SYN), one confirmed; one IPv4 flow.
+    syn6(&h, 40000);
+    handshake6(&h, 40001);
+    h.run(&frame(Kind::Syn, (CLIENT, 40000), (NODE, 30081)))
+        .unwrap();
+    let (t6, t4) = (tiers6(&h), tiers4(&h));
+    assert_eq!(
+        counts(&t6),
+        (2, 2),
+        "IPv6: a confirmed and an unconfirmed flow"
+    );
+    assert_eq!(counts(&t4), (0, 2), "IPv4: an unconfirmed flow");
+    let states: Vec<u8> = t6
+        .entries(Tier::New)
+        .unwrap()
+        .iter()
+        .map(|(_, e)| e.state)
+        .collect();
+    assert_eq!(states, [ct_state::TCP_SYN_SENT; 2]);
+
+    // Now: nothing has expired.
+    let now = boot_seconds();
+    let st = sweep(&t6, now).unwrap();
+    assert_eq!((st.examined, st.removed), (4, 0), "{st:?}");
+    // Past the SYN's lifetime (a margin for the seconds the packets took): the unconfirmed
+    // flow goes, both entries; the established one stays.
+    let syn_gone = now + ct_state::lifetime_s(ct_state::TCP_SYN_SENT) + 5;
+    assert!(syn_gone < now + ct_state::lifetime_s(ct_state::TCP_ESTABLISHED));
+    let st = sweep(&t6, syn_gone).unwrap();
+    assert_eq!(st.removed, 2, "{st:?}");
+    assert_eq!((st.established_entries, st.new_entries), (2, 0), "{st:?}");
+    assert_eq!(counts(&t6), (2, 0));
+    // The IPv4 tiers are their own: an IPv6 sweep never touched them, and an IPv4 sweep far
+    // in the future empties them and leaves the IPv6 flow.
+    assert_eq!(counts(&t4), (0, 2));
+    let far = now + ct_state::lifetime_s(ct_state::TCP_ESTABLISHED) + 5;
+    assert_eq!(sweep(&t4, far).unwrap().removed, 2);
+    assert_eq!(counts(&t6), (2, 0));
+    // Past the established lifetime the confirmed IPv6 flow goes too.
+    assert_eq!(sweep(&t6, far).unwrap().removed, 2);
+    assert_eq!(counts(&t6), (0, 0));
+}
+
+#[test]
+fn kernel_lbctl_views_show_ipv6_conntrack_and_config() {
+    let Some(()) = lb_tests::require_privileges() else {
+        return;
+    };
+    let h = harness();
+    syn6(&h, 40000);
+    handshake6(&h, 40001);
+    h.run(&frame(Kind::Syn, (CLIENT, 40000), (NODE, 30081)))
+        .unwrap();
+    let v = inspect::conntrack(h.pin_dir()).unwrap();
+    let rows: Vec<(&str, &str, &str, &str, &str)> = v
+        .iter()
+        .map(|c| {
+            (
+                c.family,
+                c.tier,
+                c.direction,
+                c.flow.as_str(),
+                c.translated.as_str(),
+            )
+        })
+        .collect();
+    let ipv6: Vec<_> = rows.iter().filter(|r| r.0 == "IPv6").collect();
+    let ipv4: Vec<_> = rows.iter().filter(|r| r.0 == "IPv4").collect();
+    assert_eq!((ipv6.len(), ipv4.len()), (4, 2), "{rows:#?}");
+    // The unconfirmed IPv6 flow's original direction, in the new tier, addresses as IPv6
+    // socket addresses.
+    let snat = v
+        .iter()
+        .find(|c| c.flow == "[fd00:100::100]:40000 -> [fd00:100::1]:30081")
+        .unwrap_or_else(|| panic!("no IPv6 SYN entry: {rows:#?}"));
+    assert_eq!(
+        (snat.family, snat.tier, snat.direction, snat.protocol),
+        ("IPv6", "new", "original", "TCP")
+    );
+    assert!(
+        snat.translated.starts_with("[fd00:100::1]:")
+            && snat.translated.ends_with(" -> [fd00:244:2::10]:8080"),
+        "{snat:?}"
+    );
+    assert!(snat.snat, "{snat:?}");
+    // The confirmed flow's entries in the established tier.
+    assert!(
+        ipv6.iter()
+            .filter(|r| r.1 == "established")
+            .any(|r| r.3 == "[fd00:100::100]:40001 -> [fd00:100::1]:30081"),
+        "{rows:#?}"
+    );
+    // The IPv4 entries read as before.
+    assert!(
+        ipv4.iter()
+            .any(|r| r.3 == "192.168.100.100:40000 -> 192.168.100.1:30081"),
+        "{rows:#?}"
+    );
+    // The JSON keeps the existing fields and adds `family`.
+    let json = serde_json::to_value(&v[0]).unwrap();
+    for field in [
+        "flow",
+        "protocol",
+        "translated",
+        "direction",
+        "snat",
+        "local_backend",
+        "backend_id",
+        "idle_seconds",
+        "state",
+        "expires_in_seconds",
+        "tier",
+        "next_hop",
+        "next_hop_fresh",
+        "family",
+    ] {
+        assert!(json.get(field).is_some(), "{field} missing: {json}");
+    }
+
+    let c = inspect::config(h.pin_dir()).unwrap();
+    assert_eq!(c.node_address, "192.168.100.1");
+    assert_eq!(c.node_address6.as_deref(), Some("fd00:100::1"));
+}
+
+/// The IPv6 path keeps a confirmed flow's next hop in its conntrack value and reuses it while
+/// it is fresh, as the IPv4 path does: in a namespace with a route to the backends (the
+/// bench's), an established packet leaves with XDP_TX and its entry holds the FIB's answer; a
+/// planted answer is used as it is (no lookup); a new route generation makes the next packet
+/// look the route up again.
+#[test]
+fn kernel_xdp6_caches_the_next_hop_of_a_confirmed_flow() {
+    let Some(()) = lb_tests::require_privileges() else {
+        return;
+    };
+    let ns = lb_tests::bench::testrun::BenchNetns::new().unwrap();
+    ns.run(|| {
+        let ifindex = {
+            let c = std::ffi::CString::new("bench0").unwrap();
+            // SAFETY: plain libc call on a valid C string.
+            unsafe { libc::if_nametoindex(c.as_ptr()) }
+        };
+        assert_ne!(ifindex, 0);
+        let mut h = harness();
+        handshake6(&h, 40001);
+        let ack = frame6(Kind::Ack, (CLIENT6, 40001), (NODE6, 30081));
+        let ctx = lb_tests::bench::testrun::xdp_md(ifindex, ack.len());
+        let send = |h: &XdpHarness| {
+            let r = h.run_ctx(lb_common::program_name::XDP, &ack, &ctx).unwrap();
+            assert_eq!(r.verdict, 3, "XDP_TX");
+            <[u8; 6]>::try_from(&r.output[0..6]).unwrap()
+        };
+        let key = lb_tests::fixture::frames::ct_key6((CLIENT6, 40001), (NODE6, 30081), TCP);
+        let data = open_pinned(h.pin_dir(), map_name::CONNTRACK6).unwrap();
+        let mut m: aya::maps::HashMap<_, lb_common::CtKey6, lb_common::CtValue6> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).unwrap();
+        let neighbour = [2, 0, 0, 0, 0, 2];
+        assert_eq!(send(&h), neighbour, "the FIB's next hop");
+        let v = m.get(&key, 0).unwrap();
+        assert_eq!(
+            (v.nh.in_ifindex, v.nh.out_ifindex, v.nh.dmac),
+            (ifindex, ifindex, neighbour),
+            "{v:?}"
+        );
+        // A planted answer is what the next packet uses: no lookup while it is fresh.
+        let planted = [2, 0, 0, 0, 0, 0x99];
+        let mut p = v;
+        p.nh.dmac = planted;
+        m.insert(key, p, 0).unwrap();
+        assert_eq!(send(&h), planted);
+        // A routing change (a new generation): looked up again, and kept.
+        h.set_route_gen(h.route_gen().unwrap() + 1).unwrap();
+        assert_eq!(send(&h), neighbour);
+        assert_eq!(m.get(&key, 0).unwrap().nh.dmac, neighbour);
+        Ok(())
+    })
+    .unwrap();
+}
