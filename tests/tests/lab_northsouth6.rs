@@ -230,6 +230,7 @@ fn local_policy_keeps_the_client_address6(v: Variant) {
     assert!(st["xdp_translated_pass"] >= 120, "{st:?}");
     assert!(st["tc_reply"] + st["xdp_reply"] >= 120, "{st:?}");
     assert_eq!(st["xdp_no_config6"], 0, "{st:?}");
+    eprintln!("node1 counters during the exchanges: {st:?}");
 }
 on_both_variants!(local_policy_keeps_the_client_address6: lab_ns6_local_policy_keeps_the_client_address_plain, lab_ns6_local_policy_keeps_the_client_address_xdp);
 
@@ -259,6 +260,7 @@ fn cluster_policy_translates_the_source_to_the_node6(v: Variant) {
             && st["xdp_reply"] >= 90,
         "{st:?}"
     );
+    eprintln!("node1 counters during the exchanges: {st:?}");
     match v {
         Variant::Xdp => assert!(
             st["xdp_tx"] >= 90,
@@ -478,3 +480,30 @@ fn agent_sigkill_and_restart_lose_nothing6(v: Variant) {
     s.agents.push(again);
 }
 on_both_variants!(agent_sigkill_and_restart_lose_nothing6: lab_ns6_agent_sigkill_and_restart_lose_nothing_plain, lab_ns6_agent_sigkill_and_restart_lose_nothing_xdp);
+
+/// Pods reach the IPv6 LoadBalancer and external IPs at socket level, served by the cluster
+/// endpoint set: from a pod on node2, the Local Service's IPv6 LB IP reaches a1 on node1.
+fn pods_reach_ipv6_load_balancer_ips_through_cluster_endpoints6(v: Variant) {
+    let Some(s) = setup(v) else { return };
+    let ex = s
+        .lab
+        .run_client("b2", &["tcp", LB6_LOCAL, "--count", "10"])
+        .unwrap();
+    all_ok(&ex, "pod to IPv6 LB IP");
+    assert!(
+        ex.iter()
+            .all(|e| e.backend.as_deref() == Some("a1") && e.peer_addr() == Some(addr(LB6_LOCAL))),
+        "{ex:?}"
+    );
+    let ex = s
+        .lab
+        .run_client("a1", &["tcp", EXT6, "--count", "10"])
+        .unwrap();
+    all_ok(&ex, "pod to IPv6 external IP");
+    assert!(
+        ex.iter()
+            .all(|e| matches!(e.backend.as_deref(), Some("a2" | "b2"))),
+        "{ex:?}"
+    );
+}
+on_both_variants!(pods_reach_ipv6_load_balancer_ips_through_cluster_endpoints6: lab_ns6_pods_reach_ipv6_load_balancer_ips_through_cluster_endpoints_plain, lab_ns6_pods_reach_ipv6_load_balancer_ips_through_cluster_endpoints_xdp);
