@@ -14,7 +14,7 @@ use std::{
 use lb_tests::{
     lab::{all_ok, by_backend, Exchange, CLIENT_ADDR, CLIENT_ADDR6},
     on_both_variants,
-    scenario::{example_manifests, start_example_on, Running},
+    scenario::{example_manifests, start_example_on, start_example_on_with, Running},
     Variant,
 };
 
@@ -507,3 +507,29 @@ fn pods_reach_ipv6_load_balancer_ips_through_cluster_endpoints6(v: Variant) {
     );
 }
 on_both_variants!(pods_reach_ipv6_load_balancer_ips_through_cluster_endpoints6: lab_ns6_pods_reach_ipv6_load_balancer_ips_through_cluster_endpoints_plain, lab_ns6_pods_reach_ipv6_load_balancer_ips_through_cluster_endpoints_xdp);
+
+/// With the node's other interfaces left alone (`--other-interfaces none`: no program on the pod
+/// bridge), a local backend's IPv6 replies leave by eth0 and are translated back to the
+/// frontend there by tc egress (`lb_tc_egress6`, tail-called by `lb_tc_egress`).
+fn local_replies_are_translated_on_egress6(v: Variant) {
+    let Some(mut s) = start_example_on_with(v, &["--other-interfaces", "none"]) else {
+        return;
+    };
+    s.apply(&with_ipv6_services(), 2);
+    s.lab.client_route("fd00:203::10/128", "node1").unwrap();
+    let before = s.stats("node1");
+    let client = CLIENT_ADDR6.to_string();
+    for (proto, target) in [("tcp", LB6_LOCAL), ("udp", LB6_LOCAL)] {
+        let ex = s
+            .lab
+            .run_client("client", &[proto, target, "--count", "10"])
+            .unwrap();
+        answered(&ex, &format!("{proto} {target}"), "a1", &client, target);
+    }
+    let st = delta(&s, "node1", &before);
+    // No north-south program on cni0: every reply was tc egress's on eth0.
+    assert!(st["tc_reply"] >= 20, "{st:?}");
+    assert_eq!(st["xdp_reply"], 0, "{st:?}");
+    eprintln!("node1 counters during the exchanges: {st:?}");
+}
+on_both_variants!(local_replies_are_translated_on_egress6: lab_ns6_local_replies_are_translated_on_egress_plain, lab_ns6_local_replies_are_translated_on_egress_xdp);

@@ -470,7 +470,7 @@ pub struct RunArgs {
     /// The node's other interfaces (up, with an IPv4 address, not a --device): `tc` attaches
     /// the tc ingress and egress programs to each (NodePort, LoadBalancer, external-IP and
     /// ClusterIP traffic arriving there); `none` leaves them alone.
-    #[arg(long, env = "LB_AGENT_OTHER_INTERFACES", value_name = "tc|none", default_value = "tc", value_parser = parse_other_interfaces)]
+    #[arg(long, env = "LB_AGENT_OTHER_INTERFACES", value_name = "tc|none", default_value = "tc", value_parser = parse_other_interfaces, action = clap::ArgAction::Set)]
     pub other_interfaces: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics; "" for none (kube-proxy's
     /// metricsBindAddress).
@@ -889,6 +889,21 @@ mod tests {
         // --map-conntrack wins over the sizing.
         let c = resolve(&["--config", p, "--map-conntrack", "4096"]).unwrap();
         assert_eq!(c.map_sizes.conntrack, 4096);
+    }
+
+    #[test]
+    fn other_interfaces_takes_its_value_on_the_command_line() {
+        let base = ["--node", "n1", "--cgroup", "/cg", "--bpffs", "/b"];
+        let with = |v: &str| {
+            let mut args = base.to_vec();
+            args.extend(["--other-interfaces", v]);
+            resolve(&args)
+        };
+        assert!(resolve(&base).unwrap().other_interfaces, "default tc");
+        assert!(!with("none").unwrap().other_interfaces);
+        assert!(with("tc").unwrap().other_interfaces);
+        let e = with("bogus").unwrap_err();
+        assert!(e.contains("expected tc or none"), "{e}");
     }
 
     #[test]
