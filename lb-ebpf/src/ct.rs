@@ -24,9 +24,8 @@ use lb_common::{
 
 use crate::{
     clock,
-    forward::NhSlot,
+    flow::{seg_flags, NhSlot, Seg},
     maps::{self, CONNTRACK, CONNTRACK6, CONNTRACK6_NEW, CONNTRACK_NEW},
-    parse::{seg_flags, Seg},
 };
 
 /// An address family's conntrack: its address type and its two tiers. IPv4 (`u32`) and IPv6
@@ -94,6 +93,46 @@ pub trait Tuple {
     fn syn_only(&self) -> bool;
     fn seg(&self) -> &Seg;
 }
+
+/// [`Tuple`] for a packet type whose fields hold it (`saddr`, `daddr`, `sport`, `dport`,
+/// `proto`, `syn_only`, `seg`).
+macro_rules! tuple_of_fields {
+    ($packet:ty, $addr:ty) => {
+        impl Tuple for $packet {
+            type A = $addr;
+            #[inline(always)]
+            fn saddr(&self) -> $addr {
+                self.saddr
+            }
+            #[inline(always)]
+            fn daddr(&self) -> $addr {
+                self.daddr
+            }
+            #[inline(always)]
+            fn sport(&self) -> u16 {
+                self.sport
+            }
+            #[inline(always)]
+            fn dport(&self) -> u16 {
+                self.dport
+            }
+            #[inline(always)]
+            fn proto(&self) -> u8 {
+                self.proto
+            }
+            #[inline(always)]
+            fn syn_only(&self) -> bool {
+                self.syn_only
+            }
+            #[inline(always)]
+            fn seg(&self) -> &Seg {
+                &self.seg
+            }
+        }
+    };
+}
+tuple_of_fields!(crate::parse::Packet, u32);
+tuple_of_fields!(crate::flow::Packet6, Addr6);
 
 /// A conntrack map refused an insert: an LRU map that found no entry to evict, or a bucket
 /// busy on another CPU (never a collision: an insert replaces). The only way an LRU conntrack

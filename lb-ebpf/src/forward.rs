@@ -19,26 +19,9 @@ use aya_ebpf::{
 use lb_common::{counter, NextHop};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
-use crate::{csum, maps, parse::Ipv4};
+use crate::{csum, flow::NhSlot, maps, parse::Ipv4};
 
 const AF_INET: u8 = 2;
-
-/// Where a confirmed flow's direction keeps its next hop (its conntrack value's `nh`; null:
-/// nowhere, the flow is not confirmed), and the packet's time (seconds, as the entry's). A
-/// null pointer rather than an `Option`: `None` would leave `now` undefined, and LLVM may spill
-/// an undefined register, which the verifier refuses to read.
-pub struct NhSlot {
-    pub nh: *mut NextHop,
-    pub now: u32,
-}
-
-impl NhSlot {
-    /// No slot.
-    pub const NONE: NhSlot = NhSlot {
-        nh: core::ptr::null_mut(),
-        now: 0,
-    };
-}
 
 /// Sends a translated packet on and counts how (`XDP_TRANSLATED_PASS`, `XDP_TX`,
 /// `XDP_REDIRECT`); returns the verdict. With a slot, its cached next hop is used when fresh,

@@ -32,8 +32,8 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
     bounds::Bounds,
-    forward::{self, NhSlot},
-    maps, nat,
+    flow::NhSlot,
+    forward, maps, nat,
     parse::{ptr_at, Ipv4, Packet},
 };
 

@@ -21,11 +21,11 @@ use network_types::{eth::EthHdr, ip::Ipv6Hdr, tcp::TcpHdr, udp::UdpHdr};
 use crate::{
     bounds::Bounds,
     csum,
-    forward::NhSlot,
+    flow::{NhSlot, Packet6},
     hook::WriteFailed,
     maps,
     parse::{ptr_at, L4},
-    parse6::{self, Packet6},
+    parse6,
 };
 
 const AF_INET6: u8 = 10;

@@ -149,5 +149,5 @@ pub fn translate_error<H: Hook6>(ctx: &H) -> Option<u32> {
     // Towards a local backend the stack delivers it; otherwise route it.
     let to_local = e.flags & ct_flags::REPLY == 0 && e.flags & ct_flags::LOCAL_BACKEND != 0;
     maps::count(lb_common::counter::XDP_ICMP_ERROR_XLATE, ctx.frame_len());
-    Some(ctx.forward6(&s.p, to_local, crate::forward::NhSlot::NONE))
+    Some(ctx.forward6(&s.p, to_local, crate::flow::NhSlot::NONE))
 }

@@ -18,6 +18,7 @@ mod bounds;
 mod clock;
 mod csum;
 mod ct;
+mod flow;
 mod forward;
 mod frag;
 mod frontend;

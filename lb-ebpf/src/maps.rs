@@ -66,7 +66,7 @@ pub static CONNTRACK6_NEW: LruHashMap<CtKey6, CtValue6> =
 #[repr(C)]
 pub struct NewFlow6 {
     /// The socket lookup's tuple of an SNAT candidate.
-    pub sock: crate::snat::Tuple6,
+    pub sock: crate::flow::Tuple6,
     pub reply_key: CtKey6,
     pub choice: Choice6,
     pub entry: CtValue6,
@@ -93,7 +93,7 @@ pub static NEW_FLOW6: PerCpuArray<NewFlow6> = PerCpuArray::with_max_entries(1, 0
 /// [`NEW_FLOW6`].
 #[repr(C)]
 pub struct Packet6Scratch {
-    pub p: crate::parse6::Packet6,
+    pub p: crate::flow::Packet6,
     pub key: CtKey6,
 }
 

@@ -15,7 +15,7 @@ use lb_common::{
 
 use crate::{
     affinity, clock, ct,
-    forward::NhSlot,
+    flow::NhSlot,
     frag, frontend,
     hook::Hook,
     icmp,

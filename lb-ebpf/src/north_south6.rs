@@ -18,11 +18,10 @@ use lb_common::{
 
 use crate::{
     affinity, clock, ct,
-    forward::NhSlot,
+    flow::{NhSlot, Packet6},
     hook6::Hook6,
     maps::{self, Choice6, ServiceEvent},
-    parse6::{self, Packet6},
-    select, snat,
+    parse6, select, snat,
     verdict::Stop,
 };
 

@@ -11,7 +11,7 @@ use network_types::{
     udp::UdpHdr,
 };
 
-use crate::{bounds::Bounds, maps, verdict::Stop};
+use crate::{bounds::Bounds, flow::Seg, maps, verdict::Stop};
 
 /// The more-fragments bit of `Ipv4Hdr::frag_flags`.
 const IP_MF: u8 = 0b001;
@@ -50,59 +50,6 @@ pub struct Ipv4 {
     /// The IPv4 header's length (options included) and total length, in bytes.
     pub hdr_len: u16,
     pub tot_len: u16,
-}
-
-/// What the TCP header says about a segment, for the conntrack's state and windows.
-#[derive(Clone, Copy, Default)]
-pub struct Seg {
-    /// Sequence and acknowledgment numbers, host order.
-    pub seq: u32,
-    pub ack: u32,
-    /// `seg_flags` bits.
-    pub flags: u8,
-    /// Payload bytes (the IPv4 total length less both headers).
-    pub len: u32,
-}
-
-/// Bits of `Seg::flags`.
-pub mod seg_flags {
-    pub const SYN: u8 = 1;
-    pub const ACK: u8 = 2;
-    pub const FIN: u8 = 4;
-    pub const RST: u8 = 8;
-}
-
-impl Seg {
-    /// A TCP header's segment in an IPv4 packet of `tot_len` bytes with a `hdr_len`-byte IPv4
-    /// header (the payload is what the total length leaves after both headers).
-    #[inline(always)]
-    pub fn of(h: &TcpHdr, tot_len: u16, hdr_len: u16) -> Seg {
-        let flags = (h.syn() as u8 * seg_flags::SYN)
-            | (h.ack() as u8 * seg_flags::ACK)
-            | (h.fin() as u8 * seg_flags::FIN)
-            | (h.rst() as u8 * seg_flags::RST);
-        let hdrs = hdr_len as u32 + h.doff() as u32 * 4;
-        Seg {
-            seq: u32::from_be_bytes(h.seq),
-            ack: u32::from_be_bytes(h.ack_seq),
-            flags,
-            len: (tot_len as u32).saturating_sub(hdrs),
-        }
-    }
-
-    #[inline(always)]
-    pub fn has(&self, f: u8) -> bool {
-        self.flags & f != 0
-    }
-
-    /// The sequence number after this segment (a SYN and a FIN count one).
-    #[inline(always)]
-    pub fn end(&self) -> u32 {
-        self.seq
-            .wrapping_add(self.len)
-            .wrapping_add(self.has(seg_flags::SYN) as u32)
-            .wrapping_add(self.has(seg_flags::FIN) as u32)
-    }
 }
 
 /// The L4 header of a TCP or UDP packet: where NAT writes ports and the checksum.
@@ -217,37 +164,5 @@ fn packet(l3: Ipv4, l4: L4, sport: [u8; 2], dport: [u8; 2], syn_only: bool) -> P
         dport: u16::from_ne_bytes(dport),
         syn_only,
         seg: Seg::default(),
-    }
-}
-
-impl crate::ct::Tuple for Packet {
-    type A = u32;
-    #[inline(always)]
-    fn saddr(&self) -> u32 {
-        self.saddr
-    }
-    #[inline(always)]
-    fn daddr(&self) -> u32 {
-        self.daddr
-    }
-    #[inline(always)]
-    fn sport(&self) -> u16 {
-        self.sport
-    }
-    #[inline(always)]
-    fn dport(&self) -> u16 {
-        self.dport
-    }
-    #[inline(always)]
-    fn proto(&self) -> u8 {
-        self.proto
-    }
-    #[inline(always)]
-    fn syn_only(&self) -> bool {
-        self.syn_only
-    }
-    #[inline(always)]
-    fn seg(&self) -> &Seg {
-        &self.seg
     }
 }

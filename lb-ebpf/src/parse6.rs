@@ -12,30 +12,13 @@ use network_types::{
 
 use crate::{
     bounds::Bounds,
-    ct::Tuple,
-    parse::{ptr_at, Seg},
+    flow::{Packet6, Seg},
+    parse::ptr_at,
     verdict::Stop,
 };
 
 /// ICMPv6's next-header number.
 pub const ICMPV6: u8 = 58;
-
-/// A TCP or UDP packet over IPv6 without extension headers: what the stages read (addresses
-/// and ports as on the wire). It holds no packet pointer: it lives in a per-CPU scratch value
-/// (`maps::PACKET6`; 128-bit addresses do not fit the program's stack beside the rest), and
-/// the stages that write find the headers again at their fixed offsets ([`headers`]).
-#[derive(Clone, Copy)]
-pub struct Packet6 {
-    pub proto: u8,
-    pub saddr: Addr6,
-    pub daddr: Addr6,
-    pub sport: u16,
-    pub dport: u16,
-    /// A TCP SYN without ACK: the start of a new connection.
-    pub syn_only: bool,
-    /// TCP: the segment's numbers and flags (all zero for UDP).
-    pub seg: Seg,
-}
 
 /// Whether a next-header value names an IPv6 extension header (RFC 8200 and the IANA
 /// registry's list), rather than an upper-layer protocol.
@@ -123,36 +106,4 @@ pub fn packet<H: Bounds>(ctx: &H, p: &mut Packet6) -> Result<(), Stop> {
         _ => return Err(Stop::Pass(counter::XDP_NOT_TCP_UDP)),
     }
     Ok(())
-}
-
-impl Tuple for Packet6 {
-    type A = Addr6;
-    #[inline(always)]
-    fn saddr(&self) -> Addr6 {
-        self.saddr
-    }
-    #[inline(always)]
-    fn daddr(&self) -> Addr6 {
-        self.daddr
-    }
-    #[inline(always)]
-    fn sport(&self) -> u16 {
-        self.sport
-    }
-    #[inline(always)]
-    fn dport(&self) -> u16 {
-        self.dport
-    }
-    #[inline(always)]
-    fn proto(&self) -> u8 {
-        self.proto
-    }
-    #[inline(always)]
-    fn syn_only(&self) -> bool {
-        self.syn_only
-    }
-    #[inline(always)]
-    fn seg(&self) -> &Seg {
-        &self.seg
-    }
 }

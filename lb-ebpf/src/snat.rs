@@ -142,15 +142,6 @@ struct Tuple4 {
     dport: u16,
 }
 
-/// The `ipv6` member of `struct bpf_sock_tuple`.
-#[repr(C)]
-pub struct Tuple6 {
-    pub saddr: Addr6,
-    pub daddr: Addr6,
-    pub sport: u16,
-    pub dport: u16,
-}
-
 impl SockLookup for u32 {
     #[inline(always)]
     fn node_socket(ctx: &impl EbpfContext, rkey: &CtKeyOf<u32>) -> bool {

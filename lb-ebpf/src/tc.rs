@@ -16,7 +16,7 @@ use network_types::{
     udp::UdpHdr,
 };
 
-use crate::{ct, maps, parse::Seg};
+use crate::{ct, flow::Seg, maps};
 
 const IP_CHECK_OFF: usize = EthHdr::LEN + offset_of!(Ipv4Hdr, check);
 const IP_SRC_OFF: usize = EthHdr::LEN + offset_of!(Ipv4Hdr, src_addr);

@@ -323,7 +323,13 @@ pub fn datapath_config(
 pub fn datapath_config6(node: &NodeInfo) -> lb_common::Config6 {
     match node.ipv6_addresses.first() {
         Some(a) => lb_common::Config6 {
-            node_addr: crate::dataplane::addr6_words(*a),
+            // Four words whose bytes are the address's, in order (`lb_common::Addr6`).
+            node_addr: {
+                let o = a.octets();
+                core::array::from_fn(|i| {
+                    u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+                })
+            },
             ready: 1,
             _pad: 0,
         },
