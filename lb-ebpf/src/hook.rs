@@ -59,10 +59,11 @@ pub trait Hook: Bounds {
         let _ = slot;
         self.forward(l3, to_local_backend)
     }
-    /// Reshapes the frame for an ICMP error quoting the first `quote` bytes of its IPv4
-    /// packet: the Ethernet header, [`ICMP_ROOM`] bytes to write, the quote, nothing
-    /// after it; all of it directly writable. `Err`: the frame may be cut and must not leave.
-    fn icmp_room(&self, quote: usize) -> Result<(), WriteFailed>;
+    /// Reshapes the frame for an ICMP error quoting the first `quote` bytes of its IP packet:
+    /// the Ethernet header, `room` bytes to write (the new IP and ICMP headers: [`ICMP_ROOM`]
+    /// for IPv4, `reject::ICMP6_ROOM` for IPv6), the quote, nothing after it; all of it
+    /// directly writable. `Err`: the frame may be cut and must not leave.
+    fn icmp_room(&self, room: usize, quote: usize) -> Result<(), WriteFailed>;
 }
 
 impl Hook for XdpContext {
@@ -83,18 +84,18 @@ impl Hook for XdpContext {
     }
 
     #[inline(always)]
-    fn icmp_room(&self, quote: usize) -> Result<(), WriteFailed> {
+    fn icmp_room(&self, room: usize, quote: usize) -> Result<(), WriteFailed> {
         let len = (self.data_end() - self.data()) as i32;
         let want = (EthHdr::LEN + quote) as i32;
         // SAFETY (both helpers): valid context; they move the packet's bounds only.
         if len > want && unsafe { bpf_xdp_adjust_tail(self.ctx, want - len) } != 0 {
             return Err(WriteFailed);
         }
-        if unsafe { bpf_xdp_adjust_head(self.ctx, -(ICMP_ROOM as i32)) } != 0 {
+        if unsafe { bpf_xdp_adjust_head(self.ctx, -(room as i32)) } != 0 {
             return Err(WriteFailed);
         }
         // The Ethernet header moves to the new front.
-        let from = ptr_at::<[u8; EthHdr::LEN], Self>(self, ICMP_ROOM).ok_or(WriteFailed)?;
+        let from = ptr_at::<[u8; EthHdr::LEN], Self>(self, room).ok_or(WriteFailed)?;
         let to = ptr_at::<[u8; EthHdr::LEN], Self>(self, 0).ok_or(WriteFailed)?;
         // SAFETY: both bounds checked; the ranges do not overlap.
         unsafe { *to = *from };
@@ -147,17 +148,16 @@ impl Hook for TcContext {
     }
 
     #[inline(always)]
-    fn icmp_room(&self, quote: usize) -> Result<(), WriteFailed> {
+    fn icmp_room(&self, room: usize, quote: usize) -> Result<(), WriteFailed> {
         let want = (EthHdr::LEN + quote) as u32;
         // SAFETY: valid context; the helper trims the socket buffer.
         if self.len() > want && unsafe { bpf_skb_change_tail(self.skb.skb, want, 0) } != 0 {
             return Err(WriteFailed);
         }
-        // Room between the Ethernet and the IPv4 header.
-        self.adjust_room(ICMP_ROOM as i32, BPF_ADJ_ROOM_MAC, 0)
+        // Room between the Ethernet and the IP header.
+        self.adjust_room(room as i32, BPF_ADJ_ROOM_MAC, 0)
             .map_err(|_| WriteFailed)?;
-        self.pull_data(want + ICMP_ROOM as u32)
-            .map_err(|_| WriteFailed)
+        self.pull_data(want + room as u32).map_err(|_| WriteFailed)
     }
 
     #[inline(always)]

@@ -19,10 +19,9 @@ use lb_common::{counter, proto, Addr6, CtEntry6, NextHop};
 use network_types::{eth::EthHdr, ip::Ipv6Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
-    bounds::Bounds,
     csum,
     flow::{NhSlot, Packet6},
-    hook::WriteFailed,
+    hook::{Hook, WriteFailed},
     maps,
     parse::{ptr_at, L4},
     parse6,
@@ -36,19 +35,20 @@ const IP_HOP_OFF: usize = IP_OFF + offset_of!(Ipv6Hdr, hop_limit);
 const L4_OFF: usize = parse6::L4_OFF;
 
 /// The IPv6 path's writes and forwarding in the program it runs in.
-pub trait Hook6: Bounds {
+pub trait Hook6: Hook {
     /// Writes `e`'s addresses and ports into `p`, with the L4 checksum.
     fn rewrite6(&self, p: &Packet6, e: &CtEntry6) -> Result<(), WriteFailed>;
     /// Sends a translated packet on (the stack for local backends and routes this program
-    /// cannot act on); returns the verdict. `p`'s pointers may be stale on tc. With a slot
+    /// cannot act on); returns the verdict. The headers are found again at their fixed offsets
+    /// (a rewrite on tc invalidated every packet pointer). With a slot
     /// (a confirmed flow, XDP), its cached next hop is used when fresh and a new answer is
     /// kept in it, as the IPv4 path does (forward.rs).
-    fn forward6(&self, p: &Packet6, to_local_backend: bool, slot: NhSlot) -> u32;
+    fn forward6(&self, to_local_backend: bool, slot: NhSlot) -> u32;
 }
 
 /// An address as the 16 bytes of the header.
 #[inline(always)]
-fn bytes(a: &Addr6) -> [u8; 16] {
+pub fn bytes(a: &Addr6) -> [u8; 16] {
     // SAFETY: four `u32` are sixteen bytes, in memory order (the wire's).
     unsafe { core::mem::transmute::<Addr6, [u8; 16]>(*a) }
 }
@@ -56,14 +56,9 @@ fn bytes(a: &Addr6) -> [u8; 16] {
 /// The L4 checksum after the rewrite: the pseudo-header's addresses and the ports change.
 #[inline(always)]
 fn l4_check(old: u16, p: &Packet6, e: &CtEntry6) -> u16 {
-    let mut c = old;
-    let mut i = 0;
-    while i < 4 {
-        c = csum::replace4(c, p.saddr[i], e.nat_saddr_be[i]);
-        c = csum::replace4(c, p.daddr[i], e.nat_daddr_be[i]);
-        i += 1;
-    }
-    c = csum::replace2(c, p.sport, e.nat_sport_be);
+    let c = csum::replace16(old, &p.saddr, &e.nat_saddr_be);
+    let c = csum::replace16(c, &p.daddr, &e.nat_daddr_be);
+    let c = csum::replace2(c, p.sport, e.nat_sport_be);
     csum::replace2(c, p.dport, e.nat_dport_be)
 }
 
@@ -84,16 +79,14 @@ fn fib_lookup6(
     *fib = unsafe { core::mem::zeroed() };
     fib.family = AF_INET6;
     fib.ifindex = ifindex;
-    // SAFETY: `ip6` is a bounds-checked header (XDP) or a copy on the stack (tc); the union
+    // SAFETY: `ip6` is a bounds-checked header in the packet (both programs); the union
     // fields written are the IPv6 members.
     unsafe {
         fib.l4_protocol = (*ip6).next_hdr;
         fib.__bindgen_anon_1.tot_len =
             u16::from_be_bytes((*ip6).payload_len).wrapping_add(Ipv6Hdr::LEN as u16);
-        fib.__bindgen_anon_3.ipv6_src =
-            core::ptr::read_unaligned(core::ptr::addr_of!((*ip6).src_addr) as *const Addr6);
-        fib.__bindgen_anon_4.ipv6_dst =
-            core::ptr::read_unaligned(core::ptr::addr_of!((*ip6).dst_addr) as *const Addr6);
+        fib.__bindgen_anon_3.ipv6_src = parse6::addr(core::ptr::addr_of!((*ip6).src_addr));
+        fib.__bindgen_anon_4.ipv6_dst = parse6::addr(core::ptr::addr_of!((*ip6).dst_addr));
     }
     // SAFETY: valid context and params.
     let rc = unsafe {
@@ -147,7 +140,7 @@ impl Hook6 for XdpContext {
     }
 
     #[inline(always)]
-    fn forward6(&self, _p: &Packet6, to_local_backend: bool, slot: NhSlot) -> u32 {
+    fn forward6(&self, to_local_backend: bool, slot: NhSlot) -> u32 {
         if to_local_backend {
             maps::count(counter::XDP_TRANSLATED_PASS, 0);
             return xdp_action::XDP_PASS;
@@ -277,7 +270,7 @@ impl Hook6 for TcContext {
     }
 
     #[inline(always)]
-    fn forward6(&self, _p: &Packet6, to_local_backend: bool, _slot: NhSlot) -> u32 {
+    fn forward6(&self, to_local_backend: bool, _slot: NhSlot) -> u32 {
         if !to_local_backend {
             if let Ok(v) = tc_forward6(self) {
                 return v;

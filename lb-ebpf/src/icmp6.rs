@@ -7,10 +7,17 @@
 //! rewriting it to (nat_s -> nat_d): the quoted packet becomes nat_d -> nat_s and the error goes
 //! to nat_d. IPv6 has no header checksum; the ICMPv6 checksum covers the pseudo-header (the
 //! outer addresses) and everything quoted.
-use lb_common::{ct_flags, proto, Addr6, CtKey6};
+use lb_common::{ct_flags, proto, CtKey6};
 use network_types::{eth::EthHdr, ip::Ipv6Hdr};
 
-use crate::{csum, ct, hook6::Hook6, maps, parse::ptr_at, parse6::ICMPV6};
+use crate::{
+    csum::{self, replace16},
+    ct,
+    hook6::Hook6,
+    maps,
+    parse::ptr_at,
+    parse6::{addr, set_addr, ICMPV6},
+};
 
 const DEST_UNREACH: u8 = 1;
 const PACKET_TOO_BIG: u8 = 2;
@@ -40,31 +47,6 @@ struct QuotedL4 {
 const ICMP_OFF: usize = EthHdr::LEN + Ipv6Hdr::LEN;
 const INNER_OFF: usize = ICMP_OFF + core::mem::size_of::<Icmp6Hdr>();
 const QUOTED_L4_OFF: usize = INNER_OFF + Ipv6Hdr::LEN;
-
-/// Reads an address field of a bounds-checked IPv6 header.
-#[inline(always)]
-fn addr(field: *const [u8; 16]) -> Addr6 {
-    // SAFETY: the field lies inside a bounds-checked header; read without alignment.
-    unsafe { core::ptr::read_unaligned(field as *const Addr6) }
-}
-
-/// Writes an address field of a bounds-checked IPv6 header.
-#[inline(always)]
-fn set_addr(field: *mut [u8; 16], a: &Addr6) {
-    // SAFETY: as above.
-    unsafe { core::ptr::write_unaligned(field as *mut Addr6, *a) }
-}
-
-/// `c` after the 128-bit value `old` became `new`.
-#[inline(always)]
-fn replace16(mut c: u16, old: &Addr6, new: &Addr6) -> u16 {
-    let mut i = 0;
-    while i < 4 {
-        c = csum::replace4(c, old[i], new[i]);
-        i += 1;
-    }
-    c
-}
 
 /// Translates an ICMPv6 error about a translated flow and forwards it; `None` when the message
 /// is not such an error (the caller passes it untouched: neighbour discovery among others).
@@ -149,5 +131,5 @@ pub fn translate_error<H: Hook6>(ctx: &H) -> Option<u32> {
     // Towards a local backend the stack delivers it; otherwise route it.
     let to_local = e.flags & ct_flags::REPLY == 0 && e.flags & ct_flags::LOCAL_BACKEND != 0;
     maps::count(lb_common::counter::XDP_ICMP_ERROR_XLATE, ctx.frame_len());
-    Some(ctx.forward6(&s.p, to_local, crate::flow::NhSlot::NONE))
+    Some(ctx.forward6(to_local, crate::flow::NhSlot::NONE))
 }

@@ -7,10 +7,10 @@
 //! checksum; the pseudo-header's 128-bit addresses in the L4 checksum) and forward (FIB
 //! AF_INET6, hop limit), in hook6.rs.
 //!
-//! Not yet on this path (passed untranslated, each counted): ICMPv6 errors about translated
-//! flows, extension headers and fragments, ClusterIPs reached from outside a local socket.
-//! A Service port without any endpoint is dropped (`xdp_drop_no_backend`) rather than
-//! answered with an ICMPv6 port unreachable.
+//! A new flow to a Service port without any endpoint is answered with an ICMPv6 port
+//! unreachable (reject.rs), as kube-proxy's REJECT. Not yet on this path (passed untranslated,
+//! each counted): extension headers and fragments, ClusterIPs reached from outside a local
+//! socket.
 use lb_common::{
     affinity_client, backend_flags, config_flags, counter, ct_flags, flow_hash6, scope,
     service_flags, CtEntry6, CtKey6, CtValue6,
@@ -21,12 +21,21 @@ use crate::{
     flow::{NhSlot, Packet6},
     hook6::Hook6,
     maps::{self, Choice6, ServiceEvent},
-    parse6, select, snat,
+    parse6, reject, select, snat,
     verdict::Stop,
 };
 
 /// Returned by [`tracked`] for a packet that starts a new flow (no verdict of XDP or tc).
 const NEW_FLOW: u32 = u32::MAX;
+
+/// What [`choose`] found for a new flow.
+enum Chosen {
+    /// A backend, left in the scratch value.
+    Backend,
+    /// None: the Service port has no endpoint anywhere, and the client gets kube-proxy's
+    /// REJECT.
+    Reject { svc_port_id: u32 },
+}
 
 /// The IPv6 north-south path (see `north_south::run`); returns the verdict, its reason
 /// counted. The known-flow path and both halves of a new flow's are BPF functions of their own
@@ -59,8 +68,12 @@ pub fn run<H: Hook6>(ctx: &H) -> u32 {
     }
     // A new flow, in two BPF functions of their own (each frame counts on top of this one's):
     // the backend's choice, then the flow's entries and the translation.
-    if let Err(stop) = choose(&s.p) {
-        return stop.act(ctx);
+    match choose(&s.p) {
+        Ok(Chosen::Backend) => {}
+        Ok(Chosen::Reject { svc_port_id }) => {
+            return reject::port_unreachable6(ctx, &s.p, svc_port_id, len)
+        }
+        Err(stop) => return stop.act(ctx),
     }
     match establish(ctx, &s.p, &s.key, len) {
         Ok(v) => v,
@@ -97,14 +110,14 @@ fn known_flow<H: Hook6>(
         maps::count(counter::XDP_ESTABLISHED, len);
     }
     maps::count_service_packet(e.svc_port_id, len);
-    Ok(ctx.forward6(p, !reply && e.flags & ct_flags::LOCAL_BACKEND != 0, slot))
+    Ok(ctx.forward6(!reply && e.flags & ct_flags::LOCAL_BACKEND != 0, slot))
 }
 
 /// The first packet of a flow, first half: its IPv6 external frontend and the backend, left in
 /// the scratch value (`maps::NewFlow6`: `reply_key` with the backend's address and port as
 /// its source, and `choice`).
 #[inline(never)]
-fn choose(p: &Packet6) -> Result<(), Stop> {
+fn choose(p: &Packet6) -> Result<Chosen, Stop> {
     // Only addresses some frontend or backend uses have a handle: other traffic stops here.
     let handle = maps::addr6_handle(&p.daddr).ok_or(Stop::Pass(counter::XDP_NO_FRONTEND))?;
     let fe = crate::frontend::lookup(handle, p.dport, p.proto, scope::EXTERNAL6)
@@ -120,6 +133,11 @@ fn choose(p: &Packet6) -> Result<(), Stop> {
         });
     }
     if fe.master.count == 0 {
+        // No endpoint anywhere: kube-proxy's REJECT (reject.rs). Endpoints elsewhere, none
+        // for this traffic here (externalTrafficPolicy Local): dropped.
+        if fe.master.flags & service_flags::NO_ENDPOINTS != 0 {
+            return Ok(Chosen::Reject { svc_port_id });
+        }
         return Err(Stop::Drop {
             reason: counter::XDP_DROP_NO_BACKEND,
             svc_port_id,
@@ -177,7 +195,7 @@ fn choose(p: &Packet6) -> Result<(), Stop> {
         snat: snat as u8,
         _pad: 0,
     };
-    Ok(())
+    Ok(Chosen::Backend)
 }
 
 /// The first packet of a flow, second half: the port the backend sees, both conntrack entries,
@@ -251,5 +269,5 @@ fn establish<H: Hook6>(ctx: &H, p: &Packet6, key: &CtKey6, len: u64) -> Result<u
         .map_err(|_| Stop::drop_other(counter::TC_ERROR, svc_port_id))?;
     maps::count(counter::XDP_NEW_FLOW, len);
     maps::count_service(svc_port_id, ServiceEvent::NewConnection(len));
-    Ok(ctx.forward6(p, flags & ct_flags::LOCAL_BACKEND != 0, NhSlot::NONE))
+    Ok(ctx.forward6(flags & ct_flags::LOCAL_BACKEND != 0, NhSlot::NONE))
 }

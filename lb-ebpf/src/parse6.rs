@@ -27,11 +27,19 @@ fn extension_header(next: u8) -> bool {
     matches!(next, 0 | 43 | 44 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
 }
 
-/// Reads an address field of the IPv6 header as the maps hold addresses.
+/// Reads an address field of a bounds-checked IPv6 header (the packet's own, or one an ICMPv6
+/// error quotes) as the maps hold addresses.
 #[inline(always)]
-fn addr(field: *const [u8; 16]) -> Addr6 {
-    // SAFETY: the field lies inside the bounds-checked header; read without alignment.
+pub fn addr(field: *const [u8; 16]) -> Addr6 {
+    // SAFETY: the callers pass a field inside a bounds-checked header; read without alignment.
     unsafe { core::ptr::read_unaligned(field as *const Addr6) }
+}
+
+/// Writes an address field of a bounds-checked IPv6 header.
+#[inline(always)]
+pub fn set_addr(field: *mut [u8; 16], a: &Addr6) {
+    // SAFETY: as for [`addr`].
+    unsafe { core::ptr::write_unaligned(field as *mut Addr6, *a) }
 }
 
 /// Offset of the L4 header (no extension headers).

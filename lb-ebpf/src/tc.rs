@@ -8,7 +8,7 @@ use aya_ebpf::{
     bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK},
     programs::TcContext,
 };
-use lb_common::{counter, ct_flags, proto, Addr6, CtKey, CtKey6};
+use lb_common::{counter, ct_flags, proto, CtKey, CtKey6};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -16,7 +16,7 @@ use network_types::{
     udp::UdpHdr,
 };
 
-use crate::{ct, flow::Seg, maps};
+use crate::{ct, flow::Seg, hook6, maps, parse6};
 
 const IP_CHECK_OFF: usize = EthHdr::LEN + offset_of!(Ipv4Hdr, check);
 const IP_SRC_OFF: usize = EthHdr::LEN + offset_of!(Ipv4Hdr, src_addr);
@@ -137,11 +137,8 @@ pub fn try_egress6(ctx: &TcContext) -> Result<i32, i64> {
     };
     // SAFETY: per-CPU value, no concurrent user on this CPU.
     let key = unsafe { &mut (*s).key };
-    // SAFETY: `[u8; 16]` and `Addr6` have the same size; read without alignment.
-    unsafe {
-        key.saddr_be = core::ptr::read_unaligned(ip.src_addr.as_ptr() as *const Addr6);
-        key.daddr_be = core::ptr::read_unaligned(ip.dst_addr.as_ptr() as *const Addr6);
-    }
+    key.saddr_be = parse6::addr(&ip.src_addr);
+    key.daddr_be = parse6::addr(&ip.dst_addr);
     key.sport_be = u16::from_ne_bytes([ports[0], ports[1]]);
     key.dport_be = u16::from_ne_bytes([ports[2], ports[3]]);
     key.proto = l4;
@@ -194,9 +191,7 @@ pub fn try_egress6(ctx: &TcContext) -> Result<i32, i64> {
             ctx.l4_csum_replace(check_off, key.dport_be as u64, e.nat_dport_be as u64, 2)?;
         }
     }
-    // SAFETY: four `u32` are sixteen bytes, in memory order (the wire's).
-    let src = unsafe { core::mem::transmute::<Addr6, [u8; 16]>(e.nat_saddr_be) };
-    ctx.store(IP6_SRC_OFF, &src, 0)?;
+    ctx.store(IP6_SRC_OFF, &hook6::bytes(&e.nat_saddr_be), 0)?;
     ctx.store(L4_OFF6, &e.nat_sport_be, 0)?;
     if remapped {
         ctx.store(L4_OFF6 + 2, &e.nat_dport_be, 0)?;

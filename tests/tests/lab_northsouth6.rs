@@ -533,3 +533,143 @@ fn local_replies_are_translated_on_egress6(v: Variant) {
     eprintln!("node1 counters during the exchanges: {st:?}");
 }
 on_both_variants!(local_replies_are_translated_on_egress6: lab_ns6_local_replies_are_translated_on_egress_plain, lab_ns6_local_replies_are_translated_on_egress_xdp);
+
+/// [`with_ipv6_services`] plus two IPv6-only LoadBalancer Services for the firewall and REJECT
+/// twins (lab_source_ranges.rs, lab_e2e_services.rs):
+/// - `gone6`: ingress IP fd00:203::13, NodePort 30210, TCP and UDP, no endpoint anywhere;
+/// - `fenced6`: ingress IP fd00:203::12, NodePort 30211, TCP and UDP, served by a1, with
+///   loadBalancerSourceRanges `ranges` (a YAML list).
+fn with_fenced_and_empty6(ranges: &str) -> String {
+    format!(
+        "{}\n---
+apiVersion: v1
+kind: Service
+metadata: {{name: gone6, namespace: default}}
+spec:
+  type: LoadBalancer
+  ipFamilies: [IPv6]
+  clusterIPs: [\"fd00:96::170\"]
+  selector: {{app: gone6}}
+  ports:
+  - {{name: tcp, port: 80, targetPort: 8080, nodePort: 30210}}
+  - {{name: udp, port: 80, targetPort: 8080, nodePort: 30210, protocol: UDP}}
+status:
+  loadBalancer: {{ingress: [{{ip: \"fd00:203::13\"}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: fenced6, namespace: default}}
+spec:
+  type: LoadBalancer
+  ipFamilies: [IPv6]
+  clusterIPs: [\"fd00:96::171\"]
+  loadBalancerSourceRanges: {ranges}
+  selector: {{app: fenced6}}
+  ports:
+  - {{name: tcp, port: 80, targetPort: 8080, nodePort: 30211}}
+  - {{name: udp, port: 80, targetPort: 8080, nodePort: 30211, protocol: UDP}}
+status:
+  loadBalancer: {{ingress: [{{ip: \"fd00:203::12\"}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: fenced6-1, namespace: default, labels: {{kubernetes.io/service-name: fenced6}}}}
+addressType: IPv6
+ports:
+- {{name: tcp, port: 8080}}
+- {{name: udp, port: 8080, protocol: UDP}}
+endpoints:
+- {{addresses: [\"fd00:244:1::10\"], nodeName: node1}}
+",
+        with_ipv6_services().trim_end()
+    )
+}
+
+/// The IPv6 twins of kube-proxy's REJECT and firewall from outside: a Service without any
+/// endpoint answers the external client's TCP and UDP at once with an ICMPv6 port unreachable
+/// (ECONNREFUSED, not a timeout) at its LoadBalancer IP and its NodePort; a LoadBalancer IP
+/// fenced by loadBalancerSourceRanges serves a client inside the ranges and drops (counted) one
+/// outside them, while its NodePort stays open.
+fn rejects_and_source_ranges6(v: Variant) {
+    let Some(mut s) = start_example_on(v) else {
+        return;
+    };
+    s.apply(&with_fenced_and_empty6("[\"fd00:100::100/128\"]"), 2);
+    s.lab.client_route("fd00:203::12/128", "node1").unwrap();
+    s.lab.client_route("fd00:203::13/128", "node1").unwrap();
+    let client = |s: &Running, proto: &str, target: &str| {
+        s.lab
+            .run_client(
+                "client",
+                &[proto, target, "--count", "5", "--timeout-ms", "2000"],
+            )
+            .unwrap()
+    };
+    let served = |ex: &[Exchange], what: &str| {
+        all_ok(ex, what);
+        assert!(
+            ex.iter().all(|e| e.backend.as_deref() == Some("a1")),
+            "{what}: {ex:?}"
+        );
+    };
+    let before = s.stats("node1");
+    for proto in ["tcp", "udp"] {
+        // A connected UDP socket, so that the ICMPv6 error reaches the application.
+        let mode = if proto == "udp" {
+            "udp-connected"
+        } else {
+            proto
+        };
+        for target in ["[fd00:203::13]:80", "[fd00:100::1]:30210"] {
+            let ex = client(&s, mode, target);
+            assert!(
+                !ex.is_empty()
+                    && ex.iter().all(|e| e
+                        .error
+                        .as_deref()
+                        .is_some_and(|m| m.starts_with("ConnectionRefused"))),
+                "{proto} {target}: refused by an ICMPv6 port unreachable: {ex:?}"
+            );
+        }
+        served(
+            &client(&s, proto, "[fd00:203::12]:80"),
+            &format!("{proto} client inside the ranges"),
+        );
+    }
+    let st = delta(&s, "node1", &before);
+    assert!(st["reject_sent"] >= 20, "{st:?}");
+    assert_eq!(st["source_range_denied"], 0, "{st:?}");
+
+    // The ranges move away from the client: its SYNs and datagrams to the LoadBalancer IP are
+    // dropped on the north-south path; the NodePort is not fenced.
+    s.apply(&with_fenced_and_empty6("[\"fd00:244::/32\"]"), 3);
+    let before = s.stats("node1");
+    for proto in ["tcp", "udp"] {
+        let ex = s
+            .lab
+            .run_client(
+                "client",
+                &[
+                    proto,
+                    "[fd00:203::12]:80",
+                    "--count",
+                    "3",
+                    "--timeout-ms",
+                    "500",
+                ],
+            )
+            .unwrap();
+        assert!(
+            !ex.is_empty() && ex.iter().all(|e| !e.ok),
+            "{proto} outside the ranges: {ex:?}"
+        );
+        served(
+            &client(&s, proto, "[fd00:100::1]:30211"),
+            &format!("{proto} NodePort, outside the ranges"),
+        );
+    }
+    let st = delta(&s, "node1", &before);
+    assert!(st["source_range_denied"] >= 6, "{st:?}");
+    eprintln!("node1 counters: {st:?}");
+}
+on_both_variants!(rejects_and_source_ranges6: lab_ns6_rejects_and_source_ranges_plain, lab_ns6_rejects_and_source_ranges_xdp);
