@@ -459,3 +459,160 @@ fn kernel_sync_flushes_the_ipv6_udp_flows_of_a_removed_backend() {
     // A sync that changes nothing flushes nothing.
     assert_eq!(h.syncer.sync(&d).unwrap().udp_flows_flushed, 0);
 }
+
+/// `lbctl lookup` on IPv6 flows, against what the real IPv6 path did: an IPv6 NodePort with
+/// two backends (a Maglev table) and one with session affinity. The lookup must build the
+/// kernel's keys: the frontend by its address's handle in the IPv6 scopes, the conntrack key in
+/// the IPv6 tiers, the IPv6 flow hash, the folded-address affinity key.
+#[test]
+fn kernel_lookup_explains_ipv6_flows() {
+    use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+    let Some(()) = lb_tests::require_privileges() else {
+        return;
+    };
+    let mut h = XdpHarness::new().unwrap();
+    h.set_config(&config(61000, 65535)).unwrap();
+    h.set_config6(&config6()).unwrap();
+    let fe = |port: u16| FrontendKey {
+        addr: SocketAddr::new(NODE6.into(), port),
+        proto: TCP,
+        scope: scope::EXTERNAL,
+    };
+    let front = |name: &str, flags: u16, affinity_timeout_s: u32| DesiredFrontend {
+        service_port: name.into(),
+        flags: service_flags::NODE_PORT | flags,
+        affinity_timeout_s,
+        source_ranges: None,
+        backends: [REMOTE_POD6, REMOTE_POD6_B]
+            .into_iter()
+            .map(|a| {
+                (
+                    BackendKey {
+                        addr: SocketAddr::new(a.into(), 8080),
+                        proto: TCP,
+                    },
+                    0,
+                )
+            })
+            .collect(),
+    };
+    let desired: Desired = [
+        (fe(30081), front("default/web:http/TCP/IPv6", 0, 0)),
+        (
+            fe(30082),
+            front(
+                "default/sticky:http/TCP/IPv6",
+                service_flags::SESSION_AFFINITY,
+                10800,
+            ),
+        ),
+    ]
+    .into();
+    h.program(&desired).unwrap();
+    let pods = ["[fd00:244:2::10]:8080", "[fd00:244:2::11]:8080"];
+    let node = |port: u16| SocketAddr::new(IpAddr::from(NODE6), port);
+    let client = IpAddr::from(CLIENT6);
+    let lookup = |frontend: SocketAddr, client: IpAddr, port: Option<u16>| {
+        inspect::lookup(h.pin_dir(), frontend, TCP, client, port).unwrap()
+    };
+    // The backend a SYN from the client's `port` to `frontend` went to, as `[addr]:port`.
+    let syn = |src: [u8; 16], port: u16, frontend: u16| {
+        let out = h
+            .run(&frame6(Kind::Syn, (src, port), (NODE6, frontend)))
+            .unwrap()
+            .output;
+        let to: [u8; 16] = out[38..54].try_into().unwrap();
+        let to_port = u16::from_be_bytes([out[56], out[57]]);
+        SocketAddr::new(Ipv6Addr::from(to).into(), to_port).to_string()
+    };
+
+    // New flows: the Maglev table's choice for the five-tuple, which the SYN then gets; over
+    // enough ports both backends come up.
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 42000..42032u16 {
+        let l = lookup(node(30081), client, Some(port));
+        assert_eq!(
+            (l.frontend.as_str(), l.scope, l.reason),
+            ("[fd00:100::1]:30081", "external", "maglev"),
+            "{l:?}"
+        );
+        assert_eq!(l.candidates, pods, "{l:?}");
+        let predicted = l.backend.clone().unwrap();
+        assert_eq!(syn(CLIENT6, port, 30081), predicted, "client port {port}");
+        // Now the flow is in the IPv6 conntrack (the new tier): the same backend, from there.
+        let l = lookup(node(30081), client, Some(port));
+        assert_eq!(
+            (l.reason, l.backend.as_deref()),
+            ("conntrack", Some(predicted.as_str()))
+        );
+        seen.insert(predicted);
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    // A confirmed flow: still found (the established tier).
+    handshake_to(&h, 42000, 30081);
+    let key = ct_key6((CLIENT6, 42000), (NODE6, 30081), TCP);
+    assert_eq!(tiers6(&h).get(&key).unwrap().unwrap().1, Tier::Established);
+    assert_eq!(lookup(node(30081), client, Some(42000)).reason, "conntrack");
+    // Without a client port: the candidates, no backend.
+    let l = lookup(node(30081), client, None);
+    assert_eq!((l.reason, l.backend), ("fresh choice", None));
+    assert_eq!(l.candidates, pods);
+
+    // Affinity: the client's first connection records its backend, keyed on the folded IPv6
+    // address; lookup finds the record, for a new port or none; another client has none.
+    let sticky = syn(CLIENT6, 43000, 30082);
+    for port in [None, Some(43001)] {
+        let l = lookup(node(30082), client, port);
+        assert_eq!(
+            (l.reason, l.backend.as_deref()),
+            ("affinity", Some(sticky.as_str())),
+            "{port:?}"
+        );
+    }
+    let mut other = CLIENT6;
+    other[15] = 0x01;
+    let l = lookup(node(30082), IpAddr::from(other), None);
+    assert_eq!((l.reason, l.backend), ("fresh choice", None));
+
+    // An address with no handle, and an IPv6 port nothing serves: no frontend.
+    for frontend in ["[2001:db8::99]:30081", "[fd00:100::1]:30099"] {
+        let l = lookup(frontend.parse().unwrap(), client, Some(42000));
+        assert_eq!(l.reason, "not a frontend", "{frontend}");
+    }
+    // Families do not mix.
+    let e = inspect::lookup(
+        h.pin_dir(),
+        node(30081),
+        TCP,
+        IpAddr::from(CLIENT),
+        Some(42000),
+    )
+    .unwrap_err();
+    assert!(
+        e.downcast_ref::<lb_userspace::error::UsageError>()
+            .is_some(),
+        "{e:#}"
+    );
+}
+
+/// The client's ACK after the backend's SYN-ACK, confirming the flow from `port` to the IPv6
+/// NodePort `frontend` (its SYN already sent).
+fn handshake_to(h: &XdpHarness, port: u16, frontend: u16) {
+    let reply = tiers6(h)
+        .get(&ct_key6((CLIENT6, port), (NODE6, frontend), TCP))
+        .unwrap()
+        .expect("the SYN's entry")
+        .0;
+    let backend = lb_userspace::dataplane::ct_gc::CtAddr::ip(reply.nat_daddr_be);
+    let std::net::IpAddr::V6(backend) = backend else {
+        unreachable!()
+    };
+    h.run(&frame6(
+        Kind::SynAck,
+        (backend.octets(), u16::from_be(reply.nat_dport_be)),
+        (NODE6, u16::from_be(reply.nat_sport_be)),
+    ))
+    .unwrap();
+    h.run(&frame6(Kind::Ack, (CLIENT6, port), (NODE6, frontend)))
+        .unwrap();
+}
