@@ -2,8 +2,9 @@
 //! real IPv6 path wrote through BPF_PROG_TEST_RUN: the agent's sweep
 //! (`ct_gc::sweep` over `CtTiers<Addr6>`) removes exactly the expired IPv6 flows and leaves the
 //! IPv4 tiers alone, `lbctl`'s views show IPv6 entries (`family`, IPv6 addresses) and the
-//! node's IPv6 address, and a sync that removes an IPv6 backend from a UDP Service port flushes
-//! that backend's IPv6 UDP flows (as `kernel_ct_flush.rs` checks for IPv4).
+//! node's IPv6 address, `lbctl lookup` explains IPv6 flows as the IPv6 path chose them, and a
+//! sync that removes an IPv6 backend from a UDP Service port flushes that backend's IPv6 UDP
+//! flows (as `kernel_ct_flush.rs` checks for IPv4).
 use lb_common::{ct_state, map_name, scope, service_flags, Addr6};
 use lb_tests::{
     fixture::frames::{
