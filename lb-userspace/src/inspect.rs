@@ -3,19 +3,24 @@
 //! would get. Counters and occupancy come from `dataplane::read`, shared with the metrics. Works
 //! while the agent is down.
 use std::{
-    net::{Ipv4Addr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::Path,
 };
 
 use anyhow::Result;
-use lb_common::{map_name, service_flags};
+use lb_common::{map_name, service_flags, Addr6, CtKeyOf};
 use serde::Serialize;
 
-use crate::dataplane::{
-    ct_gc,
-    pinned::{check_dir, AyaDataplane},
-    read::{boot_seconds, conntrack_all, conntrack_tiers, typed},
-    Dataplane, MapContents,
+use crate::{
+    control::model::FamilyAddr,
+    dataplane::{
+        addr6_words,
+        ct_gc::{self, CtAddr},
+        pinned::{check_dir, AyaDataplane},
+        read::{boot_seconds, conntrack_tiers, typed},
+        Dataplane, MapContents,
+    },
+    error::usage,
 };
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -439,25 +444,138 @@ pub struct Lookup {
     pub candidates: Vec<String>,
 }
 
-/// Which backend a flow from `client` to `frontend` has or would get, and why.
+/// A `lbctl lookup` question: a flow (or a client's next one) to a frontend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LookupQuery {
+    pub frontend: SocketAddr,
+    pub proto: u8,
+    pub client: IpAddr,
+    pub client_port: Option<u16>,
+}
+
+/// `lbctl lookup`'s `--frontend IP:PORT/PROTO` (an IPv6 address in brackets,
+/// `[2001:db8::10]:80/TCP`; no protocol: TCP) and `--client IP` or `IP:PORT` (`2001:db8::1`,
+/// `[2001:db8::1]:40000`). Both of one family: no flow crosses families (each path translates
+/// within its own), so a mixed pair names no flow and is a usage error rather than a `not a
+/// frontend` answer that would send the user looking for a missing Service.
+pub fn parse_lookup(frontend: &str, client: &str) -> Result<LookupQuery> {
+    let (addr, proto) = frontend.split_once('/').unwrap_or((frontend, "TCP"));
+    let proto = match proto.to_ascii_uppercase().as_str() {
+        "TCP" => lb_common::proto::TCP,
+        "UDP" => lb_common::proto::UDP,
+        p => {
+            return Err(usage(format!(
+                "--frontend {frontend}: protocol {p} is neither TCP nor UDP"
+            )))
+        }
+    };
+    let fe: SocketAddr = addr
+        .parse()
+        .map_err(|_| usage(format!("--frontend {frontend}: expected IP:PORT/PROTO")))?;
+    let (ip, port) = match client.parse::<SocketAddr>() {
+        Ok(a) => (a.ip(), Some(a.port())),
+        Err(_) => (
+            client
+                .strip_prefix('[')
+                .and_then(|c| c.strip_suffix(']'))
+                .unwrap_or(client)
+                .parse()
+                .map_err(|_| usage(format!("--client {client}: expected IP or IP:PORT")))?,
+            None,
+        ),
+    };
+    if fe.is_ipv6() != ip.is_ipv6() {
+        return Err(mixed_families(fe, ip));
+    }
+    Ok(LookupQuery {
+        frontend: fe,
+        proto,
+        client: ip,
+        client_port: port,
+    })
+}
+
+/// The usage error of a frontend and a client of different families.
+fn mixed_families(frontend: SocketAddr, client: IpAddr) -> anyhow::Error {
+    usage(format!(
+        "--frontend {frontend} is {} but --client {client} is {}: a flow has one IP family",
+        family(frontend.is_ipv6()),
+        family(client.is_ipv6())
+    ))
+}
+
+/// The backend address and port of the conntrack entry under `key` (either tier) of family `A`.
+fn ct_backend<A: CtAddr>(bpffs: &Path, key: CtKeyOf<A>) -> Result<Option<String>>
+where
+    CtKeyOf<A>: aya::Pod,
+    lb_common::CtValueOf<A>: aya::Pod,
+{
+    Ok(conntrack_tiers::<A>(bpffs)?
+        .into_iter()
+        .find_map(|(k, v, _)| {
+            (k == key).then(|| {
+                SocketAddr::new(v.e.nat_daddr_be.ip(), u16::from_be(v.e.nat_dport_be)).to_string()
+            })
+        }))
+}
+
+/// The client and frontend addresses of a flow as the datapath's keys hold them: IPv4 ones as
+/// `u32`, IPv6 ones as their wire words (conntrack, hashes and affinity are keyed on the
+/// addresses themselves; only the service maps use the IPv6 handles).
+#[derive(Clone, Copy)]
+enum Ends {
+    V4 { client: u32, frontend: u32 },
+    V6 { client: Addr6, frontend: Addr6 },
+}
+
+impl Ends {
+    fn of(frontend: SocketAddr, client: IpAddr) -> Result<Self> {
+        Ok(match (frontend.ip(), client) {
+            (IpAddr::V4(f), IpAddr::V4(c)) => Ends::V4 {
+                client: u32::from_ne_bytes(c.octets()),
+                frontend: u32::from_ne_bytes(f.octets()),
+            },
+            (IpAddr::V6(f), IpAddr::V6(c)) => Ends::V6 {
+                client: addr6_words(c),
+                frontend: addr6_words(f),
+            },
+            _ => return Err(mixed_families(frontend, client)),
+        })
+    }
+}
+
+/// Which backend a flow from `client` to `frontend` has or would get, and why. An IPv6 flow
+/// is looked up as the IPv6 path (`north_south6::choose`) looks: the frontend by its address's
+/// handle in the IPv6 scopes, conntrack in the IPv6 tiers, affinity by the folded client
+/// address (`affinity_client::ADDR6`), Maglev by the IPv6 flow hash. A client of the other
+/// family than the frontend is a usage error (see [`parse_lookup`]).
 pub fn lookup(
     bpffs: &Path,
-    frontend: SocketAddrV4,
+    frontend: impl Into<SocketAddr>,
     proto: u8,
-    client: std::net::Ipv4Addr,
+    client: impl Into<IpAddr>,
     client_port: Option<u16>,
 ) -> Result<Lookup> {
     use lb_common::{
-        affinity_client, scope, AffinityKey, AffinityValue, CtKey, FrontendSlotKey, MemberKey,
+        affinity_client, scope, AffinityKey, AffinityValue, FrontendSlotKey, MemberKey,
     };
+    let (frontend, client) = (frontend.into(), client.into());
+    let ends = Ends::of(frontend, client)?;
     let s = map_contents(bpffs)?;
-    let (fe_be, fp_be) = (
-        u32::from_ne_bytes(frontend.ip().octets()),
-        frontend.port().to_be(),
-    );
+    let fp_be = frontend.port().to_be();
+    // The frontends map's address: an IPv6 one by its handle (an address without one is no
+    // frontend's), in the IPv6 scopes.
+    let (fe_be, external, internal) = match frontend.ip() {
+        IpAddr::V4(a) => (
+            Some(u32::from_ne_bytes(a.octets())),
+            scope::EXTERNAL,
+            scope::INTERNAL,
+        ),
+        IpAddr::V6(a) => (s.addr6.get(&a).copied(), scope::EXTERNAL6, scope::INTERNAL6),
+    };
     let master_of = |sc| {
         let k = FrontendSlotKey {
-            addr_be: fe_be,
+            addr_be: fe_be?,
             port_be: fp_be,
             proto,
             scope: sc,
@@ -467,9 +585,9 @@ pub fn lookup(
         s.services.get(&k).map(|v| (k, *v))
     };
     // North-south when the frontend is external, else the socket-level entry.
-    let (scope_name, found) = match master_of(scope::EXTERNAL) {
+    let (scope_name, found) = match master_of(external) {
         Some(m) => ("external", Some(m)),
-        None => ("internal", master_of(scope::INTERNAL)),
+        None => ("internal", master_of(internal)),
     };
     let mut out = Lookup {
         frontend: frontend.to_string(),
@@ -481,11 +599,7 @@ pub fn lookup(
     let Some((mk, master)) = found else {
         return Ok(out);
     };
-    let be = |id: u32| {
-        s.backends
-            .get(&id)
-            .map(|b| addr(b.addr_be, b.port_be).to_string())
-    };
+    let be = |id: u32| s.backends.get(&id).map(|b| backend_addr(&s, b));
     out.candidates = (1..=master.count)
         .filter_map(|slot| {
             s.services
@@ -493,22 +607,35 @@ pub fn lookup(
                 .and_then(|v| be(v.backend_id))
         })
         .collect();
-    let (c_be, now) = (u32::from_ne_bytes(client.octets()), boot_seconds());
+    let now = boot_seconds();
     if let (Some(port), "external") = (client_port, scope_name) {
-        let key = CtKey {
-            saddr_be: c_be,
-            daddr_be: fe_be,
-            sport_be: port.to_be(),
-            dport_be: fp_be,
-            proto,
-            _pad: [0; 3],
+        let backend = match ends {
+            Ends::V4 { client, frontend } => ct_backend::<u32>(
+                bpffs,
+                CtKeyOf {
+                    saddr_be: client,
+                    daddr_be: frontend,
+                    sport_be: port.to_be(),
+                    dport_be: fp_be,
+                    proto,
+                    _pad: [0; 3],
+                },
+            )?,
+            Ends::V6 { client, frontend } => ct_backend::<Addr6>(
+                bpffs,
+                CtKeyOf {
+                    saddr_be: client,
+                    daddr_be: frontend,
+                    sport_be: port.to_be(),
+                    dport_be: fp_be,
+                    proto,
+                    _pad: [0; 3],
+                },
+            )?,
         };
-        if let Some(e) = conntrack_all(bpffs)?
-            .into_iter()
-            .find_map(|(k, v, _)| (k == key).then_some(v.e))
-        {
+        if let Some(b) = backend {
             out.reason = "conntrack";
-            out.backend = Some(addr(e.nat_daddr_be, e.nat_dport_be).to_string());
+            out.backend = Some(b);
             return Ok(out);
         }
     }
@@ -517,7 +644,11 @@ pub fn lookup(
         && master.flags & service_flags::SOURCE_RANGES != 0
         && !s.source_ranges.iter().any(|(id, net, len)| {
             *id == master.svc_port_id
-                && matches!(net, std::net::IpAddr::V4(n) if crate::control::plan::in_prefix(client, *n, *len))
+                && match (client, *net) {
+                    (IpAddr::V4(c), IpAddr::V4(n)) => crate::control::plan::in_prefix(c, n, *len),
+                    (IpAddr::V6(c), IpAddr::V6(n)) => FamilyAddr::in_prefix(c, n, *len),
+                    _ => false,
+                }
         })
     {
         out.reason = "source range denied";
@@ -528,10 +659,14 @@ pub fn lookup(
         return Ok(out);
     }
     if master.flags & service_flags::SESSION_AFFINITY != 0 && scope_name == "external" {
+        let (client_kind, client) = match ends {
+            Ends::V4 { client, .. } => (affinity_client::ADDR, client as u64),
+            Ends::V6 { client, .. } => (affinity_client::ADDR6, affinity_client::client6(&client)),
+        };
         let key = AffinityKey {
             svc_port_id: master.svc_port_id,
-            client_kind: affinity_client::ADDR,
-            client: c_be as u64,
+            client_kind,
+            client,
         };
         let rec = typed::<AffinityKey, AffinityValue>(bpffs, map_name::AFFINITY, true)?
             .into_iter()
@@ -556,7 +691,14 @@ pub fn lookup(
         scope_name,
         master.maglev_id != 0 && master.maglev_m != 0,
     ) {
-        let hash = lb_common::flow_hash(c_be, fe_be, port.to_be(), fp_be, proto);
+        let hash = match ends {
+            Ends::V4 { client, frontend } => {
+                lb_common::flow_hash(client, frontend, port.to_be(), fp_be, proto)
+            }
+            Ends::V6 { client, frontend } => {
+                lb_common::flow_hash6(&client, &frontend, port.to_be(), fp_be, proto)
+            }
+        };
         let idx = hash % master.maglev_m;
         let key = lb_common::MaglevKey {
             table_id: master.maglev_id,
@@ -833,5 +975,95 @@ impl StatusView {
         ));
         out.push_str(&table(&["COUNTER", "PACKETS/S", "BYTES/S"], &rows));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::proto::{TCP, UDP};
+
+    fn q(frontend: &str, client: &str) -> LookupQuery {
+        parse_lookup(frontend, client).unwrap()
+    }
+
+    /// The message of a usage error (exit code 2), or a panic for any other outcome.
+    fn usage_error(frontend: &str, client: &str) -> String {
+        let e = parse_lookup(frontend, client).unwrap_err();
+        assert!(
+            e.downcast_ref::<crate::error::UsageError>().is_some(),
+            "{e:#}"
+        );
+        e.to_string()
+    }
+
+    #[test]
+    fn lookup_arguments_of_either_family() {
+        assert_eq!(
+            q("203.0.113.10:80/TCP", "10.0.0.1:40000"),
+            LookupQuery {
+                frontend: "203.0.113.10:80".parse().unwrap(),
+                proto: TCP,
+                client: "10.0.0.1".parse().unwrap(),
+                client_port: Some(40000),
+            }
+        );
+        assert_eq!(q("203.0.113.10:53/udp", "10.0.0.1").client_port, None);
+        assert_eq!(q("203.0.113.10:53/udp", "10.0.0.1").proto, UDP);
+        assert_eq!(
+            q("[2001:db8::10]:80/TCP", "[2001:db8::1]:40000"),
+            LookupQuery {
+                frontend: "[2001:db8::10]:80".parse().unwrap(),
+                proto: TCP,
+                client: "2001:db8::1".parse().unwrap(),
+                client_port: Some(40000),
+            }
+        );
+        for client in ["2001:db8::1", "[2001:db8::1]"] {
+            let l = q("[2001:db8::10]:53/UDP", client);
+            assert_eq!(
+                (l.client, l.client_port, l.proto),
+                ("2001:db8::1".parse().unwrap(), None, UDP),
+                "{client}"
+            );
+        }
+        // No protocol: TCP, as for IPv4.
+        assert_eq!(q("[2001:db8::10]:80", "2001:db8::1").proto, TCP);
+    }
+
+    #[test]
+    fn lookup_arguments_of_two_families_are_a_usage_error() {
+        assert_eq!(
+            usage_error("[2001:db8::10]:80/TCP", "10.0.0.1"),
+            "--frontend [2001:db8::10]:80 is IPv6 but --client 10.0.0.1 is IPv4: a flow has one IP family"
+        );
+        assert_eq!(
+            usage_error("203.0.113.10:80/TCP", "[2001:db8::1]:40000"),
+            "--frontend 203.0.113.10:80 is IPv4 but --client 2001:db8::1 is IPv6: a flow has one IP family"
+        );
+        // The library call says the same (no maps read: the directory does not exist).
+        let e = lookup(
+            Path::new("/nonexistent"),
+            "[2001:db8::10]:80".parse::<SocketAddr>().unwrap(),
+            TCP,
+            "10.0.0.1".parse::<Ipv4Addr>().unwrap(),
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("a flow has one IP family"), "{e:#}");
+        // Malformed arguments keep their messages; an IPv6 address without brackets is no
+        // socket address.
+        assert_eq!(
+            usage_error("2001:db8::10:80/TCP", "2001:db8::1"),
+            "--frontend 2001:db8::10:80/TCP: expected IP:PORT/PROTO"
+        );
+        assert_eq!(
+            usage_error("[2001:db8::10]:80/SCTP", "2001:db8::1"),
+            "--frontend [2001:db8::10]:80/SCTP: protocol SCTP is neither TCP nor UDP"
+        );
+        assert_eq!(
+            usage_error("[2001:db8::10]:80/TCP", "2001:db8::1:40000:x"),
+            "--client 2001:db8::1:40000:x: expected IP or IP:PORT"
+        );
     }
 }

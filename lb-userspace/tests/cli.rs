@@ -296,6 +296,47 @@ fn lbctl_missing_pin_directory_is_named() {
     );
 }
 
+/// lbctl lookup takes IPv6 arguments, and a frontend and a client of two families are one line
+/// naming both (exit 2) before any map is read.
+#[test]
+fn lbctl_lookup_of_two_families_is_one_line() {
+    let out = Command::new(env!("CARGO_BIN_EXE_lbctl"))
+        .args([
+            "--bpffs",
+            "/sys/fs/bpf/nope-nope",
+            "lookup",
+            "--frontend",
+            "[2001:db8::10]:80/TCP",
+            "--client",
+            "10.0.0.1:40000",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--frontend [2001:db8::10]:80 is IPv6 but --client 10.0.0.1 is IPv4"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // Both IPv6: parsed, then the missing directory is what stops it.
+    let out = Command::new(env!("CARGO_BIN_EXE_lbctl"))
+        .args([
+            "--bpffs",
+            "/sys/fs/bpf/nope-nope",
+            "lookup",
+            "--frontend",
+            "[2001:db8::10]:80/TCP",
+            "--client",
+            "[2001:db8::1]:40000",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no such directory"), "{err}");
+}
+
 #[test]
 fn missing_privileges_is_one_line() {
     // Drop to `nobody`, which has no capabilities.

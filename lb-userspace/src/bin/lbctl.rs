@@ -75,10 +75,11 @@ enum Command {
     },
     /// Which backend a flow has or would get, and why (conntrack, affinity, fresh choice).
     Lookup {
-        /// The frontend: IP:PORT/PROTO, e.g. 203.0.113.10:80/TCP.
+        /// The frontend: IP:PORT/PROTO, e.g. 203.0.113.10:80/TCP or [2001:db8::10]:80/TCP.
         #[arg(long)]
         frontend: String,
-        /// The client: IP or IP:PORT (with a port, an existing connection is looked up too).
+        /// The client: IP or IP:PORT, e.g. 2001:db8::1 or [2001:db8::1]:40000, of the
+        /// frontend's family (with a port, an existing connection is looked up too).
         #[arg(long)]
         client: String,
     },
@@ -128,21 +129,6 @@ fn print_rows<T: serde::Serialize>(rows: &[T], f: Format) -> anyhow::Result<()> 
         )
     );
     Ok(())
-}
-
-fn parse_frontend(s: &str) -> anyhow::Result<(std::net::SocketAddrV4, u8)> {
-    let (addr, proto) = s.split_once('/').unwrap_or((s, "TCP"));
-    let proto = match proto.to_ascii_uppercase().as_str() {
-        "TCP" => lb_common::proto::TCP,
-        "UDP" => lb_common::proto::UDP,
-        p => anyhow::bail!(lb_userspace::error::UsageError(format!(
-            "--frontend {s}: protocol {p} is neither TCP nor UDP"
-        ))),
-    };
-    let addr = addr.parse().map_err(|_| {
-        lb_userspace::error::UsageError(format!("--frontend {s}: expected IP:PORT/PROTO"))
-    })?;
-    Ok((addr, proto))
 }
 
 fn main() {
@@ -298,19 +284,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             }
         }
         Command::Lookup { frontend, client } => {
-            let (fe, proto) = parse_frontend(frontend)?;
-            let (ip, port) = match client.parse::<std::net::SocketAddrV4>() {
-                Ok(a) => (*a.ip(), Some(a.port())),
-                Err(_) => (
-                    client.parse().map_err(|_| {
-                        lb_userspace::error::UsageError(format!(
-                            "--client {client}: expected IP or IP:PORT"
-                        ))
-                    })?,
-                    None,
-                ),
-            };
-            let l = inspect::lookup(&cli.bpffs, fe, proto, ip, port)?;
+            let q = inspect::parse_lookup(frontend, client)?;
+            let l = inspect::lookup(&cli.bpffs, q.frontend, q.proto, q.client, q.client_port)?;
             if !structured(&l, f)? {
                 println!("frontend:   {} ({} scope)", l.frontend, l.scope);
                 println!("reason:     {}", l.reason);

@@ -19,7 +19,8 @@
 //! the packet), which is the datapath's answer to any evicted flow.
 //!
 //! [`flush_udp`] removes the UDP flows of backends that left a Service port (kube-proxy clears
-//! conntrack for removed UDP endpoints), so the flow's next datagram is balanced again.
+//! conntrack for removed UDP endpoints), so the flow's next datagram is balanced again; the
+//! service maps' flush runs it on both families' tiers.
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     os::fd::{AsFd, BorrowedFd, OwnedFd},

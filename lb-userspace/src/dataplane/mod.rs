@@ -135,8 +135,8 @@ pub trait Dataplane {
     fn del_addr6(&mut self, addr: Ipv6Addr) -> Result<()>;
     /// Reads back every entry (used once, at start, to adopt pinned state).
     fn contents(&self) -> Result<MapContents>;
-    /// Removes the UDP conntrack flows (both directions, both tiers) of each (Service-port id,
-    /// backend id) in `gone`: backends that left the Service port. Returns the entries removed.
-    /// Not a service-map write (it does not count in the sync's writes).
+    /// Removes the UDP conntrack flows (both directions, both tiers, both families) of each
+    /// (Service-port id, backend id) in `gone`: backends that left the Service port. Returns the
+    /// entries removed. Not a service-map write (it does not count in the sync's writes).
     fn flush_udp_flows(&mut self, gone: &BTreeSet<(u32, u32)>) -> Result<u64>;
 }

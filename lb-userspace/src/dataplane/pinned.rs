@@ -40,6 +40,14 @@ pub fn open_conntrack(bpffs: &Path) -> Result<CtTiers> {
     ))
 }
 
+/// The IPv6 conntrack tiers pinned under `bpffs`.
+pub fn open_conntrack6(bpffs: &Path) -> Result<CtTiers<Addr6>> {
+    Ok(CtTiers::from_maps(
+        open_pinned(bpffs, map_name::CONNTRACK6)?,
+        open_pinned(bpffs, map_name::CONNTRACK6_NEW)?,
+    ))
+}
+
 /// Opens a pinned map; when it is missing but a map of the same name with another layout
 /// version is there, says so.
 pub fn open_pinned(bpffs: &Path, name: &str) -> Result<MapData> {
@@ -142,8 +150,10 @@ pub struct AyaDataplane {
     addr6_ids: HashMap<MapData, u32, Addr6>,
     config: Array<MapData, Config>,
     config6: Array<MapData, lb_common::Config6>,
-    /// The conntrack tiers, for flushing the UDP flows of removed backends.
+    /// The conntrack tiers of both families, for flushing the UDP flows of removed backends: a
+    /// backend id names an IPv4 or an IPv6 backend, and its flows are in its family's tiers.
     conntrack: CtTiers,
+    conntrack6: CtTiers<Addr6>,
 }
 
 impl AyaDataplane {
@@ -167,6 +177,7 @@ impl AyaDataplane {
             config: Array::try_from(take(map_name::CONFIG)?)?,
             config6: Array::try_from(take(map_name::CONFIG6)?)?,
             conntrack: CtTiers::from_ebpf(ebpf)?,
+            conntrack6: CtTiers::from_ebpf(ebpf)?,
         })
     }
 
@@ -188,6 +199,7 @@ impl AyaDataplane {
             config: Array::try_from(Map::Array(open_data(map_name::CONFIG)?))?,
             config6: Array::try_from(Map::Array(open_data(map_name::CONFIG6)?))?,
             conntrack: open_conntrack(dir)?,
+            conntrack6: open_conntrack6(dir)?,
         })
     }
 }
@@ -325,8 +337,11 @@ impl Dataplane for AyaDataplane {
         }
         Ok(s)
     }
+    /// Both families' tiers: `gone` names backends by id only, and an id's flows are in its
+    /// family's tiers alone, so looking in both removes exactly its flows.
     fn flush_udp_flows(&mut self, gone: &std::collections::BTreeSet<(u32, u32)>) -> Result<u64> {
-        super::ct_gc::flush_udp(&self.conntrack, gone)
+        Ok(super::ct_gc::flush_udp(&self.conntrack, gone)?
+            + super::ct_gc::flush_udp(&self.conntrack6, gone)?)
     }
 }
 

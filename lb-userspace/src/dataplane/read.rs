@@ -253,13 +253,6 @@ pub(crate) fn typed<K: aya::Pod, V: aya::Pod>(
     Ok(m.iter().collect::<Result<Vec<_>, _>>()?)
 }
 
-/// Both IPv4 conntrack tiers, each value (entry and cached next hop) with its tier's name.
-pub(crate) fn conntrack_all(
-    bpffs: &Path,
-) -> Result<Vec<(lb_common::CtKey, lb_common::CtValue, &'static str)>> {
-    conntrack_tiers::<u32>(bpffs)
-}
-
 /// A conntrack entry of family `A` with its tier's name.
 pub(crate) type TieredEntry<A> = (lb_common::CtKeyOf<A>, lb_common::CtValueOf<A>, &'static str);
 
