@@ -55,7 +55,7 @@ pub mod map_name {
     pub const CONNTRACK6: &str = "lb_ct6_v1";
     pub const CONNTRACK6_NEW: &str = "lb_ct6_new_v1";
     /// The IPv6 half of the node's configuration ([`crate::Config6`]).
-    pub const CONFIG6: &str = "lb_config6_v1";
+    pub const CONFIG6: &str = "lb_config6_v2";
     /// Program arrays through which the XDP and tc ingress programs hand IPv6 frames to their
     /// IPv6 twins (`program_name::XDP6`, `program_name::TC_INGRESS6`) with a tail call: the
     /// IPv4 program stays within the verifier's budget, and each family's path is verified
@@ -900,6 +900,23 @@ pub struct Config6 {
     /// Non-zero once written.
     pub ready: u32,
     pub _pad: u32,
+    /// The node's IPv6 pod CIDR (`spec.podCIDRs`): network and mask, in the address's layout;
+    /// an all-zero mask when the Node has none (every source is then "outside").
+    pub pod_net: Addr6,
+    pub pod_mask: Addr6,
+}
+
+impl Config6 {
+    /// Whether `saddr` lies in the node's IPv6 pod CIDR (a local pod).
+    #[inline(always)]
+    pub fn from_local_pod(&self, saddr: &Addr6) -> bool {
+        let mask = &self.pod_mask;
+        (mask[0] | mask[1] | mask[2] | mask[3]) != 0
+            && saddr[0] & mask[0] == self.pod_net[0]
+            && saddr[1] & mask[1] == self.pod_net[1]
+            && saddr[2] & mask[2] == self.pod_net[2]
+            && saddr[3] & mask[3] == self.pod_net[3]
+    }
 }
 
 /// Flags of [`Config`].
@@ -1214,7 +1231,7 @@ const _: () = {
     assert!(core::mem::size_of::<CtKey6>() == 40);
     assert!(core::mem::size_of::<CtEntry6>() == 56);
     assert!(core::mem::size_of::<CtValue6>() == 88);
-    assert!(core::mem::size_of::<Config6>() == 24);
+    assert!(core::mem::size_of::<Config6>() == 56);
     assert!(core::mem::size_of::<CtEntry>() == 32);
     assert!(core::mem::size_of::<NextHop>() == 32);
     assert!(core::mem::size_of::<CtValue>() == 64);

@@ -153,7 +153,7 @@ pub static SOURCE_RANGES6: LpmTrie<SourceRangeKey6, u32> =
 #[map(name = "lb_config_v2")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
-#[map(name = "lb_config6_v1")]
+#[map(name = "lb_config6_v2")]
 pub static CONFIG6: Array<Config6> = Array::pinned(1, 0);
 
 /// The route generation (`map_name::ROUTE_GEN`), moved on by the agent whenever a route,

@@ -155,7 +155,13 @@ fn new_flow<H: Hook>(ctx: &H, p: &Packet, key: &CtKey, len: u64) -> Result<u32, 
     };
     let be = chosen.backend;
     let local = be.flags & backend_flags::LOCAL != 0;
-    let snat = masquerade(cfg, fe.master.flags, cluster_ip, local, p.saddr);
+    let snat = masquerade(
+        cfg,
+        fe.master.flags,
+        cluster_ip,
+        local,
+        cfg.from_local_pod(p.saddr),
+    );
     let mut flags = 0;
     if local {
         flags |= ct_flags::LOCAL_BACKEND;
@@ -245,9 +251,17 @@ fn new_flow<H: Hook>(ctx: &H, p: &Packet, key: &CtKey, len: u64) -> Result<u32, 
 ///   agent cannot guarantee that its replies meet a program of ours whatever interface they
 ///   leave by (`config_flags::MASQUERADE_LOCAL`); otherwise the local backend sees the client,
 ///   and the reply is translated on its way out.
+///
+/// `local_pod`: the source lies in the node's pod CIDR of its family. Both families' paths
+/// decide with this one function.
 #[inline(always)]
-fn masquerade(cfg: &Config, fe_flags: u16, cluster_ip: bool, local: bool, saddr: u32) -> bool {
-    let local_pod = cfg.from_local_pod(saddr);
+pub fn masquerade(
+    cfg: &Config,
+    fe_flags: u16,
+    cluster_ip: bool,
+    local: bool,
+    local_pod: bool,
+) -> bool {
     if local && local_pod {
         return true;
     }

@@ -8,12 +8,13 @@
 //! AF_INET6, hop limit), in hook6.rs.
 //!
 //! A new flow to a Service port without any endpoint is answered with an ICMPv6 port
-//! unreachable (reject.rs), as kube-proxy's REJECT. Not yet on this path (passed untranslated,
-//! each counted): extension headers and fragments, ClusterIPs reached from outside a local
-//! socket.
+//! unreachable (reject.rs), as kube-proxy's REJECT. ClusterIPs reached from outside a local
+//! socket are served as on the IPv4 path, and who is masqueraded follows the same rules with
+//! the node's IPv6 pod CIDR. Not yet on this path (passed untranslated, each counted):
+//! extension headers and fragments.
 use lb_common::{
-    affinity_client, backend_flags, config_flags, counter, ct_flags, flow_hash6, scope,
-    service_flags, CtEntry6, CtKey6, CtValue6,
+    affinity_client, backend_flags, counter, ct_flags, flow_hash6, scope, service_flags, CtEntry6,
+    CtKey6, CtValue6,
 };
 
 use crate::{
@@ -120,8 +121,17 @@ fn known_flow<H: Hook6>(
 fn choose(p: &Packet6) -> Result<Chosen, Stop> {
     // Only addresses some frontend or backend uses have a handle: other traffic stops here.
     let handle = maps::addr6_handle(&p.daddr).ok_or(Stop::Pass(counter::XDP_NO_FRONTEND))?;
-    let fe = crate::frontend::lookup(handle, p.dport, p.proto, scope::EXTERNAL6)
-        .ok_or(Stop::Pass(counter::XDP_NO_FRONTEND))?;
+    // NodePorts, LoadBalancer IPs and external IPs; else a ClusterIP, for a packet that no
+    // local socket sent, with the internal endpoint set (as north_south.rs; the handle lookup
+    // already kept out every address that is no Service's or endpoint's).
+    let (fe, cluster_ip) = match crate::frontend::lookup(handle, p.dport, p.proto, scope::EXTERNAL6)
+    {
+        Some(fe) => (fe, false),
+        None => match crate::frontend::lookup(handle, p.dport, p.proto, scope::INTERNAL6) {
+            Some(fe) if fe.master.flags & service_flags::CLUSTER_IP != 0 => (fe, true),
+            _ => return Err(Stop::Pass(counter::XDP_NO_FRONTEND)),
+        },
+    };
     let svc_port_id = fe.master.svc_port_id;
     if fe.master.flags & service_flags::SOURCE_RANGES != 0
         && !maps::source_in_ranges6(svc_port_id, &p.saddr)
@@ -168,10 +178,10 @@ fn choose(p: &Packet6) -> Result<Chosen, Stop> {
     }
     let be_addr = maps::addr6_of(be.addr_be).ok_or_else(missing)?;
     let local = be.flags & backend_flags::LOCAL != 0;
-    // As for IPv4 (`north_south::masquerade`): externalTrafficPolicy Local never; Cluster for
-    // a remote backend, and for a local one when its replies might miss our programs.
-    let snat = fe.master.flags & service_flags::EXTERNAL_POLICY_LOCAL == 0
-        && (!local || cfg.flags & config_flags::MASQUERADE_LOCAL != 0);
+    // Who is masqueraded: IPv4's rules (`north_south::masquerade`), with the node's IPv6 pod
+    // CIDR.
+    let local_pod = maps::config6().is_some_and(|c| c.from_local_pod(&p.saddr));
+    let snat = crate::north_south::masquerade(cfg, fe.master.flags, cluster_ip, local, local_pod);
     let mut flags = 0;
     if local {
         flags |= ct_flags::LOCAL_BACKEND;

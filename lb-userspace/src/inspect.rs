@@ -369,10 +369,13 @@ pub fn affinity(bpffs: &Path) -> Result<Vec<AffinityView>> {
 #[derive(Debug, Serialize)]
 pub struct ConfigView {
     pub node_address: String,
-    /// The node's IPv6 address translated IPv6 flows leave from (`lb_config6_v1`; `null`
+    /// The node's IPv6 address translated IPv6 flows leave from (`lb_config6_v2`; `null`
     /// while the agent wrote none: the node has no IPv6 address, or an older agent pinned no
     /// such map).
     pub node_address6: Option<String>,
+    /// The node's IPv6 pod CIDR (`lb_config6_v2`), as `pod_cidr` for IPv6 sources (`null`:
+    /// none).
+    pub pod_cidr6: Option<String>,
     pub snat_ports: String,
     pub ready: bool,
     /// The north-south hook of each device (`xdp` or `tc`), from the pinned links' names
@@ -401,23 +404,37 @@ impl ConfigView {
     }
 }
 
-/// The node's IPv6 address from `lb_config6_v1`, when the agent wrote one.
-fn node_address6(bpffs: &Path) -> Result<Option<String>> {
+/// The node's IPv6 address and pod CIDR from `lb_config6_v2`, when the agent wrote them.
+fn config6(bpffs: &Path) -> Result<(Option<String>, Option<String>)> {
     if !bpffs.join(map_name::CONFIG6).exists() {
-        return Ok(None);
+        return Ok((None, None));
     }
     let data = crate::dataplane::pinned::open_pinned(bpffs, map_name::CONFIG6)?;
     let m: aya::maps::Array<aya::maps::MapData, lb_common::Config6> =
         aya::maps::Array::try_from(aya::maps::Map::Array(data))?;
     let c = m.get(&0, 0)?;
-    Ok((c.ready != 0).then(|| ct_gc::CtAddr::ip(c.node_addr).to_string()))
+    let addr = |a| <lb_common::Addr6 as ct_gc::CtAddr>::ip(a);
+    let pod_cidr6 = (c.pod_mask != [0; 4]).then(|| {
+        let len = u128::from_be_bytes(match addr(c.pod_mask) {
+            std::net::IpAddr::V6(m) => m.octets(),
+            std::net::IpAddr::V4(_) => unreachable!("an IPv6 mask"),
+        })
+        .leading_ones();
+        format!("{}/{len}", addr(c.pod_net))
+    });
+    Ok((
+        (c.ready != 0).then(|| addr(c.node_addr).to_string()),
+        pod_cidr6,
+    ))
 }
 
 pub fn config(bpffs: &Path) -> Result<ConfigView> {
     let c = map_contents(bpffs)?.config;
+    let six = config6(bpffs)?;
     Ok(ConfigView {
         node_address: std::net::Ipv4Addr::from(c.node_addr_be.to_ne_bytes()).to_string(),
-        node_address6: node_address6(bpffs)?,
+        node_address6: six.0,
+        pod_cidr6: six.1,
         snat_ports: format!("{}-{}", c.snat_port_min, c.snat_port_max),
         ready: c.ready != 0,
         devices: crate::dataplane::links::device_hooks(bpffs)?,

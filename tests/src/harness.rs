@@ -216,6 +216,16 @@ impl XdpHarness {
         Ok(all)
     }
 
+    /// How many instructions the verifier processed to accept the loaded program `name` (its
+    /// headroom under the 1,000,000 budget), when the kernel says.
+    pub fn verified_instructions(&self, name: &str) -> Result<Option<u32>> {
+        let prog = self
+            .ebpf
+            .program(name)
+            .ok_or_else(|| anyhow!("no program {name}"))?;
+        Ok(prog.info()?.verified_instruction_count())
+    }
+
     /// The conntrack entries as (established, unconfirmed).
     pub fn conntrack_tiers(&self) -> Result<(CtEntries, CtEntries)> {
         let read = |name: &str| -> Result<CtEntries> {

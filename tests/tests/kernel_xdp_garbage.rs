@@ -472,6 +472,7 @@ fn garbage_in(on_tc: bool, default_frames: u64) {
         node_addr: lb_userspace::dataplane::addr6_words(NODE6),
         ready: 1,
         _pad: 0,
+        ..Default::default()
     })
     .unwrap();
     h.program(&desired()).unwrap();

@@ -673,3 +673,34 @@ fn rejects_and_source_ranges6(v: Variant) {
     eprintln!("node1 counters: {st:?}");
 }
 on_both_variants!(rejects_and_source_ranges6: lab_ns6_rejects_and_source_ranges_plain, lab_ns6_rejects_and_source_ranges_xdp);
+
+/// The IPv6 twin of `lab_interfaces`' off-node client: IPv6 ClusterIPs routed to node1 are
+/// served by its north-south program from outside a local socket, with the internal endpoint
+/// set, masqueraded to node1's IPv6 address whether the backend is remote (`web-cluster6`, b1
+/// on node2) or local (`web-local6`, a1), the client being no local pod; node1's config carries
+/// its IPv6 pod CIDR (`lbctl config`).
+fn off_node_client_reaches_an_ipv6_cluster_ip6(v: Variant) {
+    let Some(s) = setup(v) else { return };
+    let c = s.lbctl_json("node1", "config");
+    let c = c.as_array().map_or(c.clone(), |a| a[0].clone());
+    assert_eq!(c["pod_cidr6"], "fd00:244:1::/64", "{c}");
+    let node1 = s.lab.node("node1").addr6.to_string();
+    for (target, backend) in [("[fd00:96::141]:80", "b1"), ("[fd00:96::140]:80", "a1")] {
+        let ip = addr(target).ip();
+        s.lab.client_route(&format!("{ip}/128"), "node1").unwrap();
+        for proto in ["tcp", "udp"] {
+            let ex = s
+                .lab
+                .run_client("client", &[proto, target, "--count", "10"])
+                .unwrap();
+            answered(
+                &ex,
+                &format!("{proto} {target} from the client"),
+                backend,
+                &node1,
+                target,
+            );
+        }
+    }
+}
+on_both_variants!(off_node_client_reaches_an_ipv6_cluster_ip6: lab_ns6_off_node_client_reaches_an_ipv6_cluster_ip_plain, lab_ns6_off_node_client_reaches_an_ipv6_cluster_ip_xdp);

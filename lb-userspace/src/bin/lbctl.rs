@@ -264,6 +264,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     c.pod_cidr.clone().unwrap_or_else(|| "-".into()),
                     c.masquerade_local_backends.to_string(),
                     c.node_address6.clone().unwrap_or_else(|| "-".into()),
+                    c.pod_cidr6.clone().unwrap_or_else(|| "-".into()),
                 ];
                 print!(
                     "{}",
@@ -276,7 +277,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                             "INTERFACES",
                             "POD_CIDR",
                             "MASQ_LOCAL",
-                            "NODE_ADDRESS6"
+                            "NODE_ADDRESS6",
+                            "POD_CIDR6"
                         ],
                         &[row]
                     )

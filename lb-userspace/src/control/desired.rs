@@ -318,20 +318,33 @@ pub fn datapath_config(
 }
 
 /// The IPv6 half of the datapath config: the node's first IPv6 address as the SNAT source of
-/// IPv6 flows. Without one the IPv6 path translates no flow that needs it
-/// (`xdp_no_config6`).
+/// IPv6 flows, and its IPv6 pod CIDR (who is masqueraded, as `pod_cidr` for IPv4). Without an
+/// address the IPv6 path translates no flow that needs it (`xdp_no_config6`).
 pub fn datapath_config6(node: &NodeInfo) -> lb_common::Config6 {
+    // Four words whose bytes are the address's, in order (`lb_common::Addr6`).
+    let words = |a: std::net::Ipv6Addr| -> lb_common::Addr6 {
+        let o = a.octets();
+        core::array::from_fn(|i| {
+            u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+        })
+    };
+    // (`parse_ipv6_cidr` gave the network already masked.)
+    let (pod_net, pod_mask) = match node.pod_cidr6 {
+        Some((net, len)) => (
+            words(net),
+            words(std::net::Ipv6Addr::from(
+                u128::MAX << (128 - u32::from(len)),
+            )),
+        ),
+        None => Default::default(),
+    };
     match node.ipv6_addresses.first() {
         Some(a) => lb_common::Config6 {
-            // Four words whose bytes are the address's, in order (`lb_common::Addr6`).
-            node_addr: {
-                let o = a.octets();
-                core::array::from_fn(|i| {
-                    u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
-                })
-            },
+            node_addr: words(*a),
             ready: 1,
             _pad: 0,
+            pod_net,
+            pod_mask,
         },
         None => lb_common::Config6::default(),
     }
@@ -366,6 +379,46 @@ pub fn covering_prefix(addrs: impl IntoIterator<Item = Ipv4Addr>) -> Option<(u32
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The Node's IPv6 pod CIDR (from `spec.podCIDRs`, masked, a malformed one skipped) reaches
+    /// the IPv6 datapath config as network and mask; the IPv4 one stays the IPv4 config's.
+    #[test]
+    fn ipv6_pod_cidr_reaches_the_ipv6_config() {
+        let node = |cidrs: &str| {
+            let yaml = format!(
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: n1}}\nspec: {{podCIDRs: {cidrs}}}\nstatus: {{addresses: [{{type: InternalIP, address: 192.168.1.10}}, {{type: InternalIP, address: 'fd00:1::10'}}]}}\n"
+            );
+            let mut o = crate::control::source::Objects::default();
+            crate::control::source::parse_into(std::path::Path::new("t.yaml"), &yaml, &mut o)
+                .unwrap();
+            crate::control::model::build(&o, "n1").node.unwrap()
+        };
+        let n = node("[10.244.1.0/24, 'fd00:244:1::7/64']");
+        assert_eq!(n.pod_cidr6, Some(("fd00:244:1::".parse().unwrap(), 64)));
+        assert_eq!(n.pod_cidr, Some(("10.244.1.0".parse().unwrap(), 24)));
+        let c = datapath_config6(&n);
+        let words = |a: &str| {
+            let o = a.parse::<std::net::Ipv6Addr>().unwrap().octets();
+            core::array::from_fn::<u32, 4, _>(|i| {
+                u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+            })
+        };
+        assert_eq!(c.pod_net, words("fd00:244:1::"));
+        assert_eq!(c.pod_mask, words("ffff:ffff:ffff:ffff::"));
+        assert!(c.from_local_pod(&words("fd00:244:1::10")));
+        assert!(!c.from_local_pod(&words("fd00:244:2::10")));
+        assert_eq!(c.node_addr, words("fd00:1::10"));
+        // Malformed or absent: no pod CIDR, every source outside.
+        for cidrs in [
+            "['fd00:244:1::/129']",
+            "['fd00:244:1::']",
+            "[10.244.1.0/24]",
+        ] {
+            let c = datapath_config6(&node(cidrs));
+            assert_eq!(c.pod_mask, [0; 4], "{cidrs}");
+            assert!(!c.from_local_pod(&words("fd00:244:1::10")), "{cidrs}");
+        }
+    }
 
     /// kube-proxy's firewall: only the LoadBalancer frontends (both scopes) of a Service with
     /// source ranges are flagged, all with the same set; the NodePort, ClusterIP and external

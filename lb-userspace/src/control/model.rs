@@ -176,6 +176,10 @@ pub struct NodeInfo {
     /// length. A malformed one counts as none. Shown as `a.b.c.d/len`.
     #[serde(serialize_with = "cidr_text", skip_serializing_if = "Option::is_none")]
     pub pod_cidr: Option<(Ipv4Addr, u8)>,
+    /// The node's IPv6 pod CIDR (`spec.podCIDRs`), as `pod_cidr` for the IPv6 family. Shown as
+    /// `a:b::/len`.
+    #[serde(serialize_with = "cidr6_text", skip_serializing_if = "Option::is_none")]
+    pub pod_cidr6: Option<(Ipv6Addr, u8)>,
     /// The addresses that serve NodePorts and health-check node ports when
     /// `--nodeport-addresses` narrows them (`None`: all of `addresses`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -553,15 +557,25 @@ pub fn node_info(node: &Node) -> NodeInfo {
         .unwrap_or_default()
         .into_iter()
         .chain(spec.and_then(|s| s.pod_cidr.clone()));
-    let pod_cidr = cidrs.filter_map(|c| parse_ipv4_cidr(&c)).next();
+    let cidrs: Vec<String> = cidrs.collect();
+    let pod_cidr = cidrs.iter().filter_map(|c| parse_ipv4_cidr(c)).next();
+    let pod_cidr6 = cidrs.iter().filter_map(|c| parse_ipv6_cidr(c)).next();
     NodeInfo {
         name,
         zone,
         addresses,
         ipv6_addresses,
         pod_cidr,
+        pod_cidr6,
         node_port_addresses: None,
         ipv6_node_port_addresses: None,
+    }
+}
+
+fn cidr6_text<S: serde::Serializer>(c: &Option<(Ipv6Addr, u8)>, s: S) -> Result<S::Ok, S::Error> {
+    match c {
+        Some((net, len)) => s.serialize_str(&format!("{net}/{len}")),
+        None => s.serialize_none(),
     }
 }
 
@@ -574,6 +588,18 @@ fn cidr_text<S: serde::Serializer>(c: &Option<(Ipv4Addr, u8)>, s: S) -> Result<S
 
 /// `a.b.c.d/len` (len 1..=32) as (network address, len); `None` for anything else (IPv6
 /// included).
+/// An IPv6 CIDR `a:b::/len` (len 1..=128), the network masked; `None` when malformed.
+pub fn parse_ipv6_cidr(s: &str) -> Option<(Ipv6Addr, u8)> {
+    let (addr, len) = s.split_once('/')?;
+    let addr: Ipv6Addr = addr.parse().ok()?;
+    let len: u8 = len.parse().ok()?;
+    if !(1..=128).contains(&len) {
+        return None;
+    }
+    let mask = u128::MAX << (128 - u32::from(len));
+    Some((Ipv6Addr::from(u128::from(addr) & mask), len))
+}
+
 pub fn parse_ipv4_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
     let (addr, len) = s.split_once('/')?;
     let addr: Ipv4Addr = addr.parse().ok()?;

@@ -441,6 +441,7 @@ pub fn plan_node(node: Option<&NodeInfo>, node_name: &str) -> NodeInfo {
         addresses: Vec::new(),
         ipv6_addresses: Vec::new(),
         pod_cidr: None,
+        pod_cidr6: None,
         node_port_addresses: None,
         ipv6_node_port_addresses: None,
     })

@@ -366,6 +366,7 @@ fn measure(repeats: u32, runs: usize) -> Result<TestRunBench> {
         node_addr: lb_userspace::dataplane::addr6_words(NODE6.into()),
         ready: 1,
         _pad: 0,
+        ..Default::default()
     })?;
     let backends6: Vec<(BackendKey, u8)> = (0..10)
         .map(|i| {
