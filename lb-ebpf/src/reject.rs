@@ -152,12 +152,7 @@ fn write6<H: Hook6>(ctx: &H, client: &Addr6, frontend: &Addr6) -> Option<()> {
         s += u16::from_ne_bytes([q[i], q[i + 1]]) as u32;
         i += 2;
     }
-    let check = fold(s).to_ne_bytes();
-    // SAFETY: bounds checked above.
-    unsafe {
-        (*icmp)[2] = check[0];
-        (*icmp)[3] = check[1];
-    }
+    set_check(icmp, s);
     Some(())
 }
 
@@ -243,13 +238,19 @@ fn write<H: Hook>(ctx: &H, client: u32, frontend: u32, quote: usize) -> Option<(
         s += u16::from_ne_bytes(unsafe { *w }) as u32;
         i += 2;
     }
+    set_check(icmp, s);
+    Some(())
+}
+
+/// Writes the checksum of the word sum `s` into a bounds-checked ICMP or ICMPv6 header.
+#[inline(always)]
+fn set_check(icmp: *mut [u8; ICMP_HDR_LEN], s: u32) {
     let check = fold(s).to_ne_bytes();
-    // SAFETY: bounds checked above.
+    // SAFETY: the callers bounds checked the header.
     unsafe {
         (*icmp)[2] = check[0];
         (*icmp)[3] = check[1];
     }
-    Some(())
 }
 
 /// The sum of a header's 16-bit words as they sit in memory.

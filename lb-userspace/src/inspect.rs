@@ -626,29 +626,25 @@ pub fn lookup(
         .collect();
     let now = boot_seconds();
     if let (Some(port), "external") = (client_port, scope_name) {
+        // The client's packet as the conntrack keys it, in either family.
+        fn key<A>(client: A, frontend: A, sport_be: u16, dport_be: u16, proto: u8) -> CtKeyOf<A> {
+            CtKeyOf {
+                saddr_be: client,
+                daddr_be: frontend,
+                sport_be,
+                dport_be,
+                proto,
+                _pad: [0; 3],
+            }
+        }
+        let (sp, dp) = (port.to_be(), fp_be);
         let backend = match ends {
-            Ends::V4 { client, frontend } => ct_backend::<u32>(
-                bpffs,
-                CtKeyOf {
-                    saddr_be: client,
-                    daddr_be: frontend,
-                    sport_be: port.to_be(),
-                    dport_be: fp_be,
-                    proto,
-                    _pad: [0; 3],
-                },
-            )?,
-            Ends::V6 { client, frontend } => ct_backend::<Addr6>(
-                bpffs,
-                CtKeyOf {
-                    saddr_be: client,
-                    daddr_be: frontend,
-                    sport_be: port.to_be(),
-                    dport_be: fp_be,
-                    proto,
-                    _pad: [0; 3],
-                },
-            )?,
+            Ends::V4 { client, frontend } => {
+                ct_backend::<u32>(bpffs, key(client, frontend, sp, dp, proto))?
+            }
+            Ends::V6 { client, frontend } => {
+                ct_backend::<Addr6>(bpffs, key(client, frontend, sp, dp, proto))?
+            }
         };
         if let Some(b) = backend {
             out.reason = "conntrack";

@@ -1,5 +1,6 @@
 //! Topology-aware routing end to end: EndpointSlice zone hints keep node1's clients in zone-a;
 //! when zone-a's endpoints go away the fallback sends them to zone-b, without a failed connection.
+//! The same for an IPv6 Service (IPv6 EndpointSlice, IPv6 ClusterIP), the IPv6 twin.
 //!
 //! And the lab's IPv6 side (tests/src/lab/mod.rs): pods, nodes and the client reach each other
 //! over IPv6 through the same routes as over IPv4, without agents and with agents on both nodes,
@@ -13,9 +14,32 @@ use lb_tests::{
     on_both_variants, Variant,
 };
 
-const ZONED: &str = "10.96.0.50:80";
+/// The IP family of the zoned Service.
+#[derive(Clone, Copy)]
+enum Family {
+    V4,
+    V6,
+}
 
-fn manifests(with_zone_a: bool) -> String {
+impl Family {
+    /// The Service's ClusterIP and port.
+    fn target(self) -> &'static str {
+        match self {
+            Family::V4 => "10.96.0.50:80",
+            Family::V6 => "[fd00:96::50]:80",
+        }
+    }
+
+    /// The pod `a1`/`a2` (node1) or `b1`/`b2` (node2) address of this family.
+    fn pod(self, node: u8, i: u8) -> String {
+        match self {
+            Family::V4 => format!("10.244.{node}.{}", 10 + i),
+            Family::V6 => format!("\"fd00:244:{node}::{}\"", 10 + i),
+        }
+    }
+}
+
+fn manifests(family: Family, with_zone_a: bool) -> String {
     let nodes = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../deploy/examples/lab.yaml"
@@ -26,22 +50,32 @@ fn manifests(with_zone_a: bool) -> String {
         .split("\n---\n")
         .filter(|d| d.contains("kind: Node"))
         .collect();
+    let endpoint = |node: u8, i: u8| {
+        let zone = if node == 1 { "zone-a" } else { "zone-b" };
+        format!(
+            "- {{addresses: [{}], nodeName: node{node}, zone: {zone}, hints: {{forZones: [{{name: {zone}}}]}}}}\n",
+            family.pod(node, i)
+        )
+    };
     let zone_a = if with_zone_a {
-        "- {addresses: [10.244.1.10], nodeName: node1, zone: zone-a, hints: {forZones: [{name: zone-a}]}}\n\
-         - {addresses: [10.244.1.11], nodeName: node1, zone: zone-a, hints: {forZones: [{name: zone-a}]}}\n"
+        endpoint(1, 0) + &endpoint(1, 1)
     } else {
-        ""
+        String::new()
+    };
+    let (cluster_ip, address_type) = match family {
+        Family::V4 => ("clusterIP: 10.96.0.50", "IPv4"),
+        Family::V6 => ("ipFamilies: [IPv6], clusterIPs: [\"fd00:96::50\"]", "IPv6"),
     };
     format!(
         "{}\n---\n\
 apiVersion: v1\nkind: Service\nmetadata: {{name: zoned, namespace: default, annotations: {{service.kubernetes.io/topology-mode: Auto}}}}\n\
-spec: {{clusterIP: 10.96.0.50, selector: {{app: zoned}}, ports: [{{port: 80, targetPort: 8080}}]}}\n---\n\
+spec: {{{cluster_ip}, selector: {{app: zoned}}, ports: [{{port: 80, targetPort: 8080}}]}}\n---\n\
 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
 metadata: {{name: zoned-1, namespace: default, labels: {{kubernetes.io/service-name: zoned}}}}\n\
-addressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{zone_a}\
-- {{addresses: [10.244.2.10], nodeName: node2, zone: zone-b, hints: {{forZones: [{{name: zone-b}}]}}}}\n\
-- {{addresses: [10.244.2.11], nodeName: node2, zone: zone-b, hints: {{forZones: [{{name: zone-b}}]}}}}\n",
-        nodes.join("\n---\n")
+addressType: {address_type}\nports: [{{port: 8080}}]\nendpoints:\n{zone_a}{}{}",
+        nodes.join("\n---\n"),
+        endpoint(2, 0),
+        endpoint(2, 1),
     )
 }
 
@@ -56,12 +90,22 @@ fn spread(ex: &[Exchange]) -> BTreeMap<String, usize> {
 
 #[test]
 fn lab_zone_hints_keep_traffic_in_zone_and_fall_back_without_failures() {
+    zone_hints(Family::V4);
+}
+
+#[test]
+fn lab_zone_hints_keep_traffic_in_zone_and_fall_back_without_failures6() {
+    zone_hints(Family::V6);
+}
+
+fn zone_hints(family: Family) {
     let Some(()) = lb_tests::require_privileges() else {
         return;
     };
+    let zoned = family.target();
     let lab = Lab::new().unwrap();
     let path = lab.tmpdir().join("zoned.yaml");
-    std::fs::write(&path, manifests(true)).unwrap();
+    std::fs::write(&path, manifests(family, true)).unwrap();
     let mut agent = lab
         .spawn_agent("node1", &bin_path("lb-agent").unwrap(), &path, &[])
         .unwrap();
@@ -71,7 +115,7 @@ fn lab_zone_hints_keep_traffic_in_zone_and_fall_back_without_failures() {
 
     // node1 is in zone-a: only zone-a's endpoints serve it.
     let ex = lab
-        .run_client("a1", &["tcp", ZONED, "--count", "100"])
+        .run_client("a1", &["tcp", zoned, "--count", "100"])
         .unwrap();
     let s = spread(&ex);
     assert_eq!(s.keys().cloned().collect::<Vec<_>>(), ["a1", "a2"], "{s:?}");
@@ -89,14 +133,14 @@ fn lab_zone_hints_keep_traffic_in_zone_and_fall_back_without_failures() {
                     after += 1;
                 }
                 all.extend(
-                    lab.run_client("a2", &["tcp", ZONED, "--count", "50"])
+                    lab.run_client("a2", &["tcp", zoned, "--count", "50"])
                         .unwrap(),
                 );
             }
             all
         });
         std::thread::sleep(Duration::from_millis(200));
-        std::fs::write(&path, manifests(false)).unwrap();
+        std::fs::write(&path, manifests(family, false)).unwrap();
         agent
             .wait_for_log("sync generation 2:", Duration::from_secs(20))
             .unwrap();
@@ -123,7 +167,7 @@ fn lab_zone_hints_keep_traffic_in_zone_and_fall_back_without_failures() {
 
     // Afterwards: no zone-a endpoint has a hint for zone-a, so hints are ignored: zone-b serves.
     let ex = lab
-        .run_client("a1", &["tcp", ZONED, "--count", "100"])
+        .run_client("a1", &["tcp", zoned, "--count", "100"])
         .unwrap();
     let s = spread(&ex);
     assert_eq!(s.keys().cloned().collect::<Vec<_>>(), ["b1", "b2"], "{s:?}");
