@@ -413,17 +413,13 @@ fn config6(bpffs: &Path) -> Result<(Option<String>, Option<String>)> {
     let m: aya::maps::Array<aya::maps::MapData, lb_common::Config6> =
         aya::maps::Array::try_from(aya::maps::Map::Array(data))?;
     let c = m.get(&0, 0)?;
-    let addr = |a| <lb_common::Addr6 as ct_gc::CtAddr>::ip(a);
+    let addr = crate::dataplane::addr6_from_words;
     let pod_cidr6 = (c.pod_mask != [0; 4]).then(|| {
-        let len = u128::from_be_bytes(match addr(c.pod_mask) {
-            std::net::IpAddr::V6(m) => m.octets(),
-            std::net::IpAddr::V4(_) => unreachable!("an IPv6 mask"),
-        })
-        .leading_ones();
-        format!("{}/{len}", addr(c.pod_net))
+        let len = u128::from(addr(&c.pod_mask)).leading_ones();
+        format!("{}/{len}", addr(&c.pod_net))
     });
     Ok((
-        (c.ready != 0).then(|| addr(c.node_addr).to_string()),
+        (c.ready != 0).then(|| addr(&c.node_addr).to_string()),
         pod_cidr6,
     ))
 }

@@ -317,22 +317,24 @@ pub fn datapath_config(
     c
 }
 
+/// An IPv6 address as the maps hold it ([`lb_common::Addr6`]): four words whose bytes are the
+/// address's, in order.
+pub fn addr6_words(a: std::net::Ipv6Addr) -> lb_common::Addr6 {
+    let o = a.octets();
+    core::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
+}
+
 /// The IPv6 half of the datapath config: the node's first IPv6 address as the SNAT source of
 /// IPv6 flows, and its IPv6 pod CIDR (who is masqueraded, as `pod_cidr` for IPv4). Without an
 /// address the IPv6 path translates no flow that needs it (`xdp_no_config6`).
 pub fn datapath_config6(node: &NodeInfo) -> lb_common::Config6 {
-    // Four words whose bytes are the address's, in order (`lb_common::Addr6`).
-    let words = |a: std::net::Ipv6Addr| -> lb_common::Addr6 {
-        let o = a.octets();
-        core::array::from_fn(|i| {
-            u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
-        })
-    };
     // (`parse_ipv6_cidr` gave the network already masked.)
     let (pod_net, pod_mask) = match node.pod_cidr6 {
         Some((net, len)) => (
-            words(net),
-            words(std::net::Ipv6Addr::from(
+            addr6_words(net),
+            addr6_words(std::net::Ipv6Addr::from(
                 u128::MAX << (128 - u32::from(len)),
             )),
         ),
@@ -340,7 +342,7 @@ pub fn datapath_config6(node: &NodeInfo) -> lb_common::Config6 {
     };
     match node.ipv6_addresses.first() {
         Some(a) => lb_common::Config6 {
-            node_addr: words(*a),
+            node_addr: addr6_words(*a),
             ready: 1,
             _pad: 0,
             pod_net,
@@ -397,12 +399,7 @@ mod tests {
         assert_eq!(n.pod_cidr6, Some(("fd00:244:1::".parse().unwrap(), 64)));
         assert_eq!(n.pod_cidr, Some(("10.244.1.0".parse().unwrap(), 24)));
         let c = datapath_config6(&n);
-        let words = |a: &str| {
-            let o = a.parse::<std::net::Ipv6Addr>().unwrap().octets();
-            core::array::from_fn::<u32, 4, _>(|i| {
-                u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
-            })
-        };
+        let words = |a: &str| addr6_words(a.parse().unwrap());
         assert_eq!(c.pod_net, words("fd00:244:1::"));
         assert_eq!(c.pod_mask, words("ffff:ffff:ffff:ffff::"));
         assert!(c.from_local_pod(&words("fd00:244:1::10")));

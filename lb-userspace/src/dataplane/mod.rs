@@ -91,13 +91,8 @@ pub fn source_range_key6(
     )
 }
 
-/// An IPv6 address as the maps hold it ([`lb_common::Addr6`]).
-pub fn addr6_words(a: Ipv6Addr) -> lb_common::Addr6 {
-    let o = a.octets();
-    core::array::from_fn(|i| {
-        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
-    })
-}
+/// An IPv6 address as the maps hold it (defined beside the datapath config, which needs it too).
+pub use crate::control::desired::addr6_words;
 
 /// The IPv6 address of an [`lb_common::Addr6`].
 pub fn addr6_from_words(w: &lb_common::Addr6) -> Ipv6Addr {
