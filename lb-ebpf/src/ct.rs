@@ -139,16 +139,33 @@ tuple_of_fields!(crate::flow::Packet6, Addr6);
 /// is "full"; counted as `XDP_DROP_CT_FULL` where it happens (`insert`).
 pub struct Refused;
 
+// `key` writes the protocol and the padding as one aligned word: both families' keys end so.
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(offset_of!(CtKeyOf<u32>, proto) % 4 == 0);
+    assert!(offset_of!(CtKeyOf<u32>, proto) + 4 == size_of::<CtKeyOf<u32>>());
+    assert!(offset_of!(CtKeyOf<lb_common::Addr6>, proto) % 4 == 0);
+    assert!(offset_of!(CtKeyOf<lb_common::Addr6>, proto) + 4 == size_of::<CtKeyOf<lb_common::Addr6>>());
+};
+
 /// The key of a packet's own direction.
 #[inline(always)]
 pub fn key<P: Tuple>(p: &P) -> CtKeyOf<P::A> {
-    CtKeyOf {
-        saddr_be: p.saddr(),
-        daddr_be: p.daddr(),
-        sport_be: p.sport(),
-        dport_be: p.dport(),
-        proto: p.proto(),
-        _pad: [0; 3],
+    let mut k = core::mem::MaybeUninit::<CtKeyOf<P::A>>::uninit();
+    let kp = k.as_mut_ptr();
+    // SAFETY: every byte of the key is written before `assume_init`: the addresses and ports
+    // field by field, the protocol and the three padding bytes as one aligned word (`proto`
+    // follows two 4-byte-aligned addresses and two ports, so it sits at a multiple of 4 with
+    // exactly the padding after it). Zeroing the padding on its own would be a call to
+    // `memset` (the BPF target does not inline it), on every packet.
+    unsafe {
+        core::ptr::addr_of_mut!((*kp).saddr_be).write(p.saddr());
+        core::ptr::addr_of_mut!((*kp).daddr_be).write(p.daddr());
+        core::ptr::addr_of_mut!((*kp).sport_be).write(p.sport());
+        core::ptr::addr_of_mut!((*kp).dport_be).write(p.dport());
+        (core::ptr::addr_of_mut!((*kp).proto) as *mut u32)
+            .write(u32::from_ne_bytes([p.proto(), 0, 0, 0]));
+        k.assume_init()
     }
 }
 

@@ -56,10 +56,12 @@ pub fn bytes(a: &Addr6) -> [u8; 16] {
 /// The L4 checksum after the rewrite: the pseudo-header's addresses and the ports change.
 #[inline(always)]
 fn l4_check(old: u16, p: &Packet6, e: &CtEntry6) -> u16 {
-    let c = csum::replace16(old, &p.saddr, &e.nat_saddr_be);
-    let c = csum::replace16(c, &p.daddr, &e.nat_daddr_be);
-    let c = csum::replace2(c, p.sport, e.nat_sport_be);
-    csum::replace2(c, p.dport, e.nat_dport_be)
+    csum::Update::of(old)
+        .words(&p.saddr, &e.nat_saddr_be)
+        .words(&p.daddr, &e.nat_daddr_be)
+        .half(p.sport, e.nat_sport_be)
+        .half(p.dport, e.nat_dport_be)
+        .check()
 }
 
 /// Looks the route of an IPv6 packet up: the FIB's parameters are built in a per-CPU scratch
@@ -85,8 +87,8 @@ fn fib_lookup6(
         fib.l4_protocol = (*ip6).next_hdr;
         fib.__bindgen_anon_1.tot_len =
             u16::from_be_bytes((*ip6).payload_len).wrapping_add(Ipv6Hdr::LEN as u16);
-        fib.__bindgen_anon_3.ipv6_src = parse6::addr(core::ptr::addr_of!((*ip6).src_addr));
-        fib.__bindgen_anon_4.ipv6_dst = parse6::addr(core::ptr::addr_of!((*ip6).dst_addr));
+        fib.__bindgen_anon_3.ipv6_src = parse6::load_addr(core::ptr::addr_of!((*ip6).src_addr));
+        fib.__bindgen_anon_4.ipv6_dst = parse6::load_addr(core::ptr::addr_of!((*ip6).dst_addr));
     }
     // SAFETY: valid context and params.
     let rc = unsafe {
@@ -107,34 +109,37 @@ impl Hook6 for XdpContext {
         // Read once (see `parse6::headers`).
         // SAFETY: a plain read of the scratch value.
         let l4_proto = unsafe { core::ptr::read_volatile(&p.proto) };
-        let l4 = if l4_proto == proto::TCP {
-            L4::Tcp(ptr_at::<TcpHdr, Self>(self, L4_OFF).ok_or(WriteFailed)?)
-        } else {
-            L4::Udp(ptr_at::<UdpHdr, Self>(self, L4_OFF).ok_or(WriteFailed)?)
-        };
-        // SAFETY: `ip` and the L4 header were bounds checked just above.
-        unsafe {
-            (*ip).src_addr = bytes(&e.nat_saddr_be);
-            (*ip).dst_addr = bytes(&e.nat_daddr_be);
-            let sport = e.nat_sport_be.to_ne_bytes();
-            let dport = e.nat_dport_be.to_ne_bytes();
-            match l4 {
-                L4::Tcp(tcp) => {
-                    (*tcp).check = l4_check(u16::from_ne_bytes((*tcp).check), p, e).to_ne_bytes();
-                    (*tcp).source = sport;
-                    (*tcp).dest = dport;
-                }
-                L4::Udp(udp) => {
-                    let old = u16::from_ne_bytes((*udp).check);
-                    // 0 (no checksum) is left so; a computed 0 is sent as 0xffff.
-                    if old != 0 {
-                        let c = l4_check(old, p, e);
-                        (*udp).check = if c == 0 { 0xffff } else { c }.to_ne_bytes();
-                    }
-                    (*udp).src = sport;
-                    (*udp).dst = dport;
-                }
+        let sport = e.nat_sport_be.to_ne_bytes();
+        let dport = e.nat_dport_be.to_ne_bytes();
+        // Each protocol's header is checked and written in its own branch, the addresses after
+        // both: with the address stores first, LLVM merged the two bounds checks into UDP's
+        // shorter one and the verifier refused the TCP checksum's access.
+        if l4_proto == proto::TCP {
+            let tcp = ptr_at::<TcpHdr, Self>(self, L4_OFF).ok_or(WriteFailed)?;
+            // SAFETY: bounds checked just above.
+            unsafe {
+                (*tcp).check = l4_check(u16::from_ne_bytes((*tcp).check), p, e).to_ne_bytes();
+                (*tcp).source = sport;
+                (*tcp).dest = dport;
             }
+        } else {
+            let udp = ptr_at::<UdpHdr, Self>(self, L4_OFF).ok_or(WriteFailed)?;
+            // SAFETY: bounds checked just above.
+            unsafe {
+                let old = u16::from_ne_bytes((*udp).check);
+                // 0 (no checksum) is left so; a computed 0 is sent as 0xffff.
+                if old != 0 {
+                    let c = l4_check(old, p, e);
+                    (*udp).check = if c == 0 { 0xffff } else { c }.to_ne_bytes();
+                }
+                (*udp).src = sport;
+                (*udp).dst = dport;
+            }
+        }
+        // SAFETY: `ip` was bounds checked by `headers`.
+        unsafe {
+            parse6::set_addr(core::ptr::addr_of_mut!((*ip).src_addr), &e.nat_saddr_be);
+            parse6::set_addr(core::ptr::addr_of_mut!((*ip).dst_addr), &e.nat_daddr_be);
         }
         Ok(())
     }

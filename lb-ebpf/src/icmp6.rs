@@ -16,7 +16,7 @@ use crate::{
     hook6::Hook6,
     maps,
     parse::ptr_at,
-    parse6::{addr, set_addr, ICMPV6},
+    parse6::{load_addr, set_addr, ICMPV6},
 };
 
 const DEST_UNREACH: u8 = 1;
@@ -82,8 +82,8 @@ pub fn translate_error<H: Hook6>(ctx: &H) -> Option<u32> {
     // SAFETY: as above.
     unsafe {
         s.key = CtKey6 {
-            saddr_be: addr(core::ptr::addr_of!((*inner).dst_addr)),
-            daddr_be: addr(core::ptr::addr_of!((*inner).src_addr)),
+            saddr_be: load_addr(core::ptr::addr_of!((*inner).dst_addr)),
+            daddr_be: load_addr(core::ptr::addr_of!((*inner).src_addr)),
             sport_be: idport,
             dport_be: isport,
             proto: (*inner).next_hdr,
@@ -97,7 +97,7 @@ pub fn translate_error<H: Hook6>(ctx: &H) -> Option<u32> {
     unsafe {
         let mut c = u16::from_ne_bytes((*icmp).check);
         // The outer destination (in the pseudo-header): the quoted packet's new source.
-        let odst = addr(core::ptr::addr_of!((*ip).dst_addr));
+        let odst = load_addr(core::ptr::addr_of!((*ip).dst_addr));
         c = replace16(c, &odst, &e.nat_daddr_be);
         set_addr(core::ptr::addr_of_mut!((*ip).dst_addr), &e.nat_daddr_be);
         // The quoted addresses: the key's, swapped.

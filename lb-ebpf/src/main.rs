@@ -11,6 +11,8 @@
 //! Every map and counter: maps.rs.
 #![no_std]
 #![no_main]
+// BPF inline assembly: word loads and stores of packet data at any alignment (parse6.rs).
+#![feature(asm_experimental_arch)]
 
 mod affinity;
 mod bench;
