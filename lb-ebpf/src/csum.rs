@@ -43,9 +43,11 @@ impl Update {
     /// [`Update::half`] fit the 64-bit sum with room to spare).
     #[inline(always)]
     pub fn words(self, old: &[u32; 4], new: &[u32; 4]) -> Self {
-        let o = (!old[0]) as u64 + (!old[1]) as u64 + (!old[2]) as u64 + (!old[3]) as u64;
+        // The four `!old[i]` are `4 * 0xffff_ffff` less the four `old[i]`: no complement (and
+        // no masking back to 32 bits) per word.
+        let o = old[0] as u64 + old[1] as u64 + old[2] as u64 + old[3] as u64;
         let n = new[0] as u64 + new[1] as u64 + new[2] as u64 + new[3] as u64;
-        Update(self.0 + o + n)
+        Update(self.0 + (4 * 0xffff_ffff - o) + n)
     }
 
     /// A 16-bit field changed from `old` to `new`.

@@ -24,7 +24,7 @@ use crate::{
     hook::{Hook, WriteFailed},
     maps,
     parse::{ptr_at, L4},
-    parse6,
+    parse6, pktmem,
 };
 
 const AF_INET6: u8 = 10;
@@ -102,6 +102,29 @@ fn fib_lookup6(
     Some((fib, rc))
 }
 
+/// Writes a cached next hop's MAC addresses into the Ethernet header: the cache keeps them in
+/// the header's order (destination, then source) at offsets where they read as two 16-bit and
+/// two 32-bit aligned words, written with one store each (pktmem.rs) instead of twelve byte
+/// copies.
+///
+/// # Safety
+/// `eth` is a bounds-checked Ethernet header in the packet; `nh` points to a `NextHop` in a map
+/// value.
+#[inline(always)]
+unsafe fn copy_macs(eth: *mut EthHdr, nh: *const NextHop) {
+    const D: usize = offset_of!(NextHop, dmac);
+    const _: () = assert!(D % 4 == 2 && offset_of!(NextHop, smac) == D + 6);
+    let n = nh as *const u8;
+    let e = eth as *mut u8;
+    // SAFETY: the caller's; the loads are aligned (`NextHop` is 4-aligned, `D` is 2 modulo 4).
+    unsafe {
+        pktmem::store16(e, *(n.add(D) as *const u16));
+        pktmem::store32(e.add(2), *(n.add(D + 2) as *const u32));
+        pktmem::store32(e.add(6), *(n.add(D + 6) as *const u32));
+        pktmem::store16(e.add(10), *(n.add(D + 10) as *const u16));
+    }
+}
+
 impl Hook6 for XdpContext {
     #[inline(always)]
     fn rewrite6(&self, p: &Packet6, e: &CtEntry6) -> Result<(), WriteFailed> {
@@ -172,11 +195,14 @@ impl Hook6 for XdpContext {
         let cached = !slot.nh.is_null();
         // SAFETY: the slot points into a conntrack value, valid for the program's run; read
         // in place.
-        let (out, dmac, smac) = if cached
-            && unsafe { (*slot.nh).stale(gen, ingress, tot_len, slot.now) } == 0
+        let out = if cached && unsafe { (*slot.nh).stale(gen, ingress, tot_len, slot.now) } == 0
         {
-            // SAFETY: as above.
-            unsafe { ((*slot.nh).out_ifindex, (*slot.nh).dmac, (*slot.nh).smac) }
+            // SAFETY: `eth` and `ip` were bounds checked by `headers`; the slot as above.
+            unsafe {
+                (*ip).hop_limit = hop - 1;
+                copy_macs(eth, slot.nh);
+                (*slot.nh).out_ifindex
+            }
         } else {
             let Some((fib, rc)) = fib_lookup6(self, ip, ingress) else {
                 maps::count(counter::XDP_TRANSLATED_PASS, 0);
@@ -205,14 +231,14 @@ impl Hook6 for XdpContext {
                     }
                 };
             }
-            (out, fib.dmac, fib.smac)
+            // SAFETY: `ip` and `eth` were bounds checked by `headers`.
+            unsafe {
+                (*ip).hop_limit = hop - 1;
+                (*eth).dst_addr = fib.dmac;
+                (*eth).src_addr = fib.smac;
+            }
+            out
         };
-        // SAFETY: `ip` and `eth` were bounds checked by the parse stage.
-        unsafe {
-            (*ip).hop_limit = hop - 1;
-            (*eth).dst_addr = dmac;
-            (*eth).src_addr = smac;
-        }
         if out == ingress {
             maps::count(counter::XDP_TX, 0);
             xdp_action::XDP_TX

@@ -11,7 +11,7 @@
 //! Every map and counter: maps.rs.
 #![no_std]
 #![no_main]
-// BPF inline assembly: word loads and stores of packet data at any alignment (parse6.rs).
+// BPF inline assembly: word loads and stores of packet data at any alignment (pktmem.rs).
 #![feature(asm_experimental_arch)]
 
 mod affinity;
@@ -34,6 +34,7 @@ mod north_south;
 mod north_south6;
 mod parse;
 mod parse6;
+mod pktmem;
 mod reject;
 mod select;
 mod snat;

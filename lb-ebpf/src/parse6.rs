@@ -14,6 +14,7 @@ use crate::{
     bounds::Bounds,
     flow::{Packet6, Seg},
     parse::ptr_at,
+    pktmem,
     verdict::Stop,
 };
 
@@ -36,76 +37,32 @@ pub fn addr(field: &[u8; 16]) -> Addr6 {
 }
 
 /// Reads an address field of a bounds-checked IPv6 header in the packet (the packet's own, or
-/// one an ICMPv6 error quotes) as the maps hold addresses: four 32-bit loads.
-///
-/// Packet data has no alignment Rust could rely on, so a plain read is split into sixteen byte
-/// loads; a BPF load instruction of a word at any address is what the kernel allows for packet
-/// memory (the verifier checks packet alignment only under `BPF_F_STRICT_ALIGNMENT`, which the
-/// agent never sets, and on architectures without efficient unaligned access, which the
-/// DaemonSet's nodes are not). The one load per word is the IPv6 path's largest saving
-/// (`cargo xtask bench`, `established_ipv6`).
+/// one an ICMPv6 error quotes) as the maps hold addresses: four 32-bit loads (pktmem.rs).
 #[inline(always)]
 pub fn load_addr(field: *const [u8; 16]) -> Addr6 {
     let p = field as *const u8;
     // SAFETY: the callers pass a field inside a bounds-checked header of the packet.
     unsafe {
         [
-            load32(p),
-            load32(p.add(4)),
-            load32(p.add(8)),
-            load32(p.add(12)),
+            pktmem::load32(p),
+            pktmem::load32(p.add(4)),
+            pktmem::load32(p.add(8)),
+            pktmem::load32(p.add(12)),
         ]
     }
 }
 
 /// Writes an address field of a bounds-checked IPv6 header in the packet: four 32-bit stores
-/// (see [`load_addr`]).
+/// (pktmem.rs).
 #[inline(always)]
 pub fn set_addr(field: *mut [u8; 16], a: &Addr6) {
     let p = field as *mut u8;
     // SAFETY: as for [`load_addr`].
     unsafe {
-        store32(p, a[0]);
-        store32(p.add(4), a[1]);
-        store32(p.add(8), a[2]);
-        store32(p.add(12), a[3]);
-    }
-}
-
-/// One BPF word load from packet memory, at any alignment (see [`load_addr`]). The value is
-/// the four bytes in memory order, as `read_unaligned::<u32>` would give them.
-///
-/// # Safety
-/// `p..p + 4` lies inside a bounds-checked part of the packet.
-#[inline(always)]
-unsafe fn load32(p: *const u8) -> u32 {
-    let v: u64;
-    // SAFETY: the caller's; the instruction only reads those four bytes.
-    unsafe {
-        core::arch::asm!(
-            "{v} = *(u32 *)({p} + 0)",
-            v = out(reg) v,
-            p = in(reg) p,
-            options(nostack, readonly, preserves_flags)
-        );
-    }
-    v as u32
-}
-
-/// One BPF word store into packet memory, at any alignment (see [`load32`]).
-///
-/// # Safety
-/// `p..p + 4` lies inside a bounds-checked, writable part of the packet.
-#[inline(always)]
-unsafe fn store32(p: *mut u8, v: u32) {
-    // SAFETY: the caller's; the instruction only writes those four bytes.
-    unsafe {
-        core::arch::asm!(
-            "*(u32 *)({p} + 0) = {v}",
-            p = in(reg) p,
-            v = in(reg) v as u64,
-            options(nostack, preserves_flags)
-        );
+        pktmem::store32(p, a[0]);
+        pktmem::store32(p.add(4), a[1]);
+        pktmem::store32(p.add(8), a[2]);
+        pktmem::store32(p.add(12), a[3]);
     }
 }
 
