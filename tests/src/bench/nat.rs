@@ -19,14 +19,15 @@
 //! NodePort), with node1 forwarding through its stack and no agent running. It is measured first,
 //! in the same lab, before the agent starts. Both routes are of the lab's family.
 //!
-//! [`nat_bench`] runs all of it (IPv4) on the XDP variant of the lab, then the TCP comparison alone
-//! again on a fresh plain-variant lab ([`plain_tcp`]: nothing on the fabric side of `eth0`, so
-//! the agent translates at tc ingress; issue 13's target is >= 0.8 of the no-LB path there).
+//! [`nat_bench`] runs all of it (IPv4) on the XDP variant of the lab, then the TCP comparison
+//! alone again on a fresh plain-variant lab ([`plain_tcp`]: nothing on the fabric side of
+//! `eth0`, so the agent translates at tc ingress; issue 13's target is >= 0.8 of the no-LB path
+//! there). tests/tests/lab_nat.rs runs shorter variants in both families.
 //!
 //! All traffic comes from the lab's client namespace: `lab-load` (src/bin/lab-load.rs) for the
-//! TCP runs, the UDP flows and the spoofed SYNs (raw socket, IPv4 or IPv6), `lab-client hold` for the
-//! established connections, and a thread of this process that entered the client namespace for
-//! the UDP flow with a fixed source port.
+//! TCP runs, the UDP flows and the spoofed SYNs (raw socket, IPv4 or IPv6), `lab-client hold`
+//! for the established connections, and a thread of this process that entered the client
+//! namespace for the UDP flow with a fixed source port.
 use std::{
     collections::BTreeMap,
     fs,

@@ -11,8 +11,9 @@
 //! ```
 //!
 //! The lab is dual-stack: every fabric host, node bridge and pod has an IPv6 address next to
-//! its IPv4 one ([`CLIENT_ADDR6`], [`Node::addr6`], [`Node::gateway6`], [`Pod::addr6`]). The
-//! IPv6 side mirrors the IPv4 one: the nodes forward IPv6 and route each other's pod subnet
+//! its IPv4 one ([`CLIENT_ADDR6`], [`Node::addr6`], [`Node::gateway6`], [`Pod::addr6`];
+//! [`Family`] picks one family's for a test written once for both). The IPv6 side mirrors the
+//! IPv4 one: the nodes forward IPv6 and route each other's pod subnet
 //! (`fd00:244:N::/64`) via the other's fabric address, the fabric hosts have permanent
 //! neighbour entries for each other's IPv6 addresses (as for IPv4), pods resolve their gateway
 //! by neighbour discovery, the client reaches pod subnets through [`Lab::client_route`], and
