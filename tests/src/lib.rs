@@ -13,7 +13,7 @@ pub mod netns;
 pub mod scenario;
 pub mod xdp;
 
-pub use lab::{bin_path, AgentProcess, Exchange, HeldConnection, Lab, Node, Pod, Variant};
+pub use lab::{bin_path, AgentProcess, Exchange, Family, HeldConnection, Lab, Node, Pod, Variant};
 
 /// Generates one `#[test]` per lab variant (shared/LAB.md: plain and XDP) from a function that
 /// takes the [`Variant`]; the test names are written out so they stay greppable and keep the

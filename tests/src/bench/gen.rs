@@ -1,14 +1,19 @@
 //! Synthetic clusters for the benchmarks: N Services of E endpoints each, as Kubernetes manifests
 //! (for the agent) and as plain data (for the kube-proxy rule generators), so both sides program
 //! exactly the same Services.
-use std::{fmt::Write, net::Ipv4Addr};
+use std::{
+    fmt::Write,
+    net::{IpAddr, Ipv4Addr},
+};
 
-/// One Service port with its ready endpoints.
+/// One Service port with its ready endpoints. Addresses are IPv4 ones (`A = Ipv4Addr`, as the
+/// kube-proxy rule generators take them) or either family's (`A = IpAddr`: a Service is
+/// single-stack, of its ClusterIP's family, and its endpoints must be of the same).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BenchService {
+pub struct BenchService<A = Ipv4Addr> {
     pub namespace: String,
     pub name: String,
-    pub cluster_ip: Ipv4Addr,
+    pub cluster_ip: A,
     pub port: u16,
     /// "TCP" or "UDP".
     pub protocol: &'static str,
@@ -16,7 +21,7 @@ pub struct BenchService {
     pub node_port: Option<u16>,
     pub target_port: u16,
     /// Ready endpoints: (address, node name).
-    pub endpoints: Vec<(Ipv4Addr, String)>,
+    pub endpoints: Vec<(A, String)>,
 }
 
 /// Address `base + offset` (wrapping inside the /8 of `base`).
@@ -49,10 +54,21 @@ pub fn filler(n: usize, endpoints: usize, endpoint_node: &str) -> Vec<BenchServi
         .collect()
 }
 
-/// The Services as `Service` + `EndpointSlice` YAML documents (separated by `---`).
-pub fn to_manifests(services: &[BenchService]) -> String {
+/// The Services as `Service` + `EndpointSlice` YAML documents (separated by `---`); an IPv6
+/// Service is IPv6-only (`ipFamilies: [IPv6]`) with an IPv6 EndpointSlice.
+pub fn to_manifests<A: Copy + Into<IpAddr>>(services: &[BenchService<A>]) -> String {
     let mut out = String::new();
     for s in services {
+        let cluster_ip: IpAddr = s.cluster_ip.into();
+        // IPv6 addresses quoted, as the example manifests write them.
+        let (cluster_ip, address_type, quote) = match cluster_ip {
+            IpAddr::V4(ip) => (format!("clusterIP: {ip}"), "IPv4", ""),
+            IpAddr::V6(ip) => (
+                format!("ipFamilies: [IPv6]\n  clusterIPs: [\"{ip}\"]"),
+                "IPv6",
+                "\"",
+            ),
+        };
         let ty = if s.node_port.is_some() {
             "NodePort"
         } else {
@@ -64,26 +80,26 @@ pub fn to_manifests(services: &[BenchService]) -> String {
             .unwrap_or_default();
         let _ = write!(
             out,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  type: {ty}\n  clusterIP: {ip}\n  selector: {{app: {name}}}\n  ports:\n  - {{name: p, port: {port}, targetPort: {tp}, protocol: {proto}{np}}}\n",
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  type: {ty}\n  {cluster_ip}\n  selector: {{app: {name}}}\n  ports:\n  - {{name: p, port: {port}, targetPort: {tp}, protocol: {proto}{np}}}\n",
             name = s.name,
             ns = s.namespace,
-            ip = s.cluster_ip,
             port = s.port,
             tp = s.target_port,
             proto = s.protocol,
         );
         let _ = write!(
             out,
-            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-x\n  namespace: {ns}\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports:\n- {{name: p, port: {tp}, protocol: {proto}}}\nendpoints:\n",
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-x\n  namespace: {ns}\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: {address_type}\nports:\n- {{name: p, port: {tp}, protocol: {proto}}}\nendpoints:\n",
             name = s.name,
             ns = s.namespace,
             tp = s.target_port,
             proto = s.protocol,
         );
         for (addr, node) in &s.endpoints {
+            let addr: IpAddr = (*addr).into();
             let _ = writeln!(
                 out,
-                "- {{addresses: [{addr}], nodeName: {node}, conditions: {{ready: true}}}}"
+                "- {{addresses: [{quote}{addr}{quote}], nodeName: {node}, conditions: {{ready: true}}}}"
             );
         }
     }

@@ -36,7 +36,7 @@
 use std::{
     collections::BTreeMap,
     fs,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     thread,
     time::{Duration, Instant},
 };
@@ -242,7 +242,7 @@ pub fn bench_services(lab: &Lab, services: usize) -> Vec<BenchService> {
 }
 
 /// Manifests for the agent: the Node objects of deploy/examples/lab.yaml and the Services.
-pub fn agent_manifests(services: &[BenchService]) -> String {
+pub fn agent_manifests<A: Copy + Into<IpAddr>>(services: &[BenchService<A>]) -> String {
     let example = include_str!("../../../deploy/examples/lab.yaml");
     let nodes: Vec<&str> = example
         .split("\n---\n")

@@ -5,7 +5,9 @@
 //! The setup ([`NatLab`]): a fresh [`Lab`]; Services of `type: NodePort` with
 //! `externalTrafficPolicy: Cluster` (the default) whose endpoints are the pods of node2, so
 //! node1 translates both addresses (DNAT to the backend, SNAT to its own address and a port of
-//! the default `--snat-ports` range):
+//! the default `--snat-ports` range). They are single-stack, of the lab's [`Family`]: IPv4
+//! (ClusterIPs 10.96.1.N, reached at node1's 192.168.100.1) or IPv6 (ClusterIPs fd00:96::1:N,
+//! reached at node1's fd00:100::1), with the same names and NodePorts:
 //! - `nat/tcp` on NodePort [`NODE_PORT_TCP`] -> b1, b2 port 8080;
 //! - `nat/udp-one` on NodePort [`NODE_PORT_UDP_ONE`] -> b1 only (the UDP flows target: every
 //!   flow needs its own SNAT port towards the same backend address and port);
@@ -15,20 +17,21 @@
 //! directly, routed via node1 (the client routes node2's pod CIDR via node1, and node2 routes
 //! the client's address via node1, so both directions cross node1 as they do through the
 //! NodePort), with node1 forwarding through its stack and no agent running. It is measured first,
-//! in the same lab, before the agent starts.
+//! in the same lab, before the agent starts. Both routes are of the lab's family.
 //!
-//! [`nat_bench`] runs all of it on the XDP variant of the lab, then the TCP comparison alone
-//! again on a fresh plain-variant lab ([`plain_tcp`]: nothing on the fabric side of `eth0`, so
-//! the agent translates at tc ingress; issue 13's target is >= 0.8 of the no-LB path there).
+//! [`nat_bench`] runs all of it (IPv4) on the XDP variant of the lab, then the TCP comparison
+//! alone again on a fresh plain-variant lab ([`plain_tcp`]: nothing on the fabric side of
+//! `eth0`, so the agent translates at tc ingress; issue 13's target is >= 0.8 of the no-LB path
+//! there). tests/tests/lab_nat.rs runs shorter variants in both families.
 //!
 //! All traffic comes from the lab's client namespace: `lab-load` (src/bin/lab-load.rs) for the
-//! TCP runs, the UDP flows and the spoofed SYNs (raw socket), `lab-client hold` for the
-//! established connections, and a thread of this process that entered the client namespace for
-//! the UDP flow with a fixed source port.
+//! TCP runs, the UDP flows and the spoofed SYNs (raw socket, IPv4 or IPv6), `lab-client hold`
+//! for the established connections, and a thread of this process that entered the client
+//! namespace for the UDP flow with a fixed source port.
 use std::{
     collections::BTreeMap,
     fs,
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     os::fd::AsRawFd,
     path::PathBuf,
     thread,
@@ -43,7 +46,7 @@ use super::{
     labbench::{agent_manifests, LoadReport},
 };
 use crate::{
-    lab::{bin_path, AgentProcess, Lab, CLIENT_ADDR},
+    lab::{bin_path, AgentProcess, Family, Lab},
     netns,
 };
 
@@ -67,14 +70,20 @@ pub const UDP_STICKY_PORT: u16 = 39_000;
 /// How long the agent may take for its first sync.
 const AGENT_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// `nat/tcp`, `nat/udp-one` and `nat/udp` (see the module documentation) with `endpoints`
-/// (the pods of node2: b1 first).
-pub fn nat_services(endpoints: &[(Ipv4Addr, String)]) -> Vec<BenchService> {
+/// `nat/tcp`, `nat/udp-one` and `nat/udp` (see the module documentation) of `family` with
+/// `endpoints` (the pods of node2: b1 first; addresses of `family`).
+pub fn nat_services(family: Family, endpoints: &[(IpAddr, String)]) -> Vec<BenchService<IpAddr>> {
+    let cluster_ip = |host: u8| -> IpAddr {
+        match family {
+            Family::V4 => Ipv4Addr::new(10, 96, 1, host).into(),
+            Family::V6 => Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 1, host.into()).into(),
+        }
+    };
     let service =
-        |name: &str, protocol, node_port, host, endpoints: &[(Ipv4Addr, String)]| BenchService {
+        |name: &str, protocol, node_port, host, endpoints: &[(IpAddr, String)]| BenchService {
             namespace: "nat".into(),
             name: name.into(),
-            cluster_ip: Ipv4Addr::new(10, 96, 1, host),
+            cluster_ip: cluster_ip(host),
             port: 80,
             protocol,
             node_port: Some(node_port),
@@ -92,8 +101,10 @@ pub fn nat_services(endpoints: &[(Ipv4Addr, String)]) -> Vec<BenchService> {
 pub struct NatLab {
     pub lab: Lab,
     pub agent: Option<AgentProcess>,
+    /// The family of the Services and of all traffic.
+    pub family: Family,
     manifests: PathBuf,
-    services: Vec<BenchService>,
+    services: Vec<BenchService<IpAddr>>,
     generation: u32,
 }
 
@@ -174,51 +185,56 @@ impl NatLab {
 
     /// [`NatLab::new`] on the lab variant `variant` (plain: the agent picks tc ingress).
     pub fn new_variant(variant: crate::lab::Variant) -> Result<NatLab> {
+        NatLab::new_family(variant, Family::V4)
+    }
+
+    /// [`NatLab::new_variant`] with the Services, the no-LB path's routes and all traffic of
+    /// `family`.
+    pub fn new_family(variant: crate::lab::Variant, family: Family) -> Result<NatLab> {
         let lab = Lab::new_variant(variant)?;
-        // TIME_WAIT sockets of the client must not run it out of source ports (both paths).
+        // TIME_WAIT sockets of the client must not run it out of source ports (both paths; the
+        // setting covers IPv6 too).
         netns::exec_in(
             &lab.client_netns,
             "sysctl",
             &["-q", "-w", "net.ipv4.tcp_tw_reuse=1"],
         )?;
         let node2 = lab.node("node2").clone();
-        lab.client_route(&node2.pod_cidr, "node1")?;
+        lab.client_route(family.pod_cidr(&node2), "node1")?;
+        let client = family.client_addr();
         netns::ip(
             &node2.netns,
             &[
                 "route",
                 "add",
-                &format!("{CLIENT_ADDR}/32"),
+                &format!("{client}/{}", if client.is_ipv6() { 128 } else { 32 }),
                 "via",
-                &lab.node("node1").addr.to_string(),
+                &family.node_addr(lab.node("node1")).to_string(),
                 "dev",
                 crate::lab::NODE_DEVICE,
             ],
         )?;
-        let pods: Vec<(Ipv4Addr, String)> = lab
+        let pods: Vec<(IpAddr, String)> = lab
             .pods_of("node2")
             .iter()
-            .map(|p| (p.addr, p.node.clone()))
+            .map(|p| (family.pod_addr(p), p.node.clone()))
             .collect();
-        let services = nat_services(&pods);
+        let services = nat_services(family, &pods);
         let manifests = lab.tmpdir().join("nat-manifests.yaml");
         fs::write(&manifests, agent_manifests(&services))?;
         Ok(NatLab {
             lab,
             agent: None,
+            family,
             manifests,
             services,
             generation: 0,
         })
     }
 
-    fn node1_addr(&self) -> Ipv4Addr {
-        self.lab.node("node1").addr
-    }
-
-    /// `node1:PORT`.
+    /// `node1:PORT` (`[node1]:PORT` for IPv6).
     pub fn nodeport(&self, port: u16) -> String {
-        format!("{}:{port}", self.node1_addr())
+        SocketAddr::new(self.family.node_addr(self.lab.node("node1")), port).to_string()
     }
 
     /// Starts the agent on node1 with its default flags and waits for its first sync; then
@@ -279,7 +295,7 @@ impl NatLab {
             .lab
             .pods_of("node2")
             .iter()
-            .map(|p| format!("{}:{TARGET_PORT}", p.addr))
+            .map(|p| SocketAddr::new(self.family.pod_addr(p), TARGET_PORT).to_string())
             .collect();
         self.tcp_load(&targets.join(","), duration)
     }
@@ -344,7 +360,7 @@ impl NatLab {
         cmd.arg("--bpffs")
             .arg(&self.lab.node("node1").bpffs)
             .args(["-o", "json", "conntrack", "--filter"])
-            .arg(CLIENT_ADDR.to_string());
+            .arg(self.family.client_addr().to_string());
         let out = netns::run_command(&mut cmd)?;
         serde_json::from_str(&out).context("lbctl conntrack")
     }
@@ -352,7 +368,7 @@ impl NatLab {
     /// Writes the manifests with `pod` removed from `nat/udp`'s EndpointSlice and waits until
     /// the agent synced them.
     fn remove_udp_endpoint(&mut self, pod: &str) -> Result<()> {
-        let addr = self.lab.pod(pod).addr;
+        let addr = self.family.pod_addr(self.lab.pod(pod));
         for s in &mut self.services {
             if s.name == "udp" {
                 s.endpoints.retain(|(a, _)| *a != addr);
@@ -369,8 +385,9 @@ impl NatLab {
     pub fn udp_failover(&mut self, limit: Duration) -> Result<UdpFailover> {
         ensure!(self.agent.is_some(), "the agent must run");
         let target: SocketAddr = self.nodeport(NODE_PORT_UDP).parse()?;
+        let any = self.family.unspecified();
         let sock = in_netns(&self.lab.client_netns, move || -> Result<UdpSocket> {
-            let s = UdpSocket::bind(("0.0.0.0", UDP_STICKY_PORT))?;
+            let s = UdpSocket::bind((any, UDP_STICKY_PORT))?;
             s.connect(target)?;
             s.set_read_timeout(Some(Duration::from_millis(100)))?;
             Ok(s)
@@ -706,19 +723,39 @@ mod tests {
 
     #[test]
     fn the_services_parse() {
-        let svcs = nat_services(&[
-            (Ipv4Addr::new(10, 244, 2, 10), "node2".into()),
-            (Ipv4Addr::new(10, 244, 2, 11), "node2".into()),
-        ]);
-        let mut objects = lb_userspace::control::source::Objects::default();
-        lb_userspace::control::source::parse_into(
-            std::path::Path::new("nat.yaml"),
-            &super::super::gen::to_manifests(&svcs),
-            &mut objects,
-        )
-        .unwrap();
-        let m = lb_userspace::control::model::build(&objects, "node1");
-        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
-        assert_eq!(m.services.len(), 3);
+        for (family, b1, b2) in [
+            (Family::V4, "10.244.2.10", "10.244.2.11"),
+            (Family::V6, "fd00:244:2::10", "fd00:244:2::11"),
+        ] {
+            let svcs = nat_services(
+                family,
+                &[
+                    (b1.parse().unwrap(), "node2".into()),
+                    (b2.parse().unwrap(), "node2".into()),
+                ],
+            );
+            let mut objects = lb_userspace::control::source::Objects::default();
+            lb_userspace::control::source::parse_into(
+                std::path::Path::new("nat.yaml"),
+                &super::super::gen::to_manifests(&svcs),
+                &mut objects,
+            )
+            .unwrap();
+            let m = lb_userspace::control::model::build(&objects, "node1");
+            assert!(m.rejected.is_empty(), "{family:?}: {:?}", m.rejected);
+            assert_eq!(m.services.len(), 3, "{family:?}");
+            // Single-stack of the family, with its endpoints (b1 and b2; b1 for udp-one).
+            let endpoints: usize = m
+                .services
+                .iter()
+                .flat_map(|s| {
+                    assert_eq!(s.cluster_ips.len(), 1, "{s:?}");
+                    assert_eq!(s.cluster_ips[0].is_ipv6(), family == Family::V6, "{s:?}");
+                    s.endpoints.values().flatten()
+                })
+                .filter(|e| e.addr.is_ipv6() == (family == Family::V6))
+                .count();
+            assert_eq!(endpoints, 5, "{family:?}");
+        }
     }
 }

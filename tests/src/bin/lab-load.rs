@@ -19,18 +19,20 @@
 //!     once answered. `ok` counts flows answered, `errors` flows never answered (or whose socket
 //!     failed), `sent` datagrams.
 //! lab-load syn-flood IP:PORT --count N [--ack] [--pps R] [--seed S]
-//!     N TCP SYNs through a raw socket (IP_HDRINCL), each from a different spoofed source
-//!     address (198.18.0.0/15, RFC 2544's benchmark range) and port; with --ack each SYN is
+//!     N TCP SYNs through a raw socket (IPPROTO_RAW: the packets carry their own IP header),
+//!     each from a different spoofed source address (IPv4: 198.18.0.0/15, RFC 2544's benchmark
+//!     range; IPv6: 131,072 addresses of 2001:2::/48, RFC 5180's) and port; with --ack each SYN is
 //!     followed by a bare ACK of the same four-tuple (an acknowledgement number nobody sent), as a
 //!     spoofer trying to confirm flows would. At most R packets per second when given. `sent`
 //!     counts packets sent, `ok` SYNs sent, `errors` packets the socket refused.
 //! ```
+//! Targets may be IPv4 or IPv6 (`[ADDR]:PORT`); sockets are of the target's family.
 //! Exits 0 whatever the errors (they are counted); 2 on bad arguments, 1 when sockets cannot be
 //! created at all.
 use std::{
     io::{self, Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
     process::exit,
     sync::{Arc, Barrier},
     thread,
@@ -39,6 +41,7 @@ use std::{
 
 use etherparse::PacketBuilder;
 use lb_tests::bench::labbench::LoadReport;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 struct Args {
     proto: String,
@@ -279,10 +282,19 @@ fn tcp_request(target: SocketAddr, timeout: Duration, buf: &mut [u8]) -> Result<
     })
 }
 
+/// The unspecified address of `target`'s family, port `port`: where a client socket binds.
+fn any_of(target: SocketAddr, port: u16) -> SocketAddr {
+    let ip: IpAddr = match target {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    SocketAddr::new(ip, port)
+}
+
 fn udp_sockets(target: SocketAddr, flows: usize) -> io::Result<Vec<UdpSocket>> {
     (0..flows)
         .map(|_| {
-            let s = UdpSocket::bind("0.0.0.0:0")?;
+            let s = UdpSocket::bind(any_of(target, 0))?;
             s.connect(target)?;
             s.set_nonblocking(true)?;
             Ok(s)
@@ -421,7 +433,7 @@ fn udp_flows(a: &Args) -> io::Result<LoadReport> {
         while active.len() < a.window && next < a.flows {
             let port = (a.first_port as usize + next) as u16;
             next += 1;
-            let opened = UdpSocket::bind(("0.0.0.0", port)).and_then(|s| {
+            let opened = UdpSocket::bind(any_of(target, port)).and_then(|s| {
                 s.connect(target)?;
                 s.set_nonblocking(true)?;
                 Ok(s)
@@ -510,24 +522,15 @@ fn udp_flows(a: &Args) -> io::Result<LoadReport> {
 
 /// `syn-flood`: see the module documentation.
 fn syn_flood(a: &Args) -> io::Result<LoadReport> {
-    let SocketAddr::V4(target) = a.targets[0] else {
-        usage("syn-flood: IPv4 targets only")
-    };
-    // SAFETY: plain socket(2); the descriptor is owned below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a new descriptor nothing else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let dst = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*target.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
+    let target = a.targets[0];
+    // IPPROTO_RAW: the packets carry their own IP header (IP_HDRINCL, and its IPv6 twin).
+    let sock = Socket::new(
+        Domain::for_address(target),
+        Type::from(libc::SOCK_RAW),
+        Some(Protocol::from(libc::IPPROTO_RAW)),
+    )?;
+    // A raw socket's destination port must be 0 (or the protocol, for IPv6).
+    let dst = SockAddr::from(SocketAddr::new(target.ip(), 0));
     let mut r = LoadReport {
         proto: a.proto.clone(),
         workers: 1,
@@ -544,22 +547,13 @@ fn syn_flood(a: &Args) -> io::Result<LoadReport> {
     let send = |r: &mut LoadReport, pkt: &[u8]| {
         // ENOBUFS: the device queue is full for a moment; wait and try again.
         for attempt in 0..100 {
-            // SAFETY: pkt and dst are valid for the call.
-            let n = unsafe {
-                libc::sendto(
-                    sock.as_raw_fd(),
-                    pkt.as_ptr().cast(),
-                    pkt.len(),
-                    0,
-                    (&dst as *const libc::sockaddr_in).cast(),
-                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                )
+            let e = match sock.send_to(pkt, &dst) {
+                Ok(_) => {
+                    r.sent += 1;
+                    return true;
+                }
+                Err(e) => e,
             };
-            if n >= 0 {
-                r.sent += 1;
-                return true;
-            }
-            let e = io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::ENOBUFS) && attempt < 99 {
                 thread::sleep(Duration::from_micros(200));
                 continue;
@@ -573,15 +567,28 @@ fn syn_flood(a: &Args) -> io::Result<LoadReport> {
     let started = Instant::now();
     let per_syn = if a.ack { 2 } else { 1 };
     let mut pkt = Vec::with_capacity(64);
+    // The IP header of a packet from spoofed source number `n` (its low 17 bits count).
+    let ip = |n: u32| match target.ip() {
+        IpAddr::V4(dst) => {
+            // 198.18.0.0/15.
+            let src = Ipv4Addr::from(0xc612_0000u32 | (n & 0x1_ffff));
+            PacketBuilder::ipv4(src.octets(), dst.octets(), 64)
+        }
+        IpAddr::V6(dst) => {
+            // 2001:2::/48, the same 17 bits at the end.
+            let src = Ipv6Addr::from(0x2001_0002_u128 << 96 | u128::from(n & 0x1_ffff));
+            PacketBuilder::ipv6(src.octets(), dst.octets(), 64)
+        }
+    };
     for i in 0..a.count {
         let x = random();
-        // Addresses cycle through the /15; ports are random, so tuples repeat only by chance
-        // after 131,072 SYNs.
-        let src = Ipv4Addr::from(0xc612_0000u32 | (i as u32 & 0x1_ffff)).octets();
+        // Addresses cycle through 131,072 of the range; ports are random, so tuples repeat only
+        // by chance after 131,072 SYNs.
+        let src = i as u32;
         let sport = 1024 + (x as u16 % 64_000);
         let seq = (x >> 32) as u32;
         pkt.clear();
-        PacketBuilder::ipv4(src, target.ip().octets(), 64)
+        ip(src)
             .tcp(sport, target.port(), seq, 64_240)
             .syn()
             .write(&mut pkt, &[])
@@ -591,7 +598,7 @@ fn syn_flood(a: &Args) -> io::Result<LoadReport> {
         }
         if a.ack {
             pkt.clear();
-            PacketBuilder::ipv4(src, target.ip().octets(), 64)
+            ip(src)
                 .tcp(sport, target.port(), seq.wrapping_add(1), 64_240)
                 .ack(random() as u32)
                 .write(&mut pkt, &[])

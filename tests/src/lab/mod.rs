@@ -11,8 +11,9 @@
 //! ```
 //!
 //! The lab is dual-stack: every fabric host, node bridge and pod has an IPv6 address next to
-//! its IPv4 one ([`CLIENT_ADDR6`], [`Node::addr6`], [`Node::gateway6`], [`Pod::addr6`]). The
-//! IPv6 side mirrors the IPv4 one: the nodes forward IPv6 and route each other's pod subnet
+//! its IPv4 one ([`CLIENT_ADDR6`], [`Node::addr6`], [`Node::gateway6`], [`Pod::addr6`];
+//! [`Family`] picks one family's for a test written once for both). The IPv6 side mirrors the
+//! IPv4 one: the nodes forward IPv6 and route each other's pod subnet
 //! (`fd00:244:N::/64`) via the other's fabric address, the fabric hosts have permanent
 //! neighbour entries for each other's IPv6 addresses (as for IPv4), pods resolve their gateway
 //! by neighbour discovery, the client reaches pod subnets through [`Lab::client_route`], and
@@ -38,7 +39,7 @@
 use std::{
     env,
     ffi::OsStr,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::Command,
     sync::{atomic::AtomicU32, Arc, Mutex, MutexGuard},
@@ -98,6 +99,66 @@ impl Variant {
         match self {
             Variant::Plain => "tc",
             Variant::Xdp => "xdp",
+        }
+    }
+}
+
+/// The address family a test uses on the dual-stack lab: which of each host's two addresses
+/// (and each node's two pod CIDRs) it picks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    /// `ipv4` or `ipv6`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        }
+    }
+
+    /// The address a socket of this family binds to for "any".
+    pub fn unspecified(self) -> IpAddr {
+        match self {
+            Family::V4 => Ipv4Addr::UNSPECIFIED.into(),
+            Family::V6 => Ipv6Addr::UNSPECIFIED.into(),
+        }
+    }
+
+    /// The client's fabric address ([`CLIENT_ADDR`], [`CLIENT_ADDR6`]).
+    pub fn client_addr(self) -> IpAddr {
+        match self {
+            Family::V4 => CLIENT_ADDR.into(),
+            Family::V6 => CLIENT_ADDR6.into(),
+        }
+    }
+
+    /// A node's fabric address ([`Node::addr`], [`Node::addr6`]).
+    pub fn node_addr(self, node: &Node) -> IpAddr {
+        match self {
+            Family::V4 => node.addr.into(),
+            Family::V6 => node.addr6.into(),
+        }
+    }
+
+    /// A node's pod CIDR ([`Node::pod_cidr`], [`Node::pod_cidr6`]).
+    pub fn pod_cidr(self, node: &Node) -> &str {
+        match self {
+            Family::V4 => &node.pod_cidr,
+            Family::V6 => &node.pod_cidr6,
+        }
+    }
+
+    /// A pod's address ([`Pod::addr`], [`Pod::addr6`]).
+    pub fn pod_addr(self, pod: &Pod) -> IpAddr {
+        match self {
+            Family::V4 => pod.addr.into(),
+            Family::V6 => pod.addr6.into(),
         }
     }
 }
