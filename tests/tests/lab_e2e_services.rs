@@ -285,6 +285,10 @@ fn source_pod_ip_is_preserved_through_a_cluster_ip(f: Family) {
 fn lab_e2e_source_pod_ip_is_preserved_through_a_cluster_ip() {
     source_pod_ip_is_preserved_through_a_cluster_ip(Family::V4);
 }
+#[test]
+fn lab_e2e_source_pod_ip_is_preserved_through_a_cluster_ip6() {
+    source_pod_ip_is_preserved_through_a_cluster_ip(Family::V6);
+}
 
 /// service.go "should be able to switch session affinity for service with type clusterIP" and
 /// "... for NodePort service", loadbalancer.go "should be able to switch session affinity for
@@ -486,6 +490,10 @@ fn service_without_endpoints_is_rejected(f: Family) {
 #[test]
 fn lab_e2e_service_without_endpoints_is_rejected() {
     service_without_endpoints_is_rejected(Family::V4);
+}
+#[test]
+fn lab_e2e_service_without_endpoints_is_rejected6() {
+    service_without_endpoints_is_rejected(Family::V6);
 }
 
 /// The same scenarios for a client outside the cluster (kube-proxy's REJECT rules cover
