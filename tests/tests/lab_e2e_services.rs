@@ -373,6 +373,10 @@ fn session_affinity_can_be_switched_off_and_on4(v: Variant) {
     session_affinity_can_be_switched_off_and_on(v, Family::V4);
 }
 on_both_variants!(session_affinity_can_be_switched_off_and_on4: lab_e2e_session_affinity_can_be_switched_off_and_on_plain, lab_e2e_session_affinity_can_be_switched_off_and_on_xdp);
+fn session_affinity_can_be_switched_off_and_on6(v: Variant) {
+    session_affinity_can_be_switched_off_and_on(v, Family::V6);
+}
+on_both_variants!(session_affinity_can_be_switched_off_and_on6: lab_e2e_session_affinity_can_be_switched_off_and_on6_plain, lab_e2e_session_affinity_can_be_switched_off_and_on6_xdp);
 
 /// service.go "should implement service.kubernetes.io/service-proxy-name" and "should implement
 /// service.kubernetes.io/headless": for each label, one Service always carries it (never
