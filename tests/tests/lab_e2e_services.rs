@@ -9,7 +9,7 @@
 //! a "pod deleted" is its endpoint leaving the slice, a "pod terminating" its endpoint's
 //! conditions, as the EndpointSlice controller would write them.
 //!
-//! A test's IPv6 twin (`…6`) runs the same body on IPv6-only Services (IPv6 ClusterIPs
+//! Every test has an IPv6 twin (`…6`): the same body on IPv6-only Services (IPv6 ClusterIPs
 //! `fd00:96::1:N` for `10.96.1.N`, IPv6 EndpointSlices of the pods' IPv6 addresses, load
 //! balancer addresses `fd00:203::N` for `203.0.113.N`), reached at the nodes' and the client's
 //! IPv6 addresses ([`Family`]).
@@ -443,6 +443,10 @@ fn service_proxy_name_and_headless_labels_exclude_a_service(f: Family) {
 fn lab_e2e_service_proxy_name_and_headless_labels_exclude_a_service() {
     service_proxy_name_and_headless_labels_exclude_a_service(Family::V4);
 }
+#[test]
+fn lab_e2e_service_proxy_name_and_headless_labels_exclude_a_service6() {
+    service_proxy_name_and_headless_labels_exclude_a_service(Family::V6);
+}
 
 /// service.go "should be rejected when no endpoints exist" and "should be rejected for evicted
 /// pods (no endpoints exist)": a Service without any EndpointSlice, and one whose slice is empty
@@ -697,6 +701,10 @@ fn services_go_down_and_come_back_when_recreated(f: Family) {
 #[test]
 fn lab_e2e_services_go_down_and_come_back_when_recreated() {
     services_go_down_and_come_back_when_recreated(Family::V4);
+}
+#[test]
+fn lab_e2e_services_go_down_and_come_back_when_recreated6() {
+    services_go_down_and_come_back_when_recreated(Family::V6);
 }
 
 /// loadbalancer.go "should be able to change the type and ports of a TCP service" and "... of a
@@ -1079,6 +1087,10 @@ fn one_client_port_to_two_frontends_of_one_backend4(v: Variant) {
     one_client_port_to_two_frontends_of_one_backend(v, Family::V4);
 }
 on_both_variants!(one_client_port_to_two_frontends_of_one_backend4: lab_e2e_one_client_port_to_two_frontends_of_one_backend_plain, lab_e2e_one_client_port_to_two_frontends_of_one_backend_xdp);
+fn one_client_port_to_two_frontends_of_one_backend6(v: Variant) {
+    one_client_port_to_two_frontends_of_one_backend(v, Family::V6);
+}
+on_both_variants!(one_client_port_to_two_frontends_of_one_backend6: lab_e2e_one_client_port_to_two_frontends_of_one_backend6_plain, lab_e2e_one_client_port_to_two_frontends_of_one_backend6_xdp);
 
 /// One UDP exchange from `at` to `target` from source port 12345, on a new socket (as
 /// upstream's `nc -u -p`), given at most 500 ms.
@@ -1235,6 +1247,10 @@ fn udp_traffic_survives_server_pod_cycles4(v: Variant) {
     udp_traffic_survives_server_pod_cycles(v, Family::V4);
 }
 on_both_variants!(udp_traffic_survives_server_pod_cycles4: lab_e2e_udp_traffic_survives_server_pod_cycles_plain, lab_e2e_udp_traffic_survives_server_pod_cycles_xdp);
+fn udp_traffic_survives_server_pod_cycles6(v: Variant) {
+    udp_traffic_survives_server_pod_cycles(v, Family::V6);
+}
+on_both_variants!(udp_traffic_survives_server_pod_cycles6: lab_e2e_udp_traffic_survives_server_pod_cycles6_plain, lab_e2e_udp_traffic_survives_server_pod_cycles6_xdp);
 
 /// loadbalancer.go "should not have connectivity disruption during rolling update with
 /// externalTrafficPolicy=Cluster" and "... =Local": a DaemonSet-like Service (one pod per node)
@@ -1391,3 +1407,7 @@ fn no_disruption_during_rolling_updates4(v: Variant) {
     no_disruption_during_rolling_updates(v, Family::V4);
 }
 on_both_variants!(no_disruption_during_rolling_updates4: lab_e2e_no_disruption_during_rolling_updates_plain, lab_e2e_no_disruption_during_rolling_updates_xdp);
+fn no_disruption_during_rolling_updates6(v: Variant) {
+    no_disruption_during_rolling_updates(v, Family::V6);
+}
+on_both_variants!(no_disruption_during_rolling_updates6: lab_e2e_no_disruption_during_rolling_updates6_plain, lab_e2e_no_disruption_during_rolling_updates6_xdp);
