@@ -63,13 +63,20 @@ impl Running {
     /// Removes `pinned`'s endpoint from the Service (as generation 2), then exchanges on
     /// `held` every 100 ms until one fails; every exchange before that still reaches `pinned`,
     /// and the failure comes within 3 s. Returns the failed exchange and when it came after the
-    /// removal.
+    /// removal. The endpoint removed is `pinned`'s address of the family `held` talks to: its
+    /// IPv6 address where the peer is an IPv6 ClusterIP, else its IPv4 address (an IPv4 or
+    /// IPv4-mapped peer).
     pub fn remove_and_wait_for_failure(
         &mut self,
         held: &mut HeldConnection,
         pinned: &str,
     ) -> (Exchange, Duration) {
-        let addr = self.lab.pod(pinned).addr.to_string();
+        let pod = self.lab.pod(pinned);
+        let peer = held.first.as_ref().and_then(|e| e.peer_addr());
+        let addr = match peer.map(|p| p.ip()) {
+            Some(std::net::IpAddr::V6(a)) if a.to_ipv4_mapped().is_none() => pod.addr6.to_string(),
+            _ => pod.addr.to_string(),
+        };
         self.apply(&without_endpoint(&addr), 2);
         let removed = std::time::Instant::now();
         loop {
@@ -107,6 +114,48 @@ impl Running {
         assert!(again.ok, "{again:?}");
         assert_ne!(again.backend.as_deref(), Some(pinned), "{again:?}");
         again
+    }
+
+    /// A connected UDP socket from a1 to `target` (a ClusterIP of the example manifests) keeps
+    /// its backend; when that backend leaves the Service, node1's agent terminates the socket
+    /// and the application's next exchange connects again, to a live backend and through the
+    /// same frontend (`target` is the reply's source). Returns that exchange.
+    pub fn connected_udp_socket_to_a_removed_backend_is_terminated(
+        &mut self,
+        target: &str,
+    ) -> Exchange {
+        let mut held = self.lab.hold_udp("a1", target).unwrap();
+        let first = held.first.clone().unwrap();
+        assert!(first.ok, "{first:?}");
+        let pinned = first.backend.clone().unwrap();
+        // One connected socket keeps its backend.
+        for _ in 0..3 {
+            let e = held.exchange().unwrap();
+            assert!(e.ok, "{e:?}");
+            assert_eq!(e.backend.as_deref(), Some(pinned.as_str()), "{e:?}");
+        }
+        let again = self.udp_socket_terminated_then_reconnects(&mut held, &pinned);
+        assert_eq!(again.peer_addr(), first.peer_addr(), "{again:?}");
+        self.agents[0]
+            .wait_for_log("1 terminated", Duration::from_secs(5))
+            .unwrap();
+        again
+    }
+
+    /// With agents run with `--terminate-tcp-sockets`: a TCP connection from a1 to `target`
+    /// (a ClusterIP of the example manifests) whose backend leaves the Service is terminated
+    /// by node1's agent, and the application reads ECONNABORTED (os error 103).
+    pub fn tcp_connection_to_a_removed_backend_is_terminated(&mut self, target: &str) {
+        let mut held = self.lab.hold("a1", target).unwrap();
+        let first = held.first.clone().unwrap();
+        assert!(first.ok, "{first:?}");
+        let pinned = first.backend.clone().unwrap();
+        let (failed, _) = self.remove_and_wait_for_failure(&mut held, &pinned);
+        let err = failed.error.clone().unwrap_or_default();
+        assert!(err.contains("os error 103"), "{failed:?}");
+        self.agents[0]
+            .wait_for_log("1 terminated", Duration::from_secs(5))
+            .unwrap();
     }
 
     /// `lbctl --bpffs <node's> COMMAND -o json`, parsed.
