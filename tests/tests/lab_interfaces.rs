@@ -262,12 +262,69 @@ endpoints:
 - {addresses: [10.244.1.10], nodeName: node1}
 ";
 
-fn cluster_policy_local_backend_reply_rule(v: Variant) {
+/// The IPv6 twin of [`NP_A1`]: an IPv6-only NodePort Service (externalTrafficPolicy Cluster)
+/// whose only backend, a1, runs on node1.
+const NP_A1_6: &str = "
+---
+apiVersion: v1
+kind: Service
+metadata: {name: np-a1-6, namespace: default}
+spec:
+  type: NodePort
+  ipFamilies: [IPv6]
+  clusterIPs: [\"fd00:96::70\"]
+  selector: {app: np-a1-6}
+  ports:
+  - {name: tcp, port: 80, targetPort: 8080, nodePort: 30110}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: np-a1-6-1
+  namespace: default
+  labels: {kubernetes.io/service-name: np-a1-6}
+addressType: IPv6
+ports:
+- {name: tcp, port: 8080}
+endpoints:
+- {addresses: [\"fd00:244:1::10\"], nodeName: node1}
+";
+
+/// The reply rule's test, per family: the Service, its NodePort on node1, the client's and
+/// node1's addresses, and a route and an address for the test interface.
+struct ReplyRule {
+    manifest: &'static str,
+    node_port: &'static str,
+    client: &'static str,
+    node: &'static str,
+    route: &'static str,
+    addr: &'static str,
+}
+
+const REPLY_RULE4: ReplyRule = ReplyRule {
+    manifest: NP_A1,
+    node_port: "192.168.100.1:30110",
+    client: CLIENT,
+    node: NODE1,
+    route: "198.18.0.0/24",
+    addr: "198.18.0.1/24",
+};
+
+const REPLY_RULE6: ReplyRule = ReplyRule {
+    manifest: NP_A1_6,
+    node_port: "[fd00:100::1]:30110",
+    client: "fd00:100::100",
+    node: "fd00:100::1",
+    route: "fd00:198:18::/64",
+    addr: "fd00:198:18::1/64",
+};
+
+fn cluster_policy_local_backend_reply_rule_of(v: Variant, f: &ReplyRule) {
     let Some(mut s) = setup(v) else { return };
-    let text = format!("{}{NP_A1}", lb_tests::scenario::example_manifests());
+    let text = format!("{}{}", lb_tests::scenario::example_manifests(), f.manifest);
     s.apply(&text, 2);
     let ask = |s: &Running| {
-        let ex = s.lab.tcp("client", "192.168.100.1:30110", 10).unwrap();
+        let ex = s.lab.tcp("client", f.node_port, 10).unwrap();
         all_ok(&ex, "NodePort of np-a1");
         assert!(
             ex.iter().all(|e| e.backend.as_deref() == Some("a1")),
@@ -279,7 +336,7 @@ fn cluster_policy_local_backend_reply_rule(v: Variant) {
     };
     // Every interface with a route (eth0, cni0) runs our programs: the client's address.
     wait_masquerade(&s, false);
-    assert_eq!(ask(&s), [CLIENT]);
+    assert_eq!(ask(&s), [f.client]);
     // An interface with a route but no address (so not hooked): replies leaving by it would
     // not be translated, so local backends get the masquerade.
     let ns = s.lab.node("node1").netns.clone();
@@ -291,13 +348,27 @@ fn cluster_policy_local_backend_reply_rule(v: Variant) {
         ],
     )
     .unwrap();
+    if f.route.contains(':') {
+        // IPv6 is off on the lab's new interfaces; on, lbtest0 gets a link-local address and
+        // its fe80::/64 route, which count for nothing.
+        netns::exec_in(
+            &ns,
+            "sysctl",
+            &["-q", "-w", "net.ipv6.conf.lbtest0.disable_ipv6=0"],
+        )
+        .unwrap();
+    }
     netns::ip(&ns, &["link", "set", "lbtest0", "up"]).unwrap();
     netns::ip(&ns, &["link", "set", "lbtest1", "up"]).unwrap();
-    netns::ip(&ns, &["route", "add", "198.18.0.0/24", "dev", "lbtest0"]).unwrap();
+    netns::ip(&ns, &["route", "add", f.route, "dev", "lbtest0"]).unwrap();
     wait_masquerade(&s, true);
-    assert_eq!(ask(&s), [NODE1]);
+    assert_eq!(ask(&s), [f.node]);
     // Given an address, it is hooked like cni0, and the guarantee is back.
-    netns::ip(&ns, &["addr", "add", "198.18.0.1/24", "dev", "lbtest0"]).unwrap();
+    let mut add = vec!["addr", "add", f.addr, "dev", "lbtest0"];
+    if f.addr.contains(':') {
+        add.push("nodad"); // usable at once
+    }
+    netns::ip(&ns, &add).unwrap();
     wait_masquerade(&s, false);
     let c = config(&s);
     assert_eq!(
@@ -305,7 +376,7 @@ fn cluster_policy_local_backend_reply_rule(v: Variant) {
         serde_json::json!(["cni0", "lbtest0"]),
         "{c}"
     );
-    assert_eq!(ask(&s), [CLIENT]);
+    assert_eq!(ask(&s), [f.client]);
     // Gone: unhooked, its pins removed.
     netns::ip(&ns, &["link", "del", "lbtest0"]).unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -317,6 +388,15 @@ fn cluster_policy_local_backend_reply_rule(v: Variant) {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(ask(&s), [CLIENT]);
+    assert_eq!(ask(&s), [f.client]);
+}
+
+fn cluster_policy_local_backend_reply_rule(v: Variant) {
+    cluster_policy_local_backend_reply_rule_of(v, &REPLY_RULE4)
 }
 on_both_variants!(cluster_policy_local_backend_reply_rule: lab_cluster_policy_local_backend_reply_rule_plain, lab_cluster_policy_local_backend_reply_rule_xdp);
+
+fn cluster_policy_local_backend_reply_rule6(v: Variant) {
+    cluster_policy_local_backend_reply_rule_of(v, &REPLY_RULE6)
+}
+on_both_variants!(cluster_policy_local_backend_reply_rule6: lab_cluster_policy_local_backend_reply_rule6_plain, lab_cluster_policy_local_backend_reply_rule6_xdp);
