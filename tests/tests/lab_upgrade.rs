@@ -27,47 +27,15 @@ use lb_common::{
 use lb_tests::{
     lab::bin_path,
     legacy, on_both_variants,
-    scenario::{example_manifests, start_example_on},
+    scenario::{start_example_on, with_ipv6_north_south_services},
     Variant,
 };
 use lb_userspace::dataplane::migrate::CtEntryV2;
 
 const TARGET: &str = "203.0.113.11:80";
-/// `web-cluster6`'s IPv6 LoadBalancer IP (see [`with_ipv6_service`]).
+/// `web-cluster6`'s IPv6 LoadBalancer IP (externalTrafficPolicy Cluster, its only endpoint b1
+/// on node2: node1's IPv6 conntrack holds SNAT entries; see [`with_ipv6_north_south_services`]).
 const TARGET6: &str = "[fd00:203::11]:80";
-
-/// The example manifests plus `web-cluster6`: an IPv6-only LoadBalancer Service,
-/// externalTrafficPolicy Cluster, ingress IP fd00:203::11, TCP port 80 to b1 (fd00:244:2::10 on
-/// node2), so that node1's IPv6 conntrack holds SNAT entries.
-fn with_ipv6_service() -> String {
-    format!(
-        "{}\n---
-apiVersion: v1
-kind: Service
-metadata: {{name: web-cluster6, namespace: default}}
-spec:
-  type: LoadBalancer
-  ipFamilies: [IPv6]
-  clusterIPs: [\"fd00:96::141\"]
-  externalTrafficPolicy: Cluster
-  selector: {{app: web-cluster6}}
-  ports:
-  - {{name: tcp, port: 80, targetPort: 8080, nodePort: 30190}}
-status:
-  loadBalancer: {{ingress: [{{ip: \"fd00:203::11\"}}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: web-cluster6-1, namespace: default, labels: {{kubernetes.io/service-name: web-cluster6}}}}
-addressType: IPv6
-ports:
-- {{name: tcp, port: 8080}}
-endpoints:
-- {{addresses: [\"fd00:244:2::10\"], nodeName: node2, zone: zone-b}}
-",
-        example_manifests().trim_end()
-    )
-}
 
 /// Both conntrack tiers of one family under `bpffs`, by key, with the id of each map.
 fn conntrack<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod, E>(
@@ -121,7 +89,7 @@ fn upgrade(v: Variant, ipv6: bool) {
     let mut held = s.lab.hold("client", TARGET).unwrap();
     assert!(held.first.as_ref().unwrap().ok);
     let mut held6 = if ipv6 {
-        s.apply(&with_ipv6_service(), 2);
+        s.apply(&with_ipv6_north_south_services(), 2);
         s.lab.client_route("fd00:203::11/128", "node1").unwrap();
         let h = s.lab.hold("client", TARGET6).unwrap();
         let first = h.first.clone().unwrap();
@@ -364,7 +332,7 @@ fn until_the_first_sync_the_old_programs_serve_both_families(v: Variant) {
     let Some(mut s) = start_example_on(v) else {
         return;
     };
-    s.apply(&with_ipv6_service(), 2);
+    s.apply(&with_ipv6_north_south_services(), 2);
     s.lab.client_route("203.0.113.11/32", "node1").unwrap();
     s.lab.client_route("fd00:203::11/128", "node1").unwrap();
     let bpffs = s.lab.node("node1").bpffs.clone();
