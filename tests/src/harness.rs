@@ -165,7 +165,7 @@ impl XdpHarness {
         xdp.load().context("loading the XDP program (verifier)")?;
         // The IPv6 north-south programs, in the program arrays `lb_xdp` and `lb_tc_ingress`
         // tail-call for IPv6 frames, as the agent puts them there.
-        lb_userspace::agent::attach::load_ipv6_north_south(&mut ebpf)?;
+        lb_userspace::agent::attach::install_ipv6_north_south(&mut ebpf)?;
         for (name, id) in ids {
             let data = match ebpf.map(name) {
                 Some(

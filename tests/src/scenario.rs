@@ -35,6 +35,130 @@ pub fn fenced_manifests(ranges: &str) -> String {
     )
 }
 
+/// The example manifests plus the IPv6 north-south Services (lab_northsouth6, lab_interfaces):
+/// - `web-local6`: dual-stack LoadBalancer, externalTrafficPolicy Local, healthCheckNodePort
+///   32081, NodePort 30180, ingress IPs 203.0.113.30 and fd00:203::10, TCP and UDP port 80;
+///   one endpoint per family, both a1 (on node1).
+/// - `web-cluster6`: IPv6-only LoadBalancer, externalTrafficPolicy Cluster, NodePort 30190,
+///   ingress IP fd00:203::11; its only endpoint is b1 (on node2).
+/// - `ext6`: IPv6-only, external IP fd00:198::50 port 80 to 9090, endpoints a2 and b2.
+/// - `sticky6`: IPv6-only NodePort 30200, ClientIP affinity (2 s) over a1, a2 and b1.
+pub fn with_ipv6_north_south_services() -> String {
+    format!(
+        "{}\n---
+apiVersion: v1
+kind: Service
+metadata: {{name: web-local6, namespace: default}}
+spec:
+  type: LoadBalancer
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIPs: [10.96.0.140, \"fd00:96::140\"]
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32081
+  selector: {{app: web-local6}}
+  ports:
+  - {{name: tcp, port: 80, targetPort: 8080, nodePort: 30180}}
+  - {{name: udp, port: 80, targetPort: 8080, nodePort: 30180, protocol: UDP}}
+status:
+  loadBalancer: {{ingress: [{{ip: 203.0.113.30}}, {{ip: \"fd00:203::10\"}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-local6-v4, namespace: default, labels: {{kubernetes.io/service-name: web-local6}}}}
+addressType: IPv4
+ports:
+- {{name: tcp, port: 8080}}
+- {{name: udp, port: 8080, protocol: UDP}}
+endpoints:
+- {{addresses: [10.244.1.10], nodeName: node1, zone: zone-a}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-local6-v6, namespace: default, labels: {{kubernetes.io/service-name: web-local6}}}}
+addressType: IPv6
+ports:
+- {{name: tcp, port: 8080}}
+- {{name: udp, port: 8080, protocol: UDP}}
+endpoints:
+- {{addresses: [\"fd00:244:1::10\"], nodeName: node1, zone: zone-a}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web-cluster6, namespace: default}}
+spec:
+  type: LoadBalancer
+  ipFamilies: [IPv6]
+  clusterIPs: [\"fd00:96::141\"]
+  externalTrafficPolicy: Cluster
+  selector: {{app: web-cluster6}}
+  ports:
+  - {{name: tcp, port: 80, targetPort: 8080, nodePort: 30190}}
+  - {{name: udp, port: 80, targetPort: 8080, nodePort: 30190, protocol: UDP}}
+status:
+  loadBalancer: {{ingress: [{{ip: \"fd00:203::11\"}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-cluster6-1, namespace: default, labels: {{kubernetes.io/service-name: web-cluster6}}}}
+addressType: IPv6
+ports:
+- {{name: tcp, port: 8080}}
+- {{name: udp, port: 8080, protocol: UDP}}
+endpoints:
+- {{addresses: [\"fd00:244:2::10\"], nodeName: node2, zone: zone-b}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: ext6, namespace: default}}
+spec:
+  ipFamilies: [IPv6]
+  clusterIPs: [\"fd00:96::142\"]
+  externalIPs: [\"fd00:198::50\"]
+  selector: {{app: ext6}}
+  ports:
+  - {{port: 80, targetPort: 9090}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: ext6-1, namespace: default, labels: {{kubernetes.io/service-name: ext6}}}}
+addressType: IPv6
+ports:
+- {{port: 9090}}
+endpoints:
+- {{addresses: [\"fd00:244:1::11\"], nodeName: node1}}
+- {{addresses: [\"fd00:244:2::11\"], nodeName: node2}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: sticky6, namespace: default}}
+spec:
+  type: NodePort
+  ipFamilies: [IPv6]
+  clusterIPs: [\"fd00:96::160\"]
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 2}}}}
+  selector: {{app: sticky6}}
+  ports:
+  - {{name: tcp, port: 80, targetPort: 8080, nodePort: 30200}}
+  - {{name: udp, port: 80, targetPort: 8080, nodePort: 30200, protocol: UDP}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: sticky6-1, namespace: default, labels: {{kubernetes.io/service-name: sticky6}}}}
+addressType: IPv6
+ports:
+- {{name: tcp, port: 8080}}
+- {{name: udp, port: 8080, protocol: UDP}}
+endpoints:
+- {{addresses: [\"fd00:244:1::10\"], nodeName: node1}}
+- {{addresses: [\"fd00:244:1::11\"], nodeName: node1}}
+- {{addresses: [\"fd00:244:2::10\"], nodeName: node2}}
+",
+        example_manifests().trim_end()
+    )
+}
+
 pub struct Running {
     pub lab: Lab,
     /// The manifests file the agents watch.
@@ -63,13 +187,20 @@ impl Running {
     /// Removes `pinned`'s endpoint from the Service (as generation 2), then exchanges on
     /// `held` every 100 ms until one fails; every exchange before that still reaches `pinned`,
     /// and the failure comes within 3 s. Returns the failed exchange and when it came after the
-    /// removal.
+    /// removal. The endpoint removed is `pinned`'s address of the family `held` talks to: its
+    /// IPv6 address where the peer is an IPv6 ClusterIP, else its IPv4 address (an IPv4 or
+    /// IPv4-mapped peer).
     pub fn remove_and_wait_for_failure(
         &mut self,
         held: &mut HeldConnection,
         pinned: &str,
     ) -> (Exchange, Duration) {
-        let addr = self.lab.pod(pinned).addr.to_string();
+        let pod = self.lab.pod(pinned);
+        let peer = held.first.as_ref().and_then(|e| e.peer_addr());
+        let addr = match peer.map(|p| p.ip()) {
+            Some(std::net::IpAddr::V6(a)) if a.to_ipv4_mapped().is_none() => pod.addr6.to_string(),
+            _ => pod.addr.to_string(),
+        };
         self.apply(&without_endpoint(&addr), 2);
         let removed = std::time::Instant::now();
         loop {
@@ -107,6 +238,48 @@ impl Running {
         assert!(again.ok, "{again:?}");
         assert_ne!(again.backend.as_deref(), Some(pinned), "{again:?}");
         again
+    }
+
+    /// A connected UDP socket from a1 to `target` (a ClusterIP of the example manifests) keeps
+    /// its backend; when that backend leaves the Service, node1's agent terminates the socket
+    /// and the application's next exchange connects again, to a live backend and through the
+    /// same frontend (`target` is the reply's source). Returns that exchange.
+    pub fn connected_udp_socket_to_a_removed_backend_is_terminated(
+        &mut self,
+        target: &str,
+    ) -> Exchange {
+        let mut held = self.lab.hold_udp("a1", target).unwrap();
+        let first = held.first.clone().unwrap();
+        assert!(first.ok, "{first:?}");
+        let pinned = first.backend.clone().unwrap();
+        // One connected socket keeps its backend.
+        for _ in 0..3 {
+            let e = held.exchange().unwrap();
+            assert!(e.ok, "{e:?}");
+            assert_eq!(e.backend.as_deref(), Some(pinned.as_str()), "{e:?}");
+        }
+        let again = self.udp_socket_terminated_then_reconnects(&mut held, &pinned);
+        assert_eq!(again.peer_addr(), first.peer_addr(), "{again:?}");
+        self.agents[0]
+            .wait_for_log("1 terminated", Duration::from_secs(5))
+            .unwrap();
+        again
+    }
+
+    /// With agents run with `--terminate-tcp-sockets`: a TCP connection from a1 to `target`
+    /// (a ClusterIP of the example manifests) whose backend leaves the Service is terminated
+    /// by node1's agent, and the application reads ECONNABORTED (os error 103).
+    pub fn tcp_connection_to_a_removed_backend_is_terminated(&mut self, target: &str) {
+        let mut held = self.lab.hold("a1", target).unwrap();
+        let first = held.first.clone().unwrap();
+        assert!(first.ok, "{first:?}");
+        let pinned = first.backend.clone().unwrap();
+        let (failed, _) = self.remove_and_wait_for_failure(&mut held, &pinned);
+        let err = failed.error.clone().unwrap_or_default();
+        assert!(err.contains("os error 103"), "{failed:?}");
+        self.agents[0]
+            .wait_for_log("1 terminated", Duration::from_secs(5))
+            .unwrap();
     }
 
     /// `lbctl --bpffs <node's> COMMAND -o json`, parsed.

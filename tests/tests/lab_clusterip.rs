@@ -136,20 +136,7 @@ fn lab_clusterip_backend_removal_keeps_established_connection() {
 #[test]
 fn lab_clusterip_connected_udp_socket_to_a_removed_backend_is_terminated() {
     let Some(mut s) = setup() else { return };
-    let mut held = s.lab.hold_udp("a1", ECHO).unwrap();
-    let first = held.first.clone().unwrap();
-    assert!(first.ok, "{first:?}");
-    let pinned = first.backend.clone().unwrap();
-    // One connected socket keeps its backend.
-    for _ in 0..3 {
-        let e = held.exchange().unwrap();
-        assert!(e.ok, "{e:?}");
-        assert_eq!(e.backend.as_deref(), Some(pinned.as_str()), "{e:?}");
-    }
-    s.udp_socket_terminated_then_reconnects(&mut held, &pinned);
-    s.agents[0]
-        .wait_for_log("1 terminated", std::time::Duration::from_secs(5))
-        .unwrap();
+    s.connected_udp_socket_to_a_removed_backend_is_terminated(ECHO);
 }
 
 /// With `--terminate-tcp-sockets`, an established TCP connection to a backend that left the
@@ -159,15 +146,5 @@ fn lab_clusterip_tcp_connection_to_a_removed_backend_is_terminated_on_request() 
     let Some(mut s) = lb_tests::scenario::start_example_with(&["--terminate-tcp-sockets"]) else {
         return;
     };
-    let mut held = s.lab.hold("a1", ECHO).unwrap();
-    let first = held.first.clone().unwrap();
-    assert!(first.ok, "{first:?}");
-    let pinned = first.backend.clone().unwrap();
-    let (failed, _) = s.remove_and_wait_for_failure(&mut held, &pinned);
-    // ECONNABORTED (os error 103) where the abort is read.
-    let err = failed.error.clone().unwrap_or_default();
-    assert!(err.contains("os error 103"), "{failed:?}");
-    s.agents[0]
-        .wait_for_log("1 terminated", std::time::Duration::from_secs(5))
-        .unwrap();
+    s.tcp_connection_to_a_removed_backend_is_terminated(ECHO);
 }

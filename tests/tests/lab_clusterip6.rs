@@ -265,3 +265,25 @@ fn lab_clusterip6_backend_removal_keeps_established_connection() {
         assert_eq!(e.backend.as_deref(), Some(pinned.as_str()));
     }
 }
+
+/// An AF_INET6 UDP socket connected to the IPv6 ClusterIP is translated once, at connect6; when
+/// its backend leaves the Service (its IPv6 endpoint), the agent terminates it (the socket
+/// iterator matches the socket's IPv6 peer, the backend's address), the application sees the
+/// error and connects again, to a live IPv6 backend, and still reads the ClusterIP as the
+/// reply's source.
+#[test]
+fn lab_clusterip6_connected_udp_socket_to_a_removed_backend_is_terminated() {
+    let Some(mut s) = setup() else { return };
+    let again = s.connected_udp_socket_to_a_removed_backend_is_terminated(ECHO6);
+    assert_eq!(again.peer.as_deref(), Some(ECHO6), "{again:?}");
+}
+
+/// With `--terminate-tcp-sockets`, an established TCP connection to the IPv6 ClusterIP whose
+/// backend's IPv6 endpoint left the Service is terminated too (ECONNABORTED).
+#[test]
+fn lab_clusterip6_tcp_connection_to_a_removed_backend_is_terminated_on_request() {
+    let Some(mut s) = lb_tests::scenario::start_example_with(&["--terminate-tcp-sockets"]) else {
+        return;
+    };
+    s.tcp_connection_to_a_removed_backend_is_terminated(ECHO6);
+}

@@ -10,12 +10,13 @@ use std::time::{Duration, Instant};
 use lb_tests::{
     lab::{all_ok, Exchange},
     netns, on_both_variants,
-    scenario::{start_example_on as setup, Running},
+    scenario::{start_example_on as setup, with_ipv6_north_south_services, Running},
     Variant,
 };
 
 const GUEST: &str = "vm1";
 const GUEST_ADDR: &str = "10.244.1.50";
+const GUEST_ADDR6: &str = "fd00:244:1::50";
 const NODE1: &str = "192.168.100.1";
 const CLIENT: &str = "192.168.100.100";
 
@@ -46,7 +47,55 @@ fn wait_masquerade(s: &Running, want: bool) {
     }
 }
 
-fn guest_reaches_every_frontend(v: Variant) {
+/// What the guest asks for and what the backends should see, per family: the example
+/// manifests' Services for IPv4, [`with_ipv6_north_south_services`] for IPv6.
+struct GuestFrontends {
+    /// The guest's address (in node1's pod CIDR) and node1's (the masquerade source).
+    guest: &'static str,
+    node: &'static str,
+    /// web-cluster(6) (externalTrafficPolicy Cluster, its only backend b1 on node2): NodePort
+    /// over TCP and UDP, LoadBalancer IP over TCP.
+    cluster: [(&'static str, &'static str); 3],
+    /// web-local(6)'s NodePort (externalTrafficPolicy Local, backend a1 on node1).
+    local_node_port: &'static str,
+    /// The external IP (a2 on node1, b2 on node2).
+    external_ip: &'static str,
+    /// The ClusterIPs of web-cluster(6) (remote backend b1) and web-local(6) (local backend a1).
+    cluster_ip_remote: &'static str,
+    cluster_ip_local: &'static str,
+}
+
+const GUEST4: GuestFrontends = GuestFrontends {
+    guest: GUEST_ADDR,
+    node: NODE1,
+    cluster: [
+        ("tcp", "192.168.100.1:30090"),
+        ("udp", "192.168.100.1:30090"),
+        ("tcp", "203.0.113.11:80"),
+    ],
+    local_node_port: "192.168.100.1:30080",
+    external_ip: "198.51.100.50:80",
+    cluster_ip_remote: "10.96.0.41:80",
+    cluster_ip_local: "10.96.0.40:80",
+};
+
+const GUEST6: GuestFrontends = GuestFrontends {
+    guest: GUEST_ADDR6,
+    node: "fd00:100::1",
+    cluster: [
+        ("tcp", "[fd00:100::1]:30190"),
+        ("udp", "[fd00:100::1]:30190"),
+        ("tcp", "[fd00:203::11]:80"),
+    ],
+    local_node_port: "[fd00:100::1]:30180",
+    external_ip: "[fd00:198::50]:80",
+    cluster_ip_remote: "[fd00:96::141]:80",
+    cluster_ip_local: "[fd00:96::140]:80",
+};
+
+/// The guest behind node1's cni0 reaches every kind of frontend of one family (`f`) through the
+/// programs on cni0.
+fn guest_reaches_every_frontend_of(v: Variant, f: &GuestFrontends) {
     let Some(mut s) = setup(v) else { return };
     s.agents[0]
         .wait_for_log(
@@ -58,17 +107,21 @@ fn guest_reaches_every_frontend(v: Variant) {
     assert_eq!(c["interfaces"], serde_json::json!(["cni0"]), "{c}");
     assert_eq!(c["pod_cidr"], "10.244.1.0/24", "{c}");
     assert_eq!(c["masquerade_local_backends"], false, "{c}");
+    if f.guest.contains(':') {
+        s.apply(&with_ipv6_north_south_services(), 2);
+    }
     s.lab
-        .add_guest("node1", GUEST, GUEST_ADDR.parse().unwrap())
+        .add_guest(
+            "node1",
+            GUEST,
+            GUEST_ADDR.parse().unwrap(),
+            GUEST_ADDR6.parse().unwrap(),
+        )
         .unwrap();
 
     // NodePort, LoadBalancer IP and external IP arriving on cni0 (not a --device).
     // web-cluster (externalTrafficPolicy Cluster, its only backend b1 on node2): masqueraded.
-    for (proto, target) in [
-        ("tcp", "192.168.100.1:30090"),
-        ("udp", "192.168.100.1:30090"),
-        ("tcp", "203.0.113.11:80"),
-    ] {
+    for (proto, target) in f.cluster {
         let ex = s
             .lab
             .run_client(GUEST, &[proto, target, "--count", "10"])
@@ -76,26 +129,26 @@ fn guest_reaches_every_frontend(v: Variant) {
         all_ok(&ex, &format!("{proto} {target} from the guest"));
         for e in &ex {
             assert_eq!(e.backend.as_deref(), Some("b1"), "{e:?}");
-            assert_eq!(seen_ip(e), NODE1, "{e:?}");
+            assert_eq!(seen_ip(e), f.node, "{e:?}");
             assert_eq!(e.peer_addr().unwrap().to_string(), target, "{e:?}");
         }
     }
     // web-local (externalTrafficPolicy Local, backend a1 on node1): the guest and a1 share
     // the pod bridge, so a1's reply would go straight back over it, past every program: a
     // source in the pod CIDR going to a local backend is masqueraded whatever the policy.
-    let ex = s.lab.tcp(GUEST, "192.168.100.1:30080", 10).unwrap();
+    let ex = s.lab.tcp(GUEST, f.local_node_port, 10).unwrap();
     all_ok(&ex, "NodePort of web-local from the guest");
     for e in &ex {
         assert_eq!(e.backend.as_deref(), Some("a1"), "{e:?}");
-        assert_eq!(seen_ip(e), NODE1, "{e:?}");
+        assert_eq!(seen_ip(e), f.node, "{e:?}");
         assert_eq!(
             e.peer_addr().unwrap().to_string(),
-            "192.168.100.1:30080",
+            f.local_node_port,
             "{e:?}"
         );
     }
     // The external IP (a2 on node1, b2 on node2), both backends reached.
-    let ex = s.lab.tcp(GUEST, "198.51.100.50:80", 30).unwrap();
+    let ex = s.lab.tcp(GUEST, f.external_ip, 30).unwrap();
     all_ok(&ex, "external IP from the guest");
     assert!(
         ex.iter().any(|e| e.backend.as_deref() == Some("a2")),
@@ -111,7 +164,7 @@ fn guest_reaches_every_frontend(v: Variant) {
     for proto in ["tcp", "udp"] {
         let ex = s
             .lab
-            .run_client(GUEST, &[proto, "10.96.0.41:80", "--count", "10"])
+            .run_client(GUEST, &[proto, f.cluster_ip_remote, "--count", "10"])
             .unwrap();
         all_ok(
             &ex,
@@ -119,15 +172,19 @@ fn guest_reaches_every_frontend(v: Variant) {
         );
         for e in &ex {
             assert_eq!(e.backend.as_deref(), Some("b1"), "{e:?}");
-            assert_eq!(seen_ip(e), GUEST_ADDR, "{e:?}");
-            assert_eq!(e.peer_addr().unwrap().to_string(), "10.96.0.41:80", "{e:?}");
+            assert_eq!(seen_ip(e), f.guest, "{e:?}");
+            assert_eq!(
+                e.peer_addr().unwrap().to_string(),
+                f.cluster_ip_remote,
+                "{e:?}"
+            );
         }
     }
     // ...a local backend sees node1 (the reply would otherwise cross the bridge past us).
     for proto in ["tcp", "udp"] {
         let ex = s
             .lab
-            .run_client(GUEST, &[proto, "10.96.0.40:80", "--count", "10"])
+            .run_client(GUEST, &[proto, f.cluster_ip_local, "--count", "10"])
             .unwrap();
         all_ok(
             &ex,
@@ -135,14 +192,27 @@ fn guest_reaches_every_frontend(v: Variant) {
         );
         for e in &ex {
             assert_eq!(e.backend.as_deref(), Some("a1"), "{e:?}");
-            assert_eq!(seen_ip(e), NODE1, "{e:?}");
-            assert_eq!(e.peer_addr().unwrap().to_string(), "10.96.0.40:80", "{e:?}");
+            assert_eq!(seen_ip(e), f.node, "{e:?}");
+            assert_eq!(
+                e.peer_addr().unwrap().to_string(),
+                f.cluster_ip_local,
+                "{e:?}"
+            );
         }
     }
     // The program on cni0 did it: the north-south counters of node1 saw new flows.
     assert!(s.stats("node1")["xdp_new_flow"] > 0);
 }
+
+fn guest_reaches_every_frontend(v: Variant) {
+    guest_reaches_every_frontend_of(v, &GUEST4)
+}
 on_both_variants!(guest_reaches_every_frontend: lab_guest_behind_the_node_reaches_every_frontend_plain, lab_guest_behind_the_node_reaches_every_frontend_xdp);
+
+fn guest_reaches_every_frontend6(v: Variant) {
+    guest_reaches_every_frontend_of(v, &GUEST6)
+}
+on_both_variants!(guest_reaches_every_frontend6: lab_guest_behind_the_node_reaches_every_frontend6_plain, lab_guest_behind_the_node_reaches_every_frontend6_xdp);
 
 fn off_node_client_reaches_a_cluster_ip(v: Variant) {
     let Some(s) = setup(v) else { return };
@@ -192,12 +262,69 @@ endpoints:
 - {addresses: [10.244.1.10], nodeName: node1}
 ";
 
-fn cluster_policy_local_backend_reply_rule(v: Variant) {
+/// The IPv6 twin of [`NP_A1`]: an IPv6-only NodePort Service (externalTrafficPolicy Cluster)
+/// whose only backend, a1, runs on node1.
+const NP_A1_6: &str = "
+---
+apiVersion: v1
+kind: Service
+metadata: {name: np-a1-6, namespace: default}
+spec:
+  type: NodePort
+  ipFamilies: [IPv6]
+  clusterIPs: [\"fd00:96::70\"]
+  selector: {app: np-a1-6}
+  ports:
+  - {name: tcp, port: 80, targetPort: 8080, nodePort: 30110}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: np-a1-6-1
+  namespace: default
+  labels: {kubernetes.io/service-name: np-a1-6}
+addressType: IPv6
+ports:
+- {name: tcp, port: 8080}
+endpoints:
+- {addresses: [\"fd00:244:1::10\"], nodeName: node1}
+";
+
+/// The reply rule's test, per family: the Service, its NodePort on node1, the client's and
+/// node1's addresses, and a route and an address for the test interface.
+struct ReplyRule {
+    manifest: &'static str,
+    node_port: &'static str,
+    client: &'static str,
+    node: &'static str,
+    route: &'static str,
+    addr: &'static str,
+}
+
+const REPLY_RULE4: ReplyRule = ReplyRule {
+    manifest: NP_A1,
+    node_port: "192.168.100.1:30110",
+    client: CLIENT,
+    node: NODE1,
+    route: "198.18.0.0/24",
+    addr: "198.18.0.1/24",
+};
+
+const REPLY_RULE6: ReplyRule = ReplyRule {
+    manifest: NP_A1_6,
+    node_port: "[fd00:100::1]:30110",
+    client: "fd00:100::100",
+    node: "fd00:100::1",
+    route: "fd00:198:18::/64",
+    addr: "fd00:198:18::1/64",
+};
+
+fn cluster_policy_local_backend_reply_rule_of(v: Variant, f: &ReplyRule) {
     let Some(mut s) = setup(v) else { return };
-    let text = format!("{}{NP_A1}", lb_tests::scenario::example_manifests());
+    let text = format!("{}{}", lb_tests::scenario::example_manifests(), f.manifest);
     s.apply(&text, 2);
     let ask = |s: &Running| {
-        let ex = s.lab.tcp("client", "192.168.100.1:30110", 10).unwrap();
+        let ex = s.lab.tcp("client", f.node_port, 10).unwrap();
         all_ok(&ex, "NodePort of np-a1");
         assert!(
             ex.iter().all(|e| e.backend.as_deref() == Some("a1")),
@@ -209,7 +336,7 @@ fn cluster_policy_local_backend_reply_rule(v: Variant) {
     };
     // Every interface with a route (eth0, cni0) runs our programs: the client's address.
     wait_masquerade(&s, false);
-    assert_eq!(ask(&s), [CLIENT]);
+    assert_eq!(ask(&s), [f.client]);
     // An interface with a route but no address (so not hooked): replies leaving by it would
     // not be translated, so local backends get the masquerade.
     let ns = s.lab.node("node1").netns.clone();
@@ -221,13 +348,27 @@ fn cluster_policy_local_backend_reply_rule(v: Variant) {
         ],
     )
     .unwrap();
+    if f.route.contains(':') {
+        // IPv6 is off on the lab's new interfaces; on, lbtest0 gets a link-local address and
+        // its fe80::/64 route, which count for nothing.
+        netns::exec_in(
+            &ns,
+            "sysctl",
+            &["-q", "-w", "net.ipv6.conf.lbtest0.disable_ipv6=0"],
+        )
+        .unwrap();
+    }
     netns::ip(&ns, &["link", "set", "lbtest0", "up"]).unwrap();
     netns::ip(&ns, &["link", "set", "lbtest1", "up"]).unwrap();
-    netns::ip(&ns, &["route", "add", "198.18.0.0/24", "dev", "lbtest0"]).unwrap();
+    netns::ip(&ns, &["route", "add", f.route, "dev", "lbtest0"]).unwrap();
     wait_masquerade(&s, true);
-    assert_eq!(ask(&s), [NODE1]);
+    assert_eq!(ask(&s), [f.node]);
     // Given an address, it is hooked like cni0, and the guarantee is back.
-    netns::ip(&ns, &["addr", "add", "198.18.0.1/24", "dev", "lbtest0"]).unwrap();
+    let mut add = vec!["addr", "add", f.addr, "dev", "lbtest0"];
+    if f.addr.contains(':') {
+        add.push("nodad"); // usable at once
+    }
+    netns::ip(&ns, &add).unwrap();
     wait_masquerade(&s, false);
     let c = config(&s);
     assert_eq!(
@@ -235,7 +376,7 @@ fn cluster_policy_local_backend_reply_rule(v: Variant) {
         serde_json::json!(["cni0", "lbtest0"]),
         "{c}"
     );
-    assert_eq!(ask(&s), [CLIENT]);
+    assert_eq!(ask(&s), [f.client]);
     // Gone: unhooked, its pins removed.
     netns::ip(&ns, &["link", "del", "lbtest0"]).unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -247,6 +388,15 @@ fn cluster_policy_local_backend_reply_rule(v: Variant) {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(ask(&s), [CLIENT]);
+    assert_eq!(ask(&s), [f.client]);
+}
+
+fn cluster_policy_local_backend_reply_rule(v: Variant) {
+    cluster_policy_local_backend_reply_rule_of(v, &REPLY_RULE4)
 }
 on_both_variants!(cluster_policy_local_backend_reply_rule: lab_cluster_policy_local_backend_reply_rule_plain, lab_cluster_policy_local_backend_reply_rule_xdp);
+
+fn cluster_policy_local_backend_reply_rule6(v: Variant) {
+    cluster_policy_local_backend_reply_rule_of(v, &REPLY_RULE6)
+}
+on_both_variants!(cluster_policy_local_backend_reply_rule6: lab_cluster_policy_local_backend_reply_rule6_plain, lab_cluster_policy_local_backend_reply_rule6_xdp);

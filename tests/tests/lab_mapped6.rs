@@ -135,11 +135,7 @@ fn lab_mapped6_affinity_is_shared_with_the_pods_ipv4_sockets() {
 #[test]
 fn lab_mapped6_connected_udp_socket_to_a_removed_backend_is_terminated() {
     let Some(mut s) = setup() else { return };
-    let mut held = s.lab.hold_udp("a1", ECHO).unwrap();
-    let first = held.first.clone().unwrap();
-    assert!(first.ok, "{first:?}");
-    let pinned = first.backend.clone().unwrap();
-    let again = s.udp_socket_terminated_then_reconnects(&mut held, &pinned);
+    let again = s.connected_udp_socket_to_a_removed_backend_is_terminated(ECHO);
     assert_eq!(again.peer.as_deref(), Some(ECHO), "{again:?}");
 }
 

@@ -14,7 +14,10 @@ use std::{
 use lb_tests::{
     lab::{all_ok, by_backend, Exchange, CLIENT_ADDR, CLIENT_ADDR6},
     on_both_variants,
-    scenario::{example_manifests, start_example_on, start_example_on_with, Running},
+    scenario::{
+        start_example_on, start_example_on_with,
+        with_ipv6_north_south_services as with_ipv6_services, Running,
+    },
     Variant,
 };
 
@@ -32,130 +35,6 @@ const NP6_CLUSTER: &str = "[fd00:100::1]:30190";
 const EXT6: &str = "[fd00:198::50]:80";
 /// `sticky6`'s NodePort on node1 (ClientIP affinity, 2 s, over a1, a2 and b1).
 const NP6_STICKY: &str = "[fd00:100::1]:30200";
-
-/// The example manifests plus the IPv6 north-south Services:
-/// - `web-local6`: dual-stack LoadBalancer, externalTrafficPolicy Local, healthCheckNodePort
-///   32081, NodePort 30180, ingress IPs 203.0.113.30 and fd00:203::10, TCP and UDP port 80;
-///   one endpoint per family, both a1 (on node1).
-/// - `web-cluster6`: IPv6-only LoadBalancer, externalTrafficPolicy Cluster, NodePort 30190,
-///   ingress IP fd00:203::11; its only endpoint is b1 (on node2).
-/// - `ext6`: IPv6-only, external IP fd00:198::50 port 80 to 9090, endpoints a2 and b2.
-/// - `sticky6`: IPv6-only NodePort 30200, ClientIP affinity (2 s) over a1, a2 and b1.
-fn with_ipv6_services() -> String {
-    format!(
-        "{}\n---
-apiVersion: v1
-kind: Service
-metadata: {{name: web-local6, namespace: default}}
-spec:
-  type: LoadBalancer
-  ipFamilyPolicy: RequireDualStack
-  ipFamilies: [IPv4, IPv6]
-  clusterIPs: [10.96.0.140, \"fd00:96::140\"]
-  externalTrafficPolicy: Local
-  healthCheckNodePort: 32081
-  selector: {{app: web-local6}}
-  ports:
-  - {{name: tcp, port: 80, targetPort: 8080, nodePort: 30180}}
-  - {{name: udp, port: 80, targetPort: 8080, nodePort: 30180, protocol: UDP}}
-status:
-  loadBalancer: {{ingress: [{{ip: 203.0.113.30}}, {{ip: \"fd00:203::10\"}}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: web-local6-v4, namespace: default, labels: {{kubernetes.io/service-name: web-local6}}}}
-addressType: IPv4
-ports:
-- {{name: tcp, port: 8080}}
-- {{name: udp, port: 8080, protocol: UDP}}
-endpoints:
-- {{addresses: [10.244.1.10], nodeName: node1, zone: zone-a}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: web-local6-v6, namespace: default, labels: {{kubernetes.io/service-name: web-local6}}}}
-addressType: IPv6
-ports:
-- {{name: tcp, port: 8080}}
-- {{name: udp, port: 8080, protocol: UDP}}
-endpoints:
-- {{addresses: [\"fd00:244:1::10\"], nodeName: node1, zone: zone-a}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: web-cluster6, namespace: default}}
-spec:
-  type: LoadBalancer
-  ipFamilies: [IPv6]
-  clusterIPs: [\"fd00:96::141\"]
-  externalTrafficPolicy: Cluster
-  selector: {{app: web-cluster6}}
-  ports:
-  - {{name: tcp, port: 80, targetPort: 8080, nodePort: 30190}}
-  - {{name: udp, port: 80, targetPort: 8080, nodePort: 30190, protocol: UDP}}
-status:
-  loadBalancer: {{ingress: [{{ip: \"fd00:203::11\"}}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: web-cluster6-1, namespace: default, labels: {{kubernetes.io/service-name: web-cluster6}}}}
-addressType: IPv6
-ports:
-- {{name: tcp, port: 8080}}
-- {{name: udp, port: 8080, protocol: UDP}}
-endpoints:
-- {{addresses: [\"fd00:244:2::10\"], nodeName: node2, zone: zone-b}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: ext6, namespace: default}}
-spec:
-  ipFamilies: [IPv6]
-  clusterIPs: [\"fd00:96::142\"]
-  externalIPs: [\"fd00:198::50\"]
-  selector: {{app: ext6}}
-  ports:
-  - {{port: 80, targetPort: 9090}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: ext6-1, namespace: default, labels: {{kubernetes.io/service-name: ext6}}}}
-addressType: IPv6
-ports:
-- {{port: 9090}}
-endpoints:
-- {{addresses: [\"fd00:244:1::11\"], nodeName: node1}}
-- {{addresses: [\"fd00:244:2::11\"], nodeName: node2}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: sticky6, namespace: default}}
-spec:
-  type: NodePort
-  ipFamilies: [IPv6]
-  clusterIPs: [\"fd00:96::160\"]
-  sessionAffinity: ClientIP
-  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 2}}}}
-  selector: {{app: sticky6}}
-  ports:
-  - {{name: tcp, port: 80, targetPort: 8080, nodePort: 30200}}
-  - {{name: udp, port: 80, targetPort: 8080, nodePort: 30200, protocol: UDP}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: sticky6-1, namespace: default, labels: {{kubernetes.io/service-name: sticky6}}}}
-addressType: IPv6
-ports:
-- {{name: tcp, port: 8080}}
-- {{name: udp, port: 8080, protocol: UDP}}
-endpoints:
-- {{addresses: [\"fd00:244:1::10\"], nodeName: node1}}
-- {{addresses: [\"fd00:244:1::11\"], nodeName: node1}}
-- {{addresses: [\"fd00:244:2::10\"], nodeName: node2}}
-",
-        example_manifests().trim_end()
-    )
-}
 
 /// The lab of variant `v` with agents on the example manifests, then on [`with_ipv6_services`]
 /// (generation 2).

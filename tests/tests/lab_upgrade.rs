@@ -5,6 +5,13 @@
 //! derived from the v2 flags), swaps the programs and removes the old pins; new connections flow
 //! throughout and a held connection survives. Runs on both lab variants (`_plain`: tc ingress,
 //! `_xdp`: XDP).
+//!
+//! The IPv6 twin: the IPv6 conntrack (`lb_ct6_v1`, `lb_ct6_new_v1`) is new in this layout, so
+//! there is no older IPv6 layout to convert. With an IPv6 connection held through node1 (an IPv6
+//! LoadBalancer IP, externalTrafficPolicy Cluster: SNAT to node1's IPv6 address) besides the
+//! IPv4 one, the same upgrade keeps the held IPv6 connection working and new IPv6 connections
+//! flowing throughout, and adopts the IPv6 conntrack maps as they are (same maps, every entry
+//! kept).
 use std::{
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -14,43 +21,106 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use lb_common::{ct_flags, ct_state, map_name, CtEntry, CtKey, CtValue};
-use lb_tests::{lab::bin_path, legacy, on_both_variants, scenario::start_example_on, Variant};
+use lb_common::{
+    ct_flags, ct_state, map_name, CtEntry, CtEntry6, CtKey, CtKey6, CtValue, CtValue6,
+};
+use lb_tests::{
+    lab::bin_path,
+    legacy, on_both_variants,
+    scenario::{start_example_on, with_ipv6_north_south_services},
+    Variant,
+};
 use lb_userspace::dataplane::migrate::CtEntryV2;
 
 const TARGET: &str = "203.0.113.11:80";
+/// `web-cluster6`'s IPv6 LoadBalancer IP (externalTrafficPolicy Cluster, its only endpoint b1
+/// on node2: node1's IPv6 conntrack holds SNAT entries; see [`with_ipv6_north_south_services`]).
+const TARGET6: &str = "[fd00:203::11]:80";
 
-fn upgrade_from_an_older_layout_loses_nothing(v: Variant) {
+/// Both conntrack tiers of one family under `bpffs`, by key, with the id of each map.
+fn conntrack<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod, E>(
+    bpffs: &std::path::Path,
+    names: [&str; 2],
+    entry: impl Fn(V) -> E,
+) -> ([std::collections::HashMap<K, E>; 2], [u32; 2]) {
+    let read = |name: &str| {
+        let data = MapData::from_pin(bpffs.join(name)).unwrap();
+        let id = data.info().unwrap().id();
+        let ct: HashMap<MapData, K, V> = HashMap::try_from(Map::LruHashMap(data)).unwrap();
+        let entries = ct
+            .iter()
+            .map(|kv| kv.map(|(k, v)| (k, entry(v))).unwrap())
+            .collect();
+        (entries, id)
+    };
+    let ((est, est_id), (new, new_id)) = (read(names[0]), read(names[1]));
+    ([est, new], [est_id, new_id])
+}
+
+/// The IPv4 conntrack under `bpffs`: (established, unconfirmed) and the maps' ids.
+fn conntrack4(
+    bpffs: &std::path::Path,
+) -> ([std::collections::HashMap<CtKey, CtEntry>; 2], [u32; 2]) {
+    conntrack(
+        bpffs,
+        [map_name::CONNTRACK, map_name::CONNTRACK_NEW],
+        |v: CtValue| v.e,
+    )
+}
+
+/// The IPv6 conntrack under `bpffs`: (established, unconfirmed) and the maps' ids.
+fn conntrack6(
+    bpffs: &std::path::Path,
+) -> ([std::collections::HashMap<CtKey6, CtEntry6>; 2], [u32; 2]) {
+    conntrack(
+        bpffs,
+        [map_name::CONNTRACK6, map_name::CONNTRACK6_NEW],
+        |v: CtValue6| v.e,
+    )
+}
+
+/// The upgrade, with (`ipv6`) or without an IPv6 connection held and IPv6 new connections as
+/// the load; the IPv4 older-layout setup and its conversion are checked either way.
+fn upgrade(v: Variant, ipv6: bool) {
     let Some(mut s) = start_example_on(v) else {
         return;
     };
     s.lab.client_route("203.0.113.11/32", "node1").unwrap();
     let mut held = s.lab.hold("client", TARGET).unwrap();
     assert!(held.first.as_ref().unwrap().ok);
+    let mut held6 = if ipv6 {
+        s.apply(&with_ipv6_north_south_services(), 2);
+        s.lab.client_route("fd00:203::11/128", "node1").unwrap();
+        let h = s.lab.hold("client", TARGET6).unwrap();
+        let first = h.first.clone().unwrap();
+        assert!(
+            first.ok && first.backend.as_deref() == Some("b1"),
+            "{first:?}"
+        );
+        Some(h)
+    } else {
+        None
+    };
+    let load_target = if ipv6 { TARGET6 } else { TARGET };
     let bpffs = s.lab.node("node1").bpffs.clone();
     assert!(!s.agents[0].stop_with(libc::SIGKILL).unwrap().success());
+    // The IPv6 conntrack as the killed agent's programs hold it (empty without `ipv6`).
+    let (before6, ids6) = conntrack6(&bpffs);
+    if ipv6 {
+        assert!(
+            !before6[0].is_empty(),
+            "the held IPv6 connection has conntrack entries"
+        );
+    }
 
-    // The conntrack as the current layout holds it.
-    let open = |name: &str| MapData::from_pin(bpffs.join(name)).unwrap();
-    let ct: HashMap<MapData, CtKey, CtValue> =
-        HashMap::try_from(Map::LruHashMap(open(map_name::CONNTRACK))).unwrap();
-    let before: std::collections::HashMap<CtKey, CtEntry> = ct
-        .iter()
-        .map(|kv| kv.map(|(k, v)| (k, v.e)).unwrap())
-        .collect();
+    // The conntrack as the current layout holds it; the unconfirmed tier as it is (often empty
+    // once the held connection is confirmed).
+    let ([before, before_new], _) = conntrack4(&bpffs);
     assert!(
         !before.is_empty(),
         "the held connection has conntrack entries"
     );
-    drop(ct);
-    // The unconfirmed tier, as it is (often empty once the held connection is confirmed).
-    let new_tier: HashMap<MapData, CtKey, CtValue> =
-        HashMap::try_from(Map::LruHashMap(open(map_name::CONNTRACK_NEW))).unwrap();
-    let before_new: std::collections::HashMap<CtKey, CtEntry> = new_tier
-        .iter()
-        .map(|kv| kv.map(|(k, v)| (k, v.e)).unwrap())
-        .collect();
-    drop(new_tier);
+    let open = |name: &str| MapData::from_pin(bpffs.join(name)).unwrap();
 
     // The previous layout's pins (v2 values: no state, no sequence). The attached programs keep
     // using their maps.
@@ -98,7 +168,7 @@ fn upgrade_from_an_older_layout_loses_nothing(v: Variant) {
                 let mut all = Vec::new();
                 while !flag.load(Ordering::Relaxed) {
                     all.extend(
-                        lab.run_client("client", &["tcp", TARGET, "--count", "5"])
+                        lab.run_client("client", &["tcp", load_target, "--count", "5"])
                             .unwrap(),
                     );
                     count.store(all.len(), Ordering::Relaxed);
@@ -173,12 +243,7 @@ fn upgrade_from_an_older_layout_loses_nothing(v: Variant) {
     assert!(log.contains(&want), "expected `{want}` in\n{log}");
     // Every converted entry is in the new conntrack as it was, in the state its tier and
     // protocol give (the held TCP connection: established), without a known sequence.
-    let ct: HashMap<MapData, CtKey, CtValue> =
-        HashMap::try_from(Map::LruHashMap(open(map_name::CONNTRACK))).unwrap();
-    let after: std::collections::HashMap<CtKey, CtEntry> = ct
-        .iter()
-        .map(|kv| kv.map(|(k, v)| (k, v.e)).unwrap())
-        .collect();
+    let ([after, _], _) = conntrack4(&bpffs);
     for (k, e) in &before {
         let got = after
             .get(k)
@@ -207,12 +272,98 @@ fn upgrade_from_an_older_layout_loses_nothing(v: Variant) {
     for old in ["lb_ct_v2", "lb_ct_new_v1", "lb_svc_v2", "lb_stats_v2"] {
         assert!(!bpffs.join(old).exists(), "{old} is still pinned");
     }
+    // The IPv6 conntrack has no older layout: its maps are the ones the killed agent left
+    // (adopted, not replaced), with every entry the held IPv6 connection had.
+    assert!(!log.contains("lb_ct6"), "{log}");
+    let (after6, ids_after6) = conntrack6(&bpffs);
+    assert_eq!(ids_after6, ids6, "the IPv6 conntrack maps were replaced");
+    for (tier, (before, after)) in ["established", "unconfirmed"]
+        .iter()
+        .zip(before6.iter().zip(&after6))
+    {
+        for (k, e) in before {
+            let got = after
+                .get(k)
+                .unwrap_or_else(|| panic!("{tier} IPv6 entry {k:?} was lost"));
+            assert_eq!(
+                CtEntry6 {
+                    last_seen_s: e.last_seen_s,
+                    ..*got
+                },
+                *e,
+                "{k:?}"
+            );
+        }
+    }
     for _ in 0..3 {
         assert!(held.exchange().unwrap().ok, "the held connection broke");
+    }
+    if let Some(held6) = held6.as_mut() {
+        for _ in 0..3 {
+            let e = held6.exchange().unwrap();
+            assert!(
+                e.ok && e.backend.as_deref() == Some("b1"),
+                "the held IPv6 connection broke: {e:?}"
+            );
+        }
     }
     // The new stats map counts from zero and sees the traffic that followed.
     let stats = s.stats("node1");
     assert!(stats["xdp_rx"] > 0);
     s.agents.push(again);
 }
+
+fn upgrade_from_an_older_layout_loses_nothing(v: Variant) {
+    upgrade(v, false)
+}
 on_both_variants!(upgrade_from_an_older_layout_loses_nothing: lab_upgrade_from_an_older_layout_loses_nothing_plain, lab_upgrade_from_an_older_layout_loses_nothing_xdp);
+
+fn upgrade_from_an_older_layout_loses_nothing6(v: Variant) {
+    upgrade(v, true)
+}
+on_both_variants!(upgrade_from_an_older_layout_loses_nothing6: lab_upgrade_from_an_older_layout_loses_nothing6_plain, lab_upgrade_from_an_older_layout_loses_nothing6_xdp);
+
+/// Until the upgraded agent's first sync, the programs of the older layout serve both families
+/// on their own maps: the new agent hands IPv6 frames to its IPv6 programs (through the pinned
+/// program arrays the old programs share) only when it attaches, not when it loads them, since
+/// its renamed frontends map is empty until then. Here the new agent's manifests are unreadable
+/// at first, so it stays loaded and unsynced while new connections of both families are made.
+fn until_the_first_sync_the_old_programs_serve_both_families(v: Variant) {
+    let Some(mut s) = start_example_on(v) else {
+        return;
+    };
+    s.apply(&with_ipv6_north_south_services(), 2);
+    s.lab.client_route("203.0.113.11/32", "node1").unwrap();
+    s.lab.client_route("fd00:203::11/128", "node1").unwrap();
+    let bpffs = s.lab.node("node1").bpffs.clone();
+    assert!(!s.agents[0].stop_with(libc::SIGKILL).unwrap().success());
+    // The maps an upgrade renames (no conntrack to convert here).
+    std::fs::rename(bpffs.join(map_name::FRONTENDS), bpffs.join("lb_svc_v2")).unwrap();
+    std::fs::rename(bpffs.join(map_name::STATS), bpffs.join("lb_stats_v2")).unwrap();
+    let check = |when: &str| {
+        for target in [TARGET, TARGET6] {
+            let ex = s
+                .lab
+                .run_client("client", &["tcp", target, "--count", "5"])
+                .unwrap();
+            lb_tests::lab::all_ok(&ex, &format!("{target} {when}"));
+        }
+    };
+    let manifests = s.lab.tmpdir().join("upgraded.yaml");
+    std::fs::write(&manifests, "kind: [unterminated\n").unwrap();
+    let mut again = s
+        .lab
+        .spawn_agent("node1", &bin_path("lb-agent").unwrap(), &manifests, &[])
+        .unwrap();
+    again
+        .wait_for_log("keeping the last good state", Duration::from_secs(20))
+        .unwrap();
+    check("while the upgraded agent is loaded but not synced");
+    std::fs::copy(&s.manifests, &manifests).unwrap();
+    again
+        .wait_for_log("sync generation 1:", Duration::from_secs(20))
+        .unwrap();
+    check("after the upgraded agent's first sync");
+    s.agents.push(again);
+}
+on_both_variants!(until_the_first_sync_the_old_programs_serve_both_families: lab_upgrade_until_the_first_sync_the_old_programs_serve_both_families_plain, lab_upgrade_until_the_first_sync_the_old_programs_serve_both_families_xdp);

@@ -330,14 +330,13 @@ pub(super) fn load_programs(ebpf: &mut aya::Ebpf) -> Result<()> {
         p.load()
             .with_context(|| format!("loading the {what} program (verifier)"))?;
     }
-    load_ipv6_north_south(ebpf)
+    // Verified now; handed IPv6 frames at attach (see `install_ipv6_north_south`).
+    load_ipv6_programs(ebpf).map(drop)
 }
 
-/// Loads the IPv6 programs (`lb_xdp6`, `lb_tc_ingress6`, `lb_tc_egress6`) and puts them in the
-/// program arrays through which `lb_xdp`, `lb_tc_ingress` and `lb_tc_egress` tail-call them for
-/// IPv6 frames (`map_name::XDP6_PROG`, `map_name::TC6_PROG`, `map_name::TCE6_PROG`; pinned, so the programs stay in place while
-/// the agent is down, and a new agent's replace the old ones in one write).
-pub fn load_ipv6_north_south(ebpf: &mut aya::Ebpf) -> Result<()> {
+/// Loads the IPv6 programs (`lb_xdp6`, `lb_tc_ingress6`, `lb_tc_egress6`) when not loaded yet,
+/// and returns a descriptor of each, in the order of their program arrays ([`IPV6_ARRAYS`]).
+fn load_ipv6_programs(ebpf: &mut aya::Ebpf) -> Result<[aya::programs::ProgramFd; 3]> {
     let xdp6 = {
         let p: &mut Xdp = ebpf
             .program_mut(program_name::XDP6)
@@ -351,11 +350,26 @@ pub fn load_ipv6_north_south(ebpf: &mut aya::Ebpf) -> Result<()> {
     };
     let tc6 = load_classifier(ebpf, program_name::TC_INGRESS6)?;
     let tce6 = load_classifier(ebpf, program_name::TC_EGRESS6)?;
-    for (map, fd) in [
-        (map_name::XDP6_PROG, &xdp6),
-        (map_name::TC6_PROG, &tc6),
-        (map_name::TCE6_PROG, &tce6),
-    ] {
+    Ok([xdp6, tc6, tce6])
+}
+
+/// The program arrays through which `lb_xdp`, `lb_tc_ingress` and `lb_tc_egress` tail-call the
+/// IPv6 programs for IPv6 frames.
+const IPV6_ARRAYS: [&str; 3] = [map_name::XDP6_PROG, map_name::TC6_PROG, map_name::TCE6_PROG];
+
+/// Puts the IPv6 programs (`lb_xdp6`, `lb_tc_ingress6`, `lb_tc_egress6`; loaded here when not
+/// yet) in the program arrays through which `lb_xdp`, `lb_tc_ingress` and `lb_tc_egress`
+/// tail-call them for IPv6 frames ([`IPV6_ARRAYS`]; pinned, so the programs stay in place while
+/// the agent is down, and a new agent's replace the old ones in one write).
+///
+/// The arrays are shared with the programs already attached: from this write on, their IPv6
+/// frames run the new programs, on this agent's maps. So the agent writes them when it attaches
+/// (its maps hold the first sync), not when it loads: after an upgrade that renamed a map
+/// (`lb_svc_v2` -> `lb_svc_v3`), the old `lb_xdp` would otherwise hand IPv6 frames to an
+/// `lb_xdp6` whose frontends map is still empty until the first sync.
+pub fn install_ipv6_north_south(ebpf: &mut aya::Ebpf) -> Result<()> {
+    let fds = load_ipv6_programs(ebpf)?;
+    for (map, fd) in IPV6_ARRAYS.into_iter().zip(&fds) {
         let mut array: ProgramArray<_> = ebpf
             .map_mut(map)
             .ok_or_else(|| anyhow!("map {map} missing from the object"))?
@@ -430,6 +444,8 @@ pub(super) fn attach_all(
     let rev_nat = syncer.svc_port_by_rev_nat();
     let mut seen = std::collections::HashMap::new();
     let before = migrate::copy_state(&cfg.bpffs, old, &rev_nat, &mut seen)?;
+    // The IPv6 programs first: the old north-south programs hand them IPv6 frames from now on.
+    install_ipv6_north_south(ebpf)?;
     attach_cgroup(ebpf, &cfg.cgroup, &cfg.bpffs)?;
     for (dev, choice) in hooks {
         ensure_accept_local(Path::new(PROC_SYS), dev)?;

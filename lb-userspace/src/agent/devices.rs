@@ -2,7 +2,12 @@
 //! that carries one of the node's addresses (its InternalIP), and every device an IPv4 default
 //! route leaves by. Loopback never counts. Read in the agent's network namespace (the node's,
 //! for the DaemonSet).
-use std::{collections::BTreeSet, ffi::CStr, fs, io, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    ffi::CStr,
+    fs, io,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use super::config::RunConfig;
 
@@ -138,6 +143,32 @@ pub fn route_devices(route_table: &str) -> Vec<String> {
     )
 }
 
+/// The devices of the IPv6 routes in `/proc/net/ipv6_route` that lead somewhere: up, not a
+/// local, anycast, cached or reject route, to neither a link-local (`fe80::/10`, on every
+/// interface with IPv6) nor a multicast destination; loopback excluded, distinct, in order of
+/// appearance.
+pub fn route_devices6(route_table: &str) -> Vec<String> {
+    const RTF_UP: u32 = 0x1;
+    const RTF_REJECT: u32 = 0x200;
+    const RTF_ANYCAST: u32 = 0x0010_0000;
+    const RTF_CACHE: u32 = 0x0100_0000;
+    const RTF_LOCAL: u32 = 0x8000_0000;
+    distinct(route_table.lines().filter_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // dest dest_len src src_len next_hop metric refcnt use flags device
+        if f.len() < 10 || f[9] == "lo" {
+            return None;
+        }
+        let flags = u32::from_str_radix(f[8], 16).ok()?;
+        let dest = u128::from_str_radix(f[0], 16).ok().map(Ipv6Addr::from)?;
+        let routed = flags & RTF_UP != 0
+            && flags & (RTF_REJECT | RTF_ANYCAST | RTF_CACHE | RTF_LOCAL) == 0
+            && !dest.is_multicast()
+            && !dest.is_unicast_link_local();
+        routed.then_some(f[9])
+    }))
+}
+
 /// Every IPv4 address of every device (getifaddrs).
 fn ipv4_addresses() -> io::Result<Vec<(String, Ipv4Addr)>> {
     Ok(ipv4_interfaces()?
@@ -146,21 +177,51 @@ fn ipv4_addresses() -> io::Result<Vec<(String, Ipv4Addr)>> {
         .collect())
 }
 
-/// The interfaces that are up, are not loopback and carry an IPv4 address (sorted, distinct).
-pub fn up_with_ipv4() -> io::Result<Vec<String>> {
+/// The interfaces that are up, are not loopback and carry an IPv4 address or an IPv6 address
+/// that is not link-local (sorted, distinct).
+pub fn up_with_address() -> io::Result<Vec<String>> {
     let flags = (libc::IFF_UP | libc::IFF_LOOPBACK) as u32;
     let mut v: Vec<String> = ipv4_interfaces()?
         .into_iter()
-        .filter(|(_, _, f)| f & flags == libc::IFF_UP as u32)
-        .map(|(name, _, _)| name)
+        .map(|(name, _, f)| (name, f))
+        .chain(
+            ipv6_interfaces()?
+                .into_iter()
+                .filter(|(_, a, _)| !a.is_unicast_link_local())
+                .map(|(name, _, f)| (name, f)),
+        )
+        .filter(|(_, f)| f & flags == libc::IFF_UP as u32)
+        .map(|(name, _)| name)
         .collect();
     v.sort();
     v.dedup();
     Ok(v)
 }
 
+/// Every IPv6 address of every device, with the device's flags (getifaddrs).
+fn ipv6_interfaces() -> io::Result<Vec<(String, Ipv6Addr, u32)>> {
+    interface_addresses(libc::AF_INET6, |sa| {
+        // SAFETY: an AF_INET6 address is a sockaddr_in6.
+        let sin6 = unsafe { &*(sa as *const libc::sockaddr_in6) };
+        Ipv6Addr::from(sin6.sin6_addr.s6_addr)
+    })
+}
+
 /// Every IPv4 address of every device, with the device's flags (getifaddrs).
 fn ipv4_interfaces() -> io::Result<Vec<(String, Ipv4Addr, u32)>> {
+    interface_addresses(libc::AF_INET, |sa| {
+        // SAFETY: an AF_INET address is a sockaddr_in.
+        let sin = unsafe { &*(sa as *const libc::sockaddr_in) };
+        Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))
+    })
+}
+
+/// Every address of family `family` of every device, read from its sockaddr by `read`, with
+/// the device's flags (getifaddrs).
+fn interface_addresses<A>(
+    family: i32,
+    read: impl Fn(*const libc::sockaddr) -> A,
+) -> io::Result<Vec<(String, A, u32)>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list we free below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -176,12 +237,10 @@ fn ipv4_interfaces() -> io::Result<Vec<(String, Ipv4Addr, u32)>> {
             continue;
         }
         // SAFETY: non-null sockaddr of the list.
-        if unsafe { (*ifa.ifa_addr).sa_family } as i32 != libc::AF_INET {
+        if unsafe { (*ifa.ifa_addr).sa_family } as i32 != family {
             continue;
         }
-        // SAFETY: an AF_INET address is a sockaddr_in.
-        let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-        let addr = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+        let addr = read(ifa.ifa_addr);
         // SAFETY: a NUL-terminated name of the list.
         let name = unsafe { CStr::from_ptr(ifa.ifa_name) }
             .to_string_lossy()
@@ -210,5 +269,46 @@ mod tests {
         assert_eq!(default_route_devices(table), ["eth0", "eth1"]);
         // Every route that is up, whatever its destination.
         assert_eq!(route_devices(table), ["eth0", "eth1", "eth3"]);
+    }
+
+    #[test]
+    fn ipv6_routes_that_lead_somewhere_are_read_from_the_route_table() {
+        let z = "00000000000000000000000000000000";
+        let row = |dest: &str, len: &str, flags: &str, dev: &str| {
+            format!("{dest} {len} {z} 00 {z} 00000100 00000001 00000000 {flags} {dev}\n")
+        };
+        let table = [
+            row("fd000100000000000000000000000000", "40", "00000001", "eth0"),
+            // Link-local, on every interface with IPv6.
+            row(
+                "fe800000000000000000000000000000",
+                "40",
+                "00000001",
+                "veth1",
+            ),
+            // Multicast (the local table).
+            row(
+                "ff000000000000000000000000000000",
+                "08",
+                "00000001",
+                "veth1",
+            ),
+            // The node's own address (RTF_LOCAL) and the subnet-router anycast.
+            row("fd000100000000000000000000000001", "80", "80200001", "eth1"),
+            row("fd000100000000000000000000000000", "80", "00300001", "eth1"),
+            // The unreachable default route on lo, a route that is down, a cached one.
+            row(z, "00", "00200200", "lo"),
+            row(
+                "fd00c6120000000000000000000000000",
+                "40",
+                "00000000",
+                "eth2",
+            ),
+            row("fd00c612000000000000000000000001", "80", "01000001", "eth2"),
+            row("fd00c612000000000000000000000000", "40", "00000001", "wg0"),
+            row(z, "00", "00000003", "eth0"),
+        ]
+        .concat();
+        assert_eq!(route_devices6(&table), ["eth0", "wg0"]);
     }
 }

@@ -1,20 +1,20 @@
-//! The node's other interfaces: every interface that is up, carries an IPv4 address and is not a
-//! `--device` nor loopback (a second NIC, the pod bridge `cni0`, a VPN or VM bridge). NodePort,
+//! The node's other interfaces: every interface that is up, carries an IPv4 address or an IPv6
+//! address that is not link-local, and is not a `--device` nor loopback (a second NIC, the pod bridge `cni0`, a VPN or VM bridge). NodePort,
 //! LoadBalancer and external-IP traffic, and ClusterIP traffic from sources that are not local
 //! sockets (a VM or namespace behind the node, an off-node client routed to the service range),
 //! can arrive there too: each gets the tc ingress program (the north-south path) and the tc
 //! egress program (replies of local backends), pinned as `links/iface_in_<if>` and
 //! `links/iface_out_<if>`.
 //!
-//! Interfaces without an IPv4 address (bridge ports, the per-pod veths of routed CNIs, which
+//! Interfaces without such an address (bridge ports, the per-pod veths of routed CNIs, which
 //! come and go with every pod) are not hooked: pods reach Services through the socket-level
 //! programs. The agent rescans every few seconds, hooking new interfaces and unhooking those
 //! gone or no longer addressed.
 //!
 //! The reply rule of externalTrafficPolicy Cluster with a local backend (which sees the
 //! client's address): its reply must meet a program of ours whatever interface it leaves by.
-//! That is guaranteed when every interface with an IPv4 route is a device or an other interface
-//! hooked here; when one is not (an unnumbered interface with a route, a failed attach), such
+//! That is guaranteed when every interface with a route (IPv4, or IPv6 to a destination that is
+//! neither link-local nor multicast) is a device or an other interface hooked here; when one is not (an unnumbered interface with a route, a failed attach), such
 //! flows are masqueraded as flows to remote backends are (`config_flags::MASQUERADE_LOCAL`,
 //! kube-proxy's own behaviour for that policy), and the agent logs why.
 use std::{collections::BTreeMap, ffi::CString, fs, path::Path, time::Duration};
@@ -28,7 +28,8 @@ use crate::dataplane::links;
 /// How often the agent looks for new and vanished interfaces.
 pub const RESCAN: Duration = Duration::from_secs(2);
 
-/// What one scan found: the other interfaces to hook, and the interfaces with IPv4 routes.
+/// What one scan found: the other interfaces to hook, and the interfaces with routes (IPv4 and
+/// IPv6).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Scan {
     /// Other interfaces with their ifindex (a re-created interface has a new one).
@@ -39,7 +40,7 @@ pub struct Scan {
 /// Reads this network namespace's interfaces and routes; `devices` are left out of `wanted`.
 pub fn scan(devices: &[String]) -> std::io::Result<Scan> {
     let mut wanted = BTreeMap::new();
-    for name in devices::up_with_ipv4()? {
+    for name in devices::up_with_address()? {
         if devices.contains(&name) {
             continue;
         }
@@ -47,7 +48,14 @@ pub fn scan(devices: &[String]) -> std::io::Result<Scan> {
             wanted.insert(name, index);
         }
     }
-    let routed = devices::route_devices(&fs::read_to_string("/proc/thread-self/net/route")?);
+    let mut routed = devices::route_devices(&fs::read_to_string("/proc/thread-self/net/route")?);
+    // No such file where the kernel has no IPv6.
+    let table6 = fs::read_to_string("/proc/thread-self/net/ipv6_route").unwrap_or_default();
+    for dev in devices::route_devices6(&table6) {
+        if !routed.contains(&dev) {
+            routed.push(dev);
+        }
+    }
     Ok(Scan { wanted, routed })
 }
 
@@ -107,7 +115,7 @@ impl OtherInterfaces {
         for name in gone {
             self.hooked.remove(&name);
             match detach_other_interface(&name, bpffs) {
-                Ok(()) => log::info!("interface {name}: gone or without an IPv4 address, unhooked"),
+                Ok(()) => log::info!("interface {name}: gone or without an address, unhooked"),
                 Err(e) => log::warn!("interface {name}: {e:#}"),
             }
         }
@@ -136,13 +144,13 @@ impl OtherInterfaces {
         if unhooked != self.unhooked {
             if masquerade {
                 log::warn!(
-                    "interfaces with IPv4 routes but no program of ours: {unhooked:?}; \
+                    "interfaces with routes but no program of ours: {unhooked:?}; \
                      externalTrafficPolicy Cluster traffic to local backends is masqueraded \
                      (the backend sees this node's address, as with kube-proxy)"
                 );
             } else if self.masquerade_local {
                 log::info!(
-                    "every interface with an IPv4 route runs our programs: \
+                    "every interface with a route runs our programs: \
                      externalTrafficPolicy Cluster traffic to local backends keeps the client's \
                      address"
                 );

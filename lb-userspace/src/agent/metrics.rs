@@ -352,7 +352,7 @@ impl Ops {
         let masquerade_local = Gauge::default();
         registry.register(
             "masquerade_local_backends",
-            "1 when externalTrafficPolicy Cluster traffic to local backends is masqueraded (an interface with an IPv4 route runs no program of ours)",
+            "1 when externalTrafficPolicy Cluster traffic to local backends is masqueraded (an interface with a route runs no program of ours)",
             masquerade_local.clone(),
         );
         let service_packets = Family::<ServicePortLabel, Counter>::default();

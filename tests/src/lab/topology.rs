@@ -415,12 +415,18 @@ impl Lab {
         Ok(())
     }
 
-    /// Adds a guest behind `node`: a network namespace on the node's `cni0` bridge with address
-    /// `addr` (in the node's pod CIDR) and a default route via the node, outside the node's
+    /// Adds a guest behind `node`: a network namespace on the node's `cni0` bridge with addresses
+    /// `addr` and `addr6` (in the node's pod CIDRs) and default routes via the node, outside the node's
     /// cgroup, so that no socket-level program of the node sees its sockets, as a VM or a
     /// nested namespace behind the node. Its name is a lab place (`command_at`, `tcp`, `udp`)
     /// without a cgroup; it is removed with the lab.
-    pub fn add_guest(&mut self, node: &str, name: &str, addr: Ipv4Addr) -> Result<()> {
+    pub fn add_guest(
+        &mut self,
+        node: &str,
+        name: &str,
+        addr: Ipv4Addr,
+        addr6: Ipv6Addr,
+    ) -> Result<()> {
         let node = self.find_node(node)?.clone();
         let ns = format!("{}-{name}", self.prefix);
         netns::run("ip", &["netns", "add", &ns])?;
@@ -438,11 +444,25 @@ impl Lab {
         ethtool(&node.netns, &port, &["tx", "off"])?;
         ethtool(&ns, "eth0", &["tx", "off"])?;
         ip(&ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        enable_ipv6(&ns, "eth0", &format!("{addr6}/64"))?;
         ip(&ns, &["link", "set", "eth0", "up"])?;
         ip(&ns, &["link", "set", "lo", "up"])?;
         ip(
             &ns,
             &["route", "add", "default", "via", &node.gateway.to_string()],
+        )?;
+        ip(
+            &ns,
+            &[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &node.gateway6.to_string(),
+                "dev",
+                "eth0",
+            ],
         )?;
         self.guests.push((name.to_string(), ns));
         Ok(())
