@@ -145,7 +145,9 @@ const _: () = {
     assert!(offset_of!(CtKeyOf<u32>, proto) % 4 == 0);
     assert!(offset_of!(CtKeyOf<u32>, proto) + 4 == size_of::<CtKeyOf<u32>>());
     assert!(offset_of!(CtKeyOf<lb_common::Addr6>, proto) % 4 == 0);
-    assert!(offset_of!(CtKeyOf<lb_common::Addr6>, proto) + 4 == size_of::<CtKeyOf<lb_common::Addr6>>());
+    assert!(
+        offset_of!(CtKeyOf<lb_common::Addr6>, proto) + 4 == size_of::<CtKeyOf<lb_common::Addr6>>()
+    );
 };
 
 /// The key of a packet's own direction.
@@ -163,8 +165,12 @@ pub fn key<P: Tuple>(p: &P) -> CtKeyOf<P::A> {
         core::ptr::addr_of_mut!((*kp).daddr_be).write(p.daddr());
         core::ptr::addr_of_mut!((*kp).sport_be).write(p.sport());
         core::ptr::addr_of_mut!((*kp).dport_be).write(p.dport());
-        (core::ptr::addr_of_mut!((*kp).proto) as *mut u32)
-            .write(u32::from_ne_bytes([p.proto(), 0, 0, 0]));
+        (core::ptr::addr_of_mut!((*kp).proto) as *mut u32).write(u32::from_ne_bytes([
+            p.proto(),
+            0,
+            0,
+            0,
+        ]));
         k.assume_init()
     }
 }

@@ -23,7 +23,7 @@ use crate::{
     flow::{NhSlot, Packet6},
     hook::{Hook, WriteFailed},
     maps,
-    parse::{ptr_at, L4},
+    parse::ptr_at,
     parse6, pktmem,
 };
 
@@ -195,8 +195,7 @@ impl Hook6 for XdpContext {
         let cached = !slot.nh.is_null();
         // SAFETY: the slot points into a conntrack value, valid for the program's run; read
         // in place.
-        let out = if cached && unsafe { (*slot.nh).stale(gen, ingress, tot_len, slot.now) } == 0
-        {
+        let out = if cached && unsafe { (*slot.nh).stale(gen, ingress, tot_len, slot.now) } == 0 {
             // SAFETY: `eth` and `ip` were bounds checked by `headers`; the slot as above.
             unsafe {
                 (*ip).hop_limit = hop - 1;
