@@ -1,14 +1,15 @@
 //! The north-south hook per device in the lab: `lbctl config` and `lb_device_hook` show what the
 //! agent chose with its default flags (tc on the plain variant, XDP on the XDP variant), also with
 //! the agent down; a restart whose choice differs attaches the new hook before removing the old
-//! link, without losing a held connection; `lb-agent uninstall` removes the links of both kinds.
+//! link, without losing a held connection (IPv4 or, in the `…6` twin, IPv6); `lb-agent uninstall`
+//! removes the links of both kinds.
 use std::{path::Path, process::Command, time::Duration};
 
 use lb_tests::{
     lab::{bin_path, NODE_DEVICE},
     on_both_variants,
-    scenario::{http_get, start_example_on, start_example_on_with},
-    Variant,
+    scenario::{http_get, start_example_on, start_example_on_with, with_ipv6_north_south_services},
+    Family, Variant,
 };
 use serde_json::Value;
 
@@ -141,17 +142,25 @@ fn all_ok(lab: &lb_tests::Lab, target: &str, n: u32) {
     assert!(bad.is_empty(), "{} of {n} failed: {bad:?}", bad.len());
 }
 
-#[test]
-fn lab_hook_change_across_restart_has_no_gap_and_uninstall_removes_both_kinds() {
+/// A restart that changes the hook, and uninstall, with a connection of `family` held through
+/// a Service of externalTrafficPolicy Cluster whose backend is on node2 (IPv6: the IPv6-only
+/// `web-cluster6` of `with_ipv6_north_south_services`).
+fn hook_change_across_restart_has_no_gap_and_uninstall_removes_both_kinds(family: Family) {
     // XDP variant: auto picks XDP; the restart forces tc, then auto brings XDP back.
     let Some(mut s) = start_example_on(Variant::Xdp) else {
         return;
     };
-    const TARGET: &str = "203.0.113.11:80"; // externalTrafficPolicy Cluster, backend on node2
-    s.lab.client_route("203.0.113.11/32", "node1").unwrap();
+    let (target, route) = match family {
+        Family::V4 => ("203.0.113.11:80", "203.0.113.11/32"),
+        Family::V6 => {
+            s.apply(&with_ipv6_north_south_services(), 2);
+            ("[fd00:203::11]:80", "fd00:203::11/128")
+        }
+    };
+    s.lab.client_route(route, "node1").unwrap();
     let node = s.lab.node("node1").clone();
     let agent = bin_path("lb-agent").unwrap();
-    let mut held = s.lab.hold("client", TARGET).unwrap();
+    let mut held = s.lab.hold("client", target).unwrap();
     assert!(held.first.as_ref().unwrap().ok);
     assert!(link_pins(&node.bpffs).contains(&format!("xdp_{NODE_DEVICE}")));
 
@@ -201,7 +210,7 @@ fn lab_hook_change_across_restart_has_no_gap_and_uninstall_removes_both_kinds() 
             let e = held.exchange().unwrap();
             assert!(e.ok, "held connection after the switch to {hook}: {e:?}");
         }
-        all_ok(&s.lab, TARGET, 20);
+        all_ok(&s.lab, target, 20);
         // And the new hook forwards them: tc with bpf_redirect_neigh, XDP with XDP_TX.
         let after = s.stats("node1");
         let grew = |c: &str| after[c] - before[c];
@@ -224,4 +233,14 @@ fn lab_hook_change_across_restart_has_no_gap_and_uninstall_removes_both_kinds() 
     assert!(!node.bpffs.join("links").exists());
     let ip = lb_tests::netns::ip(&node.netns, &["-d", "link", "show", NODE_DEVICE]).unwrap();
     assert!(!ip.contains("prog/xdp"), "XDP still attached: {ip}");
+}
+
+#[test]
+fn lab_hook_change_across_restart_has_no_gap_and_uninstall_removes_both_kinds() {
+    hook_change_across_restart_has_no_gap_and_uninstall_removes_both_kinds(Family::V4);
+}
+
+#[test]
+fn lab_hook_change_across_restart_has_no_gap_and_uninstall_removes_both_kinds6() {
+    hook_change_across_restart_has_no_gap_and_uninstall_removes_both_kinds(Family::V6);
 }
