@@ -14,8 +14,9 @@ use lb_tests::{
 const ECHO6: &str = "[fd00:96::110]:80";
 const ECHO4: &str = "10.96.0.110:80";
 
-/// Extra IPv6-only Services: `sticky6` (ClientIP affinity, 2 s, over a1, a2 and b1) and `empty6`
-/// (no endpoints).
+/// Extra IPv6-only Services: `sticky6` (ClientIP affinity, 2 s, over a1, a2 and b1), `empty6`
+/// (no endpoints) and `legacy-db6` (no selector: a hand-written EndpointSlice of a2's and b2's
+/// second port, as the example's `legacy-db`).
 fn with_ipv6_services() -> String {
     format!(
         "{}\n---
@@ -49,6 +50,23 @@ spec:
   ports:
   - {{name: tcp, port: 80, targetPort: 8080}}
   - {{name: udp, port: 80, targetPort: 8080, protocol: UDP}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: legacy-db6, namespace: dual-stack}}
+spec:
+  ipFamilies: [IPv6]
+  clusterIPs: [\"fd00:96::125\"]
+  ports: [{{port: 5432, targetPort: 9090}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: legacy-db6-manual, namespace: dual-stack, labels: {{kubernetes.io/service-name: legacy-db6}}}}
+addressType: IPv6
+ports: [{{port: 9090}}]
+endpoints:
+- {{addresses: [\"fd00:244:1::11\"], nodeName: node1}}
+- {{addresses: [\"fd00:244:2::11\"], nodeName: node2}}
 ",
         example_manifests().trim_end()
     )
@@ -175,7 +193,8 @@ fn lab_clusterip6_a_dual_stack_service_is_served_on_both_families_at_once() {
 }
 
 #[test]
-fn lab_clusterip6_without_endpoints_is_refused_fast_and_affinity_pins_a_pod() {
+fn lab_clusterip6_without_endpoints_is_refused_fast_selectorless_service_works_and_affinity_pins_a_pod(
+) {
     let Some(mut s) = setup() else { return };
     s.apply(&with_ipv6_services(), 2);
     for proto in ["tcp", "udp"] {
@@ -203,6 +222,22 @@ fn lab_clusterip6_without_endpoints_is_refused_fast_and_affinity_pins_a_pod() {
             assert!(e.elapsed_ms < 500, "{proto}: not fast: {e:?}");
         }
     }
+    // A Service without a selector, served from a hand-written IPv6 EndpointSlice.
+    let ex = s
+        .lab
+        .run_client("a1", &["tcp", "[fd00:96::125]:5432", "--count", "40"])
+        .unwrap();
+    assert!(
+        ex.iter()
+            .all(|e| e.ok && e.peer.as_deref() == Some("[fd00:96::125]:5432")),
+        "{ex:?}"
+    );
+    let spread = by_backend(&ex);
+    assert_eq!(
+        spread.keys().cloned().collect::<Vec<_>>(),
+        ["a2", "b2"],
+        "{spread:?}"
+    );
     // ClientIP affinity at socket level (keyed on the pod's network namespace): every new
     // connection of a1 goes to one backend; the IPv4 Services' records are apart.
     let ex = s
