@@ -229,11 +229,20 @@ fn lab_lbctl_status_yaml_and_wide() {
     // Traffic during the status's interval, so that rates move; /healthz of the agent asked
     // from node1's namespace, where lbctl runs.
     let netns = s.lab.node("node1").netns.clone();
+    // The traffic runs until the status is taken: a fixed count finished before the interval
+    // began on a fast machine, and no rate moved.
+    let done = std::sync::atomic::AtomicBool::new(false);
     let st = std::thread::scope(|sc| {
         let traffic = sc.spawn(|| {
-            s.lab
-                .run_client("a1", &["tcp", "10.96.0.10:80", "--count", "1500"])
-                .unwrap()
+            let mut all = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                all.extend(
+                    s.lab
+                        .run_client("a1", &["tcp", "10.96.0.10:80", "--count", "100"])
+                        .unwrap(),
+                );
+            }
+            all
         });
         std::thread::sleep(std::time::Duration::from_millis(200));
         let b = bpffs.clone();
@@ -249,6 +258,7 @@ fn lab_lbctl_status_yaml_and_wide() {
                 ],
             )
         });
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
         lb_tests::lab::all_ok(&traffic.join().unwrap(), "traffic during lbctl status");
         st
     });
