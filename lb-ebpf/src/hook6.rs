@@ -196,9 +196,8 @@ impl Hook6 for XdpContext {
         // SAFETY: the slot points into a conntrack value, valid for the program's run; read
         // in place.
         let out = if cached && unsafe { (*slot.nh).stale(gen, ingress, tot_len, slot.now) } == 0 {
-            // SAFETY: `eth` and `ip` were bounds checked by `headers`; the slot as above.
+            // SAFETY: `eth` was bounds checked by `headers`; the slot as above.
             unsafe {
-                (*ip).hop_limit = hop - 1;
                 copy_macs(eth, slot.nh);
                 (*slot.nh).out_ifindex
             }
@@ -230,14 +229,15 @@ impl Hook6 for XdpContext {
                     }
                 };
             }
-            // SAFETY: `ip` and `eth` were bounds checked by `headers`.
+            // SAFETY: `eth` was bounds checked by `headers`.
             unsafe {
-                (*ip).hop_limit = hop - 1;
                 (*eth).dst_addr = fib.dmac;
                 (*eth).src_addr = fib.smac;
             }
             out
         };
+        // SAFETY: `ip` was bounds checked by `headers`.
+        unsafe { (*ip).hop_limit = hop - 1 };
         if out == ingress {
             maps::count(counter::XDP_TX, 0);
             xdp_action::XDP_TX

@@ -1,10 +1,10 @@
 //! The node's other interfaces: every interface that is up, carries an IPv4 address or an IPv6
-//! address that is not link-local, and is not a `--device` nor loopback (a second NIC, the pod bridge `cni0`, a VPN or VM bridge). NodePort,
-//! LoadBalancer and external-IP traffic, and ClusterIP traffic from sources that are not local
-//! sockets (a VM or namespace behind the node, an off-node client routed to the service range),
-//! can arrive there too: each gets the tc ingress program (the north-south path) and the tc
-//! egress program (replies of local backends), pinned as `links/iface_in_<if>` and
-//! `links/iface_out_<if>`.
+//! address that is not link-local, and is not a `--device` nor loopback (a second NIC, the pod
+//! bridge `cni0`, a VPN or VM bridge). NodePort, LoadBalancer and external-IP traffic, and
+//! ClusterIP traffic from sources that are not local sockets (a VM or namespace behind the node,
+//! an off-node client routed to the service range), can arrive there too: each gets the tc
+//! ingress program (the north-south path) and the tc egress program (replies of local backends),
+//! pinned as `links/iface_in_<if>` and `links/iface_out_<if>`.
 //!
 //! Interfaces without such an address (bridge ports, the per-pod veths of routed CNIs, which
 //! come and go with every pod) are not hooked: pods reach Services through the socket-level
@@ -14,9 +14,10 @@
 //! The reply rule of externalTrafficPolicy Cluster with a local backend (which sees the
 //! client's address): its reply must meet a program of ours whatever interface it leaves by.
 //! That is guaranteed when every interface with a route (IPv4, or IPv6 to a destination that is
-//! neither link-local nor multicast) is a device or an other interface hooked here; when one is not (an unnumbered interface with a route, a failed attach), such
-//! flows are masqueraded as flows to remote backends are (`config_flags::MASQUERADE_LOCAL`,
-//! kube-proxy's own behaviour for that policy), and the agent logs why.
+//! neither link-local nor multicast) is a device or an other interface hooked here; when one is
+//! not (an unnumbered interface with a route, a failed attach), such flows are masqueraded as
+//! flows to remote backends are (`config_flags::MASQUERADE_LOCAL`, kube-proxy's own behaviour for
+//! that policy), and the agent logs why.
 use std::{collections::BTreeMap, ffi::CString, fs, path::Path, time::Duration};
 
 use super::{
