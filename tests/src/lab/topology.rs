@@ -319,29 +319,7 @@ impl Lab {
                 ip(ns, &["link", "set", &port, "master", "cni0", "up"])?;
                 ethtool(ns, &port, &["tx", "off"])?;
                 ethtool(&pod.netns, "eth0", &["tx", "off"])?;
-                ip(
-                    &pod.netns,
-                    &["addr", "add", &format!("{}/24", pod.addr), "dev", "eth0"],
-                )?;
-                enable_ipv6(&pod.netns, "eth0", &format!("{}/64", pod.addr6))?;
-                ip(&pod.netns, &["link", "set", "eth0", "up"])?;
-                ip(
-                    &pod.netns,
-                    &["route", "add", "default", "via", &node.gateway.to_string()],
-                )?;
-                ip(
-                    &pod.netns,
-                    &[
-                        "-6",
-                        "route",
-                        "add",
-                        "default",
-                        "via",
-                        &node.gateway6.to_string(),
-                        "dev",
-                        "eth0",
-                    ],
-                )?;
+                behind_bridge(&pod.netns, node, pod.addr, pod.addr6)?;
             }
             for other in nodes.iter().filter(|o| o.name != node.name) {
                 ip(
@@ -443,27 +421,8 @@ impl Lab {
         ip(&node.netns, &["link", "set", &port, "master", "cni0", "up"])?;
         ethtool(&node.netns, &port, &["tx", "off"])?;
         ethtool(&ns, "eth0", &["tx", "off"])?;
-        ip(&ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
-        enable_ipv6(&ns, "eth0", &format!("{addr6}/64"))?;
-        ip(&ns, &["link", "set", "eth0", "up"])?;
         ip(&ns, &["link", "set", "lo", "up"])?;
-        ip(
-            &ns,
-            &["route", "add", "default", "via", &node.gateway.to_string()],
-        )?;
-        ip(
-            &ns,
-            &[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &node.gateway6.to_string(),
-                "dev",
-                "eth0",
-            ],
-        )?;
+        behind_bridge(&ns, &node, addr, addr6)?;
         self.guests.push((name.to_string(), ns));
         Ok(())
     }
@@ -493,6 +452,24 @@ fn veth(ns: &str, name: &str, peer_ns: &str, peer_name: &str) -> Result<()> {
         &[
             "link", "add", name, "type", "veth", "peer", "name", peer_name, "netns", peer_ns,
         ],
+    )?;
+    Ok(())
+}
+
+/// Gives `ns`'s `eth0` (a port of `node`'s `cni0`) its two addresses, brings it up and routes
+/// both families by default via the bridge: a pod's setup, and a guest's.
+fn behind_bridge(ns: &str, node: &Node, addr: Ipv4Addr, addr6: Ipv6Addr) -> Result<()> {
+    ip(ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+    enable_ipv6(ns, "eth0", &format!("{addr6}/64"))?;
+    ip(ns, &["link", "set", "eth0", "up"])?;
+    ip(
+        ns,
+        &["route", "add", "default", "via", &node.gateway.to_string()],
+    )?;
+    let gw6 = node.gateway6.to_string();
+    ip(
+        ns,
+        &["-6", "route", "add", "default", "via", &gw6, "dev", "eth0"],
     )?;
     Ok(())
 }
